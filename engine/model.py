@@ -1,0 +1,70 @@
+"""The Llama forward pass, written once against a backend's op set.
+
+Per layer (x: (n, d) residual stream, n new tokens at positions start .. start+n-1):
+    h = rmsnorm(x) ; q, k, v = h Wq^T, h Wk^T, h Wv^T        (n, Hq, hd), (n, Hkv, hd), (n, Hkv, hd)
+    cache <- rotate(k at DCA key positions), v
+    x += attention(q, cache, positions) Wo^T                  queries rotated inside attention, per relation
+    h = rmsnorm(x) ; x += (silu(h Wg^T) * h Wu^T) Wd^T
+Then logits = rmsnorm(x) Wout^T for the rows asked for (Wout = token_embd when tied).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import dca as dca_ops
+from .config import DCAConfig, ModelConfig
+from .kvcache import KVCache
+from .rope import RotaryTable
+
+
+class Llama:
+    def __init__(self, config: ModelConfig, weights: dict[str, Any], backend: Any, rotary: RotaryTable,
+                 dca: DCAConfig | None, attention_temperature: bool = False):
+        self.config = config
+        self.w = weights
+        self.backend = backend
+        self.rotary = rotary
+        self.dca = dca
+        self.attention_temperature = attention_temperature
+        self.output = weights["token_embd"] if config.tied_embeddings else weights["output"]
+
+    def new_cache(self, capacity: int) -> KVCache:
+        c = self.config
+        return self.backend.new_cache(c.n_layers, capacity, c.n_kv_heads, c.head_dim)
+
+    def forward(self, tokens: np.ndarray, cache: KVCache, logits_for: str = "all") -> Any:
+        """Run n new tokens through the model, appending them to the cache.
+
+        tokens: (n,) int ids; logits_for: "all" -> (n, vocab), "last" -> (1, vocab), "none" -> None.
+        """
+        c, ops = self.config, self.backend
+        n = len(tokens)
+        cache.check_room(n)
+        start = cache.length
+        positions = np.arange(start, start + n)  # (n,)
+        logit_scale = (dca_ops.temperature(positions, c.context_length)
+                       if self.attention_temperature else None)
+
+        x = ops.embedding(self.w["token_embd"], tokens)  # (n, d)
+        for layer in range(c.n_layers):
+            p = f"blk.{layer}."
+            h = ops.rmsnorm(x, self.w[p + "attn_norm"], c.norm_eps)
+            q = ops.linear(h, self.w[p + "attn_q"]).reshape(n, c.n_heads, c.head_dim)
+            k = ops.linear(h, self.w[p + "attn_k"]).reshape(n, c.n_kv_heads, c.head_dim)
+            v = ops.linear(h, self.w[p + "attn_v"]).reshape(n, c.n_kv_heads, c.head_dim)
+            cache.write(layer, start, ops.rotate_keys(k, positions, self.rotary, self.dca), v)
+            end = start + n
+            attn = ops.attention(q, cache.k[layer, :end], cache.v[layer, :end], positions, self.rotary,
+                                 self.dca, logit_scale)  # (n, Hq, hd)
+            x = x + ops.linear(attn.reshape(n, c.n_heads * c.head_dim), self.w[p + "attn_output"])
+            h = ops.rmsnorm(x, self.w[p + "ffn_norm"], c.norm_eps)
+            gate_up = ops.swiglu(ops.linear(h, self.w[p + "ffn_gate"]), ops.linear(h, self.w[p + "ffn_up"]))
+            x = x + ops.linear(gate_up, self.w[p + "ffn_down"])
+        cache.commit(n)
+
+        if logits_for == "none":
+            return None
+        rows = x[-1:] if logits_for == "last" else x
+        return ops.linear(ops.rmsnorm(rows, self.w["output_norm"], c.norm_eps), self.output)
