@@ -86,6 +86,21 @@ class LLM:
                 for i in range(0, len(ids), PREFILL_BATCH)]
         return np.concatenate(rows).astype(np.float32, copy=False)
 
+    def token_logprobs(self, ids: Sequence[int]) -> np.ndarray:
+        """log p(ids[t+1] | ids[:t+1]) for t = 0 .. n-2: (n-1,) float64, holding one batch of logits at a time."""
+        ids = self._check_ids(ids)
+        cache = self.new_cache()
+        out = []
+        for i in range(0, len(ids), PREFILL_BATCH):
+            targets = ids[i + 1:i + PREFILL_BATCH + 1]  # the next token of each row; none after the last
+            logits = self.model.forward(ids[i:i + PREFILL_BATCH], cache, logits_for="all" if len(targets) else "none")
+            if len(targets):
+                rows = self.backend.to_numpy(logits)[:len(targets)].astype(np.float64)
+                top = rows.max(axis=1)
+                log_norm = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
+                out.append(rows[np.arange(len(targets)), targets] - log_norm)
+        return np.concatenate(out) if out else np.zeros(0)
+
     def prefill(self, ids: Sequence[int], cache: KVCache) -> np.ndarray:
         """Append ids to the cache; the (vocab,) logits of the last one."""
         ids = self._check_ids(ids)

@@ -6,6 +6,9 @@ Per layer (x: (n, d) residual stream, n new tokens at positions start .. start+n
     x += attention(q, cache, positions) Wo^T                  queries rotated inside attention, per relation
     h = rmsnorm(x) ; x += (silu(h Wg^T) * h Wu^T) Wd^T
 Then logits = rmsnorm(x) Wout^T for the rows asked for (Wout = token_embd when tied).
+
+``forward`` does the host bookkeeping (room in the cache, positions, commit); ``compute`` is only
+backend ops on backend arrays, so a GPU backend can capture it as a graph for a fixed shape.
 """
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from . import dca as dca_ops
 from .config import DCAConfig, ModelConfig
 from .kvcache import KVCache
 from .rope import RotaryTable
@@ -27,7 +29,8 @@ class Llama:
         self.backend = backend
         self.rotary = rotary
         self.dca = dca
-        self.attention_temperature = attention_temperature
+        # logits of queries past the training context are scaled by 0.1*ln(n/L)+1 when set
+        self.temperature_length = config.context_length if attention_temperature else None
         self.output = weights["token_embd"] if config.tied_embeddings else weights["output"]
 
     def new_cache(self, capacity: int) -> KVCache:
@@ -39,14 +42,17 @@ class Llama:
 
         tokens: (n,) int ids; logits_for: "all" -> (n, vocab), "last" -> (1, vocab), "none" -> None.
         """
-        c, ops = self.config, self.backend
         n = len(tokens)
         cache.check_room(n)
-        start = cache.length
-        positions = np.arange(start, start + n)  # (n,)
-        logit_scale = (dca_ops.temperature(positions, c.context_length)
-                       if self.attention_temperature else None)
+        ops = self.backend
+        logits = self.compute(ops.tokens(tokens), ops.positions(cache.length, n), cache, logits_for)
+        cache.commit(n)
+        return logits
 
+    def compute(self, tokens: Any, positions: Any, cache: KVCache, logits_for: str) -> Any:
+        """tokens, positions: (n,) backend int arrays; writes the cache rows at `positions`."""
+        c, ops = self.config, self.backend
+        n = tokens.shape[0]
         x = ops.embedding(self.w["token_embd"], tokens)  # (n, d)
         for layer in range(c.n_layers):
             p = f"blk.{layer}."
@@ -54,16 +60,13 @@ class Llama:
             q = ops.linear(h, self.w[p + "attn_q"]).reshape(n, c.n_heads, c.head_dim)
             k = ops.linear(h, self.w[p + "attn_k"]).reshape(n, c.n_kv_heads, c.head_dim)
             v = ops.linear(h, self.w[p + "attn_v"]).reshape(n, c.n_kv_heads, c.head_dim)
-            cache.write(layer, start, ops.rotate_keys(k, positions, self.rotary, self.dca), v)
-            end = start + n
-            attn = ops.attention(q, cache.k[layer, :end], cache.v[layer, :end], positions, self.rotary,
-                                 self.dca, logit_scale)  # (n, Hq, hd)
-            x = x + ops.linear(attn.reshape(n, c.n_heads * c.head_dim), self.w[p + "attn_output"])
+            ops.store_kv(cache, layer, ops.rotate_keys(k, positions, self.rotary, self.dca), v, positions)
+            attn = ops.attention(q, cache, layer, positions, self.rotary, self.dca,
+                                 self.temperature_length)  # (n, Hq, hd)
+            x = ops.add(x, ops.linear(attn.reshape(n, c.n_heads * c.head_dim), self.w[p + "attn_output"]))
             h = ops.rmsnorm(x, self.w[p + "ffn_norm"], c.norm_eps)
             gate_up = ops.swiglu(ops.linear(h, self.w[p + "ffn_gate"]), ops.linear(h, self.w[p + "ffn_up"]))
-            x = x + ops.linear(gate_up, self.w[p + "ffn_down"])
-        cache.commit(n)
-
+            x = ops.add(x, ops.linear(gate_up, self.w[p + "ffn_down"]))
         if logits_for == "none":
             return None
         rows = x[-1:] if logits_for == "last" else x

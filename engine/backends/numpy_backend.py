@@ -17,6 +17,15 @@ class NumpyBackend:
     def new_cache(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int) -> KVCache:
         return KVCache(n_layers, capacity, n_kv_heads, head_dim, dtype=np.float32, xp=np)
 
+    def tokens(self, ids) -> np.ndarray:
+        return np.asarray(ids, dtype=np.int64)
+
+    def positions(self, start: int, n: int) -> np.ndarray:
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def to_numpy(self, x) -> np.ndarray:
+        return np.asarray(x)
+
     def embedding(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return table[ids]  # (n, d)
 
@@ -28,6 +37,9 @@ class NumpyBackend:
     def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return x @ w.T  # (n, in) @ (in, out) -> (n, out); w.T is a free transposed view
 
+    def add(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return x + y
+
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         # silu(g) = g * sigmoid(g), with sigmoid written through tanh so large |g| cannot overflow
         return gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up
@@ -35,8 +47,12 @@ class NumpyBackend:
     def rotate_keys(self, k, positions, rotary, dca):
         return dca_ops.rotate_keys(k, positions, rotary, dca)
 
-    def attention(self, q, k_cache, v_cache, q_pos, rotary, dca, logit_scale=None):
-        return dca_ops.blockwise_attention(q, k_cache, v_cache, q_pos, rotary, dca, logit_scale=logit_scale)
+    def store_kv(self, cache: KVCache, layer: int, k_rotated, v, positions) -> None:
+        cache.write(layer, int(positions[0]), k_rotated, v)
 
-    def to_numpy(self, x) -> np.ndarray:
-        return np.asarray(x)
+    def attention(self, q, cache: KVCache, layer: int, positions, rotary, dca, temperature_length=None):
+        """q: (n, Hq, hd) unrotated, attending the cached keys 0 .. positions[-1]."""
+        end = int(positions[-1]) + 1
+        logit_scale = None if temperature_length is None else dca_ops.temperature(positions, temperature_length)
+        return dca_ops.blockwise_attention(q, cache.k[layer, :end], cache.v[layer, :end], positions, rotary, dca,
+                                           logit_scale=logit_scale)
