@@ -1,0 +1,86 @@
+"""The `engine` command line: output on success, one clear line and exit 1 on bad input."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from make_tiny_model import TinySpec, make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("cli"), TinySpec(), gguf_types=("f32",), hf=False)["f32"]
+
+
+def run(*args, input_text=None):
+    return subprocess.run([sys.executable, "-m", "engine", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, input=input_text)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_generate_streams_text_and_reports_speed(tiny):
+    result = run("generate", "-m", tiny, "-p", "hello world", "-n", "8", "--temp", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "tokens/s" in result.stderr and "prompt:" in result.stderr
+
+
+def test_generate_reads_prompt_file(tiny, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("hello from a file")
+    assert run("generate", "-m", tiny, "-f", prompt, "-n", "4", "--temp", "0").returncode == 0
+
+
+def test_info_shows_model_and_plan(tiny):
+    result = run("info", tiny, "-c", "1024")
+    assert result.returncode == 0, result.stderr
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in result.stdout.splitlines())
+    assert rows["architecture"].startswith("llama: 2 layers, d_model 64")
+    assert "GQA group 2" in rows["attention"]
+    assert rows["training context"] == "256"
+    assert rows["plan: context"] == "1024"
+    # DCA is on because 1024 > 256, with the defaults 3L/4 and L/8
+    assert rows["plan: DCA"] == "on: chunk_size 192, local_window 32, chunk_len 160"
+    assert "off" in re.search(r"plan: DCA\s+(.*)", run("info", tiny).stdout).group(1)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["generate", "-m", "/nonexistent/model.gguf", "-p", "x"], ["no such file"]),
+    (["generate", "-p", "x", "-f", "also.txt"], ["-p or -f"]),
+    (["generate"], ["no prompt"]),
+    (["generate", "-p", "x", "--temp", "-1"], ["temperature"]),
+    (["generate", "-p", "word " * 50, "-c", "16"], ["-c"]),
+    (["generate", "-p", "x", "--dca", "on", "--dca-chunk-size", "64", "--dca-local-window", "64"], ["local_window"]),
+    (["generate", "-p", "x", "--dca", "on", "--dca-chunk-size", "4096"], ["exceeds"]),
+])
+def test_bad_input_gives_one_line(tiny, args, fragments):
+    if "-m" not in args:
+        args = args[:1] + ["-m", str(tiny)] + args[1:]
+    assert_one_line_error(run(*args), *fragments)
+
+
+def test_malformed_model_file_gives_one_line(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOTAGGUF" + bytes(100))
+    assert_one_line_error(run("generate", "-m", bad, "-p", "x"), str(bad))
+    assert_one_line_error(run("info", bad), str(bad))
+
+
+def test_cuda_without_gpu_gives_one_line(tiny):
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed: this checks the message on machines without it")
+    except ImportError:
+        pass
+    assert_one_line_error(run("generate", "-m", tiny, "-p", "x", "--device", "cuda"))
