@@ -1,0 +1,43 @@
+"""DCA on the default model (the DCA issue's acceptance checks that need a real model)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import engine
+from engine.default_model import locate_default_model
+
+BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
+
+pytestmark = pytest.mark.skipif(locate_default_model() is None, reason="default model not installed")
+
+
+def book_tokens(llm, n, name="moby_dick_melville_1851.txt"):
+    path = BOOKS / name
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    ids = llm.tokenize(path.read_text(encoding="utf-8")[: n * 8])
+    assert len(ids) >= n
+    return ids[:n]
+
+
+def test_one_pass_prefill_equals_prefill_plus_decode_with_dca():
+    llm = engine.load(dca=engine.DCAConfig(chunk_size=96, local_window=32))
+    ids = book_tokens(llm, 400)
+    whole = llm.logits(ids)
+    cache = llm.new_cache()
+    rows = [llm.model.forward(np.array(ids[:150]), cache)]
+    rows += [llm.model.forward(np.array([t]), cache) for t in ids[150:]]
+    pieces = np.concatenate(rows)
+    assert np.abs(pieces - whole).max() <= 1e-4 * np.abs(whole).max()
+
+
+def test_dca_keeps_perplexity_where_rope_is_fine():
+    """6k tokens (inside the 8k training context): DCA with cs=1536, w=256 within 10% of plain RoPE."""
+    plain = engine.load(dca="off", context=6144)
+    ids = book_tokens(plain, 6144)
+    ppl_plain = float(np.exp(-plain.token_logprobs(ids).mean()))
+    dca = engine.load(dca=engine.DCAConfig(chunk_size=1536, local_window=256), context=6144)
+    ppl_dca = float(np.exp(-dca.token_logprobs(ids).mean()))
+    print(f"PPL over 6144 tokens: plain RoPE {ppl_plain:.3f}, DCA(1536, 256) {ppl_dca:.3f}")
+    assert ppl_dca <= 1.10 * ppl_plain
