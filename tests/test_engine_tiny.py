@@ -165,3 +165,15 @@ def test_bad_config_is_a_clear_error(models, tmp_path, edit, message):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFormatError, match=message):
         engine.load(folder)
+
+
+def test_rope_freqs_tensor_divides_the_frequencies(tmp_path):
+    """Factors all equal to 2 in `rope_freqs` are linear RoPE scaling by 2 (llama.cpp semantics)."""
+    spec = TinySpec(rope_freq_factors=(2.0,) * 8)
+    with_factors = make_tiny_model(tmp_path / "a", spec, gguf_types=("f32",), hf=False)["f32"]
+    plain = make_tiny_model(tmp_path / "b", TinySpec(), gguf_types=("f32",), hf=False)["f32"]
+    llm = engine.load(with_factors)
+    np.testing.assert_array_equal(llm.config.rope.freq_factors, 2.0)
+    linear = engine.load(plain, rope_scaling="linear", rope_scale=2.0).logits(PROMPT)
+    assert rel_err(llm.logits(PROMPT), linear) < 1e-5
+    assert rel_err(engine.load(plain).logits(PROMPT), linear) > 1e-3

@@ -106,6 +106,8 @@ class TinySpec:
     tied: bool = False
     norm_eps: float = 1e-5
     seed: int = 0
+    # llama3-style per-frequency divisors, written to GGUF as the `rope_freqs` tensor (head_dim/2 values)
+    rope_freq_factors: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim", "context_length"):
@@ -115,6 +117,8 @@ class TinySpec:
             raise ValueError(f"TinySpec: d_model {self.d_model} must split into {self.n_heads} heads of even size")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"TinySpec: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
+            raise ValueError(f"TinySpec: rope_freq_factors needs {self.head_dim // 2} values")
         if self.vocab_size <= 256 + len(SPECIAL_TOKENS):
             raise ValueError(f"TinySpec: vocab_size {self.vocab_size} leaves no room for merges (> 259 needed)")
 
@@ -395,6 +399,8 @@ def write_gguf(path: Path, spec: TinySpec, gguf_weights: dict[str, np.ndarray], 
         qtype = tensor_type_for(name, w.shape[1], weight_type)
         data = encode_tensor(w, qtype)
         writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+    if spec.rope_freq_factors is not None:
+        writer.add_tensor("rope_freqs.weight", np.asarray(spec.rope_freq_factors, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
