@@ -23,22 +23,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelFormatError
-from .quant import GGMLType, dequantize, tensor_nbytes
+from .mapped import MappedTensorFile, TensorInfo
+from .quant import GGMLType, tensor_nbytes
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
 MAX_ARRAY_NESTING = 8  # arrays of arrays deeper than this are rejected (no recursion bombs)
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    ggml_type: GGMLType
-    shape: tuple[int, ...]  # numpy order = reversed GGUF ne; a 2D weight is (out, in)
-    offset: int  # absolute byte offset in the file
-    nbytes: int
 
 
 class ValueType(enum.IntEnum):
@@ -184,7 +176,7 @@ class _HeaderParser:
         return out
 
 
-class GGUFFile:
+class GGUFFile(MappedTensorFile):
     """A GGUF model file: metadata and a directory of memory-mapped tensors.
 
     metadata values: str for strings, int/float/bool scalars, list[str] for string arrays,
@@ -192,9 +184,10 @@ class GGUFFile:
     arrays of arrays.
     """
 
+    kind = "GGUF"
+
     def __init__(self, path: str | os.PathLike):
-        self.path = pathlib.Path(path)
-        self._data: np.memmap | None = _map_file(self.path)
+        super().__init__(path)
         parser = _HeaderParser(memoryview(self._data), self.path)
         self.version = _read_preamble(parser)
         tensor_count = parser.u64("tensor count")
@@ -206,50 +199,6 @@ class GGUFFile:
         entries = [_read_tensor_info(parser, i) for i in range(tensor_count)]
         data_start = -(-parser.pos // self.alignment) * self.alignment
         self.tensors: dict[str, TensorInfo] = _place_tensors(parser, entries, data_start, self.alignment)
-
-    def raw(self, name: str) -> np.ndarray:
-        """The tensor's bytes: a uint8 view of the memory map (no copy)."""
-        info = self._info(name)
-        return self._mapped()[info.offset : info.offset + info.nbytes]
-
-    def tensor(self, name: str) -> np.ndarray:
-        """The tensor as float32 in numpy shape (F32 tensors: a read-only view of the map)."""
-        info = self._info(name)
-        return dequantize(self.raw(name), info.ggml_type, info.shape)
-
-    def close(self) -> None:
-        """Drop this object's map; arrays already returned keep their own reference to it."""
-        self._data = None
-
-    def __enter__(self) -> "GGUFFile":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _info(self, name: str) -> TensorInfo:
-        info = self.tensors.get(name)
-        if info is None:
-            raise ModelFormatError(f"{self.path}: no tensor named {name!r}")
-        return info
-
-    def _mapped(self) -> np.memmap:
-        if self._data is None:
-            raise ValueError(f"{self.path}: GGUF file is closed")
-        return self._data
-
-
-def _map_file(path: pathlib.Path) -> np.memmap:
-    """Map the whole file read-only, turning every OS problem into ModelFormatError."""
-    try:
-        if path.is_dir():
-            raise ModelFormatError(f"{path}: is a directory, not a GGUF file")
-        size = path.stat().st_size
-        if size == 0:
-            raise ModelFormatError(f"{path}: file is empty")
-        return np.memmap(path, dtype=np.uint8, mode="r")
-    except OSError as e:
-        raise ModelFormatError(f"{path}: cannot open: {e.strerror or e}") from None
 
 
 def _read_preamble(parser: _HeaderParser) -> int:

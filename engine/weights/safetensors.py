@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelFormatError
-from .gguf import TensorInfo
-from .quant import GGMLType, dequantize, tensor_nbytes
+from .mapped import MappedTensorFile, TensorInfo
+from .quant import GGMLType, tensor_nbytes
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 SINGLE_FILE = "model.safetensors"
@@ -25,12 +25,13 @@ INDEX_FILE = "model.safetensors.index.json"
 _DTYPES = {"F32": GGMLType.F32, "F16": GGMLType.F16, "BF16": GGMLType.BF16}
 
 
-class SafetensorsFile:
+class SafetensorsFile(MappedTensorFile):
     """One .safetensors file: string metadata and a directory of memory-mapped tensors."""
 
+    kind = "safetensors"
+
     def __init__(self, path: str | os.PathLike):
-        self.path = pathlib.Path(path)
-        self._data: np.memmap | None = _map_file(self.path)
+        super().__init__(path)
         header, data_start = self._read_header()
         metadata = header.pop("__metadata__", {})
         if not isinstance(metadata, dict) or not all(
@@ -43,39 +44,8 @@ class SafetensorsFile:
         }
         self._check_no_overlap()
 
-    def raw(self, name: str) -> np.ndarray:
-        """The tensor's bytes: a uint8 view of the memory map (no copy)."""
-        info = self._info(name)
-        return self._mapped()[info.offset : info.offset + info.nbytes]
-
-    def tensor(self, name: str) -> np.ndarray:
-        """The tensor as float32 (F32 tensors: a read-only view of the map)."""
-        info = self._info(name)
-        return dequantize(self.raw(name), info.ggml_type, info.shape)
-
-    def close(self) -> None:
-        """Drop this object's map; arrays already returned keep their own reference to it."""
-        self._data = None
-
-    def __enter__(self) -> "SafetensorsFile":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _fail(self, problem: str) -> ModelFormatError:
         return ModelFormatError(f"{self.path}: {problem}")
-
-    def _info(self, name: str) -> TensorInfo:
-        info = self.tensors.get(name)
-        if info is None:
-            raise self._fail(f"no tensor named {name!r}")
-        return info
-
-    def _mapped(self) -> np.memmap:
-        if self._data is None:
-            raise ValueError(f"{self.path}: safetensors file is closed")
-        return self._data
 
     def _read_header(self) -> tuple[dict[str, Any], int]:
         data = self._mapped()
@@ -192,17 +162,6 @@ class SafetensorsCheckpoint:
                     f"{index_path}: tensor {tensor_name!r} is listed in shard {shard_name!r} but missing from it"
                 )
         return list(shards.values())
-
-
-def _map_file(path: pathlib.Path) -> np.memmap:
-    try:
-        if path.is_dir():
-            raise ModelFormatError(f"{path}: is a directory, not a safetensors file")
-        if path.stat().st_size == 0:
-            raise ModelFormatError(f"{path}: file is empty")
-        return np.memmap(path, dtype=np.uint8, mode="r")
-    except OSError as e:
-        raise ModelFormatError(f"{path}: cannot open: {e.strerror or e}") from None
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
