@@ -57,6 +57,9 @@ class LLM:
         self.context = context
         self.dca = dca
         self.load_seconds = 0.0  # set by load(): reading, validating and preparing the weights
+        c = self.config
+        # allocated once for the whole context (fixed buffers); refused up front if memory is short
+        self.cache = backend.new_cache(c.n_layers, context, c.n_kv_heads, c.head_dim)
         # With DCA, query positions never exceed chunk_size; without, they run to the context end.
         n_positions = dca.chunk_size + 1 if dca else context
         rotary = RotaryTable(self.config.rope, n_positions, context=context)
@@ -75,7 +78,9 @@ class LLM:
         return self.tokenizer.decode(ids)
 
     def new_cache(self) -> KVCache:
-        return self.model.new_cache(self.context)
+        """The context's KV cache, emptied. One sequence at a time: a new call discards the previous one."""
+        self.cache.reset()
+        return self.cache
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Full-sequence prefill from an empty cache: (len(ids), vocab) float32 logits."""

@@ -33,10 +33,6 @@ class Llama:
         self.temperature_length = config.context_length if attention_temperature else None
         self.output = weights["token_embd"] if config.tied_embeddings else weights["output"]
 
-    def new_cache(self, capacity: int) -> KVCache:
-        c = self.config
-        return self.backend.new_cache(c.n_layers, capacity, c.n_kv_heads, c.head_dim)
-
     def forward(self, tokens: np.ndarray, cache: KVCache, logits_for: str = "all") -> Any:
         """Run n new tokens through the model, appending them to the cache.
 

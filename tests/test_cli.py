@@ -84,3 +84,8 @@ def test_cuda_without_gpu_gives_one_line(tiny):
     except ImportError:
         pass
     assert_one_line_error(run("generate", "-m", tiny, "-p", "x", "--device", "cuda"))
+
+
+def test_context_beyond_memory_is_refused_before_work(tiny):
+    # 2 layers x 2 KV heads x 16 dims x 2 (K and V) x 4 bytes = 512 bytes per token: 2^40 tokens is 512 TiB
+    assert_one_line_error(run("generate", "-m", tiny, "-p", "x", "-c", str(2**40)), "GiB", "-c")

@@ -4,7 +4,20 @@ from __future__ import annotations
 import numpy as np
 
 from .. import dca as dca_ops
+from ..errors import ContextError
 from ..kvcache import KVCache
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where the OS does not say)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 class NumpyBackend:
@@ -15,6 +28,13 @@ class NumpyBackend:
         return {name: w.dequantize() for name, w in weights.items()}
 
     def new_cache(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int) -> KVCache:
+        needed = 2 * n_layers * capacity * n_kv_heads * head_dim * np.dtype(np.float32).itemsize
+        available = available_memory_bytes()
+        if available is not None and needed > available:
+            raise ContextError(
+                f"a context of {capacity} tokens needs {needed / 2**30:.1f} GiB of KV cache but only "
+                f"{available / 2**30:.1f} GiB of memory is available; lower the context size with -c/--ctx-size"
+            )
         return KVCache(n_layers, capacity, n_kv_heads, head_dim, dtype=np.float32, xp=np)
 
     def tokens(self, ids) -> np.ndarray:
