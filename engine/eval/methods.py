@@ -1,0 +1,125 @@
+"""The context-extension methods the evaluations compare, each as ``engine.load(...)`` keyword arguments.
+
+For a model trained on L tokens and evaluated at n tokens, with f = max(1, n / L):
+
+  rope      the model's RoPE with no scaling, DCA off
+  pi        position interpolation (linear scaling), factor f, DCA off
+  ntk       static NTK-aware base change, factor f, DCA off
+  dynamic   dynamic NTK (HF rule, factor 1): the base grows with the context in use, DCA off.
+            The context is n, so on a window scored in one pass this equals ntk at factor n / L;
+            the two differ only where the context is not the evaluation length (passkey: + the answer)
+  yarn      YaRN, factor f, DCA off
+  dca       DCA on with the given (or default 3L/4, L/8) chunk settings, no RoPE scaling
+  dca+ntk   DCA on + static NTK with factor ``ntk_factor`` (default 2) when n > L, factor 1 when n <= L
+
+So for n <= L every scaling factor is 1 and the RoPE methods are plain RoPE. DCA stays on at every
+length (with n <= chunk_len it is exactly ordinary attention).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import DCAConfig
+from ..errors import ConfigError
+
+METHODS = ("rope", "pi", "ntk", "dynamic", "yarn", "dca", "dca+ntk")
+_SCALING = {"rope": "none", "pi": "linear", "ntk": "ntk", "dynamic": "dynamic", "yarn": "yarn", "dca": "none",
+            "dca+ntk": "ntk"}
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Settings shared by every method of one run (CLI --dca-chunk-size, --dca-local-window, --ntk-factor)."""
+
+    dca_chunk_size: int | None = None
+    dca_local_window: int | None = None
+    ntk_factor: float = 2.0
+
+    def check(self, methods: tuple[str, ...], training_length: int) -> None:
+        """Refuse impossible settings before any work (the same errors engine.load would raise later)."""
+        if any(uses_dca(m) for m in methods):
+            DCAConfig.for_training_length(training_length, self.dca_chunk_size, self.dca_local_window)
+        if not self.ntk_factor > 0:
+            raise ConfigError(f"--ntk-factor must be positive, got {self.ntk_factor}")
+
+
+def uses_dca(method: str) -> bool:
+    return method.startswith("dca")
+
+
+def scale_factor(length: int, training_length: int) -> float:
+    """The context-extension factor n / L, never below 1."""
+    return max(1.0, length / training_length)
+
+
+def load_kwargs(method: str, length: int, training_length: int, options: MethodOptions = MethodOptions()
+                ) -> dict[str, Any]:
+    """engine.load(...) keyword arguments (besides model, device and context) for `method` at `length` tokens."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    if method == "dca+ntk":
+        factor = options.ntk_factor if length > training_length else 1.0
+    elif method in ("rope", "dca", "dynamic"):
+        factor = 1.0
+    else:
+        factor = scale_factor(length, training_length)
+    kwargs: dict[str, Any] = {"rope_scaling": _SCALING[method], "rope_scale": factor}
+    if uses_dca(method):
+        kwargs.update(dca="on", dca_chunk_size=options.dca_chunk_size, dca_local_window=options.dca_local_window)
+    else:
+        kwargs["dca"] = "off"
+    return kwargs
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """'rope,dca' -> ('rope', 'dca'): known names, no repeats, at least one."""
+    names = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    if not names:
+        raise ConfigError("no method given (choose from " + ", ".join(METHODS) + ")")
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"method list {text!r} repeats a method")
+    return names
+
+
+def parse_lengths(text: str, minimum: int = 2) -> tuple[int, ...]:
+    """'2048,4k,8K' -> (2048, 4096, 8192): positive token counts ('k' = 1024), sorted, no repeats."""
+    lengths = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        multiplier = 1024 if part[-1] in "kK" else 1
+        digits = part[:-1] if multiplier > 1 else part
+        if not digits.isdigit():
+            raise ConfigError(f"length {part!r} is not a whole number of tokens (e.g. 2048 or 2k)")
+        lengths.append(int(digits) * multiplier)
+    if not lengths:
+        raise ConfigError("no length given (e.g. --lengths 2048,4096)")
+    if min(lengths) < minimum:
+        raise ConfigError(f"length {min(lengths)} is too short: at least {minimum} tokens are needed")
+    if len(set(lengths)) != len(lengths):
+        raise ConfigError(f"length list {text!r} repeats a length")
+    return tuple(sorted(lengths))
+
+
+def parse_depths(text: str) -> tuple[float, ...]:
+    """'0,0.5,1' -> (0.0, 0.5, 1.0): fractions of the prompt in [0, 1], sorted, no repeats."""
+    depths = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            depth = float(part)
+        except ValueError:
+            raise ConfigError(f"depth {part!r} is not a number between 0 and 1") from None
+        if not 0.0 <= depth <= 1.0:
+            raise ConfigError(f"depth {part} is outside [0, 1]")
+        depths.append(depth)
+    if not depths:
+        raise ConfigError("no depth given (e.g. --depths 0,0.5,1)")
+    if len(set(depths)) != len(depths):
+        raise ConfigError(f"depth list {text!r} repeats a depth")
+    return tuple(sorted(depths))
