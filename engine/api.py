@@ -24,10 +24,9 @@ from .kvcache import KVCache
 from .loader import LoadedModel, open_model
 from .model import Llama
 from .rope import RotaryTable
-from .sampling import Sampler, SamplingParams
+from .sampling import SamplingParams
 
 DCA_MODES = ("auto", "on", "off")
-PREFILL_BATCH = 512  # tokens per forward call during prefill (bounds activation memory)
 
 
 @dataclass
@@ -87,8 +86,9 @@ class LLM:
         ids = self._check_ids(ids)
         cache = self.new_cache()
         cache.check_room(len(ids))
-        rows = [self.backend.to_numpy(self.model.forward(ids[i:i + PREFILL_BATCH], cache))
-                for i in range(0, len(ids), PREFILL_BATCH)]
+        batch = self.backend.prefill_batch
+        rows = [self.backend.to_numpy(self.model.forward(ids[i:i + batch], cache))
+                for i in range(0, len(ids), batch)]
         return np.concatenate(rows).astype(np.float32, copy=False)
 
     def token_logprobs(self, ids: Sequence[int]) -> np.ndarray:
@@ -96,9 +96,10 @@ class LLM:
         ids = self._check_ids(ids)
         cache = self.new_cache()
         out = []
-        for i in range(0, len(ids), PREFILL_BATCH):
-            targets = ids[i + 1:i + PREFILL_BATCH + 1]  # the next token of each row; none after the last
-            logits = self.model.forward(ids[i:i + PREFILL_BATCH], cache, logits_for="all" if len(targets) else "none")
+        batch = self.backend.prefill_batch
+        for i in range(0, len(ids), batch):
+            targets = ids[i + 1:i + batch + 1]  # the next token of each row; none after the last
+            logits = self.model.forward(ids[i:i + batch], cache, logits_for="all" if len(targets) else "none")
             if len(targets):
                 rows = self.backend.to_numpy(logits)[:len(targets)].astype(np.float64)
                 top = rows.max(axis=1)
@@ -110,9 +111,10 @@ class LLM:
         """Append ids to the cache; the (vocab,) logits of the last one."""
         ids = self._check_ids(ids)
         cache.check_room(len(ids))
-        for i in range(0, len(ids), PREFILL_BATCH):
-            piece = ids[i:i + PREFILL_BATCH]
-            last = i + PREFILL_BATCH >= len(ids)
+        batch = self.backend.prefill_batch
+        for i in range(0, len(ids), batch):
+            piece = ids[i:i + batch]
+            last = i + batch >= len(ids)
             logits = self.model.forward(piece, cache, logits_for="last" if last else "none")
         return self.backend.to_numpy(logits)[0]
 
@@ -123,7 +125,6 @@ class LLM:
         if max_tokens < 0:
             raise ConfigError(f"max tokens must be >= 0, got {max_tokens}")
         stops = set(self.tokenizer.stop_ids if stop_ids is None else stop_ids)
-        sampler = Sampler(sampling)
         history = list(prompt_ids)
         stats = self.last_stats = GenerationStats(prompt_tokens=len(history))
         cache = self.new_cache()
@@ -132,18 +133,21 @@ class LLM:
         stats.prompt_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         stats.stop_reason = "length"
-        for _ in range(max_tokens):
-            token = sampler(logits, history)
-            if token in stops:
-                stats.stop_reason = "eos"
-                break
-            history.append(token)
-            stats.generated_tokens += 1
-            yield token
-            if cache.free == 0:
-                stats.stop_reason = "context"
-                break
-            logits = self.backend.to_numpy(self.model.forward(np.array([token]), cache, logits_for="last"))[0]
+        if max_tokens > 0:
+            decoder = self.backend.decoder(self.model, cache, sampling, history)
+            token = decoder.first(logits)
+            while True:
+                if token in stops:
+                    stats.stop_reason = "eos"
+                    break
+                stats.generated_tokens += 1
+                yield token
+                if stats.generated_tokens == max_tokens:
+                    break
+                if cache.free == 0:
+                    stats.stop_reason = "context"
+                    break
+                token = decoder.step(token)
         stats.generation_seconds = time.perf_counter() - t0
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,

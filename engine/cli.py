@@ -12,6 +12,7 @@ import click
 from . import api
 from .api import DCA_MODES, resolve_dca
 from .backends import DEVICES
+from .bench import bench
 from .config import ROPE_SCALINGS
 from .default_model import default_model_path
 from .errors import ConfigError, EngineError
@@ -161,6 +162,7 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 
 cli.add_command(eval_group)
+cli.add_command(bench)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import dca as dca_ops
+from ..decoder import HostDecoder
 from ..errors import ContextError
 from ..kvcache import KVCache
 
@@ -22,6 +23,7 @@ def available_memory_bytes() -> int | None:
 
 class NumpyBackend:
     name = "cpu"
+    prefill_batch = 512  # tokens per forward call during prefill (bounds activation memory)
 
     def prepare_weights(self, weights) -> dict[str, np.ndarray]:
         """Dequantize every weight once to float32 (matrices (out, in), vectors (n,))."""
@@ -36,6 +38,9 @@ class NumpyBackend:
                 f"{available / 2**30:.1f} GiB of memory is available; lower the context size with -c/--ctx-size"
             )
         return KVCache(n_layers, capacity, n_kv_heads, head_dim, dtype=np.float32, xp=np)
+
+    def decoder(self, model, cache: KVCache, sampling, history) -> HostDecoder:
+        return HostDecoder(self, model, cache, sampling, history)
 
     def tokens(self, ids) -> np.ndarray:
         return np.asarray(ids, dtype=np.int64)

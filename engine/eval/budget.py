@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..api import PREFILL_BATCH
 from ..backends import get_backend
 from ..errors import ContextError
 from ..loader import LoadedModel
@@ -40,7 +39,7 @@ def estimate_memory(model: LoadedModel, n_tokens: int, backend) -> MemoryEstimat
         weights = 4 * model.n_parameters()
     else:
         weights = sum(int(w.raw.nbytes) for w in model.weights.values())
-    logits = min(n_tokens, PREFILL_BATCH) * c.vocab_size * (4 + 8 + 8)
+    logits = min(n_tokens, backend.prefill_batch) * c.vocab_size * (4 + 8 + 8)
     return MemoryEstimate(kv, itemsize, weights, logits)
 
 

@@ -1,0 +1,313 @@
+"""`engine bench`: llama-bench-style throughput of prompt processing (ppN) and generation (tgN).
+
+    engine bench [-m MODEL | --synthetic] [-p 512,8192,32768] [-n 128] [-d 0,32768] [-r 3]
+                 [--device auto|cpu|cuda] [--dca auto|on|off] [--json]
+
+ppN: N prompt tokens into an empty cache (no logits), tokens/s. tgN @ dD: N greedy decode steps after
+a D-token context, through the backend's decode loop (on the GPU a CUDA graph, already captured: the
+one-off eager step and capture, ~4 + 5 ms, are not timed). Each test runs once to warm up, then -r
+times; the table shows mean ± sd of tokens/s.
+--synthetic: random weights with the model's shapes and tensor types (or SmolLM2-135M's, Q4_1 with a
+Q8_0 embedding, when no model file is given or found): the same work and speed as the real model.
+When torch and transformers import and the model is a HF folder, HF transformers (bf16, SDPA, plain
+attention, on the GPU when there is one) runs the same tests in the same run and the ratio is printed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .config import ModelConfig, RopeConfig
+from .errors import EngineError
+from .loader import WeightTensor
+from .weights.quant import GGMLType, tensor_nbytes
+
+SMOLLM2_CONFIG = ModelConfig(
+    n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536, vocab_size=49152,
+    norm_eps=1e-5, context_length=8192, rope=RopeConfig(theta=100000.0, dim=64, original_context=8192),
+    tied_embeddings=True, name="SmolLM2-135M shapes (random weights)")
+
+# fp16 scale fields of each block type: (byte offset, typical |value| of the decoded weights per unit)
+_SCALE_FIELDS = {
+    GGMLType.Q8_0: ((0, 1 / 128),),
+    GGMLType.Q4_0: ((0, 1 / 8),),
+    GGMLType.Q4_1: ((0, 1 / 8), (2, -1.0)),
+    GGMLType.Q4_K: ((0, 2 / (63 * 15)), (2, 1 / 63)),
+    GGMLType.Q6_K: ((208, 1 / (32 * 64)),),
+}
+
+
+def synthetic_weight(name: str, ggml_type: GGMLType, shape: tuple[int, ...], rng: np.random.Generator,
+                     scale: float) -> WeightTensor:
+    """Random bytes of a tensor of `ggml_type` whose decoded values are O(scale): a valid stored tensor."""
+    ggml_type = GGMLType(ggml_type)
+    n = int(np.prod(shape))
+    values = (rng.standard_normal(n, dtype=np.float32) * np.float32(scale)).astype(np.float32)
+    if ggml_type == GGMLType.F32:
+        raw = values.view(np.uint8)
+    elif ggml_type == GGMLType.F16:
+        raw = values.astype(np.float16).view(np.uint8)
+    elif ggml_type == GGMLType.BF16:
+        raw = (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    else:
+        nbytes = tensor_nbytes(ggml_type, shape)
+        raw = rng.integers(0, 256, nbytes, dtype=np.uint8)
+        from .weights.quant import block_layout
+
+        blocks = raw.reshape(-1, block_layout(ggml_type)[1])
+        for offset, unit in _SCALE_FIELDS[ggml_type]:
+            values = (unit * scale * rng.uniform(0.5, 1.5, blocks.shape[0])).astype(np.float16)
+            blocks[:, offset:offset + 2] = values.view(np.uint8).reshape(-1, 2)
+    return WeightTensor(name, ggml_type, tuple(shape), np.ascontiguousarray(raw).reshape(-1))
+
+
+def synthetic_weights(config: ModelConfig, matrix_type: GGMLType = GGMLType.Q4_1,
+                      embedding_type: GGMLType = GGMLType.Q8_0, seed: int = 0) -> dict[str, WeightTensor]:
+    """A full random Llama of `config` (norms F32 ~1, projections of `matrix_type`)."""
+    rng = np.random.default_rng(seed)
+    c = config
+    q_out, kv_out = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    weights = {"token_embd": synthetic_weight("token_embd", embedding_type, (c.vocab_size, c.d_model), rng, 1.0),
+               "output_norm": WeightTensor("output_norm", GGMLType.F32, (c.d_model,),
+                                           np.ones(c.d_model, np.float32).view(np.uint8))}
+    if not c.tied_embeddings:
+        weights["output"] = synthetic_weight("output", embedding_type, (c.vocab_size, c.d_model), rng,
+                                             1 / math.sqrt(c.d_model))
+    shapes = {"attn_q": (q_out, c.d_model), "attn_k": (kv_out, c.d_model), "attn_v": (kv_out, c.d_model),
+              "attn_output": (c.d_model, q_out), "ffn_gate": (c.ffn_dim, c.d_model),
+              "ffn_up": (c.ffn_dim, c.d_model), "ffn_down": (c.d_model, c.ffn_dim)}
+    for layer in range(c.n_layers):
+        for norm in ("attn_norm", "ffn_norm"):
+            name = f"blk.{layer}.{norm}"
+            weights[name] = WeightTensor(name, GGMLType.F32, (c.d_model,), np.ones(c.d_model, np.float32).view(np.uint8))
+        for short, shape in shapes.items():
+            name = f"blk.{layer}.{short}"
+            weights[name] = synthetic_weight(name, matrix_type, shape, rng, 1 / math.sqrt(shape[1]))
+    return weights
+
+
+@dataclass
+class BenchResult:
+    test: str
+    n_tokens: int
+    depth: int
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def rates(self) -> list[float]:
+        return [self.n_tokens / s for s in self.seconds]
+
+    def row(self) -> dict:
+        rates = self.rates
+        return {"test": self.test, "tokens": self.n_tokens, "depth": self.depth,
+                "tokens_per_s": statistics.fmean(rates), "sd": statistics.stdev(rates) if len(rates) > 1 else 0.0,
+                "runs": len(rates)}
+
+
+def _sync(backend) -> None:
+    cp = getattr(backend, "cp", None)
+    if cp is not None:
+        cp.cuda.Device().synchronize()
+
+
+def new_cache(model, capacity: int):
+    c = model.config
+    return model.backend.new_cache(c.n_layers, capacity, c.n_kv_heads, c.head_dim)
+
+
+def _prefill(model, cache, tokens: np.ndarray, ubatch: int) -> None:
+    for i in range(0, len(tokens), ubatch):
+        model.forward(tokens[i:i + ubatch], cache, logits_for="none")
+
+
+def bench_prompt(model, backend, n: int, reps: int, ubatch: int, rng) -> BenchResult:
+    result = BenchResult(f"pp{n}", n, 0)
+    for rep in range(reps + 1):  # the first run warms up
+        tokens = rng.integers(0, model.config.vocab_size, n)
+        cache = new_cache(model, n)
+        _sync(backend)
+        t0 = time.perf_counter()
+        _prefill(model, cache, tokens, ubatch)
+        _sync(backend)
+        if rep:
+            result.seconds.append(time.perf_counter() - t0)
+        del cache
+    return result
+
+
+WARM_STEPS = 2  # decode steps before timing: the first runs eagerly, the second captures the graph
+
+
+def bench_generation(model, backend, n: int, depth: int, reps: int, ubatch: int, rng) -> BenchResult:
+    from .sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0)
+    result = BenchResult(f"tg{n}", n, depth)
+    for rep in range(reps + 1):
+        prompt = rng.integers(0, model.config.vocab_size, max(depth, 1))
+        cache = new_cache(model, len(prompt) + n + WARM_STEPS)
+        _prefill(model, cache, prompt[:-1], ubatch)
+        logits = backend.to_numpy(model.forward(prompt[-1:], cache, logits_for="last"))[0]
+        # the backend's decode loop (CUDA: graph replay), warmed (eager step, capture) before timing
+        decoder = backend.decoder(model, cache, greedy, list(prompt))
+        token = decoder.first(logits)
+        for _ in range(WARM_STEPS):
+            token = decoder.step(token)
+        _sync(backend)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            token = decoder.step(token)
+        _sync(backend)
+        if rep:
+            result.seconds.append(time.perf_counter() - t0)
+        cache = decoder = None  # free this repetition's cache before the next one allocates
+    return result
+
+
+def hf_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
+
+
+def hf_results(folder, prompts: list[int], n_gen: int, depths: list[int], reps: int, rng) -> list[BenchResult]:
+    """The same tests on HF transformers (bf16, SDPA, plain attention) for a HF model folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa").to(device)
+    vocab = model.config.vocab_size
+
+    def timed(fn) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    results = []
+    with torch.inference_mode():
+        for n in prompts:
+            result = BenchResult(f"pp{n}", n, 0)
+            for rep in range(reps + 1):
+                ids = torch.as_tensor(rng.integers(0, vocab, (1, n)), device=device)
+                seconds = timed(lambda: model(ids, use_cache=False, logits_to_keep=1))
+                if rep:
+                    result.seconds.append(seconds)
+            results.append(result)
+        for depth in depths:
+            result = BenchResult(f"tg{n_gen}", n_gen, depth)
+            for rep in range(reps + 1):
+                ids = torch.as_tensor(rng.integers(0, vocab, (1, max(depth, 1))), device=device)
+                prefilled = model(ids, use_cache=True, logits_to_keep=1)  # not timed: the context
+
+                def generate(out=prefilled):
+                    for _ in range(n_gen - 1):
+                        out = model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+
+                seconds = timed(generate)
+                if rep:
+                    result.seconds.append(seconds)
+            results.append(result)
+    return results
+
+
+def build_model(model_path, synthetic: bool, device: str, context: int, dca_mode: str):
+    """(Llama, backend, description) for the bench."""
+    from .api import resolve_dca
+    from .backends import get_backend
+    from .model import Llama
+    from .rope import RotaryTable
+
+    backend = get_backend(device)
+    if synthetic and model_path is None:
+        config, loaded_weights, label = SMOLLM2_CONFIG, None, SMOLLM2_CONFIG.name
+    else:
+        from .default_model import default_model_path
+        from .loader import open_model
+
+        loaded = open_model(model_path or default_model_path())
+        config, loaded_weights, label = loaded.config, loaded.weights, loaded.path.name
+    if synthetic:
+        types = {} if loaded_weights is None else {w.ggml_type for n, w in loaded_weights.items() if n.startswith("blk.")
+                                                   and len(w.shape) == 2}
+        matrix_type = next(iter(types)) if len(types) == 1 else GGMLType.Q4_1
+        loaded_weights = synthetic_weights(config, matrix_type)
+        label += " (synthetic weights)" if "random" not in label else ""
+    dca = resolve_dca(dca_mode, context, config.context_length)
+    rotary = RotaryTable(config.rope, dca.chunk_size + 1 if dca else context, context=context)
+    model = Llama(config, backend.prepare_weights(loaded_weights), backend, rotary, dca)
+    return model, backend, label, dca
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from exc
+
+
+@click.command("bench")
+@click.option("-m", "--model", "model_path", default=None, help="GGUF file or HF folder (default model if omitted)")
+@click.option("--synthetic", is_flag=True, help="random weights with the model's (or SmolLM2-135M's) shapes and types")
+@click.option("-p", "--n-prompt", default="512,8192,32768", show_default=True, help="prompt lengths (ppN)")
+@click.option("-n", "--n-gen", default=128, show_default=True, help="generated tokens (tgN)")
+@click.option("-d", "--depth", default="512,32768", show_default=True, help="contexts before generation")
+@click.option("-r", "--repetitions", default=3, show_default=True)
+@click.option("-ub", "--ubatch", default=4096, show_default=True, help="tokens per forward during prefill")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@click.option("--dca", "dca_mode", default="auto", type=click.Choice(["auto", "on", "off"]), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
+@click.option("--hf/--no-hf", default=True, show_default=True,
+              help="also measure HF transformers (HF model folders, when torch and transformers import)")
+def bench(model_path, synthetic, n_prompt, n_gen, depth, repetitions, ubatch, device, dca_mode, as_json, hf):
+    """Prompt-processing and generation throughput, llama-bench style."""
+    prompts, depths = _ints(n_prompt), _ints(depth)
+    if repetitions < 1 or n_gen < 1 or ubatch < 1 or any(p < 1 for p in prompts) or any(d < 0 for d in depths):
+        raise click.BadParameter("lengths, repetitions and ubatch must be positive")
+    context = max(prompts + [d + n_gen + 1 for d in depths])
+    model, backend, label, dca = build_model(model_path, synthetic, device, context, dca_mode)
+    rng = np.random.default_rng(0)
+    results = [bench_prompt(model, backend, p, repetitions, ubatch, rng) for p in prompts]
+    results += [bench_generation(model, backend, n_gen, d, repetitions, ubatch, rng) for d in depths]
+    rows = [r.row() for r in results]
+    hf_rows = None
+    if hf and model_path is not None and Path(model_path).is_dir() and not synthetic and hf_available():
+        hf_rows = [r.row() for r in hf_results(model_path, prompts, n_gen, depths, repetitions, rng)]
+        for row, theirs in zip(rows, hf_rows):
+            row["hf_tokens_per_s"] = theirs["tokens_per_s"]
+            row["speedup_vs_hf"] = row["tokens_per_s"] / theirs["tokens_per_s"]
+    if as_json:
+        click.echo(json.dumps({"model": label, "device": backend.name, "dca": dca is not None, "results": rows},
+                              indent=2))
+        return
+    click.echo(f"model: {label}   device: {backend.name}   dca: {'on' if dca else 'off'}")
+    extra = f" {'HF tokens/s':>12} | {'ratio':>6} |" if hf_rows else ""
+    click.echo(f"| {'test':>8} | {'depth':>6} | {'tokens/s':>20} |{extra}")
+    click.echo(f"| {'-' * 8} | {'-' * 6} | {'-' * 20} |" + (f" {'-' * 12} | {'-' * 6} |" if hf_rows else ""))
+    for row in rows:
+        line = f"| {row['test']:>8} | {row['depth']:>6} | {row['tokens_per_s']:>11.1f} ± {row['sd']:>6.1f} |"
+        if hf_rows:
+            line += f" {row['hf_tokens_per_s']:>12.1f} | {row['speedup_vs_hf']:>5.2f}x |"
+        click.echo(line)
+
+
+def main() -> None:  # `python -m engine.bench`
+    try:
+        bench(standalone_mode=True)
+    except EngineError as exc:
+        raise SystemExit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    main()
