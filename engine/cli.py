@@ -13,6 +13,7 @@ from . import api
 from .api import DCA_MODES, resolve_dca
 from .backends import DEVICES
 from .bench import bench
+from .convert.commands import convert, quantize
 from .config import ROPE_SCALINGS
 from .default_model import default_model_path
 from .errors import ConfigError, EngineError
@@ -163,6 +164,8 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 cli.add_command(eval_group)
 cli.add_command(bench)
+cli.add_command(convert)
+cli.add_command(quantize)
 
 
 def main() -> None:

@@ -134,7 +134,7 @@ def _unpermute_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
     return np.ascontiguousarray(rows.reshape(n_heads, half, 2, row_len).swapaxes(1, 2)).reshape(n_rows, row_len)
 
 
-def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     d, hd = config.d_model, config.head_dim
     shapes = {"token_embd": (config.vocab_size, d), "output_norm": (d,)}
     for i in range(config.n_layers):
@@ -159,7 +159,7 @@ def _check_shape(path: Path, w: WeightTensor, expected: tuple[int, ...]) -> None
 
 def _finish(path: Path, file_format: str, config: ModelConfig, tokenizer: Tokenizer,
             weights: dict[str, WeightTensor], metadata: dict[str, Any]) -> LoadedModel:
-    expected = _expected_shapes(config)
+    expected = expected_shapes(config)
     for name, shape in expected.items():
         if name not in weights:
             raise ModelFormatError(f"{path}: missing tensor {name!r}")

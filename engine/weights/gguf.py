@@ -194,7 +194,10 @@ class GGUFFile(MappedTensorFile):
         kv_count = parser.u64("metadata key/value count")
         parser.check_count(kv_count, _KV_MIN_BYTES, "metadata key/value count")
         parser.check_count(tensor_count, _TENSOR_INFO_MIN_BYTES, "tensor count")
-        self.metadata: dict[str, Any] = _read_metadata(parser, kv_count)
+        self.metadata: dict[str, Any] = {}
+        # key -> (value type, element type for arrays else None), as stored (uint32 vs int64 ...)
+        self.metadata_types: dict[str, tuple[ValueType, ValueType | None]] = {}
+        _read_metadata(parser, kv_count, self.metadata, self.metadata_types)
         self.alignment = _alignment(parser, self.metadata)
         entries = [_read_tensor_info(parser, i) for i in range(tensor_count)]
         data_start = -(-parser.pos // self.alignment) * self.alignment
@@ -216,15 +219,17 @@ def _read_preamble(parser: _HeaderParser) -> int:
     raise parser.fail(f"unsupported GGUF version {version} (only versions 2 and 3)")
 
 
-def _read_metadata(parser: _HeaderParser, kv_count: int) -> dict[str, Any]:
-    metadata: dict[str, Any] = {}
+def _read_metadata(parser: _HeaderParser, kv_count: int, metadata: dict[str, Any],
+                   types: dict[str, tuple[ValueType, ValueType | None]]) -> None:
     for i in range(kv_count):
         key = parser.string(f"metadata key #{i}")
         if key in metadata:
             raise parser.fail(f"duplicate metadata key {key!r}")
         vtype = parser.u32(f"value type of {key!r}")
-        metadata[key] = parser.value(vtype, key)
-    return metadata
+        value_start = parser.pos
+        metadata[key] = parser.value(vtype, key)  # validates vtype and, for arrays, the element type
+        element_type = ValueType(_U32.unpack_from(parser.buf, value_start)[0]) if vtype == ValueType.ARRAY else None
+        types[key] = (ValueType(vtype), element_type)
 
 
 def _alignment(parser: _HeaderParser, metadata: dict[str, Any]) -> int:

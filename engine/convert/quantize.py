@@ -1,0 +1,138 @@
+"""float32 rows -> ggml tensor bytes: F32, F16, BF16 and the 32-wide block quantizers Q8_0, Q4_0, Q4_1.
+
+The block quantizers follow ggml-quants.c (``quantize_row_*_ref``) in float32 arithmetic, so their
+bytes equal llama.cpp's and gguf-py's ``gguf.quants.quantize`` (the tests check byte equality):
+
+    Q8_0  d = max|x| / 127;  q = roundf(x / d)               (round half away from zero), int8
+    Q4_0  d = x[argmax|x|] / -8;  q = min(15, trunc(x/d + 8.5)), low nibble = x[j], high = x[j+16]
+    Q4_1  d = (max - min) / 15, m = min;  q = min(15, trunc((x - m)/d + 0.5)), same nibble order
+
+where ``1/d`` is taken as 0 for an all-zero block and d, m are stored as fp16 (round to nearest even).
+BF16 rounds to nearest even and keeps NaN quiet, as ``ggml_compute_fp32_to_bf16``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..weights.quant import GGMLType, block_layout
+
+# command-line names of the types a conversion can write
+TYPE_NAMES: dict[str, GGMLType] = {
+    "f32": GGMLType.F32, "f16": GGMLType.F16, "bf16": GGMLType.BF16,
+    "q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q4_1": GGMLType.Q4_1,
+}
+FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+FOUR_BIT_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1)
+BLOCK = 32  # elements per Q8_0 / Q4_0 / Q4_1 block
+
+
+def type_from_name(name: str) -> GGMLType:
+    t = TYPE_NAMES.get(name.lower())
+    if t is None:
+        raise ConfigError(f"unknown tensor type {name!r} (choose from {', '.join(TYPE_NAMES)})")
+    return t
+
+
+def output_type(shape: tuple[int, ...], requested: GGMLType, source: GGMLType,
+                output_head: bool = False) -> GGMLType:
+    """The type a tensor is written as.
+
+    1-D tensors (norms) stay F32, as llama.cpp keeps them. The output head (``output``, or
+    ``token_embd`` when the head is tied to it) is stored Q8_0 when a 4-bit type is asked for: like
+    llama-quantize (which uses Q6_K there), precision is kept where the logits are made -- 4 bits
+    there cost SmolLM2-135M ~0.1 nats of KL. A block type needs rows of whole blocks; otherwise the
+    tensor keeps its source type (then a float type: every block type's rows are multiples of 32).
+    """
+    if len(shape) < 2:
+        return GGMLType.F32
+    if output_head and requested in FOUR_BIT_TYPES:
+        requested = GGMLType.Q8_0
+    return requested if shape[-1] % block_layout(requested)[0] == 0 else source
+
+
+def encode_rows(x: np.ndarray, t: GGMLType) -> np.ndarray:
+    """x: (n_rows, n_cols) float32 -> (n_rows, bytes_per_row) uint8 holding the rows as type t."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_rows, n_cols = x.shape
+    encode = _ENCODERS.get(t)
+    if encode is None:
+        raise ConfigError(f"cannot write tensors of type {GGMLType(t).name} (writable: "
+                          f"{', '.join(n.upper() for n in TYPE_NAMES)})")
+    if t not in FLOAT_TYPES and n_cols % BLOCK:
+        raise ConfigError(f"row length {n_cols} is not a multiple of the {GGMLType(t).name} block size {BLOCK}")
+    with np.errstate(over="ignore"):  # fp16 overflow is checked where it matters (_encode_f16)
+        return encode(x).reshape(n_rows, -1)
+
+
+def _f16_bytes(v: np.ndarray) -> np.ndarray:
+    """(n, 1) float32 -> (n, 2) uint8 little-endian fp16."""
+    return v.astype("<f2").view(np.uint8)
+
+
+def _reciprocal_or_zero(d: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(d)
+    np.divide(np.float32(1), d, out=out, where=d != 0)
+    return out
+
+
+def _round_half_away(v: np.ndarray) -> np.ndarray:
+    """C roundf, exactly: trunc, then one step away from zero when the dropped fraction is >= 0.5."""
+    whole = np.trunc(v)
+    return whole + np.copysign(np.abs(v - whole) >= 0.5, v)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """(n_blocks, 32) uint8 values 0..15 -> (n_blocks, 16): byte j = q[j] | q[j+16] << 4."""
+    return q[:, :16] | (q[:, 16:] << 4)
+
+
+def _encode_q8_0(x: np.ndarray) -> np.ndarray:
+    blocks = x.reshape(-1, BLOCK)
+    d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)  # (n, 1)
+    q = _round_half_away(blocks * _reciprocal_or_zero(d)).astype(np.int8)
+    return np.concatenate([_f16_bytes(d), q.view(np.uint8)], axis=1)  # (n, 34)
+
+
+def _encode_q4_0(x: np.ndarray) -> np.ndarray:
+    blocks = x.reshape(-1, BLOCK)
+    signed_max = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None], axis=1)  # (n, 1)
+    d = signed_max / np.float32(-8)
+    q = np.trunc(blocks * _reciprocal_or_zero(d) + np.float32(8.5)).astype(np.uint8)
+    np.minimum(q, 15, out=q)
+    return np.concatenate([_f16_bytes(d), _pack_nibbles(q)], axis=1)  # (n, 18)
+
+
+def _encode_q4_1(x: np.ndarray) -> np.ndarray:
+    blocks = x.reshape(-1, BLOCK)
+    low = blocks.min(axis=1, keepdims=True)
+    d = (blocks.max(axis=1, keepdims=True) - low) / np.float32(15)
+    q = np.trunc((blocks - low) * _reciprocal_or_zero(d) + np.float32(0.5)).astype(np.uint8)
+    np.minimum(q, 15, out=q)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(low), _pack_nibbles(q)], axis=1)  # (n, 20)
+
+
+def _encode_f16(x: np.ndarray) -> np.ndarray:
+    half = x.astype("<f2")
+    overflowed = np.isinf(half) & np.isfinite(x)
+    if overflowed.any():
+        raise ConfigError(f"value {x[overflowed][0]:g} is beyond the F16 range (+-65504); use bf16 or f32")
+    return half.view(np.uint8)
+
+
+def _encode_bf16(x: np.ndarray) -> np.ndarray:
+    bits = x.view(np.uint32).astype(np.uint64)
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    bits = np.where(is_nan, (bits & 0xFFFF0000) | 0x00400000, bits)  # quiet NaN, payload dropped
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest even
+    return rounded.astype("<u2").view(np.uint8)
+
+
+_ENCODERS = {
+    GGMLType.F32: lambda x: x.astype("<f4").view(np.uint8),
+    GGMLType.F16: _encode_f16,
+    GGMLType.BF16: _encode_bf16,
+    GGMLType.Q8_0: _encode_q8_0,
+    GGMLType.Q4_0: _encode_q4_0,
+    GGMLType.Q4_1: _encode_q4_1,
+}
