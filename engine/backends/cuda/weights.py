@@ -1,0 +1,150 @@
+"""Weights on the device, kept in their GGUF encoding, and the matrix products over them.
+
+A 2-D weight becomes a ``DeviceMatrix``: its stored bytes as a (rows, row_bytes) uint8 device array
+plus the ggml type. ``linear`` picks per call:
+  n == 1  fused dequant-GEMV kernel (kernels/quant.cu gemv_<type>), no cuBLAS: capturable in a graph
+  n > 1   dequantize into one shared fp16 scratch buffer (dequant_<type>) + cuBLAS GEMM,
+          fp16 inputs, fp32 accumulation (cublasGemmEx, CUBLAS_COMPUTE_32F)
+Output: fp16, or fp32 for the output head (``f32_out``; logits keep their precision).
+Types kept quantized: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K. Other ggml types the loader
+accepts (Q5_0, Q5_1, Q5_K) are dequantized once on the host and kept as F16.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...errors import DeviceError
+from ...kernels import function
+from ...weights.quant import GGMLType, dequantize
+
+KERNEL_SUFFIX = {
+    GGMLType.F32: "f32", GGMLType.F16: "f16", GGMLType.BF16: "bf16", GGMLType.Q8_0: "q8_0",
+    GGMLType.Q4_0: "q4_0", GGMLType.Q4_1: "q4_1", GGMLType.Q4_K: "q4_k", GGMLType.Q6_K: "q6_k",
+}
+OUTPUT_HEADS = ("output", "token_embd")  # weights whose products are logits (fp32 out)
+GEMV_WARPS = 4  # output rows per GEMV block (one warp each)
+
+# cuBLAS / CUDA enum values (cublas_api.h, library_types.h)
+_OP_N, _OP_T = 0, 1
+_R_16F, _R_32F = 2, 0
+_COMPUTE_32F = 68
+_GEMM_DEFAULT = -1
+
+
+@dataclass
+class DeviceMatrix:
+    """A (rows, cols) weight as stored: raw bytes (rows, row_bytes) uint8 on the device."""
+
+    name: str
+    ggml_type: GGMLType
+    rows: int
+    cols: int
+    data: object  # cupy uint8 (rows, row_bytes)
+    f32_out: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+    @property
+    def suffix(self) -> str:
+        return KERNEL_SUFFIX[self.ggml_type]
+
+
+def upload_weight(cp, name: str, tensor) -> object:
+    """A loader WeightTensor -> a fp32 device vector (1-D) or a DeviceMatrix (2-D)."""
+    if len(tensor.shape) == 1:
+        return cp.asarray(tensor.dequantize().astype(np.float32))
+    if len(tensor.shape) != 2:
+        raise DeviceError(f"weight {name}: the CUDA backend takes 1-D or 2-D tensors, got shape {tensor.shape}")
+    rows, cols = (int(s) for s in tensor.shape)
+    if cols % 8:
+        raise DeviceError(f"weight {name}: row length {cols} is not a multiple of 8 (needed by the CUDA kernels)")
+    ggml_type = GGMLType(tensor.ggml_type)
+    raw = tensor.row_bytes()
+    if ggml_type not in KERNEL_SUFFIX:  # no device decoder for this type: keep it as fp16
+        ggml_type = GGMLType.F16
+        raw = dequantize(tensor.raw, tensor.ggml_type, tensor.shape).astype("<f2").view(np.uint8).reshape(rows, -1)
+    data = cp.asarray(np.ascontiguousarray(raw))
+    return DeviceMatrix(name, ggml_type, rows, cols, data, name in OUTPUT_HEADS)
+
+
+class MatrixOps:
+    """linear / embedding over DeviceMatrix weights; owns the fp16 dequantization scratch buffer."""
+
+    def __init__(self, cp):
+        self.cp = cp
+        self._scratch = None  # cupy uint8, grown to the largest matrix seen (fp16 bytes)
+        self.gemm_path = "cublasGemmEx"  # switches to "cupy.matmul" if GemmEx is unavailable
+
+    def embedding(self, table: DeviceMatrix, ids) -> object:
+        """ids (n,) int32 device -> (n, cols) fp32."""
+        cp = self.cp
+        n = ids.shape[0]
+        out = cp.empty((n, table.cols), dtype=cp.float32)
+        if n:
+            function("quant", f"embed_{table.suffix}")(
+                (n,), (128,), (table.data, ids, out, np.int32(table.cols), np.int64(table.data.shape[1])))
+        return out
+
+    def linear(self, x, w: DeviceMatrix) -> object:
+        """x (n, cols) -> x @ W^T (n, rows): fp16, or fp32 for an output head."""
+        cp = self.cp
+        if x.ndim != 2 or x.shape[1] != w.cols:
+            raise DeviceError(f"linear: input of shape {x.shape} does not match weight {w.name} {w.shape}")
+        if x.dtype != cp.float16:
+            x = x.astype(cp.float16)
+        x = cp.ascontiguousarray(x)
+        n = x.shape[0]
+        out_dtype = cp.float32 if w.f32_out else cp.float16
+        if n == 1:
+            y = cp.empty((1, w.rows), dtype=out_dtype)
+            blocks = (w.rows + GEMV_WARPS - 1) // GEMV_WARPS
+            function("quant", f"gemv_{w.suffix}")(
+                (blocks,), (32 * GEMV_WARPS,),
+                (w.data, x, y, np.int32(w.rows), np.int32(w.cols), np.int64(w.data.shape[1]), np.int32(w.f32_out)),
+                shared_mem=4 * w.cols)
+            return y
+        return self._gemm(x, self.dequantize(w), out_dtype)
+
+    def dequantize(self, w: DeviceMatrix) -> object:
+        """W as a (rows, cols) fp16 view of the shared scratch buffer (valid until the next call)."""
+        cp = self.cp
+        nbytes = 2 * w.rows * w.cols
+        if self._scratch is None or self._scratch.size < nbytes:
+            self._scratch = cp.empty(nbytes, dtype=cp.uint8)
+        out = self._scratch[:nbytes].view(cp.float16).reshape(w.rows, w.cols)
+        chunks = w.rows * (w.cols // 8)
+        function("quant", f"dequant_{w.suffix}")(
+            ((chunks + 255) // 256,), (256,),
+            (w.data, out, np.int32(w.rows), np.int32(w.cols), np.int64(w.data.shape[1])))
+        return out
+
+    def _gemm(self, x, w16, out_dtype) -> object:
+        """(n, k) fp16 @ (m, k)^T fp16 -> (n, m) out_dtype, fp32 accumulation."""
+        cp = self.cp
+        n, k = x.shape
+        m = w16.shape[0]
+        out = cp.empty((n, m), dtype=out_dtype)
+        if self.gemm_path == "cublasGemmEx":
+            try:
+                self._gemm_ex(x, w16, out, n, m, k)
+                return out
+            except Exception:  # an older CuPy/cuBLAS without GemmEx: use CuPy's own matmul
+                self.gemm_path = "cupy.matmul"
+        return cp.matmul(x, w16.T).astype(out_dtype, copy=False)
+
+    def _gemm_ex(self, x, w16, out, n: int, m: int, k: int) -> None:
+        """Row-major out (n, m) = x (n, k) @ w16 (m, k)^T as column-major out^T = w16 x^T."""
+        from cupy_backends.cuda.libs import cublas
+
+        cp = self.cp
+        handle = cp.cuda.device.get_cublas_handle()
+        cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
+        one = np.ones(1, dtype=np.float32)
+        zero = np.zeros(1, dtype=np.float32)
+        c_type = _R_32F if out.dtype == cp.float32 else _R_16F
+        cublas.gemmEx(handle, _OP_T, _OP_N, m, n, k, one.ctypes.data, w16.data.ptr, _R_16F, k,
+                      x.data.ptr, _R_16F, k, zero.ctypes.data, out.data.ptr, c_type, m, _COMPUTE_32F, _GEMM_DEFAULT)

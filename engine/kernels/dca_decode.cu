@@ -1,0 +1,384 @@
+// Split-K (flash-decoding) DCA attention for decode: the new token(s) of a sequence against the
+// chunk-aware KV cache, on tensor cores, plus the reduction kernel that merges the splits (also used
+// by dca_flash_attn.cu when a prefill is split over the keys).
+//
+// Layouts: q (n, Hq, D) UNROTATED fp16|bf16 (n is 1 for plain decode; every token is independent);
+// K cache (capacity, Hkv, D) rotated at key positions (j mod chunk_len); V cache (capacity, Hkv, D);
+// positions (n,) int32 on the device (so a captured CUDA graph follows the growing context);
+// cos/sin (n_positions, rope_dim/2) fp32; partials part_o (S, n*Hq, D) fp32, part_m / part_l
+// (S, n*Hq) fp32 in log2 units; out (n, Hq, D) in q's dtype.
+//
+// Design.
+// - Grid (split, kv head, token). The block owns the `group` query heads of one KV head (GQA: each
+//   K/V byte is read once for the whole group) as the 16 rows of one mma m-tile (rows >= group are
+//   zero and never stored), so the scores and P V run on mma.sync m16n8k16 with fp32 accumulation.
+// - The three query rotations (intra, successive, inter positions of the token) are made once per
+//   block in shared memory; each key tile takes the rotation of its relation (clamp(chunk(i) -
+//   chunk(j), 0, 2)); a tile straddling a chunk boundary is scored per relation present and each
+//   element keeps its own; the last tile masks keys after the token.
+// - The block's slice of the keys is dealt to its 4 warps tile by tile; each warp streams its
+//   tiles through its own double-buffered cp.async stage (warp-local sync only), keeps an online
+//   softmax, and the warps merge through shared memory at the end. The slice bounds come from the
+//   device positions: keys past the token are never read.
+// - dca_combine_*: out = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), one block of 8 warps per row.
+// Limits: D in {64, 128}; rope_dim % 32 == 0 and <= D; group = Hq / Hkv <= 16.
+// The PTX helpers below are the same as in dca_flash_attn.cu (each .cu file compiles on its own).
+
+typedef unsigned short u16;
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+}
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+template <bool BF16>
+struct Elt;
+template <>
+struct Elt<false> {
+    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        unsigned r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    static __device__ __forceinline__ float lo(unsigned v) { return h2f((half_t)(v & 0xffffu)); }
+    static __device__ __forceinline__ float hi(unsigned v) { return h2f((half_t)(v >> 16)); }
+};
+template <>
+struct Elt<true> {
+    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        unsigned r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    static __device__ __forceinline__ float lo(unsigned v) { return __uint_as_float(v << 16); }
+    static __device__ __forceinline__ float hi(unsigned v) { return __uint_as_float(v & 0xffff0000u); }
+};
+
+// byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][D] 16-bit tile
+template <int D>
+__device__ __forceinline__ unsigned swz(int row, int chunk) {
+    return (unsigned)(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
+}
+
+template <int D, int BN, bool BF16>
+__device__ __forceinline__ void decode_body(const u16* __restrict__ q, const u16* __restrict__ kc,
+                                            const u16* __restrict__ vc, const int* __restrict__ positions,
+                                            const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                            float* __restrict__ part_o, float* __restrict__ part_m,
+                                            float* __restrict__ part_l, int n, int n_heads, int n_kv, int rope_dim,
+                                            int chunk_len, int chunk_size, float scale_log2, int temp_len,
+                                            int n_splits) {
+    typedef Elt<BF16> E;
+    constexpr int WARPS = 4, THREADS = 32 * WARPS, CH = D / 8, NT = BN / 8, KS = D / 16, DT = D / 8;
+    constexpr int Q_BYTES = 3 * 16 * D * 2, STAGE_BYTES = 2 * BN * D * 2, WARP_BYTES = 2 * STAGE_BYTES;
+    static_assert(WARP_BYTES >= 16 * D * 4, "a warp's stages hold its fp32 output rows for the merge");
+    extern __shared__ __align__(128) unsigned char smem[];
+    unsigned char* qr = smem;  // [3][16][D] the group's rows rotated for each relation
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int split = blockIdx.x, kvh = blockIdx.y, qi = blockIdx.z;
+    const int group = n_heads / n_kv;
+    const int pos = positions[qi], n_keys = pos + 1;
+    const int n_tiles = (n_keys + BN - 1) / BN;
+    const int per_split = (n_tiles + n_splits - 1) / n_splits;
+    const int tile_begin = split * per_split, tile_end = min(n_tiles, tile_begin + per_split);
+    const int my_chunk = chunk_len > 0 ? pos / chunk_len : 0;
+    float row_scale = scale_log2;
+    if (temp_len > 0 && pos + 1 > temp_len) row_scale *= 0.1f * logf((float)(pos + 1) / (float)temp_len) + 1.0f;
+
+    unsigned char* my_stages = smem + Q_BYTES + warp * WARP_BYTES;  // [2 stages][K, V][BN][D]
+    auto load_kv = [&](int tile, int stage) {
+        const int k0 = tile * BN;
+        unsigned char* ks = my_stages + stage * STAGE_BYTES;
+        unsigned char* vs = ks + BN * D * 2;
+#pragma unroll
+        for (int idx = lane; idx < BN * CH; idx += 32) {
+            const int j = idx / CH, c = idx - j * CH, key = k0 + j;
+            const bool ok = key < n_keys;
+            const long long off = ((long long)(ok ? key : 0) * n_kv + kvh) * D + c * 8;
+            cp_async16(smem_addr(ks + swz<D>(j, c)), kc + off, ok ? 16 : 0);
+            cp_async16(smem_addr(vs + swz<D>(j, c)), vc + off, ok ? 16 : 0);
+        }
+    };
+
+    const int first = tile_begin + warp;  // this warp's tiles: first, first + WARPS, ...
+    if (first < tile_end) load_kv(first, 0);  // in flight while the queries are rotated
+    cp_async_commit();
+
+    // the three rotations of the group's rows (zero rows beyond the group)
+    {
+        const int half = rope_dim >> 1, half_ch = half >> 3, rot_ch = rope_dim >> 3;
+        for (int idx = threadIdx.x; idx < 3 * 16 * CH; idx += THREADS) {
+            const int rel = idx / (16 * CH), r = (idx / CH) % 16, c = idx % CH;
+            if (c >= half_ch && c < rot_ch) continue;  // written with its partner chunk c - half/8
+            const bool pair = c < half_ch;
+            uint4 x1 = make_uint4(0u, 0u, 0u, 0u), x2 = x1;
+            if (r < group) {
+                const u16* src = q + ((long long)qi * n_heads + kvh * group + r) * D;
+                x1 = *(const uint4*)(src + c * 8);
+                if (pair) {
+                    x2 = *(const uint4*)(src + (c + half_ch) * 8);
+                    int qpos = pos;
+                    if (chunk_len > 0) {
+                        const int intra = pos % chunk_len;
+                        qpos = rel == 0 ? intra : rel == 1 ? min(chunk_len + intra, chunk_size)
+                                                           : min(2 * chunk_len - 1, chunk_size);
+                    }
+                    const float* cr = cos_t + (long long)qpos * half + c * 8;
+                    const float* sr = sin_t + (long long)qpos * half + c * 8;
+                    const float4 c0 = *(const float4*)cr, c1 = *(const float4*)(cr + 4);
+                    const float4 s0 = *(const float4*)sr, s1 = *(const float4*)(sr + 4);
+                    const float cs[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+                    const float sn[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+                    unsigned a[4] = {x1.x, x1.y, x1.z, x1.w}, b[4] = {x2.x, x2.y, x2.z, x2.w};
+#pragma unroll
+                    for (int p = 0; p < 4; ++p) {
+                        const float a0 = E::lo(a[p]), a1 = E::hi(a[p]), b0 = E::lo(b[p]), b1 = E::hi(b[p]);
+                        a[p] = E::pack(a0 * cs[2 * p] - b0 * sn[2 * p], a1 * cs[2 * p + 1] - b1 * sn[2 * p + 1]);
+                        b[p] = E::pack(b0 * cs[2 * p] + a0 * sn[2 * p], b1 * cs[2 * p + 1] + a1 * sn[2 * p + 1]);
+                    }
+                    x1 = make_uint4(a[0], a[1], a[2], a[3]);
+                    x2 = make_uint4(b[0], b[1], b[2], b[3]);
+                }
+            }
+            unsigned char* tile = qr + rel * 16 * D * 2;
+            *(uint4*)(tile + swz<D>(r, c)) = x1;
+            if (pair) *(uint4*)(tile + swz<D>(r, c + half_ch)) = x2;
+        }
+    }
+    __syncthreads();
+
+    const unsigned xor_hi = (unsigned)((((lane >> 4) & 1) ^ (lane & 7)) << 4);
+    const unsigned xor_mid = (unsigned)((((lane >> 3) & 1) ^ (lane & 7)) << 4);
+    const unsigned a_row = (unsigned)(((lane & 7) + ((lane >> 3) & 1) * 8) * D * 2);
+    const unsigned b_row = (unsigned)(((lane & 7) + (lane >> 4) * 8) * D * 2);
+    const unsigned q_base = smem_addr(qr);
+
+    float o[DT][4], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+
+    for (int tile = first, i = 0; tile < tile_end; tile += WARPS, ++i) {
+        const int stage = i & 1;
+        if (tile + WARPS < tile_end) load_kv(tile + WARPS, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncwarp();
+
+        const int k0 = tile * BN;
+        const unsigned k_base = smem_addr(my_stages + stage * STAGE_BYTES);
+        const unsigned v_base = k_base + BN * D * 2;
+        int rel_hi = 0, rel_lo = 0;
+        if (chunk_len > 0) {
+            rel_hi = min(my_chunk - k0 / chunk_len, 2);
+            rel_lo = max(min(my_chunk - (k0 + BN - 1) / chunk_len, 2), 0);
+        }
+        float s[NT][4];
+        for (int rel = rel_hi; rel >= rel_lo; --rel) {
+            const unsigned a_base = q_base + rel * 16 * D * 2 + a_row;
+            float sr[NT][4];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) sr[nt][0] = sr[nt][1] = sr[nt][2] = sr[nt][3] = 0.0f;
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+                unsigned a[4];
+                ldsm_x4(a, a_base + ((unsigned)(ks * 32) ^ xor_hi));
+#pragma unroll
+                for (int np = 0; np < NT / 2; ++np) {
+                    unsigned b[4];
+                    ldsm_x4(b, k_base + b_row + np * 16 * D * 2 + ((unsigned)(ks * 32) ^ xor_mid));
+                    E::mma(sr[2 * np], a, b[0], b[1]);
+                    E::mma(sr[2 * np + 1], a, b[2], b[3]);
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = k0 + nt * 8 + 2 * t + (e & 1);
+                    const bool own = rel == rel_hi || min(my_chunk - key / chunk_len, 2) == rel;
+                    if (own) s[nt][e] = sr[nt][e];
+                }
+        }
+        if (k0 + BN - 1 > pos) {  // the last tile: keys after the token
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (k0 + nt * 8 + 2 * t + (e & 1) > pos) s[nt][e] = NEG_INF;
+        }
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            float mx = NEG_INF;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * hf], s[nt][2 * hf + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m[hf], mx * row_scale);  // finite: key k0 <= pos is in every tile
+            const float corr = fast_exp2(m[hf] - m_new);
+            float sum = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const float p0 = fast_exp2(fmaf(s[nt][2 * hf], row_scale, -m_new));
+                const float p1 = fast_exp2(fmaf(s[nt][2 * hf + 1], row_scale, -m_new));
+                s[nt][2 * hf] = p0;
+                s[nt][2 * hf + 1] = p1;
+                sum += p0 + p1;
+            }
+            l[hf] = l[hf] * corr + sum;
+            m[hf] = m_new;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                o[dt][2 * hf] *= corr;
+                o[dt][2 * hf + 1] *= corr;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            const unsigned p[4] = {E::pack(s[2 * kk][0], s[2 * kk][1]), E::pack(s[2 * kk][2], s[2 * kk][3]),
+                                   E::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                   E::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dp = 0; dp < DT / 2; ++dp) {
+                unsigned b[4];
+                ldsm_x4_trans(b, v_base + a_row + kk * 16 * D * 2 + ((unsigned)(dp * 32) ^ xor_hi));
+                E::mma(o[2 * dp], p, b[0], b[1]);
+                E::mma(o[2 * dp + 1], p, b[2], b[3]);
+            }
+        }
+        __syncwarp();  // the stage is consumed before it is refilled
+    }
+    cp_async_wait<0>();
+
+    // merge the warps: each parks (m, l, o) of its 16 rows in its own stage memory
+    float* w_o = (float*)my_stages;  // [16][D]
+    __shared__ float w_m[WARPS][16], w_l[WARPS][16];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        float sum = l[hf];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const int r = g + 8 * hf;
+        if (t == 0) {
+            w_m[warp][r] = m[hf];
+            w_l[warp][r] = sum;
+        }
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+            *(float2*)(w_o + r * D + dt * 8 + 2 * t) = make_float2(o[dt][2 * hf], o[dt][2 * hf + 1]);
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < group * D; idx += THREADS) {
+        const int r = idx / D, d = idx - r * D;
+        float M = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) M = fmaxf(M, w_m[w][r]);
+        const float M_use = M == NEG_INF ? 0.0f : M;  // an empty slice: every warp saw no key
+        float L = 0.0f, O = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            const float wt = fast_exp2(w_m[w][r] - M_use);
+            L += w_l[w][r] * wt;
+            O += ((const float*)(smem + Q_BYTES + w * WARP_BYTES))[r * D + d] * wt;
+        }
+        const long long prow = ((long long)split * n + qi) * n_heads + kvh * group + r;
+        part_o[prow * D + d] = O;
+        if (d == 0) {
+            part_m[prow] = M;
+            part_l[prow] = L;
+        }
+    }
+}
+
+#define DCA_DECODE(D, BN, BF16, SUFFIX)                                                                       \
+    extern "C" __global__ void __launch_bounds__(128) dca_decode_##D##_##SUFFIX(                              \
+        const u16* q, const u16* kc, const u16* vc, const int* positions, const float* cos_t,                 \
+        const float* sin_t, float* part_o, float* part_m, float* part_l, int n, int n_heads, int n_kv,        \
+        int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len, int n_splits) {          \
+        decode_body<D, BN, BF16>(q, kc, vc, positions, cos_t, sin_t, part_o, part_m, part_l, n, n_heads, n_kv, \
+                                 rope_dim, chunk_len, chunk_size, scale_log2, temp_len, n_splits);            \
+    }
+
+DCA_DECODE(64, 32, false, f16)
+DCA_DECODE(64, 32, true, bf16)
+DCA_DECODE(128, 16, false, f16)
+DCA_DECODE(128, 16, true, bf16)
+
+// out (rows, D) = merged splits; one block of 8 warps per row: the warps share out the splits (lanes
+// over dims), then add up through shared memory. D <= 128, a multiple of 32.
+template <bool BF16>
+__device__ __forceinline__ void combine_body(const float* __restrict__ part_o, const float* __restrict__ part_m,
+                                             const float* __restrict__ part_l, u16* __restrict__ out, int rows,
+                                             int D, int n_splits) {
+    constexpr int WARPS = 8, MAX_DPL = 4;
+    __shared__ float w_o[WARPS][32 * MAX_DPL], w_l[WARPS];
+    const int row = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float M = NEG_INF;
+    for (int s = lane; s < n_splits; s += 32) M = fmaxf(M, part_m[(long long)s * rows + row]);
+    M = warp_max(M);  // finite: the first split always holds key 0
+    float L = 0.0f, O[MAX_DPL] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 4
+    for (int s = warp; s < n_splits; s += WARPS) {
+        const long long r = (long long)s * rows + row;
+        const float w = fast_exp2(part_m[r] - M);
+        L += part_l[r] * w;
+#pragma unroll
+        for (int i = 0; i < MAX_DPL; ++i)
+            if (lane + 32 * i < D) O[i] += part_o[r * D + lane + 32 * i] * w;
+    }
+#pragma unroll
+    for (int i = 0; i < MAX_DPL; ++i) w_o[warp][lane + 32 * i] = O[i];
+    if (lane == 0) w_l[warp] = L;
+    __syncthreads();
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float sum_o = 0.0f, sum_l = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            sum_o += w_o[w][d];
+            sum_l += w_l[w];
+        }
+        out[(long long)row * D + d] = (u16)(Elt<BF16>::pack(sum_o / sum_l, 0.0f) & 0xffffu);
+    }
+}
+
+extern "C" __global__ void dca_combine_f16(const float* part_o, const float* part_m, const float* part_l, u16* out,
+                                           int rows, int D, int n_splits) {
+    combine_body<false>(part_o, part_m, part_l, out, rows, D, n_splits);
+}
+
+extern "C" __global__ void dca_combine_bf16(const float* part_o, const float* part_m, const float* part_l, u16* out,
+                                            int rows, int D, int n_splits) {
+    combine_body<true>(part_o, part_m, part_l, out, rows, D, n_splits);
+}

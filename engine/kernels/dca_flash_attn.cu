@@ -1,0 +1,508 @@
+// Fused DCA (and plain causal) flash-attention prefill on tensor cores: one kernel, online softmax,
+// the query rotation chosen per key tile, no three-pass merge (DESIGN.md §3 and §5; engine/dca.py
+// blockwise_attention is the algorithm this kernel follows).
+//
+// Layouts: q (n, Hq, D) UNROTATED fp16|bf16; K cache (capacity, Hkv, D) rotated at key positions
+// (j mod chunk_len); V cache (capacity, Hkv, D); positions (n,) int32, increasing; cos/sin
+// (n_positions, rope_dim/2) fp32; out (n, Hq, D) in q's dtype, or with n_splits > 1 unnormalized
+// partials part_o (S, n*Hq, D) fp32 and part_m / part_l (S, n*Hq) fp32 in log2 units, merged by
+// dca_decode.cu's dca_combine_*. Optional q_rot (3, n, Hq, D): the three rotations precomputed
+// (intra, successive, inter); null -> rotated here.
+//
+// Design.
+// - GQA without copies: a block serves one KV head; its rows are (query, head of the group) packed
+//   as R = qi*group + g, so every K/V tile loaded to shared memory serves the whole group.
+// - 4 warps x 16*MT rows; key tiles of BN keys, double-buffered with cp.async (one barrier per tile;
+//   zero-filled past the block's last visible key, so stale cache rows never reach the math).
+// - S = Q K^T and O += P V with mma.sync m16n8k16 (fp32 accumulate), operands by ldmatrix from
+//   XOR-swizzled shared memory (16-byte chunk ^ (row & 7): conflict-free ldmatrix).
+// - Rotation: each warp keeps ONE rotated copy of its rows in shared memory (Qr). Key tiles are
+//   walked upwards, so the relation (2 inter, 1 successive, 0 intra; clamp(chunk(i)-chunk(j),0,2))
+//   only decreases: the warp re-rotates from the unrotated q (or copies the precomputed q_rot) when
+//   a tile needs another relation, about three times per query tile.
+// - A tile whose (row, key) pairs share one relation costs one score pass. A tile straddling a chunk
+//   boundary (for this warp's rows) is scored once per relation present and each element keeps the
+//   score of its own relation; tiles crossing the causal diagonal mask key > pos per element. So
+//   tiles need not divide chunk_len, queries may start anywhere (chunked prefill: positions
+//   p0..p0+n-1 against cache keys 0..p0+n-1) and chunk_len = 0 is plain causal attention.
+// - Softmax in log2 units: x = s * scale_log2 * temperature(row); running max/sum in fp32.
+// - Split-K (blockIdx.z): the block's key tiles are cut into n_splits slices; each writes partials.
+// Heaviest row blocks are scheduled first (causal work grows with the row block).
+// Limits: D in {64, 128}; rope_dim % 32 == 0 and <= D; Hq % Hkv == 0.
+
+typedef unsigned short u16;
+
+// ------------------------------------------------------------------------------------------ PTX
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16-byte global -> shared copy; src_bytes 0 zero-fills
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// fp16 / bf16 element traits: mma, packing two floats, unpacking a pair
+template <bool BF16>
+struct Elt;
+
+template <>
+struct Elt<false> {
+    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        unsigned r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    static __device__ __forceinline__ float lo(unsigned v) { return h2f((half_t)(v & 0xffffu)); }
+    static __device__ __forceinline__ float hi(unsigned v) { return h2f((half_t)(v >> 16)); }
+};
+
+template <>
+struct Elt<true> {
+    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        unsigned r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    static __device__ __forceinline__ float lo(unsigned v) { return __uint_as_float(v << 16); }
+    static __device__ __forceinline__ float hi(unsigned v) { return __uint_as_float(v & 0xffff0000u); }
+};
+
+// byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][D] 16-bit tile
+template <int D>
+__device__ __forceinline__ unsigned swz(int row, int chunk) {
+    return (unsigned)(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
+}
+
+// ------------------------------------------------------------------------------------------ DCA
+struct Dca {
+    int chunk_len, chunk_size;  // chunk_len 0: plain causal
+    __device__ __forceinline__ int relation(int i, int j) const {  // 0 intra, 1 successive, 2 inter
+        return chunk_len > 0 ? min(max(i / chunk_len - j / chunk_len, 0), 2) : 0;
+    }
+    __device__ __forceinline__ int query_position(int pos, int rel) const {
+        if (chunk_len == 0) return pos;
+        const int intra = pos % chunk_len;
+        return rel == 0 ? intra : rel == 1 ? min(chunk_len + intra, chunk_size) : min(2 * chunk_len - 1, chunk_size);
+    }
+};
+
+// Write the warp's ROWS rows of queries, rotated for relation `rel`, into its swizzled Qr tile.
+// Row r is packed row R = w0 + r: query qi = R / group, head kvh*group + R % group; rows past
+// rows_total are zero. With q_rot the precomputed rotation is copied instead.
+template <int D, bool BF16, int ROWS>
+__device__ __forceinline__ void rotate_rows(unsigned char* qr, const u16* __restrict__ q, const u16* __restrict__ q_rot,
+                                            const int* __restrict__ positions, const float* __restrict__ cos_t,
+                                            const float* __restrict__ sin_t, int rel, int w0, int rows_total, int n,
+                                            int n_heads, int group, int kvh, int rope_dim, Dca dca, int lane) {
+    typedef Elt<BF16> E;
+    constexpr int CH = D / 8;  // 16-byte chunks per row
+    const int half = rope_dim >> 1, half_ch = half >> 3;
+    for (int idx = lane; idx < ROWS * CH; idx += 32) {
+        const int r = idx / CH, c = idx - r * CH;
+        const bool rotary_pair = q_rot == nullptr && c < (rope_dim >> 3);
+        if (rotary_pair && c >= half_ch) continue;  // written with its partner chunk c - half/8
+        const int R = w0 + r;
+        uint4 x1 = make_uint4(0u, 0u, 0u, 0u), x2 = x1;
+        if (R < rows_total) {
+            const int qi = R / group, head = kvh * group + R % group;
+            const u16* src = q_rot ? q_rot + (((long long)rel * n + qi) * n_heads + head) * D
+                                   : q + ((long long)qi * n_heads + head) * D;
+            x1 = *(const uint4*)(src + c * 8);
+            if (rotary_pair) {
+                x2 = *(const uint4*)(src + (c + half_ch) * 8);
+                const int qpos = dca.query_position(positions[qi], rel);
+                const float* cr = cos_t + (long long)qpos * half + c * 8;
+                const float* sr = sin_t + (long long)qpos * half + c * 8;
+                const float4 c0 = *(const float4*)cr, c1 = *(const float4*)(cr + 4);
+                const float4 s0 = *(const float4*)sr, s1 = *(const float4*)(sr + 4);
+                const float cs[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+                const float sn[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+                unsigned a[4] = {x1.x, x1.y, x1.z, x1.w}, b[4] = {x2.x, x2.y, x2.z, x2.w};
+#pragma unroll
+                for (int p = 0; p < 4; ++p) {
+                    const float a0 = E::lo(a[p]), a1 = E::hi(a[p]), b0 = E::lo(b[p]), b1 = E::hi(b[p]);
+                    const float cl0 = cs[2 * p], cl1 = cs[2 * p + 1], sl0 = sn[2 * p], sl1 = sn[2 * p + 1];
+                    a[p] = E::pack(a0 * cl0 - b0 * sl0, a1 * cl1 - b1 * sl1);
+                    b[p] = E::pack(b0 * cl0 + a0 * sl0, b1 * cl1 + a1 * sl1);
+                }
+                x1 = make_uint4(a[0], a[1], a[2], a[3]);
+                x2 = make_uint4(b[0], b[1], b[2], b[3]);
+            }
+        }
+        *(uint4*)(qr + swz<D>(r, c)) = x1;
+        if (rotary_pair) *(uint4*)(qr + swz<D>(r, c + half_ch)) = x2;
+    }
+}
+
+template <int D, int MT, int BN, bool BF16>
+__device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16* __restrict__ kc,
+                                           const u16* __restrict__ vc, const int* __restrict__ positions,
+                                           const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                           const u16* __restrict__ q_rot, u16* __restrict__ out,
+                                           float* __restrict__ part_o, float* __restrict__ part_m,
+                                           float* __restrict__ part_l, int n, int n_heads, int n_kv, int rope_dim,
+                                           int chunk_len, int chunk_size, float scale_log2, int temp_len,
+                                           int n_splits) {
+    typedef Elt<BF16> E;
+    constexpr int WARPS = 4, THREADS = 32 * WARPS, ROWS = 16 * MT, BM = WARPS * ROWS, CH = D / 8;
+    constexpr int NT = BN / 8, KS = D / 16, DT = D / 8;
+    constexpr int KS_UNROLL = MT == 1 ? KS : 1;  // full unrolling fits the registers of one m-tile only
+    extern __shared__ __align__(128) unsigned char smem[];
+    unsigned char* qr_all = smem;                   // [BM][D]     rotated queries, one region per warp
+    unsigned char* k_tiles = smem + BM * D * 2;     // [2][BN][D]  key tiles (2 stages)
+    unsigned char* v_tiles = k_tiles + 2 * BN * D * 2;  // [2][BN][D] value tiles
+
+    const Dca dca{chunk_len, chunk_size};
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int kvh = blockIdx.x, row_block = gridDim.y - 1 - blockIdx.y, split = blockIdx.z;
+    const int group = n_heads / n_kv, rows_total = n * group;
+    const int m0 = row_block * BM;
+
+    // keys 0 .. (position of the block's last row); positions increase with the token index
+    const int n_keys = positions[(min(m0 + BM, rows_total) - 1) / group] + 1;
+    const int n_tiles = (n_keys + BN - 1) / BN;
+    const int per_split = (n_tiles + n_splits - 1) / n_splits;
+    const int tile_begin = split * per_split, tile_end = min(n_tiles, tile_begin + per_split);
+
+    const int w0 = m0 + warp * ROWS;  // the warp's first packed row
+    const bool warp_active = w0 < rows_total;
+    const int pos_first = warp_active ? positions[w0 / group] : 0;
+    const int pos_last = warp_active ? positions[(min(w0 + ROWS, rows_total) - 1) / group] : -1;
+
+    // this thread's rows: mt*16 + g + 8*hf
+    int row_pos[MT][2], row_chunk[MT][2];
+    float row_scale[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int R = min(w0 + mt * 16 + g + 8 * hf, rows_total - 1);
+            const int pos = positions[R / group];
+            row_pos[mt][hf] = pos;
+            row_chunk[mt][hf] = chunk_len > 0 ? pos / chunk_len : 0;
+            float sc = scale_log2;
+            if (temp_len > 0 && pos + 1 > temp_len) sc *= 0.1f * logf((float)(pos + 1) / (float)temp_len) + 1.0f;
+            row_scale[mt][hf] = sc;
+        }
+
+    auto load_kv = [&](int tile, int stage) {
+        const int k0 = tile * BN;
+        unsigned char* ks = k_tiles + stage * BN * D * 2;
+        unsigned char* vs = v_tiles + stage * BN * D * 2;
+#pragma unroll
+        for (int idx = threadIdx.x; idx < BN * CH; idx += THREADS) {
+            const int j = idx / CH, c = idx - j * CH, key = k0 + j;
+            const bool ok = key < n_keys;
+            const long long off = ((long long)(ok ? key : 0) * n_kv + kvh) * D + c * 8;
+            cp_async16(smem_addr(ks + swz<D>(j, c)), kc + off, ok ? 16 : 0);
+            cp_async16(smem_addr(vs + swz<D>(j, c)), vc + off, ok ? 16 : 0);
+        }
+    };
+
+    unsigned char* qr = qr_all + warp * ROWS * D * 2;
+    const unsigned qr_base = smem_addr(qr);
+    int cur_rel = -1;
+    float o[MT][DT][4], m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.0f;
+        m[mt][0] = m[mt][1] = NEG_INF;
+        l[mt][0] = l[mt][1] = 0.0f;
+    }
+
+    auto use_relation = [&](int rel) {
+        if (rel == cur_rel) return;
+        __syncwarp();  // every lane is done reading the previous rotation
+        rotate_rows<D, BF16, ROWS>(qr, q, q_rot, positions, cos_t, sin_t, rel, w0, rows_total, n, n_heads, group,
+                                   kvh, rope_dim, dca, lane);
+        __syncwarp();
+        cur_rel = rel;
+    };
+    // ldmatrix lane addresses: the row part is fixed per lane; the swizzle XOR of 16-byte chunk 2*ks + c
+    // with (row & 7) == (lane & 7) is (ks * 32) ^ lane_xor, lane_xor = ((c ^ (lane & 7)) << 4)
+    const unsigned xor_hi = (unsigned)((((lane >> 4) & 1) ^ (lane & 7)) << 4);   // c = lane bit 4
+    const unsigned xor_mid = (unsigned)((((lane >> 3) & 1) ^ (lane & 7)) << 4);  // c = lane bit 3
+    const unsigned a_row = (unsigned)(((lane & 7) + ((lane >> 3) & 1) * 8) * D * 2);
+    const unsigned b_row = (unsigned)(((lane & 7) + (lane >> 4) * 8) * D * 2);
+    const unsigned v_row = a_row;
+    // A fragment (16 rows of m-tile mt, k-step ks) of the rotated queries
+    auto load_a = [&](unsigned (&a)[4], int mt, int ks) {
+        ldsm_x4(a, qr_base + a_row + mt * 16 * D * 2 + ((unsigned)(ks * 32) ^ xor_hi));
+    };
+    // B fragments of keys np*16 .. np*16+15 at k-step ks: {b0,b1} of n-tile 2np, {b2,b3} of 2np+1
+    auto load_b = [&](unsigned (&b)[4], unsigned k_base, int np, int ks) {
+        ldsm_x4(b, k_base + b_row + np * 16 * D * 2 + ((unsigned)(ks * 32) ^ xor_mid));
+    };
+
+    if (tile_begin < tile_end) load_kv(tile_begin, 0);
+    cp_async_commit();
+    for (int tile = tile_begin; tile < tile_end; ++tile) {
+        const int stage = (tile - tile_begin) & 1;
+        cp_async_wait<0>();  // this tile has landed (its loads ran during the previous tile's math)
+        __syncthreads();     // ... for every thread, and every warp is done with the other stage
+        if (tile + 1 < tile_end) load_kv(tile + 1, stage ^ 1);
+        cp_async_commit();
+
+        const int k0 = tile * BN;
+        if (warp_active && k0 <= pos_last) {
+            const unsigned k_base = smem_addr(k_tiles + stage * BN * D * 2);
+            const unsigned v_base = smem_addr(v_tiles + stage * BN * D * 2);
+            const int rel_hi = dca.relation(pos_last, k0), rel_lo = dca.relation(pos_first, k0 + BN - 1);
+            float s[MT][NT][4];
+            for (int rel = rel_hi; rel >= rel_lo; --rel) {
+                use_relation(rel);
+                if (rel_hi == rel_lo) {  // one relation for every (row, key) pair of the tile: one pass
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                        for (int nt = 0; nt < NT; ++nt)
+                            s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
+#pragma unroll KS_UNROLL
+                    for (int ks = 0; ks < KS; ++ks) {
+                        unsigned a[MT][4];
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) load_a(a[mt], mt, ks);
+#pragma unroll
+                        for (int np = 0; np < NT / 2; ++np) {
+                            unsigned b[4];
+                            load_b(b, k_base, np, ks);
+#pragma unroll
+                            for (int mt = 0; mt < MT; ++mt) {
+                                E::mma(s[mt][2 * np], a[mt], b[0], b[1]);
+                                E::mma(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+                            }
+                        }
+                    }
+                    continue;
+                }
+                // the tile straddles a chunk boundary: score once per relation present (highest first),
+                // each element keeps the score of its own relation
+#pragma unroll
+                for (int np = 0; np < NT / 2; ++np) {
+                    float tmp[MT][2][4];
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h)
+                            tmp[mt][h][0] = tmp[mt][h][1] = tmp[mt][h][2] = tmp[mt][h][3] = 0.0f;
+#pragma unroll 1
+                    for (int ks = 0; ks < KS; ++ks) {
+                        unsigned b[4];
+                        load_b(b, k_base, np, ks);
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            unsigned a[4];
+                            load_a(a, mt, ks);
+                            E::mma(tmp[mt][0], a, b[0], b[1]);
+                            E::mma(tmp[mt][1], a, b[2], b[3]);
+                        }
+                    }
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h)
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) {
+                                const int key = k0 + (2 * np + h) * 8 + 2 * t + (e & 1);
+                                const int elem_rel = min(row_chunk[mt][e >> 1] - key / chunk_len, 2);
+                                if (rel == rel_hi || elem_rel == rel) s[mt][2 * np + h][e] = tmp[mt][h][e];
+                            }
+                }
+            }
+            if (k0 + BN - 1 > pos_first) {  // the tile crosses the causal diagonal for some row
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            if (k0 + nt * 8 + 2 * t + (e & 1) > row_pos[mt][e >> 1]) s[mt][nt][e] = NEG_INF;
+            }
+
+            // online softmax (log2 units), rows (mt, hf); a row's keys are spread over the 4 lanes of a quad
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    float mx = NEG_INF;
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hf], s[mt][nt][2 * hf + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    const float sc = row_scale[mt][hf];
+                    const float m_new = fmaxf(m[mt][hf], mx * sc);
+                    const float m_use = m_new == NEG_INF ? 0.0f : m_new;  // a row with no visible key yet
+                    const float corr = fast_exp2(m[mt][hf] - m_use);
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        const float p0 = fast_exp2(fmaf(s[mt][nt][2 * hf], sc, -m_use));
+                        const float p1 = fast_exp2(fmaf(s[mt][nt][2 * hf + 1], sc, -m_use));
+                        s[mt][nt][2 * hf] = p0;
+                        s[mt][nt][2 * hf + 1] = p1;
+                        sum += p0 + p1;
+                    }
+                    l[mt][hf] = l[mt][hf] * corr + sum;
+                    m[mt][hf] = m_new;
+#pragma unroll
+                    for (int dt = 0; dt < DT; ++dt) {
+                        o[mt][dt][2 * hf] *= corr;
+                        o[mt][dt][2 * hf + 1] *= corr;
+                    }
+                }
+
+            // O += P V: P from the score registers (two n-tiles = one 16-key A fragment), V by ldmatrix.trans
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                unsigned p[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    p[mt][0] = E::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    p[mt][1] = E::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    p[mt][2] = E::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    p[mt][3] = E::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
+#pragma unroll
+                for (int dp = 0; dp < DT / 2; ++dp) {
+                    unsigned b[4];  // keys kk*16.. (+8 for lanes 8-15, 24-31), dims dp*16.. (+8 for lanes 16-31)
+                    ldsm_x4_trans(b, v_base + v_row + kk * 16 * D * 2 + ((unsigned)(dp * 32) ^ xor_hi));
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        E::mma(o[mt][2 * dp], p[mt], b[0], b[1]);
+                        E::mma(o[mt][2 * dp + 1], p[mt], b[2], b[3]);
+                    }
+                }
+            }
+        }
+    }
+
+    // epilogue: full row sums across the quad, then normalized output or split partials
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            float sum = l[mt][hf];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const int R = w0 + mt * 16 + g + 8 * hf;
+            if (R >= rows_total) continue;
+            const int qi = R / group, head = kvh * group + R % group;
+            const long long row = (long long)qi * n_heads + head;
+            if (n_splits == 1) {
+                const float inv = 1.0f / sum;
+                unsigned* dst = (unsigned*)(out + row * D);
+#pragma unroll
+                for (int dt = 0; dt < DT; ++dt)
+                    dst[dt * 4 + t] = E::pack(o[mt][dt][2 * hf] * inv, o[mt][dt][2 * hf + 1] * inv);
+            } else {
+                const long long prow = (long long)split * n * n_heads + row;
+                if (t == 0) {
+                    part_m[prow] = m[mt][hf];
+                    part_l[prow] = sum;
+                }
+                float2* dst = (float2*)(part_o + prow * D);
+#pragma unroll
+                for (int dt = 0; dt < DT; ++dt) dst[dt * 4 + t] = make_float2(o[mt][dt][2 * hf], o[mt][dt][2 * hf + 1]);
+            }
+        }
+}
+
+#define DCA_FLASH(D, MT, BN, BF16, SUFFIX)                                                                    \
+    extern "C" __global__ void __launch_bounds__(128) dca_flash_##D##_##MT##_##BN##_##SUFFIX(                 \
+        const u16* q, const u16* kc, const u16* vc, const int* positions, const float* cos_t,                 \
+        const float* sin_t, const u16* q_rot, u16* out, float* part_o, float* part_m, float* part_l, int n,   \
+        int n_heads, int n_kv, int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len,   \
+        int n_splits) {                                                                                       \
+        flash_body<D, MT, BN, BF16>(q, kc, vc, positions, cos_t, sin_t, q_rot, out, part_o, part_m, part_l, n, \
+                                    n_heads, n_kv, rope_dim, chunk_len, chunk_size, scale_log2, temp_len,     \
+                                    n_splits);                                                                \
+    }
+
+DCA_FLASH(64, 2, 64, false, f16)
+DCA_FLASH(64, 2, 64, true, bf16)
+DCA_FLASH(64, 1, 64, false, f16)
+DCA_FLASH(64, 1, 64, true, bf16)
+DCA_FLASH(128, 2, 32, false, f16)
+DCA_FLASH(128, 2, 32, true, bf16)
+DCA_FLASH(128, 1, 64, false, f16)
+DCA_FLASH(128, 1, 64, true, bf16)
+DCA_FLASH(128, 1, 48, false, f16)
+DCA_FLASH(128, 1, 48, true, bf16)
+
+// q_rot (3, n, Hq, D) = q rotated at the intra, successive and inter query positions of each token;
+// one thread per rotary pair (t, t + rope_dim/2) of one (relation, token, head); dims >= rope_dim copied.
+template <bool BF16>
+__device__ __forceinline__ void rotate_queries_body(const u16* __restrict__ q, const int* __restrict__ positions,
+                                                    const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                                    u16* __restrict__ q_rot, int n, int n_heads, int D, int rope_dim,
+                                                    int chunk_len, int chunk_size) {
+    typedef Elt<BF16> E;
+    const int half = rope_dim >> 1, per_row = D - half;  // pairs + pass-through dims
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= 3LL * n * n_heads * per_row) return;
+    const long long row = idx / per_row;  // (rel, qi, head)
+    const int d = (int)(idx - row * per_row);
+    const int rel = (int)(row / ((long long)n * n_heads));
+    const long long src_row = row - (long long)rel * n * n_heads;  // qi * n_heads + head
+    const int qi = (int)(src_row / n_heads);
+    const u16* src = q + src_row * D;
+    u16* dst = q_rot + row * D;
+    const auto load = [](u16 v) { return E::lo((unsigned)v); };
+    const auto store = [](float v) { return (u16)(E::pack(v, 0.0f) & 0xffffu); };
+    if (d >= half) {  // dims rope_dim .. D-1 pass through
+        const int dd = d + half;
+        if (dd < D) dst[dd] = src[dd];
+        return;
+    }
+    const int qpos = Dca{chunk_len, chunk_size}.query_position(positions[qi], rel);
+    const float c = cos_t[(long long)qpos * half + d], s = sin_t[(long long)qpos * half + d];
+    const float x1 = load(src[d]), x2 = load(src[d + half]);
+    dst[d] = store(x1 * c - x2 * s);
+    dst[d + half] = store(x2 * c + x1 * s);
+}
+
+extern "C" __global__ void dca_rotate_queries_f16(const u16* q, const int* positions, const float* cos_t,
+                                                  const float* sin_t, u16* q_rot, int n, int n_heads, int D,
+                                                  int rope_dim, int chunk_len, int chunk_size) {
+    rotate_queries_body<false>(q, positions, cos_t, sin_t, q_rot, n, n_heads, D, rope_dim, chunk_len, chunk_size);
+}
+
+extern "C" __global__ void dca_rotate_queries_bf16(const u16* q, const int* positions, const float* cos_t,
+                                                   const float* sin_t, u16* q_rot, int n, int n_heads, int D,
+                                                   int rope_dim, int chunk_len, int chunk_size) {
+    rotate_queries_body<true>(q, positions, cos_t, sin_t, q_rot, n, n_heads, D, rope_dim, chunk_len, chunk_size);
+}

@@ -1,0 +1,160 @@
+// Device-side token sampling: only the chosen token id ever leaves the GPU.
+//
+// Design. One block of 1024 threads over the (vocab,) fp32 logits of the last position, in
+// llama.cpp's order as engine/sampling.py: repetition penalty on the distinct tokens of a device
+// ring buffer (the last `ring_size` tokens) -> greedy argmax (temperature <= 0), or top-k candidates
+// -> softmax -> top-p prefix -> min-p -> softmax(logits / temperature) -> draw. The top-k candidates
+// come from k rounds of a block-wide argmax, each restricted to items ordered after the previous pick
+// (value descending, id ascending), so they are sorted (k <= MAX_TOP_K). The rounds scan a shared-
+// memory pool of the tokens within 30*max(T,1) of the top logit (their relative probability is above
+// e^-30), or the whole vocabulary when that pool would exceed POOL_CAP.
+// Randomness: splitmix64(seed, counter) with the counter kept on the device, so a captured graph
+// draws a fresh number at every replay. After the draw: token_out = id, the ring gets the id, and
+// with advance != 0 the decode position (pos[0]) moves on by one.
+
+#define MAX_TOP_K 256
+#define SAMPLE_THREADS 1024
+#define POOL_CAP 1024       // candidates kept in shared memory for the top-k rounds
+#define POOL_CUTOFF 30.0f   // logits this far (times max(T, 1)) below the top never matter
+
+__device__ __forceinline__ bool ranks_before(float av, int ai, float bv, int bi) {
+    return av > bv || (av == bv && ai < bi);
+}
+
+// block-wide best (value, id) among items ranked after (after_v, after_i) (everything when first);
+// items are vals[j] with id ids[j] (ids == nullptr: id j)
+__device__ void block_best(const float* vals, const int* ids, int n, bool first, float after_v, int after_i,
+                           float* out_v, int* out_i, float* sv, int* si) {
+    float best_v = NEG_INF;
+    int best_i = 0x7fffffff;
+#pragma unroll 8
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const float v = vals[j];
+        const int i = ids ? ids[j] : j;
+        if (!first && !ranks_before(after_v, after_i, v, i)) continue;
+        if (ranks_before(v, i, best_v, best_i)) { best_v = v; best_i = i; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best_v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
+        if (ranks_before(ov, oi, best_v, best_i)) { best_v = ov; best_i = oi; }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) { sv[warp] = best_v; si[warp] = best_i; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); ++w)
+            if (ranks_before(sv[w], si[w], best_v, best_i)) { best_v = sv[w]; best_i = si[w]; }
+        *out_v = best_v;
+        *out_i = best_i;
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ double uniform01(unsigned long long seed, unsigned long long counter) {
+    unsigned long long z = seed + (counter + 1ull) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (double)(z >> 11) * (1.0 / 9007199254740992.0);  // [0, 1)
+}
+
+extern "C" __global__ void sample_token(float* __restrict__ logits, int vocab, int* __restrict__ ring,
+                                        int ring_size, int* __restrict__ ring_count, float penalty,
+                                        float temperature, int top_k, float top_p, float min_p,
+                                        unsigned long long seed, unsigned long long* __restrict__ counter,
+                                        int* __restrict__ token_out, int* __restrict__ pos, int advance) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    __shared__ float cand_v[MAX_TOP_K];
+    __shared__ int cand_i[MAX_TOP_K];
+    __shared__ int chosen;
+
+    // 1. repetition penalty on the distinct tokens of the ring (a duplicate is skipped by its later copies)
+    const int filled = min(*ring_count, ring_size);
+    if (penalty != 1.0f && (int)threadIdx.x < filled) {
+        const int tok = ring[threadIdx.x];
+        bool duplicate = false;
+        for (int t = 0; t < (int)threadIdx.x; ++t) duplicate |= ring[t] == tok;
+        if (!duplicate) {
+            const float v = logits[tok];
+            logits[tok] = v > 0.0f ? v / penalty : v * penalty;
+        }
+    }
+    __syncthreads();
+
+    if (temperature <= 0.0f) {
+        float v;
+        block_best(logits, nullptr, vocab, true, 0.0f, 0, &v, &chosen, sv, si);
+    } else {
+        // pool the tokens within POOL_CUTOFF*max(T,1) of the top logit (the rest have relative
+        // probability < e^-30 after the temperature), so the k selection rounds scan shared memory
+        __shared__ float pool_v[POOL_CAP];
+        __shared__ int pool_i[POOL_CAP];
+        __shared__ int n_pool;
+        __shared__ float top_v;
+        int top_i;
+        block_best(logits, nullptr, vocab, true, 0.0f, 0, &top_v, &top_i, sv, si);
+        if (threadIdx.x == 0) n_pool = 0;
+        __syncthreads();
+        const float floor_v = top_v - POOL_CUTOFF * fmaxf(temperature, 1.0f);
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            const float v = logits[i];
+            if (v >= floor_v) {
+                const int slot = atomicAdd(&n_pool, 1);
+                if (slot < POOL_CAP) { pool_v[slot] = v; pool_i[slot] = i; }
+            }
+        }
+        __syncthreads();
+        const bool pooled = n_pool <= POOL_CAP;  // else (a very flat distribution) scan the whole vocabulary
+        const float* src_v = pooled ? pool_v : logits;
+        const int* src_i = pooled ? pool_i : nullptr;
+        const int n_src = pooled ? n_pool : vocab;
+        const int k = min(top_k, n_src);
+        for (int r = 0; r < k; ++r)
+            block_best(src_v, src_i, n_src, r == 0, r ? cand_v[r - 1] : 0.0f, r ? cand_i[r - 1] : 0, &cand_v[r],
+                       &cand_i[r], sv, si);
+        if (threadIdx.x == 0) {
+            // probabilities of the top-k candidates (sorted, cand_v[0] the largest)
+            double total = 0.0;
+            for (int r = 0; r < k; ++r) total += exp((double)cand_v[r] - (double)cand_v[0]);
+            int n_keep = k;
+            if (top_p < 1.0f) {  // smallest prefix whose mass reaches top_p
+                double cum = 0.0;
+                int below = 0;
+                for (int r = 0; r < k; ++r) {
+                    cum += exp((double)cand_v[r] - (double)cand_v[0]) / total;
+                    if (cum < (double)top_p) ++below;
+                }
+                n_keep = min(below + 1, k);
+            }
+            if (min_p > 0.0f) {  // p_r >= min_p * p_0  <=>  exp(v_r - v_0) >= min_p
+                int keep = 0;
+                for (int r = 0; r < n_keep; ++r) keep += exp((double)cand_v[r] - (double)cand_v[0]) >= (double)min_p;
+                n_keep = keep;
+            }
+            double mass = 0.0;
+            for (int r = 0; r < n_keep; ++r) mass += exp(((double)cand_v[r] - (double)cand_v[0]) / temperature);
+            const double u = uniform01(seed, *counter) * mass;
+            *counter += 1ull;
+            double cum = 0.0;
+            int pick = n_keep - 1;
+            for (int r = 0; r < n_keep; ++r) {
+                cum += exp(((double)cand_v[r] - (double)cand_v[0]) / temperature);
+                if (u < cum) { pick = r; break; }
+            }
+            chosen = cand_i[pick];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        *token_out = chosen;
+        if (ring_size > 0) {
+            ring[*ring_count % ring_size] = chosen;
+            *ring_count += 1;
+        }
+        if (advance) *pos += 1;
+    }
+}

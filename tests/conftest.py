@@ -1,0 +1,18 @@
+"""Shared pytest hooks: tests marked `cuda` skip cleanly where CuPy or a GPU is missing."""
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda_items = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_items:
+        return
+    from engine.backends import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"needs CUDA: {reason}")
+    for item in cuda_items:
+        item.add_marker(skip)

@@ -1,0 +1,64 @@
+"""`engine bench` on the CPU with a tiny model, and the synthetic weights it can run on."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from engine.bench import SMOLLM2_CONFIG, bench, synthetic_weight, synthetic_weights
+from engine.weights.quant import GGMLType
+
+TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K,
+         GGMLType.Q6_K)
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_synthetic_weight_decodes_to_the_asked_scale(ggml_type):
+    w = synthetic_weight("w", ggml_type, (64, 512), np.random.default_rng(0), scale=0.05)
+    values = w.dequantize()
+    assert values.shape == (64, 512) and np.isfinite(values).all()
+    assert 0.01 < values.std() < 0.15  # O(scale), whatever the block format
+    assert len(np.unique(values)) > 50  # real spread, not a constant
+
+
+def test_synthetic_smollm2_has_every_tensor_with_its_shape():
+    weights = synthetic_weights(SMOLLM2_CONFIG)
+    c = SMOLLM2_CONFIG
+    assert len(weights) == 2 + 9 * c.n_layers  # tied: no output tensor
+    assert weights["blk.29.ffn_down"].shape == (c.d_model, c.ffn_dim)
+    assert weights["blk.0.attn_k"].ggml_type == GGMLType.Q4_1 and weights["token_embd"].ggml_type == GGMLType.Q8_0
+    assert math.isclose(float(weights["blk.3.attn_norm"].dequantize().mean()), 1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    pytest.importorskip("gguf")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from make_tiny_model import VARIANTS, make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("bench"), VARIANTS["gqa"], gguf_types=("q8_0",), hf=False)["q8_0"]
+
+
+def test_bench_json_reports_every_test(tiny_gguf):
+    result = CliRunner().invoke(bench, ["-m", str(tiny_gguf), "--device", "cpu", "-p", "16,40", "-d", "8",
+                                        "-n", "4", "-r", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["device"] == "cpu" and report["dca"] is False
+    assert [(r["test"], r["depth"], r["runs"]) for r in report["results"]] == [
+        ("pp16", 0, 2), ("pp40", 0, 2), ("tg4", 8, 2)]
+    assert all(r["tokens_per_s"] > 0 and r["sd"] >= 0 for r in report["results"])
+
+
+def test_bench_table_and_bad_lengths(tiny_gguf):
+    result = CliRunner().invoke(bench, ["-m", str(tiny_gguf), "--device", "cpu", "--synthetic", "-p", "8", "-d", "0",
+                                        "-n", "2", "-r", "1"])
+    assert result.exit_code == 0, result.output
+    assert "synthetic weights" in result.output and "|      pp8 |" in result.output and "tg2" in result.output
+    bad = CliRunner().invoke(bench, ["-m", str(tiny_gguf), "--device", "cpu", "-p", "8,x"])
+    assert bad.exit_code != 0 and "comma-separated integers" in bad.output

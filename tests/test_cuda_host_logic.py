@@ -1,0 +1,73 @@
+"""Host-side decisions of the CUDA backend that need no GPU: launch splits, kernel variants, fusion
+eligibility, device-sampling eligibility (these run everywhere)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.backends.cuda import attention as attn
+from engine.backends.cuda.fused import supported
+from engine.backends.cuda.sampling import MAX_TOP_K, device_supported
+from engine.backends.cuda.weights import DeviceMatrix
+from engine.errors import DeviceError
+from engine.sampling import SamplingParams
+from engine.weights.quant import GGMLType
+
+
+def test_dims_per_lane_picks_the_smallest_variant_and_refuses_big_heads():
+    assert [attn.dims_per_lane(d) for d in (16, 32, 40, 64, 96, 128)] == [1, 1, 2, 2, 4, 4]
+    with pytest.raises(DeviceError, match="head_dim <= 128"):
+        attn.dims_per_lane(256)
+
+
+def test_decode_splits_follow_capacity_not_length():
+    # one query: fixed by the capacity (a captured graph stays valid as the context grows)
+    assert attn.n_splits(1, 1, 3, capacity=100, keys_hint=5) == 1
+    assert attn.n_splits(1, 1, 3, capacity=8192, keys_hint=5) == 8192 // attn.DECODE_KEYS_PER_SPLIT
+    assert attn.n_splits(1, 1, 3, capacity=10**6, keys_hint=10**6) == attn.MAX_SPLITS
+    # prefill: split only when there are few row blocks, and never into slices of under 4 tiles
+    assert attn.n_splits(4096, 1536, 3, capacity=8192, keys_hint=8192) == 1
+    assert attn.n_splits(5, 2, 4, capacity=700, keys_hint=645) == 6  # ceil(645 / (4 tiles x 32 keys))
+    assert attn.n_splits(5, 2, 4, capacity=10**5, keys_hint=10**5) == attn.TARGET_BLOCKS // 8
+
+
+def matrix(name, ggml_type):
+    return DeviceMatrix(name, ggml_type, 8, 8, None, name in ("output", "token_embd"))
+
+
+class FakeModel:
+    def __init__(self, types: dict[str, GGMLType], n_layers=2, d_model=576, ffn_dim=1536):
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(n_layers=n_layers, d_model=d_model, ffn_dim=ffn_dim)
+        self.w = {f"blk.{i}.{short}": matrix(f"blk.{i}.{short}", t) for i in range(n_layers) for short, t in types.items()}
+        self.output = matrix("token_embd", GGMLType.Q8_0)
+
+
+UNIFORM = {s: GGMLType.Q4_1 for s in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+
+
+def test_fused_decode_needs_one_type_per_fused_group():
+    assert supported(FakeModel(UNIFORM))
+    assert supported(FakeModel({**UNIFORM, "attn_output": GGMLType.Q6_K, "ffn_down": GGMLType.F16}))
+    assert not supported(FakeModel({**UNIFORM, "attn_v": GGMLType.Q6_K}))
+    assert not supported(FakeModel({**UNIFORM, "ffn_up": GGMLType.BF16}))
+    assert not supported(FakeModel(UNIFORM, ffn_dim=20000))  # staged input beyond 48 KB of shared memory
+
+
+def test_device_sampling_eligibility():
+    assert device_supported(SamplingParams(temperature=0.0, top_k=0))
+    assert device_supported(SamplingParams(temperature=0.8, top_k=40))
+    assert device_supported(SamplingParams(temperature=0.8, top_k=MAX_TOP_K))
+    assert not device_supported(SamplingParams(temperature=0.8, top_k=0))
+    assert not device_supported(SamplingParams(temperature=0.8, top_k=MAX_TOP_K + 1))
+
+
+def test_weight_kernel_suffixes_cover_the_quantized_types():
+    from engine.backends.cuda.weights import KERNEL_SUFFIX
+    from engine.kernels import source
+
+    quant = source("quant")
+    for t, suffix in KERNEL_SUFFIX.items():
+        assert f"QUANT_KERNELS({suffix}, T_{t.name})" in quant
+    assert np.all([f"DECODE_KERNELS({s}," in source("decode") for s in KERNEL_SUFFIX.values()])

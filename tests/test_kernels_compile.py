@@ -1,0 +1,59 @@
+"""Every CUDA kernel compiles to PTX for sm_90 through NVRTC alone: no GPU or driver is needed."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from engine import kernels
+from engine.errors import DeviceError
+
+pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) is not installed")
+
+EXPECTED_ENTRIES = {
+    "quant": {f"{op}_{t}" for op in ("gemv", "dequant", "embed")
+              for t in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")},
+    "decode": {f"dec_{op}_{t}" for op in ("qkv", "gateup", "gemv_add", "head")
+               for t in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")},
+    "elementwise": {"rmsnorm", "add_residual", "swiglu", "rotate_keys", "store_kv"},
+    "attention": {"attn_partial_1", "attn_partial_2", "attn_partial_4", "attn_combine"},
+    "sampling": {"sample_token"},
+}
+
+
+def _nvrtc_usable() -> bool:
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+        return True
+    except Exception:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _nvrtc_usable(), reason="NVRTC library not found (nvidia-cuda-nvrtc wheel)")
+
+
+@pytest.mark.parametrize("name", kernels.KERNEL_FILES)
+def test_kernel_file_compiles_for_sm90(name):
+    ptx = kernels.compile_ptx(name, "sm_90")
+    assert ".target sm_90" in ptx
+    entries = set(re.findall(r"\.entry\s+(\w+)", ptx))
+    assert entries and entries >= EXPECTED_ENTRIES.get(name, set())
+    assert "local" not in re.findall(r"\.(local)\s", ptx), f"{name}.cu spills registers to local memory"
+
+
+def test_every_kernel_file_is_covered():
+    on_disk = {p.stem for p in kernels.KERNEL_DIR.glob("*.cu")}
+    assert on_disk == set(kernels.KERNEL_FILES) >= set(EXPECTED_ENTRIES)
+
+
+def test_compile_error_names_the_file(monkeypatch):
+    monkeypatch.setattr(kernels, "source", lambda name: "extern \"C\" __global__ void broken( { }")
+    with pytest.raises(DeviceError, match="broken.cu|does not compile"):
+        kernels.compile_ptx("broken")
+
+
+def test_unknown_kernel_file_is_a_device_error():
+    with pytest.raises(DeviceError, match="unknown kernel file"):
+        kernels.source("nope")

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The GPU suite in one command: kernel compile times, every `cuda` test, a prefill split
+# (attention vs the rest) and `engine bench` on SmolLM2-135M shapes; ends with a short summary.
+#   tools/gpu_suite.sh [LOG_DIR]        (LOG_DIR defaults to $OUT, else /tmp/gpu_suite)
+# Extra env: SKIP_PREFILL_SPLIT=1, BENCH_ARGS (default "-p 512,8192,32768 -d 512,32768 -r 3"), PYTEST_ARGS (e.g. -k attention).
+# Stages have time limits (pytest 330 s, prefill split 120 s, bench 150 s) so one call fits 10 minutes.
+set -o pipefail
+LOG=${1:-${OUT:-/tmp/gpu_suite}}
+mkdir -p "$LOG"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+
+$PY - <<'PYEOF' 2>&1 | tee "$LOG/compile.log"
+import time, cupy
+from engine import kernels
+props = cupy.cuda.runtime.getDeviceProperties(0)
+print(f"device: {props['name'].decode()} sm_{props['major']}{props['minor']}, CuPy {cupy.__version__}, "
+      f"NVRTC {cupy.cuda.nvrtc.getVersion()}")
+for name in kernels.KERNEL_FILES:
+    t0 = time.perf_counter()
+    kernels.module(name).compile()
+    print(f"compile {name}.cu: {time.perf_counter() - t0:.2f} s")
+PYEOF
+
+timeout 330 $PY -m pytest -q -s -rs -p no:cacheprovider --durations=8 tests/test_kernels_compile.py \
+    tests/test_cuda_selection.py tests/test_cuda_host_logic.py tests/test_cuda_ops.py tests/test_cuda_model.py $PYTEST_ARGS 2>&1 | tee "$LOG/pytest_cuda.log"
+TEST_RC=$?
+
+[ -n "$SKIP_PREFILL_SPLIT" ] || timeout 120 $PY - <<'PYEOF' 2>&1 | tee "$LOG/prefill_split.log"
+# Prefill of 32k tokens on SmolLM2 shapes: the whole forward, and the same with attention skipped
+# (its output replaced by the queries), so the non-attention part's FLOP rate can be read off.
+import time, numpy as np, cupy
+from engine.bench import build_model, new_cache
+model, backend, label, dca = build_model(None, True, "cuda", 32768 + 256, "on")
+c = model.config
+n = 32768
+ids = np.random.default_rng(0).integers(0, c.vocab_size, n)
+matmul_params = c.n_layers * (c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+                              + c.n_heads * c.head_dim * c.d_model + 3 * c.d_model * c.ffn_dim)
+def run(ubatch):
+    cache = new_cache(model, n + 8)
+    cupy.cuda.Device().synchronize(); t0 = time.perf_counter()
+    for i in range(0, n, ubatch):
+        model.forward(ids[i:i + ubatch], cache, logits_for="none")
+    cupy.cuda.Device().synchronize(); return time.perf_counter() - t0
+real_attention = backend.attention
+for ubatch in (4096, 32768):
+    backend.attention = real_attention
+    run(ubatch); full = min(run(ubatch) for _ in range(2))
+    backend.attention = lambda q, *a, **k: q
+    run(ubatch); rest = min(run(ubatch) for _ in range(2))
+    flops = 2 * matmul_params * n
+    print(f"pp{n} ubatch {ubatch}: total {full*1e3:.1f} ms ({n/full:.0f} tok/s); without attention "
+          f"{rest*1e3:.1f} ms = {flops/rest/1e12:.1f} TFLOP/s on the matmuls; attention {1e3*(full-rest):.1f} ms")
+backend.attention = real_attention
+PYEOF
+
+timeout 90 $PY - <<'PYEOF' 2>&1 | tee "$LOG/decode_profile.log"
+# Registers / local memory of the main kernels, and the decode step (graph replay) fused vs op by op.
+import time, numpy as np, cupy
+from engine.kernels import function
+from engine.bench import build_model, new_cache
+from engine.sampling import SamplingParams
+for f, k in [("attention", "attn_partial_2"), ("decode", "dec_qkv_q4_1"), ("decode", "dec_gateup_q4_1"),
+             ("quant", "gemv_q4_1"), ("sampling", "sample_token")]:
+    a = function(f, k).attributes
+    print(f"{k}: {a['num_regs']} regs, {a['local_size_bytes']} B local, {a['shared_size_bytes']} B static smem")
+model, backend, label, dca = build_model(None, True, "cuda", 33000, "on")
+for depth in (512, 32768):
+    for fused in (True, False):
+        cache = new_cache(model, depth + 600)
+        prompt = np.random.default_rng(0).integers(0, 49152, depth)
+        for i in range(0, depth, 4096):
+            model.forward(prompt[i:i + 4096], cache, logits_for="none")
+        dec = backend.decoder(model, cache, SamplingParams(temperature=0.0), list(prompt))
+        if not fused:
+            dec.fused = None
+        tok = dec.first(np.zeros(49152, np.float32))
+        t0 = time.perf_counter()
+        tok = dec.step(tok)  # eager
+        t1 = time.perf_counter()
+        tok = dec.step(tok)  # capture + first replay
+        t2 = time.perf_counter()
+        print(f"depth {depth} fused={fused}: eager step {1e3*(t1-t0):.1f} ms, capture+replay {1e3*(t2-t1):.1f} ms")
+        cupy.cuda.Device().synchronize(); t0 = time.perf_counter()
+        for _ in range(200):
+            dec._graph.launch(dec.stream)
+        dec.stream.synchronize(); replay = (time.perf_counter() - t0) / 200
+        dec._device_position = None  # the raw replays moved the device position: step() re-uploads it
+        t0 = time.perf_counter()
+        for _ in range(100):
+            tok = dec.step(tok)
+        step = (time.perf_counter() - t0) / 100
+        print(f"depth {depth} fused={fused}: graph replay {replay*1e6:.0f} us, step() {step*1e6:.0f} us "
+              f"({1/step:.0f} tok/s)")
+PYEOF
+
+timeout 150 $PY -m engine.bench --synthetic --device cuda ${BENCH_ARGS:--p 512,8192,32768 -d 512,32768 -r 3} 2>&1 | tee "$LOG/bench.log"
+
+echo "================ summary ================"
+grep -E "^device|^compile" "$LOG/compile.log"
+tail -n 1 "$LOG/pytest_cuda.log"
+grep -E "FAILED|ERROR" "$LOG/pytest_cuda.log" | head -20
+grep -E "rel err|diverged" "$LOG/pytest_cuda.log" | head -30
+[ -n "$SKIP_PREFILL_SPLIT" ] || tail -n 3 "$LOG/prefill_split.log"
+cat "$LOG/decode_profile.log"
+tail -n 8 "$LOG/bench.log"
+exit $TEST_RC
