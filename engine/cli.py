@@ -169,8 +169,13 @@ cli.add_command(quantize)
 
 
 def main() -> None:
+    run(cli)
+
+
+def run(group: click.Group) -> None:
+    """Run a click group the engine's way: EngineError -> one line and exit 1, Ctrl-C -> exit 130."""
     try:
-        cli.main(standalone_mode=False)
+        group.main(standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as e:

@@ -13,25 +13,11 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from engine.cli import run  # noqa: E402
 from engine.convert.commands import convert, quantize  # noqa: E402
-from engine.errors import EngineError  # noqa: E402
 
 tools_cli = click.Group(name="convert.py", commands={"convert": convert, "quantize": quantize},
                         help="Convert between HF safetensors and GGUF, and re-quantize GGUF files.")
 
-
-def main() -> None:
-    try:
-        tools_cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except EngineError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    main()
+    run(tools_cli)
