@@ -1,0 +1,241 @@
+"""Fused DCA flash attention on tensor cores (kernels/dca_flash_attn.cu, kernels/dca_decode.cu).
+
+Prefill: ``flash_attention`` — one kernel, online softmax, the query rotation picked per key tile,
+GQA without copies, optionally split over the keys (then merged by ``dca_combine``). Decode:
+``flash_decode`` — split-K over the chunk-aware cache plus the combine kernel; the split count comes
+from the cache capacity, so the launch is fixed while the context grows (CUDA graphs).
+
+Layouts (the CUDA backend's): q (n, Hq, D) unrotated; k_cache, v_cache (capacity, Hkv, D) with keys
+rotated at their key positions (j mod chunk_len under DCA); positions (n,) int32, increasing, the
+absolute positions of the queries (query i sees keys 0..positions[i]); cos_t, sin_t
+(n_positions, rope_dim/2) float32. Elements fp16 (cupy.float16) or bf16 — CuPy has no bfloat16
+dtype, so bf16 arrays travel as uint16 bit patterns (an ml_dtypes ``bfloat16`` dtype is accepted
+too). The output has q's dtype. Supported: head_dim 64 or 128, rope_dim a multiple of 32 up to
+head_dim, decode groups (Hq/Hkv) up to 16; ``unsupported_reason`` says why not, for the caller's
+fallback to the SIMT kernel (kernels/attention.cu).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ...errors import ConfigError, DeviceError
+from ...kernels import function
+
+THREADS = 128  # 4 warps per block, both attention kernels
+COMBINE_THREADS = 256  # 8 warps per merged row
+# head_dim -> (m-tiles of 16 rows per warp, keys per tile) of the prefill kernel: the fastest measured
+# on an H200 from 16k tokens up (tools/bench_attention.py); every variant below is built and tested
+PREFILL_TILES = {64: (2, 64), 128: (2, 32)}
+PREFILL_VARIANTS = {64: ((2, 64), (1, 64)), 128: ((2, 32), (1, 64), (1, 48))}  # instantiated in dca_flash_attn.cu
+DECODE_TILE_KEYS = {64: 32, 128: 16}  # keys per warp tile of the decode kernel
+DECODE_GROUP_LIMIT = 16  # query heads per KV head: one mma m-tile
+ROTATIONS = ("kernel", "precomputed")
+
+
+def element_type(x) -> str:
+    """'f16' or 'bf16' for a CuPy array of fp16, or of bf16 bits (uint16 / a 'bfloat16' dtype)."""
+    name = str(x.dtype)
+    if name == "float16":
+        return "f16"
+    if name in ("uint16", "bfloat16"):
+        return "bf16"
+    raise ConfigError(f"flash attention takes fp16 or bf16 (uint16 bits) arrays, got {name}")
+
+
+def unsupported_reason(head_dim: int, rope_dim: int, n_heads: int, n_kv: int, decode: bool = False) -> str | None:
+    """Why the fused kernels cannot serve this shape (the caller then uses the SIMT kernel), or None."""
+    if head_dim not in PREFILL_TILES:
+        return f"head_dim {head_dim} (the fused kernels are built for 64 and 128)"
+    if rope_dim % 32 or not 0 < rope_dim <= head_dim:
+        return f"rope_dim {rope_dim} (must be a multiple of 32, at most head_dim {head_dim})"
+    if n_kv <= 0 or n_heads % n_kv:
+        return f"{n_heads} query heads is not a multiple of {n_kv} KV heads"
+    if decode and n_heads // n_kv > DECODE_GROUP_LIMIT:
+        return f"GQA group {n_heads // n_kv} (the decode kernel takes up to {DECODE_GROUP_LIMIT})"
+    return None
+
+
+def _check(cp, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim: int, decode: bool) -> str:
+    if q.ndim != 3 or k_cache.ndim != 3 or k_cache.shape != v_cache.shape:
+        raise ConfigError(f"flash attention: q {q.shape} must be (n, Hq, D) and the caches {k_cache.shape}, "
+                          f"{v_cache.shape} one (capacity, Hkv, D) shape")
+    n, n_heads, head_dim = q.shape
+    if k_cache.shape[2] != head_dim:
+        raise ConfigError(f"flash attention: query head_dim {head_dim} differs from the cache's {k_cache.shape[2]}")
+    dtype = element_type(q)
+    if element_type(k_cache) != dtype or element_type(v_cache) != dtype:
+        raise ConfigError(f"flash attention: q ({q.dtype}) and caches ({k_cache.dtype}, {v_cache.dtype}) "
+                          "must share one element type")
+    reason = unsupported_reason(head_dim, rope_dim, n_heads, k_cache.shape[1], decode)
+    if reason is not None:
+        raise DeviceError(f"the fused attention kernels do not support {reason}")
+    if positions.shape != (n,) or positions.dtype != cp.int32:
+        raise ConfigError(f"flash attention: positions must be ({n},) int32, got {positions.shape} {positions.dtype}")
+    if cos_t.ndim != 2 or cos_t.shape != sin_t.shape or cos_t.shape[1] != rope_dim // 2 \
+            or cos_t.dtype != cp.float32 or sin_t.dtype != cp.float32:
+        raise ConfigError(f"flash attention: cos/sin tables must be (n_positions, {rope_dim // 2}) float32, "
+                          f"got {cos_t.shape} {cos_t.dtype} and {sin_t.shape} {sin_t.dtype}")
+    for name, arr in (("k_cache", k_cache), ("v_cache", v_cache), ("cos", cos_t), ("sin", sin_t)):
+        if not arr.flags.c_contiguous:
+            raise ConfigError(f"flash attention: {name} must be C-contiguous")
+    return dtype
+
+
+_smem_opt_in: dict[tuple[str, str], int] = {}  # kernel -> dynamic shared memory it may use
+
+
+def _launch(file: str, kernel: str, grid, args, smem: int) -> None:
+    fn = function(file, kernel)
+    if smem > 48 * 1024 and _smem_opt_in.get((file, kernel), 0) < smem:  # above 48 KiB needs an opt-in
+        fn.max_dynamic_shared_size_bytes = smem
+        _smem_opt_in[(file, kernel)] = smem
+    fn(grid, (THREADS,), args, shared_mem=smem)
+
+
+def _dca_args(dca) -> tuple[np.int32, np.int32]:
+    return (np.int32(dca.chunk_len), np.int32(dca.chunk_size)) if dca is not None else (np.int32(0), np.int32(0))
+
+
+def _combine(cp, part_o, part_m, part_l, out, rows: int, head_dim: int, n_splits: int, dtype: str) -> None:
+    function("dca_decode", f"dca_combine_{dtype}")(
+        (rows,), (COMBINE_THREADS,),
+        (part_o, part_m, part_l, out, np.int32(rows), np.int32(head_dim), np.int32(n_splits)))
+
+
+def _sm_count(cp) -> int:
+    return cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrMultiProcessorCount, cp.cuda.Device().id)
+
+
+def prefill_smem(head_dim: int, tiles: tuple[int, int]) -> int:
+    """Dynamic shared memory of the prefill kernel: rotated queries + 2 stages of K and V tiles."""
+    m_tiles, block_keys = tiles
+    return (4 * 16 * m_tiles) * head_dim * 2 + 4 * block_keys * head_dim * 2
+
+
+def prefill_splits(cp, n_blocks: int, n_keys_hint: int, block_keys: int) -> int:
+    """Key slices that fill the GPU when few row blocks exist (chunked prefill against a long cache)."""
+    wanted = math.ceil(2 * _sm_count(cp) / max(n_blocks, 1))
+    return max(1, min(wanted, 64, n_keys_hint // (8 * block_keys)))
+
+
+def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int, dca=None,
+                    temperature_length: int = 0, n_keys_hint: int | None = None, n_splits: int | None = None,
+                    rotation: str = "kernel", tiles: tuple[int, int] | None = None):
+    """DCA (dca: DCAConfig) or plain causal (dca=None) attention of n queries -> (n, Hq, D), q's dtype.
+
+    temperature_length: the training length L for DCA's attention temperature (0: off).
+    n_keys_hint: keys the last query sees (positions[-1] + 1, known to the host) — used to split the
+    keys when there are few row blocks; n_splits overrides. rotation: "kernel" rotates the queries
+    inside the kernel, "precomputed" writes the three rotations first (a measurement alternative).
+    tiles: (m-tiles per warp, keys per tile) among PREFILL_VARIANTS (default PREFILL_TILES).
+    """
+    import cupy as cp
+
+    dtype = _check(cp, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim, decode=False)
+    if rotation not in ROTATIONS:
+        raise ConfigError(f"flash attention: rotation must be one of {ROTATIONS}, got {rotation!r}")
+    n, n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[1]
+    tiles = PREFILL_TILES[head_dim] if tiles is None else tuple(tiles)
+    if tiles not in PREFILL_VARIANTS[head_dim]:
+        raise ConfigError(f"flash attention: tiles {tiles} are not built for head_dim {head_dim} "
+                          f"(choose from {PREFILL_VARIANTS[head_dim]})")
+    out = cp.empty(q.shape, dtype=q.dtype)
+    if n == 0:
+        return out
+    q = cp.ascontiguousarray(q)
+    m_tiles, block_keys = tiles
+    row_blocks = math.ceil(n * (n_heads // n_kv) / (64 * m_tiles))
+    if n_splits is None:
+        n_splits = 1 if n_keys_hint is None else prefill_splits(cp, row_blocks * n_kv, n_keys_hint, block_keys)
+    chunk_len, chunk_size = _dca_args(dca)
+    null = np.uint64(0)
+    q_rot = null
+    if rotation == "precomputed":
+        q_rot = cp.empty((3, n, n_heads, head_dim), dtype=q.dtype)
+        total = 3 * n * n_heads * (head_dim - rope_dim // 2)
+        function("dca_flash_attn", f"dca_rotate_queries_{dtype}")(
+            (math.ceil(total / 256),), (256,),
+            (q, positions, cos_t, sin_t, q_rot, np.int32(n), np.int32(n_heads), np.int32(head_dim),
+             np.int32(rope_dim), chunk_len, chunk_size))
+    if n_splits > 1:
+        part_o = cp.empty((n_splits, n * n_heads, head_dim), dtype=cp.float32)
+        part_m = cp.empty((n_splits, n * n_heads), dtype=cp.float32)
+        part_l = cp.empty((n_splits, n * n_heads), dtype=cp.float32)
+    else:
+        part_o = part_m = part_l = null
+    scale_log2 = math.log2(math.e) / math.sqrt(head_dim)
+    _launch("dca_flash_attn", f"dca_flash_{head_dim}_{m_tiles}_{block_keys}_{dtype}", (n_kv, row_blocks, n_splits),
+            (q, k_cache, v_cache, positions, cos_t, sin_t, q_rot, out, part_o, part_m, part_l, np.int32(n),
+             np.int32(n_heads), np.int32(n_kv), np.int32(rope_dim), chunk_len, chunk_size, np.float32(scale_log2),
+             np.int32(temperature_length or 0), np.int32(n_splits)),
+            prefill_smem(head_dim, tiles))
+    if n_splits > 1:
+        _combine(cp, part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype)
+    return out
+
+
+def decode_smem(head_dim: int) -> int:
+    """Dynamic shared memory of the decode kernel: three query rotations + 4 warps x 2 stages of K and V."""
+    return 3 * 16 * head_dim * 2 + 4 * 2 * 2 * DECODE_TILE_KEYS[head_dim] * head_dim * 2
+
+
+def blocks_per_sm(cp, kernel, smem: int) -> int:
+    """Resident blocks of THREADS threads per SM, from shared memory, registers and threads."""
+    rt = cp.cuda.runtime
+    device = cp.cuda.Device().id
+    regs_per_block = math.ceil(kernel.num_regs * 32 / 256) * 256 * (THREADS // 32)  # 256-register units a warp
+    by_smem = rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) // (smem + 1024)
+    by_regs = rt.deviceGetAttribute(rt.cudaDevAttrMaxRegistersPerMultiprocessor, device) // regs_per_block
+    by_threads = rt.deviceGetAttribute(rt.cudaDevAttrMaxThreadsPerMultiProcessor, device) // THREADS
+    return max(1, min(by_smem, by_regs, by_threads))
+
+
+def decode_splits(cp, capacity: int, n_kv: int, n_queries: int = 1, head_dim: int = 128,
+                  dtype: str = "f16") -> int:
+    """Key slices of the decode kernel: one full wave of resident blocks, fixed by the cache capacity."""
+    kernel = function("dca_decode", f"dca_decode_{head_dim}_{dtype}")
+    slots = _sm_count(cp) * blocks_per_sm(cp, kernel, decode_smem(head_dim))
+    wanted = math.ceil(slots / (n_kv * n_queries))
+    return max(1, min(wanted, math.ceil(capacity / (4 * DECODE_TILE_KEYS[head_dim]))))
+
+
+def flash_decode(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int, dca=None,
+                 temperature_length: int = 0, n_splits: int | None = None, workspace=None):
+    """Decode attention: q (n, Hq, D) of tokens at positions (n,) against the cache -> (n, Hq, D).
+
+    n_splits: key slices (default decode_splits from the cache capacity). workspace: optional
+    (part_o, part_m, part_l) float32 buffers of shapes (S, n*Hq, D), (S, n*Hq), (S, n*Hq), reused
+    across steps (CUDA graphs); allocated here when None.
+    """
+    import cupy as cp
+
+    dtype = _check(cp, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim, decode=True)
+    n, n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[1]
+    if n_splits is None:
+        n_splits = decode_splits(cp, k_cache.shape[0], n_kv, n, head_dim, dtype)
+    out = cp.empty(q.shape, dtype=q.dtype)
+    if n == 0:
+        return out
+    q = cp.ascontiguousarray(q)
+    if workspace is None:
+        workspace = (cp.empty((n_splits, n * n_heads, head_dim), dtype=cp.float32),
+                     cp.empty((n_splits, n * n_heads), dtype=cp.float32),
+                     cp.empty((n_splits, n * n_heads), dtype=cp.float32))
+    part_o, part_m, part_l = workspace
+    if part_o.shape != (n_splits, n * n_heads, head_dim) or part_m.shape != (n_splits, n * n_heads) \
+            or part_l.shape != part_m.shape:
+        raise ConfigError(f"flash decode: workspace shapes {part_o.shape}, {part_m.shape}, {part_l.shape} "
+                          f"do not fit {n_splits} splits of {n * n_heads} rows x {head_dim}")
+    chunk_len, chunk_size = _dca_args(dca)
+    _launch("dca_decode", f"dca_decode_{head_dim}_{dtype}", (n_splits, n_kv, n),
+            (q, k_cache, v_cache, positions, cos_t, sin_t, part_o, part_m, part_l, np.int32(n), np.int32(n_heads),
+             np.int32(n_kv), np.int32(rope_dim), chunk_len, chunk_size,
+             np.float32(math.log2(math.e) / math.sqrt(head_dim)), np.int32(temperature_length or 0),
+             np.int32(n_splits)),
+            decode_smem(head_dim))
+    _combine(cp, part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype)
+    return out

@@ -1,0 +1,208 @@
+"""Fused DCA flash attention (kernels/dca_flash_attn.cu, dca_decode.cu) against engine/dca.py.
+
+Every GPU result is compared with ``blockwise_attention`` (float32, tested against the float64 spec
+in test_dca.py) fed the very fp16/bf16 values the kernel reads, so the only differences left are
+the kernel's own roundings (rotated queries and probabilities in fp16/bf16, fp32 accumulation).
+Caches hold NaN past the last valid key: a kernel that reads them poisons its output.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from engine.backends.cuda import flash_attention as fa
+from engine.config import DCAConfig, RopeConfig
+from engine.dca import blockwise_attention, rotate_keys, temperature
+from engine.rope import RotaryTable
+
+NAN_BITS = {"f16": 0x7E00, "bf16": 0x7FC0}
+# max |error| and mean |error| allowed on outputs of size ~1 (inputs N(0,1))
+TOLERANCE = {"f16": (1e-2, 1e-3), "bf16": (5e-2, 8e-3)}
+DCA = DCAConfig(chunk_size=100, local_window=23)  # chunk_len 77: boundaries fall inside 64-key tiles
+GROUPS = [(4, 4), (9, 3), (8, 2), (16, 2)]  # GQA 1, 3, 4, 8
+
+
+def to_bits(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float -> fp16 or bf16 (round to nearest even) as uint16 bits."""
+    if dtype == "f16":
+        return x.astype(np.float16).view(np.uint16)
+    u = x.astype(np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bits(b: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "f16":
+        return b.view(np.float16).astype(np.float32)
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+class Case:
+    """Random q (positions q_start..q_start+n_q-1), K/V for keys 0..q_start+n_q-1 in a NaN-padded cache."""
+
+    def __init__(self, rng, n_q, n_heads, n_kv, head_dim, dca, dtype, q_start=0, capacity=None, rope_dim=None,
+                 positions=None):
+        import cupy as cp
+
+        self.dtype, self.dca = dtype, dca
+        self.positions = np.arange(q_start, q_start + n_q) if positions is None else np.asarray(positions)
+        n_keys = int(self.positions.max()) + 1
+        capacity = capacity or n_keys
+        rope = RopeConfig(theta=10000.0, dim=rope_dim or head_dim)
+        self.rotary = RotaryTable(rope, n_keys + (dca.chunk_size if dca else 0) + 1)
+        q = rng.standard_normal((len(self.positions), n_heads, head_dim)).astype(np.float32)
+        k = rng.standard_normal((n_keys, n_kv, head_dim)).astype(np.float32)
+        v = rng.standard_normal((n_keys, n_kv, head_dim)).astype(np.float32)
+        k_rot = rotate_keys(k, np.arange(n_keys), self.rotary, dca)
+        self.q_bits, k_bits, v_bits = (to_bits(x, dtype) for x in (q, k_rot, v))
+        self.q, self.k_rot, self.v = (from_bits(b, dtype) for b in (self.q_bits, k_bits, v_bits))
+        padded = np.full((2, capacity, n_kv, head_dim), NAN_BITS[dtype], dtype=np.uint16)
+        padded[0, :n_keys], padded[1, :n_keys] = k_bits, v_bits
+        device_type = cp.float16 if dtype == "f16" else cp.uint16
+        self.dev_q = cp.asarray(self.q_bits).view(device_type)
+        self.dev_k = cp.asarray(padded[0]).view(device_type)
+        self.dev_v = cp.asarray(padded[1]).view(device_type)
+        self.dev_pos = cp.asarray(self.positions.astype(np.int32))
+        self.cos, self.sin = cp.asarray(self.rotary.cos), cp.asarray(self.rotary.sin)
+        self.rope_dim = rope.dim
+
+    def reference(self, rows=None, temperature_length=0) -> np.ndarray:
+        rows = slice(None) if rows is None else rows
+        pos = self.positions[rows]
+        scale = temperature(pos, temperature_length) if temperature_length else None
+        return blockwise_attention(self.q[rows], self.k_rot, self.v, pos, self.rotary, self.dca, logit_scale=scale,
+                                   block_k=4096)
+
+    def prefill(self, **kwargs) -> np.ndarray:
+        out = fa.flash_attention(self.dev_q, self.dev_k, self.dev_v, self.dev_pos, self.cos, self.sin,
+                                 rope_dim=self.rope_dim, dca=self.dca, **kwargs)
+        return self._host(out)
+
+    def decode(self, **kwargs) -> np.ndarray:
+        out = fa.flash_decode(self.dev_q, self.dev_k, self.dev_v, self.dev_pos, self.cos, self.sin,
+                              rope_dim=self.rope_dim, dca=self.dca, **kwargs)
+        return self._host(out)
+
+    def _host(self, out) -> np.ndarray:
+        import cupy as cp
+
+        assert out.shape == self.dev_q.shape and out.dtype == self.dev_q.dtype
+        return from_bits(cp.asnumpy(out.view(cp.uint16)), self.dtype)
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, dtype: str) -> None:
+    assert np.isfinite(got).all(), "non-finite output (a stale cache row or an empty softmax leaked in)"
+    err = np.abs(got - want)
+    max_tol, mean_tol = TOLERANCE[dtype]
+    assert err.max() < max_tol and err.mean() < mean_tol, f"max |err| {err.max():.3g}, mean {err.mean():.3g}"
+
+
+# ---------------------------------------------------------------------------------------- CPU
+def test_unsupported_shapes_are_named():
+    assert fa.unsupported_reason(128, 128, 32, 8) is None
+    assert fa.unsupported_reason(64, 64, 9, 3, decode=True) is None
+    assert "head_dim 96" in fa.unsupported_reason(96, 96, 8, 8)
+    assert "rope_dim 48" in fa.unsupported_reason(64, 48, 8, 8)
+    assert "multiple" in fa.unsupported_reason(64, 64, 9, 2)
+    assert "group 32" in fa.unsupported_reason(64, 64, 32, 1, decode=True)
+    assert fa.unsupported_reason(64, 64, 32, 1) is None  # prefill takes any group
+
+
+@pytest.mark.parametrize("name, entries", [
+    ("dca_flash_attn", {f"dca_flash_{d}_{mt}_{bn}_{t}" for d, variants in fa.PREFILL_VARIANTS.items()
+                        for mt, bn in variants for t in ("f16", "bf16")}
+     | {"dca_rotate_queries_f16", "dca_rotate_queries_bf16"}),
+    ("dca_decode", {f"dca_decode_{d}_{t}" for d in fa.DECODE_TILE_KEYS for t in ("f16", "bf16")}
+     | {"dca_combine_f16", "dca_combine_bf16"}),
+])
+def test_kernels_compile_with_every_entry_the_wrapper_launches(name, entries):
+    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) is not installed")
+    try:
+        nvrtc.getVersion()
+    except Exception as exc:
+        pytest.skip(f"NVRTC library not found: {exc}")
+    from engine.kernels import compile_ptx
+
+    ptx = compile_ptx(name, "sm_90")
+    assert set(re.findall(r"\.entry\s+(\w+)", ptx)) == entries
+    assert "mma.sync.aligned.m16n8k16" in ptx and "ldmatrix" in ptx and "cp.async" in ptx
+
+
+# ---------------------------------------------------------------------------------------- GPU
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("n_heads, n_kv", GROUPS)
+@pytest.mark.parametrize("dca", [None, DCA], ids=["causal", "dca"])
+def test_prefill_matches_blockwise(dtype, head_dim, n_heads, n_kv, dca):
+    case = Case(np.random.default_rng(head_dim + n_heads), 333, n_heads, n_kv, head_dim, dca, dtype)
+    assert_close(case.prefill(), case.reference(), dtype)
+
+
+@pytest.mark.cuda
+def test_dca_differs_from_causal_on_these_inputs():
+    """The DCA cases above would catch a kernel that ignores DCA: the two references differ widely."""
+    case = Case(np.random.default_rng(0), 333, 9, 3, 64, DCA, "f16")
+    plain = blockwise_attention(case.q, case.k_rot, case.v, case.positions, case.rotary, None)
+    assert np.abs(case.prefill() - plain).max() > 20 * TOLERANCE["f16"][0]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("head_dim, n_heads, n_kv", [(64, 9, 3), (128, 8, 1)])
+def test_chunked_prefill_against_cache(dtype, head_dim, n_heads, n_kv):
+    """Queries 200..349 against cached keys 0..349 of a 512-row cache (NaN past row 349)."""
+    case = Case(np.random.default_rng(1), 150, n_heads, n_kv, head_dim, DCA, dtype, q_start=200, capacity=512)
+    assert_close(case.prefill(), case.reference(), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim, options", [(128, {"rotation": "precomputed"}), (64, {"n_splits": 3}),
+                                               (128, {"tiles": (1, 64)}), (128, {"tiles": (1, 48)}),
+                                               (64, {"tiles": (1, 64)})],
+                         ids=["precomputed", "splits", "d128-tiles1x64", "d128-tiles1x48", "d64-tiles1x64"])
+def test_prefill_variants(head_dim, options):
+    case = Case(np.random.default_rng(2), 150, 16, 4, head_dim, DCA, "bf16", q_start=200, capacity=400)
+    assert_close(case.prefill(**options), case.reference(), "bf16")
+
+
+@pytest.mark.cuda
+def test_partial_rotary_and_temperature():
+    case = Case(np.random.default_rng(3), 200, 8, 2, 128, DCA, "f16", rope_dim=64)
+    assert_close(case.prefill(temperature_length=50), case.reference(temperature_length=50), "f16")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("n_heads, n_kv", GROUPS)
+def test_decode_matches_blockwise(dtype, head_dim, n_heads, n_kv):
+    rng = np.random.default_rng(head_dim * n_heads)
+    for pos in (0, 5, 76, 77, 1000):  # first key, a partial tile, the chunk edge, many chunks
+        case = Case(rng, 1, n_heads, n_kv, head_dim, DCA, dtype, capacity=1536, positions=[pos])
+        assert_close(case.decode(), case.reference(), dtype)
+
+
+@pytest.mark.cuda
+def test_decode_several_tokens_splits_and_temperature():
+    case = Case(np.random.default_rng(4), 2, 9, 3, 64, DCA, "bf16", capacity=2048, positions=[600, 1500])
+    want = case.reference(temperature_length=100)
+    for splits in (1, 7, 64):
+        assert_close(case.decode(n_splits=splits, temperature_length=100), want, "bf16")
+
+
+@pytest.mark.cuda
+def test_plain_causal_decode():
+    case = Case(np.random.default_rng(5), 1, 32, 8, 128, None, "f16", capacity=5000, positions=[4321])
+    assert_close(case.decode(), case.reference(), "f16")
+
+
+@pytest.mark.cuda
+def test_long_prefill_64k_sampled_rows():
+    """SmolLM2's shape and DCA settings at 64k tokens; sampled rows against the fp32 blockwise reference."""
+    n = 65536
+    case = Case(np.random.default_rng(6), n, 9, 3, 64, DCAConfig(chunk_size=6144, local_window=1024), "bf16")
+    got = case.prefill()
+    rows = np.array([0, 1, 5119, 5120, 5121, 10239, 10240, 33333, 40959, 40960, n - 2, n - 1])
+    assert_close(got[rows], case.reference(rows=rows), "bf16")

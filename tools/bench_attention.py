@@ -1,0 +1,294 @@
+"""Benchmark the fused DCA attention kernels (issue 5, item 4) on the GPU.
+
+For each shape (query heads x KV heads x head_dim, with that shape's DCA chunk settings) and length:
+ms and TFLOP/s of the fused prefill kernel with DCA (queries rotated in the kernel, and with the three
+rotations precomputed) and as plain causal attention; when torch is importable, in the same run,
+torch SDPA plain causal (K/V expanded to all heads) and the reference implementations' three-call
+DCA (per query chunk: intra causal, successive and inter flash calls, merged by log-sum-exp; the
+three query rotations are prepared outside the timed region). FLOPs are counted as causal attention
+(4 * n^2/2 * head_dim * Hq) for every method. Then decode: GB/s of the split-K kernel reading a
+128k-token cache (K and V bytes / time), DCA and plain, timed eagerly (host launch work included: a
+floor of ~95 us per call was seen) and replayed from a CUDA graph (kernel time, as the engine runs
+it). A cross-check compares the fused kernel with the three-call composition on one 16k DCA input.
+
+    python tools/bench_attention.py [--lengths 4096,...] [--shapes 32x8x128,9x3x64] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.backends.cuda import flash_attention as fa  # noqa: E402
+from engine.config import DCAConfig, RopeConfig  # noqa: E402
+from engine.rope import RotaryTable  # noqa: E402
+
+# name -> (Hq, Hkv, head_dim, chunk_size, local_window): Llama-style 4k-trained heads, and SmolLM2 (8k)
+SHAPES = {"32x8x128": (32, 8, 128, 3072, 512), "32x8x64": (32, 8, 64, 3072, 512), "9x3x64": (9, 3, 64, 6144, 1024)}
+LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
+
+
+def timed_ms(cp, fn, budget_s: float = 0.15, max_reps: int = 50) -> float:
+    """Mean ms of fn() over enough repetitions to fill about budget_s (after one warm-up call)."""
+    fn()
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    once = cp.cuda.get_elapsed_time(start, end) / 1e3
+    reps = max(2, min(max_reps, math.ceil(budget_s / max(once, 1e-6))))
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return cp.cuda.get_elapsed_time(start, end) / reps
+
+
+def causal_flops(n: int, n_heads: int, head_dim: int) -> float:
+    return 4.0 * n * n / 2 * head_dim * n_heads
+
+
+def bf16_bits(cp, x):
+    u = x.astype(cp.float32).view(cp.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(cp.uint16)
+
+
+def tables(cp, head_dim: int, n_positions: int):
+    rot = RotaryTable(RopeConfig(theta=10000.0, dim=head_dim), n_positions)
+    return cp.asarray(rot.cos), cp.asarray(rot.sin)
+
+
+def torch_methods(n_heads: int, head_dim: int, n: int, chunk_len: int):
+    """(sdpa, three_call) closures over random bf16 torch tensors, or None without torch + CUDA."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    q, k, v = (torch.randn(1, n_heads, n, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q_succ, q_inter = q.clone(), q.clone()  # stand-ins for the successive / inter rotations
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def three_call():
+        return three_call_dca(torch, (q, q_succ, q_inter), k, v, chunk_len)
+
+    return sdpa, three_call
+
+
+def three_call_dca(torch, q_by_relation, k, v, chunk_len: int):
+    """The reference implementations' DCA over torch's flash kernel: per query chunk, intra (causal),
+    successive and inter calls, merged with their log-sum-exps. Tensors (1, H, n, D)."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention
+    q_intra, q_succ, q_inter = q_by_relation
+    n = q_intra.shape[2]
+    outs = []
+    for c0 in range(0, n, chunk_len):
+        c1 = min(c0 + chunk_len, n)
+        parts = [flash(q_intra[:, :, c0:c1], k[:, :, c0:c1], v[:, :, c0:c1], 0.0, True, False)[:2]]
+        if c0 >= chunk_len:
+            parts.append(flash(q_succ[:, :, c0:c1], k[:, :, c0 - chunk_len:c0], v[:, :, c0 - chunk_len:c0],
+                               0.0, False, False)[:2])
+        if c0 >= 2 * chunk_len:
+            parts.append(flash(q_inter[:, :, c0:c1], k[:, :, :c0 - chunk_len], v[:, :, :c0 - chunk_len],
+                               0.0, False, False)[:2])
+        lse = torch.stack([p[1] for p in parts])  # (parts, 1, H, rows)
+        weights = torch.softmax(lse, dim=0).unsqueeze(-1)
+        outs.append((torch.stack([p[0].float() for p in parts]) * weights).sum(0).to(q_intra.dtype))
+    return torch.cat(outs, dim=2)
+
+
+def bench_prefill(cp, shape: str, lengths, rows: list[dict]) -> None:
+    for n in lengths:
+        rows.append(_prefill_row(cp, shape, n))
+        print(json.dumps(rows[-1]), flush=True)
+        cp.get_default_memory_pool().free_all_blocks()
+        _free_torch()
+
+
+def _prefill_row(cp, shape: str, n: int) -> dict:
+    n_heads, n_kv, head_dim, cs, w = SHAPES[shape]
+    dca = DCAConfig(chunk_size=cs, local_window=w)
+    cos_t, sin_t = tables(cp, head_dim, n + cs + 1)
+    q = bf16_bits(cp, cp.random.standard_normal((n, n_heads, head_dim), dtype=cp.float32))
+    k = bf16_bits(cp, cp.random.standard_normal((n, n_kv, head_dim), dtype=cp.float32))
+    v = bf16_bits(cp, cp.random.standard_normal((n, n_kv, head_dim), dtype=cp.float32))
+    pos = cp.arange(n, dtype=cp.int32)
+    flops = causal_flops(n, n_heads, head_dim)
+
+    def fused(**options):
+        return lambda: fa.flash_attention(q, k, v, pos, cos_t, sin_t, rope_dim=head_dim, **options)
+
+    methods = {"fused_dca": fused(dca=dca), "fused_dca_prerot": fused(dca=dca, rotation="precomputed"),
+               "fused_causal": fused(dca=None)}
+    for tiles in fa.PREFILL_VARIANTS[head_dim]:
+        if tiles != fa.PREFILL_TILES[head_dim]:
+            methods[f"fused_dca_{tiles[0]}x{tiles[1]}"] = fused(dca=dca, tiles=tiles)
+    baselines = torch_methods(n_heads, head_dim, n, dca.chunk_len)
+    if baselines is not None:
+        methods["torch_sdpa_causal"], methods["torch_three_call_dca"] = baselines
+    row = {"shape": shape, "n": n, "chunk_len": dca.chunk_len}
+    for name, fn in methods.items():
+        try:
+            ms = timed_ms(cp, fn)
+            row[name] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
+        except Exception as exc:  # report and go on: one failing baseline must not hide the others
+            row[name] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+    return row
+
+
+def _free_torch() -> None:
+    try:
+        import torch
+
+        torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def graph_ms(cp, fn, calls: int = 20, reps: int = 20) -> float:
+    """Mean ms of one fn() replayed from a CUDA graph of `calls` calls (no host launch cost), the way
+    the engine's decode step runs. Captured allocations come from a private pool, as in graph.py."""
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        fn()  # compiles, opts in to shared memory, warms the pool
+        pool = cp.cuda.MemoryPool()
+        with cp.cuda.using_allocator(pool.malloc):
+            stream.begin_capture()
+            try:
+                for _ in range(calls):
+                    fn()
+            finally:
+                graph = stream.end_capture()
+        graph.launch(stream)
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
+        for _ in range(reps):
+            graph.launch(stream)
+        end.record(stream)
+        end.synchronize()
+    return cp.cuda.get_elapsed_time(start, end) / (reps * calls)
+
+
+def bench_decode(cp, shape: str, n_ctx: int, rows: list[dict]) -> None:
+    n_heads, n_kv, head_dim, cs, w = SHAPES[shape]
+    cos_t, sin_t = tables(cp, head_dim, n_ctx + cs + 1)
+    k = bf16_bits(cp, cp.random.standard_normal((n_ctx, n_kv, head_dim), dtype=cp.float32))
+    v = bf16_bits(cp, cp.random.standard_normal((n_ctx, n_kv, head_dim), dtype=cp.float32))
+    q = bf16_bits(cp, cp.random.standard_normal((1, n_heads, head_dim), dtype=cp.float32))
+    pos = cp.asarray([n_ctx - 1], dtype=cp.int32)
+    n_bytes = 2 * n_ctx * n_kv * head_dim * 2
+    splits = fa.decode_splits(cp, n_ctx, n_kv, 1, head_dim, "bf16")
+    row = {"shape": shape, "decode_context": n_ctx, "splits": splits, "cache_MB": round(n_bytes / 1e6, 1)}
+    for name, dca in (("decode_dca", DCAConfig(chunk_size=cs, local_window=w)), ("decode_causal", None)):
+        def step():
+            return fa.flash_decode(q, k, v, pos, cos_t, sin_t, rope_dim=head_dim, dca=dca, n_splits=splits)
+
+        eager = timed_ms(cp, step, budget_s=0.05, max_reps=200)  # includes the host's launch work
+        row[name] = {"eager_us": round(eager * 1e3, 1), "eager_GB/s": round(n_bytes / eager / 1e6, 1)}
+        try:
+            ms = graph_ms(cp, step)
+            row[name].update({"graph_us": round(ms * 1e3, 1), "graph_GB/s": round(n_bytes / ms / 1e6, 1)})
+        except Exception as exc:  # capture unsupported here: the eager number stands, marked as such
+            row[name]["graph_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def cross_check(cp) -> dict:
+    """Fused DCA kernel vs the three-call composition over torch flash, 16k tokens, 9x3x64 (bf16)."""
+    import torch
+
+    n_heads, n_kv, head_dim, cs, w = SHAPES["9x3x64"]
+    dca = DCAConfig(chunk_size=cs, local_window=w)
+    n = 16384
+    rot = RotaryTable(RopeConfig(theta=10000.0, dim=head_dim), n + cs + 1)
+    cos, sin = torch.tensor(rot.cos, device="cuda"), torch.tensor(rot.sin, device="cuda")
+
+    def rotate(x, positions):  # x (n, H, D) float32, rotate-half at positions (n,)
+        c, s = cos[positions][:, None, :], sin[positions][:, None, :]
+        x1, x2 = x[..., :head_dim // 2], x[..., head_dim // 2:]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(n, n_heads, head_dim, device="cuda", generator=g).bfloat16()
+    k = torch.randn(n, n_kv, head_dim, device="cuda", generator=g)
+    v = torch.randn(n, n_kv, head_dim, device="cuda", generator=g).bfloat16()
+    i = torch.arange(n, device="cuda")
+    cl = dca.chunk_len
+    k_rot = rotate(k, i % cl).bfloat16()
+    q_pos = (i % cl, torch.clamp(cl + i % cl, max=cs), torch.full_like(i, min(2 * cl - 1, cs)))
+    group = n_heads // n_kv
+    as_heads = lambda x: x.permute(1, 0, 2).unsqueeze(0)  # (n, H, D) -> (1, H, n, D)
+    q_rel = [as_heads(rotate(q.float(), p).bfloat16()).contiguous() for p in q_pos]
+    want = three_call_dca(torch, q_rel, as_heads(k_rot.repeat_interleave(group, dim=1)).contiguous(),
+                          as_heads(v.repeat_interleave(group, dim=1)).contiguous(), cl)[0].permute(1, 0, 2)
+
+    to_cp = lambda t: cp.from_dlpack(t.contiguous().view(torch.int16)).view(cp.uint16)
+    got = fa.flash_attention(to_cp(q), to_cp(k_rot), to_cp(v), cp.arange(n, dtype=cp.int32),
+                             cp.asarray(rot.cos), cp.asarray(rot.sin), rope_dim=head_dim, dca=dca)
+    got = torch.from_dlpack(got.view(cp.int16)).view(torch.bfloat16).float()
+    err = (got - want.float()).abs()
+    return {"cross_check": "fused vs three-call (16k, 9x3x64, bf16)", "max_abs": float(err.max()),
+            "mean_abs": float(err.mean())}
+
+
+def kernel_resources() -> list[dict]:
+    """Registers, local memory (spills) and dynamic shared memory of every fused kernel."""
+    from engine.kernels import function
+
+    out = []
+    for d, variants in fa.PREFILL_VARIANTS.items():
+        for tiles in variants:
+            fn = function("dca_flash_attn", f"dca_flash_{d}_{tiles[0]}_{tiles[1]}_bf16")
+            out.append({"kernel": f"dca_flash_{d}_{tiles[0]}_{tiles[1]}", "regs": fn.num_regs,
+                        "local_bytes": fn.local_size_bytes, "dyn_smem": fa.prefill_smem(d, tiles)})
+    for d in fa.DECODE_TILE_KEYS:
+        fn = function("dca_decode", f"dca_decode_{d}_bf16")
+        out.append({"kernel": f"dca_decode_{d}", "regs": fn.num_regs, "local_bytes": fn.local_size_bytes,
+                    "static_smem": fn.shared_size_bytes, "dyn_smem": fa.decode_smem(d)})
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--decode-context", type=int, default=131072)
+    ap.add_argument("--parts", default="prefill,decode,check,resources",
+                    help="comma list of prefill, decode, check (fused vs three-call), resources")
+    ap.add_argument("--json", default=None, help="write every row here")
+    args = ap.parse_args(argv)
+    import cupy as cp
+
+    parts = set(args.parts.split(","))
+    shapes = args.shapes.split(",")
+    rows: list[dict] = []
+    if "prefill" in parts:
+        for shape in shapes:
+            bench_prefill(cp, shape, [int(x) for x in args.lengths.split(",") if x], rows)
+    if "decode" in parts:
+        for shape in shapes:
+            bench_decode(cp, shape, args.decode_context, rows)
+    if "check" in parts:
+        rows.append(cross_check(cp))
+        print(json.dumps(rows[-1]), flush=True)
+    if "resources" in parts:
+        for r in kernel_resources():
+            rows.append(r)
+            print(json.dumps(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
