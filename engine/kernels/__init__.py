@@ -3,7 +3,8 @@
 The .cu sources live inside the Python package (engine/kernels/, not a top-level kernels/ folder) so
 that ``pip install`` carries them: pyproject.toml lists them as package data. Each file holds one op
 family and opens with a short design header; ``common.cuh`` (fp16 conversions through PTX, warp/block
-reductions) is prepended to every file, and ``dequant.cuh`` (block decoders) to the two that read
+reductions) is prepended to every file, ``mma.cuh`` (tensor-core PTX) to the fused attention kernels,
+and ``dequant.cuh`` (block decoders) to the two that read
 quantized weights, so no CUDA header is ever included and NVRTC from the ``cupy-cudaXXx`` +
 ``nvidia-cuda-nvrtc`` wheels compiles them as they are.
 
@@ -22,7 +23,8 @@ from ..errors import DeviceError
 KERNEL_DIR = Path(__file__).resolve().parent
 KERNEL_FILES = ("quant", "decode", "elementwise", "attention", "sampling", "dca_flash_attn", "dca_decode")  # <name>.cu
 # headers prepended to a file's source, in order (no #include: NVRTC needs no include paths)
-PRELUDES = {"quant": ("common.cuh", "dequant.cuh"), "decode": ("common.cuh", "dequant.cuh")}
+PRELUDES = {"quant": ("common.cuh", "dequant.cuh"), "decode": ("common.cuh", "dequant.cuh"),
+            "dca_flash_attn": ("common.cuh", "mma.cuh"), "dca_decode": ("common.cuh", "mma.cuh")}
 DEFAULT_PRELUDE = ("common.cuh",)
 NVRTC_OPTIONS = ("-std=c++17",)
 

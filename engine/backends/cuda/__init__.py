@@ -14,6 +14,7 @@ from ...errors import DeviceError
 from ...kernels import function
 from ...kvcache import KVCache
 from . import attention as attention_ops
+from . import flash_attention as flash
 from .weights import DeviceMatrix, MatrixOps, upload_weight
 
 ELEMENTWISE_THREADS = 256
@@ -146,7 +147,13 @@ class CudaBackend:
     def attention(self, q, cache: KVCache, layer: int, positions, rotary, dca, temperature_length=None):
         """q (n, Hq, D) unrotated, attending the cached keys 0 .. positions[-1] -> (n, Hq, D) fp16."""
         cos_t, sin_t = self.rotary_tables(rotary)
-        n = q.shape[0]
+        n, n_heads, head_dim = q.shape
+        if n > 1 and flash.unsupported_reason(head_dim, rotary.rope.dim, n_heads, cache.k.shape[2]) is None:
+            # prefill: the fused tensor-core kernel (one launch, the rotation chosen per key tile)
+            return flash.flash_attention(q, cache.k[layer], cache.v[layer], positions, cos_t, sin_t,
+                                         rope_dim=rotary.rope.dim, dca=dca,
+                                         temperature_length=temperature_length or 0,
+                                         n_keys_hint=cache.length + n)
         return attention_ops.attention(self.cp, q, cache.k[layer], cache.v[layer], positions, cos_t, sin_t,
                                        rotary.rope.dim, dca, temperature_length, cache.capacity,
                                        keys_hint=cache.length + n)
