@@ -101,10 +101,7 @@ class LLM:
             targets = ids[i + 1:i + batch + 1]  # the next token of each row; none after the last
             logits = self.model.forward(ids[i:i + batch], cache, logits_for="all" if len(targets) else "none")
             if len(targets):
-                rows = self.backend.to_numpy(logits)[:len(targets)].astype(np.float64)
-                top = rows.max(axis=1)
-                log_norm = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
-                out.append(rows[np.arange(len(targets)), targets] - log_norm)
+                out.append(self.backend.target_logprobs(logits[:len(targets)], targets))
         return np.concatenate(out) if out else np.zeros(0)
 
     def prefill(self, ids: Sequence[int], cache: KVCache) -> np.ndarray:

@@ -71,6 +71,15 @@ def test_long_context_logits_match_cpu(tiny, dca):
     assert err < LOGITS_TOL
 
 
+def test_token_logprobs_match_cpu(tiny):
+    """The log-softmax reduced on the device (eval ppl) against the host's float64 one."""
+    ids = np.random.default_rng(3).integers(3, 384, 700).tolist()
+    cpu = engine.load(tiny["q8_0"], device="cpu", context=1024, dca="on").token_logprobs(ids)
+    gpu = engine.load(tiny["q8_0"], device="cuda", context=1024, dca="on").token_logprobs(ids)
+    assert gpu.shape == cpu.shape == (699,)
+    assert abs(gpu.mean() - cpu.mean()) < 1e-2 * abs(cpu.mean()) and np.abs(gpu - cpu).max() < 0.1
+
+
 def test_prefill_in_pieces_equals_one_pass(tiny):
     gpu = engine.load(tiny["q8_0"], device="cuda", context=1024, dca="on")
     ids = np.random.default_rng(3).integers(3, 384, 700)

@@ -8,8 +8,8 @@ positions: (n,) backend int array of absolute positions):
   rotate_keys(k, positions, rotary, dca)        keys rotated at their DCA key positions
   store_kv(cache, layer, k_rot, v, positions)   write cache rows
   attention(q, cache, layer, positions, rotary, dca, temperature_length)   q unrotated -> (n, Hq, hd)
-Optional (CUDA): decoder(model, cache, sampling, history) -> a graph-replaying decode loop
-  (.first(last_logits) -> token, .step(token) -> next token); see backends/cuda/graph.py.
+  target_logprobs(logits, targets) -> (n,) float64 host array of log p(target) per row
+  decoder(model, cache, sampling, history) -> decode loop (.first(last_logits), .step(token))
 """
 from __future__ import annotations
 

@@ -51,6 +51,13 @@ class NumpyBackend:
     def to_numpy(self, x) -> np.ndarray:
         return np.asarray(x)
 
+    def target_logprobs(self, logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """log softmax(logits[r])[targets[r]] per row: (n,) float64 on the host."""
+        rows = logits.astype(np.float64)
+        top = rows.max(axis=1)
+        log_norm = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
+        return rows[np.arange(len(targets)), targets] - log_norm
+
     def embedding(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return table[ids]  # (n, d)
 

@@ -77,6 +77,15 @@ class CudaBackend:
     def positions(self, start: int, n: int) -> object:
         return self.cp.arange(start, start + n, dtype=self.cp.int32)
 
+    def target_logprobs(self, logits, targets) -> np.ndarray:
+        """log softmax(logits[r])[targets[r]] per row, reduced on the device: (n,) float64 on the host."""
+        cp = self.cp
+        rows = logits.astype(cp.float32, copy=False)  # (n, vocab)
+        top = rows.max(axis=1, keepdims=True)
+        log_norm = top[:, 0] + cp.log(cp.exp(rows - top).sum(axis=1))
+        picked = rows[cp.arange(rows.shape[0]), cp.asarray(np.asarray(targets, dtype=np.int64))]
+        return cp.asnumpy(picked - log_norm).astype(np.float64)
+
     def to_numpy(self, x) -> np.ndarray:
         out = self.cp.asnumpy(x)
         return out.astype(np.float32) if out.dtype == np.float16 else out
