@@ -205,6 +205,24 @@ def resolve_dca(mode: str | DCAConfig | None, context: int, training_length: int
     return DCAConfig.for_training_length(training_length, chunk_size, local_window)
 
 
+def plan(config: ModelConfig, context: int | None, dca: str | DCAConfig | None, dca_chunk_size: int | None,
+         dca_local_window: int | None, rope_scaling: str | None, rope_scale: float | None
+         ) -> tuple[ModelConfig, int, DCAConfig | None]:
+    """The layout a model runs with: (config with the RoPE override, context size, DCA config or None).
+
+    --rope-scaling without --rope-scale scales by context / training context (at least 1).
+    """
+    context = config.context_length if context is None else int(context)
+    if context <= 0:
+        raise ConfigError(f"context size must be positive, got {context}")
+    if rope_scaling is not None or rope_scale is not None:
+        if rope_scale is None and rope_scaling not in (None, "none") and config.rope.factor == 1.0:
+            rope_scale = max(1.0, context / config.context_length)
+        rope = config.rope.with_scaling(rope_scaling or config.rope.scaling, rope_scale)
+        config = dataclasses.replace(config, rope=rope)
+    return config, context, resolve_dca(dca, context, config.context_length, dca_chunk_size, dca_local_window)
+
+
 def load(model: str | Path | None = None, device: str = "cpu", context: int | None = None,
          dca: str | DCAConfig | None = "auto", dca_chunk_size: int | None = None,
          dca_local_window: int | None = None, rope_scaling: str | None = None, rope_scale: float | None = None,
@@ -218,14 +236,8 @@ def load(model: str | Path | None = None, device: str = "cpu", context: int | No
     t0 = time.perf_counter()
     backend = get_backend(device)
     loaded = open_model(default_model_path() if model is None else model)
-    config = loaded.config
-    if rope_scaling is not None or rope_scale is not None:
-        rope = config.rope.with_scaling(rope_scaling or config.rope.scaling, rope_scale)
-        config = loaded.config = dataclasses.replace(config, rope=rope)
-    context = config.context_length if context is None else int(context)
-    if context <= 0:
-        raise ConfigError(f"context size must be positive, got {context}")
-    dca_config = resolve_dca(dca, context, config.context_length, dca_chunk_size, dca_local_window)
+    loaded.config, context, dca_config = plan(loaded.config, context, dca, dca_chunk_size, dca_local_window,
+                                              rope_scaling, rope_scale)
     llm = LLM(loaded, backend, context, dca_config, attention_temperature)
     llm.load_seconds = time.perf_counter() - t0
     return llm

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import api
-from .api import DCA_MODES, resolve_dca
+from .api import DCA_MODES, plan
 from .backends import DEVICES
 from .bench import bench
 from .convert.commands import convert, quantize
@@ -102,14 +102,9 @@ def info(model_arg, model, ctx_size, device, dca, dca_chunk_size, dca_local_wind
     """Describe a model and the plan it would run with (context, DCA chunking, RoPE)."""
     path = model_arg or model or default_model_path()
     loaded = open_model(path)
-    c, tok = loaded.config, loaded.tokenizer
-    rope = c.rope
-    if rope_scaling is not None or rope_scale is not None:
-        rope = rope.with_scaling(rope_scaling or rope.scaling, rope_scale)
-    context = c.context_length if ctx_size is None else ctx_size
-    if context <= 0:
-        raise ConfigError(f"context size must be positive, got {context}")
-    plan = resolve_dca(dca, context, c.context_length, dca_chunk_size, dca_local_window)
+    c, context, dca_plan = plan(loaded.config, ctx_size, dca, dca_chunk_size, dca_local_window, rope_scaling,
+                               rope_scale)
+    tok = loaded.tokenizer
     types = ", ".join(f"{name} x{n}" for name, n in sorted(loaded.tensor_type_counts().items()))
     size = sum(f.stat().st_size for f in ([path] if Path(path).is_file() else Path(path).glob("*.safetensors")))
     rows = [
@@ -121,11 +116,11 @@ def info(model_arg, model, ctx_size, device, dca, dca_chunk_size, dca_local_wind
         ("tensor types", types),
         ("output head", "tied to token_embd" if c.tied_embeddings else "separate"),
         ("training context", str(c.context_length)),
-        ("rope", _describe_rope(rope)),
+        ("rope", _describe_rope(c.rope)),
         ("tokenizer", f"{tok.kind}, {tok.vocab_size} tokens, bos {tok.bos_id}, eos {tok.eos_id}"),
         ("chat template", "present" if tok.chat_template else "absent (ChatML fallback)"),
         ("plan: context", str(context)),
-        ("plan: DCA", _describe_dca(plan)),
+        ("plan: DCA", _describe_dca(dca_plan)),
         ("plan: attention temperature", "on" if attn_temperature else "off"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -89,3 +89,10 @@ def test_cuda_without_gpu_gives_one_line(tiny):
 def test_context_beyond_memory_is_refused_before_work(tiny):
     # 2 layers x 2 KV heads x 16 dims x 2 (K and V) x 4 bytes = 512 bytes per token: 2^40 tokens is 512 TiB
     assert_one_line_error(run("generate", "-m", tiny, "-p", "x", "-c", str(2**40)), "GiB", "-c")
+
+
+def test_rope_scaling_factor_defaults_to_context_over_training(tiny):
+    out = run("info", tiny, "-c", "1024", "--rope-scaling", "linear", "--dca", "off").stdout
+    assert "scaling linear x4 (original context 256)" in out
+    out = run("info", tiny, "-c", "1024", "--rope-scaling", "yarn", "--rope-scale", "2").stdout
+    assert "scaling yarn x2" in out
