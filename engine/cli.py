@@ -120,6 +120,7 @@ def info(model_arg, model, ctx_size, device, dca, dca_chunk_size, dca_local_wind
         ("tokenizer", f"{tok.kind}, {tok.vocab_size} tokens, bos {tok.bos_id}, eos {tok.eos_id}"),
         ("chat template", "present" if tok.chat_template else "absent (ChatML fallback)"),
         ("plan: context", str(context)),
+        ("plan: KV cache", _describe_kv_cache(c, context)),
         ("plan: DCA", _describe_dca(dca_plan)),
         ("plan: attention temperature", "on" if attn_temperature else "off"),
     ]
@@ -135,6 +136,11 @@ def _describe_rope(rope) -> str:
     if rope.freq_factors is not None:
         text += ", frequency factors from rope_freqs"
     return text
+
+
+def _describe_kv_cache(c, context: int) -> str:
+    per_value = 2 * c.n_layers * context * c.n_kv_heads * c.head_dim  # keys and values
+    return f"{per_value * 4 / 2**30:.2f} GiB on the CPU (float32), {per_value * 2 / 2**30:.2f} GiB on CUDA (float16)"
 
 
 def _describe_dca(plan) -> str:
