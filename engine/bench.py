@@ -9,7 +9,7 @@ one-off eager step and capture, ~4 + 5 ms, are not timed). Each test runs once t
 times; the table shows mean ± sd of tokens/s.
 --synthetic: random weights with the model's shapes and tensor types (or SmolLM2-135M's, Q4_1 with a
 Q8_0 embedding, when no model file is given or found): the same work and speed as the real model.
-When torch and transformers import and the model is a HF folder, HF transformers (bf16, SDPA, plain
+When torch and transformers import (and the model is real, not --synthetic), HF transformers (bf16, SDPA, plain
 attention, on the GPU when there is one) runs the same tests in the same run and the ratio is printed.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import click
 import numpy as np
 
 from .config import ModelConfig, RopeConfig
+from .default_model import default_model_path
 from .errors import EngineError
 from .loader import WeightTensor
 from .weights.quant import GGMLType, tensor_nbytes
@@ -177,13 +178,15 @@ def hf_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
 
 
-def hf_results(folder, prompts: list[int], n_gen: int, depths: list[int], reps: int, rng) -> list[BenchResult]:
-    """The same tests on HF transformers (bf16, SDPA, plain attention) for a HF model folder."""
+def hf_results(path: Path, prompts: list[int], n_gen: int, depths: list[int], reps: int, rng) -> list[BenchResult]:
+    """The same tests on HF transformers (bf16, SDPA, plain attention) for a HF folder or a GGUF file."""
     import torch
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa").to(device)
+    source = {"pretrained_model_name_or_path": path} if path.is_dir() else {
+        "pretrained_model_name_or_path": path.parent, "gguf_file": path.name}  # transformers dequantizes GGUF
+    model = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.bfloat16, attn_implementation="sdpa").to(device)
     vocab = model.config.vocab_size
 
     def timed(fn) -> float:
@@ -269,7 +272,7 @@ def _ints(text: str) -> list[int]:
 @click.option("--dca", "dca_mode", default="auto", type=click.Choice(["auto", "on", "off"]), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
 @click.option("--hf/--no-hf", default=True, show_default=True,
-              help="also measure HF transformers (HF model folders, when torch and transformers import)")
+              help="also measure HF transformers on the same model (when torch and transformers import)")
 def bench(model_path, synthetic, n_prompt, n_gen, depth, repetitions, ubatch, device, dca_mode, as_json, hf):
     """Prompt-processing and generation throughput, llama-bench style."""
     prompts, depths = _ints(n_prompt), _ints(depth)
@@ -282,8 +285,9 @@ def bench(model_path, synthetic, n_prompt, n_gen, depth, repetitions, ubatch, de
     results += [bench_generation(model, backend, n_gen, d, repetitions, ubatch, rng) for d in depths]
     rows = [r.row() for r in results]
     hf_rows = None
-    if hf and model_path is not None and Path(model_path).is_dir() and not synthetic and hf_available():
-        hf_rows = [r.row() for r in hf_results(model_path, prompts, n_gen, depths, repetitions, rng)]
+    if hf and not synthetic and hf_available():
+        path = Path(model_path) if model_path is not None else default_model_path()
+        hf_rows = [r.row() for r in hf_results(path, prompts, n_gen, depths, repetitions, rng)]
         for row, theirs in zip(rows, hf_rows):
             row["hf_tokens_per_s"] = theirs["tokens_per_s"]
             row["speedup_vs_hf"] = row["tokens_per_s"] / theirs["tokens_per_s"]

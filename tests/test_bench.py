@@ -46,13 +46,25 @@ def tiny_gguf(tmp_path_factory):
 
 def test_bench_json_reports_every_test(tiny_gguf):
     result = CliRunner().invoke(bench, ["-m", str(tiny_gguf), "--device", "cpu", "-p", "16,40", "-d", "8",
-                                        "-n", "4", "-r", "2", "--json"])
+                                        "-n", "4", "-r", "2", "--json", "--no-hf"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["device"] == "cpu" and report["dca"] is False
     assert [(r["test"], r["depth"], r["runs"]) for r in report["results"]] == [
         ("pp16", 0, 2), ("pp40", 0, 2), ("tg4", 8, 2)]
     assert all(r["tokens_per_s"] > 0 and r["sd"] >= 0 for r in report["results"])
+
+
+def test_bench_measures_transformers_on_the_same_gguf(tiny_gguf):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    result = CliRunner().invoke(bench, ["-m", str(tiny_gguf), "--device", "cpu", "-p", "16", "-d", "8", "-n", "4",
+                                        "-r", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output[result.output.index("{"):])["results"]
+    for row in rows:
+        assert row["hf_tokens_per_s"] > 0
+        assert math.isclose(row["speedup_vs_hf"], row["tokens_per_s"] / row["hf_tokens_per_s"])
 
 
 def test_bench_table_and_bad_lengths(tiny_gguf):
