@@ -108,6 +108,10 @@ def _open_hf(folder: Path) -> LoadedModel:
     checkpoint = SafetensorsCheckpoint(folder)
     config = ModelConfig.from_hf_config(checkpoint.read_json("config.json"), source=str(folder / "config.json"))
     tokenizer = tokenizer_from_hf(folder)
+    for name, dtype in checkpoint.unsupported.items():
+        if _internal_name(name) is not None:
+            raise ModelFormatError(f"{folder}: weight {name!r} has dtype {dtype}, which is not supported "
+                                   f"(F32, F16, BF16)")
     weights = {}
     for name, info in checkpoint.tensors.items():
         short = _internal_name(name)

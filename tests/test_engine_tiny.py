@@ -177,3 +177,15 @@ def test_rope_freqs_tensor_divides_the_frequencies(tmp_path):
     linear = engine.load(plain, rope_scaling="linear", rope_scale=2.0).logits(PROMPT)
     assert rel_err(llm.logits(PROMPT), linear) < 1e-5
     assert rel_err(engine.load(plain).logits(PROMPT), linear) > 1e-3
+
+
+def test_integer_buffers_are_ignored_but_integer_weights_refused(models, tmp_path):
+    from safetensors.numpy import load_file, save_file
+    folder = _copy_hf(models["gqa"]["hf"], tmp_path / "hf")
+    tensors = load_file(folder / "model.safetensors")
+    save_file({**tensors, "model.position_ids": np.arange(256, dtype=np.int64)}, folder / "model.safetensors")
+    assert rel_err(engine.load(folder).logits(PROMPT), engine.load(models["gqa"]["hf"]).logits(PROMPT)) == 0
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].astype(np.int8)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ModelFormatError, match="'model.norm.weight' has dtype I8"):
+        engine.load(folder)

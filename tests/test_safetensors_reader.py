@@ -152,8 +152,19 @@ def test_read_json_errors(tmp_path):
         ckpt.read_json("config.json")
 
 
-def test_unsupported_dtype_is_named(tmp_path):
-    path = tmp_path / "f64.safetensors"
+def test_unused_dtype_is_listed_and_named_when_read(tmp_path):
+    path = tmp_path / "i64.safetensors"
     save_file({"ok": np.ones(2, np.float32), "position_ids": np.arange(4, dtype=np.int64)}, str(path))
+    f = SafetensorsFile(path)  # a position_ids buffer does not stop a checkpoint from opening
+    assert list(f.tensors) == ["ok"] and f.unsupported == {"position_ids": "I64"}
     with pytest.raises(ModelFormatError, match=r"tensor 'position_ids' has dtype 'I64', which is not supported"):
+        f.tensor("position_ids")
+
+
+def test_undefined_dtype_is_an_error(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    save_file({"ok": np.ones(2, np.float32)}, str(path))
+    data = path.read_bytes().replace(b'"F32"', b'"Q99"')
+    path.write_bytes(data)
+    with pytest.raises(ModelFormatError, match="'Q99', which safetensors does not define"):
         SafetensorsFile(path)

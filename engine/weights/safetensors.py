@@ -8,6 +8,7 @@ Tensors come back as the GGUF reader's TensorInfo, with ggml types F32 / F16 / B
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 from typing import Any
@@ -23,6 +24,10 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 _DTYPES = {"F32": GGMLType.F32, "F16": GGMLType.F16, "BF16": GGMLType.BF16}
+# dtypes safetensors defines that no Llama weight uses (position_ids buffers, fp8 ...): such tensors are
+# checked and listed in `unsupported`, and only an attempt to read one is an error
+_OTHER_DTYPE_SIZES = {"F64": 8, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class SafetensorsFile(MappedTensorFile):
@@ -39,9 +44,9 @@ class SafetensorsFile(MappedTensorFile):
         ):
             raise self._fail("__metadata__ must map strings to strings")
         self.metadata: dict[str, str] = metadata
-        self.tensors: dict[str, TensorInfo] = {
-            name: self._tensor_info(name, entry, data_start) for name, entry in header.items()
-        }
+        self.unsupported: dict[str, str] = {}  # tensor name -> dtype, for tensors of _OTHER_DTYPE_SIZES
+        entries = [(name, self._tensor_info(name, entry, data_start)) for name, entry in header.items()]
+        self.tensors: dict[str, TensorInfo] = {name: info for name, info in entries if info is not None}
         self._check_no_overlap()
 
     def _fail(self, problem: str) -> ModelFormatError:
@@ -63,7 +68,14 @@ class SafetensorsFile(MappedTensorFile):
             raise self._fail("header is not a JSON object")
         return header, 8 + header_len
 
-    def _tensor_info(self, name: str, entry: Any, data_start: int) -> TensorInfo:
+    def _info(self, name: str) -> TensorInfo:
+        if name in self.unsupported:
+            raise self._fail(f"tensor {name!r} has dtype {self.unsupported[name]!r}, which is not supported "
+                             f"(F32, F16, BF16)")
+        return super()._info(name)
+
+    def _tensor_info(self, name: str, entry: Any, data_start: int) -> TensorInfo | None:
+        """The entry checked against the file; None (and listed in `unsupported`) for an unused dtype."""
         label = f"tensor {name!r}"
         if not isinstance(entry, dict):
             raise self._fail(f"{label}: header entry is not an object")
@@ -73,14 +85,20 @@ class SafetensorsFile(MappedTensorFile):
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
             raise self._fail(f"{label}: data_offsets {offsets!r} is not a pair of integers")
         ggml_type = _DTYPES.get(dtype) if isinstance(dtype, str) else None
-        if ggml_type is None:
-            raise self._fail(f"{label} has dtype {dtype!r}, which is not supported (F32, F16, BF16)")
+        if ggml_type is None and dtype not in _OTHER_DTYPE_SIZES:
+            raise self._fail(f"{label} has dtype {dtype!r}, which safetensors does not define")
         begin, end = offsets
         data_len = self._mapped().size - data_start
         if not 0 <= begin <= end <= data_len:
             raise self._fail(f"{label}: data_offsets [{begin}, {end}] are outside the {data_len} data bytes "
                              f"or inverted")
         shape_t = tuple(shape)
+        if ggml_type is None:
+            if end - begin != math.prod(shape_t) * _OTHER_DTYPE_SIZES[dtype]:
+                raise self._fail(f"{label}: shape {list(shape_t)} of {dtype} does not match data_offsets "
+                                 f"spanning {end - begin} bytes")
+            self.unsupported[name] = dtype
+            return None
         nbytes = tensor_nbytes(ggml_type, shape_t)
         if end - begin != nbytes:
             raise self._fail(f"{label}: shape {list(shape_t)} of {dtype} needs {nbytes} bytes but "
@@ -109,7 +127,9 @@ class SafetensorsCheckpoint:
             raise ModelFormatError(f"{self.folder}: has neither {SINGLE_FILE} nor {INDEX_FILE}")
         self._file_of: dict[str, SafetensorsFile] = {}
         self.tensors: dict[str, TensorInfo] = {}
+        self.unsupported: dict[str, str] = {}  # name -> dtype of tensors no Llama weight uses
         for f in self.files:
+            self.unsupported.update(f.unsupported)
             for name, info in f.tensors.items():
                 if name in self.tensors:
                     raise ModelFormatError(f"{f.path}: tensor {name!r} is also in {self._file_of[name].path}")
