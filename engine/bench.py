@@ -267,7 +267,8 @@ def _ints(text: str) -> list[int]:
 @click.option("-n", "--n-gen", default=128, show_default=True, help="generated tokens (tgN)")
 @click.option("-d", "--depth", default="512,32768", show_default=True, help="contexts before generation")
 @click.option("-r", "--repetitions", default=3, show_default=True)
-@click.option("-ub", "--ubatch", default=4096, show_default=True, help="tokens per forward during prefill")
+@click.option("-ub", "--ubatch", type=int, default=None,
+              help="tokens per forward during prefill  [default: the backend's prefill batch, as generate uses]")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--dca", "dca_mode", default="auto", type=click.Choice(["auto", "on", "off"]), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
@@ -276,10 +277,12 @@ def _ints(text: str) -> list[int]:
 def bench(model_path, synthetic, n_prompt, n_gen, depth, repetitions, ubatch, device, dca_mode, as_json, hf):
     """Prompt-processing and generation throughput, llama-bench style."""
     prompts, depths = _ints(n_prompt), _ints(depth)
-    if repetitions < 1 or n_gen < 1 or ubatch < 1 or any(p < 1 for p in prompts) or any(d < 0 for d in depths):
+    if repetitions < 1 or n_gen < 1 or (ubatch is not None and ubatch < 1) or any(p < 1 for p in prompts) \
+            or any(d < 0 for d in depths):
         raise click.BadParameter("lengths, repetitions and ubatch must be positive")
     context = max(prompts + [d + n_gen + 1 for d in depths])
     model, backend, label, dca = build_model(model_path, synthetic, device, context, dca_mode)
+    ubatch = ubatch or backend.prefill_batch
     rng = np.random.default_rng(0)
     results = [bench_prompt(model, backend, p, repetitions, ubatch, rng) for p in prompts]
     results += [bench_generation(model, backend, n_gen, d, repetitions, ubatch, rng) for d in depths]

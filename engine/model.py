@@ -2,6 +2,7 @@
 
 Per layer (x: (n, d) residual stream, n new tokens at positions start .. start+n-1):
     h = rmsnorm(x) ; q, k, v = h Wq^T, h Wk^T, h Wv^T        (n, Hq, hd), (n, Hkv, hd), (n, Hkv, hd)
+                                                              (one linear_group: a backend may fuse them)
     cache <- rotate(k at DCA key positions), v
     x += attention(q, cache, positions) Wo^T                  queries rotated inside attention, per relation
     h = rmsnorm(x) ; x += (silu(h Wg^T) * h Wu^T) Wd^T
@@ -53,16 +54,17 @@ class Llama:
         for layer in range(c.n_layers):
             p = f"blk.{layer}."
             h = ops.rmsnorm(x, self.w[p + "attn_norm"], c.norm_eps)
-            q = ops.linear(h, self.w[p + "attn_q"]).reshape(n, c.n_heads, c.head_dim)
-            k = ops.linear(h, self.w[p + "attn_k"]).reshape(n, c.n_kv_heads, c.head_dim)
-            v = ops.linear(h, self.w[p + "attn_v"]).reshape(n, c.n_kv_heads, c.head_dim)
+            q, k, v = ops.linear_group(h, [self.w[p + "attn_q"], self.w[p + "attn_k"], self.w[p + "attn_v"]])
+            q = q.reshape(n, c.n_heads, c.head_dim)
+            k = k.reshape(n, c.n_kv_heads, c.head_dim)
+            v = v.reshape(n, c.n_kv_heads, c.head_dim)
             ops.store_kv(cache, layer, ops.rotate_keys(k, positions, self.rotary, self.dca), v, positions)
             attn = ops.attention(q, cache, layer, positions, self.rotary, self.dca,
                                  self.temperature_length)  # (n, Hq, hd)
-            x = ops.add(x, ops.linear(attn.reshape(n, c.n_heads * c.head_dim), self.w[p + "attn_output"]))
+            x = ops.add_linear(x, attn.reshape(n, c.n_heads * c.head_dim), self.w[p + "attn_output"])
             h = ops.rmsnorm(x, self.w[p + "ffn_norm"], c.norm_eps)
-            gate_up = ops.swiglu(ops.linear(h, self.w[p + "ffn_gate"]), ops.linear(h, self.w[p + "ffn_up"]))
-            x = ops.add(x, ops.linear(gate_up, self.w[p + "ffn_down"]))
+            gate, up = ops.linear_group(h, [self.w[p + "ffn_gate"], self.w[p + "ffn_up"]])
+            x = ops.add_linear(x, ops.swiglu(gate, up), self.w[p + "ffn_down"])
         if logits_for == "none":
             return None
         rows = x[-1:] if logits_for == "last" else x

@@ -176,8 +176,8 @@ def test_default_model_logits_match_cpu():
 @pytest.mark.parametrize("key", ["f32", "bf16", "q4_1", "kquant-q4_k", "kquant-q6_k", "tied-q8_0"])
 @pytest.mark.parametrize("dca", ["on", "off"])
 def test_fused_decode_step_equals_op_by_op(tiny, key, dca):
-    """FusedStep (6 launches a layer) computes what Llama.compute does (same arithmetic, same order:
-    equal up to the compiler's contraction choices), cache rows included."""
+    """FusedStep (6 launches a layer) computes what Llama.compute does (same arithmetic and fp16
+    rounding points; RMSNorm sums in another order), cache rows included."""
     from engine.backends.cuda import fused
 
     llm = engine.load(tiny[key], device="cuda", context=512, dca=dca)
@@ -192,7 +192,7 @@ def test_fused_decode_step_equals_op_by_op(tiny, key, dca):
     plain_logits = backend.to_numpy(model.compute(token, position, caches[1], "last"))
     err = rel_err(fused_logits, plain_logits)
     print(f"fused {key} dca {dca}: rel err {err:.1e}")
-    assert err < 1e-4
+    assert err < 1e-3
     rows = slice(len(prompt), len(prompt) + 1)
     for name in ("k", "v"):
         fused_rows = backend.cp.asnumpy(getattr(caches[0], name)[:, rows]).astype(np.float32)

@@ -87,7 +87,7 @@ def test_embedding_from_every_table_type(cuda, rng, ggml_type):
     np.testing.assert_allclose(got, tensor.dequantize()[ids], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("n,d", [(1, 576), (37, 64), (5, 1000)])
+@pytest.mark.parametrize("n,d", [(1, 576), (37, 64), (5, 1000), (9, 37), (1000, 576)])
 def test_rmsnorm_add_swiglu(cuda, rng, n, d):
     ref = NumpyBackend()
     cp = cuda.cp
@@ -106,10 +106,54 @@ def test_rmsnorm_add_swiglu(cuda, rng, n, d):
     assert rel_err(cuda.to_numpy(got), ref.swiglu(gate, up)) < FP16_TOL
 
 
+@pytest.mark.parametrize("ggml_type", QUANT_TYPES, ids=lambda t: t.name)
+def test_fused_groups_and_accumulating_products(cuda, rng, ggml_type):
+    """Q/K/V-like and gate/up-like matrices stored as one (weights.fuse): each part still works alone
+    (GEMV), linear_group is one GEMM whose column views equal the separate products, and add_linear
+    accumulates into the fp32 residual."""
+    from engine.backends.cuda.weights import fuse, fused_whole, upload_weight
+
+    cp = cuda.cp
+    cols = 512  # a multiple of the K-quant block
+    tensors = [synthetic_weight(f"blk.0.attn_{s}", ggml_type, (rows, cols), rng, 1 / np.sqrt(cols))
+               for s, rows in (("q", 96), ("k", 32), ("v", 40))]
+    parts = [upload_weight(cp, t.name, t) for t in tensors]
+    whole = fuse(cp, parts)
+    assert whole is not None and whole.rows == 168 and fused_whole(parts) is whole
+    assert fused_whole(parts[:2]) is None and fused_whole([parts[1], parts[0], parts[2]]) is None
+    for n in (1, 3, 77):
+        x = fp16(rng.standard_normal((n, cols)))
+        outs = cuda.linear_group(cp.asarray(x.astype(np.float16)), parts)
+        for t, out in zip(tensors, outs):
+            assert rel_err(cuda.to_numpy(out), x @ t.dequantize().T) < FP16_TOL, (ggml_type.name, n, t.name)
+    other = upload_weight(cp, "blk.0.ffn_up", synthetic_weight("blk.0.ffn_up", GGMLType.F16, (64, 256), rng, 0.1))
+    assert fuse(cp, [parts[0], other]) is None  # already fused / different row lengths: left alone
+
+    down = synthetic_weight("blk.0.ffn_down", ggml_type, (cols, 256), rng, 1 / 16)
+    w_down = upload_weight(cp, down.name, down)
+    for n in (1, 5, 130):
+        x = rng.standard_normal((n, cols)).astype(np.float32)
+        a = fp16(rng.standard_normal((n, 256)))
+        got = cuda.add_linear(cp.asarray(x), cp.asarray(a.astype(np.float16)), w_down)
+        assert got.dtype == cp.float32
+        assert rel_err(cuda.to_numpy(got), x + a @ down.dequantize().T) < 1e-3, (ggml_type.name, n)
+
+
+@pytest.mark.parametrize("n,f", [(1, 1536), (33, 40), (7, 37), (300, 96)])
+def test_swiglu_on_the_halves_of_one_product(cuda, rng, n, f):
+    ref = NumpyBackend()
+    both = fp16(4 * rng.standard_normal((n, 2 * f)))
+    dev = cuda.cp.asarray(both.astype(np.float16))
+    got = cuda.swiglu(dev[:, :f], dev[:, f:])
+    assert got.flags.c_contiguous and got.shape == (n, f)
+    assert rel_err(cuda.to_numpy(got), ref.swiglu(both[:, :f], both[:, f:])) < FP16_TOL
+
+
 @pytest.mark.parametrize("head_dim,rope_dim,dca", [
     (64, 64, DCAConfig(chunk_size=48, local_window=16)),
     (16, 16, None),
     (128, 64, DCAConfig(chunk_size=28, local_window=8)),  # partial rotary; chunk_len 20
+    (24, 24, None),  # rope_dim % 16 != 0: the one-pair-per-thread kernel
 ])
 def test_rotate_keys_and_store(cuda, rng, head_dim, rope_dim, dca):
     cp = cuda.cp
@@ -127,6 +171,19 @@ def test_rotate_keys_and_store(cuda, rng, head_dim, rope_dim, dca):
     np.testing.assert_array_equal(cp.asnumpy(cache.k[1, start:start + n]), cp.asnumpy(got))
     np.testing.assert_array_equal(cp.asnumpy(cache.v[1, start:start + n]).astype(np.float32), v)
     assert not cp.asnumpy(cache.k[0]).any() and not cp.asnumpy(cache.k[1, :start]).any()
+
+    # K and V as the column views of one fused (n, Q + K + V) product, as the model passes them
+    row = heads * head_dim
+    qkv = cp.asarray(fp16(rng.standard_normal((n, 40 + 2 * row))).astype(np.float16))
+    k_view = qkv[:, 40:40 + row].reshape(n, heads, head_dim)
+    v_view = qkv[:, 40 + row:].reshape(n, heads, head_dim)
+    k_np, v_np = (cp.asnumpy(a).astype(np.float32) for a in (k_view, v_view))
+    got = cuda.rotate_keys(k_view, cuda.positions(start, n), rotary, dca)
+    assert got.flags.c_contiguous
+    assert rel_err(cuda.to_numpy(got), dca_ops.rotate_keys(k_np, positions, rotary, dca)) < FP16_TOL
+    cuda.store_kv(cache, 0, got, v_view, cuda.positions(start, n))
+    np.testing.assert_array_equal(cp.asnumpy(cache.k[0, start:start + n]), cp.asnumpy(got))
+    np.testing.assert_array_equal(cp.asnumpy(cache.v[0, start:start + n]).astype(np.float32), v_np)
 
 
 ATTENTION_CASES = [

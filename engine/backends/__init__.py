@@ -5,6 +5,8 @@ positions: (n,) backend int array of absolute positions):
   prepare_weights(weights) -> dict    new_cache(n_layers, capacity, n_kv_heads, head_dim)
   tokens(ids) / positions(start, n)   host -> backend arrays;   to_numpy(x)   backend -> host
   embedding(table, ids)   rmsnorm(x, w, eps)   linear(x, w) = x @ w.T   add(x, y)   swiglu(gate, up)
+  linear_group(x, [w1, w2, ...]) = [x @ w1.T, ...]   (one product when the backend stored them fused)
+  add_linear(x, a, w) = x + a @ w.T                  (x may be updated in place and returned)
   rotate_keys(k, positions, rotary, dca)        keys rotated at their DCA key positions
   store_kv(cache, layer, k_rot, v, positions)   write cache rows
   attention(q, cache, layer, positions, rotary, dca, temperature_length)   q unrotated -> (n, Hq, hd)

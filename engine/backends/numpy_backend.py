@@ -69,8 +69,14 @@ class NumpyBackend:
     def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return x @ w.T  # (n, in) @ (in, out) -> (n, out); w.T is a free transposed view
 
+    def linear_group(self, x: np.ndarray, ws) -> list[np.ndarray]:
+        return [x @ w.T for w in ws]
+
     def add(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return x + y
+
+    def add_linear(self, x: np.ndarray, a: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return x + a @ w.T
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         # silu(g) = g * sigmoid(g), with sigmoid written through tanh so large |g| cannot overflow

@@ -3,9 +3,9 @@
 // the output GEMVs. Six launches per layer (with attention's two) instead of sixteen, which is what
 // bounds a decode step captured as a CUDA graph.
 //
-// Design. Same arithmetic as the unfused path, in the same order, so the two agree bit for bit:
-// the normed input is staged in shared memory exactly as `rmsnorm` computes it (256 threads, strided
-// sum, block_sum, rounded to fp16), every dot product is row_dot<TYPE> (dequant.cuh), and every value
+// Design. Same arithmetic as the unfused path, so the two agree to fp16 rounding: the normed input
+// is staged in shared memory as `rmsnorm` computes it (256 threads, strided sum, block_sum, rounded
+// to fp16; elementwise.cu sums per warp, in another order), every dot product is row_dot<TYPE> (dequant.cuh), and every value
 // the unfused path would store as fp16 is rounded to fp16 here too. One warp per task, 8 warps
 // (256 threads) per block; each warp first prefetches its weight rows into L2, so their HBM latency
 // overlaps the RMSNorm staging. The position is read from device memory (pos[0]).
@@ -18,7 +18,7 @@
 
 #define DEC_THREADS 256
 
-// hs[0..d) = fp16-rounded rmsnorm(x) * w, as elementwise.cu rmsnorm computes it (blockDim.x == 256)
+// hs[0..d) = fp16-rounded rmsnorm(x) * w (blockDim.x == 256)
 // Values per thread are loaded STAGE_BATCH at a time (all in flight together), summed in index order.
 #define STAGE_BATCH 4
 __device__ __forceinline__ void stage_normed(const float* __restrict__ x, const float* __restrict__ w, float eps,

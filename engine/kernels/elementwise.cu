@@ -8,20 +8,54 @@
 // RoPE is HF rotate-half on the first rope_dim dims: x1 = x[:R/2], x2 = x[R/2:R];
 // out1 = x1*cos - x2*sin, out2 = x2*cos + x1*sin; cos/sin tables (n_positions, R/2) fp32.
 
-// out (n, d) fp16 = x * rsqrt(mean(x^2) + eps) * w; x fp32 (x_f16 = 0) or fp16 (x_f16 = 1); one block per row
-extern "C" __global__ void rmsnorm(const void* __restrict__ x, const float* __restrict__ w,
-                                   half_t* __restrict__ out, int d, float eps, int x_f16) {
-    __shared__ float scratch[32];
-    const long long base = (long long)blockIdx.x * d;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const float v = x_f16 ? h2f(((const half_t*)x)[base + i]) : ((const float*)x)[base + i];
-        ss += v * v;
+// out (n, d) fp16 = x * rsqrt(mean(x^2) + eps) * w; x fp32 (x_f16 = 0) or fp16 (x_f16 = 1).
+// One warp per row (blockDim.x / 32 rows per block); vec4 = 1 (d % 4 == 0, 16-byte aligned x): 4 values per load.
+// The row is read twice (sum of squares, then scale); the second read hits L1.
+__device__ __forceinline__ void load4(const void* x, long long i, int x_f16, float (&v)[4]) {
+    if (x_f16) {
+        const uint2 u = *(const uint2*)((const half_t*)x + i);
+        v[0] = h2f((half_t)(u.x & 0xffffu)); v[1] = h2f((half_t)(u.x >> 16));
+        v[2] = h2f((half_t)(u.y & 0xffffu)); v[3] = h2f((half_t)(u.y >> 16));
+    } else {
+        const float4 f = *(const float4*)((const float*)x + i);
+        v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
     }
-    const float inv = rsqrtf(block_sum(ss, scratch) / (float)d + eps);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const float v = x_f16 ? h2f(((const half_t*)x)[base + i]) : ((const float*)x)[base + i];
-        out[base + i] = f2h(v * inv * w[i]);
+}
+
+extern "C" __global__ void rmsnorm(const void* __restrict__ x, const float* __restrict__ w,
+                                   half_t* __restrict__ out, int n, int d, float eps, int x_f16, int vec4) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= n) return;
+    const long long base = (long long)row * d;
+    float ss = 0.0f;
+    if (vec4) {
+        for (int i = 4 * lane; i < d; i += 128) {
+            float v[4];
+            load4(x, base + i, x_f16, v);
+            ss += v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3];
+        }
+    } else {
+        for (int i = lane; i < d; i += 32) {
+            const float v = x_f16 ? h2f(((const half_t*)x)[base + i]) : ((const float*)x)[base + i];
+            ss += v * v;
+        }
+    }
+    const float inv = rsqrtf(warp_sum(ss) / (float)d + eps);
+    if (vec4) {
+        for (int i = 4 * lane; i < d; i += 128) {
+            float v[4];
+            load4(x, base + i, x_f16, v);
+            const float4 g = *(const float4*)(w + i);
+            uint2 o;
+            o.x = (unsigned)f2h(v[0] * inv * g.x) | ((unsigned)f2h(v[1] * inv * g.y) << 16);
+            o.y = (unsigned)f2h(v[2] * inv * g.z) | ((unsigned)f2h(v[3] * inv * g.w) << 16);
+            *(uint2*)(out + base + i) = o;
+        }
+    } else {
+        for (int i = lane; i < d; i += 32) {
+            const float v = x_f16 ? h2f(((const half_t*)x)[base + i]) : ((const float*)x)[base + i];
+            out[base + i] = f2h(v * inv * w[i]);
+        }
     }
 }
 
@@ -33,13 +67,35 @@ extern "C" __global__ void add_residual(const float* __restrict__ x, const void*
     out[i] = x[i] + (y_f16 ? h2f(((const half_t*)y)[i]) : ((const float*)y)[i]);
 }
 
-// out fp16 = silu(gate) * up, silu(g) = g * sigmoid(g) = g * (0.5 + 0.5 tanh(g/2)) (no overflow)
+// silu(g) * u with silu(g) = g * sigmoid(g) = g * (0.5 + 0.5 tanh(g/2)) (no overflow)
+__device__ __forceinline__ half_t swiglu_one(half_t g16, half_t u16) {
+    const float g = h2f(g16);
+    return f2h(g * (0.5f + 0.5f * tanhf(0.5f * g)) * h2f(u16));
+}
+
+// out (n, f) fp16 contiguous = silu(gate) * up; gate and up rows are `stride` elements apart (f for
+// separate arrays, 2f for the two halves of one (n, 2f) product). vec8 = 1 (f % 8 == 0, 16-byte
+// aligned rows): 8 elements per thread, else 1.
 extern "C" __global__ void swiglu(const half_t* __restrict__ gate, const half_t* __restrict__ up,
-                                  half_t* __restrict__ out, long long n) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    const float g = h2f(gate[i]);
-    out[i] = f2h(g * (0.5f + 0.5f * tanhf(0.5f * g)) * h2f(up[i]));
+                                  half_t* __restrict__ out, int n, int f, long long stride, int vec8) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (vec8) {
+        const int per_row = f >> 3;
+        if (idx >= (long long)n * per_row) return;
+        const long long row = idx / per_row, col = (idx - row * per_row) * 8;
+        const uint4 g = *(const uint4*)(gate + row * stride + col), u = *(const uint4*)(up + row * stride + col);
+        const unsigned gs[4] = {g.x, g.y, g.z, g.w}, us[4] = {u.x, u.y, u.z, u.w};
+        unsigned os[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+            os[k] = (unsigned)swiglu_one((half_t)(gs[k] & 0xffffu), (half_t)(us[k] & 0xffffu))
+                  | ((unsigned)swiglu_one((half_t)(gs[k] >> 16), (half_t)(us[k] >> 16)) << 16);
+        *(uint4*)(out + row * f + col) = make_uint4(os[0], os[1], os[2], os[3]);
+        return;
+    }
+    if (idx >= (long long)n * f) return;
+    const long long row = idx / f, col = idx - row * f;
+    out[idx] = swiglu_one(gate[row * stride + col], up[row * stride + col]);
 }
 
 // Keys k (n, H, D) fp16 rotated at their key positions: p = positions[t] (mod chunk_len when
@@ -80,4 +136,64 @@ extern "C" __global__ void store_kv(const half_t* __restrict__ k, const half_t* 
     const long long dst = (long long)positions[t] * row_elems + e;
     cache_k[dst] = k[idx];
     cache_v[dst] = v[idx];
+}
+
+// rotate_keys with 16-byte accesses: one thread per (token, head, group of 8 rotary pairs or of 8
+// pass-through dims). k rows are k_stride elements apart (e.g. the K columns of a fused QKV product);
+// needs rope_dim % 16 == 0, head_dim % 8 == 0, k_stride % 8 == 0 and a 16-byte aligned k. out contiguous.
+extern "C" __global__ void rotate_keys_vec8(const half_t* __restrict__ k, long long k_stride,
+                                            const int* __restrict__ positions, const float* __restrict__ cos_t,
+                                            const float* __restrict__ sin_t, half_t* __restrict__ out, int n,
+                                            int heads, int head_dim, int rope_dim, int chunk_len) {
+    const int half_r = rope_dim >> 1, pair_groups = half_r >> 3;
+    const int groups = pair_groups + ((head_dim - rope_dim) >> 3);  // per head
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)n * heads * groups) return;
+    const int grp = (int)(idx % groups);
+    const long long row = idx / groups;  // token * heads + head
+    const int t = (int)(row / heads), h = (int)(row % heads);
+    const half_t* src = k + t * k_stride + (long long)h * head_dim;
+    half_t* dst = out + row * head_dim;
+    if (grp >= pair_groups) {  // pass-through dims
+        const int dim = rope_dim + (grp - pair_groups) * 8;
+        *(uint4*)(dst + dim) = *(const uint4*)(src + dim);
+        return;
+    }
+    const int j0 = grp * 8;
+    int p = positions[t];
+    if (chunk_len > 0) p %= chunk_len;
+    const float* cr = cos_t + (long long)p * half_r + j0;
+    const float* sr = sin_t + (long long)p * half_r + j0;
+    const float4 c0 = *(const float4*)cr, c1 = *(const float4*)(cr + 4);
+    const float4 s0 = *(const float4*)sr, s1 = *(const float4*)(sr + 4);
+    const float cs[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+    const float sn[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+    const uint4 a = *(const uint4*)(src + j0), b = *(const uint4*)(src + j0 + half_r);
+    const unsigned av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+    unsigned o1[4], o2[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const float x1a = h2f((half_t)(av[q] & 0xffffu)), x1b = h2f((half_t)(av[q] >> 16));
+        const float x2a = h2f((half_t)(bv[q] & 0xffffu)), x2b = h2f((half_t)(bv[q] >> 16));
+        const float ca = cs[2 * q], cb = cs[2 * q + 1], sa = sn[2 * q], sb = sn[2 * q + 1];
+        o1[q] = (unsigned)f2h(x1a * ca - x2a * sa) | ((unsigned)f2h(x1b * cb - x2b * sb) << 16);
+        o2[q] = (unsigned)f2h(x2a * ca + x1a * sa) | ((unsigned)f2h(x2b * cb + x1b * sb) << 16);
+    }
+    *(uint4*)(dst + j0) = make_uint4(o1[0], o1[1], o1[2], o1[3]);
+    *(uint4*)(dst + j0 + half_r) = make_uint4(o2[0], o2[1], o2[2], o2[3]);
+}
+
+// store_kv with 16-byte accesses: rows of row_elems values (% 8 == 0), k and v rows k_stride and
+// v_stride elements apart (% 8 == 0, 16-byte aligned): cache rows positions[t] <- k[t], v[t].
+extern "C" __global__ void store_kv_vec8(const half_t* __restrict__ k, long long k_stride,
+                                         const half_t* __restrict__ v, long long v_stride,
+                                         const int* __restrict__ positions, half_t* __restrict__ cache_k,
+                                         half_t* __restrict__ cache_v, int n, int row_elems) {
+    const int per_row = row_elems >> 3;
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)n * per_row) return;
+    const int t = (int)(idx / per_row), e = (int)(idx % per_row) * 8;
+    const long long dst = (long long)positions[t] * row_elems + e;
+    *(uint4*)(cache_k + dst) = *(const uint4*)(k + t * k_stride + e);
+    *(uint4*)(cache_v + dst) = *(const uint4*)(v + t * v_stride + e);
 }

@@ -34,8 +34,9 @@ def dims_per_lane(head_dim: int) -> int:
 
 def n_splits(n_queries: int, row_blocks: int, n_kv: int, capacity: int, keys_hint: int) -> int:
     """How many slices of the keys each row block's work is cut into."""
-    if n_queries == 1:
-        return max(1, min(MAX_SPLITS, math.ceil(capacity / DECODE_KEYS_PER_SPLIT)))
+    if n_queries == 1:  # at least enough blocks to fill the GPU, also for a small cache (a short context)
+        by_capacity = math.ceil(capacity / DECODE_KEYS_PER_SPLIT)
+        return max(1, min(MAX_SPLITS, max(by_capacity, math.ceil(TARGET_BLOCKS / (row_blocks * n_kv)))))
     wanted = max(1, TARGET_BLOCKS // (row_blocks * n_kv))
     return max(1, min(wanted, 64, math.ceil(keys_hint / (4 * TILE_KEYS))))
 

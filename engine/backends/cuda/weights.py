@@ -1,7 +1,10 @@
 """Weights on the device, kept in their GGUF encoding, and the matrix products over them.
 
 A 2-D weight becomes a ``DeviceMatrix``: its stored bytes as a (rows, row_bytes) uint8 device array
-plus the ggml type. ``linear`` picks per call:
+plus the ggml type. Matrices that read the same input (a layer's Q, K, V; gate and up) are stored as
+one matrix when their encodings agree (``fuse``): each part is a row range of the whole, so GEMV
+decode is unchanged and a prefill product of the group is one GEMM (``linear`` on ``whole``).
+``linear`` picks per call:
   n == 1  fused dequant-GEMV kernel (kernels/quant.cu gemv_<type>), no cuBLAS: capturable in a graph
   n > 1   dequantize into one shared fp16 scratch buffer (dequant_<type>) + cuBLAS GEMM,
           fp16 inputs, fp32 accumulation (cublasGemmEx, CUBLAS_COMPUTE_32F)
@@ -43,6 +46,8 @@ class DeviceMatrix:
     cols: int
     data: object  # cupy uint8 (rows, row_bytes)
     f32_out: bool
+    whole: "DeviceMatrix | None" = None  # the fused matrix this one is a row range of
+    row_offset: int = 0  # first row within `whole`
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -69,6 +74,33 @@ def upload_weight(cp, name: str, tensor) -> object:
         raw = dequantize(tensor.raw, tensor.ggml_type, tensor.shape).astype("<f2").view(np.uint8).reshape(rows, -1)
     data = cp.asarray(np.ascontiguousarray(raw))
     return DeviceMatrix(name, ggml_type, rows, cols, data, name in OUTPUT_HEADS)
+
+
+def fuse(cp, parts: list[DeviceMatrix]) -> DeviceMatrix | None:
+    """One matrix holding `parts` row after row, the parts becoming row-range views of it (in place);
+    None (parts untouched) when their types, row lengths or output kinds differ."""
+    first = parts[0]
+    if any(p.ggml_type != first.ggml_type or p.cols != first.cols or p.f32_out or p.whole is not None
+           or p.data.shape[1] != first.data.shape[1] for p in parts):
+        return None
+    whole = DeviceMatrix("+".join(p.name for p in parts), first.ggml_type, sum(p.rows for p in parts), first.cols,
+                         cp.concatenate([p.data for p in parts]), False)
+    offset = 0
+    for p in parts:
+        p.data, p.whole, p.row_offset = whole.data[offset:offset + p.rows], whole, offset
+        offset += p.rows
+    return whole
+
+
+def fused_whole(parts) -> DeviceMatrix | None:
+    """The fused matrix that `parts` are, in order, the consecutive row ranges of (None if they are not)."""
+    whole = parts[0].whole
+    offset = 0
+    for p in parts:
+        if p.whole is not whole or whole is None or p.row_offset != offset:
+            return None
+        offset += p.rows
+    return whole if offset == whole.rows else None
 
 
 class MatrixOps:
@@ -109,6 +141,20 @@ class MatrixOps:
             return y
         return self._gemm(x, self.dequantize(w), out_dtype)
 
+    def linear_accumulate(self, acc, x, w: DeviceMatrix) -> None:
+        """acc (n, rows) fp32 += x (n, cols) @ W^T, as one GEMM with beta = 1 (n > 1, not an output head)."""
+        cp = self.cp
+        x = cp.ascontiguousarray(x, dtype=cp.float16)
+        n, k = x.shape
+        w16 = self.dequantize(w)
+        if self.gemm_path == "cublasGemmEx":
+            try:
+                self._gemm_ex(x, w16, acc, n, w.rows, k, beta=1.0)
+                return
+            except Exception:
+                self.gemm_path = "cupy.matmul"
+        acc += cp.matmul(x, w16.T).astype(cp.float32)
+
     def dequantize(self, w: DeviceMatrix) -> object:
         """W as a (rows, cols) fp16 view of the shared scratch buffer (valid until the next call)."""
         cp = self.cp
@@ -136,15 +182,16 @@ class MatrixOps:
                 self.gemm_path = "cupy.matmul"
         return cp.matmul(x, w16.T).astype(out_dtype, copy=False)
 
-    def _gemm_ex(self, x, w16, out, n: int, m: int, k: int) -> None:
-        """Row-major out (n, m) = x (n, k) @ w16 (m, k)^T as column-major out^T = w16 x^T."""
+    def _gemm_ex(self, x, w16, out, n: int, m: int, k: int, beta: float = 0.0) -> None:
+        """Row-major out (n, m) = x (n, k) @ w16 (m, k)^T + beta * out, as column-major out^T = w16 x^T."""
         from cupy_backends.cuda.libs import cublas
 
         cp = self.cp
         handle = cp.cuda.device.get_cublas_handle()
         cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
         one = np.ones(1, dtype=np.float32)
-        zero = np.zeros(1, dtype=np.float32)
+        beta_host = np.full(1, beta, dtype=np.float32)
         c_type = _R_32F if out.dtype == cp.float32 else _R_16F
         cublas.gemmEx(handle, _OP_T, _OP_N, m, n, k, one.ctypes.data, w16.data.ptr, _R_16F, k,
-                      x.data.ptr, _R_16F, k, zero.ctypes.data, out.data.ptr, c_type, m, _COMPUTE_32F, _GEMM_DEFAULT)
+                      x.data.ptr, _R_16F, k, beta_host.ctypes.data, out.data.ptr, c_type, m, _COMPUTE_32F,
+                      _GEMM_DEFAULT)

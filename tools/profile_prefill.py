@@ -1,0 +1,157 @@
+"""Where a long prefill's GPU time goes, per op, on SmolLM2-135M shapes (random Q4_1 weights).
+
+Every backend op of ``Llama.compute`` is bracketed by CUDA events (GPU time, host launch work
+excluded); matrix products are split per weight kind with their FLOP rate. Then cuBLAS alone on the
+same GEMM shapes (the ceiling those ops could reach), and whole prefills of --long tokens at several
+micro-batch sizes.
+
+    python tools/profile_prefill.py [--tokens 32768] [--ubatch 8192,32768] [--long 131072] [--long-ubatch 8192,32768]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.bench import build_model, new_cache  # noqa: E402
+
+OPS = ("embedding", "linear", "rmsnorm", "add", "add_linear", "linear_group", "swiglu", "rotate_keys", "store_kv",
+       "attention")
+
+
+class OpTimer:
+    """Wraps the backend's ops; records (label, flops, start event, end event) per outermost call
+    (an op that calls another, e.g. linear_group -> linear, is timed once)."""
+
+    def __init__(self, cp, backend):
+        self.cp, self.backend, self.calls, self.depth = cp, backend, [], 0
+        self.originals = {}
+        for name in OPS:
+            if hasattr(backend, name):
+                self.originals[name] = getattr(backend, name)
+                setattr(backend, name, self._wrap(name, self.originals[name]))
+
+    def _wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            if self.depth:
+                return fn(*args, **kwargs)
+            label, flops = name, 0.0
+            if name in ("linear", "add_linear"):
+                x, w = (args[0], args[1]) if name == "linear" else (args[1], args[2])
+                label = f"{name} {w.name.split('.')[-1]} {w.rows}x{w.cols}"
+                flops = 2.0 * x.shape[0] * w.rows * w.cols
+            elif name == "linear_group":
+                x, ws = args[0], args[1]
+                label = "linear_group " + "+".join(w.name.split('.')[-1] for w in ws)
+                flops = sum(2.0 * x.shape[0] * w.rows * w.cols for w in ws)
+            start, end = self.cp.cuda.Event(), self.cp.cuda.Event()
+            start.record()
+            self.depth += 1
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+            end.record()
+            self.calls.append((label, flops, start, end))
+            return out
+        return timed
+
+    def restore(self):
+        for name, fn in self.originals.items():
+            setattr(self.backend, name, fn)
+
+    def table(self, wall_ms: float) -> None:
+        self.cp.cuda.Device().synchronize()
+        ms, flops, count = defaultdict(float), defaultdict(float), defaultdict(int)
+        for label, f, start, end in self.calls:
+            ms[label] += self.cp.cuda.get_elapsed_time(start, end)
+            flops[label] += f
+            count[label] += 1
+        total = sum(ms.values())
+        print(f"  {'op':44s} {'calls':>5s} {'ms':>8s} {'share':>6s} {'TFLOP/s':>8s}")
+        for label in sorted(ms, key=ms.get, reverse=True):
+            rate = f"{flops[label] / ms[label] / 1e9:8.1f}" if flops[label] else ""
+            print(f"  {label:44s} {count[label]:5d} {ms[label]:8.2f} {ms[label] / total:6.1%} {rate:>8s}")
+        non_attention = total - sum(v for k, v in ms.items() if k == "attention")
+        mm = sum(flops.values())
+        print(f"  sum of ops {total:.1f} ms (wall {wall_ms:.1f} ms); without attention {non_attention:.1f} ms = "
+              f"{mm / non_attention / 1e9:.1f} TFLOP/s on the matmuls")
+
+
+def profile(model, backend, cp, n: int, ubatch: int) -> None:
+    c = model.config
+    ids = np.random.default_rng(0).integers(0, c.vocab_size, n)
+    for timed in (False, True):
+        cache = new_cache(model, n + 8)
+        timer = OpTimer(cp, backend) if timed else None
+        cp.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        for i in range(0, n, ubatch):
+            model.forward(ids[i:i + ubatch], cache, logits_for="none")
+        cp.cuda.Device().synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+        if timer is not None:
+            timer.restore()
+            print(f"prefill {n} tokens, ubatch {ubatch}:")
+            timer.table(wall)
+        cache = None
+
+
+def gemm_ceiling(cp, n: int) -> None:
+    """cuBLAS fp16 GEMMs of the model's shapes: (n, k) @ (m, k)^T."""
+    print(f"cuBLAS alone, {n} rows (cupy.matmul, fp16 in/out, fp32 accumulation):")
+    for m, k, what in ((576, 576, "q / o"), (192, 576, "k / v"), (960, 576, "q+k+v"), (1536, 576, "gate / up"),
+                       (3072, 576, "gate+up"), (576, 1536, "down")):
+        x = cp.random.standard_normal((n, k), dtype=cp.float32).astype(cp.float16)
+        w = cp.random.standard_normal((m, k), dtype=cp.float32).astype(cp.float16)
+        cp.matmul(x, w.T)
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        for _ in range(20):
+            cp.matmul(x, w.T)
+        end.record()
+        end.synchronize()
+        ms = cp.cuda.get_elapsed_time(start, end) / 20
+        print(f"  {what:10s} m={m:5d} k={k:5d}: {ms * 1e3:7.1f} us  {2 * n * m * k / ms / 1e9:6.1f} TFLOP/s")
+
+
+def long_prefill(model, cp, n: int, ubatches) -> None:
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, n)
+    for ubatch in ubatches:
+        cache = new_cache(model, n + 8)
+        cp.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        for i in range(0, n, ubatch):
+            model.forward(ids[i:i + ubatch], cache, logits_for="none")
+        cp.cuda.Device().synchronize()
+        s = time.perf_counter() - t0
+        print(f"prefill {n} tokens, ubatch {ubatch}: {s:.2f} s ({n / s:.0f} tokens/s)")
+        cache = None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--ubatch", default="8192,32768")
+    parser.add_argument("--long", type=int, default=131072)
+    parser.add_argument("--long-ubatch", default="8192,32768")
+    args = parser.parse_args()
+    import cupy as cp
+
+    model, backend, label, dca = build_model(None, True, "cuda", max(args.tokens, args.long) + 256, "on")
+    print(f"model: {label}; DCA {dca}")
+    for ubatch in (int(u) for u in args.ubatch.split(",")):
+        profile(model, backend, cp, args.tokens, ubatch)
+    gemm_ceiling(cp, args.tokens)
+    if args.long:
+        long_prefill(model, cp, args.long, [int(u) for u in args.long_ubatch.split(",")])
+
+
+if __name__ == "__main__":
+    main()
