@@ -160,8 +160,10 @@ def test_chunked_prefill_against_cache(dtype, head_dim, n_heads, n_kv):
 @pytest.mark.cuda
 @pytest.mark.parametrize("head_dim, options", [(128, {"rotation": "precomputed"}), (64, {"n_splits": 3}),
                                                (128, {"tiles": (1, 64)}), (128, {"tiles": (1, 48)}),
-                                               (64, {"tiles": (1, 64)})],
-                         ids=["precomputed", "splits", "d128-tiles1x64", "d128-tiles1x48", "d64-tiles1x64"])
+                                               (128, {"tiles": (2, 32)}), (64, {"tiles": (1, 64)}),
+                                               (64, {"tiles": (2, 64)})],
+                         ids=["precomputed", "splits", "d128-tiles1x64", "d128-tiles1x48", "d128-tiles2x32",
+                              "d64-tiles1x64", "d64-tiles2x64"])
 def test_prefill_variants(head_dim, options):
     case = Case(np.random.default_rng(2), 150, 16, 4, head_dim, DCA, "bf16", q_start=200, capacity=400)
     assert_close(case.prefill(**options), case.reference(), "bf16")

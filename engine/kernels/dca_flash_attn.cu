@@ -386,6 +386,10 @@ DCA_FLASH(128, 1, 64, false, f16)
 DCA_FLASH(128, 1, 64, true, bf16)
 DCA_FLASH(128, 1, 48, false, f16)
 DCA_FLASH(128, 1, 48, true, bf16)
+DCA_FLASH(64, 2, 128, false, f16)
+DCA_FLASH(64, 2, 128, true, bf16)
+DCA_FLASH(128, 2, 64, false, f16)
+DCA_FLASH(128, 2, 64, true, bf16)
 
 // q_rot (3, n, Hq, D) = q rotated at the intra, successive and inter query positions of each token;
 // one thread per rotary pair (t, t + rope_dim/2) of one (relation, token, head); dims >= rope_dim copied.

@@ -25,10 +25,11 @@ from ...kernels import function
 
 THREADS = 128  # 4 warps per block, both attention kernels
 COMBINE_THREADS = 256  # 8 warps per merged row
-# head_dim -> (m-tiles of 16 rows per warp, keys per tile) of the prefill kernel: the fastest measured
-# on an H200 from 16k tokens up (tools/bench_attention.py); every variant below is built and tested
-PREFILL_TILES = {64: (2, 64), 128: (2, 32)}
-PREFILL_VARIANTS = {64: ((2, 64), (1, 64)), 128: ((2, 32), (1, 64), (1, 48))}  # instantiated in dca_flash_attn.cu
+# head_dim -> (m-tiles of 16 rows per warp, keys per tile) of the prefill kernel: the fastest measured on an
+# H200 (fp16 DCA, 32k tokens: 9x3x64 4.83 ms with (2, 128) vs 5.17 with (2, 64); 32x8x128 32.8 ms with
+# (2, 64) vs 35.8 with (2, 32)); every variant below is built and tested
+PREFILL_TILES = {64: (2, 128), 128: (2, 64)}
+PREFILL_VARIANTS = {64: ((2, 128), (2, 64), (1, 64)), 128: ((2, 64), (2, 32), (1, 64), (1, 48))}  # in dca_flash_attn.cu
 DECODE_TILE_KEYS = {64: 32, 128: 16}  # keys per warp tile of the decode kernel
 DECODE_GROUP_LIMIT = 16  # query heads per KV head: one mma m-tile
 ROTATIONS = ("kernel", "precomputed")
