@@ -9,8 +9,10 @@
 // out1 = x1*cos - x2*sin, out2 = x2*cos + x1*sin; cos/sin tables (n_positions, R/2) fp32.
 
 // out (n, d) fp16 = x * rsqrt(mean(x^2) + eps) * w; x fp32 (x_f16 = 0) or fp16 (x_f16 = 1).
-// One warp per row (blockDim.x / 32 rows per block); vec4 = 1 (d % 4 == 0, 16-byte aligned x): 4 values per load.
-// The row is read twice (sum of squares, then scale); the second read hits L1.
+// One warp per row (blockDim.x / 32 rows per block); vec4 = 1 (d % 4 == 0, 16-byte aligned x): 4 values per
+// load, and rows of up to ROW_REGS_MAX values are held in registers (every load issued before the sum);
+// longer rows are read twice (sum of squares, then scale; the second read hits L1).
+#define ROW_VECS 8  // float4 per lane kept in registers: rows of d <= 32 * 4 * ROW_VECS
 __device__ __forceinline__ void load4(const void* x, long long i, int x_f16, float (&v)[4]) {
     if (x_f16) {
         const uint2 u = *(const uint2*)((const half_t*)x + i);
@@ -27,6 +29,30 @@ extern "C" __global__ void rmsnorm(const void* __restrict__ x, const float* __re
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= n) return;
     const long long base = (long long)row * d;
+    if (vec4 && d <= 128 * ROW_VECS) {
+        float v[ROW_VECS][4];
+        float ss = 0.0f;
+#pragma unroll
+        for (int u = 0; u < ROW_VECS; ++u) {
+            const int i = 4 * lane + 128 * u;
+            if (i < d) load4(x, base + i, x_f16, v[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < ROW_VECS; ++u)
+            if (4 * lane + 128 * u < d) ss += v[u][0] * v[u][0] + v[u][1] * v[u][1] + v[u][2] * v[u][2] + v[u][3] * v[u][3];
+        const float inv = rsqrtf(warp_sum(ss) / (float)d + eps);
+#pragma unroll
+        for (int u = 0; u < ROW_VECS; ++u) {
+            const int i = 4 * lane + 128 * u;
+            if (i >= d) continue;
+            const float4 g = *(const float4*)(w + i);
+            uint2 o;
+            o.x = (unsigned)f2h(v[u][0] * inv * g.x) | ((unsigned)f2h(v[u][1] * inv * g.y) << 16);
+            o.y = (unsigned)f2h(v[u][2] * inv * g.z) | ((unsigned)f2h(v[u][3] * inv * g.w) << 16);
+            *(uint2*)(out + base + i) = o;
+        }
+        return;
+    }
     float ss = 0.0f;
     if (vec4) {
         for (int i = 4 * lane; i < d; i += 128) {
