@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU suite in one command: kernel compile times, every `cuda` test, a prefill split
-# (attention vs the rest) and `engine bench` on SmolLM2-135M shapes; ends with a short summary.
+# The GPU suite in one command: kernel compile times, every `cuda` test, a prefill profile
+# (GPU time per op) and `engine bench` on SmolLM2-135M shapes; ends with a short summary.
 #   tools/gpu_suite.sh [LOG_DIR]        (LOG_DIR defaults to $OUT, else /tmp/gpu_suite)
 # Extra env: SKIP_PREFILL_SPLIT=1, BENCH_ARGS (default "-p 512,8192,32768 -d 512,32768 -r 3"), PYTEST_ARGS (e.g. -k attention).
 # Stages have time limits (pytest 330 s, prefill split 120 s, bench 150 s) so one call fits 10 minutes.
@@ -24,37 +24,13 @@ for name in kernels.KERNEL_FILES:
 PYEOF
 
 timeout 330 $PY -m pytest -q -s -rs -p no:cacheprovider --durations=8 tests/test_kernels_compile.py \
-    tests/test_cuda_selection.py tests/test_cuda_host_logic.py tests/test_cuda_ops.py tests/test_cuda_model.py $PYTEST_ARGS 2>&1 | tee "$LOG/pytest_cuda.log"
+    tests/test_cuda_selection.py tests/test_cuda_host_logic.py tests/test_cuda_ops.py tests/test_cuda_model.py \
+    tests/test_cuda_flash_attn.py $PYTEST_ARGS 2>&1 | tee "$LOG/pytest_cuda.log"
 TEST_RC=$?
 
-[ -n "$SKIP_PREFILL_SPLIT" ] || timeout 120 $PY - <<'PYEOF' 2>&1 | tee "$LOG/prefill_split.log"
-# Prefill of 32k tokens on SmolLM2 shapes: the whole forward, and the same with attention skipped
-# (its output replaced by the queries), so the non-attention part's FLOP rate can be read off.
-import time, numpy as np, cupy
-from engine.bench import build_model, new_cache
-model, backend, label, dca = build_model(None, True, "cuda", 32768 + 256, "on")
-c = model.config
-n = 32768
-ids = np.random.default_rng(0).integers(0, c.vocab_size, n)
-matmul_params = c.n_layers * (c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
-                              + c.n_heads * c.head_dim * c.d_model + 3 * c.d_model * c.ffn_dim)
-def run(ubatch):
-    cache = new_cache(model, n + 8)
-    cupy.cuda.Device().synchronize(); t0 = time.perf_counter()
-    for i in range(0, n, ubatch):
-        model.forward(ids[i:i + ubatch], cache, logits_for="none")
-    cupy.cuda.Device().synchronize(); return time.perf_counter() - t0
-real_attention = backend.attention
-for ubatch in (4096, 32768):
-    backend.attention = real_attention
-    run(ubatch); full = min(run(ubatch) for _ in range(2))
-    backend.attention = lambda q, *a, **k: q
-    run(ubatch); rest = min(run(ubatch) for _ in range(2))
-    flops = 2 * matmul_params * n
-    print(f"pp{n} ubatch {ubatch}: total {full*1e3:.1f} ms ({n/full:.0f} tok/s); without attention "
-          f"{rest*1e3:.1f} ms = {flops/rest/1e12:.1f} TFLOP/s on the matmuls; attention {1e3*(full-rest):.1f} ms")
-backend.attention = real_attention
-PYEOF
+# GPU time per op of a 32k-token prefill (attention vs the rest, FLOP rate of the matrix products)
+[ -n "$SKIP_PREFILL_SPLIT" ] || timeout 120 $PY tools/profile_prefill.py --tokens 32768 --ubatch 32768 --long 0 \
+    2>&1 | tee "$LOG/prefill_split.log"
 
 timeout 90 $PY - <<'PYEOF' 2>&1 | tee "$LOG/decode_profile.log"
 # Registers / local memory of the main kernels, and the decode step (graph replay) fused vs op by op.
@@ -103,7 +79,7 @@ grep -E "^device|^compile" "$LOG/compile.log"
 tail -n 1 "$LOG/pytest_cuda.log"
 grep -E "FAILED|ERROR" "$LOG/pytest_cuda.log" | head -20
 grep -E "rel err|diverged" "$LOG/pytest_cuda.log" | head -30
-[ -n "$SKIP_PREFILL_SPLIT" ] || tail -n 3 "$LOG/prefill_split.log"
+[ -n "$SKIP_PREFILL_SPLIT" ] || grep -E "^prefill|without attention" "$LOG/prefill_split.log"
 cat "$LOG/decode_profile.log"
 tail -n 8 "$LOG/bench.log"
 exit $TEST_RC
