@@ -139,6 +139,32 @@ def test_fused_groups_and_accumulating_products(cuda, rng, ggml_type):
         assert rel_err(cuda.to_numpy(got), x + a @ down.dequantize().T) < 1e-3, (ggml_type.name, n)
 
 
+def test_kept_fp16_copies_and_f16_weights_as_stored(cuda, rng):
+    """keep_fp16 (small models): prefill GEMMs read kept fp16 copies (a fused whole's copy serves its
+    parts) and give what the scratch path gives; over budget nothing is kept; F16 weights are read as
+    stored, without a copy."""
+    from engine.backends.cuda.weights import MatrixOps, fuse, upload_weight
+
+    cp = cuda.cp
+    ops = MatrixOps(cp)
+    tensors = [synthetic_weight(f"blk.0.ffn_{s}", GGMLType.Q4_K, (rows, 512), rng, 1 / 16)
+               for s, rows in (("gate", 96), ("up", 96))]
+    parts = [upload_weight(cp, t.name, t) for t in tensors]
+    whole = fuse(cp, parts)
+    down_t = synthetic_weight("blk.0.ffn_down", GGMLType.Q8_0, (64, 512), rng, 1 / 16)
+    down = upload_weight(cp, down_t.name, down_t)
+    x = cp.asarray(fp16(rng.standard_normal((40, 512))).astype(np.float16))
+    before = [cp.asnumpy(ops.linear(x, m)) for m in (whole, parts[1], down)]
+    assert ops.keep_fp16([whole, down], budget_bytes=100) == 0 and whole.fp16 is None
+    assert ops.keep_fp16([whole, down], budget_bytes=1 << 20) == 2 * 512 * (192 + 64)
+    assert ops.dequantize(parts[1]).data.ptr == whole.fp16[96:].data.ptr  # a view of the whole's copy
+    after = [cp.asnumpy(ops.linear(x, m)) for m in (whole, parts[1], down)]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    f16 = upload_weight(cp, "blk.0.attn_q", synthetic_weight("blk.0.attn_q", GGMLType.F16, (72, 256), rng, 0.1))
+    assert ops.dequantize(f16).data.ptr == f16.data.data.ptr
+
+
 @pytest.mark.parametrize("n,f", [(1, 1536), (33, 40), (7, 37), (300, 96)])
 def test_swiglu_on_the_halves_of_one_product(cuda, rng, n, f):
     ref = NumpyBackend()

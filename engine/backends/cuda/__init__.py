@@ -21,6 +21,10 @@ ELEMENTWISE_THREADS = 256
 NORM_ROWS_PER_BLOCK = 8  # rmsnorm: one warp per row
 # matrices that read the same input, stored as one (per layer, when their encodings agree)
 FUSED_GROUPS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
+# A model whose matrices take at most this much as fp16 keeps fp16 copies for prefill GEMMs: dequantizing
+# per prefill batch costs a small model ~4% of a 32k-token prefill (many small launches; SmolLM2-135M:
+# 0.27 GB of copies), while a large model's GEMMs dwarf it and its copies would take the KV cache's memory.
+PREFILL_FP16_BUDGET = 1 << 30
 
 
 def _cupy():
@@ -54,6 +58,8 @@ class CudaBackend:
                         parts = [device.get(prefix + part) for part in group]
                         if all(isinstance(p, DeviceMatrix) for p in parts):
                             fuse(cp, parts)
+            matrices = {id(m.whole or m): m.whole or m for m in device.values() if isinstance(m, DeviceMatrix)}
+            self.matrices.keep_fp16(list(matrices.values()), PREFILL_FP16_BUDGET)
             return device
         except cp.cuda.memory.OutOfMemoryError as exc:
             needed = sum(int(w.raw.nbytes) for w in weights.values())

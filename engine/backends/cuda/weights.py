@@ -7,7 +7,8 @@ decode is unchanged and a prefill product of the group is one GEMM (``linear`` o
 ``linear`` picks per call:
   n == 1  fused dequant-GEMV kernel (kernels/quant.cu gemv_<type>), no cuBLAS: capturable in a graph
   n > 1   dequantize into one shared fp16 scratch buffer (dequant_<type>) + cuBLAS GEMM,
-          fp16 inputs, fp32 accumulation (cublasGemmEx, CUBLAS_COMPUTE_32F)
+          fp16 inputs, fp32 accumulation (cublasGemmEx, CUBLAS_COMPUTE_32F); F16 weights are used as
+          stored, and a small model keeps dequantized fp16 copies (``keep_fp16``) instead
 Output: fp16, or fp32 for the output head (``f32_out``; logits keep their precision).
 Types kept quantized: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K. Other ggml types the loader
 accepts (Q5_0, Q5_1, Q5_K) are dequantized once on the host and kept as F16.
@@ -48,6 +49,7 @@ class DeviceMatrix:
     f32_out: bool
     whole: "DeviceMatrix | None" = None  # the fused matrix this one is a row range of
     row_offset: int = 0  # first row within `whole`
+    fp16: object = None  # a dequantized (rows, cols) fp16 copy kept for prefill GEMMs (MatrixOps.keep_fp16)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -155,9 +157,35 @@ class MatrixOps:
                 self.gemm_path = "cupy.matmul"
         acc += cp.matmul(x, w16.T).astype(cp.float32)
 
-    def dequantize(self, w: DeviceMatrix) -> object:
-        """W as a (rows, cols) fp16 view of the shared scratch buffer (valid until the next call)."""
+    def keep_fp16(self, matrices: list[DeviceMatrix], budget_bytes: int) -> int:
+        """Give the matrices (fused wholes and unfused ones) dequantized fp16 copies, and the parts of a
+        whole row-range views of its copy, when the copies of all of them fit in budget_bytes; returns the
+        bytes kept (0: none, prefill dequantizes per call)."""
         cp = self.cp
+        needed = [m for m in matrices if m.ggml_type != GGMLType.F16 and m.fp16 is None]
+        total = sum(2 * m.rows * m.cols for m in needed)
+        if not needed or total > budget_bytes:
+            return 0
+        try:
+            for m in needed:
+                m.fp16 = self.dequantize(m).copy()
+        except cp.cuda.memory.OutOfMemoryError:
+            for m in needed:
+                m.fp16 = None
+            return 0
+        return total
+
+    def dequantize(self, w: DeviceMatrix) -> object:
+        """W as (rows, cols) fp16: the stored bytes themselves for F16, the kept copy (keep_fp16), a row
+        range of its fused whole's kept copy, or else a view of the shared scratch buffer (valid until the
+        next call)."""
+        cp = self.cp
+        if w.ggml_type == GGMLType.F16:
+            return w.data.view(cp.float16).reshape(w.rows, w.cols)
+        if w.fp16 is not None:
+            return w.fp16
+        if w.whole is not None and w.whole.fp16 is not None:
+            return w.whole.fp16[w.row_offset:w.row_offset + w.rows]
         nbytes = 2 * w.rows * w.cols
         if self._scratch is None or self._scratch.size < nbytes:
             self._scratch = cp.empty(nbytes, dtype=cp.uint8)
