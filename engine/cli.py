@@ -120,6 +120,7 @@ def info(model_arg, model, ctx_size, device, dca, dca_chunk_size, dca_local_wind
         ("tokenizer", f"{tok.kind}, {tok.vocab_size} tokens, bos {tok.bos_id}, eos {tok.eos_id}"),
         ("chat template", "present" if tok.chat_template else "absent (ChatML fallback)"),
         ("plan: context", str(context)),
+        ("plan: weights", _describe_weights(loaded)),
         ("plan: KV cache", _describe_kv_cache(c, context)),
         ("plan: DCA", _describe_dca(dca_plan)),
         ("plan: attention temperature", "on" if attn_temperature else "off"),
@@ -136,6 +137,17 @@ def _describe_rope(rope) -> str:
     if rope.freq_factors is not None:
         text += ", frequency factors from rope_freqs"
     return text
+
+
+def _describe_weights(loaded) -> str:
+    from .backends.cuda.weights import device_bytes, planned_fp16_copies
+
+    stored = sum(device_bytes(w) for w in loaded.weights.values())
+    copies = planned_fp16_copies(loaded.weights)
+    cuda = f"{stored / 2**30:.2f} GiB on CUDA as stored"
+    if copies:
+        cuda += f" + {copies / 2**30:.2f} GiB of fp16 copies for prefill"
+    return f"{4 * loaded.n_parameters() / 2**30:.2f} GiB on the CPU (float32), {cuda}"
 
 
 def _describe_kv_cache(c, context: int) -> str:

@@ -74,3 +74,24 @@ def test_weight_kernel_suffixes_cover_the_quantized_types():
     for t, suffix in KERNEL_SUFFIX.items():
         assert f"QUANT_KERNELS({suffix}, T_{t.name})" in quant
     assert np.all([f"DECODE_KERNELS({s}," in source("decode") for s in KERNEL_SUFFIX.values()])
+
+
+def test_planned_fp16_copies_and_device_bytes():
+    """What `engine info` reports for the CUDA backend: matrices kept as stored (Q5_0 has no device decoder:
+    F16), vectors as fp32, and fp16 prefill copies of the non-F16 matrices only while they fit the budget."""
+    from engine.backends.cuda import weights as cw
+    from engine.bench import synthetic_weight
+    from engine.loader import WeightTensor
+    from engine.weights.quant import GGMLType
+
+    rng = np.random.default_rng(0)
+    ws = {"a": synthetic_weight("a", GGMLType.Q4_1, (64, 256), rng, 0.1),
+          "b": synthetic_weight("b", GGMLType.F16, (32, 256), rng, 0.1),
+          "c": WeightTensor("c", GGMLType.Q5_0, (16, 256), np.zeros(16 * 256 // 32 * 22, np.uint8)),
+          "n": synthetic_weight("n", GGMLType.F32, (256,), rng, 1.0)}
+    assert cw.device_bytes(ws["a"]) == ws["a"].raw.nbytes == 64 * 256 // 32 * 20
+    assert cw.device_bytes(ws["c"]) == 2 * 16 * 256 and cw.device_bytes(ws["n"]) == 4 * 256
+    assert cw.planned_fp16_copies(ws) == 2 * 64 * 256  # Q4_1 only: F16 (and Q5_0 -> F16) are read as stored
+    big = {"w": synthetic_weight("w", GGMLType.Q8_0, (1, 256), rng, 0.1)}
+    big["w"].shape = (cw.PREFILL_FP16_BUDGET // 256, 256)  # only the shape matters here
+    assert cw.planned_fp16_copies({**ws, **big}) == 0

@@ -15,16 +15,12 @@ from ...kernels import function
 from ...kvcache import KVCache
 from . import attention as attention_ops
 from . import flash_attention as flash
-from .weights import DeviceMatrix, MatrixOps, fuse, fused_whole, upload_weight
+from .weights import PREFILL_FP16_BUDGET, DeviceMatrix, MatrixOps, fuse, fused_whole, upload_weight
 
 ELEMENTWISE_THREADS = 256
 NORM_ROWS_PER_BLOCK = 8  # rmsnorm: one warp per row
 # matrices that read the same input, stored as one (per layer, when their encodings agree)
 FUSED_GROUPS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
-# A model whose matrices take at most this much as fp16 keeps fp16 copies for prefill GEMMs: dequantizing
-# per prefill batch costs a small model ~4% of a 32k-token prefill (many small launches; SmolLM2-135M:
-# 0.27 GB of copies), while a large model's GEMMs dwarf it and its copies would take the KV cache's memory.
-PREFILL_FP16_BUDGET = 1 << 30
 
 
 def _cupy():

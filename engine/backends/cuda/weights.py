@@ -28,6 +28,10 @@ KERNEL_SUFFIX = {
     GGMLType.Q4_0: "q4_0", GGMLType.Q4_1: "q4_1", GGMLType.Q4_K: "q4_k", GGMLType.Q6_K: "q6_k",
 }
 OUTPUT_HEADS = ("output", "token_embd")  # weights whose products are logits (fp32 out)
+# A model whose matrices take at most this much as fp16 keeps fp16 copies for prefill GEMMs: dequantizing
+# per prefill batch costs a small model ~4% of a 32k-token prefill (many small launches; SmolLM2-135M:
+# 0.27 GB of copies), while a large model's GEMMs dwarf it and its copies would take the KV cache's memory.
+PREFILL_FP16_BUDGET = 1 << 30
 GEMV_WARPS = 4  # output rows per GEMV block (one warp each)
 
 # cuBLAS / CUDA enum values (cublas_api.h, library_types.h)
@@ -69,13 +73,34 @@ def upload_weight(cp, name: str, tensor) -> object:
     rows, cols = (int(s) for s in tensor.shape)
     if cols % 8:
         raise DeviceError(f"weight {name}: row length {cols} is not a multiple of 8 (needed by the CUDA kernels)")
-    ggml_type = GGMLType(tensor.ggml_type)
+    ggml_type = device_type(tensor.ggml_type)
     raw = tensor.row_bytes()
-    if ggml_type not in KERNEL_SUFFIX:  # no device decoder for this type: keep it as fp16
-        ggml_type = GGMLType.F16
+    if ggml_type != tensor.ggml_type:  # no device decoder for this type: keep it as fp16
         raw = dequantize(tensor.raw, tensor.ggml_type, tensor.shape).astype("<f2").view(np.uint8).reshape(rows, -1)
     data = cp.asarray(np.ascontiguousarray(raw))
     return DeviceMatrix(name, ggml_type, rows, cols, data, name in OUTPUT_HEADS)
+
+
+def device_type(ggml_type) -> GGMLType:
+    """The encoding a weight of this type keeps on the device (types without a device decoder -> F16)."""
+    return GGMLType(ggml_type) if GGMLType(ggml_type) in KERNEL_SUFFIX else GGMLType.F16
+
+
+def device_bytes(tensor) -> int:
+    """Device memory of a loader weight once uploaded (upload_weight): vectors as fp32, matrices as kept."""
+    if len(tensor.shape) != 2:
+        return 4 * int(np.prod(tensor.shape))
+    if device_type(tensor.ggml_type) != tensor.ggml_type:
+        return 2 * int(np.prod(tensor.shape))
+    return int(tensor.raw.nbytes)
+
+
+def planned_fp16_copies(weights) -> int:
+    """Bytes of the fp16 prefill copies (MatrixOps.keep_fp16) the CUDA backend will keep for these loader
+    weights: the matrices not stored as F16, when they fit in PREFILL_FP16_BUDGET, else 0."""
+    total = sum(2 * int(np.prod(w.shape)) for w in weights.values()
+                if len(w.shape) == 2 and device_type(w.ggml_type) != GGMLType.F16)
+    return total if total <= PREFILL_FP16_BUDGET else 0
 
 
 def fuse(cp, parts: list[DeviceMatrix]) -> DeviceMatrix | None:
