@@ -85,12 +85,12 @@ def attend(q, k, v, scale, causal_offset=None):
 
     causal_offset: when given, query row r sits at key index r + causal_offset and sees keys <= it.
     """
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (H, nq, nk)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # (H, nq, nk); in place from here on
     if causal_offset is not None:
         rows = torch.arange(q.shape[1])[:, None] + causal_offset
-        scores = scores.masked_fill(torch.arange(k.shape[1])[None, :] > rows, float("-inf"))
+        scores.masked_fill_(torch.arange(k.shape[1])[None, :] > rows, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (H, nq)
-    probs = torch.exp(scores - lse[..., None])
+    probs = scores.sub_(lse[..., None]).exp_()
     return torch.matmul(probs, v), lse
 
 
@@ -149,7 +149,7 @@ def make_dca_forward(chunk_size, local_window, inv_freq, dtype):
 
 @contextlib.contextmanager
 def dca_patched(model, chunk_size, local_window, dtype=None):
-    """Every LlamaAttention of the process runs DCA inside the block; plain eager attention after it."""
+    """Every LlamaAttention of the process runs DCA inside the block; the model's own attention after it."""
     from transformers.models.llama.modeling_llama import LlamaAttention
     dtype = torch.float64 if dtype is None else dtype
     config = model.config
@@ -158,12 +158,16 @@ def dca_patched(model, chunk_size, local_window, dtype=None):
         raise SystemExit(f"the DCA reference handles unscaled RoPE only, got {config.rope_parameters}")
     head_dim = config.head_dim
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (d/2,)
-    original = LlamaAttention.forward
+    original, original_impl = LlamaAttention.forward, config._attn_implementation
     LlamaAttention.forward = make_dca_forward(chunk_size, local_window, inv_freq, dtype)
+    # the DCA forward ignores the mask: "sdpa" lets transformers skip building the (n, n) float mask
+    # that "eager" materializes (4 GiB at 32k tokens)
+    model.set_attn_implementation("sdpa")
     try:
         yield
     finally:
         LlamaAttention.forward = original
+        model.set_attn_implementation(original_impl)
 
 
 # ---------------------------------------------------------------- model, runs
