@@ -10,7 +10,7 @@
 
 // out (n, d) fp16 = x * rsqrt(mean(x^2) + eps) * w; x fp32 (x_f16 = 0) or fp16 (x_f16 = 1).
 // One warp per row (blockDim.x / 32 rows per block); vec4 = 1 (d % 4 == 0, 16-byte aligned x): 4 values per
-// load, and rows of up to ROW_REGS_MAX values are held in registers (every load issued before the sum);
+// load, and rows of up to 128 * ROW_VECS values are held in registers (every load issued before the sum);
 // longer rows are read twice (sum of squares, then scale; the second read hits L1).
 #define ROW_VECS 8  // float4 per lane kept in registers: rows of d <= 32 * 4 * ROW_VECS
 __device__ __forceinline__ void load4(const void* x, long long i, int x_f16, float (&v)[4]) {
