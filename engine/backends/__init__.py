@@ -4,7 +4,7 @@ Op set (x: (n_tokens, features) activations; weights as the backend prepared the
 positions: (n,) backend int array of absolute positions):
   prepare_weights(weights) -> dict    new_cache(n_layers, capacity, n_kv_heads, head_dim)
   tokens(ids) / positions(start, n)   host -> backend arrays;   to_numpy(x)   backend -> host
-  embedding(table, ids)   rmsnorm(x, w, eps)   linear(x, w) = x @ w.T   add(x, y)   swiglu(gate, up)
+  embedding(table, ids)   rmsnorm(x, w, eps)   linear(x, w) = x @ w.T   swiglu(gate, up)
   linear_group(x, [w1, w2, ...]) = [x @ w1.T, ...]   (one product when the backend stored them fused)
   add_linear(x, a, w) = x + a @ w.T                  (x may be updated in place and returned)
   rotate_keys(k, positions, rotary, dca)        keys rotated at their DCA key positions

@@ -72,9 +72,6 @@ class NumpyBackend:
     def linear_group(self, x: np.ndarray, ws) -> list[np.ndarray]:
         return [x @ w.T for w in ws]
 
-    def add(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return x + y
-
     def add_linear(self, x: np.ndarray, a: np.ndarray, w: np.ndarray) -> np.ndarray:
         return x + a @ w.T
 
