@@ -278,7 +278,27 @@ def write_golden(args, model_path: Path) -> None:
     print(f"wrote {npz_path} ({npz_path.stat().st_size / 1024:.0f} KiB) in {time.perf_counter() - started:.1f}s")
 
 
+def load_saved(path: Path | None, settings: dict) -> dict[str, np.ndarray]:
+    """Rows already computed for exactly these settings (ids, cs, w, dtype) in a --save file, else {}."""
+    if path is None or not path.exists():
+        return {}
+    saved = dict(np.load(path))
+    same = all(np.array_equal(saved.get(name), value) for name, value in settings.items())
+    return {name: saved[name] for name in ("hf_logits", "engine_logits") if name in saved} if same else {}
+
+
+def print_top(label: str, logits: np.ndarray, tokenizer) -> np.ndarray:
+    """Print the top-5 tokens (decoded) with logits; returns their ids, best first."""
+    order = np.argsort(-logits)[:TOP_K]
+    print(label)
+    for rank, tok in enumerate(order):
+        print(f"  {rank + 1}. {int(tok):6d} {tokenizer.decode([int(tok)])!r:14s} {logits[tok]:.4f}")
+    return order
+
+
 def run_passkey(args, model_path: Path) -> None:
+    """HF+DCA vs the engine on one passkey prompt. With --save, each side's last-position logits are
+    written as soon as they exist and reused by a later run with the same settings."""
     import engine
     from engine.eval.passkey import build_prompt
     from engine.loader import open_model
@@ -291,31 +311,36 @@ def run_passkey(args, model_path: Path) -> None:
     ids = list(prompt.ids)
     print(f"passkey prompt: {len(ids)} tokens, key {key} at token {prompt.key_offset}, DCA cs={cs} w={w}, "
           f"attention in {args.attention_dtype}")
+    settings = {"ids": np.asarray(ids, dtype=np.int32), "chunk_size": np.int64(cs), "local_window": np.int64(w),
+                "attention_dtype": np.str_(args.attention_dtype)}
+    results = load_saved(args.save, settings)
 
-    t0 = time.perf_counter()
-    _, model = load_hf(model_path)
-    with dca_patched(model, cs, w, getattr(torch, args.attention_dtype)):
-        hf_last = hf_logits(model, ids, last_only=True)[-1]  # (vocab,)
-    del model
-    print(f"HF+DCA: {time.perf_counter() - t0:.0f}s")
-    order = np.argsort(-hf_last)[:TOP_K]
-    for rank, tok in enumerate(order):
-        print(f"  {rank + 1}. {int(tok):6d} {loaded.tokenizer.decode([int(tok)])!r:14s} {hf_last[tok]:.4f}")
+    def save() -> None:
+        if args.save:
+            np.savez_compressed(args.save, **settings, **results)
 
-    t0 = time.perf_counter()
-    llm = engine.load(model_path, device="cpu", context=len(ids) + 16,
-                      dca=engine.DCAConfig(chunk_size=cs, local_window=w))
-    ours = llm.prefill(ids, llm.new_cache())  # (vocab,): the last row of llm.logits(ids), without the others
-    print(f"engine (numpy): {time.perf_counter() - t0:.0f}s")
-    ours_order = np.argsort(-ours)[:TOP_K]
-    for rank, tok in enumerate(ours_order):
-        print(f"  {rank + 1}. {int(tok):6d} {loaded.tokenizer.decode([int(tok)])!r:14s} {ours[tok]:.4f}")
-    print(f"last-position logits: relative L2 {relative_l2(ours, hf_last):.3e}, max abs diff "
-          f"{np.abs(ours.astype(np.float64) - hf_last).max():.3e}, argmax HF {int(order[0])} engine "
-          f"{int(ours_order[0])} -> {'agree' if order[0] == ours_order[0] else 'DISAGREE'}")
-    if args.save:
-        np.savez_compressed(args.save, ids=np.asarray(ids, dtype=np.int32), hf_logits=hf_last, engine_logits=ours)
-        print(f"saved {args.save}")
+    if "hf_logits" not in results:
+        t0 = time.perf_counter()
+        _, model = load_hf(model_path)
+        with dca_patched(model, cs, w, getattr(torch, args.attention_dtype)):
+            results["hf_logits"] = hf_logits(model, ids, last_only=True)[-1]  # (vocab,)
+        del model
+        print(f"HF+DCA: {time.perf_counter() - t0:.0f}s")
+        save()
+    hf_order = print_top("HF+DCA, last position:", results["hf_logits"], loaded.tokenizer)
+
+    if "engine_logits" not in results:
+        t0 = time.perf_counter()
+        llm = engine.load(model_path, device="cpu", context=len(ids) + 16,
+                          dca=engine.DCAConfig(chunk_size=cs, local_window=w))
+        results["engine_logits"] = llm.prefill(ids, llm.new_cache())  # (vocab,): last row of llm.logits(ids)
+        print(f"engine (numpy): {time.perf_counter() - t0:.0f}s")
+        save()
+    ours, theirs = results["engine_logits"], results["hf_logits"]
+    ours_order = print_top("engine, last position:", ours, loaded.tokenizer)
+    print(f"last-position logits: relative L2 {relative_l2(ours, theirs):.3e}, max abs diff "
+          f"{np.abs(ours.astype(np.float64) - theirs).max():.3e}, argmax HF {int(hf_order[0])} engine "
+          f"{int(ours_order[0])} -> {'agree' if hf_order[0] == ours_order[0] else 'DISAGREE'}")
 
 
 def main() -> None:
@@ -330,7 +355,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=GOLDEN_TOKENS, help="golden prompt length in tokens")
     parser.add_argument("--passkey", nargs=3, metavar=("LENGTH", "DEPTH", "KEY"), default=None,
                         help="cross-check HF+DCA against the engine on a passkey prompt instead")
-    parser.add_argument("--save", type=Path, default=None, help="--passkey: save ids and both logits rows here")
+    parser.add_argument("--save", type=Path, default=None,
+                        help="--passkey: save (and reuse) ids and both last-position logits rows here")
     parser.add_argument("--attention-dtype", choices=("float64", "float32"), default="float64",
                         help="--passkey: the DCA attention's float type (the golden file is always float64)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
