@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.bench import build_model, new_cache  # noqa: E402
+from engine.bench import _prefill, build_model, new_cache  # noqa: E402
 
 OPS = ("embedding", "linear", "rmsnorm", "add", "add_linear", "linear_group", "swiglu", "rotate_keys", "store_kv",
        "attention")
@@ -92,8 +92,7 @@ def profile(model, backend, cp, n: int, ubatch: int) -> None:
         timer = OpTimer(cp, backend) if timed else None
         cp.cuda.Device().synchronize()
         t0 = time.perf_counter()
-        for i in range(0, n, ubatch):
-            model.forward(ids[i:i + ubatch], cache, logits_for="none")
+        _prefill(model, cache, ids, ubatch)
         cp.cuda.Device().synchronize()
         wall = (time.perf_counter() - t0) * 1e3
         if timer is not None:
@@ -127,8 +126,7 @@ def long_prefill(model, cp, n: int, ubatches) -> None:
         cache = new_cache(model, n + 8)
         cp.cuda.Device().synchronize()
         t0 = time.perf_counter()
-        for i in range(0, n, ubatch):
-            model.forward(ids[i:i + ubatch], cache, logits_for="none")
+        _prefill(model, cache, ids, ubatch)
         cp.cuda.Device().synchronize()
         s = time.perf_counter() - t0
         print(f"prefill {n} tokens, ubatch {ubatch}: {s:.2f} s ({n / s:.0f} tokens/s)")
