@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .backends import get_backend
+from .backends import activation_dtype, get_backend
 from .config import DCAConfig, ModelConfig
 from .default_model import default_model_path
 from .errors import ConfigError, ContextError
@@ -69,6 +69,11 @@ class LLM:
     @property
     def device(self) -> str:
         return self.backend.name
+
+    @property
+    def dtype(self) -> str:
+        """The activation dtype: "f16" or "bf16" on CUDA, "f32" on the CPU."""
+        return activation_dtype(self.backend)
 
     def tokenize(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_bos=add_bos, parse_special=parse_special)
@@ -226,16 +231,18 @@ def plan(config: ModelConfig, context: int | None, dca: str | DCAConfig | None, 
 def load(model: str | Path | None = None, device: str = "cpu", context: int | None = None,
          dca: str | DCAConfig | None = "auto", dca_chunk_size: int | None = None,
          dca_local_window: int | None = None, rope_scaling: str | None = None, rope_scale: float | None = None,
-         attention_temperature: bool = False) -> LLM:
+         attention_temperature: bool = False, dtype: str = "auto") -> LLM:
     """Load a GGUF file or HF folder (default: the default model) onto a device.
 
+    dtype: activation dtype on CUDA, "auto" (bf16 when the model's matrices are stored BF16, else f16),
+    "f16" or "bf16"; the CPU backend computes in float32 (an explicit dtype there is a ConfigError).
     context: KV cache capacity in tokens (default: the model's training context).
     dca: "auto" (on when context > training context) | "on" | "off" | a DCAConfig.
     rope_scaling / rope_scale: override the model's RoPE scaling (none|linear|ntk|dynamic|yarn).
     """
     t0 = time.perf_counter()
-    backend = get_backend(device)
     loaded = open_model(default_model_path() if model is None else model)
+    backend = get_backend(device, dtype, loaded.weights)
     loaded.config, context, dca_config = plan(loaded.config, context, dca, dca_chunk_size, dca_local_window,
                                               rope_scaling, rope_scale)
     llm = LLM(loaded, backend, context, dca_config, attention_temperature)

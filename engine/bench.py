@@ -1,7 +1,7 @@
 """`engine bench`: llama-bench-style throughput of prompt processing (ppN) and generation (tgN).
 
     engine bench [-m MODEL | --synthetic] [-p 512,8192,32768] [-n 128] [-d 0,32768] [-r 3]
-                 [--device auto|cpu|cuda] [--dca auto|on|off] [--json]
+                 [--device auto|cpu|cuda] [--dtype auto|f16|bf16] [--dca auto|on|off] [--json]
 
 ppN: N prompt tokens into an empty cache (no logits), tokens/s. tgN @ dD: N greedy decode steps after
 a D-token context, through the backend's decode loop (on the GPU a CUDA graph, already captured: the
@@ -24,6 +24,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .backends import DTYPE_HELP, DTYPES, activation_dtype
 from .config import ModelConfig, RopeConfig
 from .default_model import default_model_path
 from .errors import EngineError
@@ -225,14 +226,14 @@ def hf_results(path: Path, prompts: list[int], n_gen: int, depths: list[int], re
     return results
 
 
-def build_model(model_path, synthetic: bool, device: str, context: int, dca_mode: str):
-    """(Llama, backend, description) for the bench."""
+def build_model(model_path, synthetic: bool, device: str, context: int, dca_mode: str, dtype: str = "auto"):
+    """(Llama, backend, description, DCA config) for the bench; dtype: the CUDA activation dtype (--dtype)."""
     from .api import resolve_dca
-    from .backends import get_backend
+    from .backends import get_backend, resolve_device, resolve_dtype
     from .model import Llama
     from .rope import RotaryTable
 
-    backend = get_backend(device)
+    resolve_dtype(dtype, resolve_device(device))  # refuse a wrong --dtype before reading the model
     if synthetic and model_path is None:
         config, loaded_weights, label = SMOLLM2_CONFIG, None, SMOLLM2_CONFIG.name
     else:
@@ -247,6 +248,7 @@ def build_model(model_path, synthetic: bool, device: str, context: int, dca_mode
         matrix_type = next(iter(types)) if len(types) == 1 else GGMLType.Q4_1
         loaded_weights = synthetic_weights(config, matrix_type)
         label += " (synthetic weights)" if "random" not in label else ""
+    backend = get_backend(device, dtype, loaded_weights)
     dca = resolve_dca(dca_mode, context, config.context_length)
     rotary = RotaryTable(config.rope, dca.chunk_size + 1 if dca else context, context=context)
     model = Llama(config, backend.prepare_weights(loaded_weights), backend, rotary, dca)
@@ -270,18 +272,21 @@ def _ints(text: str) -> list[int]:
 @click.option("-ub", "--ubatch", type=int, default=None,
               help="tokens per forward during prefill  [default: the backend's prefill batch, as generate uses]")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@click.option("--dtype", default="auto", type=click.Choice(DTYPES), show_default=True, help=DTYPE_HELP)
 @click.option("--dca", "dca_mode", default="auto", type=click.Choice(["auto", "on", "off"]), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
 @click.option("--hf/--no-hf", default=True, show_default=True,
               help="also measure HF transformers on the same model (when torch and transformers import)")
-def bench(model_path, synthetic, n_prompt, n_gen, depth, repetitions, ubatch, device, dca_mode, as_json, hf):
+def bench(model_path, synthetic, n_prompt, n_gen, depth, repetitions, ubatch, device, dtype, dca_mode, as_json,
+          hf):
     """Prompt-processing and generation throughput, llama-bench style."""
     prompts, depths = _ints(n_prompt), _ints(depth)
     if repetitions < 1 or n_gen < 1 or (ubatch is not None and ubatch < 1) or any(p < 1 for p in prompts) \
             or any(d < 0 for d in depths):
         raise click.BadParameter("lengths, repetitions and ubatch must be positive")
     context = max(prompts + [d + n_gen + 1 for d in depths])
-    model, backend, label, dca = build_model(model_path, synthetic, device, context, dca_mode)
+    model, backend, label, dca = build_model(model_path, synthetic, device, context, dca_mode, dtype)
+    activations = activation_dtype(backend)
     ubatch = ubatch or backend.prefill_batch
     rng = np.random.default_rng(0)
     results = [bench_prompt(model, backend, p, repetitions, ubatch, rng) for p in prompts]
@@ -295,10 +300,10 @@ def bench(model_path, synthetic, n_prompt, n_gen, depth, repetitions, ubatch, de
             row["hf_tokens_per_s"] = theirs["tokens_per_s"]
             row["speedup_vs_hf"] = row["tokens_per_s"] / theirs["tokens_per_s"]
     if as_json:
-        click.echo(json.dumps({"model": label, "device": backend.name, "dca": dca is not None, "results": rows},
-                              indent=2))
+        click.echo(json.dumps({"model": label, "device": backend.name, "dtype": activations, "dca": dca is not None,
+                               "results": rows}, indent=2))
         return
-    click.echo(f"model: {label}   device: {backend.name}   dca: {'on' if dca else 'off'}")
+    click.echo(f"model: {label}   device: {backend.name}   dtype: {activations}   dca: {'on' if dca else 'off'}")
     extra = f" {'HF tokens/s':>12} | {'ratio':>6} |" if hf_rows else ""
     click.echo(f"| {'test':>8} | {'depth':>6} | {'tokens/s':>20} |{extra}")
     click.echo(f"| {'-' * 8} | {'-' * 6} | {'-' * 20} |" + (f" {'-' * 12} | {'-' * 6} |" if hf_rows else ""))

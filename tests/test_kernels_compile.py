@@ -1,4 +1,5 @@
-"""Every CUDA kernel compiles to PTX for sm_90 through NVRTC alone: no GPU or driver is needed."""
+"""Every CUDA kernel compiles to PTX for sm_90 through NVRTC alone, in every activation dtype its file is
+built for (f16, and bf16 with -DACT_BF16): no GPU or driver is needed."""
 from __future__ import annotations
 
 import re
@@ -34,13 +35,30 @@ def _nvrtc_usable() -> bool:
 pytestmark = pytest.mark.skipif(not _nvrtc_usable(), reason="NVRTC library not found (nvidia-cuda-nvrtc wheel)")
 
 
-@pytest.mark.parametrize("name", kernels.KERNEL_FILES)
-def test_kernel_file_compiles_for_sm90(name):
-    ptx = kernels.compile_ptx(name, "sm_90")
+BUILDS = [(name, dtype) for name in kernels.KERNEL_FILES for dtype in kernels.dtypes(name)]
+
+
+@pytest.mark.parametrize("name,dtype", BUILDS, ids=[f"{n}-{d}" for n, d in BUILDS])
+def test_kernel_file_compiles_for_sm90(name, dtype):
+    ptx = kernels.compile_ptx(name, "sm_90", dtype)
     assert ".target sm_90" in ptx
     entries = set(re.findall(r"\.entry\s+(\w+)", ptx))
     assert entries and entries >= EXPECTED_ENTRIES.get(name, set())
-    assert "local" not in re.findall(r"\.(local)\s", ptx), f"{name}.cu spills registers to local memory"
+    assert "local" not in re.findall(r"\.(local)\s", ptx), f"{name}.cu ({dtype}) spills registers to local memory"
+    if name in kernels.ACTIVATION_FILES:  # activations round to bf16 in the bf16 build only
+        assert ("cvt.rn.bf16.f32" in ptx) == (dtype == "bf16"), (name, dtype)
+
+
+def test_activation_files_have_both_builds_and_the_others_one():
+    assert set(kernels.ACTIVATION_FILES) == {"quant", "decode", "elementwise", "attention"}
+    for name in kernels.KERNEL_FILES:
+        assert kernels.dtypes(name) == (("f16", "bf16") if name in kernels.ACTIVATION_FILES else ("f16",))
+    assert kernels.nvrtc_options("elementwise", "bf16") == kernels.NVRTC_OPTIONS + ("-DACT_BF16",)
+    assert kernels.nvrtc_options("elementwise", "f16") == kernels.NVRTC_OPTIONS
+    with pytest.raises(DeviceError, match="sampling.cu has no 'bf16' build"):
+        kernels.compile_ptx("sampling", "sm_90", "bf16")
+    with pytest.raises(DeviceError, match="quant.cu has no 'fp8' build"):
+        kernels.function("quant", "gemv_q4_1", "fp8")
 
 
 def test_every_kernel_file_is_covered():

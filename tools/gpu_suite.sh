@@ -3,7 +3,7 @@
 # (GPU time per op) and `engine bench` on SmolLM2-135M shapes; ends with a short summary.
 #   tools/gpu_suite.sh [LOG_DIR]        (LOG_DIR defaults to $OUT, else /tmp/gpu_suite)
 # Extra env: SKIP_PREFILL_SPLIT=1, BENCH_ARGS (default "-p 512,8192,32768 -d 512,32768 -r 3"), PYTEST_ARGS (e.g. -k attention).
-# Stages have time limits (pytest 330 s, prefill split 120 s, bench 150 s) so one call fits 10 minutes.
+# Stages have time limits (pytest 450 s, prefill split 120 s, bench 150 s) so one call fits 10 minutes.
 set -o pipefail
 LOG=${1:-${OUT:-/tmp/gpu_suite}}
 mkdir -p "$LOG"
@@ -18,12 +18,13 @@ props = cupy.cuda.runtime.getDeviceProperties(0)
 print(f"device: {props['name'].decode()} sm_{props['major']}{props['minor']}, CuPy {cupy.__version__}, "
       f"NVRTC {cupy.cuda.nvrtc.getVersion()}")
 for name in kernels.KERNEL_FILES:
-    t0 = time.perf_counter()
-    kernels.module(name).compile()
-    print(f"compile {name}.cu: {time.perf_counter() - t0:.2f} s")
+    for dtype in kernels.dtypes(name):
+        t0 = time.perf_counter()
+        kernels.module(name, dtype).compile()
+        print(f"compile {name}.cu ({dtype}): {time.perf_counter() - t0:.2f} s")
 PYEOF
 
-timeout 330 $PY -m pytest -q -s -rs -p no:cacheprovider --durations=8 tests/test_kernels_compile.py \
+timeout ${TEST_TIMEOUT:-450} $PY -m pytest -q -s -rs -p no:cacheprovider --durations=8 tests/test_kernels_compile.py \
     tests/test_cuda_selection.py tests/test_cuda_host_logic.py tests/test_cuda_ops.py tests/test_cuda_model.py \
     tests/test_cuda_flash_attn.py $PYTEST_ARGS 2>&1 | tee "$LOG/pytest_cuda.log"
 TEST_RC=$?

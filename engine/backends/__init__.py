@@ -12,13 +12,21 @@ positions: (n,) backend int array of absolute positions):
   attention(q, cache, layer, positions, rotary, dca, temperature_length)   q unrotated -> (n, Hq, hd)
   target_logprobs(logits, targets) -> (n,) float64 host array of log p(target) per row
   decoder(model, cache, sampling, history) -> decode loop (.first(last_logits), .step(token))
+
+Arithmetic: the numpy backend computes in float32; the CUDA backend keeps the residual stream and
+logits in float32 and every activation that feeds a matrix product (and the KV cache) in fp16 or
+bf16 (``--dtype``; ``resolve_dtype``).
 """
 from __future__ import annotations
 
 from ..errors import ConfigError, DeviceError
+from ..weights.quant import GGMLType
 from .numpy_backend import NumpyBackend
 
 DEVICES = ("auto", "cpu", "cuda")
+# activation dtype of the CUDA backend (vLLM's --dtype): auto = bf16 for models stored in BF16, else f16
+DTYPES = ("auto", "f16", "bf16")
+DTYPE_HELP = "activation dtype on CUDA; auto = bf16 when the model's matrices are stored BF16, else f16"
 
 
 def cuda_unavailable_reason() -> str | None:
@@ -38,17 +46,53 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
-def get_backend(device: str):
-    """The backend for --device auto|cpu|cuda (auto: CUDA when CuPy and a GPU are present, else CPU)."""
+def resolve_device(device: str) -> str:
+    """--device auto|cpu|cuda -> "cpu" or "cuda" (auto: CUDA when CuPy and a GPU are present, else CPU)."""
     if device not in DEVICES:
         raise ConfigError(f"unknown device {device!r} (choose from {', '.join(DEVICES)})")
     if device == "cpu":
-        return NumpyBackend()
+        return "cpu"
     reason = cuda_unavailable_reason()
     if reason is None:
-        from .cuda import CudaBackend
-
-        return CudaBackend()
+        return "cuda"
     if device == "cuda":
         raise DeviceError(f"--device cuda is unavailable: {reason}")
-    return NumpyBackend()
+    return "cpu"
+
+
+def stored_dtype(weights) -> str:
+    """The activation dtype a model's stored matrices ask for: "bf16" when any 2-D weight is stored BF16
+    (GGUF BF16 tensors, safetensors BF16: the model was trained and published in bf16), else "f16"."""
+    return "bf16" if any(len(w.shape) == 2 and w.ggml_type == GGMLType.BF16 for w in weights.values()) else "f16"
+
+
+def resolve_dtype(dtype: str, device: str, weights=None) -> str:
+    """--dtype auto|f16|bf16 on the resolved device ("cpu" | "cuda") -> "f32" (CPU), "f16" or "bf16" (CUDA).
+
+    weights: the loader's weights, for auto (None: f16). An explicit dtype on the CPU is an error.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    if device == "cpu":
+        if dtype != "auto":
+            raise ConfigError("--dtype applies to --device cuda; the CPU backend computes in float32")
+        return "f32"
+    if dtype == "auto":
+        return stored_dtype(weights) if weights is not None else "f16"
+    return dtype
+
+
+def activation_dtype(backend) -> str:
+    """The dtype a backend's activations are in: "f32" (numpy backend), "f16" or "bf16" (CUDA)."""
+    return "f32" if backend.name == "cpu" else backend.dtype
+
+
+def get_backend(device: str, dtype: str = "auto", weights=None):
+    """The backend for --device auto|cpu|cuda and --dtype auto|f16|bf16 (weights: for dtype auto)."""
+    name = resolve_device(device)
+    activations = resolve_dtype(dtype, name, weights)
+    if name == "cpu":
+        return NumpyBackend()
+    from .cuda import CudaBackend
+
+    return CudaBackend(dtype=activations)

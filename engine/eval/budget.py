@@ -62,12 +62,13 @@ def available_memory(backend) -> int | None:
     return int(free) + int(cupy.get_default_memory_pool().free_bytes())
 
 
-def check_memory(model: LoadedModel, n_tokens: int, device: str, what: str = "") -> MemoryEstimate:
+def check_memory(model: LoadedModel, n_tokens: int, device: str, what: str = "", dtype: str = "auto"
+                 ) -> MemoryEstimate:
     """Raise ContextError, naming the numbers, when n_tokens cannot fit on the device; else the estimate.
 
-    what: how the error names the request (default: "{n_tokens} tokens").
+    what: how the error names the request (default: "{n_tokens} tokens"). dtype: --dtype (checked here).
     """
-    backend = get_backend(device)
+    backend = get_backend(device, dtype, model.weights)
     need = estimate_memory(model, n_tokens, backend)
     have = available_memory(backend)
     if have is not None and need.total > have:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from ..backends import DEVICES, get_backend
+from ..backends import DEVICES, DTYPE_HELP, DTYPES, resolve_device
 from .methods import MethodOptions, parse_depths, parse_lengths, parse_methods
 from .passkey import plan_passkey, run_passkey
 from .ppl import plan_ppl, run_ppl
@@ -34,6 +34,7 @@ def _shared_options(f):
         click.option("--ntk-factor", type=float, default=2.0, show_default=True,
                      help="NTK factor of the dca+ntk method beyond the training context"),
         click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
+        click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help=DTYPE_HELP),
         click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
                      help="write the results as JSON (schema: engine/eval/report.py)"),
         click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
@@ -81,14 +82,14 @@ def _finish(interrupted: bool, n_done: int, n_cells: int, started: float) -> Non
               help="comma-separated: rope,pi,ntk,dynamic,yarn,dca,dca+ntk")
 @click.option("--windows", type=int, default=1, show_default=True,
               help="windows per file and length, consecutive from the file's start")
-def ppl_command(model, lengths, dca_chunk_size, dca_local_window, ntk_factor, device, json_path, plot_path, texts,
-                methods, windows) -> None:
+def ppl_command(model, lengths, dca_chunk_size, dca_local_window, ntk_factor, device, dtype, json_path, plot_path,
+                texts, methods, windows) -> None:
     """Perplexity by evaluation length for each method, on the same token windows."""
     started = time.perf_counter()
     _check_outputs(json_path, plot_path)
     options = MethodOptions(dca_chunk_size, dca_local_window, ntk_factor)
-    plan = plan_ppl(model, texts, parse_lengths(lengths), parse_methods(methods), windows, options, device)
-    device_name = get_backend(device).name
+    plan = plan_ppl(model, texts, parse_lengths(lengths), parse_methods(methods), windows, options, device, dtype)
+    device_name = resolve_device(device)
     tokens = ", ".join(f"{t.path.name} ({len(t.ids)} tokens)" for t in plan.texts)
     click.echo(f"model {plan.model_path.name} (training context {plan.model.config.context_length}) on "
                f"{device_name}; texts: {tokens}", err=True)
@@ -114,15 +115,15 @@ def ppl_command(model, lengths, dca_chunk_size, dca_local_window, ntk_factor, de
               help="comma-separated: rope,pi,ntk,dynamic,yarn,dca,dca+ntk")
 @click.option("-n", "--n-predict", "n_predict", type=int, default=8, show_default=True,
               help="tokens generated (greedy) for the answer")
-def passkey_command(model, lengths, dca_chunk_size, dca_local_window, ntk_factor, device, json_path, plot_path,
-                    depths, trials, seed, methods, n_predict) -> None:
+def passkey_command(model, lengths, dca_chunk_size, dca_local_window, ntk_factor, device, dtype, json_path,
+                    plot_path, depths, trials, seed, methods, n_predict) -> None:
     """Passkey retrieval accuracy by prompt length and key depth for each method."""
     started = time.perf_counter()
     _check_outputs(json_path, plot_path)
     options = MethodOptions(dca_chunk_size, dca_local_window, ntk_factor)
     plan = plan_passkey(model, parse_lengths(lengths), parse_depths(depths), parse_methods(methods), trials, seed,
-                        n_predict, options, device)
-    device_name = get_backend(device).name
+                        n_predict, options, device, dtype)
+    device_name = resolve_device(device)
     click.echo(f"model {plan.model_path.name} (training context {plan.model.config.context_length}) on "
                f"{device_name}", err=True)
     cells: list = []

@@ -181,6 +181,7 @@ class PasskeyPlan:
     max_new_tokens: int
     options: MethodOptions
     device: str
+    dtype: str = "auto"  # activation dtype on CUDA (--dtype)
 
     def keys(self) -> np.ndarray:
         return make_keys(self.seed, len(self.lengths), len(self.depths), self.trials)
@@ -196,7 +197,7 @@ class PasskeyPlan:
 
 def plan_passkey(model: str | Path | None, lengths: Sequence[int], depths: Sequence[float],
                  methods: Sequence[str], trials: int = 1, seed: int = 0, max_new_tokens: int = 8,
-                 options: MethodOptions = MethodOptions(), device: str = "cpu") -> PasskeyPlan:
+                 options: MethodOptions = MethodOptions(), device: str = "cpu", dtype: str = "auto") -> PasskeyPlan:
     """Validate everything; raises before any model work."""
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
@@ -210,10 +211,10 @@ def plan_passkey(model: str | Path | None, lengths: Sequence[int], depths: Seque
         load_kwargs(method, lengths[0], loaded.config.context_length, options)
     context = int(max(lengths) * 1.01) + max_new_tokens  # the longest prompt (+1%) and its answer
     check_memory(loaded, context, device, what=f"passkey prompts of {max(lengths)} tokens (+1%, +{max_new_tokens} "
-                                               f"generated: {context} tokens)")
+                                               f"generated: {context} tokens)", dtype=dtype)
     build_prompt(loaded.tokenizer, min(lengths), 0.0, KEY_RANGE[0])  # too short a length fails here
     return PasskeyPlan(model_path, loaded, lengths, depths, methods, trials, seed, max_new_tokens, options,
-                       device)
+                       device, dtype)
 
 
 def run_passkey(plan: PasskeyPlan, progress=NoProgress()) -> Iterator[PasskeyCell]:
@@ -228,7 +229,7 @@ def run_passkey(plan: PasskeyPlan, progress=NoProgress()) -> Iterator[PasskeyCel
         context = max(p.length for row in prompts for p in row) + plan.max_new_tokens
         for method in plan.methods:
             t0 = time.perf_counter()
-            llm = load(plan.model_path, device=plan.device, context=context,
+            llm = load(plan.model_path, device=plan.device, dtype=plan.dtype, context=context,
                        **load_kwargs(method, length, training_length, plan.options))
             load_seconds = time.perf_counter() - t0
             for di, depth in enumerate(plan.depths):

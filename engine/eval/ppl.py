@@ -61,6 +61,7 @@ class PplPlan:
     n_windows: int
     options: MethodOptions
     device: str
+    dtype: str = "auto"  # activation dtype on CUDA (--dtype)
 
     def cell_flops(self, length: int) -> float:
         return self.n_windows * len(self.texts) * prefill_flops(self.model, length)
@@ -123,7 +124,7 @@ def windows(ids: np.ndarray, length: int, count: int, bos_id: int | None = None)
 
 def plan_ppl(model: str | Path | None, text_paths: Sequence[str | Path], lengths: Sequence[int],
              methods: Sequence[str], n_windows: int = 1, options: MethodOptions = MethodOptions(),
-             device: str = "cpu") -> PplPlan:
+             device: str = "cpu", dtype: str = "auto") -> PplPlan:
     """Validate everything and tokenize the texts; raises before any model work."""
     if n_windows < 1:
         raise ConfigError(f"--windows must be at least 1, got {n_windows}")
@@ -133,10 +134,10 @@ def plan_ppl(model: str | Path | None, text_paths: Sequence[str | Path], lengths
     options.check(methods, loaded.config.context_length)
     for method in methods:
         load_kwargs(method, lengths[0], loaded.config.context_length, options)  # unknown names fail here
-    check_memory(loaded, max(lengths), device)
+    check_memory(loaded, max(lengths), device, dtype=dtype)
     texts = tokenize_texts(loaded.tokenizer, expand_text_paths(text_paths))
     check_texts_long_enough(texts, max(lengths), n_windows)
-    return PplPlan(model_path, loaded, texts, lengths, methods, n_windows, options, device)
+    return PplPlan(model_path, loaded, texts, lengths, methods, n_windows, options, device, dtype)
 
 
 def run_ppl(plan: PplPlan, progress=NoProgress()) -> Iterator[PplCell]:
@@ -150,7 +151,7 @@ def run_ppl(plan: PplPlan, progress=NoProgress()) -> Iterator[PplCell]:
         for method in plan.methods:
             progress.start_cell(f"ppl {method} @ {length}", plan.cell_flops(length))
             t0 = time.perf_counter()
-            llm = load(plan.model_path, device=plan.device, context=length,
+            llm = load(plan.model_path, device=plan.device, dtype=plan.dtype, context=length,
                        **load_kwargs(method, length, training_length, plan.options))
             t1 = time.perf_counter()
             nll_sum, n_scored = 0.0, 0

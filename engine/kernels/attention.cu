@@ -15,16 +15,17 @@
 //   running sum l, acc (lane owns dims lane, lane+32, ...) += p_j * v_j with p_j broadcast by shuffle.
 // - Split-K: blockIdx.z takes one slice of the keys 0..max position of the block's rows (slices are
 //   computed on the device from the positions, so a captured decode graph adapts to the length); each
-//   split writes unnormalized (acc, m, l); attn_combine merges the splits and normalizes to fp16.
-// Layouts: q (n, Hq, D) fp16; cache k/v of the layer (capacity, Hkv, D) fp16; positions (n,) int32,
-// increasing; cos/sin (n_positions, R/2) fp32; part_o (S, n, Hq, D) fp32; part_m, part_l (S, n, Hq).
+//   split writes unnormalized (acc, m, l); attn_combine merges the splits and normalizes to act_t.
+// Layouts: q (n, Hq, D) act_t (fp16, or bf16 when built with -DACT_BF16; common.cuh); cache k/v of the
+// layer (capacity, Hkv, D) act_t; positions (n,) int32, increasing; cos/sin (n_positions, R/2) fp32;
+// part_o (S, n, Hq, D) fp32; part_m, part_l (S, n, Hq).
 // Limits: D % 8 == 0 (16-byte K/V loads), D <= 32*DPL (DPL = 1, 2, 4 instantiated: D <= 128); rope_dim <= D.
 
 #define LOAD_BATCH 4  // 16-byte K and V vectors per thread per tile
 
 template <int DPL>
 __device__ __forceinline__ void attn_partial_body(
-    const half_t* __restrict__ q, const half_t* __restrict__ kc, const half_t* __restrict__ vc,
+    const act_t* __restrict__ q, const act_t* __restrict__ kc, const act_t* __restrict__ vc,
     const int* __restrict__ positions, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
     float* __restrict__ part_o, float* __restrict__ part_m, float* __restrict__ part_l, int n, int n_heads,
     int n_kv, int D, int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len, int n_splits) {
@@ -40,8 +41,8 @@ __device__ __forceinline__ void attn_partial_body(
 
     extern __shared__ float smem[];
     float* qw = smem + warp * 3 * D;                                      // [3][D] this warp's rotations
-    half_t* ks = (half_t*)(smem + warps * 3 * D);                         // [32][D+2]
-    half_t* vs = ks + 32 * kstride;                                       // [32][D]
+    act_t* ks = (act_t*)(smem + warps * 3 * D);                           // [32][D+2]
+    act_t* vs = ks + 32 * kstride;                                        // [32][D]
 
     // keys 0 .. (largest position among the block's rows); positions increase with the token index
     const int last_row = min(rows_total, (int)(blockIdx.x + 1) * warps) - 1;
@@ -62,15 +63,15 @@ __device__ __forceinline__ void attn_partial_body(
     float row_scale = scale_log2;
     if (temp_len > 0 && pos + 1 > temp_len) row_scale *= 0.1f * logf((float)(pos + 1) / (float)temp_len) + 1.0f;
 
-    const half_t* qrow = q + ((long long)qi * n_heads + head) * D;
+    const act_t* qrow = q + ((long long)qi * n_heads + head) * D;
     const int half_r = rope_dim >> 1;
     if (active) {
         float qv[DPL], qp[DPL];  // this lane's query values and their rotary partners
 #pragma unroll
         for (int i = 0; i < DPL; ++i) {
             const int d = lane + 32 * i;
-            qv[i] = d < D ? h2f(qrow[d]) : 0.0f;
-            qp[i] = d < rope_dim ? h2f(qrow[d < half_r ? d + half_r : d - half_r]) : 0.0f;
+            qv[i] = d < D ? a2f(qrow[d]) : 0.0f;
+            qp[i] = d < rope_dim ? a2f(qrow[d < half_r ? d + half_r : d - half_r]) : 0.0f;
         }
 #pragma unroll
         for (int rel = 0; rel < 3; ++rel) {
@@ -143,8 +144,8 @@ __device__ __forceinline__ void attn_partial_body(
 #pragma unroll 8
             for (int dd = 0; dd < pairs; ++dd) {
                 const unsigned int w2 = kr[dd];
-                dot0 += qr[2 * dd] * h2f((half_t)(w2 & 0xffffu));
-                dot1 += qr[2 * dd + 1] * h2f((half_t)(w2 >> 16));
+                dot0 += qr[2 * dd] * a2f_lo(w2);
+                dot1 += qr[2 * dd + 1] * a2f_hi(w2);
             }
             s = dot0 + dot1;
         }
@@ -159,11 +160,11 @@ __device__ __forceinline__ void attn_partial_body(
 #pragma unroll 8
         for (int j = 0; j < 32; ++j) {
             const float pj = __shfl_sync(0xffffffffu, p, j);
-            const half_t* vr = vs + j * D;
+            const act_t* vr = vs + j * D;
 #pragma unroll
             for (int i = 0; i < DPL; ++i) {
                 const int d = lane + 32 * i;
-                if (d < D) acc[i] += pj * h2f(vr[d]);
+                if (d < D) acc[i] += pj * a2f(vr[d]);
             }
         }
         m = m_new;
@@ -183,7 +184,7 @@ __device__ __forceinline__ void attn_partial_body(
 
 #define ATTN_PARTIAL(DPL)                                                                                 \
     extern "C" __global__ void attn_partial_##DPL(                                                        \
-        const half_t* q, const half_t* kc, const half_t* vc, const int* positions, const float* cos_t,    \
+        const act_t* q, const act_t* kc, const act_t* vc, const int* positions, const float* cos_t,       \
         const float* sin_t, float* part_o, float* part_m, float* part_l, int n, int n_heads, int n_kv,    \
         int D, int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len, int n_splits) { \
         attn_partial_body<DPL>(q, kc, vc, positions, cos_t, sin_t, part_o, part_m, part_l, n, n_heads,    \
@@ -194,14 +195,14 @@ ATTN_PARTIAL(1)
 ATTN_PARTIAL(2)
 ATTN_PARTIAL(4)
 
-// out (rows, D) fp16 = merge of the splits: sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M).
+// out (rows, D) act_t = merge of the splits: sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M).
 // One block per row; thread (g, d) (blockDim.x = G*D) walks splits g, g+G, ... in one pass (running
 // max), so a decode step's hundreds of splits are read G-wide in parallel, then the G partial
 // (max, sum, acc) meet in shared memory.
 #define COMBINE_THREADS 1024
 #define COMBINE_BATCH 4
 extern "C" __global__ void attn_combine(const float* __restrict__ part_o, const float* __restrict__ part_m,
-                                        const float* __restrict__ part_l, half_t* __restrict__ out, int rows,
+                                        const float* __restrict__ part_l, act_t* __restrict__ out, int rows,
                                         int D, int n_splits) {
     __shared__ float red_m[COMBINE_THREADS];
     __shared__ float red_a[COMBINE_THREADS];
@@ -246,5 +247,5 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part_o, const 
         L += red_a[gg * D + d];
         O += red_b[gg * D + d];
     }
-    out[row * D + d] = f2h(O / L);
+    out[row * D + d] = f2a(O / L);
 }

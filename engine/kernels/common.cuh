@@ -1,8 +1,14 @@
 // Shared device helpers, prepended to every .cu file by the loader (engine/kernels/__init__.py).
 //
 // No CUDA headers are included anywhere: NVRTC from a pip wheel compiles these sources as they are.
-// fp16 values travel as raw 16-bit patterns (half_t) and convert through PTX `cvt`, so neither
-// cuda_fp16.h nor the CUDA toolkit headers are needed.
+// fp16 and bf16 values travel as raw 16-bit patterns (half_t, act_t) and convert through PTX `cvt`
+// or shifts, so neither cuda_fp16.h / cuda_bf16.h nor the CUDA toolkit headers are needed.
+//
+// Activations. `act_t` is the 16-bit type of every activation that feeds a matrix product (normed
+// rows, Q/K/V, the KV cache, attention outputs, SwiGLU outputs): fp16 by default, bf16 when the file
+// is compiled with -DACT_BF16 (the loader builds the activation files both ways). a2f / f2a convert
+// one value (round to nearest even), a2f_lo / a2f_hi unpack the two values of a 32-bit word, pack2
+// packs two. Weights stored F16 stay fp16 (h2f) whatever the activation type.
 typedef unsigned short half_t;        // IEEE binary16 bits
 typedef unsigned char u8;
 typedef signed char i8;
@@ -22,6 +28,25 @@ __device__ __forceinline__ half_t f2h(float f) {
 }
 
 __device__ __forceinline__ float bf2f(unsigned short b) { return __uint_as_float(((unsigned int)b) << 16); }
+
+#ifdef ACT_BF16
+typedef unsigned short act_t;  // bfloat16 bits
+__device__ __forceinline__ float a2f(act_t a) { return bf2f(a); }
+__device__ __forceinline__ act_t f2a(float f) {
+    act_t a;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(a) : "f"(f));  // sm_80+
+    return a;
+}
+__device__ __forceinline__ float a2f_hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
+#else
+typedef half_t act_t;
+__device__ __forceinline__ float a2f(act_t a) { return h2f(a); }
+__device__ __forceinline__ act_t f2a(float f) { return f2h(f); }
+__device__ __forceinline__ float a2f_hi(unsigned w) { return h2f((half_t)(w >> 16)); }
+#endif
+__device__ __forceinline__ float a2f_lo(unsigned w) { return a2f((act_t)(w & 0xffffu)); }
+// two activations in one 32-bit word: lo in bits 0..15, hi in bits 16..31
+__device__ __forceinline__ unsigned pack2(float lo, float hi) { return (unsigned)f2a(lo) | ((unsigned)f2a(hi) << 16); }
 
 // fp16 field at any 2-byte aligned address
 __device__ __forceinline__ float load_h(const u8* p) { return h2f(*(const half_t*)p); }

@@ -3,22 +3,23 @@
 // the output GEMVs. Six launches per layer (with attention's two) instead of sixteen, which is what
 // bounds a decode step captured as a CUDA graph.
 //
-// Design. Same arithmetic as the unfused path, so the two agree to fp16 rounding: the normed input
-// is staged in shared memory as `rmsnorm` computes it (256 threads, strided sum, block_sum, rounded
-// to fp16; elementwise.cu sums per warp, in another order), every dot product is row_dot<TYPE> (dequant.cuh), and every value
-// the unfused path would store as fp16 is rounded to fp16 here too. One warp per task, 8 warps
+// Design. Same arithmetic as the unfused path, so the two agree to activation rounding: the normed
+// input is staged in shared memory as `rmsnorm` computes it (256 threads, strided sum, block_sum,
+// rounded to act_t; elementwise.cu sums per warp, in another order), every dot product is
+// row_dot<TYPE> (dequant.cuh), and every value the unfused path would store as an activation (act_t:
+// fp16, or bf16 when built with -DACT_BF16) is rounded to act_t here too. One warp per task, 8 warps
 // (256 threads) per block; each warp first prefetches its weight rows into L2, so their HBM latency
 // overlaps the RMSNorm staging. The position is read from device memory (pos[0]).
-//   dec_qkv_T      tasks: Hq*D query rows (fp16 out, unrotated) | per KV head, R/2 rotary pairs (two
+//   dec_qkv_T      tasks: Hq*D query rows (act_t out, unrotated) | per KV head, R/2 rotary pairs (two
 //                  rows each, rotated at the key position and stored in the cache) and D-R
 //                  pass-through rows | Hkv*D value rows (stored in the cache)
-//   dec_gateup_T   out[r] = silu(Wg[r].h) * (Wu[r].h), fp16
-//   dec_gemv_add_T x[r] += (W[r].a) (fp32 residual, in place; a fp16)
+//   dec_gateup_T   out[r] = silu(Wg[r].h) * (Wu[r].h), act_t
+//   dec_gemv_add_T x[r] += (W[r].a) (fp32 residual, in place; a act_t)
 //   dec_head_T     logits[r] = Wout[r].rmsnorm(x), fp32
 
 #define DEC_THREADS 256
 
-// hs[0..d) = fp16-rounded rmsnorm(x) * w (blockDim.x == 256)
+// hs[0..d) = act_t-rounded rmsnorm(x) * w (blockDim.x == 256)
 // Values per thread are loaded STAGE_BATCH at a time (all in flight together), summed in index order.
 #define STAGE_BATCH 4
 __device__ __forceinline__ void stage_normed(const float* __restrict__ x, const float* __restrict__ w, float eps,
@@ -46,7 +47,7 @@ __device__ __forceinline__ void stage_normed(const float* __restrict__ x, const 
 #pragma unroll
         for (int u = 0; u < STAGE_BATCH; ++u) {
             const int i = base + u * blockDim.x;
-            if (i < d) hs[i] = h2f(f2h(xv[u] * inv * wv[u]));
+            if (i < d) hs[i] = a2f(f2a(xv[u] * inv * wv[u]));
         }
     }
     __syncthreads();
@@ -55,8 +56,8 @@ __device__ __forceinline__ void stage_normed(const float* __restrict__ x, const 
 template <int T>
 __device__ __forceinline__ void dec_qkv_body(
     const float* __restrict__ x, const float* __restrict__ w_norm, float eps, int d, const u8* __restrict__ wq,
-    const u8* __restrict__ wk, const u8* __restrict__ wv, long long row_bytes, half_t* __restrict__ q_out,
-    half_t* __restrict__ cache_k, half_t* __restrict__ cache_v, const int* __restrict__ pos,
+    const u8* __restrict__ wk, const u8* __restrict__ wv, long long row_bytes, act_t* __restrict__ q_out,
+    act_t* __restrict__ cache_k, act_t* __restrict__ cache_v, const int* __restrict__ pos,
     const float* __restrict__ cos_t, const float* __restrict__ sin_t, int n_heads, int n_kv, int D, int rope_dim,
     int chunk_len) {
     extern __shared__ float hs[];
@@ -80,7 +81,7 @@ __device__ __forceinline__ void dec_qkv_body(
     const long long cache_row = (long long)p * n_kv * D;
     if (task < n_q) {
         const float acc = row_dot<T>(wq + task * row_bytes, hs, d);
-        if (lane0) q_out[task] = f2h(acc);
+        if (lane0) q_out[task] = f2a(acc);
         return;
     }
     task -= n_q;
@@ -90,23 +91,23 @@ __device__ __forceinline__ void dec_qkv_body(
         if (j >= half_r) {  // pass-through dim
             const int dim = rope_dim + j - half_r;
             const float acc = row_dot<T>(wk + (long long)(base + dim) * row_bytes, hs, d);
-            if (lane0) cache_k[cache_row + base + dim] = f2h(acc);
+            if (lane0) cache_k[cache_row + base + dim] = f2a(acc);
             return;
         }
-        const float x1 = h2f(f2h(row_dot<T>(wk + (long long)(base + j) * row_bytes, hs, d)));
-        const float x2 = h2f(f2h(row_dot<T>(wk + (long long)(base + j + half_r) * row_bytes, hs, d)));
+        const float x1 = a2f(f2a(row_dot<T>(wk + (long long)(base + j) * row_bytes, hs, d)));
+        const float x2 = a2f(f2a(row_dot<T>(wk + (long long)(base + j + half_r) * row_bytes, hs, d)));
         if (lane0) {
             const int kp = chunk_len > 0 ? p % chunk_len : p;
             const float c = cos_t[(long long)kp * half_r + j], s = sin_t[(long long)kp * half_r + j];
-            cache_k[cache_row + base + j] = f2h(x1 * c - x2 * s);
-            cache_k[cache_row + base + j + half_r] = f2h(x2 * c + x1 * s);
+            cache_k[cache_row + base + j] = f2a(x1 * c - x2 * s);
+            cache_k[cache_row + base + j + half_r] = f2a(x2 * c + x1 * s);
         }
         return;
     }
     task -= n_k;
     if (task < n_v) {
         const float acc = row_dot<T>(wv + task * row_bytes, hs, d);
-        if (lane0) cache_v[cache_row + task] = f2h(acc);
+        if (lane0) cache_v[cache_row + task] = f2a(acc);
     }
 }
 
@@ -114,7 +115,7 @@ template <int T>
 __device__ __forceinline__ void dec_gateup_body(const float* __restrict__ x, const float* __restrict__ w_norm,
                                                 float eps, int d, const u8* __restrict__ wg,
                                                 const u8* __restrict__ wu, long long row_bytes, int rows,
-                                                half_t* __restrict__ out) {
+                                                act_t* __restrict__ out) {
     extern __shared__ float hs[];
     __shared__ float scratch[32];
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -124,22 +125,22 @@ __device__ __forceinline__ void dec_gateup_body(const float* __restrict__ x, con
     }
     stage_normed(x, w_norm, eps, d, hs, scratch);
     if (row >= rows) return;
-    const float g = h2f(f2h(row_dot<T>(wg + row * row_bytes, hs, d)));
-    const float u = h2f(f2h(row_dot<T>(wu + row * row_bytes, hs, d)));
-    if ((threadIdx.x & 31) == 0) out[row] = f2h(g * (0.5f + 0.5f * tanhf(0.5f * g)) * u);
+    const float g = a2f(f2a(row_dot<T>(wg + row * row_bytes, hs, d)));
+    const float u = a2f(f2a(row_dot<T>(wu + row * row_bytes, hs, d)));
+    if ((threadIdx.x & 31) == 0) out[row] = f2a(g * (0.5f + 0.5f * tanhf(0.5f * g)) * u);
 }
 
 template <int T>
-__device__ __forceinline__ void dec_gemv_add_body(const half_t* __restrict__ a, const u8* __restrict__ w,
+__device__ __forceinline__ void dec_gemv_add_body(const act_t* __restrict__ a, const u8* __restrict__ w,
                                                   long long row_bytes, int rows, int cols, float* __restrict__ x) {
     extern __shared__ float hs[];
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row < rows) prefetch_row(w + row * row_bytes, row_bytes);
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) hs[i] = h2f(a[i]);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) hs[i] = a2f(a[i]);
     __syncthreads();
     if (row >= rows) return;
     const float acc = row_dot<T>(w + row * row_bytes, hs, cols);
-    if ((threadIdx.x & 31) == 0) x[row] = x[row] + h2f(f2h(acc));
+    if ((threadIdx.x & 31) == 0) x[row] = x[row] + a2f(f2a(acc));
 }
 
 template <int T>
@@ -159,18 +160,18 @@ __device__ __forceinline__ void dec_head_body(const float* __restrict__ x, const
 #define DECODE_KERNELS(NAME, T)                                                                             \
     extern "C" __global__ void __launch_bounds__(DEC_THREADS) dec_qkv_##NAME(                              \
         const float* x, const float* w_norm, float eps, int d, const u8* wq, const u8* wk, const u8* wv,   \
-        long long row_bytes, half_t* q_out, half_t* cache_k, half_t* cache_v, const int* pos,              \
+        long long row_bytes, act_t* q_out, act_t* cache_k, act_t* cache_v, const int* pos,                 \
         const float* cos_t, const float* sin_t, int n_heads, int n_kv, int D, int rope_dim, int chunk_len) { \
         dec_qkv_body<T>(x, w_norm, eps, d, wq, wk, wv, row_bytes, q_out, cache_k, cache_v, pos, cos_t,     \
                         sin_t, n_heads, n_kv, D, rope_dim, chunk_len);                                     \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(DEC_THREADS) dec_gateup_##NAME(                           \
         const float* x, const float* w_norm, float eps, int d, const u8* wg, const u8* wu,                 \
-        long long row_bytes, int rows, half_t* out) {                                                       \
+        long long row_bytes, int rows, act_t* out) {                                                        \
         dec_gateup_body<T>(x, w_norm, eps, d, wg, wu, row_bytes, rows, out);                                \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(DEC_THREADS) dec_gemv_add_##NAME(                         \
-        const half_t* a, const u8* w, long long row_bytes, int rows, int cols, float* x) {                  \
+        const act_t* a, const u8* w, long long row_bytes, int rows, int cols, float* x) {                   \
         dec_gemv_add_body<T>(a, w, row_bytes, rows, cols, x);                                               \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(DEC_THREADS) dec_head_##NAME(                             \

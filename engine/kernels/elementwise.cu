@@ -2,22 +2,23 @@
 // positions) and the KV-cache row store.
 //
 // Design. Activations are row-major (n_tokens, features). The residual stream is fp32; everything
-// that feeds a matrix product is fp16. One block per token row for the reductions (RMSNorm), one
-// thread per element otherwise. Positions are read from device memory (never from the host), so the
-// same launch serves every decode step of a captured CUDA graph.
+// that feeds a matrix product is act_t (fp16, or bf16 when built with -DACT_BF16; common.cuh). One
+// block per token row for the reductions (RMSNorm), one thread per element otherwise. Positions are
+// read from device memory (never from the host), so the same launch serves every decode step of a
+// captured CUDA graph.
 // RoPE is HF rotate-half on the first rope_dim dims: x1 = x[:R/2], x2 = x[R/2:R];
 // out1 = x1*cos - x2*sin, out2 = x2*cos + x1*sin; cos/sin tables (n_positions, R/2) fp32.
 
-// out (n, d) fp16 = x * rsqrt(mean(x^2) + eps) * w; x fp32 (x_f16 = 0) or fp16 (x_f16 = 1).
+// out (n, d) act_t = x * rsqrt(mean(x^2) + eps) * w; x fp32 (x_act = 0) or act_t (x_act = 1).
 // One warp per row (blockDim.x / 32 rows per block); vec4 = 1 (d % 4 == 0, 16-byte aligned x): 4 values per
 // load, and rows of up to 128 * ROW_VECS values are held in registers (every load issued before the sum);
 // longer rows are read twice (sum of squares, then scale; the second read hits L1).
 #define ROW_VECS 8  // float4 per lane kept in registers: rows of d <= 32 * 4 * ROW_VECS
-__device__ __forceinline__ void load4(const void* x, long long i, int x_f16, float (&v)[4]) {
-    if (x_f16) {
-        const uint2 u = *(const uint2*)((const half_t*)x + i);
-        v[0] = h2f((half_t)(u.x & 0xffffu)); v[1] = h2f((half_t)(u.x >> 16));
-        v[2] = h2f((half_t)(u.y & 0xffffu)); v[3] = h2f((half_t)(u.y >> 16));
+__device__ __forceinline__ void load4(const void* x, long long i, int x_act, float (&v)[4]) {
+    if (x_act) {
+        const uint2 u = *(const uint2*)((const act_t*)x + i);
+        v[0] = a2f_lo(u.x); v[1] = a2f_hi(u.x);
+        v[2] = a2f_lo(u.y); v[3] = a2f_hi(u.y);
     } else {
         const float4 f = *(const float4*)((const float*)x + i);
         v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
@@ -25,7 +26,7 @@ __device__ __forceinline__ void load4(const void* x, long long i, int x_f16, flo
 }
 
 extern "C" __global__ void rmsnorm(const void* __restrict__ x, const float* __restrict__ w,
-                                   half_t* __restrict__ out, int n, int d, float eps, int x_f16, int vec4) {
+                                   act_t* __restrict__ out, int n, int d, float eps, int x_act, int vec4) {
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= n) return;
     const long long base = (long long)row * d;
@@ -35,7 +36,7 @@ extern "C" __global__ void rmsnorm(const void* __restrict__ x, const float* __re
 #pragma unroll
         for (int u = 0; u < ROW_VECS; ++u) {
             const int i = 4 * lane + 128 * u;
-            if (i < d) load4(x, base + i, x_f16, v[u]);
+            if (i < d) load4(x, base + i, x_act, v[u]);
         }
 #pragma unroll
         for (int u = 0; u < ROW_VECS; ++u)
@@ -47,8 +48,8 @@ extern "C" __global__ void rmsnorm(const void* __restrict__ x, const float* __re
             if (i >= d) continue;
             const float4 g = *(const float4*)(w + i);
             uint2 o;
-            o.x = (unsigned)f2h(v[u][0] * inv * g.x) | ((unsigned)f2h(v[u][1] * inv * g.y) << 16);
-            o.y = (unsigned)f2h(v[u][2] * inv * g.z) | ((unsigned)f2h(v[u][3] * inv * g.w) << 16);
+            o.x = pack2(v[u][0] * inv * g.x, v[u][1] * inv * g.y);
+            o.y = pack2(v[u][2] * inv * g.z, v[u][3] * inv * g.w);
             *(uint2*)(out + base + i) = o;
         }
         return;
@@ -57,12 +58,12 @@ extern "C" __global__ void rmsnorm(const void* __restrict__ x, const float* __re
     if (vec4) {
         for (int i = 4 * lane; i < d; i += 128) {
             float v[4];
-            load4(x, base + i, x_f16, v);
+            load4(x, base + i, x_act, v);
             ss += v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3];
         }
     } else {
         for (int i = lane; i < d; i += 32) {
-            const float v = x_f16 ? h2f(((const half_t*)x)[base + i]) : ((const float*)x)[base + i];
+            const float v = x_act ? a2f(((const act_t*)x)[base + i]) : ((const float*)x)[base + i];
             ss += v * v;
         }
     }
@@ -70,40 +71,39 @@ extern "C" __global__ void rmsnorm(const void* __restrict__ x, const float* __re
     if (vec4) {
         for (int i = 4 * lane; i < d; i += 128) {
             float v[4];
-            load4(x, base + i, x_f16, v);
+            load4(x, base + i, x_act, v);
             const float4 g = *(const float4*)(w + i);
             uint2 o;
-            o.x = (unsigned)f2h(v[0] * inv * g.x) | ((unsigned)f2h(v[1] * inv * g.y) << 16);
-            o.y = (unsigned)f2h(v[2] * inv * g.z) | ((unsigned)f2h(v[3] * inv * g.w) << 16);
+            o.x = pack2(v[0] * inv * g.x, v[1] * inv * g.y);
+            o.y = pack2(v[2] * inv * g.z, v[3] * inv * g.w);
             *(uint2*)(out + base + i) = o;
         }
     } else {
         for (int i = lane; i < d; i += 32) {
-            const float v = x_f16 ? h2f(((const half_t*)x)[base + i]) : ((const float*)x)[base + i];
-            out[base + i] = f2h(v * inv * w[i]);
+            const float v = x_act ? a2f(((const act_t*)x)[base + i]) : ((const float*)x)[base + i];
+            out[base + i] = f2a(v * inv * w[i]);
         }
     }
 }
 
-// out fp32 = x fp32 + y (fp16 if y_f16 else fp32), n elements
+// out fp32 = x fp32 + y (act_t if y_act else fp32), n elements
 extern "C" __global__ void add_residual(const float* __restrict__ x, const void* __restrict__ y,
-                                        float* __restrict__ out, long long n, int y_f16) {
+                                        float* __restrict__ out, long long n, int y_act) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    out[i] = x[i] + (y_f16 ? h2f(((const half_t*)y)[i]) : ((const float*)y)[i]);
+    out[i] = x[i] + (y_act ? a2f(((const act_t*)y)[i]) : ((const float*)y)[i]);
 }
 
 // silu(g) * u with silu(g) = g * sigmoid(g) = g * (0.5 + 0.5 tanh(g/2)) (no overflow)
-__device__ __forceinline__ half_t swiglu_one(half_t g16, half_t u16) {
-    const float g = h2f(g16);
-    return f2h(g * (0.5f + 0.5f * tanhf(0.5f * g)) * h2f(u16));
+__device__ __forceinline__ float swiglu_one(float g, float u) {
+    return g * (0.5f + 0.5f * tanhf(0.5f * g)) * u;
 }
 
-// out (n, f) fp16 contiguous = silu(gate) * up; gate and up rows are `stride` elements apart (f for
+// out (n, f) act_t contiguous = silu(gate) * up; gate and up rows are `stride` elements apart (f for
 // separate arrays, 2f for the two halves of one (n, 2f) product). vec8 = 1 (f % 8 == 0, 16-byte
 // aligned rows): 8 elements per thread, else 1.
-extern "C" __global__ void swiglu(const half_t* __restrict__ gate, const half_t* __restrict__ up,
-                                  half_t* __restrict__ out, int n, int f, long long stride, int vec8) {
+extern "C" __global__ void swiglu(const act_t* __restrict__ gate, const act_t* __restrict__ up,
+                                  act_t* __restrict__ out, int n, int f, long long stride, int vec8) {
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (vec8) {
         const int per_row = f >> 3;
@@ -114,21 +114,20 @@ extern "C" __global__ void swiglu(const half_t* __restrict__ gate, const half_t*
         unsigned os[4];
 #pragma unroll
         for (int k = 0; k < 4; ++k)
-            os[k] = (unsigned)swiglu_one((half_t)(gs[k] & 0xffffu), (half_t)(us[k] & 0xffffu))
-                  | ((unsigned)swiglu_one((half_t)(gs[k] >> 16), (half_t)(us[k] >> 16)) << 16);
+            os[k] = pack2(swiglu_one(a2f_lo(gs[k]), a2f_lo(us[k])), swiglu_one(a2f_hi(gs[k]), a2f_hi(us[k])));
         *(uint4*)(out + row * f + col) = make_uint4(os[0], os[1], os[2], os[3]);
         return;
     }
     if (idx >= (long long)n * f) return;
     const long long row = idx / f, col = idx - row * f;
-    out[idx] = swiglu_one(gate[row * stride + col], up[row * stride + col]);
+    out[idx] = f2a(swiglu_one(a2f(gate[row * stride + col]), a2f(up[row * stride + col])));
 }
 
-// Keys k (n, H, D) fp16 rotated at their key positions: p = positions[t] (mod chunk_len when
+// Keys k (n, H, D) act_t rotated at their key positions: p = positions[t] (mod chunk_len when
 // chunk_len > 0, i.e. DCA). One thread per (token, head, rotary pair t < R/2) or pass-through dim.
-extern "C" __global__ void rotate_keys(const half_t* __restrict__ k, const int* __restrict__ positions,
+extern "C" __global__ void rotate_keys(const act_t* __restrict__ k, const int* __restrict__ positions,
                                        const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-                                       half_t* __restrict__ out, int n, int heads, int head_dim, int rope_dim,
+                                       act_t* __restrict__ out, int n, int heads, int head_dim, int rope_dim,
                                        int chunk_len) {
     const int half_r = rope_dim >> 1;
     const int per_head = head_dim - half_r;  // R/2 rotary pairs + (D - R) pass-through dims
@@ -137,8 +136,8 @@ extern "C" __global__ void rotate_keys(const half_t* __restrict__ k, const int* 
     const int j = (int)(idx % per_head);
     const long long row = idx / per_head;  // token * heads + head
     const int t = (int)(row / heads);
-    const half_t* src = k + row * head_dim;
-    half_t* dst = out + row * head_dim;
+    const act_t* src = k + row * head_dim;
+    act_t* dst = out + row * head_dim;
     if (j >= half_r) {  // pass-through dim R + (j - R/2)
         const int dim = rope_dim + j - half_r;
         dst[dim] = src[dim];
@@ -147,15 +146,15 @@ extern "C" __global__ void rotate_keys(const half_t* __restrict__ k, const int* 
     int p = positions[t];
     if (chunk_len > 0) p %= chunk_len;
     const float c = cos_t[(long long)p * half_r + j], s = sin_t[(long long)p * half_r + j];
-    const float x1 = h2f(src[j]), x2 = h2f(src[j + half_r]);
-    dst[j] = f2h(x1 * c - x2 * s);
-    dst[j + half_r] = f2h(x2 * c + x1 * s);
+    const float x1 = a2f(src[j]), x2 = a2f(src[j + half_r]);
+    dst[j] = f2a(x1 * c - x2 * s);
+    dst[j + half_r] = f2a(x2 * c + x1 * s);
 }
 
-// cache_k[positions[t]], cache_v[positions[t]] = k[t], v[t]; rows of row_elems fp16 values
-extern "C" __global__ void store_kv(const half_t* __restrict__ k, const half_t* __restrict__ v,
-                                    const int* __restrict__ positions, half_t* __restrict__ cache_k,
-                                    half_t* __restrict__ cache_v, int n, int row_elems) {
+// cache_k[positions[t]], cache_v[positions[t]] = k[t], v[t]; rows of row_elems act_t values
+extern "C" __global__ void store_kv(const act_t* __restrict__ k, const act_t* __restrict__ v,
+                                    const int* __restrict__ positions, act_t* __restrict__ cache_k,
+                                    act_t* __restrict__ cache_v, int n, int row_elems) {
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)n * row_elems) return;
     const int t = (int)(idx / row_elems), e = (int)(idx % row_elems);
@@ -167,9 +166,9 @@ extern "C" __global__ void store_kv(const half_t* __restrict__ k, const half_t* 
 // rotate_keys with 16-byte accesses: one thread per (token, head, group of 8 rotary pairs or of 8
 // pass-through dims). k rows are k_stride elements apart (e.g. the K columns of a fused QKV product);
 // needs rope_dim % 16 == 0, head_dim % 8 == 0, k_stride % 8 == 0 and a 16-byte aligned k. out contiguous.
-extern "C" __global__ void rotate_keys_vec8(const half_t* __restrict__ k, long long k_stride,
+extern "C" __global__ void rotate_keys_vec8(const act_t* __restrict__ k, long long k_stride,
                                             const int* __restrict__ positions, const float* __restrict__ cos_t,
-                                            const float* __restrict__ sin_t, half_t* __restrict__ out, int n,
+                                            const float* __restrict__ sin_t, act_t* __restrict__ out, int n,
                                             int heads, int head_dim, int rope_dim, int chunk_len) {
     const int half_r = rope_dim >> 1, pair_groups = half_r >> 3;
     const int groups = pair_groups + ((head_dim - rope_dim) >> 3);  // per head
@@ -178,8 +177,8 @@ extern "C" __global__ void rotate_keys_vec8(const half_t* __restrict__ k, long l
     const int grp = (int)(idx % groups);
     const long long row = idx / groups;  // token * heads + head
     const int t = (int)(row / heads), h = (int)(row % heads);
-    const half_t* src = k + t * k_stride + (long long)h * head_dim;
-    half_t* dst = out + row * head_dim;
+    const act_t* src = k + t * k_stride + (long long)h * head_dim;
+    act_t* dst = out + row * head_dim;
     if (grp >= pair_groups) {  // pass-through dims
         const int dim = rope_dim + (grp - pair_groups) * 8;
         *(uint4*)(dst + dim) = *(const uint4*)(src + dim);
@@ -199,11 +198,11 @@ extern "C" __global__ void rotate_keys_vec8(const half_t* __restrict__ k, long l
     unsigned o1[4], o2[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-        const float x1a = h2f((half_t)(av[q] & 0xffffu)), x1b = h2f((half_t)(av[q] >> 16));
-        const float x2a = h2f((half_t)(bv[q] & 0xffffu)), x2b = h2f((half_t)(bv[q] >> 16));
+        const float x1a = a2f_lo(av[q]), x1b = a2f_hi(av[q]);
+        const float x2a = a2f_lo(bv[q]), x2b = a2f_hi(bv[q]);
         const float ca = cs[2 * q], cb = cs[2 * q + 1], sa = sn[2 * q], sb = sn[2 * q + 1];
-        o1[q] = (unsigned)f2h(x1a * ca - x2a * sa) | ((unsigned)f2h(x1b * cb - x2b * sb) << 16);
-        o2[q] = (unsigned)f2h(x2a * ca + x1a * sa) | ((unsigned)f2h(x2b * cb + x1b * sb) << 16);
+        o1[q] = pack2(x1a * ca - x2a * sa, x1b * cb - x2b * sb);
+        o2[q] = pack2(x2a * ca + x1a * sa, x2b * cb + x1b * sb);
     }
     *(uint4*)(dst + j0) = make_uint4(o1[0], o1[1], o1[2], o1[3]);
     *(uint4*)(dst + j0 + half_r) = make_uint4(o2[0], o2[1], o2[2], o2[3]);
@@ -211,10 +210,10 @@ extern "C" __global__ void rotate_keys_vec8(const half_t* __restrict__ k, long l
 
 // store_kv with 16-byte accesses: rows of row_elems values (% 8 == 0), k and v rows k_stride and
 // v_stride elements apart (% 8 == 0, 16-byte aligned): cache rows positions[t] <- k[t], v[t].
-extern "C" __global__ void store_kv_vec8(const half_t* __restrict__ k, long long k_stride,
-                                         const half_t* __restrict__ v, long long v_stride,
-                                         const int* __restrict__ positions, half_t* __restrict__ cache_k,
-                                         half_t* __restrict__ cache_v, int n, int row_elems) {
+extern "C" __global__ void store_kv_vec8(const act_t* __restrict__ k, long long k_stride,
+                                         const act_t* __restrict__ v, long long v_stride,
+                                         const int* __restrict__ positions, act_t* __restrict__ cache_k,
+                                         act_t* __restrict__ cache_v, int n, int row_elems) {
     const int per_row = row_elems >> 3;
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)n * per_row) return;

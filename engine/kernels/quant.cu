@@ -1,37 +1,38 @@
-// Quantized weights on the device: fused dequant-GEMV (decode), dequantize-to-fp16 (prefill GEMM
-// scratch) and embedding lookup, for F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K.
+// Quantized weights on the device: fused dequant-GEMV (decode), dequantize-to-act_t (prefill GEMM
+// scratch: fp16, or bf16 when built with -DACT_BF16) and embedding lookup, for F32, F16, BF16, Q8_0,
+// Q4_0, Q4_1, Q4_K, Q6_K.
 //
 // Design. A weight stays in its GGUF bytes: numpy shape (rows, cols), each row `row_bytes` bytes of
 // whole blocks (ggml-common.h layouts). dequant.cuh (prepended) gives dequant8<TYPE>(row, c, v), the
 // 8 consecutive values c*8 .. c*8+7 of a row, and row_dot<TYPE>; all kernels walk rows in 8-value chunks:
 //   gemv_T    one warp per output row; lane l takes chunks l, l+32, ... (adjacent lanes read adjacent
 //             bytes), dots them with x staged in shared memory as float, warp-reduces in fp32.
-//             y = W x, x: (cols,) fp16, y: (rows,) fp16 or fp32 (out_f32).
-//   dequant_T one thread per chunk, writes 8 fp16 values (16-byte store): (rows, cols) fp16.
+//             y = W x, x: (cols,) act_t, y: (rows,) act_t or fp32 (out_f32).
+//   dequant_T one thread per chunk, writes 8 act_t values (16-byte store): (rows, cols) act_t.
 //   embed_T   one block per token: out[t, :] = fp32 row ids[t] of the table.
 // Requires cols % 8 == 0 (block types: cols % block size == 0, checked on the host).
 
 // y (rows,) = W (rows, cols) @ x (cols,); blockDim.x = 32 * rows per block; dynamic smem: cols floats
 template <int T>
-__device__ __forceinline__ void gemv_body(const u8* __restrict__ w, const half_t* __restrict__ x,
+__device__ __forceinline__ void gemv_body(const u8* __restrict__ w, const act_t* __restrict__ x,
                                           void* __restrict__ y, int rows, int cols, long long row_bytes,
                                           int out_f32) {
     extern __shared__ float xs[];
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row < rows) prefetch_row(w + (long long)row * row_bytes, row_bytes);
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) xs[i] = h2f(x[i]);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) xs[i] = a2f(x[i]);
     __syncthreads();
     if (row >= rows) return;
     const float acc = row_dot<T>(w + (long long)row * row_bytes, xs, cols);
     if ((threadIdx.x & 31) == 0) {
         if (out_f32) ((float*)y)[row] = acc;
-        else ((half_t*)y)[row] = f2h(acc);
+        else ((act_t*)y)[row] = f2a(acc);
     }
 }
 
-// out (rows, cols) fp16 = dequantized W; one thread per 8-value chunk
+// out (rows, cols) act_t = dequantized W; one thread per 8-value chunk
 template <int T>
-__device__ __forceinline__ void dequant_body(const u8* __restrict__ w, half_t* __restrict__ out, int rows,
+__device__ __forceinline__ void dequant_body(const u8* __restrict__ w, act_t* __restrict__ out, int rows,
                                              int cols, long long row_bytes) {
     const long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const int per_row = cols >> 3;
@@ -41,10 +42,10 @@ __device__ __forceinline__ void dequant_body(const u8* __restrict__ w, half_t* _
     float v[8];
     dequant8<T>(w + row * row_bytes, c, v);
     uint4 packed;
-    packed.x = f2h(v[0]) | ((unsigned int)f2h(v[1]) << 16);
-    packed.y = f2h(v[2]) | ((unsigned int)f2h(v[3]) << 16);
-    packed.z = f2h(v[4]) | ((unsigned int)f2h(v[5]) << 16);
-    packed.w = f2h(v[6]) | ((unsigned int)f2h(v[7]) << 16);
+    packed.x = pack2(v[0], v[1]);
+    packed.y = pack2(v[2], v[3]);
+    packed.z = pack2(v[4], v[5]);
+    packed.w = pack2(v[6], v[7]);
     ((uint4*)(out + row * cols))[c] = packed;
 }
 
@@ -64,11 +65,11 @@ __device__ __forceinline__ void embed_body(const u8* __restrict__ w, const int* 
 }
 
 #define QUANT_KERNELS(NAME, T)                                                                              \
-    extern "C" __global__ void gemv_##NAME(const u8* w, const half_t* x, void* y, int rows, int cols,      \
+    extern "C" __global__ void gemv_##NAME(const u8* w, const act_t* x, void* y, int rows, int cols,       \
                                            long long row_bytes, int out_f32) {                              \
         gemv_body<T>(w, x, y, rows, cols, row_bytes, out_f32);                                              \
     }                                                                                                       \
-    extern "C" __global__ void dequant_##NAME(const u8* w, half_t* out, int rows, int cols,                \
+    extern "C" __global__ void dequant_##NAME(const u8* w, act_t* out, int rows, int cols,                 \
                                               long long row_bytes) {                                        \
         dequant_body<T>(w, out, rows, cols, row_bytes);                                                     \
     }                                                                                                       \

@@ -1,21 +1,25 @@
 """The CUDA backend: the op set of engine/backends/__init__.py on CuPy arrays and NVRTC kernels.
 
-Arrays: residual stream fp32 (n, d); everything that feeds a matrix product fp16; logits fp32;
-token ids and positions int32. Weights stay in their GGUF encoding on the device (weights.py);
-attention runs over a preallocated fp16 KV cache (attention.py). No op reads a device value back
-to the host, so ``Llama.compute`` for one token can be captured as a CUDA graph (graph.py:
-``CudaBackend.decoder``), and only the sampled token id comes back per step.
+Arrays: residual stream fp32 (n, d); everything that feeds a matrix product in the activation dtype
+(``CudaBackend(dtype=...)``: "f16", or "bf16" held as uint16 bit patterns since CuPy has no bfloat16);
+logits fp32; token ids and positions int32. Weights stay in their GGUF encoding on the device
+(weights.py); attention runs over a preallocated KV cache in the activation dtype (attention.py for
+decode and odd shapes, the fused flash kernels for prefill). The activation kernels are the `dtype`
+build of their .cu file (engine/kernels: one source, compiled with -DACT_BF16 for bf16). No op reads
+a device value back to the host, so ``Llama.compute`` for one token can be captured as a CUDA graph
+(graph.py: ``CudaBackend.decoder``), and only the sampled token id comes back per step.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ...errors import DeviceError
-from ...kernels import function
+from ...errors import ConfigError, DeviceError
+from ...kernels import ACTIVATION_DTYPES, function
 from ...kvcache import KVCache
 from . import attention as attention_ops
 from . import flash_attention as flash
-from .weights import PREFILL_FP16_BUDGET, DeviceMatrix, MatrixOps, fuse, fused_whole, upload_weight
+from .weights import (PREFILL_FP16_BUDGET, DeviceMatrix, MatrixOps, activation_type, fuse, fused_whole,
+                      to_activation, upload_weight)
 
 ELEMENTWISE_THREADS = 256
 NORM_ROWS_PER_BLOCK = 8  # rmsnorm: one warp per row
@@ -35,9 +39,14 @@ class CudaBackend:
     # 254 in 32k ones, and a 128k prefill takes 3.10 s in 8192-token batches, 2.54 s in 32k ones
     prefill_batch = 32768
 
-    def __init__(self):
+    def __init__(self, dtype: str = "f16"):
+        if dtype not in ACTIVATION_DTYPES:
+            raise ConfigError(f"unknown activation dtype {dtype!r} for the CUDA backend "
+                              f"(choose from {', '.join(ACTIVATION_DTYPES)})")
         self.cp = _cupy()
-        self.matrices = MatrixOps(self.cp)
+        self.dtype = dtype  # "f16" | "bf16": activations, KV cache, prefill weight copies
+        self.act = activation_type(self.cp, dtype)  # their CuPy dtype (bf16: uint16 bits)
+        self.matrices = MatrixOps(self.cp, dtype)
         self._tables: dict[int, tuple[object, object, object]] = {}  # id(rotary) -> (rotary, cos, sin)
 
     # ----------------------------------------------------------------------------------- setup
@@ -55,7 +64,7 @@ class CudaBackend:
                         if all(isinstance(p, DeviceMatrix) for p in parts):
                             fuse(cp, parts)
             matrices = {id(m.whole or m): m.whole or m for m in device.values() if isinstance(m, DeviceMatrix)}
-            self.matrices.keep_fp16(list(matrices.values()), PREFILL_FP16_BUDGET)
+            self.matrices.keep_half(list(matrices.values()), PREFILL_FP16_BUDGET)
             return device
         except cp.cuda.memory.OutOfMemoryError as exc:
             needed = sum(int(w.raw.nbytes) for w in weights.values())
@@ -65,7 +74,7 @@ class CudaBackend:
 
     def new_cache(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int) -> KVCache:
         cp = self.cp
-        needed = 2 * n_layers * capacity * n_kv_heads * head_dim * 2  # K and V, fp16
+        needed = 2 * n_layers * capacity * n_kv_heads * head_dim * 2  # K and V, 16-bit
         free, _ = cp.cuda.runtime.memGetInfo()
         free += cp.get_default_memory_pool().free_bytes()
         if needed > free:
@@ -73,7 +82,7 @@ class CudaBackend:
                 f"the KV cache for {capacity} tokens needs {needed / 2**30:.2f} GiB of GPU memory but only "
                 f"{free / 2**30:.2f} GiB is free; lower the context with -c/--ctx-size")
         try:
-            return KVCache(n_layers, capacity, n_kv_heads, head_dim, dtype=cp.float16, xp=cp)
+            return KVCache(n_layers, capacity, n_kv_heads, head_dim, dtype=self.act, xp=cp)
         except cp.cuda.memory.OutOfMemoryError as exc:
             raise DeviceError(f"GPU out of memory allocating the KV cache for {capacity} tokens "
                               f"({needed / 2**30:.2f} GiB); lower the context with -c/--ctx-size") from exc
@@ -103,7 +112,10 @@ class CudaBackend:
         return cp.asnumpy(picked - log_norm).astype(np.float64)
 
     def to_numpy(self, x) -> np.ndarray:
+        """A device array on the host; 16-bit activations (fp16, bf16 bits) as float32."""
         out = self.cp.asnumpy(x)
+        if out.dtype == np.uint16:  # bf16 bit patterns
+            return (out.astype(np.uint32) << 16).view(np.float32)
         return out.astype(np.float32) if out.dtype == np.float16 else out
 
     # ----------------------------------------------------------------------------------- ops
@@ -130,62 +142,60 @@ class CudaBackend:
         return x
 
     def rmsnorm(self, x, w, eps: float) -> object:
-        """x (n, d) fp32 or fp16 -> fp16."""
+        """x (n, d) fp32 or activations -> activations."""
         cp = self.cp
-        x = cp.ascontiguousarray(x)
+        x = cp.ascontiguousarray(x) if x.dtype == self.act else cp.ascontiguousarray(x, dtype=cp.float32)
         n, d = x.shape
-        out = cp.empty((n, d), dtype=cp.float16)
+        out = cp.empty((n, d), dtype=self.act)
         vec4 = d % 4 == 0 and x.data.ptr % 16 == 0
         if n:
-            function("elementwise", "rmsnorm")(
+            function("elementwise", "rmsnorm", self.dtype)(
                 ((n + NORM_ROWS_PER_BLOCK - 1) // NORM_ROWS_PER_BLOCK,), (32 * NORM_ROWS_PER_BLOCK,),
-                (x, w, out, np.int32(n), np.int32(d), np.float32(eps), np.int32(x.dtype == cp.float16),
+                (x, w, out, np.int32(n), np.int32(d), np.float32(eps), np.int32(x.dtype == self.act),
                  np.int32(vec4)))
         return out
 
     def add(self, x, y) -> object:
-        """Residual add: fp32 x + (fp16 or fp32) y -> fp32."""
+        """Residual add: fp32 x + (activations or fp32) y -> fp32."""
         cp = self.cp
         x = cp.ascontiguousarray(x, dtype=cp.float32)
-        y = cp.ascontiguousarray(y)
-        if y.dtype not in (cp.float16, cp.float32):
-            y = y.astype(cp.float32)
+        y = cp.ascontiguousarray(y) if y.dtype == self.act else cp.ascontiguousarray(y, dtype=cp.float32)
         out = cp.empty(x.shape, dtype=cp.float32)
         self._launch_1d("elementwise", "add_residual", x.size,
-                        (x, y, out, np.int64(x.size), np.int32(y.dtype == cp.float16)))
+                        (x, y, out, np.int64(x.size), np.int32(y.dtype == self.act)))
         return out
 
     def swiglu(self, gate, up) -> object:
-        """silu(gate) * up -> (n, f) fp16; gate and up may be the column halves of one product."""
+        """silu(gate) * up -> (n, f) activations; gate and up may be the column halves of one product."""
         cp = self.cp
         n, f = gate.shape
-        if not (gate.dtype == up.dtype == cp.float16 and gate.strides == up.strides and gate.strides[1] == 2):
-            gate = cp.ascontiguousarray(gate, dtype=cp.float16)
-            up = cp.ascontiguousarray(up, dtype=cp.float16)
+        if not (gate.dtype == up.dtype == self.act and gate.strides == up.strides and gate.strides[1] == 2):
+            gate = to_activation(cp, gate, self.dtype)
+            up = to_activation(cp, up, self.dtype)
         stride = gate.strides[0] // 2  # elements between rows
         vec8 = f % 8 == 0 and stride % 8 == 0 and gate.data.ptr % 16 == 0 and up.data.ptr % 16 == 0
-        out = cp.empty((n, f), dtype=cp.float16)
+        out = cp.empty((n, f), dtype=self.act)
         self._launch_1d("elementwise", "swiglu", n * (f // 8 if vec8 else f),
                         (gate, up, out, np.int32(n), np.int32(f), np.int64(stride), np.int32(vec8)))
         return out
 
     def rotate_keys(self, k, positions, rotary, dca) -> object:
-        """k (n, Hkv, D) -> fp16 contiguous, rotated at key positions (j mod chunk_len with DCA); k may be
-        a row-strided view (the K columns of a fused QKV product)."""
+        """k (n, Hkv, D) -> activations, contiguous, rotated at key positions (j mod chunk_len with DCA); k
+        may be a row-strided view (the K columns of a fused QKV product)."""
         cp = self.cp
         n, heads, head_dim = k.shape
         rope_dim = rotary.rope.dim
         cos_t, sin_t = self.rotary_tables(rotary)
         chunk_len = np.int32(dca.chunk_len if dca is not None else 0)
-        stride = _row_stride(cp, k)
-        out = cp.empty((n, heads, head_dim), dtype=cp.float16)
+        stride = _row_stride(k, self.act)
+        out = cp.empty((n, heads, head_dim), dtype=self.act)
         if stride is not None and rope_dim % 16 == 0 and head_dim % 8 == 0:
             groups = rope_dim // 16 + (head_dim - rope_dim) // 8
             self._launch_1d("elementwise", "rotate_keys_vec8", n * heads * groups,
                             (k, np.int64(stride), positions, cos_t, sin_t, out, np.int32(n), np.int32(heads),
                              np.int32(head_dim), np.int32(rope_dim), chunk_len))
             return out
-        k = cp.ascontiguousarray(k, dtype=cp.float16)
+        k = to_activation(cp, k, self.dtype)
         per_head = head_dim - rope_dim // 2
         self._launch_1d("elementwise", "rotate_keys", n * heads * per_head,
                         (k, positions, cos_t, sin_t, out, np.int32(n), np.int32(heads), np.int32(head_dim),
@@ -198,19 +208,19 @@ class CudaBackend:
         cp = self.cp
         n = k_rotated.shape[0]
         row = k_rotated.shape[1] * k_rotated.shape[2]
-        k_stride, v_stride = _row_stride(cp, k_rotated), _row_stride(cp, v)
+        k_stride, v_stride = _row_stride(k_rotated, self.act), _row_stride(v, self.act)
         if k_stride is not None and v_stride is not None and row % 8 == 0:
             self._launch_1d("elementwise", "store_kv_vec8", n * row // 8,
                             (k_rotated, np.int64(k_stride), v, np.int64(v_stride), positions, cache.k[layer],
                              cache.v[layer], np.int32(n), np.int32(row)))
             return
-        k_rotated = cp.ascontiguousarray(k_rotated, dtype=cp.float16)
-        v = cp.ascontiguousarray(v, dtype=cp.float16)
+        k_rotated = to_activation(cp, k_rotated, self.dtype)
+        v = to_activation(cp, v, self.dtype)
         self._launch_1d("elementwise", "store_kv", n * row,
                         (k_rotated, v, positions, cache.k[layer], cache.v[layer], np.int32(n), np.int32(row)))
 
     def attention(self, q, cache: KVCache, layer: int, positions, rotary, dca, temperature_length=None):
-        """q (n, Hq, D) unrotated, attending the cached keys 0 .. positions[-1] -> (n, Hq, D) fp16."""
+        """q (n, Hq, D) unrotated, attending the cached keys 0 .. positions[-1] -> (n, Hq, D) activations."""
         cos_t, sin_t = self.rotary_tables(rotary)
         n, n_heads, head_dim = q.shape
         if n > 1 and flash.unsupported_reason(head_dim, rotary.rope.dim, n_heads, cache.k.shape[2]) is None:
@@ -221,7 +231,7 @@ class CudaBackend:
                                          n_keys_hint=cache.length + n)
         return attention_ops.attention(self.cp, q, cache.k[layer], cache.v[layer], positions, cos_t, sin_t,
                                        rotary.rope.dim, dca, temperature_length, cache.capacity,
-                                       keys_hint=cache.length + n)
+                                       keys_hint=cache.length + n, dtype=self.dtype)
 
     def decoder(self, model, cache: KVCache, sampling, history):
         """A graph-replaying decode loop with device-side sampling (see graph.GraphDecoder)."""
@@ -230,15 +240,16 @@ class CudaBackend:
         return GraphDecoder(self, model, cache, sampling, history)
 
     def _launch_1d(self, file: str, kernel: str, n_threads: int, args: tuple) -> None:
+        """One thread per item of an activation kernel (the backend's dtype build of kernels/<file>.cu)."""
         if n_threads:
             blocks = (n_threads + ELEMENTWISE_THREADS - 1) // ELEMENTWISE_THREADS
-            function(file, kernel)((blocks,), (ELEMENTWISE_THREADS,), args)
+            function(file, kernel, self.dtype)((blocks,), (ELEMENTWISE_THREADS,), args)
 
 
-def _row_stride(cp, x) -> int | None:
-    """Elements between the rows of a (n, heads, D) fp16 array whose rows are each contiguous, when the
-    16-byte kernels can read it (stride % 8 == 0, 16-byte aligned); None otherwise."""
-    if x.dtype != cp.float16 or x.strides[2] != 2 or x.strides[1] != 2 * x.shape[2]:
+def _row_stride(x, act) -> int | None:
+    """Elements between the rows of a (n, heads, D) activation array (dtype act) whose rows are each
+    contiguous, when the 16-byte kernels can read it (stride % 8 == 0, 16-byte aligned); None otherwise."""
+    if x.dtype != act or x.strides[2] != 2 or x.strides[1] != 2 * x.shape[2]:
         return None
     stride = x.strides[0] // 2 if x.shape[0] > 1 else x.shape[1] * x.shape[2]
     if stride % 8 or x.data.ptr % 16:

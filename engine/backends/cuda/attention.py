@@ -15,6 +15,7 @@ import numpy as np
 
 from ...errors import DeviceError
 from ...kernels import function
+from .weights import activation_type, to_activation
 
 MAX_WARPS = 8
 MIN_WARPS = 4  # attention.cu: 32 keys x D/8 vectors <= LOAD_BATCH (4) x 32 x MIN_WARPS for D <= 128
@@ -42,8 +43,9 @@ def n_splits(n_queries: int, row_blocks: int, n_kv: int, capacity: int, keys_hin
 
 
 def attention(cp, q, cache_k, cache_v, positions, cos_t, sin_t, rope_dim: int, dca, temperature_length,
-              capacity: int, keys_hint: int):
-    """q (n, Hq, D) fp16 unrotated; cache_k/v (capacity, Hkv, D) fp16 of one layer -> (n, Hq, D) fp16."""
+              capacity: int, keys_hint: int, dtype: str = "f16"):
+    """q (n, Hq, D) unrotated; cache_k/v (capacity, Hkv, D) of one layer -> (n, Hq, D); all activations of
+    `dtype` ("f16" | "bf16", the build of attention.cu that runs)."""
     n, n_heads, head_dim = q.shape
     n_kv = cache_k.shape[1]
     if head_dim % 8 or n_heads % n_kv:
@@ -55,22 +57,22 @@ def attention(cp, q, cache_k, cache_v, positions, cos_t, sin_t, rope_dim: int, d
     warps = max(MIN_WARPS, min(MAX_WARPS, rows))  # >= 4: one load batch covers a K/V tile
     row_blocks = (rows + warps - 1) // warps
     splits = n_splits(n, row_blocks, n_kv, capacity, keys_hint)
-    q = cp.ascontiguousarray(q, dtype=cp.float16)
+    q = to_activation(cp, q, dtype)
     part_o = cp.empty((splits, n, n_heads, head_dim), dtype=cp.float32)
     part_m = cp.empty((splits, n, n_heads), dtype=cp.float32)
     part_l = cp.empty((splits, n, n_heads), dtype=cp.float32)
     chunk_len, chunk_size = (dca.chunk_len, dca.chunk_size) if dca is not None else (0, 0)
     scale_log2 = math.log2(math.e) / math.sqrt(head_dim)
     smem = 4 * warps * 3 * head_dim + 2 * TILE_KEYS * (head_dim + 2) + 2 * TILE_KEYS * head_dim
-    function("attention", f"attn_partial_{dpl}")(
+    function("attention", f"attn_partial_{dpl}", dtype)(
         (row_blocks, n_kv, splits), (32 * warps,),
         (q, cache_k, cache_v, positions, cos_t, sin_t, part_o, part_m, part_l, np.int32(n), np.int32(n_heads),
          np.int32(n_kv), np.int32(head_dim), np.int32(rope_dim), np.int32(chunk_len), np.int32(chunk_size),
          np.float32(scale_log2), np.int32(temperature_length or 0), np.int32(splits)),
         shared_mem=smem)
-    out = cp.empty((n, n_heads, head_dim), dtype=cp.float16)
+    out = cp.empty((n, n_heads, head_dim), dtype=activation_type(cp, dtype))
     groups = max(1, COMBINE_THREADS // head_dim)
-    function("attention", "attn_combine")(
+    function("attention", "attn_combine", dtype)(
         (n * n_heads,), (groups * head_dim,),
         (part_o, part_m, part_l, out, np.int32(n * n_heads), np.int32(head_dim), np.int32(splits)))
     return out

@@ -5,6 +5,7 @@ dec_gemv_add (output projection + residual), dec_gateup (RMSNorm + gate/up GEMV 
 dec_gemv_add (down projection + residual); then dec_head (final RMSNorm + output GEMV, fp32).
 The arithmetic is the unfused op set's, in the same order (see decode.cu), so ``Llama.compute`` and
 ``FusedStep.compute`` give the same logits; the fused form only cuts launches (6 per layer, not 16).
+Activations (query, SwiGLU output, cache rows) are in the backend's dtype (decode.cu's dtype build).
 Used by the graph decoder when every layer's Q/K/V share one stored type and gate/up share one
 (``FusedStep.supported``); otherwise the decoder captures ``Llama.compute`` itself.
 """
@@ -48,13 +49,14 @@ class FusedStep:
         eps = np.float32(c.norm_eps)
         d = c.d_model
         x = self.backend.embedding(w["token_embd"], token).reshape(-1)  # (d,) fp32 residual
-        q = cp.empty(c.n_heads * c.head_dim, dtype=cp.float16)
-        gate_up = cp.empty(c.ffn_dim, dtype=cp.float16)
+        dtype = self.backend.dtype
+        q = cp.empty(c.n_heads * c.head_dim, dtype=self.backend.act)
+        gate_up = cp.empty(c.ffn_dim, dtype=self.backend.act)
         n_tasks = c.n_heads * c.head_dim + c.n_kv_heads * (2 * c.head_dim - rope_dim // 2)
         for layer in range(c.n_layers):
             p = f"blk.{layer}."
             wq, wk, wv = w[p + "attn_q"], w[p + "attn_k"], w[p + "attn_v"]
-            function("decode", f"dec_qkv_{wq.suffix}")(
+            function("decode", f"dec_qkv_{wq.suffix}", dtype)(
                 (self._blocks(n_tasks),), (THREADS,),
                 (x, w[p + "attn_norm"], eps, np.int32(d), wq.data, wk.data, wv.data, np.int64(wq.data.shape[1]),
                  q, cache.k[layer], cache.v[layer], position, cos_t, sin_t, np.int32(c.n_heads),
@@ -62,10 +64,10 @@ class FusedStep:
                 shared_mem=4 * d)
             attn = attention_ops.attention(cp, q.reshape(1, c.n_heads, c.head_dim), cache.k[layer], cache.v[layer],
                                            position, cos_t, sin_t, rope_dim, model.dca, model.temperature_length,
-                                           cache.capacity, keys_hint=cache.capacity)
+                                           cache.capacity, keys_hint=cache.capacity, dtype=dtype)
             self._gemv_add(attn.reshape(-1), w[p + "attn_output"], x)
             wg, wu = w[p + "ffn_gate"], w[p + "ffn_up"]
-            function("decode", f"dec_gateup_{wg.suffix}")(
+            function("decode", f"dec_gateup_{wg.suffix}", dtype)(
                 (self._blocks(c.ffn_dim),), (THREADS,),
                 (x, w[p + "ffn_norm"], eps, np.int32(d), wg.data, wu.data, np.int64(wg.data.shape[1]),
                  np.int32(c.ffn_dim), gate_up),
@@ -73,7 +75,7 @@ class FusedStep:
             self._gemv_add(gate_up, w[p + "ffn_down"], x)
         head = model.output
         logits = cp.empty((1, head.rows), dtype=cp.float32)
-        function("decode", f"dec_head_{head.suffix}")(
+        function("decode", f"dec_head_{head.suffix}", dtype)(
             (self._blocks(head.rows),), (THREADS,),
             (x, w["output_norm"], eps, np.int32(d), head.data, np.int64(head.data.shape[1]), np.int32(head.rows),
              logits),
@@ -81,7 +83,7 @@ class FusedStep:
         return logits
 
     def _gemv_add(self, a, m: DeviceMatrix, x) -> None:
-        function("decode", f"dec_gemv_add_{m.suffix}")(
+        function("decode", f"dec_gemv_add_{m.suffix}", self.backend.dtype)(
             (self._blocks(m.rows),), (THREADS,),
             (a, m.data, np.int64(m.data.shape[1]), np.int32(m.rows), np.int32(m.cols), x),
             shared_mem=4 * m.cols)

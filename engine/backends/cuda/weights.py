@@ -6,10 +6,13 @@ one matrix when their encodings agree (``fuse``): each part is a row range of th
 decode is unchanged and a prefill product of the group is one GEMM (``linear`` on ``whole``).
 ``linear`` picks per call:
   n == 1  fused dequant-GEMV kernel (kernels/quant.cu gemv_<type>), no cuBLAS: capturable in a graph
-  n > 1   dequantize into one shared fp16 scratch buffer (dequant_<type>) + cuBLAS GEMM,
-          fp16 inputs, fp32 accumulation (cublasGemmEx, CUBLAS_COMPUTE_32F); F16 weights are used as
-          stored, and a small model keeps dequantized fp16 copies (``keep_fp16``) instead
-Output: fp16, or fp32 for the output head (``f32_out``; logits keep their precision).
+  n > 1   dequantize into one shared scratch buffer in the activation dtype (dequant_<type>) + cuBLAS
+          GEMM, 16-bit inputs, fp32 accumulation (cublasGemmEx, CUBLAS_COMPUTE_32F); weights stored in
+          the activation dtype (F16 for f16, BF16 for bf16) are used as stored, and a small model keeps
+          dequantized copies in the activation dtype (``keep_half``) instead
+Activation dtype ("f16" or "bf16", MatrixOps(cp, dtype)): CuPy has no bfloat16, so bf16 arrays are
+uint16 bit patterns (``activation_type``, ``to_activation``); the kernels are the bf16 build of quant.cu.
+Output: the activation dtype, or fp32 for the output head (``f32_out``; logits keep their precision).
 Types kept quantized: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K. Other ggml types the loader
 accepts (Q5_0, Q5_1, Q5_K) are dequantized once on the host and kept as F16.
 """
@@ -19,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...errors import DeviceError
-from ...kernels import function
+from ...errors import ConfigError, DeviceError
+from ...kernels import ACTIVATION_DTYPES, function
 from ...weights.quant import GGMLType, dequantize
 
 KERNEL_SUFFIX = {
@@ -28,15 +31,16 @@ KERNEL_SUFFIX = {
     GGMLType.Q4_0: "q4_0", GGMLType.Q4_1: "q4_1", GGMLType.Q4_K: "q4_k", GGMLType.Q6_K: "q6_k",
 }
 OUTPUT_HEADS = ("output", "token_embd")  # weights whose products are logits (fp32 out)
-# A model whose matrices take at most this much as fp16 keeps fp16 copies for prefill GEMMs: dequantizing
-# per prefill batch costs a small model ~4% of a 32k-token prefill (many small launches; SmolLM2-135M:
-# 0.27 GB of copies), while a large model's GEMMs dwarf it and its copies would take the KV cache's memory.
+# A model whose matrices take at most this much as 16-bit values keeps copies in the activation dtype for
+# prefill GEMMs: dequantizing per prefill batch costs a small model ~4% of a 32k-token prefill (many small
+# launches; SmolLM2-135M: 0.27 GB of copies), while a large model's GEMMs dwarf it and its copies would take
+# the KV cache's memory.
 PREFILL_FP16_BUDGET = 1 << 30
 GEMV_WARPS = 4  # output rows per GEMV block (one warp each)
 
 # cuBLAS / CUDA enum values (cublas_api.h, library_types.h)
 _OP_N, _OP_T = 0, 1
-_R_16F, _R_32F = 2, 0
+_R_16F, _R_16BF, _R_32F = 2, 14, 0
 _COMPUTE_32F = 68
 _GEMM_DEFAULT = -1
 
@@ -53,7 +57,7 @@ class DeviceMatrix:
     f32_out: bool
     whole: "DeviceMatrix | None" = None  # the fused matrix this one is a row range of
     row_offset: int = 0  # first row within `whole`
-    fp16: object = None  # a dequantized (rows, cols) fp16 copy kept for prefill GEMMs (MatrixOps.keep_fp16)
+    half: object = None  # a dequantized (rows, cols) copy in the activation dtype for prefill GEMMs (keep_half)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -62,6 +66,30 @@ class DeviceMatrix:
     @property
     def suffix(self) -> str:
         return KERNEL_SUFFIX[self.ggml_type]
+
+
+def activation_type(cp, dtype: str):
+    """The CuPy dtype of activation arrays: float16 for "f16", uint16 (bf16 bit patterns) for "bf16"."""
+    if dtype not in ACTIVATION_DTYPES:
+        raise ConfigError(f"unknown activation dtype {dtype!r} (choose from {', '.join(ACTIVATION_DTYPES)})")
+    return cp.float16 if dtype == "f16" else cp.uint16
+
+
+def to_activation(cp, x, dtype: str):
+    """x as a C-contiguous activation array of `dtype`: as it is when it already is one; floats rounded to
+    fp16, or to bf16 (round to nearest even on the float32 bits)."""
+    act = activation_type(cp, dtype)
+    if x.dtype == act:
+        return cp.ascontiguousarray(x)
+    if dtype == "f16":
+        return cp.ascontiguousarray(x, dtype=cp.float16)
+    bits = cp.ascontiguousarray(x, dtype=cp.float32).view(cp.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(cp.uint16)
+
+
+def stored_as_activation(dtype: str) -> GGMLType:
+    """The weight type a GEMM reads as stored, without a dequantized copy: F16 for f16, BF16 for bf16."""
+    return GGMLType.F16 if dtype == "f16" else GGMLType.BF16
 
 
 def upload_weight(cp, name: str, tensor) -> object:
@@ -95,11 +123,13 @@ def device_bytes(tensor) -> int:
     return int(tensor.raw.nbytes)
 
 
-def planned_fp16_copies(weights) -> int:
-    """Bytes of the fp16 prefill copies (MatrixOps.keep_fp16) the CUDA backend will keep for these loader
-    weights: the matrices not stored as F16, when they fit in PREFILL_FP16_BUDGET, else 0."""
+def planned_fp16_copies(weights, dtype: str = "f16") -> int:
+    """Bytes of the 16-bit prefill copies (MatrixOps.keep_half) the CUDA backend will keep for these loader
+    weights with activations of `dtype`: the matrices not stored in that dtype, when they fit in
+    PREFILL_FP16_BUDGET, else 0."""
+    as_stored = stored_as_activation(dtype)
     total = sum(2 * int(np.prod(w.shape)) for w in weights.values()
-                if len(w.shape) == 2 and device_type(w.ggml_type) != GGMLType.F16)
+                if len(w.shape) == 2 and device_type(w.ggml_type) != as_stored)
     return total if total <= PREFILL_FP16_BUDGET else 0
 
 
@@ -131,12 +161,16 @@ def fused_whole(parts) -> DeviceMatrix | None:
 
 
 class MatrixOps:
-    """linear / embedding over DeviceMatrix weights; owns the fp16 dequantization scratch buffer."""
+    """linear / embedding over DeviceMatrix weights with activations of `dtype` ("f16" | "bf16"); owns the
+    dequantization scratch buffer (in the activation dtype)."""
 
-    def __init__(self, cp):
+    def __init__(self, cp, dtype: str = "f16"):
         self.cp = cp
-        self._scratch = None  # cupy uint8, grown to the largest matrix seen (fp16 bytes)
-        self.gemm_path = "cublasGemmEx"  # switches to "cupy.matmul" if GemmEx is unavailable
+        self.dtype = dtype
+        self.act = activation_type(cp, dtype)
+        self.as_stored = stored_as_activation(dtype)  # weights a GEMM reads without a copy
+        self._scratch = None  # cupy uint8, grown to the largest matrix seen (16-bit values)
+        self.gemm_path = "cublasGemmEx"  # switches to "cupy.matmul" if GemmEx is unavailable (f16 only)
 
     def embedding(self, table: DeviceMatrix, ids) -> object:
         """ids (n,) int32 device -> (n, cols) fp32."""
@@ -144,24 +178,22 @@ class MatrixOps:
         n = ids.shape[0]
         out = cp.empty((n, table.cols), dtype=cp.float32)
         if n:
-            function("quant", f"embed_{table.suffix}")(
+            function("quant", f"embed_{table.suffix}", self.dtype)(
                 (n,), (128,), (table.data, ids, out, np.int32(table.cols), np.int64(table.data.shape[1])))
         return out
 
     def linear(self, x, w: DeviceMatrix) -> object:
-        """x (n, cols) -> x @ W^T (n, rows): fp16, or fp32 for an output head."""
+        """x (n, cols) -> x @ W^T (n, rows): the activation dtype, or fp32 for an output head."""
         cp = self.cp
         if x.ndim != 2 or x.shape[1] != w.cols:
             raise DeviceError(f"linear: input of shape {x.shape} does not match weight {w.name} {w.shape}")
-        if x.dtype != cp.float16:
-            x = x.astype(cp.float16)
-        x = cp.ascontiguousarray(x)
+        x = to_activation(cp, x, self.dtype)
         n = x.shape[0]
-        out_dtype = cp.float32 if w.f32_out else cp.float16
+        out_dtype = cp.float32 if w.f32_out else self.act
         if n == 1:
             y = cp.empty((1, w.rows), dtype=out_dtype)
             blocks = (w.rows + GEMV_WARPS - 1) // GEMV_WARPS
-            function("quant", f"gemv_{w.suffix}")(
+            function("quant", f"gemv_{w.suffix}", self.dtype)(
                 (blocks,), (32 * GEMV_WARPS,),
                 (w.data, x, y, np.int32(w.rows), np.int32(w.cols), np.int64(w.data.shape[1]), np.int32(w.f32_out)),
                 shared_mem=4 * w.cols)
@@ -171,58 +203,58 @@ class MatrixOps:
     def linear_accumulate(self, acc, x, w: DeviceMatrix) -> None:
         """acc (n, rows) fp32 += x (n, cols) @ W^T, as one GEMM with beta = 1 (n > 1, not an output head)."""
         cp = self.cp
-        x = cp.ascontiguousarray(x, dtype=cp.float16)
+        x = to_activation(cp, x, self.dtype)
         n, k = x.shape
         w16 = self.dequantize(w)
         if self.gemm_path == "cublasGemmEx":
             try:
                 self._gemm_ex(x, w16, acc, n, w.rows, k, beta=1.0)
                 return
-            except Exception:
-                self.gemm_path = "cupy.matmul"
+            except Exception as exc:
+                self._gemm_ex_failed(exc)
         acc += cp.matmul(x, w16.T).astype(cp.float32)
 
-    def keep_fp16(self, matrices: list[DeviceMatrix], budget_bytes: int) -> int:
-        """Give the matrices (fused wholes and unfused ones) dequantized fp16 copies, and the parts of a
-        whole row-range views of its copy, when the copies of all of them fit in budget_bytes; returns the
-        bytes kept (0: none, prefill dequantizes per call)."""
+    def keep_half(self, matrices: list[DeviceMatrix], budget_bytes: int) -> int:
+        """Give the matrices (fused wholes and unfused ones) dequantized copies in the activation dtype, and
+        the parts of a whole row-range views of its copy, when the copies of all of them fit in
+        budget_bytes; returns the bytes kept (0: none, prefill dequantizes per call)."""
         cp = self.cp
-        needed = [m for m in matrices if m.ggml_type != GGMLType.F16 and m.fp16 is None]
+        needed = [m for m in matrices if m.ggml_type != self.as_stored and m.half is None]
         total = sum(2 * m.rows * m.cols for m in needed)
         if not needed or total > budget_bytes:
             return 0
         try:
             for m in needed:
-                m.fp16 = self.dequantize(m).copy()
+                m.half = self.dequantize(m).copy()
         except cp.cuda.memory.OutOfMemoryError:
             for m in needed:
-                m.fp16 = None
+                m.half = None
             return 0
         return total
 
     def dequantize(self, w: DeviceMatrix) -> object:
-        """W as (rows, cols) fp16: the stored bytes themselves for F16, the kept copy (keep_fp16), a row
-        range of its fused whole's kept copy, or else a view of the shared scratch buffer (valid until the
-        next call)."""
+        """W as (rows, cols) in the activation dtype: the stored bytes themselves when stored in it (F16 for
+        f16, BF16 for bf16), the kept copy (keep_half), a row range of its fused whole's kept copy, or else a
+        view of the shared scratch buffer (valid until the next call)."""
         cp = self.cp
-        if w.ggml_type == GGMLType.F16:
-            return w.data.view(cp.float16).reshape(w.rows, w.cols)
-        if w.fp16 is not None:
-            return w.fp16
-        if w.whole is not None and w.whole.fp16 is not None:
-            return w.whole.fp16[w.row_offset:w.row_offset + w.rows]
+        if w.ggml_type == self.as_stored:
+            return w.data.view(self.act).reshape(w.rows, w.cols)
+        if w.half is not None:
+            return w.half
+        if w.whole is not None and w.whole.half is not None:
+            return w.whole.half[w.row_offset:w.row_offset + w.rows]
         nbytes = 2 * w.rows * w.cols
         if self._scratch is None or self._scratch.size < nbytes:
             self._scratch = cp.empty(nbytes, dtype=cp.uint8)
-        out = self._scratch[:nbytes].view(cp.float16).reshape(w.rows, w.cols)
+        out = self._scratch[:nbytes].view(self.act).reshape(w.rows, w.cols)
         chunks = w.rows * (w.cols // 8)
-        function("quant", f"dequant_{w.suffix}")(
+        function("quant", f"dequant_{w.suffix}", self.dtype)(
             ((chunks + 255) // 256,), (256,),
             (w.data, out, np.int32(w.rows), np.int32(w.cols), np.int64(w.data.shape[1])))
         return out
 
     def _gemm(self, x, w16, out_dtype) -> object:
-        """(n, k) fp16 @ (m, k)^T fp16 -> (n, m) out_dtype, fp32 accumulation."""
+        """(n, k) @ (m, k)^T, both in the activation dtype -> (n, m) out_dtype, fp32 accumulation."""
         cp = self.cp
         n, k = x.shape
         m = w16.shape[0]
@@ -231,9 +263,16 @@ class MatrixOps:
             try:
                 self._gemm_ex(x, w16, out, n, m, k)
                 return out
-            except Exception:  # an older CuPy/cuBLAS without GemmEx: use CuPy's own matmul
-                self.gemm_path = "cupy.matmul"
+            except Exception as exc:  # an older CuPy/cuBLAS without GemmEx: use CuPy's own matmul
+                self._gemm_ex_failed(exc)
         return cp.matmul(x, w16.T).astype(out_dtype, copy=False)
+
+    def _gemm_ex_failed(self, exc: Exception) -> None:
+        """Fall back to cupy.matmul for fp16; bf16 has no fallback (CuPy has no bfloat16 matmul)."""
+        if self.dtype == "bf16":
+            raise DeviceError(f"cuBLAS gemmEx failed on bf16 activations ({type(exc).__name__}: {exc}); "
+                              "CuPy has no bf16 matmul to fall back to, use --dtype f16") from exc
+        self.gemm_path = "cupy.matmul"
 
     def _gemm_ex(self, x, w16, out, n: int, m: int, k: int, beta: float = 0.0) -> None:
         """Row-major out (n, m) = x (n, k) @ w16 (m, k)^T + beta * out, as column-major out^T = w16 x^T."""
@@ -244,7 +283,8 @@ class MatrixOps:
         cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
         one = np.ones(1, dtype=np.float32)
         beta_host = np.full(1, beta, dtype=np.float32)
-        c_type = _R_32F if out.dtype == cp.float32 else _R_16F
-        cublas.gemmEx(handle, _OP_T, _OP_N, m, n, k, one.ctypes.data, w16.data.ptr, _R_16F, k,
-                      x.data.ptr, _R_16F, k, beta_host.ctypes.data, out.data.ptr, c_type, m, _COMPUTE_32F,
+        ab_type = _R_16F if self.dtype == "f16" else _R_16BF
+        c_type = _R_32F if out.dtype == cp.float32 else ab_type
+        cublas.gemmEx(handle, _OP_T, _OP_N, m, n, k, one.ctypes.data, w16.data.ptr, ab_type, k,
+                      x.data.ptr, ab_type, k, beta_host.ctypes.data, out.data.ptr, c_type, m, _COMPUTE_32F,
                       _GEMM_DEFAULT)
