@@ -1,4 +1,5 @@
-"""Fused DCA flash attention (kernels/dca_flash_attn.cu, dca_decode.cu) against engine/dca.py.
+"""Fused DCA flash attention (kernels/dca_flash_attn.cu, dca_flash_attn_sm90.cu, dca_decode.cu) against
+engine/dca.py. Prefill tests run both builds: mma.sync ("mma") and, on a Hopper GPU, wgmma ("wgmma").
 
 Every GPU result is compared with ``blockwise_attention`` (float32, tested against the float64 spec
 in test_dca.py) fed the very fp16/bf16 values the kernel reads, so the only differences left are
@@ -91,6 +92,13 @@ class Case:
         return from_bits(cp.asnumpy(out.view(cp.uint16)), self.dtype)
 
 
+def require(kernel: str) -> None:
+    import cupy as cp
+
+    if kernel == "wgmma" and not fa.wgmma_available(cp):
+        pytest.skip("the wgmma kernel needs a Hopper GPU (compute capability 9.0)")
+
+
 def assert_close(got: np.ndarray, want: np.ndarray, dtype: str) -> None:
     assert np.isfinite(got).all(), "non-finite output (a stale cache row or an empty softmax leaked in)"
     err = np.abs(got - want)
@@ -115,6 +123,8 @@ def test_unsupported_shapes_are_named():
      | {"dca_rotate_queries_f16", "dca_rotate_queries_bf16"}),
     ("dca_decode", {f"dca_decode_{d}_{t}" for d in fa.DECODE_TILE_KEYS for t in ("f16", "bf16")}
      | {"dca_combine_f16", "dca_combine_bf16"}),
+    ("dca_flash_attn_sm90", {fa.wgmma_kernel_name(d, tiles, t) for d, variants in fa.WGMMA_VARIANTS.items()
+                             for tiles in variants for t in ("f16", "bf16")}),
 ])
 def test_kernels_compile_with_every_entry_the_wrapper_launches(name, entries):
     nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) is not installed")
@@ -126,18 +136,23 @@ def test_kernels_compile_with_every_entry_the_wrapper_launches(name, entries):
 
     ptx = compile_ptx(name, "sm_90")
     assert set(re.findall(r"\.entry\s+(\w+)", ptx)) == entries
-    assert "mma.sync.aligned.m16n8k16" in ptx and "ldmatrix" in ptx and "cp.async" in ptx
+    if name.endswith("_sm90"):
+        assert ".target sm_90a" in ptx and "wgmma.mma_async.sync.aligned.m64n128k16" in ptx and "cp.async" in ptx
+    else:
+        assert "mma.sync.aligned.m16n8k16" in ptx and "ldmatrix" in ptx and "cp.async" in ptx
 
 
 # ---------------------------------------------------------------------------------------- GPU
 @pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("n_heads, n_kv", GROUPS)
 @pytest.mark.parametrize("dca", [None, DCA], ids=["causal", "dca"])
-def test_prefill_matches_blockwise(dtype, head_dim, n_heads, n_kv, dca):
+def test_prefill_matches_blockwise(kernel, dtype, head_dim, n_heads, n_kv, dca):
+    require(kernel)
     case = Case(np.random.default_rng(head_dim + n_heads), 333, n_heads, n_kv, head_dim, dca, dtype)
-    assert_close(case.prefill(), case.reference(), dtype)
+    assert_close(case.prefill(kernel=kernel), case.reference(), dtype)
 
 
 @pytest.mark.cuda
@@ -149,30 +164,38 @@ def test_dca_differs_from_causal_on_these_inputs():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 @pytest.mark.parametrize("head_dim, n_heads, n_kv", [(64, 9, 3), (128, 8, 1)])
-def test_chunked_prefill_against_cache(dtype, head_dim, n_heads, n_kv):
+def test_chunked_prefill_against_cache(kernel, dtype, head_dim, n_heads, n_kv):
     """Queries 200..349 against cached keys 0..349 of a 512-row cache (NaN past row 349)."""
+    require(kernel)
     case = Case(np.random.default_rng(1), 150, n_heads, n_kv, head_dim, DCA, dtype, q_start=200, capacity=512)
-    assert_close(case.prefill(), case.reference(), dtype)
+    assert_close(case.prefill(kernel=kernel), case.reference(), dtype)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("head_dim, options", [(128, {"rotation": "precomputed"}), (64, {"n_splits": 3}),
                                                (128, {"tiles": (1, 64)}), (128, {"tiles": (1, 48)}),
                                                (128, {"tiles": (2, 32)}), (64, {"tiles": (1, 64)}),
-                                               (64, {"tiles": (2, 64)})],
+                                               (64, {"tiles": (2, 64)}), (64, {"kernel": "wgmma", "n_splits": 3}),
+                                               (128, {"kernel": "wgmma", "n_splits": 5})]
+                         + [(d, {"kernel": "wgmma", "tiles": t}) for d, ts in fa.WGMMA_VARIANTS.items() for t in ts],
                          ids=["precomputed", "splits", "d128-tiles1x64", "d128-tiles1x48", "d128-tiles2x32",
-                              "d64-tiles1x64", "d64-tiles2x64"])
+                              "d64-tiles1x64", "d64-tiles2x64", "wgmma-d64-splits", "wgmma-d128-splits"]
+                         + [f"wgmma-d{d}-{'x'.join(map(str, t))}" for d, ts in fa.WGMMA_VARIANTS.items() for t in ts])
 def test_prefill_variants(head_dim, options):
+    require(options.get("kernel", "mma"))
     case = Case(np.random.default_rng(2), 150, 16, 4, head_dim, DCA, "bf16", q_start=200, capacity=400)
     assert_close(case.prefill(**options), case.reference(), "bf16")
 
 
 @pytest.mark.cuda
-def test_partial_rotary_and_temperature():
+@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
+def test_partial_rotary_and_temperature(kernel):
+    require(kernel)
     case = Case(np.random.default_rng(3), 200, 8, 2, 128, DCA, "f16", rope_dim=64)
-    assert_close(case.prefill(temperature_length=50), case.reference(temperature_length=50), "f16")
+    assert_close(case.prefill(kernel=kernel, temperature_length=50), case.reference(temperature_length=50), "f16")
 
 
 @pytest.mark.cuda
@@ -201,10 +224,12 @@ def test_plain_causal_decode():
 
 
 @pytest.mark.cuda
-def test_long_prefill_64k_sampled_rows():
+@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
+def test_long_prefill_64k_sampled_rows(kernel):
     """SmolLM2's shape and DCA settings at 64k tokens; sampled rows against the fp32 blockwise reference."""
+    require(kernel)
     n = 65536
     case = Case(np.random.default_rng(6), n, 9, 3, 64, DCAConfig(chunk_size=6144, local_window=1024), "bf16")
-    got = case.prefill()
+    got = case.prefill(kernel=kernel)
     rows = np.array([0, 1, 5119, 5120, 5121, 10239, 10240, 33333, 40959, 40960, n - 2, n - 1])
     assert_close(got[rows], case.reference(rows=rows), "bf16")

@@ -1,8 +1,9 @@
 """Benchmark the fused DCA attention kernels (issue 5, item 4) on the GPU.
 
 For each shape (query heads x KV heads x head_dim, with that shape's DCA chunk settings) and length:
-ms and TFLOP/s of the fused prefill kernel with DCA (queries rotated in the kernel, and with the three
-rotations precomputed) and as plain causal attention; when torch is importable, in the same run,
+ms and TFLOP/s of the fused prefill kernel with DCA and as plain causal attention — the default build
+(wgmma on Hopper) and the mma.sync build (queries rotated in the kernel, or the three rotations
+precomputed), and every other tile variant of each; when torch is importable, in the same run,
 torch SDPA plain causal (K/V expanded to all heads) and the reference implementations' three-call
 DCA (per query chunk: intra causal, successive and inter flash calls, merged by log-sum-exp; the
 three query rotations are prepared outside the timed region). FLOPs are counted as causal attention
@@ -128,11 +129,16 @@ def _prefill_row(cp, shape: str, n: int) -> dict:
     def fused(**options):
         return lambda: fa.flash_attention(q, k, v, pos, cos_t, sin_t, rope_dim=head_dim, **options)
 
-    methods = {"fused_dca": fused(dca=dca), "fused_dca_prerot": fused(dca=dca, rotation="precomputed"),
-               "fused_causal": fused(dca=None)}
+    methods = {"fused_dca": fused(dca=dca), "fused_causal": fused(dca=None),
+               "mma_dca": fused(dca=dca, kernel="mma"), "mma_dca_prerot": fused(dca=dca, rotation="precomputed"),
+               "mma_causal": fused(dca=None, kernel="mma")}
     for tiles in fa.PREFILL_VARIANTS[head_dim]:
         if tiles != fa.PREFILL_TILES[head_dim]:
-            methods[f"fused_dca_{tiles[0]}x{tiles[1]}"] = fused(dca=dca, tiles=tiles)
+            methods[f"mma_dca_{tiles[0]}x{tiles[1]}"] = fused(dca=dca, tiles=tiles)
+    if fa.wgmma_available(cp):
+        for tiles in fa.WGMMA_VARIANTS[head_dim]:
+            if tiles != fa.WGMMA_TILES[head_dim]:
+                methods["wgmma_dca_" + "x".join(map(str, tiles))] = fused(dca=dca, kernel="wgmma", tiles=tiles)
     baselines = torch_methods(n_heads, head_dim, n, dca.chunk_len)
     if baselines is not None:
         methods["torch_sdpa_causal"], methods["torch_three_call_dca"] = baselines
@@ -244,6 +250,8 @@ def cross_check(cp) -> dict:
 
 def kernel_resources() -> list[dict]:
     """Registers, local memory (spills) and dynamic shared memory of every fused kernel."""
+    import cupy as cp
+
     from engine.kernels import function
 
     out = []
@@ -252,6 +260,13 @@ def kernel_resources() -> list[dict]:
             fn = function("dca_flash_attn", f"dca_flash_{d}_{tiles[0]}_{tiles[1]}_bf16")
             out.append({"kernel": f"dca_flash_{d}_{tiles[0]}_{tiles[1]}", "regs": fn.num_regs,
                         "local_bytes": fn.local_size_bytes, "dyn_smem": fa.prefill_smem(d, tiles)})
+    if fa.wgmma_available(cp):
+        for d, variants in fa.WGMMA_VARIANTS.items():
+            for tiles in variants:
+                name = fa.wgmma_kernel_name(d, tiles, "bf16")
+                fn = function("dca_flash_attn_sm90", name)
+                out.append({"kernel": name[:-5], "regs": fn.num_regs, "local_bytes": fn.local_size_bytes,
+                            "dyn_smem": fa.wgmma_smem(d, tiles)})
     for d in fa.DECODE_TILE_KEYS:
         fn = function("dca_decode", f"dca_decode_{d}_bf16")
         out.append({"kernel": f"dca_decode_{d}", "regs": fn.num_regs, "local_bytes": fn.local_size_bytes,

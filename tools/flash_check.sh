@@ -18,16 +18,17 @@ fi
 
 timeout 60 $PY - <<'PYEOF' 2>&1 | tee "$LOG/resources.log"
 import shutil, subprocess, tempfile, time
-from engine.kernels import compile_ptx
-for name in ("dca_flash_attn", "dca_decode"):
+from engine.kernels import ARCH_FILES, compile_ptx
+for name in ("dca_flash_attn", "dca_decode", "dca_flash_attn_sm90"):
+    arch = ARCH_FILES.get(name, "sm_90")
     t0 = time.perf_counter()
-    ptx = compile_ptx(name, "sm_90")
+    ptx = compile_ptx(name, arch)
     print(f"{name}.cu -> PTX in {time.perf_counter() - t0:.1f} s")
     if shutil.which("ptxas"):
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
             f.write(ptx)
             f.flush()
-            r = subprocess.run(["ptxas", "-v", "-arch=sm_90", f.name, "-o", "/dev/null"], capture_output=True, text=True)
+            r = subprocess.run(["ptxas", "-v", f"-arch={arch}", f.name, "-o", "/dev/null"], capture_output=True, text=True)
         lines = [l.split("info    : ")[-1].strip() for l in (r.stdout + r.stderr).splitlines()
                  if "Compiling entry" in l or "Used" in l or "spill" in l]
         print("\n".join(lines))

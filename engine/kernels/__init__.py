@@ -2,16 +2,21 @@
 
 The .cu sources live inside the Python package (engine/kernels/, not a top-level kernels/ folder) so
 that ``pip install`` carries them: pyproject.toml lists them as package data. Each file holds one op
-family and opens with a short design header; ``common.cuh`` (fp16 conversions through PTX, warp/block
-reductions) is prepended to every file, ``mma.cuh`` (tensor-core PTX) to the fused attention kernels,
-and ``dequant.cuh`` (block decoders) to the two that read
+family and opens with a short design header; ``common.cuh`` (fp16/bf16 conversions through PTX, the
+activation type, warp/block reductions) is prepended to every file, ``mma.cuh`` (tensor-core PTX) to
+the fused attention kernels, and ``dequant.cuh`` (block decoders) to the two that read
 quantized weights, so no CUDA header is ever included and NVRTC from the ``cupy-cudaXXx`` +
 ``nvidia-cuda-nvrtc`` wheels compiles them as they are.
 
-    function("quant", "gemv_q4_1")      -> cupy.RawKernel (compiled for the current GPU on first use)
-    compile_ptx("attention", "sm_90")   -> PTX text, through NVRTC alone (no GPU or driver needed)
+Activation dtype. The files whose kernels read or write activations (``ACTIVATION_FILES``) are built
+once per activation dtype from one source: "f16" as written, "bf16" with ``-DACT_BF16`` (common.cuh
+then makes ``act_t`` bf16 bits). The other files are built once ("f16", their only build: sampling
+reads fp32 logits; the fused attention files hold both dtypes as separately named kernels).
 
-The two share ``source()`` and ``NVRTC_OPTIONS``, so what the CPU test compiles is what the GPU runs.
+    function("quant", "gemv_q4_1", "bf16")   -> cupy.RawKernel (compiled for the current GPU on first use)
+    compile_ptx("attention", "sm_90", "bf16") -> PTX text, through NVRTC alone (no GPU or driver needed)
+
+The two share ``source()`` and ``nvrtc_options()``, so what the CPU test compiles is what the GPU runs.
 """
 from __future__ import annotations
 
@@ -21,12 +26,31 @@ from pathlib import Path
 from ..errors import DeviceError
 
 KERNEL_DIR = Path(__file__).resolve().parent
-KERNEL_FILES = ("quant", "decode", "elementwise", "attention", "sampling", "dca_flash_attn", "dca_decode")  # <name>.cu
+KERNEL_FILES = ("quant", "decode", "elementwise", "attention", "sampling", "dca_flash_attn", "dca_decode",
+                "dca_flash_attn_sm90")  # <name>.cu
 # headers prepended to a file's source, in order (no #include: NVRTC needs no include paths)
 PRELUDES = {"quant": ("common.cuh", "dequant.cuh"), "decode": ("common.cuh", "dequant.cuh"),
-            "dca_flash_attn": ("common.cuh", "mma.cuh"), "dca_decode": ("common.cuh", "mma.cuh")}
+            "dca_flash_attn": ("common.cuh", "mma.cuh", "dca.cuh"), "dca_decode": ("common.cuh", "mma.cuh", "dca.cuh"),
+            "dca_flash_attn_sm90": ("common.cuh", "mma.cuh", "dca.cuh", "wgmma.cuh")}
+# files built for one exact architecture (its "a" features, e.g. Hopper's wgmma): cubins cached by cubin.py
+ARCH_FILES = {"dca_flash_attn_sm90": "sm_90a"}
 DEFAULT_PRELUDE = ("common.cuh",)
 NVRTC_OPTIONS = ("-std=c++17",)
+ACTIVATION_DTYPES = ("f16", "bf16")
+# files built once per activation dtype (the others have one build, named "f16")
+ACTIVATION_FILES = ("quant", "decode", "elementwise", "attention")
+
+
+def dtypes(name: str) -> tuple[str, ...]:
+    """The builds of kernels/<name>.cu: both activation dtypes, or ("f16",) for a file built once."""
+    return ACTIVATION_DTYPES if name in ACTIVATION_FILES else ("f16",)
+
+
+def nvrtc_options(name: str, dtype: str = "f16") -> tuple[str, ...]:
+    """NVRTC options of one build of kernels/<name>.cu (bf16: -DACT_BF16)."""
+    if dtype not in dtypes(name):
+        raise DeviceError(f"kernels/{name}.cu has no {dtype!r} build (builds: {', '.join(dtypes(name))})")
+    return NVRTC_OPTIONS + (("-DACT_BF16",) if dtype == "bf16" else ())
 
 
 @functools.cache
@@ -40,22 +64,36 @@ def source(name: str) -> str:
     return "\n".join(parts)
 
 
-@functools.cache
-def module(name: str):
-    """The cupy.RawModule of kernels/<name>.cu, compiled once per process for the current device."""
+def module(name: str, dtype: str = "f16"):
+    """The cupy.RawModule of one build of kernels/<name>.cu, compiled once per process for the current device."""
+    return _module(name, dtype)
+
+
+def function(name: str, kernel: str, dtype: str = "f16"):
+    """One compiled kernel (extern "C" name) of the `dtype` build of kernels/<name>.cu."""
+    return _function(name, kernel, dtype)
+
+
+@functools.cache  # called with every argument given, so a defaulted call shares the cached build
+def _module(name: str, dtype: str):
+    options = nvrtc_options(name, dtype)
+    if name in ARCH_FILES:
+        from .cubin import load_cubin_module
+
+        return load_cubin_module(source(name), f"{name}.cu", ARCH_FILES[name], options)
     import cupy
 
-    return cupy.RawModule(code=source(name), options=NVRTC_OPTIONS, name_expressions=None)
+    return cupy.RawModule(code=source(name), options=options, name_expressions=None)
 
 
 @functools.cache
-def function(name: str, kernel: str):
-    """One compiled kernel (extern "C" name) of kernels/<name>.cu."""
-    return module(name).get_function(kernel)
+def _function(name: str, kernel: str, dtype: str):
+    return _module(name, dtype).get_function(kernel)
 
 
-def compile_ptx(name: str, arch: str = "sm_90") -> str:
-    """Compile kernels/<name>.cu to PTX for `arch` through NVRTC alone (works without a GPU or driver).
+def compile_ptx(name: str, arch: str = "sm_90", dtype: str = "f16") -> str:
+    """Compile one build of kernels/<name>.cu to PTX for `arch` (a file of ARCH_FILES: for its own
+    architecture) through NVRTC alone (works without a GPU).
 
     Raises DeviceError with NVRTC's log when the source does not compile.
     """
@@ -63,14 +101,15 @@ def compile_ptx(name: str, arch: str = "sm_90") -> str:
         from cupy_backends.cuda.libs import nvrtc
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise DeviceError(f"cannot compile kernels: CuPy's NVRTC bindings are unavailable ({exc})") from exc
-    virtual_arch = arch.replace("sm_", "compute_")
+    options = nvrtc_options(name, dtype)
+    virtual_arch = ARCH_FILES.get(name, arch).replace("sm_", "compute_")
     prog = nvrtc.createProgram(source(name), f"{name}.cu", [], [])
     try:
         try:
-            nvrtc.compileProgram(prog, [f"--gpu-architecture={virtual_arch}", "-ftz=true", *NVRTC_OPTIONS])
+            nvrtc.compileProgram(prog, [f"--gpu-architecture={virtual_arch}", "-ftz=true", *options])
         except nvrtc.NVRTCError as exc:
             log = nvrtc.getProgramLog(prog)
-            raise DeviceError(f"kernels/{name}.cu does not compile for {arch}: {exc}\n{log}") from exc
+            raise DeviceError(f"kernels/{name}.cu ({dtype}) does not compile for {arch}: {exc}\n{log}") from exc
         ptx = nvrtc.getPTX(prog)
     finally:
         nvrtc.destroyProgram(prog)

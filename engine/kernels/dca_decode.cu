@@ -81,27 +81,9 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const u16
                 x1 = *(const uint4*)(src + c * 8);
                 if (pair) {
                     x2 = *(const uint4*)(src + (c + half_ch) * 8);
-                    int qpos = pos;
-                    if (chunk_len > 0) {
-                        const int intra = pos % chunk_len;
-                        qpos = rel == 0 ? intra : rel == 1 ? min(chunk_len + intra, chunk_size)
-                                                           : min(2 * chunk_len - 1, chunk_size);
-                    }
-                    const float* cr = cos_t + (long long)qpos * half + c * 8;
-                    const float* sr = sin_t + (long long)qpos * half + c * 8;
-                    const float4 c0 = *(const float4*)cr, c1 = *(const float4*)(cr + 4);
-                    const float4 s0 = *(const float4*)sr, s1 = *(const float4*)(sr + 4);
-                    const float cs[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
-                    const float sn[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
-                    unsigned a[4] = {x1.x, x1.y, x1.z, x1.w}, b[4] = {x2.x, x2.y, x2.z, x2.w};
-#pragma unroll
-                    for (int p = 0; p < 4; ++p) {
-                        const float a0 = E::lo(a[p]), a1 = E::hi(a[p]), b0 = E::lo(b[p]), b1 = E::hi(b[p]);
-                        a[p] = E::pack(a0 * cs[2 * p] - b0 * sn[2 * p], a1 * cs[2 * p + 1] - b1 * sn[2 * p + 1]);
-                        b[p] = E::pack(b0 * cs[2 * p] + a0 * sn[2 * p], b1 * cs[2 * p + 1] + a1 * sn[2 * p + 1]);
-                    }
-                    x1 = make_uint4(a[0], a[1], a[2], a[3]);
-                    x2 = make_uint4(b[0], b[1], b[2], b[3]);
+                    const int qpos = Dca{chunk_len, chunk_size}.query_position(pos, rel);
+                    rotate_pairs8<BF16>(x1, x2, cos_t + (long long)qpos * half + c * 8,
+                                        sin_t + (long long)qpos * half + c * 8);
                 }
             }
             unsigned char* tile = qr + rel * 16 * D * 2;

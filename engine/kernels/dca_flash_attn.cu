@@ -30,19 +30,6 @@
 // Heaviest row blocks are scheduled first (causal work grows with the row block).
 // Limits: D in {64, 128}; rope_dim % 32 == 0 and <= D; Hq % Hkv == 0.
 
-// ------------------------------------------------------------------------------------------ DCA
-struct Dca {
-    int chunk_len, chunk_size;  // chunk_len 0: plain causal
-    __device__ __forceinline__ int relation(int i, int j) const {  // 0 intra, 1 successive, 2 inter
-        return chunk_len > 0 ? min(max(i / chunk_len - j / chunk_len, 0), 2) : 0;
-    }
-    __device__ __forceinline__ int query_position(int pos, int rel) const {
-        if (chunk_len == 0) return pos;
-        const int intra = pos % chunk_len;
-        return rel == 0 ? intra : rel == 1 ? min(chunk_len + intra, chunk_size) : min(2 * chunk_len - 1, chunk_size);
-    }
-};
-
 // Write the warp's ROWS rows of queries, rotated for relation `rel`, into its swizzled Qr tile.
 // Row r is packed row R = w0 + r: query qi = R / group, head kvh*group + R % group; rows past
 // rows_total are zero. With q_rot the precomputed rotation is copied instead.
@@ -51,7 +38,6 @@ __device__ __forceinline__ void rotate_rows(unsigned char* qr, const u16* __rest
                                             const int* __restrict__ positions, const float* __restrict__ cos_t,
                                             const float* __restrict__ sin_t, int rel, int w0, int rows_total, int n,
                                             int n_heads, int group, int kvh, int rope_dim, Dca dca, int lane) {
-    typedef Elt<BF16> E;
     constexpr int CH = D / 8;  // 16-byte chunks per row
     const int half = rope_dim >> 1, half_ch = half >> 3;
     for (int idx = lane; idx < ROWS * CH; idx += 32) {
@@ -68,22 +54,7 @@ __device__ __forceinline__ void rotate_rows(unsigned char* qr, const u16* __rest
             if (rotary_pair) {
                 x2 = *(const uint4*)(src + (c + half_ch) * 8);
                 const int qpos = dca.query_position(positions[qi], rel);
-                const float* cr = cos_t + (long long)qpos * half + c * 8;
-                const float* sr = sin_t + (long long)qpos * half + c * 8;
-                const float4 c0 = *(const float4*)cr, c1 = *(const float4*)(cr + 4);
-                const float4 s0 = *(const float4*)sr, s1 = *(const float4*)(sr + 4);
-                const float cs[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
-                const float sn[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
-                unsigned a[4] = {x1.x, x1.y, x1.z, x1.w}, b[4] = {x2.x, x2.y, x2.z, x2.w};
-#pragma unroll
-                for (int p = 0; p < 4; ++p) {
-                    const float a0 = E::lo(a[p]), a1 = E::hi(a[p]), b0 = E::lo(b[p]), b1 = E::hi(b[p]);
-                    const float cl0 = cs[2 * p], cl1 = cs[2 * p + 1], sl0 = sn[2 * p], sl1 = sn[2 * p + 1];
-                    a[p] = E::pack(a0 * cl0 - b0 * sl0, a1 * cl1 - b1 * sl1);
-                    b[p] = E::pack(b0 * cl0 + a0 * sl0, b1 * cl1 + a1 * sl1);
-                }
-                x1 = make_uint4(a[0], a[1], a[2], a[3]);
-                x2 = make_uint4(b[0], b[1], b[2], b[3]);
+                rotate_pairs8<BF16>(x1, x2, cos_t + (long long)qpos * half + c * 8, sin_t + (long long)qpos * half + c * 8);
             }
         }
         *(uint4*)(qr + swz<D>(r, c)) = x1;

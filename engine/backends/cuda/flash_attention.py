@@ -1,7 +1,9 @@
 """Fused DCA flash attention on tensor cores (kernels/dca_flash_attn.cu, kernels/dca_decode.cu).
 
 Prefill: ``flash_attention`` — one kernel, online softmax, the query rotation picked per key tile,
-GQA without copies, optionally split over the keys (then merged by ``dca_combine``). Decode:
+GQA without copies, optionally split over the keys (then merged by ``dca_combine``). Two builds of it:
+mma.sync (kernels/dca_flash_attn.cu, any sm_80+ GPU) and warpgroup MMA (kernels/dca_flash_attn_sm90.cu,
+Hopper only, chosen there by default). Decode:
 ``flash_decode`` — split-K over the chunk-aware cache plus the combine kernel; the split count comes
 from the cache capacity, so the launch is fixed while the context grows (CUDA graphs).
 
@@ -30,6 +32,13 @@ COMBINE_THREADS = 256  # 8 warps per merged row
 # (2, 64) vs 35.8 with (2, 32)); every variant below is built and tested
 PREFILL_TILES = {64: (2, 128), 128: (2, 64)}
 PREFILL_VARIANTS = {64: ((2, 128), (2, 64), (1, 64)), 128: ((2, 64), (2, 32), (1, 64), (1, 48))}  # in dca_flash_attn.cu
+# head_dim -> (keys per tile, consumer warpgroups of 64 rows, K/V buffers) of the sm_90a wgmma prefill kernel:
+# the fastest measured on an H200 (fp16 DCA, 32k tokens: 9x3x64 2.96 ms with (128, 3, 3), 2.97 with
+# (128, 3, 4), 3.90 with (128, 2, 3); 32x8x128 21.5 ms with (128, 2, 3), 22.7 with (64, 2, 3)); all are built
+# and tested
+WGMMA_TILES = {64: (128, 3, 3), 128: (128, 2, 3)}
+WGMMA_VARIANTS = {64: ((128, 3, 3), (128, 3, 4), (128, 2, 3)), 128: ((128, 2, 3), (64, 2, 3), (64, 2, 4))}
+PREFILL_KERNELS = ("auto", "mma", "wgmma")
 DECODE_TILE_KEYS = {64: 32, 128: 16}  # keys per warp tile of the decode kernel
 DECODE_GROUP_LIMIT = 16  # query heads per KV head: one mma m-tile
 ROTATIONS = ("kernel", "precomputed")
@@ -87,12 +96,12 @@ def _check(cp, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim: int, deco
 _smem_opt_in: dict[tuple[str, str], int] = {}  # kernel -> dynamic shared memory it may use
 
 
-def _launch(file: str, kernel: str, grid, args, smem: int) -> None:
+def _launch(file: str, kernel: str, grid, args, smem: int, threads: int = THREADS) -> None:
     fn = function(file, kernel)
     if smem > 48 * 1024 and _smem_opt_in.get((file, kernel), 0) < smem:  # above 48 KiB needs an opt-in
         fn.max_dynamic_shared_size_bytes = smem
         _smem_opt_in[(file, kernel)] = smem
-    fn(grid, (THREADS,), args, shared_mem=smem)
+    fn(grid, (threads,), args, shared_mem=smem)
 
 
 def _dca_args(dca) -> tuple[np.int32, np.int32]:
@@ -115,6 +124,23 @@ def prefill_smem(head_dim: int, tiles: tuple[int, int]) -> int:
     return (4 * 16 * m_tiles) * head_dim * 2 + 4 * block_keys * head_dim * 2
 
 
+def wgmma_available(cp) -> bool:
+    """The sm_90a kernel runs on compute capability 9.0 exactly (its instructions are Hopper's alone)."""
+    return cp.cuda.Device().compute_capability == "90"
+
+
+def wgmma_smem(head_dim: int, tiles: tuple[int, int, int]) -> int:
+    """Dynamic shared memory of the wgmma kernel: 1 KiB of alignment slack, each consumer warpgroup's 64 rotated
+    rows, the K and V buffers, two mbarriers a buffer."""
+    block_keys, warpgroups, stages = tiles
+    return 1024 + warpgroups * 64 * head_dim * 2 + 2 * stages * block_keys * head_dim * 2 + 16 * stages
+
+
+def wgmma_kernel_name(head_dim: int, tiles: tuple[int, int, int], dtype: str) -> str:
+    block_keys, warpgroups, stages = tiles
+    return f"dca_flash_wg_{head_dim}_{block_keys}_{warpgroups}_{stages}_{dtype}"
+
+
 def prefill_splits(cp, n_blocks: int, n_keys_hint: int, block_keys: int) -> int:
     """Key slices that fill the GPU when few row blocks exist (chunked prefill against a long cache)."""
     wanted = math.ceil(2 * _sm_count(cp) / max(n_blocks, 1))
@@ -123,20 +149,30 @@ def prefill_splits(cp, n_blocks: int, n_keys_hint: int, block_keys: int) -> int:
 
 def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int, dca=None,
                     temperature_length: int = 0, n_keys_hint: int | None = None, n_splits: int | None = None,
-                    rotation: str = "kernel", tiles: tuple[int, int] | None = None):
+                    rotation: str = "kernel", tiles: tuple[int, int] | None = None, kernel: str = "auto"):
     """DCA (dca: DCAConfig) or plain causal (dca=None) attention of n queries -> (n, Hq, D), q's dtype.
 
     temperature_length: the training length L for DCA's attention temperature (0: off).
     n_keys_hint: keys the last query sees (positions[-1] + 1, known to the host) — used to split the
-    keys when there are few row blocks; n_splits overrides. rotation: "kernel" rotates the queries
-    inside the kernel, "precomputed" writes the three rotations first (a measurement alternative).
-    tiles: (m-tiles per warp, keys per tile) among PREFILL_VARIANTS (default PREFILL_TILES).
+    keys when there are few row blocks; n_splits overrides. kernel: "wgmma" (Hopper), "mma" (sm_80+),
+    "auto" = wgmma where it runs unless an mma option (rotation, tiles) is given. rotation (mma
+    kernel): "kernel" rotates the queries inside the kernel, "precomputed" writes the three rotations
+    first (a measurement alternative). tiles: the kernel's variant, (m-tiles per warp, keys per tile)
+    among PREFILL_VARIANTS for mma, (keys per tile, consumer warpgroups, buffers) among WGMMA_VARIANTS for
+    wgmma (defaults PREFILL_TILES, WGMMA_TILES).
     """
     import cupy as cp
 
     dtype = _check(cp, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim, decode=False)
     if rotation not in ROTATIONS:
         raise ConfigError(f"flash attention: rotation must be one of {ROTATIONS}, got {rotation!r}")
+    if kernel not in PREFILL_KERNELS:
+        raise ConfigError(f"flash attention: kernel must be one of {PREFILL_KERNELS}, got {kernel!r}")
+    if kernel == "wgmma" and not wgmma_available(cp):
+        raise DeviceError("the wgmma attention kernel needs a Hopper GPU (compute capability 9.0)")
+    if kernel == "wgmma" or (kernel == "auto" and rotation == "kernel" and tiles is None and wgmma_available(cp)):
+        return _flash_wgmma(cp, dtype, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim, dca,
+                            temperature_length, n_keys_hint, n_splits, tiles)
     n, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[1]
     tiles = PREFILL_TILES[head_dim] if tiles is None else tuple(tiles)
@@ -153,26 +189,67 @@ def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: i
         n_splits = 1 if n_keys_hint is None else prefill_splits(cp, row_blocks * n_kv, n_keys_hint, block_keys)
     chunk_len, chunk_size = _dca_args(dca)
     null = np.uint64(0)
-    q_rot = null
-    if rotation == "precomputed":
-        q_rot = cp.empty((3, n, n_heads, head_dim), dtype=q.dtype)
-        total = 3 * n * n_heads * (head_dim - rope_dim // 2)
-        function("dca_flash_attn", f"dca_rotate_queries_{dtype}")(
-            (math.ceil(total / 256),), (256,),
-            (q, positions, cos_t, sin_t, q_rot, np.int32(n), np.int32(n_heads), np.int32(head_dim),
-             np.int32(rope_dim), chunk_len, chunk_size))
-    if n_splits > 1:
-        part_o = cp.empty((n_splits, n * n_heads, head_dim), dtype=cp.float32)
-        part_m = cp.empty((n_splits, n * n_heads), dtype=cp.float32)
-        part_l = cp.empty((n_splits, n * n_heads), dtype=cp.float32)
-    else:
-        part_o = part_m = part_l = null
+    q_rot = _rotated_queries(cp, dtype, q, positions, cos_t, sin_t, rope_dim, dca) if rotation == "precomputed" else null
+    part_o, part_m, part_l = _partials(cp, n_splits, n * n_heads, head_dim)
     scale_log2 = math.log2(math.e) / math.sqrt(head_dim)
     _launch("dca_flash_attn", f"dca_flash_{head_dim}_{m_tiles}_{block_keys}_{dtype}", (n_kv, row_blocks, n_splits),
             (q, k_cache, v_cache, positions, cos_t, sin_t, q_rot, out, part_o, part_m, part_l, np.int32(n),
              np.int32(n_heads), np.int32(n_kv), np.int32(rope_dim), chunk_len, chunk_size, np.float32(scale_log2),
              np.int32(temperature_length or 0), np.int32(n_splits)),
             prefill_smem(head_dim, tiles))
+    if n_splits > 1:
+        _combine(cp, part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype)
+    return out
+
+
+def _rotated_queries(cp, dtype: str, q, positions, cos_t, sin_t, rope_dim: int, dca):
+    """(3, n, Hq, D): q rotated at the intra, successive and inter query positions."""
+    n, n_heads, head_dim = q.shape
+    q_rot = cp.empty((3, n, n_heads, head_dim), dtype=q.dtype)
+    total = 3 * n * n_heads * (head_dim - rope_dim // 2)
+    chunk_len, chunk_size = _dca_args(dca)
+    if total:
+        function("dca_flash_attn", f"dca_rotate_queries_{dtype}")(
+            (math.ceil(total / 256),), (256,),
+            (q, positions, cos_t, sin_t, q_rot, np.int32(n), np.int32(n_heads), np.int32(head_dim),
+             np.int32(rope_dim), chunk_len, chunk_size))
+    return q_rot
+
+
+def _partials(cp, n_splits: int, rows: int, head_dim: int):
+    """Split-K workspace (part_o, part_m, part_l), or null pointers for one split."""
+    if n_splits == 1:
+        return (np.uint64(0),) * 3
+    return (cp.empty((n_splits, rows, head_dim), dtype=cp.float32), cp.empty((n_splits, rows), dtype=cp.float32),
+            cp.empty((n_splits, rows), dtype=cp.float32))
+
+
+def _flash_wgmma(cp, dtype: str, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim: int, dca,
+                 temperature_length: int, n_keys_hint: int | None, n_splits: int | None, tiles):
+    """flash_attention on the sm_90a kernel (kernels/dca_flash_attn_sm90.cu)."""
+    n, n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[1]
+    tiles = WGMMA_TILES[head_dim] if tiles is None else tuple(tiles)
+    if tiles not in WGMMA_VARIANTS[head_dim]:
+        raise ConfigError(f"flash attention: wgmma tiles {tiles} are not built for head_dim {head_dim} "
+                          f"(choose from {WGMMA_VARIANTS[head_dim]})")
+    out = cp.empty(q.shape, dtype=q.dtype)
+    if n == 0:
+        return out
+    q = cp.ascontiguousarray(q)
+    block_keys, warpgroups, _ = tiles
+    row_blocks = math.ceil(n * (n_heads // n_kv) / (64 * warpgroups))
+    if n_splits is None:
+        n_splits = 1 if n_keys_hint is None else prefill_splits(cp, row_blocks * n_kv, n_keys_hint, block_keys)
+    part_o, part_m, part_l = _partials(cp, n_splits, n * n_heads, head_dim)
+    chunk_len, chunk_size = _dca_args(dca)
+    _launch("dca_flash_attn_sm90", wgmma_kernel_name(head_dim, tiles, dtype),
+            (n_kv, row_blocks, n_splits),
+            (q, k_cache, v_cache, positions, cos_t, sin_t, out, part_o, part_m, part_l, np.int32(n),
+             np.int32(n_heads), np.int32(n_kv), np.int32(rope_dim), chunk_len, chunk_size,
+             np.float32(math.log2(math.e) / math.sqrt(head_dim)), np.int32(temperature_length or 0),
+             np.int32(n_splits)),
+            wgmma_smem(head_dim, tiles), threads=128 * (warpgroups + 1))  # + the producer warpgroup
     if n_splits > 1:
         _combine(cp, part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype)
     return out
