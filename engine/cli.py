@@ -131,6 +131,7 @@ def info(model_arg, model, ctx_size, device, dtype, dca, dca_chunk_size, dca_loc
         ("plan: weights", _describe_weights(loaded, cuda_dtype)),
         ("plan: KV cache", _describe_kv_cache(c, context, cuda_dtype)),
         ("plan: DCA", _describe_dca(dca_plan)),
+        ("plan: attention on CUDA", _describe_cuda_attention(c)),
         ("plan: attention temperature", "on" if attn_temperature else "off"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -168,6 +169,19 @@ def _describe_kv_cache(c, context: int, cuda_dtype: str) -> str:
     per_value = 2 * c.n_layers * context * c.n_kv_heads * c.head_dim  # keys and values
     return (f"{per_value * 4 / 2**30:.2f} GiB on the CPU (float32), "
             f"{per_value * 2 / 2**30:.2f} GiB on CUDA ({DTYPE_NAMES[cuda_dtype]})")
+
+
+def _describe_cuda_attention(c) -> str:
+    from .backends.cuda.flash_attention import unsupported_reason
+
+    prefill = unsupported_reason(c.head_dim, c.rope.dim, c.n_heads, c.n_kv_heads)
+    decode = unsupported_reason(c.head_dim, c.rope.dim, c.n_heads, c.n_kv_heads, decode=True)
+    if prefill is not None:
+        return f"simple tiled kernels (the fused tensor-core kernels do not support {prefill})"
+    text = "fused tensor-core prefill (wgmma on Hopper, mma.sync on other GPUs)"
+    if decode is not None:
+        return text + f"; simple tiled decode (the fused decode kernel does not support {decode})"
+    return text + ", split-K tensor-core decode"
 
 
 def _describe_dca(plan) -> str:

@@ -59,6 +59,9 @@ def test_info_shows_model_and_plan(tiny):
                         r"( \+ \d+\.\d\d GiB of fp16 copies for prefill)?", rows["plan: weights"])
     # DCA is on because 1024 > 256, with the defaults 3L/4 and L/8
     assert rows["plan: DCA"] == "on: chunk_size 192, local_window 32, chunk_len 160"
+    # head_dim 16: the fused attention kernels (64 and 128 only) are not used, and info says why
+    assert rows["plan: attention on CUDA"] == ("simple tiled kernels (the fused tensor-core kernels do not "
+                                               "support head_dim 16 (the fused kernels are built for 64 and 128))")
     assert "off" in re.search(r"plan: DCA\s+(.*)", run("info", tiny).stdout).group(1)
 
 
@@ -103,3 +106,17 @@ def test_rope_scaling_factor_defaults_to_context_over_training(tiny):
     assert "scaling linear x4 (original context 256)" in out
     out = run("info", tiny, "-c", "1024", "--rope-scaling", "yarn", "--rope-scale", "2").stdout
     assert "scaling yarn x2" in out
+
+
+def test_info_names_the_fused_attention_kernels_for_supported_heads():
+    from dataclasses import replace
+
+    from engine.cli import _describe_cuda_attention
+    from engine.config import ModelConfig, RopeConfig
+
+    base = ModelConfig(n_layers=1, d_model=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=64, vocab_size=32,
+                       norm_eps=1e-5, context_length=8192, rope=RopeConfig(theta=1e4, dim=64))
+    assert _describe_cuda_attention(base) == ("fused tensor-core prefill (wgmma on Hopper, mma.sync on other GPUs), "
+                                              "split-K tensor-core decode")
+    many = replace(base, n_heads=64, n_kv_heads=2)  # GQA group 32: beyond the decode kernel's 16
+    assert "simple tiled decode" in _describe_cuda_attention(many) and "group 32" in _describe_cuda_attention(many)

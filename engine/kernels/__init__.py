@@ -3,10 +3,15 @@
 The .cu sources live inside the Python package (engine/kernels/, not a top-level kernels/ folder) so
 that ``pip install`` carries them: pyproject.toml lists them as package data. Each file holds one op
 family and opens with a short design header; ``common.cuh`` (fp16/bf16 conversions through PTX, the
-activation type, warp/block reductions) is prepended to every file, ``mma.cuh`` (tensor-core PTX) to
-the fused attention kernels, and ``dequant.cuh`` (block decoders) to the two that read
+activation type, warp/block reductions) is prepended to every file, ``mma.cuh`` (tensor-core PTX) and
+``dca.cuh`` (DCA positions, query rotation) to the fused attention kernels, ``wgmma.cuh`` (Hopper's
+warpgroup MMA, mbarriers) to the sm_90a one, and ``dequant.cuh`` (block decoders) to the two that read
 quantized weights, so no CUDA header is ever included and NVRTC from the ``cupy-cudaXXx`` +
 ``nvidia-cuda-nvrtc`` wheels compiles them as they are.
+
+Architecture-specific files (``ARCH_FILES``: dca_flash_attn_sm90 needs sm_90a) are compiled by
+``cubin.py`` to a cubin for that exact target, cached on disk; CuPy compiles the rest for the
+current GPU and caches them itself.
 
 Activation dtype. The files whose kernels read or write activations (``ACTIVATION_FILES``) are built
 once per activation dtype from one source: "f16" as written, "bf16" with ``-DACT_BF16`` (common.cuh
