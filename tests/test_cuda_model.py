@@ -53,7 +53,18 @@ def tiny(tmp_path_factory):
         tmp_path_factory.mktemp("kq"), VARIANTS["kquant"], gguf_types=("q4_k", "q6_k", "mixed"), hf=False).items()})
     paths.update({f"tied-{k}": v for k, v in make_tiny_model(
         tmp_path_factory.mktemp("tied"), VARIANTS["tied"], gguf_types=("q8_0",), hf=False).items()})
+    paths.update({f"d64-{k}": v for k, v in make_tiny_model(
+        tmp_path_factory.mktemp("d64"), VARIANTS["d64"], gguf_types=("q8_0",), hf=False).items()})
     return paths
+
+
+def test_d64_model_runs_the_fused_attention_kernels(tiny):
+    """The head_dim 16 models run the simple kernels; "d64-*" is the one the fused kernels serve."""
+    from engine.backends.cuda.flash_attention import unsupported_reason
+
+    c = engine.load(tiny["d64-q8_0"], device="cuda").config
+    assert c.head_dim == 64
+    assert unsupported_reason(c.head_dim, c.rope.dim, c.n_heads, c.n_kv_heads, decode=True) is None
 
 
 MODEL_KEYS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "kquant-q4_k", "kquant-q6_k", "kquant-mixed", "tied-q8_0")
@@ -80,13 +91,14 @@ def test_dtype_auto_follows_the_stored_matrices(tiny):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("key", ["q4_1", "d64-q8_0"])
 @pytest.mark.parametrize("dca", ["on", "off"])
-def test_long_context_logits_match_cpu(tiny, dca, dtype):
+def test_long_context_logits_match_cpu(tiny, key, dca, dtype):
     """900 tokens on a model trained on 256: DCA (cs=192, w=32: chunk boundaries every 160) and plain."""
     rng = np.random.default_rng(2)
     ids = rng.integers(3, 384, 900).tolist()
-    cpu = engine.load(tiny["q4_1"], device="cpu", context=1024, dca=dca)
-    gpu = engine.load(tiny["q4_1"], device="cuda", context=1024, dca=dca, dtype=dtype)
+    cpu = engine.load(tiny[key], device="cpu", context=1024, dca=dca)
+    gpu = engine.load(tiny[key], device="cuda", context=1024, dca=dca, dtype=dtype)
     assert (gpu.dca is not None) == (dca == "on")
     err = rel_err(gpu.logits(ids), cpu.logits(ids))
     print(f"dca {dca} {dtype}: logits rel err {err:.2e}")
@@ -129,8 +141,9 @@ def greedy_on_gpu(llm, prompt, n, use_graph=True):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_graph_decoder_equals_eager_and_host_loop(tiny, dtype):
-    llm = engine.load(tiny["q4_1"], device="cuda", context=512, dtype=dtype)
+@pytest.mark.parametrize("key", ["q4_1", "d64-q8_0"])
+def test_graph_decoder_equals_eager_and_host_loop(tiny, key, dtype):
+    llm = engine.load(tiny[key], device="cuda", context=512, dtype=dtype)
     prompt = np.random.default_rng(4).integers(3, 384, 50).tolist()
     graph_tokens, cache = greedy_on_gpu(llm, prompt, 64)
     assert cache.length == len(prompt) + 63
@@ -140,7 +153,8 @@ def test_graph_decoder_equals_eager_and_host_loop(tiny, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("key,dca", [("q4_1", "off"), ("kquant-mixed", "off"), ("q8_0", "on"), ("bf16", "on")])
+@pytest.mark.parametrize("key,dca", [("q4_1", "off"), ("kquant-mixed", "off"), ("q8_0", "on"), ("bf16", "on"),
+                                     ("d64-q8_0", "on")])
 def test_greedy_generation_matches_cpu(tiny, key, dca, dtype):
     context = 1024 if dca == "on" else 256
     cpu = engine.load(tiny[key], device="cpu", context=context, dca=dca)

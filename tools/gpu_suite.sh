@@ -39,7 +39,7 @@ import time, numpy as np, cupy
 from engine.kernels import function
 from engine.bench import build_model, new_cache
 from engine.sampling import SamplingParams
-for f, k in [("attention", "attn_partial_2"), ("decode", "dec_qkv_q4_1"), ("decode", "dec_gateup_q4_1"),
+for f, k in [("dca_decode", "dca_decode_64_f16"), ("decode", "dec_qkv_q4_1"), ("decode", "dec_gateup_q4_1"),
              ("quant", "gemv_q4_1"), ("sampling", "sample_token")]:
     a = function(f, k).attributes
     print(f"{k}: {a['num_regs']} regs, {a['local_size_bytes']} B local, {a['shared_size_bytes']} B static smem")

@@ -132,6 +132,7 @@ VARIANTS = {
     "mha": TinySpec(n_kv_heads=4),
     "tied": TinySpec(tied=True),
     "kquant": TinySpec(d_model=256, ffn_dim=512),
+    "d64": TinySpec(d_model=256, ffn_dim=256),  # head_dim 64: the CUDA backend's fused attention kernels
 }
 
 # type name -> (tensor type of 2-D weights, general.file_type)

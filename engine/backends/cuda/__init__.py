@@ -220,17 +220,24 @@ class CudaBackend:
                         (k_rotated, v, positions, cache.k[layer], cache.v[layer], np.int32(n), np.int32(row)))
 
     def attention(self, q, cache: KVCache, layer: int, positions, rotary, dca, temperature_length=None):
-        """q (n, Hq, D) unrotated, attending the cached keys 0 .. positions[-1] -> (n, Hq, D) activations."""
+        """q (n, Hq, D) unrotated, attending the cached keys 0 .. positions[-1] -> (n, Hq, D) activations.
+
+        The fused tensor-core kernels where they support the shape: prefill in one launch (the rotation
+        chosen per key tile), decode (n == 1) split-K with its split count fixed by the cache capacity
+        (CUDA graphs); otherwise the simple tiled kernel (attention.cu).
+        """
         cos_t, sin_t = self.rotary_tables(rotary)
         n, n_heads, head_dim = q.shape
-        if n > 1 and flash.unsupported_reason(head_dim, rotary.rope.dim, n_heads, cache.k.shape[2]) is None:
-            # prefill: the fused tensor-core kernel (one launch, the rotation chosen per key tile)
+        rope_dim = rotary.rope.dim
+        if flash.unsupported_reason(head_dim, rope_dim, n_heads, cache.k.shape[2], decode=n == 1) is None:
+            if n == 1:
+                return flash.flash_decode(q, cache.k[layer], cache.v[layer], positions, cos_t, sin_t,
+                                          rope_dim=rope_dim, dca=dca, temperature_length=temperature_length or 0)
             return flash.flash_attention(q, cache.k[layer], cache.v[layer], positions, cos_t, sin_t,
-                                         rope_dim=rotary.rope.dim, dca=dca,
-                                         temperature_length=temperature_length or 0,
+                                         rope_dim=rope_dim, dca=dca, temperature_length=temperature_length or 0,
                                          n_keys_hint=cache.length + n)
         return attention_ops.attention(self.cp, q, cache.k[layer], cache.v[layer], positions, cos_t, sin_t,
-                                       rotary.rope.dim, dca, temperature_length, cache.capacity,
+                                       rope_dim, dca, temperature_length, cache.capacity,
                                        keys_hint=cache.length + n, dtype=self.dtype)
 
     def decoder(self, model, cache: KVCache, sampling, history):

@@ -1,8 +1,9 @@
 """One decode step (a single token) through the fused kernels of kernels/decode.cu.
 
-Per layer: dec_qkv (RMSNorm + Q/K/V GEMV + key rotation + cache store), attention (two launches),
-dec_gemv_add (output projection + residual), dec_gateup (RMSNorm + gate/up GEMV + SwiGLU),
-dec_gemv_add (down projection + residual); then dec_head (final RMSNorm + output GEMV, fp32).
+Per layer: dec_qkv (RMSNorm + Q/K/V GEMV + key rotation + cache store), attention (the backend's:
+split-K + combine, two launches), dec_gemv_add (output projection + residual), dec_gateup (RMSNorm +
+gate/up GEMV + SwiGLU), dec_gemv_add (down projection + residual); then dec_head (final RMSNorm +
+output GEMV, fp32).
 The arithmetic is the unfused op set's, in the same order (see decode.cu), so ``Llama.compute`` and
 ``FusedStep.compute`` give the same logits; the fused form only cuts launches (6 per layer, not 16).
 Activations (query, SwiGLU output, cache rows) are in the backend's dtype (decode.cu's dtype build).
@@ -14,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 from ...kernels import function
-from . import attention as attention_ops
 from .weights import DeviceMatrix
 
 THREADS = 256  # decode.cu DEC_THREADS
@@ -62,9 +62,8 @@ class FusedStep:
                  q, cache.k[layer], cache.v[layer], position, cos_t, sin_t, np.int32(c.n_heads),
                  np.int32(c.n_kv_heads), np.int32(c.head_dim), np.int32(rope_dim), np.int32(chunk_len)),
                 shared_mem=4 * d)
-            attn = attention_ops.attention(cp, q.reshape(1, c.n_heads, c.head_dim), cache.k[layer], cache.v[layer],
-                                           position, cos_t, sin_t, rope_dim, model.dca, model.temperature_length,
-                                           cache.capacity, keys_hint=cache.capacity, dtype=dtype)
+            attn = self.backend.attention(q.reshape(1, c.n_heads, c.head_dim), cache, layer, position, model.rotary,
+                                          model.dca, model.temperature_length)
             self._gemv_add(attn.reshape(-1), w[p + "attn_output"], x)
             wg, wu = w[p + "ffn_gate"], w[p + "ffn_up"]
             function("decode", f"dec_gateup_{wg.suffix}", dtype)(
