@@ -1,5 +1,5 @@
-// DCA positions and query rotation shared by the fused attention kernels (dca_flash_attn.cu,
-// dca_flash_attn_sm90.cu, dca_decode.cu); DESIGN.md §3. Prepended after mma.cuh (uses Elt).
+// Shared by the fused attention kernels (dca_flash_attn.cu, dca_flash_attn_sm90.cu, dca_decode.cu):
+// DCA positions (DESIGN.md §3), the query rotation, the prefill epilogue. Prepended after mma.cuh (uses Elt).
 
 struct Dca {
     int chunk_len, chunk_size;  // chunk_len 0: plain causal attention
@@ -33,4 +33,35 @@ __device__ __forceinline__ void rotate_pairs8(uint4& x1, uint4& x2, const float*
     }
     x1 = make_uint4(a[0], a[1], a[2], a[3]);
     x2 = make_uint4(b[0], b[1], b[2], b[3]);
+}
+
+// Prefill epilogue for one packed row R (query R / group, head kvh*group + R % group) held in the mma
+// C-fragment layout: lane t of the row's quad holds columns 8*dt + 2t and +1, given by o_at(dt, 0 | 1).
+// Every lane of the warp calls it (the quad sums l by shuffles). One split: out = O / l in the element
+// type; several: the unnormalized partials (O, m, l) of split `split` for dca_combine_*.
+template <int D, bool BF16, typename OAt>
+__device__ __forceinline__ void store_row(OAt o_at, float m, float l, int R, int rows_total, int group, int kvh,
+                                          int n, int n_heads, int t, int split, int n_splits, u16* __restrict__ out,
+                                          float* __restrict__ part_o, float* __restrict__ part_m,
+                                          float* __restrict__ part_l) {
+    typedef Elt<BF16> E;
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (R >= rows_total) return;
+    const long long row = (long long)(R / group) * n_heads + kvh * group + R % group;
+    if (n_splits == 1) {
+        const float inv = 1.0f / l;
+        unsigned* dst = (unsigned*)(out + row * D);
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) dst[dt * 4 + t] = E::pack(o_at(dt, 0) * inv, o_at(dt, 1) * inv);
+    } else {
+        const long long prow = (long long)split * n * n_heads + row;
+        if (t == 0) {
+            part_m[prow] = m;
+            part_l[prow] = l;
+        }
+        float2* dst = (float2*)(part_o + prow * D);
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) dst[dt * 4 + t] = make_float2(o_at(dt, 0), o_at(dt, 1));
+    }
 }

@@ -305,35 +305,14 @@ __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16*
         }
     }
 
-    // epilogue: full row sums across the quad, then normalized output or split partials
+    // epilogue: normalized output or split partials
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-            float sum = l[mt][hf];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            const int R = w0 + mt * 16 + g + 8 * hf;
-            if (R >= rows_total) continue;
-            const int qi = R / group, head = kvh * group + R % group;
-            const long long row = (long long)qi * n_heads + head;
-            if (n_splits == 1) {
-                const float inv = 1.0f / sum;
-                unsigned* dst = (unsigned*)(out + row * D);
-#pragma unroll
-                for (int dt = 0; dt < DT; ++dt)
-                    dst[dt * 4 + t] = E::pack(o[mt][dt][2 * hf] * inv, o[mt][dt][2 * hf + 1] * inv);
-            } else {
-                const long long prow = (long long)split * n * n_heads + row;
-                if (t == 0) {
-                    part_m[prow] = m[mt][hf];
-                    part_l[prow] = sum;
-                }
-                float2* dst = (float2*)(part_o + prow * D);
-#pragma unroll
-                for (int dt = 0; dt < DT; ++dt) dst[dt * 4 + t] = make_float2(o[mt][dt][2 * hf], o[mt][dt][2 * hf + 1]);
-            }
-        }
+        for (int hf = 0; hf < 2; ++hf)
+            store_row<D, BF16>([&](int dt, int e) { return o[mt][dt][2 * hf + e]; }, m[mt][hf], l[mt][hf],
+                               w0 + mt * 16 + g + 8 * hf, rows_total, group, kvh, n, n_heads, t, split, n_splits,
+                               out, part_o, part_m, part_l);
 }
 
 #define DCA_FLASH(D, MT, BN, BF16, SUFFIX)                                                                    \

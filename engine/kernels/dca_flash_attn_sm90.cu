@@ -275,30 +275,10 @@ __device__ __forceinline__ void flash_wg_body(const u16* __restrict__ q, const u
     flush();  // the last pass's P V
 
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        float sum = l[hf];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const int R = w0 + warp * 16 + g + 8 * hf;
-        if (R >= rows_total) continue;
-        const int qi = R / group, head = kvh * group + R % group;
-        const long long row = (long long)qi * n_heads + head;
-        if (n_splits == 1) {
-            const float inv = 1.0f / sum;
-            unsigned* dst = (unsigned*)(out + row * D);
-#pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) dst[dt * 4 + t] = E::pack(o[4 * dt + 2 * hf] * inv, o[4 * dt + 2 * hf + 1] * inv);
-        } else {
-            const long long prow = (long long)split * n * n_heads + row;
-            if (t == 0) {
-                part_m[prow] = m[hf];
-                part_l[prow] = sum;
-            }
-            float2* dst = (float2*)(part_o + prow * D);
-#pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) dst[dt * 4 + t] = make_float2(o[4 * dt + 2 * hf], o[4 * dt + 2 * hf + 1]);
-        }
-    }
+    for (int hf = 0; hf < 2; ++hf)
+        store_row<D, BF16>([&](int dt, int e) { return o[4 * dt + 2 * hf + e]; }, m[hf], l[hf],
+                           w0 + warp * 16 + g + 8 * hf, rows_total, group, kvh, n, n_heads, t, split, n_splits, out,
+                           part_o, part_m, part_l);
 }
 
 #define DCA_FLASH_WG(D, BN, WG, STAGES, BF16, SUFFIX)                                                           \

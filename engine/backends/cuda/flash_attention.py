@@ -170,33 +170,39 @@ def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: i
         raise ConfigError(f"flash attention: kernel must be one of {PREFILL_KERNELS}, got {kernel!r}")
     if kernel == "wgmma" and not wgmma_available(cp):
         raise DeviceError("the wgmma attention kernel needs a Hopper GPU (compute capability 9.0)")
-    if kernel == "wgmma" or (kernel == "auto" and rotation == "kernel" and tiles is None and wgmma_available(cp)):
-        return _flash_wgmma(cp, dtype, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim, dca,
-                            temperature_length, n_keys_hint, n_splits, tiles)
+    use_wgmma = kernel == "wgmma" or (kernel == "auto" and rotation == "kernel" and tiles is None
+                                      and wgmma_available(cp))
     n, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[1]
-    tiles = PREFILL_TILES[head_dim] if tiles is None else tuple(tiles)
-    if tiles not in PREFILL_VARIANTS[head_dim]:
-        raise ConfigError(f"flash attention: tiles {tiles} are not built for head_dim {head_dim} "
-                          f"(choose from {PREFILL_VARIANTS[head_dim]})")
+    defaults, variants = (WGMMA_TILES, WGMMA_VARIANTS) if use_wgmma else (PREFILL_TILES, PREFILL_VARIANTS)
+    tiles = defaults[head_dim] if tiles is None else tuple(tiles)
+    if tiles not in variants[head_dim]:
+        raise ConfigError(f"flash attention: {'wgmma' if use_wgmma else 'mma'} tiles {tiles} are not built for "
+                          f"head_dim {head_dim} (choose from {variants[head_dim]})")
     out = cp.empty(q.shape, dtype=q.dtype)
     if n == 0:
         return out
     q = cp.ascontiguousarray(q)
-    m_tiles, block_keys = tiles
-    row_blocks = math.ceil(n * (n_heads // n_kv) / (64 * m_tiles))
+    # rows of a block: 64 per consumer warpgroup (wgmma), 64 per m-tile of its 4 warps (mma)
+    block_keys, block_rows = (tiles[0], 64 * tiles[1]) if use_wgmma else (tiles[1], 64 * tiles[0])
+    row_blocks = math.ceil(n * (n_heads // n_kv) / block_rows)
     if n_splits is None:
         n_splits = 1 if n_keys_hint is None else prefill_splits(cp, row_blocks * n_kv, n_keys_hint, block_keys)
-    chunk_len, chunk_size = _dca_args(dca)
-    null = np.uint64(0)
-    q_rot = _rotated_queries(cp, dtype, q, positions, cos_t, sin_t, rope_dim, dca) if rotation == "precomputed" else null
     part_o, part_m, part_l = _partials(cp, n_splits, n * n_heads, head_dim)
-    scale_log2 = math.log2(math.e) / math.sqrt(head_dim)
-    _launch("dca_flash_attn", f"dca_flash_{head_dim}_{m_tiles}_{block_keys}_{dtype}", (n_kv, row_blocks, n_splits),
-            (q, k_cache, v_cache, positions, cos_t, sin_t, q_rot, out, part_o, part_m, part_l, np.int32(n),
-             np.int32(n_heads), np.int32(n_kv), np.int32(rope_dim), chunk_len, chunk_size, np.float32(scale_log2),
-             np.int32(temperature_length or 0), np.int32(n_splits)),
-            prefill_smem(head_dim, tiles))
+    chunk_len, chunk_size = _dca_args(dca)
+    tail = (out, part_o, part_m, part_l, np.int32(n), np.int32(n_heads), np.int32(n_kv), np.int32(rope_dim),
+            chunk_len, chunk_size, np.float32(math.log2(math.e) / math.sqrt(head_dim)),
+            np.int32(temperature_length or 0), np.int32(n_splits))
+    grid = (n_kv, row_blocks, n_splits)
+    if use_wgmma:
+        _launch("dca_flash_attn_sm90", wgmma_kernel_name(head_dim, tiles, dtype), grid,
+                (q, k_cache, v_cache, positions, cos_t, sin_t) + tail, wgmma_smem(head_dim, tiles),
+                threads=128 * (tiles[1] + 1))  # + the producer warpgroup
+    else:
+        q_rot = _rotated_queries(cp, dtype, q, positions, cos_t, sin_t, rope_dim, dca) \
+            if rotation == "precomputed" else np.uint64(0)
+        _launch("dca_flash_attn", f"dca_flash_{head_dim}_{tiles[0]}_{tiles[1]}_{dtype}", grid,
+                (q, k_cache, v_cache, positions, cos_t, sin_t, q_rot) + tail, prefill_smem(head_dim, tiles))
     if n_splits > 1:
         _combine(cp, part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype)
     return out
@@ -222,37 +228,6 @@ def _partials(cp, n_splits: int, rows: int, head_dim: int):
         return (np.uint64(0),) * 3
     return (cp.empty((n_splits, rows, head_dim), dtype=cp.float32), cp.empty((n_splits, rows), dtype=cp.float32),
             cp.empty((n_splits, rows), dtype=cp.float32))
-
-
-def _flash_wgmma(cp, dtype: str, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim: int, dca,
-                 temperature_length: int, n_keys_hint: int | None, n_splits: int | None, tiles):
-    """flash_attention on the sm_90a kernel (kernels/dca_flash_attn_sm90.cu)."""
-    n, n_heads, head_dim = q.shape
-    n_kv = k_cache.shape[1]
-    tiles = WGMMA_TILES[head_dim] if tiles is None else tuple(tiles)
-    if tiles not in WGMMA_VARIANTS[head_dim]:
-        raise ConfigError(f"flash attention: wgmma tiles {tiles} are not built for head_dim {head_dim} "
-                          f"(choose from {WGMMA_VARIANTS[head_dim]})")
-    out = cp.empty(q.shape, dtype=q.dtype)
-    if n == 0:
-        return out
-    q = cp.ascontiguousarray(q)
-    block_keys, warpgroups, _ = tiles
-    row_blocks = math.ceil(n * (n_heads // n_kv) / (64 * warpgroups))
-    if n_splits is None:
-        n_splits = 1 if n_keys_hint is None else prefill_splits(cp, row_blocks * n_kv, n_keys_hint, block_keys)
-    part_o, part_m, part_l = _partials(cp, n_splits, n * n_heads, head_dim)
-    chunk_len, chunk_size = _dca_args(dca)
-    _launch("dca_flash_attn_sm90", wgmma_kernel_name(head_dim, tiles, dtype),
-            (n_kv, row_blocks, n_splits),
-            (q, k_cache, v_cache, positions, cos_t, sin_t, out, part_o, part_m, part_l, np.int32(n),
-             np.int32(n_heads), np.int32(n_kv), np.int32(rope_dim), chunk_len, chunk_size,
-             np.float32(math.log2(math.e) / math.sqrt(head_dim)), np.int32(temperature_length or 0),
-             np.int32(n_splits)),
-            wgmma_smem(head_dim, tiles), threads=128 * (warpgroups + 1))  # + the producer warpgroup
-    if n_splits > 1:
-        _combine(cp, part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype)
-    return out
 
 
 def decode_smem(head_dim: int) -> int:
