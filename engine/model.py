@@ -58,7 +58,7 @@ class Llama:
             q = q.reshape(n, c.n_heads, c.head_dim)
             k = k.reshape(n, c.n_kv_heads, c.head_dim)
             v = v.reshape(n, c.n_kv_heads, c.head_dim)
-            ops.store_kv(cache, layer, ops.rotate_keys(k, positions, self.rotary, self.dca), v, positions)
+            ops.store_kv(cache, layer, k, v, positions, self.rotary, self.dca)
             attn = ops.attention(q, cache, layer, positions, self.rotary, self.dca,
                                  self.temperature_length)  # (n, Hq, hd)
             x = ops.add_linear(x, attn.reshape(n, c.n_heads * c.head_dim), self.w[p + "attn_output"])

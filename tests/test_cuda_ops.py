@@ -253,24 +253,21 @@ def test_swiglu_on_the_halves_of_one_product(cuda, rng, dtype, n, f):
     (128, 64, DCAConfig(chunk_size=28, local_window=8)),  # partial rotary; chunk_len 20
     (24, 24, None),  # rope_dim % 16 != 0: the one-pair-per-thread kernel
 ])
-def test_rotate_keys_and_store(cuda, rng, dtype, head_dim, rope_dim, dca):
+def test_store_kv_rotates_the_keys(cuda, rng, dtype, head_dim, rope_dim, dca):
     cp = cuda.cp
     rotary = RotaryTable(RopeConfig(theta=10000.0, dim=rope_dim), 500)
     start, n, heads = 37, 50, 3
     k = rounded(rng.standard_normal((n, heads, head_dim)), dtype)
     v = rounded(rng.standard_normal((n, heads, head_dim)), dtype)
     positions = np.arange(start, start + n)
-    ref = dca_ops.rotate_keys(k, positions, rotary, dca)
-    got = cuda.rotate_keys(upload(cuda, k), cuda.positions(start, n), rotary, dca)
-    assert got.dtype == cuda.act
-    assert rel_err(cuda.to_numpy(got), ref) < TOL[dtype]
     cache = cuda.new_cache(2, 128, heads, head_dim)
     assert cache.k.dtype == cuda.act
     cache.length = start
-    cuda.store_kv(cache, 1, got, upload(cuda, v), cuda.positions(start, n))
-    np.testing.assert_array_equal(cp.asnumpy(cache.k[1, start:start + n]), cp.asnumpy(got))
+    cuda.store_kv(cache, 1, upload(cuda, k), upload(cuda, v), cuda.positions(start, n), rotary, dca)
+    assert rel_err(cuda.to_numpy(cache.k[1, start:start + n]), dca_ops.rotate_keys(k, positions, rotary, dca)) < TOL[dtype]
     np.testing.assert_array_equal(cuda.to_numpy(cache.v[1, start:start + n]), v)
     assert not cp.asnumpy(cache.k[0]).any() and not cp.asnumpy(cache.k[1, :start]).any()
+    assert not cp.asnumpy(cache.k[1, start + n:]).any() and not cp.asnumpy(cache.v[1, start + n:]).any()
 
     # K and V as the column views of one fused (n, Q + K + V) product, as the model passes them
     row = heads * head_dim
@@ -278,11 +275,9 @@ def test_rotate_keys_and_store(cuda, rng, dtype, head_dim, rope_dim, dca):
     k_view = qkv[:, 40:40 + row].reshape(n, heads, head_dim)
     v_view = qkv[:, 40 + row:].reshape(n, heads, head_dim)
     k_np, v_np = (cuda.to_numpy(a) for a in (k_view, v_view))
-    got = cuda.rotate_keys(k_view, cuda.positions(start, n), rotary, dca)
-    assert got.flags.c_contiguous
-    assert rel_err(cuda.to_numpy(got), dca_ops.rotate_keys(k_np, positions, rotary, dca)) < TOL[dtype]
-    cuda.store_kv(cache, 0, got, v_view, cuda.positions(start, n))
-    np.testing.assert_array_equal(cp.asnumpy(cache.k[0, start:start + n]), cp.asnumpy(got))
+    cuda.store_kv(cache, 0, k_view, v_view, cuda.positions(start, n), rotary, dca)
+    assert rel_err(cuda.to_numpy(cache.k[0, start:start + n]), dca_ops.rotate_keys(k_np, positions, rotary, dca)) \
+        < TOL[dtype]
     np.testing.assert_array_equal(cuda.to_numpy(cache.v[0, start:start + n]), v_np)
 
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.bench import _prefill, build_model, new_cache  # noqa: E402
 
-OPS = ("embedding", "linear", "rmsnorm", "add", "add_linear", "linear_group", "swiglu", "rotate_keys", "store_kv",
+OPS = ("embedding", "linear", "rmsnorm", "add", "add_linear", "linear_group", "swiglu", "store_kv",
        "attention")
 
 

@@ -7,8 +7,8 @@ positions: (n,) backend int array of absolute positions):
   embedding(table, ids)   rmsnorm(x, w, eps)   linear(x, w) = x @ w.T   swiglu(gate, up)
   linear_group(x, [w1, w2, ...]) = [x @ w1.T, ...]   (one product when the backend stored them fused)
   add_linear(x, a, w) = x + a @ w.T                  (x may be updated in place and returned)
-  rotate_keys(k, positions, rotary, dca)        keys rotated at their DCA key positions
-  store_kv(cache, layer, k_rot, v, positions)   write cache rows
+  store_kv(cache, layer, k, v, positions, rotary, dca)   write cache rows: keys rotated at their
+                                                         (DCA) key positions, values as given
   attention(q, cache, layer, positions, rotary, dca, temperature_length)   q unrotated -> (n, Hq, hd)
   target_logprobs(logits, targets) -> (n,) float64 host array of log p(target) per row
   decoder(model, cache, sampling, history) -> decode loop (.first(last_logits), .step(token))

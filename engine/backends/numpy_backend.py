@@ -79,11 +79,8 @@ class NumpyBackend:
         # silu(g) = g * sigmoid(g), with sigmoid written through tanh so large |g| cannot overflow
         return gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up
 
-    def rotate_keys(self, k, positions, rotary, dca):
-        return dca_ops.rotate_keys(k, positions, rotary, dca)
-
-    def store_kv(self, cache: KVCache, layer: int, k_rotated, v, positions) -> None:
-        cache.write(layer, int(positions[0]), k_rotated, v)
+    def store_kv(self, cache: KVCache, layer: int, k, v, positions, rotary, dca) -> None:
+        cache.write(layer, int(positions[0]), dca_ops.rotate_keys(k, positions, rotary, dca), v)
 
     def attention(self, q, cache: KVCache, layer: int, positions, rotary, dca, temperature_length=None):
         """q: (n, Hq, hd) unrotated, attending the cached keys 0 .. positions[-1]."""

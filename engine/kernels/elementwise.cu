@@ -1,5 +1,5 @@
-// Per-token elementwise ops: RMSNorm, residual add, SwiGLU, key rotation (RoPE at DCA key
-// positions) and the KV-cache row store.
+// Per-token elementwise ops: RMSNorm, residual add, SwiGLU and the KV-cache row store (keys rotated
+// with RoPE at their DCA key positions on the way).
 //
 // Design. Activations are row-major (n_tokens, features). The residual stream is fp32; everything
 // that feeds a matrix product is act_t (fp16, or bf16 when built with -DACT_BF16; common.cuh). One
@@ -123,65 +123,67 @@ extern "C" __global__ void swiglu(const act_t* __restrict__ gate, const act_t* _
     out[idx] = f2a(swiglu_one(a2f(gate[row * stride + col]), a2f(up[row * stride + col])));
 }
 
-// Keys k (n, H, D) act_t rotated at their key positions: p = positions[t] (mod chunk_len when
-// chunk_len > 0, i.e. DCA). One thread per (token, head, rotary pair t < R/2) or pass-through dim.
-extern "C" __global__ void rotate_keys(const act_t* __restrict__ k, const int* __restrict__ positions,
-                                       const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-                                       act_t* __restrict__ out, int n, int heads, int head_dim, int rope_dim,
-                                       int chunk_len) {
-    const int half_r = rope_dim >> 1;
-    const int per_head = head_dim - half_r;  // R/2 rotary pairs + (D - R) pass-through dims
+// Cache rows positions[t] <- (k[t] rotated at the key position: positions[t] mod chunk_len under DCA,
+// rotate-half over the first rope_dim dims; v[t] as it is). k and v rows are k_stride / v_stride elements
+// apart (e.g. the K and V columns of a fused QKV product); rows of heads x head_dim. One thread per
+// (token, head, item): items are the rope_dim/2 rotary pairs, the head_dim - rope_dim pass-through dims
+// of K, then the head_dim dims of V.
+extern "C" __global__ void store_kv(const act_t* __restrict__ k, long long k_stride, const act_t* __restrict__ v,
+                                    long long v_stride, const int* __restrict__ positions,
+                                    const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                    act_t* __restrict__ cache_k, act_t* __restrict__ cache_v, int n, int heads,
+                                    int head_dim, int rope_dim, int chunk_len) {
+    const int half_r = rope_dim >> 1, k_items = head_dim - half_r, per_head = k_items + head_dim;
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)n * heads * per_head) return;
     const int j = (int)(idx % per_head);
     const long long row = idx / per_head;  // token * heads + head
-    const int t = (int)(row / heads);
-    const act_t* src = k + row * head_dim;
-    act_t* dst = out + row * head_dim;
+    const int t = (int)(row / heads), h = (int)(row % heads);
+    const long long dst = ((long long)positions[t] * heads + h) * head_dim;
+    if (j >= k_items) {
+        const int dim = j - k_items;
+        cache_v[dst + dim] = v[t * v_stride + (long long)h * head_dim + dim];
+        return;
+    }
+    const act_t* src = k + t * k_stride + (long long)h * head_dim;
     if (j >= half_r) {  // pass-through dim R + (j - R/2)
         const int dim = rope_dim + j - half_r;
-        dst[dim] = src[dim];
+        cache_k[dst + dim] = src[dim];
         return;
     }
     int p = positions[t];
     if (chunk_len > 0) p %= chunk_len;
     const float c = cos_t[(long long)p * half_r + j], s = sin_t[(long long)p * half_r + j];
     const float x1 = a2f(src[j]), x2 = a2f(src[j + half_r]);
-    dst[j] = f2a(x1 * c - x2 * s);
-    dst[j + half_r] = f2a(x2 * c + x1 * s);
+    cache_k[dst + j] = f2a(x1 * c - x2 * s);
+    cache_k[dst + j + half_r] = f2a(x2 * c + x1 * s);
 }
 
-// cache_k[positions[t]], cache_v[positions[t]] = k[t], v[t]; rows of row_elems act_t values
-extern "C" __global__ void store_kv(const act_t* __restrict__ k, const act_t* __restrict__ v,
-                                    const int* __restrict__ positions, act_t* __restrict__ cache_k,
-                                    act_t* __restrict__ cache_v, int n, int row_elems) {
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (long long)n * row_elems) return;
-    const int t = (int)(idx / row_elems), e = (int)(idx % row_elems);
-    const long long dst = (long long)positions[t] * row_elems + e;
-    cache_k[dst] = k[idx];
-    cache_v[dst] = v[idx];
-}
-
-// rotate_keys with 16-byte accesses: one thread per (token, head, group of 8 rotary pairs or of 8
-// pass-through dims). k rows are k_stride elements apart (e.g. the K columns of a fused QKV product);
-// needs rope_dim % 16 == 0, head_dim % 8 == 0, k_stride % 8 == 0 and a 16-byte aligned k. out contiguous.
-extern "C" __global__ void rotate_keys_vec8(const act_t* __restrict__ k, long long k_stride,
-                                            const int* __restrict__ positions, const float* __restrict__ cos_t,
-                                            const float* __restrict__ sin_t, act_t* __restrict__ out, int n,
-                                            int heads, int head_dim, int rope_dim, int chunk_len) {
+// store_kv with 16-byte accesses: items are groups of 8 rotary pairs, of 8 pass-through K dims, of 8 V
+// dims. Needs rope_dim % 16 == 0, head_dim % 8 == 0, strides % 8 == 0 and 16-byte aligned k and v.
+extern "C" __global__ void store_kv_vec8(const act_t* __restrict__ k, long long k_stride,
+                                         const act_t* __restrict__ v, long long v_stride,
+                                         const int* __restrict__ positions, const float* __restrict__ cos_t,
+                                         const float* __restrict__ sin_t, act_t* __restrict__ cache_k,
+                                         act_t* __restrict__ cache_v, int n, int heads, int head_dim, int rope_dim,
+                                         int chunk_len) {
     const int half_r = rope_dim >> 1, pair_groups = half_r >> 3;
-    const int groups = pair_groups + ((head_dim - rope_dim) >> 3);  // per head
+    const int k_groups = pair_groups + ((head_dim - rope_dim) >> 3), per_head = k_groups + (head_dim >> 3);
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (long long)n * heads * groups) return;
-    const int grp = (int)(idx % groups);
-    const long long row = idx / groups;  // token * heads + head
+    if (idx >= (long long)n * heads * per_head) return;
+    const int grp = (int)(idx % per_head);
+    const long long row = idx / per_head;  // token * heads + head
     const int t = (int)(row / heads), h = (int)(row % heads);
+    const long long dst = ((long long)positions[t] * heads + h) * head_dim;
+    if (grp >= k_groups) {
+        const int dim = (grp - k_groups) * 8;
+        *(uint4*)(cache_v + dst + dim) = *(const uint4*)(v + t * v_stride + (long long)h * head_dim + dim);
+        return;
+    }
     const act_t* src = k + t * k_stride + (long long)h * head_dim;
-    act_t* dst = out + row * head_dim;
     if (grp >= pair_groups) {  // pass-through dims
         const int dim = rope_dim + (grp - pair_groups) * 8;
-        *(uint4*)(dst + dim) = *(const uint4*)(src + dim);
+        *(uint4*)(cache_k + dst + dim) = *(const uint4*)(src + dim);
         return;
     }
     const int j0 = grp * 8;
@@ -204,21 +206,6 @@ extern "C" __global__ void rotate_keys_vec8(const act_t* __restrict__ k, long lo
         o1[q] = pack2(x1a * ca - x2a * sa, x1b * cb - x2b * sb);
         o2[q] = pack2(x2a * ca + x1a * sa, x2b * cb + x1b * sb);
     }
-    *(uint4*)(dst + j0) = make_uint4(o1[0], o1[1], o1[2], o1[3]);
-    *(uint4*)(dst + j0 + half_r) = make_uint4(o2[0], o2[1], o2[2], o2[3]);
-}
-
-// store_kv with 16-byte accesses: rows of row_elems values (% 8 == 0), k and v rows k_stride and
-// v_stride elements apart (% 8 == 0, 16-byte aligned): cache rows positions[t] <- k[t], v[t].
-extern "C" __global__ void store_kv_vec8(const act_t* __restrict__ k, long long k_stride,
-                                         const act_t* __restrict__ v, long long v_stride,
-                                         const int* __restrict__ positions, act_t* __restrict__ cache_k,
-                                         act_t* __restrict__ cache_v, int n, int row_elems) {
-    const int per_row = row_elems >> 3;
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (long long)n * per_row) return;
-    const int t = (int)(idx / per_row), e = (int)(idx % per_row) * 8;
-    const long long dst = (long long)positions[t] * row_elems + e;
-    *(uint4*)(cache_k + dst) = *(const uint4*)(k + t * k_stride + e);
-    *(uint4*)(cache_v + dst) = *(const uint4*)(v + t * v_stride + e);
+    *(uint4*)(cache_k + dst + j0) = make_uint4(o1[0], o1[1], o1[2], o1[3]);
+    *(uint4*)(cache_k + dst + j0 + half_r) = make_uint4(o2[0], o2[1], o2[2], o2[3]);
 }

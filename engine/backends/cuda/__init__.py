@@ -179,45 +179,26 @@ class CudaBackend:
                         (gate, up, out, np.int32(n), np.int32(f), np.int64(stride), np.int32(vec8)))
         return out
 
-    def rotate_keys(self, k, positions, rotary, dca) -> object:
-        """k (n, Hkv, D) -> activations, contiguous, rotated at key positions (j mod chunk_len with DCA); k
-        may be a row-strided view (the K columns of a fused QKV product)."""
+    def store_kv(self, cache: KVCache, layer: int, k, v, positions, rotary, dca) -> None:
+        """Write cache rows at the (device) positions: k (n, Hkv, D) rotated at the key positions (j mod
+        chunk_len with DCA), v as given; model.forward has checked the room on the host. k and v may be
+        row-strided views (the K and V columns of a fused QKV product)."""
         cp = self.cp
         n, heads, head_dim = k.shape
         rope_dim = rotary.rope.dim
         cos_t, sin_t = self.rotary_tables(rotary)
         chunk_len = np.int32(dca.chunk_len if dca is not None else 0)
-        stride = _row_stride(k, self.act)
-        out = cp.empty((n, heads, head_dim), dtype=self.act)
-        if stride is not None and rope_dim % 16 == 0 and head_dim % 8 == 0:
-            groups = rope_dim // 16 + (head_dim - rope_dim) // 8
-            self._launch_1d("elementwise", "rotate_keys_vec8", n * heads * groups,
-                            (k, np.int64(stride), positions, cos_t, sin_t, out, np.int32(n), np.int32(heads),
-                             np.int32(head_dim), np.int32(rope_dim), chunk_len))
-            return out
-        k = to_activation(cp, k, self.dtype)
-        per_head = head_dim - rope_dim // 2
-        self._launch_1d("elementwise", "rotate_keys", n * heads * per_head,
-                        (k, positions, cos_t, sin_t, out, np.int32(n), np.int32(heads), np.int32(head_dim),
-                         np.int32(rope_dim), chunk_len))
-        return out
-
-    def store_kv(self, cache: KVCache, layer: int, k_rotated, v, positions) -> None:
-        """Write rows at the (device) positions; model.forward has checked the room on the host.
-        k_rotated, v (n, Hkv, D) may be row-strided views."""
-        cp = self.cp
-        n = k_rotated.shape[0]
-        row = k_rotated.shape[1] * k_rotated.shape[2]
-        k_stride, v_stride = _row_stride(k_rotated, self.act), _row_stride(v, self.act)
-        if k_stride is not None and v_stride is not None and row % 8 == 0:
-            self._launch_1d("elementwise", "store_kv_vec8", n * row // 8,
-                            (k_rotated, np.int64(k_stride), v, np.int64(v_stride), positions, cache.k[layer],
-                             cache.v[layer], np.int32(n), np.int32(row)))
-            return
-        k_rotated = to_activation(cp, k_rotated, self.dtype)
-        v = to_activation(cp, v, self.dtype)
-        self._launch_1d("elementwise", "store_kv", n * row,
-                        (k_rotated, v, positions, cache.k[layer], cache.v[layer], np.int32(n), np.int32(row)))
+        k_stride, v_stride = _row_stride(k, self.act), _row_stride(v, self.act)
+        if k_stride is None or v_stride is None or rope_dim % 16 or head_dim % 8:  # the one-value-per-thread kernel
+            k, v = to_activation(cp, k, self.dtype), to_activation(cp, v, self.dtype)
+            k_stride = v_stride = heads * head_dim
+            kernel, per_head = "store_kv", 2 * head_dim - rope_dim // 2
+        else:
+            kernel, per_head = "store_kv_vec8", (2 * head_dim - rope_dim // 2) // 8
+        self._launch_1d("elementwise", kernel, n * heads * per_head,
+                        (k, np.int64(k_stride), v, np.int64(v_stride), positions, cos_t, sin_t, cache.k[layer],
+                         cache.v[layer], np.int32(n), np.int32(heads), np.int32(head_dim), np.int32(rope_dim),
+                         chunk_len))
 
     def attention(self, q, cache: KVCache, layer: int, positions, rotary, dca, temperature_length=None):
         """q (n, Hq, D) unrotated, attending the cached keys 0 .. positions[-1] -> (n, Hq, D) activations.
