@@ -69,7 +69,7 @@ __device__ __forceinline__ void flash_wg_body(const u16* __restrict__ q, const u
                                               float scale_log2, int temp_len, int n_splits) {
     typedef Elt<BF16> E;
     // the producer keeps 24 registers a thread, the consumers share the rest (a multiple of 8, at most 240)
-    constexpr int CONSUMER_REGS = (65536 - 128 * 24) / (128 * WG) / 8 * 8 > 240 ? 240 : (65536 - 128 * 24) / (128 * WG) / 8 * 8;
+    constexpr int SHARE = (65536 - 128 * 24) / (128 * WG) / 8 * 8, CONSUMER_REGS = SHARE > 240 ? 240 : SHARE;
     constexpr int BM = 64 * WG, CH = D / 8, KSTEPS = D / 16;
     constexpr int NS = BN / 2, NO = D / 2, KK = BN / 16;
     constexpr unsigned Q_BYTES = 64 * D * 2, KV_BYTES = BN * D * 2;
