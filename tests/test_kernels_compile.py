@@ -3,6 +3,7 @@ built for (f16, and bf16 with -DACT_BF16): no GPU or driver is needed."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,16 @@ def test_compile_error_names_the_file(monkeypatch):
 def test_unknown_kernel_file_is_a_device_error():
     with pytest.raises(DeviceError, match="unknown kernel file"):
         kernels.source("nope")
+
+
+def test_wgmma_wrappers_are_what_the_generator_prints():
+    """engine/kernels/wgmma.cuh ends with tools/gen_wgmma.py's output, unedited."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gen_wgmma", root / "tools" / "gen_wgmma.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    printed = "\n".join(gen.specialization(n, bf16, t) for n in gen.SHAPES for bf16, t in gen.TYPES)
+    header = (root / "engine" / "kernels" / "wgmma.cuh").read_text()
+    assert header.endswith(printed) and header.count("template <> struct Wgmma<") == 4

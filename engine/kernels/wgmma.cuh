@@ -13,6 +13,7 @@
 //   start address by 2048 bytes.
 // Also: mbarriers and the cp.async arrival on them, and setmaxnreg (warp-specialized kernels).
 // The canonical layouts are those of the PTX ISA, "Asynchronous Warpgroup Level Matrix Shared Memory Layout".
+// The Wgmma<N, BF16> specializations at the end are printed by tools/gen_wgmma.py.
 
 typedef unsigned long long u64;
 
@@ -123,4 +124,3 @@ template <> struct Wgmma<128, true> {
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(1) : "memory");
     }
 };
-
