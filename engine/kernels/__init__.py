@@ -102,20 +102,7 @@ def compile_ptx(name: str, arch: str = "sm_90", dtype: str = "f16") -> str:
 
     Raises DeviceError with NVRTC's log when the source does not compile.
     """
-    try:
-        from cupy_backends.cuda.libs import nvrtc
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise DeviceError(f"cannot compile kernels: CuPy's NVRTC bindings are unavailable ({exc})") from exc
-    options = nvrtc_options(name, dtype)
+    from .cubin import nvrtc_compile
+
     virtual_arch = ARCH_FILES.get(name, arch).replace("sm_", "compute_")
-    prog = nvrtc.createProgram(source(name), f"{name}.cu", [], [])
-    try:
-        try:
-            nvrtc.compileProgram(prog, [f"--gpu-architecture={virtual_arch}", "-ftz=true", *options])
-        except nvrtc.NVRTCError as exc:
-            log = nvrtc.getProgramLog(prog)
-            raise DeviceError(f"kernels/{name}.cu ({dtype}) does not compile for {arch}: {exc}\n{log}") from exc
-        ptx = nvrtc.getPTX(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
-    return ptx.decode() if isinstance(ptx, bytes) else ptx
+    return nvrtc_compile(source(name), f"{name}.cu ({dtype})", virtual_arch, nvrtc_options(name, dtype), "ptx")

@@ -209,16 +209,15 @@ def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: i
 
 
 def _rotated_queries(cp, dtype: str, q, positions, cos_t, sin_t, rope_dim: int, dca):
-    """(3, n, Hq, D): q rotated at the intra, successive and inter query positions."""
+    """(3, n, Hq, D): q (n > 0 tokens) rotated at the intra, successive and inter query positions."""
     n, n_heads, head_dim = q.shape
     q_rot = cp.empty((3, n, n_heads, head_dim), dtype=q.dtype)
     total = 3 * n * n_heads * (head_dim - rope_dim // 2)
     chunk_len, chunk_size = _dca_args(dca)
-    if total:
-        function("dca_flash_attn", f"dca_rotate_queries_{dtype}")(
-            (math.ceil(total / 256),), (256,),
-            (q, positions, cos_t, sin_t, q_rot, np.int32(n), np.int32(n_heads), np.int32(head_dim),
-             np.int32(rope_dim), chunk_len, chunk_size))
+    function("dca_flash_attn", f"dca_rotate_queries_{dtype}")(
+        (math.ceil(total / 256),), (256,),
+        (q, positions, cos_t, sin_t, q_rot, np.int32(n), np.int32(n_heads), np.int32(head_dim),
+         np.int32(rope_dim), chunk_len, chunk_size))
     return q_rot
 
 
