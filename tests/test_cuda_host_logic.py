@@ -68,7 +68,7 @@ def test_device_sampling_eligibility():
 
 def test_weight_kernel_suffixes_cover_the_quantized_types():
     from engine.backends.cuda.weights import KERNEL_SUFFIX
-    from engine.kernels import source
+    from engine.backends.cuda.kernels import source
 
     quant = source("quant")
     for t, suffix in KERNEL_SUFFIX.items():

@@ -1,29 +1,23 @@
 """DCA on the default model (the DCA issue's acceptance checks that need a real model)."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import engine
 from engine.default_model import locate_default_model
-
-BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
+from prose import prose
 
 pytestmark = pytest.mark.skipif(locate_default_model() is None, reason="default model not installed")
 
 
-def book_tokens(llm, n, name="moby_dick_melville_1851.txt"):
-    path = BOOKS / name
-    if not path.exists():
-        pytest.skip(f"{path} not available")
-    ids = llm.tokenize(path.read_text(encoding="utf-8")[: n * 8])
+def prose_tokens(llm, n):
+    ids = llm.tokenize(prose()[: n * 8])
     assert len(ids) >= n
     return ids[:n]
 
 
 def test_one_pass_prefill_equals_prefill_plus_decode_with_dca():
     llm = engine.load(dca=engine.DCAConfig(chunk_size=96, local_window=32))
-    ids = book_tokens(llm, 400)
+    ids = prose_tokens(llm, 400)
     whole = llm.logits(ids)
     cache = llm.new_cache()
     rows = [llm.model.forward(np.array(ids[:150]), cache)]
@@ -35,7 +29,7 @@ def test_one_pass_prefill_equals_prefill_plus_decode_with_dca():
 def test_dca_keeps_perplexity_where_rope_is_fine():
     """6k tokens (inside the 8k training context): DCA with cs=1536, w=256 within 10% of plain RoPE."""
     plain = engine.load(dca="off", context=6144)
-    ids = book_tokens(plain, 6144)
+    ids = prose_tokens(plain, 6144)
     ppl_plain = float(np.exp(-plain.token_logprobs(ids).mean()))
     dca = engine.load(dca=engine.DCAConfig(chunk_size=1536, local_window=256), context=6144)
     ppl_dca = float(np.exp(-dca.token_logprobs(ids).mean()))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import kernels
+from engine.backends.cuda import kernels
 from engine.errors import DeviceError
 
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) is not installed")
@@ -79,7 +79,7 @@ def test_unknown_kernel_file_is_a_device_error():
 
 
 def test_wgmma_wrappers_are_what_the_generator_prints():
-    """engine/kernels/wgmma.cuh ends with tools/gen_wgmma.py's output, unedited."""
+    """kernels/wgmma.cuh ends with tools/gen_wgmma.py's output, unedited."""
     import importlib.util
 
     root = Path(__file__).resolve().parents[1]
@@ -87,5 +87,5 @@ def test_wgmma_wrappers_are_what_the_generator_prints():
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     printed = "\n".join(gen.specialization(n, bf16, t) for n in gen.SHAPES for bf16, t in gen.TYPES)
-    header = (root / "engine" / "kernels" / "wgmma.cuh").read_text()
+    header = (root / "kernels" / "wgmma.cuh").read_text()
     assert header.endswith(printed) and header.count("template <> struct Wgmma<") == 4

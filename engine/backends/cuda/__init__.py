@@ -5,7 +5,7 @@ Arrays: residual stream fp32 (n, d); everything that feeds a matrix product in t
 logits fp32; token ids and positions int32. Weights stay in their GGUF encoding on the device
 (weights.py); attention runs over a preallocated KV cache in the activation dtype (attention.py for
 decode and odd shapes, the fused flash kernels for prefill). The activation kernels are the `dtype`
-build of their .cu file (engine/kernels: one source, compiled with -DACT_BF16 for bf16). No op reads
+build of their .cu file (kernels/: one source, compiled with -DACT_BF16 for bf16). No op reads
 a device value back to the host, so ``Llama.compute`` for one token can be captured as a CUDA graph
 (graph.py: ``CudaBackend.decoder``), and only the sampled token id comes back per step.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import ConfigError, DeviceError
-from ...kernels import ACTIVATION_DTYPES, function
+from .kernels import ACTIVATION_DTYPES, function
 from ...kvcache import KVCache
 from . import attention as attention_ops
 from . import flash_attention as flash

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from ...errors import DeviceError
-from ...kernels import function
+from .kernels import function
 from .weights import activation_type, to_activation
 
 MAX_WARPS = 8

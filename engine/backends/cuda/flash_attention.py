@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from ...errors import ConfigError, DeviceError
-from ...kernels import function
+from .kernels import function
 
 THREADS = 128  # 4 warps per block, both attention kernels
 COMBINE_THREADS = 256  # 8 warps per merged row

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...kernels import function
+from .kernels import function
 from .weights import DeviceMatrix
 
 THREADS = 256  # decode.cu DEC_THREADS

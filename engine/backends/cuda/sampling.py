@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ...kernels import function
+from .kernels import function
 from ...sampling import SamplingParams
 
 MAX_TOP_K = 256  # kernels/sampling.cu MAX_TOP_K

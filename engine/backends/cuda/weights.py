@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import ConfigError, DeviceError
-from ...kernels import ACTIVATION_DTYPES, function
+from .kernels import ACTIVATION_DTYPES, function
 from ...weights.quant import GGMLType, dequantize
 
 KERNEL_SUFFIX = {

@@ -15,7 +15,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from ..errors import DeviceError
+from ...errors import DeviceError
 
 
 def cache_dir() -> Path:

@@ -1,7 +1,7 @@
 """CUDA kernel sources and their loader: read a .cu file, compile it once with NVRTC, cache the handles.
 
-The .cu sources live inside the Python package (engine/kernels/, not a top-level kernels/ folder) so
-that ``pip install`` carries them: pyproject.toml lists them as package data. Each file holds one op
+The .cu sources live in the top-level ``kernels/`` folder of the repository; ``pip install`` carries
+them as the package data ``engine/kernel_sources`` (pyproject.toml maps the folder onto it). Each file holds one op
 family and opens with a short design header; ``common.cuh`` (fp16/bf16 conversions through PTX, the
 activation type, warp/block reductions) is prepended to every file, ``mma.cuh`` (tensor-core PTX) and
 ``dca.cuh`` (DCA positions, query rotation) to the fused attention kernels, ``wgmma.cuh`` (Hopper's
@@ -28,9 +28,19 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from ..errors import DeviceError
+from ...errors import DeviceError
 
-KERNEL_DIR = Path(__file__).resolve().parent
+
+
+def _kernel_dir() -> Path:
+    """The installed copy (engine/kernel_sources, a wheel install) or the checkout's kernels/ folder
+    (running from the repository, or an editable install)."""
+    package = Path(__file__).resolve().parents[2]
+    installed = package / "kernel_sources"
+    return installed if installed.is_dir() else package.parent / "kernels"
+
+
+KERNEL_DIR = _kernel_dir()
 KERNEL_FILES = ("quant", "decode", "elementwise", "attention", "sampling", "dca_flash_attn", "dca_decode",
                 "dca_flash_attn_sm90")  # <name>.cu
 # headers prepended to a file's source, in order (no #include: NVRTC needs no include paths)

@@ -1,4 +1,4 @@
-// Shared device helpers, prepended to every .cu file by the loader (engine/kernels/__init__.py).
+// Shared device helpers, prepended to every .cu file by the loader (engine/backends/cuda/kernels.py).
 //
 // No CUDA headers are included anywhere: NVRTC from a pip wheel compiles these sources as they are.
 // fp16 and bf16 values travel as raw 16-bit patterns (half_t, act_t) and convert through PTX `cvt`
