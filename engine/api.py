@@ -22,7 +22,7 @@ from .default_model import default_model_path
 from .errors import ConfigError, ContextError
 from .kvcache import KVCache
 from .loader import LoadedModel, open_model
-from .model import Llama
+from .models import Llama
 from .rope import RotaryTable
 from .sampling import SamplingParams
 

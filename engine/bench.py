@@ -29,6 +29,7 @@ from .config import ModelConfig, RopeConfig
 from .default_model import default_model_path
 from .errors import EngineError
 from .loader import WeightTensor
+from .models.llama import tensor_shapes
 from .weights.quant import GGMLType, tensor_nbytes
 
 SMOLLM2_CONFIG = ModelConfig(
@@ -72,25 +73,17 @@ def synthetic_weight(name: str, ggml_type: GGMLType, shape: tuple[int, ...], rng
 
 def synthetic_weights(config: ModelConfig, matrix_type: GGMLType = GGMLType.Q4_1,
                       embedding_type: GGMLType = GGMLType.Q8_0, seed: int = 0) -> dict[str, WeightTensor]:
-    """A full random Llama of `config` (norms F32 ~1, projections of `matrix_type`)."""
+    """A full random model of `config` (vectors F32 ones, the embedding and output head of `embedding_type`
+    with values O(1) and O(1/sqrt(d)), every other matrix of `matrix_type` with values O(1/sqrt(in)))."""
     rng = np.random.default_rng(seed)
-    c = config
-    q_out, kv_out = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    weights = {"token_embd": synthetic_weight("token_embd", embedding_type, (c.vocab_size, c.d_model), rng, 1.0),
-               "output_norm": WeightTensor("output_norm", GGMLType.F32, (c.d_model,),
-                                           np.ones(c.d_model, np.float32).view(np.uint8))}
-    if not c.tied_embeddings:
-        weights["output"] = synthetic_weight("output", embedding_type, (c.vocab_size, c.d_model), rng,
-                                             1 / math.sqrt(c.d_model))
-    shapes = {"attn_q": (q_out, c.d_model), "attn_k": (kv_out, c.d_model), "attn_v": (kv_out, c.d_model),
-              "attn_output": (c.d_model, q_out), "ffn_gate": (c.ffn_dim, c.d_model),
-              "ffn_up": (c.ffn_dim, c.d_model), "ffn_down": (c.d_model, c.ffn_dim)}
-    for layer in range(c.n_layers):
-        for norm in ("attn_norm", "ffn_norm"):
-            name = f"blk.{layer}.{norm}"
-            weights[name] = WeightTensor(name, GGMLType.F32, (c.d_model,), np.ones(c.d_model, np.float32).view(np.uint8))
-        for short, shape in shapes.items():
-            name = f"blk.{layer}.{short}"
+    weights = {}
+    for name, shape in tensor_shapes(config, with_output=not config.tied_embeddings).items():
+        if len(shape) == 1:
+            weights[name] = WeightTensor(name, GGMLType.F32, shape, np.ones(shape, np.float32).view(np.uint8))
+        elif name in ("token_embd", "output"):
+            weights[name] = synthetic_weight(name, embedding_type, shape, rng, 1.0 if name == "token_embd" else
+                                             1 / math.sqrt(shape[1]))
+        else:
             weights[name] = synthetic_weight(name, matrix_type, shape, rng, 1 / math.sqrt(shape[1]))
     return weights
 
@@ -230,7 +223,7 @@ def build_model(model_path, synthetic: bool, device: str, context: int, dca_mode
     """(Llama, backend, description, DCA config) for the bench; dtype: the CUDA activation dtype (--dtype)."""
     from .api import resolve_dca
     from .backends import get_backend, resolve_device, resolve_dtype
-    from .model import Llama
+    from .models import Llama
     from .rope import RotaryTable
 
     resolve_dtype(dtype, resolve_device(device))  # refuse a wrong --dtype before reading the model

@@ -13,11 +13,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import ConfigError, ModelFormatError
+from .models.llama import GGUF_ARCHITECTURE, HF_ARCHITECTURES, HF_MODEL_TYPES
 
 ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
 
-# HF `architectures` entries whose weights are the plain Llama graph this engine runs.
-HF_LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class DCAConfig:
-    """Dual Chunk Attention parameters (DESIGN.md §3).
+    """Dual Chunk Attention parameters (design.md §3).
 
     chunk_size (cs):    the largest relative position ever used; default 3L/4
     local_window (w):   default L/8
@@ -125,7 +124,7 @@ class ModelConfig:
     rope: RopeConfig
     tied_embeddings: bool = False
     name: str = ""
-    architecture: str = "llama"
+    architecture: str = GGUF_ARCHITECTURE
 
     def __post_init__(self) -> None:
         for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size",
@@ -148,8 +147,9 @@ class ModelConfig:
     @classmethod
     def from_gguf_metadata(cls, md: Mapping[str, Any], source: str = "GGUF file") -> "ModelConfig":
         arch = md.get("general.architecture")
-        if arch != "llama":
-            raise ModelFormatError(f"{source}: unsupported architecture {arch!r} (only 'llama' is supported)")
+        if arch != GGUF_ARCHITECTURE:
+            raise ModelFormatError(f"{source}: unsupported architecture {arch!r} (only {GGUF_ARCHITECTURE!r} is "
+                                   f"supported)")
 
         def get(key: str, default: Any = None, required: bool = True) -> Any:
             full = f"{arch}.{key}"
@@ -198,10 +198,10 @@ class ModelConfig:
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":
         archs = cfg.get("architectures") or []
-        if not any(a in HF_LLAMA_ARCHITECTURES for a in archs) and cfg.get("model_type") not in ("llama", "mistral"):
+        if not any(a in HF_ARCHITECTURES for a in archs) and cfg.get("model_type") not in HF_MODEL_TYPES:
             raise ModelFormatError(
                 f"{source}: unsupported architecture {archs or cfg.get('model_type')!r} "
-                f"(supported: {', '.join(HF_LLAMA_ARCHITECTURES)})"
+                f"(supported: {', '.join(HF_ARCHITECTURES)})"
             )
 
         def get(key: str, default: Any = None) -> Any:

@@ -1,4 +1,4 @@
-"""Dual Chunk Attention: the single source of truth for its semantics (DESIGN.md §3).
+"""Dual Chunk Attention: the single source of truth for its semantics (design.md §3).
 
 For a model pretrained on L tokens, with chunk_size cs, local_window w and chunk_len cl = cs - w,
 chunks aligned to absolute position 0 (chunk(p) = p // cl), a query at absolute position i and a

@@ -19,24 +19,11 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import ModelFormatError
+from .models import llama
 from .tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf
 from .weights.gguf import GGUFFile
 from .weights.quant import GGMLType, dequantize
 from .weights.safetensors import SafetensorsCheckpoint
-
-HF_LAYER_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-HF_GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-
 
 @dataclass
 class WeightTensor:
@@ -109,26 +96,16 @@ def _open_hf(folder: Path) -> LoadedModel:
     config = ModelConfig.from_hf_config(checkpoint.read_json("config.json"), source=str(folder / "config.json"))
     tokenizer = tokenizer_from_hf(folder)
     for name, dtype in checkpoint.unsupported.items():
-        if _internal_name(name) is not None:
+        if llama.engine_name(name) is not None:
             raise ModelFormatError(f"{folder}: weight {name!r} has dtype {dtype}, which is not supported "
                                    f"(F32, F16, BF16)")
     weights = {}
     for name, info in checkpoint.tensors.items():
-        short = _internal_name(name)
+        short = llama.engine_name(name)
         if short is None:
             continue  # e.g. rotary_emb.inv_freq buffers saved by old checkpoints
         weights[short] = WeightTensor(short, info.ggml_type, info.shape, checkpoint.raw(name))
     return _finish(folder, "safetensors", config, tokenizer, weights, {})
-
-
-def _internal_name(hf_name: str) -> str | None:
-    stem = hf_name.removesuffix(".weight")
-    if stem in HF_GLOBAL_NAMES:
-        return HF_GLOBAL_NAMES[stem]
-    parts = stem.split(".", 3)  # model, layers, N, rest
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[3] in HF_LAYER_NAMES:
-        return f"blk.{parts[2]}.{HF_LAYER_NAMES[parts[3]]}"
-    return None
 
 
 def _unpermute_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
@@ -138,24 +115,6 @@ def _unpermute_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
     return np.ascontiguousarray(rows.reshape(n_heads, half, 2, row_len).swapaxes(1, 2)).reshape(n_rows, row_len)
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    d, hd = config.d_model, config.head_dim
-    shapes = {"token_embd": (config.vocab_size, d), "output_norm": (d,)}
-    for i in range(config.n_layers):
-        shapes.update({
-            f"blk.{i}.attn_norm": (d,),
-            f"blk.{i}.attn_q": (config.n_heads * hd, d),
-            f"blk.{i}.attn_k": (config.n_kv_heads * hd, d),
-            f"blk.{i}.attn_v": (config.n_kv_heads * hd, d),
-            f"blk.{i}.attn_output": (d, config.n_heads * hd),
-            f"blk.{i}.ffn_norm": (d,),
-            f"blk.{i}.ffn_gate": (config.ffn_dim, d),
-            f"blk.{i}.ffn_up": (config.ffn_dim, d),
-            f"blk.{i}.ffn_down": (d, config.ffn_dim),
-        })
-    return shapes
-
-
 def _check_shape(path: Path, w: WeightTensor, expected: tuple[int, ...]) -> None:
     if tuple(w.shape) != expected:
         raise ModelFormatError(f"{path}: tensor {w.name!r} has shape {tuple(w.shape)}, expected {expected}")
@@ -163,17 +122,15 @@ def _check_shape(path: Path, w: WeightTensor, expected: tuple[int, ...]) -> None
 
 def _finish(path: Path, file_format: str, config: ModelConfig, tokenizer: Tokenizer,
             weights: dict[str, WeightTensor], metadata: dict[str, Any]) -> LoadedModel:
-    expected = expected_shapes(config)
+    expected = llama.tensor_shapes(config, with_output="output" in weights)
     for name, shape in expected.items():
         if name not in weights:
             raise ModelFormatError(f"{path}: missing tensor {name!r}")
         _check_shape(path, weights[name], shape)
-    if "output" in weights:
-        _check_shape(path, weights["output"], (config.vocab_size, config.d_model))
     config = dataclasses.replace(config, tied_embeddings="output" not in weights)
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelFormatError(
             f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the embedding has {config.vocab_size} rows"
         )
-    used = {name: weights[name] for name in list(expected) + (["output"] if "output" in weights else [])}
+    used = {name: weights[name] for name in expected}
     return LoadedModel(path, file_format, config, tokenizer, used, metadata)

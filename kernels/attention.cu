@@ -2,7 +2,7 @@
 // split over the keys (flash-decoding) and a combine kernel. Serves prefill (many queries) and decode
 // (one query) alike; no n_q x n_k buffer exists anywhere.
 //
-// Design (engine/dca.py blockwise_attention is the algorithm, DESIGN.md §3 the semantics).
+// Design (engine/dca.py blockwise_attention is the algorithm, design.md §3 the semantics).
 // - Queries arrive UNROTATED: each warp owns one row = (query qi, query head h) and rotates its query
 //   three ways (intra / successive / inter query positions) into shared memory, pre-scaled by
 //   softmax_scale * log2(e) (and the optional attention temperature), so scores are in log2 units.

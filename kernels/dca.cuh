@@ -1,5 +1,5 @@
 // Shared by the fused attention kernels (dca_flash_attn.cu, dca_flash_attn_sm90.cu, dca_decode.cu):
-// DCA positions (DESIGN.md §3), the query rotation, the prefill epilogue. Prepended after mma.cuh (uses Elt).
+// DCA positions (design.md §3), the query rotation, the prefill epilogue. Prepended after mma.cuh (uses Elt).
 
 struct Dca {
     int chunk_len, chunk_size;  // chunk_len 0: plain causal attention

@@ -1,5 +1,5 @@
 // Fused DCA (and plain causal) flash-attention prefill on tensor cores: one kernel, online softmax,
-// the query rotation chosen per key tile, no three-pass merge (DESIGN.md §3 and §5; engine/dca.py
+// the query rotation chosen per key tile, no three-pass merge (design.md §3 and §5; engine/dca.py
 // blockwise_attention is the algorithm this kernel follows).
 //
 // Layouts: q (n, Hq, D) UNROTATED fp16|bf16; K cache (capacity, Hkv, D) rotated at key positions

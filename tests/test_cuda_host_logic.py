@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from engine.backends.cuda import attention as attn
-from engine.backends.cuda.fused import supported
+from engine.backends.cuda.fused import FusedBlocks
 from engine.backends.cuda.sampling import MAX_TOP_K, device_supported
 from engine.backends.cuda.weights import DeviceMatrix
 from engine.errors import DeviceError
+from engine.models.llama import LAYER_TENSORS, Weights
 from engine.sampling import SamplingParams
 from engine.weights.quant import GGMLType
 
@@ -38,24 +39,35 @@ def matrix(name, ggml_type):
     return DeviceMatrix(name, ggml_type, 8, 8, None, name in ("output", "token_embd"))
 
 
-class FakeModel:
-    def __init__(self, types: dict[str, GGMLType], n_layers=2, d_model=576, ffn_dim=1536):
-        from types import SimpleNamespace
+def fused_blocks(types: dict[str, GGMLType], n_layers=2, d_model=576, ffn_dim=1536) -> FusedBlocks:
+    """The CUDA decode blocks of a model whose layers store their matrices as `types` (norms as vectors)."""
+    from types import SimpleNamespace
 
-        self.config = SimpleNamespace(n_layers=n_layers, d_model=d_model, ffn_dim=ffn_dim)
-        self.w = {f"blk.{i}.{short}": matrix(f"blk.{i}.{short}", t) for i in range(n_layers) for short, t in types.items()}
-        self.output = matrix("token_embd", GGMLType.Q8_0)
+    config = SimpleNamespace(n_layers=n_layers, d_model=d_model, ffn_dim=ffn_dim, n_heads=9, head_dim=64,
+                             norm_eps=1e-5)
+    named = {"token_embd": matrix("token_embd", GGMLType.Q8_0), "output_norm": None}
+    for i in range(n_layers):
+        named.update({f"blk.{i}.{t.name}": matrix(t.name, types[t.name]) if t.name in types else None
+                      for t in LAYER_TENSORS})
+    model = SimpleNamespace(config=config, weights=Weights.from_named(named, n_layers))
+    return FusedBlocks(SimpleNamespace(cp=None), model)
 
 
 UNIFORM = {s: GGMLType.Q4_1 for s in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
 
 
+def fused_parts(blocks: FusedBlocks) -> tuple[list[bool], list[bool], bool]:
+    return blocks.fused_attention, blocks.fused_mlp, blocks.fused_head
+
+
 def test_fused_decode_needs_one_type_per_fused_group():
-    assert supported(FakeModel(UNIFORM))
-    assert supported(FakeModel({**UNIFORM, "attn_output": GGMLType.Q6_K, "ffn_down": GGMLType.F16}))
-    assert not supported(FakeModel({**UNIFORM, "attn_v": GGMLType.Q6_K}))
-    assert not supported(FakeModel({**UNIFORM, "ffn_up": GGMLType.BF16}))
-    assert not supported(FakeModel(UNIFORM, ffn_dim=20000))  # staged input beyond 48 KB of shared memory
+    assert fused_parts(fused_blocks(UNIFORM)) == ([True, True], [True, True], True)
+    mixed_outputs = {**UNIFORM, "attn_output": GGMLType.Q6_K, "ffn_down": GGMLType.F16}
+    assert fused_parts(fused_blocks(mixed_outputs)) == ([True, True], [True, True], True)
+    assert fused_parts(fused_blocks({**UNIFORM, "attn_v": GGMLType.Q6_K})) == ([False, False], [True, True], True)
+    assert fused_parts(fused_blocks({**UNIFORM, "ffn_up": GGMLType.BF16})) == ([True, True], [False, False], True)
+    # staged input beyond 48 KB of shared memory
+    assert fused_parts(fused_blocks(UNIFORM, ffn_dim=20000)) == ([False, False], [False, False], False)
 
 
 def test_device_sampling_eligibility():

@@ -228,19 +228,21 @@ def test_default_model_logits_match_cpu(default_model_on_cpu, dtype):
 @pytest.mark.parametrize("key", ["f32", "bf16", "q4_1", "kquant-q4_k", "kquant-q6_k", "tied-q8_0"])
 @pytest.mark.parametrize("dca", ["on", "off"])
 def test_fused_decode_step_equals_op_by_op(tiny, key, dca, dtype):
-    """FusedStep (6 launches a layer) computes what Llama.compute does (same arithmetic and activation
-    rounding points; RMSNorm sums in another order), cache rows included."""
-    from engine.backends.cuda import fused
+    """The fused decode blocks (6 launches a layer) compute what the model's composed blocks do (same
+    arithmetic and activation rounding points; RMSNorm sums in another order), cache rows included."""
+    from engine.backends.cuda.fused import FusedBlocks
 
     llm = engine.load(tiny[key], device="cuda", context=512, dca=dca, dtype=dtype)
     model, backend, c = llm.model, llm.backend, llm.config
-    assert fused.supported(model)
+    fused = model.decode_blocks
+    assert isinstance(fused, FusedBlocks) and all(fused.fused_attention) and all(fused.fused_mlp) and fused.fused_head
     prompt = np.random.default_rng(6).integers(3, 384, 300 if dca == "on" else 100)
     caches = [backend.new_cache(c.n_layers, 512, c.n_kv_heads, c.head_dim) for _ in range(2)]
     for cache in caches:
         model.forward(prompt, cache, logits_for="none")
     token, position = backend.tokens([77]), backend.positions(len(prompt), 1)
-    fused_logits = backend.to_numpy(fused.FusedStep(backend, model).compute(token, position, caches[0]))
+    fused_logits = backend.to_numpy(model.compute(token, position, caches[0], "last"))
+    model.decode_blocks = model  # the composed blocks
     plain_logits = backend.to_numpy(model.compute(token, position, caches[1], "last"))
     err = rel_err(fused_logits, plain_logits)
     print(f"fused {key} dca {dca} {dtype}: rel err {err:.1e}")
@@ -254,10 +256,9 @@ def test_fused_decode_step_equals_op_by_op(tiny, key, dca, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mixed_types_fall_back_to_op_by_op_graph(tiny, dtype):
-    from engine.backends.cuda import fused
-
     llm = engine.load(tiny["kquant-mixed"], device="cuda", context=256, dtype=dtype)
-    assert not fused.supported(llm.model)
+    blocks = llm.model.decode_blocks
+    assert not any(blocks.fused_attention) and not any(blocks.fused_mlp)
     prompt = [4, 8, 15, 16, 23, 42]
     tokens, cache = greedy_on_gpu(llm, prompt, 20)
     assert tokens == list(llm.generate_ids(prompt, 20, GREEDY, stop_ids=[]))

@@ -1,4 +1,4 @@
-"""DCA semantics (DESIGN.md §3): position maps, the materialized reference, blockwise == reference."""
+"""DCA semantics (design.md §3): position maps, the materialized reference, blockwise == reference."""
 from __future__ import annotations
 
 import tracemalloc
@@ -35,7 +35,7 @@ def _rel_error(out: np.ndarray, ref: np.ndarray) -> float:
 # ---- position maps -------------------------------------------------------------------------
 
 def _check_pairs(i: np.ndarray, j: np.ndarray, dca: DCAConfig) -> None:
-    """Every position-map property of DESIGN.md §3 on query/key pairs with j <= i."""
+    """Every position-map property of design.md §3 on query/key pairs with j <= i."""
     cl, cs = dca.chunk_len, dca.chunk_size
     rel = D.relation(i, j, dca)
     np.testing.assert_array_equal(rel, np.minimum(i // cl - j // cl, 2))

@@ -54,6 +54,9 @@ from gguf import GGMLQuantizationType as QType
 from gguf import LlamaFileType
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from engine.config import ModelConfig, RopeConfig
+from engine.models.llama import engine_name, tensor_shapes
+
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 CHATML_TEMPLATE = (
@@ -126,6 +129,12 @@ class TinySpec:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    def config(self) -> ModelConfig:
+        return ModelConfig(n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
+                           n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, ffn_dim=self.ffn_dim,
+                           vocab_size=self.vocab_size, norm_eps=self.norm_eps, context_length=self.context_length,
+                           rope=RopeConfig(theta=self.rope_theta, dim=self.head_dim), tied_embeddings=self.tied)
+
 
 VARIANTS = {
     "gqa": TinySpec(),
@@ -158,17 +167,6 @@ MIXED_TYPES = {
     "ffn_up": QType.BF16,
     "ffn_down": QType.Q4_K,
     "output": QType.Q6_K,
-}
-HF_TO_GGUF_LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
 }
 
 
@@ -255,21 +253,16 @@ def permute_for_gguf(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def gguf_named_weights(spec: TinySpec, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """HF names -> GGUF names, Q/K permuted."""
-    out = {"token_embd.weight": weights["model.embed_tokens.weight"]}
-    for name, w in weights.items():
-        if not name.startswith("model.layers."):
-            continue
-        _, _, layer, module = name.removesuffix(".weight").split(".", 3)
-        short = HF_TO_GGUF_LAYER_NAMES[module]
-        if short == "attn_q":
+    """HF names -> GGUF names (the engine's tensor table), Q/K permuted, in llama.cpp's file order."""
+    by_name = {engine_name(name): w for name, w in weights.items()}
+    out = {}
+    for name in tensor_shapes(spec.config(), with_output=not spec.tied):
+        w = by_name[name]
+        if name.endswith(".attn_q"):
             w = permute_for_gguf(w, spec.n_heads)
-        elif short == "attn_k":
+        elif name.endswith(".attn_k"):
             w = permute_for_gguf(w, spec.n_kv_heads)
-        out[f"blk.{layer}.{short}.weight"] = w
-    out["output_norm.weight"] = weights["model.norm.weight"]
-    if not spec.tied:
-        out["output.weight"] = weights["lm_head.weight"]
+        out[f"{name}.weight"] = w
     return out
 
 

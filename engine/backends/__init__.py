@@ -1,4 +1,4 @@
-"""Backends implement one op set over their own arrays; ``model.py`` is written once against it.
+"""Backends implement one op set over their own arrays; the model (engine/models/) is written once against it.
 
 Op set (x: (n_tokens, features) activations; weights as the backend prepared them;
 positions: (n,) backend int array of absolute positions):
@@ -11,6 +11,8 @@ positions: (n,) backend int array of absolute positions):
                                                          (DCA) key positions, values as given
   attention(q, cache, layer, positions, rotary, dca, temperature_length)   q unrotated -> (n, Hq, hd)
   target_logprobs(logits, targets) -> (n,) float64 host array of log p(target) per row
+  decode_blocks(model) -> the blocks a one-token step runs: the model itself, or fused forms of its
+                          attention_block / mlp_block / head (same signatures, same arithmetic)
   decoder(model, cache, sampling, history) -> decode loop (.first(last_logits), .step(token))
 
 Arithmetic: the numpy backend computes in float32; the CUDA backend keeps the residual stream and

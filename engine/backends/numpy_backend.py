@@ -39,6 +39,10 @@ class NumpyBackend:
             )
         return KVCache(n_layers, capacity, n_kv_heads, head_dim, dtype=np.float32, xp=np)
 
+    def decode_blocks(self, model):
+        """The blocks a one-token step runs: the model's own (composed from these ops)."""
+        return model
+
     def decoder(self, model, cache: KVCache, sampling, history) -> HostDecoder:
         return HostDecoder(self, model, cache, sampling, history)
 

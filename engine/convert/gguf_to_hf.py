@@ -17,11 +17,11 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ConfigError, ModelFormatError
-from ..loader import WeightTensor, expected_shapes
+from ..loader import WeightTensor
+from ..models.llama import HF_ARCHITECTURES, HF_MODEL_TYPES, hf_name, tensor_shapes
 from ..tokenizer.to_hf import hf_tokenizer_from_gguf
 from ..weights.gguf import GGUFFile
 from ..weights.quant import GGMLType
-from .names import gguf_short_names, hf_name
 from .output import atomic_folder, check_folder_destination
 from .tensors import TensorJob, hf_rope_row_order
 from .writer import WriteStats, write_safetensors
@@ -65,16 +65,14 @@ def _tensor_jobs(model: GGUFFile, config: ModelConfig, out_type: GGMLType) -> li
     if "rope_freqs.weight" in model.tensors:
         raise ModelFormatError(f"{model.path}: has a rope_freqs tensor (llama3 RoPE frequency factors), which "
                                f"config.json cannot express; export refused")
-    expected = expected_shapes(config)
-    expected["output"] = (config.vocab_size, config.d_model)
     jobs = []
-    for short in gguf_short_names(config.n_layers, has_output="output.weight" in model.tensors):
+    for short, shape in tensor_shapes(config, with_output="output.weight" in model.tensors).items():
         info = model.tensors.get(f"{short}.weight")
         if info is None:
             raise ModelFormatError(f"{model.path}: missing tensor {short + '.weight'!r}")
-        if tuple(info.shape) != expected[short]:
+        if tuple(info.shape) != shape:
             raise ModelFormatError(f"{model.path}: tensor {info.name!r} has shape {tuple(info.shape)}, "
-                                   f"expected {expected[short]}")
+                                   f"expected {shape}")
         source = WeightTensor(info.name, info.ggml_type, info.shape, model.raw(info.name))
         heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}.get(short.rsplit(".", 1)[-1])
         order = hf_rope_row_order(info.shape[0], heads) if heads else None
@@ -94,8 +92,8 @@ def _config_json(c: ModelConfig, tied: bool, bos: int | None, eos: int | None, t
         if rope.yarn_attn_factor is not None:
             scaling["attention_factor"] = rope.yarn_attn_factor
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [HF_ARCHITECTURES[0]],
+        "model_type": HF_MODEL_TYPES[0],
         "_name_or_path": c.name,
         "hidden_size": c.d_model,
         "intermediate_size": c.ffn_dim,

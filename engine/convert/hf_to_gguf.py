@@ -24,11 +24,11 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..loader import LoadedModel, WeightTensor, open_model
+from ..models.llama import GGUF_ARCHITECTURE, HF_BUFFER_SUFFIXES, hf_name, tensor_shapes
 from ..rope import inv_freq
 from ..tokenizer.to_gguf import GGUFVocab, gguf_vocab_from_hf
 from ..weights.quant import GGMLType
 from ..weights.safetensors import SafetensorsCheckpoint
-from .names import HF_IGNORED_SUFFIXES, gguf_short_names, hf_name
 from .output import atomic_file, check_file_destination, warn
 from .quantize import output_type, type_from_name
 from .tensors import TensorJob, gguf_rope_row_order
@@ -73,7 +73,7 @@ def convert_hf_to_gguf(hf_dir: str | Path, dest: str | Path, tensor_type: str = 
         _add_vocab(writer, vocab)
 
     with atomic_file(dest, force) as tmp:
-        totals = write_gguf(tmp, "llama", add_metadata, jobs, progress, label=f"converting to {dest.name}")
+        totals = write_gguf(tmp, GGUF_ARCHITECTURE, add_metadata, jobs, progress, label=f"converting to {dest.name}")
     return WriteStats(dest, len(jobs), *totals)
 
 
@@ -82,7 +82,7 @@ def _tensor_jobs(model: LoadedModel, requested: GGMLType) -> list[TensorJob]:
     has_output = "output" in model.weights
     head = "output" if has_output else "token_embd"
     jobs = [] if config.rope.scaling != "llama3" else [_rope_freqs_job(config)]
-    for short in gguf_short_names(config.n_layers, has_output):
+    for short in tensor_shapes(config, has_output):
         source = model.weights[short]
         heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}.get(short.rsplit(".", 1)[-1])
         order = gguf_rope_row_order(source.shape[0], heads) if heads else None
@@ -95,7 +95,7 @@ def _check_all_tensors_used(hf_dir: Path, jobs: list[TensorJob]) -> None:
     """A checkpoint tensor the Llama graph has no place for (biases, extra norms) would be dropped: refuse."""
     used = {hf_name(job.name.removesuffix(".weight")) for job in jobs if job.name != "rope_freqs.weight"}
     for name in SafetensorsCheckpoint(hf_dir).tensors:
-        if name not in used and not name.endswith(HF_IGNORED_SUFFIXES):
+        if name not in used and not name.endswith(HF_BUFFER_SUFFIXES):
             raise ModelFormatError(f"{hf_dir}: tensor {name!r} has no place in a Llama model (unsupported variant)")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import ConfigError, DeviceError
+from ...models.llama import INPUT_GROUPS
 from .kernels import ACTIVATION_DTYPES, function
 from ...kvcache import KVCache
 from . import attention as attention_ops
@@ -23,8 +24,6 @@ from .weights import (PREFILL_FP16_BUDGET, DeviceMatrix, MatrixOps, activation_t
 
 ELEMENTWISE_THREADS = 256
 NORM_ROWS_PER_BLOCK = 8  # rmsnorm: one warp per row
-# matrices that read the same input, stored as one (per layer, when their encodings agree)
-FUSED_GROUPS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
 
 
 def _cupy():
@@ -57,7 +56,7 @@ class CudaBackend:
         try:
             device = {name: upload_weight(cp, name, w) for name, w in weights.items()}
             for name in list(device):
-                for group in FUSED_GROUPS:
+                for group in INPUT_GROUPS:
                     if name.endswith("." + group[0]):
                         prefix = name[:-len(group[0])]
                         parts = [device.get(prefix + part) for part in group]
@@ -220,6 +219,12 @@ class CudaBackend:
         return attention_ops.attention(self.cp, q, cache.k[layer], cache.v[layer], positions, cos_t, sin_t,
                                        rope_dim, dca, temperature_length, cache.capacity,
                                        keys_hint=cache.length + n, dtype=self.dtype)
+
+    def decode_blocks(self, model):
+        """The blocks a one-token step runs: fused decode kernels (fused.FusedBlocks)."""
+        from .fused import FusedBlocks
+
+        return FusedBlocks(self, model)
 
     def decoder(self, model, cache: KVCache, sampling, history):
         """A graph-replaying decode loop with device-side sampling (see graph.GraphDecoder)."""

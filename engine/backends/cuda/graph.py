@@ -5,10 +5,10 @@
     while ...:
         token = decoder.step(token)         # feed token at cache.length, commit it, return the next id
 
-The step is ``FusedStep.compute`` (fused.py: the same arithmetic in 6 launches per layer) when the
-weights allow it, else ``Llama.compute``. The graph reads the token and its position from two
-device slots and, at its end, the sampling kernel writes the next token into the token slot and advances the position: a replay needs no
-upload, and only the 4-byte token id comes back. The first step runs eagerly (compiles kernels,
+The step is ``Llama.compute`` for one token, which runs the backend's fused decode blocks (fused.py:
+6 launches per layer). The graph reads the token and its position from two device slots and, at its
+end, the sampling kernel writes the next token into the token slot and advances the position: a
+replay needs no upload, and only the 4-byte token id comes back. The first step runs eagerly (compiles kernels,
 warms the memory pool); the second captures the graph; later steps replay it. Captured work draws
 its memory from a private pool that lives with the graph, so no other allocation can reuse the
 addresses the graph writes. Stream: a private non-blocking stream, synchronized with the default
@@ -24,7 +24,6 @@ import numpy as np
 
 from ...errors import DeviceError
 from ...sampling import Sampler, SamplingParams
-from . import fused
 from .sampling import DeviceSampler, device_supported
 
 
@@ -48,7 +47,6 @@ class GraphDecoder:
         self._graph = None
         self._graph_pool = None
         self._logits = None  # the graph's output (1, vocab) fp32
-        self.fused = fused.FusedStep(backend, model) if fused.supported(model) else None
         self.steps = 0
 
     # ---------------------------------------------------------------------------------------
@@ -88,10 +86,7 @@ class GraphDecoder:
     # ---------------------------------------------------------------------------------------
     def _run_step(self) -> None:
         """The step's device work: compute the logits of the token slot, then sample (and advance)."""
-        if self.fused is not None:
-            logits = self.fused.compute(self.sampler.token, self.position, self.cache)  # (1, vocab) fp32
-        else:
-            logits = self.model.compute(self.sampler.token, self.position, self.cache, "last")
+        logits = self.model.compute(self.sampler.token, self.position, self.cache, "last")  # (1, vocab) fp32
         self._logits = logits
         if self.on_device:
             self.sampler.launch(logits, self.position, advance=True)
