@@ -30,6 +30,7 @@ __device__ __forceinline__ half_t f2h(float f) {
 __device__ __forceinline__ float bf2f(unsigned short b) { return __uint_as_float(((unsigned int)b) << 16); }
 
 #ifdef ACT_BF16
+#define ACT_IS_BF16 true       // the template argument of kernels written for both 16-bit types
 typedef unsigned short act_t;  // bfloat16 bits
 __device__ __forceinline__ float a2f(act_t a) { return bf2f(a); }
 __device__ __forceinline__ act_t f2a(float f) {
@@ -39,6 +40,7 @@ __device__ __forceinline__ act_t f2a(float f) {
 }
 __device__ __forceinline__ float a2f_hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
 #else
+#define ACT_IS_BF16 false
 typedef half_t act_t;
 __device__ __forceinline__ float a2f(act_t a) { return h2f(a); }
 __device__ __forceinline__ act_t f2a(float f) { return f2h(f); }

@@ -20,7 +20,7 @@
 //   tiles through its own double-buffered cp.async stage (warp-local sync only), keeps an online
 //   softmax, and the warps merge through shared memory at the end. The slice bounds come from the
 //   device positions: keys past the token are never read.
-// - dca_combine_*: out = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), one block of 8 warps per row.
+// - dca_combine: out = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), one block of 8 warps per row.
 // Limits: D in {64, 128}; rope_dim % 32 == 0 and <= D; group = Hq / Hkv <= 16.
 
 template <int D, int BN, bool BF16>
@@ -235,19 +235,16 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const u16
     }
 }
 
-#define DCA_DECODE(D, BN, BF16, SUFFIX)                                                                       \
-    extern "C" __global__ void __launch_bounds__(128) dca_decode_##D##_##SUFFIX(                              \
+// One configuration per build (D, BN keys per warp tile), instantiated by the loader: dca_decode_<D> in the
+// build's activation dtype.
+#define DCA_DECODE(D, BN)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) dca_decode_##D(                                         \
         const u16* q, const u16* kc, const u16* vc, const int* positions, const float* cos_t,                 \
         const float* sin_t, float* part_o, float* part_m, float* part_l, int n, int n_heads, int n_kv,        \
         int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len, int n_splits) {          \
-        decode_body<D, BN, BF16>(q, kc, vc, positions, cos_t, sin_t, part_o, part_m, part_l, n, n_heads, n_kv, \
-                                 rope_dim, chunk_len, chunk_size, scale_log2, temp_len, n_splits);            \
+        decode_body<D, BN, ACT_IS_BF16>(q, kc, vc, positions, cos_t, sin_t, part_o, part_m, part_l, n, n_heads, \
+                                        n_kv, rope_dim, chunk_len, chunk_size, scale_log2, temp_len, n_splits); \
     }
-
-DCA_DECODE(64, 32, false, f16)
-DCA_DECODE(64, 32, true, bf16)
-DCA_DECODE(128, 16, false, f16)
-DCA_DECODE(128, 16, true, bf16)
 
 // out (rows, D) = merged splits; one block of 8 warps per row: the warps share out the splits (lanes
 // over dims), then add up through shared memory. D <= 128, a multiple of 32.
@@ -286,12 +283,7 @@ __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, c
     }
 }
 
-extern "C" __global__ void dca_combine_f16(const float* part_o, const float* part_m, const float* part_l, u16* out,
-                                           int rows, int D, int n_splits) {
-    combine_body<false>(part_o, part_m, part_l, out, rows, D, n_splits);
-}
-
-extern "C" __global__ void dca_combine_bf16(const float* part_o, const float* part_m, const float* part_l, u16* out,
-                                            int rows, int D, int n_splits) {
-    combine_body<true>(part_o, part_m, part_l, out, rows, D, n_splits);
+extern "C" __global__ void dca_combine(const float* part_o, const float* part_m, const float* part_l, u16* out,
+                                       int rows, int D, int n_splits) {
+    combine_body<ACT_IS_BF16>(part_o, part_m, part_l, out, rows, D, n_splits);
 }

@@ -6,8 +6,7 @@
 // (j mod chunk_len); V cache (capacity, Hkv, D); positions (n,) int32, increasing; cos/sin
 // (n_positions, rope_dim/2) fp32; out (n, Hq, D) in q's dtype, or with n_splits > 1 unnormalized
 // partials part_o (S, n*Hq, D) fp32 and part_m / part_l (S, n*Hq) fp32 in log2 units, merged by
-// dca_decode.cu's dca_combine_*. Optional q_rot (3, n, Hq, D): the three rotations precomputed
-// (intra, successive, inter); null -> rotated here.
+// dca_decode.cu's dca_combine.
 //
 // Design.
 // - GQA without copies: a block serves one KV head; its rows are (query, head of the group) packed
@@ -18,7 +17,7 @@
 //   XOR-swizzled shared memory (16-byte chunk ^ (row & 7): conflict-free ldmatrix).
 // - Rotation: each warp keeps ONE rotated copy of its rows in shared memory (Qr). Key tiles are
 //   walked upwards, so the relation (2 inter, 1 successive, 0 intra; clamp(chunk(i)-chunk(j),0,2))
-//   only decreases: the warp re-rotates from the unrotated q (or copies the precomputed q_rot) when
+//   only decreases: the warp re-rotates from the unrotated q when
 //   a tile needs another relation, about three times per query tile.
 // - A tile whose (row, key) pairs share one relation costs one score pass. A tile straddling a chunk
 //   boundary (for this warp's rows) is scored once per relation present and each element keeps the
@@ -32,9 +31,9 @@
 
 // Write the warp's ROWS rows of queries, rotated for relation `rel`, into its swizzled Qr tile.
 // Row r is packed row R = w0 + r: query qi = R / group, head kvh*group + R % group; rows past
-// rows_total are zero. With q_rot the precomputed rotation is copied instead.
+// rows_total are zero.
 template <int D, bool BF16, int ROWS>
-__device__ __forceinline__ void rotate_rows(unsigned char* qr, const u16* __restrict__ q, const u16* __restrict__ q_rot,
+__device__ __forceinline__ void rotate_rows(unsigned char* qr, const u16* __restrict__ q,
                                             const int* __restrict__ positions, const float* __restrict__ cos_t,
                                             const float* __restrict__ sin_t, int rel, int w0, int rows_total, int n,
                                             int n_heads, int group, int kvh, int rope_dim, Dca dca, int lane) {
@@ -42,14 +41,13 @@ __device__ __forceinline__ void rotate_rows(unsigned char* qr, const u16* __rest
     const int half = rope_dim >> 1, half_ch = half >> 3;
     for (int idx = lane; idx < ROWS * CH; idx += 32) {
         const int r = idx / CH, c = idx - r * CH;
-        const bool rotary_pair = q_rot == nullptr && c < (rope_dim >> 3);
+        const bool rotary_pair = c < (rope_dim >> 3);
         if (rotary_pair && c >= half_ch) continue;  // written with its partner chunk c - half/8
         const int R = w0 + r;
         uint4 x1 = make_uint4(0u, 0u, 0u, 0u), x2 = x1;
         if (R < rows_total) {
             const int qi = R / group, head = kvh * group + R % group;
-            const u16* src = q_rot ? q_rot + (((long long)rel * n + qi) * n_heads + head) * D
-                                   : q + ((long long)qi * n_heads + head) * D;
+            const u16* src = q + ((long long)qi * n_heads + head) * D;
             x1 = *(const uint4*)(src + c * 8);
             if (rotary_pair) {
                 x2 = *(const uint4*)(src + (c + half_ch) * 8);
@@ -66,7 +64,7 @@ template <int D, int MT, int BN, bool BF16>
 __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16* __restrict__ kc,
                                            const u16* __restrict__ vc, const int* __restrict__ positions,
                                            const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-                                           const u16* __restrict__ q_rot, u16* __restrict__ out,
+                                           u16* __restrict__ out,
                                            float* __restrict__ part_o, float* __restrict__ part_m,
                                            float* __restrict__ part_l, int n, int n_heads, int n_kv, int rope_dim,
                                            int chunk_len, int chunk_size, float scale_log2, int temp_len,
@@ -142,7 +140,7 @@ __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16*
     auto use_relation = [&](int rel) {
         if (rel == cur_rel) return;
         __syncwarp();  // every lane is done reading the previous rotation
-        rotate_rows<D, BF16, ROWS>(qr, q, q_rot, positions, cos_t, sin_t, rel, w0, rows_total, n, n_heads, group,
+        rotate_rows<D, BF16, ROWS>(qr, q, positions, cos_t, sin_t, rel, w0, rows_total, n, n_heads, group,
                                    kvh, rope_dim, dca, lane);
         __syncwarp();
         cur_rel = rel;
@@ -315,72 +313,14 @@ __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16*
                                out, part_o, part_m, part_l);
 }
 
-#define DCA_FLASH(D, MT, BN, BF16, SUFFIX)                                                                    \
-    extern "C" __global__ void __launch_bounds__(128) dca_flash_##D##_##MT##_##BN##_##SUFFIX(                 \
+// One configuration per build (D, MT m-tiles per warp, BN keys per tile), instantiated by the loader:
+// dca_flash_<D>_<MT>_<BN> in the build's activation dtype.
+#define DCA_FLASH(D, MT, BN)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) dca_flash_##D##_##MT##_##BN(                            \
         const u16* q, const u16* kc, const u16* vc, const int* positions, const float* cos_t,                 \
-        const float* sin_t, const u16* q_rot, u16* out, float* part_o, float* part_m, float* part_l, int n,   \
-        int n_heads, int n_kv, int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len,   \
-        int n_splits) {                                                                                       \
-        flash_body<D, MT, BN, BF16>(q, kc, vc, positions, cos_t, sin_t, q_rot, out, part_o, part_m, part_l, n, \
-                                    n_heads, n_kv, rope_dim, chunk_len, chunk_size, scale_log2, temp_len,     \
-                                    n_splits);                                                                \
+        const float* sin_t, u16* out, float* part_o, float* part_m, float* part_l, int n, int n_heads,        \
+        int n_kv, int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len, int n_splits) { \
+        flash_body<D, MT, BN, ACT_IS_BF16>(q, kc, vc, positions, cos_t, sin_t, out, part_o, part_m, part_l, n, \
+                                           n_heads, n_kv, rope_dim, chunk_len, chunk_size, scale_log2,        \
+                                           temp_len, n_splits);                                               \
     }
-
-DCA_FLASH(64, 2, 64, false, f16)
-DCA_FLASH(64, 2, 64, true, bf16)
-DCA_FLASH(64, 1, 64, false, f16)
-DCA_FLASH(64, 1, 64, true, bf16)
-DCA_FLASH(128, 2, 32, false, f16)
-DCA_FLASH(128, 2, 32, true, bf16)
-DCA_FLASH(128, 1, 64, false, f16)
-DCA_FLASH(128, 1, 64, true, bf16)
-DCA_FLASH(128, 1, 48, false, f16)
-DCA_FLASH(128, 1, 48, true, bf16)
-DCA_FLASH(64, 2, 128, false, f16)
-DCA_FLASH(64, 2, 128, true, bf16)
-DCA_FLASH(128, 2, 64, false, f16)
-DCA_FLASH(128, 2, 64, true, bf16)
-
-// q_rot (3, n, Hq, D) = q rotated at the intra, successive and inter query positions of each token;
-// one thread per rotary pair (t, t + rope_dim/2) of one (relation, token, head); dims >= rope_dim copied.
-template <bool BF16>
-__device__ __forceinline__ void rotate_queries_body(const u16* __restrict__ q, const int* __restrict__ positions,
-                                                    const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-                                                    u16* __restrict__ q_rot, int n, int n_heads, int D, int rope_dim,
-                                                    int chunk_len, int chunk_size) {
-    typedef Elt<BF16> E;
-    const int half = rope_dim >> 1, per_row = D - half;  // pairs + pass-through dims
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= 3LL * n * n_heads * per_row) return;
-    const long long row = idx / per_row;  // (rel, qi, head)
-    const int d = (int)(idx - row * per_row);
-    const int rel = (int)(row / ((long long)n * n_heads));
-    const long long src_row = row - (long long)rel * n * n_heads;  // qi * n_heads + head
-    const int qi = (int)(src_row / n_heads);
-    const u16* src = q + src_row * D;
-    u16* dst = q_rot + row * D;
-    const auto load = [](u16 v) { return E::lo((unsigned)v); };
-    const auto store = [](float v) { return (u16)(E::pack(v, 0.0f) & 0xffffu); };
-    if (d >= half) {  // dims rope_dim .. D-1 pass through
-        const int dd = d + half;
-        if (dd < D) dst[dd] = src[dd];
-        return;
-    }
-    const int qpos = Dca{chunk_len, chunk_size}.query_position(positions[qi], rel);
-    const float c = cos_t[(long long)qpos * half + d], s = sin_t[(long long)qpos * half + d];
-    const float x1 = load(src[d]), x2 = load(src[d + half]);
-    dst[d] = store(x1 * c - x2 * s);
-    dst[d + half] = store(x2 * c + x1 * s);
-}
-
-extern "C" __global__ void dca_rotate_queries_f16(const u16* q, const int* positions, const float* cos_t,
-                                                  const float* sin_t, u16* q_rot, int n, int n_heads, int D,
-                                                  int rope_dim, int chunk_len, int chunk_size) {
-    rotate_queries_body<false>(q, positions, cos_t, sin_t, q_rot, n, n_heads, D, rope_dim, chunk_len, chunk_size);
-}
-
-extern "C" __global__ void dca_rotate_queries_bf16(const u16* q, const int* positions, const float* cos_t,
-                                                   const float* sin_t, u16* q_rot, int n, int n_heads, int D,
-                                                   int rope_dim, int chunk_len, int chunk_size) {
-    rotate_queries_body<true>(q, positions, cos_t, sin_t, q_rot, n, n_heads, D, rope_dim, chunk_len, chunk_size);
-}

@@ -1,5 +1,5 @@
 // Fused DCA (and plain causal) flash-attention prefill for Hopper (sm_90a): the algorithm of
-// dca_flash_attn.cu (same arguments but q_rot, same outputs, same split-K partials) on warpgroup MMAs.
+// dca_flash_attn.cu (same arguments, same outputs, same split-K partials) on warpgroup MMAs.
 //
 // Design (FlashAttention-3's structure, with cp.async instead of TMA).
 // - A block is WG consumer warpgroups x 64 packed rows (R = qi*group + g: GQA without copies, as in
@@ -281,22 +281,14 @@ __device__ __forceinline__ void flash_wg_body(const u16* __restrict__ q, const u
                            part_o, part_m, part_l);
 }
 
-#define DCA_FLASH_WG(D, BN, WG, STAGES, BF16, SUFFIX)                                                           \
-    extern "C" __global__ void __launch_bounds__(128 * (WG + 1), 1) dca_flash_wg_##D##_##BN##_##WG##_##STAGES##_##SUFFIX( \
+// One configuration per build (D, BN keys per tile, WG consumer warpgroups, STAGES K/V buffers), instantiated
+// by the loader: dca_flash_wg_<D>_<BN>_<WG>_<STAGES> in the build's activation dtype.
+#define DCA_FLASH_WG(D, BN, WG, STAGES)                                                                         \
+    extern "C" __global__ void __launch_bounds__(128 * (WG + 1), 1) dca_flash_wg_##D##_##BN##_##WG##_##STAGES(  \
         const u16* q, const u16* kc, const u16* vc, const int* positions, const float* cos_t,                   \
         const float* sin_t, u16* out, float* part_o, float* part_m, float* part_l, int n, int n_heads,          \
         int n_kv, int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len, int n_splits) {   \
-        flash_wg_body<D, BN, WG, STAGES, BF16>(q, kc, vc, positions, cos_t, sin_t, out, part_o, part_m, part_l,  \
-                                               n, n_heads, n_kv, rope_dim, chunk_len, chunk_size, scale_log2,   \
-                                               temp_len, n_splits);                                             \
+        flash_wg_body<D, BN, WG, STAGES, ACT_IS_BF16>(q, kc, vc, positions, cos_t, sin_t, out, part_o, part_m,   \
+                                                      part_l, n, n_heads, n_kv, rope_dim, chunk_len, chunk_size, \
+                                                      scale_log2, temp_len, n_splits);                          \
     }
-#define DCA_FLASH_WG_BOTH(D, BN, WG, STAGES)          \
-    DCA_FLASH_WG(D, BN, WG, STAGES, false, f16)       \
-    DCA_FLASH_WG(D, BN, WG, STAGES, true, bf16)
-
-DCA_FLASH_WG_BOTH(64, 128, 3, 3)
-DCA_FLASH_WG_BOTH(64, 128, 3, 4)
-DCA_FLASH_WG_BOTH(64, 128, 2, 3)
-DCA_FLASH_WG_BOTH(128, 128, 2, 3)
-DCA_FLASH_WG_BOTH(128, 64, 2, 3)
-DCA_FLASH_WG_BOTH(128, 64, 2, 4)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.backends.cuda import flash_attention as fa
 from engine.backends.cuda import kernels
 from engine.errors import DeviceError
 
@@ -36,24 +37,37 @@ def _nvrtc_usable() -> bool:
 pytestmark = pytest.mark.skipif(not _nvrtc_usable(), reason="NVRTC library not found (nvidia-cuda-nvrtc wheel)")
 
 
-BUILDS = [(name, dtype) for name in kernels.KERNEL_FILES for dtype in kernels.dtypes(name)]
+# (file, instance, the entries it must hold): every file as it is, and each templated configuration production
+# launches (flash_attention.launched_builds) appended to its file
+INSTANCES = [(name, None, EXPECTED_ENTRIES.get(name, set())) for name in kernels.KERNEL_FILES
+             if name not in {file for file, _, _ in fa.launched_builds()}]
+INSTANCES += [(file, instance, {kernel}) for file, kernel, instance in fa.launched_builds()]
+BUILDS = [(name, instance, entries, dtype) for name, instance, entries in INSTANCES for dtype in kernels.dtypes(name)]
 
 
-@pytest.mark.parametrize("name,dtype", BUILDS, ids=[f"{n}-{d}" for n, d in BUILDS])
-def test_kernel_file_compiles_for_sm90(name, dtype):
-    ptx = kernels.compile_ptx(name, "sm_90", dtype)
+@pytest.mark.parametrize("name,instance,entries,dtype", BUILDS,
+                         ids=[f"{n}-{i or 'file'}-{d}" for n, i, _, d in BUILDS])
+def test_kernel_file_compiles_for_sm90(name, instance, entries, dtype):
+    ptx = kernels.compile_ptx(name, "sm_90", dtype, instance=instance)
     assert ".target sm_90" in ptx
-    entries = set(re.findall(r"\.entry\s+(\w+)", ptx))
-    assert entries and entries >= EXPECTED_ENTRIES.get(name, set())
+    found = set(re.findall(r"\.entry\s+(\w+)", ptx))
+    assert found and found >= entries
     assert "local" not in re.findall(r"\.(local)\s", ptx), f"{name}.cu ({dtype}) spills registers to local memory"
-    if name in kernels.ACTIVATION_FILES:  # activations round to bf16 in the bf16 build only
-        assert ("cvt.rn.bf16.f32" in ptx) == (dtype == "bf16"), (name, dtype)
+    if name not in kernels.DTYPE_FREE_FILES:  # activations round to bf16 in the bf16 build only
+        assert bool(re.search(r"cvt\.rn\.bf16(x2)?\.f32", ptx)) == (dtype == "bf16"), (name, dtype)
+
+
+def test_instances_compile_only_what_is_launched():
+    """A file with a templated kernel holds no configuration of its own: each build holds the one appended."""
+    for file in {file for file, _, _ in fa.launched_builds()}:
+        entries = set(re.findall(r"\.entry\s+(\w+)", kernels.compile_ptx(file, "sm_90", "f16")))
+        assert entries <= {"dca_combine"}, (file, entries)
 
 
 def test_activation_files_have_both_builds_and_the_others_one():
-    assert set(kernels.ACTIVATION_FILES) == {"quant", "decode", "elementwise", "attention"}
+    assert set(kernels.DTYPE_FREE_FILES) == {"sampling"}
     for name in kernels.KERNEL_FILES:
-        assert kernels.dtypes(name) == (("f16", "bf16") if name in kernels.ACTIVATION_FILES else ("f16",))
+        assert kernels.dtypes(name) == (("f16",) if name == "sampling" else ("f16", "bf16"))
     assert kernels.nvrtc_options("elementwise", "bf16") == kernels.NVRTC_OPTIONS + ("-DACT_BF16",)
     assert kernels.nvrtc_options("elementwise", "f16") == kernels.NVRTC_OPTIONS
     with pytest.raises(DeviceError, match="sampling.cu has no 'bf16' build"):
@@ -68,7 +82,7 @@ def test_every_kernel_file_is_covered():
 
 
 def test_compile_error_names_the_file(monkeypatch):
-    monkeypatch.setattr(kernels, "source", lambda name: "extern \"C\" __global__ void broken( { }")
+    monkeypatch.setattr(kernels, "source", lambda name, instance=None: "extern \"C\" __global__ void broken( { }")
     with pytest.raises(DeviceError, match="broken.cu|does not compile"):
         kernels.compile_ptx("broken")
 

@@ -27,21 +27,14 @@ from .kernels import function
 
 THREADS = 128  # 4 warps per block, both attention kernels
 COMBINE_THREADS = 256  # 8 warps per merged row
-# head_dim -> (m-tiles of 16 rows per warp, keys per tile) of the prefill kernel: the fastest measured on an
-# H200 (fp16 DCA, 32k tokens: 9x3x64 4.83 ms with (2, 128) vs 5.17 with (2, 64); 32x8x128 32.8 ms with
-# (2, 64) vs 35.8 with (2, 32)); every variant below is built and tested
+# head_dim -> (m-tiles of 16 rows per warp, keys per tile) of the mma.sync prefill kernel, and -> (keys per tile,
+# consumer warpgroups of 64 rows, K/V buffers) of the sm_90a wgmma one: the fastest measured on an H200 (the
+# other configurations and their times: dev/cuda/attention.py); only these are built
 PREFILL_TILES = {64: (2, 128), 128: (2, 64)}
-PREFILL_VARIANTS = {64: ((2, 128), (2, 64), (1, 64)), 128: ((2, 64), (2, 32), (1, 64), (1, 48))}  # in dca_flash_attn.cu
-# head_dim -> (keys per tile, consumer warpgroups of 64 rows, K/V buffers) of the sm_90a wgmma prefill kernel:
-# the fastest measured on an H200 (fp16 DCA, 32k tokens: 9x3x64 2.96 ms with (128, 3, 3), 2.97 with
-# (128, 3, 4), 3.90 with (128, 2, 3); 32x8x128 21.5 ms with (128, 2, 3), 22.7 with (64, 2, 3)); all are built
-# and tested
 WGMMA_TILES = {64: (128, 3, 3), 128: (128, 2, 3)}
-WGMMA_VARIANTS = {64: ((128, 3, 3), (128, 3, 4), (128, 2, 3)), 128: ((128, 2, 3), (64, 2, 3), (64, 2, 4))}
 PREFILL_KERNELS = ("auto", "mma", "wgmma")
 DECODE_TILE_KEYS = {64: 32, 128: 16}  # keys per warp tile of the decode kernel
 DECODE_GROUP_LIMIT = 16  # query heads per KV head: one mma m-tile
-ROTATIONS = ("kernel", "precomputed")
 
 
 def element_type(x) -> str:
@@ -93,15 +86,45 @@ def _check(cp, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim: int, deco
     return dtype
 
 
-_smem_opt_in: dict[tuple[str, str], int] = {}  # kernel -> dynamic shared memory it may use
+_smem_opt_in: dict[int, int] = {}  # id(kernel) -> dynamic shared memory it may use (kernels are cached)
 
 
-def _launch(file: str, kernel: str, grid, args, smem: int, threads: int = THREADS) -> None:
-    fn = function(file, kernel)
-    if smem > 48 * 1024 and _smem_opt_in.get((file, kernel), 0) < smem:  # above 48 KiB needs an opt-in
+def _launch(fn, grid, args, smem: int, threads: int = THREADS) -> None:
+    if smem > 48 * 1024 and _smem_opt_in.get(id(fn), 0) < smem:  # above 48 KiB needs an opt-in
         fn.max_dynamic_shared_size_bytes = smem
-        _smem_opt_in[(file, kernel)] = smem
+        _smem_opt_in[id(fn)] = smem
     fn(grid, (threads,), args, shared_mem=smem)
+
+
+def prefill_build(head_dim: int, tiles: tuple[int, int]) -> tuple[str, str, str]:
+    """(file, kernel, instance) of the mma.sync prefill kernel of one configuration (m-tiles per warp, keys per
+    tile)."""
+    m_tiles, block_keys = tiles
+    return ("dca_flash_attn", f"dca_flash_{head_dim}_{m_tiles}_{block_keys}",
+            f"DCA_FLASH({head_dim}, {m_tiles}, {block_keys})")
+
+
+def wgmma_build(head_dim: int, tiles: tuple[int, int, int]) -> tuple[str, str, str]:
+    """(file, kernel, instance) of the sm_90a prefill kernel of one configuration (keys per tile, consumer
+    warpgroups, buffers)."""
+    block_keys, warpgroups, stages = tiles
+    return ("dca_flash_attn_sm90", f"dca_flash_wg_{head_dim}_{block_keys}_{warpgroups}_{stages}",
+            f"DCA_FLASH_WG({head_dim}, {block_keys}, {warpgroups}, {stages})")
+
+
+def decode_build(head_dim: int) -> tuple[str, str, str]:
+    return "dca_decode", f"dca_decode_{head_dim}", f"DCA_DECODE({head_dim}, {DECODE_TILE_KEYS[head_dim]})"
+
+
+def launched_builds() -> list[tuple[str, str, str]]:
+    """Every (file, kernel, instance) production launches: the default configurations."""
+    return ([prefill_build(d, t) for d, t in PREFILL_TILES.items()] + [wgmma_build(d, t) for d, t in WGMMA_TILES.items()]
+            + [decode_build(d) for d in DECODE_TILE_KEYS])
+
+
+def _kernel(build: tuple[str, str, str], dtype: str):
+    file, kernel, instance = build
+    return function(file, kernel, dtype, instance=instance)
 
 
 def _dca_args(dca) -> tuple[np.int32, np.int32]:
@@ -109,7 +132,7 @@ def _dca_args(dca) -> tuple[np.int32, np.int32]:
 
 
 def _combine(cp, part_o, part_m, part_l, out, rows: int, head_dim: int, n_splits: int, dtype: str) -> None:
-    function("dca_decode", f"dca_combine_{dtype}")(
+    function("dca_decode", "dca_combine", dtype)(
         (rows,), (COMBINE_THREADS,),
         (part_o, part_m, part_l, out, np.int32(rows), np.int32(head_dim), np.int32(n_splits)))
 
@@ -136,11 +159,6 @@ def wgmma_smem(head_dim: int, tiles: tuple[int, int, int]) -> int:
     return 1024 + warpgroups * 64 * head_dim * 2 + 2 * stages * block_keys * head_dim * 2 + 16 * stages
 
 
-def wgmma_kernel_name(head_dim: int, tiles: tuple[int, int, int], dtype: str) -> str:
-    block_keys, warpgroups, stages = tiles
-    return f"dca_flash_wg_{head_dim}_{block_keys}_{warpgroups}_{stages}_{dtype}"
-
-
 def prefill_splits(cp, n_blocks: int, n_keys_hint: int, block_keys: int) -> int:
     """Key slices that fill the GPU when few row blocks exist (chunked prefill against a long cache)."""
     wanted = math.ceil(2 * _sm_count(cp) / max(n_blocks, 1))
@@ -149,36 +167,30 @@ def prefill_splits(cp, n_blocks: int, n_keys_hint: int, block_keys: int) -> int:
 
 def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int, dca=None,
                     temperature_length: int = 0, n_keys_hint: int | None = None, n_splits: int | None = None,
-                    rotation: str = "kernel", tiles: tuple[int, int] | None = None, kernel: str = "auto"):
+                    tiles: tuple[int, ...] | None = None, kernel: str = "auto"):
     """DCA (dca: DCAConfig) or plain causal (dca=None) attention of n queries -> (n, Hq, D), q's dtype.
 
     temperature_length: the training length L for DCA's attention temperature (0: off).
     n_keys_hint: keys the last query sees (positions[-1] + 1, known to the host) — used to split the
     keys when there are few row blocks; n_splits overrides. kernel: "wgmma" (Hopper), "mma" (sm_80+),
-    "auto" = wgmma where it runs unless an mma option (rotation, tiles) is given. rotation (mma
-    kernel): "kernel" rotates the queries inside the kernel, "precomputed" writes the three rotations
-    first (a measurement alternative). tiles: the kernel's variant, (m-tiles per warp, keys per tile)
-    among PREFILL_VARIANTS for mma, (keys per tile, consumer warpgroups, buffers) among WGMMA_VARIANTS for
-    wgmma (defaults PREFILL_TILES, WGMMA_TILES).
+    "auto" = wgmma where it runs. tiles: the kernel's configuration, (m-tiles per warp, keys per tile) for
+    mma, (keys per tile, consumer warpgroups, buffers) for wgmma (defaults PREFILL_TILES, WGMMA_TILES; others
+    are measurement variants, dev/cuda/attention.py).
     """
     import cupy as cp
 
     dtype = _check(cp, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim, decode=False)
-    if rotation not in ROTATIONS:
-        raise ConfigError(f"flash attention: rotation must be one of {ROTATIONS}, got {rotation!r}")
     if kernel not in PREFILL_KERNELS:
         raise ConfigError(f"flash attention: kernel must be one of {PREFILL_KERNELS}, got {kernel!r}")
     if kernel == "wgmma" and not wgmma_available(cp):
         raise DeviceError("the wgmma attention kernel needs a Hopper GPU (compute capability 9.0)")
-    use_wgmma = kernel == "wgmma" or (kernel == "auto" and rotation == "kernel" and tiles is None
-                                      and wgmma_available(cp))
+    use_wgmma = kernel == "wgmma" or (kernel == "auto" and wgmma_available(cp))
     n, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[1]
-    defaults, variants = (WGMMA_TILES, WGMMA_VARIANTS) if use_wgmma else (PREFILL_TILES, PREFILL_VARIANTS)
-    tiles = defaults[head_dim] if tiles is None else tuple(tiles)
-    if tiles not in variants[head_dim]:
-        raise ConfigError(f"flash attention: {'wgmma' if use_wgmma else 'mma'} tiles {tiles} are not built for "
-                          f"head_dim {head_dim} (choose from {variants[head_dim]})")
+    tiles = (WGMMA_TILES if use_wgmma else PREFILL_TILES)[head_dim] if tiles is None else tuple(tiles)
+    if len(tiles) != (3 if use_wgmma else 2):
+        raise ConfigError(f"flash attention: {'wgmma' if use_wgmma else 'mma'} tiles {tiles} must be "
+                          f"{'(keys, warpgroups, buffers)' if use_wgmma else '(m-tiles, keys)'}")
     out = cp.empty(q.shape, dtype=q.dtype)
     if n == 0:
         return out
@@ -194,31 +206,15 @@ def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: i
             chunk_len, chunk_size, np.float32(math.log2(math.e) / math.sqrt(head_dim)),
             np.int32(temperature_length or 0), np.int32(n_splits))
     grid = (n_kv, row_blocks, n_splits)
+    head = (q, k_cache, v_cache, positions, cos_t, sin_t)
     if use_wgmma:
-        _launch("dca_flash_attn_sm90", wgmma_kernel_name(head_dim, tiles, dtype), grid,
-                (q, k_cache, v_cache, positions, cos_t, sin_t) + tail, wgmma_smem(head_dim, tiles),
+        _launch(_kernel(wgmma_build(head_dim, tiles), dtype), grid, head + tail, wgmma_smem(head_dim, tiles),
                 threads=128 * (tiles[1] + 1))  # + the producer warpgroup
     else:
-        q_rot = _rotated_queries(cp, dtype, q, positions, cos_t, sin_t, rope_dim, dca) \
-            if rotation == "precomputed" else np.uint64(0)
-        _launch("dca_flash_attn", f"dca_flash_{head_dim}_{tiles[0]}_{tiles[1]}_{dtype}", grid,
-                (q, k_cache, v_cache, positions, cos_t, sin_t, q_rot) + tail, prefill_smem(head_dim, tiles))
+        _launch(_kernel(prefill_build(head_dim, tiles), dtype), grid, head + tail, prefill_smem(head_dim, tiles))
     if n_splits > 1:
         _combine(cp, part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype)
     return out
-
-
-def _rotated_queries(cp, dtype: str, q, positions, cos_t, sin_t, rope_dim: int, dca):
-    """(3, n, Hq, D): q (n > 0 tokens) rotated at the intra, successive and inter query positions."""
-    n, n_heads, head_dim = q.shape
-    q_rot = cp.empty((3, n, n_heads, head_dim), dtype=q.dtype)
-    total = 3 * n * n_heads * (head_dim - rope_dim // 2)
-    chunk_len, chunk_size = _dca_args(dca)
-    function("dca_flash_attn", f"dca_rotate_queries_{dtype}")(
-        (math.ceil(total / 256),), (256,),
-        (q, positions, cos_t, sin_t, q_rot, np.int32(n), np.int32(n_heads), np.int32(head_dim),
-         np.int32(rope_dim), chunk_len, chunk_size))
-    return q_rot
 
 
 def _partials(cp, n_splits: int, rows: int, head_dim: int):
@@ -248,7 +244,7 @@ def blocks_per_sm(cp, kernel, smem: int) -> int:
 def decode_splits(cp, capacity: int, n_kv: int, n_queries: int = 1, head_dim: int = 128,
                   dtype: str = "f16") -> int:
     """Key slices of the decode kernel: one full wave of resident blocks, fixed by the cache capacity."""
-    kernel = function("dca_decode", f"dca_decode_{head_dim}_{dtype}")
+    kernel = _kernel(decode_build(head_dim), dtype)
     slots = _sm_count(cp) * blocks_per_sm(cp, kernel, decode_smem(head_dim))
     wanted = math.ceil(slots / (n_kv * n_queries))
     return max(1, min(wanted, math.ceil(capacity / (4 * DECODE_TILE_KEYS[head_dim]))))
@@ -283,7 +279,7 @@ def flash_decode(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int,
         raise ConfigError(f"flash decode: workspace shapes {part_o.shape}, {part_m.shape}, {part_l.shape} "
                           f"do not fit {n_splits} splits of {n * n_heads} rows x {head_dim}")
     chunk_len, chunk_size = _dca_args(dca)
-    _launch("dca_decode", f"dca_decode_{head_dim}_{dtype}", (n_splits, n_kv, n),
+    _launch(_kernel(decode_build(head_dim), dtype), (n_splits, n_kv, n),
             (q, k_cache, v_cache, positions, cos_t, sin_t, part_o, part_m, part_l, np.int32(n), np.int32(n_heads),
              np.int32(n_kv), np.int32(rope_dim), chunk_len, chunk_size,
              np.float32(math.log2(math.e) / math.sqrt(head_dim)), np.int32(temperature_length or 0),

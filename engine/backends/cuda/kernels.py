@@ -13,12 +13,18 @@ Architecture-specific files (``ARCH_FILES``: dca_flash_attn_sm90 needs sm_90a) a
 ``cubin.py`` to a cubin for that exact target, cached on disk; CuPy compiles the rest for the
 current GPU and caches them itself.
 
-Activation dtype. The files whose kernels read or write activations (``ACTIVATION_FILES``) are built
-once per activation dtype from one source: "f16" as written, "bf16" with ``-DACT_BF16`` (common.cuh
-then makes ``act_t`` bf16 bits). The other files are built once ("f16", their only build: sampling
-reads fp32 logits; the fused attention files hold both dtypes as separately named kernels).
+Activation dtype. Every file whose kernels read or write activations is built once per activation dtype
+from one source: "f16" as written, "bf16" with ``-DACT_BF16`` (common.cuh then makes ``act_t`` bf16 bits
+and ``ACT_IS_BF16`` true); kernel names carry no dtype. Files without activations (``DTYPE_FREE_FILES``:
+sampling reads fp32 logits) are built once ("f16").
+
+Instances. Templated kernels (the fused attention kernels' tile configurations) are instantiated per
+build by one macro line appended to the file (``function(..., instance="DCA_DECODE(64, 32)")``): a run
+compiles only the configurations it launches. Other configurations (measurement variants) are built the
+same way from the development area (dev/cuda/), never by production code.
 
     function("quant", "gemv_q4_1", "bf16")   -> cupy.RawKernel (compiled for the current GPU on first use)
+    function("dca_decode", "dca_decode_64", "f16", instance="DCA_DECODE(64, 32)")
     compile_ptx("attention", "sm_90", "bf16") -> PTX text, through NVRTC alone (no GPU or driver needed)
 
 The two share ``source()`` and ``nvrtc_options()``, so what the CPU test compiles is what the GPU runs.
@@ -52,13 +58,13 @@ ARCH_FILES = {"dca_flash_attn_sm90": "sm_90a"}
 DEFAULT_PRELUDE = ("common.cuh",)
 NVRTC_OPTIONS = ("-std=c++17",)
 ACTIVATION_DTYPES = ("f16", "bf16")
-# files built once per activation dtype (the others have one build, named "f16")
-ACTIVATION_FILES = ("quant", "decode", "elementwise", "attention")
+# files without activations (sampling reads fp32 logits): one build, named "f16"
+DTYPE_FREE_FILES = ("sampling",)
 
 
 def dtypes(name: str) -> tuple[str, ...]:
-    """The builds of kernels/<name>.cu: both activation dtypes, or ("f16",) for a file built once."""
-    return ACTIVATION_DTYPES if name in ACTIVATION_FILES else ("f16",)
+    """The builds of kernels/<name>.cu: both activation dtypes, or ("f16",) for a file without activations."""
+    return ("f16",) if name in DTYPE_FREE_FILES else ACTIVATION_DTYPES
 
 
 def nvrtc_options(name: str, dtype: str = "f16") -> tuple[str, ...]:
@@ -69,50 +75,52 @@ def nvrtc_options(name: str, dtype: str = "f16") -> tuple[str, ...]:
 
 
 @functools.cache
-def source(name: str) -> str:
-    """The full source NVRTC compiles for kernels/<name>.cu (its preludes prepended)."""
+def source(name: str, instance: str | None = None) -> str:
+    """The full source NVRTC compiles for kernels/<name>.cu: its preludes, the file, and `instance` (a line
+    that instantiates one configuration of a templated kernel through the file's macro, e.g.
+    "DCA_DECODE(64, 32)"), so a build holds only the kernels that are launched."""
     if name not in KERNEL_FILES:
         raise DeviceError(f"unknown kernel file {name!r} (known: {', '.join(KERNEL_FILES)})")
     parts = [f"#line 1 \"{header}\"\n{(KERNEL_DIR / header).read_text()}"
              for header in PRELUDES.get(name, DEFAULT_PRELUDE)]
     parts.append(f"#line 1 \"{name}.cu\"\n{(KERNEL_DIR / f'{name}.cu').read_text()}")
+    if instance is not None:
+        parts.append(f"#line 1 \"{name}.cu instance\"\n{instance}\n")
     return "\n".join(parts)
 
 
-def module(name: str, dtype: str = "f16"):
-    """The cupy.RawModule of one build of kernels/<name>.cu, compiled once per process for the current device."""
-    return _module(name, dtype)
-
-
-def function(name: str, kernel: str, dtype: str = "f16"):
-    """One compiled kernel (extern "C" name) of the `dtype` build of kernels/<name>.cu."""
-    return _function(name, kernel, dtype)
+def function(name: str, kernel: str, dtype: str = "f16", instance: str | None = None):
+    """One compiled kernel (extern "C" name) of the `dtype` build of kernels/<name>.cu (with `instance` appended:
+    see ``source``), compiled for the current device on first use and cached."""
+    return _function(name, kernel, dtype, instance)
 
 
 @functools.cache  # called with every argument given, so a defaulted call shares the cached build
-def _module(name: str, dtype: str):
+def _module(name: str, dtype: str, instance: str | None):
     options = nvrtc_options(name, dtype)
+    code = source(name, instance)
     if name in ARCH_FILES:
         from .cubin import load_cubin_module
 
-        return load_cubin_module(source(name), f"{name}.cu", ARCH_FILES[name], options)
+        return load_cubin_module(code, f"{name}.cu", ARCH_FILES[name], options)
     import cupy
 
-    return cupy.RawModule(code=source(name), options=options, name_expressions=None)
+    return cupy.RawModule(code=code, options=options, name_expressions=None)
 
 
 @functools.cache
-def _function(name: str, kernel: str, dtype: str):
-    return _module(name, dtype).get_function(kernel)
+def _function(name: str, kernel: str, dtype: str, instance: str | None):
+    return _module(name, dtype, instance).get_function(kernel)
 
 
-def compile_ptx(name: str, arch: str = "sm_90", dtype: str = "f16") -> str:
-    """Compile one build of kernels/<name>.cu to PTX for `arch` (a file of ARCH_FILES: for its own
-    architecture) through NVRTC alone (works without a GPU).
+def compile_ptx(name: str, arch: str = "sm_90", dtype: str = "f16", instance: str | None = None) -> str:
+    """Compile one build of kernels/<name>.cu (with `instance`) to PTX for `arch` (a file of ARCH_FILES: for its
+    own architecture) through NVRTC alone (works without a GPU).
 
     Raises DeviceError with NVRTC's log when the source does not compile.
     """
     from .cubin import nvrtc_compile
 
     virtual_arch = ARCH_FILES.get(name, arch).replace("sm_", "compute_")
-    return nvrtc_compile(source(name), f"{name}.cu ({dtype})", virtual_arch, nvrtc_options(name, dtype), "ptx")
+    return nvrtc_compile(source(name, instance), f"{name}.cu ({dtype})", virtual_arch, nvrtc_options(name, dtype),
+                         "ptx")

@@ -1,9 +1,13 @@
-"""Benchmark the fused DCA attention kernels (issue 5, item 4) on the GPU.
+"""The fused DCA attention kernels' development driver: every configuration checked against the numpy
+reference, then timed on the GPU (llm.c's dev/cuda shape; production builds only the defaults,
+engine/backends/cuda/flash_attention.py PREFILL_TILES / WGMMA_TILES).
 
-For each shape (query heads x KV heads x head_dim, with that shape's DCA chunk settings) and length:
+Check (part "variants"): each configuration of VARIANTS / WGMMA_VARIANTS, DCA on a random GQA case with
+chunk boundaries inside tiles, bf16, against engine/dca.py's blockwise float32 reference (max |err|).
+Speed: for each shape (query heads x KV heads x head_dim, with that shape's DCA chunk settings) and length:
 ms and TFLOP/s of the fused prefill kernel with DCA and as plain causal attention — the default build
-(wgmma on Hopper) and the mma.sync build (queries rotated in the kernel, or the three rotations
-precomputed), and every other tile variant of each; when torch is importable, in the same run,
+(wgmma on Hopper) and the mma.sync build, and every other configuration of each; when torch is importable,
+in the same run,
 torch SDPA plain causal (K/V expanded to all heads) and the reference implementations' three-call
 DCA (per query chunk: intra causal, successive and inter flash calls, merged by log-sum-exp; the
 three query rotations are prepared outside the timed region). FLOPs are counted as causal attention
@@ -12,7 +16,13 @@ three query rotations are prepared outside the timed region). FLOPs are counted 
 floor of ~95 us per call was seen) and replayed from a CUDA graph (kernel time, as the engine runs
 it). A cross-check compares the fused kernel with the three-call composition on one 16k DCA input.
 
-    python tools/bench_attention.py [--lengths 4096,...] [--shapes 32x8x128,9x3x64] [--json out.json]
+    python dev/cuda/attention.py [--lengths 4096,...] [--shapes 32x8x128,9x3x64] [--json out.json]
+
+Measured on an H200 (fp16 DCA, 32k tokens; full tables in docs/results.md): mma.sync 9x3x64 4.83 ms with
+(2, 128) vs 5.17 with (2, 64); 32x8x128 32.8 ms with (2, 64) vs 35.8 with (2, 32). wgmma 9x3x64 2.96 ms with
+(128, 3, 3), 2.97 with (128, 3, 4), 3.90 with (128, 2, 3); 32x8x128 21.5 ms with (128, 2, 3), 22.7 with
+(64, 2, 3). Queries rotated once per relation outside the kernel (three precomputed copies) cost 5-6%
+over rotating them in the kernel; that variant was removed.
 """
 from __future__ import annotations
 
@@ -22,11 +32,21 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from engine.backends.cuda import flash_attention as fa  # noqa: E402
 from engine.config import DCAConfig, RopeConfig  # noqa: E402
+from engine.dca import blockwise_attention, rotate_keys  # noqa: E402
 from engine.rope import RotaryTable  # noqa: E402
+
+# every configuration measured: head_dim -> (m-tiles per warp, keys per tile) of the mma.sync kernel, and
+# -> (keys per tile, consumer warpgroups, K/V buffers) of the sm_90a one; the first of each is production's
+VARIANTS = {64: ((2, 128), (2, 64), (1, 64)), 128: ((2, 64), (2, 32), (1, 64), (1, 48))}
+WGMMA_VARIANTS = {64: ((128, 3, 3), (128, 3, 4), (128, 2, 3)), 128: ((128, 2, 3), (64, 2, 3), (64, 2, 4))}
+assert all(VARIANTS[d][0] == t for d, t in fa.PREFILL_TILES.items())
+assert all(WGMMA_VARIANTS[d][0] == t for d, t in fa.WGMMA_TILES.items())
 
 # name -> (Hq, Hkv, head_dim, chunk_size, local_window): Llama-style 4k-trained heads, and SmolLM2 (8k)
 SHAPES = {"32x8x128": (32, 8, 128, 3072, 512), "32x8x64": (32, 8, 64, 3072, 512), "9x3x64": (9, 3, 64, 6144, 1024)}
@@ -130,15 +150,12 @@ def _prefill_row(cp, shape: str, n: int) -> dict:
         return lambda: fa.flash_attention(q, k, v, pos, cos_t, sin_t, rope_dim=head_dim, **options)
 
     methods = {"fused_dca": fused(dca=dca), "fused_causal": fused(dca=None),
-               "mma_dca": fused(dca=dca, kernel="mma"), "mma_dca_prerot": fused(dca=dca, rotation="precomputed"),
-               "mma_causal": fused(dca=None, kernel="mma")}
-    for tiles in fa.PREFILL_VARIANTS[head_dim]:
-        if tiles != fa.PREFILL_TILES[head_dim]:
-            methods[f"mma_dca_{tiles[0]}x{tiles[1]}"] = fused(dca=dca, tiles=tiles)
+               "mma_dca": fused(dca=dca, kernel="mma"), "mma_causal": fused(dca=None, kernel="mma")}
+    for tiles in VARIANTS[head_dim][1:]:
+        methods[f"mma_dca_{tiles[0]}x{tiles[1]}"] = fused(dca=dca, kernel="mma", tiles=tiles)
     if fa.wgmma_available(cp):
-        for tiles in fa.WGMMA_VARIANTS[head_dim]:
-            if tiles != fa.WGMMA_TILES[head_dim]:
-                methods["wgmma_dca_" + "x".join(map(str, tiles))] = fused(dca=dca, kernel="wgmma", tiles=tiles)
+        for tiles in WGMMA_VARIANTS[head_dim][1:]:
+            methods["wgmma_dca_" + "x".join(map(str, tiles))] = fused(dca=dca, kernel="wgmma", tiles=tiles)
     baselines = torch_methods(n_heads, head_dim, n, dca.chunk_len)
     if baselines is not None:
         methods["torch_sdpa_causal"], methods["torch_three_call_dca"] = baselines
@@ -248,28 +265,52 @@ def cross_check(cp) -> dict:
             "mean_abs": float(err.mean())}
 
 
-def kernel_resources() -> list[dict]:
-    """Registers, local memory (spills) and dynamic shared memory of every fused kernel."""
-    import cupy as cp
+def builds(cp) -> list[tuple[int, tuple[str, str, str], dict, int]]:
+    """(head_dim, build, flash_attention options, dynamic shared memory) of every configuration this GPU runs."""
+    out = [(d, fa.prefill_build(d, t), {"kernel": "mma", "tiles": t}, fa.prefill_smem(d, t))
+           for d, ts in VARIANTS.items() for t in ts]
+    if fa.wgmma_available(cp):
+        out += [(d, fa.wgmma_build(d, t), {"kernel": "wgmma", "tiles": t}, fa.wgmma_smem(d, t))
+                for d, ts in WGMMA_VARIANTS.items() for t in ts]
+    return out
 
+
+def check_variants(cp) -> list[dict]:
+    """Every configuration against the float32 blockwise reference: DCA (chunk_len 48: boundaries inside every
+    tile size), GQA 4, queries 100..399 against keys 0..399, bf16; max and mean |err|."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for head_dim, (_, kernel, _), options, _ in builds(cp):
+        dca = DCAConfig(chunk_size=64, local_window=16)
+        rotary = RotaryTable(RopeConfig(theta=10000.0, dim=head_dim), 400 + 65)
+        q = rng.standard_normal((300, 16, head_dim)).astype(np.float32)
+        k = rng.standard_normal((400, 4, head_dim)).astype(np.float32)
+        v = rng.standard_normal((400, 4, head_dim)).astype(np.float32)
+        k_rot = rotate_keys(k, np.arange(400), rotary, dca)
+        bits = [bf16_bits(cp, cp.asarray(x)) for x in (q, k_rot, v)]
+        as_f32 = [(cp.asnumpy(b).astype(np.uint32) << 16).view(np.float32) for b in bits]
+        positions = np.arange(100, 400)
+        want = blockwise_attention(as_f32[0], as_f32[1], as_f32[2], positions, rotary, dca)
+        got = fa.flash_attention(*bits, cp.asarray(positions.astype(np.int32)), cp.asarray(rotary.cos),
+                                 cp.asarray(rotary.sin), rope_dim=head_dim, dca=dca, **options)
+        err = np.abs((cp.asnumpy(got).astype(np.uint32) << 16).view(np.float32) - want)
+        rows.append({"check": kernel, "max_abs": float(err.max()), "mean_abs": float(err.mean()),
+                     "ok": bool(np.isfinite(err).all() and err.max() < 0.05 and err.mean() < 0.005)})
+    return rows
+
+
+def kernel_resources(cp) -> list[dict]:
+    """Registers, local memory (spills) and dynamic shared memory of every fused kernel, bf16 builds."""
     from engine.backends.cuda.kernels import function
 
     out = []
-    for d, variants in fa.PREFILL_VARIANTS.items():
-        for tiles in variants:
-            fn = function("dca_flash_attn", f"dca_flash_{d}_{tiles[0]}_{tiles[1]}_bf16")
-            out.append({"kernel": f"dca_flash_{d}_{tiles[0]}_{tiles[1]}", "regs": fn.num_regs,
-                        "local_bytes": fn.local_size_bytes, "dyn_smem": fa.prefill_smem(d, tiles)})
-    if fa.wgmma_available(cp):
-        for d, variants in fa.WGMMA_VARIANTS.items():
-            for tiles in variants:
-                name = fa.wgmma_kernel_name(d, tiles, "bf16")
-                fn = function("dca_flash_attn_sm90", name)
-                out.append({"kernel": name[:-5], "regs": fn.num_regs, "local_bytes": fn.local_size_bytes,
-                            "dyn_smem": fa.wgmma_smem(d, tiles)})
+    for _, (file, kernel, instance), _, smem in builds(cp):
+        fn = function(file, kernel, "bf16", instance=instance)
+        out.append({"kernel": kernel, "regs": fn.num_regs, "local_bytes": fn.local_size_bytes, "dyn_smem": smem})
     for d in fa.DECODE_TILE_KEYS:
-        fn = function("dca_decode", f"dca_decode_{d}_bf16")
-        out.append({"kernel": f"dca_decode_{d}", "regs": fn.num_regs, "local_bytes": fn.local_size_bytes,
+        file, kernel, instance = fa.decode_build(d)
+        fn = function(file, kernel, "bf16", instance=instance)
+        out.append({"kernel": kernel, "regs": fn.num_regs, "local_bytes": fn.local_size_bytes,
                     "static_smem": fn.shared_size_bytes, "dyn_smem": fa.decode_smem(d)})
     return out
 
@@ -279,8 +320,9 @@ def main(argv=None) -> None:
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--decode-context", type=int, default=131072)
-    ap.add_argument("--parts", default="prefill,decode,check,resources",
-                    help="comma list of prefill, decode, check (fused vs three-call), resources")
+    ap.add_argument("--parts", default="variants,prefill,decode,check,resources",
+                    help="comma list of variants (each configuration vs the numpy reference), prefill, decode, "
+                         "check (fused vs three-call), resources")
     ap.add_argument("--json", default=None, help="write every row here")
     args = ap.parse_args(argv)
     import cupy as cp
@@ -288,6 +330,10 @@ def main(argv=None) -> None:
     parts = set(args.parts.split(","))
     shapes = args.shapes.split(",")
     rows: list[dict] = []
+    if "variants" in parts:
+        for r in check_variants(cp):
+            rows.append(r)
+            print(json.dumps(r), flush=True)
     if "prefill" in parts:
         for shape in shapes:
             bench_prefill(cp, shape, [int(x) for x in args.lengths.split(",") if x], rows)
@@ -298,7 +344,7 @@ def main(argv=None) -> None:
         rows.append(cross_check(cp))
         print(json.dumps(rows[-1]), flush=True)
     if "resources" in parts:
-        for r in kernel_resources():
+        for r in kernel_resources(cp):
             rows.append(r)
             print(json.dumps(r))
     if args.json:
