@@ -30,6 +30,7 @@ from .default_model import default_model_path
 from .errors import EngineError
 from .loader import WeightTensor
 from .models.llama import tensor_shapes
+from .weights.bf16 import to_bf16_bits
 from .weights.quant import GGMLType, tensor_nbytes
 
 SMOLLM2_CONFIG = ModelConfig(
@@ -58,7 +59,7 @@ def synthetic_weight(name: str, ggml_type: GGMLType, shape: tuple[int, ...], rng
     elif ggml_type == GGMLType.F16:
         raw = values.astype(np.float16).view(np.uint8)
     elif ggml_type == GGMLType.BF16:
-        raw = (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+        raw = to_bf16_bits(values).view(np.uint8)
     else:
         nbytes = tensor_nbytes(ggml_type, shape)
         raw = rng.integers(0, 256, nbytes, dtype=np.uint8)

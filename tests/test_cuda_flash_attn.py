@@ -17,6 +17,7 @@ from engine.backends.cuda import flash_attention as fa
 from engine.config import DCAConfig, RopeConfig
 from engine.dca import blockwise_attention, rotate_keys, temperature
 from engine.rope import RotaryTable
+from engine.weights.bf16 import from_bf16_bits, to_bf16_bits
 
 NAN_BITS = {"f16": 0x7E00, "bf16": 0x7FC0}
 # max |error| and mean |error| allowed on outputs of size ~1 (inputs N(0,1))
@@ -27,16 +28,11 @@ GROUPS = [(4, 4), (9, 3), (8, 2), (16, 2)]  # GQA 1, 3, 4, 8
 
 def to_bits(x: np.ndarray, dtype: str) -> np.ndarray:
     """float -> fp16 or bf16 (round to nearest even) as uint16 bits."""
-    if dtype == "f16":
-        return x.astype(np.float16).view(np.uint16)
-    u = x.astype(np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return x.astype(np.float16).view(np.uint16) if dtype == "f16" else to_bf16_bits(x)
 
 
 def from_bits(b: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "f16":
-        return b.view(np.float16).astype(np.float32)
-    return (b.astype(np.uint32) << 16).view(np.float32)
+    return b.view(np.float16).astype(np.float32) if dtype == "f16" else from_bf16_bits(b)
 
 
 class Case:

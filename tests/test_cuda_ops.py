@@ -20,6 +20,7 @@ from engine.bench import synthetic_weight
 from engine.config import DCAConfig, RopeConfig
 from engine.rope import RotaryTable
 from engine.sampling import SamplingParams, apply_repeat_penalty
+from engine.weights.bf16 import from_bf16_bits, to_bf16_bits
 from engine.weights.quant import GGMLType
 
 pytestmark = pytest.mark.cuda
@@ -63,16 +64,13 @@ def rng(request):
 def to_bits(x, dtype: str) -> np.ndarray:
     """Host floats -> the activation dtype's host array: float16, or bf16 bits (uint16, round to nearest even)."""
     x = np.asarray(x, dtype=np.float32)
-    if dtype == "f16":
-        return x.astype(np.float16)
-    u = np.ascontiguousarray(x).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return x.astype(np.float16) if dtype == "f16" else to_bf16_bits(x)
 
 
 def rounded(x, dtype: str) -> np.ndarray:
     """x rounded to the activation dtype, as float32 (the exact values the kernels read)."""
     bits = to_bits(x, dtype)
-    return bits.astype(np.float32) if dtype == "f16" else (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits.astype(np.float32) if dtype == "f16" else from_bf16_bits(bits)
 
 
 def upload(cuda, x):

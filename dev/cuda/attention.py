@@ -40,6 +40,7 @@ from engine.backends.cuda import flash_attention as fa  # noqa: E402
 from engine.config import DCAConfig, RopeConfig  # noqa: E402
 from engine.dca import blockwise_attention, rotate_keys  # noqa: E402
 from engine.rope import RotaryTable  # noqa: E402
+from engine.weights.bf16 import from_bf16_bits, to_bf16_bits  # noqa: E402
 
 # every configuration measured: head_dim -> (m-tiles per warp, keys per tile) of the mma.sync kernel, and
 # -> (keys per tile, consumer warpgroups, K/V buffers) of the sm_90a one; the first of each is production's
@@ -76,8 +77,7 @@ def causal_flops(n: int, n_heads: int, head_dim: int) -> float:
 
 
 def bf16_bits(cp, x):
-    u = x.astype(cp.float32).view(cp.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(cp.uint16)
+    return to_bf16_bits(x, cp)
 
 
 def tables(cp, head_dim: int, n_positions: int):
@@ -288,12 +288,12 @@ def check_variants(cp) -> list[dict]:
         v = rng.standard_normal((400, 4, head_dim)).astype(np.float32)
         k_rot = rotate_keys(k, np.arange(400), rotary, dca)
         bits = [bf16_bits(cp, cp.asarray(x)) for x in (q, k_rot, v)]
-        as_f32 = [(cp.asnumpy(b).astype(np.uint32) << 16).view(np.float32) for b in bits]
+        as_f32 = [from_bf16_bits(cp.asnumpy(b)) for b in bits]
         positions = np.arange(100, 400)
         want = blockwise_attention(as_f32[0], as_f32[1], as_f32[2], positions, rotary, dca)
         got = fa.flash_attention(*bits, cp.asarray(positions.astype(np.int32)), cp.asarray(rotary.cos),
                                  cp.asarray(rotary.sin), rope_dim=head_dim, dca=dca, **options)
-        err = np.abs((cp.asnumpy(got).astype(np.uint32) << 16).view(np.float32) - want)
+        err = np.abs(from_bf16_bits(cp.asnumpy(got)) - want)
         rows.append({"check": kernel, "max_abs": float(err.max()), "mean_abs": float(err.mean()),
                      "ok": bool(np.isfinite(err).all() and err.max() < 0.05 and err.mean() < 0.005)})
     return rows

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
+from ..weights.bf16 import to_bf16_bits
 from ..weights.quant import GGMLType, block_layout
 
 # command-line names of the types a conversion can write
@@ -120,18 +121,10 @@ def _encode_f16(x: np.ndarray) -> np.ndarray:
     return half.view(np.uint8)
 
 
-def _encode_bf16(x: np.ndarray) -> np.ndarray:
-    bits = x.view(np.uint32).astype(np.uint64)
-    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-    bits = np.where(is_nan, (bits & 0xFFFF0000) | 0x00400000, bits)  # quiet NaN, payload dropped
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest even
-    return rounded.astype("<u2").view(np.uint8)
-
-
 _ENCODERS = {
     GGMLType.F32: lambda x: x.astype("<f4").view(np.uint8),
     GGMLType.F16: _encode_f16,
-    GGMLType.BF16: _encode_bf16,
+    GGMLType.BF16: lambda x: to_bf16_bits(x).astype("<u2").view(np.uint8),
     GGMLType.Q8_0: _encode_q8_0,
     GGMLType.Q4_0: _encode_q4_0,
     GGMLType.Q4_1: _encode_q4_1,

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ModelFormatError
+from .bf16 import from_bf16_bits
 
 
 class GGMLType(enum.IntEnum):
@@ -273,7 +274,7 @@ def dequantize(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...]) -> np
     if t == GGMLType.F16:
         return flat.view("<f2").astype(np.float32).reshape(shape)
     if t == GGMLType.BF16:
-        return (flat.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        return from_bf16_bits(flat.view("<u2")).reshape(shape)
 
     per_block, block_bytes = _LAYOUTS[t]
     decode = _BLOCK_DECODERS[t]

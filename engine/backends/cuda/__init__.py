@@ -15,6 +15,7 @@ import numpy as np
 
 from ...errors import ConfigError, DeviceError
 from ...models.llama import INPUT_GROUPS
+from ...weights.bf16 import from_bf16_bits
 from .kernels import ACTIVATION_DTYPES, function
 from ...kvcache import KVCache
 from . import attention as attention_ops
@@ -114,7 +115,7 @@ class CudaBackend:
         """A device array on the host; 16-bit activations (fp16, bf16 bits) as float32."""
         out = self.cp.asnumpy(x)
         if out.dtype == np.uint16:  # bf16 bit patterns
-            return (out.astype(np.uint32) << 16).view(np.float32)
+            return from_bf16_bits(out)
         return out.astype(np.float32) if out.dtype == np.float16 else out
 
     # ----------------------------------------------------------------------------------- ops

@@ -24,6 +24,7 @@ import numpy as np
 
 from ...errors import ConfigError, DeviceError
 from .kernels import ACTIVATION_DTYPES, function
+from ...weights.bf16 import to_bf16_bits
 from ...weights.quant import GGMLType, dequantize
 
 KERNEL_SUFFIX = {
@@ -83,8 +84,7 @@ def to_activation(cp, x, dtype: str):
         return cp.ascontiguousarray(x)
     if dtype == "f16":
         return cp.ascontiguousarray(x, dtype=cp.float16)
-    bits = cp.ascontiguousarray(x, dtype=cp.float32).view(cp.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(cp.uint16)
+    return to_bf16_bits(x, cp)
 
 
 def stored_as_activation(dtype: str) -> GGMLType:
