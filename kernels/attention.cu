@@ -15,7 +15,7 @@
 //   running sum l, acc (lane owns dims lane, lane+32, ...) += p_j * v_j with p_j broadcast by shuffle.
 // - Split-K: blockIdx.z takes one slice of the keys 0..max position of the block's rows (slices are
 //   computed on the device from the positions, so a captured decode graph adapts to the length); each
-//   split writes unnormalized (acc, m, l); attn_combine merges the splits and normalizes to act_t.
+//   split writes unnormalized (acc, m, l); dca_decode.cu's dca_combine merges the splits (act_t out).
 // Layouts: q (n, Hq, D) act_t (fp16, or bf16 when built with -DACT_BF16; common.cuh); cache k/v of the
 // layer (capacity, Hkv, D) act_t; positions (n,) int32, increasing; cos/sin (n_positions, R/2) fp32;
 // part_o (S, n, Hq, D) fp32; part_m, part_l (S, n, Hq).
@@ -52,14 +52,9 @@ __device__ __forceinline__ void attn_partial_body(
     const int k_end = min(n_keys, k_begin + per_split);
 
     const int pos = positions[qi];
-    int qpos[3] = {pos, pos, pos};
-    int my_chunk = 0;
-    if (chunk_len > 0) {
-        my_chunk = pos / chunk_len;
-        qpos[0] = pos % chunk_len;
-        qpos[1] = min(chunk_len + qpos[0], chunk_size);
-        qpos[2] = min(2 * chunk_len - 1, chunk_size);
-    }
+    const Dca dca{chunk_len, chunk_size};
+    const int my_chunk = dca.chunk(pos);
+    const int qpos[3] = {dca.query_position(pos, 0), dca.query_position(pos, 1), dca.query_position(pos, 2)};
     float row_scale = scale_log2;
     if (temp_len > 0 && pos + 1 > temp_len) row_scale *= 0.1f * logf((float)(pos + 1) / (float)temp_len) + 1.0f;
 
@@ -136,9 +131,7 @@ __device__ __forceinline__ void attn_partial_body(
         const int key = k0 + lane;
         float s = NEG_INF;
         if (key < k_end && key <= pos) {
-            int rel = 0;
-            if (chunk_len > 0) rel = min(my_chunk - key / chunk_len, 2);
-            const float* qr = qw + rel * D;
+            const float* qr = qw + dca.relation_in(my_chunk, key) * D;
             const unsigned int* kr = (const unsigned int*)(ks + lane * kstride);
             float dot0 = 0.0f, dot1 = 0.0f;  // two chains: half the dependent-FMA latency
 #pragma unroll 8
@@ -194,58 +187,3 @@ __device__ __forceinline__ void attn_partial_body(
 ATTN_PARTIAL(1)
 ATTN_PARTIAL(2)
 ATTN_PARTIAL(4)
-
-// out (rows, D) act_t = merge of the splits: sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M).
-// One block per row; thread (g, d) (blockDim.x = G*D) walks splits g, g+G, ... in one pass (running
-// max), so a decode step's hundreds of splits are read G-wide in parallel, then the G partial
-// (max, sum, acc) meet in shared memory.
-#define COMBINE_THREADS 1024
-#define COMBINE_BATCH 4
-extern "C" __global__ void attn_combine(const float* __restrict__ part_o, const float* __restrict__ part_m,
-                                        const float* __restrict__ part_l, act_t* __restrict__ out, int rows,
-                                        int D, int n_splits) {
-    __shared__ float red_m[COMBINE_THREADS];
-    __shared__ float red_a[COMBINE_THREADS];
-    __shared__ float red_b[COMBINE_THREADS];
-    const long long row = blockIdx.x;
-    const int G = blockDim.x / D, g = threadIdx.x / D, d = threadIdx.x - g * D;
-    // one pass with a running max (rescaling L and O when it grows), COMBINE_BATCH splits in flight
-    float M = NEG_INF, L = 0.0f, O = 0.0f;
-    for (int s0 = g; s0 < n_splits; s0 += COMBINE_BATCH * G) {
-        float m[COMBINE_BATCH], l[COMBINE_BATCH], o[COMBINE_BATCH];
-#pragma unroll
-        for (int u = 0; u < COMBINE_BATCH; ++u) {
-            const int s = s0 + u * G;
-            const long long r = s * (long long)rows + row;
-            m[u] = s < n_splits ? part_m[r] : NEG_INF;
-            l[u] = s < n_splits ? part_l[r] : 0.0f;
-            o[u] = s < n_splits ? part_o[r * D + d] : 0.0f;
-        }
-#pragma unroll
-        for (int u = 0; u < COMBINE_BATCH; ++u) {
-            if (m[u] == NEG_INF) continue;  // an empty split (or none)
-            const float M_new = fmaxf(M, m[u]);
-            const float keep = exp2f(M - M_new), w = exp2f(m[u] - M_new);
-            L = L * keep + l[u] * w;
-            O = O * keep + o[u] * w;
-            M = M_new;
-        }
-    }
-    // merge the G partial (M, L, O) of this d
-    red_m[threadIdx.x] = M;
-    __syncthreads();
-    float M_all = NEG_INF;
-    for (int gg = 0; gg < G; ++gg) M_all = fmaxf(M_all, red_m[gg * D + d]);
-    const float w = M == NEG_INF ? 0.0f : exp2f(M - M_all);
-    L *= w;
-    O *= w;
-    red_a[threadIdx.x] = L;
-    red_b[threadIdx.x] = O;
-    __syncthreads();
-    if (g) return;
-    for (int gg = 1; gg < G; ++gg) {
-        L += red_a[gg * D + d];
-        O += red_b[gg * D + d];
-    }
-    out[row * D + d] = f2a(O / L);
-}

@@ -1,12 +1,18 @@
-// Shared by the fused attention kernels (dca_flash_attn.cu, dca_flash_attn_sm90.cu, dca_decode.cu):
-// DCA positions (design.md §3), the query rotation, the prefill epilogue. Prepended after mma.cuh (uses Elt).
+// DCA positions (design.md §3): the one place every kernel takes them from. Prepended after common.cuh to every
+// file whose kernels rotate keys or queries (elementwise, attention, the fused attention and decode kernels).
 
 struct Dca {
     int chunk_len, chunk_size;  // chunk_len 0: plain causal attention
-    // relation of query position i to key position j: 0 intra, 1 successive, 2 inter
-    __device__ __forceinline__ int relation(int i, int j) const {
-        return chunk_len > 0 ? min(max(i / chunk_len - j / chunk_len, 0), 2) : 0;
+    // the chunk of position p (0 without DCA)
+    __device__ __forceinline__ int chunk(int p) const { return chunk_len > 0 ? p / chunk_len : 0; }
+    // the position a key at absolute position j is rotated (and cached) at
+    __device__ __forceinline__ int key_position(int j) const { return chunk_len > 0 ? j % chunk_len : j; }
+    // relation of a query in chunk `query_chunk` to the key at position j: 0 intra, 1 successive, 2 inter
+    __device__ __forceinline__ int relation_in(int query_chunk, int j) const {
+        return chunk_len > 0 ? min(max(query_chunk - j / chunk_len, 0), 2) : 0;
     }
+    // relation of query position i to key position j
+    __device__ __forceinline__ int relation(int i, int j) const { return relation_in(chunk(i), j); }
     // the position a query at `pos` is rotated at for relation `rel`
     __device__ __forceinline__ int query_position(int pos, int rel) const {
         if (chunk_len == 0) return pos;
@@ -14,54 +20,3 @@ struct Dca {
         return rel == 0 ? intra : rel == 1 ? min(chunk_len + intra, chunk_size) : min(2 * chunk_len - 1, chunk_size);
     }
 };
-
-// Rotate-half RoPE of 8 rotary pairs held as two 16-byte chunks: x1 = dims d..d+7, x2 = dims
-// d+rope_dim/2 .. +7; cos_row / sin_row point at the tables' entries for dims d..d+7 of the position.
-template <bool BF16>
-__device__ __forceinline__ void rotate_pairs8(uint4& x1, uint4& x2, const float* cos_row, const float* sin_row) {
-    typedef Elt<BF16> E;
-    const float4 c0 = *(const float4*)cos_row, c1 = *(const float4*)(cos_row + 4);
-    const float4 s0 = *(const float4*)sin_row, s1 = *(const float4*)(sin_row + 4);
-    const float cs[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
-    const float sn[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
-    unsigned a[4] = {x1.x, x1.y, x1.z, x1.w}, b[4] = {x2.x, x2.y, x2.z, x2.w};
-#pragma unroll
-    for (int p = 0; p < 4; ++p) {
-        const float a0 = E::lo(a[p]), a1 = E::hi(a[p]), b0 = E::lo(b[p]), b1 = E::hi(b[p]);
-        a[p] = E::pack(a0 * cs[2 * p] - b0 * sn[2 * p], a1 * cs[2 * p + 1] - b1 * sn[2 * p + 1]);
-        b[p] = E::pack(b0 * cs[2 * p] + a0 * sn[2 * p], b1 * cs[2 * p + 1] + a1 * sn[2 * p + 1]);
-    }
-    x1 = make_uint4(a[0], a[1], a[2], a[3]);
-    x2 = make_uint4(b[0], b[1], b[2], b[3]);
-}
-
-// Prefill epilogue for one packed row R (query R / group, head kvh*group + R % group) held in the mma
-// C-fragment layout: lane t of the row's quad holds columns 8*dt + 2t and +1, given by o_at(dt, 0 | 1).
-// Every lane of the warp calls it (the quad sums l by shuffles). One split: out = O / l in the element
-// type; several: the unnormalized partials (O, m, l) of split `split` for dca_combine.
-template <int D, bool BF16, typename OAt>
-__device__ __forceinline__ void store_row(OAt o_at, float m, float l, int R, int rows_total, int group, int kvh,
-                                          int n, int n_heads, int t, int split, int n_splits, u16* __restrict__ out,
-                                          float* __restrict__ part_o, float* __restrict__ part_m,
-                                          float* __restrict__ part_l) {
-    typedef Elt<BF16> E;
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    if (R >= rows_total) return;
-    const long long row = (long long)(R / group) * n_heads + kvh * group + R % group;
-    if (n_splits == 1) {
-        const float inv = 1.0f / l;
-        unsigned* dst = (unsigned*)(out + row * D);
-#pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) dst[dt * 4 + t] = E::pack(o_at(dt, 0) * inv, o_at(dt, 1) * inv);
-    } else {
-        const long long prow = (long long)split * n * n_heads + row;
-        if (t == 0) {
-            part_m[prow] = m;
-            part_l[prow] = l;
-        }
-        float2* dst = (float2*)(part_o + prow * D);
-#pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) dst[dt * 4 + t] = make_float2(o_at(dt, 0), o_at(dt, 1));
-    }
-}

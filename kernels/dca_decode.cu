@@ -45,7 +45,8 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const u16
     const int n_tiles = (n_keys + BN - 1) / BN;
     const int per_split = (n_tiles + n_splits - 1) / n_splits;
     const int tile_begin = split * per_split, tile_end = min(n_tiles, tile_begin + per_split);
-    const int my_chunk = chunk_len > 0 ? pos / chunk_len : 0;
+    const Dca dca{chunk_len, chunk_size};
+    const int my_chunk = dca.chunk(pos);
     float row_scale = scale_log2;
     if (temp_len > 0 && pos + 1 > temp_len) row_scale *= 0.1f * logf((float)(pos + 1) / (float)temp_len) + 1.0f;
 
@@ -81,7 +82,7 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const u16
                 x1 = *(const uint4*)(src + c * 8);
                 if (pair) {
                     x2 = *(const uint4*)(src + (c + half_ch) * 8);
-                    const int qpos = Dca{chunk_len, chunk_size}.query_position(pos, rel);
+                    const int qpos = dca.query_position(pos, rel);
                     rotate_pairs8<BF16>(x1, x2, cos_t + (long long)qpos * half + c * 8,
                                         sin_t + (long long)qpos * half + c * 8);
                 }
@@ -113,11 +114,7 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const u16
         const int k0 = tile * BN;
         const unsigned k_base = smem_addr(my_stages + stage * STAGE_BYTES);
         const unsigned v_base = k_base + BN * D * 2;
-        int rel_hi = 0, rel_lo = 0;
-        if (chunk_len > 0) {
-            rel_hi = min(my_chunk - k0 / chunk_len, 2);
-            rel_lo = max(min(my_chunk - (k0 + BN - 1) / chunk_len, 2), 0);
-        }
+        const int rel_hi = dca.relation_in(my_chunk, k0), rel_lo = dca.relation_in(my_chunk, k0 + BN - 1);
         float s[NT][4];
         for (int rel = rel_hi; rel >= rel_lo; --rel) {
             const unsigned a_base = q_base + rel * 16 * D * 2 + a_row;
@@ -141,7 +138,7 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const u16
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int key = k0 + nt * 8 + 2 * t + (e & 1);
-                    const bool own = rel == rel_hi || min(my_chunk - key / chunk_len, 2) == rel;
+                    const bool own = rel == rel_hi || dca.relation_in(my_chunk, key) == rel;
                     if (own) s[nt][e] = sr[nt][e];
                 }
         }

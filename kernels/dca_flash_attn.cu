@@ -105,7 +105,7 @@ __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16*
             const int R = min(w0 + mt * 16 + g + 8 * hf, rows_total - 1);
             const int pos = positions[R / group];
             row_pos[mt][hf] = pos;
-            row_chunk[mt][hf] = chunk_len > 0 ? pos / chunk_len : 0;
+            row_chunk[mt][hf] = dca.chunk(pos);
             float sc = scale_log2;
             if (temp_len > 0 && pos + 1 > temp_len) sc *= 0.1f * logf((float)(pos + 1) / (float)temp_len) + 1.0f;
             row_scale[mt][hf] = sc;
@@ -231,7 +231,7 @@ __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16*
 #pragma unroll
                             for (int e = 0; e < 4; ++e) {
                                 const int key = k0 + (2 * np + h) * 8 + 2 * t + (e & 1);
-                                const int elem_rel = min(row_chunk[mt][e >> 1] - key / chunk_len, 2);
+                                const int elem_rel = dca.relation_in(row_chunk[mt][e >> 1], key);
                                 if (rel == rel_hi || elem_rel == rel) s[mt][2 * np + h][e] = tmp[mt][h][e];
                             }
                 }

@@ -111,7 +111,7 @@ __device__ __forceinline__ void flash_wg_body(const u16* __restrict__ q, const u
         const int R = min(w0 + warp * 16 + g + 8 * hf, rows_total - 1);
         const int pos = positions[R / group];
         row_pos[hf] = pos;
-        row_chunk[hf] = chunk_len > 0 ? pos / chunk_len : 0;
+        row_chunk[hf] = dca.chunk(pos);
         float sc = scale_log2;
         if (temp_len > 0 && pos + 1 > temp_len) sc *= 0.1f * logf((float)(pos + 1) / (float)temp_len) + 1.0f;
         row_scale[hf] = sc;
@@ -223,7 +223,7 @@ __device__ __forceinline__ void flash_wg_body(const u16* __restrict__ q, const u
 #pragma unroll
                 for (int i = 0; i < NS; ++i) {
                     const int key = k0 + (i >> 2) * 8 + 2 * t + (i & 1), hf = (i >> 1) & 1;
-                    const bool other_rel = rel_hi != rel_lo && min(max(row_chunk[hf] - key / chunk_len, 0), 2) != rel;
+                    const bool other_rel = rel_hi != rel_lo && dca.relation_in(row_chunk[hf], key) != rel;
                     if (key > row_pos[hf] || other_rel) s[i] = NEG_INF;
                 }
             }

@@ -97,7 +97,7 @@ __device__ __forceinline__ void dec_qkv_body(
         const float x1 = a2f(f2a(row_dot<T>(wk + (long long)(base + j) * row_bytes, hs, d)));
         const float x2 = a2f(f2a(row_dot<T>(wk + (long long)(base + j + half_r) * row_bytes, hs, d)));
         if (lane0) {
-            const int kp = chunk_len > 0 ? p % chunk_len : p;
+            const int kp = Dca{chunk_len, 0}.key_position(p);
             const float c = cos_t[(long long)kp * half_r + j], s = sin_t[(long long)kp * half_r + j];
             cache_k[cache_row + base + j] = f2a(x1 * c - x2 * s);
             cache_k[cache_row + base + j + half_r] = f2a(x2 * c + x1 * s);

@@ -151,8 +151,7 @@ extern "C" __global__ void store_kv(const act_t* __restrict__ k, long long k_str
         cache_k[dst + dim] = src[dim];
         return;
     }
-    int p = positions[t];
-    if (chunk_len > 0) p %= chunk_len;
+    const int p = Dca{chunk_len, 0}.key_position(positions[t]);
     const float c = cos_t[(long long)p * half_r + j], s = sin_t[(long long)p * half_r + j];
     const float x1 = a2f(src[j]), x2 = a2f(src[j + half_r]);
     cache_k[dst + j] = f2a(x1 * c - x2 * s);
@@ -187,8 +186,7 @@ extern "C" __global__ void store_kv_vec8(const act_t* __restrict__ k, long long 
         return;
     }
     const int j0 = grp * 8;
-    int p = positions[t];
-    if (chunk_len > 0) p %= chunk_len;
+    const int p = Dca{chunk_len, 0}.key_position(positions[t]);
     const float* cr = cos_t + (long long)p * half_r + j0;
     const float* sr = sin_t + (long long)p * half_r + j0;
     const float4 c0 = *(const float4*)cr, c1 = *(const float4*)(cr + 4);

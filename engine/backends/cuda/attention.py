@@ -1,6 +1,6 @@
 """DCA / causal attention over the device KV cache (kernels/attention.cu): launch geometry and splits.
 
-One launch of attn_partial_<DPL> + attn_combine per layer. Rows = (query, query head of the group),
+One launch of attn_partial_<DPL> + the combine of the fused kernels (flash_attention.combine) per layer. Rows = (query, query head of the group),
 one warp each, 4 to 8 warps per block (extra warps only help load K/V tiles), all rows of a block on
 one KV head (GQA without copies).
 Splits over the keys (flash-decoding): for one query (decode) a fixed number taken from the cache
@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from ...errors import DeviceError
+from .flash_attention import combine
 from .kernels import function
 from .weights import activation_type, to_activation
 
@@ -23,7 +24,6 @@ TILE_KEYS = 32  # keys per shared-memory tile (one per lane)
 TARGET_BLOCKS = 264  # two blocks per SM of an H100/H200
 DECODE_KEYS_PER_SPLIT = 128  # four tiles (double-buffered): a decode step is latency-bound, so spread it wide
 MAX_SPLITS = 512
-COMBINE_THREADS = 1024  # attention.cu COMBINE_THREADS
 
 
 def dims_per_lane(head_dim: int) -> int:
@@ -71,8 +71,5 @@ def attention(cp, q, cache_k, cache_v, positions, cos_t, sin_t, rope_dim: int, d
          np.float32(scale_log2), np.int32(temperature_length or 0), np.int32(splits)),
         shared_mem=smem)
     out = cp.empty((n, n_heads, head_dim), dtype=activation_type(cp, dtype))
-    groups = max(1, COMBINE_THREADS // head_dim)
-    function("attention", "attn_combine", dtype)(
-        (n * n_heads,), (groups * head_dim,),
-        (part_o, part_m, part_l, out, np.int32(n * n_heads), np.int32(head_dim), np.int32(splits)))
+    combine(part_o, part_m, part_l, out, n * n_heads, head_dim, splits, dtype)
     return out

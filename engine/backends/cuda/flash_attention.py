@@ -131,7 +131,9 @@ def _dca_args(dca) -> tuple[np.int32, np.int32]:
     return (np.int32(dca.chunk_len), np.int32(dca.chunk_size)) if dca is not None else (np.int32(0), np.int32(0))
 
 
-def _combine(cp, part_o, part_m, part_l, out, rows: int, head_dim: int, n_splits: int, dtype: str) -> None:
+def combine(part_o, part_m, part_l, out, rows: int, head_dim: int, n_splits: int, dtype: str) -> None:
+    """out (rows, D) = the merged split-K partials (S, rows, D), (S, rows), (S, rows) of every attention kernel
+    (log2 units; split 0 always holds key 0); D <= 128."""
     function("dca_decode", "dca_combine", dtype)(
         (rows,), (COMBINE_THREADS,),
         (part_o, part_m, part_l, out, np.int32(rows), np.int32(head_dim), np.int32(n_splits)))
@@ -213,7 +215,7 @@ def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: i
     else:
         _launch(_kernel(prefill_build(head_dim, tiles), dtype), grid, head + tail, prefill_smem(head_dim, tiles))
     if n_splits > 1:
-        _combine(cp, part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype)
+        combine(part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype)
     return out
 
 
@@ -285,5 +287,5 @@ def flash_decode(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int,
              np.float32(math.log2(math.e) / math.sqrt(head_dim)), np.int32(temperature_length or 0),
              np.int32(n_splits)),
             decode_smem(head_dim))
-    _combine(cp, part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype)
+    combine(part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype)
     return out

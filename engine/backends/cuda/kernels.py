@@ -3,8 +3,9 @@
 The .cu sources live in the top-level ``kernels/`` folder of the repository; ``pip install`` carries
 them as the package data ``engine/kernel_sources`` (pyproject.toml maps the folder onto it). Each file holds one op
 family and opens with a short design header; ``common.cuh`` (fp16/bf16 conversions through PTX, the
-activation type, warp/block reductions) is prepended to every file, ``mma.cuh`` (tensor-core PTX) and
-``dca.cuh`` (DCA positions, query rotation) to the fused attention kernels, ``wgmma.cuh`` (Hopper's
+activation type, warp/block reductions) is prepended to every file, ``dca.cuh`` (DCA positions) to every
+file that rotates keys or queries, ``mma.cuh`` (tensor-core PTX) and ``flash.cuh`` (query rotation, prefill
+epilogue) to the fused attention kernels, ``wgmma.cuh`` (Hopper's
 warpgroup MMA, mbarriers) to the sm_90a one, and ``dequant.cuh`` (block decoders) to the two that read
 quantized weights, so no CUDA header is ever included and NVRTC from the ``cupy-cudaXXx`` +
 ``nvidia-cuda-nvrtc`` wheels compiles them as they are.
@@ -50,9 +51,11 @@ KERNEL_DIR = _kernel_dir()
 KERNEL_FILES = ("quant", "decode", "elementwise", "attention", "sampling", "dca_flash_attn", "dca_decode",
                 "dca_flash_attn_sm90")  # <name>.cu
 # headers prepended to a file's source, in order (no #include: NVRTC needs no include paths)
-PRELUDES = {"quant": ("common.cuh", "dequant.cuh"), "decode": ("common.cuh", "dequant.cuh"),
-            "dca_flash_attn": ("common.cuh", "mma.cuh", "dca.cuh"), "dca_decode": ("common.cuh", "mma.cuh", "dca.cuh"),
-            "dca_flash_attn_sm90": ("common.cuh", "mma.cuh", "dca.cuh", "wgmma.cuh")}
+PRELUDES = {"quant": ("common.cuh", "dequant.cuh"), "decode": ("common.cuh", "dequant.cuh", "dca.cuh"),
+            "elementwise": ("common.cuh", "dca.cuh"), "attention": ("common.cuh", "dca.cuh"),
+            "dca_flash_attn": ("common.cuh", "mma.cuh", "dca.cuh", "flash.cuh"),
+            "dca_decode": ("common.cuh", "mma.cuh", "dca.cuh", "flash.cuh"),
+            "dca_flash_attn_sm90": ("common.cuh", "mma.cuh", "dca.cuh", "flash.cuh", "wgmma.cuh")}
 # files built for one exact architecture (its "a" features, e.g. Hopper's wgmma): cubins cached by cubin.py
 ARCH_FILES = {"dca_flash_attn_sm90": "sm_90a"}
 DEFAULT_PRELUDE = ("common.cuh",)
