@@ -6,6 +6,8 @@ backend's replays a captured graph and samples on the device (backends/cuda/grap
     decoder = backend.decoder(model, cache, sampling, history)   # after the prompt's prefill
     token = decoder.first(last_logits)    # sample from the prefill's last logits
     token = decoder.step(token)           # feed token at cache.length, commit it, return the next id
+
+Non-finite logits (an overflow upstream) raise ``non_finite_logits``' NumericsError instead of sampling.
 """
 from __future__ import annotations
 
@@ -13,8 +15,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .errors import NumericsError
 from .kvcache import KVCache
 from .sampling import Sampler, SamplingParams
+
+
+def non_finite_logits(step: int, dtype: str) -> NumericsError:
+    """The error for non-finite logits at decode step `step` (0: the prompt's last position) with activations of
+    `dtype` ("f32", "f16", "bf16")."""
+    where = "the prompt's last position" if step == 0 else f"decode step {step}"
+    hint = ("; fp16 activations overflow past 65,504: run with --dtype bf16" if dtype == "f16" else
+            "; the weights or the input drive the activations out of range")
+    return NumericsError(f"the model produced non-finite logits at {where}{hint}")
 
 
 class HostDecoder:
@@ -22,11 +34,18 @@ class HostDecoder:
         self.backend, self.model, self.cache = backend, model, cache
         self.sampler = Sampler(params)
         self.history = list(history)  # prompt + generated, for the repetition penalty
+        self.steps = 0
 
     def first(self, logits: Any) -> int:
-        return self.sampler(self.backend.to_numpy(logits).reshape(-1), self.history)
+        return self._pick(self.backend.to_numpy(logits).reshape(-1))
 
     def step(self, token: int) -> int:
         self.history.append(token)
         logits = self.model.forward(np.array([token]), self.cache, logits_for="last")  # (1, vocab)
-        return self.sampler(self.backend.to_numpy(logits)[0], self.history)
+        self.steps += 1
+        return self._pick(self.backend.to_numpy(logits)[0])
+
+    def _pick(self, logits: np.ndarray) -> int:
+        if not np.isfinite(logits).all():
+            raise non_finite_logits(self.steps, "f32")
+        return self.sampler(logits, self.history)

@@ -28,3 +28,7 @@ class ContextError(EngineError):
 
 class DeviceError(EngineError):
     """The requested device is unavailable (no CuPy, no GPU, out of memory)."""
+
+
+class NumericsError(EngineError):
+    """The model's arithmetic left the representable range: non-finite logits."""

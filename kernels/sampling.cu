@@ -10,7 +10,9 @@
 // e^-30), or the whole vocabulary when that pool would exceed POOL_CAP.
 // Randomness: splitmix64(seed, counter) with the counter kept on the device, so a captured graph
 // draws a fresh number at every replay. After the draw: token_out = id, the ring gets the id, and
-// with advance != 0 the decode position (pos[0]) moves on by one.
+// with advance != 0 the decode position (pos[0]) moves on by one. Logits holding a NaN or an infinity (an
+// overflow upstream) are not sampled: token_out = -1 and nothing else changes, so the host can stop with a
+// clear error instead of feeding an out-of-range id to the next step.
 
 #define MAX_TOP_K 256
 #define SAMPLE_THREADS 1024
@@ -71,6 +73,15 @@ extern "C" __global__ void sample_token(float* __restrict__ logits, int vocab, i
     __shared__ float cand_v[MAX_TOP_K];
     __shared__ int cand_i[MAX_TOP_K];
     __shared__ int chosen;
+
+    // 0. non-finite logits: report, sample nothing
+    bool non_finite = false;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x)
+        non_finite |= (__float_as_uint(logits[i]) & 0x7f800000u) == 0x7f800000u;
+    if (__syncthreads_or(non_finite)) {
+        if (threadIdx.x == 0) *token_out = -1;
+        return;
+    }
 
     // 1. repetition penalty on the distinct tokens of the ring (a duplicate is skipped by its later copies)
     const int filled = min(*ring_count, ring_size);

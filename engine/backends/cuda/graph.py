@@ -22,9 +22,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ...decoder import non_finite_logits
 from ...errors import DeviceError
 from ...sampling import Sampler, SamplingParams
-from .sampling import DeviceSampler, device_supported
+from .sampling import NON_FINITE, DeviceSampler, device_supported
 
 
 class GraphDecoder:
@@ -104,6 +105,8 @@ class GraphDecoder:
 
     def _read_token(self) -> int:
         token = int(self.sampler.token.get(stream=self.stream)[0])
+        if token == NON_FINITE:
+            raise non_finite_logits(self.steps, self.backend.dtype)
         self._device_token = token
         return token
 
@@ -113,6 +116,8 @@ class GraphDecoder:
         return self.cp.asnumpy(self._logits, stream=self.stream)[0]
 
     def _host_pick(self, logits: np.ndarray) -> int:
+        if not np.isfinite(logits).all():
+            raise non_finite_logits(self.steps, self.backend.dtype)
         token = self.host_sampler(logits, self.history)
         self._device_token = None
         return token

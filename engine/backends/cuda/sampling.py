@@ -16,6 +16,7 @@ from .kernels import function
 from ...sampling import SamplingParams
 
 MAX_TOP_K = 256  # kernels/sampling.cu MAX_TOP_K
+NON_FINITE = -1  # the token the kernel writes for logits holding a NaN or an infinity
 SAMPLE_THREADS = 1024
 
 
@@ -39,7 +40,7 @@ class DeviceSampler:
 
     def launch(self, logits, position, advance: bool) -> None:
         """Sample from logits (1, vocab) fp32 (modified in place by the penalty) into self.token;
-        with advance, position[0] += 1 on the device."""
+        with advance, position[0] += 1 on the device. Non-finite logits: token NON_FINITE, nothing advances."""
         p = self.params
         top_k = 0 if p.greedy else min(p.top_k, logits.shape[-1])
         function("sampling", "sample_token")(
