@@ -29,7 +29,7 @@ from .config import ModelConfig, RopeConfig
 from .default_model import default_model_path
 from .errors import EngineError
 from .loader import WeightTensor
-from .models.llama import tensor_shapes
+from .models.family import family
 from .weights.bf16 import to_bf16_bits
 from .weights.quant import GGMLType, tensor_nbytes
 
@@ -78,7 +78,8 @@ def synthetic_weights(config: ModelConfig, matrix_type: GGMLType = GGMLType.Q4_1
     with values O(1) and O(1/sqrt(d)), every other matrix of `matrix_type` with values O(1/sqrt(in)))."""
     rng = np.random.default_rng(seed)
     weights = {}
-    for name, shape in tensor_shapes(config, with_output=not config.tied_embeddings).items():
+    shapes = family(config.architecture).tensor_shapes(config, with_output=not config.tied_embeddings)
+    for name, shape in shapes.items():
         if len(shape) == 1:
             weights[name] = WeightTensor(name, GGMLType.F32, shape, np.ones(shape, np.float32).view(np.uint8))
         elif name in ("token_embd", "output"):

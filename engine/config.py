@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import ConfigError, ModelFormatError
-from .models.llama import GGUF_ARCHITECTURE, HF_ARCHITECTURES, HF_MODEL_TYPES
+from .models.family import FAMILIES, LLAMA, family_of_hf
 
 ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
 
@@ -124,7 +124,7 @@ class ModelConfig:
     rope: RopeConfig
     tied_embeddings: bool = False
     name: str = ""
-    architecture: str = GGUF_ARCHITECTURE
+    architecture: str = LLAMA.name  # the family (models/family.py)
 
     def __post_init__(self) -> None:
         for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size",
@@ -147,9 +147,8 @@ class ModelConfig:
     @classmethod
     def from_gguf_metadata(cls, md: Mapping[str, Any], source: str = "GGUF file") -> "ModelConfig":
         arch = md.get("general.architecture")
-        if arch != GGUF_ARCHITECTURE:
-            raise ModelFormatError(f"{source}: unsupported architecture {arch!r} (only {GGUF_ARCHITECTURE!r} is "
-                                   f"supported)")
+        if arch not in FAMILIES:
+            raise ModelFormatError(f"{source}: unsupported architecture {arch!r} (supported: {', '.join(FAMILIES)})")
 
         def get(key: str, default: Any = None, required: bool = True) -> Any:
             full = f"{arch}.{key}"
@@ -193,15 +192,18 @@ class ModelConfig:
             context_length=context_length,
             rope=rope,
             name=str(md.get("general.name", "")),
+            architecture=arch,
         )
 
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":
         archs = cfg.get("architectures") or []
-        if not any(a in HF_ARCHITECTURES for a in archs) and cfg.get("model_type") not in HF_MODEL_TYPES:
+        fam = family_of_hf(cfg)
+        if fam is None:
+            supported = [a for f in FAMILIES.values() for a in f.hf_architectures]
             raise ModelFormatError(
                 f"{source}: unsupported architecture {archs or cfg.get('model_type')!r} "
-                f"(supported: {', '.join(HF_ARCHITECTURES)})"
+                f"(supported: {', '.join(supported)})"
             )
 
         def get(key: str, default: Any = None) -> Any:
@@ -231,6 +233,7 @@ class ModelConfig:
             rope=rope,
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             name=str(cfg.get("_name_or_path", "")),
+            architecture=fam.name,
         )
 
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import ModelFormatError
-from .models import llama
+from .models import family
+from .models.family import engine_tensor_name
 from .tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf
 from .weights.gguf import GGUFFile
 from .weights.quant import GGMLType, dequantize
@@ -77,12 +78,12 @@ def _open_gguf(path: Path) -> LoadedModel:
     tokenizer = tokenizer_from_gguf(gguf.metadata, source=str(path))
     weights = {}
     for name, info in gguf.tensors.items():
-        short = name.removesuffix(".weight")
+        short = engine_tensor_name(name)
         weights[short] = WeightTensor(short, info.ggml_type, info.shape, gguf.raw(name))
     if "rope_freqs" in weights:
         factors = weights.pop("rope_freqs").dequantize().astype(np.float64)
         config = dataclasses.replace(config, rope=dataclasses.replace(config.rope, freq_factors=factors))
-    for layer in range(config.n_layers):
+    for layer in range(config.n_layers if family(config.architecture).gguf_qk_permuted else 0):
         for kind, n_heads in (("attn_q", config.n_heads), ("attn_k", config.n_kv_heads)):
             w = weights.get(f"blk.{layer}.{kind}")
             if w is not None:
@@ -95,13 +96,14 @@ def _open_hf(folder: Path) -> LoadedModel:
     checkpoint = SafetensorsCheckpoint(folder)
     config = ModelConfig.from_hf_config(checkpoint.read_json("config.json"), source=str(folder / "config.json"))
     tokenizer = tokenizer_from_hf(folder)
+    fam = family(config.architecture)
     for name, dtype in checkpoint.unsupported.items():
-        if llama.engine_name(name) is not None:
+        if fam.engine_name(name) is not None:
             raise ModelFormatError(f"{folder}: weight {name!r} has dtype {dtype}, which is not supported "
                                    f"(F32, F16, BF16)")
     weights = {}
     for name, info in checkpoint.tensors.items():
-        short = llama.engine_name(name)
+        short = fam.engine_name(name)
         if short is None:
             continue  # e.g. rotary_emb.inv_freq buffers saved by old checkpoints
         weights[short] = WeightTensor(short, info.ggml_type, info.shape, checkpoint.raw(name))
@@ -122,7 +124,7 @@ def _check_shape(path: Path, w: WeightTensor, expected: tuple[int, ...]) -> None
 
 def _finish(path: Path, file_format: str, config: ModelConfig, tokenizer: Tokenizer,
             weights: dict[str, WeightTensor], metadata: dict[str, Any]) -> LoadedModel:
-    expected = llama.tensor_shapes(config, with_output="output" in weights)
+    expected = family(config.architecture).tensor_shapes(config, with_output="output" in weights)
     for name, shape in expected.items():
         if name not in weights:
             raise ModelFormatError(f"{path}: missing tensor {name!r}")

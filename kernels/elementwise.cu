@@ -94,6 +94,16 @@ extern "C" __global__ void add_residual(const float* __restrict__ x, const void*
     out[i] = x[i] + (y_act ? a2f(((const act_t*)y)[i]) : ((const float*)y)[i]);
 }
 
+// out (n, cols) act_t contiguous = y + b: y rows `stride` elements apart (a column range of a fused product),
+// b (cols,) fp32 (a Q/K/V bias); one thread per element
+extern "C" __global__ void add_bias(const act_t* __restrict__ y, long long stride, const float* __restrict__ b,
+                                    act_t* __restrict__ out, int n, int cols) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)n * cols) return;
+    const long long row = idx / cols, col = idx - row * cols;
+    out[idx] = f2a(a2f(y[row * stride + col]) + b[col]);
+}
+
 // silu(g) * u with silu(g) = g * sigmoid(g) = g * (0.5 + 0.5 tanh(g/2)) (no overflow)
 __device__ __forceinline__ float swiglu_one(float g, float u) {
     return g * (0.5f + 0.5f * tanhf(0.5f * g)) * u;

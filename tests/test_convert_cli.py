@@ -164,7 +164,7 @@ def test_tensors_without_a_place_are_refused_not_dropped(tiny, tmp_path):
     convert_hf_to_gguf(hf_dir, tmp_path / "ok.gguf", "f32", progress=False)
     weights["model.layers.0.self_attn.q_proj.bias"] = np.ones(64, np.float32)  # attention_bias: unsupported
     write_safetensors(hf_dir / "model.safetensors", weights, "f32")
-    with pytest.raises(ModelFormatError, match="'model.layers.0.self_attn.q_proj.bias' has no place in a Llama"):
+    with pytest.raises(ModelFormatError, match="'model.layers.0.self_attn.q_proj.bias' has no place in a llama model"):
         convert_hf_to_gguf(hf_dir, tmp_path / "bad.gguf", progress=False)
     assert leftovers(tmp_path) == ["hf", "ok.gguf"]
 

@@ -12,7 +12,8 @@ from engine.backends.cuda.fused import FusedBlocks
 from engine.backends.cuda.sampling import MAX_TOP_K, device_supported
 from engine.backends.cuda.weights import DeviceMatrix
 from engine.errors import DeviceError
-from engine.models.llama import LAYER_TENSORS, Weights
+from engine.models.family import LLAMA
+from engine.models.llama import Weights
 from engine.sampling import SamplingParams
 from engine.weights.quant import GGMLType
 
@@ -48,7 +49,7 @@ def fused_blocks(types: dict[str, GGMLType], n_layers=2, d_model=576, ffn_dim=15
     named = {"token_embd": matrix("token_embd", GGMLType.Q8_0), "output_norm": None}
     for i in range(n_layers):
         named.update({f"blk.{i}.{t.name}": matrix(t.name, types[t.name]) if t.name in types else None
-                      for t in LAYER_TENSORS})
+                      for t in LLAMA.layer_tensors})
     model = SimpleNamespace(config=config, weights=Weights.from_named(named, n_layers))
     return FusedBlocks(SimpleNamespace(cp=None), model)
 

@@ -18,7 +18,7 @@ EXPECTED_ENTRIES = {
               for t in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")},
     "decode": {f"dec_{op}_{t}" for op in ("qkv", "gateup", "gemv_add", "head")
                for t in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")},
-    "elementwise": {"rmsnorm", "add_residual", "swiglu", "store_kv"},
+    "elementwise": {"rmsnorm", "add_residual", "add_bias", "swiglu", "store_kv"},
     "attention": {"attn_partial_1", "attn_partial_2", "attn_partial_4"},
     "sampling": {"sample_token"},
 }

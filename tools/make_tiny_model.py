@@ -55,7 +55,7 @@ from gguf import LlamaFileType
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from engine.config import ModelConfig, RopeConfig
-from engine.models.llama import engine_name, tensor_shapes
+from engine.models.family import family, gguf_tensor_name
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -111,6 +111,7 @@ class TinySpec:
     seed: int = 0
     # llama3-style per-frequency divisors, written to GGUF as the `rope_freqs` tensor (head_dim/2 values)
     rope_freq_factors: tuple[float, ...] | None = None
+    family: str = "llama"  # or "qwen2": Q/K/V biases, Qwen2ForCausalLM, GGUF architecture qwen2 (Q/K rows unpermuted)
 
     def __post_init__(self) -> None:
         for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim", "context_length"):
@@ -133,7 +134,8 @@ class TinySpec:
         return ModelConfig(n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
                            n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, ffn_dim=self.ffn_dim,
                            vocab_size=self.vocab_size, norm_eps=self.norm_eps, context_length=self.context_length,
-                           rope=RopeConfig(theta=self.rope_theta, dim=self.head_dim), tied_embeddings=self.tied)
+                           rope=RopeConfig(theta=self.rope_theta, dim=self.head_dim), tied_embeddings=self.tied,
+                           architecture=self.family)
 
 
 VARIANTS = {
@@ -142,6 +144,7 @@ VARIANTS = {
     "tied": TinySpec(tied=True),
     "kquant": TinySpec(d_model=256, ffn_dim=512),
     "d64": TinySpec(d_model=256, ffn_dim=256),  # head_dim 64: the CUDA backend's fused attention kernels
+    "qwen2": TinySpec(d_model=256, ffn_dim=256, family="qwen2", rope_theta=1e6, tied=True),
 }
 
 # type name -> (tensor type of 2-D weights, general.file_type)
@@ -220,6 +223,10 @@ def make_weights(spec: TinySpec, round_to_bf16: bool = False) -> dict[str, np.nd
         weights[p + "self_attn.q_proj.weight"] = linear(spec.n_heads * hd, d)
         weights[p + "self_attn.k_proj.weight"] = linear(spec.n_kv_heads * hd, d)
         weights[p + "self_attn.v_proj.weight"] = linear(spec.n_kv_heads * hd, d)
+        if spec.family == "qwen2":  # Q/K/V biases, large enough to matter (Qwen2's are O(1))
+            weights[p + "self_attn.q_proj.bias"] = rng.normal(0.0, 0.5, size=spec.n_heads * hd)
+            weights[p + "self_attn.k_proj.bias"] = rng.normal(0.0, 0.5, size=spec.n_kv_heads * hd)
+            weights[p + "self_attn.v_proj.bias"] = rng.normal(0.0, 0.5, size=spec.n_kv_heads * hd)
         weights[p + "self_attn.o_proj.weight"] = linear(d, spec.n_heads * hd, residual_scale)
         weights[p + "mlp.gate_proj.weight"] = linear(f, d)
         weights[p + "mlp.up_proj.weight"] = linear(f, d)
@@ -253,16 +260,18 @@ def permute_for_gguf(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def gguf_named_weights(spec: TinySpec, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """HF names -> GGUF names (the engine's tensor table), Q/K permuted, in llama.cpp's file order."""
-    by_name = {engine_name(name): w for name, w in weights.items()}
+    """HF names -> GGUF names (the engine's tensor table), Q/K permuted where llama.cpp permutes them, in
+    llama.cpp's file order."""
+    fam = family(spec.family)
+    by_name = {fam.engine_name(name): w for name, w in weights.items()}
     out = {}
-    for name in tensor_shapes(spec.config(), with_output=not spec.tied):
+    for name in fam.tensor_shapes(spec.config(), with_output=not spec.tied):
         w = by_name[name]
-        if name.endswith(".attn_q"):
+        if fam.gguf_qk_permuted and name.endswith(".attn_q"):
             w = permute_for_gguf(w, spec.n_heads)
-        elif name.endswith(".attn_k"):
+        elif fam.gguf_qk_permuted and name.endswith(".attn_k"):
             w = permute_for_gguf(w, spec.n_kv_heads)
-        out[f"{name}.weight"] = w
+        out[gguf_tensor_name(name)] = w
     return out
 
 
@@ -358,8 +367,8 @@ def encode_tensor(w: np.ndarray, qtype: QType) -> np.ndarray:
 def write_gguf(path: Path, spec: TinySpec, gguf_weights: dict[str, np.ndarray], tokenizer: Tokenizer,
                type_name: str) -> None:
     weight_type, file_type = GGUF_TYPES[type_name]
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(f"tiny-llama-{type_name}")
+    writer = gguf.GGUFWriter(str(path), spec.family)
+    writer.add_name(f"tiny-{spec.family}-{type_name}")
     writer.add_context_length(spec.context_length)
     writer.add_embedding_length(spec.d_model)
     writer.add_block_count(spec.n_layers)
@@ -424,9 +433,10 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str) ->
 def write_hf(hf_dir: Path, spec: TinySpec, weights: dict[str, np.ndarray], tokenizer: Tokenizer,
              dtype: str, shards: int) -> None:
     hf_dir.mkdir(parents=True, exist_ok=True)
+    fam = family(spec.family)
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [fam.hf_architectures[0]],
+        "model_type": fam.hf_model_types[0],
         "hidden_size": spec.d_model,
         "intermediate_size": spec.ffn_dim,
         "num_hidden_layers": spec.n_layers,
@@ -440,7 +450,8 @@ def write_hf(hf_dir: Path, spec: TinySpec, weights: dict[str, np.ndarray], token
         "rope_scaling": None,
         "tie_word_embeddings": spec.tied,
         "hidden_act": "silu",
-        "attention_bias": False,
+        "attention_bias": spec.family == "qwen2",
+        "use_sliding_window": False,
         "mlp_bias": False,
         "bos_token_id": BOS_ID,
         "eos_token_id": EOS_ID,

@@ -7,6 +7,7 @@ positions: (n,) backend int array of absolute positions):
   embedding(table, ids)   rmsnorm(x, w, eps)   linear(x, w) = x @ w.T   swiglu(gate, up)
   linear_group(x, [w1, w2, ...]) = [x @ w1.T, ...]   (one product when the backend stored them fused)
   add_linear(x, a, w) = x + a @ w.T                  (x may be updated in place and returned)
+  add_bias(y, b) = y + b                             y (n, out) activations (maybe a column view), b (out,)
   store_kv(cache, layer, k, v, positions, rotary, dca)   write cache rows: keys rotated at their
                                                          (DCA) key positions, values as given
   attention(q, cache, layer, positions, rotary, dca, temperature_length)   q unrotated -> (n, Hq, hd)

@@ -79,6 +79,9 @@ class NumpyBackend:
     def add_linear(self, x: np.ndarray, a: np.ndarray, w: np.ndarray) -> np.ndarray:
         return x + a @ w.T
 
+    def add_bias(self, y: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return y + b  # (n, out) + (out,)
+
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         # silu(g) = g * sigmoid(g), with sigmoid written through tanh so large |g| cannot overflow
         return gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up

@@ -18,7 +18,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import ConfigError, ModelFormatError
 from ..loader import WeightTensor
-from ..models.llama import HF_ARCHITECTURES, HF_MODEL_TYPES, hf_name, tensor_shapes
+from ..models.family import family, gguf_tensor_name
 from ..tokenizer.to_hf import hf_tokenizer_from_gguf
 from ..weights.gguf import GGUFFile
 from ..weights.quant import GGMLType
@@ -65,18 +65,19 @@ def _tensor_jobs(model: GGUFFile, config: ModelConfig, out_type: GGMLType) -> li
     if "rope_freqs.weight" in model.tensors:
         raise ModelFormatError(f"{model.path}: has a rope_freqs tensor (llama3 RoPE frequency factors), which "
                                f"config.json cannot express; export refused")
+    fam = family(config.architecture)
     jobs = []
-    for short, shape in tensor_shapes(config, with_output="output.weight" in model.tensors).items():
-        info = model.tensors.get(f"{short}.weight")
+    for short, shape in fam.tensor_shapes(config, with_output="output.weight" in model.tensors).items():
+        info = model.tensors.get(gguf_tensor_name(short))
         if info is None:
-            raise ModelFormatError(f"{model.path}: missing tensor {short + '.weight'!r}")
+            raise ModelFormatError(f"{model.path}: missing tensor {gguf_tensor_name(short)!r}")
         if tuple(info.shape) != shape:
             raise ModelFormatError(f"{model.path}: tensor {info.name!r} has shape {tuple(info.shape)}, "
                                    f"expected {shape}")
         source = WeightTensor(info.name, info.ggml_type, info.shape, model.raw(info.name))
         heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}.get(short.rsplit(".", 1)[-1])
-        order = hf_rope_row_order(info.shape[0], heads) if heads else None
-        jobs.append(TensorJob(hf_name(short), source, out_type, order))
+        order = hf_rope_row_order(info.shape[0], heads) if heads and fam.gguf_qk_permuted else None
+        jobs.append(TensorJob(fam.hf_name(short), source, out_type, order))
     return jobs
 
 
@@ -92,8 +93,8 @@ def _config_json(c: ModelConfig, tied: bool, bos: int | None, eos: int | None, t
         if rope.yarn_attn_factor is not None:
             scaling["attention_factor"] = rope.yarn_attn_factor
     return {
-        "architectures": [HF_ARCHITECTURES[0]],
-        "model_type": HF_MODEL_TYPES[0],
+        "architectures": [family(c.architecture).hf_architectures[0]],
+        "model_type": family(c.architecture).hf_model_types[0],
         "_name_or_path": c.name,
         "hidden_size": c.d_model,
         "intermediate_size": c.ffn_dim,

@@ -24,7 +24,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..loader import LoadedModel, WeightTensor, open_model
-from ..models.llama import GGUF_ARCHITECTURE, HF_BUFFER_SUFFIXES, hf_name, tensor_shapes
+from ..models.family import HF_BUFFER_SUFFIXES, engine_tensor_name, family, gguf_tensor_name
 from ..rope import inv_freq
 from ..tokenizer.to_gguf import GGUFVocab, gguf_vocab_from_hf
 from ..weights.quant import GGMLType
@@ -61,7 +61,7 @@ def convert_hf_to_gguf(hf_dir: str | Path, dest: str | Path, tensor_type: str = 
     if config.rope.scaling == "dynamic":
         on_warning("GGUF has no dynamic-NTK RoPE scaling; it is not stored (use --rope-scaling dynamic when running)")
     jobs = _tensor_jobs(model, requested)
-    _check_all_tensors_used(hf_dir, jobs)
+    _check_all_tensors_used(hf_dir, jobs, family(config.architecture))
     name = config.name or hf_dir.resolve().name
 
     def add_metadata(writer: gguf.GGUFWriter) -> None:
@@ -73,7 +73,7 @@ def convert_hf_to_gguf(hf_dir: str | Path, dest: str | Path, tensor_type: str = 
         _add_vocab(writer, vocab)
 
     with atomic_file(dest, force) as tmp:
-        totals = write_gguf(tmp, GGUF_ARCHITECTURE, add_metadata, jobs, progress, label=f"converting to {dest.name}")
+        totals = write_gguf(tmp, config.architecture, add_metadata, jobs, progress, label=f"converting to {dest.name}")
     return WriteStats(dest, len(jobs), *totals)
 
 
@@ -81,22 +81,24 @@ def _tensor_jobs(model: LoadedModel, requested: GGMLType) -> list[TensorJob]:
     config = model.config
     has_output = "output" in model.weights
     head = "output" if has_output else "token_embd"
+    fam = family(config.architecture)
     jobs = [] if config.rope.scaling != "llama3" else [_rope_freqs_job(config)]
-    for short in tensor_shapes(config, has_output):
+    for short in fam.tensor_shapes(config, has_output):
         source = model.weights[short]
         heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}.get(short.rsplit(".", 1)[-1])
-        order = gguf_rope_row_order(source.shape[0], heads) if heads else None
+        order = gguf_rope_row_order(source.shape[0], heads) if heads and fam.gguf_qk_permuted else None
         out_type = output_type(source.shape, requested, source.ggml_type, output_head=short == head)
-        jobs.append(TensorJob(f"{short}.weight", source, out_type, order))
+        jobs.append(TensorJob(gguf_tensor_name(short), source, out_type, order))
     return jobs
 
 
-def _check_all_tensors_used(hf_dir: Path, jobs: list[TensorJob]) -> None:
-    """A checkpoint tensor the Llama graph has no place for (biases, extra norms) would be dropped: refuse."""
-    used = {hf_name(job.name.removesuffix(".weight")) for job in jobs if job.name != "rope_freqs.weight"}
+def _check_all_tensors_used(hf_dir: Path, jobs: list[TensorJob], fam) -> None:
+    """A checkpoint tensor the family's graph has no place for (extra biases or norms) would be dropped: refuse."""
+    used = {fam.hf_name(engine_tensor_name(job.name)) for job in jobs if job.name != "rope_freqs.weight"}
     for name in SafetensorsCheckpoint(hf_dir).tensors:
         if name not in used and not name.endswith(HF_BUFFER_SUFFIXES):
-            raise ModelFormatError(f"{hf_dir}: tensor {name!r} has no place in a Llama model (unsupported variant)")
+            raise ModelFormatError(f"{hf_dir}: tensor {name!r} has no place in a {fam.name} model (unsupported "
+                                   f"variant)")
 
 
 def _rope_freqs_job(config: ModelConfig) -> TensorJob:

@@ -1,4 +1,4 @@
-"""The Llama family: its tensors, its typed weights, and its forward pass, each written once.
+"""The Llama graph: its typed weights and its forward pass, written once.
 
 Per layer (x: (n, d) residual stream, n new tokens at positions start .. start+n-1):
     attention block   h = rmsnorm(x) ; q, k, v = h Wq^T, h Wk^T, h Wv^T   (n, Hq, hd), (n, Hkv, hd), (n, Hkv, hd)
@@ -7,103 +7,33 @@ Per layer (x: (n, d) residual stream, n new tokens at positions start .. start+n
     MLP block         h = rmsnorm(x) ; x += (silu(h Wg^T) * h Wu^T) Wd^T
 Then the head: logits = rmsnorm(x) Wout^T for the rows asked for (Wout = token_embd when tied).
 
+Families that differ from it only by optional tensors (qwen2's Q/K/V biases: ``add_bias`` after the QKV
+product) run this same class; every family's tensor table is in family.py.
+
 The blocks below are the definition, composed from the backend's primitive ops (backends/__init__.py).
 A backend may run a block fused: ``backend.decode_blocks(model)`` returns an object with the same three
 block methods for one-token steps (the CUDA backend's fused decode kernels), or the model itself.
 
 ``forward`` does the host bookkeeping (room in the cache, positions, commit); ``compute`` is only
 backend ops on backend arrays, so a GPU backend can capture it as a graph for a fixed shape.
-
-The tensor table (``LAYER_TENSORS``, ``GLOBAL_TENSORS``) is the one list of this family's weights: GGUF
-short names (the engine's own names), HF names, shapes. The loader, the converters, the synthetic
-weights of ``engine bench`` and the tiny test models all read it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .family import LLAMA, Family, family
 
 if TYPE_CHECKING:
     from ..config import DCAConfig, ModelConfig
     from ..kvcache import KVCache
     from ..rope import RotaryTable
 
-GGUF_ARCHITECTURE = "llama"  # general.architecture; metadata keys are llama.*
-# HF config.json `architectures` / `model_type` values whose weights are this graph
-HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-HF_MODEL_TYPES = ("llama", "mistral")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str  # GGUF short name: blk.N.<name> in a layer, <name> globally (files add ".weight")
-    hf: str  # HF name without ".weight": model.layers.N.<hf> in a layer, <hf> globally
-    shape: Callable[["ModelConfig"], tuple[int, ...]]  # numpy shape: (out, in) for matrices, (n,) for vectors
-
-
-LAYER_TENSORS = (
-    TensorSpec("attn_norm", "input_layernorm", lambda c: (c.d_model,)),
-    TensorSpec("attn_q", "self_attn.q_proj", lambda c: (c.n_heads * c.head_dim, c.d_model)),
-    TensorSpec("attn_k", "self_attn.k_proj", lambda c: (c.n_kv_heads * c.head_dim, c.d_model)),
-    TensorSpec("attn_v", "self_attn.v_proj", lambda c: (c.n_kv_heads * c.head_dim, c.d_model)),
-    TensorSpec("attn_output", "self_attn.o_proj", lambda c: (c.d_model, c.n_heads * c.head_dim)),
-    TensorSpec("ffn_norm", "post_attention_layernorm", lambda c: (c.d_model,)),
-    TensorSpec("ffn_gate", "mlp.gate_proj", lambda c: (c.ffn_dim, c.d_model)),
-    TensorSpec("ffn_up", "mlp.up_proj", lambda c: (c.ffn_dim, c.d_model)),
-    TensorSpec("ffn_down", "mlp.down_proj", lambda c: (c.d_model, c.ffn_dim)),
-)
-GLOBAL_TENSORS = (
-    TensorSpec("token_embd", "model.embed_tokens", lambda c: (c.vocab_size, c.d_model)),
-    TensorSpec("output_norm", "model.norm", lambda c: (c.d_model,)),
-    TensorSpec("output", "lm_head", lambda c: (c.vocab_size, c.d_model)),  # absent: tied to token_embd
-)
-# HF buffers that hold no weights (old checkpoints saved the RoPE inverse frequencies)
-HF_BUFFER_SUFFIXES = (".rotary_emb.inv_freq",)
-# matrices that read the same input: a backend may store each group as one matrix (one product)
-INPUT_GROUPS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
-
-
-def tensor_shapes(config: "ModelConfig", with_output: bool) -> dict[str, tuple[int, ...]]:
-    """Every weight's engine name -> shape, in llama.cpp's file order (output last, when not tied)."""
-    shapes = {"token_embd": GLOBAL_TENSORS[0].shape(config)}
-    for i in range(config.n_layers):
-        shapes.update({f"blk.{i}.{t.name}": t.shape(config) for t in LAYER_TENSORS})
-    shapes["output_norm"] = GLOBAL_TENSORS[1].shape(config)
-    if with_output:
-        shapes["output"] = GLOBAL_TENSORS[2].shape(config)
-    return shapes
-
-
-def hf_name(name: str) -> str:
-    """Engine name -> HF tensor name (``blk.3.attn_q`` -> ``model.layers.3.self_attn.q_proj.weight``)."""
-    if name.startswith("blk."):
-        _, layer, short = name.split(".")
-        return f"model.layers.{layer}.{_HF_LAYER[short]}.weight"
-    return f"{_HF_GLOBAL[name]}.weight"
-
-
-def engine_name(hf: str) -> str | None:
-    """HF tensor name -> engine name, or None for a tensor this family does not use."""
-    stem = hf.removesuffix(".weight")
-    if stem in _FROM_HF_GLOBAL:
-        return _FROM_HF_GLOBAL[stem]
-    parts = stem.split(".", 3)  # model, layers, N, rest
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[3] in _FROM_HF_LAYER:
-        return f"blk.{parts[2]}.{_FROM_HF_LAYER[parts[3]]}"
-    return None
-
-
-_HF_LAYER = {t.name: t.hf for t in LAYER_TENSORS}
-_HF_GLOBAL = {t.name: t.hf for t in GLOBAL_TENSORS}
-_FROM_HF_LAYER = {t.hf: t.name for t in LAYER_TENSORS}
-_FROM_HF_GLOBAL = {t.hf: t.name for t in GLOBAL_TENSORS}
-
-
 @dataclass
 class Layer:
-    """One transformer layer's weights, as the backend prepared them (fields named as LAYER_TENSORS)."""
+    """One transformer layer's weights, as the backend prepared them (fields: the table's TensorSpec.field)."""
 
     attn_norm: Any  # (d,)
     attn_q: Any  # (Hq*hd, d)
@@ -114,6 +44,9 @@ class Layer:
     ffn_gate: Any  # (ffn, d)
     ffn_up: Any  # (ffn, d)
     ffn_down: Any  # (d, ffn)
+    attn_q_bias: Any = None  # (Hq*hd,): families with Q/K/V biases (qwen2)
+    attn_k_bias: Any = None  # (Hkv*hd,)
+    attn_v_bias: Any = None  # (Hkv*hd,)
 
 
 @dataclass
@@ -124,9 +57,10 @@ class Weights:
     output: Any  # (vocab, d): the head (token_embd itself when tied)
 
     @classmethod
-    def from_named(cls, named: dict[str, Any], n_layers: int) -> "Weights":
+    def from_named(cls, named: dict[str, Any], n_layers: int, family: Family = LLAMA) -> "Weights":
         """The backend's prepared weights, keyed by engine name -> typed weights."""
-        layers = [Layer(**{t.name: named[f"blk.{i}.{t.name}"] for t in LAYER_TENSORS}) for i in range(n_layers)]
+        layers = [Layer(**{t.field: named[f"blk.{i}.{t.name}"] for t in family.layer_tensors})
+                  for i in range(n_layers)]
         return cls(named["token_embd"], layers, named["output_norm"], named.get("output", named["token_embd"]))
 
 
@@ -135,7 +69,7 @@ class Llama:
                  dca: "DCAConfig | None", attention_temperature: bool = False):
         """weights: the backend's prepared weights by engine name (``backend.prepare_weights``)."""
         self.config = config
-        self.weights = Weights.from_named(weights, config.n_layers)
+        self.weights = Weights.from_named(weights, config.n_layers, family(config.architecture))
         self.backend = backend
         self.rotary = rotary
         self.dca = dca
@@ -173,6 +107,9 @@ class Llama:
         n = x.shape[0]
         h = ops.rmsnorm(x, layer.attn_norm, c.norm_eps)
         q, k, v = ops.linear_group(h, [layer.attn_q, layer.attn_k, layer.attn_v])
+        if layer.attn_q_bias is not None:
+            q, k, v = (ops.add_bias(y, b) for y, b in zip((q, k, v), (layer.attn_q_bias, layer.attn_k_bias,
+                                                                      layer.attn_v_bias)))
         q = q.reshape(n, c.n_heads, c.head_dim)
         k = k.reshape(n, c.n_kv_heads, c.head_dim)
         v = v.reshape(n, c.n_kv_heads, c.head_dim)

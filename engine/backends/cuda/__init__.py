@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import ConfigError, DeviceError
-from ...models.llama import INPUT_GROUPS
+from ...models.family import INPUT_GROUPS
 from ...weights.bf16 import from_bf16_bits
 from .kernels import ACTIVATION_DTYPES, function
 from ...kvcache import KVCache
@@ -163,6 +163,17 @@ class CudaBackend:
         out = cp.empty(x.shape, dtype=cp.float32)
         self._launch_1d("elementwise", "add_residual", x.size,
                         (x, y, out, np.int64(x.size), np.int32(y.dtype == self.act)))
+        return out
+
+    def add_bias(self, y, b) -> object:
+        """y (n, out) activations (a column view of a fused product, or contiguous) + b (out,) fp32 -> (n, out)."""
+        cp = self.cp
+        if y.dtype != self.act or y.strides[1] != 2:
+            y = to_activation(cp, y, self.dtype)
+        n, cols = y.shape
+        out = cp.empty((n, cols), dtype=self.act)
+        self._launch_1d("elementwise", "add_bias", n * cols,
+                        (y, np.int64(y.strides[0] // 2 if n > 1 else cols), b, out, np.int32(n), np.int32(cols)))
         return out
 
     def swiglu(self, gate, up) -> object:

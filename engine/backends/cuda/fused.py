@@ -8,7 +8,8 @@
 The arithmetic is the composed blocks', in the same order (see decode.cu), so both give the same
 logits; fusing only cuts launches (6 per layer, not 16). Activations (query, SwiGLU output, cache rows)
 are in the backend's dtype (decode.cu's dtype build). A layer whose Q/K/V (or gate/up) are not stored
-in one type, or a weight not kept on the device as a ``DeviceMatrix``, runs the composed block.
+in one type, a layer with Q/K/V biases (qwen2), or a weight not kept on the device as a ``DeviceMatrix``, runs
+the composed block.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class FusedBlocks:
         self.eps = np.float32(c.norm_eps)
         layers = model.weights.layers
         fits = 4 * max(c.d_model, c.ffn_dim, c.n_heads * c.head_dim) <= STATIC_SHARED_LIMIT  # staged fp32 inputs
-        self.fused_attention = [fits and _same_type(l.attn_q, l.attn_k, l.attn_v)
+        self.fused_attention = [fits and _same_type(l.attn_q, l.attn_k, l.attn_v) and l.attn_q_bias is None
                                 and isinstance(l.attn_output, DeviceMatrix) for l in layers]
         self.fused_mlp = [fits and _same_type(l.ffn_gate, l.ffn_up) and isinstance(l.ffn_down, DeviceMatrix)
                           for l in layers]

@@ -1,0 +1,114 @@
+"""Model families beyond Llama: Qwen2 (Q/K/V biases, GGUF architecture qwen2 with unpermuted Q/K rows) against
+HF transformers' own Qwen2 (golden logits from tools/golden_families.py), from safetensors and GGUF, through the
+converters, with DCA, and on CUDA."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+import engine
+from engine.convert import convert_gguf_to_hf, convert_hf_to_gguf
+from engine.models.family import QWEN2
+from engine.sampling import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from make_tiny_model import VARIANTS, make_tiny_model  # noqa: E402
+
+GOLDEN = np.load(Path(__file__).parent / "golden" / "tiny_qwen2_logits.npz")
+IDS = GOLDEN["ids"].tolist()
+
+
+def rel_err(got, want) -> float:
+    assert got.shape == want.shape and np.isfinite(got).all()
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("qwen2"), VARIANTS["qwen2"], gguf_types=("f32", "q8_0"))
+
+
+@pytest.mark.parametrize("source", ["hf", "f32"])
+def test_qwen2_logits_equal_hf_transformers(qwen2, source):
+    llm = engine.load(qwen2[source], device="cpu", context=64)
+    assert llm.config.architecture == "qwen2"
+    err = rel_err(llm.logits(IDS), GOLDEN["logits"])
+    print(f"qwen2 {source} vs transformers: rel err {err:.2e}")
+    assert err < 1e-5
+
+
+def test_qwen2_biases_matter(qwen2):
+    """The golden logits depend on the biases: dropping them moves the logits far beyond the tolerance."""
+    llm = engine.load(qwen2["f32"], device="cpu", context=64)
+    for layer in llm.model.weights.layers:
+        layer.attn_q_bias = layer.attn_q_bias * 0
+        layer.attn_k_bias = layer.attn_k_bias * 0
+        layer.attn_v_bias = layer.attn_v_bias * 0
+    assert rel_err(llm.logits(IDS), GOLDEN["logits"]) > 1e-2
+
+
+def test_qwen2_gguf_is_laid_out_like_llama_cpp(qwen2):
+    reader = gguf.GGUFReader(qwen2["f32"])
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    assert "qwen2.block_count" in reader.fields and "llama.block_count" not in reader.fields
+    names = {t.name for t in reader.tensors}
+    assert {"blk.0.attn_q.bias", "blk.1.attn_v.bias"} <= names and "blk.0.attn_q.bias.weight" not in names
+    bias = next(t for t in reader.tensors if t.name == "blk.0.attn_q.bias")
+    assert bias.tensor_type == gguf.GGMLQuantizationType.F32
+
+
+def test_qwen2_q8_0_stays_close(qwen2):
+    got = engine.load(qwen2["q8_0"], device="cpu", context=64).logits(IDS)
+    assert rel_err(got, GOLDEN["logits"]) < 2e-2
+
+
+def test_qwen2_converts_both_ways(qwen2, tmp_path):
+    stats = convert_hf_to_gguf(qwen2["hf"], tmp_path / "q.gguf", "f32", progress=False)
+    assert stats.n_tensors == len(gguf.GGUFReader(qwen2["f32"]).tensors)
+    assert rel_err(engine.load(tmp_path / "q.gguf", context=64).logits(IDS), GOLDEN["logits"]) < 1e-5
+    convert_gguf_to_hf(tmp_path / "q.gguf", tmp_path / "hf", dtype="f32", progress=False)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["model_type"] == "qwen2"
+    assert rel_err(engine.load(tmp_path / "hf", context=64).logits(IDS), GOLDEN["logits"]) < 1e-5
+
+
+def test_qwen2_with_dca_prefill_equals_decode(qwen2):
+    """DCA with chunks shorter than the prompt: one prefill, and prefill + token-by-token decode, agree."""
+    llm = engine.load(qwen2["f32"], device="cpu", context=128, dca=engine.DCAConfig(chunk_size=24, local_window=8))
+    whole = llm.logits(IDS)
+    cache = llm.new_cache()
+    rows = [llm.model.forward(np.array(IDS[:10]), cache)] + [llm.model.forward(np.array([t]), cache) for t in IDS[10:]]
+    assert rel_err(np.concatenate(rows), whole) < 1e-5
+    assert rel_err(whole[:16], GOLDEN["logits"][:16]) < 1e-5  # within one chunk DCA is plain attention
+
+
+def test_unknown_architecture_is_refused(qwen2, tmp_path):
+    config = json.loads((qwen2["hf"] / "config.json").read_text())
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for f in qwen2["hf"].iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["GPTNeoXForCausalLM"],
+                                                    "model_type": "gpt_neox"}))
+    with pytest.raises(engine.ModelFormatError, match="unsupported architecture.*Qwen2ForCausalLM"):
+        engine.load(folder)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_qwen2_on_cuda_matches_the_cpu(qwen2, dtype):
+    cpu = engine.load(qwen2["q8_0"], device="cpu", context=128)
+    gpu = engine.load(qwen2["q8_0"], device="cuda", context=128, dtype=dtype)
+    want = cpu.logits(IDS)
+    err = rel_err(gpu.logits(IDS), want)
+    print(f"qwen2 cuda {dtype}: rel err {err:.2e}")
+    assert err < (3e-3 if dtype == "f16" else 2e-2)
+    greedy = SamplingParams(temperature=0.0)
+    assert list(gpu.generate_ids(IDS[:8], 12, greedy, stop_ids=[])) == list(cpu.generate_ids(IDS[:8], 12, greedy,
+                                                                                              stop_ids=[]))
+    assert QWEN2.name == gpu.config.architecture
