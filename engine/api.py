@@ -220,6 +220,15 @@ def plan(config: ModelConfig, context: int | None, dca: str | DCAConfig | None, 
     context = config.context_length if context is None else int(context)
     if context <= 0:
         raise ConfigError(f"context size must be positive, got {context}")
+    if config.sliding_window is not None and context > config.sliding_window:
+        raise ConfigError(f"this model attends through a sliding window of {config.sliding_window} tokens, which the "
+                          f"engine does not implement; a context of {context} would silently differ from the model: "
+                          f"run with -c {config.sliding_window} or less")
+    if config.dca is not None and context > config.context_length:  # the model extends its context itself
+        raise ConfigError(f"a context of {context} tokens exceeds the model's limit of {config.context_length} "
+                          f"(max_position_embeddings; it runs its own DCA up to there): lower -c")
+    if config.dca is not None and dca in (None, "auto", "on") and dca_chunk_size is None and dca_local_window is None:
+        dca = config.dca  # the model's own settings, whatever the context (below one chunk DCA is plain attention)
     if rope_scaling is not None or rope_scale is not None:
         if rope_scale is None and rope_scaling not in (None, "none") and config.rope.factor == 1.0:
             rope_scale = max(1.0, context / config.context_length)

@@ -125,6 +125,11 @@ class ModelConfig:
     tied_embeddings: bool = False
     name: str = ""
     architecture: str = LLAMA.name  # the family (models/family.py)
+    # the model's own DCA settings (Qwen2.5-1M's config.json dual_chunk_attention_config; GGUF engine.dca.*): used
+    # by --dca auto, and then context_length (max_position_embeddings) bounds the context
+    dca: DCAConfig | None = None
+    # sliding-window attention (Mistral 7B v0.1's sliding_window): not implemented, so contexts beyond it are refused
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size",
@@ -193,6 +198,7 @@ class ModelConfig:
             rope=rope,
             name=str(md.get("general.name", "")),
             architecture=arch,
+            dca=_dca_from_gguf(md, source),
         )
 
     @classmethod
@@ -234,7 +240,35 @@ class ModelConfig:
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             name=str(cfg.get("_name_or_path", "")),
             architecture=fam.name,
+            dca=_dca_from_hf(cfg.get("dual_chunk_attention_config"), source),
+            sliding_window=int(cfg["sliding_window"]) if cfg.get("sliding_window")
+            and cfg.get("use_sliding_window", True) else None,
         )
+
+
+# GGUF metadata keys of this engine for a model's own DCA settings (llama.cpp has none)
+GGUF_DCA_CHUNK_SIZE = "engine.dca.chunk_size"
+GGUF_DCA_LOCAL_WINDOW = "engine.dca.local_window"
+
+
+def _dca_from_hf(dca: Any, source: str) -> DCAConfig | None:
+    """config.json's dual_chunk_attention_config -> DCAConfig. Its chunk_size and local_size follow ChunkLlama's
+    convention, as vLLM's DCA backend reads them (chunk_len = chunk_size - local_size): chunk_size is our
+    chunk_size, local_size our local_window."""
+    if not dca:
+        return None
+    if not isinstance(dca, Mapping) or "chunk_size" not in dca or "local_size" not in dca:
+        raise ModelFormatError(f"{source}: dual_chunk_attention_config needs chunk_size and local_size, got {dca!r}")
+    try:
+        return DCAConfig(chunk_size=int(dca["chunk_size"]), local_window=int(dca["local_size"]))
+    except ConfigError as exc:
+        raise ModelFormatError(f"{source}: dual_chunk_attention_config: {exc}") from exc
+
+
+def _dca_from_gguf(md: Mapping[str, Any], source: str) -> DCAConfig | None:
+    if GGUF_DCA_CHUNK_SIZE not in md:
+        return None
+    return _dca_from_hf({"chunk_size": md[GGUF_DCA_CHUNK_SIZE], "local_size": md.get(GGUF_DCA_LOCAL_WINDOW)}, source)
 
 
 def _rope_from_hf(cfg: Mapping[str, Any], head_dim: int, context_length: int, source: str) -> RopeConfig:

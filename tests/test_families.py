@@ -99,6 +99,74 @@ def test_unknown_architecture_is_refused(qwen2, tmp_path):
         engine.load(folder)
 
 
+@pytest.mark.parametrize("window, use, refused", [(64, None, True), (64, False, False), (None, None, False)])
+def test_sliding_window_is_refused_beyond_the_window_never_ignored(qwen2, tmp_path, window, use, refused):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for f in qwen2["hf"].iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    config = {**json.loads((folder / "config.json").read_text()), "sliding_window": window}
+    config.pop("use_sliding_window")
+    if use is not None:
+        config["use_sliding_window"] = use
+    (folder / "config.json").write_text(json.dumps(config))
+    assert engine.load(folder, context=64).context == 64  # within the window: exact
+    if refused:
+        with pytest.raises(engine.ConfigError, match="sliding window of 64 tokens.*-c 64 or less"):
+            engine.load(folder, context=65)
+    else:
+        assert engine.load(folder, context=128).context == 128
+
+
+@pytest.fixture(scope="module")
+def qwen2_1m(qwen2, tmp_path_factory):
+    """The tiny qwen2 with its own DCA settings in config.json, as Qwen2.5-1M ships them."""
+    folder = tmp_path_factory.mktemp("qwen2-1m") / "hf"
+    folder.mkdir()
+    for f in qwen2["hf"].iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config["dual_chunk_attention_config"] = {"chunk_size": 24, "local_size": 8, "original_max_position_embeddings": 24}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_the_models_own_dca_settings_are_used(qwen2_1m, tmp_path):
+    llm = engine.load(qwen2_1m, context=128)  # --dca auto: the model's settings, though 128 <= its 256 limit
+    assert llm.dca == engine.DCAConfig(chunk_size=24, local_window=8)
+    plain = engine.load(qwen2_1m, context=128, dca="off")
+    assert plain.dca is None
+    assert rel_err(llm.logits(IDS[:16]), plain.logits(IDS[:16])) < 1e-6  # within one chunk: plain attention
+    assert rel_err(llm.logits(IDS), plain.logits(IDS)) > 1e-3  # beyond it: DCA
+    greedy = SamplingParams(temperature=0.0)
+    assert len(list(llm.generate_ids(IDS[:3], 4, greedy, stop_ids=[]))) == 4  # a 3-token prompt (vLLM once failed)
+    assert engine.load(qwen2_1m, context=128, dca="on", dca_chunk_size=48, dca_local_window=8).dca.chunk_size == 48
+    with pytest.raises(engine.ConfigError, match="exceeds the model's limit of 256"):
+        engine.load(qwen2_1m, context=512)
+
+
+def test_the_models_own_dca_settings_survive_conversion(qwen2_1m, tmp_path):
+    convert_hf_to_gguf(qwen2_1m, tmp_path / "q.gguf", "f32", progress=False)
+    fields = gguf.GGUFReader(tmp_path / "q.gguf").fields
+    assert fields["engine.dca.chunk_size"].contents() == 24 and fields["engine.dca.local_window"].contents() == 8
+    assert engine.load(tmp_path / "q.gguf", context=64).dca == engine.DCAConfig(chunk_size=24, local_window=8)
+    convert_gguf_to_hf(tmp_path / "q.gguf", tmp_path / "hf", dtype="f32", progress=False)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["dual_chunk_attention_config"] == {"chunk_size": 24, "local_size": 8}
+
+
+def test_bad_dual_chunk_attention_config_is_one_error(qwen2_1m, tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for f in qwen2_1m.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config["dual_chunk_attention_config"] = {"chunk_size": 8, "local_size": 24}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(engine.ModelFormatError, match="dual_chunk_attention_config.*local_window < chunk_size"):
+        engine.load(folder)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 def test_qwen2_on_cuda_matches_the_cpu(qwen2, dtype):
