@@ -19,9 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's engine
 
-SHAPES = {  # Llama-3.2-1B: 16 layers, d 2048, 32/8 heads x 64, ffn 8192, vocabulary 128256, tied embeddings
+SHAPES = {
+    # Llama-3.2-1B: 16 layers, d 2048, 32/8 heads x 64, ffn 8192, vocabulary 128256, tied embeddings
     "llama-3.2-1b": dict(n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, head_dim=64, ffn_dim=8192,
                          vocab_size=128256, context_length=131072, theta=500000.0, tied=True),
+    # Llama-3-8B: 32 layers, d 4096, 32/8 heads x 128, ffn 14336, vocabulary 128256, separate output head
+    "llama-3-8b": dict(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336,
+                       vocab_size=128256, context_length=8192, theta=500000.0, tied=False),
 }
 ONE_RUN = """
 import json, resource, sys, time
