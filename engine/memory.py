@@ -240,8 +240,7 @@ def require(plan: MemoryPlan, available: int | None, what: str | None = None, ad
         return
     what = what or f"a context of {plan.context} tokens"
     where = "on the CPU" if plan.device == "cpu" else f"on the GPU ({plan.dtype})"
-    message = (f"{what}: {plan.total / GiB:.2f} GiB needed {where} ({plan.describe()}) but only "
-               f"{available / GiB:.2f} GiB is available")
+    message = f"{what}: {plan.describe()} needed {where}, but only {available / GiB:.2f} GiB is available"
     fits = largest_context(plan, available)
     other_device = _other_device_advice(plan)
     if fits == 0:

@@ -182,10 +182,9 @@ def test_a_model_larger_than_memory_is_refused_before_loading(wide, monkeypatch)
     with pytest.raises(DeviceError) as refused:
         engine.load(wide, context=512)
     message = str(refused.value)
-    assert message.startswith(f"a context of 512 tokens: {streamed.total / GiB:.2f} GiB needed on the CPU (")
-    assert f"weights as stored {streamed.weights / GiB:.2f}" in message and "KV cache" in message
-    assert message.endswith(f"but only {limit / GiB:.2f} GiB is available; the model does not fit even with a "
-                            f"context of 1 token")
+    assert message == (f"a context of 512 tokens: {streamed.describe()} needed on the CPU, but only "
+                       f"{limit / GiB:.2f} GiB is available; the model does not fit even with a context of 1 token")
+    assert streamed.describe().startswith(f"weights as stored {streamed.weights / GiB:.2f} + KV cache ")
 
 
 def test_too_long_a_context_is_refused_with_the_largest_that_fits(kquant, monkeypatch):
@@ -195,9 +194,9 @@ def test_too_long_a_context_is_refused_with_the_largest_that_fits(kquant, monkey
     monkeypatch.setattr(memory, "available_bytes", lambda device: limit)
     with monkeypatch.context() as guarded:
         no_allocation(guarded)
-        with pytest.raises(ContextError, match=r"a context of 1048576 tokens: [\d.]+ GiB needed on the CPU \(.*"
-                                               r"KV cache [\d.]+ .*\) but only [\d.]+ GiB is available; the largest "
-                                               r"context that fits is 100000 tokens: use -c 100000"):
+        with pytest.raises(ContextError, match=r"a context of 1048576 tokens: weights as stored [\d.]+ \+ KV cache "
+                                               r"[\d.]+ .* = [\d.]+ GiB needed on the CPU, but only [\d.]+ GiB is "
+                                               r"available; the largest context that fits is 100000 tokens: use -c 100000"):
             engine.load(kquant, context=1 << 20, f32_copies=False)
     assert engine.load(kquant, context=100_000, f32_copies=False).context == 100_000
 
