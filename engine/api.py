@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from . import memory
 from .backends import activation_dtype, get_backend
 from .config import DCAConfig, ModelConfig
 from .default_model import default_model_path
@@ -57,7 +58,14 @@ class LLM:
         self.dca = dca
         self.load_seconds = 0.0  # set by load(): reading, validating and preparing the weights
         c = self.config
-        # allocated once for the whole context (fixed buffers); refused up front if memory is short
+        # the memory plan (engine/memory.py), refused before anything is allocated when it does not fit
+        available = memory.available_bytes(backend.name)
+        self.memory = memory.plan_memory(c, loaded.weights, context, backend.name, activation_dtype(backend),
+                                         getattr(backend, "f32_copies", None), available)
+        memory.require(self.memory, available)
+        if backend.name == "cpu":
+            backend.f32_copies = self.memory.f32_copies
+        # allocated once for the whole context (fixed buffers)
         self.cache = backend.new_cache(c.n_layers, context, c.n_kv_heads, c.head_dim)
         # With DCA, query positions never exceed chunk_size; without, they run to the context end.
         n_positions = dca.chunk_size + 1 if dca else context
@@ -240,7 +248,7 @@ def plan(config: ModelConfig, context: int | None, dca: str | DCAConfig | None, 
 def load(model: str | Path | None = None, device: str = "cpu", context: int | None = None,
          dca: str | DCAConfig | None = "auto", dca_chunk_size: int | None = None,
          dca_local_window: int | None = None, rope_scaling: str | None = None, rope_scale: float | None = None,
-         attention_temperature: bool = False, dtype: str = "auto") -> LLM:
+         attention_temperature: bool = False, dtype: str = "auto", f32_copies: bool | None = None) -> LLM:
     """Load a GGUF file or HF folder (default: the default model) onto a device.
 
     dtype: activation dtype on CUDA, "auto" (bf16 when the model's matrices are stored BF16, else f16),
@@ -248,10 +256,15 @@ def load(model: str | Path | None = None, device: str = "cpu", context: int | No
     context: KV cache capacity in tokens (default: the model's training context).
     dca: "auto" (on when context > training context) | "on" | "off" | a DCAConfig.
     rope_scaling / rope_scale: override the model's RoPE scaling (none|linear|ntk|dynamic|yarn).
+    f32_copies (CPU): keep float32 copies of the matrices (fast) instead of dequantizing a block of rows at a
+    time from the stored weights; None: when the memory plan with them takes at most half the available memory.
+    Memory: the plan (LLM.memory) is checked first; ContextError/DeviceError name the numbers when it does not fit.
     """
     t0 = time.perf_counter()
     loaded = open_model(default_model_path() if model is None else model)
     backend = get_backend(device, dtype, loaded.weights)
+    if backend.name == "cpu":
+        backend.f32_copies = f32_copies
     loaded.config, context, dca_config = plan(loaded.config, context, dca, dca_chunk_size, dca_local_window,
                                               rope_scaling, rope_scale)
     llm = LLM(loaded, backend, context, dca_config, attention_temperature)

@@ -53,7 +53,8 @@ def synthetic_weight(name: str, ggml_type: GGMLType, shape: tuple[int, ...], rng
     """Random bytes of a tensor of `ggml_type` whose decoded values are O(scale): a valid stored tensor."""
     ggml_type = GGMLType(ggml_type)
     n = int(np.prod(shape))
-    values = (rng.standard_normal(n, dtype=np.float32) * np.float32(scale)).astype(np.float32)
+    if ggml_type in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+        values = (rng.standard_normal(n, dtype=np.float32) * np.float32(scale)).astype(np.float32)
     if ggml_type == GGMLType.F32:
         raw = values.view(np.uint8)
     elif ggml_type == GGMLType.F16:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from . import api
+from . import api, memory
 from .api import DCA_MODES, plan
 from .backends import DEVICES, DTYPE_HELP, DTYPES, resolve_device, resolve_dtype
 from .bench import bench
@@ -114,6 +114,8 @@ def info(model_arg, model, ctx_size, device, dtype, dca, dca_chunk_size, dca_loc
     tok = loaded.tokenizer
     types = ", ".join(f"{name} x{n}" for name, n in sorted(loaded.tensor_type_counts().items()))
     size = sum(f.stat().st_size for f in ([path] if Path(path).is_file() else Path(path).glob("*.safetensors")))
+    plans = {"cpu": memory.plan_memory(c, loaded.weights, context, "cpu", available=memory.available_bytes("cpu")),
+             "cuda": memory.plan_memory(c, loaded.weights, context, "cuda", cuda_dtype)}
     rows = [
         ("file", f"{path} ({loaded.file_format}, {size / 2**20:.1f} MiB)"),
         ("name", c.name or "-"),
@@ -128,8 +130,9 @@ def info(model_arg, model, ctx_size, device, dtype, dca, dca_chunk_size, dca_loc
         ("chat template", "present" if tok.chat_template else "absent (ChatML fallback)"),
         ("plan: device", _describe_device(device_name, activations)),
         ("plan: context", str(context)),
-        ("plan: weights", _describe_weights(loaded, cuda_dtype)),
-        ("plan: KV cache", _describe_kv_cache(c, context, cuda_dtype)),
+        ("plan: weights", _describe_weights(plans)),
+        ("plan: KV cache", _describe_kv_cache(plans)),
+        ("plan: memory", _describe_memory(plans[device_name], memory.available_bytes(device_name))),
         ("plan: DCA", _describe_dca(dca_plan)),
         ("plan: attention on CUDA", _describe_cuda_attention(c)),
         ("plan: attention temperature", "on" if attn_temperature else "off"),
@@ -154,21 +157,33 @@ def _describe_device(device: str, dtype: str) -> str:
     return f"cuda, {DTYPE_NAMES[dtype]} activations and KV cache (float32 residual stream and logits)"
 
 
-def _describe_weights(loaded, cuda_dtype: str) -> str:
-    from .backends.cuda.weights import device_bytes, planned_fp16_copies
+def _describe_weights(plans) -> str:
+    cpu, cuda = plans["cpu"], plans["cuda"]
+    text = f"{cpu.weights / 2**30:.2f} GiB on the CPU as stored"
+    if cpu.copies:
+        text += f" + {cpu.copies / 2**30:.2f} GiB of float32 copies"
+    text += f", {cuda.weights / 2**30:.2f} GiB on CUDA as stored"
+    if cuda.copies:
+        text += f" + {cuda.copies / 2**30:.2f} GiB of {DTYPE_NAMES[cuda.dtype]} copies for prefill"
+    return text
 
-    stored = sum(device_bytes(w) for w in loaded.weights.values())
-    copies = planned_fp16_copies(loaded.weights, cuda_dtype)
-    cuda = f"{stored / 2**30:.2f} GiB on CUDA as stored"
-    if copies:
-        cuda += f" + {copies / 2**30:.2f} GiB of {DTYPE_NAMES[cuda_dtype]} copies for prefill"
-    return f"{4 * loaded.n_parameters() / 2**30:.2f} GiB on the CPU (float32), {cuda}"
+
+def _describe_kv_cache(plans) -> str:
+    cpu, cuda = plans["cpu"], plans["cuda"]
+    return (f"{cpu.kv_cache / 2**30:.2f} GiB on the CPU (float32), "
+            f"{cuda.kv_cache / 2**30:.2f} GiB on CUDA ({DTYPE_NAMES[cuda.dtype]})")
 
 
-def _describe_kv_cache(c, context: int, cuda_dtype: str) -> str:
-    per_value = 2 * c.n_layers * context * c.n_kv_heads * c.head_dim  # keys and values
-    return (f"{per_value * 4 / 2**30:.2f} GiB on the CPU (float32), "
-            f"{per_value * 2 / 2**30:.2f} GiB on CUDA ({DTYPE_NAMES[cuda_dtype]})")
+def _describe_memory(plan, available: int | None) -> str:
+    """The chosen device's plan against what it has (engine/memory.py)."""
+    text = f"{plan.device}: {plan.describe()}"
+    if available is None:
+        return text + " (available memory unknown)"
+    text += f" of {available / 2**30:.2f} GiB available"
+    if plan.total <= available:
+        return text
+    fits = memory.largest_context(plan, available)
+    return text + (f": does not fit; the largest context that fits is {fits}" if fits else ": does not fit")
 
 
 def _describe_cuda_attention(c) -> str:

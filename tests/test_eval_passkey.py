@@ -157,7 +157,7 @@ def _has_matplotlib() -> bool:
 
 
 @pytest.mark.parametrize("args,error,words", [
-    (["--lengths", "100000000"], ContextError, r"passkey prompts of 100000000 tokens .* need about .* GiB"),
+    (["--lengths", "100000000"], ContextError, r"passkey prompts of 100000000 tokens .*: .* GiB needed"),
     (["--lengths", "40"], ConfigError, "too short"),
     (["--lengths", "300", "--depths", "0,1.5"], ConfigError, "outside"),
     (["--lengths", "300", "--trials", "0"], ConfigError, "--trials must be at least 1"),

@@ -196,7 +196,7 @@ def no_model_work(monkeypatch):
 @pytest.mark.parametrize("args,error,words", [
     (["--lengths", "4096"], ConfigError, r"book.txt has \d+ tokens, too few for 1 window\(s\) of 4096"),
     (["--lengths", "1024", "--windows", "4"], ConfigError, r"too few for 4 window\(s\) of 1024 tokens \(4096"),
-    (["--lengths", "200000000"], ContextError, r"200000000 tokens need about .* GiB .*KV cache .* available"),
+    (["--lengths", "200000000"], ContextError, r"200000000 tokens: .*KV cache .* GiB needed .* available"),
     (["--lengths", "64", "--method", "rope,alibi"], ConfigError, "unknown method 'alibi'"),
     (["--lengths", "64", "--method", "dca", "--dca-chunk-size", "300"], ConfigError, "exceeds the model's training"),
     (["--lengths", "64", "--windows", "0"], ConfigError, "--windows must be at least 1"),

@@ -1,42 +1,40 @@
-"""The reference backend: numpy, float32 math. Every other backend is tested against it."""
+"""The reference backend: numpy, float32 math. Every other backend is tested against it.
+
+Weights (host_weights.py): vectors as float32; matrices as ``HostMatrix``es, float32 copies when the
+memory plan keeps them (``f32_copies``), else as stored (memory-mapped) and dequantized a block of rows
+at a time into one reused scratch buffer. The memory plan (engine/memory.py) is checked before this
+backend allocates anything.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from .. import dca as dca_ops
 from ..decoder import HostDecoder
-from ..errors import ContextError
 from ..kvcache import KVCache
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (None where the OS does not say)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+from .host_weights import HostMatrix, new_scratch
 
 
 class NumpyBackend:
     name = "cpu"
     prefill_batch = 512  # tokens per forward call during prefill (bounds activation memory)
 
-    def prepare_weights(self, weights) -> dict[str, np.ndarray]:
-        """Dequantize every weight once to float32 (matrices (out, in), vectors (n,))."""
-        return {name: w.dequantize() for name, w in weights.items()}
+    def __init__(self, f32_copies: bool | None = None):
+        # keep float32 copies of the matrices? None: when they fit comfortably (memory.f32_copies_fit)
+        self.f32_copies = f32_copies
+
+    def prepare_weights(self, weights) -> dict[str, np.ndarray | HostMatrix]:
+        """Vectors (n,) dequantized to float32; matrices (out, in) as HostMatrix (float32 or as stored)."""
+        keep = self.f32_copies
+        if keep is None:
+            from ..memory import f32_copies_fit
+
+            keep = f32_copies_fit(weights)
+        scratch = None if keep else new_scratch()
+        return {name: HostMatrix(w, scratch, keep) if len(w.shape) == 2 else w.dequantize()
+                for name, w in weights.items()}
 
     def new_cache(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int) -> KVCache:
-        needed = 2 * n_layers * capacity * n_kv_heads * head_dim * np.dtype(np.float32).itemsize
-        available = available_memory_bytes()
-        if available is not None and needed > available:
-            raise ContextError(
-                f"a context of {capacity} tokens needs {needed / 2**30:.1f} GiB of KV cache but only "
-                f"{available / 2**30:.1f} GiB of memory is available; lower the context size with -c/--ctx-size"
-            )
         return KVCache(n_layers, capacity, n_kv_heads, head_dim, dtype=np.float32, xp=np)
 
     def decode_blocks(self, model):
@@ -62,22 +60,22 @@ class NumpyBackend:
         log_norm = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
         return rows[np.arange(len(targets)), targets] - log_norm
 
-    def embedding(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        return table[ids]  # (n, d)
+    def embedding(self, table: HostMatrix, ids: np.ndarray) -> np.ndarray:
+        return table.rows(ids)  # (n, d)
 
     def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         # x: (n, d) float32; mean of squares in float32 as llama.cpp does
         inv_rms = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))
         return (x * inv_rms) * w
 
-    def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        return x @ w.T  # (n, in) @ (in, out) -> (n, out); w.T is a free transposed view
+    def linear(self, x: np.ndarray, w: HostMatrix) -> np.ndarray:
+        return w.matmul_t(x)  # (n, in) @ (in, out) -> (n, out)
 
     def linear_group(self, x: np.ndarray, ws) -> list[np.ndarray]:
-        return [x @ w.T for w in ws]
+        return [w.matmul_t(x) for w in ws]
 
-    def add_linear(self, x: np.ndarray, a: np.ndarray, w: np.ndarray) -> np.ndarray:
-        return x + a @ w.T
+    def add_linear(self, x: np.ndarray, a: np.ndarray, w: HostMatrix) -> np.ndarray:
+        return x + w.matmul_t(a)
 
     def add_bias(self, y: np.ndarray, b: np.ndarray) -> np.ndarray:
         return y + b  # (n, out) + (out,)

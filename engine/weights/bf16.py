@@ -2,7 +2,7 @@
 
     to_bf16_bits(x)      float -> uint16 bits, rounded to nearest even (as ggml and torch round); NaN stays a
                          quiet NaN (its payload dropped)
-    from_bf16_bits(b)    uint16 bits -> float32, exact
+    from_bf16_bits(b)    uint16 bits -> float32, exact (into `out` when given)
 """
 from __future__ import annotations
 
@@ -16,5 +16,11 @@ def to_bf16_bits(x, xp=np):
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(xp.uint16)
 
 
-def from_bf16_bits(bits, xp=np):
-    return (xp.asarray(bits).astype(xp.uint32) << 16).view(xp.float32)
+def from_bf16_bits(bits, xp=np, out=None):
+    """bits -> float32; into `out` (float32, bits' shape) when given, without a temporary."""
+    if out is None:
+        return (xp.asarray(bits).astype(xp.uint32) << 16).view(xp.float32)
+    widened = out.view(xp.uint32)
+    xp.copyto(widened, bits)
+    widened <<= 16
+    return out

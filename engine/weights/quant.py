@@ -253,11 +253,14 @@ _BLOCK_DECODERS: dict[GGMLType, Callable[[np.ndarray, np.ndarray], None]] = {
 _BLOCKS_PER_STEP = 8192
 
 
-def dequantize(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...]) -> np.ndarray:
+def dequantize(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], out: np.ndarray | None = None
+               ) -> np.ndarray:
     """Decode the bytes of a tensor (or of k whole rows of one) into float32 of `shape`.
 
     raw: uint8 array of exactly tensor_nbytes(t, shape) bytes (any shape, C-contiguous).
-    F32 comes back as a zero-copy (read-only if `raw` is) view; other types as a new array.
+    out: a C-contiguous float32 array of `shape` to decode into (a reused scratch buffer), or None: then
+    F32 comes back as a zero-copy (read-only if `raw` is) view and other types as a new array.
+    Rows decode independently: decoding a row range gives the same values as the rows of the whole tensor.
     """
     t = GGMLType(t)
     shape = tuple(int(d) for d in shape)
@@ -269,18 +272,26 @@ def dequantize(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...]) -> np
         raise ModelFormatError(
             f"{t.name} tensor of shape {shape} needs {expected} bytes, got {flat.size}"
         )
+    if out is not None and (out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous):
+        raise ValueError(f"dequantize: out must be C-contiguous float32 of shape {shape}, got {out.dtype} {out.shape}")
     if t == GGMLType.F32:
-        return flat.view("<f4").reshape(shape)
+        values = flat.view("<f4").reshape(shape)
+        if out is None:
+            return values
+        np.copyto(out, values)
+        return out
+    result = np.empty(shape, dtype=np.float32) if out is None else out
     if t == GGMLType.F16:
-        return flat.view("<f2").astype(np.float32).reshape(shape)
+        np.copyto(result, flat.view("<f2").reshape(shape))
+        return result
     if t == GGMLType.BF16:
-        return from_bf16_bits(flat.view("<u2")).reshape(shape)
-
+        return from_bf16_bits(flat.view("<u2").reshape(shape), out=result)
     per_block, block_bytes = _LAYOUTS[t]
     decode = _BLOCK_DECODERS[t]
     blocks = flat.reshape(-1, block_bytes)
-    out = np.empty((blocks.shape[0], per_block), dtype=np.float32)
+    decoded = result.reshape(blocks.shape[0], per_block)
     for start in range(0, blocks.shape[0], _BLOCKS_PER_STEP):
         stop = start + _BLOCKS_PER_STEP
-        decode(blocks[start:stop], out[start:stop])
-    return out.reshape(shape)
+        decode(blocks[start:stop], decoded[start:stop])
+    return result
+

@@ -1,0 +1,257 @@
+"""One memory plan: what a model needs on a device at a context, checked against what the device has.
+
+Rows, in bytes, for a model (config + loader weights), a context, a device ("cpu" | "cuda") and the
+activation dtype ("f32" on the CPU, "f16" | "bf16" on CUDA):
+  weights      as stored. CPU: the tensors' bytes (memory-mapped from the file; a GGUF's Q/K rows are
+               reordered into a copy at load), vectors as float32. CUDA: each tensor in the encoding it
+               keeps on the device (cuda/weights.device_bytes).
+  copies       CPU: float32 copies of the matrices not stored F32, when kept (``f32_copies``; by default
+               only when the whole plan with them takes at most half of the available memory).
+               CUDA: the 16-bit prefill copies of a small model (cuda/weights.planned_fp16_copies).
+  KV cache     2 (K, V) x layers x context x KV heads x head_dim x (4 bytes CPU | 2 bytes CUDA)
+  scratch      CPU: one dequantized block of rows (host_weights.SCRATCH_BYTES) unless every matrix is
+               float32. CUDA: the largest matrix (Q/K/V and gate/up fused where their encodings agree) as
+               16-bit values, unless prefill copies are kept.
+  activations  one prefill batch, min(prefill batch, context) tokens, through a layer: residual stream,
+               norm, Q/K/V, attention output, gate/up/product (CPU also: the attention tiles)
+  logits       one slab of ``logits_rows`` rows: the logits and their log-softmax temporaries
+  runtime      CPU only: the interpreter, numpy and the tokenizer tables (a fixed allowance)
+Available: MemAvailable on the CPU, free GPU memory (plus CuPy's pooled free blocks) on CUDA
+(``available_bytes``, the one place that asks the machine). ``require`` refuses a plan that does not
+fit, naming the rows, the largest context that fits and, on the CPU, --device cuda where a GPU is usable.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig
+from .backends.host_weights import SCRATCH_BYTES
+from .backends.numpy_backend import NumpyBackend
+from .errors import ContextError, DeviceError
+from .weights.quant import GGMLType
+
+GiB = 2 ** 30
+LOGITS_SLAB_BYTES = 256 << 20  # logits (and their log-softmax temporaries) held at once
+RUNTIME_BYTES = 256 << 20  # CPU: interpreter, numpy, tokenizer
+COMFORT_FRACTION = 0.5  # float32 copies by default only when the plan with them takes at most this share
+UNKNOWN_MEMORY_F32_BUDGET = 1 << 30  # ... or, where available memory is unknown, when they take at most this
+ATTENTION_TILE = 128 * 256  # CPU: query rows x keys of one attention tile (dca.blockwise_attention)
+
+
+def prefill_batch(device: str) -> int:
+    """Tokens per forward during prefill: the backend's prefill_batch."""
+    if device == "cpu":
+        return NumpyBackend.prefill_batch
+    from .backends.cuda import CudaBackend
+
+    return CudaBackend.prefill_batch
+
+
+def logit_bytes(device: str) -> int:
+    """Bytes per logit held while scoring: float32 logits + float64 log-softmax copies on the CPU
+    (NumpyBackend.target_logprobs), float32 logits + two float32 temporaries on CUDA."""
+    return 4 + 8 + 8 if device == "cpu" else 4 + 4 + 4
+
+
+def logits_rows(vocab_size: int, device: str) -> int:
+    """Rows of logits to hold at once (LLM.logits / token_logprobs slabs): LOGITS_SLAB_BYTES worth, at least
+    one, at most a prefill batch."""
+    return max(1, min(prefill_batch(device), LOGITS_SLAB_BYTES // (vocab_size * logit_bytes(device))))
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    device: str  # "cpu" | "cuda"
+    dtype: str  # "f32" | "f16" | "bf16"
+    context: int
+    f32_copies: bool  # CPU: float32 copies of the matrices kept
+    weights: int
+    copies: int
+    kv_cache: int
+    scratch: int
+    activations: int
+    logits: int
+    runtime: int
+    kv_per_token: int
+    activations_per_token: int
+    activations_fixed: int
+
+    @property
+    def total(self) -> int:
+        return (self.weights + self.copies + self.kv_cache + self.scratch + self.activations + self.logits
+                + self.runtime)
+
+    def rows(self) -> list[tuple[str, int]]:
+        """(label, bytes) of every non-empty row, in the plan's order."""
+        copies = "float32 copies" if self.device == "cpu" else f"{self.dtype} prefill copies"
+        rows = [("weights as stored", self.weights), (copies, self.copies), ("KV cache", self.kv_cache),
+                ("scratch", self.scratch), ("activations", self.activations), ("logits", self.logits),
+                ("runtime", self.runtime)]
+        return [(label, n) for label, n in rows if n]
+
+    def describe(self) -> str:
+        """'weights as stored 0.09 + KV cache 0.04 + ... = 0.51 GiB'."""
+        return " + ".join(f"{label} {n / GiB:.2f}" for label, n in self.rows()) + f" = {self.total / GiB:.2f} GiB"
+
+    def at_context(self, context: int) -> MemoryPlan:
+        """The same model and device at another context."""
+        tokens = min(context, prefill_batch(self.device))
+        return dataclasses.replace(self, context=context, kv_cache=self.kv_per_token * context,
+                                   activations=self.activations_fixed + self.activations_per_token * tokens)
+
+
+def plan_memory(config: ModelConfig, weights, context: int, device: str, dtype: str = "f32",
+                f32_copies: bool | None = None, available: int | None = None) -> MemoryPlan:
+    """The plan for loader `weights` of `config` at `context` tokens on `device` with activations of `dtype`.
+
+    f32_copies (CPU): keep float32 copies of the matrices; None: when the whole plan with them takes at most
+    COMFORT_FRACTION of `available` bytes (unknown: when the copies take at most UNKNOWN_MEMORY_F32_BUDGET).
+    """
+    if device == "cpu":
+        plan = _cpu_plan(config, weights, context, keep=True)
+        if f32_copies is None:
+            f32_copies = _comfortable(plan.total, plan.copies, available)
+        return plan if f32_copies else _cpu_plan(config, weights, context, keep=False)
+    return _cuda_plan(config, weights, context, dtype)
+
+
+def f32_copies_fit(weights, available: int | None = None) -> bool:
+    """Whether float32 copies of these loader weights fit comfortably by themselves (no KV cache counted):
+    the default of a NumpyBackend used without a plan (api.load decides with the whole plan)."""
+    copies, stored = _cpu_weight_bytes(weights)
+    return _comfortable(stored + copies, copies, available_bytes("cpu") if available is None else available)
+
+
+def _comfortable(total: int, copies: int, available: int | None) -> bool:
+    """Whether float32 copies are kept by default: a plan of `total` bytes with them takes at most
+    COMFORT_FRACTION of the available memory (unknown: the copies take at most UNKNOWN_MEMORY_F32_BUDGET)."""
+    if available is None:
+        return copies <= UNKNOWN_MEMORY_F32_BUDGET
+    return total <= COMFORT_FRACTION * available
+
+
+def _cpu_weight_bytes(weights) -> tuple[int, int]:
+    """(float32 copies, as stored) bytes of loader weights on the CPU backend."""
+    copies = stored = 0
+    for w in weights.values():
+        n = int(np.prod(w.shape))
+        if len(w.shape) != 2:
+            stored += 4 * n  # vectors are dequantized to float32 at load
+            continue
+        stored += int(w.raw.nbytes)
+        if w.ggml_type != GGMLType.F32:
+            copies += 4 * n
+    return copies, stored
+
+
+def _cpu_plan(config: ModelConfig, weights, context: int, keep: bool) -> MemoryPlan:
+    c = config
+    copies, stored = _cpu_weight_bytes(weights)
+    f32_matrices_only = copies == 0
+    per_token = 4 * (6 * c.d_model + (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim + 3 * c.ffn_dim)
+    attention_tiles = 4 * 4 * c.n_heads * ATTENTION_TILE  # scores, probabilities, mask, rotated queries
+    plan = MemoryPlan(
+        device="cpu", dtype="f32", context=context, f32_copies=keep, weights=stored, copies=copies if keep else 0,
+        kv_cache=0, scratch=0 if keep or f32_matrices_only else SCRATCH_BYTES, activations=0,
+        logits=logits_rows(c.vocab_size, "cpu") * c.vocab_size * logit_bytes("cpu"), runtime=RUNTIME_BYTES,
+        kv_per_token=2 * c.n_layers * c.n_kv_heads * c.head_dim * 4, activations_per_token=per_token,
+        activations_fixed=attention_tiles)
+    return plan.at_context(context)
+
+
+def _cuda_plan(config: ModelConfig, weights, context: int, dtype: str) -> MemoryPlan:
+    from .backends.cuda.weights import device_bytes, device_type, planned_fp16_copies
+
+    c = config
+    stored = sum(device_bytes(w) for w in weights.values())
+    copies = planned_fp16_copies(weights, dtype)
+    as_stored = GGMLType.F16 if dtype == "f16" else GGMLType.BF16
+    scratch = 0 if copies else 2 * max((rows * cols for rows, cols, t in _cuda_matrices(c, weights, device_type)
+                                        if t != as_stored), default=0)
+    per_token = 2 * 4 * c.d_model + 2 * (c.d_model + (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+                                         + 3 * c.ffn_dim)
+    plan = MemoryPlan(
+        device="cuda", dtype=dtype, context=context, f32_copies=False, weights=stored, copies=copies, kv_cache=0,
+        scratch=scratch, activations=0, logits=logits_rows(c.vocab_size, "cuda") * c.vocab_size * logit_bytes("cuda"),
+        runtime=0, kv_per_token=2 * c.n_layers * c.n_kv_heads * c.head_dim * 2, activations_per_token=per_token,
+        activations_fixed=0)
+    return plan.at_context(context)
+
+
+def _cuda_matrices(c: ModelConfig, weights, device_type):
+    """(rows, cols, device type) of each matrix a CUDA prefill product dequantizes whole: a layer's Q/K/V and
+    gate/up as one when their device encodings agree (CudaBackend.prepare_weights fuses them), the rest alone."""
+    groups = [(f"blk.{i}.{name}",) for i in range(c.n_layers) for name in ("attn_output", "ffn_down")]
+    for i in range(c.n_layers):
+        for group in (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up")):
+            names = tuple(f"blk.{i}.{g}" for g in group)
+            types = {device_type(weights[n].ggml_type) for n in names}
+            groups += [names] if len(types) == 1 else [(n,) for n in names]
+    groups += [(name,) for name in ("output", "token_embd") if name in weights]
+    for names in groups:
+        parts = [weights[n] for n in names]
+        yield sum(int(p.shape[0]) for p in parts), int(parts[0].shape[1]), device_type(parts[0].ggml_type)
+
+
+def available_bytes(device: str) -> int | None:
+    """Memory the device can still give: MemAvailable on the CPU; on CUDA free GPU memory plus CuPy's pooled
+    free blocks. None where the system does not say."""
+    if device == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
+    try:
+        import cupy
+
+        free, _total = cupy.cuda.runtime.memGetInfo()
+        return int(free) + int(cupy.get_default_memory_pool().free_bytes())
+    except Exception:  # no CuPy, no driver: unknown
+        return None
+
+
+def largest_context(plan: MemoryPlan, available: int) -> int:
+    """The largest context (< plan.context) whose plan fits in `available` bytes; 0 if none does."""
+    low, high = 0, plan.context - 1  # invariant: low fits (0 meaning none found), high + 1 does not
+    while low < high:
+        mid = (low + high + 1) // 2
+        if plan.at_context(mid).total <= available:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def require(plan: MemoryPlan, available: int | None, what: str | None = None, advice: str | None = None) -> None:
+    """Raise, naming the numbers, when `plan` does not fit in `available` bytes (None: unknown, no check).
+
+    ContextError when a smaller context fits (giving the largest), DeviceError when not even one token does.
+    what: how the message names the request (default: "a context of N tokens"); advice: what to do when a
+    smaller context fits (default: the largest such context as -c).
+    """
+    if available is None or plan.total <= available:
+        return
+    what = what or f"a context of {plan.context} tokens"
+    where = "on the CPU" if plan.device == "cpu" else f"on the GPU ({plan.dtype})"
+    message = f"{what}: {plan.describe()} needed {where}, but only {available / GiB:.2f} GiB is available"
+    fits = largest_context(plan, available)
+    other_device = _other_device_advice(plan)
+    if fits == 0:
+        raise DeviceError(f"{message}; the model does not fit even with a context of 1 token" + other_device)
+    raise ContextError(f"{message}; {advice or f'the largest context that fits is {fits} tokens: use -c {fits}'}"
+                       + other_device)
+
+
+def _other_device_advice(plan: MemoryPlan) -> str:
+    if plan.device != "cpu":
+        return ""
+    from .backends import cuda_unavailable_reason
+
+    return ", or run it on the GPU with --device cuda" if cuda_unavailable_reason() is None else ""
