@@ -37,7 +37,8 @@ class Llama:
     def forward(self, tokens: np.ndarray, cache: KVCache, logits_for: str = "all") -> Any:
         """Run n new tokens through the model, appending them to the cache.
 
-        tokens: (n,) int ids; logits_for: "all" -> (n, vocab), "last" -> (1, vocab), "none" -> None.
+        tokens: (n,) int ids; logits_for: "all" -> (n, vocab), "last" -> (1, vocab), "none" -> None,
+        "hidden" -> the (n, d) final residual stream, for ``head`` to turn into logits a slab of rows at a time.
         """
         n = len(tokens)
         cache.check_room(n)
@@ -67,5 +68,10 @@ class Llama:
             x = ops.add_linear(x, ops.swiglu(gate, up), self.w[p + "ffn_down"])
         if logits_for == "none":
             return None
-        rows = x[-1:] if logits_for == "last" else x
-        return ops.linear(ops.rmsnorm(rows, self.w["output_norm"], c.norm_eps), self.output)
+        if logits_for == "hidden":
+            return x
+        return self.head(x[-1:] if logits_for == "last" else x)
+
+    def head(self, x: Any) -> Any:
+        """Final norm and output head: (n, d) residual rows -> (n, vocab) logits."""
+        return self.backend.linear(self.backend.rmsnorm(x, self.w["output_norm"], self.config.norm_eps), self.output)
