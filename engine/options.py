@@ -32,12 +32,12 @@ MODEL_HELP = "GGUF file or HF folder (default: SmolLM2-135M-Instruct Q4_1 from l
 
 @dataclass(frozen=True)
 class LoadSettings:
-    """engine.load's arguments (same names, the command line's defaults)."""
+    """engine.load's arguments (same names, the command line's defaults), in the order of the options."""
 
     model: Path | None = None
+    context: int | None = None
     device: str = "auto"
     dtype: str = "auto"
-    context: int | None = None
     dca: str = "auto"
     dca_chunk_size: int | None = None
     dca_local_window: int | None = None
