@@ -28,7 +28,7 @@ from .sampling import SamplingParams
 
 DCA_MODES = ("auto", "on", "off")
 _SAMPLING = SamplingParams()  # the defaults of generate()'s sampling arguments
-LOGIT_SLAB_BYTES = 64 * 2**20  # float32 logits held at once by logits() and token_logprobs()
+LOGIT_SLAB_BYTES = 256 * 2**20  # float32 logits held at once by logits() and token_logprobs()
 
 
 def slab_rows(vocab_size: int) -> int:

@@ -231,19 +231,25 @@ def hf_results(path: Path, prompts: list[int], n_gen: int, depths: list[int], re
 
 def load_bench_model(settings: LoadSettings, synthetic: bool) -> tuple[LLM, str]:
     """The model under test, loaded by engine.load, and its label. synthetic: random weights with the shapes
-    and matrix type of settings.model (SmolLM2-135M's, Q4_1 with a Q8_0 embedding, when no model is given)."""
+    and matrix type of settings.model (SmolLM2-135M's, Q4_1 with a Q8_0 embedding, when no model is given).
+
+    The LLM's own context-sized KV cache is released: each test allocates a cache of its size (new_cache),
+    as llama-bench does.
+    """
     resolve_dtype(settings.dtype, resolve_device(settings.device))  # refuse a wrong --dtype before reading
     if not synthetic:
-        llm = settings.load()
-        return llm, llm.loaded.path.name
-    if settings.model is None:
+        llm, label = settings.load(), None
+    elif settings.model is None:
         loaded = LoadedModel(Path("synthetic"), "synthetic", SMOLLM2_CONFIG, None, synthetic_weights(SMOLLM2_CONFIG))
-        return settings.load(loaded), SMOLLM2_CONFIG.name
-    real = open_model(settings.model)
-    types = {w.ggml_type for n, w in real.weights.items() if n.startswith("blk.") and len(w.shape) == 2}
-    matrix_type = next(iter(types)) if len(types) == 1 else GGMLType.Q4_1
-    loaded = dataclasses.replace(real, weights=synthetic_weights(real.config, matrix_type))
-    return settings.load(loaded), f"{real.path.name} (synthetic weights)"
+        llm, label = settings.load(loaded), SMOLLM2_CONFIG.name
+    else:
+        real = open_model(settings.model)
+        types = {w.ggml_type for n, w in real.weights.items() if n.startswith("blk.") and len(w.shape) == 2}
+        matrix_type = next(iter(types)) if len(types) == 1 else GGMLType.Q4_1
+        llm = settings.load(dataclasses.replace(real, weights=synthetic_weights(real.config, matrix_type)))
+        label = f"{real.path.name} (synthetic weights)"
+    llm.cache = None
+    return llm, label or llm.loaded.path.name
 
 
 def _ints(text: str) -> list[int]:
@@ -279,7 +285,6 @@ def bench(settings: LoadSettings, synthetic, n_prompt, n_gen, depth, repetitions
         raise ConfigError(f"context of {settings.context} tokens is shorter than the longest test ({longest} "
                           f"tokens); raise -c or drop it")
     llm, label = load_bench_model(dataclasses.replace(settings, context=settings.context or longest), synthetic)
-    llm.cache = None  # the tests allocate caches of their own sizes (as llama-bench does); free the context's
     model, backend, dca = llm.model, llm.backend, llm.dca
     activations = activation_dtype(backend)
     ubatch = ubatch or backend.prefill_batch

@@ -37,13 +37,15 @@ timeout 90 $PY - <<'PYEOF' 2>&1 | tee "$LOG/decode_profile.log"
 # Registers / local memory of the main kernels, and the decode step (graph replay) fused vs op by op.
 import time, numpy as np, cupy
 from engine.backends.cuda.kernels import function
-from engine.bench import build_model, new_cache
+from engine.bench import load_bench_model, new_cache
+from engine.options import LoadSettings
 from engine.sampling import SamplingParams
 for f, k in [("dca_decode", "dca_decode_64_f16"), ("decode", "dec_qkv_q4_1"), ("decode", "dec_gateup_q4_1"),
              ("quant", "gemv_q4_1"), ("sampling", "sample_token")]:
     a = function(f, k).attributes
     print(f"{k}: {a['num_regs']} regs, {a['local_size_bytes']} B local, {a['shared_size_bytes']} B static smem")
-model, backend, label, dca = build_model(None, True, "cuda", 33000, "on")
+llm, label = load_bench_model(LoadSettings(device="cuda", context=33000, dca="on"), synthetic=True)
+model, backend = llm.model, llm.backend
 for depth in (512, 32768):
     for fused in (True, False):
         cache = new_cache(model, depth + 600)
