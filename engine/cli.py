@@ -10,7 +10,6 @@ from pathlib import Path
 
 import click
 
-from . import api
 from .api import plan
 from .backends import resolve_device, resolve_dtype
 from .bench import bench
