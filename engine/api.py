@@ -28,6 +28,13 @@ from .rope import RotaryTable
 from .sampling import SamplingParams
 
 DCA_MODES = ("auto", "on", "off")
+_SAMPLING = SamplingParams()  # the defaults of generate()'s sampling arguments
+LOGIT_SLAB_BYTES = 256 * 2**20  # float32 logits held at once by logits() and token_logprobs()
+
+
+def slab_rows(vocab_size: int) -> int:
+    """Rows of float32 logits that fit in LOGIT_SLAB_BYTES (at least one)."""
+    return max(1, LOGIT_SLAB_BYTES // (4 * vocab_size))
 
 
 @dataclass
@@ -67,12 +74,30 @@ class LLM:
             backend.f32_copies = self.memory.f32_copies
         # allocated once for the whole context (fixed buffers)
         self.cache = backend.new_cache(c.n_layers, context, c.n_kv_heads, c.head_dim)
-        # With DCA, query positions never exceed chunk_size; without, they run to the context end.
-        n_positions = dca.chunk_size + 1 if dca else context
-        rotary = RotaryTable(self.config.rope, n_positions, context=context)
-        self.model = Llama(self.config, backend.prepare_weights(loaded.weights), backend, rotary, dca,
-                           attention_temperature)
+        self.attention_temperature = attention_temperature
+        self._weights = backend.prepare_weights(loaded.weights)
+        self.model = self._new_model(context)
         self.last_stats = GenerationStats()
+
+    def _new_model(self, rope_context: int) -> Llama:
+        """The forward pass of self.config's RoPE and self.dca over the prepared weights."""
+        # With DCA, query positions never exceed chunk_size; without, they run to the context end.
+        n_positions = self.dca.chunk_size + 1 if self.dca else self.context
+        rotary = RotaryTable(self.config.rope, n_positions, context=rope_context)
+        return Llama(self.config, self._weights, self.backend, rotary, self.dca, self.attention_temperature)
+
+    def relayout(self, dca: str | DCAConfig | None = "auto", dca_chunk_size: int | None = None,
+                 dca_local_window: int | None = None, rope_scaling: str | None = None,
+                 rope_scale: float | None = None, rope_context: int | None = None) -> None:
+        """Switch DCA and the RoPE scaling (load's arguments of the same names) without reloading the weights
+        or reallocating the cache: the evaluations load once and run every (method, length) cell this way.
+
+        The RoPE override applies to the model's configuration as it is now. rope_context: the context length
+        in use, which dynamic NTK scales to (default: the whole context).
+        """
+        self.config, _, self.dca = plan(self.config, self.context, dca, dca_chunk_size, dca_local_window,
+                                        rope_scaling, rope_scale)
+        self.model = self._new_model(self.context if rope_context is None else rope_context)
 
     @property
     def device(self) -> str:
@@ -95,27 +120,42 @@ class LLM:
         return self.cache
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """Full-sequence prefill from an empty cache: (len(ids), vocab) float32 logits."""
+        """Full-sequence prefill from an empty cache: (len(ids), vocab) float32 logits.
+
+        The returned array is the only full-size one: each prefill batch's logits are computed a slab of
+        rows at a time (``_logit_slabs``) and copied into it.
+        """
         ids = self._check_ids(ids)
         cache = self.new_cache()
         cache.check_room(len(ids))
-        batch = self.backend.prefill_batch
-        rows = [self.backend.to_numpy(self.model.forward(ids[i:i + batch], cache))
-                for i in range(0, len(ids), batch)]
-        return np.concatenate(rows).astype(np.float32, copy=False)
+        out = np.empty((len(ids), self.config.vocab_size), dtype=np.float32)
+        for start, logits in self._logit_slabs(ids, cache, len(ids)):
+            out[start:start + logits.shape[0]] = self.backend.to_numpy(logits)
+        return out
 
     def token_logprobs(self, ids: Sequence[int]) -> np.ndarray:
-        """log p(ids[t+1] | ids[:t+1]) for t = 0 .. n-2: (n-1,) float64, holding one batch of logits at a time."""
+        """log p(ids[t+1] | ids[:t+1]) for t = 0 .. n-2: (n-1,) float64, holding one slab of logits at a time."""
         ids = self._check_ids(ids)
         cache = self.new_cache()
-        out = []
-        batch = self.backend.prefill_batch
+        cache.check_room(len(ids))
+        out = np.empty(len(ids) - 1, dtype=np.float64)
+        for start, logits in self._logit_slabs(ids, cache, len(ids) - 1):
+            out[start:start + logits.shape[0]] = self.backend.target_logprobs(
+                logits, ids[start + 1:start + 1 + logits.shape[0]])
+        return out
+
+    def _logit_slabs(self, ids: np.ndarray, cache: KVCache, n_rows: int) -> Iterator[tuple[int, object]]:
+        """Prefill ids into the cache; yield (row, logits of rows row .. row+k-1) for the first n_rows positions.
+
+        k <= slab_rows(vocab) whatever the prefill batch: a (k, vocab) backend array; with the caller's previous
+        one, at most two slabs are alive (the batch's (batch, d) final hidden states are the other buffer).
+        """
+        batch, slab = self.backend.prefill_batch, slab_rows(self.config.vocab_size)
         for i in range(0, len(ids), batch):
-            targets = ids[i + 1:i + batch + 1]  # the next token of each row; none after the last
-            logits = self.model.forward(ids[i:i + batch], cache, logits_for="all" if len(targets) else "none")
-            if len(targets):
-                out.append(self.backend.target_logprobs(logits[:len(targets)], targets))
-        return np.concatenate(out) if out else np.zeros(0)
+            wanted = min(n_rows - i, batch)  # rows of this batch whose logits are asked for
+            hidden = self.model.forward(ids[i:i + batch], cache, logits_for="hidden" if wanted > 0 else "none")
+            for r in range(0, max(wanted, 0), slab):
+                yield i + r, self.model.head(hidden[r:min(r + slab, wanted)])
 
     def prefill(self, ids: Sequence[int], cache: KVCache) -> np.ndarray:
         """Append ids to the cache; the (vocab,) logits of the last one."""
@@ -160,13 +200,15 @@ class LLM:
                 token = decoder.step(token)
         stats.generation_seconds = time.perf_counter() - t0
 
-    def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,
-                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-                 repeat_last_n: int = 64, seed: int | None = None, chat: bool = False,
-                 system: str | None = None) -> Iterator[str]:
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 128,
+                 temperature: float = _SAMPLING.temperature, top_k: int = _SAMPLING.top_k,
+                 top_p: float = _SAMPLING.top_p, min_p: float = _SAMPLING.min_p,
+                 repeat_penalty: float = _SAMPLING.repeat_penalty, repeat_last_n: int = _SAMPLING.repeat_last_n,
+                 seed: int | None = _SAMPLING.seed, chat: bool = False, system: str | None = None) -> Iterator[str]:
         """Stream text pieces (never a broken UTF-8 character) of the continuation of `prompt`.
 
         chat=True renders the prompt as a user message through the model's chat template.
+        Sampling defaults are SamplingParams' (llama.cpp's).
         """
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
         ids = self.prompt_ids(prompt, chat=chat, system=system)
@@ -245,11 +287,11 @@ def plan(config: ModelConfig, context: int | None, dca: str | DCAConfig | None, 
     return config, context, resolve_dca(dca, context, config.context_length, dca_chunk_size, dca_local_window)
 
 
-def load(model: str | Path | None = None, device: str = "cpu", context: int | None = None,
+def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", context: int | None = None,
          dca: str | DCAConfig | None = "auto", dca_chunk_size: int | None = None,
          dca_local_window: int | None = None, rope_scaling: str | None = None, rope_scale: float | None = None,
          attention_temperature: bool = False, dtype: str = "auto", f32_copies: bool | None = None) -> LLM:
-    """Load a GGUF file or HF folder (default: the default model) onto a device.
+    """Load a GGUF file or HF folder (default: the default model), or an opened LoadedModel, onto a device.
 
     dtype: activation dtype on CUDA, "auto" (bf16 when the model's matrices are stored BF16, else f16),
     "f16" or "bf16"; the CPU backend computes in float32 (an explicit dtype there is a ConfigError).
@@ -261,7 +303,7 @@ def load(model: str | Path | None = None, device: str = "cpu", context: int | No
     Memory: the plan (LLM.memory) is checked first; ContextError/DeviceError name the numbers when it does not fit.
     """
     t0 = time.perf_counter()
-    loaded = open_model(default_model_path() if model is None else model)
+    loaded = model if isinstance(model, LoadedModel) else open_model(default_model_path() if model is None else model)
     backend = get_backend(device, dtype, loaded.weights)
     if backend.name == "cpu":
         backend.f32_copies = f32_copies

@@ -1,7 +1,7 @@
 """`engine bench`: llama-bench-style throughput of prompt processing (ppN) and generation (tgN).
 
-    engine bench [-m MODEL | --synthetic] [-p 512,8192,32768] [-n 128] [-d 0,32768] [-r 3]
-                 [--device auto|cpu|cuda] [--dtype auto|f16|bf16] [--dca auto|on|off] [--json]
+    engine bench [-m MODEL] [--synthetic] [-p 512,8192,32768] [-n 128] [-d 0,32768] [-r 3] [--json]
+                 [the load options of generate: -c, --device, --dtype, --dca*, --rope-*, --attn-temperature]
 
 ppN: N prompt tokens into an empty cache (no logits), tokens/s. tgN @ dD: N greedy decode steps after
 a D-token context, through the backend's decode loop (on the GPU a CUDA graph, already captured: the
@@ -14,6 +14,7 @@ attention, on the GPU when there is one) runs the same tests in the same run and
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -24,12 +25,14 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .backends import DTYPE_HELP, DTYPES, activation_dtype
+from .api import LLM
+from .backends import activation_dtype, resolve_device, resolve_dtype
 from .config import ModelConfig, RopeConfig
 from .default_model import default_model_path
-from .errors import EngineError
-from .loader import WeightTensor
+from .errors import ConfigError, EngineError
+from .loader import LoadedModel, WeightTensor, open_model
 from .models.family import family
+from .options import LoadSettings, load_options
 from .weights.bf16 import to_bf16_bits
 from .weights.quant import GGMLType, tensor_nbytes
 
@@ -222,33 +225,27 @@ def hf_results(path: Path, prompts: list[int], n_gen: int, depths: list[int], re
     return results
 
 
-def build_model(model_path, synthetic: bool, device: str, context: int, dca_mode: str, dtype: str = "auto"):
-    """(Llama, backend, description, DCA config) for the bench; dtype: the CUDA activation dtype (--dtype)."""
-    from .api import resolve_dca
-    from .backends import get_backend, resolve_device, resolve_dtype
-    from .models import Llama
-    from .rope import RotaryTable
+def load_bench_model(settings: LoadSettings, synthetic: bool) -> tuple[LLM, str]:
+    """The model under test, loaded by engine.load, and its label. synthetic: random weights with the shapes
+    and matrix type of settings.model (SmolLM2-135M's, Q4_1 with a Q8_0 embedding, when no model is given).
 
-    resolve_dtype(dtype, resolve_device(device))  # refuse a wrong --dtype before reading the model
-    if synthetic and model_path is None:
-        config, loaded_weights, label = SMOLLM2_CONFIG, None, SMOLLM2_CONFIG.name
+    The LLM's own context-sized KV cache is released: each test allocates a cache of its size (new_cache),
+    as llama-bench does.
+    """
+    resolve_dtype(settings.dtype, resolve_device(settings.device))  # refuse a wrong --dtype before reading
+    if not synthetic:
+        llm, label = settings.load(), None
+    elif settings.model is None:
+        loaded = LoadedModel(Path("synthetic"), "synthetic", SMOLLM2_CONFIG, None, synthetic_weights(SMOLLM2_CONFIG))
+        llm, label = settings.load(loaded), SMOLLM2_CONFIG.name
     else:
-        from .default_model import default_model_path
-        from .loader import open_model
-
-        loaded = open_model(model_path or default_model_path())
-        config, loaded_weights, label = loaded.config, loaded.weights, loaded.path.name
-    if synthetic:
-        types = {} if loaded_weights is None else {w.ggml_type for n, w in loaded_weights.items() if n.startswith("blk.")
-                                                   and len(w.shape) == 2}
+        real = open_model(settings.model)
+        types = {w.ggml_type for n, w in real.weights.items() if n.startswith("blk.") and len(w.shape) == 2}
         matrix_type = next(iter(types)) if len(types) == 1 else GGMLType.Q4_1
-        loaded_weights = synthetic_weights(config, matrix_type)
-        label += " (synthetic weights)" if "random" not in label else ""
-    backend = get_backend(device, dtype, loaded_weights)
-    dca = resolve_dca(dca_mode, context, config.context_length)
-    rotary = RotaryTable(config.rope, dca.chunk_size + 1 if dca else context, context=context)
-    model = Llama(config, backend.prepare_weights(loaded_weights), backend, rotary, dca)
-    return model, backend, label, dca
+        llm = settings.load(dataclasses.replace(real, weights=synthetic_weights(real.config, matrix_type)))
+        label = f"{real.path.name} (synthetic weights)"
+    llm.cache = None
+    return llm, label or llm.loaded.path.name
 
 
 def _ints(text: str) -> list[int]:
@@ -259,7 +256,7 @@ def _ints(text: str) -> list[int]:
 
 
 @click.command("bench")
-@click.option("-m", "--model", "model_path", default=None, help="GGUF file or HF folder (default model if omitted)")
+@load_options
 @click.option("--synthetic", is_flag=True, help="random weights with the model's (or SmolLM2-135M's) shapes and types")
 @click.option("-p", "--n-prompt", default="512,8192,32768", show_default=True, help="prompt lengths (ppN)")
 @click.option("-n", "--n-gen", default=128, show_default=True, help="generated tokens (tgN)")
@@ -267,21 +264,24 @@ def _ints(text: str) -> list[int]:
 @click.option("-r", "--repetitions", default=3, show_default=True)
 @click.option("-ub", "--ubatch", type=int, default=None,
               help="tokens per forward during prefill  [default: the backend's prefill batch, as generate uses]")
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
-@click.option("--dtype", default="auto", type=click.Choice(DTYPES), show_default=True, help=DTYPE_HELP)
-@click.option("--dca", "dca_mode", default="auto", type=click.Choice(["auto", "on", "off"]), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
 @click.option("--hf/--no-hf", default=True, show_default=True,
               help="also measure HF transformers on the same model (when torch and transformers import)")
-def bench(model_path, synthetic, n_prompt, n_gen, depth, repetitions, ubatch, device, dtype, dca_mode, as_json,
-          hf):
-    """Prompt-processing and generation throughput, llama-bench style."""
+def bench(settings: LoadSettings, synthetic, n_prompt, n_gen, depth, repetitions, ubatch, as_json, hf):
+    """Prompt-processing and generation throughput, llama-bench style.
+
+    The model is laid out for -c tokens (default: the longest test); each test runs in a KV cache of its own size.
+    """
     prompts, depths = _ints(n_prompt), _ints(depth)
     if repetitions < 1 or n_gen < 1 or (ubatch is not None and ubatch < 1) or any(p < 1 for p in prompts) \
             or any(d < 0 for d in depths):
         raise click.BadParameter("lengths, repetitions and ubatch must be positive")
-    context = max(prompts + [d + n_gen + 1 for d in depths])
-    model, backend, label, dca = build_model(model_path, synthetic, device, context, dca_mode, dtype)
+    longest = max(prompts + [d + n_gen + 1 for d in depths])
+    if settings.context is not None and settings.context < longest:
+        raise ConfigError(f"context of {settings.context} tokens is shorter than the longest test ({longest} "
+                          f"tokens); raise -c or drop it")
+    llm, label = load_bench_model(dataclasses.replace(settings, context=settings.context or longest), synthetic)
+    model, backend, dca = llm.model, llm.backend, llm.dca
     activations = activation_dtype(backend)
     ubatch = ubatch or backend.prefill_batch
     rng = np.random.default_rng(0)
@@ -290,7 +290,7 @@ def bench(model_path, synthetic, n_prompt, n_gen, depth, repetitions, ubatch, de
     rows = [r.row() for r in results]
     hf_rows = None
     if hf and not synthetic and hf_available():
-        path = Path(model_path) if model_path is not None else default_model_path()
+        path = Path(settings.model) if settings.model is not None else default_model_path()
         hf_rows = [r.row() for r in hf_results(path, prompts, n_gen, depths, repetitions, rng)]
         for row, theirs in zip(rows, hf_rows):
             row["hf_tokens_per_s"] = theirs["tokens_per_s"]

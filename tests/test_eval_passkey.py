@@ -15,16 +15,16 @@ from engine.default_model import locate_default_model
 from engine.errors import ConfigError, ContextError
 from engine.eval import passkey as passkey_module
 from engine.eval.commands import eval_group
-from engine.eval.methods import MethodOptions
 from engine.eval.passkey import (FILLER, INTRO, KEY_LINE, QUESTION, build_prompt, is_correct, make_keys,
                                  plan_passkey, run_passkey)
 from engine.loader import open_model
+from engine.options import LoadSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_tiny_model import TinySpec, make_tiny_model  # noqa: E402
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-OPTIONS = MethodOptions(dca_chunk_size=96, dca_local_window=32)
+SETTINGS = dict(device="cpu", dca_chunk_size=96, dca_local_window=32)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,8 @@ def test_run_scores_the_answers(tiny, monkeypatch):
         yield from self.tokenize(f" {key if self.dca is not None else '00000'}. Remember")
 
     monkeypatch.setattr(LLM, "generate_ids", oracle)
-    plan = plan_passkey(tiny, (300, 400), (0.0, 1.0), ("rope", "dca"), trials=2, seed=3, max_new_tokens=5,
-                        options=OPTIONS)
+    plan = plan_passkey(LoadSettings(model=tiny, **SETTINGS), (300, 400), (0.0, 1.0), ("rope", "dca"), trials=2,
+                        seed=3, max_new_tokens=5)
     cells = list(run_passkey(plan))
     assert [(c.length, c.method, c.depth) for c in cells] == [
         (n, m, d) for n in (300, 400) for m in ("rope", "dca") for d in (0.0, 1.0)]

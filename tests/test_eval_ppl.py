@@ -4,6 +4,7 @@ A tiny random model (training context 256) with DCA chunk_size 96 / local_window
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -18,9 +19,10 @@ import engine
 
 from engine.api import LLM
 from engine.errors import ConfigError, ContextError
+from engine.options import LoadSettings
 from engine.eval import ppl as ppl_module
 from engine.eval.commands import eval_group
-from engine.eval.methods import METHODS, MethodOptions, load_kwargs, parse_depths, parse_lengths, parse_methods
+from engine.eval.methods import METHODS, method_settings, parse_depths, parse_lengths, parse_methods
 from engine.eval.ppl import plan_ppl, run_ppl, windows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -28,7 +30,7 @@ from make_tiny_model import TRAINING_TEXT, TinySpec, make_tiny_model  # noqa: E4
 
 L = 256  # training context of the tiny model
 DCA_ARGS = ["--dca-chunk-size", "96", "--dca-local-window", "32"]
-OPTIONS = MethodOptions(dca_chunk_size=96, dca_local_window=32)
+SETTINGS = LoadSettings(device="cpu", dca_chunk_size=96, dca_local_window=32)
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +48,21 @@ def text_file(tmp_path_factory) -> Path:
 
 # ---- methods ---------------------------------------------------------------------------------
 
-def test_load_kwargs_within_training_context_are_plain_rope():
+def test_method_settings_within_training_context_are_plain_rope():
     for method in METHODS:
-        kw = load_kwargs(method, 200, L, OPTIONS)
-        assert kw["rope_scale"] == 1.0
-        assert kw["dca"] == ("on" if method.startswith("dca") else "off")
+        cell = method_settings(method, 200, L, SETTINGS)
+        assert cell.rope_scale == 1.0
+        assert cell.dca == ("on" if method.startswith("dca") else "off")
 
 
-def test_load_kwargs_beyond_training_context():
+def test_method_settings_beyond_training_context():
     expected = {"rope": ("none", 1.0), "pi": ("linear", 4.0), "ntk": ("ntk", 4.0), "dynamic": ("dynamic", 1.0),
                 "yarn": ("yarn", 4.0), "dca": ("none", 1.0), "dca+ntk": ("ntk", 2.0)}
     for method, (scaling, factor) in expected.items():
-        kw = load_kwargs(method, 4 * L, L, OPTIONS)
-        assert (kw["rope_scaling"], kw["rope_scale"]) == (scaling, factor), method
-    assert load_kwargs("dca", 4 * L, L, OPTIONS)["dca_chunk_size"] == 96
-    assert load_kwargs("dca+ntk", 4 * L, L, MethodOptions(ntk_factor=3.0))["rope_scale"] == 3.0
+        cell = method_settings(method, 4 * L, L, SETTINGS)
+        assert (cell.rope_scaling, cell.rope_scale) == (scaling, factor), method
+        assert cell.dca_chunk_size == 96 and cell.device == "cpu"  # the rest comes from the run's settings
+    assert method_settings("dca+ntk", 4 * L, L, SETTINGS, ntk_factor=3.0).rope_scale == 3.0
 
 
 def test_parsers():
@@ -73,7 +75,7 @@ def test_parsers():
         with pytest.raises(ConfigError, match=words):
             parser(bad)
     with pytest.raises(ConfigError, match="unknown method"):
-        load_kwargs("alibi", 64, L)
+        method_settings("alibi", 64, L)
 
 
 # ---- windows ---------------------------------------------------------------------------------
@@ -107,7 +109,7 @@ def recorded_calls(monkeypatch):
 
 def test_every_method_scores_the_same_windows(tiny, text_file, recorded_calls):
     lengths, n_windows = (64, 320), 2
-    plan = plan_ppl(tiny, [text_file], lengths, METHODS, n_windows, OPTIONS)
+    plan = plan_ppl(dataclasses.replace(SETTINGS, model=tiny), [text_file], lengths, METHODS, n_windows)
     cells = list(run_ppl(plan))
     assert [(c.length, c.method) for c in cells] == [(n, m) for n in lengths for m in METHODS]
     ids = plan.texts[0].ids
@@ -117,8 +119,8 @@ def test_every_method_scores_the_same_windows(tiny, text_file, recorded_calls):
         for method in METHODS:
             group = [next(calls) for _ in range(n_windows)]
             np.testing.assert_array_equal(np.stack([call[3] for call in group]), expected)
-            kw = load_kwargs(method, n, L, OPTIONS)
-            assert all(call[:3] == (kw["rope_scaling"], kw["rope_scale"], kw["dca"] == "on") for call in group)
+            cell = method_settings(method, n, L, SETTINGS)
+            assert all(call[:3] == (cell.rope_scaling, cell.rope_scale, cell.dca == "on") for call in group)
     assert all(c.n_tokens == n_windows * (c.length - 1) for c in cells)
     nll = {(c.method, c.length): c.nll for c in cells}
     # at 64 tokens (<= chunk_len, <= L) every method is plain causal RoPE attention
@@ -131,7 +133,7 @@ def test_every_method_scores_the_same_windows(tiny, text_file, recorded_calls):
 
 
 def test_nll_is_the_mean_of_next_token_log_likelihoods(tiny, text_file):
-    plan = plan_ppl(tiny, [text_file], [96], ["rope"], 2)
+    plan = plan_ppl(LoadSettings(model=tiny, device="cpu"), [text_file], [96], ["rope"], 2)
     (cell,) = run_ppl(plan)
     llm = engine.load(tiny, device="cpu", context=96, dca="off")
     total = 0.0

@@ -15,12 +15,14 @@ cd "$(dirname "$0")/.."
 # minus the same run once the kernels are cached
 CUPY_CACHE_DIR=$(mktemp -d) ENGINE_CACHE_DIR=$(mktemp -d) $PY - <<'PYEOF' 2>&1 | tee "$LOG/compile.log"
 import time, cupy, numpy as np
-from engine.bench import build_model, new_cache
+from engine.bench import load_bench_model, new_cache
+from engine.options import LoadSettings
 from engine.sampling import SamplingParams
 props = cupy.cuda.runtime.getDeviceProperties(0)
 print(f"device: {props['name'].decode()} sm_{props['major']}{props['minor']}, CuPy {cupy.__version__}, "
       f"NVRTC {cupy.cuda.nvrtc.getVersion()}")
-model, backend, label, dca = build_model(None, True, "cuda", 2048, "off")
+llm, label = load_bench_model(LoadSettings(device="cuda", context=2048, dca="off"), synthetic=True)
+model, backend = llm.model, llm.backend
 def run():
     t0 = time.perf_counter()
     cache = new_cache(model, 1024)
@@ -48,7 +50,8 @@ timeout 90 $PY - <<'PYEOF' 2>&1 | tee "$LOG/decode_profile.log"
 # Registers / local memory of the main kernels, and the decode step (graph replay) fused vs op by op.
 import time, numpy as np, cupy
 from engine.backends.cuda.kernels import function
-from engine.bench import build_model, new_cache
+from engine.bench import load_bench_model, new_cache
+from engine.options import LoadSettings
 from engine.sampling import SamplingParams
 from engine.backends.cuda import flash_attention as fa
 f, k, i = fa.decode_build(64)
@@ -56,7 +59,8 @@ print(f"{k}: {function(f, k, 'f16', instance=i).num_regs} regs")
 for f, k in [("decode", "dec_qkv_q4_1"), ("decode", "dec_gateup_q4_1"), ("quant", "gemv_q4_1"), ("sampling", "sample_token")]:
     a = function(f, k).attributes
     print(f"{k}: {a['num_regs']} regs, {a['local_size_bytes']} B local, {a['shared_size_bytes']} B static smem")
-model, backend, label, dca = build_model(None, True, "cuda", 33000, "on")
+llm, label = load_bench_model(LoadSettings(device="cuda", context=33000, dca="on"), synthetic=True)
+model, backend = llm.model, llm.backend
 for depth in (512, 32768):
     for fused in (True, False):
         cache = new_cache(model, depth + 600)

@@ -19,7 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.bench import _prefill, build_model, new_cache  # noqa: E402
+from engine.bench import _prefill, load_bench_model, new_cache  # noqa: E402
+from engine.options import LoadSettings  # noqa: E402
 
 OPS = ("embedding", "linear", "rmsnorm", "add", "add_linear", "linear_group", "swiglu", "store_kv",
        "attention")
@@ -142,7 +143,9 @@ def main() -> None:
     args = parser.parse_args()
     import cupy as cp
 
-    model, backend, label, dca = build_model(None, True, "cuda", max(args.tokens, args.long) + 256, "on")
+    llm, label = load_bench_model(LoadSettings(device="cuda", context=max(args.tokens, args.long) + 256, dca="on"),
+                                  synthetic=True)
+    model, backend, dca = llm.model, llm.backend, llm.dca
     print(f"model: {label}; DCA {dca}")
     for ubatch in (int(u) for u in args.ubatch.split(",")):
         profile(model, backend, cp, args.tokens, ubatch)

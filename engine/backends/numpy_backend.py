@@ -54,11 +54,12 @@ class NumpyBackend:
         return np.asarray(x)
 
     def target_logprobs(self, logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """log softmax(logits[r])[targets[r]] per row: (n,) float64 on the host."""
-        rows = logits.astype(np.float64)
-        top = rows.max(axis=1)
-        log_norm = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
-        return rows[np.arange(len(targets)), targets] - log_norm
+        """log softmax(logits[r])[targets[r]] per row: (n,) float64 on the host (one float64 copy of the rows)."""
+        rows = logits.astype(np.float64)  # (n, vocab)
+        top = rows.max(axis=1, keepdims=True)
+        picked = rows[np.arange(len(targets)), targets] - top[:, 0]
+        rows -= top
+        return picked - np.log(np.exp(rows, out=rows).sum(axis=1))
 
     def embedding(self, table: HostMatrix, ids: np.ndarray) -> np.ndarray:
         return table.rows(ids)  # (n, d)

@@ -1,14 +1,14 @@
 """Long-context evaluation: perplexity by length and passkey retrieval, per context-extension method.
 
-    methods.py   the methods (rope, pi, ntk, dynamic, yarn, dca, dca+ntk) as engine.load(...) arguments
+    methods.py   the methods (rope, pi, ntk, dynamic, yarn, dca, dca+ntk) as engine.load settings
     ppl.py       token windows and their perplexity          passkey.py   prompt builder, greedy answers
     budget.py    memory and flops estimates                   progress.py  progress bar with time estimates
     report.py    tables, JSON (schema in its docstring), plots
     commands.py  the click group ``eval_group``: `engine eval ppl`, `engine eval passkey`
 """
-from .methods import METHODS, MethodOptions, load_kwargs
+from .methods import METHODS, method_settings
 from .passkey import PasskeyCell, PasskeyPlan, build_prompt, plan_passkey, run_passkey
 from .ppl import PplCell, PplPlan, plan_ppl, run_ppl, windows
 
-__all__ = ["METHODS", "MethodOptions", "load_kwargs", "PasskeyCell", "PasskeyPlan", "build_prompt", "plan_passkey",
+__all__ = ["METHODS", "method_settings", "PasskeyCell", "PasskeyPlan", "build_prompt", "plan_passkey",
            "run_passkey", "PplCell", "PplPlan", "plan_ppl", "run_ppl", "windows"]

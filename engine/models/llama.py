@@ -80,7 +80,8 @@ class Llama:
     def forward(self, tokens: np.ndarray, cache: "KVCache", logits_for: str = "all") -> Any:
         """Run n new tokens through the model, appending them to the cache.
 
-        tokens: (n,) int ids; logits_for: "all" -> (n, vocab), "last" -> (1, vocab), "none" -> None.
+        tokens: (n,) int ids; logits_for: "all" -> (n, vocab), "last" -> (1, vocab), "none" -> None,
+        "hidden" -> the (n, d) final residual stream, for ``head`` to turn into logits a slab of rows at a time.
         """
         n = len(tokens)
         cache.check_room(n)
@@ -98,6 +99,8 @@ class Llama:
             x = blocks.mlp_block(index, layer, x)
         if logits_for == "none":
             return None
+        if logits_for == "hidden":
+            return x
         return blocks.head(x[-1:] if logits_for == "last" else x)
 
     # ------------------------------------------------------------------- the blocks, from primitive ops
