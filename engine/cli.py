@@ -69,15 +69,20 @@ def cli() -> None:
 @click.option("-s", "--seed", type=int, default=-1, show_default=True, help="random seed (-1 = random)")
 @click.option("--chat", is_flag=True, help="wrap the prompt in the model's chat template")
 @click.option("-sys", "--system-prompt", "system", default=None, help="system message (with --chat)")
+@click.option("--prompt-cache", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="session file: reuse the cached prefix of the prompt when it exists, save the session after")
 def generate(model, ctx_size, device, dtype, dca, dca_chunk_size, dca_local_window, rope_scaling, rope_scale,
              attn_temperature, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
-             repeat_last_n, seed, chat, system) -> None:
+             repeat_last_n, seed, chat, system, prompt_cache) -> None:
     """Generate text from a prompt, streamed to stdout; speeds go to stderr."""
     text = _read_prompt(prompt, prompt_file)
     llm = api.load(model, device=device, context=ctx_size, dca=dca, dca_chunk_size=dca_chunk_size,
                    dca_local_window=dca_local_window, rope_scaling=rope_scaling, rope_scale=rope_scale,
                    attention_temperature=attn_temperature, dtype=dtype)
-    pieces = llm.generate(text, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+    session = llm.session() if prompt_cache is not None else None
+    if session is not None and prompt_cache.exists():
+        session.load(prompt_cache)
+    pieces = (session or llm).generate(text, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                           repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                           seed=None if seed < 0 else seed, chat=chat, system=system)
     for piece in pieces:
@@ -86,6 +91,10 @@ def generate(model, ctx_size, device, dtype, dca, dca_chunk_size, dca_local_wind
     click.echo()
     sys.stdout.flush()
     s = llm.last_stats
+    if session is not None:
+        session.save(prompt_cache)
+        click.echo(f"prompt cache: {s.cached_tokens} of {s.prompt_tokens} prompt tokens reused; "
+                   f"{len(session.tokens)} tokens saved to {prompt_cache}", err=True)
     click.echo(
         f"load: {llm.load_seconds:.2f} s | prompt: {s.prompt_tokens} tokens, {s.prompt_seconds:.2f} s, "
         f"{s.prompt_tokens_per_second:.1f} tokens/s | generation: {s.generated_tokens} tokens, "
