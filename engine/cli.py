@@ -213,6 +213,23 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     return prompt
 
 
+@cli.command()
+@_model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("-a", "--alias", default=None, help="model name in the API (default: the model file's name)")
+def serve(model, ctx_size, device, dtype, dca, dca_chunk_size, dca_local_window, rope_scaling, rope_scale,
+          attn_temperature, host, port, alias) -> None:
+    """OpenAI-compatible HTTP server (needs the `server` extra); one sequence at a time, prompt prefixes reused."""
+    from .server.command import run_server
+
+    path = Path(model) if model is not None else default_model_path()
+    run_server(lambda: api.load(path, device=device, context=ctx_size, dca=dca, dca_chunk_size=dca_chunk_size,
+                                dca_local_window=dca_local_window, rope_scaling=rope_scaling,
+                                rope_scale=rope_scale, attention_temperature=attn_temperature, dtype=dtype),
+               alias or path.name.removesuffix(".gguf"), host, port)
+
+
 cli.add_command(eval_group)
 cli.add_command(bench)
 cli.add_command(convert)
