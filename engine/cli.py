@@ -224,10 +224,38 @@ def serve(model, ctx_size, device, dtype, dca, dca_chunk_size, dca_local_window,
     from .server.command import run_server
 
     path = Path(model) if model is not None else default_model_path()
-    run_server(lambda: api.load(path, device=device, context=ctx_size, dca=dca, dca_chunk_size=dca_chunk_size,
-                                dca_local_window=dca_local_window, rope_scaling=rope_scaling,
-                                rope_scale=rope_scale, attention_temperature=attn_temperature, dtype=dtype),
+    run_server(lambda: _load(path, ctx_size, device, dtype, dca, dca_chunk_size, dca_local_window, rope_scaling,
+                             rope_scale, attn_temperature),
                alias or path.name.removesuffix(".gguf"), host, port)
+
+
+@cli.command()
+@_model_options
+@click.option("-sys", "--system-prompt", "system", default=None, help="system message")
+def chat(model, ctx_size, device, dtype, dca, dca_chunk_size, dca_local_window, rope_scaling, rope_scale,
+         attn_temperature, system, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed) -> None:
+    """Interactive chat with the model's template: only new messages are prefilled; /help lists the commands.
+    Reads one message per line when stdin is not a terminal."""
+    from .chat_cli import run_chat, terminal_io
+
+    llm = _load(model, ctx_size, device, dtype, dca, dca_chunk_size, dca_local_window, rope_scaling, rope_scale,
+                attn_temperature)
+    sampling = {"temperature": temp, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+                "repeat_penalty": repeat_penalty, "repeat_last_n": repeat_last_n, "seed": None if seed < 0 else seed}
+    run_chat(llm.session(system=system), n_predict, sampling, *terminal_io())
+
+
+# chat samples with generate's options, as they are declared there
+chat.params += [p for p in generate.params if p.name in (
+    "n_predict", "temp", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")]
+
+
+def _load(model, ctx_size, device, dtype, dca, dca_chunk_size, dca_local_window, rope_scaling, rope_scale,
+          attn_temperature) -> api.LLM:
+    """api.load with the values of _model_options."""
+    return api.load(model, device=device, context=ctx_size, dca=dca, dca_chunk_size=dca_chunk_size,
+                    dca_local_window=dca_local_window, rope_scaling=rope_scaling, rope_scale=rope_scale,
+                    attention_temperature=attn_temperature, dtype=dtype)
 
 
 cli.add_command(eval_group)

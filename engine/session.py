@@ -22,7 +22,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .errors import EngineError
 from .sampling import SamplingParams
 
 
@@ -71,24 +70,23 @@ class Session:
 
     # -------------------------------------------------------------------------------------- chat
     def chat(self, message: str, max_tokens: int = 1024, **sampling: Any) -> Iterator[str]:
-        """Answer a user message, given the chat so far; the answer (as far as it got) joins the chat."""
+        """Answer a user message, given the chat so far; the answer, as far as it got, joins the chat (a message
+        refused or stopped before any answer, a prompt beyond the context for one, leaves the chat as it was)."""
         params = SamplingParams(**sampling)
         self.messages.append({"role": "user", "content": message})
-        try:
-            ids = self.llm.chat_ids(self.messages)
-            tokens = self.generate_ids(ids, max_tokens, params)
-            first = next(tokens, None)  # bad input (a prompt beyond the context) is refused here
-        except EngineError:
-            self.messages.pop()
-            raise
         answer: list[str] = []
+        finished = False
         try:
-            for piece in self.llm.text_stream(_chain(first, tokens)):
+            tokens = self.generate_ids(self.llm.chat_ids(self.messages), max_tokens, params)
+            for piece in self.llm.text_stream(tokens):
                 answer.append(piece)
                 yield piece
+            finished = True
         finally:
-            tokens.close()
-            self.messages.append({"role": "assistant", "content": "".join(answer)})
+            if finished or answer:
+                self.messages.append({"role": "assistant", "content": "".join(answer)})
+            else:
+                self.messages.pop()
 
     def clear(self) -> None:
         """Forget the sequence and the chat (the system message stays)."""
@@ -122,10 +120,3 @@ class Session:
 
     def _first_messages(self) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.system}] if self.system else []
-
-
-def _chain(first: int | None, rest: Iterator[int]) -> Iterator[int]:
-    """first (when there is one), then rest."""
-    if first is not None:
-        yield first
-    yield from rest

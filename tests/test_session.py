@@ -113,3 +113,6 @@ def test_chat_turns_reuse_the_previous_turns(model_path):
     assert session.last_stats.prompt_tokens == len(llm.chat_ids(session.messages[:4]))
     session.clear()
     assert session.messages == [{"role": "system", "content": "Be brief."}] and session.tokens == []
+    with pytest.raises(ContextError):
+        "".join(session.chat("hello " * 300))  # beyond the context: refused, the chat stays as it was
+    assert session.messages == [{"role": "system", "content": "Be brief."}]
