@@ -69,6 +69,13 @@ def test_chat_answers_like_the_api_and_the_next_turn_reuses_the_cache(client, ll
         llm.generate(llm.chat_ids(follow_up), max_tokens=8, temperature=0))
 
 
+def test_ignore_eos_generates_max_tokens(client):
+    answer = chat(client, QUESTION, max_tokens=12).json()  # "The capital of France is Paris." then the end
+    assert answer["choices"][0]["finish_reason"] == "stop" and answer["usage"]["completion_tokens"] < 12
+    forced = chat(client, QUESTION, max_tokens=12, ignore_eos=True).json()
+    assert forced["choices"][0]["finish_reason"] == "length" and forced["usage"]["completion_tokens"] == 12
+
+
 def test_streamed_chat_equals_the_whole_answer(client):
     whole = chat(client, QUESTION).json()
     chunks, done = events(chat(client, QUESTION, stream=True, stream_options={"include_usage": True}))

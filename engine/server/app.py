@@ -11,7 +11,7 @@ Requests run one at a time in arrival order (an asyncio lock, FIFO); each runs o
 a request whose prompt shares a prefix with the previous sequence (the next turn of a chat, another question
 about the same document) prefills only the rest; ``usage.prompt_tokens_details.cached_tokens`` says how much
 was reused. Model work runs in a worker thread, one token at a time, so a client that disconnects stops its
-generation at the next token. Every refused request gets an OpenAI-style error body and a 4xx status.
+generation at the next token (decoding runs in its own thread and never waits for the network). Every refused request gets an OpenAI-style error body and a 4xx status.
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable
 
+import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -82,7 +83,7 @@ class Generation:
     def __init__(self, state: ServerState, job: Job):
         self.state = state
         self.tokens = state.session.generate_ids(job.prompt_ids, job.max_tokens, job.sampling,
-                                                 progress=_log_progress)
+                                                 stop_ids=[] if job.ignore_eos else None, progress=_log_progress)
         self.pieces = state.llm.text_stream(self.tokens)
         self.matcher = StopMatcher(job.stop)
         self.finish_reason: str | None = None
@@ -146,14 +147,41 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _stream(state: ServerState, job: Job, head: dict[str, Any]) -> Iterator[str]:
+async def _texts(generation: Generation) -> AsyncIterator[str]:
+    """The generation's texts as a worker thread produces them: decoding never waits for the network. When the
+    consumer stops (a client disconnected), the worker stops at the next token and is waited for."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            while not stop.is_set() and (text := generation.next_text()) is not None:
+                loop.call_soon_threadsafe(queue.put_nowait, text)
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+        except BaseException as e:  # handed to the consumer
+            loop.call_soon_threadsafe(queue.put_nowait, e)
+
+    worker = loop.run_in_executor(None, work)
+    try:
+        while (item := await queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        with anyio.CancelScope(shield=True):
+            await worker
+
+
+async def _stream(state: ServerState, job: Job, head: dict[str, Any]) -> AsyncIterator[str]:
     chunk_object = "chat.completion.chunk" if job.chat else "text_completion"
     async with state.lock:
         generation = Generation(state, job)
         try:
             if job.chat:
                 yield _sse({**head, "object": chunk_object, "choices": [_choice(job, "", None, first=True)]})
-            while (text := await run_in_threadpool(generation.next_text)) is not None:
+            async for text in _texts(generation):
                 yield _sse({**head, "object": chunk_object, "choices": [_choice(job, text, None)]})
             yield _sse({**head, "object": chunk_object, "choices": [_choice(job, None, generation.finish_reason)]})
             if job.include_usage:

@@ -3,7 +3,7 @@
 Fields read (others are ignored, as llama.cpp's server does): model (optional; must name the served model),
 prompt (completions: a string or a list of token ids), messages (chat), max_tokens / max_completion_tokens,
 temperature, top_p, seed, stop (a string or up to 16), stream, stream_options.include_usage, n (only 1), and
-llama.cpp's top_k, min_p, repeat_penalty, repeat_last_n. Omitted sampling fields take the engine's defaults.
+llama.cpp's top_k, min_p, repeat_penalty, repeat_last_n and ignore_eos (generate max_tokens, for benchmarks). Omitted sampling fields take the engine's defaults.
 A wrong type or value is an ApiError (HTTP 4xx), as is a prompt that does not fit the context with max_tokens:
 nothing is truncated.
 """
@@ -46,6 +46,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    ignore_eos: bool = False
     prompt_ids: list[int] = field(default_factory=list)
 
 
@@ -73,6 +74,7 @@ def parse_job(body: Any, chat: bool, model_name: str) -> Job:
     job.sampling = _sampling(body)
     job.stop = _stops(body.get("stop"))
     job.stream = _typed(body.get("stream", False), bool, "stream")
+    job.ignore_eos = _typed(body.get("ignore_eos", False), bool, "ignore_eos")
     options = body.get("stream_options")
     if options is not None:
         if not isinstance(options, dict):
