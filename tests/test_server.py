@@ -90,6 +90,23 @@ def test_streamed_chat_equals_the_whole_answer(client):
         QUESTION)) - 1  # the same prompt again: all but its last token come from the cache
 
 
+def test_stream_reports_prompt_progress_when_asked(client, llm, monkeypatch):
+    monkeypatch.setattr(llm.backend, "prefill_batch", 16)
+    prompt = "Progress is reported once per prefill batch of the prompt, " * 4
+    n_prompt = len(llm.tokenize(prompt))
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True}
+    chunks, done = events(client.post("/v1/completions", json={**body, "return_progress": True}))
+    progress = [c["prompt_progress"] for c in chunks if "prompt_progress" in c]
+    assert done and len(progress) == -(-n_prompt // 16) and progress[0]["cache"] == 0
+    assert [p["processed"] for p in progress] == [min(16 * (i + 1), n_prompt) for i in range(len(progress))]
+    assert all(p["total"] == n_prompt for p in progress)
+    again, _ = events(client.post("/v1/completions", json={**body, "return_progress": True}))
+    assert [c["prompt_progress"] for c in again if "prompt_progress" in c] == [
+        {"total": n_prompt, "cache": n_prompt - 1, "processed": n_prompt}]
+    plain, _ = events(client.post("/v1/completions", json=body))
+    assert not any("prompt_progress" in c for c in plain)
+
+
 def test_completion_stop_strings_cut_the_text(client):
     prompt = {"prompt": "The list of the first ten numbers: one, two, three,", "max_tokens": 12, "temperature": 0}
     full = client.post("/v1/completions", json=prompt).json()["choices"][0]

@@ -11,7 +11,8 @@ Requests run one at a time in arrival order (an asyncio lock, FIFO); each runs o
 a request whose prompt shares a prefix with the previous sequence (the next turn of a chat, another question
 about the same document) prefills only the rest; ``usage.prompt_tokens_details.cached_tokens`` says how much
 was reused. Model work runs in a worker thread, one token at a time, so a client that disconnects stops its
-generation at the next token (decoding runs in its own thread and never waits for the network). Every refused request gets an OpenAI-style error body and a 4xx status.
+generation at the next token; a stream with "return_progress": true gets llama.cpp-style
+``prompt_progress`` chunks (total, cache, processed tokens) while a long prompt is prefilled (decoding runs in its own thread and never waits for the network). Every refused request gets an OpenAI-style error body and a 4xx status.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 import anyio
@@ -83,7 +85,8 @@ class Generation:
     def __init__(self, state: ServerState, job: Job):
         self.state = state
         self.tokens = state.session.generate_ids(job.prompt_ids, job.max_tokens, job.sampling,
-                                                 stop_ids=[] if job.ignore_eos else None, progress=_log_progress)
+                                                 stop_ids=[] if job.ignore_eos else None, progress=self._progress)
+        self.on_progress: Callable[[int, int], None] | None = None  # (prefilled, to prefill), from the worker
         self.pieces = state.llm.text_stream(self.tokens)
         self.matcher = StopMatcher(job.stop)
         self.finish_reason: str | None = None
@@ -121,10 +124,11 @@ class Generation:
             if self.stats is not None:
                 self.state.metrics.generation(self.stats)
 
-
-def _log_progress(done: int, total: int) -> None:
-    if done < total or total > 4096:
-        log.info("prompt: %d / %d tokens prefilled", done, total)
+    def _progress(self, done: int, total: int) -> None:
+        if done < total or total > 4096:
+            log.info("prompt: %d / %d tokens prefilled", done, total)
+        if self.on_progress is not None:
+            self.on_progress(done, total)
 
 
 # ----------------------------------------------------------------------------------------- responses
@@ -147,12 +151,23 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _texts(generation: Generation) -> AsyncIterator[str]:
-    """The generation's texts as a worker thread produces them: decoding never waits for the network. When the
-    consumer stops (a client disconnected), the worker stops at the next token and is waited for."""
+@dataclass
+class Progress:
+    """Prompt processing so far: `done` of the `total` tokens to prefill (the cached ones not counted)."""
+
+    done: int
+    total: int
+
+
+async def _texts(generation: Generation, progress: bool) -> AsyncIterator[str | Progress]:
+    """The generation's texts (and, when asked, its prompt progress) as a worker thread produces them: decoding
+    never waits for the network. When the consumer stops (a client disconnected), the worker stops at the next
+    token and is waited for."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()
+    if progress:
+        generation.on_progress = lambda done, total: loop.call_soon_threadsafe(queue.put_nowait, Progress(done, total))
 
     def work() -> None:
         try:
@@ -181,8 +196,13 @@ async def _stream(state: ServerState, job: Job, head: dict[str, Any]) -> AsyncIt
         try:
             if job.chat:
                 yield _sse({**head, "object": chunk_object, "choices": [_choice(job, "", None, first=True)]})
-            async for text in _texts(generation):
-                yield _sse({**head, "object": chunk_object, "choices": [_choice(job, text, None)]})
+            async for item in _texts(generation, job.return_progress):
+                if isinstance(item, Progress):
+                    cached = len(job.prompt_ids) - item.total
+                    yield _sse({**head, "object": chunk_object, "choices": [], "prompt_progress": {
+                        "total": len(job.prompt_ids), "cache": cached, "processed": cached + item.done}})
+                else:
+                    yield _sse({**head, "object": chunk_object, "choices": [_choice(job, item, None)]})
             yield _sse({**head, "object": chunk_object, "choices": [_choice(job, None, generation.finish_reason)]})
             if job.include_usage:
                 yield _sse({**head, "object": chunk_object, "choices": [], "usage": usage(generation.stats)})

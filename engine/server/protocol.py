@@ -3,7 +3,8 @@
 Fields read (others are ignored, as llama.cpp's server does): model (optional; must name the served model),
 prompt (completions: a string or a list of token ids), messages (chat), max_tokens / max_completion_tokens,
 temperature, top_p, seed, stop (a string or up to 16), stream, stream_options.include_usage, n (only 1), and
-llama.cpp's top_k, min_p, repeat_penalty, repeat_last_n and ignore_eos (generate max_tokens, for benchmarks). Omitted sampling fields take the engine's defaults.
+llama.cpp's top_k, min_p, repeat_penalty, repeat_last_n, ignore_eos (generate max_tokens, for benchmarks) and
+return_progress (streams: prompt progress chunks). Omitted sampling fields take the engine's defaults.
 A wrong type or value is an ApiError (HTTP 4xx), as is a prompt that does not fit the context with max_tokens:
 nothing is truncated.
 """
@@ -47,6 +48,7 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     ignore_eos: bool = False
+    return_progress: bool = False
     prompt_ids: list[int] = field(default_factory=list)
 
 
@@ -75,6 +77,7 @@ def parse_job(body: Any, chat: bool, model_name: str) -> Job:
     job.stop = _stops(body.get("stop"))
     job.stream = _typed(body.get("stream", False), bool, "stream")
     job.ignore_eos = _typed(body.get("ignore_eos", False), bool, "ignore_eos")
+    job.return_progress = _typed(body.get("return_progress", False), bool, "return_progress")
     options = body.get("stream_options")
     if options is not None:
         if not isinstance(options, dict):
