@@ -13,7 +13,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from .loader import LoadedModel, open_model
 from .model import Llama
 from .rope import RotaryTable
 from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .session import Session
 
 DCA_MODES = ("auto", "on", "off")
 
@@ -84,7 +87,7 @@ class LLM:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids)
 
-    def session(self, system: str | None = None):
+    def session(self, system: str | None = None) -> "Session":
         """A Session on this LLM's cache (engine/session.py): prompts sharing a prefix with its sequence
         prefill only the rest. system: the system message of its chat."""
         from .session import Session

@@ -82,9 +82,10 @@ def generate(model, ctx_size, device, dtype, dca, dca_chunk_size, dca_local_wind
     session = llm.session() if prompt_cache is not None else None
     if session is not None and prompt_cache.exists():
         session.load(prompt_cache)
-    pieces = (session or llm).generate(text, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                          repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-                          seed=None if seed < 0 else seed, chat=chat, system=system)
+    source = llm if session is None else session  # a session reuses the file's cached prefix
+    pieces = source.generate(text, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                             seed=None if seed < 0 else seed, chat=chat, system=system)
     for piece in pieces:
         click.echo(piece, nl=False)
         sys.stdout.flush()

@@ -105,7 +105,7 @@ def test_chat_turns_reuse_the_previous_turns(model_path):
     llm = engine.load(model_path, context=256)
     session = llm.session(system="Be brief.")
     answer = "".join(session.chat("Hello there", max_tokens=6, temperature=0))
-    first_prompt = llm.chat_ids([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}])
+    first_prompt = llm.chat_ids(session.messages[:2])
     assert session.messages[-1] == {"role": "assistant", "content": answer}
     "".join(session.chat("And then?", max_tokens=6, temperature=0))
     assert len(session.messages) == 5

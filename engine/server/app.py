@@ -10,9 +10,10 @@
 Requests run one at a time in arrival order (an asyncio lock, FIFO); each runs on the server's one session, so
 a request whose prompt shares a prefix with the previous sequence (the next turn of a chat, another question
 about the same document) prefills only the rest; ``usage.prompt_tokens_details.cached_tokens`` says how much
-was reused. Model work runs in a worker thread, one token at a time, so a client that disconnects stops its
-generation at the next token; a stream with "return_progress": true gets llama.cpp-style
-``prompt_progress`` chunks (total, cache, processed tokens) while a long prompt is prefilled (decoding runs in its own thread and never waits for the network). Every refused request gets an OpenAI-style error body and a 4xx status.
+was reused. Model work runs in its own worker thread, which never waits for the network; a client that
+disconnects stops its generation at the next token. A stream with "return_progress": true also gets
+llama.cpp-style ``prompt_progress`` chunks (total, cache, processed tokens) while its prompt is prefilled.
+Every refused request gets an OpenAI-style error body and a 4xx status.
 """
 from __future__ import annotations
 
