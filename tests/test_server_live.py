@@ -1,6 +1,8 @@
 """`engine serve` over a real socket (uvicorn in a thread): a client that disconnects mid-stream stops the
-generation, and the server goes on serving."""
+generation, and the server goes on serving; a model that cannot load, or a missing extra, is one error."""
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,6 +12,7 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import engine  # noqa: E402
+from engine.errors import ConfigError  # noqa: E402
 from engine.server.app import create_app  # noqa: E402
 
 COUNT = {"prompt": "Counting from one to two hundred: 1, 2, 3, 4, 5,", "max_tokens": 120, "temperature": 0}
@@ -56,3 +59,19 @@ def test_a_disconnect_mid_stream_stops_the_generation(base_url):
         assert whole["usage"]["prompt_tokens_details"]["cached_tokens"] == whole["usage"]["prompt_tokens"] - 1
         first = json.loads(received[0][len("data: "):])["choices"][0]["text"]
         assert first and whole["choices"][0]["text"].startswith(first)
+
+
+def test_serve_stops_with_one_error_when_the_model_cannot_load(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "engine", "serve", "-m", str(tmp_path / "missing.gguf"),
+                             "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing.gguf'}: no such file or directory"
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_without_the_server_extra_is_one_error(monkeypatch):
+    from engine.server.command import run_server
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'engine\[server\]'"):
+        run_server(lambda: None, "smol", "127.0.0.1", 0)
