@@ -166,21 +166,27 @@ def test_generate_with_prompt_cache(paths, tmp_path):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 def test_cuda_session_reuse_and_file_round_trip(tmp_path, dtype):
-    """On the GPU (the decoder keeps token and position in device slots): prefix reuse, then a saved and
-    reloaded session, give the tokens of a fresh prefill."""
+    """On the GPU (the decoder keeps token and position in device slots): the cache after prefix reuse matches a
+    fresh prefill's, and a saved and reloaded session continues bit for bit like the session it was saved from."""
     llm = engine.load(device="cuda", dtype=dtype, dca=engine.DCAConfig(chunk_size=96, local_window=32),
                       context=1024)
     ids = llm.tokenize("The quick brown fox jumps over the lazy dog. " * 30)  # ~300 tokens: several chunks
     other = ids[:200] + llm.tokenize(" A different ending of the text, and a question about it?")
-    expected = list(llm.generate_ids(other, 16, GREEDY))
+    expected = list(llm.generate_ids(other, 8, GREEDY, stop_ids=[]))
+    fresh_k = llm.backend.to_numpy(llm.cache.k[:, :len(other)])  # float32 copies of the 16-bit rows
+    fresh_v = llm.backend.to_numpy(llm.cache.v[:, :len(other)])
     session = llm.session()
-    list(session.generate_ids(ids, 16, GREEDY))
-    assert list(session.generate_ids(other, 16, GREEDY)) == expected
-    assert session.last_stats.cached_tokens == 200
+    list(session.generate_ids(ids, 8, GREEDY, stop_ids=[]))
+    reused = list(session.generate_ids(other, 8, GREEDY, stop_ids=[]))
+    assert session.last_stats.cached_tokens == 200 and reused[:4] == expected[:4]
+    np.testing.assert_allclose(llm.backend.to_numpy(session.cache.k[:, :len(other)]), fresh_k, rtol=0.02, atol=0.02)
+    np.testing.assert_allclose(llm.backend.to_numpy(session.cache.v[:, :len(other)]), fresh_v, rtol=0.02, atol=0.02)
+
     session.save(tmp_path / "s.session")
+    follow = session.tokens + [reused[-1]] + llm.tokenize(" Next.")
+    continued = list(session.generate_ids(follow, 8, GREEDY, stop_ids=[]))
     restored = llm.session()
     llm.logits(ids[:50])  # something else uses the cache in between
     restored.load(tmp_path / "s.session")
-    assert restored.tokens == session.tokens
-    follow = session.tokens + [expected[-1]] + llm.tokenize(" Next.")
-    assert list(restored.generate_ids(follow, 8, GREEDY)) == list(llm.generate_ids(follow, 8, GREEDY))
+    assert list(restored.generate_ids(follow, 8, GREEDY, stop_ids=[])) == continued
+    assert restored.last_stats.cached_tokens == len(follow) - len(llm.tokenize(" Next.")) - 1
