@@ -1,5 +1,7 @@
-"""`engine chat` (engine/chat_cli.py): piped messages through click's CliRunner, the commands, Ctrl-C."""
+"""`engine chat` (engine/chat_cli.py): piped messages through click's CliRunner, the commands, Ctrl-C (simulated,
+and through a pseudo-terminal)."""
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,49 @@ def test_each_turn_prefills_only_the_new_message_and_ctrl_c_stops_an_answer(tiny
     first_turn = len(session.llm.chat_ids(session.messages[:1]))
     assert second.cached_tokens >= first_turn  # the first turn was not prefilled again
     assert len(session.tokens) == session.cache.length and session.cache.owner is session
+
+
+def test_terminal_chat_ctrl_c_stops_the_answer_not_the_program():
+    """Through a pseudo-terminal: the prompt, a streamed answer, Ctrl-C ("[stopped]", the prompt again), /quit."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import subprocess
+    import termios
+
+    def controlled_by_stdin():  # in the child: a new session whose controlling terminal is the pty
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "chat", "-n", "2000", "--temp", "0", "-c", "4096"],
+                            stdin=follower, stdout=follower, stderr=follower, cwd=Path(__file__).parents[1],
+                            preexec_fn=controlled_by_stdin)
+    os.close(follower)
+    seen = b""
+    cursor = 0  # output before it was matched already
+
+    def read_until(marker: bytes, timeout: float = 120.0) -> None:
+        nonlocal seen, cursor
+        deadline = time.monotonic() + timeout
+        while marker not in seen[cursor:] and time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.5)[0]:
+                seen += os.read(leader, 4096)
+        assert marker in seen[cursor:], seen.decode(errors="replace")
+        cursor = seen.index(marker, cursor) + len(marker)
+
+    try:
+        read_until(b"> ")
+        os.write(leader, b"Write a very long story about a dragon.\r")
+        read_until(b"dragon.\r\n")  # the echo of the message
+        read_until(b" ")  # the answer is streaming
+        os.write(leader, b"\x03")  # Ctrl-C, delivered by the terminal as SIGINT
+        read_until(b"[stopped]")
+        read_until(b"> ")
+        os.write(leader, b"/quit\r")
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
