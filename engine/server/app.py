@@ -194,10 +194,11 @@ async def _stream(state: ServerState, job: Job, head: dict[str, Any]) -> AsyncIt
     chunk_object = "chat.completion.chunk" if job.chat else "text_completion"
     async with state.lock:
         generation = Generation(state, job)
+        texts = _texts(generation, job.return_progress)
         try:
             if job.chat:
                 yield _sse({**head, "object": chunk_object, "choices": [_choice(job, "", None, first=True)]})
-            async for item in _texts(generation, job.return_progress):
+            async for item in texts:
                 if isinstance(item, Progress):
                     cached = len(job.prompt_ids) - item.total
                     yield _sse({**head, "object": chunk_object, "choices": [], "prompt_progress": {
@@ -210,8 +211,21 @@ async def _stream(state: ServerState, job: Job, head: dict[str, Any]) -> AsyncIt
         except EngineError as e:
             yield _sse(ApiError(400, str(e)).body())
         finally:
+            await texts.aclose()  # the worker has stopped: the session is consistent, the next request may run
             generation.close()
     yield "data: [DONE]\n\n"
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body iterator however the stream ends (a client that disconnects
+    included), so the generation stops and the lock is released now rather than when the iterator is collected."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
 
 
 # ------------------------------------------------------------------------------------------ handlers
@@ -243,7 +257,7 @@ async def _generate(request: Request, state: ServerState, chat: bool) -> Respons
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": state.model_name}
     if job.stream:
-        return StreamingResponse(_stream(state, job, head), media_type="text/event-stream",
+        return _ClosingStreamingResponse(_stream(state, job, head), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     async with state.lock:
         generation = Generation(state, job)
