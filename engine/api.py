@@ -5,6 +5,7 @@
     logits = llm.logits(ids)                       # (len(ids), vocab) float32
     for piece in llm.generate("prompt", max_tokens=64, temperature=0.0):
         print(piece, end="")
+    session = llm.session()                        # keeps its sequence: a shared prompt prefix is not read again
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from .models import Llama
 from .rope import RotaryTable
 from .sampling import SamplingParams
 
+if TYPE_CHECKING:
+    from .session import Session
+
 DCA_MODES = ("auto", "on", "off")
 _SAMPLING = SamplingParams()  # the defaults of generate()'s sampling arguments
 LOGIT_SLAB_BYTES = 256 * 2**20  # float32 logits held at once by logits() and token_logprobs()
@@ -40,6 +44,7 @@ def slab_rows(vocab_size: int) -> int:
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys/values were already cached (not prefilled again)
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     generation_seconds: float = 0.0
@@ -47,7 +52,8 @@ class GenerationStats:
 
     @property
     def prompt_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+        """Prefilled (not cached) prompt tokens per second."""
+        return (self.prompt_tokens - self.cached_tokens) / self.prompt_seconds if self.prompt_seconds else 0.0
 
     @property
     def generation_tokens_per_second(self) -> float:
@@ -114,6 +120,13 @@ class LLM:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids)
 
+    def session(self, system: str | None = None) -> "Session":
+        """A Session on this LLM's cache (engine/session.py): prompts sharing a prefix with its sequence
+        prefill only the rest. system: the system message of its chat."""
+        from .session import Session
+
+        return Session(self, system=system)
+
     def new_cache(self) -> KVCache:
         """The context's KV cache, emptied. One sequence at a time: a new call discards the previous one."""
         self.cache.reset()
@@ -157,8 +170,12 @@ class LLM:
             for r in range(0, max(wanted, 0), slab):
                 yield i + r, self.model.head(hidden[r:min(r + slab, wanted)])
 
-    def prefill(self, ids: Sequence[int], cache: KVCache) -> np.ndarray:
-        """Append ids to the cache; the (vocab,) logits of the last one."""
+    def prefill(self, ids: Sequence[int], cache: KVCache,
+                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Append ids to the cache; the (vocab,) logits of the last one.
+
+        progress(done, total) is called after each prefill batch (tokens of ids done so far).
+        """
         ids = self._check_ids(ids)
         cache.check_room(len(ids))
         batch = self.backend.prefill_batch
@@ -166,20 +183,32 @@ class LLM:
             piece = ids[i:i + batch]
             last = i + batch >= len(ids)
             logits = self.model.forward(piece, cache, logits_for="last" if last else "none")
+            if progress is not None:
+                progress(min(i + batch, len(ids)), len(ids))
         return self.backend.to_numpy(logits)[0]
 
     def generate_ids(self, prompt_ids: Sequence[int], max_tokens: int = 128,
                      sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] | None = None
                      ) -> Iterator[int]:
-        """Stream generated token ids; the end-of-generation token itself is not yielded."""
+        """Stream generated token ids of a fresh sequence; the end-of-generation token itself is not yielded."""
+        yield from self.generate_on(self.new_cache(), prompt_ids, max_tokens, sampling, stop_ids)
+
+    def generate_on(self, cache: KVCache, prompt_ids: Sequence[int], max_tokens: int = 128,
+                    sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> Iterator[int]:
+        """generate_ids on a cache that already holds the keys/values of prompt_ids[:cache.length] (the caller
+        vouches for them; fewer than len(prompt_ids)): only the rest is prefilled. Afterwards the cache holds
+        the prompt and every generated token but the last (which was never fed back)."""
         if max_tokens < 0:
             raise ConfigError(f"max tokens must be >= 0, got {max_tokens}")
         stops = set(self.tokenizer.stop_ids if stop_ids is None else stop_ids)
-        history = list(prompt_ids)
-        stats = self.last_stats = GenerationStats(prompt_tokens=len(history))
-        cache = self.new_cache()
+        history = [int(i) for i in self._check_ids(prompt_ids)]
+        if cache.length >= len(history):
+            raise ContextError(f"{cache.length} cached tokens leave nothing of the {len(history)}-token prompt "
+                               f"to prefill")
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(history), cached_tokens=cache.length)
         t0 = time.perf_counter()
-        logits = self.prefill(history, cache)
+        logits = self.prefill(history[cache.length:], cache, progress)
         stats.prompt_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         stats.stop_reason = "length"
@@ -212,8 +241,12 @@ class LLM:
         """
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
         ids = self.prompt_ids(prompt, chat=chat, system=system)
+        yield from self.text_stream(self.generate_ids(ids, max_tokens, sampling))
+
+    def text_stream(self, tokens: Iterator[int]) -> Iterator[str]:
+        """Token ids -> text pieces, never a broken UTF-8 character."""
         decoder = self.tokenizer.stream()
-        for token in self.generate_ids(ids, max_tokens, sampling):
+        for token in tokens:
             piece = decoder.push(token)
             if piece:
                 yield piece
@@ -225,12 +258,15 @@ class LLM:
         if not isinstance(prompt, str):
             return list(prompt)
         if chat:
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}]
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            # the template writes BOS itself where the model wants one
-            return self.tokenize(text, add_bos=False)
+            return self.chat_ids(([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}])
         return self.tokenize(prompt)
+
+    def chat_ids(self, messages: Sequence[dict]) -> list[int]:
+        """The token ids of chat messages through the model's template, ready for the assistant's answer."""
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        # the template writes BOS itself where the model wants one
+        return self.tokenize(text, add_bos=False)
 
     def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)

@@ -41,17 +41,28 @@ def cli() -> None:
 @sampling_options
 @click.option("--chat", is_flag=True, help="wrap the prompt in the model's chat template")
 @click.option("-sys", "--system-prompt", "system", default=None, help="system message (with --chat)")
-def generate(settings: LoadSettings, prompt, prompt_file, n_predict, sampling: SamplingParams, chat, system) -> None:
+@click.option("--prompt-cache", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="session file: reuse the cached prefix of the prompt when it exists, save the session after")
+def generate(settings: LoadSettings, prompt, prompt_file, n_predict, sampling: SamplingParams, chat, system,
+             prompt_cache) -> None:
     """Generate text from a prompt, streamed to stdout; speeds go to stderr."""
     text = _read_prompt(prompt, prompt_file)
     llm = settings.load()
-    pieces = llm.generate(text, max_tokens=n_predict, chat=chat, system=system, **dataclasses.asdict(sampling))
+    session = llm.session() if prompt_cache is not None else None
+    if session is not None and prompt_cache.exists():
+        session.load(prompt_cache)
+    source = llm if session is None else session  # a session reuses the file's cached prefix
+    pieces = source.generate(text, max_tokens=n_predict, chat=chat, system=system, **dataclasses.asdict(sampling))
     for piece in pieces:
         click.echo(piece, nl=False)
         sys.stdout.flush()
     click.echo()
     sys.stdout.flush()
     s = llm.last_stats
+    if session is not None:
+        session.save(prompt_cache)
+        click.echo(f"prompt cache: {s.cached_tokens} of {s.prompt_tokens} prompt tokens reused; "
+                   f"{len(session.tokens)} tokens saved to {prompt_cache}", err=True)
     click.echo(
         f"load: {llm.load_seconds:.2f} s | prompt: {s.prompt_tokens} tokens, {s.prompt_seconds:.2f} s, "
         f"{s.prompt_tokens_per_second:.1f} tokens/s | generation: {s.generated_tokens} tokens, "
@@ -184,6 +195,34 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt is None:
         raise ConfigError("no prompt: give one with -p TEXT or -f FILE")
     return prompt
+
+
+@cli.command()
+@load_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("-a", "--alias", default=None, help="model name in the API (default: the model file's name)")
+def serve(settings: LoadSettings, host, port, alias) -> None:
+    """OpenAI-compatible HTTP server (needs the `server` extra); one sequence at a time, prompt prefixes reused."""
+    from .server.command import run_server
+
+    path = Path(settings.model) if settings.model is not None else default_model_path()
+    run_server(lambda: settings.load(path), alias or path.name.removesuffix(".gguf"), host, port)
+
+
+@cli.command()
+@load_options
+@click.option("-sys", "--system-prompt", "system", default=None, help="system message")
+@click.option("-n", "--n-predict", "n_predict", type=int, default=128, show_default=True,
+              help="tokens to generate per answer at most")
+@sampling_options
+def chat(settings: LoadSettings, system, n_predict, sampling: SamplingParams) -> None:
+    """Interactive chat with the model's template: only new messages are prefilled; /help lists the commands.
+    Reads one message per line when stdin is not a terminal."""
+    from .chat_cli import run_chat, terminal_io
+
+    llm = settings.load()
+    run_chat(llm.session(system=system), n_predict, dataclasses.asdict(sampling), *terminal_io())
 
 
 cli.add_command(eval_group)

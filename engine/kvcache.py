@@ -6,6 +6,11 @@ Values are stored as they are. GQA stays grouped: n_kv_heads per token, never re
 
 Layout per layer: k[layer], v[layer] are (capacity, n_kv_heads, head_dim). Buffers are fixed
 for the life of the cache (the decode step of a GPU backend can be captured once).
+
+Because a key's rotation depends only on its own position, the cache of a sequence truncated to
+its first n tokens is exactly the cache a fresh prefill of those n tokens builds: ``truncate(n)``
+only sets the length back (sessions reuse a common prompt prefix this way, engine/session.py).
+``owner`` names the session whose tokens the cache holds (None after ``reset``).
 """
 from __future__ import annotations
 
@@ -22,10 +27,12 @@ class KVCache:
         if capacity <= 0:
             raise ContextError(f"context size must be positive, got {capacity}")
         self.capacity = capacity
+        self.xp = xp
         # (n_layers, capacity, n_kv_heads, head_dim); zeros are allocated lazily by the OS on the CPU
         self.k = xp.zeros((n_layers, capacity, n_kv_heads, head_dim), dtype=dtype)
         self.v = xp.zeros((n_layers, capacity, n_kv_heads, head_dim), dtype=dtype)
         self.length = 0  # tokens committed so far (positions 0 .. length-1)
+        self.owner: object | None = None  # the session whose tokens these are (engine/session.py)
 
     @property
     def free(self) -> int:
@@ -57,3 +64,29 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self.owner = None
+
+    def truncate(self, length: int) -> None:
+        """Keep positions 0 .. length-1 (their rows stay valid as they are), forget the rest."""
+        if not 0 <= length <= self.length:
+            raise ContextError(f"cannot truncate a KV cache of {self.length} tokens to {length}")
+        self.length = length
+
+    def host_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of the used positions as stored (same dtype), on the host:
+        two (n_layers, length, n_kv_heads, head_dim) arrays."""
+        to_host = getattr(self.xp, "asnumpy", np.asarray)
+        n = self.length
+        return np.ascontiguousarray(to_host(self.k[:, :n])), np.ascontiguousarray(to_host(self.v[:, :n]))
+
+    def load_rows(self, k: np.ndarray, v: np.ndarray) -> None:
+        """Replace the content with host keys/values shaped and typed as ``host_rows`` returns them."""
+        n = k.shape[1]
+        expected = (self.k.shape[0], n) + tuple(self.k.shape[2:])
+        if k.shape != expected or v.shape != expected or k.dtype != self.k.dtype or v.dtype != self.v.dtype:
+            raise ContextError(f"KV rows {k.shape} {k.dtype} / {v.shape} {v.dtype} do not fit a cache of "
+                               f"{expected} {np.dtype(self.k.dtype)}")
+        self.check_room(n - self.length)
+        self.k[:, :n] = self.xp.asarray(k)
+        self.v[:, :n] = self.xp.asarray(v)
+        self.length = n

@@ -1,0 +1,164 @@
+"""Session files: a session's token ids, KV cache and chat on disk, so a processed document is restored
+instead of prefilled again (llama.cpp's ``--prompt-cache``). The format is described in docs/session_files.md.
+
+A safetensors file with three tensors (n = the tokens the cache holds):
+    tokens  (n,) int32                                  the ids, in order
+    k, v    (n_layers, n, n_kv_heads, head_dim)         the cache rows as stored: F32 (CPU), F16, or U16 holding
+                                                        bf16 bit patterns (CUDA); keys rotated at their DCA position
+and string metadata: format, format_version, engine_version, messages (the chat, JSON) and the settings
+that decide what the cached rows mean, all of which must match to load: model (a hash of the model's
+header and tensor index, never of its weights), dtype, dca, rope, context, attention_temperature.
+Files are written under a temporary name in the target folder and renamed when complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from .errors import ConfigError, EngineError
+from .weights.gguf import GGUFFile
+from .weights.safetensors import SafetensorsFile
+
+FORMAT = "engine.session"
+FORMAT_VERSION = "1"
+SETTINGS = ("model", "dtype", "dca", "rope", "context", "attention_temperature")
+CACHE_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}  # bf16 as its raw bits
+
+
+class SessionFileError(EngineError):
+    """A session file is unreadable, truncated, malformed, or was made with another model or settings."""
+
+
+def model_identity(path: Path) -> str:
+    """sha256 of what identifies a model cheaply, never all its weights: every file's bytes before the tensor data
+    (GGUF: header, metadata, tensor index; safetensors: the JSON header), the first SAMPLE_BYTES of every tensor
+    (fine-tunes of one architecture differ there), and an HF folder's config.json."""
+    path = Path(path).resolve()
+    files = sorted(path.glob("*.safetensors")) + [path / "config.json"] if path.is_dir() else [path]
+    return _identity(path, tuple(f.stat().st_mtime_ns for f in files))
+
+
+SAMPLE_BYTES = 4096
+
+
+@functools.lru_cache(maxsize=8)
+def _identity(path: Path, mtimes: tuple[int, ...]) -> str:
+    digest = hashlib.sha256()
+    if path.is_dir():
+        digest.update((path / "config.json").read_bytes())
+        files = [SafetensorsFile(shard) for shard in sorted(path.glob("*.safetensors"))]
+    else:
+        files = [GGUFFile(path)]
+    for f in files:
+        data_start = min((t.offset for t in f.tensors.values()), default=0)
+        with open(f.path, "rb") as raw:
+            digest.update(raw.read(data_start))
+        for name in sorted(f.tensors):
+            digest.update(bytes(f.raw(name)[:SAMPLE_BYTES]))
+        f.close()
+    return digest.hexdigest()
+
+
+def session_settings(llm: Any) -> dict[str, str]:
+    """The settings a session file records and must match to be loaded, as strings."""
+    rope = llm.config.rope
+    rope_fields = {f.name: getattr(rope, f.name) for f in dataclasses.fields(rope) if f.name != "freq_factors"}
+    if rope.freq_factors is not None:
+        rope_fields["freq_factors_sha256"] = hashlib.sha256(np.asarray(rope.freq_factors, np.float64)).hexdigest()
+    dca = llm.dca
+    return {
+        "model": model_identity(llm.loaded.path),
+        "dtype": llm.dtype,
+        "dca": "off" if dca is None else f"chunk_size={dca.chunk_size},local_window={dca.local_window}",
+        "rope": json.dumps(rope_fields, sort_keys=True),
+        "context": str(llm.context),
+        "attention_temperature": "on" if llm.model.temperature_length is not None else "off",
+    }
+
+
+def save_session(session: Any, path: Path) -> None:
+    """Write the session's tokens, cache rows and chat to `path` atomically."""
+    from . import __version__
+
+    k, v = session.cache.host_rows()  # (n_layers, n, n_kv_heads, head_dim) each
+    tensors = {"tokens": np.asarray(session.tokens, dtype=np.int32), "k": k, "v": v}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "engine_version": __version__,
+                "messages": json.dumps(session.messages), **session_settings(session.llm)}
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(temporary), metadata=metadata)
+        os.replace(temporary, path)
+    except OSError as e:
+        raise ConfigError(f"cannot write session file {path}: {e.strerror or e}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_session(session: Any, path: Path) -> None:
+    """Replace the session's tokens, cache rows and chat by the file's; SessionFileError when it cannot be."""
+    llm = session.llm
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            _check_metadata(path, metadata, session_settings(llm))
+            missing = {"tokens", "k", "v"} - set(f.keys())
+            if missing:
+                raise SessionFileError(f"{path}: not a complete session file (no {', '.join(sorted(missing))})")
+            tokens, k, v = f.get_tensor("tokens"), f.get_tensor("k"), f.get_tensor("v")
+    except FileNotFoundError:
+        raise SessionFileError(f"{path}: no such session file") from None
+    except (SafetensorError, OSError) as e:
+        raise SessionFileError(f"{path}: not a readable session file (truncated or corrupt: {e})") from None
+    c = llm.config
+    expected = (c.n_layers, len(tokens), c.n_kv_heads, c.head_dim)
+    cache_dtype = CACHE_DTYPES[llm.dtype]
+    if tokens.ndim != 1 or tokens.dtype != np.int32 or k.shape != expected or v.shape != expected \
+            or k.dtype != cache_dtype or v.dtype != cache_dtype:
+        raise SessionFileError(f"{path}: malformed session file (tokens {tokens.shape} {tokens.dtype}, keys "
+                               f"{k.shape} {k.dtype}, values {v.shape} {v.dtype}; expected keys/values {expected} "
+                               f"{np.dtype(cache_dtype)})")
+    if len(tokens) and (tokens.min() < 0 or tokens.max() >= c.vocab_size):
+        raise SessionFileError(f"{path}: malformed session file (token ids outside [0, {c.vocab_size}))")
+    if len(tokens) > llm.context:
+        raise SessionFileError(f"{path}: holds {len(tokens)} tokens, more than the context of {llm.context}")
+    messages = _messages(path, metadata.get("messages", "[]"))
+    session.cache.load_rows(k, v)
+    session.tokens = [int(t) for t in tokens]
+    session.messages = messages
+
+
+def _check_metadata(path: Path, metadata: dict[str, str], settings: dict[str, str]) -> None:
+    if metadata.get("format") != FORMAT:
+        raise SessionFileError(f"{path}: not an engine session file (format {metadata.get('format')!r})")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise SessionFileError(f"{path}: session format version {metadata.get('format_version')!r} is not "
+                               f"supported (this engine reads version {FORMAT_VERSION})")
+    for key in SETTINGS:
+        if metadata.get(key) != settings[key]:
+            if key == "model":
+                raise SessionFileError(f"{path}: was saved with another model file; load the model it was made "
+                                       f"with, or delete the file")
+            raise SessionFileError(f"{path}: was saved with {key} {metadata.get(key)}, but the model runs with "
+                                   f"{key} {settings[key]}; use the same settings, or delete the file")
+
+
+def _messages(path: Path, text: str) -> list[dict[str, str]]:
+    try:
+        messages = json.loads(text)
+    except ValueError:
+        messages = None
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise SessionFileError(f"{path}: malformed session file (its chat messages are not a list of "
+                               f"role/content pairs)")
+    return messages

@@ -1,0 +1,25 @@
+"""Run the server: uvicorn around app.create_app, the model loading in the background (/health: 503 until then)."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from ..errors import ConfigError
+
+
+def run_server(load_model: Callable[[], Any], model_name: str, host: str, port: int) -> None:
+    """Serve until Ctrl-C; a model that fails to load stops the server and its error is raised."""
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as e:
+        raise ConfigError(f"engine serve needs the server extra (pip install 'engine[server]'): {e}") from None
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    app = create_app(load_model, model_name)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    state = app.state.engine
+    state.on_load_error = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if state.load_error is not None:
+        raise state.load_error

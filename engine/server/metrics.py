@@ -1,0 +1,46 @@
+"""Counters for GET /metrics, in Prometheus' text format."""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+COUNTERS = {  # name -> help
+    "prompt_tokens_total": "Prompt tokens of finished generations.",
+    "prompt_cached_tokens_total": "Prompt tokens reused from the session's KV cache (not prefilled).",
+    "generated_tokens_total": "Tokens generated.",
+    "prompt_seconds_total": "Seconds spent prefilling prompts.",
+    "generation_seconds_total": "Seconds spent generating tokens.",
+    "prompt_cache_hits_total": "Generations that reused at least one cached prompt token.",
+}
+
+
+class Metrics:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: Counter[tuple[str, int]] = Counter()  # (endpoint, HTTP status) -> count
+        self.totals: Counter[str] = Counter()
+
+    def request(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            self.requests[endpoint, status] += 1
+
+    def generation(self, stats) -> None:
+        """Add one finished (or stopped) generation's GenerationStats."""
+        with self._lock:
+            self.totals["prompt_tokens_total"] += stats.prompt_tokens
+            self.totals["prompt_cached_tokens_total"] += stats.cached_tokens
+            self.totals["generated_tokens_total"] += stats.generated_tokens
+            self.totals["prompt_seconds_total"] += stats.prompt_seconds
+            self.totals["generation_seconds_total"] += stats.generation_seconds
+            self.totals["prompt_cache_hits_total"] += stats.cached_tokens > 0
+
+    def render(self) -> str:
+        with self._lock:
+            lines = ["# HELP engine_requests_total HTTP requests answered, by endpoint and status.",
+                     "# TYPE engine_requests_total counter"]
+            lines += [f'engine_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}'
+                      for (endpoint, status), n in sorted(self.requests.items())]
+            for name, help_text in COUNTERS.items():
+                lines += [f"# HELP engine_{name} {help_text}", f"# TYPE engine_{name} counter",
+                          f"engine_{name} {self.totals[name]:g}"]
+        return "\n".join(lines) + "\n"

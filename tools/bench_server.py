@@ -1,0 +1,95 @@
+"""The server's overhead: decode tokens/s streamed through HTTP vs the same generation in-process, and the
+time to first token through HTTP with and without prefix reuse.
+
+    python tools/bench_server.py --device cuda -n 128 -p 512 --long 32768    # the issue's target: <= 5% slower
+    python tools/bench_server.py --device cpu -n 32 -p 64 --long 1024
+
+The server (engine.server.app on uvicorn) runs in this process on a free port; requests use httpx, greedy,
+ignore_eos so that every run generates exactly -n tokens. Decode tokens/s through HTTP counts from the
+first streamed token to the last, as the in-process figure (GenerationStats) does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import engine  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
+from engine.server.app import create_app  # noqa: E402
+from prose import prose  # noqa: E402
+
+
+def start_server(llm) -> tuple[uvicorn.Server, str]:
+    app = create_app(lambda: llm, "bench")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not (server.started and app.state.engine.llm is not None):
+        time.sleep(0.05)
+    return server, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+
+def stream(client: httpx.Client, prompt: list[int], n: int) -> tuple[float, float, int]:
+    """(seconds to the first token, decode tokens/s after it, tokens) of one streamed completion."""
+    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = last = None
+    tokens = 0
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"][0]["finish_reason"] is None:
+                last = time.perf_counter()
+                first = first or last
+    return first - t0, (tokens - 1) / (last - first) if last > first else 0.0, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-m", "--model", default=None)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("-n", type=int, default=128, help="tokens to generate (tg N)")
+    parser.add_argument("-p", type=int, default=512, help="prompt tokens before the generation")
+    parser.add_argument("--long", type=int, default=4096, help="prompt tokens for the time-to-first-token runs")
+    args = parser.parse_args()
+
+    llm = engine.load(args.model, device=args.device, context=max(args.p + args.n, args.long) + 16)
+    text_ids = llm.tokenize(prose())
+    short, long = text_ids[:args.p], text_ids[1000:1000 + args.long]
+    list(llm.generate_ids(short, 8, SamplingParams(temperature=0.0)))  # warm-up (kernels, pools)
+    direct = []
+    for _ in range(2):
+        list(llm.generate_ids(short, args.n, SamplingParams(temperature=0.0), stop_ids=[]))
+        direct.append(llm.last_stats.generation_tokens_per_second)
+    server, url = start_server(llm)
+    with httpx.Client(base_url=url, timeout=600) as client:
+        http = [stream(client, short, args.n)[1] for _ in range(2)]
+        stream(client, short[:8], 1)  # the session now holds something else
+        cold = stream(client, long, 1)[0]
+        reused = stream(client, long, 1)[0]
+    server.should_exit = True
+    best_direct, best_http = max(direct), max(http)
+    print(f"device {llm.device} ({llm.dtype}); tg{args.n} after {args.p} prompt tokens, best of 2")
+    print(f"decode in-process:      {best_direct:8.1f} tokens/s")
+    print(f"decode streamed (HTTP): {best_http:8.1f} tokens/s  ({100 * (1 - best_http / best_direct):+.1f}% slower)")
+    print(f"time to first token through HTTP, {len(long)}-token prompt: cold {cold * 1e3:.1f} ms, "
+          f"prefix reused {reused * 1e3:.1f} ms ({cold / reused:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()
