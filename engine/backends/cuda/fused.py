@@ -1,12 +1,12 @@
-"""One decode step (a single token) through the fused kernels of kernels/decode.cu.
+"""One decode step (a single token) through the fused kernels of kernels/gemv.cu (launched by gemv.py).
 
-Per layer: dec_qkv (RMSNorm + Q/K/V GEMV + key rotation + cache store), attention (the backend's:
-split-K + combine, two launches), dec_gemv_add (output projection + residual), dec_gateup (RMSNorm +
-gate/up GEMV + SwiGLU), dec_gemv_add (down projection + residual); then dec_head (final RMSNorm +
+Per layer: qkv (RMSNorm + Q/K/V GEMV + key rotation + cache store), attention (the backend's:
+split-K + combine, two launches), gemv_add (output projection + residual), gate_up (RMSNorm +
+gate/up GEMV + SwiGLU), gemv_add (down projection + residual); then head (final RMSNorm +
 output GEMV, fp32).
-The arithmetic is the unfused op set's, in the same order (see decode.cu), so ``Llama.compute`` and
+The arithmetic is the unfused op set's, in the same order (see gemv.cu), so ``Llama.compute`` and
 ``FusedStep.compute`` give the same logits; the fused form only cuts launches (6 per layer, not 16).
-Activations (query, SwiGLU output, cache rows) are in the backend's dtype (decode.cu's dtype build).
+Activations (query, SwiGLU output, cache rows) are in the backend's dtype (gemv.cu's dtype build).
 Used by the graph decoder when every layer's Q/K/V share one stored type and gate/up share one
 (``FusedStep.supported``); otherwise the decoder captures ``Llama.compute`` itself.
 """
@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import function
+from . import gemv
 from .weights import DeviceMatrix
-
-THREADS = 256  # decode.cu DEC_THREADS
-WARPS = THREADS // 32
 
 
 def supported(model) -> bool:
@@ -31,7 +28,7 @@ def supported(model) -> bool:
         q, k, v, _, gate, up, _ = mats
         if len({q.ggml_type, k.ggml_type, v.ggml_type}) != 1 or gate.ggml_type != up.ggml_type:
             return False
-    return isinstance(model.output, DeviceMatrix) and 4 * max(c.d_model, c.ffn_dim) <= 48 * 1024
+    return isinstance(model.output, DeviceMatrix)
 
 
 class FusedStep:
@@ -47,46 +44,22 @@ class FusedStep:
         rope_dim = model.rotary.rope.dim
         chunk_len = model.dca.chunk_len if model.dca is not None else 0
         eps = np.float32(c.norm_eps)
-        d = c.d_model
         x = self.backend.embedding(w["token_embd"], token).reshape(-1)  # (d,) fp32 residual
         dtype = self.backend.dtype
         q = cp.empty(c.n_heads * c.head_dim, dtype=self.backend.act)
         gate_up = cp.empty(c.ffn_dim, dtype=self.backend.act)
-        n_tasks = c.n_heads * c.head_dim + c.n_kv_heads * (2 * c.head_dim - rope_dim // 2)
         for layer in range(c.n_layers):
             p = f"blk.{layer}."
             wq, wk, wv = w[p + "attn_q"], w[p + "attn_k"], w[p + "attn_v"]
-            function("decode", f"dec_qkv_{wq.suffix}", dtype)(
-                (self._blocks(n_tasks),), (THREADS,),
-                (x, w[p + "attn_norm"], eps, np.int32(d), wq.data, wk.data, wv.data, np.int64(wq.data.shape[1]),
-                 q, cache.k[layer], cache.v[layer], position, cos_t, sin_t, np.int32(c.n_heads),
-                 np.int32(c.n_kv_heads), np.int32(c.head_dim), np.int32(rope_dim), np.int32(chunk_len)),
-                shared_mem=4 * d)
+            gemv.qkv(x, w[p + "attn_norm"], eps, wq, wk, wv, q, cache.k[layer], cache.v[layer], position, cos_t, sin_t,
+                     c.n_heads, c.n_kv_heads, c.head_dim, rope_dim, chunk_len, dtype)
             attn = self.backend.attention(q.reshape(1, c.n_heads, c.head_dim), cache, layer, position, model.rotary,
                                           model.dca, model.temperature_length)
-            self._gemv_add(attn.reshape(-1), w[p + "attn_output"], x)
+            gemv.gemv_add(attn.reshape(-1), w[p + "attn_output"], x, dtype)
             wg, wu = w[p + "ffn_gate"], w[p + "ffn_up"]
-            function("decode", f"dec_gateup_{wg.suffix}", dtype)(
-                (self._blocks(c.ffn_dim),), (THREADS,),
-                (x, w[p + "ffn_norm"], eps, np.int32(d), wg.data, wu.data, np.int64(wg.data.shape[1]),
-                 np.int32(c.ffn_dim), gate_up),
-                shared_mem=4 * d)
-            self._gemv_add(gate_up, w[p + "ffn_down"], x)
+            gemv.gate_up(x, w[p + "ffn_norm"], eps, wg, wu, gate_up, dtype)
+            gemv.gemv_add(gate_up, w[p + "ffn_down"], x, dtype)
         head = model.output
         logits = cp.empty((1, head.rows), dtype=cp.float32)
-        function("decode", f"dec_head_{head.suffix}", dtype)(
-            (self._blocks(head.rows),), (THREADS,),
-            (x, w["output_norm"], eps, np.int32(d), head.data, np.int64(head.data.shape[1]), np.int32(head.rows),
-             logits),
-            shared_mem=4 * d)
+        gemv.head(x, w["output_norm"], eps, head, logits.reshape(-1), dtype)
         return logits
-
-    def _gemv_add(self, a, m: DeviceMatrix, x) -> None:
-        function("decode", f"dec_gemv_add_{m.suffix}", self.backend.dtype)(
-            (self._blocks(m.rows),), (THREADS,),
-            (a, m.data, np.int64(m.data.shape[1]), np.int32(m.rows), np.int32(m.cols), x),
-            shared_mem=4 * m.cols)
-
-    @staticmethod
-    def _blocks(tasks: int) -> int:
-        return (tasks + WARPS - 1) // WARPS

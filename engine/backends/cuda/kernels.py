@@ -18,7 +18,7 @@ once per activation dtype from one source: "f16" as written, "bf16" with ``-DACT
 then makes ``act_t`` bf16 bits). The other files are built once ("f16", their only build: sampling
 reads fp32 logits; the fused attention files hold both dtypes as separately named kernels).
 
-    function("quant", "gemv_q4_1", "bf16")   -> cupy.RawKernel (compiled for the current GPU on first use)
+    function("gemv", "gemv_q4_1", "bf16")    -> cupy.RawKernel (compiled for the current GPU on first use)
     compile_ptx("attention", "sm_90", "bf16") -> PTX text, through NVRTC alone (no GPU or driver needed)
 
 The two share ``source()`` and ``nvrtc_options()``, so what the CPU test compiles is what the GPU runs.
@@ -41,10 +41,10 @@ def _kernel_dir() -> Path:
 
 
 KERNEL_DIR = _kernel_dir()
-KERNEL_FILES = ("quant", "decode", "elementwise", "attention", "sampling", "dca_flash_attn", "dca_decode",
+KERNEL_FILES = ("quant", "gemv", "elementwise", "attention", "sampling", "dca_flash_attn", "dca_decode",
                 "dca_flash_attn_sm90")  # <name>.cu
 # headers prepended to a file's source, in order (no #include: NVRTC needs no include paths)
-PRELUDES = {"quant": ("common.cuh", "dequant.cuh"), "decode": ("common.cuh", "dequant.cuh"),
+PRELUDES = {"quant": ("common.cuh", "dequant.cuh"), "gemv": ("common.cuh", "dequant.cuh"),
             "dca_flash_attn": ("common.cuh", "mma.cuh", "dca.cuh"), "dca_decode": ("common.cuh", "mma.cuh", "dca.cuh"),
             "dca_flash_attn_sm90": ("common.cuh", "mma.cuh", "dca.cuh", "wgmma.cuh")}
 # files built for one exact architecture (its "a" features, e.g. Hopper's wgmma): cubins cached by cubin.py
@@ -53,7 +53,7 @@ DEFAULT_PRELUDE = ("common.cuh",)
 NVRTC_OPTIONS = ("-std=c++17",)
 ACTIVATION_DTYPES = ("f16", "bf16")
 # files built once per activation dtype (the others have one build, named "f16")
-ACTIVATION_FILES = ("quant", "decode", "elementwise", "attention")
+ACTIVATION_FILES = ("quant", "gemv", "elementwise", "attention")
 
 
 def dtypes(name: str) -> tuple[str, ...]:
