@@ -4,8 +4,8 @@
 //
 // Design. Every kernel is one launch; each block of 256 threads first stages its input vector in
 // shared memory ("stage"), then its 8 warps take the block's tasks (output rows, or row pairs) in
-// turn, one warp per task, lanes splitting the row; before staging, each warp asks L2 for all of its
-// rows (prefetch_row), so their HBM latency overlaps the staging. tasks_per_block (a multiple of 8,
+// turn, one warp per task, lanes splitting the row; each warp asks L2 for its first task's rows before
+// staging (their HBM latency overlaps it) and for its next task's rows before computing one. tasks_per_block (a multiple of 8,
 // chosen on the host from the shape and the SM count) trades staging work against parallelism.
 //
 // Quantized weights (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K): the input is quantized as it is staged, llama.cpp
@@ -180,16 +180,15 @@ template <> __device__ __forceinline__ float unit_dot<T_Q4_K>(const u8* __restri
         dl = dp4a(w[i] & 0x0F0F0F0F, xl[i], dl);
         dh = dp4a((w[i] >> 4) & 0x0F0F0F0F, xh[i], dh);
     }
-    const u8* sc = blk + 4;
-    int s0, m0, s1, m1;  // sub-blocks j = 2g, 2g + 1
-    if (g < 2) {
-        s0 = sc[2 * g] & 63; m0 = sc[2 * g + 4] & 63;
-        s1 = sc[2 * g + 1] & 63; m1 = sc[2 * g + 5] & 63;
-    } else {
-        const int j = 2 * g;
-        s0 = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4); m0 = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-        s1 = (sc[j + 5] & 0xF) | ((sc[j - 3] >> 6) << 4); m1 = (sc[j + 5] >> 4) | ((sc[j + 1] >> 6) << 4);
-    }
+    // 6-bit scales and mins of sub-blocks 2g, 2g+1 (get_scale_min_k4 on the 12 bytes as 3 words; bytes 2g&3,
+    // 2g&3 + 1 of each word): g < 2: word 0 (scales), word 1 (mins); else low/high nibbles of word 2 with the
+    // top two bits of words 0 / 1
+    const unsigned* scw = (const unsigned*)(blk + 4);
+    const int shift = 16 * (g & 1);
+    const unsigned a0 = scw[0] >> shift, a1 = scw[1] >> shift, a2 = scw[2] >> shift;
+    const unsigned sc2 = g < 2 ? a0 & 0x3f3f : (a2 & 0x0f0f) | ((a0 >> 2) & 0x3030);
+    const unsigned mn2 = g < 2 ? a1 & 0x3f3f : ((a2 >> 4) & 0x0f0f) | ((a1 >> 2) & 0x3030);
+    const int s0 = sc2 & 0xff, s1 = (sc2 >> 8) & 0xff, m0 = mn2 & 0xff, m1 = (mn2 >> 8) & 0xff;
     const unsigned dm = *(const unsigned*)blk;
     const float d = h2f((half_t)(dm & 0xffffu)), dmin = h2f((half_t)(dm >> 16));
     return d * ((float)(s0 * dl) * xd[2 * u] + (float)(s1 * dh) * xd[2 * u + 1]) -
@@ -247,11 +246,27 @@ __device__ __forceinline__ float rms_scale(const float* __restrict__ x, float ep
     return rsqrtf(block_sum(ss, scratch) / (float)d + eps);
 }
 
-// Calls f(task) for each task of this warp: tasks blockIdx.x * per_block + warp + 8k, below n.
-template <class F> __device__ __forceinline__ void for_tasks(int n, int per_block, F f) {
-    const long long first = (long long)blockIdx.x * per_block;
-    const long long end = first + per_block < n ? first + per_block : n;
-    for (long long t = first + (threadIdx.x >> 5); t < end; t += blockDim.x >> 5) f((int)t);
+// This warp's tasks: blockIdx.x * per_block + warp + 8k, below n. for_tasks calls f(task) for each, and
+// before it prefetch(next task) (its rows come into L2 while this one is computed); prefetch_first asks
+// for the first (before the staging, whose latency it then overlaps). One or two rows in flight per warp
+// keep L2 from thrashing (prefetching a whole block's rows at once overflowed it on large matrices).
+__device__ __forceinline__ void task_range(int n, int per_block, long long& first, long long& end) {
+    first = (long long)blockIdx.x * per_block + (threadIdx.x >> 5);
+    end = (long long)blockIdx.x * per_block + per_block < n ? (long long)blockIdx.x * per_block + per_block : n;
+}
+template <class P> __device__ __forceinline__ void prefetch_first(int n, int per_block, P prefetch) {
+    long long first, end;
+    task_range(n, per_block, first, end);
+    if (first < end) prefetch((int)first);
+}
+template <class P, class F> __device__ __forceinline__ void for_tasks(int n, int per_block, P prefetch, F f) {
+    long long first, end;
+    task_range(n, per_block, first, end);
+    const int step = blockDim.x >> 5;
+    for (long long t = first; t < end; t += step) {
+        if (t + step < end) prefetch((int)(t + step));
+        f((int)t);
+    }
 }
 
 #define NORMED(x, w, inv) [&](int i) { return a2f(f2a(x[i] * inv * w[i])); }
@@ -260,9 +275,10 @@ template <int T>
 __device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long row_bytes, const act_t* __restrict__ x,
                                           int rows, int cols, void* __restrict__ y, int out_f32, int per_block) {
     extern __shared__ __align__(16) u8 smem[];
-    for_tasks(rows, per_block, [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); });
+    auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
+    prefetch_first(rows, per_block, prefetch);
     stage<T>([&](int i) { return a2f(x[i]); }, cols, smem);
-    for_tasks(rows, per_block, [&](int r) {
+    for_tasks(rows, per_block, prefetch, [&](int r) {
         const float acc = dot_row<T>(w + r * row_bytes, smem, cols);
         if ((threadIdx.x & 31) == 0) {
             if (out_f32) ((float*)y)[r] = acc;
@@ -276,9 +292,10 @@ __device__ __forceinline__ void gemv_add_body(const u8* __restrict__ w, long lon
                                               const act_t* __restrict__ a, int rows, int cols, float* __restrict__ x,
                                               int per_block) {
     extern __shared__ __align__(16) u8 smem[];
-    for_tasks(rows, per_block, [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); });
+    auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
+    prefetch_first(rows, per_block, prefetch);
     stage<T>([&](int i) { return a2f(a[i]); }, cols, smem);
-    for_tasks(rows, per_block, [&](int r) {
+    for_tasks(rows, per_block, prefetch, [&](int r) {
         const float acc = dot_row<T>(w + r * row_bytes, smem, cols);
         if ((threadIdx.x & 31) == 0) x[r] = x[r] + a2f(f2a(acc));
     });
@@ -297,7 +314,7 @@ __device__ __forceinline__ void qkv_body(
     const int k_per_head = D - half_r;
     const int n_q = n_heads * D, n_k = n_kv * k_per_head, n_v = n_kv * D;
     // key task j of a head: j < half_r the rotary pair (j, j + half_r), else pass-through dim rope_dim + j - half_r
-    for_tasks(n_q + n_k + n_v, per_block, [&](int task) {
+    auto prefetch = [&](int task) {
         if (task < n_q) {
             prefetch_row(wq + task * row_bytes, row_bytes);
         } else if (task < n_q + n_k) {
@@ -307,13 +324,14 @@ __device__ __forceinline__ void qkv_body(
         } else {
             prefetch_row(wv + (long long)(task - n_q - n_k) * row_bytes, row_bytes);
         }
-    });
+    };
+    prefetch_first(n_q + n_k + n_v, per_block, prefetch);
     const float inv = rms_scale(x, eps, d, scratch);
     stage<T>(NORMED(x, w_norm, inv), d, smem);
     const bool lane0 = (threadIdx.x & 31) == 0;
     const int p = pos[0];
     const long long cache_row = (long long)p * n_kv * D;
-    for_tasks(n_q + n_k + n_v, per_block, [&](int task) {
+    for_tasks(n_q + n_k + n_v, per_block, prefetch, [&](int task) {
         if (task < n_q) {
             const float acc = dot_row<T>(wq + task * row_bytes, smem, d);
             if (lane0) q_out[task] = f2a(acc);
@@ -351,13 +369,14 @@ __device__ __forceinline__ void gateup_body(const float* __restrict__ x, const f
                                             long long row_bytes, int rows, act_t* __restrict__ out, int per_block) {
     extern __shared__ __align__(16) u8 smem[];
     __shared__ float scratch[32];
-    for_tasks(rows, per_block, [&](int r) {
+    auto prefetch = [&](int r) {
         prefetch_row(wg + r * row_bytes, row_bytes);
         prefetch_row(wu + r * row_bytes, row_bytes);
-    });
+    };
+    prefetch_first(rows, per_block, prefetch);
     const float inv = rms_scale(x, eps, d, scratch);
     stage<T>(NORMED(x, w_norm, inv), d, smem);
-    for_tasks(rows, per_block, [&](int r) {
+    for_tasks(rows, per_block, prefetch, [&](int r) {
         const float g = a2f(f2a(dot_row<T>(wg + r * row_bytes, smem, d)));
         const float u = a2f(f2a(dot_row<T>(wu + r * row_bytes, smem, d)));
         if ((threadIdx.x & 31) == 0) out[r] = f2a(g * (0.5f + 0.5f * tanhf(0.5f * g)) * u);
@@ -370,10 +389,11 @@ __device__ __forceinline__ void head_body(const float* __restrict__ x, const flo
                                           float* __restrict__ logits, int per_block) {
     extern __shared__ __align__(16) u8 smem[];
     __shared__ float scratch[32];
-    for_tasks(rows, per_block, [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); });
+    auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
+    prefetch_first(rows, per_block, prefetch);
     const float inv = rms_scale(x, eps, d, scratch);
     stage<T>(NORMED(x, w_norm, inv), d, smem);
-    for_tasks(rows, per_block, [&](int r) {
+    for_tasks(rows, per_block, prefetch, [&](int r) {
         const float acc = dot_row<T>(w + r * row_bytes, smem, d);
         if ((threadIdx.x & 31) == 0) logits[r] = acc;
     });

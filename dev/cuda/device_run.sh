@@ -23,29 +23,36 @@ export PYTHONPATH=/tmp/site
 mkdir -p /tmp/gguf
 for s in $SHAPES; do
   [ -f /tmp/gguf/$s.gguf ] || $PY "$BENCH/synth_gguf.py" "$BENCH/tokenizer-smollm2.gguf" /tmp/gguf/$s.gguf --preset $s \
-      >"$LOG/synth_$s.log" 2>&1 &
+      >/tmp/synth_$s.log 2>&1 &
 done
 
 if [[ $STAGES == *dev* ]]; then
   stamp "dev/cuda/gemv.py"
-  timeout ${DEV_TIMEOUT:-120} $PY dev/cuda/gemv.py ${BASELINE:+--baseline $BASELINE} 2>&1 | tee "$LOG/gemv_dev.log" | tail -30
+  timeout ${DEV_TIMEOUT:-120} $PY dev/cuda/gemv.py ${BASELINE:+--baseline $BASELINE} ${DEV_SHAPES:+--shapes $DEV_SHAPES} \
+      2>&1 | tee "$LOG/gemv_dev.log" | tail -40
 fi
 if [[ $STAGES == *gtests* ]]; then
   stamp "pytest (gemv)"
   timeout ${GTEST_TIMEOUT:-150} $PY -m pytest -q -rs -s -p no:cacheprovider --durations=5 tests/test_cuda_gemv.py \
-      tests/test_cuda_host_logic.py 2>&1 | tee "$LOG/pytest_gemv.log" \
+      tests/test_cuda_host_logic.py ${GTEST_ARGS} 2>&1 | tee "$LOG/pytest_gemv.log" \
       | grep -E "passed|failed|FAILED|Error|error|vs CPU|vs float|diverged|tokens cpu" | tail -40
 fi
 wait
+# tokens/s tables; "after" with the blocks per SM that dev/cuda/gemv.py found best (BPS overrides)
+BPS=${BPS:-$(grep -oP 'best blocks_per_sm: \K[0-9]+' "$LOG/gemv_dev.log" 2>/dev/null)}
+BENCH_PY="import sys; import engine.backends.cuda.gemv as g; g.BLOCKS_PER_SM = int(sys.argv[1]) or g.BLOCKS_PER_SM; \
+sys.argv = ['engine bench'] + sys.argv[2:]; from engine.bench import main; main()"
 bench() {  # bench DIR TAG
+  local run=(-m engine bench)
+  [ "$2" = after ] && run=(-c "$BENCH_PY" "${BPS:-0}") && stamp "blocks per SM: ${BPS:-default}"
   for s in $SHAPES; do
     stamp "bench $2 $s"
-    (cd "$1" && timeout ${BENCH_TIMEOUT:-90} $PY -m engine bench -m /tmp/gguf/$s.gguf --device cuda -p 512 -d $DEPTHS -r 1 \
-        --no-hf 2>&1 | tail -8) | tee -a "$LOG/bench_$2.log"
+    (cd "$1" && timeout ${BENCH_TIMEOUT:-90} $PY "${run[@]}" -m /tmp/gguf/$s.gguf --device cuda -p 512 -d $DEPTHS -r 1 \
+        --no-hf >/tmp/bench.log 2>&1; cat /tmp/bench.log >>"$LOG/bench_$2.log"; grep -E "^\||^model|rror" /tmp/bench.log | tail -8)
   done
   stamp "bench $2 smollm2 (synthetic)"
-  (cd "$1" && timeout 60 $PY -m engine bench --synthetic --device cuda -p 512 -d 512,32768 -r 1 --no-hf 2>&1 | tail -6) \
-      | tee -a "$LOG/bench_$2.log"
+  (cd "$1" && timeout 60 $PY "${run[@]}" --synthetic --device cuda -p 512 -d 512,32768 -r 1 --no-hf \
+      >/tmp/bench.log 2>&1; cat /tmp/bench.log >>"$LOG/bench_$2.log"; grep -E "^\||^model|rror" /tmp/bench.log | tail -8)
 }
 [[ $STAGES == *bench* ]] && bench "$ROOT" after
 [[ $STAGES == *base* && -n $BASELINE ]] && bench "$BASELINE" before

@@ -9,8 +9,9 @@ Variants:
               (production: gemv.BLOCKS_PER_SM)
   baseline    the previous kernel (fp32 input in shared memory, one warp per row, 4 rows a block: quant.cu
               gemv_<type> of the checkout at DIR, e.g. main's), where its fp32 staging fits 48 KB
-Check: int8 variants against gemv.reference (the numpy model of their arithmetic, rel. error < 1e-5) and
-the float product (< 1.5e-2); the baseline against the float product (< 1e-5). Rows checked: the first and
+Check: int8 variants against gemv.reference (the numpy model of their arithmetic, rel. error < 1e-5; the
+error against the float product is printed: the int8 input's own), float-weight variants and the baseline
+against the float product (< 1e-5). Rows checked: the first and
 last 256 of each shape (the reference of a whole 128k-row head takes minutes on the CPU).
 Timing: 40 launches captured in a CUDA graph, cycling over enough copies of the weights to exceed L2
 several times; the median of --reps replays, per launch.
@@ -46,6 +47,8 @@ SHAPES = {  # name: (rows, cols, type)
     "8b-o-f16": (4096, 4096, GGMLType.F16),
     "smollm2-gate+up": (3072, 576, GGMLType.Q4_1),
 }
+STEP_8B = ("8b-qkv", "8b-o", "8b-gate+up", "8b-down", "8b-head")  # the GEMVs of a Llama-3-8B decode step
+BLOCKS_PER_SM = (1, 2, 4, 8)
 CHECK_ROWS = 256
 L2_BYTES = 50 << 20
 
@@ -113,7 +116,7 @@ def run_shape(cp, name, rows, cols, ggml_type, baseline, reps, dtype="f16") -> l
         return np.concatenate([host[:CHECK_ROWS], host[rows - CHECK_ROWS:]])
 
     results = []
-    for bps in (1, 2, 4, 8):
+    for bps in BLOCKS_PER_SM:
         per_block = gemv.tasks_per_block(rows, bps)
 
         def launch(i, per_block=per_block):
@@ -123,7 +126,7 @@ def run_shape(cp, name, rows, cols, ggml_type, baseline, reps, dtype="f16") -> l
         y.fill(np.nan)
         launch(0)
         errs = (rel_err(picked(y), model), rel_err(picked(y), exact))
-        ok = errs[1] < (1.5e-2 if ggml_type in gemv.INT8_TYPES else 1e-5) and errs[0] < 1e-5
+        ok = errs[0] < 1e-5 and (ggml_type in gemv.INT8_TYPES or errs[1] < 1e-5)
         seconds = time_launches(cp, launch, copies, reps)
         results.append(dict(shape=name, variant=f"int8/bps{bps}" if ggml_type in gemv.INT8_TYPES else f"fp32/bps{bps}",
                             per_block=per_block, seconds=seconds, err_model=errs[0], err_float=errs[1], ok=ok))
@@ -166,6 +169,11 @@ def main() -> None:
         print(f"| {r['shape']:<16} | {r['rows']:>6}x{r['cols']:<6} | {r['type']:<5} | {r['mb']:>6.1f} | "
               f"{r['variant']:<11} | {r['per_block']:>9} | {r['seconds'] * 1e6:>7.1f} | {r['gbs']:>6.0f} | "
               f"{r['frac']:>6.2f} | {r['err_model']:>9.1e} | {r['err_float']:>9.1e} | {'ok' if r['ok'] else 'NO'} |")
+    step = {bps: sum(r["seconds"] for r in rows if r["shape"] in STEP_8B and r["variant"].endswith(f"bps{bps}"))
+            for bps in BLOCKS_PER_SM}
+    if all(step.values()):
+        print("8B step GEMVs (us) by blocks per SM: " + ", ".join(f"{b}: {t * 1e6:.0f}" for b, t in step.items()))
+        print(f"best blocks_per_sm: {min(step, key=step.get)}")
     if not all(r["ok"] for r in rows):
         raise SystemExit("correctness check failed")
 

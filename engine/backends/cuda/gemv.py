@@ -50,10 +50,11 @@ def _device_limits() -> tuple[int, int]:
     return attributes["MultiProcessorCount"], attributes["MaxSharedMemoryPerBlockOptin"]
 
 
-def tasks_per_block(n_tasks: int, blocks_per_sm: int = BLOCKS_PER_SM) -> int:
-    """Tasks of one block: a multiple of the warps, so that the grid is about blocks_per_sm blocks per SM."""
+def tasks_per_block(n_tasks: int, blocks_per_sm: int | None = None) -> int:
+    """Tasks of one block: a multiple of the warps, so that the grid is about blocks_per_sm (default
+    BLOCKS_PER_SM) blocks per SM."""
     sms, _ = _device_limits()
-    per_block = -(-n_tasks // (sms * blocks_per_sm))
+    per_block = -(-n_tasks // (sms * (blocks_per_sm or BLOCKS_PER_SM)))
     return max(WARPS, -(-per_block // WARPS) * WARPS)
 
 
