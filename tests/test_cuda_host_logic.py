@@ -70,8 +70,9 @@ def test_device_sampling_eligibility():
 def test_gemv_geometry_fills_the_gpu_and_staging_fits(monkeypatch):
     monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 232448))  # an H100 / H200
     assert gemv.tasks_per_block(576) == 8  # a small matrix: one row per warp
-    per_block = gemv.tasks_per_block(14336)  # Llama-3-8B gate/up: about 4 blocks per SM, whole warps
-    assert per_block % gemv.WARPS == 0 and 4 * 132 * 0.75 <= -(-14336 // per_block) <= 4 * 132
+    per_block = gemv.tasks_per_block(14336)  # Llama-3-8B gate/up: about BLOCKS_PER_SM blocks per SM, whole warps
+    target = gemv.BLOCKS_PER_SM * 132
+    assert per_block % gemv.WARPS == 0 and 0.75 * target <= -(-14336 // per_block) <= target
     assert gemv.tasks_per_block(14336, blocks_per_sm=1) == 112
     # int8 staging: 1.25 bytes a value (a 70B's ffn of 28,672: 35 KB); fp32 staging: 4 (opt-in above 48 KB)
     assert gemv.stage_bytes(GGMLType.Q4_K, 28672) == 35840 and gemv.stage_bytes(GGMLType.F16, 28672) == 114688

@@ -3,7 +3,9 @@
 # 512/8192/32768 on synthetic GGUFs of the 1B/7B/8B shapes (+ SmolLM2 shapes, --synthetic), for this
 # checkout and (BASELINE=DIR) another one, then the cuda tests. Logs to $OUT (or /tmp/gemv_run).
 #   BENCH=.bench (synth_gguf.py, tokenizer-smollm2.gguf; .whl/gguf-*.whl beside this checkout)
-#   STAGES="dev gtests bench base mtests" (default all), SHAPES (default "llama3.2-1b llama2-7b llama3-8b")
+#   STAGES="dev gtests bench base mtests" (default all), SHAPES (default "llama3.2-1b llama2-7b llama3-8b"),
+#   BENCH_DTYPE (default bf16: synth_gguf.py's weights have mean 0.029, the residual aligns with it and SwiGLU
+#   outputs pass fp16's range within a few layers -> non-finite logits -> illegal address, issue 13 item 5)
 set -o pipefail
 LOG=${OUT:-/tmp/gemv_run}
 mkdir -p "$LOG"
@@ -15,6 +17,7 @@ BENCH=${BENCH:-$ROOT/.bench}
 STAGES=${STAGES:-dev gtests bench base mtests}
 SHAPES=${SHAPES:-llama3.2-1b llama2-7b llama3-8b}
 DEPTHS=${DEPTHS:-512,8192,32768}
+BENCH_DTYPE=${BENCH_DTYPE:-bf16}
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 
@@ -47,7 +50,7 @@ bench() {  # bench DIR TAG
   [ "$2" = after ] && run=(-c "$BENCH_PY" "${BPS:-0}") && stamp "blocks per SM: ${BPS:-default}"
   for s in $SHAPES; do
     stamp "bench $2 $s"
-    (cd "$1" && timeout ${BENCH_TIMEOUT:-90} $PY "${run[@]}" -m /tmp/gguf/$s.gguf --device cuda -p 512 -d $DEPTHS -r 1 \
+    (cd "$1" && timeout ${BENCH_TIMEOUT:-90} $PY "${run[@]}" -m /tmp/gguf/$s.gguf --device cuda --dtype $BENCH_DTYPE -p 512 -d $DEPTHS -r 1 \
         --no-hf >/tmp/bench.log 2>&1; cat /tmp/bench.log >>"$LOG/bench_$2.log"; grep -E "^\||^model|rror" /tmp/bench.log | tail -8)
   done
   stamp "bench $2 smollm2 (synthetic)"

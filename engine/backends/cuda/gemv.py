@@ -10,7 +10,7 @@ Arguments are device arrays and ``DeviceMatrix``es; each call is one launch on t
 (capturable in a CUDA graph). Geometry: 256 threads a block, one warp per task (row or row pair);
 each block takes ``tasks_per_block`` tasks (a multiple of 8) so that the grid is about BLOCKS_PER_SM
 blocks per SM: every block stages (RMSNorm +) quantizes its input once, so fewer, fuller blocks
-stage less, while one full wave keeps every SM streaming weights. Shared memory comes from the input
+stage less, while one wave of them keeps every SM streaming weights. Shared memory comes from the input
 width (``stage_bytes``); above 48 KB the kernel opts in to more, up to the device's limit.
 
 Numerics. Quantized weights (``INT8_TYPES``) read the input quantized to int8 per block of 32
@@ -30,7 +30,9 @@ from .kernels import function
 
 THREADS = 256  # gemv.cu GEMV_THREADS
 WARPS = THREADS // 32
-BLOCKS_PER_SM = 4  # resident blocks of 256 threads at <= 64 registers
+# blocks per SM the grid aims at: measured best for a Llama-3-8B step's GEMVs on the H200 (dev/cuda/gemv.py:
+# 249 us at 2, 261 at 4, 272 at 8, 290 at 1); up to 4 such blocks are resident at <= 64 registers
+BLOCKS_PER_SM = 2
 DEFAULT_SHARED = 48 * 1024  # dynamic shared memory a launch gets without opting in
 INT8_TYPES = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q6_K)
 Q8_BLOCK = 32
