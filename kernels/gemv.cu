@@ -33,7 +33,6 @@
 //   head_T       logits[r] = Wout[r].h (fp32), h = rmsnorm(x)*w
 
 #define GEMV_THREADS 256
-#define GEMV_WARPS 8
 
 template <int T> __device__ constexpr bool int8_input() {
     return T == T_Q8_0 || T == T_Q4_0 || T == T_Q4_1 || T == T_Q4_K || T == T_Q6_K;

@@ -39,8 +39,8 @@ import time, numpy as np, cupy
 from engine.backends.cuda.kernels import function
 from engine.bench import build_model, new_cache
 from engine.sampling import SamplingParams
-for f, k in [("dca_decode", "dca_decode_64_f16"), ("decode", "dec_qkv_q4_1"), ("decode", "dec_gateup_q4_1"),
-             ("quant", "gemv_q4_1"), ("sampling", "sample_token")]:
+for f, k in [("dca_decode", "dca_decode_64_f16"), ("gemv", "qkv_q4_1"), ("gemv", "gateup_q4_1"),
+             ("gemv", "gemv_q4_1"), ("sampling", "sample_token")]:
     a = function(f, k).attributes
     print(f"{k}: {a['num_regs']} regs, {a['local_size_bytes']} B local, {a['shared_size_bytes']} B static smem")
 model, backend, label, dca = build_model(None, True, "cuda", 33000, "on")
