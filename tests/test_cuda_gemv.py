@@ -4,9 +4,9 @@ except the first test, which checks the numpy model itself on the CPU).
 
 Tolerances (relative L2 error): against the numpy model of the same arithmetic (int8 input per block of 32,
 exact integer dots, fp32 scaling) 1e-5, fp32 outputs that differ only by summation order; against the float
-product, quantized weights 1.5e-2: the int8 input carries a relative error of about 0.5% (rounding to a
-step of max|x|/127, max|x| ~ 2.1 sigma over a Gaussian block of 32: rms error 0.29 steps = 0.5% of sigma),
-float weights 1e-5. A full layer and a 2-layer model go through act_t rounding and attention as well:
+product, quantized weights 1.5e-2 (measured 4.3e-3 .. 1.1e-2; Q4_1's large block offsets cancel the most):
+the int8 input carries a relative error of about 0.5% (rounding to a step of max|x|/127, max|x| ~ 2.1
+sigma over a Gaussian block of 32: rms error 0.29 steps = 0.5% of sigma), float weights 1e-5. A full layer and a 2-layer model go through act_t rounding and attention as well:
 LAYER_TOL against the CPU's float32 forward.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0
          GGMLType.Q4_K, GGMLType.Q6_K)
 MODEL_TOL = 1e-5
 INT8_TOL = 1.5e-2
-LAYER_TOL = {"f16": 3e-2, "bf16": 6e-2}
+LAYER_TOL = {"f16": 1.5e-2, "bf16": 2e-2}  # measured on the H200: 4.4e-3 .. 6.3e-3 (both dtypes)
 # (d_model, heads, kv heads, ffn) of the presets (engine bench / ../shared/bench shapes) and a 70B
 PRESETS = {"llama3.2-1b": (2048, 32, 8, 8192), "llama2-7b": (4096, 32, 32, 11008),
            "llama3-8b": (4096, 32, 8, 14336), "llama-70b": (8192, 64, 8, 28672)}
