@@ -1,9 +1,9 @@
-// Block decoders shared by quant.cu and decode.cu (prepended to both by the loader).
+// Block decoders shared by quant.cu and gemv.cu (prepended to both by the loader).
 // dequant8<TYPE>(row, c, v): the 8 consecutive values c*8 .. c*8+7 of a row stored in ggml type TYPE
 // (ggml-common.h block layouts; every 32- or 256-wide block splits into whole 8-value chunks).
 // row_dot<TYPE>(row, xs, cols): one warp's dot product of a stored row with fp32 x in shared memory;
-// lane l takes chunks l, l+32, ... (adjacent lanes read adjacent bytes); the result is warp-reduced,
-// in the same order everywhere, so fused and unfused kernels give identical sums.
+// lane l takes chunks l, l+32, ... (adjacent lanes read adjacent bytes); the result is warp-reduced
+// (gemv.cu's products over float weights).
 
 #define T_F32 0
 #define T_F16 1

@@ -1,34 +1,13 @@
-// Quantized weights on the device: fused dequant-GEMV (decode), dequantize-to-act_t (prefill GEMM
-// scratch: fp16, or bf16 when built with -DACT_BF16) and embedding lookup, for F32, F16, BF16, Q8_0,
-// Q4_0, Q4_1, Q4_K, Q6_K.
+// Quantized weights on the device: dequantize-to-act_t (prefill GEMM scratch: fp16, or bf16 when built
+// with -DACT_BF16) and embedding lookup, for F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K (the GEMVs of
+// one token are in gemv.cu).
 //
 // Design. A weight stays in its GGUF bytes: numpy shape (rows, cols), each row `row_bytes` bytes of
 // whole blocks (ggml-common.h layouts). dequant.cuh (prepended) gives dequant8<TYPE>(row, c, v), the
-// 8 consecutive values c*8 .. c*8+7 of a row, and row_dot<TYPE>; all kernels walk rows in 8-value chunks:
-//   gemv_T    one warp per output row; lane l takes chunks l, l+32, ... (adjacent lanes read adjacent
-//             bytes), dots them with x staged in shared memory as float, warp-reduces in fp32.
-//             y = W x, x: (cols,) act_t, y: (rows,) act_t or fp32 (out_f32).
+// 8 consecutive values c*8 .. c*8+7 of a row; both kernels walk rows in 8-value chunks:
 //   dequant_T one thread per chunk, writes 8 act_t values (16-byte store): (rows, cols) act_t.
 //   embed_T   one block per token: out[t, :] = fp32 row ids[t] of the table.
 // Requires cols % 8 == 0 (block types: cols % block size == 0, checked on the host).
-
-// y (rows,) = W (rows, cols) @ x (cols,); blockDim.x = 32 * rows per block; dynamic smem: cols floats
-template <int T>
-__device__ __forceinline__ void gemv_body(const u8* __restrict__ w, const act_t* __restrict__ x,
-                                          void* __restrict__ y, int rows, int cols, long long row_bytes,
-                                          int out_f32) {
-    extern __shared__ float xs[];
-    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row < rows) prefetch_row(w + (long long)row * row_bytes, row_bytes);
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) xs[i] = a2f(x[i]);
-    __syncthreads();
-    if (row >= rows) return;
-    const float acc = row_dot<T>(w + (long long)row * row_bytes, xs, cols);
-    if ((threadIdx.x & 31) == 0) {
-        if (out_f32) ((float*)y)[row] = acc;
-        else ((act_t*)y)[row] = f2a(acc);
-    }
-}
 
 // out (rows, cols) act_t = dequantized W; one thread per 8-value chunk
 template <int T>
@@ -65,10 +44,6 @@ __device__ __forceinline__ void embed_body(const u8* __restrict__ w, const int* 
 }
 
 #define QUANT_KERNELS(NAME, T)                                                                              \
-    extern "C" __global__ void gemv_##NAME(const u8* w, const act_t* x, void* y, int rows, int cols,       \
-                                           long long row_bytes, int out_f32) {                              \
-        gemv_body<T>(w, x, y, rows, cols, row_bytes, out_f32);                                              \
-    }                                                                                                       \
     extern "C" __global__ void dequant_##NAME(const u8* w, act_t* out, int rows, int cols,                 \
                                               long long row_bytes) {                                        \
         dequant_body<T>(w, out, rows, cols, row_bytes);                                                     \

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from engine.backends.cuda import attention as attn
+from engine.backends.cuda import gemv
 from engine.backends.cuda.fused import FusedBlocks
 from engine.backends.cuda.sampling import MAX_TOP_K, device_supported
 from engine.backends.cuda.weights import DeviceMatrix
@@ -67,8 +68,8 @@ def test_fused_decode_needs_one_type_per_fused_group():
     assert fused_parts(fused_blocks(mixed_outputs)) == ([True, True], [True, True], True)
     assert fused_parts(fused_blocks({**UNIFORM, "attn_v": GGMLType.Q6_K})) == ([False, False], [True, True], True)
     assert fused_parts(fused_blocks({**UNIFORM, "ffn_up": GGMLType.BF16})) == ([True, True], [False, False], True)
-    # staged input beyond 48 KB of shared memory
-    assert fused_parts(fused_blocks(UNIFORM, ffn_dim=20000)) == ([False, False], [False, False], False)
+    # any width (gemv.py opts in to shared memory)
+    assert fused_parts(fused_blocks(UNIFORM, d_model=8192, ffn_dim=28672)) == ([True, True], [True, True], True)
 
 
 def test_device_sampling_eligibility():
@@ -79,6 +80,17 @@ def test_device_sampling_eligibility():
     assert not device_supported(SamplingParams(temperature=0.8, top_k=MAX_TOP_K + 1))
 
 
+def test_gemv_geometry_fills_the_gpu_and_staging_fits(monkeypatch):
+    monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 232448))  # an H100 / H200
+    assert gemv.tasks_per_block(576) == 8  # a small matrix: one row per warp
+    per_block = gemv.tasks_per_block(14336)  # Llama-3-8B gate/up: about BLOCKS_PER_SM blocks per SM, whole warps
+    target = gemv.BLOCKS_PER_SM * 132
+    assert per_block % gemv.WARPS == 0 and 0.75 * target <= -(-14336 // per_block) <= target
+    assert gemv.tasks_per_block(14336, blocks_per_sm=1) == 112
+    # int8 staging: 1.25 bytes a value (a 70B's ffn of 28,672: 35 KB); fp32 staging: 4 (opt-in above 48 KB)
+    assert gemv.stage_bytes(GGMLType.Q4_K, 28672) == 35840 and gemv.stage_bytes(GGMLType.F16, 28672) == 114688
+
+
 def test_weight_kernel_suffixes_cover_the_quantized_types():
     from engine.backends.cuda.weights import KERNEL_SUFFIX
     from engine.backends.cuda.kernels import source
@@ -86,7 +98,7 @@ def test_weight_kernel_suffixes_cover_the_quantized_types():
     quant = source("quant")
     for t, suffix in KERNEL_SUFFIX.items():
         assert f"QUANT_KERNELS({suffix}, T_{t.name})" in quant
-    assert np.all([f"DECODE_KERNELS({s}," in source("decode") for s in KERNEL_SUFFIX.values()])
+    assert np.all([f"GEMV_KERNELS({s}, T_{t.name})" in source("gemv") for t, s in KERNEL_SUFFIX.items()])
 
 
 def test_planned_fp16_copies_and_device_bytes():

@@ -7,7 +7,8 @@ Tolerances (relative L2 error ||gpu - ref|| / ||ref||): outputs rounded once to 
 3e-3 for fp16 (one rounding of N(0,1) values: 2.1e-4) and 1e-2 for bf16 (one rounding: 1.7e-3; a
 value read with the wrong format or rounded twice is far off); fp32 outputs of fp32 math 1e-5;
 GEMMs over weights rounded to the activation dtype 1e-3 (fp16) / 5e-3 (bf16: per-value relative
-rounding error <= 2^-8 = 3.9e-3).
+rounding error <= 2^-8 = 3.9e-3). GEMVs (n == 1) over quantized weights read their input as int8 per block
+of 32 (gemv.cu): their reference is the numpy model of that arithmetic (gemv.reference, ``product_ref``).
 """
 from __future__ import annotations
 
@@ -73,6 +74,16 @@ def rounded(x, dtype: str) -> np.ndarray:
     return bits.astype(np.float32) if dtype == "f16" else from_bf16_bits(bits)
 
 
+def product_ref(x, tensor) -> np.ndarray:
+    """x (n, cols) @ W^T as the kernels compute it: for n == 1 over quantized weights the int8-input GEMV
+    (gemv.reference), else the float product."""
+    from engine.backends.cuda import gemv
+
+    if x.shape[0] == 1 and tensor.ggml_type in gemv.INT8_TYPES:
+        return gemv.reference(x[0], tensor)[None, :]
+    return x @ tensor.dequantize().T
+
+
 def upload(cuda, x):
     """Host floats -> a device activation array of the backend's dtype (rounded)."""
     return cuda.cp.asarray(to_bits(x, cuda.dtype))
@@ -106,7 +117,7 @@ def test_linear_gemv_and_gemm(cuda, rng, dtype, ggml_type, rows, cols):
         x = rounded(rng.standard_normal((n, cols)), dtype)
         y = cuda.linear(upload(cuda, x), w_dev)
         assert y.dtype == cuda.act and y.shape == (n, rows)
-        assert rel_err(cuda.to_numpy(y), x @ w_ref.T) < TOL[dtype], (ggml_type.name, n)
+        assert rel_err(cuda.to_numpy(y), product_ref(x, tensor)) < TOL[dtype], (ggml_type.name, n)
     assert cuda.matrices.gemm_path == "cublasGemmEx"
     # the scratch holds exactly the dequantized weights, up to rounding to the activation dtype
     scratch = cuda.matrices.dequantize(w_dev)
@@ -125,9 +136,10 @@ def test_output_head_logits_are_fp32(cuda, rng, dtype, ggml_type):
         x = rounded(rng.standard_normal((n, 256)), dtype)
         got = cuda.linear(upload(cuda, x), w_dev)
         assert got.dtype == cuda.cp.float32
-        # GEMV: fp32 math on exact weights; GEMM: weights rounded to the activation dtype
+        # GEMV: fp32 math on exact weights (quantized ones: on the int8 input); GEMM: weights rounded to
+        # the activation dtype
         tol = 1e-5 if n == 1 else WEIGHT_TOL[dtype]
-        assert rel_err(cuda.to_numpy(got), x @ tensor.dequantize().T) < tol
+        assert rel_err(cuda.to_numpy(got), product_ref(x, tensor)) < tol
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -184,7 +196,7 @@ def test_fused_groups_and_accumulating_products(cuda, rng, dtype, ggml_type):
         x = rounded(rng.standard_normal((n, cols)), dtype)
         outs = cuda.linear_group(upload(cuda, x), parts)
         for t, out in zip(tensors, outs):
-            assert rel_err(cuda.to_numpy(out), x @ t.dequantize().T) < TOL[dtype], (ggml_type.name, n, t.name)
+            assert rel_err(cuda.to_numpy(out), product_ref(x, t)) < TOL[dtype], (ggml_type.name, n, t.name)
     other = upload_weight(cp, "blk.0.ffn_up", synthetic_weight("blk.0.ffn_up", GGMLType.F16, (64, 256), rng, 0.1))
     assert fuse(cp, [parts[0], other]) is None  # already fused / different row lengths: left alone
 
@@ -195,7 +207,7 @@ def test_fused_groups_and_accumulating_products(cuda, rng, dtype, ggml_type):
         a = rounded(rng.standard_normal((n, 256)), dtype)
         got = cuda.add_linear(cp.asarray(x), upload(cuda, a), w_down)
         assert got.dtype == cp.float32
-        assert rel_err(cuda.to_numpy(got), x + a @ down.dequantize().T) < WEIGHT_TOL[dtype], (ggml_type.name, n)
+        assert rel_err(cuda.to_numpy(got), x + product_ref(a, down)) < WEIGHT_TOL[dtype], (ggml_type.name, n)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -14,10 +14,10 @@ from engine.errors import DeviceError
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) is not installed")
 
 EXPECTED_ENTRIES = {
-    "quant": {f"{op}_{t}" for op in ("gemv", "dequant", "embed")
+    "quant": {f"{op}_{t}" for op in ("dequant", "embed")
               for t in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")},
-    "decode": {f"dec_{op}_{t}" for op in ("qkv", "gateup", "gemv_add", "head")
-               for t in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")},
+    "gemv": {f"{op}_{t}" for op in ("gemv", "gemv_add", "qkv", "gateup", "head")
+             for t in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")},
     "elementwise": {"rmsnorm", "add_residual", "add_bias", "swiglu", "store_kv"},
     "attention": {"attn_partial_1", "attn_partial_2", "attn_partial_4"},
     "sampling": {"sample_token"},
@@ -79,7 +79,7 @@ def test_activation_files_have_both_builds_and_the_others_one():
     with pytest.raises(DeviceError, match="sampling.cu has no 'bf16' build"):
         kernels.compile_ptx("sampling", "sm_90", "bf16")
     with pytest.raises(DeviceError, match="quant.cu has no 'fp8' build"):
-        kernels.function("quant", "gemv_q4_1", "fp8")
+        kernels.function("quant", "dequant_q4_1", "fp8")
 
 
 def test_every_kernel_file_is_covered():

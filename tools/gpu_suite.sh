@@ -56,7 +56,7 @@ from engine.sampling import SamplingParams
 from engine.backends.cuda import flash_attention as fa
 f, k, i = fa.decode_build(64)
 print(f"{k}: {function(f, k, 'f16', instance=i).num_regs} regs")
-for f, k in [("decode", "dec_qkv_q4_1"), ("decode", "dec_gateup_q4_1"), ("quant", "gemv_q4_1"), ("sampling", "sample_token")]:
+for f, k in [("gemv", "qkv_q4_1"), ("gemv", "gateup_q4_1"), ("gemv", "gemv_q4_1"), ("sampling", "sample_token")]:
     a = function(f, k).attributes
     print(f"{k}: {a['num_regs']} regs, {a['local_size_bytes']} B local, {a['shared_size_bytes']} B static smem")
 llm, label = load_bench_model(LoadSettings(device="cuda", context=33000, dca="on"), synthetic=True)

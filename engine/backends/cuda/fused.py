@@ -1,13 +1,14 @@
-"""The model's blocks for one-token steps, fused (kernels/decode.cu): ``CudaBackend.decode_blocks``.
+"""The model's blocks for one-token steps, fused (kernels/gemv.cu, launched by gemv.py): ``CudaBackend.decode_blocks``.
 
 ``Llama.compute`` runs these instead of its own composed blocks when it steps one token:
-  attention_block   dec_qkv (RMSNorm + Q/K/V GEMV + key rotation + cache store), attention (the backend's:
-                    split-K + combine), dec_gemv_add (output projection + residual, in place)
-  mlp_block         dec_gateup (RMSNorm + gate/up GEMV + SwiGLU), dec_gemv_add (down projection + residual)
-  head              dec_head (final RMSNorm + output GEMV, fp32 logits)
-The arithmetic is the composed blocks', in the same order (see decode.cu), so both give the same
-logits; fusing only cuts launches (6 per layer, not 16). Activations (query, SwiGLU output, cache rows)
-are in the backend's dtype (decode.cu's dtype build). A layer whose Q/K/V (or gate/up) are not stored
+  attention_block   qkv (RMSNorm + Q/K/V GEMV + key rotation + cache store), attention (the backend's:
+                    split-K + combine), gemv_add (output projection + residual, in place)
+  mlp_block         gate_up (RMSNorm + gate/up GEMV + SwiGLU), gemv_add (down projection + residual)
+  head              head (final RMSNorm + output GEMV, fp32 logits)
+The arithmetic is the composed blocks' (the one-token GEMVs of both read quantized weights against the
+input quantized to int8 per 32, gemv.py), in the same order, so both give the same logits up to summation
+order; fusing only cuts launches (6 per layer, not 16). Activations (query, SwiGLU output, cache rows)
+are in the backend's dtype (gemv.cu's dtype build). A layer whose Q/K/V (or gate/up) are not stored
 in one type, a layer with Q/K/V biases (qwen2), or a weight not kept on the device as a ``DeviceMatrix``, runs
 the composed block.
 """
@@ -15,12 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import function
+from . import gemv
 from .weights import DeviceMatrix
-
-THREADS = 256  # decode.cu DEC_THREADS
-WARPS = THREADS // 32
-STATIC_SHARED_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without opting in: the staged input's bound
 
 
 def _same_type(*matrices) -> bool:
@@ -34,12 +31,10 @@ class FusedBlocks:
         c = model.config
         self.eps = np.float32(c.norm_eps)
         layers = model.weights.layers
-        fits = 4 * max(c.d_model, c.ffn_dim, c.n_heads * c.head_dim) <= STATIC_SHARED_LIMIT  # staged fp32 inputs
-        self.fused_attention = [fits and _same_type(l.attn_q, l.attn_k, l.attn_v) and l.attn_q_bias is None
+        self.fused_attention = [_same_type(l.attn_q, l.attn_k, l.attn_v) and l.attn_q_bias is None
                                 and isinstance(l.attn_output, DeviceMatrix) for l in layers]
-        self.fused_mlp = [fits and _same_type(l.ffn_gate, l.ffn_up) and isinstance(l.ffn_down, DeviceMatrix)
-                          for l in layers]
-        self.fused_head = fits and isinstance(model.weights.output, DeviceMatrix)
+        self.fused_mlp = [_same_type(l.ffn_gate, l.ffn_up) and isinstance(l.ffn_down, DeviceMatrix) for l in layers]
+        self.fused_head = isinstance(model.weights.output, DeviceMatrix)
 
     def attention_block(self, index: int, layer, x, positions, cache):
         """x (1, d) fp32 residual, updated in place; positions (1,) int32 device slot."""
@@ -49,33 +44,24 @@ class FusedBlocks:
         cos_t, sin_t = self.backend.rotary_tables(model.rotary)
         rope_dim = model.rotary.rope.dim
         chunk_len = model.dca.chunk_len if model.dca is not None else 0
-        d = c.d_model
+        dtype = self.backend.dtype
         q = self.cp.empty(c.n_heads * c.head_dim, dtype=self.backend.act)
-        n_tasks = c.n_heads * c.head_dim + c.n_kv_heads * (2 * c.head_dim - rope_dim // 2)
-        wq, wk, wv = layer.attn_q, layer.attn_k, layer.attn_v
-        function("decode", f"dec_qkv_{wq.suffix}", self.backend.dtype)(
-            (self._blocks(n_tasks),), (THREADS,),
-            (x, layer.attn_norm, self.eps, np.int32(d), wq.data, wk.data, wv.data, np.int64(wq.data.shape[1]),
-             q, cache.k[index], cache.v[index], positions, cos_t, sin_t, np.int32(c.n_heads),
-             np.int32(c.n_kv_heads), np.int32(c.head_dim), np.int32(rope_dim), np.int32(chunk_len)),
-            shared_mem=4 * d)
+        gemv.qkv(x, layer.attn_norm, self.eps, layer.attn_q, layer.attn_k, layer.attn_v, q, cache.k[index],
+                 cache.v[index], positions, cos_t, sin_t, c.n_heads, c.n_kv_heads, c.head_dim, rope_dim, chunk_len,
+                 dtype)
         attn = self.backend.attention(q.reshape(1, c.n_heads, c.head_dim), cache, index, positions, model.rotary,
                                       model.dca, model.temperature_length)
-        self._gemv_add(attn.reshape(-1), layer.attn_output, x)
+        gemv.gemv_add(attn.reshape(-1), layer.attn_output, x, dtype)
         return x
 
     def mlp_block(self, index: int, layer, x):
         c = self.model.config
         if not self.fused_mlp[index]:
             return self.model.mlp_block(index, layer, x)
+        dtype = self.backend.dtype
         gate_up = self.cp.empty(c.ffn_dim, dtype=self.backend.act)
-        wg, wu = layer.ffn_gate, layer.ffn_up
-        function("decode", f"dec_gateup_{wg.suffix}", self.backend.dtype)(
-            (self._blocks(c.ffn_dim),), (THREADS,),
-            (x, layer.ffn_norm, self.eps, np.int32(c.d_model), wg.data, wu.data, np.int64(wg.data.shape[1]),
-             np.int32(c.ffn_dim), gate_up),
-            shared_mem=4 * c.d_model)
-        self._gemv_add(gate_up, layer.ffn_down, x)
+        gemv.gate_up(x, layer.ffn_norm, self.eps, layer.ffn_gate, layer.ffn_up, gate_up, dtype)
+        gemv.gemv_add(gate_up, layer.ffn_down, x, dtype)
         return x
 
     def head(self, rows):
@@ -83,22 +69,6 @@ class FusedBlocks:
         if not self.fused_head:
             return self.model.head(rows)
         w = self.model.weights
-        out = w.output
-        logits = self.cp.empty((1, out.rows), dtype=self.cp.float32)
-        function("decode", f"dec_head_{out.suffix}", self.backend.dtype)(
-            (self._blocks(out.rows),), (THREADS,),
-            (rows, w.output_norm, self.eps, np.int32(out.cols), out.data, np.int64(out.data.shape[1]),
-             np.int32(out.rows), logits),
-            shared_mem=4 * out.cols)
+        logits = self.cp.empty((1, w.output.rows), dtype=self.cp.float32)
+        gemv.head(rows, w.output_norm, self.eps, w.output, logits.reshape(-1), self.backend.dtype)
         return logits
-
-    def _gemv_add(self, a, m: DeviceMatrix, x) -> None:
-        """x[r] += m[r] . a (x fp32, updated in place; a in the activation dtype)."""
-        function("decode", f"dec_gemv_add_{m.suffix}", self.backend.dtype)(
-            (self._blocks(m.rows),), (THREADS,),
-            (a, m.data, np.int64(m.data.shape[1]), np.int32(m.rows), np.int32(m.cols), x),
-            shared_mem=4 * m.cols)
-
-    @staticmethod
-    def _blocks(tasks: int) -> int:
-        return (tasks + WARPS - 1) // WARPS

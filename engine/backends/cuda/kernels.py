@@ -24,7 +24,7 @@ build by one macro line appended to the file (``function(..., instance="DCA_DECO
 compiles only the configurations it launches. Other configurations (measurement variants) are built the
 same way from the development area (dev/cuda/), never by production code.
 
-    function("quant", "gemv_q4_1", "bf16")   -> cupy.RawKernel (compiled for the current GPU on first use)
+    function("gemv", "gemv_q4_1", "bf16")    -> cupy.RawKernel (compiled for the current GPU on first use)
     function("dca_decode", "dca_decode_64", "f16", instance="DCA_DECODE(64, 32)")
     compile_ptx("attention", "sm_90", "bf16") -> PTX text, through NVRTC alone (no GPU or driver needed)
 
@@ -48,10 +48,10 @@ def _kernel_dir() -> Path:
 
 
 KERNEL_DIR = _kernel_dir()
-KERNEL_FILES = ("quant", "decode", "elementwise", "attention", "sampling", "dca_flash_attn", "dca_decode",
+KERNEL_FILES = ("quant", "gemv", "elementwise", "attention", "sampling", "dca_flash_attn", "dca_decode",
                 "dca_flash_attn_sm90")  # <name>.cu
 # headers prepended to a file's source, in order (no #include: NVRTC needs no include paths)
-PRELUDES = {"quant": ("common.cuh", "dequant.cuh"), "decode": ("common.cuh", "dequant.cuh", "dca.cuh"),
+PRELUDES = {"quant": ("common.cuh", "dequant.cuh"), "gemv": ("common.cuh", "dequant.cuh", "dca.cuh"),
             "elementwise": ("common.cuh", "dca.cuh"), "attention": ("common.cuh", "dca.cuh"),
             "dca_flash_attn": ("common.cuh", "mma.cuh", "dca.cuh", "flash.cuh"),
             "dca_decode": ("common.cuh", "mma.cuh", "dca.cuh", "flash.cuh"),

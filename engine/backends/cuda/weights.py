@@ -5,7 +5,7 @@ plus the ggml type. Matrices that read the same input (a layer's Q, K, V; gate a
 one matrix when their encodings agree (``fuse``): each part is a row range of the whole, so GEMV
 decode is unchanged and a prefill product of the group is one GEMM (``linear`` on ``whole``).
 ``linear`` picks per call:
-  n == 1  fused dequant-GEMV kernel (kernels/quant.cu gemv_<type>), no cuBLAS: capturable in a graph
+  n == 1  GEMV kernel (gemv.gemv: kernels/gemv.cu gemv_<type>), no cuBLAS: capturable in a graph
   n > 1   dequantize into one shared scratch buffer in the activation dtype (dequant_<type>) + cuBLAS
           GEMM, 16-bit inputs, fp32 accumulation (cublasGemmEx, CUBLAS_COMPUTE_32F); weights stored in
           the activation dtype (F16 for f16, BF16 for bf16) are used as stored, and a small model keeps
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import ConfigError, DeviceError
+from . import gemv
 from .kernels import ACTIVATION_DTYPES, function
 from ...weights.bf16 import to_bf16_bits
 from ...weights.quant import GGMLType, dequantize
@@ -37,7 +38,6 @@ OUTPUT_HEADS = ("output", "token_embd")  # weights whose products are logits (fp
 # launches; SmolLM2-135M: 0.27 GB of copies), while a large model's GEMMs dwarf it and its copies would take
 # the KV cache's memory.
 PREFILL_FP16_BUDGET = 1 << 30
-GEMV_WARPS = 4  # output rows per GEMV block (one warp each)
 
 # cuBLAS / CUDA enum values (cublas_api.h, library_types.h)
 _OP_N, _OP_T = 0, 1
@@ -192,11 +192,7 @@ class MatrixOps:
         out_dtype = cp.float32 if w.f32_out else self.act
         if n == 1:
             y = cp.empty((1, w.rows), dtype=out_dtype)
-            blocks = (w.rows + GEMV_WARPS - 1) // GEMV_WARPS
-            function("quant", f"gemv_{w.suffix}", self.dtype)(
-                (blocks,), (32 * GEMV_WARPS,),
-                (w.data, x, y, np.int32(w.rows), np.int32(w.cols), np.int64(w.data.shape[1]), np.int32(w.f32_out)),
-                shared_mem=4 * w.cols)
+            gemv.gemv(x, w, y, self.dtype)
             return y
         return self._gemm(x, self.dequantize(w), out_dtype)
 

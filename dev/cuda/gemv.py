@@ -1,0 +1,182 @@
+"""Development driver for the one-token GEMV kernels (llm.c's dev/cuda shape): the CPU reference, each
+variant, a correctness check, then a benchmark table (GB/s of weights read, fraction of 4.2 TB/s, the H200's
+measured copy bandwidth) at real model shapes. Needs a GPU; run from the repository root:
+
+    python dev/cuda/gemv.py [--baseline DIR] [--shapes 8b-down,8b-head] [--reps 5]
+
+Variants:
+  int8/bpsN   kernels/gemv.cu gemv_<type> (int8 input, dp4a) with tasks_per_block for N blocks per SM
+              (production: gemv.BLOCKS_PER_SM)
+  baseline    the previous kernel (fp32 input in shared memory, one warp per row, 4 rows a block: quant.cu
+              gemv_<type> of the checkout at DIR, e.g. main's), where its fp32 staging fits 48 KB
+Check: int8 variants against gemv.reference (the numpy model of their arithmetic, rel. error < 1e-5; the
+error against the float product is printed: the int8 input's own), float-weight variants and the baseline
+against the float product (< 1e-5). Rows checked: the first and
+last 256 of each shape (the reference of a whole 128k-row head takes minutes on the CPU).
+Timing: 40 launches captured in a CUDA graph, cycling over enough copies of the weights to exceed L2
+several times; the median of --reps replays, per launch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from engine.backends.cuda import gemv  # noqa: E402
+from engine.backends.cuda.weights import to_activation, upload_weight  # noqa: E402
+from engine.bench import synthetic_weight  # noqa: E402
+from engine.loader import WeightTensor  # noqa: E402
+from engine.weights.quant import GGMLType  # noqa: E402
+
+COPY_BANDWIDTH = 4.2e12  # bytes/s, measured device-to-device copy on the H200
+SHAPES = {  # name: (rows, cols, type)
+    "8b-qkv": (6144, 4096, GGMLType.Q4_K),
+    "8b-o": (4096, 4096, GGMLType.Q4_K),
+    "8b-gate+up": (28672, 4096, GGMLType.Q4_K),
+    "8b-down": (4096, 14336, GGMLType.Q4_K),
+    "8b-head": (128256, 4096, GGMLType.Q6_K),
+    "7b-down": (4096, 11008, GGMLType.Q4_K),
+    "1b-gate+up": (16384, 2048, GGMLType.Q4_K),
+    "70b-down": (8192, 28672, GGMLType.Q4_K),
+    "8b-o-q8_0": (4096, 4096, GGMLType.Q8_0),
+    "8b-o-q4_0": (4096, 4096, GGMLType.Q4_0),
+    "8b-o-f16": (4096, 4096, GGMLType.F16),
+    "smollm2-gate+up": (3072, 576, GGMLType.Q4_1),
+}
+STEP_8B = ("8b-qkv", "8b-o", "8b-gate+up", "8b-down", "8b-head")  # the GEMVs of a Llama-3-8B decode step
+BLOCKS_PER_SM = (1, 2, 4, 8)
+CHECK_ROWS = 256
+L2_BYTES = 50 << 20
+
+
+def row_slice(tensor, rows: slice):
+    """The WeightTensor of a row range."""
+    n = tensor.shape[0]
+    row_bytes = tensor.raw.size // n
+    start, stop, _ = rows.indices(n)
+    return WeightTensor(tensor.name, tensor.ggml_type, (stop - start, tensor.shape[1]),
+                        tensor.raw[start * row_bytes:stop * row_bytes])
+
+
+def baseline_module(cp, folder: Path):
+    """quant.cu of another checkout (its gemv_<type>), f16 build."""
+    parts = [(folder / "kernels" / f).read_text() for f in ("common.cuh", "dequant.cuh", "quant.cu")]
+    return cp.RawModule(code="\n".join(parts), options=("-std=c++17",))
+
+
+def time_launches(cp, launch, copies: int, reps: int, per_graph: int = 40) -> float:
+    """Median seconds per launch; launch(i) runs on copy i % copies."""
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        launch(0)  # compile, opt in, warm
+        stream.synchronize()
+        stream.begin_capture()
+        for i in range(per_graph):
+            launch(i % copies)
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record(stream)
+            graph.launch(stream)
+            end.record(stream)
+            end.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, end) / 1e3 / per_graph)
+    return float(np.median(times))
+
+
+def rel_err(got, ref) -> float:
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) if np.isfinite(got).all() else float("inf")
+
+
+def run_shape(cp, name, rows, cols, ggml_type, baseline, reps, dtype="f16") -> list[dict]:
+    rng = np.random.default_rng(rows + cols)
+    tensor = synthetic_weight("output", ggml_type, (rows, cols), rng, 1 / np.sqrt(cols))
+    m = upload_weight(cp, "output", tensor)  # fp32 out
+    nbytes = m.data.nbytes
+    copies = max(1, -(-4 * L2_BYTES // nbytes))
+    datas = [m.data] + [m.data.copy() for _ in range(copies - 1)]
+    x = rng.standard_normal(cols).astype(np.float32)
+    x_dev = to_activation(cp, cp.asarray(x), dtype)
+    x = cp.asnumpy(x_dev).astype(np.float32)  # the fp16 values the kernels read
+    checked = [row_slice(tensor, slice(0, CHECK_ROWS)), row_slice(tensor, slice(rows - CHECK_ROWS, rows))]
+    model = np.concatenate([gemv.reference(x, t) for t in checked])
+    exact = np.concatenate([t.dequantize().astype(np.float64) @ x.astype(np.float64) for t in checked])
+    y = cp.empty(rows, dtype=cp.float32)
+
+    def picked(out):
+        host = cp.asnumpy(out)
+        return np.concatenate([host[:CHECK_ROWS], host[rows - CHECK_ROWS:]])
+
+    results = []
+    for bps in BLOCKS_PER_SM:
+        per_block = gemv.tasks_per_block(rows, bps)
+
+        def launch(i, per_block=per_block):
+            m.data = datas[i]
+            gemv.gemv(x_dev, m, y, dtype, per_block=per_block)
+
+        y.fill(np.nan)
+        launch(0)
+        errs = (rel_err(picked(y), model), rel_err(picked(y), exact))
+        ok = errs[0] < 1e-5 and (ggml_type in gemv.INT8_TYPES or errs[1] < 1e-5)
+        seconds = time_launches(cp, launch, copies, reps)
+        results.append(dict(shape=name, variant=f"int8/bps{bps}" if ggml_type in gemv.INT8_TYPES else f"fp32/bps{bps}",
+                            per_block=per_block, seconds=seconds, err_model=errs[0], err_float=errs[1], ok=ok))
+    if baseline is not None and 4 * cols <= 48 * 1024:
+        fn = baseline.get_function(f"gemv_{m.suffix}")
+
+        def launch(i):
+            fn(((rows + 3) // 4,), (128,), (datas[i], x_dev, y, np.int32(rows), np.int32(cols),
+                                            np.int64(m.data.shape[1]), np.int32(1)), shared_mem=4 * cols)
+
+        y.fill(np.nan)
+        launch(0)
+        err = rel_err(picked(y), exact)
+        seconds = time_launches(cp, launch, copies, reps)
+        results.append(dict(shape=name, variant="baseline", per_block=4, seconds=seconds, err_model=float("nan"),
+                            err_float=err, ok=err < 1e-5))
+    m.data = datas[0]
+    for r in results:
+        r.update(mb=nbytes / 1e6, rows=rows, cols=cols, type=ggml_type.name, gbs=nbytes / r["seconds"] / 1e9,
+                 frac=nbytes / r["seconds"] / COPY_BANDWIDTH)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", type=Path, help="a checkout whose kernels/quant.cu holds the previous gemv_<type>")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    import cupy as cp
+
+    baseline = baseline_module(cp, args.baseline) if args.baseline else None
+    rows = []
+    for name in args.shapes.split(","):
+        rows += run_shape(cp, name, *SHAPES[name], baseline, args.reps)
+    print(f"| {'shape':<16} | {'rows x cols':>13} | {'type':<5} | {'MB':>6} | {'variant':<11} | {'tasks/blk':>9} | "
+          f"{'us':>7} | {'GB/s':>6} | {'of 4.2':>6} | {'err model':>9} | {'err float':>9} | ok |")
+    print("|" + "|".join("-" * (w + 2) for w in (16, 13, 5, 6, 11, 9, 7, 6, 6, 9, 9, 2)) + "|")
+    for r in rows:
+        print(f"| {r['shape']:<16} | {r['rows']:>6}x{r['cols']:<6} | {r['type']:<5} | {r['mb']:>6.1f} | "
+              f"{r['variant']:<11} | {r['per_block']:>9} | {r['seconds'] * 1e6:>7.1f} | {r['gbs']:>6.0f} | "
+              f"{r['frac']:>6.2f} | {r['err_model']:>9.1e} | {r['err_float']:>9.1e} | {'ok' if r['ok'] else 'NO'} |")
+    step = {bps: sum(r["seconds"] for r in rows if r["shape"] in STEP_8B and r["variant"].endswith(f"bps{bps}"))
+            for bps in BLOCKS_PER_SM}
+    if all(step.values()):
+        print("8B step GEMVs (us) by blocks per SM: " + ", ".join(f"{b}: {t * 1e6:.0f}" for b, t in step.items()))
+        print(f"best blocks_per_sm: {min(step, key=step.get)}")
+    if not all(r["ok"] for r in rows):
+        raise SystemExit("correctness check failed")
+
+
+if __name__ == "__main__":
+    main()

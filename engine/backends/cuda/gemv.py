@@ -1,0 +1,161 @@
+"""Kernel choice and launch geometry of the one-token matrix products (kernels/gemv.cu).
+
+    gemv(x, m, dtype)                          y = m @ x (act_t, or fp32 for an output head)
+    gemv_add(a, m, x, dtype)                   x += m @ a (fp32 residual, in place)
+    qkv(x, norm, eps, wq, wk, wv, ...)         rmsnorm + Q/K/V + key rotation + KV-cache store
+    gate_up(x, norm, eps, wg, wu, out, dtype)  rmsnorm + silu(gate) * up
+    head(x, norm, eps, m, logits, dtype)       rmsnorm + output head (fp32 logits)
+
+Arguments are device arrays and ``DeviceMatrix``es; each call is one launch on the current stream
+(capturable in a CUDA graph). Geometry: 256 threads a block, one warp per task (row or row pair);
+each block takes ``tasks_per_block`` tasks (a multiple of 8) so that the grid is about BLOCKS_PER_SM
+blocks per SM: every block stages (RMSNorm +) quantizes its input once, so fewer, fuller blocks
+stage less, while one wave of them keeps every SM streaming weights. Shared memory comes from the input
+width (``stage_bytes``); above 48 KB the kernel opts in to more, up to the device's limit.
+
+Numerics. Quantized weights (``INT8_TYPES``) read the input quantized to int8 per block of 32
+(llama.cpp's q8_1: d = max|x|/127, q = rint(x/d), plus the block's float sum); ``reference`` is the
+numpy model of that arithmetic (the tests compare the kernels with it tightly, and with the float
+product at the quantization's own error). Float weights (F32, F16, BF16) read the input in fp32.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from ...errors import DeviceError
+from ...weights.quant import GGMLType, block_layout, dequantize
+from .kernels import function
+
+THREADS = 256  # gemv.cu GEMV_THREADS
+WARPS = THREADS // 32
+# blocks per SM the grid aims at: measured best for a Llama-3-8B step's GEMVs on the H200 (dev/cuda/gemv.py:
+# 249 us at 2, 261 at 4, 272 at 8, 290 at 1); up to 4 such blocks are resident at <= 64 registers
+BLOCKS_PER_SM = 2
+DEFAULT_SHARED = 48 * 1024  # dynamic shared memory a launch gets without opting in
+INT8_TYPES = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q6_K)
+Q8_BLOCK = 32
+
+
+def stage_bytes(ggml_type: GGMLType, cols: int) -> int:
+    """Shared memory of a staged input of `cols` values: int8 values + fp32 scale and sum per 32, or fp32."""
+    return cols + cols // 4 if ggml_type in INT8_TYPES else 4 * cols
+
+
+@functools.cache
+def _device_limits() -> tuple[int, int]:
+    """(SM count, largest opt-in dynamic shared memory per block) of the current device."""
+    import cupy as cp
+
+    attributes = cp.cuda.Device().attributes
+    return attributes["MultiProcessorCount"], attributes["MaxSharedMemoryPerBlockOptin"]
+
+
+def tasks_per_block(n_tasks: int, blocks_per_sm: int | None = None) -> int:
+    """Tasks of one block: a multiple of the warps, so that the grid is about blocks_per_sm (default
+    BLOCKS_PER_SM) blocks per SM."""
+    sms, _ = _device_limits()
+    per_block = -(-n_tasks // (sms * (blocks_per_sm or BLOCKS_PER_SM)))
+    return max(WARPS, -(-per_block // WARPS) * WARPS)
+
+
+_opted_in: dict[tuple[str, str], int] = {}  # (kernel, dtype) -> dynamic shared memory allowed
+
+
+def _launch(kernel: str, m_type: GGMLType, cols: int, n_tasks: int, args: tuple, dtype: str,
+            per_block: int | None) -> None:
+    """Launch kernel `kernel` (gemv.cu, the build of `dtype`) over n_tasks tasks, staging `cols` inputs."""
+    fn = function("gemv", kernel, dtype)
+    shared = stage_bytes(m_type, cols)
+    if shared > DEFAULT_SHARED and _opted_in.get((kernel, dtype), DEFAULT_SHARED) < shared:
+        limit = _device_limits()[1]
+        if shared > limit:
+            raise DeviceError(f"{kernel}: an input of {cols} values needs {shared} bytes of shared memory, "
+                              f"above this device's {limit}")
+        fn.max_dynamic_shared_size_bytes = shared
+        _opted_in[(kernel, dtype)] = shared
+    per_block = per_block or tasks_per_block(n_tasks)
+    blocks = -(-n_tasks // per_block)
+    fn((blocks,), (THREADS,), args + (np.int32(per_block),), shared_mem=shared)
+
+
+def _row_bytes(m) -> np.int64:
+    return np.int64(m.data.shape[1])
+
+
+def gemv(x, m, y, dtype: str, per_block: int | None = None) -> None:
+    """y (rows,) = m @ x; x (cols,) act_t; y act_t, or fp32 when m is an output head (m.f32_out)."""
+    _launch(f"gemv_{m.suffix}", m.ggml_type, m.cols, m.rows,
+            (m.data, _row_bytes(m), x, np.int32(m.rows), np.int32(m.cols), y, np.int32(m.f32_out)), dtype, per_block)
+
+
+def gemv_add(a, m, x, dtype: str, per_block: int | None = None) -> None:
+    """x (rows,) fp32 += act_t(m @ a), a (cols,) act_t."""
+    _launch(f"gemv_add_{m.suffix}", m.ggml_type, m.cols, m.rows,
+            (m.data, _row_bytes(m), a, np.int32(m.rows), np.int32(m.cols), x), dtype, per_block)
+
+
+def qkv(x, norm, eps, wq, wk, wv, q_out, cache_k, cache_v, position, cos_t, sin_t, n_heads: int, n_kv: int,
+        head_dim: int, rope_dim: int, chunk_len: int, dtype: str, per_block: int | None = None) -> None:
+    """h = rmsnorm(x) * norm; q_out = wq @ h (unrotated); the key row (wk @ h, rotated at position[0]) and the
+    value row (wv @ h) stored at row position[0] of the layer's cache. wq, wk, wv: one stored type."""
+    d = wq.cols
+    n_tasks = n_heads * head_dim + n_kv * (2 * head_dim - rope_dim // 2)
+    _launch(f"qkv_{wq.suffix}", wq.ggml_type, d, n_tasks,
+            (x, norm, np.float32(eps), np.int32(d), wq.data, wk.data, wv.data, _row_bytes(wq), q_out, cache_k,
+             cache_v, position, cos_t, sin_t, np.int32(n_heads), np.int32(n_kv), np.int32(head_dim),
+             np.int32(rope_dim), np.int32(chunk_len)), dtype, per_block)
+
+
+def gate_up(x, norm, eps, wg, wu, out, dtype: str, per_block: int | None = None) -> None:
+    """h = rmsnorm(x) * norm; out (ffn,) act_t = silu(wg @ h) * (wu @ h). wg, wu: one stored type."""
+    _launch(f"gateup_{wg.suffix}", wg.ggml_type, wg.cols, wg.rows,
+            (x, norm, np.float32(eps), np.int32(wg.cols), wg.data, wu.data, _row_bytes(wg), np.int32(wg.rows), out),
+            dtype, per_block)
+
+
+def head(x, norm, eps, m, logits, dtype: str, per_block: int | None = None) -> None:
+    """logits (rows,) fp32 = m @ (rmsnorm(x) * norm)."""
+    _launch(f"head_{m.suffix}", m.ggml_type, m.cols, m.rows,
+            (x, norm, np.float32(eps), np.int32(m.cols), m.data, _row_bytes(m), np.int32(m.rows), logits),
+            dtype, per_block)
+
+
+# ---- the numpy model of the kernels' arithmetic ----------------------------------------------------------
+
+def quantize_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (..., n) float32, n % 32 == 0 -> int8 q (..., n), scale d and float sum s (..., n/32), as gemv.cu
+    stages it: d = max|x| / 127 (fp32), q = rint(x / d) (0 where d == 0)."""
+    blocks = np.asarray(x, np.float32).reshape(*x.shape[:-1], -1, Q8_BLOCK)
+    d = (np.abs(blocks).max(axis=-1) / np.float32(127)).astype(np.float32)
+    safe = np.where(d > 0, d, np.float32(1))[..., None]
+    q = np.where(d[..., None] > 0, np.rint(blocks / safe), 0).astype(np.int8)
+    return q.reshape(x.shape), d, blocks.sum(axis=-1, dtype=np.float64)
+
+
+def _block_offsets(tensor) -> np.ndarray | None:
+    """(rows, cols/32) per-block constant the kernel adds in float (Q4_1: m; Q4_K: -dmin*m), else None."""
+    qs_bytes = {GGMLType.Q4_1: (4, 20), GGMLType.Q4_K: (16, 144)}.get(GGMLType(tensor.ggml_type))
+    if qs_bytes is None:
+        return None
+    start, end = qs_bytes
+    raw = np.array(tensor.raw, np.uint8).reshape(-1, block_layout(tensor.ggml_type)[1])
+    raw[:, start:end] = 0  # every q = 0: each value decodes to its block's offset
+    return dequantize(raw.reshape(-1), tensor.ggml_type, tensor.shape)[:, ::Q8_BLOCK]
+
+
+def reference(x: np.ndarray, tensor) -> np.ndarray:
+    """The numpy model of a quantized-weight GEMV: x (cols,) float32 (the act_t values the kernel reads), a
+    loader WeightTensor (rows, cols) -> (rows,) float64. Float weight types: the plain product."""
+    w = dequantize(tensor.raw, tensor.ggml_type, tensor.shape).astype(np.float64)
+    x = np.asarray(x, np.float32)
+    if GGMLType(tensor.ggml_type) not in INT8_TYPES:
+        return w @ x.astype(np.float64)
+    q, d, s = quantize_q8(x)
+    x_hat = (q.astype(np.float64).reshape(-1, Q8_BLOCK) * d[:, None]).reshape(-1)
+    offsets = _block_offsets(tensor)
+    if offsets is None:
+        return w @ x_hat
+    off = offsets.astype(np.float64)
+    return (w - np.repeat(off, Q8_BLOCK, axis=1)) @ x_hat + off @ s

@@ -1,0 +1,437 @@
+// Matrix-vector products of one token (decode): a plain GEMV and the fused decode-step kernels, with
+// RMSNorm folded into the GEMVs that read it, the key rotation and KV-cache store into the QKV GEMV,
+// SwiGLU into gate/up, the residual add into the output projections.
+//
+// Design. Every kernel is one launch; each block of 256 threads first stages its input vector in
+// shared memory ("stage"), then its 8 warps take the block's tasks (output rows, or row pairs) in
+// turn, one warp per task, lanes splitting the row; each warp asks L2 for its first task's rows before
+// staging (their HBM latency overlaps it) and for its next task's rows before computing one. tasks_per_block (a multiple of 8,
+// chosen on the host from the shape and the SM count) trades staging work against parallelism.
+//
+// Quantized weights (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K): the input is quantized as it is staged, llama.cpp
+// q8_1 style: per block of 32 values d = max|x| / 127, q = rint(x / d) (int8), and the block's float sum
+// s; dot products are dp4a on the packed weights, scaled per block in fp32:
+//   Q8_0, Q4_0, Q6_K  sum_b d_w * d_b * dot(q_w, q_b)      (Q4_0's q-8 and Q6_K's q-32 made signed bytes)
+//   Q4_1              sum_b d_w * d_b * dot(q_w, q_b) + m * s_b
+//   Q4_K              sum_b d*sc * d_b * dot(q_w, q_b) - dmin*m * s_b
+// A lane takes one "unit" of a row at a time (32 values; Q4_K/Q6_K: 64, the values sharing packed
+// bytes: Q4_K sub-blocks 2g, 2g+1; Q6_K quarters k and k+2 of a half). The staged int8 vector is
+// stored unit-interleaved: 16-byte part p of unit u at uint4 index p * U + u (U units in a row), so
+// the lanes of a warp read consecutive 16-byte words (no bank conflicts); then the block scales d_b
+// (float, cols/32) and sums s_b (float, cols/32). Shared memory: cols + cols/4 bytes.
+// Float weights (F32, F16, BF16): the input is staged as fp32 (4*cols bytes; above 48 KB the host opts
+// in to more) and dotted by dequant.cuh's row_dot.
+//
+// Every activation value is rounded to act_t (fp16, or bf16 with -DACT_BF16) where the op-by-op path
+// would store it, so the fused kernels and gemv + elementwise agree to summation order.
+//   gemv_T       y[r] = W[r].x (x act_t; y act_t, or fp32 when out_f32)
+//   gemv_add_T   x[r] += act_t(W[r].a) (fp32 residual in place)
+//   qkv_T        tasks: Hq*D query rows (act_t out, unrotated) | per KV head, R/2 rotary pairs (two rows,
+//                rotated at the key position, stored in the cache) and D-R pass-through rows | Hkv*D
+//                value rows (stored in the cache); input rmsnorm(x)*w; position read from pos[0]
+//   gateup_T     out[r] = act_t(silu(g) * u), g, u = act_t(Wg[r].h), act_t(Wu[r].h), h = rmsnorm(x)*w
+//   head_T       logits[r] = Wout[r].h (fp32), h = rmsnorm(x)*w
+
+#define GEMV_THREADS 256
+
+template <int T> __device__ constexpr bool int8_input() {
+    return T == T_Q8_0 || T == T_Q4_0 || T == T_Q4_1 || T == T_Q4_K || T == T_Q6_K;
+}
+template <int T> __device__ constexpr int unit_values() { return (T == T_Q4_K || T == T_Q6_K) ? 64 : 32; }
+
+__device__ __forceinline__ int dp4a(int a, int b, int c) {
+    int d;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+// 32 bits at a 2-byte aligned address
+__device__ __forceinline__ int load_b2(const u8* p) {
+    const unsigned short* h = (const unsigned short*)p;
+    return (int)(h[0] | ((unsigned)h[1] << 16));
+}
+// four bytes 0..15 -> signed bytes q - 8; four bytes 0..63 -> q - 32 (per byte, no carries)
+__device__ __forceinline__ int minus8(int q) { return (q + 0x78787878) ^ 0x80808080; }
+__device__ __forceinline__ int minus32(int q) { return (q + 0x60606060) ^ 0x80808080; }
+
+// Where value v of a row goes in the staged layout: unit and offset (0 .. unit_values-1) within it.
+template <int T> __device__ __forceinline__ void unit_slot(int v, int& unit, int& offset) {
+    if constexpr (T == T_Q6_K) {  // unit 4*sb + 2h + (k&1) holds quarters k&1 (offsets 0..31), k&1 + 2 (32..63)
+        const int sb = v >> 8, h = (v >> 7) & 1, k = (v >> 5) & 3;
+        unit = 4 * sb + 2 * h + (k & 1);
+        offset = 32 * (k >> 1) + (v & 31);
+    } else {
+        unit = v / unit_values<T>();
+        offset = v % unit_values<T>();
+    }
+}
+
+// The whole block stages value(i), i < cols, into smem (layout above); ends with __syncthreads.
+template <int T, class F> __device__ __forceinline__ void stage(F value, int cols, u8* smem) {
+    if constexpr (!int8_input<T>()) {
+        float* xf = (float*)smem;
+        for (int i = threadIdx.x; i < cols; i += blockDim.x) xf[i] = value(i);
+    } else {
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+        const int n_blocks = cols >> 5, units = cols / unit_values<T>();
+        i8* xq = (i8*)smem;
+        float* xd = (float*)(smem + cols);
+        float* xs = xd + n_blocks;
+        // each warp quantizes 4 blocks of 32 at a time (independent shuffle chains overlap)
+        for (int b0 = 4 * warp; b0 < n_blocks; b0 += 4 * n_warps) {
+            float v[4], amax[4], sum[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                v[j] = b0 + j < n_blocks ? value(32 * (b0 + j) + lane) : 0.0f;
+                amax[j] = fabsf(v[j]);
+                sum[j] = v[j];
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    amax[j] = fmaxf(amax[j], __shfl_xor_sync(0xffffffffu, amax[j], o));
+                    sum[j] += __shfl_xor_sync(0xffffffffu, sum[j], o);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int b = b0 + j;
+                if (b < n_blocks) {
+                    const float d = amax[j] / 127.0f;
+                    const int q = d > 0.0f ? __float2int_rn(v[j] / d) : 0;
+                    int unit, offset;
+                    unit_slot<T>(32 * b + lane, unit, offset);
+                    xq[16 * ((offset >> 4) * units + unit) + (offset & 15)] = (i8)q;
+                    if (lane == 0) {
+                        xd[b] = d;
+                        xs[b] = sum[j];
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// One unit's contribution to a row's dot product. xq: staged int8 (uint4 words), xd / xs: block scales
+// and sums, units: units per row.
+template <int T> __device__ __forceinline__ float unit_dot(const u8* __restrict__ row, int u, const uint4* xq,
+                                                           const float* xd, const float* xs, int units);
+
+template <> __device__ __forceinline__ float unit_dot<T_Q8_0>(const u8* __restrict__ row, int u, const uint4* xq,
+                                                              const float* xd, const float*, int units) {
+    const u8* blk = row + (long long)u * 34;  // d, qs[32]
+    const uint4 a = xq[u], b = xq[units + u];
+    const int x[8] = {(int)a.x, (int)a.y, (int)a.z, (int)a.w, (int)b.x, (int)b.y, (int)b.z, (int)b.w};
+    int acc = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc = dp4a(load_b2(blk + 2 + 4 * i), x[i], acc);
+    return load_h(blk) * xd[u] * (float)acc;
+}
+
+template <> __device__ __forceinline__ float unit_dot<T_Q4_0>(const u8* __restrict__ row, int u, const uint4* xq,
+                                                              const float* xd, const float*, int units) {
+    const u8* blk = row + (long long)u * 18;  // d, qs[16]: value j < 16 low nibble of qs[j], j >= 16 high of qs[j-16]
+    const uint4 a = xq[u], b = xq[units + u];
+    const int lo[4] = {(int)a.x, (int)a.y, (int)a.z, (int)a.w}, hi[4] = {(int)b.x, (int)b.y, (int)b.z, (int)b.w};
+    int acc = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int w = load_b2(blk + 2 + 4 * i);
+        acc = dp4a(minus8(w & 0x0F0F0F0F), lo[i], acc);
+        acc = dp4a(minus8((w >> 4) & 0x0F0F0F0F), hi[i], acc);
+    }
+    return load_h(blk) * xd[u] * (float)acc;
+}
+
+template <> __device__ __forceinline__ float unit_dot<T_Q4_1>(const u8* __restrict__ row, int u, const uint4* xq,
+                                                              const float* xd, const float* xs, int units) {
+    const u8* blk = row + (long long)u * 20;  // d, m, qs[16] (4-byte aligned); nibbles as Q4_0; q*d + m
+    const uint4 a = xq[u], b = xq[units + u];
+    const int lo[4] = {(int)a.x, (int)a.y, (int)a.z, (int)a.w}, hi[4] = {(int)b.x, (int)b.y, (int)b.z, (int)b.w};
+    const unsigned* qs = (const unsigned*)(blk + 4);
+    int acc = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int w = (int)qs[i];
+        acc = dp4a(w & 0x0F0F0F0F, lo[i], acc);
+        acc = dp4a((w >> 4) & 0x0F0F0F0F, hi[i], acc);
+    }
+    const unsigned dm = *(const unsigned*)blk;
+    return h2f((half_t)(dm & 0xffffu)) * xd[u] * (float)acc + h2f((half_t)(dm >> 16)) * xs[u];
+}
+
+// Q4_K: 144 bytes = d, dmin, scales[12], qs[128]; unit u = 4 * superblock + g: sub-blocks 2g (low nibbles of
+// qs[32g .. 32g+31]) and 2g+1 (high nibbles); value = d*sc*q - dmin*m (ggml get_scale_min_k4)
+template <> __device__ __forceinline__ float unit_dot<T_Q4_K>(const u8* __restrict__ row, int u, const uint4* xq,
+                                                              const float* xd, const float* xs, int units) {
+    const u8* blk = row + (long long)(u >> 2) * 144;
+    const int g = u & 3;
+    const uint4* qs = (const uint4*)(blk + 16) + 2 * g;
+    const uint4 w0 = qs[0], w1 = qs[1];
+    const int w[8] = {(int)w0.x, (int)w0.y, (int)w0.z, (int)w0.w, (int)w1.x, (int)w1.y, (int)w1.z, (int)w1.w};
+    const uint4 x0 = xq[u], x1 = xq[units + u], x2 = xq[2 * units + u], x3 = xq[3 * units + u];
+    const int xl[8] = {(int)x0.x, (int)x0.y, (int)x0.z, (int)x0.w, (int)x1.x, (int)x1.y, (int)x1.z, (int)x1.w};
+    const int xh[8] = {(int)x2.x, (int)x2.y, (int)x2.z, (int)x2.w, (int)x3.x, (int)x3.y, (int)x3.z, (int)x3.w};
+    int dl = 0, dh = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        dl = dp4a(w[i] & 0x0F0F0F0F, xl[i], dl);
+        dh = dp4a((w[i] >> 4) & 0x0F0F0F0F, xh[i], dh);
+    }
+    // 6-bit scales and mins of sub-blocks 2g, 2g+1 (get_scale_min_k4 on the 12 bytes as 3 words; bytes 2g&3,
+    // 2g&3 + 1 of each word): g < 2: word 0 (scales), word 1 (mins); else low/high nibbles of word 2 with the
+    // top two bits of words 0 / 1
+    const unsigned* scw = (const unsigned*)(blk + 4);
+    const int shift = 16 * (g & 1);
+    const unsigned a0 = scw[0] >> shift, a1 = scw[1] >> shift, a2 = scw[2] >> shift;
+    const unsigned sc2 = g < 2 ? a0 & 0x3f3f : (a2 & 0x0f0f) | ((a0 >> 2) & 0x3030);
+    const unsigned mn2 = g < 2 ? a1 & 0x3f3f : ((a2 >> 4) & 0x0f0f) | ((a1 >> 2) & 0x3030);
+    const int s0 = sc2 & 0xff, s1 = (sc2 >> 8) & 0xff, m0 = mn2 & 0xff, m1 = (mn2 >> 8) & 0xff;
+    const unsigned dm = *(const unsigned*)blk;
+    const float d = h2f((half_t)(dm & 0xffffu)), dmin = h2f((half_t)(dm >> 16));
+    return d * ((float)(s0 * dl) * xd[2 * u] + (float)(s1 * dh) * xd[2 * u + 1]) -
+           dmin * ((float)m0 * xs[2 * u] + (float)m1 * xs[2 * u + 1]);
+}
+
+// Q6_K: 210 bytes = ql[128], qh[64], scales[16] (int8), d. Unit u = 4 * superblock + 2h + kk: quarters k = kk
+// (low nibbles of ql[64h + 32kk + l], qh bits 2kk) and k = kk + 2 (high nibbles, qh bits 2kk + 4) of half h,
+// l = 0..31; value (q - 32) * d * scales[8h + 2k + l/16]
+template <> __device__ __forceinline__ float unit_dot<T_Q6_K>(const u8* __restrict__ row, int u, const uint4* xq,
+                                                              const float* xd, const float*, int units) {
+    const u8* blk = row + (long long)(u >> 2) * 210;
+    const int h = (u >> 1) & 1, kk = u & 1;
+    const u8* ql = blk + 64 * h + 32 * kk;
+    const u8* qh = blk + 128 + 32 * h;
+    const uint4 x0 = xq[u], x1 = xq[units + u], x2 = xq[2 * units + u], x3 = xq[3 * units + u];
+    const int xa[8] = {(int)x0.x, (int)x0.y, (int)x0.z, (int)x0.w, (int)x1.x, (int)x1.y, (int)x1.z, (int)x1.w};
+    const int xc[8] = {(int)x2.x, (int)x2.y, (int)x2.z, (int)x2.w, (int)x3.x, (int)x3.y, (int)x3.z, (int)x3.w};
+    int dot[4] = {0, 0, 0, 0};  // (k = kk, l < 16), (kk, l >= 16), (kk + 2, l < 16), (kk + 2, l >= 16)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int lw = load_b2(ql + 4 * i), hw = load_b2(qh + 4 * i) >> (2 * kk);
+        const int a = (lw & 0x0F0F0F0F) | ((hw & 0x03030303) << 4);
+        const int c = ((lw >> 4) & 0x0F0F0F0F) | (((hw >> 4) & 0x03030303) << 4);
+        dot[i >> 2] = dp4a(minus32(a), xa[i], dot[i >> 2]);
+        dot[2 + (i >> 2)] = dp4a(minus32(c), xc[i], dot[2 + (i >> 2)]);
+    }
+    const i8* sc = (const i8*)(blk + 192) + 8 * h + 2 * kk;
+    const int b = 2 * u - kk;  // x block of quarter kk (quarter kk + 2: b + 2)
+    return load_h(blk + 208) * (xd[b] * (float)(sc[0] * dot[0] + sc[1] * dot[1]) +
+                                xd[b + 2] * (float)(sc[4] * dot[2] + sc[5] * dot[3]));
+}
+
+// One warp's dot product of a stored row with the staged input (fp32 result, every lane).
+template <int T> __device__ __forceinline__ float dot_row(const u8* __restrict__ row, const u8* smem, int cols) {
+    if constexpr (int8_input<T>()) {
+        const int units = cols / unit_values<T>();
+        const uint4* xq = (const uint4*)smem;
+        const float* xd = (const float*)(smem + cols);
+        const float* xs = xd + (cols >> 5);
+        float acc = 0.0f;
+#pragma unroll 2
+        for (int u = threadIdx.x & 31; u < units; u += 32) acc += unit_dot<T>(row, u, xq, xd, xs, units);
+        return warp_sum(acc);
+    } else {
+        return row_dot<T>(row, (const float*)smem, cols);
+    }
+}
+
+// rsqrt(mean(x^2) + eps) over the whole block (every thread gets it)
+__device__ __forceinline__ float rms_scale(const float* __restrict__ x, float eps, int d, float* scratch) {
+    float ss = 0.0f;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += x[i] * x[i];
+    return rsqrtf(block_sum(ss, scratch) / (float)d + eps);
+}
+
+// This warp's tasks: blockIdx.x * per_block + warp + 8k, below n. for_tasks calls f(task) for each, and
+// before it prefetch(next task) (its rows come into L2 while this one is computed); prefetch_first asks
+// for the first (before the staging, whose latency it then overlaps). One or two rows in flight per warp
+// keep L2 from thrashing (prefetching a whole block's rows at once overflowed it on large matrices).
+__device__ __forceinline__ void task_range(int n, int per_block, long long& first, long long& end) {
+    first = (long long)blockIdx.x * per_block + (threadIdx.x >> 5);
+    end = (long long)blockIdx.x * per_block + per_block < n ? (long long)blockIdx.x * per_block + per_block : n;
+}
+template <class P> __device__ __forceinline__ void prefetch_first(int n, int per_block, P prefetch) {
+    long long first, end;
+    task_range(n, per_block, first, end);
+    if (first < end) prefetch((int)first);
+}
+template <class P, class F> __device__ __forceinline__ void for_tasks(int n, int per_block, P prefetch, F f) {
+    long long first, end;
+    task_range(n, per_block, first, end);
+    const int step = blockDim.x >> 5;
+    for (long long t = first; t < end; t += step) {
+        if (t + step < end) prefetch((int)(t + step));
+        f((int)t);
+    }
+}
+
+#define NORMED(x, w, inv) [&](int i) { return a2f(f2a(x[i] * inv * w[i])); }
+
+template <int T>
+__device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long row_bytes, const act_t* __restrict__ x,
+                                          int rows, int cols, void* __restrict__ y, int out_f32, int per_block) {
+    extern __shared__ __align__(16) u8 smem[];
+    auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
+    prefetch_first(rows, per_block, prefetch);
+    stage<T>([&](int i) { return a2f(x[i]); }, cols, smem);
+    for_tasks(rows, per_block, prefetch, [&](int r) {
+        const float acc = dot_row<T>(w + r * row_bytes, smem, cols);
+        if ((threadIdx.x & 31) == 0) {
+            if (out_f32) ((float*)y)[r] = acc;
+            else ((act_t*)y)[r] = f2a(acc);
+        }
+    });
+}
+
+template <int T>
+__device__ __forceinline__ void gemv_add_body(const u8* __restrict__ w, long long row_bytes,
+                                              const act_t* __restrict__ a, int rows, int cols, float* __restrict__ x,
+                                              int per_block) {
+    extern __shared__ __align__(16) u8 smem[];
+    auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
+    prefetch_first(rows, per_block, prefetch);
+    stage<T>([&](int i) { return a2f(a[i]); }, cols, smem);
+    for_tasks(rows, per_block, prefetch, [&](int r) {
+        const float acc = dot_row<T>(w + r * row_bytes, smem, cols);
+        if ((threadIdx.x & 31) == 0) x[r] = x[r] + a2f(f2a(acc));
+    });
+}
+
+template <int T>
+__device__ __forceinline__ void qkv_body(
+    const float* __restrict__ x, const float* __restrict__ w_norm, float eps, int d, const u8* __restrict__ wq,
+    const u8* __restrict__ wk, const u8* __restrict__ wv, long long row_bytes, act_t* __restrict__ q_out,
+    act_t* __restrict__ cache_k, act_t* __restrict__ cache_v, const int* __restrict__ pos,
+    const float* __restrict__ cos_t, const float* __restrict__ sin_t, int n_heads, int n_kv, int D, int rope_dim,
+    int chunk_len, int per_block) {
+    extern __shared__ __align__(16) u8 smem[];
+    __shared__ float scratch[32];
+    const int half_r = rope_dim >> 1;
+    const int k_per_head = D - half_r;
+    const int n_q = n_heads * D, n_k = n_kv * k_per_head, n_v = n_kv * D;
+    // key task j of a head: j < half_r the rotary pair (j, j + half_r), else pass-through dim rope_dim + j - half_r
+    auto prefetch = [&](int task) {
+        if (task < n_q) {
+            prefetch_row(wq + task * row_bytes, row_bytes);
+        } else if (task < n_q + n_k) {
+            const int head = (task - n_q) / k_per_head, j = (task - n_q) - head * k_per_head;
+            prefetch_row(wk + (long long)(head * D + (j < half_r ? j : rope_dim + j - half_r)) * row_bytes, row_bytes);
+            if (j < half_r) prefetch_row(wk + (long long)(head * D + j + half_r) * row_bytes, row_bytes);
+        } else {
+            prefetch_row(wv + (long long)(task - n_q - n_k) * row_bytes, row_bytes);
+        }
+    };
+    prefetch_first(n_q + n_k + n_v, per_block, prefetch);
+    const float inv = rms_scale(x, eps, d, scratch);
+    stage<T>(NORMED(x, w_norm, inv), d, smem);
+    const bool lane0 = (threadIdx.x & 31) == 0;
+    const int p = pos[0];
+    const long long cache_row = (long long)p * n_kv * D;
+    for_tasks(n_q + n_k + n_v, per_block, prefetch, [&](int task) {
+        if (task < n_q) {
+            const float acc = dot_row<T>(wq + task * row_bytes, smem, d);
+            if (lane0) q_out[task] = f2a(acc);
+            return;
+        }
+        task -= n_q;
+        if (task < n_k) {
+            const int head = task / k_per_head, j = task - head * k_per_head;
+            const int base = head * D;
+            if (j >= half_r) {  // pass-through dim
+                const int dim = rope_dim + j - half_r;
+                const float acc = dot_row<T>(wk + (long long)(base + dim) * row_bytes, smem, d);
+                if (lane0) cache_k[cache_row + base + dim] = f2a(acc);
+                return;
+            }
+            const float x1 = a2f(f2a(dot_row<T>(wk + (long long)(base + j) * row_bytes, smem, d)));
+            const float x2 = a2f(f2a(dot_row<T>(wk + (long long)(base + j + half_r) * row_bytes, smem, d)));
+            if (lane0) {
+                const int kp = Dca{chunk_len, 0}.key_position(p);
+                const float c = cos_t[(long long)kp * half_r + j], s = sin_t[(long long)kp * half_r + j];
+                cache_k[cache_row + base + j] = f2a(x1 * c - x2 * s);
+                cache_k[cache_row + base + j + half_r] = f2a(x2 * c + x1 * s);
+            }
+            return;
+        }
+        task -= n_k;
+        const float acc = dot_row<T>(wv + (long long)task * row_bytes, smem, d);
+        if (lane0) cache_v[cache_row + task] = f2a(acc);
+    });
+}
+
+template <int T>
+__device__ __forceinline__ void gateup_body(const float* __restrict__ x, const float* __restrict__ w_norm, float eps,
+                                            int d, const u8* __restrict__ wg, const u8* __restrict__ wu,
+                                            long long row_bytes, int rows, act_t* __restrict__ out, int per_block) {
+    extern __shared__ __align__(16) u8 smem[];
+    __shared__ float scratch[32];
+    auto prefetch = [&](int r) {
+        prefetch_row(wg + r * row_bytes, row_bytes);
+        prefetch_row(wu + r * row_bytes, row_bytes);
+    };
+    prefetch_first(rows, per_block, prefetch);
+    const float inv = rms_scale(x, eps, d, scratch);
+    stage<T>(NORMED(x, w_norm, inv), d, smem);
+    for_tasks(rows, per_block, prefetch, [&](int r) {
+        const float g = a2f(f2a(dot_row<T>(wg + r * row_bytes, smem, d)));
+        const float u = a2f(f2a(dot_row<T>(wu + r * row_bytes, smem, d)));
+        if ((threadIdx.x & 31) == 0) out[r] = f2a(g * (0.5f + 0.5f * tanhf(0.5f * g)) * u);
+    });
+}
+
+template <int T>
+__device__ __forceinline__ void head_body(const float* __restrict__ x, const float* __restrict__ w_norm, float eps,
+                                          int d, const u8* __restrict__ w, long long row_bytes, int rows,
+                                          float* __restrict__ logits, int per_block) {
+    extern __shared__ __align__(16) u8 smem[];
+    __shared__ float scratch[32];
+    auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
+    prefetch_first(rows, per_block, prefetch);
+    const float inv = rms_scale(x, eps, d, scratch);
+    stage<T>(NORMED(x, w_norm, inv), d, smem);
+    for_tasks(rows, per_block, prefetch, [&](int r) {
+        const float acc = dot_row<T>(w + r * row_bytes, smem, d);
+        if ((threadIdx.x & 31) == 0) logits[r] = acc;
+    });
+}
+
+#define GEMV_KERNELS(NAME, T)                                                                               \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME(                                \
+        const u8* w, long long row_bytes, const act_t* x, int rows, int cols, void* y, int out_f32,         \
+        int per_block) {                                                                                    \
+        gemv_body<T>(w, row_bytes, x, rows, cols, y, out_f32, per_block);                                   \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_add_##NAME(                            \
+        const u8* w, long long row_bytes, const act_t* a, int rows, int cols, float* x, int per_block) {    \
+        gemv_add_body<T>(w, row_bytes, a, rows, cols, x, per_block);                                        \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) qkv_##NAME(                                 \
+        const float* x, const float* w_norm, float eps, int d, const u8* wq, const u8* wk, const u8* wv,   \
+        long long row_bytes, act_t* q_out, act_t* cache_k, act_t* cache_v, const int* pos,                 \
+        const float* cos_t, const float* sin_t, int n_heads, int n_kv, int D, int rope_dim, int chunk_len,  \
+        int per_block) {                                                                                    \
+        qkv_body<T>(x, w_norm, eps, d, wq, wk, wv, row_bytes, q_out, cache_k, cache_v, pos, cos_t, sin_t,   \
+                    n_heads, n_kv, D, rope_dim, chunk_len, per_block);                                      \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gateup_##NAME(                              \
+        const float* x, const float* w_norm, float eps, int d, const u8* wg, const u8* wu,                 \
+        long long row_bytes, int rows, act_t* out, int per_block) {                                         \
+        gateup_body<T>(x, w_norm, eps, d, wg, wu, row_bytes, rows, out, per_block);                         \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) head_##NAME(                                \
+        const float* x, const float* w_norm, float eps, int d, const u8* w, long long row_bytes, int rows,  \
+        float* logits, int per_block) {                                                                     \
+        head_body<T>(x, w_norm, eps, d, w, row_bytes, rows, logits, per_block);                             \
+    }
+
+GEMV_KERNELS(f32, T_F32)
+GEMV_KERNELS(f16, T_F16)
+GEMV_KERNELS(bf16, T_BF16)
+GEMV_KERNELS(q8_0, T_Q8_0)
+GEMV_KERNELS(q4_0, T_Q4_0)
+GEMV_KERNELS(q4_1, T_Q4_1)
+GEMV_KERNELS(q4_k, T_Q4_K)
+GEMV_KERNELS(q6_k, T_Q6_K)
