@@ -164,7 +164,7 @@ def test_full_width_layer_decode_matches_cpu(preset):
     step's logits and cache rows, in both activation dtypes, against the CPU backend's float32 forward."""
     from engine.backends import get_backend
     from engine.backends.cuda import fused
-    from engine.model import Llama
+    from engine.models import Llama
     from engine.rope import RotaryTable
 
     config = one_layer(*PRESETS[preset])
@@ -183,9 +183,10 @@ def test_full_width_layer_decode_matches_cpu(preset):
     for dtype in DTYPES:
         cuda = get_backend("cuda", dtype)
         model, cache = prefilled(cuda)
-        assert fused.supported(model)
+        blocks = model.decode_blocks
+        assert isinstance(blocks, fused.FusedBlocks) and all(blocks.fused_attention) and blocks.fused_head
         token, position = cuda.tokens(prompt[-1:]), cuda.positions(len(prompt) - 1, 1)
-        logits = cuda.to_numpy(fused.FusedStep(cuda, model).compute(token, position, cache))
+        logits = cuda.to_numpy(model.compute(token, position, cache, "last"))
         err = rel_err(logits, ref)
         print(f"{preset} {dtype}: layer logits vs CPU {err:.1e}")
         assert err < LAYER_TOL[dtype]

@@ -9,7 +9,7 @@ import pytest
 
 import engine
 from engine import api
-from engine.model import Llama
+from engine.models import Llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_tiny_model import TinySpec, make_tiny_model  # noqa: E402

@@ -37,9 +37,8 @@ cold, warm = run(), run()
 print(f"compile: first run {cold:.2f} s, cached {warm:.2f} s: kernels compiled in {cold - warm:.2f} s")
 PYEOF
 
-timeout ${TEST_TIMEOUT:-450} $PY -m pytest -q -s -rs -p no:cacheprovider --durations=8 tests/test_kernels_compile.py \
-    tests/test_cuda_selection.py tests/test_cuda_host_logic.py tests/test_cuda_ops.py tests/test_cuda_model.py \
-    tests/test_cuda_flash_attn.py $PYTEST_ARGS 2>&1 | tee "$LOG/pytest_cuda.log"
+timeout ${TEST_TIMEOUT:-450} $PY -m pytest -q -s -rs -p no:cacheprovider --durations=8 -m cuda tests/ \
+    $PYTEST_ARGS 2>&1 | tee "$LOG/pytest_cuda.log"
 TEST_RC=$?
 
 # GPU time per op of a 32k-token prefill (attention vs the rest, FLOP rate of the matrix products)
