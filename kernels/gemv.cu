@@ -398,6 +398,7 @@ __device__ __forceinline__ void head_body(const float* __restrict__ x, const flo
     });
 }
 
+// One weight type per build, instantiated by the loader (kernels.per_type): GEMV_KERNELS(q4_k, T_Q4_K).
 #define GEMV_KERNELS(NAME, T)                                                                               \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME(                                \
         const u8* w, long long row_bytes, const act_t* x, int rows, int cols, void* y, int out_f32,         \
@@ -427,11 +428,3 @@ __device__ __forceinline__ void head_body(const float* __restrict__ x, const flo
         head_body<T>(x, w_norm, eps, d, w, row_bytes, rows, logits, per_block);                             \
     }
 
-GEMV_KERNELS(f32, T_F32)
-GEMV_KERNELS(f16, T_F16)
-GEMV_KERNELS(bf16, T_BF16)
-GEMV_KERNELS(q8_0, T_Q8_0)
-GEMV_KERNELS(q4_0, T_Q4_0)
-GEMV_KERNELS(q4_1, T_Q4_1)
-GEMV_KERNELS(q4_k, T_Q4_K)
-GEMV_KERNELS(q6_k, T_Q6_K)

@@ -43,6 +43,7 @@ __device__ __forceinline__ void embed_body(const u8* __restrict__ w, const int* 
     }
 }
 
+// One weight type per build, instantiated by the loader (kernels.per_type): QUANT_KERNELS(q4_k, T_Q4_K).
 #define QUANT_KERNELS(NAME, T)                                                                              \
     extern "C" __global__ void dequant_##NAME(const u8* w, act_t* out, int rows, int cols,                 \
                                               long long row_bytes) {                                        \
@@ -53,11 +54,3 @@ __device__ __forceinline__ void embed_body(const u8* __restrict__ w, const int* 
         embed_body<T>(w, ids, out, cols, row_bytes);                                                        \
     }
 
-QUANT_KERNELS(f32, T_F32)
-QUANT_KERNELS(f16, T_F16)
-QUANT_KERNELS(bf16, T_BF16)
-QUANT_KERNELS(q8_0, T_Q8_0)
-QUANT_KERNELS(q4_0, T_Q4_0)
-QUANT_KERNELS(q4_1, T_Q4_1)
-QUANT_KERNELS(q4_k, T_Q4_K)
-QUANT_KERNELS(q6_k, T_Q6_K)

@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 
 from engine.backends.cuda import flash_attention as fa
-from engine.backends.cuda import kernels
+from engine.backends.cuda import gemv, kernels
+from engine.backends.cuda.weights import KERNEL_SUFFIX, QUANT_MACRO
 from engine.errors import DeviceError
 
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) is not installed")
 
+WEIGHT_TYPES = tuple(KERNEL_SUFFIX.values())
+# files instantiated per weight type: file -> (macro, the kernels of each type)
+PER_TYPE = {"gemv": (gemv.INSTANCE_MACRO, ("gemv", "gemv_add", "qkv", "gateup", "head")),
+            "quant": (QUANT_MACRO, ("dequant", "embed"))}
 EXPECTED_ENTRIES = {
-    "quant": {f"{op}_{t}" for op in ("dequant", "embed")
-              for t in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")},
-    "gemv": {f"{op}_{t}" for op in ("gemv", "gemv_add", "qkv", "gateup", "head")
-             for t in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")},
     "elementwise": {"rmsnorm", "add_residual", "add_bias", "swiglu", "store_kv"},
     "attention": {"attn_partial_1", "attn_partial_2", "attn_partial_4"},
     "sampling": {"sample_token"},
@@ -37,11 +38,13 @@ def _nvrtc_usable() -> bool:
 pytestmark = pytest.mark.skipif(not _nvrtc_usable(), reason="NVRTC library not found (nvidia-cuda-nvrtc wheel)")
 
 
-# (file, instance, the entries it must hold): every file as it is, and each templated configuration production
-# launches (flash_attention.launched_builds) appended to its file
-INSTANCES = [(name, None, EXPECTED_ENTRIES.get(name, set())) for name in kernels.KERNEL_FILES
-             if name not in {file for file, _, _ in fa.launched_builds()}]
+# (file, instance, the entries it must hold): every file as it is, each templated configuration production
+# launches (flash_attention.launched_builds) appended to its file, and each weight type of the per-type files
+TEMPLATED = {file for file, _, _ in fa.launched_builds()} | set(PER_TYPE)
+INSTANCES = [(name, None, EXPECTED_ENTRIES.get(name, set())) for name in kernels.KERNEL_FILES if name not in TEMPLATED]
 INSTANCES += [(file, instance, {kernel}) for file, kernel, instance in fa.launched_builds()]
+INSTANCES += [(file, kernels.per_type(macro, t), {f"{op}_{t}" for op in ops})
+              for file, (macro, ops) in PER_TYPE.items() for t in WEIGHT_TYPES]
 BUILDS = [(name, instance, entries, dtype) for name, instance, entries in INSTANCES for dtype in kernels.dtypes(name)]
 
 
@@ -65,7 +68,7 @@ def test_the_bf16_build_differs(name):
 
 def test_instances_compile_only_what_is_launched():
     """A file with a templated kernel holds no configuration of its own: each build holds the one appended."""
-    for file in {file for file, _, _ in fa.launched_builds()}:
+    for file in TEMPLATED:
         entries = set(re.findall(r"\.entry\s+(\w+)", kernels.compile_ptx(file, "sm_90", "f16")))
         assert entries <= {"dca_combine"}, (file, entries)
 

@@ -55,8 +55,10 @@ from engine.sampling import SamplingParams
 from engine.backends.cuda import flash_attention as fa
 f, k, i = fa.decode_build(64)
 print(f"{k}: {function(f, k, 'f16', instance=i).num_regs} regs")
-for f, k in [("gemv", "qkv_q4_1"), ("gemv", "gateup_q4_1"), ("gemv", "gemv_q4_1"), ("sampling", "sample_token")]:
-    a = function(f, k).attributes
+from engine.backends.cuda.kernels import per_type
+for f, k, i in [("gemv", "qkv_q4_1", per_type("GEMV_KERNELS", "q4_1")), ("gemv", "gateup_q4_1", per_type("GEMV_KERNELS", "q4_1")),
+                ("sampling", "sample_token", None)]:
+    a = function(f, k, "f16", instance=i).attributes
     print(f"{k}: {a['num_regs']} regs, {a['local_size_bytes']} B local, {a['shared_size_bytes']} B static smem")
 llm, label = load_bench_model(LoadSettings(device="cuda", context=33000, dca="on"), synthetic=True)
 model, backend = llm.model, llm.backend

@@ -26,7 +26,7 @@ import numpy as np
 
 from ...errors import DeviceError
 from ...weights.quant import GGMLType, block_layout, dequantize
-from .kernels import function
+from .kernels import function, per_type
 
 THREADS = 256  # gemv.cu GEMV_THREADS
 WARPS = THREADS // 32
@@ -61,13 +61,15 @@ def tasks_per_block(n_tasks: int, blocks_per_sm: int | None = None) -> int:
 
 
 _opted_in: dict[tuple[str, str], int] = {}  # (kernel, dtype) -> dynamic shared memory allowed
+INSTANCE_MACRO = "GEMV_KERNELS"  # gemv.cu's kernels, instantiated per weight type
 
 
-def _launch(kernel: str, m_type: GGMLType, cols: int, n_tasks: int, args: tuple, dtype: str,
-            per_block: int | None) -> None:
-    """Launch kernel `kernel` (gemv.cu, the build of `dtype`) over n_tasks tasks, staging `cols` inputs."""
-    fn = function("gemv", kernel, dtype)
-    shared = stage_bytes(m_type, cols)
+def _launch(op: str, m, cols: int, n_tasks: int, args: tuple, dtype: str, per_block: int | None) -> None:
+    """Launch gemv.cu's `op` kernel for m's weight type (the build of `dtype`) over n_tasks tasks, staging `cols`
+    inputs."""
+    kernel = f"{op}_{m.suffix}"
+    fn = function("gemv", kernel, dtype, instance=per_type(INSTANCE_MACRO, m.suffix))
+    shared = stage_bytes(m.ggml_type, cols)
     if shared > DEFAULT_SHARED and _opted_in.get((kernel, dtype), DEFAULT_SHARED) < shared:
         limit = _device_limits()[1]
         if shared > limit:
@@ -86,13 +88,13 @@ def _row_bytes(m) -> np.int64:
 
 def gemv(x, m, y, dtype: str, per_block: int | None = None) -> None:
     """y (rows,) = m @ x; x (cols,) act_t; y act_t, or fp32 when m is an output head (m.f32_out)."""
-    _launch(f"gemv_{m.suffix}", m.ggml_type, m.cols, m.rows,
+    _launch("gemv", m, m.cols, m.rows,
             (m.data, _row_bytes(m), x, np.int32(m.rows), np.int32(m.cols), y, np.int32(m.f32_out)), dtype, per_block)
 
 
 def gemv_add(a, m, x, dtype: str, per_block: int | None = None) -> None:
     """x (rows,) fp32 += act_t(m @ a), a (cols,) act_t."""
-    _launch(f"gemv_add_{m.suffix}", m.ggml_type, m.cols, m.rows,
+    _launch("gemv_add", m, m.cols, m.rows,
             (m.data, _row_bytes(m), a, np.int32(m.rows), np.int32(m.cols), x), dtype, per_block)
 
 
@@ -102,7 +104,7 @@ def qkv(x, norm, eps, wq, wk, wv, q_out, cache_k, cache_v, position, cos_t, sin_
     value row (wv @ h) stored at row position[0] of the layer's cache. wq, wk, wv: one stored type."""
     d = wq.cols
     n_tasks = n_heads * head_dim + n_kv * (2 * head_dim - rope_dim // 2)
-    _launch(f"qkv_{wq.suffix}", wq.ggml_type, d, n_tasks,
+    _launch("qkv", wq, d, n_tasks,
             (x, norm, np.float32(eps), np.int32(d), wq.data, wk.data, wv.data, _row_bytes(wq), q_out, cache_k,
              cache_v, position, cos_t, sin_t, np.int32(n_heads), np.int32(n_kv), np.int32(head_dim),
              np.int32(rope_dim), np.int32(chunk_len)), dtype, per_block)
@@ -110,14 +112,14 @@ def qkv(x, norm, eps, wq, wk, wv, q_out, cache_k, cache_v, position, cos_t, sin_
 
 def gate_up(x, norm, eps, wg, wu, out, dtype: str, per_block: int | None = None) -> None:
     """h = rmsnorm(x) * norm; out (ffn,) act_t = silu(wg @ h) * (wu @ h). wg, wu: one stored type."""
-    _launch(f"gateup_{wg.suffix}", wg.ggml_type, wg.cols, wg.rows,
+    _launch("gateup", wg, wg.cols, wg.rows,
             (x, norm, np.float32(eps), np.int32(wg.cols), wg.data, wu.data, _row_bytes(wg), np.int32(wg.rows), out),
             dtype, per_block)
 
 
 def head(x, norm, eps, m, logits, dtype: str, per_block: int | None = None) -> None:
     """logits (rows,) fp32 = m @ (rmsnorm(x) * norm)."""
-    _launch(f"head_{m.suffix}", m.ggml_type, m.cols, m.rows,
+    _launch("head", m, m.cols, m.rows,
             (x, norm, np.float32(eps), np.int32(m.cols), m.data, _row_bytes(m), np.int32(m.rows), logits),
             dtype, per_block)
 

@@ -19,12 +19,14 @@ from one source: "f16" as written, "bf16" with ``-DACT_BF16`` (common.cuh then m
 and ``ACT_IS_BF16`` true); kernel names carry no dtype. Files without activations (``DTYPE_FREE_FILES``:
 sampling reads fp32 logits) are built once ("f16").
 
-Instances. Templated kernels (the fused attention kernels' tile configurations) are instantiated per
-build by one macro line appended to the file (``function(..., instance="DCA_DECODE(64, 32)")``): a run
-compiles only the configurations it launches. Other configurations (measurement variants) are built the
+Instances. Templated kernels (the fused attention kernels' tile configurations, the weight-type kernels of
+gemv.cu and quant.cu) are instantiated per build by one macro line appended to the file
+(``function(..., instance="DCA_DECODE(64, 32)")``, ``per_type("GEMV_KERNELS", "q4_k")``): a run compiles
+only the configurations and weight types it launches. Other configurations (measurement variants) are built the
 same way from the development area (dev/cuda/), never by production code.
 
-    function("gemv", "gemv_q4_1", "bf16")    -> cupy.RawKernel (compiled for the current GPU on first use)
+    function("gemv", "gemv_q4_1", "bf16", instance=per_type("GEMV_KERNELS", "q4_1"))   -> cupy.RawKernel
+                                                (compiled for the current GPU on first use)
     function("dca_decode", "dca_decode_64", "f16", instance="DCA_DECODE(64, 32)")
     compile_ptx("attention", "sm_90", "bf16") -> PTX text, through NVRTC alone (no GPU or driver needed)
 
@@ -90,6 +92,11 @@ def source(name: str, instance: str | None = None) -> str:
     if instance is not None:
         parts.append(f"#line 1 \"{name}.cu instance\"\n{instance}\n")
     return "\n".join(parts)
+
+
+def per_type(macro: str, suffix: str) -> str:
+    """The instance line of a file whose kernels are instantiated per weight type: MACRO(q4_k, T_Q4_K)."""
+    return f"{macro}({suffix}, T_{suffix.upper()})"
 
 
 def function(name: str, kernel: str, dtype: str = "f16", instance: str | None = None):

@@ -24,7 +24,7 @@ import numpy as np
 
 from ...errors import ConfigError, DeviceError
 from . import gemv
-from .kernels import ACTIVATION_DTYPES, function
+from .kernels import ACTIVATION_DTYPES, function, per_type
 from ...weights.bf16 import to_bf16_bits
 from ...weights.quant import GGMLType, dequantize
 
@@ -32,6 +32,7 @@ KERNEL_SUFFIX = {
     GGMLType.F32: "f32", GGMLType.F16: "f16", GGMLType.BF16: "bf16", GGMLType.Q8_0: "q8_0",
     GGMLType.Q4_0: "q4_0", GGMLType.Q4_1: "q4_1", GGMLType.Q4_K: "q4_k", GGMLType.Q6_K: "q6_k",
 }
+QUANT_MACRO = "QUANT_KERNELS"  # quant.cu's kernels, instantiated per weight type
 OUTPUT_HEADS = ("output", "token_embd")  # weights whose products are logits (fp32 out)
 # A model whose matrices take at most this much as 16-bit values keeps copies in the activation dtype for
 # prefill GEMMs: dequantizing per prefill batch costs a small model ~4% of a 32k-token prefill (many small
@@ -178,7 +179,7 @@ class MatrixOps:
         n = ids.shape[0]
         out = cp.empty((n, table.cols), dtype=cp.float32)
         if n:
-            function("quant", f"embed_{table.suffix}", self.dtype)(
+            function("quant", f"embed_{table.suffix}", self.dtype, instance=per_type(QUANT_MACRO, table.suffix))(
                 (n,), (128,), (table.data, ids, out, np.int32(table.cols), np.int64(table.data.shape[1])))
         return out
 
@@ -244,7 +245,7 @@ class MatrixOps:
             self._scratch = cp.empty(nbytes, dtype=cp.uint8)
         out = self._scratch[:nbytes].view(self.act).reshape(w.rows, w.cols)
         chunks = w.rows * (w.cols // 8)
-        function("quant", f"dequant_{w.suffix}", self.dtype)(
+        function("quant", f"dequant_{w.suffix}", self.dtype, instance=per_type(QUANT_MACRO, w.suffix))(
             ((chunks + 255) // 256,), (256,),
             (w.data, out, np.int32(w.rows), np.int32(w.cols), np.int64(w.data.shape[1])))
         return out
