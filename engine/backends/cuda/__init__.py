@@ -11,6 +11,8 @@ a device value back to the host, so ``Llama.compute`` for one token can be captu
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from ...errors import ConfigError, DeviceError
@@ -47,7 +49,8 @@ class CudaBackend:
         self.dtype = dtype  # "f16" | "bf16": activations, KV cache, prefill weight copies
         self.act = activation_type(self.cp, dtype)  # their CuPy dtype (bf16: uint16 bits)
         self.matrices = MatrixOps(self.cp, dtype)
-        self._tables: dict[int, tuple[object, object, object]] = {}  # id(rotary) -> (rotary, cos, sin)
+        # RotaryTable -> (cos, sin) on the device, dropped with the table (LLM.relayout replaces it per eval cell)
+        self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # ----------------------------------------------------------------------------------- setup
     def prepare_weights(self, weights) -> dict[str, object]:
@@ -85,11 +88,9 @@ class CudaBackend:
 
     def rotary_tables(self, rotary) -> tuple[object, object]:
         """cos, sin (n_positions, rope_dim/2) fp32 on the device, uploaded once per RotaryTable."""
-        entry = self._tables.get(id(rotary))
-        if entry is None or entry[0] is not rotary:
-            entry = (rotary, self.cp.asarray(rotary.cos), self.cp.asarray(rotary.sin))
-            self._tables[id(rotary)] = entry
-        return entry[1], entry[2]
+        if rotary not in self._tables:
+            self._tables[rotary] = (self.cp.asarray(rotary.cos), self.cp.asarray(rotary.sin))
+        return self._tables[rotary]
 
     # ----------------------------------------------------------------------------------- transfers
     def tokens(self, ids) -> object:
