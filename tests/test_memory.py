@@ -21,7 +21,7 @@ from engine.config import ModelConfig, RopeConfig
 from engine.convert.synthetic import write_synthetic_gguf
 from engine.errors import ContextError, DeviceError
 from engine.loader import WeightTensor
-from engine.weights.quant import GGMLType, tensor_nbytes
+from engine.weights.quant import GGMLType, dequantize, tensor_nbytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_tiny_model import VARIANTS, make_tiny_model  # noqa: E402
@@ -133,6 +133,8 @@ def test_stored_matrix_equals_its_float32_copy(small_blocks, ggml_type):
         np.testing.assert_allclose(got, x @ tensor.dequantize().T, rtol=1e-4, atol=1e-5)
     ids = np.array([299, 0, 31, 32, 31])
     assert np.array_equal(stored.rows(ids), tensor.dequantize()[ids])
+    out = np.full((300, 512), np.nan, dtype=np.float32)  # decoding into a given buffer fills all of it
+    assert dequantize(tensor.raw, ggml_type, (300, 512), out) is out and np.array_equal(out, tensor.dequantize())
 
 
 def test_stored_weights_give_the_float32_copies_logits(kquant, small_blocks):
