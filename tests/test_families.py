@@ -145,6 +145,39 @@ def test_the_models_own_dca_settings_are_used(qwen2_1m, tmp_path):
         engine.load(qwen2_1m, context=512)
 
 
+def spec_forward(llm, ids) -> np.ndarray:
+    """The model's forward pass in float64 from its stored weights, attention by the materialized DCA spec
+    (engine/dca.py reference_attention): an implementation independent of the backends' blocks and kernels."""
+    from engine.dca import reference_attention
+
+    c, w = llm.config, {name: t.dequantize().astype(np.float64) for name, t in llm.loaded.weights.items()}
+    norm = lambda x, g: x / np.sqrt((x * x).mean(-1, keepdims=True) + c.norm_eps) * g  # noqa: E731
+    x, n = w["token_embd"][ids], len(ids)
+    for i in range(c.n_layers):
+        p = f"blk.{i}."
+        h = norm(x, w[p + "attn_norm"])
+        q, k, v = (h @ w[p + f"attn_{t}"].T + w[p + f"attn_{t}.bias"] for t in "qkv")
+        attn = reference_attention(q.reshape(n, c.n_heads, -1), k.reshape(n, c.n_kv_heads, -1),
+                                   v.reshape(n, c.n_kv_heads, -1), np.arange(n), llm.model.rotary, llm.dca)
+        x = x + attn.reshape(n, -1) @ w[p + "attn_output"].T
+        h = norm(x, w[p + "ffn_norm"])
+        gate = h @ w[p + "ffn_gate"].T
+        x = x + (gate / (1 + np.exp(-gate)) * (h @ w[p + "ffn_up"].T)) @ w[p + "ffn_down"].T
+    return norm(x, w["output_norm"]) @ w.get("output", w["token_embd"]).T
+
+
+def test_qwen2_with_its_own_dca_at_4x_its_original_context_agrees_with_the_spec(qwen2_1m):
+    """96 tokens = 4 x the original 24 (chunk_len 16: six chunks, every relation): the engine's logits against
+    the float64 spec forward, and against a plain-attention run, from which DCA must differ."""
+    llm = engine.load(qwen2_1m, context=96)
+    ids = (IDS * 2)[:96]
+    got = llm.logits(ids)
+    err = rel_err(got, spec_forward(llm, ids))
+    print(f"qwen2 with its own DCA at 96 tokens vs the float64 spec: rel err {err:.2e}")
+    assert err < 1e-5
+    assert rel_err(got, engine.load(qwen2_1m, context=96, dca="off").logits(ids)) > 1e-2
+
+
 def test_the_models_own_dca_settings_survive_conversion(qwen2_1m, tmp_path):
     convert_hf_to_gguf(qwen2_1m, tmp_path / "q.gguf", "f32", progress=False)
     fields = gguf.GGUFReader(tmp_path / "q.gguf").fields
