@@ -32,6 +32,7 @@ from .default_model import default_model_path
 from .errors import ConfigError, EngineError
 from .loader import LoadedModel, WeightTensor, open_model
 from .models.family import family
+from .models.presets import PRESETS, preset
 from .options import LoadSettings, load_options
 from .weights.bf16 import to_bf16_bits
 from .weights.quant import GGMLType, tensor_nbytes
@@ -225,15 +226,27 @@ def hf_results(path: Path, prompts: list[int], n_gen: int, depths: list[int], re
     return results
 
 
-def load_bench_model(settings: LoadSettings, synthetic: bool) -> tuple[LLM, str]:
+def shape_model(name: str) -> LoadedModel:
+    """Random weights of a preset's shapes (models/presets.py) stored as llama.cpp's Q4_K_M files hold them:
+    Q4_K matrices, Q6_K embedding and output head."""
+    config = preset(name)
+    weights = synthetic_weights(config, GGMLType.Q4_K, GGMLType.Q6_K)
+    return LoadedModel(Path(name), "synthetic", config, None, weights)
+
+
+def load_bench_model(settings: LoadSettings, synthetic: bool, shape: str | None = None) -> tuple[LLM, str]:
     """The model under test, loaded by engine.load, and its label. synthetic: random weights with the shapes
-    and matrix type of settings.model (SmolLM2-135M's, Q4_1 with a Q8_0 embedding, when no model is given).
+    and matrix type of settings.model (SmolLM2-135M's, Q4_1 with a Q8_0 embedding, when no model is given);
+    shape: random weights of a preset's shapes (shape_model).
 
     The LLM's own context-sized KV cache is released: each test allocates a cache of its size (new_cache),
     as llama-bench does.
     """
     resolve_dtype(settings.dtype, resolve_device(settings.device))  # refuse a wrong --dtype before reading
-    if not synthetic:
+    if shape is not None:
+        loaded = shape_model(shape)
+        llm, label = settings.load(loaded), loaded.config.name
+    elif not synthetic:
         llm, label = settings.load(), None
     elif settings.model is None:
         loaded = LoadedModel(Path("synthetic"), "synthetic", SMOLLM2_CONFIG, None, synthetic_weights(SMOLLM2_CONFIG))
@@ -258,6 +271,10 @@ def _ints(text: str) -> list[int]:
 @click.command("bench")
 @load_options
 @click.option("--synthetic", is_flag=True, help="random weights with the model's (or SmolLM2-135M's) shapes and types")
+@click.option("--shape", type=click.Choice(list(PRESETS)), default=None,
+              help="random weights of a real model's shapes (Q4_K matrices, Q6_K embedding and head)")
+@click.option("--save-gguf", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="with --shape: write those weights as a GGUF file (llama.cpp reads it too) and stop")
 @click.option("-p", "--n-prompt", default="512,8192,32768", show_default=True, help="prompt lengths (ppN)")
 @click.option("-n", "--n-gen", default=128, show_default=True, help="generated tokens (tgN)")
 @click.option("-d", "--depth", default="512,32768", show_default=True, help="contexts before generation")
@@ -267,11 +284,24 @@ def _ints(text: str) -> list[int]:
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
 @click.option("--hf/--no-hf", default=True, show_default=True,
               help="also measure HF transformers on the same model (when torch and transformers import)")
-def bench(settings: LoadSettings, synthetic, n_prompt, n_gen, depth, repetitions, ubatch, as_json, hf):
+def bench(settings: LoadSettings, synthetic, shape, save_gguf, n_prompt, n_gen, depth, repetitions, ubatch, as_json,
+          hf):
     """Prompt-processing and generation throughput, llama-bench style.
 
     The model is laid out for -c tokens (default: the longest test); each test runs in a KV cache of its own size.
     """
+    if save_gguf is not None:
+        if shape is None:
+            raise ConfigError("--save-gguf writes the random weights of a --shape; give one")
+        from .convert.synthetic import write_synthetic_gguf
+
+        loaded = shape_model(shape)
+        stats = write_synthetic_gguf(save_gguf, loaded.config, tokenizer_source=default_model_path(),
+                                     weights=loaded.weights)
+        click.echo(stats.summary())
+        return
+    if shape is not None and (synthetic or settings.model is not None):
+        raise ConfigError("--shape is a model of its own: drop -m and --synthetic")
     prompts, depths = _ints(n_prompt), _ints(depth)
     if repetitions < 1 or n_gen < 1 or (ubatch is not None and ubatch < 1) or any(p < 1 for p in prompts) \
             or any(d < 0 for d in depths):
@@ -280,7 +310,7 @@ def bench(settings: LoadSettings, synthetic, n_prompt, n_gen, depth, repetitions
     if settings.context is not None and settings.context < longest:
         raise ConfigError(f"context of {settings.context} tokens is shorter than the longest test ({longest} "
                           f"tokens); raise -c or drop it")
-    llm, label = load_bench_model(dataclasses.replace(settings, context=settings.context or longest), synthetic)
+    llm, label = load_bench_model(dataclasses.replace(settings, context=settings.context or longest), synthetic, shape)
     model, backend, dca = llm.model, llm.backend, llm.dca
     activations = activation_dtype(backend)
     ubatch = ubatch or backend.prefill_batch
@@ -289,7 +319,7 @@ def bench(settings: LoadSettings, synthetic, n_prompt, n_gen, depth, repetitions
     results += [bench_generation(model, backend, n_gen, d, repetitions, ubatch, rng) for d in depths]
     rows = [r.row() for r in results]
     hf_rows = None
-    if hf and not synthetic and hf_available():
+    if hf and not synthetic and shape is None and hf_available():
         path = Path(settings.model) if settings.model is not None else default_model_path()
         hf_rows = [r.row() for r in hf_results(path, prompts, n_gen, depths, repetitions, rng)]
         for row, theirs in zip(rows, hf_rows):

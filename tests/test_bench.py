@@ -74,3 +74,41 @@ def test_bench_table_and_bad_lengths(tiny_gguf):
     assert "synthetic weights" in result.output and "|      pp8 |" in result.output and "tg2" in result.output
     bad = CliRunner().invoke(bench, ["-m", str(tiny_gguf), "--device", "cpu", "-p", "8,x"])
     assert bad.exit_code != 0 and "comma-separated integers" in bad.output
+
+
+def test_presets_are_real_shapes_that_q4_k_can_store():
+    from engine.models.presets import PRESETS
+
+    assert {"llama3.2-1b", "llama2-7b", "llama3-8b", "llama3-70b", "qwen2.5-7b", "qwen2.5-14b"} <= set(PRESETS)
+    for name, c in PRESETS.items():
+        assert c.d_model % 256 == 0 and c.ffn_dim % 256 == 0 and c.n_heads * c.head_dim == c.d_model, name
+    assert PRESETS["qwen2.5-7b"].architecture == "qwen2" and PRESETS["llama3-70b"].n_layers == 80
+
+
+def test_bench_shape_runs_and_saves_a_gguf_llama_cpp_can_read(tmp_path, monkeypatch):
+    """A small stand-in preset (the real ones take GBs): bench runs on its random weights, and --save-gguf writes
+    them with llama.cpp's names, Q4_K matrices and a Q6_K head, which the engine loads back."""
+    import dataclasses
+
+    import gguf
+
+    import engine
+    from engine import bench as bench_module
+    from engine.models import presets
+
+    small = dataclasses.replace(presets.PRESETS["qwen2.5-7b"], n_layers=2, d_model=256, n_heads=4, n_kv_heads=2,
+                                head_dim=64, ffn_dim=512, vocab_size=49152,
+                                rope=dataclasses.replace(presets.PRESETS["qwen2.5-7b"].rope, dim=64))
+    monkeypatch.setitem(presets.PRESETS, "qwen2.5-7b", small)
+    result = CliRunner().invoke(bench, ["--shape", "qwen2.5-7b", "--device", "cpu", "-p", "16", "-n", "2", "-d", "0",
+                                        "-r", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [r["test"] for r in json.loads(result.output)["results"]] == ["pp16", "tg2"]
+    out = tmp_path / "q.gguf"
+    result = CliRunner().invoke(bench, ["--shape", "qwen2.5-7b", "--save-gguf", str(out)])
+    assert result.exit_code == 0, result.output
+    tensors = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
+    assert tensors["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.Q4_K
+    assert tensors["output.weight"] == gguf.GGMLQuantizationType.Q6_K and "blk.1.attn_v.bias" in tensors
+    assert engine.load(out, context=32).config.architecture == "qwen2"
+    assert bench_module.shape_model("qwen2.5-7b").config == small

@@ -27,13 +27,13 @@ from .writer import WriteStats, write_gguf
 
 def write_synthetic_gguf(dest: str | Path, config: ModelConfig, tokenizer_source: str | Path,
                          matrix_type: GGMLType = GGMLType.Q4_K, embedding_type: GGMLType = GGMLType.Q6_K,
-                         seed: int = 0, force: bool = False) -> WriteStats:
-    """Write `dest`: random weights of `config` (projections `matrix_type`, embedding/output `embedding_type`)
-    with the vocabulary of the GGUF `tokenizer_source`."""
+                         seed: int = 0, force: bool = False, weights: dict | None = None) -> WriteStats:
+    """Write `dest`: random weights of `config` (projections `matrix_type`, embedding/output `embedding_type`;
+    or `weights` as given) with the vocabulary of the GGUF `tokenizer_source`."""
     dest = Path(dest)
     vocabulary = {key: entry for key, entry in _typed_metadata(GGUFFile(tokenizer_source)).items()
                   if key.startswith("tokenizer.")}
-    weights = synthetic_weights(config, matrix_type, embedding_type, seed)
+    weights = synthetic_weights(config, matrix_type, embedding_type, seed) if weights is None else weights
     jobs = [TensorJob(gguf_tensor_name(name), weights[name], weights[name].ggml_type)
             for name in family(config.architecture).tensor_shapes(config, not config.tied_embeddings)]
 
