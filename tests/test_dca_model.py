@@ -27,11 +27,12 @@ def test_one_pass_prefill_equals_prefill_plus_decode_with_dca():
 
 
 def test_dca_keeps_perplexity_where_rope_is_fine():
-    """6k tokens (inside the 8k training context): DCA with cs=1536, w=256 within 10% of plain RoPE."""
-    plain = engine.load(dca="off", context=6144)
-    ids = prose_tokens(plain, 6144)
+    """2k tokens (inside the 8k training context, six DCA chunks): DCA with cs=448, w=128 within 10% of plain
+    RoPE."""
+    plain = engine.load(dca="off", context=2048)
+    ids = prose_tokens(plain, 2048)
     ppl_plain = float(np.exp(-plain.token_logprobs(ids).mean()))
-    dca = engine.load(dca=engine.DCAConfig(chunk_size=1536, local_window=256), context=6144)
+    dca = engine.load(dca=engine.DCAConfig(chunk_size=448, local_window=128), context=2048)
     ppl_dca = float(np.exp(-dca.token_logprobs(ids).mean()))
-    print(f"PPL over 6144 tokens: plain RoPE {ppl_plain:.3f}, DCA(1536, 256) {ppl_dca:.3f}")
+    print(f"PPL over 2048 tokens: plain RoPE {ppl_plain:.3f}, DCA(448, 128) {ppl_dca:.3f}")
     assert ppl_dca <= 1.10 * ppl_plain
