@@ -230,15 +230,18 @@ def test_info_shows_the_plan_against_available_memory(kquant, monkeypatch, capsy
                      f"does not fit; the largest context that fits is 5000"]
 
 
+# peak RSS from /proc's VmHWM: getrusage's ru_maxrss survives exec, so a child forked from a large test process
+# (the whole suite) would report its parent's size
 PEAK_RSS_SCRIPT = """
-import resource, sys
+import sys
 import numpy as np
 import engine
 
 ids = [3 + 97 * i % 8000 for i in range(16)]
 llm = engine.load(sys.argv[1], context=64, f32_copies=False)
 logits = llm.logits(ids)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with open("/proc/self/status") as status:
+    peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 planned = llm.memory.total
 del llm
 same = np.array_equal(logits, engine.load(sys.argv[1], context=64, f32_copies=True).logits(ids))
