@@ -97,7 +97,7 @@ def test_bench_shape_runs_and_saves_a_gguf_llama_cpp_can_read(tmp_path, monkeypa
     from engine.models import presets
 
     small = dataclasses.replace(presets.PRESETS["qwen2.5-7b"], n_layers=2, d_model=256, n_heads=4, n_kv_heads=2,
-                                head_dim=64, ffn_dim=512, vocab_size=49152,
+                                head_dim=64, ffn_dim=512, vocab_size=49152 + 48,
                                 rope=dataclasses.replace(presets.PRESETS["qwen2.5-7b"].rope, dim=64))
     monkeypatch.setitem(presets.PRESETS, "qwen2.5-7b", small)
     result = CliRunner().invoke(bench, ["--shape", "qwen2.5-7b", "--device", "cpu", "-p", "16", "-n", "2", "-d", "0",
@@ -107,7 +107,11 @@ def test_bench_shape_runs_and_saves_a_gguf_llama_cpp_can_read(tmp_path, monkeypa
     out = tmp_path / "q.gguf"
     result = CliRunner().invoke(bench, ["--shape", "qwen2.5-7b", "--save-gguf", str(out)])
     assert result.exit_code == 0, result.output
-    tensors = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
+    reader = gguf.GGUFReader(out)
+    tensors = {t.name: t.tensor_type for t in reader.tensors}
+    # one token per embedding row, as llama.cpp requires: the donor's 49152 padded with unused tokens
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == 49152 + 48
+    assert list(reader.fields["tokenizer.ggml.token_type"].contents()[-48:]) == [5] * 48
     assert tensors["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.Q4_K
     assert tensors["output.weight"] == gguf.GGMLQuantizationType.Q6_K and "blk.1.attn_v.bias" in tensors
     assert engine.load(out, context=32).config.architecture == "qwen2"

@@ -15,6 +15,7 @@ import gguf
 
 from ..bench import synthetic_weights
 from ..config import ModelConfig
+from ..errors import ConfigError
 from ..models.family import family, gguf_tensor_name
 from ..weights.gguf import GGUFFile
 from ..weights.quant import GGMLType
@@ -31,8 +32,8 @@ def write_synthetic_gguf(dest: str | Path, config: ModelConfig, tokenizer_source
     """Write `dest`: random weights of `config` (projections `matrix_type`, embedding/output `embedding_type`;
     or `weights` as given) with the vocabulary of the GGUF `tokenizer_source`."""
     dest = Path(dest)
-    vocabulary = {key: entry for key, entry in _typed_metadata(GGUFFile(tokenizer_source)).items()
-                  if key.startswith("tokenizer.")}
+    vocabulary = _padded_vocabulary({key: entry for key, entry in _typed_metadata(GGUFFile(tokenizer_source)).items()
+                                     if key.startswith("tokenizer.")}, config.vocab_size)
     weights = synthetic_weights(config, matrix_type, embedding_type, seed) if weights is None else weights
     jobs = [TensorJob(gguf_tensor_name(name), weights[name], weights[name].ggml_type)
             for name in family(config.architecture).tensor_shapes(config, not config.tied_embeddings)]
@@ -48,3 +49,22 @@ def write_synthetic_gguf(dest: str | Path, config: ModelConfig, tokenizer_source
     with atomic_file(dest, force) as tmp:
         totals = write_gguf(tmp, config.architecture, add_metadata, jobs, progress=False, label=f"writing {dest.name}")
     return WriteStats(dest, len(jobs), *totals)
+
+
+UNUSED_TOKEN = 5  # tokenizer.ggml.token_type of a slot no text maps to
+
+
+def _padded_vocabulary(vocabulary: dict, vocab_size: int) -> dict:
+    """The donor's tokenizer keys with its token list (and per-token arrays) padded with unused tokens up to the
+    model's vocab_size rows: llama.cpp requires the embedding to have exactly one row per token."""
+    tokens, vtype, element_type = vocabulary["tokenizer.ggml.tokens"]
+    extra = vocab_size - len(tokens)
+    if extra < 0:
+        raise ConfigError(f"the donor vocabulary has {len(tokens)} tokens, more than the model's {vocab_size} rows")
+    padded = dict(vocabulary)
+    padded["tokenizer.ggml.tokens"] = (tokens + [f"<|unused_{i}|>" for i in range(extra)], vtype, element_type)
+    for key, fill in (("tokenizer.ggml.token_type", UNUSED_TOKEN), ("tokenizer.ggml.scores", 0.0)):
+        if key in padded:
+            values, vtype, element_type = padded[key]
+            padded[key] = (list(values) + [fill] * extra, vtype, element_type)
+    return padded
