@@ -1,7 +1,8 @@
 """The options that decide how a model is loaded and laid out, declared once for every command.
 
     @cli.command()
-    @load_options                      # -m, -c, --device, --dtype, --dca*, --rope-*, --attn-temperature
+    @load_options                      # -m, -c, --device, --dtype, --dca*, --rope-*, --attn-temperature,
+                                       # --[no-]f32-copies
     def generate(settings: LoadSettings, ...):
         llm = settings.load()
 
@@ -44,6 +45,7 @@ class LoadSettings:
     rope_scaling: str | None = None
     rope_scale: float | None = None
     attention_temperature: bool = False
+    f32_copies: bool | None = None
 
     def load(self, model=None) -> api.LLM:
         """engine.load with these settings; `model` (a path or a LoadedModel) replaces self.model."""
@@ -83,6 +85,11 @@ OPTIONS: dict[str, Callable] = {
     "attention_temperature": click.option(
         "--attn-temperature", "attention_temperature", is_flag=True, default=False,
         help="scale attention logits by 0.1*ln(n/L)+1 beyond the training context"),
+    "f32_copies": click.option(
+        "--f32-copies/--no-f32-copies", "f32_copies", default=None,
+        help="CPU: keep float32 copies of the matrices (fast; 4 bytes a weight) or decode rows from the file as "
+             "needed (small) [default: copies when the memory plan with them takes at most half the available "
+             "memory]"),
 }
 
 

@@ -164,3 +164,14 @@ def test_eval_declines_what_its_methods_decide(tiny, text_file, option):
     result = CliRunner().invoke(eval_group, ["ppl", "-m", str(tiny), "--text", str(text_file), "--lengths", "64",
                                              *option])
     assert result.exit_code == 2 and "No such option" in result.output
+
+
+@pytest.mark.parametrize("flag, copies", [("--f32-copies", True), ("--no-f32-copies", False), (None, True)])
+def test_f32_copies_option_reaches_the_cpu_weights(tiny, loaded, flag, copies):
+    """--[no-]f32-copies decides how the CPU backend keeps the matrices; unset, the plan decides (the tiny
+    model's copies fit comfortably)."""
+    args = ["-m", str(tiny), "--device", "cpu", "-p", "8", "-d", "0", "-n", "1", "-r", "1", "--json", "--no-hf"]
+    result = CliRunner().invoke(bench, args + ([flag] if flag else []))
+    assert result.exit_code == 0, result.output
+    (llm,) = loaded
+    assert llm.memory.f32_copies is copies and llm.backend.f32_copies is copies  # the plan, and what the backend did
