@@ -3,7 +3,6 @@ re-quantization errors. Skipped when the model is not installed."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -20,6 +20,7 @@ import pytest
 from engine.backends.cuda import gemv
 from engine.bench import synthetic_weight, synthetic_weights
 from engine.config import ModelConfig, RopeConfig
+from engine.models.presets import PRESETS as SHAPE_PRESETS
 from engine.sampling import SamplingParams
 from engine.weights.quant import GGMLType
 
@@ -29,9 +30,9 @@ TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0
 MODEL_TOL = 1e-5
 INT8_TOL = 1.5e-2
 LAYER_TOL = {"f16": 1.5e-2, "bf16": 2e-2}  # measured on the H200: 4.4e-3 .. 6.3e-3 (both dtypes)
-# (d_model, heads, kv heads, ffn) of the presets (engine bench / ../shared/bench shapes) and a 70B
-PRESETS = {"llama3.2-1b": (2048, 32, 8, 8192), "llama2-7b": (4096, 32, 32, 11008),
-           "llama3-8b": (4096, 32, 8, 14336), "llama-70b": (8192, 64, 8, 28672)}
+# (d_model, heads, kv heads, ffn) of the Llama shape presets (engine/models/presets.py: 1B, 7B, 8B, 70B)
+PRESETS = {name: (c.d_model, c.n_heads, c.n_kv_heads, c.ffn_dim) for name, c in SHAPE_PRESETS.items()
+           if c.architecture == "llama"}
 
 
 def rel_err(got, ref) -> float:

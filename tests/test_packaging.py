@@ -6,7 +6,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
 import setuptools
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,10 +1,10 @@
 """Peak RSS and speed of the CPU backend, float32 copies vs weights as stored, one fresh process per run.
 
-    python tools/cpu_memory_bench.py [MODEL.gguf | --shape llama-3.2-1b] [--prompt 512] [--decode 8]
+    python tools/cpu_memory_bench.py [MODEL.gguf | --shape llama3.2-1b] [--prompt 512] [--decode 8]
                                      [--copies auto,on,off] [--context 1024]
 
---shape writes a GGUF of random weights with that model's shapes (Q4_K matrices, Q6_K embedding) into
-/tmp with the engine's own writer (engine/convert/synthetic.py; vocabulary of the default model) first.
+--shape writes a GGUF of random weights of that preset's shapes (engine/models/presets.py; Q4_K matrices, Q6_K
+embedding and head) into /tmp with the engine's own writer (engine/convert/synthetic.py) first.
 Each run loads the model (f32_copies True/False/None = auto), prefills --prompt random tokens, greedily
 decodes --decode tokens, and prints one line: the plan's total, peak RSS (getrusage), load, prefill and
 decode speed.
@@ -19,14 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's engine
 
-SHAPES = {
-    # Llama-3.2-1B: 16 layers, d 2048, 32/8 heads x 64, ffn 8192, vocabulary 128256, tied embeddings
-    "llama-3.2-1b": dict(n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, head_dim=64, ffn_dim=8192,
-                         vocab_size=128256, context_length=131072, theta=500000.0, tied=True),
-    # Llama-3-8B: 32 layers, d 4096, 32/8 heads x 128, ffn 14336, vocabulary 128256, separate output head
-    "llama-3-8b": dict(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336,
-                       vocab_size=128256, context_length=8192, theta=500000.0, tied=False),
-}
+from engine.models.presets import PRESETS  # noqa: E402
+
 ONE_RUN = """
 import json, resource, sys, time
 import numpy as np
@@ -48,26 +42,23 @@ print(json.dumps({"f32_copies": llm.memory.f32_copies, "plan_gib": llm.memory.to
 
 
 def write_shape(name: str) -> Path:
-    from engine.config import ModelConfig, RopeConfig
+    """The GGUF of `engine bench --shape NAME --save-gguf` (random Q4_K/Q6_K weights), written once into /tmp."""
+    from engine.bench import shape_model
     from engine.convert.synthetic import write_synthetic_gguf
     from engine.default_model import default_model_path
 
-    s = SHAPES[name]
     path = Path(f"/tmp/{name}-shape-q4_k.gguf")
     if not path.exists():
-        config = ModelConfig(n_layers=s["n_layers"], d_model=s["d_model"], n_heads=s["n_heads"],
-                             n_kv_heads=s["n_kv_heads"], head_dim=s["head_dim"], ffn_dim=s["ffn_dim"],
-                             vocab_size=s["vocab_size"], norm_eps=1e-5, context_length=s["context_length"],
-                             rope=RopeConfig(theta=s["theta"], dim=s["head_dim"], original_context=s["context_length"]),
-                             tied_embeddings=s["tied"], name=f"{name} shapes (random weights)")
-        print(write_synthetic_gguf(path, config, tokenizer_source=default_model_path()).summary(), flush=True)
+        loaded = shape_model(name)
+        print(write_synthetic_gguf(path, loaded.config, default_model_path(), weights=loaded.weights).summary(),
+              flush=True)
     return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", nargs="?", default=None)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default=None)
+    parser.add_argument("--shape", choices=sorted(PRESETS), default=None)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--decode", type=int, default=8)
     parser.add_argument("--context", type=int, default=1024)
