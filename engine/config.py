@@ -241,9 +241,18 @@ class ModelConfig:
             name=str(cfg.get("_name_or_path", "")),
             architecture=fam.name,
             dca=_dca_from_hf(cfg.get("dual_chunk_attention_config"), source),
-            sliding_window=int(cfg["sliding_window"]) if cfg.get("sliding_window")
-            and cfg.get("use_sliding_window", True) else None,
+            sliding_window=_sliding_window_from_hf(cfg),
         )
+
+
+def _sliding_window_from_hf(cfg: dict) -> int | None:
+    """config.json's sliding_window where the model's own code applies it: Mistral always (its code has no switch),
+    Qwen2 only with use_sliding_window (false by default in Qwen2Config)."""
+    if not cfg.get("sliding_window"):
+        return None
+    if cfg.get("model_type") == "qwen2" and not cfg.get("use_sliding_window", False):
+        return None
+    return int(cfg["sliding_window"])
 
 
 # GGUF metadata keys of this engine for a model's own DCA settings (llama.cpp has none)

@@ -1,6 +1,8 @@
-"""Model families beyond Llama: Qwen2 (Q/K/V biases, GGUF architecture qwen2 with unpermuted Q/K rows) against
-HF transformers' own Qwen2 (golden logits from tools/golden_families.py), from safetensors and GGUF, through the
-converters, with DCA, and on CUDA."""
+"""Model families: Qwen2 (Q/K/V biases, GGUF architecture qwen2 with unpermuted Q/K rows), Mistral
+(MistralForCausalLM, its sliding window) and Llama 3 (llama3 RoPE scaling: HF rope_scaling, GGUF rope_freqs)
+against HF transformers' own classes (golden logits from tools/golden_families.py), from safetensors, from a
+GGUF laid out as llama.cpp writes it and from `engine convert`'s GGUF; Qwen2 also through the converters, with
+DCA, and on CUDA."""
 from __future__ import annotations
 
 import json
@@ -19,7 +21,9 @@ from engine.sampling import SamplingParams
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_tiny_model import VARIANTS, make_tiny_model  # noqa: E402
 
-GOLDEN = np.load(Path(__file__).parent / "golden" / "tiny_qwen2_logits.npz")
+FAMILY_GOLDEN = {name: np.load(Path(__file__).parent / "golden" / f"tiny_{name}_logits.npz")
+                 for name in ("qwen2", "mistral", "llama3")}
+GOLDEN = FAMILY_GOLDEN["qwen2"]
 IDS = GOLDEN["ids"].tolist()
 
 
@@ -33,13 +37,51 @@ def qwen2(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("qwen2"), VARIANTS["qwen2"], gguf_types=("f32", "q8_0"))
 
 
-@pytest.mark.parametrize("source", ["hf", "f32"])
-def test_qwen2_logits_equal_hf_transformers(qwen2, source):
-    llm = engine.load(qwen2[source], device="cpu", context=64)
-    assert llm.config.architecture == "qwen2"
-    err = rel_err(llm.logits(IDS), GOLDEN["logits"])
-    print(f"qwen2 {source} vs transformers: rel err {err:.2e}")
+_FAMILY_MODELS: dict[str, dict[str, Path]] = {}
+
+
+def family_model(name: str, tmp_path_factory) -> dict[str, Path]:
+    """Paths of the family's tiny model (made once per module): hf/, tiny-f32.gguf written with llama.cpp's
+    names, and converted.gguf written by engine convert from hf/."""
+    if name not in _FAMILY_MODELS:
+        folder = tmp_path_factory.mktemp(name)
+        paths = make_tiny_model(folder, VARIANTS[name], gguf_types=("f32",))
+        paths["converted"] = folder / "converted.gguf"
+        convert_hf_to_gguf(paths["hf"], paths["converted"], "f32", progress=False)
+        _FAMILY_MODELS[name] = paths
+    return _FAMILY_MODELS[name]
+
+
+@pytest.fixture(scope="module", params=["qwen2", "mistral", "llama3"])
+def each_family(request, tmp_path_factory):
+    return request.param, family_model(request.param, tmp_path_factory)
+
+
+@pytest.mark.parametrize("source", ["hf", "f32", "converted"])
+def test_logits_equal_hf_transformers(each_family, source):
+    name, paths = each_family
+    golden = FAMILY_GOLDEN[name]
+    llm = engine.load(paths[source], device="cpu", context=64)
+    assert llm.config.architecture == ("qwen2" if name == "qwen2" else "llama")
+    err = rel_err(llm.logits(golden["ids"].tolist()), golden["logits"])
+    print(f"{name} {source} vs transformers: rel err {err:.2e}")
     assert err < 1e-5
+
+
+def test_llama3_scaling_matters(tmp_path_factory, tmp_path):
+    """Without its rope_scaling the llama3 model's logits leave the tolerance (so the golden checks the scaling);
+    engine convert carries it as llama.cpp's rope_freqs tensor."""
+    name, paths = "llama3", family_model("llama3", tmp_path_factory)
+    assert "rope_freqs.weight" in {t.name for t in gguf.GGUFReader(paths["converted"]).tensors}
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for f in paths["hf"].iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    assert config["rope_scaling"]["rope_type"] == "llama3"
+    (folder / "config.json").write_text(json.dumps({**config, "rope_scaling": None}))
+    golden = FAMILY_GOLDEN[name]
+    assert rel_err(engine.load(folder, context=64).logits(golden["ids"].tolist()), golden["logits"]) > 1e-2
 
 
 def test_qwen2_biases_matter(qwen2):
@@ -99,8 +141,15 @@ def test_unknown_architecture_is_refused(qwen2, tmp_path):
         engine.load(folder)
 
 
-@pytest.mark.parametrize("window, use, refused", [(64, None, True), (64, False, False), (None, None, False)])
-def test_sliding_window_is_refused_beyond_the_window_never_ignored(qwen2, tmp_path, window, use, refused):
+@pytest.mark.parametrize("model_type, window, use, refused", [
+    ("mistral", 64, None, True),  # Mistral's code has no switch: a sliding_window always applies
+    ("mistral", 64, False, True),
+    ("qwen2", 64, True, True),
+    ("qwen2", 64, None, False),  # Qwen2Config's use_sliding_window defaults to false
+    ("qwen2", 64, False, False),
+    ("qwen2", None, True, False),
+])
+def test_sliding_window_is_refused_beyond_the_window_never_ignored(qwen2, tmp_path, model_type, window, use, refused):
     folder = tmp_path / "hf"
     folder.mkdir()
     for f in qwen2["hf"].iterdir():
@@ -109,6 +158,11 @@ def test_sliding_window_is_refused_beyond_the_window_never_ignored(qwen2, tmp_pa
     config.pop("use_sliding_window")
     if use is not None:
         config["use_sliding_window"] = use
+    if model_type == "mistral":  # the tiny qwen2's weights under Mistral's names: no biases
+        config.update(architectures=["MistralForCausalLM"], model_type="mistral")
+        index = folder / "model.safetensors"
+        from safetensors.numpy import load_file, save_file
+        save_file({k: v for k, v in load_file(index).items() if not k.endswith(".bias")}, index)
     (folder / "config.json").write_text(json.dumps(config))
     assert engine.load(folder, context=64).context == 64  # within the window: exact
     if refused:

@@ -112,6 +112,13 @@ class TinySpec:
     # llama3-style per-frequency divisors, written to GGUF as the `rope_freqs` tensor (head_dim/2 values)
     rope_freq_factors: tuple[float, ...] | None = None
     family: str = "llama"  # or "qwen2": Q/K/V biases, Qwen2ForCausalLM, GGUF architecture qwen2 (Q/K rows unpermuted)
+    # the HF class of config.json (default: the family's first, LlamaForCausalLM / Qwen2ForCausalLM), e.g.
+    # "MistralForCausalLM" (model_type mistral) for a llama-family model
+    hf_architecture: str | None = None
+    sliding_window: int | None = None  # Mistral's config.json sliding_window (GGUF has no key for it)
+    # llama3 RoPE scaling (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings): HF
+    # config.json's rope_scaling, and in GGUF the rope_freqs tensor computed from it as llama.cpp's converter does
+    llama3_rope: tuple[float, float, float, int] | None = None
 
     def __post_init__(self) -> None:
         for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim", "context_length"):
@@ -123,12 +130,35 @@ class TinySpec:
             raise ValueError(f"TinySpec: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
             raise ValueError(f"TinySpec: rope_freq_factors needs {self.head_dim // 2} values")
+        if self.rope_freq_factors is not None and self.llama3_rope is not None:
+            raise ValueError("TinySpec: give rope_freq_factors or llama3_rope, not both")
+        if self.hf_architecture is not None and self.hf_architecture not in family(self.family).hf_architectures:
+            raise ValueError(f"TinySpec: {self.hf_architecture} is not a {self.family} architecture")
         if self.vocab_size <= 256 + len(SPECIAL_TOKENS):
             raise ValueError(f"TinySpec: vocab_size {self.vocab_size} leaves no room for merges (> 259 needed)")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def gguf_rope_freqs(self) -> tuple[float, ...] | None:
+        """The GGUF rope_freqs tensor: rope_freq_factors, or llama3_rope's divisors computed as llama.cpp's
+        convert_hf_to_gguf.py does (1 for short wavelengths, factor for long ones, smooth in between)."""
+        if self.llama3_rope is None:
+            return self.rope_freq_factors
+        factor, low, high, original = self.llama3_rope
+        freqs = 1.0 / self.rope_theta ** (np.arange(0, self.head_dim, 2) / self.head_dim)
+        divisors = []
+        for wavelength in 2 * np.pi / freqs:
+            if wavelength < original / high:
+                divisors.append(1.0)
+            elif wavelength > original / low:
+                divisors.append(factor)
+            else:
+                smooth = (original / wavelength - low) / (high - low)
+                divisors.append(1.0 / ((1 - smooth) / factor + smooth))
+        return tuple(divisors)
 
     def config(self) -> ModelConfig:
         return ModelConfig(n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
@@ -145,6 +175,9 @@ VARIANTS = {
     "kquant": TinySpec(d_model=256, ffn_dim=512),
     "d64": TinySpec(d_model=256, ffn_dim=256),  # head_dim 64: the CUDA backend's fused attention kernels
     "qwen2": TinySpec(d_model=256, ffn_dim=256, family="qwen2", rope_theta=1e6, tied=True),
+    "mistral": TinySpec(d_model=128, ffn_dim=192, hf_architecture="MistralForCausalLM", sliding_window=128,
+                        rope_theta=1e6),
+    "llama3": TinySpec(d_model=128, ffn_dim=192, rope_theta=500000.0, llama3_rope=(8.0, 1.0, 4.0, 64)),
 }
 
 # type name -> (tensor type of 2-D weights, general.file_type)
@@ -402,8 +435,8 @@ def write_gguf(path: Path, spec: TinySpec, gguf_weights: dict[str, np.ndarray], 
         qtype = tensor_type_for(name, w.shape[1], weight_type)
         data = encode_tensor(w, qtype)
         writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
-    if spec.rope_freq_factors is not None:
-        writer.add_tensor("rope_freqs.weight", np.asarray(spec.rope_freq_factors, dtype=np.float32))
+    if spec.gguf_rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", np.asarray(spec.gguf_rope_freqs, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -434,9 +467,10 @@ def write_hf(hf_dir: Path, spec: TinySpec, weights: dict[str, np.ndarray], token
              dtype: str, shards: int) -> None:
     hf_dir.mkdir(parents=True, exist_ok=True)
     fam = family(spec.family)
+    architecture = spec.hf_architecture or fam.hf_architectures[0]
     config = {
-        "architectures": [fam.hf_architectures[0]],
-        "model_type": fam.hf_model_types[0],
+        "architectures": [architecture],
+        "model_type": fam.hf_model_types[fam.hf_architectures.index(architecture)],
         "hidden_size": spec.d_model,
         "intermediate_size": spec.ffn_dim,
         "num_hidden_layers": spec.n_layers,
@@ -447,11 +481,14 @@ def write_hf(hf_dir: Path, spec: TinySpec, weights: dict[str, np.ndarray], token
         "max_position_embeddings": spec.context_length,
         "rms_norm_eps": spec.norm_eps,
         "rope_theta": spec.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": None if spec.llama3_rope is None else dict(
+            zip(("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                spec.llama3_rope), rope_type="llama3"),
         "tie_word_embeddings": spec.tied,
         "hidden_act": "silu",
         "attention_bias": spec.family == "qwen2",
-        "use_sliding_window": False,
+        **({"use_sliding_window": False} if spec.family == "qwen2" else {}),
+        **({} if spec.sliding_window is None else {"sliding_window": spec.sliding_window}),
         "mlp_bias": False,
         "bos_token_id": BOS_ID,
         "eos_token_id": EOS_ID,
