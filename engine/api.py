@@ -62,7 +62,7 @@ class GenerationStats:
 
 class LLM:
     def __init__(self, loaded: LoadedModel, backend, context: int, dca: DCAConfig | None,
-                 attention_temperature: bool):
+                 attention_temperature: bool | None):
         self.loaded = loaded
         self.config: ModelConfig = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -90,7 +90,8 @@ class LLM:
         # With DCA, query positions never exceed chunk_size; without, they run to the context end.
         n_positions = self.dca.chunk_size + 1 if self.dca else self.context
         rotary = RotaryTable(self.config.rope, n_positions, context=rope_context)
-        return Llama(self.config, self._weights, self.backend, rotary, self.dca, self.attention_temperature)
+        return Llama(self.config, self._weights, self.backend, rotary, self.dca,
+                     temperature_length(self.config, self.dca, self.attention_temperature))
 
     def relayout(self, dca: str | DCAConfig | None = "auto", dca_chunk_size: int | None = None,
                  dca_local_window: int | None = None, rope_scaling: str | None = None,
@@ -282,6 +283,16 @@ class LLM:
         return arr
 
 
+def temperature_length(config: ModelConfig, dca: DCAConfig | None, setting: bool | None) -> int | None:
+    """L of the attention temperature 0.1*ln(n/L)+1, or None when it is off.
+
+    setting: True/False (--[no-]attn-temperature) or None (auto: on when the model carries its own L -- Qwen2.5-1M's
+    original_max_position_embeddings -- and DCA is in use, as vLLM's DCA backend does). L is the model's own when it
+    has one, else its training context."""
+    on = (config.temperature_length is not None and dca is not None) if setting is None else setting
+    return (config.temperature_length or config.context_length) if on else None
+
+
 def resolve_dca(mode: str | DCAConfig | None, context: int, training_length: int,
                 chunk_size: int | None = None, local_window: int | None = None) -> DCAConfig | None:
     """--dca auto|on|off (+ optional chunk settings) -> the DCA config in force, or None."""
@@ -326,7 +337,7 @@ def plan(config: ModelConfig, context: int | None, dca: str | DCAConfig | None, 
 def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", context: int | None = None,
          dca: str | DCAConfig | None = "auto", dca_chunk_size: int | None = None,
          dca_local_window: int | None = None, rope_scaling: str | None = None, rope_scale: float | None = None,
-         attention_temperature: bool = False, dtype: str = "auto", f32_copies: bool | None = None) -> LLM:
+         attention_temperature: bool | None = None, dtype: str = "auto", f32_copies: bool | None = None) -> LLM:
     """Load a GGUF file or HF folder (default: the default model), or an opened LoadedModel, onto a device.
 
     dtype: activation dtype on CUDA, "auto" (bf16 when the model's matrices are stored BF16, else f16),
@@ -334,6 +345,7 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
     context: KV cache capacity in tokens (default: the model's training context).
     dca: "auto" (on when context > training context) | "on" | "off" | a DCAConfig.
     rope_scaling / rope_scale: override the model's RoPE scaling (none|linear|ntk|dynamic|yarn).
+    attention_temperature: True/False, or None for the model's own setting (see temperature_length).
     f32_copies (CPU): keep float32 copies of the matrices (fast) instead of dequantizing a block of rows at a
     time from the stored weights; None: when the memory plan with them takes at most half the available memory.
     Memory: the plan (LLM.memory) is checked first; ContextError/DeviceError name the numbers when it does not fit.

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from . import memory
-from .api import plan
+from .api import plan, temperature_length
 from .backends import resolve_device, resolve_dtype
 from .bench import bench
 from .convert.commands import convert, quantize
@@ -85,7 +85,8 @@ def info(model_arg, settings: LoadSettings) -> None:
     loaded = open_model(path)
     c, context, dca_plan = plan(loaded.config, s.context, s.dca, s.dca_chunk_size, s.dca_local_window,
                                s.rope_scaling, s.rope_scale)
-    device, dtype, attn_temperature = s.device, s.dtype, s.attention_temperature
+    device, dtype = s.device, s.dtype
+    attn_temperature = temperature_length(c, dca_plan, s.attention_temperature)
     device_name = resolve_device(device)
     activations = resolve_dtype(dtype, device_name, loaded.weights)
     cuda_dtype = resolve_dtype(dtype, "cuda", loaded.weights)  # what the CUDA figures below assume
@@ -113,7 +114,7 @@ def info(model_arg, settings: LoadSettings) -> None:
         ("plan: memory", _describe_memory(plans[device_name], memory.available_bytes(device_name))),
         ("plan: DCA", _describe_dca(dca_plan)),
         ("plan: attention on CUDA", _describe_cuda_attention(c)),
-        ("plan: attention temperature", "on" if attn_temperature else "off"),
+        ("plan: attention temperature", f"on, L = {attn_temperature}" if attn_temperature else "off"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

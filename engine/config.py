@@ -128,6 +128,10 @@ class ModelConfig:
     # the model's own DCA settings (Qwen2.5-1M's config.json dual_chunk_attention_config; GGUF engine.dca.*): used
     # by --dca auto, and then context_length (max_position_embeddings) bounds the context
     dca: DCAConfig | None = None
+    # the model's own L of the attention temperature 0.1*ln(n/L)+1 (dual_chunk_attention_config's
+    # original_max_position_embeddings; GGUF engine.dca.original_context): with its DCA in use the temperature is
+    # on by default, as vLLM's DCA backend applies it
+    temperature_length: int | None = None
     # sliding-window attention (Mistral 7B v0.1's sliding_window): not implemented, so contexts beyond it are refused
     sliding_window: int | None = None
 
@@ -199,6 +203,7 @@ class ModelConfig:
             name=str(md.get("general.name", "")),
             architecture=arch,
             dca=_dca_from_gguf(md, source),
+            temperature_length=_positive_or_none(md.get(GGUF_DCA_ORIGINAL_CONTEXT), GGUF_DCA_ORIGINAL_CONTEXT, source),
         )
 
     @classmethod
@@ -241,6 +246,9 @@ class ModelConfig:
             name=str(cfg.get("_name_or_path", "")),
             architecture=fam.name,
             dca=_dca_from_hf(cfg.get("dual_chunk_attention_config"), source),
+            temperature_length=_positive_or_none((cfg.get("dual_chunk_attention_config") or {}).get(
+                "original_max_position_embeddings"), "dual_chunk_attention_config.original_max_position_embeddings",
+                source),
             sliding_window=_sliding_window_from_hf(cfg),
         )
 
@@ -258,6 +266,16 @@ def _sliding_window_from_hf(cfg: dict) -> int | None:
 # GGUF metadata keys of this engine for a model's own DCA settings (llama.cpp has none)
 GGUF_DCA_CHUNK_SIZE = "engine.dca.chunk_size"
 GGUF_DCA_LOCAL_WINDOW = "engine.dca.local_window"
+GGUF_DCA_ORIGINAL_CONTEXT = "engine.dca.original_context"
+
+
+def _positive_or_none(value: Any, key: str, source: str) -> int | None:
+    """A positive whole number, or None for absent / 0 (vLLM reads 0 as "no temperature")."""
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or int(value) != value:
+        raise ModelFormatError(f"{source}: {key} must be a positive whole number, got {value!r}")
+    return int(value)
 
 
 def _dca_from_hf(dca: Any, source: str) -> DCAConfig | None:

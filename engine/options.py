@@ -44,7 +44,7 @@ class LoadSettings:
     dca_local_window: int | None = None
     rope_scaling: str | None = None
     rope_scale: float | None = None
-    attention_temperature: bool = False
+    attention_temperature: bool | None = None
     f32_copies: bool | None = None
 
     def load(self, model=None) -> api.LLM:
@@ -83,8 +83,9 @@ OPTIONS: dict[str, Callable] = {
     "rope_scale": click.option("--rope-scale", "rope_scale", type=float, default=None,
                                help="RoPE scaling factor"),
     "attention_temperature": click.option(
-        "--attn-temperature", "attention_temperature", is_flag=True, default=False,
-        help="scale attention logits by 0.1*ln(n/L)+1 beyond the training context"),
+        "--attn-temperature/--no-attn-temperature", "attention_temperature", default=None,
+        help="scale attention logits by 0.1*ln(n/L)+1 beyond L, the training context (or the model's own L) "
+             "[default: on only for a model that ships its own L with DCA, e.g. Qwen2.5-1M, when DCA is on]"),
     "f32_copies": click.option(
         "--f32-copies/--no-f32-copies", "f32_copies", default=None,
         help="CPU: keep float32 copies of the matrices (fast; 4 bytes a weight) or decode rows from the file as "

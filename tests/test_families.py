@@ -199,7 +199,7 @@ def test_the_models_own_dca_settings_are_used(qwen2_1m, tmp_path):
         engine.load(qwen2_1m, context=512)
 
 
-def spec_forward(llm, ids) -> np.ndarray:
+def spec_forward(llm, ids, logit_scale=None) -> np.ndarray:
     """The model's forward pass in float64 from its stored weights, attention by the materialized DCA spec
     (engine/dca.py reference_attention): an implementation independent of the backends' blocks and kernels."""
     from engine.dca import reference_attention
@@ -212,7 +212,8 @@ def spec_forward(llm, ids) -> np.ndarray:
         h = norm(x, w[p + "attn_norm"])
         q, k, v = (h @ w[p + f"attn_{t}"].T + w[p + f"attn_{t}.bias"] for t in "qkv")
         attn = reference_attention(q.reshape(n, c.n_heads, -1), k.reshape(n, c.n_kv_heads, -1),
-                                   v.reshape(n, c.n_kv_heads, -1), np.arange(n), llm.model.rotary, llm.dca)
+                                   v.reshape(n, c.n_kv_heads, -1), np.arange(n), llm.model.rotary, llm.dca,
+                                   logit_scale=logit_scale)
         x = x + attn.reshape(n, -1) @ w[p + "attn_output"].T
         h = norm(x, w[p + "ffn_norm"])
         gate = h @ w[p + "ffn_gate"].T
@@ -223,7 +224,7 @@ def spec_forward(llm, ids) -> np.ndarray:
 def test_qwen2_with_its_own_dca_at_4x_its_original_context_agrees_with_the_spec(qwen2_1m):
     """96 tokens = 4 x the original 24 (chunk_len 16: six chunks, every relation): the engine's logits against
     the float64 spec forward, and against a plain-attention run, from which DCA must differ."""
-    llm = engine.load(qwen2_1m, context=96)
+    llm = engine.load(qwen2_1m, context=96, attention_temperature=False)  # its temperature: the test below
     ids = (IDS * 2)[:96]
     got = llm.logits(ids)
     err = rel_err(got, spec_forward(llm, ids))
@@ -239,18 +240,26 @@ def test_the_models_own_dca_settings_survive_conversion(qwen2_1m, tmp_path):
     assert engine.load(tmp_path / "q.gguf", context=64).dca == engine.DCAConfig(chunk_size=24, local_window=8)
     convert_gguf_to_hf(tmp_path / "q.gguf", tmp_path / "hf", dtype="f32", progress=False)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert config["dual_chunk_attention_config"] == {"chunk_size": 24, "local_size": 8}
+    assert config["dual_chunk_attention_config"] == {"chunk_size": 24, "local_size": 8,
+                                                     "original_max_position_embeddings": 24}
 
 
-def test_bad_dual_chunk_attention_config_is_one_error(qwen2_1m, tmp_path):
+@pytest.mark.parametrize("dca, message", [
+    ({"chunk_size": 8, "local_size": 24}, "dual_chunk_attention_config.*local_window < chunk_size"),
+    ({"chunk_size": 24, "local_size": 8, "original_max_position_embeddings": -3},
+     "original_max_position_embeddings must be a positive whole number, got -3"),
+    ({"chunk_size": 24, "local_size": 8, "original_max_position_embeddings": "262144"},
+     "original_max_position_embeddings must be a positive whole number"),
+])
+def test_bad_dual_chunk_attention_config_is_one_error(qwen2_1m, tmp_path, dca, message):
     folder = tmp_path / "hf"
     folder.mkdir()
     for f in qwen2_1m.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     config = json.loads((folder / "config.json").read_text())
-    config["dual_chunk_attention_config"] = {"chunk_size": 8, "local_size": 24}
+    config["dual_chunk_attention_config"] = dca
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(engine.ModelFormatError, match="dual_chunk_attention_config.*local_window < chunk_size"):
+    with pytest.raises(engine.ModelFormatError, match=message):
         engine.load(folder)
 
 
@@ -267,3 +276,26 @@ def test_qwen2_on_cuda_matches_the_cpu(qwen2, dtype):
     assert list(gpu.generate_ids(IDS[:8], 12, greedy, stop_ids=[])) == list(cpu.generate_ids(IDS[:8], 12, greedy,
                                                                                               stop_ids=[]))
     assert QWEN2.name == gpu.config.architecture
+
+
+def test_the_models_own_attention_temperature(qwen2_1m, tmp_path):
+    """original_max_position_embeddings (24 here) is the temperature's L, on by default with the model's DCA,
+    off with --no-attn-temperature or without DCA; the float64 spec forward with the same factors agrees; GGUF
+    keeps it."""
+    from engine.dca import temperature
+
+    ids = (IDS * 2)[:64]
+    auto = engine.load(qwen2_1m, context=64)
+    assert auto.config.temperature_length == 24 and auto.model.temperature_length == 24
+    off = engine.load(qwen2_1m, context=64, attention_temperature=False)
+    assert off.model.temperature_length is None
+    assert engine.load(qwen2_1m, context=64, dca="off").model.temperature_length is None
+    assert rel_err(auto.logits(ids[:24]), off.logits(ids[:24])) < 1e-6  # within L the factor is 1
+    assert rel_err(auto.logits(ids), off.logits(ids)) > 1e-3
+    scale = temperature(np.arange(len(ids)), 24)
+    assert scale[23] == 1.0 and scale[-1] > 1.09  # the factor the spec forward below applies
+    assert rel_err(auto.logits(ids), spec_forward(auto, ids, logit_scale=scale)) < 1e-5
+
+    convert_hf_to_gguf(qwen2_1m, tmp_path / "m.gguf", "f32", progress=False)  # back to HF: the test above
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["engine.dca.original_context"].contents() == 24
+    assert engine.load(tmp_path / "m.gguf", context=64).model.temperature_length == 24

@@ -117,7 +117,9 @@ def _config_json(c: ModelConfig, tied: bool, bos: int | None, eos: int | None, t
         "bos_token_id": bos,
         "eos_token_id": eos,
         "torch_dtype": torch_dtype,
-        **({"dual_chunk_attention_config": {"chunk_size": c.dca.chunk_size, "local_size": c.dca.local_window}}
+        **({"dual_chunk_attention_config": {
+            "chunk_size": c.dca.chunk_size, "local_size": c.dca.local_window,
+            **({} if c.temperature_length is None else {"original_max_position_embeddings": c.temperature_length})}}
            if c.dca is not None else {}),
     }
 

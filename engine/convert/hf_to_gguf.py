@@ -21,7 +21,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from ..config import GGUF_DCA_CHUNK_SIZE, GGUF_DCA_LOCAL_WINDOW, ModelConfig
+from ..config import GGUF_DCA_CHUNK_SIZE, GGUF_DCA_LOCAL_WINDOW, GGUF_DCA_ORIGINAL_CONTEXT, ModelConfig
 from ..errors import ModelFormatError
 from ..loader import LoadedModel, WeightTensor, open_model
 from ..models.family import HF_BUFFER_SUFFIXES, engine_tensor_name, family, gguf_tensor_name
@@ -123,6 +123,8 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, c: ModelConfig) -> None:
     if c.dca is not None:  # the model's own DCA settings, under this engine's keys
         writer.add_uint32(GGUF_DCA_CHUNK_SIZE, c.dca.chunk_size)
         writer.add_uint32(GGUF_DCA_LOCAL_WINDOW, c.dca.local_window)
+    if c.temperature_length is not None:
+        writer.add_uint32(GGUF_DCA_ORIGINAL_CONTEXT, c.temperature_length)
     if c.head_dim != c.d_model // c.n_heads:
         writer.add_key_length(c.head_dim)
         writer.add_value_length(c.head_dim)

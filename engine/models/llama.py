@@ -66,15 +66,15 @@ class Weights:
 
 class Llama:
     def __init__(self, config: "ModelConfig", weights: dict[str, Any], backend: Any, rotary: "RotaryTable",
-                 dca: "DCAConfig | None", attention_temperature: bool = False):
+                 dca: "DCAConfig | None", temperature_length: int | None = None):
         """weights: the backend's prepared weights by engine name (``backend.prepare_weights``)."""
         self.config = config
         self.weights = Weights.from_named(weights, config.n_layers, family(config.architecture))
         self.backend = backend
         self.rotary = rotary
         self.dca = dca
-        # logits of queries past the training context are scaled by 0.1*ln(n/L)+1 when set
-        self.temperature_length = config.context_length if attention_temperature else None
+        # L of the attention temperature: logits of queries past L are scaled by 0.1*ln(n/L)+1 when set
+        self.temperature_length = temperature_length
         self.decode_blocks = backend.decode_blocks(self)  # the blocks for one-token steps (fused or these)
 
     def forward(self, tokens: np.ndarray, cache: "KVCache", logits_for: str = "all") -> Any:
