@@ -11,6 +11,7 @@ from engine.backends.cuda import attention as attn
 from engine.backends.cuda import gemv
 from engine.backends.cuda.fused import FusedBlocks
 from engine.backends.cuda.sampling import MAX_TOP_K, device_supported
+from engine.backends.cuda.splits import key_splits
 from engine.backends.cuda.weights import DeviceMatrix
 from engine.errors import DeviceError
 from engine.models.family import LLAMA
@@ -25,16 +26,27 @@ def test_dims_per_lane_picks_the_smallest_variant_and_refuses_big_heads():
         attn.dims_per_lane(256)
 
 
-def test_decode_splits_follow_capacity_not_length():
-    # one query: fixed by the capacity (a captured graph stays valid as the context grows); at least
-    # enough blocks to fill the GPU (a short context), more for a large cache
-    assert attn.n_splits(1, 1, 3, capacity=100, keys_hint=5) == math.ceil(attn.TARGET_BLOCKS / 3)
-    assert attn.n_splits(1, 1, 3, capacity=32768, keys_hint=5) == 32768 // attn.DECODE_KEYS_PER_SPLIT
-    assert attn.n_splits(1, 1, 3, capacity=10**6, keys_hint=10**6) == attn.MAX_SPLITS
+def test_one_split_rule_for_every_attention_kernel():
+    # fill the slots, slices of at least min_keys_per_split keys, at most max_splits, never below 1
+    assert key_splits(blocks=3, slots=264, keys=100_000, min_keys_per_split=128, max_splits=512) == 88
+    assert key_splits(blocks=3, slots=264, keys=1000, min_keys_per_split=128, max_splits=512) == 7
+    assert key_splits(blocks=3, slots=264, keys=100, min_keys_per_split=128, max_splits=512) == 1
+    assert key_splits(blocks=1, slots=10**4, keys=10**7, min_keys_per_split=128, max_splits=512) == 512
+    assert key_splits(blocks=10**4, slots=264, keys=10**6, min_keys_per_split=128, max_splits=512) == 1
+    assert key_splits(blocks=0, slots=8, keys=10**4, min_keys_per_split=128, max_splits=512) == 8
+
+
+def test_simt_splits_follow_capacity_not_length():
+    # one query: keys = the capacity (a captured graph stays valid as the context grows), not the hint
+    sms = 132
+    fill = attn.BLOCKS_PER_SM * sms
+    assert attn.n_splits(1, 1, 3, capacity=100, keys_hint=5, n_sms=sms) == 1
+    assert attn.n_splits(1, 1, 3, capacity=32768, keys_hint=5, n_sms=sms) == math.ceil(fill / 3)
+    assert attn.n_splits(1, 1, 3, capacity=1024, keys_hint=10**6, n_sms=sms) == 1024 // attn.MIN_KEYS_PER_SPLIT
     # prefill: split only when there are few row blocks, and never into slices of under 4 tiles
-    assert attn.n_splits(4096, 1536, 3, capacity=8192, keys_hint=8192) == 1
-    assert attn.n_splits(5, 2, 4, capacity=700, keys_hint=645) == 6  # ceil(645 / (4 tiles x 32 keys))
-    assert attn.n_splits(5, 2, 4, capacity=10**5, keys_hint=10**5) == attn.TARGET_BLOCKS // 8
+    assert attn.n_splits(4096, 1536, 3, capacity=8192, keys_hint=8192, n_sms=sms) == 1
+    assert attn.n_splits(5, 2, 4, capacity=700, keys_hint=645, n_sms=sms) == 645 // (4 * attn.TILE_KEYS)
+    assert attn.n_splits(5, 2, 4, capacity=10**5, keys_hint=10**5, n_sms=sms) == math.ceil(fill / 8)
 
 
 def matrix(name, ggml_type):

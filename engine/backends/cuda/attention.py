@@ -3,9 +3,9 @@
 One launch of attn_partial_<DPL> + the combine of the fused kernels (flash_attention.combine) per layer. Rows = (query, query head of the group),
 one warp each, 4 to 8 warps per block (extra warps only help load K/V tiles), all rows of a block on
 one KV head (GQA without copies).
-Splits over the keys (flash-decoding): for one query (decode) a fixed number taken from the cache
-capacity, so a captured graph stays valid as the context grows (the slices themselves are computed
-on the device from the positions); for prefill enough to fill the GPU when there are few row blocks.
+Splits over the keys (flash-decoding): the rule of splits.py, filling two blocks per SM, slices of at least
+four tiles; for one query (decode) over the cache capacity, so a captured graph stays valid as the context
+grows.
 """
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ import numpy as np
 from ...errors import DeviceError
 from .flash_attention import combine
 from .kernels import function
+from .splits import key_splits, sm_count
 from .weights import activation_type, to_activation
 
 MAX_WARPS = 8
 MIN_WARPS = 4  # attention.cu: 32 keys x D/8 vectors <= LOAD_BATCH (4) x 32 x MIN_WARPS for D <= 128
 TILE_KEYS = 32  # keys per shared-memory tile (one per lane)
-TARGET_BLOCKS = 264  # two blocks per SM of an H100/H200
-DECODE_KEYS_PER_SPLIT = 128  # four tiles (double-buffered): a decode step is latency-bound, so spread it wide
+BLOCKS_PER_SM = 2  # the launch fills two blocks per SM
+MIN_KEYS_PER_SPLIT = 4 * TILE_KEYS
 MAX_SPLITS = 512
 
 
@@ -33,13 +34,10 @@ def dims_per_lane(head_dim: int) -> int:
     raise DeviceError(f"the CUDA attention kernel supports head_dim <= 128, got {head_dim}")
 
 
-def n_splits(n_queries: int, row_blocks: int, n_kv: int, capacity: int, keys_hint: int) -> int:
-    """How many slices of the keys each row block's work is cut into."""
-    if n_queries == 1:  # at least enough blocks to fill the GPU, also for a small cache (a short context)
-        by_capacity = math.ceil(capacity / DECODE_KEYS_PER_SPLIT)
-        return max(1, min(MAX_SPLITS, max(by_capacity, math.ceil(TARGET_BLOCKS / (row_blocks * n_kv)))))
-    wanted = max(1, TARGET_BLOCKS // (row_blocks * n_kv))
-    return max(1, min(wanted, 64, math.ceil(keys_hint / (4 * TILE_KEYS))))
+def n_splits(n_queries: int, row_blocks: int, n_kv: int, capacity: int, keys_hint: int, n_sms: int) -> int:
+    """How many slices of the keys each row block's work is cut into (splits.key_splits)."""
+    keys = capacity if n_queries == 1 else keys_hint
+    return key_splits(row_blocks * n_kv, BLOCKS_PER_SM * n_sms, keys, MIN_KEYS_PER_SPLIT, MAX_SPLITS)
 
 
 def attention(cp, q, cache_k, cache_v, positions, cos_t, sin_t, rope_dim: int, dca, temperature_length,
@@ -56,7 +54,7 @@ def attention(cp, q, cache_k, cache_v, positions, cos_t, sin_t, rope_dim: int, d
     rows = n * group
     warps = max(MIN_WARPS, min(MAX_WARPS, rows))  # >= 4: one load batch covers a K/V tile
     row_blocks = (rows + warps - 1) // warps
-    splits = n_splits(n, row_blocks, n_kv, capacity, keys_hint)
+    splits = n_splits(n, row_blocks, n_kv, capacity, keys_hint, sm_count(cp))
     q = to_activation(cp, q, dtype)
     part_o = cp.empty((splits, n, n_heads, head_dim), dtype=cp.float32)
     part_m = cp.empty((splits, n, n_heads), dtype=cp.float32)

@@ -139,10 +139,6 @@ def combine(part_o, part_m, part_l, out, rows: int, head_dim: int, n_splits: int
         (part_o, part_m, part_l, out, np.int32(rows), np.int32(head_dim), np.int32(n_splits)))
 
 
-def _sm_count(cp) -> int:
-    return cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrMultiProcessorCount, cp.cuda.Device().id)
-
-
 def prefill_smem(head_dim: int, tiles: tuple[int, int]) -> int:
     """Dynamic shared memory of the prefill kernel: rotated queries + 2 stages of K and V tiles."""
     m_tiles, block_keys = tiles
@@ -162,9 +158,9 @@ def wgmma_smem(head_dim: int, tiles: tuple[int, int, int]) -> int:
 
 
 def prefill_splits(cp, n_blocks: int, n_keys_hint: int, block_keys: int) -> int:
-    """Key slices that fill the GPU when few row blocks exist (chunked prefill against a long cache)."""
-    wanted = math.ceil(2 * _sm_count(cp) / max(n_blocks, 1))
-    return max(1, min(wanted, 64, n_keys_hint // (8 * block_keys)))
+    """Key slices that fill two blocks per SM when few row blocks exist (chunked prefill against a long cache),
+    slices of at least 8 tiles (splits.key_splits)."""
+    return key_splits(n_blocks, 2 * sm_count(cp), n_keys_hint, 8 * block_keys, 64)
 
 
 def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int, dca=None,
@@ -245,11 +241,11 @@ def blocks_per_sm(cp, kernel, smem: int) -> int:
 
 def decode_splits(cp, capacity: int, n_kv: int, n_queries: int = 1, head_dim: int = 128,
                   dtype: str = "f16") -> int:
-    """Key slices of the decode kernel: one full wave of resident blocks, fixed by the cache capacity."""
+    """Key slices of the decode kernel: one full wave of resident blocks, fixed by the cache capacity, slices of
+    at least 4 tiles (splits.key_splits)."""
     kernel = _kernel(decode_build(head_dim), dtype)
-    slots = _sm_count(cp) * blocks_per_sm(cp, kernel, decode_smem(head_dim))
-    wanted = math.ceil(slots / (n_kv * n_queries))
-    return max(1, min(wanted, math.ceil(capacity / (4 * DECODE_TILE_KEYS[head_dim]))))
+    slots = sm_count(cp) * blocks_per_sm(cp, kernel, decode_smem(head_dim))
+    return key_splits(n_kv * n_queries, slots, capacity, 4 * DECODE_TILE_KEYS[head_dim], slots)
 
 
 def flash_decode(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int, dca=None,
