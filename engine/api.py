@@ -294,8 +294,11 @@ def temperature_length(config: ModelConfig, dca: DCAConfig | None, setting: bool
 
 
 def resolve_dca(mode: str | DCAConfig | None, context: int, training_length: int,
-                chunk_size: int | None = None, local_window: int | None = None) -> DCAConfig | None:
-    """--dca auto|on|off (+ optional chunk settings) -> the DCA config in force, or None."""
+                chunk_size: int | None = None, local_window: int | None = None,
+                tuned: DCAConfig | None = None) -> DCAConfig | None:
+    """--dca auto|on|off (+ optional chunk settings) -> the DCA config in force, or None.
+
+    tuned: the model's tuned settings (ModelConfig.tuned_dca), used when no chunk setting is given."""
     if isinstance(mode, DCAConfig):
         mode.check_against(training_length)
         return mode
@@ -304,6 +307,9 @@ def resolve_dca(mode: str | DCAConfig | None, context: int, training_length: int
         raise ConfigError(f"unknown DCA mode {mode!r} (choose from {', '.join(DCA_MODES)})")
     if mode == "off" or (mode == "auto" and context <= training_length):
         return None
+    if tuned is not None and chunk_size is None and local_window is None:
+        tuned.check_against(training_length)
+        return tuned
     return DCAConfig.for_training_length(training_length, chunk_size, local_window)
 
 
@@ -331,7 +337,8 @@ def plan(config: ModelConfig, context: int | None, dca: str | DCAConfig | None, 
             rope_scale = max(1.0, context / config.context_length)
         rope = config.rope.with_scaling(rope_scaling or config.rope.scaling, rope_scale)
         config = dataclasses.replace(config, rope=rope)
-    return config, context, resolve_dca(dca, context, config.context_length, dca_chunk_size, dca_local_window)
+    return config, context, resolve_dca(dca, context, config.context_length, dca_chunk_size, dca_local_window,
+                                        config.tuned_dca)
 
 
 def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", context: int | None = None,

@@ -132,6 +132,9 @@ class ModelConfig:
     # original_max_position_embeddings; GGUF engine.dca.original_context): with its DCA in use the temperature is
     # on by default, as vLLM's DCA backend applies it
     temperature_length: int | None = None
+    # DCA settings chosen for this model by `engine eval tune-dca` (GGUF engine.dca.tuned_*): DCA's defaults in
+    # place of 3L/4, L/8 -- used where DCA is on without explicit sizes; unlike `dca`, they do not turn DCA on
+    tuned_dca: DCAConfig | None = None
     # sliding-window attention (Mistral 7B v0.1's sliding_window): not implemented, so contexts beyond it are refused
     sliding_window: int | None = None
 
@@ -204,6 +207,7 @@ class ModelConfig:
             architecture=arch,
             dca=_dca_from_gguf(md, source),
             temperature_length=_positive_or_none(md.get(GGUF_DCA_ORIGINAL_CONTEXT), GGUF_DCA_ORIGINAL_CONTEXT, source),
+            tuned_dca=_tuned_dca_from_gguf(md, source),
         )
 
     @classmethod
@@ -267,6 +271,8 @@ def _sliding_window_from_hf(cfg: dict) -> int | None:
 GGUF_DCA_CHUNK_SIZE = "engine.dca.chunk_size"
 GGUF_DCA_LOCAL_WINDOW = "engine.dca.local_window"
 GGUF_DCA_ORIGINAL_CONTEXT = "engine.dca.original_context"
+GGUF_DCA_TUNED_CHUNK_SIZE = "engine.dca.tuned_chunk_size"
+GGUF_DCA_TUNED_LOCAL_WINDOW = "engine.dca.tuned_local_window"
 
 
 def _positive_or_none(value: Any, key: str, source: str) -> int | None:
@@ -290,6 +296,16 @@ def _dca_from_hf(dca: Any, source: str) -> DCAConfig | None:
         return DCAConfig(chunk_size=int(dca["chunk_size"]), local_window=int(dca["local_size"]))
     except ConfigError as exc:
         raise ModelFormatError(f"{source}: dual_chunk_attention_config: {exc}") from exc
+
+
+def _tuned_dca_from_gguf(md: Mapping[str, Any], source: str) -> DCAConfig | None:
+    if GGUF_DCA_TUNED_CHUNK_SIZE not in md and GGUF_DCA_TUNED_LOCAL_WINDOW not in md:
+        return None
+    try:
+        return DCAConfig(chunk_size=int(md[GGUF_DCA_TUNED_CHUNK_SIZE]), local_window=int(md[GGUF_DCA_TUNED_LOCAL_WINDOW]))
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise ModelFormatError(f"{source}: bad tuned DCA settings ({GGUF_DCA_TUNED_CHUNK_SIZE}, "
+                               f"{GGUF_DCA_TUNED_LOCAL_WINDOW}): {exc}") from None
 
 
 def _dca_from_gguf(md: Mapping[str, Any], source: str) -> DCAConfig | None:

@@ -1,6 +1,7 @@
-"""`engine eval ppl` and `engine eval passkey` (click group ``eval_group``, registered by engine/cli.py).
+"""`engine eval ppl`, `engine eval passkey` and `engine eval tune-dca` (click group ``eval_group``, registered by
+engine/cli.py).
 
-Both commands validate everything before the first model load (methods, DCA settings, lengths against
+The commands validate everything before the first model load (methods, DCA settings, lengths against
 the texts and against memory, output folders, matplotlib for --plot), show one progress bar on stderr,
 print their table on stdout, and on Ctrl-C print what finished (JSON and plot too, marked incomplete)
 and exit with status 130.
@@ -19,27 +20,37 @@ from .methods import parse_depths, parse_lengths, parse_methods
 from .passkey import plan_passkey, run_passkey
 from .ppl import plan_ppl, run_ppl
 from .progress import Progress, format_seconds
-from .report import (check_output_path, passkey_json, passkey_table, plot_passkey, plot_ppl, ppl_json, ppl_table,
-                     require_matplotlib, write_json)
+from ..convert.output import check_file_destination
+from ..convert.set_metadata import copy_with_metadata
+from .report import (check_output_path, length_label, passkey_json, passkey_table, plot_passkey, plot_ppl, plot_tune,
+                     ppl_json, ppl_table, require_matplotlib, tune_json, tune_table, write_json)
+from .tune import choose, plan_tune, run_tune, tuned_metadata
 
 INTERRUPTED_EXIT = 130
 # the methods set DCA and the RoPE scaling, the lengths the context: those load options do not apply
 PER_METHOD = ("context", "dca", "rope_scaling", "rope_scale")
 
 
-def _shared_options(f):
-    for option in reversed([
-        load_options(without=PER_METHOD),
-        click.option("--lengths", required=True, help="comma-separated token counts, e.g. 2048,4096 or 2k,4k"),
-        click.option("--ntk-factor", type=float, default=2.0, show_default=True,
-                     help="NTK factor of the dca+ntk method beyond the training context"),
-        click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
-                     help="write the results as JSON (schema: engine/eval/report.py)"),
-        click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
-                     help="write a PNG plot (needs matplotlib)"),
-    ]):
-        f = option(f)
-    return f
+LENGTHS_OPTION = click.option("--lengths", required=True, help="comma-separated token counts, e.g. 2048,4096 or 2k,4k")
+NTK_FACTOR_OPTION = click.option("--ntk-factor", type=float, default=2.0, show_default=True,
+                                 help="NTK factor of the dca+ntk method beyond the training context")
+OUTPUT_OPTIONS = [
+    click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+                 help="write the results as JSON (schema: engine/eval/report.py)"),
+    click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+                 help="write a PNG plot (needs matplotlib)"),
+]
+
+
+def _apply(options):
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
+_shared_options = _apply([load_options(without=PER_METHOD), LENGTHS_OPTION, NTK_FACTOR_OPTION, *OUTPUT_OPTIONS])
 
 
 @click.group("eval")
@@ -131,3 +142,53 @@ def passkey_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot
         plot_passkey(plot_path, cells, plan.lengths, plan.depths, plan.methods,
                      f"{plan.model.config.name or plan.model_path.name}: passkey retrieval")
     _finish(interrupted, len(cells), len(plan.lengths) * len(plan.depths) * len(plan.methods), started)
+
+
+@eval_group.command("tune-dca")
+@_apply([load_options(without=PER_METHOD + ("dca_chunk_size", "dca_local_window")), LENGTHS_OPTION, *OUTPUT_OPTIONS])
+@click.option("--text", "texts", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="text file for the perplexity (repeatable; a folder means its *.txt files)")
+@click.option("--windows", type=int, default=1, show_default=True, help="perplexity windows per file and length")
+@click.option("--chunk-sizes", default=None,
+              help="candidate chunk sizes: token counts (6144, 6k) or fractions of the training context L (3/4) "
+                   "[default: L/2, 5L/8, 3L/4, 7L/8, L]")
+@click.option("--local-windows", default=None,
+              help="candidate local windows, as --chunk-sizes [default: L/16, L/8, L/4]")
+@click.option("--depths", default="0.1,0.3,0.5,0.7,0.9", show_default=True,
+              help="passkey depths, fractions of the prompt")
+@click.option("--trials", type=int, default=1, show_default=True, help="passkey prompts per length and depth")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the passkeys")
+@click.option("--write-gguf", "write_gguf", type=click.Path(path_type=Path), default=None,
+              help="write a copy of the model's GGUF with the chosen settings in its metadata")
+@click.option("--force", is_flag=True, help="overwrite an existing --write-gguf file")
+def tune_dca_command(settings: LoadSettings, lengths, json_path, plot_path, texts, windows, chunk_sizes,
+                     local_windows, depths, trials, seed, write_gguf, force) -> None:
+    """Choose the DCA chunk size and local window: perplexity + passkey per candidate, the Pareto front, and the
+    best score (retrieval - relative perplexity excess); optionally write them into a GGUF."""
+    started = time.perf_counter()
+    _check_outputs(json_path, plot_path)
+    plan = plan_tune(settings, texts, parse_lengths(lengths), chunk_sizes, local_windows, windows,
+                     parse_depths(depths), trials, seed)
+    if write_gguf is not None:
+        if plan.ppl.model.file_format != "gguf":
+            raise click.UsageError("--write-gguf needs a GGUF model (convert the HF folder with engine convert first)")
+        check_file_destination(write_gguf, force, source=plan.ppl.model_path)
+    click.echo(f"model {plan.ppl.model_path.name} (training context {plan.training_length}) on "
+               f"{resolve_device(settings.device)}: {len(plan.candidates)} candidates", err=True)
+    results: list = []
+    progress = Progress(plan.total_flops(), "tune-dca")
+    interrupted = _collect(results, run_tune(plan, progress), progress)
+    chosen = choose(results, plan.dca_default) if results else None
+    if results:
+        click.echo(tune_table(results, plan, chosen))
+    if json_path is not None:
+        write_json(json_path, tune_json(plan, results, chosen, resolve_device(settings.device),
+                                        complete=not interrupted))
+    if plot_path is not None and chosen is not None:
+        plot_tune(plot_path, results, chosen, f"{plan.ppl.model.config.name or plan.ppl.model_path.name}: DCA "
+                                              f"settings at {', '.join(length_label(n) for n in plan.ppl.lengths)}")
+    if chosen is not None and write_gguf is not None and not interrupted:
+        copy_with_metadata(plan.ppl.model_path, write_gguf, tuned_metadata(chosen.dca), force=force, progress=False)
+        click.echo(f"wrote {write_gguf}: DCA chunk size {chosen.dca.chunk_size}, local window "
+                   f"{chosen.dca.local_window}", err=True)
+    _finish(interrupted, len(results), len(plan.candidates), started)

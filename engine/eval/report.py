@@ -15,6 +15,10 @@ kind "passkey" adds:
     depths: [float], trials: int, seed: int, max_new_tokens: int,
     cells: [{method, length, depth, n_correct, trials, accuracy, seconds, load_seconds,
              results: [{key, output, correct, prompt_tokens, key_offset}]}]
+kind "tune-dca" (engine/eval/tune.py) adds:
+    default: {chunk_size, local_window}, chosen: {chunk_size, local_window} | null,
+    candidates: [{chunk_size, local_window, ppl, retrieval, score, pareto, ppl_cells: [...], passkey_cells: [...]}]
+        (the cells as in kinds "ppl" and "passkey", method "dca" with the candidate's settings)
 Plots need matplotlib (an optional extra); ``require_matplotlib`` fails early with one clear error.
 """
 from __future__ import annotations
@@ -24,11 +28,12 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import DCAConfig
+from ..api import resolve_dca
 from ..errors import ConfigError
 from .methods import method_settings, uses_dca
 from .passkey import PasskeyCell, PasskeyPlan
 from .ppl import PplCell, PplPlan
+from .tune import CandidateResult, TunePlan, pareto_front, scores
 
 JSON_VERSION = 1
 MISSING = "-"
@@ -79,8 +84,9 @@ def passkey_table(cells: Sequence[PasskeyCell], lengths: Sequence[int], depths: 
 def _dca_json(plan: PplPlan | PasskeyPlan) -> dict[str, int] | None:
     if not any(uses_dca(m) for m in plan.methods):
         return None
-    cfg = DCAConfig.for_training_length(plan.model.config.context_length, plan.settings.dca_chunk_size,
-                                        plan.settings.dca_local_window)
+    c = plan.model.config  # the sizes given, else the model's tuned ones, else the defaults
+    cfg = resolve_dca("on", c.context_length, c.context_length, plan.settings.dca_chunk_size,
+                      plan.settings.dca_local_window, c.tuned_dca)
     return {"chunk_size": cfg.chunk_size, "local_window": cfg.local_window}
 
 
@@ -125,6 +131,45 @@ def passkey_json(plan: PasskeyPlan, cells: Sequence[PasskeyCell], device: str, c
         "results": [{"key": t.key, "output": t.output, "correct": t.correct, "prompt_tokens": t.prompt_tokens,
                      "key_offset": t.key_offset} for t in c.trials],
     } for c in cells]
+    return out
+
+
+def tune_table(results: Sequence[CandidateResult], plan: TunePlan, chosen: CandidateResult) -> str:
+    """One row per candidate: PPL and passkey accuracy per length, the overall ppl, retrieval and score;
+    '*' marks the Pareto front, '<- chosen' the choice, '(default)' DCA's untuned settings."""
+    lengths = plan.ppl.lengths
+    rows = []
+    for r, score, front in zip(results, scores(results), pareto_front(results)):
+        ppl_by_length = {c.length: c.ppl for c in r.ppl_cells}
+        passkey_by_length = {n: [t.correct for c in r.passkey_cells if c.length == n for t in c.trials]
+                             for n in lengths}
+        note = " <- chosen" if r is chosen else ""
+        note += " (default)" if r.dca == plan.dca_default else ""
+        rows.append([f"{r.dca.chunk_size}/{r.dca.local_window}{'*' if front else ''}"]
+                    + [format_ppl(ppl_by_length[n]) for n in lengths]
+                    + [f"{sum(v)}/{len(v)}" for v in passkey_by_length.values()]
+                    + [format_ppl(r.ppl), f"{r.retrieval:.2f}", f"{score:+.3f}{note}"])
+    header = (["cs/w"] + [f"PPL {length_label(n)}" for n in lengths]
+              + [f"passkey {length_label(n)}" for n in lengths] + ["ppl", "retrieval", "score"])
+    return _grid(header, rows)
+
+
+def tune_json(plan: TunePlan, results: Sequence[CandidateResult], chosen: CandidateResult | None, device: str,
+              complete: bool) -> dict[str, Any]:
+    c = plan.ppl.model.config
+    as_dict = lambda dca: {"chunk_size": dca.chunk_size, "local_window": dca.local_window}  # noqa: E731
+    ppl_part, passkey_part = ppl_json(plan.ppl, [], device, complete), passkey_json(plan.passkey, [], device, complete)
+    out = {"version": JSON_VERSION, "kind": "tune-dca", "complete": complete,
+           "model": {"path": str(plan.ppl.model_path), "name": c.name, "training_context": c.context_length},
+           "device": device, "lengths": list(plan.ppl.lengths), "files": ppl_part["files"],
+           "windows": plan.ppl.n_windows, "depths": passkey_part["depths"], "trials": plan.passkey.trials,
+           "seed": plan.passkey.seed, "default": as_dict(plan.dca_default),
+           "chosen": None if chosen is None else as_dict(chosen.dca), "candidates": []}
+    for r, score, front in zip(results, scores(results), pareto_front(results)):
+        ppl_cells = ppl_json(plan.ppl, r.ppl_cells, device, complete)["cells"]
+        passkey_cells = passkey_json(plan.passkey, r.passkey_cells, device, complete)["cells"]
+        out["candidates"].append({**as_dict(r.dca), "ppl": r.ppl, "retrieval": r.retrieval, "score": score,
+                                  "pareto": front, "ppl_cells": ppl_cells, "passkey_cells": passkey_cells})
     return out
 
 
@@ -209,4 +254,25 @@ def plot_passkey(path: Path, cells: Sequence[PasskeyCell], lengths: Sequence[int
     axes[0].set_ylabel("prompt length")
     fig.colorbar(image, ax=list(axes), label="accuracy")
     fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_tune(path: Path, results: Sequence[CandidateResult], chosen: CandidateResult, title: str) -> None:
+    """Perplexity (x) against retrieval (y) per candidate, labelled cs/w; the Pareto front joined, the choice ringed."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.scatter([r.ppl for r in results], [r.retrieval for r in results], color="tab:blue")
+    for r in results:
+        ax.annotate(f"{r.dca.chunk_size}/{r.dca.local_window}", (r.ppl, r.retrieval), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    front = sorted((r.ppl, r.retrieval) for r, on in zip(results, pareto_front(results)) if on)
+    ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:orange", label="Pareto front")
+    ax.scatter([chosen.ppl], [chosen.retrieval], s=160, facecolors="none", edgecolors="tab:red", label="chosen")
+    ax.set_xlabel("perplexity (mean over lengths)")
+    ax.set_ylabel("passkey retrieval")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
     _save(fig, path)
