@@ -19,7 +19,7 @@ import click
 from ..errors import ConfigError, ModelFormatError
 from .gguf_to_hf import DTYPES, convert_gguf_to_hf
 from .hf_to_gguf import convert_hf_to_gguf
-from .mixture import FILE_TYPES
+from .mixture import FILE_TYPES, file_type_from_name
 from .requantize import quantize_gguf
 
 DEFAULT_GGUF_TYPE = "f16"  # as llama.cpp's convert_hf_to_gguf.py
@@ -31,8 +31,8 @@ DEFAULT_HF_DTYPE = "f32"  # dequantized values kept exactly
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--to", "target", type=click.Choice(["gguf", "hf"]), default=None,
               help="output format  [default: gguf for an HF folder or a DEST ending in .gguf, else hf]")
-@click.option("--type", "tensor_type", type=click.Choice(list(FILE_TYPES), case_sensitive=False), default=None,
-              help=f"GGUF file type, with llama-quantize's per-tensor choices (norms stay f32)  "
+@click.option("--type", "tensor_type", default=None,
+              help=f"GGUF file type ({' '.join(FILE_TYPES)}), with llama-quantize's per-tensor choices  "
                    f"[default: {DEFAULT_GGUF_TYPE}]")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
               help=f"safetensors dtype with --to hf  [default: {DEFAULT_HF_DTYPE}]")
@@ -44,6 +44,8 @@ def convert(source: Path, dest: Path, target: str | None, tensor_type: str | Non
     """Convert an HF Llama folder to GGUF, or a GGUF model to an HF folder."""
     if not source.exists():
         raise ModelFormatError(f"{source}: no such file or directory")
+    if tensor_type is not None:
+        file_type_from_name(tensor_type)
     target = target or ("gguf" if source.is_dir() or dest.suffix.lower() == ".gguf" else "hf")
     if target == "hf":
         if source.is_dir():
@@ -65,11 +67,14 @@ def convert(source: Path, dest: Path, target: str | None, tensor_type: str | Non
 @click.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("dest", type=click.Path(path_type=Path))
-@click.argument("tensor_type", metavar="TYPE", type=click.Choice(list(FILE_TYPES), case_sensitive=False))
+@click.argument("tensor_type", metavar="TYPE")
 @click.option("--force", is_flag=True, help="overwrite an existing output")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 def quantize(source: Path, dest: Path, tensor_type: str, force: bool, no_progress: bool) -> None:
-    """Re-quantize a GGUF model to file type TYPE, choosing each tensor's type as llama-quantize does."""
+    """Re-quantize a GGUF model to file type TYPE, choosing each tensor's type as llama-quantize does.
+
+    TYPE: f32 f16 bf16 q8_0 q6_k q5_k_m q5_k_s q5_1 q5_0 q4_k_m q4_k_s q4_1 q4_0."""
+    file_type_from_name(tensor_type)
     if not source.is_file():
         raise ModelFormatError(f"{source}: no such file")
     stats = quantize_gguf(source, dest, tensor_type, force, progress=not no_progress)
