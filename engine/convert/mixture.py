@@ -76,8 +76,8 @@ def tensor_types(tensors: Sequence[tuple[str, tuple[int, ...], GGMLType]], file_
     """(GGUF name, numpy shape, source type) of every tensor -> the type each is written as."""
     tied = not any(name == "output.weight" for name, _, _ in tensors)
     in_layer_order = sorted(tensors, key=lambda t: (_layer(t[0]), t[0]))  # llama-quantize's order
-    attn_v = [name for name, _, _ in in_layer_order if _is_attn_v(name)]
-    ffn_down = [name for name, _, _ in in_layer_order if "ffn_down" in name]
+    attn_v = {name: i for i, name in enumerate(n for n, _, _ in in_layer_order if _is_attn_v(n))}  # name -> index
+    ffn_down = {name: i for i, name in enumerate(n for n, _, _ in in_layer_order if "ffn_down" in n)}
     types = {}
     for name, shape, source in tensors:
         if len(shape) < 2:
@@ -88,9 +88,9 @@ def tensor_types(tensors: Sequence[tuple[str, tuple[int, ...], GGMLType]], file_
             if name == "output.weight" or (tied and _is_token_embd(name)):
                 t = _head_type(file_type.base, shape[-1])
             elif _is_attn_v(name):
-                t = _attn_v_type(file_type, attn_v.index(name), len(attn_v), llama_70b)
+                t = _attn_v_type(file_type, attn_v[name], len(attn_v), llama_70b)
             elif name in ffn_down:
-                t = _ffn_down_type(file_type, ffn_down.index(name), n_layers)
+                t = _ffn_down_type(file_type, ffn_down[name], n_layers)
             t = _fallback(t, shape[-1])
         types[name] = t if shape[-1] % block_layout(t)[0] == 0 else source
     return types
