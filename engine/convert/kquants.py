@@ -127,12 +127,11 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
     sum_x = _running_sum(w * x)
     iscale = _F32(nmax) / np.where(flat, _F32(1), hi - lo)
     scale = _F32(1) / iscale
-    L = np.clip(_nearest_int(iscale * (x - lo)), 0, nmax)
-    best_error = _running_sum(w * _squared(scale * L.astype(np.float32) + lo - x))
+    L = _quants(iscale * (x - lo), 0, nmax)  # (k, m) float32 integers
+    best_error = _running_sum(w * _squared(scale * L + lo - x))
     for step in range(nstep + 1):
         iscale = (_F32(rmin) + _F32(rdelta) * _F32(step) + _F32(nmax)) / np.where(flat, _F32(1), hi - lo)
-        laux = np.clip(_nearest_int(iscale * (x - lo)), 0, nmax)
-        lf = laux.astype(np.float32)
+        lf = _quants(iscale * (x - lo), 0, nmax)
         wl = w * lf
         sum_l, sum_l2, sum_xl = _running_sum(wl), _running_sum(wl * lf), _running_sum(wl * x)
         D = sum_w * sum_l2 - sum_l * sum_l
@@ -145,11 +144,11 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
         this_scale = np.where(positive_min, sum_xl / np.where(positive_min, sum_l2, _F32(1)), this_scale)
         cur_error = _running_sum(w * _squared(this_scale * lf + this_min - x))
         better = solvable & (cur_error < best_error) & ~flat
-        L = np.where(better, laux, L)
-        best_error = np.where(better, cur_error, best_error)
-        scale = np.where(better, this_scale, scale)
-        lo = np.where(better, this_min, lo)  # the C code's min: the next candidate starts from it
-    return np.where(flat, _F32(0), scale), -lo, np.where(flat, 0, L)
+        np.copyto(L, lf, where=better)
+        np.copyto(best_error, cur_error, where=better)
+        np.copyto(scale, this_scale, where=better)
+        np.copyto(lo, this_min, where=better)  # the C code's min: the next candidate starts from it
+    return np.where(flat, _F32(0), scale), -lo, np.where(flat, 0, L).astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -166,9 +165,8 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     wx = w * x
 
     def candidate(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        l = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
-        lf = l.astype(np.float32)
-        return l, _running_sum(wx * lf), _running_sum(w * lf * lf)
+        lf = _quants(iscale * x, -nmax, nmax - 1)
+        return lf, _running_sum(wx * lf), _running_sum(w * lf * lf)
 
     l, sumlx, suml2 = candidate(_F32(-nmax) / largest)
     L = l + nmax
@@ -179,10 +177,10 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
             continue
         l, sumlx, suml2 = candidate(-(_F32(nmax) + _F32(0.1) * _F32(step)) / largest)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = np.where(better, l + nmax, L)
-        scale = np.where(better, sumlx / np.where(better, suml2, _F32(1)), scale)
-        best = np.where(better, scale * sumlx, best)
-    return np.where(zero, _F32(0), scale), np.where(zero, 0, L)
+        np.copyto(L, l + nmax, where=better)
+        np.copyto(scale, sumlx / np.where(better, suml2, _F32(1)), where=better)
+        np.copyto(best, scale * sumlx, where=better)
+    return np.where(zero, _F32(0), scale), np.where(zero, 0, L).astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -210,8 +208,17 @@ def _squared(v: np.ndarray) -> np.ndarray:
 
 def _nearest_int(v: np.ndarray) -> np.ndarray:
     """ggml's nearest_int: float32 -> int32 through the 1.5 * 2^23 trick (round half to even below 2^22)."""
-    bits = (np.asarray(v, dtype=np.float32) + _F32(12582912)).view(np.int32)
-    return (bits & 0x007FFFFF) - 0x00400000
+    bits = np.add(v, _F32(12582912), dtype=np.float32).view(np.int32)
+    bits &= 0x007FFFFF
+    bits -= 0x00400000
+    return bits
+
+
+def _quants(v: np.ndarray, low: int, high: int) -> np.ndarray:
+    """nearest_int(v) clamped to [low, high], as float32 (the C code's int L converted back to float)."""
+    q = _nearest_int(v)
+    np.clip(q, low, high, out=q)
+    return q.astype(np.float32)
 
 
 def _f16(v: np.ndarray) -> np.ndarray:
