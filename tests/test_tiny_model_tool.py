@@ -13,9 +13,7 @@ from gguf import GGMLQuantizationType as QType
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from make_tiny_model import (  # noqa: E402
-    GGUF_TYPES, SPECIAL_TOKENS, TRAINING_TEXT, VARIANTS, TinySpec, make_tiny_model,
-)
+from make_tiny_model import GGUF_TYPES, SPECIAL_TOKENS, TRAINING_TEXT, VARIANTS, TinySpec, make_tiny_model  # noqa: E402
 
 ALL_TYPES = tuple(GGUF_TYPES)
 HF_LAYER_NAMES = {  # GGUF short name -> HF module
