@@ -1,6 +1,7 @@
 """`engine convert` / `engine quantize` commands, tools/convert.py, and what bad input and failures leave behind."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -221,3 +223,85 @@ def test_output_permissions_follow_the_umask(tiny, tmp_path):
     assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o777 & ~mask
     assert np.array_equal(GGUFFile(tmp_path / "m.gguf").tensor("output_norm.weight"),
                           GGUFFile(tiny["f32"]).tensor("output_norm.weight"))
+
+
+# ------------------------------------------------------------------------------------------ file types
+
+def test_unknown_file_type_is_one_error_line(tiny, tmp_path):
+    script = [sys.executable, str(REPO / "tools" / "convert.py")]
+    for args in (["quantize", str(tiny["f32"]), str(tmp_path / "q.gguf"), "q3_k_m"],
+                 ["convert", str(tiny["hf"]), str(tmp_path / "q.gguf"), "--type", "q3_k_m"]):
+        done = subprocess.run(script + args, capture_output=True, text=True)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith("error: unknown file type 'q3_k_m' (choose from f32, f16, bf16, q8_0, q6_k")
+    assert leftovers(tmp_path) == []
+
+
+def test_k_quant_summary_counts_types_and_bits(tmp_path):
+    source = tmp_path / "toy.gguf"
+    writer = gguf.GGUFWriter(source, "llama")
+    rng = np.random.default_rng(0)
+    writer.add_tensor("blk.0.attn_v.weight", rng.normal(size=(8, 256)).astype(np.float32))
+    writer.add_tensor("blk.0.attn_q.weight", rng.normal(size=(8, 256)).astype(np.float32))
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(256, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = CliRunner().invoke(quantize, [str(source), str(tmp_path / "q.gguf"), "Q4_K_M", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    # one layer: attn_v gets Q6_K (use_more_bits), attn_q Q4_K; 2048*(6.5625 + 4.5)/8 + 1024 bytes = 3856 bytes
+    assert "3 tensors (1 Q6_K, 1 Q4_K, 1 F32)" in result.stderr
+    assert f"{8 * 3856 / 4352:.2f} bits/weight" in result.stderr
+    assert GGUFFile(tmp_path / "q.gguf").metadata["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+
+
+def test_value_a_type_cannot_hold_is_one_error_naming_the_tensor(tmp_path):
+    source = tmp_path / "big.gguf"
+    writer = gguf.GGUFWriter(source, "llama")
+    writer.add_tensor("blk.0.ffn_up.weight", np.full((2, 64), 1e5, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ConfigError, match="tensor 'blk.0.ffn_up.weight': value 100000 is beyond the F16 range"):
+        quantize_gguf(source, tmp_path / "out.gguf", "f16", progress=False)
+    assert leftovers(tmp_path) == ["big.gguf"]
+
+
+def test_disk_full_mid_write_leaves_no_file(tiny, tmp_path, monkeypatch):
+    """The file system refuses a write half-way through the tensor data (ENOSPC): one error, nothing left."""
+    original = gguf.GGUFWriter.write_tensor_data
+    calls = {"n": 0}
+
+    def write_until_full(self, tensor, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(self, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", write_until_full)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = CliRunner().invoke(quantize, [str(tiny["f32"]), str(out / "q.gguf"), "q4_k_m", "--no-progress"])
+    assert isinstance(result.exception, ConfigError)
+    assert str(result.exception) == f"{out / 'q.gguf'}: cannot write: No space left on device"
+    assert calls["n"] == 4 and leftovers(out) == []
+
+
+def test_partial_outputs_of_killed_runs_are_removed(tiny, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale_file = tmp_path / f".q.gguf.{dead_pid}.k2j4.partial"
+    stale_file.write_bytes(b"half a file")
+    stale_folder = tmp_path / f".hf.{dead_pid}.x9.partial"
+    (stale_folder / "sub").mkdir(parents=True)
+    alive = tmp_path / f".q.gguf.{os.getppid()}.a1.partial"  # a running writer's: kept
+    alive.write_bytes(b"in progress")
+    other = tmp_path / f".other.gguf.{dead_pid}.b2.partial"  # another output's: not this run's business
+    other.write_bytes(b"x")
+    result = CliRunner().invoke(quantize, [str(tiny["f32"]), str(tmp_path / "q.gguf"), "q8_0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"warning: removed 1 partial output(s) of an interrupted run: {stale_file.name}" in result.stderr
+    convert_gguf_to_hf(tiny["f32"], tmp_path / "hf", progress=False)
+    assert leftovers(tmp_path) == sorted([alive.name, other.name, "hf", "q.gguf"])

@@ -103,6 +103,39 @@ def test_quantized_tensors_equal_gguf_py_quantize(tiny, tmp_path, type_name):
         assert np.array_equal(data, expected[1]), name
 
 
+@pytest.fixture(scope="module")
+def kquant(tmp_path_factory):
+    """d_model 256, ffn 512, 2 layers: every weight can be a K-quant."""
+    return make_tiny_model(tmp_path_factory.mktemp("kq"), VARIANTS["kquant"], gguf_types=("f32",))
+
+
+# relative RMS of the logits vs F32 (~1.5x what is measured: this random model amplifies weight error, Q8_0
+# gives 0.022, Q4_0 0.34), and the types of (attn_q, attn_v of layers 0 and 1, ffn_down of 1, output)
+K_FILE_TYPES = {
+    "q6_k": (0.11, ("Q6_K", "Q6_K", "Q6_K", "Q6_K", "Q6_K")),
+    "q5_k_m": (0.22, ("Q5_K", "Q5_K", "Q6_K", "Q6_K", "Q6_K")),  # use_more_bits(i, 2): layer 1 only
+    "q5_k_s": (0.22, ("Q5_K", "Q5_K", "Q5_K", "Q5_K", "Q6_K")),
+    "q4_k_m": (0.42, ("Q4_K", "Q4_K", "Q6_K", "Q6_K", "Q6_K")),
+    "q4_k_s": (0.42, ("Q4_K", "Q5_K", "Q5_K", "Q4_K", "Q6_K")),  # attn_v of layers < 4 Q5_K; 2 // 8 = 0 ffn_down
+}
+
+
+@pytest.mark.parametrize("type_name", list(K_FILE_TYPES))
+def test_k_quant_files_run_close_to_f32_and_both_routes_agree(kquant, tmp_path, type_name):
+    tolerance, expected = K_FILE_TYPES[type_name]
+    from_hf, from_gguf = tmp_path / "hf.gguf", tmp_path / "gguf.gguf"
+    stats = convert_hf_to_gguf(kquant["hf"], from_hf, type_name, progress=False)
+    quantize_gguf(kquant["f32"], from_gguf, type_name, progress=False)
+    model = GGUFFile(from_hf)
+    names = ("blk.0.attn_q", "blk.0.attn_v", "blk.1.attn_v", "blk.1.ffn_down", "output")
+    assert tuple(model.tensors[f"{n}.weight"].ggml_type.name for n in names) == expected
+    ours, other = tensor_bytes(gguf.GGUFReader(from_hf)), tensor_bytes(gguf.GGUFReader(from_gguf))
+    assert all(np.array_equal(ours[name][1], other[name][1]) for name in ours)  # permuted rows encode alike
+    reference = logits(kquant["f32"])
+    assert 0 < rel_rms(logits(from_hf), reference) < tolerance
+    assert 4 < stats.bits_per_weight < 8
+
+
 def test_written_gguf_reads_back_with_gguf_py(tiny, tmp_path):
     out = tmp_path / "f16.gguf"
     convert_hf_to_gguf(tiny["hf"], out, "f16", progress=False)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from engine.convert import tensors as tensors_module
-from engine.convert.quantize import TYPE_NAMES, encode_rows, output_type, type_from_name
+from engine.convert.quantize import encode_rows
 from engine.convert.tensors import TensorJob, gguf_rope_row_order, hf_rope_row_order
 from engine.errors import ConfigError
 from engine.loader import WeightTensor, _unpermute_rows
@@ -21,12 +21,14 @@ from engine.weights.quant import GGMLType, dequantize
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_tiny_model import permute_for_gguf  # noqa: E402
 
-ALL_TYPES = list(TYPE_NAMES.values())
+# the types gguf-py can quantize (the K-quants are checked against llama.cpp in test_kquants.py)
+ALL_TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_0,
+             GGMLType.Q4_1]
 # zero, or magnitudes whose block scales have finite reciprocals (below ~1e-37 both quantizers would
 # cast NaN/inf to integers, which C and numpy leave undefined)
 FINITE_VALUES = st.one_of(st.just(0.0), st.builds(lambda sign, magnitude: sign * magnitude,
                                                   st.sampled_from([-1.0, 1.0]), st.floats(2.0 ** -66, 1e4, width=32)))
-BLOCK_TYPES = [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1]
+BLOCK_TYPES = [GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_0, GGMLType.Q4_1]
 
 
 def reference_bytes(x: np.ndarray, t: GGMLType) -> np.ndarray:
@@ -77,7 +79,8 @@ def test_quantized_values_decode_close_to_input(t):
     x = np.random.default_rng(1).normal(size=(32, 128)).astype(np.float32)
     decoded = dequantize(encode_rows(x, t), t, x.shape)
     rel_rms = np.sqrt(np.mean((decoded - x) ** 2) / np.mean(x ** 2))
-    assert rel_rms < {GGMLType.Q8_0: 0.01, GGMLType.Q4_0: 0.15, GGMLType.Q4_1: 0.12}[t]
+    assert rel_rms < {GGMLType.Q8_0: 0.01, GGMLType.Q5_0: 0.08, GGMLType.Q5_1: 0.06, GGMLType.Q4_0: 0.15,
+                      GGMLType.Q4_1: 0.12}[t]
 
 
 def test_bf16_keeps_nan_and_infinities():
@@ -96,21 +99,6 @@ def test_f16_overflow_is_an_error():
 def test_block_types_need_whole_blocks():
     with pytest.raises(ConfigError, match="not a multiple of the Q8_0 block size"):
         encode_rows(np.zeros((2, 48), np.float32), GGMLType.Q8_0)
-
-
-def test_type_names():
-    assert type_from_name("Q4_1") == GGMLType.Q4_1
-    with pytest.raises(ConfigError, match="unknown tensor type 'q5_k'"):
-        type_from_name("q5_k")
-
-
-def test_output_type_rules():
-    assert output_type((64,), GGMLType.Q4_0, GGMLType.BF16) == GGMLType.F32  # norms
-    assert output_type((64, 64), GGMLType.Q4_0, GGMLType.BF16) == GGMLType.Q4_0
-    assert output_type((64, 48), GGMLType.Q4_0, GGMLType.BF16) == GGMLType.BF16  # not whole blocks: as is
-    assert output_type((64, 48), GGMLType.Q4_0, GGMLType.F16) == GGMLType.F16
-    assert output_type((64, 64), GGMLType.Q4_1, GGMLType.F32, output_head=True) == GGMLType.Q8_0
-    assert output_type((64, 64), GGMLType.F16, GGMLType.F32, output_head=True) == GGMLType.F16
 
 
 @pytest.mark.parametrize("n_heads,head_dim", [(4, 16), (3, 64), (1, 2)])

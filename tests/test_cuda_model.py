@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import engine
+from engine.convert import quantize_gguf
 from engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.cuda
@@ -50,7 +51,13 @@ def tiny(tmp_path_factory):
     paths = make_tiny_model(tmp_path_factory.mktemp("gqa"), VARIANTS["gqa"],
                             gguf_types=("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"), hf=False)
     paths.update({f"kquant-{k}": v for k, v in make_tiny_model(
-        tmp_path_factory.mktemp("kq"), VARIANTS["kquant"], gguf_types=("q4_k", "q6_k", "mixed"), hf=False).items()})
+        tmp_path_factory.mktemp("kq"), VARIANTS["kquant"], gguf_types=("f32", "q4_k", "q6_k", "mixed"),
+        hf=False).items()})
+    for file_type in ("q4_k_m", "q5_k_m"):  # llama-quantize's mixtures, written by engine quantize (Q5_K: host F16)
+        paths[f"kquant-{file_type}"] = paths["kquant-f32"].with_name(f"tiny-{file_type}.gguf")
+        quantize_gguf(paths["kquant-f32"], paths[f"kquant-{file_type}"], file_type, progress=False)
+    paths["q5_0"] = paths["f32"].with_name("tiny-q5_0.gguf")  # Q5_0 / Q5_1 weights: dequantized on the host
+    quantize_gguf(paths["f32"], paths["q5_0"], "q5_0", progress=False)
     paths.update({f"tied-{k}": v for k, v in make_tiny_model(
         tmp_path_factory.mktemp("tied"), VARIANTS["tied"], gguf_types=("q8_0",), hf=False).items()})
     paths.update({f"d64-{k}": v for k, v in make_tiny_model(
@@ -67,7 +74,8 @@ def test_d64_model_runs_the_fused_attention_kernels(tiny):
     assert unsupported_reason(c.head_dim, c.rope.dim, c.n_heads, c.n_kv_heads, decode=True) is None
 
 
-MODEL_KEYS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "kquant-q4_k", "kquant-q6_k", "kquant-mixed", "tied-q8_0")
+MODEL_KEYS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "kquant-q4_k", "kquant-q6_k", "kquant-mixed",
+              "kquant-q4_k_m", "kquant-q5_k_m", "tied-q8_0")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

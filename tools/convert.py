@@ -2,7 +2,7 @@
 
     python tools/convert.py convert HF_DIR out.gguf --type q8_0
     python tools/convert.py convert MODEL.gguf out_dir/ --to hf --dtype bf16
-    python tools/convert.py quantize in.gguf out.gguf q4_1
+    python tools/convert.py quantize in.gguf out.gguf q4_k_m
 """
 from __future__ import annotations
 

@@ -35,10 +35,8 @@ ids 0..2 are <|endoftext|> (unk), <|im_start|> (bos), <|im_end|> (eos, pad) as i
 256 byte symbols, then merges up to ``vocab_size``. The pre-tokenizer is GPT-2's regex, hence
 ``tokenizer.ggml.pre = "gpt2"``; no BOS is added to encoded text.
 
-Q4_K and Q6_K quantizers (gguf-py has dequantizers only) follow llama.cpp's block layouts and its
-choice of scales (min/max per 32-value sub-block for Q4_K, signed absmax per 16 for Q6_K, 6-bit /
-int8 sub-scales relative to an fp16 super-scale), without llama.cpp's iterative RMSE search: the
-bytes differ from llama-quantize's, the decoding is the standard one.
+Q4_K and Q6_K tensors are encoded by the engine's own encoders (engine/convert/kquants.py, byte-equal
+to llama.cpp's reference quantizers; gguf-py has dequantizers only), every other type by gguf-py.
 """
 from __future__ import annotations
 
@@ -55,7 +53,9 @@ from gguf import LlamaFileType
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from engine.config import ModelConfig, RopeConfig
+from engine.convert.quantize import encode_rows
 from engine.models.family import family, gguf_tensor_name
+from engine.weights.quant import GGMLType
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -65,7 +65,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-QK_K = 256  # K-quant super-block
 
 TRAINING_TEXT = """\
 The lighthouse keeper wrote in his log every evening: wind from the north-west, three ships passed,
@@ -308,72 +307,6 @@ def gguf_named_weights(spec: TinySpec, weights: dict[str, np.ndarray]) -> dict[s
     return out
 
 
-# ---------------------------------------------------------------------------------------------- K-quants
-
-def _fp16_round(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float16).astype(np.float32)
-
-
-def quantize_q4_k(rows: np.ndarray) -> np.ndarray:
-    """(n_rows, n_cols) float32, n_cols % 256 == 0 -> (n_rows, n_cols // 256 * 144) uint8 block_q4_K.
-
-    block_q4_K: d (fp16), dmin (fp16), scales[12] (8 six-bit scales + 8 six-bit mins, packed as
-    ggml's get_scale_min_k4 reads them), qs[128] (4-bit q; byte l of 32-byte group g holds
-    sub-block 2g in its low nibble and 2g+1 in its high). x = d*sc*q - dmin*m per 32-value sub-block.
-    """
-    n_rows, n_cols = rows.shape
-    x = rows.reshape(-1, 8, 32).astype(np.float32)                     # (blocks, sub-block, 32)
-    low = np.minimum(x.min(axis=-1), 0.0)                              # (blocks, 8); llama.cpp keeps min <= 0
-    sub_scale = (x.max(axis=-1) - low) / 15.0
-    sub_min = -low                                                      # >= 0, subtracted on decode
-    d = _fp16_round(sub_scale.max(axis=-1) / 63.0)                     # (blocks,)
-    dmin = _fp16_round(sub_min.max(axis=-1) / 63.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(d[:, None] > 0, np.clip(np.rint(sub_scale / d[:, None]), 0, 63), 0).astype(np.uint8)
-        m = np.where(dmin[:, None] > 0, np.clip(np.rint(sub_min / dmin[:, None]), 0, 63), 0).astype(np.uint8)
-        step = (d[:, None] * sc)[..., None]                            # (blocks, 8, 1)
-        offset = (dmin[:, None] * m)[..., None]
-        q = np.where(step > 0, np.clip(np.rint((x + offset) / step), 0, 15), 0).astype(np.uint8)
-
-    scales = np.empty((x.shape[0], 12), dtype=np.uint8)
-    scales[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
-    scales[:, 4:8] = m[:, 0:4] | ((m[:, 4:8] >> 4) << 6)
-    scales[:, 8:12] = (sc[:, 4:8] & 0x0F) | ((m[:, 4:8] & 0x0F) << 4)
-    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(-1, 128)
-    blocks = np.concatenate(
-        [d.astype(np.float16).view(np.uint8).reshape(-1, 2), dmin.astype(np.float16).view(np.uint8).reshape(-1, 2),
-         scales, qs], axis=1)
-    return blocks.reshape(n_rows, n_cols // QK_K * 144)
-
-
-def quantize_q6_k(rows: np.ndarray) -> np.ndarray:
-    """(n_rows, n_cols) float32, n_cols % 256 == 0 -> (n_rows, n_cols // 256 * 210) uint8 block_q6_K.
-
-    block_q6_K: ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] (int8, one per 16 values),
-    d (fp16). x = d*scale*(q - 32), q in [0, 63]. Within each 128-value half: ql[l] holds values
-    l and l+64 (low/high nibble), ql[l+32] values l+32 and l+96, qh[l] the top bits of l, l+32,
-    l+64, l+96 at bit offsets 0, 2, 4, 6.
-    """
-    n_rows, n_cols = rows.shape
-    x = rows.reshape(-1, 16, 16).astype(np.float32)                    # (blocks, sub-block, 16)
-    at_max = np.take_along_axis(x, np.abs(x).argmax(axis=-1)[..., None], axis=-1)[..., 0]
-    sub_scale = at_max / -32.0                                          # the largest |x| maps to q-32 = -32
-    at_max_scale = np.take_along_axis(sub_scale, np.abs(sub_scale).argmax(axis=-1)[:, None], axis=-1)[:, 0]
-    d = _fp16_round(at_max_scale / -128.0)                             # (blocks,)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(d[:, None] != 0, np.clip(np.rint(sub_scale / d[:, None]), -128, 127), 0).astype(np.int8)
-        step = (d[:, None] * sc)[..., None]                            # (blocks, 16, 1)
-        q = np.where(step != 0, np.clip(np.rint(x / step), -32, 31), 0).astype(np.int16) + 32
-    q = q.astype(np.uint8).reshape(-1, 2, 4, 32)                       # (blocks, half, quarter, 32)
-    ql = np.concatenate([(q[:, :, 0] & 0x0F) | ((q[:, :, 2] & 0x0F) << 4),
-                         (q[:, :, 1] & 0x0F) | ((q[:, :, 3] & 0x0F) << 4)], axis=2)      # (blocks, 2, 64)
-    qh = (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
-    blocks = np.concatenate(
-        [ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8), d.astype(np.float16).view(np.uint8).reshape(-1, 2)],
-        axis=1)
-    return blocks.reshape(n_rows, n_cols // QK_K * 210)
-
-
 def tensor_type_for(gguf_name: str, n_cols: int, requested: QType | None) -> QType:
     """Type of one GGUF tensor: 1-D -> F32; K-quants need 256 | n_cols, else Q8_0 (llama.cpp-style fallback)."""
     if requested is None:
@@ -387,11 +320,10 @@ def tensor_type_for(gguf_name: str, n_cols: int, requested: QType | None) -> QTy
 
 
 def encode_tensor(w: np.ndarray, qtype: QType) -> np.ndarray:
-    """Bytes (or f32/f16 array) of one tensor in a GGUF type."""
-    if qtype == QType.Q4_K:
-        return quantize_q4_k(w)
-    if qtype == QType.Q6_K:
-        return quantize_q6_k(w)
+    """Bytes (or f32/f16 array) of one tensor in a GGUF type: K-quants by the engine's encoders (gguf-py has none),
+    the other types by gguf-py's quantizers (an independent reference for the engine's)."""
+    if qtype in (QType.Q4_K, QType.Q6_K):
+        return encode_rows(w, GGMLType(int(qtype)))
     return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
 
 

@@ -1,9 +1,12 @@
 """Click commands ``engine convert`` and ``engine quantize`` (registered in engine/cli.py).
 
-    engine convert HF_DIR out.gguf [--type f32|f16|bf16|q8_0|q4_0|q4_1] [--pre NAME] [--force]
+    engine convert HF_DIR out.gguf [--type TYPE] [--pre NAME] [--force]
     engine convert MODEL.gguf out_dir/ [--to hf] [--dtype f32|bf16|f16] [--force]
     engine convert MODEL.gguf out.gguf --type TYPE [--force]        (same as engine quantize)
-    engine quantize in.gguf out.gguf q8_0|q4_0|q4_1|f32|f16|bf16 [--force]
+    engine quantize in.gguf out.gguf TYPE [--force]
+
+TYPE is a llama.cpp file type (mixture.FILE_TYPES): f32 f16 bf16 q8_0 q6_k q5_k_m q5_k_s q5_1 q5_0
+q4_k_m q4_k_s q4_1 q4_0.
 
 Progress and the closing summary go to stderr. Errors are EngineErrors (one line from the CLI).
 """
@@ -16,7 +19,7 @@ import click
 from ..errors import ConfigError, ModelFormatError
 from .gguf_to_hf import DTYPES, convert_gguf_to_hf
 from .hf_to_gguf import convert_hf_to_gguf
-from .quantize import TYPE_NAMES
+from .mixture import FILE_TYPES, file_type_from_name
 from .requantize import quantize_gguf
 
 DEFAULT_GGUF_TYPE = "f16"  # as llama.cpp's convert_hf_to_gguf.py
@@ -28,8 +31,8 @@ DEFAULT_HF_DTYPE = "f32"  # dequantized values kept exactly
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--to", "target", type=click.Choice(["gguf", "hf"]), default=None,
               help="output format  [default: gguf for an HF folder or a DEST ending in .gguf, else hf]")
-@click.option("--type", "tensor_type", type=click.Choice(list(TYPE_NAMES), case_sensitive=False), default=None,
-              help=f"GGUF type of the 2-D weights (norms stay f32; with a 4-bit type the output head is q8_0)  "
+@click.option("--type", "tensor_type", default=None,
+              help=f"GGUF file type ({' '.join(FILE_TYPES)}), with llama-quantize's per-tensor choices  "
                    f"[default: {DEFAULT_GGUF_TYPE}]")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
               help=f"safetensors dtype with --to hf  [default: {DEFAULT_HF_DTYPE}]")
@@ -41,6 +44,8 @@ def convert(source: Path, dest: Path, target: str | None, tensor_type: str | Non
     """Convert an HF Llama folder to GGUF, or a GGUF model to an HF folder."""
     if not source.exists():
         raise ModelFormatError(f"{source}: no such file or directory")
+    if tensor_type is not None:
+        file_type_from_name(tensor_type)
     target = target or ("gguf" if source.is_dir() or dest.suffix.lower() == ".gguf" else "hf")
     if target == "hf":
         if source.is_dir():
@@ -62,11 +67,14 @@ def convert(source: Path, dest: Path, target: str | None, tensor_type: str | Non
 @click.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("dest", type=click.Path(path_type=Path))
-@click.argument("tensor_type", metavar="TYPE", type=click.Choice(list(TYPE_NAMES), case_sensitive=False))
+@click.argument("tensor_type", metavar="TYPE")
 @click.option("--force", is_flag=True, help="overwrite an existing output")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 def quantize(source: Path, dest: Path, tensor_type: str, force: bool, no_progress: bool) -> None:
-    """Re-quantize a GGUF model's weights to TYPE (1-D tensors stay f32; with a 4-bit TYPE the output head is q8_0)."""
+    """Re-quantize a GGUF model to file type TYPE, choosing each tensor's type as llama-quantize does.
+
+    TYPE: f32 f16 bf16 q8_0 q6_k q5_k_m q5_k_s q5_1 q5_0 q4_k_m q4_k_s q4_1 q4_0."""
+    file_type_from_name(tensor_type)
     if not source.is_file():
         raise ModelFormatError(f"{source}: no such file")
     stats = quantize_gguf(source, dest, tensor_type, force, progress=not no_progress)

@@ -4,9 +4,8 @@ Written as llama.cpp's convert_hf_to_gguf.py writes a llama model: ``llama.*`` h
 ``tokenizer.ggml.*`` vocabulary, ``general.*`` name/file type; tensors ``token_embd``,
 ``blk.N.{attn_norm,attn_q,attn_k,attn_v,attn_output,ffn_norm,ffn_gate,ffn_up,ffn_down}``,
 ``output_norm`` and ``output`` (absent when tied) with the ``.weight`` suffix; Q and K rows
-permuted from HF rotate-half to llama.cpp's adjacent pairs; 1-D tensors F32, 2-D weights the
-requested type (Q8_0 for the output head with a 4-bit type; a block type needs rows of whole
-blocks; see ``quantize.output_type``).
+permuted from HF rotate-half to llama.cpp's adjacent pairs; 1-D tensors F32, 2-D weights as the
+requested file type's mixture gives them (``mixture.tensor_types``, llama-quantize's choices).
 
 RoPE scaling: linear and YaRN go into ``llama.rope.scaling.*``; llama3 becomes the
 ``rope_freqs`` tensor of per-frequency divisors (as llama.cpp stores it); dynamic NTK has no GGUF
@@ -29,27 +28,21 @@ from ..rope import inv_freq
 from ..tokenizer.to_gguf import GGUFVocab, gguf_vocab_from_hf
 from ..weights.quant import GGMLType
 from ..weights.safetensors import SafetensorsCheckpoint
+from .mixture import FileType, file_type_from_name, is_llama_70b, tensor_types
 from .output import atomic_file, check_file_destination, warn
-from .quantize import output_type, type_from_name
 from .tensors import TensorJob, gguf_rope_row_order
 from .writer import WriteStats, write_gguf
 
-FILE_TYPES = {
-    GGMLType.F32: gguf.LlamaFileType.ALL_F32, GGMLType.F16: gguf.LlamaFileType.MOSTLY_F16,
-    GGMLType.BF16: gguf.LlamaFileType.MOSTLY_BF16, GGMLType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-    GGMLType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, GGMLType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
-}
 
-
-def convert_hf_to_gguf(hf_dir: str | Path, dest: str | Path, tensor_type: str = "f16", force: bool = False,
+def convert_hf_to_gguf(hf_dir: str | Path, dest: str | Path, file_type: str = "f16", force: bool = False,
                        pre: str | None = None, progress: bool = True,
                        on_warning: Callable[[str], None] = warn) -> WriteStats:
-    """Convert an HF Llama folder to a GGUF file ``dest`` of the given tensor type (f32|f16|bf16|q8_0|q4_0|q4_1).
+    """Convert an HF Llama folder to a GGUF file ``dest`` of the given file type (mixture.FILE_TYPES: f16, q4_k_m...).
 
     pre: tokenizer.ggml.pre to write instead of the detected one (byte-level BPE tokenizers).
     """
     hf_dir, dest = Path(hf_dir), Path(dest)
-    requested = type_from_name(tensor_type)
+    requested = file_type_from_name(file_type)
     check_file_destination(dest, force)
     if not hf_dir.is_dir():
         raise ModelFormatError(f"{hf_dir}: not an HF model folder (expected a folder with config.json)")
@@ -67,7 +60,7 @@ def convert_hf_to_gguf(hf_dir: str | Path, dest: str | Path, tensor_type: str = 
     def add_metadata(writer: gguf.GGUFWriter) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name)
-        writer.add_file_type(FILE_TYPES[requested])
+        writer.add_file_type(requested.ftype)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_hyperparameters(writer, config)
         _add_vocab(writer, vocab)
@@ -77,18 +70,19 @@ def convert_hf_to_gguf(hf_dir: str | Path, dest: str | Path, tensor_type: str = 
     return WriteStats(dest, len(jobs), *totals)
 
 
-def _tensor_jobs(model: LoadedModel, requested: GGMLType) -> list[TensorJob]:
+def _tensor_jobs(model: LoadedModel, requested: FileType) -> list[TensorJob]:
     config = model.config
-    has_output = "output" in model.weights
-    head = "output" if has_output else "token_embd"
     fam = family(config.architecture)
+    shorts = list(fam.tensor_shapes(config, "output" in model.weights))
+    types = tensor_types([(gguf_tensor_name(s), tuple(model.weights[s].shape), model.weights[s].ggml_type)
+                          for s in shorts], requested, config.n_layers,
+                         is_llama_70b(config.architecture, config.n_layers, config.n_heads, config.n_kv_heads))
     jobs = [] if config.rope.scaling != "llama3" else [_rope_freqs_job(config)]
-    for short in fam.tensor_shapes(config, has_output):
+    for short in shorts:
         source = model.weights[short]
         heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}.get(short.rsplit(".", 1)[-1])
         order = gguf_rope_row_order(source.shape[0], heads) if heads and fam.gguf_qk_permuted else None
-        out_type = output_type(source.shape, requested, source.ggml_type, output_head=short == head)
-        jobs.append(TensorJob(gguf_tensor_name(short), source, out_type, order))
+        jobs.append(TensorJob(gguf_tensor_name(short), source, types[gguf_tensor_name(short)], order))
     return jobs
 
 

@@ -3,7 +3,9 @@
 A file is written to a temporary name in its destination folder and renamed over the final name
 when complete; an HF folder is assembled in a temporary sibling folder and renamed into place. Any
 failure (a bad tensor, a full disk, Ctrl-C) removes the temporary output, so nothing half-written
-is ever left, under the final name or another. An existing output is replaced only with --force;
+is ever left, under the final name or another. A run killed outright (SIGKILL, power loss) cannot
+clean up: its temporary is named ``.NAME.PID.XXXX.partial`` and the next run writing NAME removes
+those whose process no longer exists. An existing output is replaced only with --force;
 a non-empty folder only if it looks like a model folder (holds config.json), so a mistyped path
 cannot wipe an unrelated directory.
 """
@@ -64,7 +66,8 @@ def check_folder_destination(dest: Path, force: bool) -> None:
 def atomic_file(dest: Path, force: bool, source: Path | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success it becomes ``dest``, on failure it is removed."""
     check_file_destination(dest, force, source)
-    fd, name = _os_call(dest, tempfile.mkstemp, prefix=f".{dest.name}.", suffix=PARTIAL_SUFFIX, dir=dest.parent)
+    remove_stale_partials(dest)
+    fd, name = _os_call(dest, tempfile.mkstemp, prefix=_partial_prefix(dest), suffix=PARTIAL_SUFFIX, dir=dest.parent)
     os.close(fd)
     tmp = Path(name)
     tmp.chmod(0o666 & ~_umask())  # mkstemp makes it private; a finished output gets the usual mode
@@ -80,7 +83,8 @@ def atomic_file(dest: Path, force: bool, source: Path | None = None) -> Iterator
 def atomic_folder(dest: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary folder beside ``dest``; on success it replaces ``dest``, on failure it is removed."""
     check_folder_destination(dest, force)
-    tmp = Path(_os_call(dest, tempfile.mkdtemp, prefix=f".{dest.name}.", suffix=PARTIAL_SUFFIX, dir=dest.parent))
+    remove_stale_partials(dest)
+    tmp = Path(_os_call(dest, tempfile.mkdtemp, prefix=_partial_prefix(dest), suffix=PARTIAL_SUFFIX, dir=dest.parent))
     tmp.chmod(0o777 & ~_umask())
     try:
         with _write_errors(dest):
@@ -88,6 +92,41 @@ def atomic_folder(dest: Path, force: bool) -> Iterator[Path]:
             _replace_folder(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_partials(dest: Path) -> list[Path]:
+    """Remove ``.NAME.PID.*.partial`` files and folders beside ``dest`` left by processes that are gone."""
+    prefix = f".{dest.name}."
+    removed = []
+    for path in dest.parent.iterdir():
+        name = path.name
+        if not (name.startswith(prefix) and name.endswith(PARTIAL_SUFFIX)):
+            continue
+        pid = name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or _process_exists(int(pid)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        warn(f"removed {len(removed)} partial output(s) of an interrupted run: {', '.join(p.name for p in removed)}")
+    return removed
+
+
+def _partial_prefix(dest: Path) -> str:
+    return f".{dest.name}.{os.getpid()}."
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or a number no process can have: left alone)
+    return True
 
 
 def _replace_folder(new: Path, dest: Path) -> None:

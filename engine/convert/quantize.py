@@ -1,9 +1,12 @@
-"""float32 rows -> ggml tensor bytes: F32, F16, BF16 and the 32-wide block quantizers Q8_0, Q4_0, Q4_1.
+"""float32 rows -> ggml tensor bytes: F32, F16, BF16, the 32-wide block quantizers Q8_0, Q5_0, Q5_1,
+Q4_0, Q4_1, and the K-quants Q6_K, Q5_K, Q4_K (``kquants``).
 
 The block quantizers follow ggml-quants.c (``quantize_row_*_ref``) in float32 arithmetic, so their
 bytes equal llama.cpp's and gguf-py's ``gguf.quants.quantize`` (the tests check byte equality):
 
     Q8_0  d = max|x| / 127;  q = roundf(x / d)               (round half away from zero), int8
+    Q5_0  d = x[argmax|x|] / -16;  q = min(31, trunc(x/d + 16.5)), low nibbles as Q4_0, fifth bits in qh
+    Q5_1  d = (max - min) / 31, m = min;  q = trunc((x - m)/d + 0.5), as Q5_0
     Q4_0  d = x[argmax|x|] / -8;  q = min(15, trunc(x/d + 8.5)), low nibble = x[j], high = x[j+16]
     Q4_1  d = (max - min) / 15, m = min;  q = min(15, trunc((x - m)/d + 0.5)), same nibble order
 
@@ -17,39 +20,9 @@ import numpy as np
 from ..errors import ConfigError
 from ..weights.bf16 import to_bf16_bits
 from ..weights.quant import GGMLType, block_layout
+from .kquants import encode_q4_k, encode_q5_k, encode_q6_k
 
-# command-line names of the types a conversion can write
-TYPE_NAMES: dict[str, GGMLType] = {
-    "f32": GGMLType.F32, "f16": GGMLType.F16, "bf16": GGMLType.BF16,
-    "q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q4_1": GGMLType.Q4_1,
-}
-FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
-FOUR_BIT_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1)
-BLOCK = 32  # elements per Q8_0 / Q4_0 / Q4_1 block
-
-
-def type_from_name(name: str) -> GGMLType:
-    t = TYPE_NAMES.get(name.lower())
-    if t is None:
-        raise ConfigError(f"unknown tensor type {name!r} (choose from {', '.join(TYPE_NAMES)})")
-    return t
-
-
-def output_type(shape: tuple[int, ...], requested: GGMLType, source: GGMLType,
-                output_head: bool = False) -> GGMLType:
-    """The type a tensor is written as.
-
-    1-D tensors (norms) stay F32, as llama.cpp keeps them. The output head (``output``, or
-    ``token_embd`` when the head is tied to it) is stored Q8_0 when a 4-bit type is asked for: like
-    llama-quantize (which uses Q6_K there), precision is kept where the logits are made -- 4 bits
-    there cost SmolLM2-135M ~0.1 nats of KL. A block type needs rows of whole blocks; otherwise the
-    tensor keeps its source type (then a float type: every block type's rows are multiples of 32).
-    """
-    if len(shape) < 2:
-        return GGMLType.F32
-    if output_head and requested in FOUR_BIT_TYPES:
-        requested = GGMLType.Q8_0
-    return requested if shape[-1] % block_layout(requested)[0] == 0 else source
+BLOCK = 32  # elements per Q8_0 / Q5_x / Q4_x block
 
 
 def encode_rows(x: np.ndarray, t: GGMLType) -> np.ndarray:
@@ -59,9 +32,10 @@ def encode_rows(x: np.ndarray, t: GGMLType) -> np.ndarray:
     encode = _ENCODERS.get(t)
     if encode is None:
         raise ConfigError(f"cannot write tensors of type {GGMLType(t).name} (writable: "
-                          f"{', '.join(n.upper() for n in TYPE_NAMES)})")
-    if t not in FLOAT_TYPES and n_cols % BLOCK:
-        raise ConfigError(f"row length {n_cols} is not a multiple of the {GGMLType(t).name} block size {BLOCK}")
+                          f"{', '.join(w.name for w in _ENCODERS)})")
+    block = block_layout(t)[0]
+    if n_cols % block:
+        raise ConfigError(f"row length {n_cols} is not a multiple of the {GGMLType(t).name} block size {block}")
     with np.errstate(over="ignore"):  # fp16 overflow is checked where it matters (_encode_f16)
         return encode(x).reshape(n_rows, -1)
 
@@ -104,6 +78,28 @@ def _encode_q4_0(x: np.ndarray) -> np.ndarray:
     return np.concatenate([_f16_bytes(d), _pack_nibbles(q)], axis=1)  # (n, 18)
 
 
+def _encode_q5_0(x: np.ndarray) -> np.ndarray:
+    blocks = x.reshape(-1, BLOCK)
+    signed_max = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None], axis=1)  # (n, 1)
+    d = signed_max / np.float32(-16)
+    q = np.trunc(blocks * _reciprocal_or_zero(d) + np.float32(16.5)).astype(np.uint8)
+    np.minimum(q, 31, out=q)
+    return np.concatenate([_f16_bytes(d), _fifth_bits(q), _pack_nibbles(q & 15)], axis=1)  # (n, 22)
+
+
+def _encode_q5_1(x: np.ndarray) -> np.ndarray:
+    blocks = x.reshape(-1, BLOCK)
+    low = blocks.min(axis=1, keepdims=True)
+    d = (blocks.max(axis=1, keepdims=True) - low) / np.float32(31)
+    q = np.trunc((blocks - low) * _reciprocal_or_zero(d) + np.float32(0.5)).astype(np.uint8)  # C: (uint8_t), no clamp
+    return np.concatenate([_f16_bytes(d), _f16_bytes(low), _fifth_bits(q), _pack_nibbles(q & 15)], axis=1)  # (n, 24)
+
+
+def _fifth_bits(q: np.ndarray) -> np.ndarray:
+    """(n_blocks, 32) uint8 -> (n_blocks, 4): little-endian uint32 qh, bit j = bit 4 of q[j]."""
+    return np.packbits((q >> 4) & 1, axis=1, bitorder="little")
+
+
 def _encode_q4_1(x: np.ndarray) -> np.ndarray:
     blocks = x.reshape(-1, BLOCK)
     low = blocks.min(axis=1, keepdims=True)
@@ -126,6 +122,11 @@ _ENCODERS = {
     GGMLType.F16: _encode_f16,
     GGMLType.BF16: lambda x: to_bf16_bits(x).astype("<u2").view(np.uint8),
     GGMLType.Q8_0: _encode_q8_0,
-    GGMLType.Q4_0: _encode_q4_0,
+    GGMLType.Q6_K: encode_q6_k,
+    GGMLType.Q5_K: encode_q5_k,
+    GGMLType.Q5_1: _encode_q5_1,
+    GGMLType.Q5_0: _encode_q5_0,
+    GGMLType.Q4_K: encode_q4_k,
     GGMLType.Q4_1: _encode_q4_1,
+    GGMLType.Q4_0: _encode_q4_0,
 }

@@ -1,11 +1,11 @@
-"""GGUF -> GGUF with another tensor type (``engine quantize``), as llama-quantize does.
+"""GGUF -> GGUF of another file type (``engine quantize``), as llama-quantize does.
 
 Every metadata key is copied with its stored GGUF value type (llama.cpp checks types), except
 ``general.file_type`` (set to the new type) and ``general.alignment`` (the output uses the default
-32). Tensors keep their names, order and row layout; each 2-D tensor is re-quantized from its
-dequantized values (copied as is when its type does not change), 1-D tensors become F32, the
-output head (``output.weight``, else ``token_embd.weight``) is Q8_0 under a 4-bit type, and a
-tensor whose rows are not whole blocks of the new type keeps its type. The file's architecture
+32). Tensors keep their names, order and row layout; each tensor gets the type the file type's
+mixture gives it (``mixture.tensor_types``: 1-D tensors F32, the output head and some attn_v /
+ffn_down layers with more bits, fallbacks for rows that are not whole blocks) and is re-quantized
+from its dequantized values (copied as is when its type does not change). The file's architecture
 does not matter otherwise: nothing is renamed or permuted.
 """
 from __future__ import annotations
@@ -19,44 +19,51 @@ import numpy as np
 from ..errors import ModelFormatError
 from ..loader import WeightTensor
 from ..weights.gguf import GGUFFile
-from .hf_to_gguf import FILE_TYPES
+from .mixture import file_type_from_name, is_llama_70b, tensor_types
 from .output import atomic_file, check_file_destination
-from .quantize import output_type, type_from_name
 from .tensors import TensorJob
 from .writer import WriteStats, write_gguf
 
 NOT_COPIED = ("general.architecture", "general.alignment", "general.file_type")  # the writer sets these
 
 
-def quantize_gguf(src: str | Path, dest: str | Path, tensor_type: str, force: bool = False,
+def quantize_gguf(src: str | Path, dest: str | Path, file_type: str, force: bool = False,
                   progress: bool = True) -> WriteStats:
-    """Write ``dest``: the GGUF ``src`` with its weights as ``tensor_type`` (q8_0|q4_0|q4_1|f32|f16|bf16)."""
+    """Write ``dest``: the GGUF ``src`` as file type ``file_type`` (a name of mixture.FILE_TYPES: q4_k_m, q8_0, ...)."""
     src, dest = Path(src), Path(dest)
-    requested = type_from_name(tensor_type)
+    requested = file_type_from_name(file_type)
     check_file_destination(dest, force, source=src)
     model = GGUFFile(src)  # validates the whole header and tensor directory
     arch = model.metadata.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelFormatError(f"{src}: missing metadata key 'general.architecture'")
     entries = _typed_metadata(model)
-    head = "output.weight" if "output.weight" in model.tensors else "token_embd.weight"
-    jobs = [
-        TensorJob(name, WeightTensor(name, info.ggml_type, info.shape, model.raw(name)),
-                  output_type(info.shape, requested, info.ggml_type, output_head=name == head))
-        for name, info in model.tensors.items()
-    ]
+    types = tensor_types([(name, info.shape, info.ggml_type) for name, info in model.tensors.items()], requested,
+                         *_layer_counts(model, arch))
+    jobs = [TensorJob(name, WeightTensor(name, info.ggml_type, info.shape, model.raw(name)), types[name])
+            for name, info in model.tensors.items()]
 
     def add_metadata(writer: gguf.GGUFWriter) -> None:
         for key, (value, vtype, element_type) in entries.items():
             if key not in NOT_COPIED:
                 writer.add_key_value(key, value, vtype, sub_type=element_type)
-        writer.add_file_type(FILE_TYPES[requested])
+        writer.add_file_type(requested.ftype)
         if "general.quantization_version" not in entries:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     with atomic_file(dest, force, source=src) as tmp:
         totals = write_gguf(tmp, arch, add_metadata, jobs, progress, label=f"quantizing to {dest.name}")
     return WriteStats(dest, len(jobs), *totals)
+
+
+def _layer_counts(model: GGUFFile, arch: str) -> tuple[int, bool]:
+    """(number of layers, whether llama.cpp takes it for a Llama-70B) from the metadata, else the tensor names."""
+    n_layers = model.metadata.get(f"{arch}.block_count")
+    if not isinstance(n_layers, int):
+        n_layers = len({name.split(".")[1] for name in model.tensors if name.startswith("blk.")})
+    n_heads = model.metadata.get(f"{arch}.attention.head_count")
+    n_kv_heads = model.metadata.get(f"{arch}.attention.head_count_kv", n_heads)
+    return n_layers, is_llama_70b(arch, n_layers, n_heads, n_kv_heads)
 
 
 def _typed_metadata(model: GGUFFile) -> dict[str, tuple[Any, gguf.GGUFValueType, gguf.GGUFValueType | None]]:

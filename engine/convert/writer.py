@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -32,16 +34,24 @@ class WriteStats:
     bytes_in: int  # tensor bytes read from the source
     bytes_out: int  # tensor bytes written
     seconds: float
+    n_weights: int  # elements of all tensors
+    type_counts: dict[str, int]  # output tensor type name -> number of tensors, most first
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.bytes_out / self.n_weights if self.n_weights else 0.0
 
     def summary(self) -> str:
         rate = self.bytes_in / self.seconds / 1e6 if self.seconds > 0 else float("inf")
-        return (f"wrote {self.path}: {self.n_tensors} tensors, {self.bytes_out / 1e6:.1f} MB "
-                f"(from {self.bytes_in / 1e6:.1f} MB) in {self.seconds:.2f} s, {rate:.0f} MB/s")
+        types = ", ".join(f"{count} {name}" for name, count in self.type_counts.items())
+        return (f"wrote {self.path}: {self.n_tensors} tensors ({types}), {self.bytes_out / 1e6:.1f} MB, "
+                f"{self.bits_per_weight:.2f} bits/weight (from {self.bytes_in / 1e6:.1f} MB) in {self.seconds:.2f} s, "
+                f"{rate:.0f} MB/s")
 
 
 def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], None],
-               jobs: Sequence[TensorJob], progress: bool, label: str) -> tuple[int, int, float]:
-    """Write a complete GGUF file at ``path``; returns (bytes in, bytes out, seconds)."""
+               jobs: Sequence[TensorJob], progress: bool, label: str) -> tuple:
+    """Write a complete GGUF file at ``path``; returns WriteStats' fields after n_tensors (``_totals``)."""
     started = time.perf_counter()
     writer = gguf.GGUFWriter(path, arch)
     try:
@@ -62,8 +72,8 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
     return _totals(jobs, started)
 
 
-def write_safetensors(path: Path, jobs: Sequence[TensorJob], progress: bool, label: str) -> tuple[int, int, float]:
-    """Write one .safetensors file (tensor types F32/F16/BF16); returns (bytes in, bytes out, seconds)."""
+def write_safetensors(path: Path, jobs: Sequence[TensorJob], progress: bool, label: str) -> tuple:
+    """Write one .safetensors file (tensor types F32/F16/BF16); returns WriteStats' fields after n_tensors."""
     started = time.perf_counter()
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -84,6 +94,8 @@ def write_safetensors(path: Path, jobs: Sequence[TensorJob], progress: bool, lab
     return _totals(jobs, started)
 
 
-def _totals(jobs: Sequence[TensorJob], started: float) -> tuple[int, int, float]:
+def _totals(jobs: Sequence[TensorJob], started: float) -> tuple[int, int, float, int, dict[str, int]]:
+    """(bytes in, bytes out, seconds, weights, tensors per output type) -- WriteStats' fields after n_tensors."""
+    counts = Counter(GGMLType(job.out_type).name for job in jobs)
     return (sum(job.source.raw.nbytes for job in jobs), sum(job.nbytes for job in jobs),
-            time.perf_counter() - started)
+            time.perf_counter() - started, sum(prod(job.shape) for job in jobs), dict(counts.most_common()))
