@@ -16,9 +16,9 @@ with the slot's sequence (the next turn of a chat, another question about the sa
 rest, and ``usage.prompt_tokens_details.cached_tokens`` says how much was reused. Each busy slot's generation
 runs in a worker thread of its own, which never waits for the network; the model itself runs one step at a time
 (turns.py: a decode token or a prefill batch per turn, in FIFO order), so all busy slots advance token by token.
-A client that disconnects stops its generation at the next token and frees its slot. A stream with "return_progress": true also gets
-llama.cpp-style ``prompt_progress`` chunks (total, cache, processed tokens) while its prompt is prefilled.
-Every refused request gets an OpenAI-style error body and a 4xx status.
+A client that disconnects stops its generation at the next token and frees its slot. A stream with
+"return_progress": true also gets llama.cpp-style ``prompt_progress`` chunks (total, cache, processed tokens)
+while its prompt is prefilled. Every refused request gets an OpenAI-style error body and a 4xx status.
 """
 from __future__ import annotations
 

@@ -50,5 +50,6 @@ class Metrics:
                 lines += [f"# HELP engine_{name} {help_text}", f"# TYPE engine_{name} counter",
                           f"engine_{name} {self.totals[name]:g}"]
         for name, help_text in GAUGES.items():
-            lines += [f"# HELP engine_{name} {help_text}", f"# TYPE engine_{name} gauge", f"engine_{name} {gauges[name]:g}"]
+            lines += [f"# HELP engine_{name} {help_text}", f"# TYPE engine_{name} gauge",
+                      f"engine_{name} {gauges[name]:g}"]
         return "\n".join(lines) + "\n"
