@@ -72,6 +72,14 @@ def wait_until(condition, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+def let_the_other_ask(state) -> None:
+    """Inside a model call: give the other busy slot's worker time to ask for its next turn (a loaded machine may
+    not run it for a while), so that the order of turns shows the scheduling, not the machine's load."""
+    deadline = time.monotonic() + 2
+    while not state.turns.waiting and state.slots.processing == 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 def ask(openai_client, i: int) -> tuple[str, int]:
     """Request i of 8: chat or completion, streamed or not, greedy or seeded -> (text, completion tokens)."""
     sampling = {"temperature": 0} if i % 3 else {"temperature": 0.9, "seed": 100 + i}
@@ -114,9 +122,9 @@ def test_busy_slots_advance_token_by_token(tiny, monkeypatch):
         forward = llm.model.forward
 
         def recorded(ids, cache, **kwargs):
-            wait_until(lambda: state.slots.processing == 2, "both requests to take their slots")
+            wait_until(lambda: len(steps) or state.slots.processing == 2, "both requests to take their slots")
             steps.append(next(i for i, c in enumerate(llm.caches) if c is cache))
-            time.sleep(0.002)  # a model step long enough for the other slot's worker to ask for its turn
+            let_the_other_ask(state)
             return forward(ids, cache, **kwargs)
 
         monkeypatch.setattr(llm.model, "forward", recorded)
@@ -136,26 +144,63 @@ def test_busy_slots_advance_token_by_token(tiny, monkeypatch):
     assert len(both) >= 70 and max(runs) <= 2  # alternating, not one request after the other
 
 
+def test_a_long_prefill_lets_the_other_slot_decode_between_its_batches(tiny, monkeypatch):
+    with serve(tiny, 2) as (url, state):
+        llm = state.llm
+        monkeypatch.setattr(llm.backend, "prefill_batch", 16)  # a long prompt's batches, in miniature
+        calls = []  # (slot, tokens) of every model call, in order
+        forward = llm.model.forward
+
+        def recorded(ids, cache, **kwargs):
+            calls.append((next(i for i, c in enumerate(llm.caches) if c is cache), len(ids)))
+            if len(calls) == 3:  # the first request has started decoding: it waits for the second one to arrive
+                wait_until(lambda: state.slots.processing == 2, "the second request to take its slot")
+            let_the_other_ask(state)
+            return forward(ids, cache, **kwargs)
+
+        monkeypatch.setattr(llm.model, "forward", recorded)
+        long_prompt = llm.tokenize(" ".join(LINES[70:72]))[:40]  # 3 prefill batches
+        assert len(long_prompt) == 40
+
+        def generate(prompt, n):
+            return client(url).completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0,
+                                                  extra_body={"ignore_eos": True}).usage.completion_tokens
+
+        with ThreadPoolExecutor(2) as pool:
+            decoding = pool.submit(generate, [5, 6, 7], 60)  # slot 0
+            wait_until(lambda: len(calls) >= 3, "the first request to decode")
+            assert generate(long_prompt, 2) == 2 and decoding.result() == 60
+    batches = [i for i, (slot, n) in enumerate(calls) if slot == 1 and n > 1]
+    assert [calls[i][1] for i in batches] == [16, 16, 8]
+    for a, b in zip(batches, batches[1:]):  # the other slot decoded between the batches
+        assert b - a > 1 and all(calls[i] == (0, 1) for i in range(a + 1, b)), calls
+
+
 def test_waiting_requests_are_served_first_come_first_served(tiny, monkeypatch):
     with serve(tiny, 1) as (url, state):
-        gate = threading.Event()
+        prompts = {name: LINES[30 + k] for k, name in enumerate("ABCD")}
+        prompt_ids = {name: state.llm.tokenize(prompt) for name, prompt in prompts.items()}
+        gate, served = threading.Event(), []  # served: the requests in the order their prompts were prefilled
         forward = state.llm.model.forward
-        monkeypatch.setattr(state.llm.model, "forward", lambda *a, **k: gate.wait(30) and forward(*a, **k))
-        finished = []
 
-        def request(name):
-            client(url).completions.create(model="tiny", prompt=LINES[30], max_tokens=3, temperature=0)
-            finished.append(name)
+        def gated(ids, cache, **kwargs):
+            gate.wait(30)
+            served.extend(name for name, p in prompt_ids.items() if len(ids) > 1 and p[-len(ids):] == list(ids))
+            return forward(ids, cache, **kwargs)
 
+        monkeypatch.setattr(state.llm.model, "forward", gated)
         with ThreadPoolExecutor(4) as pool:
-            pool.submit(request, "A")
+            replies = {"A": pool.submit(client(url).completions.create, model="tiny", prompt=prompts["A"],
+                                        max_tokens=3, temperature=0)}
             wait_until(lambda: gauges(url)["slots_processing"] == 1, "A to take the slot")
             for n, name in enumerate("BCD", start=1):
-                pool.submit(request, name)
+                replies[name] = pool.submit(client(url).completions.create, model="tiny", prompt=prompts[name],
+                                            max_tokens=3, temperature=0)
                 wait_until(lambda: gauges(url)["requests_waiting"] == n, f"{name} to wait")
             assert httpx.get(f"{url}/health").json() == {"status": "ok", "slots_idle": 0, "slots_processing": 1}
             gate.set()
-        assert finished == ["A", "B", "C", "D"]
+            assert [replies[name].result().usage.completion_tokens for name in "ABCD"] == [3] * 4
+        assert served == ["A", "B", "C", "D"]
         assert gauges(url)["requests_waiting"] == 0 and gauges(url)["slots_processing"] == 0
 
 
@@ -261,14 +306,18 @@ def test_waiters_get_slots_in_arrival_order_and_a_cancelled_one_is_skipped():
 
 def test_model_turns_go_round_robin():
     turns, order = ModelTurns(), []
-    start = threading.Barrier(3)
+    running = [3]  # workers not finished yet
+    lock = threading.Lock()
 
     def worker(name):
-        start.wait()
         for _ in range(5):
             with turns.turn():
                 order.append(name)
-                time.sleep(0.005)  # the others ask meanwhile
+                deadline = time.monotonic() + 2  # until every other running worker asks for its turn
+                while turns.waiting < running[0] - 1 and time.monotonic() < deadline:
+                    time.sleep(0.001)
+        with lock:
+            running[0] -= 1
 
     threads = [threading.Thread(target=worker, args=(name,)) for name in "abc"]
     for t in threads:
