@@ -118,8 +118,11 @@ def test_chat_turns_reuse_the_previous_turns(model_path):
     assert session.messages == [{"role": "system", "content": "Be brief."}]
 
 
-def test_sessions_on_their_own_slots_keep_their_sequences_side_by_side(model_path):
-    llm = engine.load(model_path, context=128, slots=2)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_sessions_on_their_own_slots_keep_their_sequences_side_by_side(model_path, device):
+    """On CUDA each generation's decode graph is captured against its own slot's cache: alternating two of them
+    step by step must give what each gives alone."""
+    llm = engine.load(model_path, device=device, context=128, slots=2)
     one, two = llm.session(slot=0), llm.session(slot=1)
     expected = {"first": fresh_generation(llm, FIRST), "second": fresh_generation(llm, SECOND)}
     # interleaved token by token, as the server's slots run: neither disturbs the other's cache
