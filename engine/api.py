@@ -62,7 +62,7 @@ class GenerationStats:
 
 class LLM:
     def __init__(self, loaded: LoadedModel, backend, context: int, dca: DCAConfig | None,
-                 attention_temperature: bool | None):
+                 attention_temperature: bool | None, slots: int = 1):
         self.loaded = loaded
         self.config: ModelConfig = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -74,12 +74,13 @@ class LLM:
         # the memory plan (engine/memory.py), refused before anything is allocated when it does not fit
         available = memory.available_bytes(backend.name)
         self.memory = memory.plan_memory(c, loaded.weights, context, backend.name, activation_dtype(backend),
-                                         getattr(backend, "f32_copies", None), available)
+                                         getattr(backend, "f32_copies", None), available, slots)
         memory.require(self.memory, available)
         if backend.name == "cpu":
             backend.f32_copies = self.memory.f32_copies
-        # allocated once for the whole context (fixed buffers)
-        self.cache = backend.new_cache(c.n_layers, context, c.n_kv_heads, c.head_dim)
+        # allocated once for the whole context (fixed buffers); one per slot (sessions of their own, `slots`)
+        self.caches = [backend.new_cache(c.n_layers, context, c.n_kv_heads, c.head_dim) for _ in range(slots)]
+        self.cache = self.caches[0]
         self.attention_temperature = attention_temperature
         self._weights = backend.prepare_weights(loaded.weights)
         self.model = self._new_model(context)
@@ -121,12 +122,15 @@ class LLM:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids)
 
-    def session(self, system: str | None = None) -> "Session":
+    def session(self, system: str | None = None, slot: int = 0) -> "Session":
         """A Session on this LLM's cache (engine/session.py): prompts sharing a prefix with its sequence
-        prefill only the rest. system: the system message of its chat."""
+        prefill only the rest. system: the system message of its chat. slot: which of the `slots` caches
+        allocated at load it uses (sessions on different slots keep their sequences side by side)."""
         from .session import Session
 
-        return Session(self, system=system)
+        if not 0 <= slot < len(self.caches):
+            raise ConfigError(f"slot {slot} does not exist: this model was loaded with {len(self.caches)} slot(s)")
+        return Session(self, system=system, cache=self.caches[slot])
 
     def new_cache(self) -> KVCache:
         """The context's KV cache, emptied. One sequence at a time: a new call discards the previous one."""
@@ -196,10 +200,13 @@ class LLM:
 
     def generate_on(self, cache: KVCache, prompt_ids: Sequence[int], max_tokens: int = 128,
                     sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> Iterator[int]:
+                    progress: Callable[[int, int], None] | None = None,
+                    stats: GenerationStats | None = None) -> Iterator[int]:
         """generate_ids on a cache that already holds the keys/values of prompt_ids[:cache.length] (the caller
         vouches for them; fewer than len(prompt_ids)): only the rest is prefilled. Afterwards the cache holds
-        the prompt and every generated token but the last (which was never fed back)."""
+        the prompt and every generated token but the last (which was never fed back).
+        stats: filled in as the generation goes (default: a new one); also ``last_stats`` from the start (where
+        several generations take turns, each keeps its own)."""
         if max_tokens < 0:
             raise ConfigError(f"max tokens must be >= 0, got {max_tokens}")
         stops = set(self.tokenizer.stop_ids if stop_ids is None else stop_ids)
@@ -207,7 +214,8 @@ class LLM:
         if cache.length >= len(history):
             raise ContextError(f"{cache.length} cached tokens leave nothing of the {len(history)}-token prompt "
                                f"to prefill")
-        stats = self.last_stats = GenerationStats(prompt_tokens=len(history), cached_tokens=cache.length)
+        stats = self.last_stats = GenerationStats() if stats is None else stats
+        stats.prompt_tokens, stats.cached_tokens = len(history), cache.length
         t0 = time.perf_counter()
         logits = self.prefill(history[cache.length:], cache, progress)
         stats.prompt_seconds = time.perf_counter() - t0
@@ -344,7 +352,8 @@ def plan(config: ModelConfig, context: int | None, dca: str | DCAConfig | None, 
 def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", context: int | None = None,
          dca: str | DCAConfig | None = "auto", dca_chunk_size: int | None = None,
          dca_local_window: int | None = None, rope_scaling: str | None = None, rope_scale: float | None = None,
-         attention_temperature: bool | None = None, dtype: str = "auto", f32_copies: bool | None = None) -> LLM:
+         attention_temperature: bool | None = None, dtype: str = "auto", f32_copies: bool | None = None,
+         slots: int = 1) -> LLM:
     """Load a GGUF file or HF folder (default: the default model), or an opened LoadedModel, onto a device.
 
     dtype: activation dtype on CUDA, "auto" (bf16 when the model's matrices are stored BF16, else f16),
@@ -355,6 +364,7 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
     attention_temperature: True/False, or None for the model's own setting (see temperature_length).
     f32_copies (CPU): keep float32 copies of the matrices (fast) instead of dequantizing a block of rows at a
     time from the stored weights; None: when the memory plan with them takes at most half the available memory.
+    slots: KV caches of the whole context, one per concurrent session (``engine serve --parallel``).
     Memory: the plan (LLM.memory) is checked first; ContextError/DeviceError name the numbers when it does not fit.
     """
     t0 = time.perf_counter()
@@ -364,6 +374,6 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
         backend.f32_copies = f32_copies
     loaded.config, context, dca_config = plan(loaded.config, context, dca, dca_chunk_size, dca_local_window,
                                               rope_scaling, rope_scale)
-    llm = LLM(loaded, backend, context, dca_config, attention_temperature)
+    llm = LLM(loaded, backend, context, dca_config, attention_temperature, slots)
     llm.load_seconds = time.perf_counter() - t0
     return llm

@@ -257,7 +257,7 @@ def load_bench_model(settings: LoadSettings, synthetic: bool, shape: str | None 
         matrix_type = next(iter(types)) if len(types) == 1 else GGMLType.Q4_1
         llm = settings.load(dataclasses.replace(real, weights=synthetic_weights(real.config, matrix_type)))
         label = f"{real.path.name} (synthetic weights)"
-    llm.cache = None
+    llm.cache, llm.caches = None, []
     return llm, label or llm.loaded.path.name
 
 

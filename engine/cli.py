@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from . import memory
+from . import api, memory
 from .api import plan, temperature_length
 from .backends import resolve_device, resolve_dtype
 from .bench import bench
@@ -203,12 +203,15 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("-a", "--alias", default=None, help="model name in the API (default: the model file's name)")
-def serve(settings: LoadSettings, host, port, alias) -> None:
-    """OpenAI-compatible HTTP server (needs the `server` extra); one sequence at a time, prompt prefixes reused."""
+@click.option("-np", "--parallel", type=click.IntRange(min=1), default=1, show_default=True,
+              help="slots: sequences served at once, each with its own KV cache of the whole context")
+def serve(settings: LoadSettings, host, port, alias, parallel) -> None:
+    """OpenAI-compatible HTTP server (needs the `server` extra); --parallel slots, prompt prefixes reused."""
     from .server.command import run_server
 
     path = Path(settings.model) if settings.model is not None else default_model_path()
-    run_server(lambda: settings.load(path), alias or path.name.removesuffix(".gguf"), host, port)
+    model_name = alias or path.name.removesuffix(".gguf")
+    run_server(lambda: api.load(**settings.load_kwargs(path), slots=parallel), model_name, host, port)
 
 
 @cli.command()

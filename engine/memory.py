@@ -8,7 +8,8 @@ activation dtype ("f32" on the CPU, "f16" | "bf16" on CUDA):
   copies       CPU: float32 copies of the matrices not stored F32, when kept (``f32_copies``; by default
                only when the whole plan with them takes at most half of the available memory).
                CUDA: the 16-bit prefill copies of a small model (cuda/weights.planned_fp16_copies).
-  KV cache     2 (K, V) x layers x context x KV heads x head_dim x (4 bytes CPU | 2 bytes CUDA)
+  KV cache     2 (K, V) x layers x context x KV heads x head_dim x (4 bytes CPU | 2 bytes CUDA), once per
+               slot (``engine serve --parallel N``: each slot has its own cache of the whole context)
   scratch      CPU: one dequantized block of rows (host_weights.SCRATCH_BYTES) unless every matrix is
                float32. CUDA: the largest matrix (Q/K/V and gate/up fused where their encodings agree) as
                16-bit values, unless prefill copies are kept.
@@ -18,7 +19,8 @@ activation dtype ("f32" on the CPU, "f16" | "bf16" on CUDA):
   runtime      CPU only: the interpreter, numpy and the tokenizer tables (a fixed allowance)
 Available: MemAvailable on the CPU, free GPU memory (plus CuPy's pooled free blocks) on CUDA
 (``available_bytes``, the one place that asks the machine). ``require`` refuses a plan that does not
-fit, naming the rows, the largest context that fits and, on the CPU, --device cuda where a GPU is usable.
+fit, naming the rows, the largest context that fits (with several slots: also the most slots that fit at
+this context) and, on the CPU, --device cuda where a GPU is usable.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import numpy as np
 from .config import ModelConfig
 from .backends.host_weights import SCRATCH_BYTES
 from .backends.numpy_backend import NumpyBackend
-from .errors import ContextError, DeviceError
+from .errors import ConfigError, ContextError, DeviceError
 from .weights.quant import GGMLType
 
 GiB = 2 ** 30
@@ -78,6 +80,7 @@ class MemoryPlan:
     kv_per_token: int
     activations_per_token: int
     activations_fixed: int
+    slots: int = 1  # KV caches of `context` tokens each
 
     @property
     def total(self) -> int:
@@ -87,7 +90,8 @@ class MemoryPlan:
     def rows(self) -> list[tuple[str, int]]:
         """(label, bytes) of every non-empty row, in the plan's order."""
         copies = "float32 copies" if self.device == "cpu" else f"{self.dtype} prefill copies"
-        rows = [("weights as stored", self.weights), (copies, self.copies), ("KV cache", self.kv_cache),
+        kv_label = "KV cache" if self.slots == 1 else f"KV caches ({self.slots} slots)"
+        rows = [("weights as stored", self.weights), (copies, self.copies), (kv_label, self.kv_cache),
                 ("scratch", self.scratch), ("activations", self.activations), ("logits", self.logits),
                 ("runtime", self.runtime)]
         return [(label, n) for label, n in rows if n]
@@ -97,25 +101,33 @@ class MemoryPlan:
         return " + ".join(f"{label} {n / GiB:.2f}" for label, n in self.rows()) + f" = {self.total / GiB:.2f} GiB"
 
     def at_context(self, context: int) -> MemoryPlan:
-        """The same model and device at another context."""
+        """The same model, device and slots at another context."""
         tokens = min(context, prefill_batch(self.device))
-        return dataclasses.replace(self, context=context, kv_cache=self.kv_per_token * context,
+        return dataclasses.replace(self, context=context, kv_cache=self.kv_per_token * context * self.slots,
                                    activations=self.activations_fixed + self.activations_per_token * tokens)
+
+    def with_slots(self, slots: int) -> MemoryPlan:
+        """The same model, device and context with `slots` KV caches (activations are shared: one model step
+        runs at a time)."""
+        return dataclasses.replace(self, slots=slots, kv_cache=self.kv_per_token * self.context * slots)
 
 
 def plan_memory(config: ModelConfig, weights, context: int, device: str, dtype: str = "f32",
-                f32_copies: bool | None = None, available: int | None = None) -> MemoryPlan:
-    """The plan for loader `weights` of `config` at `context` tokens on `device` with activations of `dtype`.
+                f32_copies: bool | None = None, available: int | None = None, slots: int = 1) -> MemoryPlan:
+    """The plan for loader `weights` of `config` at `context` tokens on `device` with activations of `dtype`,
+    with `slots` KV caches of that context.
 
     f32_copies (CPU): keep float32 copies of the matrices; None: when the whole plan with them takes at most
     COMFORT_FRACTION of `available` bytes (unknown: when the copies take at most UNKNOWN_MEMORY_F32_BUDGET).
     """
+    if slots < 1:
+        raise ConfigError(f"the number of slots must be at least 1, got {slots}")
     if device == "cpu":
-        plan = _cpu_plan(config, weights, context, keep=True)
+        plan = _cpu_plan(config, weights, context, keep=True).with_slots(slots)
         if f32_copies is None:
             f32_copies = _comfortable(plan.total, plan.copies, available)
-        return plan if f32_copies else _cpu_plan(config, weights, context, keep=False)
-    return _cuda_plan(config, weights, context, dtype)
+        return plan if f32_copies else _cpu_plan(config, weights, context, keep=False).with_slots(slots)
+    return _cuda_plan(config, weights, context, dtype).with_slots(slots)
 
 
 def f32_copies_fit(weights, available: int | None = None) -> bool:
@@ -229,24 +241,41 @@ def largest_context(plan: MemoryPlan, available: int) -> int:
     return low
 
 
+def largest_slots(plan: MemoryPlan, available: int) -> int:
+    """The most slots (< plan.slots) whose plan at plan.context fits in `available` bytes; 0 if none does."""
+    return next((n for n in range(plan.slots - 1, 0, -1) if plan.with_slots(n).total <= available), 0)
+
+
 def require(plan: MemoryPlan, available: int | None, what: str | None = None, advice: str | None = None) -> None:
     """Raise, naming the numbers, when `plan` does not fit in `available` bytes (None: unknown, no check).
 
     ContextError when a smaller context fits (giving the largest), DeviceError when not even one token does.
-    what: how the message names the request (default: "a context of N tokens"); advice: what to do when a
-    smaller context fits (default: the largest such context as -c).
+    what: how the message names the request (default: "a context of N tokens", with several slots "N slots
+    of a context of M tokens each"); advice: what to do when a smaller context fits (default: the largest
+    such context as -c, and with several slots first the most slots that fit at this context as --parallel).
     """
     if available is None or plan.total <= available:
         return
-    what = what or f"a context of {plan.context} tokens"
+    several = plan.slots > 1
+    what = what or (f"{plan.slots} slots of a context of {plan.context} tokens each" if several
+                    else f"a context of {plan.context} tokens")
     where = "on the CPU" if plan.device == "cpu" else f"on the GPU ({plan.dtype})"
     message = f"{what}: {plan.describe()} needed {where}, but only {available / GiB:.2f} GiB is available"
-    fits = largest_context(plan, available)
+    fits, slots = largest_context(plan, available), largest_slots(plan, available)
     other_device = _other_device_advice(plan)
-    if fits == 0:
-        raise DeviceError(f"{message}; the model does not fit even with a context of 1 token" + other_device)
-    raise ContextError(f"{message}; {advice or f'the largest context that fits is {fits} tokens: use -c {fits}'}"
-                       + other_device)
+    if fits == 0 and slots == 0:
+        one_slot = largest_context(plan.with_slots(1), available) if several else 0
+        if one_slot == 0:
+            raise DeviceError(f"{message}; the model does not fit even with a context of 1 token" + other_device)
+        advice = advice or f"one slot fits with a context of at most {one_slot} tokens: use --parallel 1 -c {one_slot}"
+    if advice is None:
+        hints = [f"at this context at most {slots} slot{'s fit' if slots > 1 else ' fits'}: use --parallel {slots}"
+                 ] if slots else []
+        if fits:
+            hints.append(f"{f'with {plan.slots} slots ' if several else ''}the largest context that fits is "
+                         f"{fits} tokens: use -c {fits}")
+        advice = "; ".join(hints)
+    raise ContextError(f"{message}; {advice}" + other_device)
 
 
 def _other_device_advice(plan: MemoryPlan) -> str:

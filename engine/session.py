@@ -14,14 +14,16 @@ common prefix is exactly what a fresh prefill of that prefix builds: reuse = tru
 rest. The prompt's last token is always prefilled again (its logits start the generation). When
 generation stops early (a stop string, a closed stream, Ctrl-C), ``tokens`` still follow the cache.
 
-A session uses the LLM's one cache: any other use of it (``llm.logits``, ``llm.generate``, another
-session) takes it over, and the session then starts again from an empty sequence.
+A session uses one of the LLM's caches (``llm.session(slot=i)``; the default, slot 0, is the cache of
+``llm.logits``, ``llm.generate``, ...): any other use of it (those calls, another session on the same slot)
+takes it over, and the session then starts again from an empty sequence.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from .api import GenerationStats
 from .sampling import SamplingParams
 
 
@@ -35,9 +37,9 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class Session:
-    def __init__(self, llm: Any, system: str | None = None):
+    def __init__(self, llm: Any, system: str | None = None, cache: Any = None):
         self.llm = llm
-        self.cache = llm.cache
+        self.cache = llm.cache if cache is None else cache
         self.system = system
         self.tokens: list[int] = []  # the ids held by the cache, in order
         self.messages: list[dict[str, str]] = self._first_messages()  # the chat so far (chat())
@@ -54,13 +56,13 @@ class Session:
         self.cache.truncate(reused)
         self.tokens = prompt[:reused]
         generated: list[int] = []
+        self.last_stats = stats = GenerationStats()  # this session's own, whatever other sessions run meanwhile
         try:
-            for token in self.llm.generate_on(self.cache, prompt, max_tokens, sampling, stop_ids, progress):
+            for token in self.llm.generate_on(self.cache, prompt, max_tokens, sampling, stop_ids, progress, stats):
                 generated.append(token)
                 yield token
         finally:
             self.tokens = (prompt + generated)[:self.cache.length]
-            self.last_stats = self.llm.last_stats
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, chat: bool = False,
                  system: str | None = None, **sampling: Any) -> Iterator[str]:

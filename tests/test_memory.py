@@ -203,6 +203,28 @@ def test_too_long_a_context_is_refused_with_the_largest_that_fits(kquant, monkey
     assert engine.load(kquant, context=100_000, f32_copies=False).context == 100_000
 
 
+def test_too_many_slots_are_refused_with_the_most_that_fit(kquant, monkeypatch):
+    loaded = engine.loader.open_model(kquant)
+    one = memory.plan_memory(loaded.config, loaded.weights, 4096, "cpu", f32_copies=False)
+    plan = memory.plan_memory(loaded.config, loaded.weights, 4096, "cpu", f32_copies=False, slots=8)
+    assert plan.kv_cache == 8 * one.kv_cache == 8 * 4096 * plan.kv_per_token
+    assert plan.total - one.total == 7 * one.kv_cache  # only the caches are per slot
+    limit = plan.with_slots(3).total + plan.kv_per_token  # 3 slots of 4096 tokens fit, 4 do not
+    fits = memory.largest_context(plan, limit)
+    assert plan.at_context(fits).total <= limit < plan.at_context(fits + 1).total and 3 * 4096 // 8 <= fits < 4096
+    monkeypatch.setattr(memory, "available_bytes", lambda device: limit)
+    with monkeypatch.context() as guarded:
+        no_allocation(guarded)
+        with pytest.raises(ContextError) as refused:
+            engine.load(kquant, context=4096, f32_copies=False, slots=8)
+    assert str(refused.value) == (
+        f"8 slots of a context of 4096 tokens each: {plan.describe()} needed on the CPU, but only "
+        f"{limit / GiB:.2f} GiB is available; at this context at most 3 slots fit: use --parallel 3; with 8 "
+        f"slots the largest context that fits is {fits} tokens: use -c {fits}")
+    assert "KV caches (8 slots) " in plan.describe()
+    assert len(engine.load(kquant, context=4096, f32_copies=False, slots=3).caches) == 3
+
+
 def test_cli_refusal_is_one_error_line(kquant, monkeypatch, capsys):
     from engine.cli import cli, run
 

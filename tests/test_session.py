@@ -116,3 +116,27 @@ def test_chat_turns_reuse_the_previous_turns(model_path):
     with pytest.raises(ContextError):
         "".join(session.chat("hello " * 300))  # beyond the context: refused, the chat stays as it was
     assert session.messages == [{"role": "system", "content": "Be brief."}]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_sessions_on_their_own_slots_keep_their_sequences_side_by_side(model_path, device):
+    """On CUDA each generation's decode graph is captured against its own slot's cache: alternating two of them
+    step by step must give what each gives alone."""
+    llm = engine.load(model_path, device=device, context=128, slots=2)
+    one, two = llm.session(slot=0), llm.session(slot=1)
+    expected = {"first": fresh_generation(llm, FIRST), "second": fresh_generation(llm, SECOND)}
+    # interleaved token by token, as the server's slots run: neither disturbs the other's cache
+    streams = [one.generate_ids(FIRST, 8, GREEDY, stop_ids=[]), two.generate_ids(SECOND, 8, GREEDY, stop_ids=[])]
+    together = list(zip(*streams))
+    assert [list(stream) for stream in streams] == [[], []]  # both ended (zip stopped at the first's end)
+    assert [t[0] for t in together] == expected["first"] and [t[1] for t in together] == expected["second"]
+    assert one.last_stats.generated_tokens == two.last_stats.generated_tokens == 8
+    # each slot still holds its own sequence: a follow-up reuses it, and llm.generate (slot 0's cache) takes slot 0
+    assert list(two.generate_ids(SECOND + expected["second"], 2, GREEDY, stop_ids=[]))
+    assert two.last_stats.cached_tokens == len(SECOND) + 8 - 1
+    fresh_generation(llm, SHARED)
+    list(two.generate_ids(SECOND, 2, GREEDY, stop_ids=[]))
+    list(one.generate_ids(FIRST, 2, GREEDY, stop_ids=[]))
+    assert two.last_stats.cached_tokens == len(SECOND) - 1 and one.last_stats.cached_tokens == 0
+    with pytest.raises(engine.ConfigError, match="slot 2 does not exist"):
+        llm.session(slot=2)

@@ -1,12 +1,16 @@
 """The server's overhead: decode tokens/s streamed through HTTP vs the same generation in-process, and the
-time to first token through HTTP with and without prefix reuse.
+time to first token through HTTP with and without prefix reuse; with --clients, aggregate tokens/s of
+concurrent clients against servers of several slots (--parallel) instead.
 
     python tools/bench_server.py --device cuda -n 128 -p 512 --long 32768    # the issue's target: <= 5% slower
     python tools/bench_server.py --device cpu -n 32 -p 64 --long 1024
+    python tools/bench_server.py --device cpu -n 32 -p 64 --clients 1,2,4 --parallel 1,2,4
 
 The server (engine.server.app on uvicorn) runs in this process on a free port; requests use httpx, greedy,
 ignore_eos so that every run generates exactly -n tokens. Decode tokens/s through HTTP counts from the
-first streamed token to the last, as the in-process figure (GenerationStats) does.
+first streamed token to the last, as the in-process figure (GenerationStats) does. Aggregate tokens/s: the
+tokens all clients received over the wall time from their common start to the last one's end (prefill
+included); every client has its own -p-token prompt, shared with no other request of the run.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import json
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -59,6 +64,44 @@ def stream(client: httpx.Client, prompt: list[int], n: int) -> tuple[float, floa
     return first - t0, (tokens - 1) / (last - first) if last > first else 0.0, tokens
 
 
+def concurrent(url: str, prompts: list[list[int]], n: int) -> tuple[float, float]:
+    """(aggregate tokens/s, slowest time to first token) of one streamed completion per prompt, all at once."""
+    start = threading.Barrier(len(prompts) + 1)
+
+    def one(prompt: list[int]) -> tuple[float, float, int]:
+        with httpx.Client(base_url=url, timeout=600) as client:
+            start.wait()
+            return stream(client, prompt, n)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        runs = [pool.submit(one, prompt) for prompt in prompts]
+        start.wait()
+        t0 = time.perf_counter()
+        results = [run.result() for run in runs]
+    wall = time.perf_counter() - t0
+    return sum(tokens for _, _, tokens in results) / wall, max(ttft for ttft, _, _ in results)
+
+
+def aggregate_table(args, clients: list[int], parallel: list[int]) -> None:
+    """Aggregate tokens/s for each number of concurrent clients against a server of each number of slots."""
+    text_ids = None
+    rows = []
+    for slots in parallel:
+        llm = engine.load(args.model, device=args.device, context=args.p + args.n + 16, slots=slots)
+        if text_ids is None:
+            text_ids = llm.tokenize(prose())
+            prompts = iter(text_ids[i:i + args.p] for i in range(0, len(text_ids) - args.p, args.p))
+        server, url = start_server(llm)
+        concurrent(url, [next(prompts)], 8)  # warm-up
+        rows.append([concurrent(url, [next(prompts) for _ in range(c)], args.n) for c in clients])
+        server.should_exit = True
+    print(f"device {llm.device} ({llm.dtype}); each client: {args.p} prompt tokens, tg{args.n} streamed; "
+          f"aggregate tokens/s (slowest time to first token)")
+    print("slots \\ clients " + "".join(f"{c:>18}" for c in clients))
+    for slots, row in zip(parallel, rows):
+        print(f"--parallel {slots:<6}" + "".join(f"{tps:10.1f} ({ttft:4.1f} s)" for tps, ttft in row))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", default=None)
@@ -66,7 +109,13 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=128, help="tokens to generate (tg N)")
     parser.add_argument("-p", type=int, default=512, help="prompt tokens before the generation")
     parser.add_argument("--long", type=int, default=4096, help="prompt tokens for the time-to-first-token runs")
+    parser.add_argument("--clients", default=None, help="comma-separated numbers of concurrent clients: measure "
+                                                        "aggregate tokens/s instead")
+    parser.add_argument("--parallel", default="1", help="with --clients: comma-separated numbers of slots")
     args = parser.parse_args()
+    if args.clients:
+        aggregate_table(args, [int(c) for c in args.clients.split(",")], [int(p) for p in args.parallel.split(",")])
+        return
 
     llm = engine.load(args.model, device=args.device, context=max(args.p + args.n, args.long) + 16)
     text_ids = llm.tokenize(prose())

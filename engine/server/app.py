@@ -1,19 +1,24 @@
-"""The OpenAI-compatible ASGI app (starlette): one model, one session, one sequence at a time.
+"""The OpenAI-compatible ASGI app (starlette): one model, one session per slot, the slots taking turns.
 
-    GET  /health                 200 {"status": "ok"}; 503 while the model loads (in a background thread)
+    GET  /health                 200 {"status": "ok", "slots_idle": i, "slots_processing": p}; 503 while the model
+                                 loads (in a background thread)
     GET  /v1/models              the served model
     POST /v1/completions         prompt -> text; "stream": true sends server-sent events
     POST /v1/chat/completions    messages -> the assistant's answer through the model's chat template
     POST /tokenize, /detokenize  {"content": text} -> {"tokens": [...]}, {"tokens": [...]} -> {"content": text}
-    GET  /metrics                Prometheus counters (requests, tokens, prompt/generation seconds, cache hits)
+    GET  /metrics                Prometheus counters (requests, tokens, prompt/generation seconds, cache hits) and
+                                 gauges (slots, slots processing, requests waiting)
 
-Requests run one at a time in arrival order (an asyncio lock, FIFO); each runs on the server's one session, so
-a request whose prompt shares a prefix with the previous sequence (the next turn of a chat, another question
-about the same document) prefills only the rest; ``usage.prompt_tokens_details.cached_tokens`` says how much
-was reused. Model work runs in its own worker thread, which never waits for the network; a client that
-disconnects stops its generation at the next token. A stream with "return_progress": true also gets
-llama.cpp-style ``prompt_progress`` chunks (total, cache, processed tokens) while its prompt is prefilled.
-Every refused request gets an OpenAI-style error body and a 4xx status.
+Slots (slots.py): the model is loaded with N KV caches (``engine serve --parallel N``, ``engine.load(slots=N)``)
+and the server keeps one session on each. A request takes a free slot (the one holding the longest shared
+prefix, else the least recently used) or waits in a FIFO queue; on its slot, a prompt that shares a prefix
+with the slot's sequence (the next turn of a chat, another question about the same document) prefills only the
+rest, and ``usage.prompt_tokens_details.cached_tokens`` says how much was reused. Each busy slot's generation
+runs in a worker thread of its own, which never waits for the network; the model itself runs one step at a time
+(turns.py: a decode token or a prefill batch per turn, in FIFO order), so all busy slots advance token by token.
+A client that disconnects stops its generation at the next token and frees its slot. A stream with
+"return_progress": true also gets llama.cpp-style ``prompt_progress`` chunks (total, cache, processed tokens)
+while its prompt is prefilled. Every refused request gets an OpenAI-style error body and a 4xx status.
 """
 from __future__ import annotations
 
@@ -23,9 +28,10 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import anyio
 from starlette.applications import Starlette
@@ -38,22 +44,26 @@ from starlette.routing import Route
 from ..errors import EngineError
 from .metrics import Metrics
 from .protocol import ApiError, Job, check_model, fit_to_context, parse_job, typed_field
+from .slots import Slot, SlotPool
 from .stops import StopMatcher
+from .turns import ModelTurns
 
 log = logging.getLogger("engine.server")
 
 
 class ServerState:
-    """The model (once loaded), its session, the FIFO lock and the counters."""
+    """The model (once loaded), its slots (one per KV cache it was loaded with), the model turns, the slots'
+    worker threads and the counters."""
 
     def __init__(self, load_model: Callable[[], Any], model_name: str):
         self.load_model = load_model
         self.model_name = model_name
         self.llm = None
-        self.session = None
+        self.slots: SlotPool | None = None
+        self.turns: ModelTurns | None = None
+        self.workers: ThreadPoolExecutor | None = None  # one thread per slot
         self.load_error: BaseException | None = None
         self.on_load_error: Callable[[], None] = lambda: None
-        self.lock = asyncio.Lock()
         self.metrics = Metrics()
         self.created = int(time.time())
 
@@ -64,10 +74,13 @@ class ServerState:
         try:
             t0 = time.perf_counter()
             llm = self.load_model()
-            self.session = llm.session()
+            n_slots = len(llm.caches)
+            self.slots = SlotPool([llm.session(slot=i) for i in range(n_slots)])
+            self.turns = ModelTurns(_device_sync(llm))
+            self.workers = ThreadPoolExecutor(n_slots, thread_name_prefix="engine-slot")
             self.llm = llm
-            log.info("model %s loaded in %.1f s: %s (%s), context %d", self.model_name, time.perf_counter() - t0,
-                     llm.device, llm.dtype, llm.context)
+            log.info("model %s loaded in %.1f s: %s (%s), context %d, %d slot(s)", self.model_name,
+                     time.perf_counter() - t0, llm.device, llm.dtype, llm.context, n_slots)
         except BaseException as e:  # reported by /health, and the command stops the server
             self.load_error = e
             self.on_load_error()
@@ -78,20 +91,44 @@ class ServerState:
         if self.llm is None:
             raise ApiError(503, "Loading model", code="model_loading", kind="unavailable_error")
 
+    def gauges(self) -> dict[str, int]:
+        """The slot gauges of /metrics (metrics.GAUGES)."""
+        if self.slots is None:
+            return {"slots": 0, "slots_processing": 0, "requests_waiting": 0}
+        return {"slots": len(self.slots.slots), "slots_processing": self.slots.processing,
+                "requests_waiting": self.slots.waiting}
+
+
+def _device_sync(llm) -> Callable[[], None]:
+    """What ends a model turn: on CUDA, waiting for the device (a prefill's kernels run asynchronously)."""
+    if llm.device == "cuda":
+        return llm.backend.cp.cuda.runtime.deviceSynchronize
+    return lambda: None
+
 
 class Generation:
-    """One job on the session, driven from a worker thread: ``next_text()`` until None, then ``finish_reason``
-    and ``stats``. Stop strings are cut off; ``close()`` ends the generation wherever it is."""
+    """One job on its slot's session, driven from a slot's worker thread: ``next_text()`` until None, then
+    ``finish_reason`` and ``stats``. Stop strings are cut off; ``close()`` ends the generation wherever it is.
+    Model work (the first token with the prompt's prefill, each next token, the close) runs in model turns."""
 
-    def __init__(self, state: ServerState, job: Job):
-        self.state = state
-        self.tokens = state.session.generate_ids(job.prompt_ids, job.max_tokens, job.sampling,
-                                                 stop_ids=[] if job.ignore_eos else None, progress=self._progress)
+    def __init__(self, state: ServerState, slot: Slot, job: Job):
+        self.state, self.session, self.turns = state, slot.session, state.turns
+        self.tokens = slot.session.generate_ids(job.prompt_ids, job.max_tokens, job.sampling,
+                                                stop_ids=[] if job.ignore_eos else None, progress=self._progress)
         self.on_progress: Callable[[int, int], None] | None = None  # (prefilled, to prefill), from the worker
-        self.pieces = state.llm.text_stream(self.tokens)
+        self.pieces = state.llm.text_stream(self._token_per_turn())
         self.matcher = StopMatcher(job.stop)
         self.finish_reason: str | None = None
         self.stats = None
+        self.closed = False
+
+    def _token_per_turn(self) -> Iterator[int]:
+        while True:
+            with self.turns.turn():
+                token = next(self.tokens, None)
+            if token is None:
+                return
+            yield token
 
     def next_text(self) -> str | None:
         """The next text to send (never empty), or None when the generation is over."""
@@ -110,26 +147,25 @@ class Generation:
                 return text
         return None
 
-    def run(self) -> str:
-        """The whole text."""
-        parts = []
-        while (text := self.next_text()) is not None:
-            parts.append(text)
-        return "".join(parts)
-
     def close(self) -> None:
-        if self.stats is None:
-            self.pieces.close()
+        """End the generation (in the worker thread: it may wait for a model turn)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.pieces.close()
+        with self.turns.turn():
             self.tokens.close()  # the session's tokens follow its cache again
-            self.stats = self.state.session.last_stats
-            if self.stats is not None:
-                self.state.metrics.generation(self.stats)
+        self.stats = self.session.last_stats
+        if self.stats is not None:
+            self.state.metrics.generation(self.stats)
 
     def _progress(self, done: int, total: int) -> None:
+        """After each prefill batch (inside a model turn): report, and let the other slots step."""
         if done < total or total > 4096:
             log.info("prompt: %d / %d tokens prefilled", done, total)
         if self.on_progress is not None:
             self.on_progress(done, total)
+        self.turns.pass_turn()
 
 
 # ----------------------------------------------------------------------------------------- responses
@@ -160,10 +196,10 @@ class Progress:
     total: int
 
 
-async def _texts(generation: Generation, progress: bool) -> AsyncIterator[str | Progress]:
-    """The generation's texts (and, when asked, its prompt progress) as a worker thread produces them: decoding
-    never waits for the network. When the consumer stops (a client disconnected), the worker stops at the next
-    token and is waited for."""
+async def _texts(state: ServerState, generation: Generation, progress: bool) -> AsyncIterator[str | Progress]:
+    """The generation's texts (and, when asked, its prompt progress) as a slot's worker thread produces them:
+    decoding never waits for the network. When the consumer stops (a client disconnected), the worker stops at
+    the next token, closes the generation and is waited for: then the slot is consistent and may be reused."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()
@@ -172,13 +208,16 @@ async def _texts(generation: Generation, progress: bool) -> AsyncIterator[str | 
 
     def work() -> None:
         try:
-            while not stop.is_set() and (text := generation.next_text()) is not None:
-                loop.call_soon_threadsafe(queue.put_nowait, text)
+            try:
+                while not stop.is_set() and (text := generation.next_text()) is not None:
+                    loop.call_soon_threadsafe(queue.put_nowait, text)
+            finally:
+                generation.close()
             loop.call_soon_threadsafe(queue.put_nowait, None)
         except BaseException as e:  # handed to the consumer
             loop.call_soon_threadsafe(queue.put_nowait, e)
 
-    worker = loop.run_in_executor(None, work)
+    worker = loop.run_in_executor(state.workers, work)
     try:
         while (item := await queue.get()) is not None:
             if isinstance(item, BaseException):
@@ -192,9 +231,9 @@ async def _texts(generation: Generation, progress: bool) -> AsyncIterator[str | 
 
 async def _stream(state: ServerState, job: Job, head: dict[str, Any]) -> AsyncIterator[str]:
     chunk_object = "chat.completion.chunk" if job.chat else "text_completion"
-    async with state.lock:
-        generation = Generation(state, job)
-        texts = _texts(generation, job.return_progress)
+    async with state.slots.take(job.prompt_ids) as slot:
+        generation = Generation(state, slot, job)
+        texts = _texts(state, generation, job.return_progress)
         try:
             if job.chat:
                 yield _sse({**head, "object": chunk_object, "choices": [_choice(job, "", None, first=True)]})
@@ -211,14 +250,13 @@ async def _stream(state: ServerState, job: Job, head: dict[str, Any]) -> AsyncIt
         except EngineError as e:
             yield _sse(ApiError(400, str(e)).body())
         finally:
-            await texts.aclose()  # the worker has stopped: the session is consistent, the next request may run
-            generation.close()
+            await texts.aclose()  # the worker has stopped: the slot is consistent, the next request may take it
     yield "data: [DONE]\n\n"
 
 
 class _ClosingStreamingResponse(StreamingResponse):
     """A StreamingResponse that closes its body iterator however the stream ends (a client that disconnects
-    included), so the generation stops and the lock is released now rather than when the iterator is collected."""
+    included), so the generation stops and the slot is freed now rather than when the iterator is collected."""
 
     async def stream_response(self, send) -> None:
         try:
@@ -259,12 +297,13 @@ async def _generate(request: Request, state: ServerState, chat: bool) -> Respons
     if job.stream:
         return _ClosingStreamingResponse(_stream(state, job, head), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    async with state.lock:
-        generation = Generation(state, job)
+    async with state.slots.take(job.prompt_ids) as slot:
+        generation = Generation(state, slot, job)
+        texts = _texts(state, generation, progress=False)
         try:
-            text = await run_in_threadpool(generation.run)
+            text = "".join([piece async for piece in texts])
         finally:
-            generation.close()
+            await texts.aclose()
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                   "finish_reason": generation.finish_reason}
@@ -301,7 +340,7 @@ async def detokenize(request: Request, state: ServerState) -> Response:
 
 
 async def health(request: Request, state: ServerState) -> Response:
-    return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "ok", "slots_idle": state.slots.idle, "slots_processing": state.slots.processing})
 
 
 async def models(request: Request, state: ServerState) -> Response:
@@ -310,7 +349,7 @@ async def models(request: Request, state: ServerState) -> Response:
 
 
 async def metrics(request: Request, state: ServerState) -> Response:
-    return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+    return PlainTextResponse(state.metrics.render(state.gauges()), media_type="text/plain; version=0.0.4")
 
 
 def _endpoint(state: ServerState, handler, needs_model: bool = True):

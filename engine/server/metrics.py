@@ -1,4 +1,4 @@
-"""Counters for GET /metrics, in Prometheus' text format."""
+"""Counters and gauges for GET /metrics, in Prometheus' text format."""
 from __future__ import annotations
 
 import threading
@@ -11,6 +11,11 @@ COUNTERS = {  # name -> help
     "prompt_seconds_total": "Seconds spent prefilling prompts.",
     "generation_seconds_total": "Seconds spent generating tokens.",
     "prompt_cache_hits_total": "Generations that reused at least one cached prompt token.",
+}
+GAUGES = {  # name -> help; their values come from the server's slots at each scrape
+    "slots": "Slots (engine serve --parallel): sequences the server keeps, each with its own KV cache.",
+    "slots_processing": "Slots running a request now.",
+    "requests_waiting": "Requests queued (FIFO) until a slot is free.",
 }
 
 
@@ -34,7 +39,8 @@ class Metrics:
             self.totals["generation_seconds_total"] += stats.generation_seconds
             self.totals["prompt_cache_hits_total"] += stats.cached_tokens > 0
 
-    def render(self) -> str:
+    def render(self, gauges: dict[str, float]) -> str:
+        """The counters, and the gauges' values (GAUGES' names)."""
         with self._lock:
             lines = ["# HELP engine_requests_total HTTP requests answered, by endpoint and status.",
                      "# TYPE engine_requests_total counter"]
@@ -43,4 +49,7 @@ class Metrics:
             for name, help_text in COUNTERS.items():
                 lines += [f"# HELP engine_{name} {help_text}", f"# TYPE engine_{name} counter",
                           f"engine_{name} {self.totals[name]:g}"]
+        for name, help_text in GAUGES.items():
+            lines += [f"# HELP engine_{name} {help_text}", f"# TYPE engine_{name} gauge",
+                      f"engine_{name} {gauges[name]:g}"]
         return "\n".join(lines) + "\n"
