@@ -228,7 +228,8 @@ def run_ruler(plan: RulerPlan, progress=NoProgress()) -> Iterator[RulerCell]:
             load_seconds = time.perf_counter() - t0
             for ti, task in enumerate(plan.tasks):
                 generate = TASKS[task].tokens_to_generate
-                progress.start_cell(f"ruler {method} @ {length}, {task}", plan.samples * plan.sample_flops(length, task))
+                progress.start_cell(f"ruler {method} @ {length}, {task}",
+                                    plan.samples * plan.sample_flops(length, task))
                 cell = RulerCell(method, length, task, load_seconds=load_seconds if ti == 0 else 0.0)
                 t1 = time.perf_counter()
                 for prompt in prompts[task]:
