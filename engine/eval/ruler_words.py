@@ -1,9 +1,9 @@
 """The words and text of the RULER tasks, built in code (RULER itself downloads them).
 
 - ``key_words()``: the needle keys of the niah tasks, "adjective-noun" pairs (RULER: wonderwords'
-  adjective x noun lists), here from the adjectives and nouns below (219 x 292 = 63,948 keys).
+  adjective x noun lists), here from the adjectives and nouns below (218 x 292 = 63,656 keys).
 - ``plain_words()``: the words of cwe (RULER: wonderwords' nouns + adjectives + verbs, ~3,300 of them),
-  here the same three lists (622 distinct words). A cwe prompt that needs more distinct words than that draws from
+  here the same three lists (621 distinct words). A cwe prompt that needs more distinct words than that draws from
   ``coined_words`` instead (RULER falls back to a list of ~1M random English words).
 - ``essay_words(n)``: the first n words of a fixed essay-like text, the "essay" haystack when no
   ``--haystack FILE`` is given (RULER: Paul Graham's essays). Sentences are made from the same lists
