@@ -25,7 +25,7 @@ easy elastic elegant empty endless equal exact faint fair false famous fancy fas
 fluffy fond formal fragile free fresh friendly frozen funny gentle giant glad global golden graceful grand
 green gray hairy handy happy hard harsh heavy hidden high hollow honest huge humble hungry icy idle
 immense jolly juicy keen kind large late lazy legal light little lively local lonely long loud lovely low
-loyal lucky magic major messy mild minor modern moist narrow nasty neat nervous noble noisy normal odd
+loyal lucky major messy mild minor modern moist narrow nasty neat nervous noble noisy normal odd
 old open orange plain polite poor proud purple quick quiet rapid rare raw ready real rich rigid ripe
 rough round royal rural rusty sad safe salty scarlet secret sharp shiny short shy silent silly simple
 sleepy slim slow small smooth soft solid sour spicy steady steep sticky stormy strange strict strong
