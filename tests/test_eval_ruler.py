@@ -29,8 +29,8 @@ from engine.options import LoadSettings
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_tiny_model import TinySpec, make_tiny_model  # noqa: E402
 
-# a token counter that needs no model: vt's in-context example gets 6 noise paragraphs
-ENV = TaskEnv(essay_words, lambda text: len(text.split()), lambda: 6)
+# the generated essay; vt's in-context example gets 6 noise paragraphs (no tokenizer needed)
+ENV = TaskEnv(essay_words, lambda: 6)
 NUMBER = re.compile(r"\d{7}")
 UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 

@@ -85,16 +85,13 @@ class PromptBuilder:
     def __init__(self, tokenizer, chat: bool, haystack: list[str] | None, seed: int):
         self.tokenizer, self.chat, self.seed = tokenizer, chat, seed
         self._haystack = haystack
-        self.env = TaskEnv(self._essay, self.count_tokens, self._vt_icl_noises)
+        self.env = TaskEnv(self._essay, self._vt_icl_noises)
 
     def _essay(self, n: int) -> list[str]:
         if self._haystack is None:
             return essay_words(n)
         repeats = -(-n // len(self._haystack))  # RULER repeats a short haystack
         return (self._haystack * repeats)[:n]
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text))
 
     def encode(self, text: TaskText) -> list[int]:
         if self.chat:
@@ -110,7 +107,7 @@ class PromptBuilder:
 
         def tokens(n: int) -> int:
             text, prefix, _ = vt_example(spec, np.random.default_rng(VT_ICL_SEED), n, letters=3)
-            return self.count_tokens(text + prefix)
+            return len(self.tokenizer.encode(text + prefix))
         return largest_fitting(tokens, VT_ICL_TOKENS, spec.min_units()) or spec.min_units()
 
     def text(self, task: str, length: int, sample: int, units: int) -> TaskText:

@@ -81,9 +81,8 @@ class TaskText:
 
 @dataclass(frozen=True)
 class TaskEnv:
-    """What a task needs besides its seed: haystack words and a token counter (vt's in-context example)."""
+    """What a task needs besides its seed and sizes: the essay haystack and the size of vt's example."""
     essay: Callable[[int], list[str]]  # the first n haystack words
-    count_tokens: Callable[[str], int]
     vt_icl_noises: Callable[[], int]   # noise paragraphs of vt's in-context example (ruler.py fits it once)
 
 
