@@ -331,3 +331,34 @@ def test_cli_bad_input_is_one_error_line(tiny):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: unknown task 'qa_1' (choose from " + ", ".join(TASKS) + ", or all)"]
+
+
+def test_cli_ctrl_c_keeps_what_finished(default_tokenizer, monkeypatch, tmp_path):
+    calls = []
+
+    def answer_then_interrupt(self, prompt_ids, max_tokens=128, sampling=None, stop_ids=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        yield from self.tokenize(" 1234567.")
+
+    monkeypatch.setattr(LLM, "generate_ids", answer_then_interrupt)
+    out, png = tmp_path / "partial.json", tmp_path / "partial.png"
+    plot = ["--plot", str(png)] if _has_matplotlib() else []
+    result = CliRunner().invoke(eval_group, ["ruler", "--lengths", "700", "--tasks", "niah_single_1", "--samples",
+                                             "1", "--method", "rope,dca", "--device", "cpu", "--json", str(out),
+                                             *plot])
+    assert result.exit_code == 130, result.output
+    assert result.stdout.split("\n\n")[1].splitlines()[1].split() == ["niah_single_1", "-"]
+    data = json.loads(out.read_text())
+    assert data["complete"] is False and [(c["method"], c["score"]) for c in data["cells"]] == [("rope", 0.0)]
+    if plot:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
