@@ -1,8 +1,10 @@
 """RULER's synthetic tasks (NVIDIA/RULER, scripts/synthetic.yaml + scripts/data/synthetic/*.py), written anew.
 
 Each task turns (a seeded generator, a haystack size n, the target length) into a ``TaskText``: the user's
-message, the answer prefix the prompt ends with, and the expected answers. ``ruler.py`` searches n so the
-tokenized prompt plus the task's generation budget fits the target length, as RULER does.
+message, the answer prefix the prompt ends with, and the expected answers. n counts the task's haystack
+units: noise paragraphs (niah noise, vt), distractor needles, essay words, cwe's distinct words, fwe's words
+(before the Zipf counts are truncated). ``ruler.py`` searches n so the tokenized prompt plus the task's
+generation budget fits the target length, as RULER does.
 
 Tasks (haystack "noise": RULER's noise paragraph repeated n times, one per line; "essay": the first n words
 of an essay (``--haystack FILE`` or ruler_words.essay_words), needles put between its sentences at depths
