@@ -15,7 +15,7 @@ from engine.default_model import locate_default_model
 from engine.errors import ConfigError, ContextError
 from engine.eval import passkey as passkey_module
 from engine.eval.commands import eval_group
-from engine.eval.passkey import (FILLER, INTRO, KEY_LINE, QUESTION, build_prompt, is_correct, make_keys,
+from engine.eval.passkey import (FILLER, INTRO, KEY_LINE, QUESTION, STYLES, build_prompt, is_correct, make_keys,
                                  plan_passkey, run_passkey)
 from engine.loader import open_model
 from engine.options import LoadSettings
@@ -69,6 +69,23 @@ def test_prompt_length_and_depth_default_tokenizer():
         assert abs(prompt.length - length) <= 0.01 * length
     for depth in DEPTHS:
         _check_prompt(tokenizer, build_prompt(tokenizer, 4096, depth, 99999), 4096, depth, 99999)
+
+
+def test_spaced_style_is_one_paragraph_with_the_same_sentences(tiny_tokenizer):
+    for depth in STYLES["spaced"][1]:
+        prompt = build_prompt(tiny_tokenizer, 8192, depth, 31337, style="spaced")
+        assert abs(prompt.length - 8192) <= 0.01 * 8192
+        assert abs(prompt.key_offset / prompt.length - depth) <= 0.02
+        text = tiny_tokenizer.decode(prompt.ids, skip_special=True)
+        assert "\n" not in text and text.startswith(INTRO + " The grass is green. ") and text.endswith(". " + QUESTION)
+        before, after = text[len(INTRO) + 1:-len(QUESTION) - 1].split(" " + KEY_LINE.format(key=31337) + " ")
+        sentences = re.findall(r"[^.]+\.", before + " " + after)
+        assert [s.strip() for s in sentences] == [FILLER[i % len(FILLER)] for i in range(len(sentences))]
+    landmark = build_prompt(tiny_tokenizer, 2000, 0.5, 31337)
+    spaced = build_prompt(tiny_tokenizer, 2000, 0.5, 31337, style="spaced")
+    assert tiny_tokenizer.decode(landmark.ids).replace("\n", " ") == tiny_tokenizer.decode(spaced.ids)
+    with pytest.raises(ConfigError, match="unknown passkey style 'ruler'"):
+        build_prompt(tiny_tokenizer, 2000, 0.5, 31337, style="ruler")
 
 
 def test_prompt_too_short(tiny_tokenizer):
@@ -130,9 +147,9 @@ def test_cli_real_run_table_json_and_plot(tiny, tmp_path):
     blocks = result.stdout.strip().split("\n\n")
     assert [b.splitlines()[0].split() for b in blocks] == [["passkey", m, "0", "1", "all"] for m in ("rope", "dca")]
     data = json.loads(out.read_text())
-    assert {k: data[k] for k in ("version", "kind", "complete", "lengths", "depths", "methods", "trials", "seed",
-                                 "max_new_tokens", "dca")} == {
-        "version": 1, "kind": "passkey", "complete": True, "lengths": [300], "depths": [0.0, 1.0],
+    assert {k: data[k] for k in ("version", "kind", "complete", "style", "lengths", "depths", "methods", "trials",
+                                 "seed", "max_new_tokens", "dca")} == {
+        "version": 1, "kind": "passkey", "complete": True, "style": "landmark", "lengths": [300], "depths": [0.0, 1.0],
         "methods": ["rope", "dca"], "trials": 1, "seed": 0, "max_new_tokens": 3,
         "dca": {"chunk_size": 96, "local_window": 32}}
     assert data["model"]["training_context"] == 256 and data["device"] == "cpu"
@@ -146,6 +163,17 @@ def test_cli_real_run_table_json_and_plot(tiny, tmp_path):
         assert cell["n_correct"] == int(trial["correct"]) and abs(trial["prompt_tokens"] - 300) <= 3
     if plot:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_spaced_style_defaults_to_its_depths(tiny, tmp_path):
+    out = tmp_path / "spaced.json"
+    result = _invoke("-m", tiny, "--style", "spaced", "--lengths", "300", "--method", "rope", "-n", "2",
+                     "--json", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["style"] == "spaced" and data["depths"] == [0.125, 0.375, 0.625, 0.875]
+    assert [c["depth"] for c in data["cells"]] == data["depths"]
+    assert result.stdout.splitlines()[0].split() == ["passkey", "rope", "0.125", "0.375", "0.625", "0.875", "all"]
 
 
 def _has_matplotlib() -> bool:

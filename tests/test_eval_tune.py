@@ -91,6 +91,7 @@ def test_run_prefers_the_settings_that_retrieve(tiny, tmp_path, monkeypatch):
         "--write-gguf", str(tuned)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
+    assert data["style"] == "spaced" and data["depths"] == [0.2, 0.8]
     assert data["kind"] == "tune-dca" and data["complete"] and data["default"] == {"chunk_size": 192,
                                                                                    "local_window": 32}
     grid = {(c["chunk_size"], c["local_window"]): c for c in data["candidates"]}

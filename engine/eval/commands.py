@@ -1,5 +1,5 @@
-"""`engine eval ppl`, `engine eval passkey` and `engine eval tune-dca` (click group ``eval_group``, registered by
-engine/cli.py).
+"""`engine eval ppl`, `engine eval passkey`, `engine eval ruler` and `engine eval tune-dca` (click group
+``eval_group``, registered by engine/cli.py).
 
 The commands validate everything before the first model load (methods, DCA settings, lengths against
 the texts and against memory, output folders, matplotlib for --plot), show one progress bar on stderr,
@@ -15,15 +15,18 @@ from pathlib import Path
 import click
 
 from ..backends import resolve_device
-from ..options import LoadSettings, load_options
-from .methods import parse_depths, parse_lengths, parse_methods
-from .passkey import plan_passkey, run_passkey
-from .ppl import plan_ppl, run_ppl
-from .progress import Progress, format_seconds
 from ..convert.output import check_file_destination
 from ..convert.set_metadata import copy_with_metadata
-from .report import (check_output_path, length_label, passkey_json, passkey_table, plot_passkey, plot_ppl, plot_tune,
-                     ppl_json, ppl_table, require_matplotlib, tune_json, tune_table, write_json)
+from ..options import LoadSettings, load_options
+from .methods import parse_depths, parse_lengths, parse_methods
+from .passkey import STYLES, plan_passkey, run_passkey
+from .ppl import plan_ppl, run_ppl
+from .progress import Progress, format_seconds
+from .report import (check_output_path, length_label, passkey_json, passkey_table, plot_passkey, plot_ppl, plot_ruler,
+                     plot_tune, ppl_json, ppl_table, require_matplotlib, ruler_json, ruler_table, tune_json, tune_table,
+                     write_json)
+from .ruler import parse_tasks, plan_ruler, run_ruler
+from .ruler_tasks import TASKS
 from .tune import choose, plan_tune, run_tune, tuned_metadata
 
 INTERRUPTED_EXIT = 130
@@ -55,7 +58,7 @@ _shared_options = _apply([load_options(without=PER_METHOD), LENGTHS_OPTION, NTK_
 
 @click.group("eval")
 def eval_group() -> None:
-    """Long-context evaluation: perplexity and passkey retrieval per context-extension method."""
+    """Long-context evaluation: perplexity, passkey retrieval and RULER per context-extension method."""
 
 
 def _check_outputs(json_path: Path | None, plot_path: Path | None) -> None:
@@ -114,24 +117,29 @@ def ppl_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot_pat
 
 @eval_group.command("passkey")
 @_shared_options
-@click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True,
-              help="comma-separated key positions as fractions of the prompt")
+@click.option("--style", type=click.Choice(tuple(STYLES)), default="landmark", show_default=True,
+              help="prompt: landmark = intro, filler, key line, filler, question on their own lines (Landmark "
+                   "Attention's prompt); spaced = the same sentences in one space-joined paragraph")
+@click.option("--depths", default=None,
+              help="comma-separated key positions as fractions of the prompt [default: 0,0.25,0.5,0.75,1 for "
+                   "landmark, 0.125,0.375,0.625,0.875 for spaced]")
 @click.option("--trials", type=int, default=1, show_default=True, help="prompts (keys) per length and depth")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the random keys")
 @click.option("--method", "methods", default="rope,dca", show_default=True,
               help="comma-separated: rope,pi,ntk,dynamic,yarn,dca,dca+ntk")
 @click.option("-n", "--n-predict", "n_predict", type=int, default=8, show_default=True,
               help="tokens generated (greedy) for the answer")
-def passkey_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot_path, depths, trials, seed, methods,
-                    n_predict) -> None:
+def passkey_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot_path, style, depths, trials, seed,
+                    methods, n_predict) -> None:
     """Passkey retrieval accuracy by prompt length and key depth for each method."""
     started = time.perf_counter()
     _check_outputs(json_path, plot_path)
-    plan = plan_passkey(settings, parse_lengths(lengths), parse_depths(depths), parse_methods(methods), trials, seed,
-                        n_predict, ntk_factor)
+    depths = STYLES[style][1] if depths is None else parse_depths(depths)
+    plan = plan_passkey(settings, parse_lengths(lengths), depths, parse_methods(methods), trials, seed,
+                        n_predict, ntk_factor, style)
     device_name = resolve_device(settings.device)
     click.echo(f"model {plan.model_path.name} (training context {plan.model.config.context_length}) on "
-               f"{device_name}", err=True)
+               f"{device_name}; {style} prompts", err=True)
     cells: list = []
     progress = Progress(plan.total_flops(), "passkey")
     interrupted = _collect(cells, run_passkey(plan, progress), progress)
@@ -154,21 +162,22 @@ def passkey_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot
                    "[default: L/2, 5L/8, 3L/4, 7L/8, L]")
 @click.option("--local-windows", default=None,
               help="candidate local windows, as --chunk-sizes [default: L/16, L/8, L/4]")
-@click.option("--depths", default="0.1,0.3,0.5,0.7,0.9", show_default=True,
-              help="passkey depths, fractions of the prompt")
+@click.option("--style", type=click.Choice(tuple(STYLES)), default="spaced", show_default=True,
+              help="passkey prompt style (as eval passkey)")
+@click.option("--depths", default=None, help="passkey depths, fractions of the prompt [default: the style's]")
 @click.option("--trials", type=int, default=1, show_default=True, help="passkey prompts per length and depth")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the passkeys")
 @click.option("--write-gguf", "write_gguf", type=click.Path(path_type=Path), default=None,
               help="write a copy of the model's GGUF with the chosen settings in its metadata")
 @click.option("--force", is_flag=True, help="overwrite an existing --write-gguf file")
 def tune_dca_command(settings: LoadSettings, lengths, json_path, plot_path, texts, windows, chunk_sizes,
-                     local_windows, depths, trials, seed, write_gguf, force) -> None:
+                     local_windows, style, depths, trials, seed, write_gguf, force) -> None:
     """Choose the DCA chunk size and local window: perplexity + passkey per candidate, the Pareto front, and the
     best score (retrieval - relative perplexity excess); optionally write them into a GGUF."""
     started = time.perf_counter()
     _check_outputs(json_path, plot_path)
     plan = plan_tune(settings, texts, parse_lengths(lengths), chunk_sizes, local_windows, windows,
-                     parse_depths(depths), trials, seed)
+                     None if depths is None else parse_depths(depths), trials, seed, style=style)
     if write_gguf is not None:
         if plan.ppl.model.file_format != "gguf":
             raise click.UsageError("--write-gguf needs a GGUF model (convert the HF folder with engine convert first)")
@@ -192,3 +201,42 @@ def tune_dca_command(settings: LoadSettings, lengths, json_path, plot_path, text
         click.echo(f"wrote {write_gguf}: DCA chunk size {chosen.dca.chunk_size}, local window "
                    f"{chosen.dca.local_window}", err=True)
     _finish(interrupted, len(results), len(plan.candidates), started)
+@eval_group.command("ruler")
+@_shared_options
+@click.option("--tasks", default="all", show_default=True,
+              help="comma-separated RULER tasks: " + ", ".join(TASKS) + " (or all)")
+@click.option("--samples", type=int, default=4, show_default=True, help="prompts per task and length")
+@click.option("--seed", type=int, default=42, show_default=True, help="seed of the generated prompts")
+@click.option("--method", "--methods", "methods", default="rope,dca", show_default=True,
+              help="comma-separated: rope,pi,ntk,dynamic,yarn,dca,dca+ntk")
+@click.option("--haystack", type=click.Path(path_type=Path), default=None,
+              help="text file for the essay haystacks (niah_single_2/3, niah_multikey_1, niah_multivalue, "
+                   "niah_multiquery) [default: generated essay-like text]")
+@click.option("--chat/--no-chat", default=None,
+              help="wrap each prompt in the model's chat template (RULER's chat templates) or not (its base "
+                   "template) [default: chat when the model has a template]")
+def ruler_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot_path, tasks, samples, seed, methods,
+                  haystack, chat) -> None:
+    """RULER's synthetic tasks (needle retrieval, variable tracking, common and frequent words), generated offline.
+
+    Each prompt is fitted to the length (prompt + the task's answer tokens <= length); answers are greedy and
+    scored as RULER does (fraction of the expected strings in the output). Prints a table of scores in percent
+    per method, task and length, and their average per method and length.
+    """
+    started = time.perf_counter()
+    _check_outputs(json_path, plot_path)
+    plan = plan_ruler(settings, parse_lengths(lengths), parse_tasks(tasks), parse_methods(methods), samples, seed,
+                      chat, haystack, ntk_factor)
+    device_name = resolve_device(settings.device)
+    click.echo(f"model {plan.model_path.name} (training context {plan.model.config.context_length}) on "
+               f"{device_name}; {'chat' if plan.chat else 'base'} prompts", err=True)
+    cells: list = []
+    progress = Progress(plan.total_flops(), "ruler")
+    interrupted = _collect(cells, run_ruler(plan, progress), progress)
+    click.echo(ruler_table(cells, plan.lengths, plan.tasks, plan.methods))
+    if json_path is not None:
+        write_json(json_path, ruler_json(plan, cells, device_name, complete=not interrupted))
+    if plot_path is not None and cells:
+        plot_ruler(plot_path, cells, plan.lengths, plan.methods,
+                   f"{plan.model.config.name or plan.model_path.name}: RULER average")
+    _finish(interrupted, len(cells), len(plan.lengths) * len(plan.tasks) * len(plan.methods), started)

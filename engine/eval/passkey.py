@@ -1,12 +1,19 @@
 """Passkey retrieval: can the model find a 5-digit key hidden at some depth of a long prompt?
 
-The prompt (the standard one of Landmark Attention / LongLoRA), lines joined by newlines:
+Two prompt styles (``style``), the same sentences joined differently:
+
+- "landmark" (the standard prompt of Landmark Attention / LongLoRA), lines joined by newlines, default
+  depths 0, 0.25, 0.5, 0.75, 1:
 
     There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. ...
     The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. The grass ...
     The pass key is 68301. Remember it. 68301 is the pass key.
     ... The sky is blue. The sun is yellow. Here we go. There and back again.
     What is the pass key? The pass key is
+
+- "spaced": intro, filler, key line, filler and question all joined by single spaces (one paragraph), default
+  depths 1/8, 3/8, 5/8, 7/8 (the middles of the prompt's quarters, never at its very start or end).
+  On the default model at 16k-128k this style scores far above "landmark" (issue 16).
 
 The filler is counted in sentences (cycling through its five), split before and after the key line.
 The whole text is tokenized at once, as any user prompt is (BOS when the model adds one).
@@ -48,6 +55,8 @@ KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 KEY_RANGE = (10000, 100000)  # 5-digit keys, upper bound exclusive
 MAX_SEARCH_STEPS = 64
+# style -> (what joins the prompt's parts, default depths)
+STYLES = {"landmark": ("\n", (0.0, 0.25, 0.5, 0.75, 1.0)), "spaced": (" ", (0.125, 0.375, 0.625, 0.875))}
 
 
 def filler_text(n_sentences: int, first: int = 0) -> str:
@@ -55,10 +64,16 @@ def filler_text(n_sentences: int, first: int = 0) -> str:
     return " ".join(FILLER[(first + i) % len(FILLER)] for i in range(n_sentences))
 
 
-def prompt_text(key: int, n_before: int, n_after: int) -> str:
-    lines = [INTRO, filler_text(n_before), KEY_LINE.format(key=key), filler_text(n_after, first=n_before),
+def check_style(style: str) -> str:
+    if style not in STYLES:
+        raise ConfigError(f"unknown passkey style {style!r} (choose from {', '.join(STYLES)})")
+    return style
+
+
+def prompt_text(key: int, n_before: int, n_after: int, style: str = "landmark") -> str:
+    parts = [INTRO, filler_text(n_before), KEY_LINE.format(key=key), filler_text(n_after, first=n_before),
              QUESTION]
-    return "\n".join(line for line in lines if line)
+    return STYLES[check_style(style)][0].join(part for part in parts if part)
 
 
 @dataclass(frozen=True)
@@ -86,13 +101,13 @@ def _token_offset(tokenizer, ids: Sequence[int], char_offset: int) -> int:
     return lo
 
 
-def build_prompt(tokenizer, length: int, depth: float, key: int) -> PasskeyPrompt:
-    """The passkey prompt of about `length` tokens with `key` at `depth` (see the module docstring)."""
+def build_prompt(tokenizer, length: int, depth: float, key: int, style: str = "landmark") -> PasskeyPrompt:
+    """The passkey prompt of about `length` tokens with `key` at `depth` in `style` (see the module docstring)."""
     if not 0.0 <= depth <= 1.0:
         raise ConfigError(f"depth {depth} is outside [0, 1]")
 
     def encode(n_before: int, n_after: int) -> list[int]:
-        return tokenizer.encode(prompt_text(key, n_before, n_after))
+        return tokenizer.encode(prompt_text(key, n_before, n_after, style))
 
     fixed = len(encode(0, 0))
     if length <= fixed:
@@ -100,7 +115,7 @@ def build_prompt(tokenizer, length: int, depth: float, key: int) -> PasskeyPromp
             f"passkey length {length} is too short: the intro, key line and question alone take {fixed} tokens")
     cycle = len(encode(0, 2 * len(FILLER))) - len(encode(0, len(FILLER)))  # tokens per filler cycle
     per_sentence = max(cycle / len(FILLER), 1.0)
-    key_char = prompt_text(key, 0, 0).index(KEY_LINE.format(key=key)) + len("The pass key is ")
+    key_char = prompt_text(key, 0, 0, style).index(KEY_LINE.format(key=key)) + len("The pass key is ")
     key_offset_at_start = _token_offset(tokenizer, encode(0, 0), key_char)
 
     def split(total: int) -> int:
@@ -124,7 +139,7 @@ def build_prompt(tokenizer, length: int, depth: float, key: int) -> PasskeyPromp
     total = min((t for t in (total - 1, total, total + 1) if t >= 0), key=lambda t: abs(error(t)))
     before = split(total)
     ids = encode(before, total - before)
-    text = prompt_text(key, before, total - before)
+    text = prompt_text(key, before, total - before, style)
     char = text.index(KEY_LINE.format(key=key)) + len("The pass key is ")
     return PasskeyPrompt(tuple(ids), key, length, depth, _token_offset(tokenizer, ids, char))
 
@@ -183,6 +198,7 @@ class PasskeyPlan:
     max_new_tokens: int
     settings: LoadSettings  # model, device, dtype, DCA chunk settings, attention temperature
     ntk_factor: float = 2.0  # of the dca+ntk method
+    style: str = "landmark"
 
     def keys(self) -> np.ndarray:
         return make_keys(self.seed, len(self.lengths), len(self.depths), self.trials)
@@ -197,7 +213,8 @@ class PasskeyPlan:
 
 
 def plan_passkey(settings: LoadSettings, lengths: Sequence[int], depths: Sequence[float], methods: Sequence[str],
-                 trials: int = 1, seed: int = 0, max_new_tokens: int = 8, ntk_factor: float = 2.0) -> PasskeyPlan:
+                 trials: int = 1, seed: int = 0, max_new_tokens: int = 8, ntk_factor: float = 2.0,
+                 style: str = "landmark") -> PasskeyPlan:
     """Validate everything; raises before any model work."""
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
@@ -210,9 +227,9 @@ def plan_passkey(settings: LoadSettings, lengths: Sequence[int], depths: Sequenc
     context = int(max(lengths) * 1.01) + max_new_tokens  # the longest prompt (+1%) and its answer
     check_memory(loaded, context, settings.device, what=f"passkey prompts of {max(lengths)} tokens (+1%, "
                  f"+{max_new_tokens} generated: {context} tokens)", dtype=settings.dtype)
-    build_prompt(loaded.tokenizer, min(lengths), 0.0, KEY_RANGE[0])  # too short a length fails here
+    build_prompt(loaded.tokenizer, min(lengths), 0.0, KEY_RANGE[0], check_style(style))  # too short fails here
     return PasskeyPlan(model_path, loaded, lengths, depths, methods, trials, seed, max_new_tokens,
-                       dataclasses.replace(settings, model=model_path), ntk_factor)
+                       dataclasses.replace(settings, model=model_path), ntk_factor, style)
 
 
 def run_passkey(plan: PasskeyPlan, progress=NoProgress()) -> Iterator[PasskeyCell]:
@@ -225,8 +242,9 @@ def run_passkey(plan: PasskeyPlan, progress=NoProgress()) -> Iterator[PasskeyCel
     tokenizer = plan.model.tokenizer
     training_length = plan.model.config.context_length
     greedy = SamplingParams(temperature=0.0)
-    prompts = [[[build_prompt(tokenizer, length, depth, int(keys[li, di, t])) for t in range(plan.trials)]
-                for di, depth in enumerate(plan.depths)] for li, length in enumerate(plan.lengths)]
+    prompts = [[[build_prompt(tokenizer, length, depth, int(keys[li, di, t]), plan.style)
+                 for t in range(plan.trials)] for di, depth in enumerate(plan.depths)]
+               for li, length in enumerate(plan.lengths)]
     # (length, depth, trial), the same prompts for every method; per length, the context its longest prompt needs
     contexts = [max(p.length for row in by_depth for p in row) + plan.max_new_tokens for by_depth in prompts]
     settings = dataclasses.replace(plan.settings, context=max(contexts))

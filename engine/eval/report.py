@@ -1,7 +1,7 @@
 """Results of the evaluations as text tables, JSON files and PNG plots.
 
 JSON (``--json FILE``), version 1. Both kinds share:
-    version: 1, kind: "ppl" | "passkey", complete: bool (false when interrupted: cells hold what finished),
+    version: 1, kind: "ppl" | "passkey" | "ruler", complete: bool (false when interrupted: cells hold what finished),
     model: {path, name, training_context}, device: "cpu" | "cuda", methods: [str], lengths: [int],
     dca: {chunk_size, local_window} | null (the DCA settings of the dca methods, defaults resolved),
     ntk_factor: float (the NTK factor of dca+ntk)
@@ -12,13 +12,21 @@ kind "ppl" adds:
         n_tokens: scored tokens (files * windows * (length - 1)), seconds: scoring time,
         load_seconds: loading the model (the run's first cell) or switching its layout (the others)
 kind "passkey" adds:
-    depths: [float], trials: int, seed: int, max_new_tokens: int,
+    style: "landmark" | "spaced" (passkey.py), depths: [float], trials: int, seed: int, max_new_tokens: int,
     cells: [{method, length, depth, n_correct, trials, accuracy, seconds, load_seconds,
              results: [{key, output, correct, prompt_tokens, key_offset}]}]
 kind "tune-dca" (engine/eval/tune.py) adds:
+    files, windows, style, depths, trials, seed (the perplexity texts and the passkey prompts),
     default: {chunk_size, local_window}, chosen: {chunk_size, local_window} | null,
     candidates: [{chunk_size, local_window, ppl, retrieval, score, pareto, ppl_cells: [...], passkey_cells: [...]}]
         (the cells as in kinds "ppl" and "passkey", method "dca" with the candidate's settings)
+kind "ruler" adds:
+    tasks: [str], tokens_to_generate: {task: int}, samples: int (per task and length), seed: int,
+    chat: bool (prompts in the model's chat template), haystack: str | null (--haystack FILE),
+    cells: [{method, length, task, score, samples, seconds, load_seconds,
+             results: [{prompt_tokens, expected: [str], output, score}]}],
+        score: mean over the samples of the fraction of expected strings found in the output (in [0, 1]),
+    averages: [{method, length, score, tasks}]: the mean score over the tasks finished at that length
 Plots need matplotlib (an optional extra); ``require_matplotlib`` fails early with one clear error.
 """
 from __future__ import annotations
@@ -34,6 +42,8 @@ from .methods import method_settings, uses_dca
 from .passkey import PasskeyCell, PasskeyPlan
 from .ppl import PplCell, PplPlan
 from .tune import CandidateResult, TunePlan, pareto_front, scores
+from .ruler import RulerCell, RulerPlan
+from .ruler_tasks import TASKS
 
 JSON_VERSION = 1
 MISSING = "-"
@@ -81,7 +91,30 @@ def passkey_table(cells: Sequence[PasskeyCell], lengths: Sequence[int], depths: 
     return "\n\n".join(blocks)
 
 
-def _dca_json(plan: PplPlan | PasskeyPlan) -> dict[str, int] | None:
+def ruler_averages(cells: Sequence[RulerCell]) -> dict[tuple[str, int], tuple[float, int]]:
+    """(method, length) -> (mean score over its finished tasks, number of tasks)."""
+    scores: dict[tuple[str, int], list[float]] = {}
+    for c in cells:
+        scores.setdefault((c.method, c.length), []).append(c.score)
+    return {key: (sum(v) / len(v), len(v)) for key, v in scores.items()}
+
+
+def ruler_table(cells: Sequence[RulerCell], lengths: Sequence[int], tasks: Sequence[str],
+                methods: Sequence[str]) -> str:
+    """One block per method: tasks and their average as rows, lengths as columns, scores in percent."""
+    by_key = {(c.method, c.length, c.task): c for c in cells}
+    averages = ruler_averages(cells)
+    blocks = []
+    for m in methods:
+        rows = [[t] + [f"{100 * by_key[m, n, t].score:.1f}" if (m, n, t) in by_key else MISSING for n in lengths]
+                for t in tasks]
+        rows.append(["average"] + [f"{100 * averages[m, n][0]:.1f}" if (m, n) in averages else MISSING
+                                   for n in lengths])
+        blocks.append(_grid([f"RULER % {m}"] + [length_label(n) for n in lengths], rows))
+    return "\n\n".join(blocks)
+
+
+def _dca_json(plan: PplPlan | PasskeyPlan | RulerPlan) -> dict[str, int] | None:
     if not any(uses_dca(m) for m in plan.methods):
         return None
     c = plan.model.config  # the sizes given, else the model's tuned ones, else the defaults
@@ -90,7 +123,7 @@ def _dca_json(plan: PplPlan | PasskeyPlan) -> dict[str, int] | None:
     return {"chunk_size": cfg.chunk_size, "local_window": cfg.local_window}
 
 
-def _common_json(kind: str, plan: PplPlan | PasskeyPlan, device: str, complete: bool) -> dict[str, Any]:
+def _common_json(kind: str, plan: PplPlan | PasskeyPlan | RulerPlan, device: str, complete: bool) -> dict[str, Any]:
     c = plan.model.config
     return {
         "version": JSON_VERSION,
@@ -123,7 +156,8 @@ def ppl_json(plan: PplPlan, cells: Sequence[PplCell], device: str, complete: boo
 
 def passkey_json(plan: PasskeyPlan, cells: Sequence[PasskeyCell], device: str, complete: bool) -> dict[str, Any]:
     out = _common_json("passkey", plan, device, complete)
-    out.update(depths=list(plan.depths), trials=plan.trials, seed=plan.seed, max_new_tokens=plan.max_new_tokens)
+    out.update(style=plan.style, depths=list(plan.depths), trials=plan.trials, seed=plan.seed,
+               max_new_tokens=plan.max_new_tokens)
     out["cells"] = [{
         "method": c.method, "length": c.length, "depth": c.depth, "n_correct": c.n_correct,
         "trials": len(c.trials), "accuracy": c.accuracy, "seconds": round(c.seconds, 3),
@@ -162,7 +196,7 @@ def tune_json(plan: TunePlan, results: Sequence[CandidateResult], chosen: Candid
     out = {"version": JSON_VERSION, "kind": "tune-dca", "complete": complete,
            "model": {"path": str(plan.ppl.model_path), "name": c.name, "training_context": c.context_length},
            "device": device, "lengths": list(plan.ppl.lengths), "files": ppl_part["files"],
-           "windows": plan.ppl.n_windows, "depths": passkey_part["depths"], "trials": plan.passkey.trials,
+           "windows": plan.ppl.n_windows, "style": plan.passkey.style, "depths": passkey_part["depths"], "trials": plan.passkey.trials,
            "seed": plan.passkey.seed, "default": as_dict(plan.dca_default),
            "chosen": None if chosen is None else as_dict(chosen.dca), "candidates": []}
     for r, score, front in zip(results, scores(results), pareto_front(results)):
@@ -170,6 +204,19 @@ def tune_json(plan: TunePlan, results: Sequence[CandidateResult], chosen: Candid
         passkey_cells = passkey_json(plan.passkey, r.passkey_cells, device, complete)["cells"]
         out["candidates"].append({**as_dict(r.dca), "ppl": r.ppl, "retrieval": r.retrieval, "score": score,
                                   "pareto": front, "ppl_cells": ppl_cells, "passkey_cells": passkey_cells})
+def ruler_json(plan: RulerPlan, cells: Sequence[RulerCell], device: str, complete: bool) -> dict[str, Any]:
+    out = _common_json("ruler", plan, device, complete)
+    out.update(tasks=list(plan.tasks), tokens_to_generate={t: TASKS[t].tokens_to_generate for t in plan.tasks},
+               samples=plan.samples, seed=plan.seed, chat=plan.chat,
+               haystack=None if plan.haystack is None else str(plan.haystack))
+    out["cells"] = [{
+        "method": c.method, "length": c.length, "task": c.task, "score": c.score, "samples": len(c.results),
+        "seconds": round(c.seconds, 3), "load_seconds": round(c.load_seconds, 3),
+        "results": [{"prompt_tokens": r.prompt_tokens, "expected": list(r.expected), "output": r.output,
+                     "score": r.score} for r in c.results],
+    } for c in cells]
+    out["averages"] = [{"method": m, "length": n, "score": score, "tasks": n_tasks}
+                       for (m, n), (score, n_tasks) in ruler_averages(cells).items()]
     return out
 
 
@@ -274,5 +321,24 @@ def plot_tune(path: Path, results: Sequence[CandidateResult], chosen: CandidateR
     ax.set_ylabel("passkey retrieval")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
+def plot_ruler(path: Path, cells: Sequence[RulerCell], lengths: Sequence[int], methods: Sequence[str],
+               title: str) -> None:
+    """The average RULER score (percent) vs length, length axis logarithmic, one line per method."""
+    from matplotlib.figure import Figure
+
+    averages = ruler_averages(cells)
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for method in methods:
+        points = sorted((n, 100 * score) for (m, n), (score, _) in averages.items() if m == method)
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(lengths), [length_label(n) for n in lengths])
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("RULER average score (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     _save(fig, path)

@@ -1,7 +1,8 @@
 """`engine eval tune-dca`: choose a model's DCA chunk size and local window from measurements.
 
 For a model trained on L tokens, each candidate (chunk_size cs, local_window w) with w < cs <= L runs the `dca`
-method of `eval ppl` (perplexity on the given text) and of `eval passkey` (retrieval) at every evaluation length.
+method of `eval ppl` (perplexity on the given text) and of `eval passkey` (retrieval; the `spaced` prompt style by
+default, which issue 16 found the more reliable) at every evaluation length.
 Per candidate:
 
     ppl        exp(mean over lengths of the mean NLL per token)
@@ -30,7 +31,7 @@ import gguf
 from ..config import GGUF_DCA_TUNED_CHUNK_SIZE, GGUF_DCA_TUNED_LOCAL_WINDOW, DCAConfig
 from ..errors import ConfigError
 from ..options import LoadSettings
-from .passkey import PasskeyCell, PasskeyPlan, plan_passkey, run_passkey
+from .passkey import STYLES, PasskeyCell, PasskeyPlan, check_style, plan_passkey, run_passkey
 from .ppl import PplCell, PplPlan, plan_ppl, run_ppl
 from .progress import NoProgress
 
@@ -112,14 +113,16 @@ class CandidateResult:
 
 def plan_tune(settings: LoadSettings, text_paths: Sequence[str | Path], lengths: Sequence[int],
               chunk_sizes: str | None = None, local_windows: str | None = None, windows: int = 1,
-              depths: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9), trials: int = 1, seed: int = 0,
-              max_new_tokens: int = 8) -> TunePlan:
-    """Validate everything (model, texts, memory, candidates) before any model work."""
+              depths: Sequence[float] | None = None, trials: int = 1, seed: int = 0, max_new_tokens: int = 8,
+              style: str = "spaced") -> TunePlan:
+    """Validate everything (model, texts, memory, candidates) before any model work. depths: of the passkey
+    (default: the style's)."""
     if settings.dca_chunk_size is not None or settings.dca_local_window is not None:
         raise ConfigError("tune-dca chooses the chunk size and local window: give the candidates with "
                           "--chunk-sizes / --local-windows instead of --dca-chunk-size / --dca-local-window")
     ppl = plan_ppl(settings, text_paths, lengths, ("dca",), windows)
-    passkey = plan_passkey(settings, lengths, depths, ("dca",), trials, seed, max_new_tokens)
+    depths = STYLES[check_style(style)][1] if depths is None else depths
+    passkey = plan_passkey(settings, lengths, depths, ("dca",), trials, seed, max_new_tokens, style=style)
     L = ppl.model.config.context_length
     grid = candidates(parse_sizes(chunk_sizes, L, DEFAULT_CHUNK_FRACTIONS, "chunk size"),
                       parse_sizes(local_windows, L, DEFAULT_WINDOW_FRACTIONS, "local window"), L)
