@@ -196,14 +196,17 @@ def tune_json(plan: TunePlan, results: Sequence[CandidateResult], chosen: Candid
     out = {"version": JSON_VERSION, "kind": "tune-dca", "complete": complete,
            "model": {"path": str(plan.ppl.model_path), "name": c.name, "training_context": c.context_length},
            "device": device, "lengths": list(plan.ppl.lengths), "files": ppl_part["files"],
-           "windows": plan.ppl.n_windows, "style": plan.passkey.style, "depths": passkey_part["depths"], "trials": plan.passkey.trials,
-           "seed": plan.passkey.seed, "default": as_dict(plan.dca_default),
+           "windows": plan.ppl.n_windows, "style": plan.passkey.style, "depths": passkey_part["depths"],
+           "trials": plan.passkey.trials, "seed": plan.passkey.seed, "default": as_dict(plan.dca_default),
            "chosen": None if chosen is None else as_dict(chosen.dca), "candidates": []}
     for r, score, front in zip(results, scores(results), pareto_front(results)):
         ppl_cells = ppl_json(plan.ppl, r.ppl_cells, device, complete)["cells"]
         passkey_cells = passkey_json(plan.passkey, r.passkey_cells, device, complete)["cells"]
         out["candidates"].append({**as_dict(r.dca), "ppl": r.ppl, "retrieval": r.retrieval, "score": score,
                                   "pareto": front, "ppl_cells": ppl_cells, "passkey_cells": passkey_cells})
+    return out
+
+
 def ruler_json(plan: RulerPlan, cells: Sequence[RulerCell], device: str, complete: bool) -> dict[str, Any]:
     out = _common_json("ruler", plan, device, complete)
     out.update(tasks=list(plan.tasks), tokens_to_generate={t: TASKS[t].tokens_to_generate for t in plan.tasks},
