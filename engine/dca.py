@@ -116,6 +116,12 @@ def blockwise_attention(q: np.ndarray, k_rot: np.ndarray, v: np.ndarray, q_pos: 
                                      block_k)
 
 
+def as_scheme(layout: DCAConfig | tiled.PositionScheme | None) -> tiled.PositionScheme:
+    """The position scheme of an attention layout: a DCAConfig, None (plain causal) or a scheme itself
+    (Self-Extend, StreamingLLM)."""
+    return layout if isinstance(layout, tiled.PositionScheme) else DCAScheme(layout)
+
+
 class DCAScheme(tiled.PositionScheme):
     """DCA's positions as a position scheme (relations intra, successive, inter; keys cached at j mod cl);
     dca None: plain causal attention."""

@@ -126,7 +126,7 @@ def test_every_method_scores_the_same_windows(tiny, text_file, recorded_calls):
     # at 64 tokens (<= chunk_len, <= L) every method is plain causal RoPE attention
     assert np.allclose([nll[m, 64] for m in METHODS], nll["rope", 64], rtol=1e-6, atol=0)
     # beyond L the scalings and DCA change the scores; dynamic NTK equals ntk at factor n/L here
-    for method in ("pi", "ntk", "yarn", "dca", "dca+ntk"):
+    for method in ("pi", "ntk", "yarn", "dca", "dca+ntk", "self-extend", "streaming"):
         assert abs(nll[method, 320] - nll["rope", 320]) > 1e-4, method
     assert nll["dynamic", 320] == pytest.approx(nll["ntk", 320], rel=1e-6)
     assert abs(nll["dca+ntk", 320] - nll["dca", 320]) > 1e-4
