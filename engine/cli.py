@@ -67,8 +67,8 @@ def generate(settings: LoadSettings, prompt, prompt_file, n_predict, sampling: S
     click.echo(
         f"load: {llm.load_seconds:.2f} s | prompt: {s.prompt_tokens} tokens, {s.prompt_seconds:.2f} s, "
         f"{s.prompt_tokens_per_second:.1f} tokens/s | generation: {s.generated_tokens} tokens, "
-        f"{s.generation_seconds:.2f} s, {s.generation_tokens_per_second:.1f} tokens/s | device: {llm.device} "
-        f"({llm.dtype}) | attention: {describe_attention(llm.dca, llm.extension, llm.context)}",
+        f"{s.generation_seconds:.2f} s, {s.generation_tokens_per_second:.1f} tokens/s | "
+        f"attention: {describe_attention(llm.dca, llm.extension, llm.context)} | device: {llm.device} ({llm.dtype})",
         err=True,
     )
     if s.stop_reason == "context":
