@@ -88,7 +88,6 @@ class LLM:
 
     def _new_model(self, rope_context: int) -> Llama:
         """The forward pass of self.config's RoPE and self.dca over the prepared weights."""
-        extensions.require_cpu(self.extension, self.backend.name)
         # With DCA, query positions never exceed chunk_size; without, they run to the context end.
         n_positions = self.dca.chunk_size + 1 if self.dca else self.context
         rotary = RotaryTable(self.config.rope, n_positions, context=rope_context)
@@ -109,6 +108,7 @@ class LLM:
         in use, which dynamic NTK scales to (default: the whole context).
         """
         extension = extensions.resolve_extension(grp_attn_n, grp_attn_w, streaming_sinks, streaming_window)
+        extensions.require_cpu(extension, self.backend.name)  # refused before anything changes
         dca = extensions.dca_mode_beside(extension, dca, dca_chunk_size, dca_local_window)
         self.config, _, self.dca = plan(self.config, self.context, dca, dca_chunk_size, dca_local_window,
                                         rope_scaling, rope_scale)
