@@ -78,10 +78,10 @@ def method_settings(method: str, length: int, training_length: int, settings: Lo
     else:
         factor = scale_factor(length, training_length)
     group, window = self_extend_settings(length, training_length) if method == "self-extend" else (1, 1)
+    recent = max(1, training_length - STREAMING_SINKS) if method == "streaming" else None
     return dataclasses.replace(settings, rope_scaling=_SCALING[method], rope_scale=factor,
                                dca="on" if uses_dca(method) else "off", grp_attn_n=group, grp_attn_w=window,
-                               streaming_sinks=STREAMING_SINKS,
-                               streaming_window=max(1, training_length - STREAMING_SINKS) if method == "streaming" else None)
+                               streaming_sinks=STREAMING_SINKS, streaming_window=recent)
 
 
 def self_extend_settings(length: int, training_length: int) -> tuple[int, int]:
