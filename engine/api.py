@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import memory
+from . import extensions, memory
 from .backends import activation_dtype, get_backend
 from .config import DCAConfig, ModelConfig
 from .default_model import default_model_path
@@ -62,13 +62,15 @@ class GenerationStats:
 
 class LLM:
     def __init__(self, loaded: LoadedModel, backend, context: int, dca: DCAConfig | None,
-                 attention_temperature: bool | None, slots: int = 1):
+                 attention_temperature: bool | None, slots: int = 1,
+                 extension: extensions.Extension | None = None):
         self.loaded = loaded
         self.config: ModelConfig = loaded.config
         self.tokenizer = loaded.tokenizer
         self.backend = backend
         self.context = context
         self.dca = dca
+        self.extension = extension  # Self-Extend or StreamingLLM instead of DCA (engine/extensions.py)
         self.load_seconds = 0.0  # set by load(): reading, validating and preparing the weights
         c = self.config
         # the memory plan (engine/memory.py), refused before anything is allocated when it does not fit
@@ -92,19 +94,27 @@ class LLM:
         n_positions = self.dca.chunk_size + 1 if self.dca else self.context
         rotary = RotaryTable(self.config.rope, n_positions, context=rope_context)
         return Llama(self.config, self._weights, self.backend, rotary, self.dca,
-                     temperature_length(self.config, self.dca, self.attention_temperature))
+                     temperature_length(self.config, self.dca, self.attention_temperature), self.extension)
 
     def relayout(self, dca: str | DCAConfig | None = "auto", dca_chunk_size: int | None = None,
                  dca_local_window: int | None = None, rope_scaling: str | None = None,
-                 rope_scale: float | None = None, rope_context: int | None = None) -> None:
-        """Switch DCA and the RoPE scaling (load's arguments of the same names) without reloading the weights
+                 rope_scale: float | None = None, rope_context: int | None = None, grp_attn_n: int = 1,
+                 grp_attn_w: int = extensions.GRP_ATTN_W_DEFAULT,
+                 streaming_sinks: int = extensions.STREAMING_SINKS_DEFAULT,
+                 streaming_window: int | None = None) -> None:
+        """Switch DCA (or Self-Extend / StreamingLLM) and the RoPE scaling (load's arguments of the same names)
+        without reloading the weights
         or reallocating the cache: the evaluations load once and run every (method, length) cell this way.
 
         The RoPE override applies to the model's configuration as it is now. rope_context: the context length
         in use, which dynamic NTK scales to (default: the whole context).
         """
+        extension = extensions.resolve_extension(grp_attn_n, grp_attn_w, streaming_sinks, streaming_window)
+        extensions.require_cpu(extension, self.backend.name)  # refused before anything changes
+        dca = extensions.dca_mode_beside(extension, dca, dca_chunk_size, dca_local_window)
         self.config, _, self.dca = plan(self.config, self.context, dca, dca_chunk_size, dca_local_window,
                                         rope_scaling, rope_scale)
+        self.extension = extension
         self.model = self._new_model(self.context if rope_context is None else rope_context)
 
     @property
@@ -353,7 +363,8 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
          dca: str | DCAConfig | None = "auto", dca_chunk_size: int | None = None,
          dca_local_window: int | None = None, rope_scaling: str | None = None, rope_scale: float | None = None,
          attention_temperature: bool | None = None, dtype: str = "auto", f32_copies: bool | None = None,
-         slots: int = 1) -> LLM:
+         slots: int = 1, grp_attn_n: int = 1, grp_attn_w: int = extensions.GRP_ATTN_W_DEFAULT,
+         streaming_sinks: int = extensions.STREAMING_SINKS_DEFAULT, streaming_window: int | None = None) -> LLM:
     """Load a GGUF file or HF folder (default: the default model), or an opened LoadedModel, onto a device.
 
     dtype: activation dtype on CUDA, "auto" (bf16 when the model's matrices are stored BF16, else f16),
@@ -366,14 +377,19 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
     time from the stored weights; None: when the memory plan with them takes at most half the available memory.
     slots: KV caches of the whole context, one per concurrent session (``engine serve --parallel``).
     Memory: the plan (LLM.memory) is checked first; ContextError/DeviceError name the numbers when it does not fit.
+    grp_attn_n / grp_attn_w: Self-Extend when grp_attn_n > 1; streaming_sinks / streaming_window: StreamingLLM when
+    streaming_window is given (engine/extensions.py: either replaces DCA; CPU only).
     """
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else open_model(default_model_path() if model is None else model)
     backend = get_backend(device, dtype, loaded.weights)
     if backend.name == "cpu":
         backend.f32_copies = f32_copies
+    extension = extensions.resolve_extension(grp_attn_n, grp_attn_w, streaming_sinks, streaming_window)
+    extensions.require_cpu(extension, backend.name)
+    dca = extensions.dca_mode_beside(extension, dca, dca_chunk_size, dca_local_window)
     loaded.config, context, dca_config = plan(loaded.config, context, dca, dca_chunk_size, dca_local_window,
                                               rope_scaling, rope_scale)
-    llm = LLM(loaded, backend, context, dca_config, attention_temperature, slots)
+    llm = LLM(loaded, backend, context, dca_config, attention_temperature, slots, extension)
     llm.load_seconds = time.perf_counter() - t0
     return llm

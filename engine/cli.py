@@ -18,6 +18,7 @@ from .convert.commands import convert, quantize
 from .default_model import default_model_path
 from .errors import ConfigError, EngineError
 from .eval.commands import eval_group
+from .extensions import dca_mode_beside, describe_attention, resolve_extension
 from .loader import open_model
 from .options import LoadSettings, load_options, sampling_options
 from .sampling import SamplingParams
@@ -66,8 +67,8 @@ def generate(settings: LoadSettings, prompt, prompt_file, n_predict, sampling: S
     click.echo(
         f"load: {llm.load_seconds:.2f} s | prompt: {s.prompt_tokens} tokens, {s.prompt_seconds:.2f} s, "
         f"{s.prompt_tokens_per_second:.1f} tokens/s | generation: {s.generated_tokens} tokens, "
-        f"{s.generation_seconds:.2f} s, {s.generation_tokens_per_second:.1f} tokens/s | device: {llm.device} "
-        f"({llm.dtype})",
+        f"{s.generation_seconds:.2f} s, {s.generation_tokens_per_second:.1f} tokens/s | "
+        f"attention: {describe_attention(llm.dca, llm.extension, llm.context)} | device: {llm.device} ({llm.dtype})",
         err=True,
     )
     if s.stop_reason == "context":
@@ -83,7 +84,9 @@ def info(model_arg, settings: LoadSettings) -> None:
     s = settings
     path = model_arg or s.model or default_model_path()
     loaded = open_model(path)
-    c, context, dca_plan = plan(loaded.config, s.context, s.dca, s.dca_chunk_size, s.dca_local_window,
+    extension = resolve_extension(s.grp_attn_n, s.grp_attn_w, s.streaming_sinks, s.streaming_window)
+    dca_mode = dca_mode_beside(extension, s.dca, s.dca_chunk_size, s.dca_local_window)
+    c, context, dca_plan = plan(loaded.config, s.context, dca_mode, s.dca_chunk_size, s.dca_local_window,
                                s.rope_scaling, s.rope_scale)
     device, dtype = s.device, s.dtype
     attn_temperature = temperature_length(c, dca_plan, s.attention_temperature)
@@ -113,6 +116,8 @@ def info(model_arg, settings: LoadSettings) -> None:
         ("plan: KV cache", _describe_kv_cache(plans)),
         ("plan: memory", _describe_memory(plans[device_name], memory.available_bytes(device_name))),
         ("plan: DCA", _describe_dca(dca_plan)),
+        ("plan: attention", describe_attention(dca_plan, extension, context)
+         + (" (CPU only)" if extension is not None else "")),
         ("plan: attention on CUDA", _describe_cuda_attention(c)),
         ("plan: attention temperature", f"on, L = {attn_temperature}" if attn_temperature else "off"),
     ]

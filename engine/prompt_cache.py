@@ -24,6 +24,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from . import extensions
 from .errors import ConfigError, EngineError
 from .weights.gguf import GGUFFile
 from .weights.safetensors import SafetensorsFile
@@ -74,11 +75,10 @@ def session_settings(llm: Any) -> dict[str, str]:
     rope_fields = {f.name: getattr(rope, f.name) for f in dataclasses.fields(rope) if f.name != "freq_factors"}
     if rope.freq_factors is not None:
         rope_fields["freq_factors_sha256"] = hashlib.sha256(np.asarray(rope.freq_factors, np.float64)).hexdigest()
-    dca = llm.dca
     return {
         "model": model_identity(llm.loaded.path),
         "dtype": llm.dtype,
-        "dca": "off" if dca is None else f"chunk_size={dca.chunk_size},local_window={dca.local_window}",
+        "dca": extensions.setting(llm.dca, llm.extension),  # the attention layout: DCA, Self-Extend, StreamingLLM
         "rope": json.dumps(rope_fields, sort_keys=True),
         "context": str(llm.context),
         "attention_temperature": "on" if llm.model.temperature_length is not None else "off",

@@ -126,7 +126,7 @@ def test_every_method_scores_the_same_windows(tiny, text_file, recorded_calls):
     # at 64 tokens (<= chunk_len, <= L) every method is plain causal RoPE attention
     assert np.allclose([nll[m, 64] for m in METHODS], nll["rope", 64], rtol=1e-6, atol=0)
     # beyond L the scalings and DCA change the scores; dynamic NTK equals ntk at factor n/L here
-    for method in ("pi", "ntk", "yarn", "dca", "dca+ntk"):
+    for method in ("pi", "ntk", "yarn", "dca", "dca+ntk", "self-extend", "streaming"):
         assert abs(nll[method, 320] - nll["rope", 320]) > 1e-4, method
     assert nll["dynamic", 320] == pytest.approx(nll["ntk", 320], rel=1e-6)
     assert abs(nll["dca+ntk", 320] - nll["dca", 320]) > 1e-4
@@ -155,26 +155,28 @@ def _invoke(*args):
 
 def test_cli_table_and_json_schema(tiny, text_file, tmp_path):
     out = tmp_path / "ppl.json"
-    result = _invoke("-m", tiny, "--text", text_file, "--lengths", "64,128", "--method", "rope,pi,dca",
+    result = _invoke("-m", tiny, "--text", text_file, "--lengths", "64,128", "--method", "rope,pi,dca,streaming",
                      "--windows", "2", *DCA_ARGS, "--json", out)
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     assert lines[0].split() == ["PPL", "64", "128"]
-    assert [line.split()[0] for line in lines[1:]] == ["rope", "pi", "dca"]
+    assert [line.split()[0] for line in lines[1:]] == ["rope", "pi", "dca", "streaming"]
     data = json.loads(out.read_text())
     assert data["version"] == 1 and data["kind"] == "ppl" and data["complete"] is True
     assert data["model"] == {"path": str(tiny), "name": "tiny-llama-f32", "training_context": L}
     assert data["device"] == "cpu" and data["windows"] == 2
-    assert data["lengths"] == [64, 128] and data["methods"] == ["rope", "pi", "dca"]
+    assert data["lengths"] == [64, 128] and data["methods"] == ["rope", "pi", "dca", "streaming"]
     assert data["dca"] == {"chunk_size": 96, "local_window": 32} and data["ntk_factor"] == 2.0
     assert data["files"][0]["path"] == str(text_file) and data["files"][0]["tokens"] > 256
-    assert len(data["cells"]) == 6
+    assert len(data["cells"]) == 8
     for cell in data["cells"]:
         assert set(cell) == {"method", "length", "nll", "ppl", "n_tokens", "seconds", "load_seconds",
-                             "rope_scaling", "rope_scale", "dca_on"}
+                             "rope_scaling", "rope_scale", "dca_on", "self_extend", "streaming"}
         assert cell["ppl"] == pytest.approx(math.exp(cell["nll"]))
         assert cell["n_tokens"] == 2 * (cell["length"] - 1)
         assert cell["dca_on"] == (cell["method"] == "dca")
+        assert cell["self_extend"] is None  # G = 1 within the training context
+        assert cell["streaming"] == ({"sinks": 4, "window": L - 4} if cell["method"] == "streaming" else None)
         value = lines[1 + data["methods"].index(cell["method"])].split()[1 + data["lengths"].index(cell["length"])]
         assert value == f"{cell['ppl']:.2f}"
 

@@ -11,6 +11,8 @@ positions: (n,) backend int array of absolute positions):
   store_kv(cache, layer, k, v, positions, rotary, dca)   write cache rows: keys rotated at their
                                                          (DCA) key positions, values as given
   attention(q, cache, layer, positions, rotary, dca, temperature_length)   q unrotated -> (n, Hq, hd)
+      dca: the attention layout, a DCAConfig or None; on the numpy backend also a Self-Extend or
+      StreamingLLM scheme (tiled_attention.PositionScheme), which the CUDA backend refuses at load
   target_logprobs(logits, targets) -> (n,) float64 host array of log p(target) per row
   decode_blocks(model) -> the blocks a one-token step runs: the model itself, or fused forms of its
                           attention_block / mlp_block / head (same signatures, same arithmetic)

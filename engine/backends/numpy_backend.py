@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import dca as dca_ops
+from .. import tiled_attention
 from ..decoder import HostDecoder
 from ..kvcache import KVCache
 from .host_weights import HostMatrix, new_scratch
@@ -86,11 +87,13 @@ class NumpyBackend:
         return gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up
 
     def store_kv(self, cache: KVCache, layer: int, k, v, positions, rotary, dca) -> None:
-        cache.write(layer, int(positions[0]), dca_ops.rotate_keys(k, positions, rotary, dca), v)
+        """dca: the attention layout (a DCAConfig, None, or a Self-Extend / StreamingLLM scheme)."""
+        scheme = dca_ops.as_scheme(dca)
+        cache.write(layer, int(positions[0]), tiled_attention.rotate_keys(k, positions, rotary, scheme), v)
 
     def attention(self, q, cache: KVCache, layer: int, positions, rotary, dca, temperature_length=None):
-        """q: (n, Hq, hd) unrotated, attending the cached keys 0 .. positions[-1]."""
+        """q: (n, Hq, hd) unrotated, attending the cached keys 0 .. positions[-1] under the layout `dca`."""
         end = int(positions[-1]) + 1
         logit_scale = None if temperature_length is None else dca_ops.temperature(positions, temperature_length)
-        return dca_ops.blockwise_attention(q, cache.k[layer, :end], cache.v[layer, :end], positions, rotary, dca,
-                                           logit_scale=logit_scale)
+        return tiled_attention.blockwise_attention(q, cache.k[layer, :end], cache.v[layer, :end], positions, rotary,
+                                                   dca_ops.as_scheme(dca), logit_scale=logit_scale)

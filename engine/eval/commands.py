@@ -18,7 +18,7 @@ from ..backends import resolve_device
 from ..convert.output import check_file_destination
 from ..convert.set_metadata import copy_with_metadata
 from ..options import LoadSettings, load_options
-from .methods import parse_depths, parse_lengths, parse_methods
+from .methods import METHODS, parse_depths, parse_lengths, parse_methods
 from .passkey import STYLES, plan_passkey, run_passkey
 from .ppl import plan_ppl, run_ppl
 from .progress import Progress, format_seconds
@@ -30,8 +30,10 @@ from .ruler_tasks import TASKS
 from .tune import choose, plan_tune, run_tune, tuned_metadata
 
 INTERRUPTED_EXIT = 130
-# the methods set DCA and the RoPE scaling, the lengths the context: those load options do not apply
-PER_METHOD = ("context", "dca", "rope_scaling", "rope_scale")
+# the methods set DCA, Self-Extend, StreamingLLM and the RoPE scaling, the lengths the context: those load options
+# do not apply
+PER_METHOD = ("context", "dca", "rope_scaling", "rope_scale", "grp_attn_n", "grp_attn_w", "streaming_sinks",
+              "streaming_window")
 
 
 LENGTHS_OPTION = click.option("--lengths", required=True, help="comma-separated token counts, e.g. 2048,4096 or 2k,4k")
@@ -91,7 +93,7 @@ def _finish(interrupted: bool, n_done: int, n_cells: int, started: float) -> Non
 @click.option("--text", "texts", multiple=True, required=True, type=click.Path(path_type=Path),
               help="text file (repeatable; a folder means its *.txt files)")
 @click.option("--method", "methods", default="rope,pi,ntk,dca", show_default=True,
-              help="comma-separated: rope,pi,ntk,dynamic,yarn,dca,dca+ntk")
+              help="comma-separated: " + ",".join(METHODS))
 @click.option("--windows", type=int, default=1, show_default=True,
               help="windows per file and length, consecutive from the file's start")
 def ppl_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot_path, texts, methods, windows) -> None:
@@ -126,7 +128,7 @@ def ppl_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot_pat
 @click.option("--trials", type=int, default=1, show_default=True, help="prompts (keys) per length and depth")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the random keys")
 @click.option("--method", "methods", default="rope,dca", show_default=True,
-              help="comma-separated: rope,pi,ntk,dynamic,yarn,dca,dca+ntk")
+              help="comma-separated: " + ",".join(METHODS))
 @click.option("-n", "--n-predict", "n_predict", type=int, default=8, show_default=True,
               help="tokens generated (greedy) for the answer")
 def passkey_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot_path, style, depths, trials, seed,

@@ -11,6 +11,11 @@ For a model trained on L tokens and evaluated at n tokens, with f = max(1, n / L
   yarn      YaRN, factor f, DCA off
   dca       DCA on with the given (or default 3L/4, L/8) chunk settings, no RoPE scaling
   dca+ntk   DCA on + static NTK with factor ``ntk_factor`` (default 2) when n > L, factor 1 when n <= L
+  self-extend  Self-Extend (engine/self_extend.py), neighbour window W = L/8 and the smallest group size G with
+            W + (n - W)/G <= L/2: LongLM's rule of thumb (its README: keep W + (N-W)/G within 1/2..2/3 of L, the
+            well-trained positions); G = 1 (plain RoPE) for n <= L. DCA off, no RoPE scaling
+  streaming StreamingLLM (engine/streaming.py), 4 sinks + a window of L - 4 (a cache of L tokens: positions stay
+            below L), at every length (for n <= L it is plain RoPE). DCA off, no RoPE scaling
 
 So for n <= L every scaling factor is 1 and the RoPE methods are plain RoPE. DCA stays on at every
 length (with n <= chunk_len it is exactly ordinary attention). Everything else (model, device, dtype, DCA
@@ -19,16 +24,20 @@ chunk settings, attention temperature) comes from the run's LoadSettings, the sa
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 from ..api import LLM
+from ..backends import resolve_device
 from ..config import DCAConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, DeviceError
 from ..options import LoadSettings
 
-METHODS = ("rope", "pi", "ntk", "dynamic", "yarn", "dca", "dca+ntk")
+METHODS = ("rope", "pi", "ntk", "dynamic", "yarn", "dca", "dca+ntk", "self-extend", "streaming")
 _SCALING = {"rope": "none", "pi": "linear", "ntk": "ntk", "dynamic": "dynamic", "yarn": "yarn", "dca": "none",
-            "dca+ntk": "ntk"}
+            "dca+ntk": "ntk", "self-extend": "none", "streaming": "none"}
+STREAMING_SINKS = 4
+CPU_ONLY = ("self-extend", "streaming")  # engine/extensions.py: no CUDA path
 
 
 def check_methods(methods: tuple[str, ...], settings: LoadSettings, ntk_factor: float, training_length: int) -> None:
@@ -38,6 +47,9 @@ def check_methods(methods: tuple[str, ...], settings: LoadSettings, ntk_factor: 
         DCAConfig.for_training_length(training_length, settings.dca_chunk_size, settings.dca_local_window)
     if not ntk_factor > 0:
         raise ConfigError(f"--ntk-factor must be positive, got {ntk_factor}")
+    cpu_only = [m for m in methods if m in CPU_ONLY]
+    if cpu_only and resolve_device(settings.device) != "cpu":
+        raise DeviceError(f"the {', '.join(cpu_only)} method(s) run on the CPU backend only: use --device cpu")
 
 
 def refuse_unknown(methods) -> None:
@@ -61,12 +73,24 @@ def method_settings(method: str, length: int, training_length: int, settings: Lo
     refuse_unknown([method])
     if method == "dca+ntk":
         factor = ntk_factor if length > training_length else 1.0
-    elif method in ("rope", "dca", "dynamic"):
+    elif method in ("rope", "dca", "dynamic", "self-extend", "streaming"):
         factor = 1.0
     else:
         factor = scale_factor(length, training_length)
+    group, window = self_extend_settings(length, training_length) if method == "self-extend" else (1, 1)
+    recent = max(1, training_length - STREAMING_SINKS) if method == "streaming" else None
     return dataclasses.replace(settings, rope_scaling=_SCALING[method], rope_scale=factor,
-                               dca="on" if uses_dca(method) else "off")
+                               dca="on" if uses_dca(method) else "off", grp_attn_n=group, grp_attn_w=window,
+                               streaming_sinks=STREAMING_SINKS, streaming_window=recent)
+
+
+def self_extend_settings(length: int, training_length: int) -> tuple[int, int]:
+    """(group size G, neighbour window W) of the self-extend method at `length` tokens: W = L/8 and the smallest G
+    with W + (n - W)/G <= L/2; G = 1 for n <= L."""
+    window = max(1, training_length // 8)
+    if length <= training_length:
+        return 1, window
+    return max(2, math.ceil((length - window) / max(1, training_length // 2 - window))), window
 
 
 def model_for_cell(llm: LLM | None, cell: LoadSettings, rope_context: int, load: Callable[..., LLM]) -> LLM:

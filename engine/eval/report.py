@@ -7,7 +7,8 @@ JSON (``--json FILE``), version 1. Both kinds share:
     ntk_factor: float (the NTK factor of dca+ntk)
 kind "ppl" adds:
     files: [{path, tokens}], windows: int (per file and length),
-    cells: [{method, length, nll, ppl, n_tokens, seconds, load_seconds, rope_scaling, rope_scale, dca_on}]
+    cells: [{method, length, nll, ppl, n_tokens, seconds, load_seconds, rope_scaling, rope_scale, dca_on,
+             self_extend: {group_size, window} | null, streaming: {sinks, window} | null}]
         nll: mean negative log-likelihood per scored token (nats), ppl = exp(nll),
         n_tokens: scored tokens (files * windows * (length - 1)), seconds: scoring time,
         load_seconds: loading the model (the run's first cell) or switching its layout (the others)
@@ -150,6 +151,9 @@ def ppl_json(plan: PplPlan, cells: Sequence[PplCell], device: str, complete: boo
             "method": c.method, "length": c.length, "nll": c.nll, "ppl": c.ppl, "n_tokens": c.n_tokens,
             "seconds": round(c.seconds, 3), "load_seconds": round(c.load_seconds, 3),
             "rope_scaling": cell.rope_scaling, "rope_scale": cell.rope_scale, "dca_on": cell.dca == "on",
+            "self_extend": {"group_size": cell.grp_attn_n, "window": cell.grp_attn_w} if cell.grp_attn_n > 1 else None,
+            "streaming": {"sinks": cell.streaming_sinks, "window": cell.streaming_window}
+            if cell.streaming_window is not None else None,
         })
     return out
 

@@ -2,7 +2,7 @@
 
 Per layer (x: (n, d) residual stream, n new tokens at positions start .. start+n-1):
     attention block   h = rmsnorm(x) ; q, k, v = h Wq^T, h Wk^T, h Wv^T   (n, Hq, hd), (n, Hkv, hd), (n, Hkv, hd)
-                      cache <- rotate(k at DCA key positions), v
+                      cache <- rotate(k at the layout's cached key positions: DCA, Self-Extend, ...), v
                       x += attention(q, cache, positions) Wo^T            queries rotated inside attention
     MLP block         h = rmsnorm(x) ; x += (silu(h Wg^T) * h Wu^T) Wd^T
 Then the head: logits = rmsnorm(x) Wout^T for the rows asked for (Wout = token_embd when tied).
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ..config import DCAConfig, ModelConfig
     from ..kvcache import KVCache
     from ..rope import RotaryTable
+    from ..tiled_attention import PositionScheme
 
 @dataclass
 class Layer:
@@ -66,13 +67,17 @@ class Weights:
 
 class Llama:
     def __init__(self, config: "ModelConfig", weights: dict[str, Any], backend: Any, rotary: "RotaryTable",
-                 dca: "DCAConfig | None", temperature_length: int | None = None):
-        """weights: the backend's prepared weights by engine name (``backend.prepare_weights``)."""
+                 dca: "DCAConfig | None", temperature_length: int | None = None,
+                 extension: "PositionScheme | None" = None):
+        """weights: the backend's prepared weights by engine name (``backend.prepare_weights``).
+        extension: Self-Extend or StreamingLLM attention instead of DCA (dca must then be None)."""
         self.config = config
         self.weights = Weights.from_named(weights, config.n_layers, family(config.architecture))
         self.backend = backend
         self.rotary = rotary
         self.dca = dca
+        self.extension = extension
+        self.attention_layout = dca if extension is None else extension  # what store_kv and attention follow
         # L of the attention temperature: logits of queries past L are scaled by 0.1*ln(n/L)+1 when set
         self.temperature_length = temperature_length
         self.decode_blocks = backend.decode_blocks(self)  # the blocks for one-token steps (fused or these)
@@ -116,8 +121,8 @@ class Llama:
         q = q.reshape(n, c.n_heads, c.head_dim)
         k = k.reshape(n, c.n_kv_heads, c.head_dim)
         v = v.reshape(n, c.n_kv_heads, c.head_dim)
-        ops.store_kv(cache, index, k, v, positions, self.rotary, self.dca)
-        attn = ops.attention(q, cache, index, positions, self.rotary, self.dca, self.temperature_length)
+        ops.store_kv(cache, index, k, v, positions, self.rotary, self.attention_layout)
+        attn = ops.attention(q, cache, index, positions, self.rotary, self.attention_layout, self.temperature_length)
         return ops.add_linear(x, attn.reshape(n, c.n_heads * c.head_dim), layer.attn_output)
 
     def mlp_block(self, index: int, layer: Layer, x: Any) -> Any:
