@@ -81,6 +81,21 @@ def _collect(cells: list, results, progress: Progress) -> bool:
     return False
 
 
+def _run_grid(plan, title: str, run, table, to_json, plot, n_cells: int, device_name: str, json_path: Path | None,
+              plot_path: Path | None, started: float) -> None:
+    """Run a methods x lengths grid with one progress bar, then print its table and write its JSON and plot
+    (what finished, when Ctrl-C stopped it)."""
+    cells: list = []
+    progress = Progress(plan.total_flops(), title)
+    interrupted = _collect(cells, run(plan, progress), progress)
+    click.echo(table(cells))
+    if json_path is not None:
+        write_json(json_path, to_json(plan, cells, device_name, complete=not interrupted))
+    if plot_path is not None and cells:
+        plot(plot_path, cells, f"{plan.model.config.name or plan.model_path.name}: ")
+    _finish(interrupted, len(cells), n_cells, started)
+
+
 def _finish(interrupted: bool, n_done: int, n_cells: int, started: float) -> None:
     if interrupted:
         click.echo(f"interrupted: {n_done} of {n_cells} cells finished", err=True)
@@ -105,16 +120,9 @@ def ppl_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot_pat
     tokens = ", ".join(f"{t.path.name} ({len(t.ids)} tokens)" for t in plan.texts)
     click.echo(f"model {plan.model_path.name} (training context {plan.model.config.context_length}) on "
                f"{device_name}; texts: {tokens}", err=True)
-    cells: list = []
-    progress = Progress(plan.total_flops(), "ppl")
-    interrupted = _collect(cells, run_ppl(plan, progress), progress)
-    click.echo(ppl_table(cells, plan.lengths, plan.methods))
-    if json_path is not None:
-        write_json(json_path, ppl_json(plan, cells, device_name, complete=not interrupted))
-    if plot_path is not None and cells:
-        plot_ppl(plot_path, cells, plan.lengths, plan.methods,
-                 f"{plan.model.config.name or plan.model_path.name}: perplexity by length")
-    _finish(interrupted, len(cells), len(plan.lengths) * len(plan.methods), started)
+    _run_grid(plan, "ppl", run_ppl, lambda cells: ppl_table(cells, plan.lengths, plan.methods), ppl_json,
+              lambda path, cells, title: plot_ppl(path, cells, plan.lengths, plan.methods, title + "perplexity by length"),
+              len(plan.lengths) * len(plan.methods), device_name, json_path, plot_path, started)
 
 
 @eval_group.command("passkey")
@@ -142,16 +150,10 @@ def passkey_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot
     device_name = resolve_device(settings.device)
     click.echo(f"model {plan.model_path.name} (training context {plan.model.config.context_length}) on "
                f"{device_name}; {style} prompts", err=True)
-    cells: list = []
-    progress = Progress(plan.total_flops(), "passkey")
-    interrupted = _collect(cells, run_passkey(plan, progress), progress)
-    click.echo(passkey_table(cells, plan.lengths, plan.depths, plan.methods))
-    if json_path is not None:
-        write_json(json_path, passkey_json(plan, cells, device_name, complete=not interrupted))
-    if plot_path is not None and cells:
-        plot_passkey(plot_path, cells, plan.lengths, plan.depths, plan.methods,
-                     f"{plan.model.config.name or plan.model_path.name}: passkey retrieval")
-    _finish(interrupted, len(cells), len(plan.lengths) * len(plan.depths) * len(plan.methods), started)
+    _run_grid(plan, "passkey", run_passkey, lambda cells: passkey_table(cells, plan.lengths, plan.depths, plan.methods),
+              passkey_json, lambda path, cells, title: plot_passkey(path, cells, plan.lengths, plan.depths,
+                                                                    plan.methods, title + "passkey retrieval"),
+              len(plan.lengths) * len(plan.depths) * len(plan.methods), device_name, json_path, plot_path, started)
 
 
 @eval_group.command("tune-dca")
@@ -232,13 +234,7 @@ def ruler_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot_p
     device_name = resolve_device(settings.device)
     click.echo(f"model {plan.model_path.name} (training context {plan.model.config.context_length}) on "
                f"{device_name}; {'chat' if plan.chat else 'base'} prompts", err=True)
-    cells: list = []
-    progress = Progress(plan.total_flops(), "ruler")
-    interrupted = _collect(cells, run_ruler(plan, progress), progress)
-    click.echo(ruler_table(cells, plan.lengths, plan.tasks, plan.methods))
-    if json_path is not None:
-        write_json(json_path, ruler_json(plan, cells, device_name, complete=not interrupted))
-    if plot_path is not None and cells:
-        plot_ruler(plot_path, cells, plan.lengths, plan.methods,
-                   f"{plan.model.config.name or plan.model_path.name}: RULER average")
-    _finish(interrupted, len(cells), len(plan.lengths) * len(plan.tasks) * len(plan.methods), started)
+    _run_grid(plan, "ruler", run_ruler, lambda cells: ruler_table(cells, plan.lengths, plan.tasks, plan.methods),
+              ruler_json, lambda path, cells, title: plot_ruler(path, cells, plan.lengths, plan.methods,
+                                                                title + "RULER average"),
+              len(plan.lengths) * len(plan.tasks) * len(plan.methods), device_name, json_path, plot_path, started)
