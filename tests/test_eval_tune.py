@@ -141,3 +141,22 @@ def test_refusals_come_before_any_work(tiny, tmp_path, monkeypatch):
         assert result.exit_code != 0 and re.search(words, result.output + str(result.exception)), (args, result.output)
     assert existing.read_bytes() == b"x"
     assert _invoke(*common, "--dca-chunk-size", "96").exit_code == 2  # not an option here: the tuner picks it
+
+
+def test_one_model_serves_every_candidate(tiny, monkeypatch):
+    """Two loads for a whole tuning run (the perplexity context, then the passkey one), not two per candidate;
+    and each candidate still runs with its own settings."""
+    from engine.eval import tune as tune_module
+    from engine.eval.tune import plan_tune, run_tune
+    from engine.options import LoadSettings
+
+    loads, seen = [], []
+    real_load = tune_module.load
+    monkeypatch.setattr(tune_module, "load", lambda **kw: loads.append(kw["context"]) or real_load(**kw))
+    original = LLM.token_logprobs
+    monkeypatch.setattr(LLM, "token_logprobs", lambda self, ids: seen.append(self.dca) or original(self, ids))
+    plan = plan_tune(LoadSettings(model=tiny["f32"], device="cpu"), [tiny["text"]], (300,), "1/2,3/4", "32",
+                     depths=(0.5,), max_new_tokens=2)
+    results = list(run_tune(plan))
+    assert len(results) == 2 and len(loads) == 2 and loads[0] < loads[1]
+    assert seen == [DCAConfig(chunk_size=128, local_window=32), DCAConfig(chunk_size=192, local_window=32)]

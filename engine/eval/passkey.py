@@ -34,11 +34,11 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..api import load
+from ..api import LLM, load
 from ..default_model import default_model_path
 from ..errors import ConfigError
 from ..loader import LoadedModel, open_model
@@ -232,7 +232,7 @@ def plan_passkey(settings: LoadSettings, lengths: Sequence[int], depths: Sequenc
                        dataclasses.replace(settings, model=model_path), ntk_factor, style)
 
 
-def run_passkey(plan: PasskeyPlan, progress=NoProgress()) -> Iterator[PasskeyCell]:
+def run_passkey(plan: PasskeyPlan, progress=NoProgress(), loader: Callable[..., LLM] | None = None) -> Iterator[PasskeyCell]:
     """Every (length, method, depth) cell, shortest lengths first; yields each cell when done.
 
     Every prompt is built first; the model is loaded once, for the longest prompt and its answer, and laid
@@ -253,7 +253,7 @@ def run_passkey(plan: PasskeyPlan, progress=NoProgress()) -> Iterator[PasskeyCel
         for method in plan.methods:
             t0 = time.perf_counter()
             llm = model_for_cell(llm, method_settings(method, length, training_length, settings, plan.ntk_factor),
-                                 context, load)
+                                 context, loader or load)
             load_seconds = time.perf_counter() - t0
             for di, depth in enumerate(plan.depths):
                 progress.start_cell(f"passkey {method} @ {length}, depth {depth:g}",

@@ -19,11 +19,11 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..api import load
+from ..api import LLM, load
 from ..default_model import default_model_path
 from ..errors import ConfigError
 from ..loader import LoadedModel, open_model
@@ -139,7 +139,7 @@ def plan_ppl(settings: LoadSettings, text_paths: Sequence[str | Path], lengths: 
     return PplPlan(model_path, loaded, texts, lengths, methods, n_windows, settings, ntk_factor)
 
 
-def run_ppl(plan: PplPlan, progress=NoProgress()) -> Iterator[PplCell]:
+def run_ppl(plan: PplPlan, progress=NoProgress(), loader: Callable[..., LLM] | None = None) -> Iterator[PplCell]:
     """Score every (length, method) cell, shortest lengths first; yields each cell when done.
 
     The model is loaded once, for the longest length, and laid out for each cell in place (model_for_cell).
@@ -155,7 +155,7 @@ def run_ppl(plan: PplPlan, progress=NoProgress()) -> Iterator[PplCell]:
             progress.start_cell(f"ppl {method} @ {length}", plan.cell_flops(length))
             t0 = time.perf_counter()
             cell = method_settings(method, length, training_length, plan.settings, plan.ntk_factor)
-            llm = model_for_cell(llm, cell, length, load)
+            llm = model_for_cell(llm, cell, length, loader or load)
             t1 = time.perf_counter()
             nll_sum, n_scored = 0.0, 0
             for batch in batches:

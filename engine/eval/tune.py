@@ -28,6 +28,7 @@ from typing import Iterator, Sequence
 
 import gguf
 
+from ..api import LLM, load
 from ..config import GGUF_DCA_TUNED_CHUNK_SIZE, GGUF_DCA_TUNED_LOCAL_WINDOW, DCAConfig
 from ..errors import ConfigError
 from ..options import LoadSettings
@@ -133,14 +134,31 @@ def _with_sizes(settings: LoadSettings, dca: DCAConfig) -> LoadSettings:
     return dataclasses.replace(settings, dca_chunk_size=dca.chunk_size, dca_local_window=dca.local_window)
 
 
+class SharedModel:
+    """A loader that keeps one loaded model for every run of the tuning: it loads again only when a run needs a
+    larger context (the passkey runs need a little more than the perplexity runs), dropping the old model first.
+    Each run lays the model out for its cells itself (LLM.relayout), so the other load settings are the same."""
+
+    def __init__(self):
+        self.llm: LLM | None = None
+
+    def __call__(self, **load_kwargs) -> LLM:
+        if self.llm is None or self.llm.context < load_kwargs["context"]:
+            self.llm = None  # free the smaller model before allocating the larger one
+            self.llm = load(**load_kwargs)
+        return self.llm
+
+
 def run_tune(plan: TunePlan, progress=NoProgress()) -> Iterator[CandidateResult]:
-    """Measure every candidate (ppl, then passkey); yields each when done."""
+    """Measure every candidate (ppl, then passkey) on one loaded model; yields each when done."""
+    shared = SharedModel()
     for dca in plan.candidates:
         result = CandidateResult(dca)
         result.ppl_cells = list(run_ppl(dataclasses.replace(plan.ppl, settings=_with_sizes(plan.ppl.settings, dca)),
-                                        progress))
+                                        progress, loader=shared))
         result.passkey_cells = list(run_passkey(
-            dataclasses.replace(plan.passkey, settings=_with_sizes(plan.passkey.settings, dca)), progress))
+            dataclasses.replace(plan.passkey, settings=_with_sizes(plan.passkey.settings, dca)), progress,
+            loader=shared))
         yield result
 
 
