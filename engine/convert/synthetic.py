@@ -21,7 +21,7 @@ from ..weights.gguf import GGUFFile
 from ..weights.quant import GGMLType
 from .hf_to_gguf import _add_hyperparameters
 from .output import atomic_file
-from .requantize import _typed_metadata
+from .requantize import typed_metadata
 from .tensors import TensorJob
 from .writer import WriteStats, write_gguf
 
@@ -32,7 +32,7 @@ def write_synthetic_gguf(dest: str | Path, config: ModelConfig, tokenizer_source
     """Write `dest`: random weights of `config` (projections `matrix_type`, embedding/output `embedding_type`;
     or `weights` as given) with the vocabulary of the GGUF `tokenizer_source`."""
     dest = Path(dest)
-    vocabulary = _padded_vocabulary({key: entry for key, entry in _typed_metadata(GGUFFile(tokenizer_source)).items()
+    vocabulary = _padded_vocabulary({key: entry for key, entry in typed_metadata(GGUFFile(tokenizer_source)).items()
                                      if key.startswith("tokenizer.")}, config.vocab_size)
     weights = synthetic_weights(config, matrix_type, embedding_type, seed) if weights is None else weights
     jobs = [TensorJob(gguf_tensor_name(name), weights[name], weights[name].ggml_type)

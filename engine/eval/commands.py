@@ -16,7 +16,7 @@ import click
 
 from ..backends import resolve_device
 from ..convert.output import check_file_destination
-from ..convert.set_metadata import copy_with_metadata
+from ..convert.requantize import copy_with_metadata
 from ..options import LoadSettings, load_options
 from .methods import METHODS, parse_depths, parse_lengths, parse_methods
 from .passkey import STYLES, plan_passkey, run_passkey
@@ -81,6 +81,12 @@ def _collect(cells: list, results, progress: Progress) -> bool:
     return False
 
 
+def _announce(plan, device_name: str, what: str) -> None:
+    """The run's header on stderr: model, training context, device and what the run reads."""
+    click.echo(f"model {plan.model_path.name} (training context {plan.model.config.context_length}) on "
+               f"{device_name}; {what}", err=True)
+
+
 def _run_grid(plan, title: str, run, table, to_json, plot, n_cells: int, device_name: str, json_path: Path | None,
               plot_path: Path | None, started: float) -> None:
     """Run a methods x lengths grid with one progress bar, then print its table and write its JSON and plot
@@ -118,8 +124,7 @@ def ppl_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot_pat
     plan = plan_ppl(settings, texts, parse_lengths(lengths), parse_methods(methods), windows, ntk_factor)
     device_name = resolve_device(settings.device)
     tokens = ", ".join(f"{t.path.name} ({len(t.ids)} tokens)" for t in plan.texts)
-    click.echo(f"model {plan.model_path.name} (training context {plan.model.config.context_length}) on "
-               f"{device_name}; texts: {tokens}", err=True)
+    _announce(plan, device_name, f"texts: {tokens}")
     _run_grid(plan, "ppl", run_ppl, lambda cells: ppl_table(cells, plan.lengths, plan.methods), ppl_json,
               lambda path, cells, title: plot_ppl(path, cells, plan.lengths, plan.methods, title + "perplexity by length"),
               len(plan.lengths) * len(plan.methods), device_name, json_path, plot_path, started)
@@ -148,8 +153,7 @@ def passkey_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot
     plan = plan_passkey(settings, parse_lengths(lengths), depths, parse_methods(methods), trials, seed,
                         n_predict, ntk_factor, style)
     device_name = resolve_device(settings.device)
-    click.echo(f"model {plan.model_path.name} (training context {plan.model.config.context_length}) on "
-               f"{device_name}; {style} prompts", err=True)
+    _announce(plan, device_name, f"{style} prompts")
     _run_grid(plan, "passkey", run_passkey, lambda cells: passkey_table(cells, plan.lengths, plan.depths, plan.methods),
               passkey_json, lambda path, cells, title: plot_passkey(path, cells, plan.lengths, plan.depths,
                                                                     plan.methods, title + "passkey retrieval"),
@@ -186,8 +190,7 @@ def tune_dca_command(settings: LoadSettings, lengths, json_path, plot_path, text
         if plan.ppl.model.file_format != "gguf":
             raise click.UsageError("--write-gguf needs a GGUF model (convert the HF folder with engine convert first)")
         check_file_destination(write_gguf, force, source=plan.ppl.model_path)
-    click.echo(f"model {plan.ppl.model_path.name} (training context {plan.training_length}) on "
-               f"{resolve_device(settings.device)}: {len(plan.candidates)} candidates", err=True)
+    _announce(plan.ppl, resolve_device(settings.device), f"{len(plan.candidates)} candidates")
     results: list = []
     progress = Progress(plan.total_flops(), "tune-dca")
     interrupted = _collect(results, run_tune(plan, progress), progress)
@@ -232,8 +235,7 @@ def ruler_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot_p
     plan = plan_ruler(settings, parse_lengths(lengths), parse_tasks(tasks), parse_methods(methods), samples, seed,
                       chat, haystack, ntk_factor)
     device_name = resolve_device(settings.device)
-    click.echo(f"model {plan.model_path.name} (training context {plan.model.config.context_length}) on "
-               f"{device_name}; {'chat' if plan.chat else 'base'} prompts", err=True)
+    _announce(plan, device_name, f"{'chat' if plan.chat else 'base'} prompts")
     _run_grid(plan, "ruler", run_ruler, lambda cells: ruler_table(cells, plan.lengths, plan.tasks, plan.methods),
               ruler_json, lambda path, cells, title: plot_ruler(path, cells, plan.lengths, plan.methods,
                                                                 title + "RULER average"),

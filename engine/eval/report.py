@@ -196,11 +196,10 @@ def tune_json(plan: TunePlan, results: Sequence[CandidateResult], chosen: Candid
               complete: bool) -> dict[str, Any]:
     c = plan.ppl.model.config
     as_dict = lambda dca: {"chunk_size": dca.chunk_size, "local_window": dca.local_window}  # noqa: E731
-    ppl_part, passkey_part = ppl_json(plan.ppl, [], device, complete), passkey_json(plan.passkey, [], device, complete)
     out = {"version": JSON_VERSION, "kind": "tune-dca", "complete": complete,
            "model": {"path": str(plan.ppl.model_path), "name": c.name, "training_context": c.context_length},
-           "device": device, "lengths": list(plan.ppl.lengths), "files": ppl_part["files"],
-           "windows": plan.ppl.n_windows, "style": plan.passkey.style, "depths": passkey_part["depths"],
+           "device": device, "lengths": list(plan.ppl.lengths), "files": ppl_json(plan.ppl, [], device, complete)["files"],
+           "windows": plan.ppl.n_windows, "style": plan.passkey.style, "depths": list(plan.passkey.depths),
            "trials": plan.passkey.trials, "seed": plan.passkey.seed, "default": as_dict(plan.dca_default),
            "chosen": None if chosen is None else as_dict(chosen.dca), "candidates": []}
     for r, score, front in zip(results, scores(results), pareto_front(results)):

@@ -84,10 +84,6 @@ class TunePlan:
     ppl: PplPlan  # method dca, the run's lengths and texts (settings: the candidate's sizes set per run)
     passkey: PasskeyPlan
 
-    @property
-    def training_length(self) -> int:
-        return self.ppl.model.config.context_length
-
     def total_flops(self) -> float:
         return len(self.candidates) * (self.ppl.total_flops() + self.passkey.total_flops())
 
