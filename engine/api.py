@@ -22,6 +22,7 @@ from .backends import activation_dtype, get_backend
 from .config import DCAConfig, ModelConfig
 from .default_model import default_model_path
 from .errors import ConfigError, ContextError
+from .kv_storage import resolve_cache_types
 from .kvcache import KVCache
 from .loader import LoadedModel, open_model
 from .models import Llama
@@ -63,7 +64,8 @@ class GenerationStats:
 class LLM:
     def __init__(self, loaded: LoadedModel, backend, context: int, dca: DCAConfig | None,
                  attention_temperature: bool | None, slots: int = 1,
-                 extension: extensions.Extension | None = None):
+                 extension: extensions.Extension | None = None, cache_types: tuple[str, str] | None = None):
+        """cache_types: the K and V cache types (kv_storage.resolve_cache_types; None: the backend's own)."""
         self.loaded = loaded
         self.config: ModelConfig = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -73,15 +75,18 @@ class LLM:
         self.extension = extension  # Self-Extend or StreamingLLM instead of DCA (engine/extensions.py)
         self.load_seconds = 0.0  # set by load(): reading, validating and preparing the weights
         c = self.config
+        self.cache_types = resolve_cache_types(*(cache_types or (None, None)), backend.name,
+                                               activation_dtype(backend), c.head_dim)
         # the memory plan (engine/memory.py), refused before anything is allocated when it does not fit
         available = memory.available_bytes(backend.name)
         self.memory = memory.plan_memory(c, loaded.weights, context, backend.name, activation_dtype(backend),
-                                         getattr(backend, "f32_copies", None), available, slots)
+                                         getattr(backend, "f32_copies", None), available, slots, self.cache_types)
         memory.require(self.memory, available)
         if backend.name == "cpu":
             backend.f32_copies = self.memory.f32_copies
         # allocated once for the whole context (fixed buffers); one per slot (sessions of their own, `slots`)
-        self.caches = [backend.new_cache(c.n_layers, context, c.n_kv_heads, c.head_dim) for _ in range(slots)]
+        self.caches = [backend.new_cache(c.n_layers, context, c.n_kv_heads, c.head_dim, self.cache_types)
+                       for _ in range(slots)]
         self.cache = self.caches[0]
         self.attention_temperature = attention_temperature
         self._weights = backend.prepare_weights(loaded.weights)
@@ -364,7 +369,8 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
          dca_local_window: int | None = None, rope_scaling: str | None = None, rope_scale: float | None = None,
          attention_temperature: bool | None = None, dtype: str = "auto", f32_copies: bool | None = None,
          slots: int = 1, grp_attn_n: int = 1, grp_attn_w: int = extensions.GRP_ATTN_W_DEFAULT,
-         streaming_sinks: int = extensions.STREAMING_SINKS_DEFAULT, streaming_window: int | None = None) -> LLM:
+         streaming_sinks: int = extensions.STREAMING_SINKS_DEFAULT, streaming_window: int | None = None,
+         cache_type_k: str | None = None, cache_type_v: str | None = None) -> LLM:
     """Load a GGUF file or HF folder (default: the default model), or an opened LoadedModel, onto a device.
 
     dtype: activation dtype on CUDA, "auto" (bf16 when the model's matrices are stored BF16, else f16),
@@ -379,6 +385,9 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
     Memory: the plan (LLM.memory) is checked first; ContextError/DeviceError name the numbers when it does not fit.
     grp_attn_n / grp_attn_w: Self-Extend when grp_attn_n > 1; streaming_sinks / streaming_window: StreamingLLM when
     streaming_window is given (engine/extensions.py: either replaces DCA; CPU only).
+    cache_type_k / cache_type_v: how the KV cache stores keys / values, llama.cpp's names (engine/kv_storage.py):
+    None = the backend's own (CPU f32; CUDA its activation dtype, the only type it takes); on the CPU also f16,
+    bf16, q8_0, q5_1, q5_0, q4_1, q4_0.
     """
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else open_model(default_model_path() if model is None else model)
@@ -390,6 +399,7 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
     dca = extensions.dca_mode_beside(extension, dca, dca_chunk_size, dca_local_window)
     loaded.config, context, dca_config = plan(loaded.config, context, dca, dca_chunk_size, dca_local_window,
                                               rope_scaling, rope_scale)
-    llm = LLM(loaded, backend, context, dca_config, attention_temperature, slots, extension)
+    llm = LLM(loaded, backend, context, dca_config, attention_temperature, slots, extension,
+              (cache_type_k, cache_type_v))
     llm.load_seconds = time.perf_counter() - t0
     return llm

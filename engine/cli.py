@@ -19,6 +19,7 @@ from .default_model import default_model_path
 from .errors import ConfigError, EngineError
 from .eval.commands import eval_group
 from .extensions import dca_mode_beside, describe_attention, resolve_extension
+from .kv_storage import resolve_cache_types
 from .loader import open_model
 from .options import LoadSettings, load_options, sampling_options
 from .sampling import SamplingParams
@@ -96,7 +97,11 @@ def info(model_arg, settings: LoadSettings) -> None:
     tok = loaded.tokenizer
     types = ", ".join(f"{name} x{n}" for name, n in sorted(loaded.tensor_type_counts().items()))
     size = sum(f.stat().st_size for f in ([path] if Path(path).is_file() else Path(path).glob("*.safetensors")))
-    plans = {"cpu": memory.plan_memory(c, loaded.weights, context, "cpu", available=memory.available_bytes("cpu")),
+    # the cache types on the chosen device (refused as load would); the CPU figures use them when it is the CPU
+    cache_types = resolve_cache_types(s.cache_type_k, s.cache_type_v, device_name, activations, c.head_dim)
+    cpu_types = cache_types if device_name == "cpu" else ("f32", "f32")
+    plans = {"cpu": memory.plan_memory(c, loaded.weights, context, "cpu", available=memory.available_bytes("cpu"),
+                                       cache_types=cpu_types),
              "cuda": memory.plan_memory(c, loaded.weights, context, "cuda", cuda_dtype)}
     rows = [
         ("file", f"{path} ({loaded.file_format}, {size / 2**20:.1f} MiB)"),
@@ -113,7 +118,7 @@ def info(model_arg, settings: LoadSettings) -> None:
         ("plan: device", _describe_device(device_name, activations)),
         ("plan: context", str(context)),
         ("plan: weights", _describe_weights(plans)),
-        ("plan: KV cache", _describe_kv_cache(plans)),
+        ("plan: KV cache", _describe_kv_cache(plans, cpu_types)),
         ("plan: memory", _describe_memory(plans[device_name], memory.available_bytes(device_name))),
         ("plan: DCA", _describe_dca(dca_plan)),
         ("plan: attention", describe_attention(dca_plan, extension, context)
@@ -152,9 +157,9 @@ def _describe_weights(plans) -> str:
     return text
 
 
-def _describe_kv_cache(plans) -> str:
+def _describe_kv_cache(plans, cpu_types: tuple[str, str]) -> str:
     cpu, cuda = plans["cpu"], plans["cuda"]
-    return (f"{cpu.kv_cache / 2**30:.2f} GiB on the CPU (float32), "
+    return (f"{cpu.kv_cache / 2**30:.2f} GiB on the CPU (k {cpu_types[0]}, v {cpu_types[1]}), "
             f"{cuda.kv_cache / 2**30:.2f} GiB on CUDA ({DTYPE_NAMES[cuda.dtype]})")
 
 

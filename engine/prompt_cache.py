@@ -5,9 +5,12 @@ A safetensors file with three tensors (n = the tokens the cache holds):
     tokens  (n,) int32                                  the ids, in order
     k, v    (n_layers, n, n_kv_heads, head_dim)         the cache rows as stored: F32 (CPU), F16, or U16 holding
                                                         bf16 bit patterns (CUDA); keys rotated at their DCA position
+            (n_layers, n, n_kv_heads, row_bytes)        U8: a CPU cache of another type (--cache-type-k/-v f16,
+                                                        q8_0, ...): each head's row as ggml bytes of that type
 and string metadata: format, format_version, engine_version, messages (the chat, JSON) and the settings
 that decide what the cached rows mean, all of which must match to load: model (a hash of the model's
-header and tensor index, never of its weights), dtype, dca, rope, context, attention_temperature.
+header and tensor index, never of its weights), dtype, dca, rope, context, attention_temperature,
+cache_types ("K/V", e.g. "q8_0/q8_0"; files without it hold the backend's own type, "f32/f32" on the CPU).
 Files are written under a temporary name in the target folder and renamed when complete.
 """
 from __future__ import annotations
@@ -31,8 +34,7 @@ from .weights.safetensors import SafetensorsFile
 
 FORMAT = "engine.session"
 FORMAT_VERSION = "1"
-SETTINGS = ("model", "dtype", "dca", "rope", "context", "attention_temperature")
-CACHE_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}  # bf16 as its raw bits
+SETTINGS = ("model", "dtype", "dca", "rope", "context", "attention_temperature", "cache_types")
 
 
 class SessionFileError(EngineError):
@@ -82,6 +84,7 @@ def session_settings(llm: Any) -> dict[str, str]:
         "rope": json.dumps(rope_fields, sort_keys=True),
         "context": str(llm.context),
         "attention_temperature": "on" if llm.model.temperature_length is not None else "off",
+        "cache_types": "/".join(llm.cache_types),
     }
 
 
@@ -119,13 +122,11 @@ def load_session(session: Any, path: Path) -> None:
     except (SafetensorError, OSError) as e:
         raise SessionFileError(f"{path}: not a readable session file (truncated or corrupt: {e})") from None
     c = llm.config
-    expected = (c.n_layers, len(tokens), c.n_kv_heads, c.head_dim)
-    cache_dtype = CACHE_DTYPES[llm.dtype]
-    if tokens.ndim != 1 or tokens.dtype != np.int32 or k.shape != expected or v.shape != expected \
-            or k.dtype != cache_dtype or v.dtype != cache_dtype:
+    expected = session.cache.stored_layout(len(tokens))  # [(shape, dtype) of the keys, of the values]
+    if tokens.ndim != 1 or tokens.dtype != np.int32 or [(k.shape, k.dtype), (v.shape, v.dtype)] != expected:
         raise SessionFileError(f"{path}: malformed session file (tokens {tokens.shape} {tokens.dtype}, keys "
-                               f"{k.shape} {k.dtype}, values {v.shape} {v.dtype}; expected keys/values {expected} "
-                               f"{np.dtype(cache_dtype)})")
+                               f"{k.shape} {k.dtype}, values {v.shape} {v.dtype}; expected keys "
+                               f"{expected[0][0]} {expected[0][1]}, values {expected[1][0]} {expected[1][1]})")
     if len(tokens) and (tokens.min() < 0 or tokens.max() >= c.vocab_size):
         raise SessionFileError(f"{path}: malformed session file (token ids outside [0, {c.vocab_size}))")
     if len(tokens) > llm.context:
@@ -142,8 +143,9 @@ def _check_metadata(path: Path, metadata: dict[str, str], settings: dict[str, st
     if metadata.get("format_version") != FORMAT_VERSION:
         raise SessionFileError(f"{path}: session format version {metadata.get('format_version')!r} is not "
                                f"supported (this engine reads version {FORMAT_VERSION})")
+    native = f"{metadata.get('dtype')}/{metadata.get('dtype')}"  # files from before cache_types: the backend's own
     for key in SETTINGS:
-        if metadata.get(key) != settings[key]:
+        if metadata.get(key, native if key == "cache_types" else None) != settings[key]:
             if key == "model":
                 raise SessionFileError(f"{path}: was saved with another model file; load the model it was made "
                                        f"with, or delete the file")

@@ -156,7 +156,8 @@ def blockwise_attention(q: np.ndarray, k_cached: np.ndarray, v: np.ndarray, q_po
     """Tiled attention under `scheme` with online softmax, float32.
 
     q: (n_q, Hq, d) unrotated; k_cached: (n_k, Hkv, d) keys rotated at scheme.cached_key_positions (as the KV
-    cache stores them); v: (n_k, Hkv, d_v). n_k may exceed max(q_pos)+1 (cache capacity): keys after a query
+    cache stores them); v: (n_k, Hkv, d_v); either may be stored encoded (kv_storage.EncodedRows: a tile is
+    decoded when visited). n_k may exceed max(q_pos)+1 (cache capacity): keys after a query
     are hidden, keys outside the tile's key spans are never visited.
     Returns (n_q, Hq, d_v) float32. Memory: O(tiles) beyond the inputs, never n_q x n_k.
     GQA: a query tile is laid out (Hkv, group*bq, d) so each KV head serves its group in one matmul.
@@ -194,9 +195,9 @@ def _query_tile(q_tile: np.ndarray, k_cached: np.ndarray, v: np.ndarray, pos: np
                 q_rot.reshape(bq, n_kv, group, head_dim).transpose(1, 2, 0, 3)).reshape(n_kv, rows, head_dim)
         return rotated[rel]
 
-    def scores_for(rel: int, k0: int, k1: int) -> np.ndarray:
-        """(Hkv, rows, bk) scores of the tile's queries against keys k0..k1-1 under relation rel."""
-        keys = scheme.key_tile(rel, k_cached[k0:k1], np.arange(k0, k1), rotary)  # (bk, Hkv, d)
+    def scores_for(rel: int, k_tile: np.ndarray, k0: int, k1: int) -> np.ndarray:
+        """(Hkv, rows, bk) scores of the tile's queries against keys k0..k1-1 (k_tile, cached) under relation rel."""
+        keys = scheme.key_tile(rel, k_tile, np.arange(k0, k1), rotary)  # (bk, Hkv, d)
         return np.matmul(rotated_query(rel), keys.astype(np.float32, copy=False).transpose(1, 2, 0))
 
     pos_min, pos_max = int(pos.min()), int(pos.max())
@@ -204,18 +205,19 @@ def _query_tile(q_tile: np.ndarray, k_cached: np.ndarray, v: np.ndarray, pos: np
     for span_start, span_end in scheme.key_spans(pos_min, pos_max):
         for k0 in range(span_start, span_end, block_k):
             k1 = min(k0 + block_k, span_end)
+            k_tile = np.asarray(k_cached[k0:k1], dtype=np.float32)  # (bk, Hkv, d): decoded once if stored encoded
             lowest_rel = int(scheme.relation(pos_min, k1 - 1))
             highest_rel = int(scheme.relation(pos_max, k0))
-            scores = scores_for(lowest_rel, k0, k1)  # (Hkv, rows, bk)
+            scores = scores_for(lowest_rel, k_tile, k0, k1)  # (Hkv, rows, bk)
             by_group = scores.reshape(n_kv, group, bq, k1 - k0)
             if highest_rel != lowest_rel:  # several relations in the tile: pick one per element
                 rel = scheme.relation(pos[:, None], np.arange(k0, k1)[None, :])  # (bq, bk)
                 for other in range(lowest_rel + 1, highest_rel + 1):
-                    np.copyto(by_group, scores_for(other, k0, k1).reshape(by_group.shape), where=rel == other)
+                    np.copyto(by_group, scores_for(other, k_tile, k0, k1).reshape(by_group.shape), where=rel == other)
             if scheme.hides_in_tile(pos_min, pos_max, k0, k1):
                 hidden = ~scheme.visible(pos[:, None], np.arange(k0, k1)[None, :])  # (bq, bk)
                 np.copyto(by_group, -np.inf, where=hidden)
-            softmax.add(scores, v[k0:k1].astype(np.float32, copy=False).transpose(1, 0, 2))
+            softmax.add(scores, np.asarray(v[k0:k1], dtype=np.float32).transpose(1, 0, 2))
     return softmax.result().reshape(n_kv, group, bq, -1).transpose(2, 0, 1, 3).reshape(bq, n_heads, -1)
 
 

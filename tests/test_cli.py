@@ -54,7 +54,7 @@ def test_info_shows_model_and_plan(tiny):
     assert rows["plan: device"] in ("cpu, float32",
                                     "cuda, fp16 activations and KV cache (float32 residual stream and logits)")
     # 2 (K, V) x 2 layers x 1024 tokens x 2 KV heads x 16 dims = 131072 values: 0.5 MiB in float32
-    assert rows["plan: KV cache"].startswith("0.00 GiB on the CPU (float32)")
+    assert rows["plan: KV cache"].startswith("0.00 GiB on the CPU (k f32, v f32)")
     assert re.fullmatch(r"\d+\.\d\d GiB on the CPU as stored( \+ \d+\.\d\d GiB of float32 copies)?, "
                         r"\d+\.\d\d GiB on CUDA as stored"
                         r"( \+ \d+\.\d\d GiB of fp16 copies for prefill)?", rows["plan: weights"])

@@ -2,7 +2,7 @@
 
 Op set (x: (n_tokens, features) activations; weights as the backend prepared them;
 positions: (n,) backend int array of absolute positions):
-  prepare_weights(weights) -> dict    new_cache(n_layers, capacity, n_kv_heads, head_dim)
+  prepare_weights(weights) -> dict    new_cache(n_layers, capacity, n_kv_heads, head_dim, types=(k, v))
   tokens(ids) / positions(start, n)   host -> backend arrays;   to_numpy(x)   backend -> host
   embedding(table, ids)   rmsnorm(x, w, eps)   linear(x, w) = x @ w.T   swiglu(gate, up)
   linear_group(x, [w1, w2, ...]) = [x @ w1.T, ...]   (one product when the backend stored them fused)
@@ -20,7 +20,8 @@ positions: (n,) backend int array of absolute positions):
 
 Arithmetic: the numpy backend computes in float32; the CUDA backend keeps the residual stream and
 logits in float32 and every activation that feeds a matrix product (and the KV cache) in fp16 or
-bf16 (``--dtype``; ``resolve_dtype``).
+bf16 (``--dtype``; ``resolve_dtype``). The numpy backend's KV cache may be stored in any of llama.cpp's
+cache types (``--cache-type-k/-v``: f16, q8_0, ...; engine/kv_storage.py), decoded a tile at a time.
 """
 from __future__ import annotations
 

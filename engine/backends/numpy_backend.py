@@ -35,8 +35,10 @@ class NumpyBackend:
         return {name: HostMatrix(w, scratch, keep) if len(w.shape) == 2 else w.dequantize()
                 for name, w in weights.items()}
 
-    def new_cache(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int) -> KVCache:
-        return KVCache(n_layers, capacity, n_kv_heads, head_dim, dtype=np.float32, xp=np)
+    def new_cache(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int,
+                  types: tuple[str, str] = ("f32", "f32")) -> KVCache:
+        """types: the K and V cache types (kv_storage.py; checked by kv_storage.resolve_cache_types)."""
+        return KVCache(n_layers, capacity, n_kv_heads, head_dim, xp=np, types=types)
 
     def decode_blocks(self, model):
         """The blocks a one-token step runs: the model's own (composed from these ops)."""

@@ -75,13 +75,16 @@ class CudaBackend:
             raise DeviceError(f"GPU out of memory loading the weights: they need {needed / 2**30:.2f} GiB, "
                               f"{free / 2**30:.2f} GiB is free") from exc
 
-    def new_cache(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int) -> KVCache:
-        """The KV cache in the activation dtype; the memory plan (engine/memory.py) has checked that it fits,
-        an out-of-memory error here is the last resort."""
+    def new_cache(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int,
+                  types: tuple[str, str] | None = None) -> KVCache:
+        """The KV cache in the activation dtype, the one cache type CUDA takes (kv_storage.resolve_cache_types
+        refuses others); the memory plan (engine/memory.py) has checked that it fits, an out-of-memory error
+        here is the last resort."""
         cp = self.cp
         needed = 2 * n_layers * capacity * n_kv_heads * head_dim * 2  # K and V, 16-bit
         try:
-            return KVCache(n_layers, capacity, n_kv_heads, head_dim, dtype=self.act, xp=cp)
+            return KVCache(n_layers, capacity, n_kv_heads, head_dim, dtype=self.act, xp=cp,
+                           types=(self.dtype, self.dtype))
         except cp.cuda.memory.OutOfMemoryError as exc:
             raise DeviceError(f"GPU out of memory allocating the KV cache for {capacity} tokens "
                               f"({needed / 2**30:.2f} GiB); lower the context with -c/--ctx-size") from exc
