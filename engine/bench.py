@@ -119,9 +119,12 @@ def _sync(backend) -> None:
         cp.cuda.Device().synchronize()
 
 
-def new_cache(model, capacity: int):
+def new_cache(model, capacity: int, cache_types: tuple[str, str] | None = None):
+    """An empty KV cache of `capacity` tokens for `model`, storing keys/values as cache_types (None: the
+    backend's own)."""
     c = model.config
-    return model.backend.new_cache(c.n_layers, capacity, c.n_kv_heads, c.head_dim)
+    types = () if cache_types is None else (cache_types,)
+    return model.backend.new_cache(c.n_layers, capacity, c.n_kv_heads, c.head_dim, *types)
 
 
 def _prefill(model, cache, tokens: np.ndarray, ubatch: int) -> None:
@@ -129,11 +132,11 @@ def _prefill(model, cache, tokens: np.ndarray, ubatch: int) -> None:
         model.forward(tokens[i:i + ubatch], cache, logits_for="none")
 
 
-def bench_prompt(model, backend, n: int, reps: int, ubatch: int, rng) -> BenchResult:
+def bench_prompt(model, backend, n: int, reps: int, ubatch: int, rng, cache_types=None) -> BenchResult:
     result = BenchResult(f"pp{n}", n, 0)
     for rep in range(reps + 1):  # the first run warms up
         tokens = rng.integers(0, model.config.vocab_size, n)
-        cache = new_cache(model, n)
+        cache = new_cache(model, n, cache_types)
         _sync(backend)
         t0 = time.perf_counter()
         _prefill(model, cache, tokens, ubatch)
@@ -147,14 +150,15 @@ def bench_prompt(model, backend, n: int, reps: int, ubatch: int, rng) -> BenchRe
 WARM_STEPS = 2  # decode steps before timing: the first runs eagerly, the second captures the graph
 
 
-def bench_generation(model, backend, n: int, depth: int, reps: int, ubatch: int, rng) -> BenchResult:
+def bench_generation(model, backend, n: int, depth: int, reps: int, ubatch: int, rng,
+                     cache_types=None) -> BenchResult:
     from .sampling import SamplingParams
 
     greedy = SamplingParams(temperature=0.0)
     result = BenchResult(f"tg{n}", n, depth)
     for rep in range(reps + 1):
         prompt = rng.integers(0, model.config.vocab_size, max(depth, 1))
-        cache = new_cache(model, len(prompt) + n + WARM_STEPS)
+        cache = new_cache(model, len(prompt) + n + WARM_STEPS, cache_types)
         _prefill(model, cache, prompt[:-1], ubatch)
         logits = backend.to_numpy(model.forward(prompt[-1:], cache, logits_for="last"))[0]
         # the backend's decode loop (CUDA: graph replay), warmed (eager step, capture) before timing
@@ -315,8 +319,9 @@ def bench(settings: LoadSettings, synthetic, shape, save_gguf, n_prompt, n_gen, 
     activations = activation_dtype(backend)
     ubatch = ubatch or backend.prefill_batch
     rng = np.random.default_rng(0)
-    results = [bench_prompt(model, backend, p, repetitions, ubatch, rng) for p in prompts]
-    results += [bench_generation(model, backend, n_gen, d, repetitions, ubatch, rng) for d in depths]
+    results = [bench_prompt(model, backend, p, repetitions, ubatch, rng, llm.cache_types) for p in prompts]
+    results += [bench_generation(model, backend, n_gen, d, repetitions, ubatch, rng, llm.cache_types)
+                for d in depths]
     rows = [r.row() for r in results]
     hf_rows = None
     if hf and not synthetic and shape is None and hf_available():

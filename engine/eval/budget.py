@@ -8,19 +8,24 @@ from __future__ import annotations
 
 from .. import memory
 from ..backends import resolve_device, resolve_dtype
+from ..kv_storage import resolve_cache_types
 from ..loader import LoadedModel
+from ..options import LoadSettings
 
 
-def check_memory(model: LoadedModel, n_tokens: int, device: str, what: str = "", dtype: str = "auto"
-                 ) -> memory.MemoryPlan:
-    """Raise ContextError/DeviceError, naming the numbers, when n_tokens cannot fit on the device; else the plan.
+def check_memory(model: LoadedModel, n_tokens: int, settings: LoadSettings, what: str = "") -> memory.MemoryPlan:
+    """Raise ContextError/DeviceError, naming the numbers, when n_tokens cannot fit on the device the load
+    settings ask for (with their --dtype and --cache-type-k/-v, checked here); else the plan.
 
-    what: how the error names the request (default: "{n_tokens} tokens"). dtype: --dtype (checked here).
+    what: how the error names the request (default: "{n_tokens} tokens").
     """
-    name = resolve_device(device)
+    name = resolve_device(settings.device)
     available = memory.available_bytes(name)
-    plan = memory.plan_memory(model.config, model.weights, n_tokens, name, resolve_dtype(dtype, name, model.weights),
-                              available=available)
+    activations = resolve_dtype(settings.dtype, name, model.weights)
+    types = resolve_cache_types(settings.cache_type_k, settings.cache_type_v, name, activations,
+                                model.config.head_dim)
+    plan = memory.plan_memory(model.config, model.weights, n_tokens, name, activations, available=available,
+                              cache_types=types)
     memory.require(plan, available, what=what or f"{n_tokens} tokens", advice="use shorter lengths")
     return plan
 

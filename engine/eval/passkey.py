@@ -225,8 +225,8 @@ def plan_passkey(settings: LoadSettings, lengths: Sequence[int], depths: Sequenc
     methods, lengths, depths = tuple(methods), tuple(lengths), tuple(depths)
     check_methods(methods, settings, ntk_factor, loaded.config.context_length)
     context = int(max(lengths) * 1.01) + max_new_tokens  # the longest prompt (+1%) and its answer
-    check_memory(loaded, context, settings.device, what=f"passkey prompts of {max(lengths)} tokens (+1%, "
-                 f"+{max_new_tokens} generated: {context} tokens)", dtype=settings.dtype)
+    check_memory(loaded, context, settings, what=f"passkey prompts of {max(lengths)} tokens (+1%, "
+                 f"+{max_new_tokens} generated: {context} tokens)")
     build_prompt(loaded.tokenizer, min(lengths), 0.0, KEY_RANGE[0], check_style(style))  # too short fails here
     return PasskeyPlan(model_path, loaded, lengths, depths, methods, trials, seed, max_new_tokens,
                        dataclasses.replace(settings, model=model_path), ntk_factor, style)

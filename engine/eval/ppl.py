@@ -132,7 +132,7 @@ def plan_ppl(settings: LoadSettings, text_paths: Sequence[str | Path], lengths: 
     loaded = open_model(model_path)
     methods, lengths = tuple(methods), tuple(lengths)
     check_methods(methods, settings, ntk_factor, loaded.config.context_length)
-    check_memory(loaded, max(lengths), settings.device, dtype=settings.dtype)
+    check_memory(loaded, max(lengths), settings)
     texts = tokenize_texts(loaded.tokenizer, expand_text_paths(text_paths))
     check_texts_long_enough(texts, max(lengths), n_windows)
     settings = dataclasses.replace(settings, model=model_path, context=max(lengths))

@@ -197,8 +197,7 @@ def plan_ruler(settings: LoadSettings, lengths: Sequence[int], tasks: Sequence[s
     loaded = open_model(model_path)
     methods, lengths, tasks = tuple(methods), tuple(lengths), tuple(tasks)
     check_methods(methods, settings, ntk_factor, loaded.config.context_length)
-    check_memory(loaded, max(lengths), settings.device, what=f"RULER prompts of {max(lengths)} tokens",
-                 dtype=settings.dtype)
+    check_memory(loaded, max(lengths), settings, what=f"RULER prompts of {max(lengths)} tokens")
     chat = loaded.tokenizer.chat_template is not None if chat is None else chat
     plan = RulerPlan(model_path, loaded, lengths, tasks, methods, samples, seed, chat, haystack,
                      dataclasses.replace(settings, model=model_path), ntk_factor)
