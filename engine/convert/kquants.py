@@ -32,32 +32,36 @@ import numpy as np
 from ..weights.quant import QK_K
 
 GROUP_MAX_EPS = np.float32(1e-15)  # ggml-quants.c: a group below this absmax is all zero
-SUPER_BLOCKS_PER_PASS = 128  # encoded at once: Q4_K's (32, 1024) float32 working arrays are 128 KiB, all in L2
+# Super-blocks encoded at once. Q4_K / Q5_K's search runs ~40 small (per sub-block) numpy calls per candidate
+# scale, whose overhead large passes amortize ((32, 8192) float32 working arrays, 1 MiB each); Q6_K's runs few,
+# and its (16, 2048) arrays (128 KiB) stay in L2.
+AFFINE_SUPER_BLOCKS_PER_PASS = 1024
+Q6_K_SUPER_BLOCKS_PER_PASS = 128
 _F32 = np.float32
 
 
 def encode_q4_k(x: np.ndarray) -> np.ndarray:
     """x: float32 with a multiple of 256 elements -> (n_blocks, 144) uint8: d, dmin, scales[12], qs[128]."""
-    return _in_passes(x, 144, _q4_k_pass)
+    return _in_passes(x, 144, _q4_k_pass, AFFINE_SUPER_BLOCKS_PER_PASS)
 
 
 def encode_q5_k(x: np.ndarray) -> np.ndarray:
     """x: float32 with a multiple of 256 elements -> (n_blocks, 176) uint8: d, dmin, scales[12], qh[32], qs[128]."""
-    return _in_passes(x, 176, _q5_k_pass)
+    return _in_passes(x, 176, _q5_k_pass, AFFINE_SUPER_BLOCKS_PER_PASS)
 
 
 def encode_q6_k(x: np.ndarray) -> np.ndarray:
     """x: float32 with a multiple of 256 elements -> (n_blocks, 210) uint8: ql[128], qh[64], scales[16], d."""
-    return _in_passes(x, 210, _q6_k_pass)
+    return _in_passes(x, 210, _q6_k_pass, Q6_K_SUPER_BLOCKS_PER_PASS)
 
 
-def _in_passes(x: np.ndarray, block_bytes: int, encode_pass: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Encode the super-blocks of x SUPER_BLOCKS_PER_PASS at a time (each independent of the others)."""
+def _in_passes(x: np.ndarray, block_bytes: int, encode_pass: Callable[[np.ndarray], np.ndarray],
+               per_pass: int) -> np.ndarray:
+    """Encode the super-blocks of x per_pass at a time (each is encoded independently of the others)."""
     blocks = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, QK_K)  # (n, 256)
     out = np.empty((blocks.shape[0], block_bytes), dtype=np.uint8)
-    for start in range(0, blocks.shape[0], SUPER_BLOCKS_PER_PASS):
-        stop = start + SUPER_BLOCKS_PER_PASS
-        out[start:stop] = encode_pass(blocks[start:stop])
+    for start in range(0, blocks.shape[0], per_pass):
+        out[start:start + per_pass] = encode_pass(blocks[start:start + per_pass])
     return out
 
 
@@ -80,8 +84,10 @@ def _q5_k_pass(blocks: np.ndarray) -> np.ndarray:
 
 def _q6_k_pass(blocks: np.ndarray) -> np.ndarray:
     """(n, 256) float32 -> (n, 210) uint8."""
-    xs = _sub_blocks(blocks, 16)  # (16, n_sub)
-    scales, L = _make_qx_quants(xs, nmax=32)  # (n_sub,), (16, n_sub) values 0..63
+    subs = blocks.reshape(-1, 16)  # (n_sub, 16)
+    largest = np.take_along_axis(subs, np.abs(subs).argmax(axis=1)[:, None], axis=1)[:, 0]  # (n_sub,) first largest |x|
+    xs = np.ascontiguousarray(subs.T)  # (16, n_sub)
+    scales, L = _make_qx_quants(xs, largest, nmax=32)  # (n_sub,), (16, n_sub) values 0..63
     scales = scales.reshape(-1, 16)  # (n, 16)
     n = scales.shape[0]
     max_scale = np.take_along_axis(scales, np.abs(scales).argmax(axis=1)[:, None], axis=1)  # (n, 1) first largest
@@ -155,6 +161,7 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
     lo = np.minimum(x_min, 0)  # (m,) C: if (min > 0) min = 0; later the best candidate's min
     hi = x.max(axis=0)
     flat = hi == lo  # L = 0 (x - lo is 0), scale 0, the_min = -min
+    searched = ~flat
     sum_w = _column_sums(w)
     sum_x = _column_sums(w * x)
     lf, wl, work = np.empty_like(x), np.empty_like(x), np.empty_like(x)  # (k, m) scratch
@@ -164,8 +171,8 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
         np.subtract(x, origin, out=lf)
         np.multiply(lf, iscale, out=lf)
         # float32 rounding is monotonic, so |iscale * (x - origin)| <= |iscale| * max(hi - origin, origin - x_min)
-        reach = np.abs(iscale) * np.maximum(hi - origin, origin - x_min)
-        _nearest_int_values(lf, exact=not np.all(reach < _RINT_LIMIT))
+        reach = np.max(np.abs(iscale) * np.maximum(hi - origin, origin - x_min))
+        _nearest_int_values(lf, exact=not reach < _RINT_LIMIT)  # NaN: exact
         return np.clip(lf, 0, nmax, out=lf)
 
     def weighted_error(scale: np.ndarray, the_min: np.ndarray) -> np.ndarray:
@@ -201,12 +208,12 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
         this_min = np.where(positive_min, _F32(0), this_min)
         this_scale = np.where(positive_min, sum_xl / np.where(positive_min, sum_l2, _F32(1)), this_scale)
         cur_error = weighted_error(this_scale, this_min)
-        better = solvable & (cur_error < best_error) & ~flat
-        np.copyto(best_error, cur_error, where=better)
-        np.copyto(scale, this_scale, where=better)
-        np.copyto(best_iscale, iscale, where=better)
-        np.copyto(best_lo, lo, where=better)
-        np.copyto(lo, this_min, where=better)  # the C code's min: the next candidate starts from it
+        better = solvable & (cur_error < best_error) & searched
+        np.putmask(best_error, better, cur_error)
+        np.putmask(scale, better, this_scale)
+        np.putmask(best_iscale, better, iscale)
+        np.putmask(best_lo, better, lo)
+        np.putmask(lo, better, this_min)  # the C code's min: the next candidate starts from it
     L = quants(best_iscale, best_lo)
     return np.where(flat, _F32(0), scale), -lo, L.astype(np.int32)
 
@@ -215,12 +222,12 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
 # Q6_K: make_qx_quants (rmse_type 1, no importance weights) per sub-block
 
 
-def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """ggml's make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) on every sub-block: x (k, m) float32 ->
-    scale (m,) (x ~ scale * (L - nmax)), L (k, m) int32 in 0..2*nmax-1 (all 0 for an all-zero sub-block).
+def _make_qx_quants(x: np.ndarray, largest: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) on every sub-block: x (k, m) float32, largest (m,)
+    its first value of largest magnitude -> scale (m,) (x ~ scale * (L - nmax)), L (k, m) int32 in 0..2*nmax-1
+    (all 0 for an all-zero sub-block).
 
     As in _make_qkx2_quants, the winning iscale is carried and L rounded from it once at the end."""
-    largest = np.take_along_axis(x, np.abs(x).argmax(axis=0)[None, :], axis=0)[0]  # (m,) first of largest |x|
     zero = np.abs(largest) < GROUP_MAX_EPS
     largest = np.where(zero, _F32(1), largest)
     w = x * x
@@ -251,9 +258,9 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         iscale = -(_F32(nmax) + _F32(0.1) * _F32(step)) / largest
         sumlx, suml2 = sums(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        np.copyto(best_iscale, iscale, where=better)
-        np.copyto(scale, sumlx / np.where(better, suml2, _F32(1)), where=better)
-        np.copyto(best, scale * sumlx, where=better)
+        np.putmask(best_iscale, better, iscale)
+        np.putmask(scale, better, sumlx / np.where(better, suml2, _F32(1)))
+        np.putmask(best, better, scale * sumlx)
     L = quants(best_iscale) + _F32(nmax)
     return np.where(zero, _F32(0), scale), np.where(zero, 0, L.astype(np.int32))
 
