@@ -206,7 +206,7 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
         positive_min = this_min > 0
         this_min = np.where(positive_min, _F32(0), this_min)
-        this_scale = np.where(positive_min, sum_xl / np.where(positive_min, sum_l2, _F32(1)), this_scale)
+        np.divide(sum_xl, sum_l2, out=this_scale, where=positive_min)
         cur_error = weighted_error(this_scale, this_min)
         better = solvable & (cur_error < best_error) & searched
         np.putmask(best_error, better, cur_error)
@@ -259,8 +259,8 @@ def _make_qx_quants(x: np.ndarray, largest: np.ndarray, nmax: int) -> tuple[np.n
         sumlx, suml2 = sums(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         np.putmask(best_iscale, better, iscale)
-        np.putmask(scale, better, sumlx / np.where(better, suml2, _F32(1)))
-        np.putmask(best, better, scale * sumlx)
+        np.divide(sumlx, suml2, out=scale, where=better)
+        np.multiply(scale, sumlx, out=best, where=better)
     L = quants(best_iscale) + _F32(nmax)
     return np.where(zero, _F32(0), scale), np.where(zero, 0, L.astype(np.int32))
 
