@@ -60,8 +60,9 @@ def _in_passes(x: np.ndarray, block_bytes: int, encode_pass: Callable[[np.ndarra
     """Encode the super-blocks of x per_pass at a time (each is encoded independently of the others)."""
     blocks = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, QK_K)  # (n, 256)
     out = np.empty((blocks.shape[0], block_bytes), dtype=np.uint8)
-    for start in range(0, blocks.shape[0], per_pass):
-        out[start:start + per_pass] = encode_pass(blocks[start:start + per_pass])
+    with np.errstate(divide="ignore", invalid="ignore"):  # as in C, fits are computed where they are not taken
+        for start in range(0, blocks.shape[0], per_pass):
+            out[start:start + per_pass] = encode_pass(blocks[start:start + per_pass])
     return out
 
 
@@ -162,16 +163,21 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
     hi = x.max(axis=0)
     flat = hi == lo  # L = 0 (x - lo is 0), scale 0, the_min = -min
     searched = ~flat
+    flat_one = flat.astype(np.float32)  # a flat sub-block's range is taken as 1 (it is 0; the C code returns early)
     sum_w = _column_sums(w)
     sum_x = _column_sums(w * x)
     lf, wl, work = np.empty_like(x), np.empty_like(x), np.empty_like(x)  # (k, m) scratch
 
-    def quants(iscale: np.ndarray, origin: np.ndarray) -> np.ndarray:
+    def span(origin: np.ndarray) -> np.ndarray:
+        """max - min of the C code, for a min of origin (1 for flat sub-blocks)."""
+        return (hi - origin) + flat_one
+
+    def quants(iscale: np.ndarray, origin: np.ndarray, origin_span: np.ndarray) -> np.ndarray:
         """lf = clamp(nearest_int(iscale * (x - origin)), 0, nmax) as float32 (the C code's int L made float)."""
         np.subtract(x, origin, out=lf)
         np.multiply(lf, iscale, out=lf)
-        # float32 rounding is monotonic, so |iscale * (x - origin)| <= |iscale| * max(hi - origin, origin - x_min)
-        reach = np.max(np.abs(iscale) * np.maximum(hi - origin, origin - x_min))
+        # float32 rounding is monotonic: |iscale * (x - origin)| <= |iscale| * max(hi - origin, origin - x_min)
+        reach = np.max(np.abs(iscale) * np.maximum(origin_span, origin - x_min))
         _nearest_int_values(lf, exact=not reach < _RINT_LIMIT)  # NaN: exact
         return np.clip(lf, 0, nmax, out=lf)
 
@@ -184,29 +190,27 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
         np.multiply(work, w, out=work)
         return _column_sums(work)
 
-    def span() -> np.ndarray:
-        return np.where(flat, _F32(1), hi - lo)
-
-    best_iscale = _F32(nmax) / span()
+    lo_span = span(lo)
+    best_iscale = _F32(nmax) / lo_span
     best_lo = lo.copy()  # the min the best candidate's quants were rounded from
     scale = _F32(1) / best_iscale
-    quants(best_iscale, lo)
+    quants(best_iscale, lo, lo_span)
     best_error = weighted_error(scale, lo)
     for step in range(nstep + 1):
-        iscale = (_F32(rmin) + _F32(rdelta) * _F32(step) + _F32(nmax)) / span()
-        quants(iscale, lo)
+        lo_span = span(lo)
+        iscale = (_F32(rmin) + _F32(rdelta) * _F32(step) + _F32(nmax)) / lo_span
+        quants(iscale, lo, lo_span)
         np.multiply(w, lf, out=wl)
         sum_l = _column_sums(wl)
         sum_l2 = _column_sums(np.multiply(wl, lf, out=work))
         sum_xl = _column_sums(np.multiply(wl, x, out=work))
         D = sum_w * sum_l2 - sum_l * sum_l
-        solvable = D > 0
-        D = np.where(solvable, D, _F32(1))
+        solvable = D > 0  # elsewhere the fit below is garbage, never taken
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
         positive_min = this_min > 0
-        this_min = np.where(positive_min, _F32(0), this_min)
-        np.divide(sum_xl, sum_l2, out=this_scale, where=positive_min)
+        np.putmask(this_min, positive_min, _F32(0))
+        np.putmask(this_scale, positive_min, sum_xl / sum_l2)
         cur_error = weighted_error(this_scale, this_min)
         better = solvable & (cur_error < best_error) & searched
         np.putmask(best_error, better, cur_error)
@@ -214,7 +218,7 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
         np.putmask(best_iscale, better, iscale)
         np.putmask(best_lo, better, lo)
         np.putmask(lo, better, this_min)  # the C code's min: the next candidate starts from it
-    L = quants(best_iscale, best_lo)
+    L = quants(best_iscale, best_lo, span(best_lo))
     return np.where(flat, _F32(0), scale), -lo, L.astype(np.int32)
 
 
@@ -259,8 +263,8 @@ def _make_qx_quants(x: np.ndarray, largest: np.ndarray, nmax: int) -> tuple[np.n
         sumlx, suml2 = sums(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         np.putmask(best_iscale, better, iscale)
-        np.divide(sumlx, suml2, out=scale, where=better)
-        np.multiply(scale, sumlx, out=best, where=better)
+        np.putmask(scale, better, sumlx / suml2)  # garbage (not taken) where suml2 is 0
+        np.putmask(best, better, scale * sumlx)
     L = quants(best_iscale) + _F32(nmax)
     return np.where(zero, _F32(0), scale), np.where(zero, 0, L.astype(np.int32))
 
