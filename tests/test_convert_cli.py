@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file
 
 from engine.convert import convert_gguf_to_hf, convert_hf_to_gguf, quantize_gguf
-from engine.convert.commands import convert, quantize
 from engine.convert import tensors as tensors_module
+from engine.convert.commands import convert, quantize
 from engine.convert.tensors import TensorJob
 from engine.errors import ConfigError, EngineError, ModelFormatError
 from engine.weights.gguf import GGUFFile

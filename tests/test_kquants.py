@@ -7,7 +7,6 @@ import gguf
 import numpy as np
 import pytest
 
-import kquant_reference
 from engine.convert import kquants
 from engine.convert import tensors as tensors_module
 from engine.convert.quantize import encode_rows
@@ -15,6 +14,7 @@ from engine.convert.tensors import TensorJob, map_in_order
 from engine.errors import ConfigError
 from engine.loader import WeightTensor
 from engine.weights.quant import GGMLType, dequantize
+from kquant_reference import encode_q4_k, encode_q5_k, encode_q6_k
 
 GOLDEN = Path(__file__).parent / "golden" / "kquants.npz"
 K_TYPES = [GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
@@ -33,8 +33,7 @@ def test_bytes_equal_llama_cpp(name):
     assert differing == []
 
 
-REFERENCE = {GGMLType.Q4_K: kquant_reference.encode_q4_k, GGMLType.Q5_K: kquant_reference.encode_q5_k,
-             GGMLType.Q6_K: kquant_reference.encode_q6_k}
+REFERENCE = {GGMLType.Q4_K: encode_q4_k, GGMLType.Q5_K: encode_q5_k, GGMLType.Q6_K: encode_q6_k}
 
 
 @pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)

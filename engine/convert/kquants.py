@@ -14,14 +14,20 @@ tools/golden_kquants.py):
                  (``make_qx_quants``, rmse_type 1: weights x^2, 18 candidate scales -(32 + 0.1*is)/max),
                  scales quantized to int8 against the largest (fp16 d = max_scale/-128), L recomputed.
 
-Vectorization: every sub-block of a slab is processed at once, arrays laid out (elements of a
-sub-block, sub-blocks) so that each per-sub-block sum is a left-to-right running sum over rows
-(the C loops' order: numpy's pairwise ``sum`` would round differently). The C code's data-dependent
-updates (a better candidate replaces L, scale and min -- and the min feeds the next candidate) are
-masked updates. ``nearest_int`` is ggml's bit trick (round half to even below 2^22, and its exact
-behaviour beyond). Bit-exactness assumes the reference is compiled without FMA contraction of
-these loops (x86-64 ggml-base is; an aarch64 build may contract and then differ in the last bit
-of a sum, hence occasionally in a quant).
+Vectorization: the super-blocks are encoded a pass at a time (AFFINE_/Q6_K_SUPER_BLOCKS_PER_PASS),
+every sub-block of a pass at once, in scratch arrays reused across candidates and laid out (elements
+of a sub-block, sub-blocks), so that each per-sub-block sum is ``np.add.reduce`` over rows: a
+left-to-right running sum (the C loops' order; numpy's pairwise ``sum`` along a contiguous axis
+would round differently). The C code's data-dependent updates (a better candidate replaces scale
+and min -- and the min feeds the next candidate) are masked updates (``putmask``); the winning
+candidate's iscale (and min) is carried instead of its quants, which are rounded from it once at the
+end with the same float32 operations. ``nearest_int`` is ggml's bit trick, which is round half to
+even (``np.rint``) below 2^22: the searches use ``np.rint`` where a bound proves every value below
+2^21 (always for Q6_K: |iscale * x| <= 33), else the bit trick, whose results beyond are not
+rounding. Fits computed for sub-blocks where the C code would not use them (a singular system, a
+zero sum) are garbage that is never taken, so division warnings are silenced. Bit-exactness
+assumes the reference is compiled without FMA contraction of these loops (x86-64 ggml-base is; an
+aarch64 build may contract and then differ in the last bit of a sum, hence occasionally in a quant).
 """
 from __future__ import annotations
 
@@ -32,9 +38,9 @@ import numpy as np
 from ..weights.quant import QK_K
 
 GROUP_MAX_EPS = np.float32(1e-15)  # ggml-quants.c: a group below this absmax is all zero
-# Super-blocks encoded at once. Q4_K / Q5_K's search runs ~40 small (per sub-block) numpy calls per candidate
-# scale, whose overhead large passes amortize ((32, 8192) float32 working arrays, 1 MiB each); Q6_K's runs few,
-# and its (16, 2048) arrays (128 KiB) stay in L2.
+# Super-blocks encoded at once (measured best on a 2-core EPYC). Q4_K / Q5_K's search makes ~30 numpy calls
+# on (n_sub,) arrays per candidate scale, whose overhead large passes amortize ((32, 8192) float32 working
+# arrays, 1 MiB each); Q6_K's makes few, and its (16, 2048) arrays (128 KiB) stay in L2.
 AFFINE_SUPER_BLOCKS_PER_PASS = 1024
 Q6_K_SUPER_BLOCKS_PER_PASS = 128
 _F32 = np.float32
@@ -86,8 +92,8 @@ def _q5_k_pass(blocks: np.ndarray) -> np.ndarray:
 def _q6_k_pass(blocks: np.ndarray) -> np.ndarray:
     """(n, 256) float32 -> (n, 210) uint8."""
     subs = blocks.reshape(-1, 16)  # (n_sub, 16)
-    largest = np.take_along_axis(subs, np.abs(subs).argmax(axis=1)[:, None], axis=1)[:, 0]  # (n_sub,) first largest |x|
-    xs = np.ascontiguousarray(subs.T)  # (16, n_sub)
+    largest = np.take_along_axis(subs, np.abs(subs).argmax(axis=1)[:, None], axis=1)[:, 0]  # (n_sub,) first max |x|
+    xs = _sub_blocks(blocks, 16)  # (16, n_sub)
     scales, L = _make_qx_quants(xs, largest, nmax=32)  # (n_sub,), (16, n_sub) values 0..63
     scales = scales.reshape(-1, 16)  # (n, 16)
     n = scales.shape[0]
