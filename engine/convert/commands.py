@@ -25,7 +25,7 @@ from .requantize import quantize_gguf
 
 DEFAULT_GGUF_TYPE = "f16"  # as llama.cpp's convert_hf_to_gguf.py
 DEFAULT_HF_DTYPE = "f32"  # dequantized values kept exactly
-THREADS_OPTION = click.option("-t", "--threads", type=click.IntRange(min=1), default=None,
+THREADS_OPTION = click.option("-t", "--threads", type=int, default=None,
                               help="threads that encode tensors  [default: every available CPU]")
 
 

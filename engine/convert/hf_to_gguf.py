@@ -30,7 +30,7 @@ from ..weights.quant import GGMLType
 from ..weights.safetensors import SafetensorsCheckpoint
 from .mixture import FileType, file_type_from_name, is_llama_70b, tensor_types
 from .output import atomic_file, check_file_destination, warn
-from .tensors import TensorJob, available_cpus, gguf_rope_row_order
+from .tensors import TensorJob, gguf_rope_row_order, thread_count
 from .writer import WriteStats, write_gguf
 
 
@@ -44,6 +44,7 @@ def convert_hf_to_gguf(hf_dir: str | Path, dest: str | Path, file_type: str = "f
     """
     hf_dir, dest = Path(hf_dir), Path(dest)
     requested = file_type_from_name(file_type)
+    threads = thread_count(threads)
     check_file_destination(dest, force)
     if not hf_dir.is_dir():
         raise ModelFormatError(f"{hf_dir}: not an HF model folder (expected a folder with config.json)")
@@ -68,7 +69,7 @@ def convert_hf_to_gguf(hf_dir: str | Path, dest: str | Path, file_type: str = "f
 
     with atomic_file(dest, force) as tmp:
         totals = write_gguf(tmp, config.architecture, add_metadata, jobs, progress, label=f"converting to {dest.name}",
-                            threads=threads or available_cpus())
+                            threads=threads)
     return WriteStats(dest, len(jobs), *totals)
 
 

@@ -25,7 +25,7 @@ from ..weights.gguf import GGUFFile
 from ..weights.quant import GGMLType
 from .mixture import file_type_from_name, is_llama_70b, tensor_types
 from .output import atomic_file, check_file_destination
-from .tensors import TensorJob, available_cpus
+from .tensors import TensorJob, thread_count
 from .writer import WriteStats, write_gguf
 
 NOT_COPIED = ("general.architecture", "general.alignment", "general.file_type")  # the writer sets these
@@ -36,6 +36,7 @@ def quantize_gguf(src: str | Path, dest: str | Path, file_type: str, force: bool
     """Write ``dest``: the GGUF ``src`` as file type ``file_type`` (a name of mixture.FILE_TYPES: q4_k_m, q8_0, ...),
     encoding on ``threads`` threads (default: every available CPU)."""
     requested = file_type_from_name(file_type)
+    threads = thread_count(threads)
 
     def types(model: GGUFFile, arch: str) -> dict[str, GGMLType]:
         return tensor_types([(name, info.shape, info.ggml_type) for name, info in model.tensors.items()], requested,
@@ -47,7 +48,7 @@ def quantize_gguf(src: str | Path, dest: str | Path, file_type: str, force: bool
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     return _rewrite(src, dest, types, add_metadata, force, progress, label=f"quantizing to {Path(dest).name}",
-                    threads=threads or available_cpus())
+                    threads=threads)
 
 
 def copy_with_metadata(src: str | Path, dest: str | Path, updates: dict[str, tuple[Any, gguf.GGUFValueType]],

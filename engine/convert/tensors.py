@@ -91,9 +91,13 @@ class TensorJob:
         return out
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (the default thread count, as llama-quantize's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def thread_count(threads: int | None) -> int:
+    """The threads to convert on: ``threads``, or by default every CPU this process may run on (as llama-quantize)."""
+    if threads is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if threads < 1:
+        raise ConfigError(f"the thread count must be at least 1, got {threads}")
+    return threads
 
 
 def map_in_order(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
