@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file
 
 from engine.convert import convert_gguf_to_hf, convert_hf_to_gguf, quantize_gguf
+from engine.convert import tensors as tensors_module
 from engine.convert.commands import convert, quantize
 from engine.convert.tensors import TensorJob
 from engine.errors import ConfigError, EngineError, ModelFormatError
@@ -67,6 +68,7 @@ def test_convert_both_ways_and_quantize(tiny, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["{hf}", "{out}/x.gguf", "--dtype", "bf16"], "--dtype: not used when converting to GGUF"),
     (["{gguf}", "{out}/x", "--type", "q8_0"], "--type: not used when exporting to HF"),
+    (["{gguf}", "{out}/x", "--threads", "2"], "--threads: not used when exporting to HF"),
     (["{gguf}", "{out}/x.gguf"], "GGUF -> GGUF needs --type"),
     (["{hf}", "{out}/x", "--to", "hf"], "is already an HF folder"),
     (["{out}/missing.gguf", "{out}/x"], "no such file or directory"),
@@ -187,11 +189,11 @@ def test_failure_while_writing_removes_the_partial_output(tiny, tmp_path, monkey
     calls = {"n": 0}
     original_chunks = TensorJob.chunks
 
-    def failing_chunks(self):
+    def failing_chunks(self, threads=1):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        yield from original_chunks(self)
+        yield from original_chunks(self, threads)
 
     monkeypatch.setattr(TensorJob, "chunks", failing_chunks)
     out = tmp_path / "out"
@@ -254,6 +256,20 @@ def test_k_quant_summary_counts_types_and_bits(tmp_path):
     assert "3 tensors (1 Q6_K, 1 Q4_K, 1 F32)" in result.stderr
     assert f"{8 * 3856 / 4352:.2f} bits/weight" in result.stderr
     assert GGUFFile(tmp_path / "q.gguf").metadata["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+
+
+def test_thread_count_does_not_change_the_file(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(tensors_module, "CHUNK_ELEMENTS", 4 * 256)  # a few rows a slab: several slabs per matrix
+    outputs = []
+    for threads in ("1", "3"):
+        out = tmp_path / f"q{threads}.gguf"
+        result = CliRunner().invoke(quantize, [str(tiny["f32"]), str(out), "q4_k_m", "-t", threads, "--no-progress"])
+        assert result.exit_code == 0, result.output
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+    result = CliRunner().invoke(quantize, [str(tiny["f32"]), str(tmp_path / "q.gguf"), "q4_k_m", "--threads", "0"])
+    assert isinstance(result.exception, ConfigError) and "thread count must be at least 1, got 0" in str(result.exception)
+    assert not (tmp_path / "q.gguf").exists()
 
 
 def test_value_a_type_cannot_hold_is_one_error_naming_the_tensor(tmp_path):

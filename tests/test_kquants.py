@@ -7,12 +7,14 @@ import gguf
 import numpy as np
 import pytest
 
+from engine.convert import kquants
 from engine.convert import tensors as tensors_module
 from engine.convert.quantize import encode_rows
-from engine.convert.tensors import TensorJob
+from engine.convert.tensors import TensorJob, map_in_order
 from engine.errors import ConfigError
 from engine.loader import WeightTensor
 from engine.weights.quant import GGMLType, dequantize
+from kquant_reference import encode_q4_k, encode_q5_k, encode_q6_k
 
 GOLDEN = Path(__file__).parent / "golden" / "kquants.npz"
 K_TYPES = [GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
@@ -29,6 +31,94 @@ def test_bytes_equal_llama_cpp(name):
     assert ours.shape == expected.shape
     differing = [row for row in range(x.shape[0]) if not np.array_equal(ours[row], expected[row])]
     assert differing == []
+
+
+REFERENCE = {GGMLType.Q4_K: encode_q4_k, GGMLType.Q5_K: encode_q5_k, GGMLType.Q6_K: encode_q6_k}
+
+
+@pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
+def test_reference_encoders_give_llama_cpp_bytes(t):
+    """The plain reference (tests/kquant_reference.py) the fast encoders are compared with below is itself exact."""
+    golden = np.load(GOLDEN)
+    assert np.array_equal(REFERENCE[t](golden["input"]).reshape(golden[t.name].shape), golden[t.name])
+
+
+def random_tensors() -> dict[str, np.ndarray]:
+    """Tensors of several widths (256..14336) and row counts; more super-blocks than a Q4_K/Q5_K pass (1024) in one."""
+    rng = np.random.default_rng(18)
+    scaled = rng.normal(size=(37, 8192)) * np.exp(rng.uniform(-8, 4, size=(37, 512))).repeat(16, axis=1)
+    scaled[3] = 0
+    scaled[5, 1024:2048] = 0
+    scaled[7, 64:96] = 0.25
+    return {
+        "1x256": rng.normal(size=(1, 256)),
+        "3x768 tiny": rng.normal(size=(3, 768)) * 1e-4,
+        "5x4096 8B-like": rng.normal(size=(5, 4096)) / 64,
+        "2x14336 heavy tails": rng.standard_t(3, size=(2, 14336)) / 120,
+        "11x2816 one-signed": np.abs(rng.normal(size=(11, 2816))) + 0.1,
+        "37x8192 mixed scales, zero and constant runs": scaled,
+    }
+
+
+@pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("case", list(random_tensors()))
+def test_encoders_equal_the_reference(t, case):
+    x = random_tensors()[case].astype(np.float32)
+    assert np.array_equal(encode_rows(x, t), REFERENCE[t](x).reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q5_K], ids=lambda t: t.name)
+def test_exact_rounding_path_gives_the_same_bytes(t, monkeypatch):
+    """The search rounds with np.rint where |values| < _RINT_LIMIT is proven; with no such proof (limit 0) every
+    candidate takes ggml's nearest_int bit trick instead, and the bytes must not change."""
+    golden = np.load(GOLDEN)
+    monkeypatch.setattr(kquants, "_RINT_LIMIT", np.float32(0))
+    assert np.array_equal(encode_rows(golden["input"], t), golden[t.name])
+
+
+def test_column_sums_add_rows_in_order():
+    """The encoders' sums must round as the C loops do: row 0 + row 1 + ... , not pairwise."""
+    rng = np.random.default_rng(3)
+    terms = (rng.normal(size=(32, 24)) * np.exp(rng.uniform(-20, 20, size=(32, 24)))).astype(np.float32)
+    running = terms[0].copy()
+    for row in terms[1:]:
+        running += row
+    assert np.array_equal(kquants._column_sums(terms), running)
+    assert not np.array_equal(np.sum(terms.T.copy(), axis=1), running)  # pairwise order rounds differently here
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
+def test_threads_give_the_same_bytes(t, monkeypatch):
+    monkeypatch.setattr(tensors_module, "CHUNK_ELEMENTS", 4 * 1024)  # 4 rows a slab: 13 slabs
+    x = np.random.default_rng(9).normal(size=(50, 1024)).astype(np.float32)
+    job = TensorJob("blk.0.ffn_up.weight", WeightTensor("w", GGMLType.F32, x.shape, x.view(np.uint8).reshape(-1)), t)
+    one = job.data(threads=1)
+    assert np.array_equal(one, encode_rows(x, t).reshape(-1))
+    assert np.array_equal(job.data(threads=2), one)
+    assert np.array_equal(job.data(threads=3), one)
+
+
+def test_map_in_order_keeps_order_and_bounds_the_work_in_flight():
+    started = []
+
+    def square(i: int) -> int:
+        started.append(i)
+        return i * i
+
+    results = map_in_order(square, range(100), threads=3)
+    assert [next(results) for _ in range(4)] == [0, 1, 4, 9]
+    assert max(started) < 4 + 2 * 3  # no more than 2 * threads submitted beyond what was consumed
+    assert list(results) == [i * i for i in range(4, 100)]
+
+
+def test_map_in_order_raises_a_worker_error():
+    def fail_at_five(i: int) -> int:
+        if i == 5:
+            raise ConfigError("bad slab")
+        return i
+
+    with pytest.raises(ConfigError, match="bad slab"):
+        list(map_in_order(fail_at_five, range(20), threads=2))
 
 
 def round_trip_cases() -> dict[str, np.ndarray]:

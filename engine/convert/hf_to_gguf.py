@@ -30,19 +30,21 @@ from ..weights.quant import GGMLType
 from ..weights.safetensors import SafetensorsCheckpoint
 from .mixture import FileType, file_type_from_name, is_llama_70b, tensor_types
 from .output import atomic_file, check_file_destination, warn
-from .tensors import TensorJob, gguf_rope_row_order
+from .tensors import TensorJob, gguf_rope_row_order, thread_count
 from .writer import WriteStats, write_gguf
 
 
 def convert_hf_to_gguf(hf_dir: str | Path, dest: str | Path, file_type: str = "f16", force: bool = False,
                        pre: str | None = None, progress: bool = True,
-                       on_warning: Callable[[str], None] = warn) -> WriteStats:
+                       on_warning: Callable[[str], None] = warn, threads: int | None = None) -> WriteStats:
     """Convert an HF Llama folder to a GGUF file ``dest`` of the given file type (mixture.FILE_TYPES: f16, q4_k_m...).
 
     pre: tokenizer.ggml.pre to write instead of the detected one (byte-level BPE tokenizers).
+    threads: tensors are converted on this many threads (default: every available CPU).
     """
     hf_dir, dest = Path(hf_dir), Path(dest)
     requested = file_type_from_name(file_type)
+    threads = thread_count(threads)
     check_file_destination(dest, force)
     if not hf_dir.is_dir():
         raise ModelFormatError(f"{hf_dir}: not an HF model folder (expected a folder with config.json)")
@@ -66,7 +68,8 @@ def convert_hf_to_gguf(hf_dir: str | Path, dest: str | Path, file_type: str = "f
         _add_vocab(writer, vocab)
 
     with atomic_file(dest, force) as tmp:
-        totals = write_gguf(tmp, config.architecture, add_metadata, jobs, progress, label=f"converting to {dest.name}")
+        totals = write_gguf(tmp, config.architecture, add_metadata, jobs, progress, label=f"converting to {dest.name}",
+                            threads=threads)
     return WriteStats(dest, len(jobs), *totals)
 
 

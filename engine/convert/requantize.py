@@ -25,16 +25,18 @@ from ..weights.gguf import GGUFFile
 from ..weights.quant import GGMLType
 from .mixture import file_type_from_name, is_llama_70b, tensor_types
 from .output import atomic_file, check_file_destination
-from .tensors import TensorJob
+from .tensors import TensorJob, thread_count
 from .writer import WriteStats, write_gguf
 
 NOT_COPIED = ("general.architecture", "general.alignment", "general.file_type")  # the writer sets these
 
 
 def quantize_gguf(src: str | Path, dest: str | Path, file_type: str, force: bool = False,
-                  progress: bool = True) -> WriteStats:
-    """Write ``dest``: the GGUF ``src`` as file type ``file_type`` (a name of mixture.FILE_TYPES: q4_k_m, q8_0, ...)."""
+                  progress: bool = True, threads: int | None = None) -> WriteStats:
+    """Write ``dest``: the GGUF ``src`` as file type ``file_type`` (a name of mixture.FILE_TYPES: q4_k_m, q8_0, ...),
+    encoding on ``threads`` threads (default: every available CPU)."""
     requested = file_type_from_name(file_type)
+    threads = thread_count(threads)
 
     def types(model: GGUFFile, arch: str) -> dict[str, GGMLType]:
         return tensor_types([(name, info.shape, info.ggml_type) for name, info in model.tensors.items()], requested,
@@ -45,7 +47,8 @@ def quantize_gguf(src: str | Path, dest: str | Path, file_type: str, force: bool
         if "general.quantization_version" not in entries:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    return _rewrite(src, dest, types, add_metadata, force, progress, label=f"quantizing to {Path(dest).name}")
+    return _rewrite(src, dest, types, add_metadata, force, progress, label=f"quantizing to {Path(dest).name}",
+                    threads=threads)
 
 
 def copy_with_metadata(src: str | Path, dest: str | Path, updates: dict[str, tuple[Any, gguf.GGUFValueType]],
@@ -68,7 +71,7 @@ def copy_with_metadata(src: str | Path, dest: str | Path, updates: dict[str, tup
 
 def _rewrite(src: str | Path, dest: str | Path, types: Callable[[GGUFFile, str], dict[str, GGMLType]],
              add_metadata: Callable[[gguf.GGUFWriter, dict], None], force: bool, progress: bool, label: str,
-             replaced: tuple[str, ...] = ()) -> WriteStats:
+             replaced: tuple[str, ...] = (), threads: int = 1) -> WriteStats:
     """Write ``dest`` from the GGUF ``src``: its metadata keys copied as stored except NOT_COPIED and ``replaced``,
     then ``add_metadata(writer, the source's typed entries)``; tensor ``name`` as ``types(model, arch)[name]``."""
     src, dest = Path(src), Path(dest)
@@ -89,7 +92,7 @@ def _rewrite(src: str | Path, dest: str | Path, types: Callable[[GGUFFile, str],
         add_metadata(writer, entries)
 
     with atomic_file(dest, force, source=src) as tmp:
-        totals = write_gguf(tmp, arch, write_metadata, jobs, progress, label=label)
+        totals = write_gguf(tmp, arch, write_metadata, jobs, progress, label=label, threads=threads)
     return WriteStats(dest, len(jobs), *totals)
 
 

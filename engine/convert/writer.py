@@ -50,8 +50,9 @@ class WriteStats:
 
 
 def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], None],
-               jobs: Sequence[TensorJob], progress: bool, label: str) -> tuple:
-    """Write a complete GGUF file at ``path``; returns WriteStats' fields after n_tensors (``_totals``)."""
+               jobs: Sequence[TensorJob], progress: bool, label: str, threads: int = 1) -> tuple:
+    """Write a complete GGUF file at ``path``, converting each tensor on ``threads`` threads; returns
+    WriteStats' fields after n_tensors (``_totals``)."""
     started = time.perf_counter()
     writer = gguf.GGUFWriter(path, arch)
     try:
@@ -64,7 +65,7 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
         writer.write_ti_data_to_file()
         with progress_bar(sum(job.nbytes for job in jobs), label, progress) as bar:
             for job in jobs:
-                writer.write_tensor_data(job.data())
+                writer.write_tensor_data(job.data(threads))
                 if bar is not None:
                     bar.update(job.nbytes)
     finally:
