@@ -296,6 +296,21 @@ def test_serve_refuses_more_slots_than_fit_with_one_error(tiny, monkeypatch, cap
     assert err.startswith("error: 8 slots of a context of 4096 tokens each: ") and "use --parallel 3" in err
 
 
+@pytest.mark.parametrize("flags, batched", [([], True), (["--no-batch-decode"], False)])
+def test_serve_passes_its_batch_decode_option(tiny, monkeypatch, flags, batched):
+    from click.testing import CliRunner
+
+    from engine.cli import cli
+    from engine.server import command
+
+    served = {}
+    monkeypatch.setattr(command, "run_server", lambda load, name, host, port, batch_decode: served.update(
+        name=name, batch_decode=batch_decode))
+    result = CliRunner().invoke(cli, ["serve", "-m", str(tiny), "--port", "0", *flags])
+    assert result.exit_code == 0, result.output
+    assert served == {"name": tiny.name.removesuffix(".gguf"), "batch_decode": batched}
+
+
 class FakeSession:
     def __init__(self, tokens=()):
         self.tokens = list(tokens)

@@ -58,9 +58,10 @@ class DecodeBatcher:
         """The ``decoders.decoder`` of LLM.generate_on: a decode loop (joined now) whose steps are batched here."""
         if model is not self.model:
             raise ConfigError("a decode batcher batches the steps of the model it was made for")
+        decoder = BatchedDecoder(self, cache, sampling, history)  # (a bad sampling setting is refused before joining)
         with self._changed:
             self._decoders += 1
-        return BatchedDecoder(self, cache, sampling, history)
+        return decoder
 
     def leave(self) -> None:
         with self._changed:
