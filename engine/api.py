@@ -216,12 +216,14 @@ class LLM:
     def generate_on(self, cache: KVCache, prompt_ids: Sequence[int], max_tokens: int = 128,
                     sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] | None = None,
                     progress: Callable[[int, int], None] | None = None,
-                    stats: GenerationStats | None = None) -> Iterator[int]:
+                    stats: GenerationStats | None = None, decoders=None) -> Iterator[int]:
         """generate_ids on a cache that already holds the keys/values of prompt_ids[:cache.length] (the caller
         vouches for them; fewer than len(prompt_ids)): only the rest is prefilled. Afterwards the cache holds
         the prompt and every generated token but the last (which was never fed back).
         stats: filled in as the generation goes (default: a new one); also ``last_stats`` from the start (where
-        several generations take turns, each keeps its own)."""
+        several generations take turns, each keeps its own).
+        decoders: what makes the decode loop, ``decoders.decoder(model, cache, sampling, history)`` (default: the
+        backend; the server's DecodeBatcher, engine/server/batching.py, batches several slots' steps)."""
         if max_tokens < 0:
             raise ConfigError(f"max tokens must be >= 0, got {max_tokens}")
         stops = set(self.tokenizer.stop_ids if stop_ids is None else stop_ids)
@@ -237,20 +239,23 @@ class LLM:
         t0 = time.perf_counter()
         stats.stop_reason = "length"
         if max_tokens > 0:
-            decoder = self.backend.decoder(self.model, cache, sampling, history)
-            token = decoder.first(logits)
-            while True:
-                if token in stops:
-                    stats.stop_reason = "eos"
-                    break
-                stats.generated_tokens += 1
-                yield token
-                if stats.generated_tokens == max_tokens:
-                    break
-                if cache.free == 0:
-                    stats.stop_reason = "context"
-                    break
-                token = decoder.step(token)
+            decoder = (self.backend if decoders is None else decoders).decoder(self.model, cache, sampling, history)
+            try:
+                token = decoder.first(logits)
+                while True:
+                    if token in stops:
+                        stats.stop_reason = "eos"
+                        break
+                    stats.generated_tokens += 1
+                    yield token
+                    if stats.generated_tokens == max_tokens:
+                        break
+                    if cache.free == 0:
+                        stats.stop_reason = "context"
+                        break
+                    token = decoder.step(token)
+            finally:
+                decoder.close()
         stats.generation_seconds = time.perf_counter() - t0
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128,

@@ -215,13 +215,15 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 @click.option("-a", "--alias", default=None, help="model name in the API (default: the model file's name)")
 @click.option("-np", "--parallel", type=click.IntRange(min=1), default=1, show_default=True,
               help="slots: sequences served at once, each with its own KV cache of the whole context")
-def serve(settings: LoadSettings, host, port, alias, parallel) -> None:
+@click.option("--batch-decode/--no-batch-decode", default=True, show_default=True,
+              help="run the decoding slots' next tokens as one batched forward (CPU); off: one slot at a time")
+def serve(settings: LoadSettings, host, port, alias, parallel, batch_decode) -> None:
     """OpenAI-compatible HTTP server (needs the `server` extra); --parallel slots, prompt prefixes reused."""
     from .server.command import run_server
 
     path = Path(settings.model) if settings.model is not None else default_model_path()
     model_name = alias or path.name.removesuffix(".gguf")
-    run_server(lambda: api.load(**settings.load_kwargs(path), slots=parallel), model_name, host, port)
+    run_server(lambda: api.load(**settings.load_kwargs(path), slots=parallel), model_name, host, port, batch_decode)
 
 
 @cli.command()

@@ -6,6 +6,7 @@ backend's replays a captured graph and samples on the device (backends/cuda/grap
     decoder = backend.decoder(model, cache, sampling, history)   # after the prompt's prefill
     token = decoder.first(last_logits)    # sample from the prefill's last logits
     token = decoder.step(token)           # feed token at cache.length, commit it, return the next id
+    decoder.close()                       # the loop is over (the server's batched decoders leave their batcher)
 
 Non-finite logits (an overflow upstream) raise ``non_finite_logits``' NumericsError instead of sampling.
 """
@@ -41,9 +42,17 @@ class HostDecoder:
 
     def step(self, token: int) -> int:
         self.history.append(token)
-        logits = self.model.forward(np.array([token]), self.cache, logits_for="last")  # (1, vocab)
+        logits = self.next_logits(token)
         self.steps += 1
-        return self._pick(self.backend.to_numpy(logits)[0])
+        return self._pick(logits)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def next_logits(self, token: int) -> np.ndarray:
+        """Feed token at cache.length (committed) -> its (vocab,) logits on the host."""
+        logits = self.model.forward(np.array([token]), self.cache, logits_for="last")  # (1, vocab)
+        return self.backend.to_numpy(logits)[0]
 
     def _pick(self, logits: np.ndarray) -> int:
         if not np.isfinite(logits).all():

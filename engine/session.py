@@ -48,8 +48,9 @@ class Session:
     # ------------------------------------------------------------------------------------ tokens
     def generate_ids(self, prompt_ids: Sequence[int], max_tokens: int = 128,
                      sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> Iterator[int]:
-        """Stream generated ids after prompt_ids, reusing the cached common prefix (see LLM.generate_on)."""
+                     progress: Callable[[int, int], None] | None = None, decoders=None) -> Iterator[int]:
+        """Stream generated ids after prompt_ids, reusing the cached common prefix (see LLM.generate_on, which
+        also says what progress and decoders are)."""
         prompt = [int(i) for i in self.llm._check_ids(prompt_ids)]  # refuse bad input before touching the cache
         self._claim()
         reused = min(common_prefix_length(self.tokens, prompt), len(prompt) - 1)
@@ -58,7 +59,8 @@ class Session:
         generated: list[int] = []
         self.last_stats = stats = GenerationStats()  # this session's own, whatever other sessions run meanwhile
         try:
-            for token in self.llm.generate_on(self.cache, prompt, max_tokens, sampling, stop_ids, progress, stats):
+            for token in self.llm.generate_on(self.cache, prompt, max_tokens, sampling, stop_ids, progress, stats,
+                                              decoders):
                 generated.append(token)
                 yield token
         finally:

@@ -1,6 +1,8 @@
 """`engine serve --parallel N` on a tiny random model over a real socket: 8 concurrent `openai` clients each get
-the answer the same request gets alone (greedy and seeded, streamed and not, 1 and 2 slots); busy slots advance
-token by token; waiting requests are served first come, first served; a client that disconnects frees its slot;
+the answer the same request gets alone (greedy and seeded, streamed and not, 1, 2 and 4 slots, decode steps
+batched or not; batches of more than one slot reached); busy slots advance token by token, turn by turn or in
+batches of all the decoding slots; waiting requests are served first come, first served; a client that
+disconnects frees its slot;
 a request goes to the slot that holds its prefix (cached_tokens); the slot gauges; the memory refusal from the
 command line. The slot choice and the model turns are also checked on their own (slots.py, turns.py)."""
 import asyncio
@@ -37,9 +39,9 @@ def tiny(tmp_path_factory):
 
 
 @contextmanager
-def serve(model, slots: int, context: int = 1024):
+def serve(model, slots: int, context: int = 1024, batch_decode: bool = True):
     """A live server (uvicorn in a thread) with `slots` slots: (base URL, its ServerState)."""
-    app = create_app(lambda: engine.load(model, device="cpu", context=context, slots=slots), "tiny")
+    app = create_app(lambda: engine.load(model, device="cpu", context=context, slots=slots), "tiny", batch_decode)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -62,7 +64,8 @@ def client(url: str):
 def gauges(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics").text
     return {line.split()[0][len("engine_"):]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith(("engine_slots", "engine_requests_waiting", "engine_generated_tokens_total"))}
+            if line.startswith(("engine_slots", "engine_requests_waiting", "engine_generated_tokens_total",
+                                "engine_decode_batch_size"))}
 
 
 def wait_until(condition, what: str, timeout: float = 30.0) -> None:
@@ -98,9 +101,9 @@ def ask(openai_client, i: int) -> tuple[str, int]:
     return "".join(pieces), chunks[-1].usage.completion_tokens
 
 
-@pytest.mark.parametrize("slots", [1, 2])
-def test_eight_concurrent_clients_each_get_the_answer_they_get_alone(tiny, slots):
-    with serve(tiny, slots) as (url, state):
+@pytest.mark.parametrize("slots, batch_decode", [(1, True), (2, False), (2, True), (4, True)])
+def test_eight_concurrent_clients_each_get_the_answer_they_get_alone(tiny, slots, batch_decode):
+    with serve(tiny, slots, batch_decode=batch_decode) as (url, state):
         alone = [ask(client(url), i) for i in range(8)]
         start = threading.Barrier(8)
 
@@ -113,10 +116,16 @@ def test_eight_concurrent_clients_each_get_the_answer_they_get_alone(tiny, slots
         assert together == alone
         assert all(text and n == 6 + 2 * i for i, (text, n) in enumerate(alone))  # whole: no end token met
         assert gauges(url)["slots"] == slots and state.slots.idle == slots
+        batches = gauges(url)
+        if batch_decode:  # every decode step went through the batcher: more than one slot at a time with 2 or 4
+            assert batches["decode_batch_size_sum"] == 2 * sum(n - 1 for _, n in alone)  # alone, then together
+            assert (batches['decode_batch_size_bucket{le="1"}'] < batches["decode_batch_size_count"]) == (slots > 1)
+        else:
+            assert batches["decode_batch_size_count"] == 0
 
 
 def test_busy_slots_advance_token_by_token(tiny, monkeypatch):
-    with serve(tiny, 2) as (url, state):
+    with serve(tiny, 2, batch_decode=False) as (url, state):
         llm = state.llm
         steps = []  # the slot of every model call, in order
         forward = llm.model.forward
@@ -142,6 +151,40 @@ def test_busy_slots_advance_token_by_token(tiny, monkeypatch):
     both = both[:min(len(both) - both[::-1].index(s) for s in (0, 1))]  # ... until the first one finishes
     runs = [len(run) for run in "".join(map(str, both)).replace("01", "0 1").replace("10", "1 0").split()]
     assert len(both) >= 70 and max(runs) <= 2  # alternating, not one request after the other
+
+
+def test_busy_slots_decode_in_batches_of_both(tiny, monkeypatch):
+    with serve(tiny, 2) as (url, state):
+        llm = state.llm
+        forward, forward_batch = llm.model.forward, llm.model.forward_batch
+        sizes = []  # the sequences of every batched decode step, in order
+
+        def prefill(ids, cache, **kwargs):
+            if len(ids) > 1:
+                wait_until(lambda: state.slots.processing == 2, "both requests to take their slots")
+            return forward(ids, cache, **kwargs)
+
+        def recorded(tokens, caches):
+            sizes.append(len(caches))
+            return forward_batch(tokens, caches)
+
+        monkeypatch.setattr(llm.model, "forward", prefill)
+        monkeypatch.setattr(llm.model, "forward_batch", recorded)
+        start = threading.Barrier(2)
+
+        def generate(i):
+            start.wait()
+            return client(url).completions.create(model="tiny", prompt=LINES[20 + i], max_tokens=40, temperature=0,
+                                                  extra_body={"ignore_eos": True}).usage.completion_tokens
+
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(generate, range(2))) == [40, 40]
+        batches = gauges(url)
+    # 39 decode steps each: alone while the other prefills or after it ends, else both in one forward
+    assert set(sizes) <= {1, 2} and sum(sizes) == 2 * 39 and sizes.count(2) >= 30, sizes
+    first, last = sizes.index(2), len(sizes) - 1 - sizes[::-1].index(2)
+    assert set(sizes[first:last + 1]) == {2} and first == len(sizes) - 1 - last  # 1s only before and after
+    assert (batches["decode_batch_size_sum"], batches["decode_batch_size_count"]) == (2 * 39, len(sizes))
 
 
 def test_a_long_prefill_lets_the_other_slot_decode_between_its_batches(tiny, monkeypatch):
@@ -251,6 +294,21 @@ def test_serve_refuses_more_slots_than_fit_with_one_error(tiny, monkeypatch, cap
     assert exited.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: 8 slots of a context of 4096 tokens each: ") and "use --parallel 3" in err
+
+
+@pytest.mark.parametrize("flags, batched", [([], True), (["--no-batch-decode"], False)])
+def test_serve_passes_its_batch_decode_option(tiny, monkeypatch, flags, batched):
+    from click.testing import CliRunner
+
+    from engine.cli import cli
+    from engine.server import command
+
+    served = {}
+    monkeypatch.setattr(command, "run_server", lambda load, name, host, port, batch_decode: served.update(
+        name=name, batch_decode=batch_decode))
+    result = CliRunner().invoke(cli, ["serve", "-m", str(tiny), "--port", "0", *flags])
+    assert result.exit_code == 0, result.output
+    assert served == {"name": tiny.name.removesuffix(".gguf"), "batch_decode": batched}
 
 
 class FakeSession:

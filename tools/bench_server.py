@@ -1,10 +1,15 @@
 """The server's overhead: decode tokens/s streamed through HTTP vs the same generation in-process, and the
 time to first token through HTTP with and without prefix reuse; with --clients, aggregate tokens/s of
-concurrent clients against servers of several slots (--parallel) instead.
+concurrent clients against servers of several slots (--parallel), decode steps batched or not
+(--batch-decode on,off: engine serve --no-batch-decode), instead; with --batch-steps, in-process only, the
+time of one decode step of B sequences as B forwards vs one Llama.forward_batch (the model-side gain, without
+HTTP, threads or sampling; the two alternate round by round, so a loaded machine slows both alike).
 
     python tools/bench_server.py --device cuda -n 128 -p 512 --long 32768    # the issue's target: <= 5% slower
     python tools/bench_server.py --device cpu -n 32 -p 64 --long 1024
     python tools/bench_server.py --device cpu -n 32 -p 64 --clients 1,2,4 --parallel 1,2,4
+    python tools/bench_server.py --device cpu -n 64 -p 64 --clients 1,2,4 --parallel 4 --batch-decode on,off
+    python tools/bench_server.py --device cpu -n 32 -p 64 --batch-steps 1,2,4,8
 
 The server (engine.server.app on uvicorn) runs in this process on a free port; requests use httpx, greedy,
 ignore_eos so that every run generates exactly -n tokens. Decode tokens/s through HTTP counts from the
@@ -23,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import uvicorn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,8 +41,8 @@ from engine.server.app import create_app  # noqa: E402
 from prose import prose  # noqa: E402
 
 
-def start_server(llm) -> tuple[uvicorn.Server, str]:
-    app = create_app(lambda: llm, "bench")
+def start_server(llm, batch_decode: bool = True) -> tuple[uvicorn.Server, str]:
+    app = create_app(lambda: llm, "bench", batch_decode)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not (server.started and app.state.engine.llm is not None):
@@ -82,8 +88,9 @@ def concurrent(url: str, prompts: list[list[int]], n: int) -> tuple[float, float
     return sum(tokens for _, _, tokens in results) / wall, max(ttft for ttft, _, _ in results)
 
 
-def aggregate_table(args, clients: list[int], parallel: list[int]) -> None:
-    """Aggregate tokens/s for each number of concurrent clients against a server of each number of slots."""
+def aggregate_table(args, clients: list[int], parallel: list[int], batching: list[bool]) -> None:
+    """Aggregate tokens/s for each number of concurrent clients against a server of each number of slots, with
+    its decode steps batched or not."""
     text_ids = None
     rows = []
     for slots in parallel:
@@ -91,15 +98,46 @@ def aggregate_table(args, clients: list[int], parallel: list[int]) -> None:
         if text_ids is None:
             text_ids = llm.tokenize(prose())
             prompts = iter(text_ids[i:i + args.p] for i in range(0, len(text_ids) - args.p, args.p))
-        server, url = start_server(llm)
-        concurrent(url, [next(prompts)], 8)  # warm-up
-        rows.append([concurrent(url, [next(prompts) for _ in range(c)], args.n) for c in clients])
-        server.should_exit = True
+        for batch_decode in batching:
+            server, url = start_server(llm, batch_decode)
+            concurrent(url, [next(prompts)], 8)  # warm-up
+            cells = [concurrent(url, [next(prompts) for _ in range(c)], args.n) for c in clients]
+            rows.append((f"--parallel {slots}" + ("" if batch_decode else " --no-batch-decode"), cells))
+            server.should_exit = True
     print(f"device {llm.device} ({llm.dtype}); each client: {args.p} prompt tokens, tg{args.n} streamed; "
           f"aggregate tokens/s (slowest time to first token)")
-    print("slots \\ clients " + "".join(f"{c:>18}" for c in clients))
-    for slots, row in zip(parallel, rows):
-        print(f"--parallel {slots:<6}" + "".join(f"{tps:10.1f} ({ttft:4.1f} s)" for tps, ttft in row))
+    width = max(len(name) for name, _ in rows) + 2
+    print("slots \\ clients".ljust(width) + "".join(f"{c:>18}" for c in clients))
+    for name, cells in rows:
+        print(f"{name:<{width}}" + "".join(f"{tps:10.1f} ({ttft:4.1f} s)" for tps, ttft in cells))
+
+
+def batch_steps_table(args, sizes: list[int]) -> None:
+    """Seconds of a decode step of B sequences (after -p prompt tokens each), B forwards vs one batch: the best
+    and the median of -n rounds (on a loaded machine the best is the model's own time, the median what it got)."""
+    llm = engine.load(args.model, device=args.device, context=args.p + 2 * args.n + 16, slots=max(sizes))
+    text_ids = llm.tokenize(prose())
+    print(f"device {llm.device} ({llm.dtype}); decode steps after {args.p} prompt tokens, best / median of {args.n} "
+          f"rounds")
+    print(f"{'sequences':>10}{'B forwards (ms)':>20}{'one batch (ms)':>20}{'speed-up':>16}")
+    for b in sizes:
+        caches = llm.caches[:b]
+        for i, cache in enumerate(caches):
+            cache.reset()
+            llm.model.forward(text_ids[i * args.p:(i + 1) * args.p], cache, logits_for="none")
+        alone, batched = [], []
+        for step in range(args.n):
+            token = [text_ids[args.p * b + step]]
+            t0 = time.perf_counter()
+            for cache in caches:
+                llm.model.forward(token, cache, logits_for="last")
+            alone.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            llm.model.forward_batch([token] * b, caches)
+            batched.append(time.perf_counter() - t0)
+        a, c = (np.array(times) * 1e3 for times in (alone, batched))
+        print(f"{b:>10}{min(a):>11.1f} / {np.median(a):6.1f}{min(c):>11.1f} / {np.median(c):6.1f}"
+              f"{min(a) / min(c):>9.2f}x / {np.median(a) / np.median(c):4.2f}x")
 
 
 def main() -> None:
@@ -112,9 +150,20 @@ def main() -> None:
     parser.add_argument("--clients", default=None, help="comma-separated numbers of concurrent clients: measure "
                                                         "aggregate tokens/s instead")
     parser.add_argument("--parallel", default="1", help="with --clients: comma-separated numbers of slots")
+    parser.add_argument("--batch-decode", default="on", help="with --clients: on, off or on,off (decode steps "
+                                                             "batched across slots or not)")
+    parser.add_argument("--batch-steps", default=None, help="comma-separated batch sizes: time decode steps "
+                                                            "in-process instead")
     args = parser.parse_args()
+    if args.batch_steps:
+        batch_steps_table(args, [int(b) for b in args.batch_steps.split(",")])
+        return
     if args.clients:
-        aggregate_table(args, [int(c) for c in args.clients.split(",")], [int(p) for p in args.parallel.split(",")])
+        batching = {"on": True, "off": False}
+        if any(mode not in batching for mode in args.batch_decode.split(",")):
+            parser.error(f"--batch-decode takes on, off or on,off, not {args.batch_decode!r}")
+        aggregate_table(args, [int(c) for c in args.clients.split(",")], [int(p) for p in args.parallel.split(",")],
+                        [batching[mode] for mode in args.batch_decode.split(",")])
         return
 
     llm = engine.load(args.model, device=args.device, context=max(args.p + args.n, args.long) + 16)

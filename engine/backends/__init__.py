@@ -8,6 +8,7 @@ positions: (n,) backend int array of absolute positions):
   linear_group(x, [w1, w2, ...]) = [x @ w1.T, ...]   (one product when the backend stored them fused)
   add_linear(x, a, w) = x + a @ w.T                  (x may be updated in place and returned)
   add_bias(y, b) = y + b                             y (n, out) activations (maybe a column view), b (out,)
+  concat_rows([a1, a2, ...]) -> the arrays' rows one after another (batches of several sequences only)
   store_kv(cache, layer, k, v, positions, rotary, dca)   write cache rows: keys rotated at their
                                                          (DCA) key positions, values as given
   attention(q, cache, layer, positions, rotary, dca, temperature_length)   q unrotated -> (n, Hq, hd)
@@ -16,7 +17,9 @@ positions: (n,) backend int array of absolute positions):
   target_logprobs(logits, targets) -> (n,) float64 host array of log p(target) per row
   decode_blocks(model) -> the blocks a one-token step runs: the model itself, or fused forms of its
                           attention_block / mlp_block / head (same signatures, same arithmetic)
-  decoder(model, cache, sampling, history) -> decode loop (.first(last_logits), .step(token))
+  decoder(model, cache, sampling, history) -> decode loop (.first(last_logits), .step(token), .close())
+  batched_decode: True when Llama.forward_batch runs on it (several sequences' rows in one forward: numpy);
+                  the server then batches its slots' decode steps (engine/server/batching.py)
 
 Arithmetic: the numpy backend computes in float32; the CUDA backend keeps the residual stream and
 logits in float32 and every activation that feeds a matrix product (and the KV cache) in fp16 or

@@ -19,6 +19,7 @@ from .host_weights import HostMatrix, new_scratch
 class NumpyBackend:
     name = "cpu"
     prefill_batch = 512  # tokens per forward call during prefill (bounds activation memory)
+    batched_decode = True  # Llama.forward_batch: several sequences' rows in one forward (the server's decode steps)
 
     def __init__(self, f32_copies: bool | None = None):
         # keep float32 copies of the matrices? None: when they fit comfortably (memory.f32_copies_fit)
@@ -80,6 +81,9 @@ class NumpyBackend:
 
     def add_linear(self, x: np.ndarray, a: np.ndarray, w: HostMatrix) -> np.ndarray:
         return x + w.matmul_t(a)
+
+    def concat_rows(self, parts) -> np.ndarray:
+        return np.concatenate(parts, axis=0)  # [(n_i, ...)] -> (sum n_i, ...)
 
     def add_bias(self, y: np.ndarray, b: np.ndarray) -> np.ndarray:
         return y + b  # (n, out) + (out,)

@@ -16,14 +16,22 @@ block methods for one-token steps (the CUDA backend's fused decode kernels), or 
 
 ``forward`` does the host bookkeeping (room in the cache, positions, commit); ``compute`` is only
 backend ops on backend arrays, so a GPU backend can capture it as a graph for a fixed shape.
+
+Several sequences in one forward (``forward_batch``, vLLM's varlen batches; the server's batched decode
+steps): the rows of x are the new tokens of several sequences one after another, each sequence a ``Segment``
+(its cache, its first row, its positions in that cache). Norms, products and the MLP run over all rows at
+once (the weights are read once for the whole batch); ``store_kv`` and ``attention`` run per segment, each
+on its own cache. A backend declares the capability (``batched_decode``): the numpy backend's ops take any
+rows; the CUDA backend's fused decode blocks and graphs serve one sequence.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from ..errors import ConfigError, ContextError
 from .family import LLAMA, Family, family
 
 if TYPE_CHECKING:
@@ -31,6 +39,20 @@ if TYPE_CHECKING:
     from ..kvcache import KVCache
     from ..rope import RotaryTable
     from ..tiled_attention import PositionScheme
+
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's rows in a batch: x[first:first + len(positions)] are its new tokens, at `positions` of
+    its own cache."""
+
+    cache: "KVCache"
+    first: int
+    positions: Any  # (n,) backend int array
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.first, self.first + self.positions.shape[0])
+
 
 @dataclass
 class Layer:
@@ -95,6 +117,37 @@ class Llama:
         cache.commit(n)
         return logits
 
+    def forward_batch(self, tokens: Sequence[Sequence[int]], caches: Sequence["KVCache"]) -> Any:
+        """Run several sequences' new tokens as one batch, each appended to its own cache (all different).
+
+        tokens[i]: (n_i,) ids of sequence i, at least one -> (B, vocab) logits of each sequence's last token.
+        Every cache's room is checked before any work (a ContextError naming the sequence leaves all caches as
+        they were). One sequence runs ``forward`` itself (the same path and results as alone).
+        """
+        if len(tokens) != len(caches) or not tokens:
+            raise ConfigError(f"a batch needs one cache per sequence, got {len(tokens)} sequence(s) and "
+                              f"{len(caches)} cache(s)")
+        if len({id(cache) for cache in caches}) != len(caches):
+            raise ConfigError("a batch holds each cache once: two sequences cannot append to the same cache")
+        if any(len(ids) == 0 for ids in tokens):
+            raise ConfigError("every sequence of a batch needs at least one new token")
+        for i, (ids, cache) in enumerate(zip(tokens, caches)):
+            try:
+                cache.check_room(len(ids))
+            except ContextError as e:
+                raise ContextError(f"sequence {i} of the batch: {e}") from None
+        if len(tokens) == 1:
+            return self.forward(np.asarray(tokens[0]), caches[0], logits_for="last")
+        ops = self.backend
+        segments, first = [], 0
+        for ids, cache in zip(tokens, caches):
+            segments.append(Segment(cache, first, ops.positions(cache.length, len(ids))))
+            first += len(ids)
+        logits = self.compute_batch(ops.tokens(np.concatenate([np.asarray(ids) for ids in tokens])), segments)
+        for ids, cache in zip(tokens, caches):
+            cache.commit(len(ids))
+        return logits
+
     def compute(self, tokens: Any, positions: Any, cache: "KVCache", logits_for: str) -> Any:
         """tokens, positions: (n,) backend int arrays; writes the cache rows at `positions`."""
         blocks = self.decode_blocks if tokens.shape[0] == 1 else self
@@ -108,9 +161,20 @@ class Llama:
             return x
         return blocks.head(x[-1:] if logits_for == "last" else x)
 
+    def compute_batch(self, tokens: Any, segments: Sequence[Segment]) -> Any:
+        """tokens: (N,) backend int array, the segments' rows one after another -> (B, vocab) logits of each
+        segment's last row; writes each segment's cache rows at its positions."""
+        x = self.backend.embedding(self.weights.token_embd, tokens)  # (N, d)
+        for index, layer in enumerate(self.weights.layers):
+            x = self.attention_block(index, layer, x, None, segments)
+            x = self.mlp_block(index, layer, x)
+        return self.head(x[[s.rows.stop - 1 for s in segments]])  # (B, d) -> (B, vocab)
+
     # ------------------------------------------------------------------- the blocks, from primitive ops
-    def attention_block(self, index: int, layer: Layer, x: Any, positions: Any, cache: "KVCache") -> Any:
-        """x (n, d) -> x + attention output; writes layer `index`'s cache rows at `positions`."""
+    def attention_block(self, index: int, layer: Layer, x: Any, positions: Any,
+                        cache: "KVCache | Sequence[Segment]") -> Any:
+        """x (n, d) -> x + attention output; writes layer `index`'s cache rows at `positions`.
+        Rows of several sequences (compute_batch): positions None, cache their segments."""
         c, ops = self.config, self.backend
         n = x.shape[0]
         h = ops.rmsnorm(x, layer.attn_norm, c.norm_eps)
@@ -121,9 +185,19 @@ class Llama:
         q = q.reshape(n, c.n_heads, c.head_dim)
         k = k.reshape(n, c.n_kv_heads, c.head_dim)
         v = v.reshape(n, c.n_kv_heads, c.head_dim)
-        ops.store_kv(cache, index, k, v, positions, self.rotary, self.attention_layout)
-        attn = ops.attention(q, cache, index, positions, self.rotary, self.attention_layout, self.temperature_length)
+        attn = self.cached_attention(index, q, k, v, positions, cache)  # (n, Hq, hd)
         return ops.add_linear(x, attn.reshape(n, c.n_heads * c.head_dim), layer.attn_output)
+
+    def cached_attention(self, index: int, q: Any, k: Any, v: Any, positions: Any,
+                         cache: "KVCache | Sequence[Segment]") -> Any:
+        """Store layer `index`'s k, v (n, Hkv, hd) in the cache and attend q (n, Hq, hd) -> (n, Hq, hd).
+        positions None: the rows are the segments' (several sequences), each stored and attended on its own cache."""
+        ops = self.backend
+        if positions is None:
+            return ops.concat_rows([self.cached_attention(index, q[s.rows], k[s.rows], v[s.rows], s.positions,
+                                                          s.cache) for s in cache])
+        ops.store_kv(cache, index, k, v, positions, self.rotary, self.attention_layout)
+        return ops.attention(q, cache, index, positions, self.rotary, self.attention_layout, self.temperature_length)
 
     def mlp_block(self, index: int, layer: Layer, x: Any) -> Any:
         """x (n, d) -> x + SwiGLU MLP output."""

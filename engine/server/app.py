@@ -6,8 +6,8 @@
     POST /v1/completions         prompt -> text; "stream": true sends server-sent events
     POST /v1/chat/completions    messages -> the assistant's answer through the model's chat template
     POST /tokenize, /detokenize  {"content": text} -> {"tokens": [...]}, {"tokens": [...]} -> {"content": text}
-    GET  /metrics                Prometheus counters (requests, tokens, prompt/generation seconds, cache hits) and
-                                 gauges (slots, slots processing, requests waiting)
+    GET  /metrics                Prometheus counters (requests, tokens, prompt/generation seconds, cache hits),
+                                 gauges (slots, slots processing, requests waiting) and the decode batch sizes
 
 Slots (slots.py): the model is loaded with N KV caches (``engine serve --parallel N``, ``engine.load(slots=N)``)
 and the server keeps one session on each. A request takes a free slot (the one holding the longest shared
@@ -16,6 +16,8 @@ with the slot's sequence (the next turn of a chat, another question about the sa
 rest, and ``usage.prompt_tokens_details.cached_tokens`` says how much was reused. Each busy slot's generation
 runs in a worker thread of its own, which never waits for the network; the model itself runs one step at a time
 (turns.py: a decode token or a prefill batch per turn, in FIFO order), so all busy slots advance token by token.
+Where the backend can (numpy), the decoding slots' steps run as one batched forward per turn (batching.py:
+``create_app(batch_decode=True)``, ``engine serve --no-batch-decode`` turns it off), each slot sampling its own row.
 A client that disconnects stops its generation at the next token and frees its slot. A stream with
 "return_progress": true also gets llama.cpp-style ``prompt_progress`` chunks (total, cache, processed tokens)
 while its prompt is prefilled. Every refused request gets an OpenAI-style error body and a 4xx status.
@@ -42,6 +44,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..errors import EngineError
+from .batching import DecodeBatcher
 from .metrics import Metrics
 from .protocol import ApiError, Job, check_model, fit_to_context, parse_job, typed_field
 from .slots import Slot, SlotPool
@@ -55,12 +58,14 @@ class ServerState:
     """The model (once loaded), its slots (one per KV cache it was loaded with), the model turns, the slots'
     worker threads and the counters."""
 
-    def __init__(self, load_model: Callable[[], Any], model_name: str):
+    def __init__(self, load_model: Callable[[], Any], model_name: str, batch_decode: bool = True):
         self.load_model = load_model
         self.model_name = model_name
+        self.batch_decode = batch_decode  # batch the slots' decode steps where the backend can (batching.py)
         self.llm = None
         self.slots: SlotPool | None = None
         self.turns: ModelTurns | None = None
+        self.batcher: DecodeBatcher | None = None  # None: the slots' decode steps take a turn each
         self.workers: ThreadPoolExecutor | None = None  # one thread per slot
         self.load_error: BaseException | None = None
         self.on_load_error: Callable[[], None] = lambda: None
@@ -77,10 +82,13 @@ class ServerState:
             n_slots = len(llm.caches)
             self.slots = SlotPool([llm.session(slot=i) for i in range(n_slots)])
             self.turns = ModelTurns(_device_sync(llm))
+            if self.batch_decode and llm.backend.batched_decode:
+                self.batcher = DecodeBatcher(llm.model, self.turns, self.metrics.decode_batch)
             self.workers = ThreadPoolExecutor(n_slots, thread_name_prefix="engine-slot")
             self.llm = llm
-            log.info("model %s loaded in %.1f s: %s (%s), context %d, %d slot(s)", self.model_name,
-                     time.perf_counter() - t0, llm.device, llm.dtype, llm.context, n_slots)
+            log.info("model %s loaded in %.1f s: %s (%s), context %d, %d slot(s), decode steps %s", self.model_name,
+                     time.perf_counter() - t0, llm.device, llm.dtype, llm.context, n_slots,
+                     "batched" if self.batcher else "one slot at a time")
         except BaseException as e:  # reported by /health, and the command stops the server
             self.load_error = e
             self.on_load_error()
@@ -114,7 +122,8 @@ class Generation:
     def __init__(self, state: ServerState, slot: Slot, job: Job):
         self.state, self.session, self.turns = state, slot.session, state.turns
         self.tokens = slot.session.generate_ids(job.prompt_ids, job.max_tokens, job.sampling,
-                                                stop_ids=[] if job.ignore_eos else None, progress=self._progress)
+                                                stop_ids=[] if job.ignore_eos else None, progress=self._progress,
+                                                decoders=state.batcher)
         self.on_progress: Callable[[int, int], None] | None = None  # (prefilled, to prefill), from the worker
         self.pieces = state.llm.text_stream(self._token_per_turn())
         self.matcher = StopMatcher(job.stop)
@@ -123,12 +132,17 @@ class Generation:
         self.closed = False
 
     def _token_per_turn(self) -> Iterator[int]:
-        while True:
-            with self.turns.turn():
-                token = next(self.tokens, None)
-            if token is None:
-                return
+        """The tokens, each computed in a model turn; with a batcher, only the first (the prompt's prefill) takes
+        a turn here: each decode step after it takes one in the batcher, together with the other slots' steps."""
+        with self.turns.turn():
+            token = next(self.tokens, None)
+        while token is not None:
             yield token
+            if self.state.batcher is not None:
+                token = next(self.tokens, None)
+            else:
+                with self.turns.turn():
+                    token = next(self.tokens, None)
 
     def next_text(self) -> str | None:
         """The next text to send (never empty), or None when the generation is over."""
@@ -380,9 +394,10 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(body, status_code=500)
 
 
-def create_app(load_model: Callable[[], Any], model_name: str) -> Starlette:
-    """The app; load_model() runs in a background thread at startup (app.state.engine: the ServerState)."""
-    state = ServerState(load_model, model_name)
+def create_app(load_model: Callable[[], Any], model_name: str, batch_decode: bool = True) -> Starlette:
+    """The app; load_model() runs in a background thread at startup (app.state.engine: the ServerState).
+    batch_decode: run the decoding slots' steps as one batched forward where the backend can (batching.py)."""
+    state = ServerState(load_model, model_name, batch_decode)
     routes = [
         Route("/health", _endpoint(state, health), methods=["GET"]),
         Route("/v1/models", _endpoint(state, models, needs_model=False), methods=["GET"]),

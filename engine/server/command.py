@@ -7,8 +7,10 @@ from typing import Any, Callable
 from ..errors import ConfigError
 
 
-def run_server(load_model: Callable[[], Any], model_name: str, host: str, port: int) -> None:
-    """Serve until Ctrl-C; a model that fails to load stops the server and its error is raised."""
+def run_server(load_model: Callable[[], Any], model_name: str, host: str, port: int, batch_decode: bool = True
+               ) -> None:
+    """Serve until Ctrl-C; a model that fails to load stops the server and its error is raised.
+    batch_decode: the busy slots' decode steps as one batched forward where the backend can (batching.py)."""
     try:
         import uvicorn
 
@@ -16,7 +18,7 @@ def run_server(load_model: Callable[[], Any], model_name: str, host: str, port: 
     except ImportError as e:
         raise ConfigError(f"engine serve needs the server extra (pip install 'engine[server]'): {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    app = create_app(load_model, model_name)
+    app = create_app(load_model, model_name, batch_decode)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
     state = app.state.engine
     state.on_load_error = lambda: setattr(server, "should_exit", True)

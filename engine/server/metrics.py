@@ -1,4 +1,4 @@
-"""Counters and gauges for GET /metrics, in Prometheus' text format."""
+"""Counters, gauges and the decode batch sizes' histogram for GET /metrics, in Prometheus' text format."""
 from __future__ import annotations
 
 import threading
@@ -17,6 +17,7 @@ GAUGES = {  # name -> help; their values come from the server's slots at each sc
     "slots_processing": "Slots running a request now.",
     "requests_waiting": "Requests queued (FIFO) until a slot is free.",
 }
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # upper bounds (le) of engine_decode_batch_size's buckets
 
 
 class Metrics:
@@ -24,6 +25,12 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests: Counter[tuple[str, int]] = Counter()  # (endpoint, HTTP status) -> count
         self.totals: Counter[str] = Counter()
+        self.batch_sizes: Counter[int] = Counter()  # sequences in a batched decode step -> batches run
+
+    def decode_batch(self, size: int) -> None:
+        """Count one batched decode step of `size` sequences (server/batching.py)."""
+        with self._lock:
+            self.batch_sizes[size] += 1
 
     def request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -49,6 +56,15 @@ class Metrics:
             for name, help_text in COUNTERS.items():
                 lines += [f"# HELP engine_{name} {help_text}", f"# TYPE engine_{name} counter",
                           f"engine_{name} {self.totals[name]:g}"]
+            lines += ["# HELP engine_decode_batch_size Sequences per batched decode step (slots decoding together).",
+                      "# TYPE engine_decode_batch_size histogram"]
+            lines += [f'engine_decode_batch_size_bucket{{le="{bound}"}} '
+                      f'{sum(n for size, n in self.batch_sizes.items() if size <= bound)}'
+                      for bound in BATCH_SIZE_BUCKETS]
+            count = sum(self.batch_sizes.values())
+            lines += [f'engine_decode_batch_size_bucket{{le="+Inf"}} {count}',
+                      f"engine_decode_batch_size_sum {sum(size * n for size, n in self.batch_sizes.items())}",
+                      f"engine_decode_batch_size_count {count}"]
         for name, help_text in GAUGES.items():
             lines += [f"# HELP engine_{name} {help_text}", f"# TYPE engine_{name} gauge",
                       f"engine_{name} {gauges[name]:g}"]

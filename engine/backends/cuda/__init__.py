@@ -40,6 +40,8 @@ class CudaBackend:
     # large batches keep cuBLAS busy: on an H200, SmolLM2's GEMMs run at 202 TFLOP/s in 8192-token batches,
     # 254 in 32k ones, and a 128k prefill takes 3.10 s in 8192-token batches, 2.54 s in 32k ones
     prefill_batch = 32768
+    # the fused decode blocks and CUDA graphs serve one sequence: the server's slots decode turn by turn
+    batched_decode = False
 
     def __init__(self, dtype: str = "f16"):
         if dtype not in ACTIVATION_DTYPES:

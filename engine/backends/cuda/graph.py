@@ -84,6 +84,9 @@ class GraphDecoder:
         self._device_position = self.cache.length
         return self._read_token()
 
+    def close(self) -> None:
+        """The decode loop is over: nothing to release (the graph and its pool go with this object)."""
+
     # ---------------------------------------------------------------------------------------
     def _run_step(self) -> None:
         """The step's device work: compute the logits of the token slot, then sample (and advance)."""
