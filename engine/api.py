@@ -274,6 +274,8 @@ class LLM:
             yield rest
 
     def prompt_ids(self, prompt: str | Sequence[int], chat: bool = False, system: str | None = None) -> list[int]:
+        if system is not None and not chat:
+            raise ConfigError("a system message (-sys) applies to chat prompts: add --chat (chat=True)")
         if not isinstance(prompt, str):
             return list(prompt)
         if chat:
