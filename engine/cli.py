@@ -36,7 +36,7 @@ def cli() -> None:
 @load_options
 @click.option("-p", "--prompt", default=None, help="prompt text")
 @click.option("-f", "--file", "prompt_file", type=click.Path(path_type=Path), default=None,
-              help="read the prompt from a file")
+              help="read the prompt from a file (UTF-8; - reads stdin)")
 @click.option("-n", "--n-predict", "n_predict", type=int, default=128, show_default=True,
               help="tokens to generate")
 @sampling_options
@@ -195,11 +195,13 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         raise ConfigError("give the prompt with -p or -f, not both")
     if prompt_file is not None:
         try:
+            if str(prompt_file) == "-":
+                return sys.stdin.buffer.read().decode("utf-8")
             return prompt_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read prompt file {prompt_file}: {e}") from None
     if prompt is None:
-        raise ConfigError("no prompt: give one with -p TEXT or -f FILE")
+        raise ConfigError("no prompt: give one with -p TEXT or -f FILE (-f - reads stdin)")
     return prompt
 
 

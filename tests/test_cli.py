@@ -43,6 +43,14 @@ def test_generate_reads_prompt_file(tiny, tmp_path):
     assert run("generate", "-m", tiny, "-f", prompt, "-n", "4", "--temp", "0").returncode == 0
 
 
+def test_generate_reads_prompt_from_stdin_with_dash(tiny):
+    from_stdin = run("generate", "-m", tiny, "-f", "-", "-n", "6", "--temp", "0", input_text="hello from a pipe")
+    from_argument = run("generate", "-m", tiny, "-p", "hello from a pipe", "-n", "6", "--temp", "0")
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    assert from_stdin.stdout == from_argument.stdout and from_stdin.stdout.strip()
+    assert_one_line_error(run("generate", "-m", tiny, "-f", "-", input_text=""), "empty prompt")
+
+
 def test_info_shows_model_and_plan(tiny):
     result = run("info", tiny, "-c", "1024")
     assert result.returncode == 0, result.stderr
@@ -69,7 +77,7 @@ def test_info_shows_model_and_plan(tiny):
 @pytest.mark.parametrize("args, fragments", [
     (["generate", "-m", "/nonexistent/model.gguf", "-p", "x"], ["no such file"]),
     (["generate", "-p", "x", "-f", "also.txt"], ["-p or -f"]),
-    (["generate"], ["no prompt"]),
+    (["generate"], ["no prompt", "-f -"]),
     (["generate", "-p", "x", "-sys", "be brief"], ["--chat"]),
     (["generate", "-p", "x", "--temp", "-1"], ["temperature"]),
     (["generate", "-p", "word " * 50, "-c", "16"], ["-c"]),
