@@ -1,6 +1,7 @@
 """The `engine` command line (click). Flag names follow llama.cpp where one exists.
 
-Every EngineError becomes one line on stderr and exit status 1; Ctrl-C exits 130 quietly.
+Every EngineError, and every bad option or command, becomes one line on stderr and exit status 1; Ctrl-C exits 130
+quietly.
 """
 from __future__ import annotations
 
@@ -247,11 +248,15 @@ def main() -> None:
 
 
 def run(group: click.Group) -> None:
-    """Run a click group the engine's way: EngineError -> one line and exit 1, Ctrl-C -> exit 130."""
+    """Run a click group the engine's way: EngineError or a usage error -> one line and exit 1, Ctrl-C -> exit 130."""
     try:
         group.main(standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
+    except click.UsageError as e:  # a bad option or command: one line too, naming the --help to read
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        click.echo(f"error: {e.format_message().rstrip('.')}{hint}", err=True)
+        sys.exit(1)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

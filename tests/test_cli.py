@@ -91,6 +91,17 @@ def test_bad_input_gives_one_line(tiny, args, fragments):
     assert_one_line_error(run(*args), *fragments)
 
 
+@pytest.mark.parametrize("args, fragments", [
+    (["generate", "-p", "x", "--dtype", "f64"], ["'f64' is not one of", "engine generate --help"]),
+    (["generate", "-p", "x", "--device", "tpu"], ["'tpu' is not one of"]),
+    (["generate", "-p", "x", "-n", "many"], ["'many' is not a valid integer"]),
+    (["info", "--no-such-flag"], ["No such option", "engine info --help"]),
+    (["nosuch"], ["No such command 'nosuch'", "engine --help"]),
+])
+def test_usage_errors_give_one_line(args, fragments):
+    assert_one_line_error(run(*args), *fragments)
+
+
 def test_malformed_model_file_gives_one_line(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"NOTAGGUF" + bytes(100))
