@@ -83,6 +83,8 @@ def generate(settings: LoadSettings, prompt, prompt_file, n_predict, sampling: S
 def info(model_arg, settings: LoadSettings) -> None:
     """Describe a model and the plan it would run with (device and dtype, context, DCA chunking, RoPE)."""
     s = settings
+    if model_arg is not None and s.model is not None and Path(model_arg) != Path(s.model):
+        raise ConfigError(f"model twice: {model_arg} and -m {s.model}; give one")
     path = model_arg or s.model or default_model_path()
     loaded = open_model(path)
     extension = resolve_extension(s.grp_attn_n, s.grp_attn_w, s.streaming_sinks, s.streaming_window)

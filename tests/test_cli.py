@@ -79,6 +79,7 @@ def test_info_shows_model_and_plan(tiny):
     (["generate", "-p", "x", "-f", "also.txt"], ["-p or -f"]),
     (["generate"], ["no prompt", "-f -"]),
     (["generate", "-p", "x", "-sys", "be brief"], ["--chat"]),
+    (["info", "other.gguf"], ["model twice"]),
     (["generate", "-p", "x", "--temp", "-1"], ["temperature"]),
     (["generate", "-p", "word " * 50, "-c", "16"], ["-c"]),
     (["generate", "-p", "x", "--dca", "on", "--dca-chunk-size", "64", "--dca-local-window", "64"], ["local_window"]),
