@@ -80,6 +80,7 @@ def test_info_shows_model_and_plan(tiny):
     (["generate"], ["no prompt", "-f -"]),
     (["generate", "-p", "x", "-sys", "be brief"], ["--chat"]),
     (["info", "other.gguf"], ["model twice"]),
+    (["generate", "-p", "caf\udce9"], ["not valid Unicode"]),  # the bytes b"caf\xe9" (Latin-1) in argv
     (["generate", "-p", "x", "--temp", "-1"], ["temperature"]),
     (["generate", "-p", "word " * 50, "-c", "16"], ["-c"]),
     (["generate", "-p", "x", "--dca", "on", "--dca-chunk-size", "64", "--dca-local-window", "64"], ["local_window"]),
