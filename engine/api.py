@@ -316,7 +316,8 @@ def temperature_length(config: ModelConfig, dca: DCAConfig | None, setting: bool
 def resolve_dca(mode: str | DCAConfig | None, context: int, training_length: int,
                 chunk_size: int | None = None, local_window: int | None = None,
                 tuned: DCAConfig | None = None) -> DCAConfig | None:
-    """--dca auto|on|off (+ optional chunk settings) -> the DCA config in force, or None.
+    """--dca auto|on|off (+ optional chunk settings) -> the DCA config in force, or None. auto: on when the
+    context exceeds the training length or a chunk setting is given.
 
     tuned: the model's tuned settings (ModelConfig.tuned_dca), used when no chunk setting is given."""
     if isinstance(mode, DCAConfig):
@@ -325,7 +326,8 @@ def resolve_dca(mode: str | DCAConfig | None, context: int, training_length: int
     mode = "auto" if mode is None else mode
     if mode not in DCA_MODES:
         raise ConfigError(f"unknown DCA mode {mode!r} (choose from {', '.join(DCA_MODES)})")
-    if mode == "off" or (mode == "auto" and context <= training_length):
+    sizes_given = chunk_size is not None or local_window is not None  # asking for DCA, as beside an extension
+    if mode == "off" or (mode == "auto" and context <= training_length and not sizes_given):
         return None
     if tuned is not None and chunk_size is None and local_window is None:
         tuned.check_against(training_length)
@@ -372,7 +374,7 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
     dtype: activation dtype on CUDA, "auto" (bf16 when the model's matrices are stored BF16, else f16),
     "f16" or "bf16"; the CPU backend computes in float32 (an explicit dtype there is a ConfigError).
     context: KV cache capacity in tokens (default: the model's training context).
-    dca: "auto" (on when context > training context) | "on" | "off" | a DCAConfig.
+    dca: "auto" (on when context > training context or a DCA size is given) | "on" | "off" | a DCAConfig.
     rope_scaling / rope_scale: override the model's RoPE scaling (none|linear|ntk|dynamic|yarn).
     attention_temperature: True/False, or None for the model's own setting (see temperature_length).
     f32_copies (CPU): keep float32 copies of the matrices (fast) instead of dequantizing a block of rows at a

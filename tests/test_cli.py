@@ -74,6 +74,15 @@ def test_info_shows_model_and_plan(tiny):
     assert "off" in re.search(r"plan: DCA\s+(.*)", run("info", tiny).stdout).group(1)
 
 
+def test_dca_sizes_turn_auto_dca_on_within_the_training_context(tiny):
+    from engine.api import resolve_dca
+
+    out = run("info", tiny, "--dca-chunk-size", "128").stdout  # context 256 = training: auto alone would be off
+    assert re.search(r"plan: DCA\s+on: chunk_size 128, local_window 32, chunk_len 96", out), out
+    assert resolve_dca("off", 256, 256, chunk_size=128) is None  # an explicit off stays off
+    assert resolve_dca("auto", 256, 256) is None
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["generate", "-m", "/nonexistent/model.gguf", "-p", "x"], ["no such file"]),
     (["generate", "-p", "x", "-f", "also.txt"], ["-p or -f"]),
