@@ -340,7 +340,8 @@ def plan(config: ModelConfig, context: int | None, dca: str | DCAConfig | None, 
          ) -> tuple[ModelConfig, int, DCAConfig | None]:
     """The layout a model runs with: (config with the RoPE override, context size, DCA config or None).
 
-    --rope-scaling without --rope-scale scales by context / training context (at least 1).
+    --rope-scaling without --rope-scale scales by context / training context (at least 1); --rope-scale without
+    --rope-scaling is linear unless the model has a scaling of its own.
     """
     context = config.context_length if context is None else int(context)
     if context <= 0:
@@ -355,8 +356,12 @@ def plan(config: ModelConfig, context: int | None, dca: str | DCAConfig | None, 
     if config.dca is not None and dca in (None, "auto", "on") and dca_chunk_size is None and dca_local_window is None:
         dca = config.dca  # the model's own settings, whatever the context (below one chunk DCA is plain attention)
     if rope_scaling is not None or rope_scale is not None:
+        if rope_scaling == "none" and rope_scale not in (None, 1.0):
+            raise ConfigError(f"--rope-scale {rope_scale:g} scales nothing with --rope-scaling none: drop one")
         if rope_scale is None and rope_scaling not in (None, "none") and config.rope.factor == 1.0:
             rope_scale = max(1.0, context / config.context_length)
+        if rope_scaling is None and config.rope.scaling == "none":
+            rope_scaling = "linear"  # --rope-scale alone: linear unless the model has a scaling (llama.cpp)
         rope = config.rope.with_scaling(rope_scaling or config.rope.scaling, rope_scale)
         config = dataclasses.replace(config, rope=rope)
     return config, context, resolve_dca(dca, context, config.context_length, dca_chunk_size, dca_local_window,

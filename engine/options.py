@@ -88,7 +88,7 @@ OPTIONS: dict[str, Callable] = {
     "rope_scaling": click.option("--rope-scaling", "rope_scaling", type=click.Choice(ROPE_SCALINGS[:5]),
                                  default=None, help="override the model's RoPE scaling"),
     "rope_scale": click.option("--rope-scale", "rope_scale", type=float, default=None,
-                               help="RoPE scaling factor"),
+                               help="RoPE scaling factor (alone: linear scaling, as in llama.cpp)"),
     "attention_temperature": click.option(
         "--attn-temperature/--no-attn-temperature", "attention_temperature", default=None,
         help="scale attention logits by 0.1*ln(n/L)+1 beyond L, the training context (or the model's own L) "

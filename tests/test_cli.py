@@ -138,6 +138,9 @@ def test_rope_scaling_factor_defaults_to_context_over_training(tiny):
     assert "scaling linear x4 (original context 256)" in out
     out = run("info", tiny, "-c", "1024", "--rope-scaling", "yarn", "--rope-scale", "2").stdout
     assert "scaling yarn x2" in out
+    out = run("info", tiny, "--rope-scale", "2").stdout  # llama.cpp: the scaling is linear unless the model says
+    assert "scaling linear x2 (original context 256)" in out, out
+    assert_one_line_error(run("info", tiny, "--rope-scaling", "none", "--rope-scale", "2"), "--rope-scaling none")
 
 
 def test_info_names_the_fused_attention_kernels_for_supported_heads():
