@@ -38,8 +38,8 @@ def cli() -> None:
 @click.option("-p", "--prompt", default=None, help="prompt text")
 @click.option("-f", "--file", "prompt_file", type=click.Path(path_type=Path), default=None,
               help="read the prompt from a file (UTF-8; - reads stdin)")
-@click.option("-n", "--n-predict", "n_predict", type=int, default=128, show_default=True,
-              help="tokens to generate")
+@click.option("-n", "--n-predict", "n_predict", type=click.IntRange(min=-1), default=128, show_default=True,
+              help="tokens to generate (-1 = until the end of the context)")
 @sampling_options
 @click.option("--chat", is_flag=True, help="wrap the prompt in the model's chat template")
 @click.option("-sys", "--system-prompt", "system", default=None, help="system message (with --chat)")
@@ -54,7 +54,7 @@ def generate(settings: LoadSettings, prompt, prompt_file, n_predict, sampling: S
     if session is not None and prompt_cache.exists():
         session.load(prompt_cache)
     source = llm if session is None else session  # a session reuses the file's cached prefix
-    pieces = source.generate(text, max_tokens=n_predict, chat=chat, system=system, **dataclasses.asdict(sampling))
+    pieces = source.generate(text, max_tokens=_max_tokens(n_predict, llm), chat=chat, system=system, **dataclasses.asdict(sampling))
     for piece in pieces:
         click.echo(piece, nl=False)
         sys.stdout.flush()
@@ -193,6 +193,11 @@ def _describe_dca(plan) -> str:
             f"chunk_len {plan.chunk_len}")
 
 
+def _max_tokens(n_predict: int, llm: api.LLM) -> int:
+    """-n as max_tokens: -1 (llama.cpp's 'no limit') lets generation run to the end of the context."""
+    return llm.context if n_predict == -1 else n_predict
+
+
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt is not None and prompt_file is not None:
         raise ConfigError("give the prompt with -p or -f, not both")
@@ -227,8 +232,8 @@ def serve(settings: LoadSettings, host, port, alias, parallel) -> None:
 @cli.command()
 @load_options
 @click.option("-sys", "--system-prompt", "system", default=None, help="system message")
-@click.option("-n", "--n-predict", "n_predict", type=int, default=128, show_default=True,
-              help="tokens to generate per answer at most")
+@click.option("-n", "--n-predict", "n_predict", type=click.IntRange(min=-1), default=128, show_default=True,
+              help="tokens to generate per answer at most (-1 = until the end of the context)")
 @sampling_options
 def chat(settings: LoadSettings, system, n_predict, sampling: SamplingParams) -> None:
     """Interactive chat with the model's template: only new messages are prefilled; /help lists the commands.
@@ -236,7 +241,7 @@ def chat(settings: LoadSettings, system, n_predict, sampling: SamplingParams) ->
     from .chat_cli import run_chat, terminal_io
 
     llm = settings.load()
-    run_chat(llm.session(system=system), n_predict, dataclasses.asdict(sampling), *terminal_io())
+    run_chat(llm.session(system=system), _max_tokens(n_predict, llm), dataclasses.asdict(sampling), *terminal_io())
 
 
 cli.add_command(eval_group)

@@ -51,6 +51,13 @@ def test_generate_reads_prompt_from_stdin_with_dash(tiny):
     assert_one_line_error(run("generate", "-m", tiny, "-f", "-", input_text=""), "empty prompt")
 
 
+def test_n_predict_minus_one_generates_to_the_end_of_the_context(tiny):
+    result = run("generate", "-m", tiny, "-p", "hello", "-n", "-1", "-c", "32", "--temp", "0")
+    assert result.returncode == 0, result.stderr
+    assert "generation: 30 tokens" in result.stderr and "end of the context (32 tokens)" in result.stderr
+    assert_one_line_error(run("generate", "-m", tiny, "-p", "hello", "-n", "-2"), "-n")
+
+
 def test_info_shows_model_and_plan(tiny):
     result = run("info", tiny, "-c", "1024")
     assert result.returncode == 0, result.stderr
