@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from .errors import EngineError
+from .errors import ContextError, EngineError
 
 HELP = """commands:
   /clear        start a new chat (the system message stays)
@@ -45,6 +45,8 @@ def run_chat(session: Any, max_tokens: int, sampling: dict[str, Any], read_line:
         except KeyboardInterrupt:
             answer.close()
             write("\n[stopped]\n")
+        except ContextError as e:  # the chat so far fills the context: every next message would fail too
+            write(f"error: {e}, or /clear to start a new chat\n")
         except EngineError as e:
             write(f"error: {e}\n")
 
