@@ -78,7 +78,7 @@ def generate(settings: LoadSettings, prompt, prompt_file, n_predict, sampling: S
 
 
 @cli.command()
-@click.argument("model_arg", metavar="MODEL", required=False, type=click.Path(path_type=Path))
+@click.argument("model_arg", metavar="[MODEL]", required=False, type=click.Path(path_type=Path))
 @load_options
 def info(model_arg, settings: LoadSettings) -> None:
     """Describe a model and the plan it would run with (device and dtype, context, DCA chunking, RoPE)."""

@@ -58,6 +58,14 @@ def test_n_predict_minus_one_generates_to_the_end_of_the_context(tiny):
     assert_one_line_error(run("generate", "-m", tiny, "-p", "hello", "-n", "-2"), "-n")
 
 
+def test_info_usage_shows_the_model_as_optional():
+    from click.testing import CliRunner
+
+    from engine.cli import cli
+
+    assert "info [OPTIONS] [MODEL]" in CliRunner().invoke(cli, ["info", "--help"]).output
+
+
 def test_info_shows_model_and_plan(tiny):
     result = run("info", tiny, "-c", "1024")
     assert result.returncode == 0, result.stderr
