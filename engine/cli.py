@@ -216,7 +216,7 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 @cli.command()
 @load_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
-@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("-a", "--alias", default=None, help="model name in the API (default: the model file's name)")
 @click.option("-np", "--parallel", type=click.IntRange(min=1), default=1, show_default=True,
               help="slots: sequences served at once, each with its own KV cache of the whole context")

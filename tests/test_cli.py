@@ -123,6 +123,7 @@ def test_bad_input_gives_one_line(tiny, args, fragments):
     (["generate", "-p", "x", "-n", "many"], ["'many' is not a valid integer"]),
     (["info", "--no-such-flag"], ["No such option", "engine info --help"]),
     (["nosuch"], ["No such command 'nosuch'", "engine --help"]),
+    (["serve", "--port", "99999"], ["99999 is not in the range"]),
 ])
 def test_usage_errors_give_one_line(args, fragments):
     assert_one_line_error(run(*args), *fragments)
