@@ -19,6 +19,7 @@ from .convert.commands import convert, quantize
 from .default_model import default_model_path
 from .errors import ConfigError, EngineError
 from .eval.commands import eval_group
+from .eval.report import check_output_path
 from .extensions import dca_mode_beside, describe_attention, resolve_extension
 from .loader import open_model
 from .options import LoadSettings, load_options, sampling_options
@@ -49,6 +50,7 @@ def generate(settings: LoadSettings, prompt, prompt_file, n_predict, sampling: S
              prompt_cache) -> None:
     """Generate text from a prompt, streamed to stdout; speeds go to stderr."""
     text = _read_prompt(prompt, prompt_file)
+    check_output_path(prompt_cache, "prompt cache")  # before the work whose session it would save
     llm = settings.load()
     session = llm.session() if prompt_cache is not None else None
     if session is not None and prompt_cache.exists():

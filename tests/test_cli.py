@@ -104,6 +104,7 @@ def test_dca_sizes_turn_auto_dca_on_within_the_training_context(tiny):
     (["generate"], ["no prompt", "-f -"]),
     (["generate", "-p", "x", "-sys", "be brief"], ["--chat"]),
     (["info", "other.gguf"], ["model twice"]),
+    (["generate", "-p", "x", "--prompt-cache", "/nonexistent/dir/p.session"], ["does not exist"]),  # before work
     (["generate", "-p", "caf\udce9"], ["not valid Unicode"]),  # the bytes b"caf\xe9" (Latin-1) in argv
     (["generate", "-p", "x", "--temp", "-1"], ["temperature"]),
     (["generate", "-p", "word " * 50, "-c", "16"], ["-c"]),
