@@ -7,6 +7,7 @@ input, one message per line) ends the chat.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Callable
 
@@ -54,7 +55,7 @@ def run_chat(session: Any, max_tokens: int, sampling: dict[str, Any], read_line:
 def _command(session: Any, text: str, write: Callable[[str], None]) -> bool:
     """Run a /command; False when the chat should end."""
     name, _, argument = text.partition(" ")
-    argument = argument.strip()
+    argument = os.path.expanduser(argument.strip())  # ~ as a shell would (the shell never sees these lines)
     try:
         if name in ("/quit", "/exit"):
             return False

@@ -38,6 +38,14 @@ def test_piped_chat_answers_each_line_and_runs_commands(tiny, tmp_path):
     assert "error: /load needs a file name" in tail and saved.exists()
 
 
+def test_save_and_load_expand_the_home_folder(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # the shell does not expand ~ inside a chat line: the chat does
+    stdin = "hello\n/save ~/chat.session\n/load ~/chat.session\n"
+    result = CliRunner().invoke(cli, ["chat", "-m", str(tiny), "-n", "2", "--temp", "0"], input=stdin)
+    assert result.exit_code == 0 and "error" not in result.output, result.output
+    assert (tmp_path / "chat.session").exists() and "[loaded " in result.output
+
+
 def test_a_chat_beyond_the_context_says_how_to_go_on(tiny):
     stdin = "hello there, how are you today\nand a second message\n/clear\nhi\n"
     result = CliRunner().invoke(cli, ["chat", "-m", str(tiny), "-c", "48", "-n", "8", "--temp", "0"], input=stdin)
