@@ -71,7 +71,8 @@ def generate(settings: LoadSettings, prompt, prompt_file, n_predict, sampling: S
         f"load: {llm.load_seconds:.2f} s | prompt: {s.prompt_tokens} tokens, {s.prompt_seconds:.2f} s, "
         f"{s.prompt_tokens_per_second:.1f} tokens/s | generation: {s.generated_tokens} tokens, "
         f"{s.generation_seconds:.2f} s, {s.generation_tokens_per_second:.1f} tokens/s | "
-        f"attention: {describe_attention(llm.dca, llm.extension, llm.context)} | device: {llm.device} ({llm.dtype})",
+        f"attention: {describe_attention(llm.dca, llm.extension, llm.context)} | {_rope_in_force(llm.config.rope)}"
+        f"device: {llm.device} ({llm.dtype})",
         err=True,
     )
     if s.stop_reason == "context":
@@ -138,6 +139,11 @@ def _describe_rope(rope) -> str:
     if rope.freq_factors is not None:
         text += ", frequency factors from rope_freqs"
     return text
+
+
+def _rope_in_force(rope) -> str:
+    """The summary line's note of a RoPE scaling in force ('rope: yarn x4 | '), empty without one."""
+    return "" if rope.scaling == "none" else f"rope: {rope.scaling} x{rope.factor:g} | "
 
 
 def _describe_device(device: str, dtype: str) -> str:

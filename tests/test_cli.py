@@ -155,6 +155,8 @@ def test_rope_scaling_factor_defaults_to_context_over_training(tiny):
     assert "scaling linear x4 (original context 256)" in out
     out = run("info", tiny, "-c", "1024", "--rope-scaling", "yarn", "--rope-scale", "2").stdout
     assert "scaling yarn x2" in out
+    summary = run("generate", "-m", tiny, "-p", "hi", "-n", "1", "--rope-scale", "2").stderr
+    assert "| rope: linear x2 |" in summary, summary  # the summary line names a RoPE scaling in force
     out = run("info", tiny, "--rope-scale", "2").stdout  # llama.cpp: the scaling is linear unless the model says
     assert "scaling linear x2 (original context 256)" in out, out
     assert_one_line_error(run("info", tiny, "--rope-scaling", "none", "--rope-scale", "2"), "--rope-scaling none")
