@@ -284,6 +284,8 @@ class LLM:
             yield rest
 
     def prompt_ids(self, prompt: str | Sequence[int], chat: bool = False, system: str | None = None) -> list[int]:
+        if system is not None and not chat:
+            raise ConfigError("a system message (-sys) applies to chat prompts: add --chat (chat=True)")
         if not isinstance(prompt, str):
             return list(prompt)
         if chat:
@@ -324,7 +326,8 @@ def temperature_length(config: ModelConfig, dca: DCAConfig | None, setting: bool
 def resolve_dca(mode: str | DCAConfig | None, context: int, training_length: int,
                 chunk_size: int | None = None, local_window: int | None = None,
                 tuned: DCAConfig | None = None) -> DCAConfig | None:
-    """--dca auto|on|off (+ optional chunk settings) -> the DCA config in force, or None.
+    """--dca auto|on|off (+ optional chunk settings) -> the DCA config in force, or None. auto: on when the
+    context exceeds the training length or a chunk setting is given.
 
     tuned: the model's tuned settings (ModelConfig.tuned_dca), used when no chunk setting is given."""
     if isinstance(mode, DCAConfig):
@@ -333,7 +336,8 @@ def resolve_dca(mode: str | DCAConfig | None, context: int, training_length: int
     mode = "auto" if mode is None else mode
     if mode not in DCA_MODES:
         raise ConfigError(f"unknown DCA mode {mode!r} (choose from {', '.join(DCA_MODES)})")
-    if mode == "off" or (mode == "auto" and context <= training_length):
+    sizes_given = chunk_size is not None or local_window is not None  # asking for DCA, as beside an extension
+    if mode == "off" or (mode == "auto" and context <= training_length and not sizes_given):
         return None
     if tuned is not None and chunk_size is None and local_window is None:
         tuned.check_against(training_length)
@@ -346,7 +350,8 @@ def plan(config: ModelConfig, context: int | None, dca: str | DCAConfig | None, 
          ) -> tuple[ModelConfig, int, DCAConfig | None]:
     """The layout a model runs with: (config with the RoPE override, context size, DCA config or None).
 
-    --rope-scaling without --rope-scale scales by context / training context (at least 1).
+    --rope-scaling without --rope-scale scales by context / training context (at least 1); --rope-scale without
+    --rope-scaling is linear unless the model has a scaling of its own.
     """
     context = config.context_length if context is None else int(context)
     if context <= 0:
@@ -361,8 +366,12 @@ def plan(config: ModelConfig, context: int | None, dca: str | DCAConfig | None, 
     if config.dca is not None and dca in (None, "auto", "on") and dca_chunk_size is None and dca_local_window is None:
         dca = config.dca  # the model's own settings, whatever the context (below one chunk DCA is plain attention)
     if rope_scaling is not None or rope_scale is not None:
+        if rope_scaling == "none" and rope_scale not in (None, 1.0):
+            raise ConfigError(f"--rope-scale {rope_scale:g} scales nothing with --rope-scaling none: drop one")
         if rope_scale is None and rope_scaling not in (None, "none") and config.rope.factor == 1.0:
             rope_scale = max(1.0, context / config.context_length)
+        if rope_scaling is None and config.rope.scaling == "none":
+            rope_scaling = "linear"  # --rope-scale alone: linear unless the model has a scaling (llama.cpp)
         rope = config.rope.with_scaling(rope_scaling or config.rope.scaling, rope_scale)
         config = dataclasses.replace(config, rope=rope)
     return config, context, resolve_dca(dca, context, config.context_length, dca_chunk_size, dca_local_window,
@@ -381,7 +390,7 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
     dtype: activation dtype on CUDA, "auto" (bf16 when the model's matrices are stored BF16, else f16),
     "f16" or "bf16"; the CPU backend computes in float32 (an explicit dtype there is a ConfigError).
     context: KV cache capacity in tokens (default: the model's training context).
-    dca: "auto" (on when context > training context) | "on" | "off" | a DCAConfig.
+    dca: "auto" (on when context > training context or a DCA size is given) | "on" | "off" | a DCAConfig.
     rope_scaling / rope_scale: override the model's RoPE scaling (none|linear|ntk|dynamic|yarn).
     attention_temperature: True/False, or None for the model's own setting (see temperature_length).
     f32_copies (CPU): keep float32 copies of the matrices (fast) instead of dequantizing a block of rows at a

@@ -150,6 +150,11 @@ def bench_prompt(model, backend, n: int, reps: int, ubatch: int, rng, cache_type
 WARM_STEPS = 2  # decode steps before timing: the first runs eagerly, the second captures the graph
 
 
+def generation_length(n: int, depth: int) -> int:
+    """Tokens a tgN @ dD test puts in its cache: the context (at least one token), the warm-up steps, N steps."""
+    return max(depth, 1) + WARM_STEPS + n
+
+
 def bench_generation(model, backend, n: int, depth: int, reps: int, ubatch: int, rng,
                      cache_types=None) -> BenchResult:
     from .sampling import SamplingParams
@@ -158,7 +163,7 @@ def bench_generation(model, backend, n: int, depth: int, reps: int, ubatch: int,
     result = BenchResult(f"tg{n}", n, depth)
     for rep in range(reps + 1):
         prompt = rng.integers(0, model.config.vocab_size, max(depth, 1))
-        cache = new_cache(model, len(prompt) + n + WARM_STEPS, cache_types)
+        cache = new_cache(model, generation_length(n, depth), cache_types)
         _prefill(model, cache, prompt[:-1], ubatch)
         logits = backend.to_numpy(model.forward(prompt[-1:], cache, logits_for="last"))[0]
         # the backend's decode loop (CUDA: graph replay), warmed (eager step, capture) before timing
@@ -310,7 +315,7 @@ def bench(settings: LoadSettings, synthetic, shape, save_gguf, n_prompt, n_gen, 
     if repetitions < 1 or n_gen < 1 or (ubatch is not None and ubatch < 1) or any(p < 1 for p in prompts) \
             or any(d < 0 for d in depths):
         raise click.BadParameter("lengths, repetitions and ubatch must be positive")
-    longest = max(prompts + [d + n_gen + 1 for d in depths])
+    longest = max(prompts + [generation_length(n_gen, d) for d in depths])
     if settings.context is not None and settings.context < longest:
         raise ConfigError(f"context of {settings.context} tokens is shorter than the longest test ({longest} "
                           f"tokens); raise -c or drop it")

@@ -7,10 +7,11 @@ input, one message per line) ends the chat.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Callable
 
-from .errors import EngineError
+from .errors import ContextError, EngineError
 
 HELP = """commands:
   /clear        start a new chat (the system message stays)
@@ -45,6 +46,8 @@ def run_chat(session: Any, max_tokens: int, sampling: dict[str, Any], read_line:
         except KeyboardInterrupt:
             answer.close()
             write("\n[stopped]\n")
+        except ContextError as e:  # the chat so far fills the context: every next message would fail too
+            write(f"error: {e}, or /clear to start a new chat\n")
         except EngineError as e:
             write(f"error: {e}\n")
 
@@ -52,7 +55,7 @@ def run_chat(session: Any, max_tokens: int, sampling: dict[str, Any], read_line:
 def _command(session: Any, text: str, write: Callable[[str], None]) -> bool:
     """Run a /command; False when the chat should end."""
     name, _, argument = text.partition(" ")
-    argument = argument.strip()
+    argument = os.path.expanduser(argument.strip())  # ~ as a shell would (the shell never sees these lines)
     try:
         if name in ("/quit", "/exit"):
             return False

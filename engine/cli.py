@@ -1,6 +1,7 @@
 """The `engine` command line (click). Flag names follow llama.cpp where one exists.
 
-Every EngineError becomes one line on stderr and exit status 1; Ctrl-C exits 130 quietly.
+Every EngineError, and every bad option or command, becomes one line on stderr and exit status 1; Ctrl-C exits 130
+quietly.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .convert.commands import convert, quantize
 from .default_model import default_model_path
 from .errors import ConfigError, EngineError
 from .eval.commands import eval_group
+from .eval.report import check_output_path
 from .extensions import dca_mode_beside, describe_attention, resolve_extension
 from .kv_storage import resolve_cache_types
 from .loader import open_model
@@ -37,9 +39,9 @@ def cli() -> None:
 @load_options
 @click.option("-p", "--prompt", default=None, help="prompt text")
 @click.option("-f", "--file", "prompt_file", type=click.Path(path_type=Path), default=None,
-              help="read the prompt from a file")
-@click.option("-n", "--n-predict", "n_predict", type=int, default=128, show_default=True,
-              help="tokens to generate")
+              help="read the prompt from a file (UTF-8; - reads stdin)")
+@click.option("-n", "--n-predict", "n_predict", type=click.IntRange(min=-1), default=128, show_default=True,
+              help="tokens to generate (-1 = until the end of the context)")
 @sampling_options
 @click.option("--chat", is_flag=True, help="wrap the prompt in the model's chat template")
 @click.option("-sys", "--system-prompt", "system", default=None, help="system message (with --chat)")
@@ -49,12 +51,13 @@ def generate(settings: LoadSettings, prompt, prompt_file, n_predict, sampling: S
              prompt_cache) -> None:
     """Generate text from a prompt, streamed to stdout; speeds go to stderr."""
     text = _read_prompt(prompt, prompt_file)
+    check_output_path(prompt_cache, "prompt cache")  # before the work whose session it would save
     llm = settings.load()
     session = llm.session() if prompt_cache is not None else None
     if session is not None and prompt_cache.exists():
         session.load(prompt_cache)
     source = llm if session is None else session  # a session reuses the file's cached prefix
-    pieces = source.generate(text, max_tokens=n_predict, chat=chat, system=system, **dataclasses.asdict(sampling))
+    pieces = source.generate(text, max_tokens=_max_tokens(n_predict, llm), chat=chat, system=system, **dataclasses.asdict(sampling))
     for piece in pieces:
         click.echo(piece, nl=False)
         sys.stdout.flush()
@@ -69,7 +72,8 @@ def generate(settings: LoadSettings, prompt, prompt_file, n_predict, sampling: S
         f"load: {llm.load_seconds:.2f} s | prompt: {s.prompt_tokens} tokens, {s.prompt_seconds:.2f} s, "
         f"{s.prompt_tokens_per_second:.1f} tokens/s | generation: {s.generated_tokens} tokens, "
         f"{s.generation_seconds:.2f} s, {s.generation_tokens_per_second:.1f} tokens/s | "
-        f"attention: {describe_attention(llm.dca, llm.extension, llm.context)} | device: {llm.device} ({llm.dtype})",
+        f"attention: {describe_attention(llm.dca, llm.extension, llm.context)} | {_rope_in_force(llm.config.rope)}"
+        f"device: {llm.device} ({llm.dtype})",
         err=True,
     )
     if s.stop_reason == "context":
@@ -78,11 +82,13 @@ def generate(settings: LoadSettings, prompt, prompt_file, n_predict, sampling: S
 
 
 @cli.command()
-@click.argument("model_arg", metavar="MODEL", required=False, type=click.Path(path_type=Path))
+@click.argument("model_arg", metavar="[MODEL]", required=False, type=click.Path(path_type=Path))
 @load_options
 def info(model_arg, settings: LoadSettings) -> None:
     """Describe a model and the plan it would run with (device and dtype, context, DCA chunking, RoPE)."""
     s = settings
+    if model_arg is not None and s.model is not None and Path(model_arg) != Path(s.model):
+        raise ConfigError(f"model twice: {model_arg} and -m {s.model}; give one")
     path = model_arg or s.model or default_model_path()
     loaded = open_model(path)
     extension = resolve_extension(s.grp_attn_n, s.grp_attn_w, s.streaming_sinks, s.streaming_window)
@@ -140,6 +146,11 @@ def _describe_rope(rope) -> str:
     return text
 
 
+def _rope_in_force(rope) -> str:
+    """The summary line's note of a RoPE scaling in force ('rope: yarn x4 | '), empty without one."""
+    return "" if rope.scaling == "none" else f"rope: {rope.scaling} x{rope.factor:g} | "
+
+
 def _describe_device(device: str, dtype: str) -> str:
     if device == "cpu":
         return "cpu, float32"
@@ -195,23 +206,30 @@ def _describe_dca(plan) -> str:
             f"chunk_len {plan.chunk_len}")
 
 
+def _max_tokens(n_predict: int, llm: api.LLM) -> int:
+    """-n as max_tokens: -1 (llama.cpp's 'no limit') lets generation run to the end of the context."""
+    return llm.context if n_predict == -1 else n_predict
+
+
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt is not None and prompt_file is not None:
         raise ConfigError("give the prompt with -p or -f, not both")
     if prompt_file is not None:
         try:
+            if str(prompt_file) == "-":
+                return sys.stdin.buffer.read().decode("utf-8")
             return prompt_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read prompt file {prompt_file}: {e}") from None
     if prompt is None:
-        raise ConfigError("no prompt: give one with -p TEXT or -f FILE")
+        raise ConfigError("no prompt: give one with -p TEXT or -f FILE (-f - reads stdin)")
     return prompt
 
 
 @cli.command()
 @load_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
-@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("-a", "--alias", default=None, help="model name in the API (default: the model file's name)")
 @click.option("-np", "--parallel", type=click.IntRange(min=1), default=1, show_default=True,
               help="slots: sequences served at once, each with its own KV cache of the whole context")
@@ -229,8 +247,8 @@ def serve(settings: LoadSettings, host, port, alias, parallel, batch_decode) -> 
 @cli.command()
 @load_options
 @click.option("-sys", "--system-prompt", "system", default=None, help="system message")
-@click.option("-n", "--n-predict", "n_predict", type=int, default=128, show_default=True,
-              help="tokens to generate per answer at most")
+@click.option("-n", "--n-predict", "n_predict", type=click.IntRange(min=-1), default=128, show_default=True,
+              help="tokens to generate per answer at most (-1 = until the end of the context)")
 @sampling_options
 def chat(settings: LoadSettings, system, n_predict, sampling: SamplingParams) -> None:
     """Interactive chat with the model's template: only new messages are prefilled; /help lists the commands.
@@ -238,7 +256,7 @@ def chat(settings: LoadSettings, system, n_predict, sampling: SamplingParams) ->
     from .chat_cli import run_chat, terminal_io
 
     llm = settings.load()
-    run_chat(llm.session(system=system), n_predict, dataclasses.asdict(sampling), *terminal_io())
+    run_chat(llm.session(system=system), _max_tokens(n_predict, llm), dataclasses.asdict(sampling), *terminal_io())
 
 
 cli.add_command(eval_group)
@@ -252,11 +270,15 @@ def main() -> None:
 
 
 def run(group: click.Group) -> None:
-    """Run a click group the engine's way: EngineError -> one line and exit 1, Ctrl-C -> exit 130."""
+    """Run a click group the engine's way: EngineError or a usage error -> one line and exit 1, Ctrl-C -> exit 130."""
     try:
         group.main(standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
+    except click.UsageError as e:  # a bad option or command: one line too, naming the --help to read
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        click.echo(f"error: {e.format_message().rstrip('.')}{hint}", err=True)
+        sys.exit(1)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

@@ -84,7 +84,8 @@ OPTIONS: dict[str, Callable] = {
     "dtype": click.option("--dtype", "dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
                           help=DTYPE_HELP),
     "dca": click.option("--dca", "dca", type=click.Choice(DCA_MODES), default="auto", show_default=True,
-                        help="Dual Chunk Attention; auto = on when the context exceeds the training context"),
+                        help="Dual Chunk Attention; auto = on when the context exceeds the training context "
+                             "or a DCA size is given"),
     "dca_chunk_size": click.option("--dca-chunk-size", "dca_chunk_size", type=int, default=None,
                                    help="DCA chunk size (default 3/4 of training)"),
     "dca_local_window": click.option("--dca-local-window", "dca_local_window", type=int, default=None,
@@ -92,7 +93,7 @@ OPTIONS: dict[str, Callable] = {
     "rope_scaling": click.option("--rope-scaling", "rope_scaling", type=click.Choice(ROPE_SCALINGS[:5]),
                                  default=None, help="override the model's RoPE scaling"),
     "rope_scale": click.option("--rope-scale", "rope_scale", type=float, default=None,
-                               help="RoPE scaling factor"),
+                               help="RoPE scaling factor (alone: linear scaling, as in llama.cpp)"),
     "attention_temperature": click.option(
         "--attn-temperature/--no-attn-temperature", "attention_temperature", default=None,
         help="scale attention logits by 0.1*ln(n/L)+1 beyond L, the training context (or the model's own L) "

@@ -100,8 +100,8 @@ def save_session(session: Any, path: Path) -> None:
     try:
         save_file(tensors, str(temporary), metadata=metadata)
         os.replace(temporary, path)
-    except OSError as e:
-        raise ConfigError(f"cannot write session file {path}: {e.strerror or e}") from None
+    except (OSError, SafetensorError) as e:  # safetensors reports its own I/O errors as SafetensorError
+        raise ConfigError(f"cannot write session file {path}: {getattr(e, 'strerror', None) or e}") from None
     finally:
         temporary.unlink(missing_ok=True)
 

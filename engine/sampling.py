@@ -6,6 +6,7 @@ disable their stage. A given seed gives the same tokens for the same logits.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,6 +26,12 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for label, value in (("temperature", self.temperature), ("top-p", self.top_p), ("min-p", self.min_p),
+                             ("repeat penalty", self.repeat_penalty)):
+            if not math.isfinite(value):
+                raise ConfigError(f"{label} must be a finite number, got {value}")
+        if self.seed is not None and self.seed < 0:
+            raise ConfigError(f"seed must be >= 0 (or none for a random one), got {self.seed}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

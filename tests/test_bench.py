@@ -55,6 +55,14 @@ def test_bench_json_reports_every_test(tiny_gguf):
     assert all(r["tokens_per_s"] > 0 and r["sd"] >= 0 for r in report["results"])
 
 
+def test_bench_context_holds_the_longest_generation_test(tiny_gguf):
+    # the generation test is the longest (16 + 4 + warm-up steps): the default context must hold all of it
+    result = CliRunner().invoke(bench, ["-m", str(tiny_gguf), "--device", "cpu", "-p", "8", "-d", "0,16",
+                                        "-n", "4", "-r", "1", "--json", "--no-hf"])
+    assert result.exit_code == 0, result.output
+    assert [r["test"] for r in json.loads(result.output)["results"]] == ["pp8", "tg4", "tg4"]
+
+
 def test_bench_measures_transformers_on_the_same_gguf(tiny_gguf):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")

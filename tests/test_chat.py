@@ -38,6 +38,23 @@ def test_piped_chat_answers_each_line_and_runs_commands(tiny, tmp_path):
     assert "error: /load needs a file name" in tail and saved.exists()
 
 
+def test_save_and_load_expand_the_home_folder(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # the shell does not expand ~ inside a chat line: the chat does
+    stdin = "hello\n/save ~/chat.session\n/load ~/chat.session\n"
+    result = CliRunner().invoke(cli, ["chat", "-m", str(tiny), "-n", "2", "--temp", "0"], input=stdin)
+    assert result.exit_code == 0 and "error" not in result.output, result.output
+    assert (tmp_path / "chat.session").exists() and "[loaded " in result.output
+
+
+def test_a_chat_beyond_the_context_says_how_to_go_on(tiny):
+    stdin = "hello there, how are you today\nand a second message\n/clear\nhi\n"
+    result = CliRunner().invoke(cli, ["chat", "-m", str(tiny), "-c", "48", "-n", "8", "--temp", "0"], input=stdin)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1].startswith("error: prompt of") and lines[1].endswith("or /clear to start a new chat")
+    assert lines[2] == "[new chat]" and not lines[3].startswith("error")  # after /clear the chat fits again
+
+
 def test_each_turn_prefills_only_the_new_message_and_ctrl_c_stops_an_answer(tiny):
     session = engine.load(tiny).session()
     lines = iter(["first message", "second message", "third message", None])

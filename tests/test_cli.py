@@ -43,6 +43,29 @@ def test_generate_reads_prompt_file(tiny, tmp_path):
     assert run("generate", "-m", tiny, "-f", prompt, "-n", "4", "--temp", "0").returncode == 0
 
 
+def test_generate_reads_prompt_from_stdin_with_dash(tiny):
+    from_stdin = run("generate", "-m", tiny, "-f", "-", "-n", "6", "--temp", "0", input_text="hello from a pipe")
+    from_argument = run("generate", "-m", tiny, "-p", "hello from a pipe", "-n", "6", "--temp", "0")
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    assert from_stdin.stdout == from_argument.stdout and from_stdin.stdout.strip()
+    assert_one_line_error(run("generate", "-m", tiny, "-f", "-", input_text=""), "empty prompt")
+
+
+def test_n_predict_minus_one_generates_to_the_end_of_the_context(tiny):
+    result = run("generate", "-m", tiny, "-p", "hello", "-n", "-1", "-c", "32", "--temp", "0")
+    assert result.returncode == 0, result.stderr
+    assert "generation: 30 tokens" in result.stderr and "end of the context (32 tokens)" in result.stderr
+    assert_one_line_error(run("generate", "-m", tiny, "-p", "hello", "-n", "-2"), "-n")
+
+
+def test_info_usage_shows_the_model_as_optional():
+    from click.testing import CliRunner
+
+    from engine.cli import cli
+
+    assert "info [OPTIONS] [MODEL]" in CliRunner().invoke(cli, ["info", "--help"]).output
+
+
 def test_info_shows_model_and_plan(tiny):
     result = run("info", tiny, "-c", "1024")
     assert result.returncode == 0, result.stderr
@@ -66,10 +89,23 @@ def test_info_shows_model_and_plan(tiny):
     assert "off" in re.search(r"plan: DCA\s+(.*)", run("info", tiny).stdout).group(1)
 
 
+def test_dca_sizes_turn_auto_dca_on_within_the_training_context(tiny):
+    from engine.api import resolve_dca
+
+    out = run("info", tiny, "--dca-chunk-size", "128").stdout  # context 256 = training: auto alone would be off
+    assert re.search(r"plan: DCA\s+on: chunk_size 128, local_window 32, chunk_len 96", out), out
+    assert resolve_dca("off", 256, 256, chunk_size=128) is None  # an explicit off stays off
+    assert resolve_dca("auto", 256, 256) is None
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["generate", "-m", "/nonexistent/model.gguf", "-p", "x"], ["no such file"]),
     (["generate", "-p", "x", "-f", "also.txt"], ["-p or -f"]),
-    (["generate"], ["no prompt"]),
+    (["generate"], ["no prompt", "-f -"]),
+    (["generate", "-p", "x", "-sys", "be brief"], ["--chat"]),
+    (["info", "other.gguf"], ["model twice"]),
+    (["generate", "-p", "x", "--prompt-cache", "/nonexistent/dir/p.session"], ["does not exist"]),  # before work
+    (["generate", "-p", "caf\udce9"], ["not valid Unicode"]),  # the bytes b"caf\xe9" (Latin-1) in argv
     (["generate", "-p", "x", "--temp", "-1"], ["temperature"]),
     (["generate", "-p", "word " * 50, "-c", "16"], ["-c"]),
     (["generate", "-p", "x", "--dca", "on", "--dca-chunk-size", "64", "--dca-local-window", "64"], ["local_window"]),
@@ -79,6 +115,18 @@ def test_info_shows_model_and_plan(tiny):
 def test_bad_input_gives_one_line(tiny, args, fragments):
     if "-m" not in args:
         args = args[:1] + ["-m", str(tiny)] + args[1:]
+    assert_one_line_error(run(*args), *fragments)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["generate", "-p", "x", "--dtype", "f64"], ["'f64' is not one of", "engine generate --help"]),
+    (["generate", "-p", "x", "--device", "tpu"], ["'tpu' is not one of"]),
+    (["generate", "-p", "x", "-n", "many"], ["'many' is not a valid integer"]),
+    (["info", "--no-such-flag"], ["No such option", "engine info --help"]),
+    (["nosuch"], ["No such command 'nosuch'", "engine --help"]),
+    (["serve", "--port", "99999"], ["99999 is not in the range"]),
+])
+def test_usage_errors_give_one_line(args, fragments):
     assert_one_line_error(run(*args), *fragments)
 
 
@@ -107,6 +155,11 @@ def test_rope_scaling_factor_defaults_to_context_over_training(tiny):
     assert "scaling linear x4 (original context 256)" in out
     out = run("info", tiny, "-c", "1024", "--rope-scaling", "yarn", "--rope-scale", "2").stdout
     assert "scaling yarn x2" in out
+    summary = run("generate", "-m", tiny, "-p", "hi", "-n", "1", "--rope-scale", "2").stderr
+    assert "| rope: linear x2 |" in summary, summary  # the summary line names a RoPE scaling in force
+    out = run("info", tiny, "--rope-scale", "2").stdout  # llama.cpp: the scaling is linear unless the model says
+    assert "scaling linear x2 (original context 256)" in out, out
+    assert_one_line_error(run("info", tiny, "--rope-scaling", "none", "--rope-scale", "2"), "--rope-scaling none")
 
 
 def test_info_names_the_fused_attention_kernels_for_supported_heads():

@@ -106,6 +106,13 @@ def test_existing_file_needs_force(tiny, tmp_path):
     assert leftovers(tmp_path) == ["m.gguf"]
 
 
+def test_quantize_of_an_hf_folder_points_to_convert(tiny, tmp_path):
+    result = CliRunner().invoke(quantize, [str(tiny["hf"]), str(tmp_path / "q.gguf"), "q8_0"])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert "is a folder" in str(result.exception) and "engine convert" in str(result.exception)
+    assert leftovers(tmp_path) == []
+
+
 def test_quantize_refuses_to_overwrite_its_input(tiny, tmp_path):
     source = tmp_path / "m.gguf"
     shutil.copy(tiny["f32"], source)

@@ -205,6 +205,7 @@ def no_model_work(monkeypatch):
     (["--lengths", "64", "--method", "dca", "--dca-chunk-size", "300"], ConfigError, "exceeds the model's training"),
     (["--lengths", "64", "--windows", "0"], ConfigError, "--windows must be at least 1"),
     (["--lengths", "64", "--json", "/nonexistent/dir/x.json"], ConfigError, "does not exist"),
+    (["--lengths", "64", "--json", "/"], ConfigError, "is a folder"),
 ])
 def test_cli_refuses_before_any_work(tiny, text_file, no_model_work, args, error, words):
     result = _invoke("-m", tiny, "--text", text_file, *args)

@@ -80,7 +80,9 @@ def test_repeat_penalty_changes_greedy_choice():
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0),
-                                    dict(repeat_penalty=0.0), dict(repeat_last_n=-1)])
+                                    dict(repeat_penalty=0.0), dict(repeat_last_n=-1), dict(temperature=float("nan")),
+                                    dict(temperature=float("inf")), dict(repeat_penalty=float("nan")),
+                                    dict(repeat_penalty=float("inf")), dict(seed=-5)])
 def test_impossible_parameters_raise(kwargs):
     with pytest.raises(ConfigError):
         SamplingParams(**kwargs)

@@ -170,6 +170,8 @@ LONG = "word " * 3000  # > 2048 tokens
     ("/v1/chat/completions", {"messages": QUESTION, "temperature": "hot"}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": QUESTION, "temperature": -1}, 400, None),
     ("/v1/chat/completions", {"messages": QUESTION, "top_p": 0}, 400, None),
+    ("/v1/chat/completions", {"messages": QUESTION, "seed": -5}, 400, None),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": NaN}', 400, None),
     ("/v1/chat/completions", {"messages": QUESTION, "stream": "yes"}, 400, "stream"),
     ("/v1/chat/completions", {"messages": QUESTION, "stop": 5}, 400, "stop"),
     ("/v1/chat/completions", {"messages": QUESTION, "n": 2}, 400, "n"),
@@ -195,6 +197,11 @@ def test_bad_requests_get_openai_errors(client, path, body, status, param):
         assert error["code"] == "context_length_exceeded"
     assert client.get("/health").status_code == 200  # still serving
     assert client.get("/v1/completions").status_code == 405
+
+
+def test_seed_minus_one_is_random_as_in_llama_cpp(client):
+    response = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "seed": -1})
+    assert response.status_code == 200, response.text
 
 
 def test_health_is_503_while_loading():

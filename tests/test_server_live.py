@@ -1,6 +1,7 @@
 """`engine serve` over a real socket (uvicorn in a thread): a client that disconnects mid-stream stops the
 generation, and the server goes on serving; a model that cannot load, or a missing extra, is one error."""
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -75,3 +76,16 @@ def test_serve_without_the_server_extra_is_one_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
     with pytest.raises(ConfigError, match=r"pip install 'engine\[server\]'"):
         run_server(lambda: None, "smol", "127.0.0.1", 0)
+
+
+def test_serve_on_a_port_in_use_or_a_bad_address_is_one_error():
+    from engine.server.command import run_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}: .*in use"):
+            run_server(lambda: pytest.fail("nothing loads before the port is open"), "smol", "127.0.0.1", port)
+    with pytest.raises(ConfigError, match="cannot listen on 999.1.1.1:8080"):
+        run_server(lambda: None, "smol", "999.1.1.1", 8080)

@@ -418,6 +418,8 @@ def test_bad_ids_and_text():
         tok.decode([1.5])
     with pytest.raises(TokenizerError, match="can only encode str"):
         tok.encode(b"bytes")
+    with pytest.raises(TokenizerError, match="not valid Unicode"):  # a lone surrogate: what bytes that are not
+        tok.encode("a\udcff b")                                     # UTF-8 become in Python's argv
     assert tok.decode(np.array([3 + ord("a"), 260])) == "a hi"
 
 

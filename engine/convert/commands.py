@@ -80,6 +80,9 @@ def quantize(source: Path, dest: Path, tensor_type: str, threads: int | None, fo
 
     TYPE: f32 f16 bf16 q8_0 q6_k q5_k_m q5_k_s q5_1 q5_0 q4_k_m q4_k_s q4_1 q4_0."""
     file_type_from_name(tensor_type)
+    if source.is_dir():
+        raise ConfigError(f"{source}: is a folder; quantize reads a GGUF file (an HF folder converts with: "
+                          f"engine convert {source} {dest} --type {tensor_type})")
     if not source.is_file():
         raise ModelFormatError(f"{source}: no such file")
     stats = quantize_gguf(source, dest, tensor_type, force, progress=not no_progress, threads=threads)

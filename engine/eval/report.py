@@ -234,7 +234,9 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def check_output_path(path: Path | None, what: str) -> None:
-    """Refuse, before any work, an output file whose folder does not exist."""
+    """Refuse, before any work, an output file whose folder does not exist, or that is a folder."""
+    if path is not None and Path(path).is_dir():
+        raise ConfigError(f"{what} {path}: is a folder; give a file name")
     if path is not None and not Path(path).resolve().parent.is_dir():
         raise ConfigError(f"{what} {path}: folder {Path(path).resolve().parent} does not exist")
 

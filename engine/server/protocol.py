@@ -175,6 +175,8 @@ def _content(content: Any, param: str) -> str:
 def _sampling(body: dict) -> SamplingParams:
     values = {name: _typed(body[name], kind, name) for name, kind in SAMPLING_FIELDS.items()
               if body.get(name) is not None}
+    if values.get("seed") == -1:  # llama.cpp's server: -1 = a random seed
+        del values["seed"]
     try:
         return SamplingParams(**values)
     except EngineError as e:

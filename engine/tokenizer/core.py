@@ -137,6 +137,11 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TokenizerError(f"can only encode str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: e.g. bytes that are not UTF-8 in a command-line argument
+            raise TokenizerError(f"the text is not valid Unicode ({e.reason} at character {e.start}); "
+                                 f"is it UTF-8?") from None
         ids = self._encoder.encode(text, parse_special)
         if self.add_bos if add_bos is None else add_bos:
             if self.bos_id is None:
