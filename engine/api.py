@@ -351,7 +351,8 @@ def plan(config: ModelConfig, context: int | None, dca: str | DCAConfig | None, 
     """The layout a model runs with: (config with the RoPE override, context size, DCA config or None).
 
     --rope-scaling without --rope-scale scales by context / training context (at least 1); --rope-scale without
-    --rope-scaling is linear unless the model has a scaling of its own.
+    --rope-scaling is linear unless the model has a scaling of its own. Such an override turns auto DCA off (it
+    extends the context instead; ``--dca on`` combines them, as eval's dca+ntk does).
     """
     context = config.context_length if context is None else int(context)
     if context <= 0:
@@ -374,6 +375,8 @@ def plan(config: ModelConfig, context: int | None, dca: str | DCAConfig | None, 
             rope_scaling = "linear"  # --rope-scale alone: linear unless the model has a scaling (llama.cpp)
         rope = config.rope.with_scaling(rope_scaling or config.rope.scaling, rope_scale)
         config = dataclasses.replace(config, rope=rope)
+        if dca in (None, "auto") and rope.scaling != "none":
+            dca = "off"  # the RoPE scaling asked for extends the context instead (--dca on combines them)
     return config, context, resolve_dca(dca, context, config.context_length, dca_chunk_size, dca_local_window,
                                         config.tuned_dca)
 

@@ -85,7 +85,7 @@ OPTIONS: dict[str, Callable] = {
                           help=DTYPE_HELP),
     "dca": click.option("--dca", "dca", type=click.Choice(DCA_MODES), default="auto", show_default=True,
                         help="Dual Chunk Attention; auto = on when the context exceeds the training context "
-                             "or a DCA size is given"),
+                             "or a DCA size is given, off when --rope-scaling/--rope-scale extend it instead"),
     "dca_chunk_size": click.option("--dca-chunk-size", "dca_chunk_size", type=int, default=None,
                                    help="DCA chunk size (default 3/4 of training)"),
     "dca_local_window": click.option("--dca-local-window", "dca_local_window", type=int, default=None,

@@ -162,6 +162,17 @@ def test_rope_scaling_factor_defaults_to_context_over_training(tiny):
     assert_one_line_error(run("info", tiny, "--rope-scaling", "none", "--rope-scale", "2"), "--rope-scaling none")
 
 
+def test_an_explicit_rope_scaling_keeps_auto_dca_off(tiny):
+    # beyond the training context (256) auto DCA comes on, unless a RoPE scaling extends the context instead
+    def dca_row(*args: str) -> str:
+        return re.search(r"^plan: DCA\s+(\S+)", run("info", tiny, "-c", "1024", *args).stdout, re.M).group(1)
+
+    assert dca_row() == "on:"
+    assert dca_row("--rope-scaling", "yarn") == "off"
+    assert dca_row("--rope-scale", "4") == "off"
+    assert dca_row("--rope-scaling", "ntk", "--dca", "on") == "on:"
+
+
 def test_info_names_the_fused_attention_kernels_for_supported_heads():
     from dataclasses import replace
 
