@@ -137,20 +137,25 @@ def test_busy_slots_advance_token_by_token(tiny, monkeypatch):
             return forward(ids, cache, **kwargs)
 
         monkeypatch.setattr(llm.model, "forward", recorded)
-        start = threading.Barrier(2)
-
-        def generate(i):
-            start.wait()
-            return client(url).completions.create(model="tiny", prompt=LINES[20 + i], max_tokens=40, temperature=0,
-                                                  extra_body={"ignore_eos": True}).usage.completion_tokens
-
-        with ThreadPoolExecutor(2) as pool:
-            assert list(pool.map(generate, range(2))) == [40, 40]
+        assert two_clients_at_once(url) == [40, 40]
     assert sorted(set(steps)) == [0, 1] and len(steps) == 2 * 40  # a prefill and 39 decode steps each
     both = steps[max(steps.index(0), steps.index(1)):]  # from the later start on, both slots are busy
     both = both[:min(len(both) - both[::-1].index(s) for s in (0, 1))]  # ... until the first one finishes
     runs = [len(run) for run in "".join(map(str, both)).replace("01", "0 1").replace("10", "1 0").split()]
     assert len(both) >= 70 and max(runs) <= 2  # alternating, not one request after the other
+
+
+def two_clients_at_once(url: str) -> list[int]:
+    """Two completions of 40 tokens (ignore_eos) started together on their own prompts: their token counts."""
+    start = threading.Barrier(2)
+
+    def generate(i):
+        start.wait()
+        return client(url).completions.create(model="tiny", prompt=LINES[20 + i], max_tokens=40, temperature=0,
+                                              extra_body={"ignore_eos": True}).usage.completion_tokens
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(generate, range(2)))
 
 
 def test_busy_slots_decode_in_batches_of_both(tiny, monkeypatch):
@@ -170,15 +175,7 @@ def test_busy_slots_decode_in_batches_of_both(tiny, monkeypatch):
 
         monkeypatch.setattr(llm.model, "forward", prefill)
         monkeypatch.setattr(llm.model, "forward_batch", recorded)
-        start = threading.Barrier(2)
-
-        def generate(i):
-            start.wait()
-            return client(url).completions.create(model="tiny", prompt=LINES[20 + i], max_tokens=40, temperature=0,
-                                                  extra_body={"ignore_eos": True}).usage.completion_tokens
-
-        with ThreadPoolExecutor(2) as pool:
-            assert list(pool.map(generate, range(2))) == [40, 40]
+        assert two_clients_at_once(url) == [40, 40]
         batches = gauges(url)
     # 39 decode steps each: alone while the other prefills or after it ends, else both in one forward
     assert set(sizes) <= {1, 2} and sum(sizes) == 2 * 39 and sizes.count(2) >= 30, sizes
