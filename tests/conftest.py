@@ -1,7 +1,13 @@
 """Shared pytest hooks: tests marked `cuda` skip cleanly where CuPy or a GPU is missing."""
 from __future__ import annotations
 
-import pytest
+import os
+
+# One OpenBLAS thread for the tests and the engine processes they start, unless set: on a shared or loaded machine
+# OpenBLAS's spinning worker threads make small products 10-50x slower (docs/results.md); tests check results.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
