@@ -145,11 +145,12 @@ def _check_metadata(path: Path, metadata: dict[str, str], settings: dict[str, st
                                f"supported (this engine reads version {FORMAT_VERSION})")
     native = f"{metadata.get('dtype')}/{metadata.get('dtype')}"  # files from before cache_types: the backend's own
     for key in SETTINGS:
-        if metadata.get(key, native if key == "cache_types" else None) != settings[key]:
+        saved = metadata.get(key, native if key == "cache_types" else None)
+        if saved != settings[key]:
             if key == "model":
                 raise SessionFileError(f"{path}: was saved with another model file; load the model it was made "
                                        f"with, or delete the file")
-            raise SessionFileError(f"{path}: was saved with {key} {metadata.get(key)}, but the model runs with "
+            raise SessionFileError(f"{path}: was saved with {key} {saved}, but the model runs with "
                                    f"{key} {settings[key]}; use the same settings, or delete the file")
 
 

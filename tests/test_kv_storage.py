@@ -159,3 +159,22 @@ def test_cli_generate_and_info_take_the_cache_types(tiny):
     bad = subprocess.run(run + ["generate", "-m", str(tiny), "-p", "hi", "-ctk", "q4_k"], capture_output=True,
                          text=True)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "q4_k" in bad.stderr
+
+
+def test_session_files_from_before_cache_types_load_as_the_backends_own(tiny, tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    prompt = [int(i) for i in np.random.default_rng(8).integers(5, 380, 20)]
+    session = engine.load(tiny, context=96).session()
+    list(session.generate_ids(prompt, 2, GREEDY, stop_ids=[]))
+    path, old = tmp_path / "new.session", tmp_path / "old.session"
+    session.save(path)
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "cache_types"}
+        save_file({name: f.get_tensor(name) for name in f.keys()}, str(old), metadata=metadata)
+    restored = engine.load(tiny, context=96).session()
+    restored.load(old)  # an f32 CPU cache, as every file was before cache types
+    assert restored.tokens == session.tokens
+    with pytest.raises(SessionFileError, match="cache_types f32/f32"):
+        engine.load(tiny, context=96, cache_type_k="q8_0").session().load(old)
