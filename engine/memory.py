@@ -84,6 +84,7 @@ class MemoryPlan:
     activations_per_token: int
     activations_fixed: int
     slots: int = 1  # KV caches of `context` tokens each
+    kv_per_token_q8_0: int = 0  # CPU: the KV bytes per token with -ctk q8_0 -ctv q8_0, when that is smaller (else 0)
 
     @property
     def total(self) -> int:
@@ -129,10 +130,13 @@ def plan_memory(config: ModelConfig, weights, context: int, device: str, dtype: 
     native = NATIVE_TYPE["f32" if device == "cpu" else dtype]
     kv_per_token = kv_bytes_per_token(config, cache_types or (native, native))
     if device == "cpu":
+        q8_0 = kv_bytes_per_token(config, ("q8_0", "q8_0")) if config.head_dim % 32 == 0 else kv_per_token
+        smaller = {"kv_per_token_q8_0": q8_0 if q8_0 < kv_per_token else 0}
         plan = _cpu_plan(config, weights, context, keep=True, kv_per_token=kv_per_token).with_slots(slots)
         if f32_copies is None:
             f32_copies = _comfortable(plan.total, plan.copies, available)
-        return plan if f32_copies else _cpu_plan(config, weights, context, False, kv_per_token).with_slots(slots)
+        plan = plan if f32_copies else _cpu_plan(config, weights, context, False, kv_per_token).with_slots(slots)
+        return dataclasses.replace(plan, **smaller)
     return _cuda_plan(config, weights, context, dtype, kv_per_token).with_slots(slots)
 
 
@@ -286,7 +290,19 @@ def require(plan: MemoryPlan, available: int | None, what: str | None = None, ad
             hints.append(f"{f'with {plan.slots} slots ' if several else ''}the largest context that fits is "
                          f"{fits} tokens: use -c {fits}")
         advice = "; ".join(hints)
-    raise ContextError(f"{message}; {advice}" + other_device)
+    raise ContextError(f"{message}; {advice}" + _q8_0_cache_advice(plan, available) + other_device)
+
+
+def _q8_0_cache_advice(plan: MemoryPlan, available: int) -> str:
+    """', or keep this context with a q8_0 KV cache ...' when that plan fits (CPU), else ''."""
+    if not plan.kv_per_token_q8_0:
+        return ""
+    smaller = dataclasses.replace(plan, kv_per_token=plan.kv_per_token_q8_0,
+                                  kv_cache=plan.kv_per_token_q8_0 * plan.context * plan.slots)
+    if smaller.total > available:
+        return ""
+    return (f", or keep this context with a q8_0 KV cache (-ctk q8_0 -ctv q8_0: {smaller.kv_cache / GiB:.2f} GiB "
+            f"instead of {plan.kv_cache / GiB:.2f})")
 
 
 def _other_device_advice(plan: MemoryPlan) -> str:

@@ -220,7 +220,9 @@ def test_too_many_slots_are_refused_with_the_most_that_fit(kquant, monkeypatch):
     assert str(refused.value) == (
         f"8 slots of a context of 4096 tokens each: {plan.describe()} needed on the CPU, but only "
         f"{limit / GiB:.2f} GiB is available; at this context at most 3 slots fit: use --parallel 3; with 8 "
-        f"slots the largest context that fits is {fits} tokens: use -c {fits}")
+        f"slots the largest context that fits is {fits} tokens: use -c {fits}, or keep this context with a q8_0 KV "
+        f"cache (-ctk q8_0 -ctv q8_0: {plan.kv_per_token_q8_0 * 4096 * 8 / GiB:.2f} GiB instead of "
+        f"{plan.kv_cache / GiB:.2f})")
     assert "KV caches (8 slots) " in plan.describe()
     assert len(engine.load(kquant, context=4096, f32_copies=False, slots=3).caches) == 3
 
@@ -281,3 +283,19 @@ def test_8b_widths_run_within_a_bound_and_match_the_float32_path(wide):
     peak, planned, same = (int(v) for v in result.stdout.split())
     assert peak < PEAK_RSS_BOUND and peak < planned, (peak, planned)
     assert same == 1
+
+
+def test_a_q8_0_kv_cache_is_suggested_when_it_makes_the_context_fit():
+    weights = shaped_weights(LLAMA3_8B, GGMLType.Q4_K, GGMLType.Q6_K)
+    plan = memory.plan_memory(LLAMA3_8B, weights, 131072, "cpu", f32_copies=False)  # KV cache 32 GiB as float32
+    assert plan.kv_per_token_q8_0 == 32 * 8 * 2 * 136  # 34 bytes per 32 values, keys and values
+    fits_q8_0 = plan.total - plan.kv_cache + plan.kv_per_token_q8_0 * 131072  # 8.5 GiB of KV cache
+    with pytest.raises(ContextError, match=r"use -c \d+, or keep this context with a q8_0 KV cache "
+                                           r"\(-ctk q8_0 -ctv q8_0: 8\.50 GiB instead of 32\.00\)"):
+        memory.require(plan, fits_q8_0)
+    with pytest.raises(ContextError) as refused:
+        memory.require(plan, fits_q8_0 - GiB)  # not even with q8_0: no such advice
+    assert "q8_0" not in str(refused.value)
+    q8 = memory.plan_memory(LLAMA3_8B, weights, 131072, "cpu", f32_copies=False, cache_types=("q8_0", "q8_0"))
+    assert q8.kv_per_token_q8_0 == 0 and q8.kv_cache == 32 * 8 * 2 * 136 * 131072  # already that small
+    assert memory.plan_memory(LLAMA3_8B, weights, 1024, "cuda", "f16").kv_per_token_q8_0 == 0  # CPU only
