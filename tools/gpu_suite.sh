@@ -2,7 +2,7 @@
 # The GPU suite in one command: kernel compile times, every `cuda` test, a prefill profile
 # (GPU time per op) and `engine bench` on SmolLM2-135M shapes; ends with a short summary.
 #   tools/gpu_suite.sh [LOG_DIR]        (LOG_DIR defaults to $OUT, else /tmp/gpu_suite)
-# Extra env: SKIP_PREFILL_SPLIT=1, BENCH_ARGS (default "-p 512,8192,32768 -d 512,32768 -r 3"), PYTEST_ARGS (e.g. -k attention).
+# Extra env: SKIP_PREFILL_SPLIT=1, SKIP_DECODE_PROFILE=1, BENCH_ARGS (default "-p 512,8192,32768 -d 512,32768 -r 3"), PYTEST_ARGS (e.g. -k attention).
 # Stages have time limits (pytest 450 s, prefill split 120 s, bench 150 s) so one call fits 10 minutes.
 set -o pipefail
 LOG=${1:-${OUT:-/tmp/gpu_suite}}
@@ -45,7 +45,7 @@ TEST_RC=$?
 [ -n "$SKIP_PREFILL_SPLIT" ] || timeout 120 $PY tools/profile_prefill.py --tokens 32768 --ubatch 32768 --long 0 \
     2>&1 | tee "$LOG/prefill_split.log"
 
-timeout 90 $PY - <<'PYEOF' 2>&1 | tee "$LOG/decode_profile.log"
+[ -n "$SKIP_DECODE_PROFILE" ] || timeout 90 $PY - <<'PYEOF' 2>&1 | tee "$LOG/decode_profile.log"
 # Registers / local memory of the main kernels, and the decode step (graph replay) fused vs op by op.
 import time, numpy as np, cupy
 from engine.backends.cuda.kernels import function
@@ -98,6 +98,6 @@ tail -n 1 "$LOG/pytest_cuda.log"
 grep -E "FAILED|ERROR" "$LOG/pytest_cuda.log" | head -20
 grep -E "rel err|diverged" "$LOG/pytest_cuda.log" | head -30
 [ -n "$SKIP_PREFILL_SPLIT" ] || grep -E "^prefill|without attention" "$LOG/prefill_split.log"
-cat "$LOG/decode_profile.log"
+[ -n "$SKIP_DECODE_PROFILE" ] || cat "$LOG/decode_profile.log"
 tail -n 8 "$LOG/bench.log"
 exit $TEST_RC
