@@ -16,7 +16,6 @@ from engine.backends.numpy_backend import NumpyBackend
 from engine.config import DCAConfig
 from engine.dca import as_scheme
 from engine.errors import ConfigError
-from engine.kvcache import KVCache
 from engine.prompt_cache import SessionFileError
 from engine.rope import RopeConfig, RotaryTable
 from engine.sampling import SamplingParams

@@ -24,6 +24,7 @@ import numpy as np
 
 from ...errors import ConfigError, DeviceError
 from .kernels import function
+from .splits import key_splits, sm_count
 
 THREADS = 128  # 4 warps per block, both attention kernels
 COMBINE_THREADS = 256  # 8 warps per merged row
