@@ -1,0 +1,90 @@
+"""Where one decode step's GPU time goes, per kernel, at a real model's shapes (random weights).
+
+Prefills --depth tokens, builds the graph decoder (the fused decode step that `engine generate` runs), then
+records --steps graph replays with torch's profiler (CUPTI sees every kernel of the process, CuPy's too)
+and prints the kernels by total time per step, beside the step's wall time and the bytes of weights and
+KV cache one step reads (the floor at the device's copy rate).
+
+    python tools/profile_decode.py --shape llama3-8b [--dtype bf16] [--depth 512,32768] [--steps 50]
+Needs a GPU, CuPy and torch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.bench import load_bench_model, new_cache  # noqa: E402
+from engine.options import LoadSettings  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
+
+
+def step_bytes(llm, depth: int) -> tuple[int, int]:
+    """(weight bytes, KV cache bytes) one decode step reads: every matrix but the embedding, every cached key
+    and value at `depth` in the activation dtype."""
+    weights = sum(w.raw.nbytes for name, w in llm.loaded.weights.items() if name != "token_embd")
+    c = llm.model.config
+    kv = 2 * c.n_layers * depth * c.n_kv_heads * c.head_dim * 2
+    return weights, kv
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--depth", default="512,32768")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--top", type=int, default=14)
+    args = ap.parse_args()
+    import cupy
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    depths = [int(d) for d in args.depth.split(",")]
+    llm, label = load_bench_model(LoadSettings(device="cuda", dtype=args.dtype, context=max(depths) + 256),
+                                  synthetic=True, shape=args.shape)
+    model, backend = llm.model, llm.backend
+    rng = np.random.default_rng(0)
+    for depth in depths:
+        cache = new_cache(model, depth + args.steps + 64)
+        prompt = rng.integers(0, model.config.vocab_size, depth)
+        for i in range(0, depth, 4096):
+            model.forward(prompt[i:i + 4096], cache, logits_for="none")
+        dec = backend.decoder(model, cache, SamplingParams(temperature=0.0), list(prompt))
+        tok = dec.first(np.zeros(model.config.vocab_size, np.float32))
+        for _ in range(3):
+            tok = dec.step(tok)  # eager, capture, replay
+        cupy.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            tok = dec.step(tok)
+        cupy.cuda.Device().synchronize()
+        wall = (time.perf_counter() - t0) / args.steps
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                tok = dec.step(tok)
+            cupy.cuda.Device().synchronize()
+            torch.cuda.synchronize()
+        per_kernel = defaultdict(lambda: [0.0, 0])
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                per_kernel[event.name][0] += event.device_time_total / args.steps
+                per_kernel[event.name][1] += 1
+        gpu = sum(t for t, _ in per_kernel.values())
+        weights, kv = step_bytes(llm, depth)
+        print(f"\n{label} {args.dtype}, depth {depth}: step {wall * 1e6:.0f} us ({1 / wall:.1f} tok/s), kernels "
+              f"{gpu:.0f} us; reads {weights / 1e9:.2f} GB weights + {kv / 1e9:.2f} GB KV "
+              f"(at 3.3 TB/s: {(weights + kv) / 3.3e12 * 1e6:.0f} us)")
+        print(f"{'us/step':>9} {'calls/step':>10}  kernel")
+        for name, (t, calls) in sorted(per_kernel.items(), key=lambda kv_: -kv_[1][0])[:args.top]:
+            print(f"{t:9.1f} {calls / args.steps:10.1f}  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
