@@ -91,12 +91,14 @@ def test_terminal_chat_ctrl_c_stops_the_answer_not_the_program():
     import os
     import pty
     import select
+    import signal
     import subprocess
     import termios
 
     def controlled_by_stdin():  # in the child: a new session whose controlling terminal is the pty
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as from a shell, even where pytest was started with `&`
 
     leader, follower = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "engine", "chat", "-n", "2000", "--temp", "0", "-c", "4096"],
