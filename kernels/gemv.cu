@@ -4,8 +4,9 @@
 //
 // Design. Every kernel is one launch; each block of 256 threads first stages its input vector in
 // shared memory ("stage"), then its 8 warps take the block's tasks (output rows, or row pairs) in
-// turn, one warp per task, lanes splitting the row; each warp asks L2 for its first task's rows before
-// staging (their HBM latency overlaps it) and for its next task's rows before computing one. tasks_per_block (a multiple of 8,
+// turn, one warp per task, lanes splitting the row; each warp asks L2 for its first PREFETCH_TASKS tasks'
+// rows before staging (their HBM latency overlaps it) and, before computing a task, for the rows of the task
+// PREFETCH_TASKS ahead. tasks_per_block (a multiple of 8,
 // chosen on the host from the shape and the SM count) trades staging work against parallelism.
 //
 // Quantized weights (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K): the input is quantized as it is staged, llama.cpp
@@ -33,6 +34,13 @@
 //   head_T       logits[r] = Wout[r].h (fp32), h = rmsnorm(x)*w
 
 #define GEMV_THREADS 256
+// Tasks each warp keeps asked for in L2 ahead of the one it computes. A task's compute is short beside HBM's
+// latency under load, so one task ahead leaves each warp waiting on its rows; the rows in flight over the chip
+// (2 blocks per SM x 8 warps x PREFETCH_TASKS x a task's bytes, e.g. 8B gate+up: 2112 x 4.6 KB per task) must
+// stay well inside L2 (50 MB), or lines are evicted before use. dev/cuda/gemv.py --prefetch measures others.
+#ifndef PREFETCH_TASKS
+#define PREFETCH_TASKS 3
+#endif
 
 template <int T> __device__ constexpr bool int8_input() {
     return T == T_Q8_0 || T == T_Q4_0 || T == T_Q4_1 || T == T_Q4_K || T == T_Q6_K;
@@ -246,9 +254,10 @@ __device__ __forceinline__ float rms_scale(const float* __restrict__ x, float ep
 }
 
 // This warp's tasks: blockIdx.x * per_block + warp + 8k, below n. for_tasks calls f(task) for each, and
-// before it prefetch(next task) (its rows come into L2 while this one is computed); prefetch_first asks
-// for the first (before the staging, whose latency it then overlaps). One or two rows in flight per warp
-// keep L2 from thrashing (prefetching a whole block's rows at once overflowed it on large matrices).
+// before it prefetch(the task PREFETCH_TASKS ahead) (its rows come into L2 while these are computed);
+// prefetch_first asks for the first PREFETCH_TASKS (before the staging, whose latency it then overlaps).
+// A bounded distance keeps L2 from thrashing (prefetching a whole block's rows at once overflowed it on
+// large matrices).
 __device__ __forceinline__ void task_range(int n, int per_block, long long& first, long long& end) {
     first = (long long)blockIdx.x * per_block + (threadIdx.x >> 5);
     end = (long long)blockIdx.x * per_block + per_block < n ? (long long)blockIdx.x * per_block + per_block : n;
@@ -256,14 +265,17 @@ __device__ __forceinline__ void task_range(int n, int per_block, long long& firs
 template <class P> __device__ __forceinline__ void prefetch_first(int n, int per_block, P prefetch) {
     long long first, end;
     task_range(n, per_block, first, end);
-    if (first < end) prefetch((int)first);
+    const int step = blockDim.x >> 5;
+#pragma unroll
+    for (int k = 0; k < PREFETCH_TASKS; ++k)
+        if (first + k * step < end) prefetch((int)(first + k * step));
 }
 template <class P, class F> __device__ __forceinline__ void for_tasks(int n, int per_block, P prefetch, F f) {
     long long first, end;
     task_range(n, per_block, first, end);
     const int step = blockDim.x >> 5;
     for (long long t = first; t < end; t += step) {
-        if (t + step < end) prefetch((int)(t + step));
+        if (t + PREFETCH_TASKS * step < end) prefetch((int)(t + PREFETCH_TASKS * step));
         f((int)t);
     }
 }

@@ -5,7 +5,7 @@ records --steps graph replays with torch's profiler (CUPTI sees every kernel of 
 and prints the kernels by total time per step, beside the step's wall time and the bytes of weights and
 KV cache one step reads (the floor at the device's copy rate).
 
-    python tools/profile_decode.py --shape llama3-8b [--dtype bf16] [--depth 512,32768] [--steps 50]
+    python tools/profile_decode.py --shape llama3-8b [--dtype bf16] [--depth 512,32768] [--steps 50] [--define N=V]
 Needs a GPU, CuPy and torch.
 """
 from __future__ import annotations
@@ -41,7 +41,12 @@ def main() -> None:
     ap.add_argument("--depth", default="512,32768")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
+                    help="build the kernels with -DNAME=VALUE (a measurement variant, e.g. PREFETCH_TASKS=1)")
     args = ap.parse_args()
+    from engine.backends.cuda import kernels
+
+    kernels.NVRTC_OPTIONS += tuple(f"-D{d}" for d in args.define)
     import cupy
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -78,7 +83,7 @@ def main() -> None:
                 per_kernel[event.name][1] += 1
         gpu = sum(t for t, _ in per_kernel.values())
         weights, kv = step_bytes(llm, depth)
-        print(f"\n{label} {args.dtype}, depth {depth}: step {wall * 1e6:.0f} us ({1 / wall:.1f} tok/s), kernels "
+        print(f"\n{label} {args.dtype} {' '.join(args.define)}, depth {depth}: step {wall * 1e6:.0f} us ({1 / wall:.1f} tok/s), kernels "
               f"{gpu:.0f} us; reads {weights / 1e9:.2f} GB weights + {kv / 1e9:.2f} GB KV "
               f"(at 3.3 TB/s: {(weights + kv) / 3.3e12 * 1e6:.0f} us)")
         print(f"{'us/step':>9} {'calls/step':>10}  kernel")

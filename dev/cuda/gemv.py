@@ -2,11 +2,12 @@
 variant, a correctness check, then a benchmark table (GB/s of weights read, fraction of 4.2 TB/s, the H200's
 measured copy bandwidth) at real model shapes. Needs a GPU; run from the repository root:
 
-    python dev/cuda/gemv.py [--baseline DIR] [--shapes 8b-down,8b-head] [--reps 5]
+    python dev/cuda/gemv.py [--baseline DIR] [--shapes 8b-down,8b-head] [--reps 5] [--bps 2] [--prefetch 1,3,6]
 
 Variants:
   int8/bpsN   kernels/gemv.cu gemv_<type> (int8 input, dp4a) with tasks_per_block for N blocks per SM
-              (production: gemv.BLOCKS_PER_SM)
+              (production: gemv.BLOCKS_PER_SM); with --prefetch, built per PREFETCH_TASKS value (pfK:
+              each warp keeps the rows of K tasks ahead asked for in L2; production: gemv.cu's default)
   baseline    the previous kernel (fp32 input in shared memory, one warp per row, 4 rows a block: quant.cu
               gemv_<type> of the checkout at DIR, e.g. main's), where its fp32 staging fits 48 KB
 Check: int8 variants against gemv.reference (the numpy model of their arithmetic, rel. error < 1e-5; the
@@ -26,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engine.backends.cuda import gemv  # noqa: E402
+from engine.backends.cuda import gemv, kernels  # noqa: E402
 from engine.backends.cuda.weights import to_activation, upload_weight  # noqa: E402
 from engine.bench import synthetic_weight  # noqa: E402
 from engine.loader import WeightTensor  # noqa: E402
@@ -49,6 +50,7 @@ SHAPES = {  # name: (rows, cols, type)
 }
 STEP_8B = ("8b-qkv", "8b-o", "8b-gate+up", "8b-down", "8b-head")  # the GEMVs of a Llama-3-8B decode step
 BLOCKS_PER_SM = (1, 2, 4, 8)
+BASE_OPTIONS = kernels.NVRTC_OPTIONS
 CHECK_ROWS = 256
 L2_BYTES = 50 << 20
 
@@ -96,7 +98,17 @@ def rel_err(got, ref) -> float:
     return float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) if np.isfinite(got).all() else float("inf")
 
 
-def run_shape(cp, name, rows, cols, ggml_type, baseline, reps, dtype="f16") -> list[dict]:
+def build_with_prefetch(tasks: int | None) -> str:
+    """Rebuild the kernels with -DPREFETCH_TASKS=tasks (None: gemv.cu's default); the variant's label suffix."""
+    kernels.NVRTC_OPTIONS = BASE_OPTIONS + ((f"-DPREFETCH_TASKS={tasks}",) if tasks else ())
+    kernels._module.cache_clear()
+    kernels._function.cache_clear()
+    gemv._opted_in.clear()
+    return f"/pf{tasks}" if tasks else ""
+
+
+def run_shape(cp, name, rows, cols, ggml_type, baseline, reps, dtype="f16", blocks_per_sm=BLOCKS_PER_SM,
+              prefetch=(None,)) -> list[dict]:
     rng = np.random.default_rng(rows + cols)
     tensor = synthetic_weight("output", ggml_type, (rows, cols), rng, 1 / np.sqrt(cols))
     m = upload_weight(cp, "output", tensor)  # fp32 out
@@ -116,7 +128,8 @@ def run_shape(cp, name, rows, cols, ggml_type, baseline, reps, dtype="f16") -> l
         return np.concatenate([host[:CHECK_ROWS], host[rows - CHECK_ROWS:]])
 
     results = []
-    for bps in BLOCKS_PER_SM:
+    for bps, tasks in [(b, t) for t in prefetch for b in blocks_per_sm]:
+        label = build_with_prefetch(tasks)
         per_block = gemv.tasks_per_block(rows, bps)
 
         def launch(i, per_block=per_block):
@@ -128,7 +141,8 @@ def run_shape(cp, name, rows, cols, ggml_type, baseline, reps, dtype="f16") -> l
         errs = (rel_err(picked(y), model), rel_err(picked(y), exact))
         ok = errs[0] < 1e-5 and (ggml_type in gemv.INT8_TYPES or errs[1] < 1e-5)
         seconds = time_launches(cp, launch, copies, reps)
-        results.append(dict(shape=name, variant=f"int8/bps{bps}" if ggml_type in gemv.INT8_TYPES else f"fp32/bps{bps}",
+        kind = "int8" if ggml_type in gemv.INT8_TYPES else "fp32"
+        results.append(dict(shape=name, variant=f"{kind}/bps{bps}{label}",
                             per_block=per_block, seconds=seconds, err_model=errs[0], err_float=errs[1], ok=ok))
     if baseline is not None and 4 * cols <= 48 * 1024:
         fn = baseline.get_function(f"gemv_{m.suffix}")
@@ -155,25 +169,34 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, help="a checkout whose kernels/quant.cu holds the previous gemv_<type>")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--bps", default=",".join(map(str, BLOCKS_PER_SM)), help="blocks per SM to try")
+    ap.add_argument("--prefetch", default="", help="PREFETCH_TASKS values to build and try (default: gemv.cu's)")
     args = ap.parse_args()
     import cupy as cp
+
+    blocks_per_sm = tuple(int(b) for b in args.bps.split(","))
+    prefetch = tuple(int(t) for t in args.prefetch.split(",")) if args.prefetch else (None,)
 
     baseline = baseline_module(cp, args.baseline) if args.baseline else None
     rows = []
     for name in args.shapes.split(","):
-        rows += run_shape(cp, name, *SHAPES[name], baseline, args.reps)
-    print(f"| {'shape':<16} | {'rows x cols':>13} | {'type':<5} | {'MB':>6} | {'variant':<11} | {'tasks/blk':>9} | "
+        rows += run_shape(cp, name, *SHAPES[name], baseline, args.reps, blocks_per_sm=blocks_per_sm, prefetch=prefetch)
+    print(f"| {'shape':<16} | {'rows x cols':>13} | {'type':<5} | {'MB':>6} | {'variant':<16} | {'tasks/blk':>9} | "
           f"{'us':>7} | {'GB/s':>6} | {'of 4.2':>6} | {'err model':>9} | {'err float':>9} | ok |")
-    print("|" + "|".join("-" * (w + 2) for w in (16, 13, 5, 6, 11, 9, 7, 6, 6, 9, 9, 2)) + "|")
+    print("|" + "|".join("-" * (w + 2) for w in (16, 13, 5, 6, 16, 9, 7, 6, 6, 9, 9, 2)) + "|")
     for r in rows:
         print(f"| {r['shape']:<16} | {r['rows']:>6}x{r['cols']:<6} | {r['type']:<5} | {r['mb']:>6.1f} | "
-              f"{r['variant']:<11} | {r['per_block']:>9} | {r['seconds'] * 1e6:>7.1f} | {r['gbs']:>6.0f} | "
+              f"{r['variant']:<16} | {r['per_block']:>9} | {r['seconds'] * 1e6:>7.1f} | {r['gbs']:>6.0f} | "
               f"{r['frac']:>6.2f} | {r['err_model']:>9.1e} | {r['err_float']:>9.1e} | {'ok' if r['ok'] else 'NO'} |")
-    step = {bps: sum(r["seconds"] for r in rows if r["shape"] in STEP_8B and r["variant"].endswith(f"bps{bps}"))
-            for bps in BLOCKS_PER_SM}
-    if all(step.values()):
-        print("8B step GEMVs (us) by blocks per SM: " + ", ".join(f"{b}: {t * 1e6:.0f}" for b, t in step.items()))
-        print(f"best blocks_per_sm: {min(step, key=step.get)}")
+    variants = sorted({r["variant"].split("/", 1)[1] for r in rows if "/" in r["variant"]})  # bpsN[/pfK]
+    step = {v: sum(r["seconds"] for r in rows if r["shape"] in STEP_8B and r["variant"].endswith("/" + v))
+            for v in variants}
+    if all(step.values()) and all(any(r["shape"] == s for r in rows) for s in STEP_8B):
+        print("8B step GEMVs (us) by variant: " + ", ".join(f"{v}: {t * 1e6:.0f}" for v, t in step.items()))
+        best = min(step, key=step.get)
+        print(f"best variant: {best}")
+        if best.startswith("bps") and "/" not in best:
+            print(f"best blocks_per_sm: {best[3:]}")
     if not all(r["ok"] for r in rows):
         raise SystemExit("correctness check failed")
 
