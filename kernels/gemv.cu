@@ -34,12 +34,11 @@
 //   head_T       logits[r] = Wout[r].h (fp32), h = rmsnorm(x)*w
 
 #define GEMV_THREADS 256
-// Tasks each warp keeps asked for in L2 ahead of the one it computes. A task's compute is short beside HBM's
-// latency under load, so one task ahead leaves each warp waiting on its rows; the rows in flight over the chip
-// (2 blocks per SM x 8 warps x PREFETCH_TASKS x a task's bytes, e.g. 8B gate+up: 2112 x 4.6 KB per task) must
-// stay well inside L2 (50 MB), or lines are evicted before use. dev/cuda/gemv.py --prefetch measures others.
+// Tasks each warp keeps asked for in L2 ahead of the one it computes. One is fastest: on the H100 (dev/cuda/
+// gemv.py --prefetch 1,2,3,4,6) every further task ahead made each 8B GEMV slower (gate+up 29.8 -> 43.6 us,
+// the Q6_K head 179 -> 282 us): more rows in flight over the chip evict lines before their use (NOTES.md, v3).
 #ifndef PREFETCH_TASKS
-#define PREFETCH_TASKS 3
+#define PREFETCH_TASKS 1
 #endif
 
 template <int T> __device__ constexpr bool int8_input() {
