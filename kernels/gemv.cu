@@ -29,7 +29,9 @@
 //   gemv_add_T   x[r] += act_t(W[r].a) (fp32 residual in place)
 //   qkv_T        tasks: Hq*D query rows (act_t out, unrotated) | per KV head, R/2 rotary pairs (two rows,
 //                rotated at the key position, stored in the cache) and D-R pass-through rows | Hkv*D
-//                value rows (stored in the cache); input rmsnorm(x)*w; position read from pos[0]
+//                value rows (stored in the cache); input rmsnorm(x)*w; position read from pos[0]; with
+//                Q/K/V biases (qwen2; bq, bk, bv fp32, or all null) each row's act_t(act_t(dot) + bias),
+//                before the rotation, as the composed path's add_bias
 //   gateup_T     out[r] = act_t(silu(g) * u), g, u = act_t(Wg[r].h), act_t(Wu[r].h), h = rmsnorm(x)*w
 //   head_T       logits[r] = Wout[r].h (fp32), h = rmsnorm(x)*w
 
@@ -311,10 +313,17 @@ __device__ __forceinline__ void gemv_add_body(const u8* __restrict__ w, long lon
     });
 }
 
+// A Q/K/V row's value as the composed path rounds it: act_t(dot), then act_t(that + bias[i]) when b is set
+__device__ __forceinline__ float biased(float dot, const float* __restrict__ b, long long i) {
+    const float y = a2f(f2a(dot));
+    return b != nullptr ? a2f(f2a(y + b[i])) : y;
+}
+
 template <int T>
 __device__ __forceinline__ void qkv_body(
     const float* __restrict__ x, const float* __restrict__ w_norm, float eps, int d, const u8* __restrict__ wq,
-    const u8* __restrict__ wk, const u8* __restrict__ wv, long long row_bytes, act_t* __restrict__ q_out,
+    const u8* __restrict__ wk, const u8* __restrict__ wv, const float* __restrict__ bq, const float* __restrict__ bk,
+    const float* __restrict__ bv, long long row_bytes, act_t* __restrict__ q_out,
     act_t* __restrict__ cache_k, act_t* __restrict__ cache_v, const int* __restrict__ pos,
     const float* __restrict__ cos_t, const float* __restrict__ sin_t, int n_heads, int n_kv, int D, int rope_dim,
     int chunk_len, int per_block) {
@@ -344,7 +353,7 @@ __device__ __forceinline__ void qkv_body(
     for_tasks(n_q + n_k + n_v, per_block, prefetch, [&](int task) {
         if (task < n_q) {
             const float acc = dot_row<T>(wq + task * row_bytes, smem, d);
-            if (lane0) q_out[task] = f2a(acc);
+            if (lane0) q_out[task] = f2a(biased(acc, bq, task));
             return;
         }
         task -= n_q;
@@ -354,11 +363,12 @@ __device__ __forceinline__ void qkv_body(
             if (j >= half_r) {  // pass-through dim
                 const int dim = rope_dim + j - half_r;
                 const float acc = dot_row<T>(wk + (long long)(base + dim) * row_bytes, smem, d);
-                if (lane0) cache_k[cache_row + base + dim] = f2a(acc);
+                if (lane0) cache_k[cache_row + base + dim] = f2a(biased(acc, bk, base + dim));
                 return;
             }
-            const float x1 = a2f(f2a(dot_row<T>(wk + (long long)(base + j) * row_bytes, smem, d)));
-            const float x2 = a2f(f2a(dot_row<T>(wk + (long long)(base + j + half_r) * row_bytes, smem, d)));
+            const float x1 = biased(dot_row<T>(wk + (long long)(base + j) * row_bytes, smem, d), bk, base + j);
+            const float x2 = biased(dot_row<T>(wk + (long long)(base + j + half_r) * row_bytes, smem, d), bk,
+                                    base + j + half_r);
             if (lane0) {
                 const int kp = Dca{chunk_len, 0}.key_position(p);
                 const float c = cos_t[(long long)kp * half_r + j], s = sin_t[(long long)kp * half_r + j];
@@ -369,7 +379,7 @@ __device__ __forceinline__ void qkv_body(
         }
         task -= n_k;
         const float acc = dot_row<T>(wv + (long long)task * row_bytes, smem, d);
-        if (lane0) cache_v[cache_row + task] = f2a(acc);
+        if (lane0) cache_v[cache_row + task] = f2a(biased(acc, bv, task));
     });
 }
 
@@ -422,11 +432,11 @@ __device__ __forceinline__ void head_body(const float* __restrict__ x, const flo
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) qkv_##NAME(                                 \
         const float* x, const float* w_norm, float eps, int d, const u8* wq, const u8* wk, const u8* wv,   \
-        long long row_bytes, act_t* q_out, act_t* cache_k, act_t* cache_v, const int* pos,                 \
-        const float* cos_t, const float* sin_t, int n_heads, int n_kv, int D, int rope_dim, int chunk_len,  \
-        int per_block) {                                                                                    \
-        qkv_body<T>(x, w_norm, eps, d, wq, wk, wv, row_bytes, q_out, cache_k, cache_v, pos, cos_t, sin_t,   \
-                    n_heads, n_kv, D, rope_dim, chunk_len, per_block);                                      \
+        const float* bq, const float* bk, const float* bv, long long row_bytes, act_t* q_out,              \
+        act_t* cache_k, act_t* cache_v, const int* pos, const float* cos_t, const float* sin_t,            \
+        int n_heads, int n_kv, int D, int rope_dim, int chunk_len, int per_block) {                        \
+        qkv_body<T>(x, w_norm, eps, d, wq, wk, wv, bq, bk, bv, row_bytes, q_out, cache_k, cache_v, pos,     \
+                    cos_t, sin_t, n_heads, n_kv, D, rope_dim, chunk_len, per_block);                        \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gateup_##NAME(                              \
         const float* x, const float* w_norm, float eps, int d, const u8* wg, const u8* wu,                 \

@@ -278,6 +278,40 @@ def test_qwen2_on_cuda_matches_the_cpu(qwen2, dtype):
     assert QWEN2.name == gpu.config.architecture
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("dca", ["on", "off"])
+def test_qwen2_fused_decode_step_adds_the_biases_as_the_composed_blocks(qwen2, dtype, dca):
+    """The qkv kernel's bias epilogue: a fused decode step's logits and cache rows equal the composed blocks'
+    (linear + add_bias + store_kv) within 16-bit rounding, and the biases matter (zeroing them changes both)."""
+    from engine.backends.cuda.fused import FusedBlocks
+
+    llm = engine.load(qwen2["q8_0"], device="cuda", context=128, dtype=dtype,
+                      dca=engine.DCAConfig(chunk_size=24, local_window=6) if dca == "on" else "off")
+    model, backend, c = llm.model, llm.backend, llm.config
+    assert isinstance(model.decode_blocks, FusedBlocks) and all(model.decode_blocks.fused_attention)
+    prompt = np.asarray((IDS * 3)[:60])
+    caches = [backend.new_cache(c.n_layers, 128, c.n_kv_heads, c.head_dim) for _ in range(3)]
+    for cache in caches:
+        model.forward(prompt, cache, logits_for="none")
+    token, position = backend.tokens([77]), backend.positions(len(prompt), 1)
+    fused = backend.to_numpy(model.compute(token, position, caches[0], "last"))
+    blocks, model.decode_blocks = model.decode_blocks, model  # the composed blocks
+    composed = backend.to_numpy(model.compute(token, position, caches[1], "last"))
+    model.decode_blocks = blocks
+    tol = 2e-3 if dtype == "f16" else 6e-3  # test_cuda_model FUSED_TOL: 1e-3 / 3e-3 on llama tiny models
+    assert rel_err(fused, composed) < tol
+    rows = slice(len(prompt), len(prompt) + 1)
+    for name in ("k", "v"):
+        assert rel_err(backend.to_numpy(getattr(caches[0], name)[:, rows]),
+                       backend.to_numpy(getattr(caches[1], name)[:, rows])) < tol
+    for layer in model.weights.layers:  # without the biases the step differs: the epilogue did add them
+        for bias in (layer.attn_q_bias, layer.attn_k_bias, layer.attn_v_bias):
+            bias.fill(0)
+    unbiased = backend.to_numpy(model.compute(token, position, caches[2], "last"))
+    assert rel_err(unbiased, fused) > 10 * tol
+
+
 def test_the_models_own_attention_temperature(qwen2_1m, tmp_path):
     """original_max_position_embeddings (24 here) is the temperature's L, on by default with the model's DCA,
     off with --no-attn-temperature or without DCA; the float64 spec forward with the same factors agrees; GGUF

@@ -8,9 +8,9 @@
 The arithmetic is the composed blocks' (the one-token GEMVs of both read quantized weights against the
 input quantized to int8 per 32, gemv.py), in the same order, so both give the same logits up to summation
 order; fusing only cuts launches (6 per layer, not 16). Activations (query, SwiGLU output, cache rows)
-are in the backend's dtype (gemv.cu's dtype build). A layer whose Q/K/V (or gate/up) are not stored
-in one type, a layer with Q/K/V biases (qwen2), or a weight not kept on the device as a ``DeviceMatrix``, runs
-the composed block.
+are in the backend's dtype (gemv.cu's dtype build); Q/K/V biases (qwen2) are added in the qkv kernel's
+epilogue, rounded as the composed block's add_bias rounds them. A layer whose Q/K/V (or gate/up) are not
+stored in one type, or a weight not kept on the device as a ``DeviceMatrix``, runs the composed block.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ class FusedBlocks:
         c = model.config
         self.eps = np.float32(c.norm_eps)
         layers = model.weights.layers
-        self.fused_attention = [_same_type(l.attn_q, l.attn_k, l.attn_v) and l.attn_q_bias is None
-                                and isinstance(l.attn_output, DeviceMatrix) for l in layers]
+        self.fused_attention = [_same_type(l.attn_q, l.attn_k, l.attn_v) and isinstance(l.attn_output, DeviceMatrix)
+                                for l in layers]
         self.fused_mlp = [_same_type(l.ffn_gate, l.ffn_up) and isinstance(l.ffn_down, DeviceMatrix) for l in layers]
         self.fused_head = isinstance(model.weights.output, DeviceMatrix)
 
@@ -46,7 +46,8 @@ class FusedBlocks:
         chunk_len = model.dca.chunk_len if model.dca is not None else 0
         dtype = self.backend.dtype
         q = self.cp.empty(c.n_heads * c.head_dim, dtype=self.backend.act)
-        gemv.qkv(x, layer.attn_norm, self.eps, layer.attn_q, layer.attn_k, layer.attn_v, q, cache.k[index],
+        biases = None if layer.attn_q_bias is None else (layer.attn_q_bias, layer.attn_k_bias, layer.attn_v_bias)
+        gemv.qkv(x, layer.attn_norm, self.eps, layer.attn_q, layer.attn_k, layer.attn_v, biases, q, cache.k[index],
                  cache.v[index], positions, cos_t, sin_t, c.n_heads, c.n_kv_heads, c.head_dim, rope_dim, chunk_len,
                  dtype)
         attn = self.backend.attention(q.reshape(1, c.n_heads, c.head_dim), cache, index, positions, model.rotary,

@@ -2,7 +2,7 @@
 
     gemv(x, m, dtype)                          y = m @ x (act_t, or fp32 for an output head)
     gemv_add(a, m, x, dtype)                   x += m @ a (fp32 residual, in place)
-    qkv(x, norm, eps, wq, wk, wv, ...)         rmsnorm + Q/K/V + key rotation + KV-cache store
+    qkv(x, norm, eps, wq, wk, wv, biases, ...) rmsnorm + Q/K/V (+ biases) + key rotation + KV-cache store
     gate_up(x, norm, eps, wg, wu, out, dtype)  rmsnorm + silu(gate) * up
     head(x, norm, eps, m, logits, dtype)       rmsnorm + output head (fp32 logits)
 
@@ -98,15 +98,20 @@ def gemv_add(a, m, x, dtype: str, per_block: int | None = None) -> None:
             (m.data, _row_bytes(m), a, np.int32(m.rows), np.int32(m.cols), x), dtype, per_block)
 
 
-def qkv(x, norm, eps, wq, wk, wv, q_out, cache_k, cache_v, position, cos_t, sin_t, n_heads: int, n_kv: int,
+NULL = np.uint64(0)  # a null pointer argument
+
+
+def qkv(x, norm, eps, wq, wk, wv, biases, q_out, cache_k, cache_v, position, cos_t, sin_t, n_heads: int, n_kv: int,
         head_dim: int, rope_dim: int, chunk_len: int, dtype: str, per_block: int | None = None) -> None:
     """h = rmsnorm(x) * norm; q_out = wq @ h (unrotated); the key row (wk @ h, rotated at position[0]) and the
-    value row (wv @ h) stored at row position[0] of the layer's cache. wq, wk, wv: one stored type."""
+    value row (wv @ h) stored at row position[0] of the layer's cache. wq, wk, wv: one stored type. biases:
+    (bq, bk, bv) fp32 device vectors added to the rows before the rotation (qwen2), or None."""
     d = wq.cols
     n_tasks = n_heads * head_dim + n_kv * (2 * head_dim - rope_dim // 2)
+    bq, bk, bv = biases if biases is not None else (NULL, NULL, NULL)
     _launch("qkv", wq, d, n_tasks,
-            (x, norm, np.float32(eps), np.int32(d), wq.data, wk.data, wv.data, _row_bytes(wq), q_out, cache_k,
-             cache_v, position, cos_t, sin_t, np.int32(n_heads), np.int32(n_kv), np.int32(head_dim),
+            (x, norm, np.float32(eps), np.int32(d), wq.data, wk.data, wv.data, bq, bk, bv, _row_bytes(wq), q_out,
+             cache_k, cache_v, position, cos_t, sin_t, np.int32(n_heads), np.int32(n_kv), np.int32(head_dim),
              np.int32(rope_dim), np.int32(chunk_len)), dtype, per_block)
 
 
