@@ -54,6 +54,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from engine.config import ModelConfig, RopeConfig
 from engine.convert.quantize import encode_rows
+from engine.convert.tensors import map_in_order, thread_count
 from engine.models.family import family, gguf_tensor_name
 from engine.weights.quant import GGMLType
 
@@ -320,10 +321,14 @@ def tensor_type_for(gguf_name: str, n_cols: int, requested: QType | None) -> QTy
 
 
 def encode_tensor(w: np.ndarray, qtype: QType) -> np.ndarray:
-    """Bytes (or f32/f16 array) of one tensor in a GGUF type: K-quants by the engine's encoders (gguf-py has none),
-    the other types by gguf-py's quantizers (an independent reference for the engine's)."""
+    """Bytes (or f32/f16 array) of one tensor in a GGUF type: K-quants by the engine's encoders (gguf-py has none;
+    slabs of rows on every available CPU, as engine quantize does), the other types by gguf-py's quantizers (an
+    independent reference for the engine's)."""
     if qtype in (QType.Q4_K, QType.Q6_K):
-        return encode_rows(w, GGMLType(int(qtype)))
+        step = max(1, (1 << 20) // w.shape[1])  # rows of ~1M values
+        slabs = map_in_order(lambda start: encode_rows(w[start:start + step], GGMLType(int(qtype))),
+                             range(0, w.shape[0], step), thread_count(None))
+        return np.concatenate(list(slabs))
     return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
 
 
