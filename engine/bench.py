@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from . import pipeline
 from .api import LLM
 from .backends import activation_dtype, resolve_device, resolve_dtype
 from .config import ModelConfig, RopeConfig
@@ -123,8 +124,7 @@ def new_cache(model, capacity: int, cache_types: tuple[str, str] | None = None):
     """An empty KV cache of `capacity` tokens for `model`, storing keys/values as cache_types (None: the
     backend's own)."""
     c = model.config
-    types = () if cache_types is None else (cache_types,)
-    return model.backend.new_cache(c.n_layers, capacity, c.n_kv_heads, c.head_dim, *types)
+    return pipeline.new_cache(model.stages, c.n_kv_heads, c.head_dim, capacity, cache_types)
 
 
 def _prefill(model, cache, tokens: np.ndarray, ubatch: int) -> None:

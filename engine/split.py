@@ -120,13 +120,11 @@ def resolve_split(split_mode: str, tensor_split: str | Sequence[float] | None, g
     return split_layers(n_layers, ratios)
 
 
-def share_weights(weights: dict, share: Share, tied: bool) -> dict:
-    """The loader weights a share holds, its layers renumbered from 0 (a model of len(share.layers) layers);
-    the last share of a split with tied embeddings holds token_embd as its own "output"."""
-    held = {}
-    for local, index in enumerate(share.layers):
-        prefix = f"blk.{index}."
-        held.update({f"blk.{local}.{name[len(prefix):]}": w for name, w in weights.items() if name.startswith(prefix)})
+def share_tensors(weights: dict, share: Share, tied: bool) -> dict:
+    """The loader weights a share holds, by engine name: its layers', the embedding on the first, the final
+    norm and output matrix on the last (with tied embeddings on a later share: token_embd, as its "output")."""
+    held = {name: w for name, w in weights.items()
+            if name.startswith("blk.") and int(name.split(".")[1]) in share.layers}
     if share.first:
         held["token_embd"] = weights["token_embd"]
     if share.last:
@@ -134,6 +132,13 @@ def share_weights(weights: dict, share: Share, tied: bool) -> dict:
         if not (tied and share.first):  # tied on one share: the embedding is the head (Weights.from_named)
             held["output"] = weights["token_embd" if tied else "output"]
     return held
+
+
+def share_weights(weights: dict, share: Share, tied: bool) -> dict:
+    """share_tensors with the layers renumbered from 0: the weights of a model of len(share.layers) layers."""
+    start = share.layers.start
+    return {(f"blk.{int(name.split('.')[1]) - start}.{name.split('.', 2)[2]}" if name.startswith("blk.") else name): w
+            for name, w in share_tensors(weights, share, tied).items()}
 
 
 def share_plans(config: ModelConfig, weights: dict, shares: Sequence[Share], context: int, device: str,

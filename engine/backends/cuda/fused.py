@@ -46,10 +46,11 @@ class FusedBlocks:
         chunk_len = model.dca.chunk_len if model.dca is not None else 0
         dtype = self.backend.dtype
         q = self.cp.empty(c.n_heads * c.head_dim, dtype=self.backend.act)
-        gemv.qkv(x, layer.attn_norm, self.eps, layer.attn_q, layer.attn_k, layer.attn_v, q, cache.k[index],
-                 cache.v[index], positions, cos_t, sin_t, c.n_heads, c.n_kv_heads, c.head_dim, rope_dim, chunk_len,
+        part, local = cache.layer(index)  # split: the stage's part of the cache and the layer's index there
+        gemv.qkv(x, layer.attn_norm, self.eps, layer.attn_q, layer.attn_k, layer.attn_v, q, part.k[local],
+                 part.v[local], positions, cos_t, sin_t, c.n_heads, c.n_kv_heads, c.head_dim, rope_dim, chunk_len,
                  dtype)
-        attn = self.backend.attention(q.reshape(1, c.n_heads, c.head_dim), cache, index, positions, model.rotary,
+        attn = self.backend.attention(q.reshape(1, c.n_heads, c.head_dim), part, local, positions, model.rotary,
                                       model.dca, model.temperature_length)
         gemv.gemv_add(attn.reshape(-1), layer.attn_output, x, dtype)
         return x
