@@ -96,10 +96,7 @@ class LLM:
         if shares is None or backend.name == "cpu":
             memory.require(self.memory, available)
         else:
-            for share, share_plan in zip(shares, self.share_memory):
-                memory.require(share_plan, memory.available_bytes("cuda", share.device),
-                               what=f"GPU {share.device}'s share ({share.describe()}) at a context of {context} "
-                                    f"tokens")
+            split.require_shares(shares, self.share_memory, memory.gpus_free_bytes() or [])
         if backend.name == "cpu":
             for b in backends:
                 b.f32_copies = self.memory.f32_copies

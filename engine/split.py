@@ -108,7 +108,7 @@ def resolve_split(split_mode: str, tensor_split: str | Sequence[float] | None, g
         return None
     if ratios is not None and gpus is not None and len(ratios) != gpus:
         raise ConfigError(f"--tensor-split gives {len(ratios)} proportions for --gpus {gpus}: give one per GPU")
-    count = len(ratios) if ratios is not None else gpus if gpus is not None else len(free or ())
+    count = device_count(ratios, gpus, free)
     if count == 0:
         raise ConfigError("--split-mode layer needs --gpus N or --tensor-split (no GPU is visible to count)")
     if free and count > len(free):
@@ -118,6 +118,11 @@ def resolve_split(split_mode: str, tensor_split: str | Sequence[float] | None, g
         known = list(free or ())[:count]
         ratios = known if len(known) == count and all(f is not None for f in known) else [1.0] * count
     return split_layers(n_layers, ratios)
+
+
+def device_count(ratios: Sequence[float] | None, gpus: int | None, free: Sequence[int | None] | None) -> int:
+    """How many devices a split is over: one per --tensor-split proportion, else --gpus, else every visible GPU."""
+    return len(ratios) if ratios is not None else gpus if gpus is not None else len(free or ())
 
 
 def share_tensors(weights: dict, share: Share, tied: bool) -> dict:
@@ -144,11 +149,23 @@ def share_weights(weights: dict, share: Share, tied: bool) -> dict:
 def share_plans(config: ModelConfig, weights: dict, shares: Sequence[Share], context: int, device: str,
                 dtype: str, cache_types: tuple[str, str] | None = None, slots: int = 1,
                 f32_copies: bool | None = None) -> list[memory.MemoryPlan]:
-    """Each share's memory plan (plan_memory over the share's own weights and layers); logits on the last only."""
+    """Each share's memory plan (plan_memory over the share's own weights and layers); logits on the last only,
+    the CPU's runtime allowance on the first only (CPU ranks share one process)."""
     plans = []
     for share in shares:
         part = dataclasses.replace(config, n_layers=len(share.layers))
         held = share_weights(weights, share, config.tied_embeddings)
         plan = memory.plan_memory(part, held, context, device, dtype, f32_copies, None, slots, cache_types)
-        plans.append(plan if share.last else dataclasses.replace(plan, logits=0))
+        plans.append(dataclasses.replace(plan, logits=plan.logits if share.last else 0,
+                                         runtime=plan.runtime if share.first else 0))
     return plans
+
+
+def require_shares(shares: Sequence[Share], plans: Sequence[memory.MemoryPlan], free: Sequence[int | None]) -> None:
+    """Refuse a split whose share does not fit its GPU (free[device] bytes; None or missing: unknown, not checked), naming
+    the GPU, its layers and the numbers (memory.require: ContextError with the largest context that share fits,
+    DeviceError when none does)."""
+    for share, plan in zip(shares, plans):
+        available = free[share.device] if share.device < len(free) else None
+        memory.require(plan, available, what=f"GPU {share.device}'s share ({share.describe()}) at a "
+                                                       f"context of {plan.context} tokens")

@@ -3,11 +3,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from engine import memory
-from engine.errors import ConfigError
+from engine.backends import cuda_unavailable_reason
+from engine.cli import cli
+from engine.errors import ConfigError, EngineError
 from engine.loader import open_model
-from engine.split import parse_tensor_split, resolve_split, share_plans, share_weights, split_layers
+from engine.split import (parse_tensor_split, require_shares, resolve_split, share_plans, share_weights,
+                          split_layers)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_tiny_model import TinySpec, make_tiny_model  # noqa: E402
@@ -118,3 +122,34 @@ def test_share_plans_add_up_to_the_whole(loaded, device, dtype):
     assert sum(p.weights for p in plans) == whole.weights + extra
     assert plans[0].logits == 0 and plans[-1].logits == whole.logits
     assert all(p.activations == whole.activations for p in plans)  # each stage runs a whole batch
+
+
+def test_require_shares_names_the_gpu_that_does_not_fit(loaded):
+    c = loaded.config
+    shares = split_layers(c.n_layers, [1, 1])
+    plans = share_plans(c, loaded.weights, shares, 200, "cuda", "f16")
+    last = shares[-1]
+    with pytest.raises(EngineError) as refused:
+        require_shares(shares, plans, [1 << 40, plans[-1].total - 1])
+    message = str(refused.value)
+    assert f"GPU 1's share (layers {last.layers.start}-{last.layers.stop - 1} + output head)" in message
+    assert f"= {plans[-1].total / 2**30:.2f} GiB needed on the GPU (f16)" in message
+    require_shares(shares, plans, [plans[0].total, plans[1].total])  # exactly enough
+    require_shares(shares, plans, [None])  # unknown: not checked
+
+
+def test_info_shows_each_devices_share(loaded):
+    path = str(loaded.path)
+    result = CliRunner().invoke(cli, ["info", "-m", path, "-c", "300", "--device", "cpu", "--split-mode", "layer",
+                                      "--gpus", "2"])
+    assert result.exit_code == 0, result.output
+    assert "plan: split" in result.output and "layer over 2 CPU ranks" in result.output
+    assert "plan: CPU rank 0    " in result.output and "layers 0-2 + embedding: weights as stored" in result.output
+    assert "layers 3-4 + output head: weights as stored" in result.output
+    if cuda_unavailable_reason() is not None:  # no GPU here: the plan is still shown, each GPU's free memory unknown
+        result = CliRunner().invoke(cli, ["info", "-m", path, "--device", "cuda", "--split-mode", "layer",
+                                          "--tensor-split", "2,1"])
+        assert result.exit_code == 0, result.output
+        assert "plan: GPU 1" in result.output and result.output.count("free: unknown") == 2
+    result = CliRunner().invoke(cli, ["info", "-m", path, "--split-mode", "row", "--gpus", "2"])
+    assert result.exit_code != 0 and "split-mode row" in str(result.exception)
