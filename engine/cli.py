@@ -159,15 +159,15 @@ def _split_rows(s: LoadSettings, c, weights, context: int, device: str, dtype: s
                                  f"output head counted as one more layer)" if idle else "")
     rows = [("plan: split", f"layer over {over}; {how}")]
     plans = share_plans(c, weights, shares, context, device, dtype, cache_types, f32_copies=whole.f32_copies)
-    for share, plan in zip(shares, plans):
+    for share, share_plan in zip(shares, plans):
         available = free[share.device] if free else None
-        text = f"{share.describe()}: {plan.describe()}"
+        text = f"{share.describe()}: {share_plan.describe()}"
         if device == "cpu":
             text += " (the ranks share the host's memory)"
         elif available is None:
             text += "; free: unknown"
         else:
-            text += (f" of {available / 2**30:.2f} GiB free" if plan.total <= available else
+            text += (f" of {available / 2**30:.2f} GiB free" if share_plan.total <= available else
                      f": does not fit in the {available / 2**30:.2f} GiB free")
         rows.append((f"plan: {what} {share.device}", text))
     return rows
