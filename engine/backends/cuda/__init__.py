@@ -65,10 +65,22 @@ class CudaBackend:
         return nullcontext() if self.device is None else self.cp.cuda.Device(self.device)
 
     def receive(self, x) -> object:
-        """x of the previous stage (on another GPU) -> a copy on this one (device-to-device; CuPy copies onto
-        the current device, which ``activate`` made this one). NOT YET RUN on several GPUs."""
+        """x of the previous stage (on another GPU) -> a copy on this one, device to device, ordered by events
+        and without a host wait: the copy waits for x's producers on x's GPU, and later work there (which may
+        reuse x's memory) waits for the copy. NOT YET RUN on several GPUs (tests/test_cuda_split.py)."""
+        cp = self.cp
+        with x.device:
+            x = cp.ascontiguousarray(x)
+            ready = cp.cuda.get_current_stream().record()
         with self.activate():
-            return x.copy()
+            stream = cp.cuda.get_current_stream()
+            stream.wait_event(ready)
+            out = cp.empty(x.shape, dtype=x.dtype)
+            out.data.copy_from_device_async(x.data, x.nbytes)
+            copied = stream.record()
+        with x.device:
+            cp.cuda.get_current_stream().wait_event(copied)
+        return out
 
     def prepare_weights(self, weights) -> dict[str, object]:
         """Upload every weight once: vectors as fp32, matrices in their stored encoding; each layer's
