@@ -73,9 +73,8 @@ class LLM:
         self.config: ModelConfig = loaded.config
         self.tokenizer = loaded.tokenizer
         self.shares = list(shares) if shares is not None else None
-        backends = [backend] if shares is None else [get_backend(backend.name, activation_dtype(backend)
-                                                                 if backend.name == "cuda" else "auto", gpu=s.device)
-                                                     for s in shares]
+        dtype = "auto" if backend.name == "cpu" else backend.dtype
+        backends = [backend] if shares is None else [get_backend(backend.name, dtype, gpu=s.device) for s in shares]
         backend = self.backend = backends[0]
         self.context = context
         self.dca = dca

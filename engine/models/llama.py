@@ -173,19 +173,21 @@ class Llama:
         one_token = tokens.shape[0] == 1
         with self.stages[0].activate():
             x = self.backend.embedding(self.weights.token_embd, tokens)  # (n, d)
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
             with stage.activate():
-                if stage is not self.stages[0]:  # the handover: x and positions onto this stage's backend
+                if i:  # the handover: x and positions onto this stage's backend
                     x, positions = stage.backend.receive(x), stage.backend.receive(positions)
                 blocks = stage.blocks if one_token else self
                 for index in stage.layers:
                     layer = self.weights.layers[index]
                     x = blocks.attention_block(index, layer, x, positions, cache)
                     x = blocks.mlp_block(index, layer, x)
-                if logits_for in ("none", "hidden") or stage is not self.stages[-1]:
-                    continue
-                return blocks.head(x[-1:] if logits_for == "last" else x)
-        return None if logits_for == "none" else x
+        if logits_for == "none":
+            return None
+        if logits_for == "hidden":
+            return x
+        with self.stages[-1].activate():
+            return blocks.head(x[-1:] if logits_for == "last" else x)  # the last stage's blocks
 
     def compute_batch(self, tokens: Any, segments: Sequence[Segment]) -> Any:
         """tokens: (N,) backend int array, the segments' rows one after another -> (B, vocab) logits of each
