@@ -74,7 +74,7 @@ def generate(settings: LoadSettings, prompt, prompt_file, n_predict, sampling: S
         f"{s.prompt_tokens_per_second:.1f} tokens/s | generation: {s.generated_tokens} tokens, "
         f"{s.generation_seconds:.2f} s, {s.generation_tokens_per_second:.1f} tokens/s | "
         f"attention: {describe_attention(llm.dca, llm.extension, llm.context)} | {_rope_in_force(llm.config.rope)}"
-        f"device: {llm.device} ({llm.dtype})",
+        f"device: {llm.device} ({llm.dtype}){_split_in_force(llm)}",
         err=True,
     )
     if s.stop_reason == "context":
@@ -139,6 +139,15 @@ def info(model_arg, settings: LoadSettings) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+
+
+def _split_in_force(llm: api.LLM) -> str:
+    """The summary line's note of a layer split (', layer split: GPU 0 layers 0-15, GPU 1 layers 16-29')."""
+    if llm.shares is None:
+        return ""
+    what = "GPU" if llm.device == "cuda" else "CPU rank"
+    return ", layer split: " + ", ".join(f"{what} {share.device} layers {share.layers.start}-{share.layers.stop - 1}"
+                                         for share in llm.shares)
 
 
 def _split_rows(s: LoadSettings, c, weights, context: int, device: str, dtype: str, cache_types,

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 import engine
+from engine.cli import cli
 from engine.backends.numpy_backend import NumpyBackend
 from engine.pipeline import StagedCache
 from engine.sampling import SamplingParams
@@ -107,3 +109,13 @@ def test_cpu_split_needs_a_rank_count(model_path):
         engine.load(model_path, split_mode="layer")
     with pytest.raises(engine.ConfigError, match="split-mode row"):
         engine.load(model_path, split_mode="row", gpus=2)
+
+
+def test_generate_command_runs_the_split_and_says_so(model_path):
+    args = ["generate", "-m", str(model_path), "-p", "a b c", "-n", "5", "--temp", "0", "-c", "64", "--device", "cpu"]
+    whole = CliRunner().invoke(cli, args)
+    split = CliRunner().invoke(cli, args + ["--split-mode", "layer", "--tensor-split", "1,1"])
+    assert whole.exit_code == 0 and split.exit_code == 0, split.output
+    assert split.stdout == whole.stdout
+    assert "layer split: CPU rank 0 layers 0-2, CPU rank 1 layers 3-4" in split.stderr
+    assert "layer split" not in whole.stderr
