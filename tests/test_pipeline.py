@@ -1,5 +1,6 @@
 """A model split by layer runs as stages (engine/pipeline.py): on the CPU each stage is its own numpy backend
 with its own part of the KV cache (the simulation of a multi-GPU run), and gives the unsplit model's logits."""
+import json
 import sys
 from pathlib import Path
 
@@ -119,3 +120,11 @@ def test_generate_command_runs_the_split_and_says_so(model_path):
     assert split.stdout == whole.stdout
     assert "layer split: CPU rank 0 layers 0-2, CPU rank 1 layers 3-4" in split.stderr
     assert "layer split" not in whole.stderr
+
+
+def test_bench_runs_a_split(model_path):
+    result = CliRunner().invoke(cli, ["bench", "-m", str(model_path), "--device", "cpu", "--split-mode", "layer",
+                                      "--tensor-split", "1,1", "-p", "8", "-n", "2", "-d", "4", "-r", "1", "--json",
+                                      "--no-hf"])
+    assert result.exit_code == 0, result.output
+    assert [r["test"] for r in json.loads(result.stdout)["results"]] == ["pp8", "tg2"]
