@@ -445,7 +445,8 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
     dca = extensions.dca_mode_beside(extension, dca, dca_chunk_size, dca_local_window)
     loaded.config, context, dca_config = plan(loaded.config, context, dca, dca_chunk_size, dca_local_window,
                                               rope_scaling, rope_scale)
-    free = memory.gpus_free_bytes() if backend.name == "cuda" else None  # CPU ranks: simulated, no count
+    # each GPU's free memory, asked only for a split (asking makes a context on every GPU); CPU ranks: simulated
+    free = memory.gpus_free_bytes() if backend.name == "cuda" and split_mode == "layer" else None
     shares = split.resolve_split(split_mode, tensor_split, gpus, loaded.config.n_layers, free)
     llm = LLM(loaded, backend, context, dca_config, attention_temperature, slots, extension,
               (cache_type_k, cache_type_v), shares)

@@ -154,7 +154,7 @@ def _split_rows(s: LoadSettings, c, weights, context: int, device: str, dtype: s
                 whole: memory.MemoryPlan) -> list[tuple[str, str]]:
     """The rows of a layer split (--split-mode layer): the split, then each GPU's (CPU: rank's) share of the
     memory against its free memory ("free: unknown" where no GPU can be asked: the plan is still shown)."""
-    free = memory.gpus_free_bytes() if device == "cuda" else None
+    free = memory.gpus_free_bytes() if device == "cuda" and s.split_mode == "layer" else None
     shares = resolve_split(s.split_mode, s.tensor_split, s.gpus, c.n_layers, free)
     if shares is None:
         return []
