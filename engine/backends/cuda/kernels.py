@@ -105,6 +105,8 @@ def function(name: str, kernel: str, dtype: str = "f16", instance: str | None = 
     into one GPU's context: a split model's stages run on several, engine/pipeline.py)."""
     import cupy
 
+    if dtype not in dtypes(name):
+        nvrtc_options(name, dtype)  # the DeviceError naming the builds, before any GPU is asked
     return _function(name, kernel, dtype, instance, cupy.cuda.runtime.getDevice())
 
 
