@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import extensions, memory
+from . import extensions, memory, pipeline, split
 from .backends import activation_dtype, get_backend
 from .config import DCAConfig, ModelConfig
 from .default_model import default_model_path
@@ -64,12 +64,18 @@ class GenerationStats:
 class LLM:
     def __init__(self, loaded: LoadedModel, backend, context: int, dca: DCAConfig | None,
                  attention_temperature: bool | None, slots: int = 1,
-                 extension: extensions.Extension | None = None, cache_types: tuple[str, str] | None = None):
-        """cache_types: the K and V cache types (kv_storage.resolve_cache_types; None: the backend's own)."""
+                 extension: extensions.Extension | None = None, cache_types: tuple[str, str] | None = None,
+                 shares: Sequence[split.Share] | None = None):
+        """cache_types: the K and V cache types (kv_storage.resolve_cache_types; None: the backend's own).
+        shares: a layer split (engine/split.py): each share's layers run on a backend like `backend` bound to
+        its device (CUDA: GPU share.device; CPU: a rank of the simulation), the first one taking the tokens."""
         self.loaded = loaded
         self.config: ModelConfig = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.backend = backend
+        self.shares = list(shares) if shares is not None else None
+        dtype = "auto" if backend.name == "cpu" else backend.dtype
+        backends = [backend] if shares is None else [get_backend(backend.name, dtype, gpu=s.device) for s in shares]
+        backend = self.backend = backends[0]
         self.context = context
         self.dca = dca
         self.extension = extension  # Self-Extend or StreamingLLM instead of DCA (engine/extensions.py)
@@ -81,16 +87,33 @@ class LLM:
         available = memory.available_bytes(backend.name)
         self.memory = memory.plan_memory(c, loaded.weights, context, backend.name, activation_dtype(backend),
                                          getattr(backend, "f32_copies", None), available, slots, self.cache_types)
-        memory.require(self.memory, available)
+        # a split's plan per device (its layers' weights and KV cache ...); on CUDA each GPU's is checked
+        # against its own free memory, on the CPU the ranks share the host: the whole plan is checked
+        self.share_memory = None if shares is None else split.share_plans(
+            c, loaded.weights, shares, context, backend.name, activation_dtype(backend), self.cache_types, slots,
+            self.memory.f32_copies)
+        if shares is None or backend.name == "cpu":
+            memory.require(self.memory, available)
+        else:
+            split.require_shares(shares, self.share_memory, memory.gpus_free_bytes() or [])
         if backend.name == "cpu":
-            backend.f32_copies = self.memory.f32_copies
+            for b in backends:
+                b.f32_copies = self.memory.f32_copies
+        self.stages = [pipeline.Stage(b, range(c.n_layers) if shares is None else s.layers)
+                       for b, s in zip(backends, shares or [None])]
         # allocated once for the whole context (fixed buffers); one per slot (sessions of their own, `slots`)
-        self.caches = [backend.new_cache(c.n_layers, context, c.n_kv_heads, c.head_dim, self.cache_types)
+        self.caches = [pipeline.new_cache(self.stages, c.n_kv_heads, c.head_dim, context, self.cache_types)
                        for _ in range(slots)]
         self.cache = self.caches[0]
         self.attention_temperature = attention_temperature
-        self._weights = backend.prepare_weights(loaded.weights)
+        self._weights = {}  # each stage's backend prepares the weights it holds (unsplit: all of them)
+        for b, share in zip(backends, shares or [None]):
+            held = loaded.weights if share is None else split.share_tensors(loaded.weights, share,
+                                                                            c.tied_embeddings)
+            self._weights.update(b.prepare_weights(held))
         self.model = self._new_model(context)
+        # the decode loops: the backend's own, or eager steps with host sampling across a split's stages
+        self.decoders = backend if shares is None else pipeline.HostDecoders(self.model.head_backend)
         self.last_stats = GenerationStats()
 
     def _new_model(self, rope_context: int) -> Llama:
@@ -99,7 +122,8 @@ class LLM:
         n_positions = self.dca.chunk_size + 1 if self.dca else self.context
         rotary = RotaryTable(self.config.rope, n_positions, context=rope_context)
         return Llama(self.config, self._weights, self.backend, rotary, self.dca,
-                     temperature_length(self.config, self.dca, self.attention_temperature), self.extension)
+                     temperature_length(self.config, self.dca, self.attention_temperature), self.extension,
+                     self.stages)
 
     def relayout(self, dca: str | DCAConfig | None = "auto", dca_chunk_size: int | None = None,
                  dca_local_window: int | None = None, rope_scaling: str | None = None,
@@ -163,7 +187,7 @@ class LLM:
         cache.check_room(len(ids))
         out = np.empty((len(ids), self.config.vocab_size), dtype=np.float32)
         for start, logits in self._logit_slabs(ids, cache, len(ids)):
-            out[start:start + logits.shape[0]] = self.backend.to_numpy(logits)
+            out[start:start + logits.shape[0]] = self.model.head_backend.to_numpy(logits)
         return out
 
     def token_logprobs(self, ids: Sequence[int]) -> np.ndarray:
@@ -173,7 +197,7 @@ class LLM:
         cache.check_room(len(ids))
         out = np.empty(len(ids) - 1, dtype=np.float64)
         for start, logits in self._logit_slabs(ids, cache, len(ids) - 1):
-            out[start:start + logits.shape[0]] = self.backend.target_logprobs(
+            out[start:start + logits.shape[0]] = self.model.head_backend.target_logprobs(
                 logits, ids[start + 1:start + 1 + logits.shape[0]])
         return out
 
@@ -205,7 +229,7 @@ class LLM:
             logits = self.model.forward(piece, cache, logits_for="last" if last else "none")
             if progress is not None:
                 progress(min(i + batch, len(ids)), len(ids))
-        return self.backend.to_numpy(logits)[0]
+        return self.model.head_backend.to_numpy(logits)[0]
 
     def generate_ids(self, prompt_ids: Sequence[int], max_tokens: int = 128,
                      sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] | None = None
@@ -239,7 +263,7 @@ class LLM:
         t0 = time.perf_counter()
         stats.stop_reason = "length"
         if max_tokens > 0:
-            decoder = (self.backend if decoders is None else decoders).decoder(self.model, cache, sampling, history)
+            decoder = (self.decoders if decoders is None else decoders).decoder(self.model, cache, sampling, history)
             try:
                 token = decoder.first(logits)
                 while True:
@@ -387,7 +411,8 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
          attention_temperature: bool | None = None, dtype: str = "auto", f32_copies: bool | None = None,
          slots: int = 1, grp_attn_n: int = 1, grp_attn_w: int = extensions.GRP_ATTN_W_DEFAULT,
          streaming_sinks: int = extensions.STREAMING_SINKS_DEFAULT, streaming_window: int | None = None,
-         cache_type_k: str | None = None, cache_type_v: str | None = None) -> LLM:
+         cache_type_k: str | None = None, cache_type_v: str | None = None, split_mode: str = "none",
+         tensor_split: str | Sequence[float] | None = None, gpus: int | None = None) -> LLM:
     """Load a GGUF file or HF folder (default: the default model), or an opened LoadedModel, onto a device.
 
     dtype: activation dtype on CUDA, "auto" (bf16 when the model's matrices are stored BF16, else f16),
@@ -405,6 +430,10 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
     cache_type_k / cache_type_v: how the KV cache stores keys / values, llama.cpp's names (engine/kv_storage.py):
     None = the backend's own (CPU f32; CUDA its activation dtype, the only type it takes); on the CPU also f16,
     bf16, q8_0, q5_1, q5_0, q4_1, q4_0.
+    split_mode / tensor_split / gpus: "layer" spreads the layers over GPUs 0..N-1 (llama.cpp's --split-mode layer
+    and --tensor-split proportions, e.g. (1, 1); engine/split.py), each GPU's share checked against its free
+    memory; on the CPU the same split runs as a simulation (one numpy backend per rank, the handovers copies),
+    which needs gpus or tensor_split to say how many ranks. "row" (tensor parallelism) is refused.
     """
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else open_model(default_model_path() if model is None else model)
@@ -416,7 +445,10 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
     dca = extensions.dca_mode_beside(extension, dca, dca_chunk_size, dca_local_window)
     loaded.config, context, dca_config = plan(loaded.config, context, dca, dca_chunk_size, dca_local_window,
                                               rope_scaling, rope_scale)
+    # each GPU's free memory, asked only for a split (asking makes a context on every GPU); CPU ranks: simulated
+    free = memory.gpus_free_bytes() if backend.name == "cuda" and split_mode == "layer" else None
+    shares = split.resolve_split(split_mode, tensor_split, gpus, loaded.config.n_layers, free)
     llm = LLM(loaded, backend, context, dca_config, attention_temperature, slots, extension,
-              (cache_type_k, cache_type_v))
+              (cache_type_k, cache_type_v), shares)
     llm.load_seconds = time.perf_counter() - t0
     return llm

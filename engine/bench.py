@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from . import pipeline
 from .api import LLM
 from .backends import activation_dtype, resolve_device, resolve_dtype
 from .config import ModelConfig, RopeConfig
@@ -113,18 +114,20 @@ class BenchResult:
                 "runs": len(rates)}
 
 
-def _sync(backend) -> None:
-    cp = getattr(backend, "cp", None)
-    if cp is not None:
-        cp.cuda.Device().synchronize()
+def _sync(model) -> None:
+    """Wait for the GPU work of every stage of `model` (nothing to wait for on the CPU)."""
+    for stage in model.stages:
+        cp = getattr(stage.backend, "cp", None)
+        if cp is not None:
+            with stage.activate():
+                cp.cuda.Device().synchronize()
 
 
 def new_cache(model, capacity: int, cache_types: tuple[str, str] | None = None):
     """An empty KV cache of `capacity` tokens for `model`, storing keys/values as cache_types (None: the
     backend's own)."""
     c = model.config
-    types = () if cache_types is None else (cache_types,)
-    return model.backend.new_cache(c.n_layers, capacity, c.n_kv_heads, c.head_dim, *types)
+    return pipeline.new_cache(model.stages, c.n_kv_heads, c.head_dim, capacity, cache_types)
 
 
 def _prefill(model, cache, tokens: np.ndarray, ubatch: int) -> None:
@@ -132,15 +135,15 @@ def _prefill(model, cache, tokens: np.ndarray, ubatch: int) -> None:
         model.forward(tokens[i:i + ubatch], cache, logits_for="none")
 
 
-def bench_prompt(model, backend, n: int, reps: int, ubatch: int, rng, cache_types=None) -> BenchResult:
+def bench_prompt(model, n: int, reps: int, ubatch: int, rng, cache_types=None) -> BenchResult:
     result = BenchResult(f"pp{n}", n, 0)
     for rep in range(reps + 1):  # the first run warms up
         tokens = rng.integers(0, model.config.vocab_size, n)
         cache = new_cache(model, n, cache_types)
-        _sync(backend)
+        _sync(model)
         t0 = time.perf_counter()
         _prefill(model, cache, tokens, ubatch)
-        _sync(backend)
+        _sync(model)
         if rep:
             result.seconds.append(time.perf_counter() - t0)
         del cache
@@ -155,7 +158,7 @@ def generation_length(n: int, depth: int) -> int:
     return max(depth, 1) + WARM_STEPS + n
 
 
-def bench_generation(model, backend, n: int, depth: int, reps: int, ubatch: int, rng,
+def bench_generation(model, decoders, n: int, depth: int, reps: int, ubatch: int, rng,
                      cache_types=None) -> BenchResult:
     from .sampling import SamplingParams
 
@@ -165,17 +168,17 @@ def bench_generation(model, backend, n: int, depth: int, reps: int, ubatch: int,
         prompt = rng.integers(0, model.config.vocab_size, max(depth, 1))
         cache = new_cache(model, generation_length(n, depth), cache_types)
         _prefill(model, cache, prompt[:-1], ubatch)
-        logits = backend.to_numpy(model.forward(prompt[-1:], cache, logits_for="last"))[0]
+        logits = model.head_backend.to_numpy(model.forward(prompt[-1:], cache, logits_for="last"))[0]
         # the backend's decode loop (CUDA: graph replay), warmed (eager step, capture) before timing
-        decoder = backend.decoder(model, cache, greedy, list(prompt))
+        decoder = decoders.decoder(model, cache, greedy, list(prompt))
         token = decoder.first(logits)
         for _ in range(WARM_STEPS):
             token = decoder.step(token)
-        _sync(backend)
+        _sync(model)
         t0 = time.perf_counter()
         for _ in range(n):
             token = decoder.step(token)
-        _sync(backend)
+        _sync(model)
         if rep:
             result.seconds.append(time.perf_counter() - t0)
         cache = decoder = None  # free this repetition's cache before the next one allocates
@@ -324,8 +327,8 @@ def bench(settings: LoadSettings, synthetic, shape, save_gguf, n_prompt, n_gen, 
     activations = activation_dtype(backend)
     ubatch = ubatch or backend.prefill_batch
     rng = np.random.default_rng(0)
-    results = [bench_prompt(model, backend, p, repetitions, ubatch, rng, llm.cache_types) for p in prompts]
-    results += [bench_generation(model, backend, n_gen, d, repetitions, ubatch, rng, llm.cache_types)
+    results = [bench_prompt(model, p, repetitions, ubatch, rng, llm.cache_types) for p in prompts]
+    results += [bench_generation(model, llm.decoders, n_gen, d, repetitions, ubatch, rng, llm.cache_types)
                 for d in depths]
     rows = [r.row() for r in results]
     hf_rows = None

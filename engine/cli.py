@@ -13,7 +13,7 @@ import click
 
 from . import api, memory
 from .api import plan, temperature_length
-from .backends import resolve_device, resolve_dtype
+from .backends import cuda_unavailable_reason, resolve_device, resolve_dtype
 from .bench import bench
 from .convert.commands import convert, quantize
 from .default_model import default_model_path
@@ -25,6 +25,7 @@ from .kv_storage import resolve_cache_types
 from .loader import open_model
 from .options import LoadSettings, load_options, sampling_options
 from .sampling import SamplingParams
+from .split import device_count, parse_tensor_split, resolve_split, share_plans
 
 DTYPE_NAMES = {"f16": "fp16", "bf16": "bf16"}  # --dtype values as `engine info` prints them
 
@@ -73,7 +74,7 @@ def generate(settings: LoadSettings, prompt, prompt_file, n_predict, sampling: S
         f"{s.prompt_tokens_per_second:.1f} tokens/s | generation: {s.generated_tokens} tokens, "
         f"{s.generation_seconds:.2f} s, {s.generation_tokens_per_second:.1f} tokens/s | "
         f"attention: {describe_attention(llm.dca, llm.extension, llm.context)} | {_rope_in_force(llm.config.rope)}"
-        f"device: {llm.device} ({llm.dtype})",
+        f"device: {llm.device} ({llm.dtype}){_split_in_force(llm)}",
         err=True,
     )
     if s.stop_reason == "context":
@@ -97,7 +98,10 @@ def info(model_arg, settings: LoadSettings) -> None:
                                s.rope_scaling, s.rope_scale)
     device, dtype = s.device, s.dtype
     attn_temperature = temperature_length(c, dca_plan, s.attention_temperature)
-    device_name = resolve_device(device)
+    if s.split_mode == "layer" and device == "cuda" and cuda_unavailable_reason() is not None:
+        device_name = "cuda"  # planning a multi-GPU run where there is no GPU: each GPU's free memory unknown
+    else:
+        device_name = resolve_device(device)
     activations = resolve_dtype(dtype, device_name, loaded.weights)
     cuda_dtype = resolve_dtype(dtype, "cuda", loaded.weights)  # what the CUDA figures below assume
     tok = loaded.tokenizer
@@ -131,10 +135,51 @@ def info(model_arg, settings: LoadSettings) -> None:
          + (" (CPU only)" if extension is not None else "")),
         ("plan: attention on CUDA", _describe_cuda_attention(c)),
         ("plan: attention temperature", f"on, L = {attn_temperature}" if attn_temperature else "off"),
-    ]
+    ] + _split_rows(s, c, loaded.weights, context, device_name, activations, cache_types, plans[device_name])
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+
+
+def _split_in_force(llm: api.LLM) -> str:
+    """The summary line's note of a layer split (', layer split: GPU 0 layers 0-15, GPU 1 layers 16-29')."""
+    if llm.shares is None:
+        return ""
+    what = "GPU" if llm.device == "cuda" else "CPU rank"
+    return ", layer split: " + ", ".join(f"{what} {share.device} layers {share.layers.start}-{share.layers.stop - 1}"
+                                         for share in llm.shares)
+
+
+def _split_rows(s: LoadSettings, c, weights, context: int, device: str, dtype: str, cache_types,
+                whole: memory.MemoryPlan) -> list[tuple[str, str]]:
+    """The rows of a layer split (--split-mode layer): the split, then each GPU's (CPU: rank's) share of the
+    memory against its free memory ("free: unknown" where no GPU can be asked: the plan is still shown)."""
+    free = memory.gpus_free_bytes() if device == "cuda" and s.split_mode == "layer" else None
+    shares = resolve_split(s.split_mode, s.tensor_split, s.gpus, c.n_layers, free)
+    if shares is None:
+        return []
+    what = "GPU" if device == "cuda" else "CPU rank"
+    how = ("each GPU its layers' weights and KV cache, x copied device to device between stages, eager decode "
+           "with host sampling (not yet run on several GPUs)" if device == "cuda" else
+           "simulated on the CPU: one numpy backend per rank, x copied between stages")
+    count = device_count(parse_tensor_split(s.tensor_split), s.gpus, free)
+    idle = sorted(set(range(count)) - {share.device for share in shares})
+    over = f"{count} {what}s" + (f" ({what} {', '.join(map(str, idle))}: no layer by llama.cpp's rule, the "
+                                 f"output head counted as one more layer)" if idle else "")
+    rows = [("plan: split", f"layer over {over}; {how}")]
+    plans = share_plans(c, weights, shares, context, device, dtype, cache_types, f32_copies=whole.f32_copies)
+    for share, share_plan in zip(shares, plans):
+        available = free[share.device] if free else None
+        text = f"{share.describe()}: {share_plan.describe()}"
+        if device == "cpu":
+            text += " (the ranks share the host's memory)"
+        elif available is None:
+            text += "; free: unknown"
+        else:
+            text += (f" of {available / 2**30:.2f} GiB free" if share_plan.total <= available else
+                     f": does not fit in the {available / 2**30:.2f} GiB free")
+        rows.append((f"plan: {what} {share.device}", text))
+    return rows
 
 
 def _describe_rope(rope) -> str:

@@ -40,6 +40,11 @@ class KVCache:
         self.length = 0  # tokens committed so far (positions 0 .. length-1)
         self.owner: object | None = None  # the session whose tokens these are (engine/session.py)
 
+    def layer(self, index: int) -> tuple["KVCache", int]:
+        """The cache holding layer `index` and its index there: this one (a split model's StagedCache hands
+        out its parts, engine/pipeline.py)."""
+        return self, index
+
     @property
     def free(self) -> int:
         return self.capacity - self.length

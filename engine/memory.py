@@ -26,6 +26,7 @@ this context) and, on the CPU, --device cuda where a GPU is usable.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -223,9 +224,9 @@ def _cuda_matrices(c: ModelConfig, weights, device_type):
         yield sum(int(p.shape[0]) for p in parts), int(parts[0].shape[1]), device_type(parts[0].ggml_type)
 
 
-def available_bytes(device: str) -> int | None:
+def available_bytes(device: str, gpu: int | None = None) -> int | None:
     """Memory the device can still give: MemAvailable on the CPU; on CUDA free GPU memory plus CuPy's pooled
-    free blocks. None where the system does not say."""
+    free blocks, of GPU `gpu` (None: the current one). None where the system does not say."""
     if device == "cpu":
         try:
             with open("/proc/meminfo") as f:
@@ -238,10 +239,22 @@ def available_bytes(device: str) -> int | None:
     try:
         import cupy
 
-        free, _total = cupy.cuda.runtime.memGetInfo()
-        return int(free) + int(cupy.get_default_memory_pool().free_bytes())
-    except Exception:  # no CuPy, no driver: unknown
+        with cupy.cuda.Device(gpu) if gpu is not None else contextlib.nullcontext():
+            free, _total = cupy.cuda.runtime.memGetInfo()
+            return int(free) + int(cupy.get_default_memory_pool().free_bytes())
+    except Exception:  # no CuPy, no driver, no such GPU: unknown
         return None
+
+
+def gpus_free_bytes() -> list[int | None] | None:
+    """Each visible GPU's available bytes (available_bytes), or None where no GPU can be asked."""
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no CuPy, no driver
+        return None
+    return [available_bytes("cuda", i) for i in range(count)] or None
 
 
 def largest_context(plan: MemoryPlan, available: int) -> int:

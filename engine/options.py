@@ -26,6 +26,7 @@ from .backends import DEVICES, DTYPE_HELP, DTYPES
 from .config import ROPE_SCALINGS
 from .extensions import GRP_ATTN_W_DEFAULT, STREAMING_SINKS_DEFAULT
 from .kv_storage import CACHE_TYPES
+from .split import SPLIT_MODES
 from .sampling import SamplingParams
 
 SAMPLING_DEFAULTS = SamplingParams()
@@ -57,6 +58,9 @@ class LoadSettings:
     streaming_window: int | None = None
     cache_type_k: str | None = None  # None: the backend's own (engine/kv_storage.py)
     cache_type_v: str | None = None
+    split_mode: str = "none"  # "layer": layers spread over several GPUs (engine/split.py, engine/pipeline.py)
+    tensor_split: str | None = None  # --tensor-split proportions, "3,1"
+    gpus: int | None = None
 
     def load(self, model=None) -> api.LLM:
         """engine.load with these settings; `model` (a path or a LoadedModel) replaces self.model."""
@@ -117,6 +121,17 @@ OPTIONS: dict[str, Callable] = {
                                  default=None, help=CACHE_TYPE_HELP.format(what="keys")),
     "cache_type_v": click.option("-ctv", "--cache-type-v", "cache_type_v", type=click.Choice(tuple(CACHE_TYPES)),
                                  default=None, help=CACHE_TYPE_HELP.format(what="values")),
+    "split_mode": click.option(
+        "-sm", "--split-mode", "split_mode", type=click.Choice(SPLIT_MODES), default="none", show_default=True,
+        help="layer: each GPU runs a contiguous range of layers and holds their KV cache (pipeline; on the CPU a "
+             "simulation with one backend per rank); row (tensor parallelism) is not implemented"),
+    "tensor_split": click.option(
+        "-ts", "--tensor-split", "tensor_split", default=None,
+        help="with --split-mode layer: each GPU's proportion of the layers, e.g. 3,1 (llama.cpp's rule) "
+             "[default: by free GPU memory, equal where unknown]"),
+    "gpus": click.option("--gpus", "gpus", type=int, default=None,
+                         help="with --split-mode layer: how many GPUs (devices 0..N-1) [default: as many as "
+                              "--tensor-split gives, else every visible GPU]"),
 }
 
 

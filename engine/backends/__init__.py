@@ -4,6 +4,9 @@ Op set (x: (n_tokens, features) activations; weights as the backend prepared the
 positions: (n,) backend int array of absolute positions):
   prepare_weights(weights) -> dict    new_cache(n_layers, capacity, n_kv_heads, head_dim, types=(k, v))
   tokens(ids) / positions(start, n)   host -> backend arrays;   to_numpy(x)   backend -> host
+  activate() -> context manager the ops of a split model's stage run in (its GPU current on CUDA)
+  receive(x) -> x of the previous stage (another instance of this backend) as this one's array
+                (CUDA: a device-to-device copy; numpy: a copy) -- engine/pipeline.py
   embedding(table, ids)   rmsnorm(x, w, eps)   linear(x, w) = x @ w.T   swiglu(gate, up)
   linear_group(x, [w1, w2, ...]) = [x @ w1.T, ...]   (one product when the backend stored them fused)
   add_linear(x, a, w) = x + a @ w.T                  (x may be updated in place and returned)
@@ -96,12 +99,13 @@ def activation_dtype(backend) -> str:
     return "f32" if backend.name == "cpu" else backend.dtype
 
 
-def get_backend(device: str, dtype: str = "auto", weights=None):
-    """The backend for --device auto|cpu|cuda and --dtype auto|f16|bf16 (weights: for dtype auto)."""
+def get_backend(device: str, dtype: str = "auto", weights=None, gpu: int | None = None):
+    """The backend for --device auto|cpu|cuda and --dtype auto|f16|bf16 (weights: for dtype auto).
+    gpu: CUDA, the GPU a split model's stage is bound to (None: the current one); the CPU has no such choice."""
     name = resolve_device(device)
     activations = resolve_dtype(dtype, name, weights)
     if name == "cpu":
         return NumpyBackend()
     from .cuda import CudaBackend
 
-    return CudaBackend(dtype=activations)
+    return CudaBackend(dtype=activations, device=gpu)

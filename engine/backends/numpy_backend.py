@@ -7,6 +7,8 @@ backend allocates anything.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 
 from .. import dca as dca_ops
@@ -47,6 +49,14 @@ class NumpyBackend:
 
     def decoder(self, model, cache: KVCache, sampling, history) -> HostDecoder:
         return HostDecoder(self, model, cache, sampling, history)
+
+    def activate(self) -> nullcontext:
+        """The context a stage of a split model runs its ops in: nothing to switch on the host."""
+        return nullcontext()
+
+    def receive(self, x: np.ndarray) -> np.ndarray:
+        """x from the previous stage of a split model -> this backend's own copy (a CPU rank's handover)."""
+        return np.array(x)
 
     def tokens(self, ids) -> np.ndarray:
         return np.asarray(ids, dtype=np.int64)

@@ -14,6 +14,10 @@ The blocks below are the definition, composed from the backend's primitive ops (
 A backend may run a block fused: ``backend.decode_blocks(model)`` returns an object with the same three
 block methods for one-token steps (the CUDA backend's fused decode kernels), or the model itself.
 
+Split by layer (engine/pipeline.py), the model runs as stages, each a backend with a contiguous range of layers
+and its part of the cache: ``compute`` walks the layers once and hands x to the next stage's backend where one
+begins; every block runs on its layer's backend. Unsplit, the model is one stage of every layer.
+
 ``forward`` does the host bookkeeping (room in the cache, positions, commit); ``compute`` is only
 backend ops on backend arrays, so a GPU backend can capture it as a graph for a fixed shape.
 
@@ -32,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from ..errors import ConfigError, ContextError
+from ..pipeline import Stage
 from .family import LLAMA, Family, family
 
 if TYPE_CHECKING:
@@ -90,9 +95,11 @@ class Weights:
 class Llama:
     def __init__(self, config: "ModelConfig", weights: dict[str, Any], backend: Any, rotary: "RotaryTable",
                  dca: "DCAConfig | None", temperature_length: int | None = None,
-                 extension: "PositionScheme | None" = None):
-        """weights: the backend's prepared weights by engine name (``backend.prepare_weights``).
-        extension: Self-Extend or StreamingLLM attention instead of DCA (dca must then be None)."""
+                 extension: "PositionScheme | None" = None, stages: Sequence[Stage] | None = None):
+        """weights: the backend's prepared weights by engine name (``backend.prepare_weights``; split: every
+        stage's, each prepared by its own backend). extension: Self-Extend or StreamingLLM attention instead of
+        DCA (dca must then be None). stages: the layer split (None: one stage of every layer on `backend`,
+        which is otherwise the first stage's: it takes the tokens)."""
         self.config = config
         self.weights = Weights.from_named(weights, config.n_layers, family(config.architecture))
         self.backend = backend
@@ -102,7 +109,20 @@ class Llama:
         self.attention_layout = dca if extension is None else extension  # what store_kv and attention follow
         # L of the attention temperature: logits of queries past L are scaled by 0.1*ln(n/L)+1 when set
         self.temperature_length = temperature_length
-        self.decode_blocks = backend.decode_blocks(self)  # the blocks for one-token steps (fused or these)
+        self.stages = list(stages) if stages is not None else [Stage(backend, range(config.n_layers))]
+        self.layer_backends = [stage.backend for stage in self.stages for _ in stage.layers]  # per layer
+        self.head_backend = self.stages[-1].backend  # where the logits are
+        for stage in self.stages:
+            stage.blocks = stage.backend.decode_blocks(self)  # the blocks for one-token steps (fused or these)
+
+    @property
+    def decode_blocks(self) -> Any:
+        """The one-token blocks of an unsplit model (its one stage's)."""
+        return self.stages[0].blocks
+
+    @decode_blocks.setter
+    def decode_blocks(self, blocks: Any) -> None:
+        self.stages[0].blocks = blocks
 
     def forward(self, tokens: np.ndarray, cache: "KVCache", logits_for: str = "all") -> Any:
         """Run n new tokens through the model, appending them to the cache.
@@ -149,21 +169,30 @@ class Llama:
         return logits
 
     def compute(self, tokens: Any, positions: Any, cache: "KVCache", logits_for: str) -> Any:
-        """tokens, positions: (n,) backend int arrays; writes the cache rows at `positions`."""
-        blocks = self.decode_blocks if tokens.shape[0] == 1 else self
-        x = self.backend.embedding(self.weights.token_embd, tokens)  # (n, d)
-        for index, layer in enumerate(self.weights.layers):
-            x = blocks.attention_block(index, layer, x, positions, cache)
-            x = blocks.mlp_block(index, layer, x)
+        """tokens, positions: (n,) int arrays of the first stage's backend; writes the cache rows at `positions`."""
+        one_token = tokens.shape[0] == 1
+        with self.stages[0].activate():
+            x = self.backend.embedding(self.weights.token_embd, tokens)  # (n, d)
+        for i, stage in enumerate(self.stages):
+            with stage.activate():
+                if i:  # the handover: x and positions onto this stage's backend
+                    x, positions = stage.backend.receive(x), stage.backend.receive(positions)
+                blocks = stage.blocks if one_token else self
+                for index in stage.layers:
+                    layer = self.weights.layers[index]
+                    x = blocks.attention_block(index, layer, x, positions, cache)
+                    x = blocks.mlp_block(index, layer, x)
         if logits_for == "none":
             return None
         if logits_for == "hidden":
             return x
-        return blocks.head(x[-1:] if logits_for == "last" else x)
+        with self.stages[-1].activate():
+            return blocks.head(x[-1:] if logits_for == "last" else x)  # the last stage's blocks
 
     def compute_batch(self, tokens: Any, segments: Sequence[Segment]) -> Any:
         """tokens: (N,) backend int array, the segments' rows one after another -> (B, vocab) logits of each
-        segment's last row; writes each segment's cache rows at its positions."""
+        segment's last row; writes each segment's cache rows at its positions. On a backend with
+        ``batched_decode`` (numpy), its stages sharing the host: x moves on as it is."""
         x = self.backend.embedding(self.weights.token_embd, tokens)  # (N, d)
         for index, layer in enumerate(self.weights.layers):
             x = self.attention_block(index, layer, x, None, segments)
@@ -175,7 +204,7 @@ class Llama:
                         cache: "KVCache | Sequence[Segment]") -> Any:
         """x (n, d) -> x + attention output; writes layer `index`'s cache rows at `positions`.
         Rows of several sequences (compute_batch): positions None, cache their segments."""
-        c, ops = self.config, self.backend
+        c, ops = self.config, self.layer_backends[index]
         n = x.shape[0]
         h = ops.rmsnorm(x, layer.attn_norm, c.norm_eps)
         q, k, v = ops.linear_group(h, [layer.attn_q, layer.attn_k, layer.attn_v])
@@ -192,21 +221,23 @@ class Llama:
                          cache: "KVCache | Sequence[Segment]") -> Any:
         """Store layer `index`'s k, v (n, Hkv, hd) in the cache and attend q (n, Hq, hd) -> (n, Hq, hd).
         positions None: the rows are the segments' (several sequences), each stored and attended on its own cache."""
-        ops = self.backend
+        ops = self.layer_backends[index]
         if positions is None:
             return ops.concat_rows([self.cached_attention(index, q[s.rows], k[s.rows], v[s.rows], s.positions,
                                                           s.cache) for s in cache])
-        ops.store_kv(cache, index, k, v, positions, self.rotary, self.attention_layout)
-        return ops.attention(q, cache, index, positions, self.rotary, self.attention_layout, self.temperature_length)
+        part, local = cache.layer(index)  # split: the stage's part of the cache and the layer's index there
+        ops.store_kv(part, local, k, v, positions, self.rotary, self.attention_layout)
+        return ops.attention(q, part, local, positions, self.rotary, self.attention_layout, self.temperature_length)
 
     def mlp_block(self, index: int, layer: Layer, x: Any) -> Any:
         """x (n, d) -> x + SwiGLU MLP output."""
-        ops = self.backend
+        ops = self.layer_backends[index]
         h = ops.rmsnorm(x, layer.ffn_norm, self.config.norm_eps)
         gate, up = ops.linear_group(h, [layer.ffn_gate, layer.ffn_up])
         return ops.add_linear(x, ops.swiglu(gate, up), layer.ffn_down)
 
     def head(self, rows: Any) -> Any:
-        """rows (m, d) of the residual stream -> (m, vocab) logits."""
-        ops = self.backend
-        return ops.linear(ops.rmsnorm(rows, self.weights.output_norm, self.config.norm_eps), self.weights.output)
+        """rows (m, d) of the residual stream -> (m, vocab) logits, on the last stage."""
+        ops = self.head_backend
+        with self.stages[-1].activate():
+            return ops.linear(ops.rmsnorm(rows, self.weights.output_norm, self.config.norm_eps), self.weights.output)

@@ -108,9 +108,14 @@ class ServerState:
 
 
 def _device_sync(llm) -> Callable[[], None]:
-    """What ends a model turn: on CUDA, waiting for the device (a prefill's kernels run asynchronously)."""
+    """What ends a model turn: on CUDA, waiting for the device (a prefill's kernels run asynchronously); with a
+    layer split, for every stage's GPU."""
     if llm.device == "cuda":
-        return llm.backend.cp.cuda.runtime.deviceSynchronize
+        def sync() -> None:
+            for stage in llm.stages:
+                with stage.activate():
+                    llm.backend.cp.cuda.runtime.deviceSynchronize()
+        return sync
     return lambda: None
 
 

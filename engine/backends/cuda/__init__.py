@@ -12,6 +12,7 @@ a device value back to the host, so ``Llama.compute`` for one token can be captu
 from __future__ import annotations
 
 import weakref
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -43,21 +44,51 @@ class CudaBackend:
     # the fused decode blocks and CUDA graphs serve one sequence: the server's slots decode turn by turn
     batched_decode = False
 
-    def __init__(self, dtype: str = "f16"):
+    def __init__(self, dtype: str = "f16", device: int | None = None):
+        """device: the GPU of a split model's stage (engine/pipeline.py; its weights and cache are made there
+        and its ops run with it current, ``activate``); None: the current GPU, as unsplit."""
         if dtype not in ACTIVATION_DTYPES:
             raise ConfigError(f"unknown activation dtype {dtype!r} for the CUDA backend "
                               f"(choose from {', '.join(ACTIVATION_DTYPES)})")
         self.cp = _cupy()
         self.dtype = dtype  # "f16" | "bf16": activations, KV cache, prefill weight copies
+        self.device = device
         self.act = activation_type(self.cp, dtype)  # their CuPy dtype (bf16: uint16 bits)
         self.matrices = MatrixOps(self.cp, dtype)
         # RotaryTable -> (cos, sin) on the device, dropped with the table (LLM.relayout replaces it per eval cell)
         self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # ----------------------------------------------------------------------------------- setup
+    def activate(self):
+        """The context this backend's ops run in: its GPU current when it is bound to one (a split model's
+        stage), else nothing to switch."""
+        return nullcontext() if self.device is None else self.cp.cuda.Device(self.device)
+
+    def receive(self, x) -> object:
+        """x of the previous stage (on another GPU) -> a copy on this one, device to device, ordered by events
+        and without a host wait: the copy waits for x's producers on x's GPU, and later work there (which may
+        reuse x's memory) waits for the copy. NOT YET RUN on several GPUs (tests/test_cuda_split.py)."""
+        cp = self.cp
+        with x.device:
+            x = cp.ascontiguousarray(x)
+            ready = cp.cuda.get_current_stream().record()
+        with self.activate():
+            stream = cp.cuda.get_current_stream()
+            stream.wait_event(ready)
+            out = cp.empty(x.shape, dtype=x.dtype)
+            out.data.copy_from_device_async(x.data, x.nbytes)
+            copied = stream.record()
+        with x.device:
+            cp.cuda.get_current_stream().wait_event(copied)
+        return out
+
     def prepare_weights(self, weights) -> dict[str, object]:
         """Upload every weight once: vectors as fp32, matrices in their stored encoding; each layer's
         Q/K/V and gate/up fused into one matrix where their encodings agree (weights.fuse)."""
+        with self.activate():
+            return self._upload(weights)
+
+    def _upload(self, weights) -> dict[str, object]:
         cp = self.cp
         try:
             device = {name: upload_weight(cp, name, w) for name, w in weights.items()}
@@ -85,8 +116,9 @@ class CudaBackend:
         cp = self.cp
         needed = 2 * n_layers * capacity * n_kv_heads * head_dim * 2  # K and V, 16-bit
         try:
-            return KVCache(n_layers, capacity, n_kv_heads, head_dim, dtype=self.act, xp=cp,
-                           types=(self.dtype, self.dtype))
+            with self.activate():
+                return KVCache(n_layers, capacity, n_kv_heads, head_dim, dtype=self.act, xp=cp,
+                               types=(self.dtype, self.dtype))
         except cp.cuda.memory.OutOfMemoryError as exc:
             raise DeviceError(f"GPU out of memory allocating the KV cache for {capacity} tokens "
                               f"({needed / 2**30:.2f} GiB); lower the context with -c/--ctx-size") from exc
@@ -99,19 +131,22 @@ class CudaBackend:
 
     # ----------------------------------------------------------------------------------- transfers
     def tokens(self, ids) -> object:
-        return self.cp.asarray(np.asarray(ids, dtype=np.int32))
+        with self.activate():
+            return self.cp.asarray(np.asarray(ids, dtype=np.int32))
 
     def positions(self, start: int, n: int) -> object:
-        return self.cp.arange(start, start + n, dtype=self.cp.int32)
+        with self.activate():
+            return self.cp.arange(start, start + n, dtype=self.cp.int32)
 
     def target_logprobs(self, logits, targets) -> np.ndarray:
         """log softmax(logits[r])[targets[r]] per row, reduced on the device: (n,) float64 on the host."""
         cp = self.cp
-        rows = logits.astype(cp.float32, copy=False)  # (n, vocab)
-        top = rows.max(axis=1, keepdims=True)
-        log_norm = top[:, 0] + cp.log(cp.exp(rows - top).sum(axis=1))
-        picked = rows[cp.arange(rows.shape[0]), cp.asarray(np.asarray(targets, dtype=np.int64))]
-        return cp.asnumpy(picked - log_norm).astype(np.float64)
+        with self.activate():
+            rows = logits.astype(cp.float32, copy=False)  # (n, vocab)
+            top = rows.max(axis=1, keepdims=True)
+            log_norm = top[:, 0] + cp.log(cp.exp(rows - top).sum(axis=1))
+            picked = rows[cp.arange(rows.shape[0]), cp.asarray(np.asarray(targets, dtype=np.int64))]
+            return cp.asnumpy(picked - log_norm).astype(np.float64)
 
     def to_numpy(self, x) -> np.ndarray:
         """A device array on the host; 16-bit activations (fp16, bf16 bits) as float32."""

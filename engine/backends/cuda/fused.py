@@ -47,10 +47,11 @@ class FusedBlocks:
         dtype = self.backend.dtype
         q = self.cp.empty(c.n_heads * c.head_dim, dtype=self.backend.act)
         biases = None if layer.attn_q_bias is None else (layer.attn_q_bias, layer.attn_k_bias, layer.attn_v_bias)
-        gemv.qkv(x, layer.attn_norm, self.eps, layer.attn_q, layer.attn_k, layer.attn_v, biases, q, cache.k[index],
-                 cache.v[index], positions, cos_t, sin_t, c.n_heads, c.n_kv_heads, c.head_dim, rope_dim, chunk_len,
+        part, local = cache.layer(index)  # split: the stage's part of the cache and the layer's index there
+        gemv.qkv(x, layer.attn_norm, self.eps, layer.attn_q, layer.attn_k, layer.attn_v, biases, q, part.k[local],
+                 part.v[local], positions, cos_t, sin_t, c.n_heads, c.n_kv_heads, c.head_dim, rope_dim, chunk_len,
                  dtype)
-        attn = self.backend.attention(q.reshape(1, c.n_heads, c.head_dim), cache, index, positions, model.rotary,
+        attn = self.backend.attention(q.reshape(1, c.n_heads, c.head_dim), part, local, positions, model.rotary,
                                       model.dca, model.temperature_length)
         gemv.gemv_add(attn.reshape(-1), layer.attn_output, x, dtype)
         return x

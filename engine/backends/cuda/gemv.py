@@ -60,7 +60,8 @@ def tasks_per_block(n_tasks: int, blocks_per_sm: int | None = None) -> int:
     return max(WARPS, -(-per_block // WARPS) * WARPS)
 
 
-_opted_in: dict[tuple[str, str], int] = {}  # (kernel, dtype) -> dynamic shared memory allowed
+# id of a kernel's Function (one per build and GPU, kept by kernels.function's cache) -> dynamic shared memory allowed
+_opted_in: dict[int, int] = {}
 INSTANCE_MACRO = "GEMV_KERNELS"  # gemv.cu's kernels, instantiated per weight type
 
 
@@ -70,13 +71,13 @@ def _launch(op: str, m, cols: int, n_tasks: int, args: tuple, dtype: str, per_bl
     kernel = f"{op}_{m.suffix}"
     fn = function("gemv", kernel, dtype, instance=per_type(INSTANCE_MACRO, m.suffix))
     shared = stage_bytes(m.ggml_type, cols)
-    if shared > DEFAULT_SHARED and _opted_in.get((kernel, dtype), DEFAULT_SHARED) < shared:
+    if shared > DEFAULT_SHARED and _opted_in.get(id(fn), DEFAULT_SHARED) < shared:
         limit = _device_limits()[1]
         if shared > limit:
             raise DeviceError(f"{kernel}: an input of {cols} values needs {shared} bytes of shared memory, "
                               f"above this device's {limit}")
         fn.max_dynamic_shared_size_bytes = shared
-        _opted_in[(kernel, dtype)] = shared
+        _opted_in[id(fn)] = shared
     per_block = per_block or tasks_per_block(n_tasks)
     blocks = -(-n_tasks // per_block)
     fn((blocks,), (THREADS,), args + (np.int32(per_block),), shared_mem=shared)

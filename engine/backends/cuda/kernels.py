@@ -101,12 +101,18 @@ def per_type(macro: str, suffix: str) -> str:
 
 def function(name: str, kernel: str, dtype: str = "f16", instance: str | None = None):
     """One compiled kernel (extern "C" name) of the `dtype` build of kernels/<name>.cu (with `instance` appended:
-    see ``source``), compiled for the current device on first use and cached."""
-    return _function(name, kernel, dtype, instance)
+    see ``source``), compiled for the current device on first use and cached per device (a module is loaded
+    into one GPU's context: a split model's stages run on several, engine/pipeline.py)."""
+    import cupy
+
+    if dtype not in dtypes(name):
+        nvrtc_options(name, dtype)  # the DeviceError naming the builds, before any GPU is asked
+    return _function(name, kernel, dtype, instance, cupy.cuda.runtime.getDevice())
 
 
 @functools.cache  # called with every argument given, so a defaulted call shares the cached build
-def _module(name: str, dtype: str, instance: str | None):
+def _module(name: str, dtype: str, instance: str | None, device: int):
+    """The module of one build, loaded on `device` (the current one: CuPy loads it there)."""
     options = nvrtc_options(name, dtype)
     code = source(name, instance)
     if name in ARCH_FILES:
@@ -119,8 +125,8 @@ def _module(name: str, dtype: str, instance: str | None):
 
 
 @functools.cache
-def _function(name: str, kernel: str, dtype: str, instance: str | None):
-    return _module(name, dtype, instance).get_function(kernel)
+def _function(name: str, kernel: str, dtype: str, instance: str | None, device: int):
+    return _module(name, dtype, instance, device).get_function(kernel)
 
 
 def compile_ptx(name: str, arch: str = "sm_90", dtype: str = "f16", instance: str | None = None) -> str:
