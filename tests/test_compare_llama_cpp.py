@@ -1,0 +1,54 @@
+"""tools/compare_llama_cpp.py: engine bench and llama-bench paired per test, on the CPU with a stand-in llama-bench
+(a script that answers as llama-bench -o json does) and a tiny model."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+from compare_llama_cpp import paired, table  # noqa: E402
+from make_tiny_model import TinySpec, make_tiny_model  # noqa: E402
+
+FAKE_LLAMA_BENCH = '''#!{python}
+import json, sys
+a = sys.argv
+arg = lambda flag, default: a[a.index(flag) + 1] if flag in a else default
+prompts = [int(p) for p in arg("-p", "512").split(",")]
+gen, depths = int(arg("-n", "128")), [int(d) for d in arg("-d", "0").split(",")]
+assert arg("-o", "") == "json" and arg("-fa", "") == "1"
+rows = [dict(n_prompt=p, n_gen=0, n_depth=0, avg_ts=1000.0 + p, stddev_ts=1.0) for p in prompts if p] + \\
+       [dict(n_prompt=0, n_gen=gen, n_depth=d, avg_ts=100.0 - d / 64, stddev_ts=0.5) for d in depths if gen]
+print(json.dumps(rows))
+'''
+
+
+def test_rows_pair_by_test_and_depth():
+    engine = [dict(test="pp512", tokens=512, depth=0, tokens_per_s=3000.0, sd=5.0),
+              dict(test="tg128", tokens=128, depth=512, tokens_per_s=150.0, sd=1.0),
+              dict(test="tg128", tokens=128, depth=8192, tokens_per_s=120.0, sd=1.0)]
+    llama = [dict(n_prompt=512, n_gen=0, n_depth=0, avg_ts=1000.0, stddev_ts=9.0),
+             dict(n_prompt=0, n_gen=128, n_depth=512, avg_ts=100.0, stddev_ts=1.0),
+             dict(n_prompt=0, n_gen=128, n_depth=0, avg_ts=999.0, stddev_ts=1.0)]  # another depth: not paired
+    rows = paired(engine, llama)
+    assert [r["ratio"] for r in rows] == [3.0, 1.5, None]
+    text = table("m", rows)
+    assert "| | pp512 | 0 | 3,000.0 ± 5.0 | 1,000.0 ± 9.0 | 3.00x |" in text
+    assert "| | tg128 | 8192 | 120.0 ± 1.0 | - | - |" in text
+
+
+def test_the_tool_runs_both_programs_on_the_same_file(tmp_path):
+    model = make_tiny_model(tmp_path, TinySpec(seed=3), gguf_types=("f32",), hf=False)["f32"]
+    fake = tmp_path / "llama-bench"
+    fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
+    fake.chmod(0o755)
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "compare_llama_cpp.py"), "--llama-bench", str(fake),
+                           "-m", str(model), "--device", "cpu", "--dtype", "auto", "-p", "32", "-n", "4",
+                           "-d", "16,48", "-r", "1", "--json", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())[str(model)]
+    assert [(r["test"], r["depth"]) for r in rows] == [("pp32", 0), ("tg4", 16), ("tg4", 48)]
+    assert [r["llama_cpp"] for r in rows] == [1032.0, 99.75, 99.25]
+    assert all(r["engine"] > 0 and abs(r["ratio"] - r["engine"] / r["llama_cpp"]) < 1e-12 for r in rows)
+    assert "| | tg4 | 48 |" in done.stdout

@@ -1,0 +1,97 @@
+"""Side-by-side speed against llama.cpp: engine bench and llama-bench on the same GGUF files, same machine, one
+table with the ratio per test (the way every speed claim in docs/results.md is made).
+
+    python tools/compare_llama_cpp.py --llama-bench PATH -m llama3-8b.gguf [-m llama2-7b.gguf ...] \\
+        [--device cuda] [--dtype bf16] [-p 512,8192] [-n 128] [-d 512,8192,32768] [-r 2] [--json FILE]
+
+Tests: ppN after an empty context for each -p, tgN after each -d tokens (both programs get the same depths).
+llama-bench runs with -fa 1 (flash attention) and, on CUDA, -ngl 99 (every layer on the GPU). The random-weight
+GGUFs of real models' shapes come from `engine bench --shape NAME --save-gguf FILE` or ../shared/bench/synth_gguf.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def engine_rows(model: str, device: str, dtype: str, prompts: str, gen: int, depths: str, reps: int) -> list[dict]:
+    """engine bench --json on one file -> its result rows (test, tokens, depth, tokens_per_s, sd)."""
+    command = [sys.executable, "-m", "engine.bench", "-m", model, "--device", device, "--dtype", dtype,
+               "-p", prompts, "-n", str(gen), "-d", depths, "-r", str(reps), "--no-hf", "--json"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"engine bench failed on {model}:\n{done.stderr.strip()}")
+    return json.loads(done.stdout)["results"]
+
+
+def llama_rows(llama_bench: str, model: str, device: str, prompts: str, gen: int, depths: str,
+               reps: int) -> list[dict]:
+    """llama-bench -o json on one file: the prompt tests, then the generation tests at each depth."""
+    common = [llama_bench, "-m", model, "-fa", "1", "-r", str(reps), "-o", "json"]
+    common += ["-ngl", "99"] if device == "cuda" else ["-ngl", "0"]
+    rows = []
+    for extra in (["-p", prompts, "-n", "0"], ["-p", "0", "-n", str(gen), "-d", depths]):
+        done = subprocess.run(common + extra, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"llama-bench failed on {model}:\n{done.stderr.strip()[-2000:]}")
+        rows += json.loads(done.stdout)
+    return rows
+
+
+def paired(engine: list[dict], llama: list[dict]) -> list[dict]:
+    """One row per engine test with llama.cpp's figure for the same test: ppN at depth 0 <-> (n_prompt N, n_gen 0),
+    tgN at depth d <-> (n_prompt 0, n_gen N, n_depth d); None where llama.cpp has no such test."""
+    by_test = {}
+    for row in llama:
+        kind = f"pp{row['n_prompt']}" if row["n_gen"] == 0 else f"tg{row['n_gen']}"
+        by_test[(kind, row.get("n_depth", 0) if row["n_gen"] else 0)] = (row["avg_ts"], row["stddev_ts"])
+    out = []
+    for row in engine:
+        peer = by_test.get((row["test"], row["depth"] if row["test"].startswith("tg") else 0))
+        out.append(dict(test=row["test"], depth=row["depth"], engine=row["tokens_per_s"], engine_sd=row["sd"],
+                        llama_cpp=peer[0] if peer else None, llama_cpp_sd=peer[1] if peer else None,
+                        ratio=row["tokens_per_s"] / peer[0] if peer else None))
+    return out
+
+
+def table(label: str, rows: list[dict]) -> str:
+    lines = [f"| {label} | test | depth | engine tokens/s | llama.cpp tokens/s | engine / llama.cpp |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        peer = f"{r['llama_cpp']:,.1f} ± {r['llama_cpp_sd']:,.1f}" if r["llama_cpp"] is not None else "-"
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+        lines.append(f"| | {r['test']} | {r['depth']} | {r['engine']:,.1f} ± {r['engine_sd']:,.1f} | {peer} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--llama-bench", required=True, help="path of llama.cpp's llama-bench binary")
+    ap.add_argument("-m", "--model", action="append", required=True, help="GGUF file (repeatable)")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--dtype", default="bf16", help="the engine's activation dtype on CUDA")
+    ap.add_argument("-p", "--n-prompt", default="512,8192")
+    ap.add_argument("-n", "--n-gen", type=int, default=128)
+    ap.add_argument("-d", "--depth", default="512,8192,32768")
+    ap.add_argument("-r", "--repetitions", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="also write every row as JSON")
+    args = ap.parse_args()
+    results = {}
+    for model in args.model:
+        rows = paired(engine_rows(model, args.device, args.dtype, args.n_prompt, args.n_gen, args.depth,
+                                  args.repetitions),
+                      llama_rows(args.llama_bench, model, args.device, args.n_prompt, args.n_gen, args.depth,
+                                 args.repetitions))
+        results[model] = rows
+        print(table(Path(model).stem, rows), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
