@@ -42,6 +42,13 @@
 #ifndef PREFETCH_TASKS
 #define PREFETCH_TASKS 1
 #endif
+// Rows a warp of gemv / gemv_add computes at once (1 or 2): with 2, the unit loop issues both rows' loads before
+// using either (twice the bytes in flight per warp for the latency-bound o / down products, which give each warp
+// only 2-3 rows), the same sums in the same order per row. A measurement variant until dev/cuda/gemv.py
+// --rows-at-once shows it faster on the GPU (not yet run).
+#ifndef ROWS_AT_ONCE
+#define ROWS_AT_ONCE 1
+#endif
 
 template <int T> __device__ constexpr bool int8_input() {
     return T == T_Q8_0 || T == T_Q4_0 || T == T_Q4_1 || T == T_Q4_K || T == T_Q6_K;
@@ -246,6 +253,25 @@ template <int T> __device__ __forceinline__ float dot_row(const u8* __restrict__
     }
 }
 
+// One warp's dot products of two stored rows with the staged input (int8 types): dot_row's sums, each row's
+// in its order, both rows' unit loads issued together.
+template <int T> __device__ __forceinline__ float2 dot_rows2(const u8* __restrict__ row0, const u8* __restrict__ row1,
+                                                             const u8* smem, int cols) {
+    const int units = cols / unit_values<T>();
+    const uint4* xq = (const uint4*)smem;
+    const float* xd = (const float*)(smem + cols);
+    const float* xs = xd + (cols >> 5);
+    float acc0 = 0.0f, acc1 = 0.0f;
+#pragma unroll 2
+    for (int u = threadIdx.x & 31; u < units; u += 32) {
+        const float d0 = unit_dot<T>(row0, u, xq, xd, xs, units);
+        const float d1 = unit_dot<T>(row1, u, xq, xd, xs, units);
+        acc0 += d0;
+        acc1 += d1;
+    }
+    return make_float2(warp_sum(acc0), warp_sum(acc1));
+}
+
 // rsqrt(mean(x^2) + eps) over the whole block (every thread gets it)
 __device__ __forceinline__ float rms_scale(const float* __restrict__ x, float eps, int d, float* scratch) {
     float ss = 0.0f;
@@ -263,12 +289,12 @@ __device__ __forceinline__ void task_range(int n, int per_block, long long& firs
     first = (long long)blockIdx.x * per_block + (threadIdx.x >> 5);
     end = (long long)blockIdx.x * per_block + per_block < n ? (long long)blockIdx.x * per_block + per_block : n;
 }
-template <class P> __device__ __forceinline__ void prefetch_first(int n, int per_block, P prefetch) {
+template <class P> __device__ __forceinline__ void prefetch_first(int n, int per_block, P prefetch,
+                                                                  int tasks = PREFETCH_TASKS) {
     long long first, end;
     task_range(n, per_block, first, end);
     const int step = blockDim.x >> 5;
-#pragma unroll
-    for (int k = 0; k < PREFETCH_TASKS; ++k)
+    for (int k = 0; k < tasks; ++k)
         if (first + k * step < end) prefetch((int)(first + k * step));
 }
 template <class P, class F> __device__ __forceinline__ void for_tasks(int n, int per_block, P prefetch, F f) {
@@ -280,6 +306,21 @@ template <class P, class F> __device__ __forceinline__ void for_tasks(int n, int
         f((int)t);
     }
 }
+// for_tasks two at a time: f2(task, task + step) while both are this warp's, then f(last) for an odd one out;
+// before a pair, the rows of the PREFETCH_TASKS pairs after it are asked for (prefetch_first: the first pairs').
+template <class P, class F, class F2>
+__device__ __forceinline__ void for_task_pairs(int n, int per_block, P prefetch, F f, F2 f2) {
+    long long first, end;
+    task_range(n, per_block, first, end);
+    const int step = blockDim.x >> 5;
+    long long t = first;
+    for (; t + step < end; t += 2 * step) {
+        for (int k = 2; k < 2 + 2 * PREFETCH_TASKS; ++k)
+            if (t + k * step < end) prefetch((int)(t + k * step));
+        f2((int)t, (int)(t + step));
+    }
+    if (t < end) f((int)t);
+}
 
 #define NORMED(x, w, inv) [&](int i) { return a2f(f2a(x[i] * inv * w[i])); }
 
@@ -288,15 +329,24 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long ro
                                           int rows, int cols, void* __restrict__ y, int out_f32, int per_block) {
     extern __shared__ __align__(16) u8 smem[];
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
-    prefetch_first(rows, per_block, prefetch);
+    prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * (ROWS_AT_ONCE == 2 && int8_input<T>() ? 2 : 1));
     stage<T>([&](int i) { return a2f(x[i]); }, cols, smem);
-    for_tasks(rows, per_block, prefetch, [&](int r) {
-        const float acc = dot_row<T>(w + r * row_bytes, smem, cols);
+    auto store = [&](int r, float acc) {
         if ((threadIdx.x & 31) == 0) {
             if (out_f32) ((float*)y)[r] = acc;
             else ((act_t*)y)[r] = f2a(acc);
         }
-    });
+    };
+    auto one = [&](int r) { store(r, dot_row<T>(w + r * row_bytes, smem, cols)); };
+    if constexpr (ROWS_AT_ONCE == 2 && int8_input<T>()) {
+        for_task_pairs(rows, per_block, prefetch, one, [&](int r0, int r1) {
+            const float2 acc = dot_rows2<T>(w + r0 * row_bytes, w + r1 * row_bytes, smem, cols);
+            store(r0, acc.x);
+            store(r1, acc.y);
+        });
+    } else {
+        for_tasks(rows, per_block, prefetch, one);
+    }
 }
 
 template <int T>
@@ -305,12 +355,21 @@ __device__ __forceinline__ void gemv_add_body(const u8* __restrict__ w, long lon
                                               int per_block) {
     extern __shared__ __align__(16) u8 smem[];
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
-    prefetch_first(rows, per_block, prefetch);
+    prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * (ROWS_AT_ONCE == 2 && int8_input<T>() ? 2 : 1));
     stage<T>([&](int i) { return a2f(a[i]); }, cols, smem);
-    for_tasks(rows, per_block, prefetch, [&](int r) {
-        const float acc = dot_row<T>(w + r * row_bytes, smem, cols);
+    auto add = [&](int r, float acc) {
         if ((threadIdx.x & 31) == 0) x[r] = x[r] + a2f(f2a(acc));
-    });
+    };
+    auto one = [&](int r) { add(r, dot_row<T>(w + r * row_bytes, smem, cols)); };
+    if constexpr (ROWS_AT_ONCE == 2 && int8_input<T>()) {
+        for_task_pairs(rows, per_block, prefetch, one, [&](int r0, int r1) {
+            const float2 acc = dot_rows2<T>(w + r0 * row_bytes, w + r1 * row_bytes, smem, cols);
+            add(r0, acc.x);
+            add(r1, acc.y);
+        });
+    } else {
+        for_tasks(rows, per_block, prefetch, one);
+    }
 }
 
 // A Q/K/V row's value as the composed path rounds it: act_t(dot), then act_t(that + bias[i]) when b is set

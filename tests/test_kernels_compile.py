@@ -112,3 +112,19 @@ def test_wgmma_wrappers_are_what_the_generator_prints():
     printed = "\n".join(gen.specialization(n, bf16, t) for n in gen.SHAPES for bf16, t in gen.TYPES)
     header = (root / "kernels" / "wgmma.cuh").read_text()
     assert header.endswith(printed) and header.count("template <> struct Wgmma<") == 4
+
+
+@pytest.mark.parametrize("defines", [("-DROWS_AT_ONCE=2",), ("-DPREFETCH_TASKS=3",)])
+def test_gemv_measurement_variants_compile(monkeypatch, defines):
+    """dev/cuda/gemv.py builds gemv.cu with these defines (the variants the GPU measures against production):
+    they compile, change the int8 kernels' code, and leave the float types' alone where they do not apply."""
+    def ptx(t: str) -> str:
+        return kernels.compile_ptx("gemv", "sm_90", "bf16", instance=kernels.per_type(gemv.INSTANCE_MACRO, t))
+
+    production = {t: ptx(t) for t in ("q4_k", "f16")}
+    monkeypatch.setattr(kernels, "NVRTC_OPTIONS", kernels.NVRTC_OPTIONS + defines)
+    variant = {t: ptx(t) for t in ("q4_k", "f16")}
+    assert variant["q4_k"] != production["q4_k"]
+    assert "local" not in re.findall(r"\.(local)\s", variant["q4_k"])
+    if defines == ("-DROWS_AT_ONCE=2",):
+        assert variant["f16"] == production["f16"]

@@ -3,11 +3,13 @@ variant, a correctness check, then a benchmark table (GB/s of weights read, frac
 measured copy bandwidth) at real model shapes. Needs a GPU; run from the repository root:
 
     python dev/cuda/gemv.py [--baseline DIR] [--shapes 8b-down,8b-head] [--reps 5] [--bps 2] [--prefetch 1,3,6]
+                            [--rows-at-once 1,2]
 
 Variants:
   int8/bpsN   kernels/gemv.cu gemv_<type> (int8 input, dp4a) with tasks_per_block for N blocks per SM
               (production: gemv.BLOCKS_PER_SM); with --prefetch, built per PREFETCH_TASKS value (pfK:
-              each warp keeps the rows of K tasks ahead asked for in L2; production: gemv.cu's default)
+              each warp keeps the rows of K tasks ahead asked for in L2; production: gemv.cu's default);
+              with --rows-at-once, per ROWS_AT_ONCE value (rR: a warp computes R rows at once)
   baseline    the previous kernel (fp32 input in shared memory, one warp per row, 4 rows a block: quant.cu
               gemv_<type> of the checkout at DIR, e.g. main's), where its fp32 staging fits 48 KB
 Check: int8 variants against gemv.reference (the numpy model of their arithmetic, rel. error < 1e-5; the
@@ -98,17 +100,19 @@ def rel_err(got, ref) -> float:
     return float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) if np.isfinite(got).all() else float("inf")
 
 
-def build_with_prefetch(tasks: int | None) -> str:
-    """Rebuild the kernels with -DPREFETCH_TASKS=tasks (None: gemv.cu's default); the variant's label suffix."""
-    kernels.NVRTC_OPTIONS = BASE_OPTIONS + ((f"-DPREFETCH_TASKS={tasks}",) if tasks else ())
+def build_variant(prefetch: int | None, rows_at_once: int | None) -> str:
+    """Rebuild the kernels with -DPREFETCH_TASKS / -DROWS_AT_ONCE (None: gemv.cu's default); the variant's label
+    suffix."""
+    defines = {"PREFETCH_TASKS": prefetch, "ROWS_AT_ONCE": rows_at_once}
+    kernels.NVRTC_OPTIONS = BASE_OPTIONS + tuple(f"-D{k}={v}" for k, v in defines.items() if v)
     kernels._module.cache_clear()
     kernels._function.cache_clear()
     gemv._opted_in.clear()
-    return f"/pf{tasks}" if tasks else ""
+    return (f"/pf{prefetch}" if prefetch else "") + (f"/r{rows_at_once}" if rows_at_once else "")
 
 
 def run_shape(cp, name, rows, cols, ggml_type, baseline, reps, dtype="f16", blocks_per_sm=BLOCKS_PER_SM,
-              prefetch=(None,)) -> list[dict]:
+              prefetch=(None,), rows_at_once=(None,)) -> list[dict]:
     rng = np.random.default_rng(rows + cols)
     tensor = synthetic_weight("output", ggml_type, (rows, cols), rng, 1 / np.sqrt(cols))
     m = upload_weight(cp, "output", tensor)  # fp32 out
@@ -128,8 +132,8 @@ def run_shape(cp, name, rows, cols, ggml_type, baseline, reps, dtype="f16", bloc
         return np.concatenate([host[:CHECK_ROWS], host[rows - CHECK_ROWS:]])
 
     results = []
-    for bps, tasks in [(b, t) for t in prefetch for b in blocks_per_sm]:
-        label = build_with_prefetch(tasks)
+    for bps, tasks, together in [(b, t, r) for t in prefetch for r in rows_at_once for b in blocks_per_sm]:
+        label = build_variant(tasks, together)
         per_block = gemv.tasks_per_block(rows, bps)
 
         def launch(i, per_block=per_block):
@@ -171,16 +175,19 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--bps", default=",".join(map(str, BLOCKS_PER_SM)), help="blocks per SM to try")
     ap.add_argument("--prefetch", default="", help="PREFETCH_TASKS values to build and try (default: gemv.cu's)")
+    ap.add_argument("--rows-at-once", default="", help="ROWS_AT_ONCE values (1, 2) to build and try")
     args = ap.parse_args()
     import cupy as cp
 
     blocks_per_sm = tuple(int(b) for b in args.bps.split(","))
     prefetch = tuple(int(t) for t in args.prefetch.split(",")) if args.prefetch else (None,)
+    rows_at_once = tuple(int(r) for r in args.rows_at_once.split(",")) if args.rows_at_once else (None,)
 
     baseline = baseline_module(cp, args.baseline) if args.baseline else None
     rows = []
     for name in args.shapes.split(","):
-        rows += run_shape(cp, name, *SHAPES[name], baseline, args.reps, blocks_per_sm=blocks_per_sm, prefetch=prefetch)
+        rows += run_shape(cp, name, *SHAPES[name], baseline, args.reps, blocks_per_sm=blocks_per_sm, prefetch=prefetch,
+                          rows_at_once=rows_at_once)
     print(f"| {'shape':<16} | {'rows x cols':>13} | {'type':<5} | {'MB':>6} | {'variant':<16} | {'tasks/blk':>9} | "
           f"{'us':>7} | {'GB/s':>6} | {'of 4.2':>6} | {'err model':>9} | {'err float':>9} | ok |")
     print("|" + "|".join("-" * (w + 2) for w in (16, 13, 5, 6, 16, 9, 7, 6, 6, 9, 9, 2)) + "|")
