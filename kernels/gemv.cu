@@ -42,10 +42,11 @@
 #ifndef PREFETCH_TASKS
 #define PREFETCH_TASKS 1
 #endif
-// Rows a warp of gemv / gemv_add computes at once (1 or 2): with 2, the unit loop issues both rows' loads before
-// using either (twice the bytes in flight per warp for the latency-bound o / down products, which give each warp
-// only 2-3 rows), the same sums in the same order per row. A measurement variant until dev/cuda/gemv.py
-// --rows-at-once shows it faster on the GPU (not yet run).
+// Rows a warp of gemv / gemv_add / gateup computes at once (1 or 2): with 2, one unit loop issues both rows'
+// loads before using either (twice the bytes in flight per warp: the latency-bound o / down products give each
+// warp only 2-3 rows; gateup's gate and up rows of a task), the same sums in the same order per row. A
+// measurement variant until dev/cuda/gemv.py --rows-at-once and tools/profile_decode.py show it faster on the GPU
+// (not yet run).
 #ifndef ROWS_AT_ONCE
 #define ROWS_AT_ONCE 1
 #endif
@@ -456,8 +457,15 @@ __device__ __forceinline__ void gateup_body(const float* __restrict__ x, const f
     const float inv = rms_scale(x, eps, d, scratch);
     stage<T>(NORMED(x, w_norm, inv), d, smem);
     for_tasks(rows, per_block, prefetch, [&](int r) {
-        const float g = a2f(f2a(dot_row<T>(wg + r * row_bytes, smem, d)));
-        const float u = a2f(f2a(dot_row<T>(wu + r * row_bytes, smem, d)));
+        float g, u;
+        if constexpr (ROWS_AT_ONCE == 2 && int8_input<T>()) {  // the gate and up rows in one unit loop
+            const float2 gu = dot_rows2<T>(wg + r * row_bytes, wu + r * row_bytes, smem, d);
+            g = a2f(f2a(gu.x));
+            u = a2f(f2a(gu.y));
+        } else {
+            g = a2f(f2a(dot_row<T>(wg + r * row_bytes, smem, d)));
+            u = a2f(f2a(dot_row<T>(wu + r * row_bytes, smem, d)));
+        }
         if ((threadIdx.x & 31) == 0) out[r] = f2a(g * (0.5f + 0.5f * tanhf(0.5f * g)) * u);
     });
 }
