@@ -3,13 +3,25 @@
 # (GPU time per op) and `engine bench` on SmolLM2-135M shapes; ends with a short summary.
 #   tools/gpu_suite.sh [LOG_DIR]        (LOG_DIR defaults to $OUT, else /tmp/gpu_suite)
 # Extra env: SKIP_PREFILL_SPLIT=1, SKIP_DECODE_PROFILE=1, BENCH_ARGS (default "-p 512,8192,32768 -d 512,32768 -r 3"), PYTEST_ARGS (e.g. -k attention).
-# Stages have time limits (pytest 450 s, prefill split 120 s, bench 150 s) so one call fits 10 minutes.
+# COMPARE=DIR (a copy of ../shared/bench: synth_gguf.py, tokenizer-smollm2.gguf, llama.cpp-src.tar.xz): also
+# builds llama-bench in the background from the start (~5 min) and ends with tools/compare_llama_cpp.py on the
+# random-weight GGUFs of COMPARE_SHAPES (default "llama3.2-1b llama3-8b llama2-7b"), 60-150 s a shape.
+# Stages have time limits (pytest 450 s, prefill split 120 s, bench 150 s) so one call fits 10 minutes (with
+# COMPARE, skip the prefill split and decode profile and give pytest less, e.g. TEST_TIMEOUT=300).
 set -o pipefail
 LOG=${1:-${OUT:-/tmp/gpu_suite}}
 mkdir -p "$LOG"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
+SHAPES=${COMPARE_SHAPES:-llama3.2-1b llama3-8b llama2-7b}
+if [ -n "$COMPARE" ]; then
+  COMPARE=$(cd "$COMPARE" && pwd)
+  setsid bash "$COMPARE/build_llama_bench.sh" "$COMPARE/llama.cpp-src.tar.xz" /tmp/llama-bench-build \
+      > /tmp/llama-bench.path 2>&1 < /dev/null &
+  ( for s in $SHAPES; do $PY "$COMPARE/synth_gguf.py" "$COMPARE/tokenizer-smollm2.gguf" /tmp/$s.gguf.part --preset $s \
+      && mv /tmp/$s.gguf.part /tmp/$s.gguf; done ) > "$LOG/synth.log" 2>&1 &
+fi
 
 # First-run compile time of the default model's shapes: a prefill and two decode steps with empty kernel caches,
 # minus the same run once the kernels are cached
@@ -92,6 +104,14 @@ PYEOF
 
 timeout 150 $PY -m engine.bench --synthetic --device cuda ${BENCH_ARGS:--p 512,8192,32768 -d 512,32768 -r 3} 2>&1 | tee "$LOG/bench.log"
 
+if [ -n "$COMPARE" ]; then  # engine vs llama.cpp on the same files: wait for the build (at most 5 more minutes)
+  for _ in $(seq 300); do [ -x "$(tail -n 1 /tmp/llama-bench.path 2>/dev/null)" ] && break; sleep 1; done
+  wait
+  models=(); for s in $SHAPES; do [ -f /tmp/$s.gguf ] && models+=(-m /tmp/$s.gguf); done
+  timeout ${COMPARE_TIMEOUT:-400} $PY tools/compare_llama_cpp.py --llama-bench "$(tail -n 1 /tmp/llama-bench.path)" \
+      "${models[@]}" --json "$LOG/compare.json" 2>&1 | tee "$LOG/compare.log"
+fi
+
 echo "================ summary ================"
 grep -E "^device|^compile" "$LOG/compile.log"
 tail -n 1 "$LOG/pytest_cuda.log"
@@ -100,4 +120,5 @@ grep -E "rel err|diverged" "$LOG/pytest_cuda.log" | head -30
 [ -n "$SKIP_PREFILL_SPLIT" ] || grep -E "^prefill|without attention" "$LOG/prefill_split.log"
 [ -n "$SKIP_DECODE_PROFILE" ] || cat "$LOG/decode_profile.log"
 tail -n 8 "$LOG/bench.log"
+[ -z "$COMPARE" ] || cat "$LOG/compare.log"
 exit $TEST_RC
