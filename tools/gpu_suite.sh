@@ -49,7 +49,9 @@ cold, warm = run(), run()
 print(f"compile: first run {cold:.2f} s, cached {warm:.2f} s: kernels compiled in {cold - warm:.2f} s")
 PYEOF
 
-timeout ${TEST_TIMEOUT:-450} $PY -m pytest -q -s -rs -p no:cacheprovider --durations=8 -m cuda tests/ \
+# a test that hangs (a kernel that never ends) stops the run with every thread's stack, not the whole call
+PER_TEST=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout ${PER_TEST_TIMEOUT:-150} --timeout-method=thread")
+timeout ${TEST_TIMEOUT:-450} $PY -m pytest $PER_TEST -q -s -rs -p no:cacheprovider --durations=8 -m cuda tests/ \
     $PYTEST_ARGS 2>&1 | tee "$LOG/pytest_cuda.log"
 TEST_RC=$?
 
