@@ -1,0 +1,102 @@
+"""The host side of gemv.cu's launches agrees with the kernels' parameter lists, on the CPU: each launch helper of
+backends/cuda/gemv.py is called with stand-in device arrays, its argument tuple recorded, and every argument's
+kind (pointer or 64-bit integer: .u64, int: .u32, float: .f32) compared with the .param list NVRTC compiles for
+that kernel. A parameter added on one side only (as the Q/K/V biases were to qkv) fails here, not on a GPU."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from engine.backends.cuda import gemv, kernels
+from engine.backends.cuda.weights import DeviceMatrix
+from engine.weights.quant import GGMLType, tensor_nbytes
+
+pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) is not installed")
+
+
+def _nvrtc_usable() -> bool:
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+        return True
+    except Exception:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _nvrtc_usable(), reason="NVRTC library not found (nvidia-cuda-nvrtc wheel)")
+
+
+class DeviceArray:
+    """Stands in for a CuPy array argument (passed to the kernel as a pointer)."""
+
+    def __init__(self, shape=(1,)):
+        self.shape = shape
+
+
+class Recorder:
+    """Stands in for a compiled kernel: keeps the arguments of its launch."""
+
+    def __init__(self, name):
+        self.name, self.args = name, None
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        self.args = args
+
+
+def _kind(arg) -> str:
+    if isinstance(arg, np.float32):
+        return "f32"
+    if isinstance(arg, np.int32):
+        return "u32"
+    if isinstance(arg, (np.int64, np.uint64)):
+        return "u64"
+    assert isinstance(arg, DeviceArray), f"argument {arg!r} of unknown kind"
+    return "u64"  # a pointer
+
+
+def _params(kernel: str, suffix: str, dtype: str) -> list[str]:
+    ptx = kernels.compile_ptx("gemv", "sm_90", dtype, instance=kernels.per_type(gemv.INSTANCE_MACRO, suffix))
+    entries = {m.group(1): re.findall(r"\.param\s+\.(\w+)", m.group(2))
+               for m in re.finditer(r"\.entry\s+(\w+)\(([^)]*)\)", ptx)}
+    return entries[kernel]
+
+
+def _matrix(rows: int, cols: int, ggml_type: GGMLType) -> DeviceMatrix:
+    return DeviceMatrix("w", ggml_type, rows, cols, DeviceArray((rows, tensor_nbytes(ggml_type, (1, cols)))),
+                        f32_out=False)
+
+
+LAUNCHES = {  # helper name -> call with stand-ins (dtype given)
+    "gemv": lambda m, dt: gemv.gemv(DeviceArray(), m, DeviceArray(), dt),
+    "gemv_add": lambda m, dt: gemv.gemv_add(DeviceArray(), m, DeviceArray(), dt),
+    "qkv": lambda m, dt: gemv.qkv(DeviceArray(), DeviceArray(), 1e-5, m, _matrix(64, m.cols, m.ggml_type),
+                                  _matrix(64, m.cols, m.ggml_type), None, DeviceArray(), DeviceArray(),
+                                  DeviceArray(), DeviceArray(), DeviceArray(), DeviceArray(), 4, 1, 64, 64, 0, dt),
+    "qkv+biases": lambda m, dt: gemv.qkv(DeviceArray(), DeviceArray(), 1e-5, m, _matrix(64, m.cols, m.ggml_type),
+                                         _matrix(64, m.cols, m.ggml_type), (DeviceArray(), DeviceArray(),
+                                                                            DeviceArray()), DeviceArray(),
+                                         DeviceArray(), DeviceArray(), DeviceArray(), DeviceArray(), DeviceArray(),
+                                         4, 1, 64, 64, 0, dt),
+    "gateup": lambda m, dt: gemv.gate_up(DeviceArray(), DeviceArray(), 1e-5, m, m, DeviceArray(), dt),
+    "head": lambda m, dt: gemv.head(DeviceArray(), DeviceArray(), 1e-5, m, DeviceArray(), dt),
+}
+
+
+@pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q8_0, GGMLType.F16])
+@pytest.mark.parametrize("launch", sorted(LAUNCHES))
+def test_gemv_launch_arguments_match_the_kernel_parameters(monkeypatch, launch, ggml_type):
+    launched = []
+
+    def fake_function(file, kernel, dtype, instance=None):
+        launched.append(Recorder(kernel))
+        return launched[-1]
+
+    monkeypatch.setattr(gemv, "function", fake_function)
+    monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 227 * 1024))
+    m = _matrix(256, 512, ggml_type)
+    LAUNCHES[launch](m, "bf16")
+    (recorder,) = launched
+    assert [_kind(a) for a in recorder.args] == _params(recorder.name, m.suffix, "bf16"), recorder.name
