@@ -58,7 +58,8 @@ def generate(settings: LoadSettings, prompt, prompt_file, n_predict, sampling: S
     if session is not None and prompt_cache.exists():
         session.load(prompt_cache)
     source = llm if session is None else session  # a session reuses the file's cached prefix
-    pieces = source.generate(text, max_tokens=_max_tokens(n_predict, llm), chat=chat, system=system, **dataclasses.asdict(sampling))
+    pieces = source.generate(text, max_tokens=_max_tokens(n_predict, llm), chat=chat, system=system,
+                             **dataclasses.asdict(sampling))
     for piece in pieces:
         click.echo(piece, nl=False)
         sys.stdout.flush()

@@ -162,9 +162,9 @@ def share_plans(config: ModelConfig, weights: dict, shares: Sequence[Share], con
 
 
 def require_shares(shares: Sequence[Share], plans: Sequence[memory.MemoryPlan], free: Sequence[int | None]) -> None:
-    """Refuse a split whose share does not fit its GPU (free[device] bytes; None or missing: unknown, not checked), naming
-    the GPU, its layers and the numbers (memory.require: ContextError with the largest context that share fits,
-    DeviceError when none does)."""
+    """Refuse a split whose share does not fit its GPU (free[device] bytes; None or missing: unknown, not checked),
+    naming the GPU, its layers and the numbers (memory.require: ContextError with the largest context that share
+    fits, DeviceError when none does)."""
     for share, plan in zip(shares, plans):
         available = free[share.device] if share.device < len(free) else None
         memory.require(plan, available, what=f"GPU {share.device}'s share ({share.describe()}) at a "

@@ -65,7 +65,8 @@ def table(label: str, rows: list[dict]) -> str:
     for r in rows:
         peer = f"{r['llama_cpp']:,.1f} ± {r['llama_cpp_sd']:,.1f}" if r["llama_cpp"] is not None else "-"
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
-        lines.append(f"| | {r['test']} | {r['depth']} | {r['engine']:,.1f} ± {r['engine_sd']:,.1f} | {peer} | {ratio} |")
+        engine = f"{r['engine']:,.1f} ± {r['engine_sd']:,.1f}"
+        lines.append(f"| | {r['test']} | {r['depth']} | {engine} | {peer} | {ratio} |")
     return "\n".join(lines)
 
 

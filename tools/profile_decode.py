@@ -83,7 +83,8 @@ def main() -> None:
                 per_kernel[event.name][1] += 1
         gpu = sum(t for t, _ in per_kernel.values())
         weights, kv = step_bytes(llm, depth)
-        print(f"\n{label} {args.dtype} {' '.join(args.define)}, depth {depth}: step {wall * 1e6:.0f} us ({1 / wall:.1f} tok/s), kernels "
+        variant = " ".join(args.define)
+        print(f"\n{label} {args.dtype} {variant}, depth {depth}: step {wall * 1e6:.0f} us ({1 / wall:.1f} tok/s), kernels "
               f"{gpu:.0f} us; reads {weights / 1e9:.2f} GB weights + {kv / 1e9:.2f} GB KV "
               f"(at 3.3 TB/s: {(weights + kv) / 3.3e12 * 1e6:.0f} us)")
         print(f"{'us/step':>9} {'calls/step':>10}  kernel")
