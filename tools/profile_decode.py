@@ -84,8 +84,8 @@ def main() -> None:
         gpu = sum(t for t, _ in per_kernel.values())
         weights, kv = step_bytes(llm, depth)
         variant = " ".join(args.define)
-        print(f"\n{label} {args.dtype} {variant}, depth {depth}: step {wall * 1e6:.0f} us ({1 / wall:.1f} tok/s), kernels "
-              f"{gpu:.0f} us; reads {weights / 1e9:.2f} GB weights + {kv / 1e9:.2f} GB KV "
+        print(f"\n{label} {args.dtype} {variant}, depth {depth}: step {wall * 1e6:.0f} us ({1 / wall:.1f} tok/s), "
+              f"kernels {gpu:.0f} us; reads {weights / 1e9:.2f} GB weights + {kv / 1e9:.2f} GB KV "
               f"(at 3.3 TB/s: {(weights + kv) / 3.3e12 * 1e6:.0f} us)")
         print(f"{'us/step':>9} {'calls/step':>10}  kernel")
         for name, (t, calls) in sorted(per_kernel.items(), key=lambda kv_: -kv_[1][0])[:args.top]:
