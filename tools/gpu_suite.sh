@@ -25,7 +25,7 @@ fi
 
 # First-run compile time of the default model's shapes: a prefill and two decode steps with empty kernel caches,
 # minus the same run once the kernels are cached
-CUPY_CACHE_DIR=$(mktemp -d) ENGINE_CACHE_DIR=$(mktemp -d) $PY - <<'PYEOF' 2>&1 | tee "$LOG/compile.log"
+CUPY_CACHE_DIR=$(mktemp -d) ENGINE_CACHE_DIR=$(mktemp -d) timeout 180 $PY - <<'PYEOF' 2>&1 | tee "$LOG/compile.log"
 import time, cupy, numpy as np
 from engine.bench import load_bench_model, new_cache
 from engine.options import LoadSettings
