@@ -42,9 +42,9 @@
 #ifndef PREFETCH_TASKS
 #define PREFETCH_TASKS 1
 #endif
-// Rows a warp of gemv / gemv_add / gateup computes at once (1 or 2): with 2, one unit loop issues both rows'
-// loads before using either (twice the bytes in flight per warp: the latency-bound o / down products give each
-// warp only 2-3 rows; gateup's gate and up rows of a task), the same sums in the same order per row. A
+// Rows a warp of gemv / gemv_add / head / gateup computes at once (1 or 2): with 2, one unit loop issues both
+// rows' loads before using either (twice the bytes in flight per warp: the latency-bound o / down products give
+// each warp only 2-3 rows; gateup's gate and up rows of a task), the same sums in the same order per row. A
 // measurement variant until dev/cuda/gemv.py --rows-at-once and tools/profile_decode.py show it faster on the GPU
 // (not yet run).
 #ifndef ROWS_AT_ONCE
@@ -323,6 +323,26 @@ __device__ __forceinline__ void for_task_pairs(int n, int per_block, P prefetch,
     if (t < end) f((int)t);
 }
 
+// Rows a warp computes at once in the plain products (gemv, gemv_add, head): ROWS_AT_ONCE for the int8 types
+template <int T> __device__ constexpr int rows_at_once() { return ROWS_AT_ONCE == 2 && int8_input<T>() ? 2 : 1; }
+
+// This warp's rows r of w (row_bytes apart) dotted with the staged input, emit(r, dot) for each, rows_at_once<T>()
+// at a time; prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T>()) goes before the staging.
+template <int T, class P, class E>
+__device__ __forceinline__ void each_row_dot(const u8* __restrict__ w, long long row_bytes, int rows, int cols,
+                                             int per_block, const u8* smem, P prefetch, E emit) {
+    auto one = [&](int r) { emit(r, dot_row<T>(w + r * row_bytes, smem, cols)); };
+    if constexpr (rows_at_once<T>() == 2) {
+        for_task_pairs(rows, per_block, prefetch, one, [&](int r0, int r1) {
+            const float2 acc = dot_rows2<T>(w + r0 * row_bytes, w + r1 * row_bytes, smem, cols);
+            emit(r0, acc.x);
+            emit(r1, acc.y);
+        });
+    } else {
+        for_tasks(rows, per_block, prefetch, one);
+    }
+}
+
 #define NORMED(x, w, inv) [&](int i) { return a2f(f2a(x[i] * inv * w[i])); }
 
 template <int T>
@@ -330,24 +350,14 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long ro
                                           int rows, int cols, void* __restrict__ y, int out_f32, int per_block) {
     extern __shared__ __align__(16) u8 smem[];
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
-    prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * (ROWS_AT_ONCE == 2 && int8_input<T>() ? 2 : 1));
+    prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T>());
     stage<T>([&](int i) { return a2f(x[i]); }, cols, smem);
-    auto store = [&](int r, float acc) {
+    each_row_dot<T>(w, row_bytes, rows, cols, per_block, smem, prefetch, [&](int r, float acc) {
         if ((threadIdx.x & 31) == 0) {
             if (out_f32) ((float*)y)[r] = acc;
             else ((act_t*)y)[r] = f2a(acc);
         }
-    };
-    auto one = [&](int r) { store(r, dot_row<T>(w + r * row_bytes, smem, cols)); };
-    if constexpr (ROWS_AT_ONCE == 2 && int8_input<T>()) {
-        for_task_pairs(rows, per_block, prefetch, one, [&](int r0, int r1) {
-            const float2 acc = dot_rows2<T>(w + r0 * row_bytes, w + r1 * row_bytes, smem, cols);
-            store(r0, acc.x);
-            store(r1, acc.y);
-        });
-    } else {
-        for_tasks(rows, per_block, prefetch, one);
-    }
+    });
 }
 
 template <int T>
@@ -356,21 +366,11 @@ __device__ __forceinline__ void gemv_add_body(const u8* __restrict__ w, long lon
                                               int per_block) {
     extern __shared__ __align__(16) u8 smem[];
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
-    prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * (ROWS_AT_ONCE == 2 && int8_input<T>() ? 2 : 1));
+    prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T>());
     stage<T>([&](int i) { return a2f(a[i]); }, cols, smem);
-    auto add = [&](int r, float acc) {
+    each_row_dot<T>(w, row_bytes, rows, cols, per_block, smem, prefetch, [&](int r, float acc) {
         if ((threadIdx.x & 31) == 0) x[r] = x[r] + a2f(f2a(acc));
-    };
-    auto one = [&](int r) { add(r, dot_row<T>(w + r * row_bytes, smem, cols)); };
-    if constexpr (ROWS_AT_ONCE == 2 && int8_input<T>()) {
-        for_task_pairs(rows, per_block, prefetch, one, [&](int r0, int r1) {
-            const float2 acc = dot_rows2<T>(w + r0 * row_bytes, w + r1 * row_bytes, smem, cols);
-            add(r0, acc.x);
-            add(r1, acc.y);
-        });
-    } else {
-        for_tasks(rows, per_block, prefetch, one);
-    }
+    });
 }
 
 // A Q/K/V row's value as the composed path rounds it: act_t(dot), then act_t(that + bias[i]) when b is set
@@ -477,11 +477,10 @@ __device__ __forceinline__ void head_body(const float* __restrict__ x, const flo
     extern __shared__ __align__(16) u8 smem[];
     __shared__ float scratch[32];
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
-    prefetch_first(rows, per_block, prefetch);
+    prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T>());
     const float inv = rms_scale(x, eps, d, scratch);
     stage<T>(NORMED(x, w_norm, inv), d, smem);
-    for_tasks(rows, per_block, prefetch, [&](int r) {
-        const float acc = dot_row<T>(w + r * row_bytes, smem, d);
+    each_row_dot<T>(w, row_bytes, rows, d, per_block, smem, prefetch, [&](int r, float acc) {
         if ((threadIdx.x & 31) == 0) logits[r] = acc;
     });
 }

@@ -14,19 +14,9 @@ from engine.backends.cuda.weights import DeviceMatrix
 from engine.weights.quant import GGMLType, tensor_nbytes
 
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) is not installed")
+from nvrtc_check import requires_nvrtc  # noqa: E402
 
-
-def _nvrtc_usable() -> bool:
-    try:
-        from cupy_backends.cuda.libs import nvrtc
-
-        nvrtc.getVersion()
-        return True
-    except Exception:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _nvrtc_usable(), reason="NVRTC library not found (nvidia-cuda-nvrtc wheel)")
+pytestmark = requires_nvrtc
 
 
 class DeviceArray:

@@ -13,6 +13,7 @@ from engine.backends.cuda.weights import KERNEL_SUFFIX, QUANT_MACRO
 from engine.errors import DeviceError
 
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) is not installed")
+from nvrtc_check import requires_nvrtc  # noqa: E402
 
 WEIGHT_TYPES = tuple(KERNEL_SUFFIX.values())
 # files instantiated per weight type: file -> (macro, the kernels of each type)
@@ -25,17 +26,7 @@ EXPECTED_ENTRIES = {
 }
 
 
-def _nvrtc_usable() -> bool:
-    try:
-        from cupy_backends.cuda.libs import nvrtc
-
-        nvrtc.getVersion()
-        return True
-    except Exception:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _nvrtc_usable(), reason="NVRTC library not found (nvidia-cuda-nvrtc wheel)")
+pytestmark = requires_nvrtc
 
 
 # (file, instance, the entries it must hold): every file as it is, each templated configuration production
