@@ -114,15 +114,6 @@ class BenchResult:
                 "runs": len(rates)}
 
 
-def _sync(model) -> None:
-    """Wait for the GPU work of every stage of `model` (nothing to wait for on the CPU)."""
-    for stage in model.stages:
-        cp = getattr(stage.backend, "cp", None)
-        if cp is not None:
-            with stage.activate():
-                cp.cuda.Device().synchronize()
-
-
 def new_cache(model, capacity: int, cache_types: tuple[str, str] | None = None):
     """An empty KV cache of `capacity` tokens for `model`, storing keys/values as cache_types (None: the
     backend's own)."""
@@ -140,10 +131,10 @@ def bench_prompt(model, n: int, reps: int, ubatch: int, rng, cache_types=None) -
     for rep in range(reps + 1):  # the first run warms up
         tokens = rng.integers(0, model.config.vocab_size, n)
         cache = new_cache(model, n, cache_types)
-        _sync(model)
+        pipeline.synchronize(model.stages)
         t0 = time.perf_counter()
         _prefill(model, cache, tokens, ubatch)
-        _sync(model)
+        pipeline.synchronize(model.stages)
         if rep:
             result.seconds.append(time.perf_counter() - t0)
         del cache
@@ -174,11 +165,11 @@ def bench_generation(model, decoders, n: int, depth: int, reps: int, ubatch: int
         token = decoder.first(logits)
         for _ in range(WARM_STEPS):
             token = decoder.step(token)
-        _sync(model)
+        pipeline.synchronize(model.stages)
         t0 = time.perf_counter()
         for _ in range(n):
             token = decoder.step(token)
-        _sync(model)
+        pipeline.synchronize(model.stages)
         if rep:
             result.seconds.append(time.perf_counter() - t0)
         cache = decoder = None  # free this repetition's cache before the next one allocates

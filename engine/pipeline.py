@@ -32,6 +32,12 @@ class Stage:
         return self.backend.activate()
 
 
+def synchronize(stages: Sequence[Stage]) -> None:
+    """Wait for the work queued on every stage's device (a model turn, a timed run)."""
+    for stage in stages:
+        stage.backend.synchronize()
+
+
 def new_cache(stages: Sequence[Stage], n_kv_heads: int, head_dim: int, capacity: int,
               types: tuple[str, str] | None = None) -> "KVCache | StagedCache":
     """An empty KV cache of `capacity` tokens for a model run as `stages`: each stage's backend makes the part

@@ -323,7 +323,8 @@ __device__ __forceinline__ void for_task_pairs(int n, int per_block, P prefetch,
     if (t < end) f((int)t);
 }
 
-// Rows a warp computes at once in the plain products (gemv, gemv_add, head): ROWS_AT_ONCE for the int8 types
+// Rows a warp computes at once (gemv, gemv_add, head: rows; gateup: a task's gate and up rows): ROWS_AT_ONCE for
+// the int8 types
 template <int T> __device__ constexpr int rows_at_once() { return ROWS_AT_ONCE == 2 && int8_input<T>() ? 2 : 1; }
 
 // This warp's rows r of w (row_bytes apart) dotted with the staged input, emit(r, dot) for each, rows_at_once<T>()
@@ -458,7 +459,7 @@ __device__ __forceinline__ void gateup_body(const float* __restrict__ x, const f
     stage<T>(NORMED(x, w_norm, inv), d, smem);
     for_tasks(rows, per_block, prefetch, [&](int r) {
         float g, u;
-        if constexpr (ROWS_AT_ONCE == 2 && int8_input<T>()) {  // the gate and up rows in one unit loop
+        if constexpr (rows_at_once<T>() == 2) {  // the gate and up rows in one unit loop
             const float2 gu = dot_rows2<T>(wg + r * row_bytes, wu + r * row_bytes, smem, d);
             g = a2f(f2a(gu.x));
             u = a2f(f2a(gu.y));

@@ -5,6 +5,7 @@ positions: (n,) backend int array of absolute positions):
   prepare_weights(weights) -> dict    new_cache(n_layers, capacity, n_kv_heads, head_dim, types=(k, v))
   tokens(ids) / positions(start, n)   host -> backend arrays;   to_numpy(x)   backend -> host
   activate() -> context manager the ops of a split model's stage run in (its GPU current on CUDA)
+  synchronize()   wait until this backend's queued work is done (CUDA: its GPU; numpy: nothing queued)
   receive(x) -> x of the previous stage (another instance of this backend) as this one's array
                 (CUDA: a device-to-device copy; numpy: a copy) -- engine/pipeline.py
   embedding(table, ids)   rmsnorm(x, w, eps)   linear(x, w) = x @ w.T   swiglu(gate, up)

@@ -54,6 +54,9 @@ class NumpyBackend:
         """The context a stage of a split model runs its ops in: nothing to switch on the host."""
         return nullcontext()
 
+    def synchronize(self) -> None:
+        """Nothing runs asynchronously on the host."""
+
     def receive(self, x: np.ndarray) -> np.ndarray:
         """x from the previous stage of a split model -> this backend's own copy (a CPU rank's handover)."""
         return np.array(x)

@@ -43,6 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .. import pipeline
 from ..errors import EngineError
 from .batching import DecodeBatcher
 from .metrics import Metrics
@@ -108,15 +109,9 @@ class ServerState:
 
 
 def _device_sync(llm) -> Callable[[], None]:
-    """What ends a model turn: on CUDA, waiting for the device (a prefill's kernels run asynchronously); with a
-    layer split, for every stage's GPU."""
-    if llm.device == "cuda":
-        def sync() -> None:
-            for stage in llm.stages:
-                with stage.activate():
-                    llm.backend.cp.cuda.runtime.deviceSynchronize()
-        return sync
-    return lambda: None
+    """What ends a model turn: waiting for every stage's device (a CUDA prefill's kernels run asynchronously;
+    nothing to wait for on the CPU)."""
+    return lambda: pipeline.synchronize(llm.stages)
 
 
 class Generation:

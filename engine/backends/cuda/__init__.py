@@ -64,6 +64,11 @@ class CudaBackend:
         stage), else nothing to switch."""
         return nullcontext() if self.device is None else self.cp.cuda.Device(self.device)
 
+    def synchronize(self) -> None:
+        """Wait until this backend's GPU has done the work queued on it."""
+        with self.activate():
+            self.cp.cuda.Device().synchronize()
+
     def receive(self, x) -> object:
         """x of the previous stage (on another GPU) -> a copy on this one, device to device, ordered by events
         and without a host wait: the copy waits for x's producers on x's GPU, and later work there (which may
