@@ -50,6 +50,17 @@
 #ifndef ROWS_AT_ONCE
 #define ROWS_AT_ONCE 1
 #endif
+// Measurement variants (dev/cuda/gemv.py --defines, NOTES.md v5), not yet run on the GPU: STAGE_CHUNK, the blocks
+// of 32 a warp quantizes at once while staging (their loads issued together: one L2 round trip per chunk) and the
+// unroll of RMSNorm's sum of squares; UNIT_UNROLL, the unroll of a row's unit loop (a lane's units' loads in flight
+// together: the 8B down product has 7 units a lane).
+#ifndef STAGE_CHUNK
+#define STAGE_CHUNK 4
+#endif
+#ifndef UNIT_UNROLL
+#define UNIT_UNROLL 2
+#endif
+constexpr int stage_chunk = STAGE_CHUNK, unit_unroll = UNIT_UNROLL;  // (#pragma unroll takes no macros)
 
 template <int T> __device__ constexpr bool int8_input() {
     return T == T_Q8_0 || T == T_Q4_0 || T == T_Q4_1 || T == T_Q4_K || T == T_Q6_K;
@@ -93,11 +104,11 @@ template <int T, class F> __device__ __forceinline__ void stage(F value, int col
         i8* xq = (i8*)smem;
         float* xd = (float*)(smem + cols);
         float* xs = xd + n_blocks;
-        // each warp quantizes 4 blocks of 32 at a time (independent shuffle chains overlap)
-        for (int b0 = 4 * warp; b0 < n_blocks; b0 += 4 * n_warps) {
-            float v[4], amax[4], sum[4];
+        // each warp quantizes STAGE_CHUNK blocks of 32 at a time (loads together, independent shuffle chains overlap)
+        for (int b0 = STAGE_CHUNK * warp; b0 < n_blocks; b0 += STAGE_CHUNK * n_warps) {
+            float v[STAGE_CHUNK], amax[STAGE_CHUNK], sum[STAGE_CHUNK];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
+            for (int j = 0; j < STAGE_CHUNK; ++j) {
                 v[j] = b0 + j < n_blocks ? value(32 * (b0 + j) + lane) : 0.0f;
                 amax[j] = fabsf(v[j]);
                 sum[j] = v[j];
@@ -105,13 +116,13 @@ template <int T, class F> __device__ __forceinline__ void stage(F value, int col
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) {
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
+                for (int j = 0; j < STAGE_CHUNK; ++j) {
                     amax[j] = fmaxf(amax[j], __shfl_xor_sync(0xffffffffu, amax[j], o));
                     sum[j] += __shfl_xor_sync(0xffffffffu, sum[j], o);
                 }
             }
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
+            for (int j = 0; j < STAGE_CHUNK; ++j) {
                 const int b = b0 + j;
                 if (b < n_blocks) {
                     const float d = amax[j] / 127.0f;
@@ -246,7 +257,7 @@ template <int T> __device__ __forceinline__ float dot_row(const u8* __restrict__
         const float* xd = (const float*)(smem + cols);
         const float* xs = xd + (cols >> 5);
         float acc = 0.0f;
-#pragma unroll 2
+#pragma unroll unit_unroll
         for (int u = threadIdx.x & 31; u < units; u += 32) acc += unit_dot<T>(row, u, xq, xd, xs, units);
         return warp_sum(acc);
     } else {
@@ -263,7 +274,7 @@ template <int T> __device__ __forceinline__ float2 dot_rows2(const u8* __restric
     const float* xd = (const float*)(smem + cols);
     const float* xs = xd + (cols >> 5);
     float acc0 = 0.0f, acc1 = 0.0f;
-#pragma unroll 2
+#pragma unroll unit_unroll
     for (int u = threadIdx.x & 31; u < units; u += 32) {
         const float d0 = unit_dot<T>(row0, u, xq, xd, xs, units);
         const float d1 = unit_dot<T>(row1, u, xq, xd, xs, units);
@@ -276,7 +287,7 @@ template <int T> __device__ __forceinline__ float2 dot_rows2(const u8* __restric
 // rsqrt(mean(x^2) + eps) over the whole block (every thread gets it)
 __device__ __forceinline__ float rms_scale(const float* __restrict__ x, float eps, int d, float* scratch) {
     float ss = 0.0f;
-#pragma unroll 4
+#pragma unroll stage_chunk
     for (int i = threadIdx.x; i < d; i += blockDim.x) ss += x[i] * x[i];
     return rsqrtf(block_sum(ss, scratch) / (float)d + eps);
 }

@@ -2,14 +2,14 @@
 variant, a correctness check, then a benchmark table (GB/s of weights read, fraction of 4.2 TB/s, the H200's
 measured copy bandwidth) at real model shapes. Needs a GPU; run from the repository root:
 
-    python dev/cuda/gemv.py [--baseline DIR] [--shapes 8b-down,8b-head] [--reps 5] [--bps 2] [--prefetch 1,3,6]
-                            [--rows-at-once 1,2]
+    python dev/cuda/gemv.py [--baseline DIR] [--shapes 8b-down,8b-head] [--reps 5] [--bps 2]
+                            [--defines "-;ROWS_AT_ONCE=2;STAGE_CHUNK=16,UNIT_UNROLL=8"]
 
 Variants:
   int8/bpsN   kernels/gemv.cu gemv_<type> (int8 input, dp4a) with tasks_per_block for N blocks per SM
-              (production: gemv.BLOCKS_PER_SM); with --prefetch, built per PREFETCH_TASKS value (pfK:
-              each warp keeps the rows of K tasks ahead asked for in L2; production: gemv.cu's default);
-              with --rows-at-once, per ROWS_AT_ONCE value (rR: a warp computes R rows at once)
+              (production: gemv.BLOCKS_PER_SM); with --defines, built once per set of gemv.cu's measurement
+              macros (PREFETCH_TASKS, ROWS_AT_ONCE, STAGE_CHUNK, UNIT_UNROLL; "-": gemv.cu's defaults), the set
+              in the variant's label
   baseline    the previous kernel (fp32 input in shared memory, one warp per row, 4 rows a block: quant.cu
               gemv_<type> of the checkout at DIR, e.g. main's), where its fp32 staging fits 48 KB
 Check: int8 variants against gemv.reference (the numpy model of their arithmetic, rel. error < 1e-5; the
@@ -100,19 +100,19 @@ def rel_err(got, ref) -> float:
     return float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) if np.isfinite(got).all() else float("inf")
 
 
-def build_variant(prefetch: int | None, rows_at_once: int | None) -> str:
-    """Rebuild the kernels with -DPREFETCH_TASKS / -DROWS_AT_ONCE (None: gemv.cu's default); the variant's label
-    suffix."""
-    defines = {"PREFETCH_TASKS": prefetch, "ROWS_AT_ONCE": rows_at_once}
-    kernels.NVRTC_OPTIONS = BASE_OPTIONS + tuple(f"-D{k}={v}" for k, v in defines.items() if v)
+def build_variant(defines: str) -> str:
+    """Rebuild the kernels with -DNAME=VALUE for each of `defines` ("NAME=VALUE,...", or "-" for gemv.cu's
+    defaults); the variant's label suffix."""
+    pairs = [] if defines == "-" else defines.split(",")
+    kernels.NVRTC_OPTIONS = BASE_OPTIONS + tuple(f"-D{pair}" for pair in pairs)
     kernels._module.cache_clear()
     kernels._function.cache_clear()
     gemv._opted_in.clear()
-    return (f"/pf{prefetch}" if prefetch else "") + (f"/r{rows_at_once}" if rows_at_once else "")
+    return "".join(f"/{pair}" for pair in pairs)
 
 
 def run_shape(cp, name, rows, cols, ggml_type, baseline, reps, dtype="f16", blocks_per_sm=BLOCKS_PER_SM,
-              prefetch=(None,), rows_at_once=(None,)) -> list[dict]:
+              define_sets=("-",)) -> list[dict]:
     rng = np.random.default_rng(rows + cols)
     tensor = synthetic_weight("output", ggml_type, (rows, cols), rng, 1 / np.sqrt(cols))
     m = upload_weight(cp, "output", tensor)  # fp32 out
@@ -132,8 +132,8 @@ def run_shape(cp, name, rows, cols, ggml_type, baseline, reps, dtype="f16", bloc
         return np.concatenate([host[:CHECK_ROWS], host[rows - CHECK_ROWS:]])
 
     results = []
-    for bps, tasks, together in [(b, t, r) for t in prefetch for r in rows_at_once for b in blocks_per_sm]:
-        label = build_variant(tasks, together)
+    for bps, defines in [(b, d) for d in define_sets for b in blocks_per_sm]:
+        label = build_variant(defines)
         per_block = gemv.tasks_per_block(rows, bps)
 
         def launch(i, per_block=per_block):
@@ -174,28 +174,26 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--bps", default=",".join(map(str, BLOCKS_PER_SM)), help="blocks per SM to try")
-    ap.add_argument("--prefetch", default="", help="PREFETCH_TASKS values to build and try (default: gemv.cu's)")
-    ap.add_argument("--rows-at-once", default="", help="ROWS_AT_ONCE values (1, 2) to build and try")
+    ap.add_argument("--defines", default="-", help="';'-separated sets of gemv.cu macros to build and try, each "
+                    "NAME=VALUE,... or - (gemv.cu's defaults)")
     args = ap.parse_args()
     import cupy as cp
 
     blocks_per_sm = tuple(int(b) for b in args.bps.split(","))
-    prefetch = tuple(int(t) for t in args.prefetch.split(",")) if args.prefetch else (None,)
-    rows_at_once = tuple(int(r) for r in args.rows_at_once.split(",")) if args.rows_at_once else (None,)
 
     baseline = baseline_module(cp, args.baseline) if args.baseline else None
     rows = []
     for name in args.shapes.split(","):
-        rows += run_shape(cp, name, *SHAPES[name], baseline, args.reps, blocks_per_sm=blocks_per_sm, prefetch=prefetch,
-                          rows_at_once=rows_at_once)
-    print(f"| {'shape':<16} | {'rows x cols':>13} | {'type':<5} | {'MB':>6} | {'variant':<16} | {'tasks/blk':>9} | "
+        rows += run_shape(cp, name, *SHAPES[name], baseline, args.reps, blocks_per_sm=blocks_per_sm,
+                          define_sets=tuple(args.defines.split(";")))
+    print(f"| {'shape':<16} | {'rows x cols':>13} | {'type':<5} | {'MB':>6} | {'variant':<40} | {'tasks/blk':>9} | "
           f"{'us':>7} | {'GB/s':>6} | {'of 4.2':>6} | {'err model':>9} | {'err float':>9} | ok |")
-    print("|" + "|".join("-" * (w + 2) for w in (16, 13, 5, 6, 16, 9, 7, 6, 6, 9, 9, 2)) + "|")
+    print("|" + "|".join("-" * (w + 2) for w in (16, 13, 5, 6, 40, 9, 7, 6, 6, 9, 9, 2)) + "|")
     for r in rows:
         print(f"| {r['shape']:<16} | {r['rows']:>6}x{r['cols']:<6} | {r['type']:<5} | {r['mb']:>6.1f} | "
-              f"{r['variant']:<16} | {r['per_block']:>9} | {r['seconds'] * 1e6:>7.1f} | {r['gbs']:>6.0f} | "
+              f"{r['variant']:<40} | {r['per_block']:>9} | {r['seconds'] * 1e6:>7.1f} | {r['gbs']:>6.0f} | "
               f"{r['frac']:>6.2f} | {r['err_model']:>9.1e} | {r['err_float']:>9.1e} | {'ok' if r['ok'] else 'NO'} |")
-    variants = sorted({r["variant"].split("/", 1)[1] for r in rows if "/" in r["variant"]})  # bpsN[/pfK]
+    variants = sorted({r["variant"].split("/", 1)[1] for r in rows if "/" in r["variant"]})  # bpsN[/NAME=VALUE...]
     step = {v: sum(r["seconds"] for r in rows if r["shape"] in STEP_8B and r["variant"].endswith("/" + v))
             for v in variants}
     if all(step.values()) and all(any(r["shape"] == s for r in rows) for s in STEP_8B):
