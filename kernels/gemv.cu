@@ -61,6 +61,11 @@
 #define UNIT_UNROLL 2
 #endif
 constexpr int stage_chunk = STAGE_CHUNK, unit_unroll = UNIT_UNROLL;  // (#pragma unroll takes no macros)
+// STAGE_COPY=1 (measurement only): gemv reads its input already staged (the shared-memory image stage_image_<type>
+// writes) and copies it in with 16-byte loads: the GEMV without the quantization, to price the staging.
+#ifndef STAGE_COPY
+#define STAGE_COPY 0
+#endif
 
 template <int T> __device__ constexpr bool int8_input() {
     return T == T_Q8_0 || T == T_Q4_0 || T == T_Q4_1 || T == T_Q4_K || T == T_Q6_K;
@@ -363,7 +368,13 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long ro
     extern __shared__ __align__(16) u8 smem[];
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
     prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T>());
-    stage<T>([&](int i) { return a2f(x[i]); }, cols, smem);
+    if constexpr (STAGE_COPY && int8_input<T>()) {
+        const int words = (cols + cols / 4) / 16;
+        for (int i = threadIdx.x; i < words; i += blockDim.x) ((uint4*)smem)[i] = ((const uint4*)x)[i];
+        __syncthreads();
+    } else {
+        stage<T>([&](int i) { return a2f(x[i]); }, cols, smem);
+    }
     each_row_dot<T>(w, row_bytes, rows, cols, per_block, smem, prefetch, [&](int r, float acc) {
         if ((threadIdx.x & 31) == 0) {
             if (out_f32) ((float*)y)[r] = acc;
@@ -497,8 +508,22 @@ __device__ __forceinline__ void head_body(const float* __restrict__ x, const flo
     });
 }
 
+#if STAGE_COPY
+// The staged image of x (cols + cols/4 bytes) written out by one block, for gemv's STAGE_COPY variant
+#define STAGE_IMAGE(NAME, T)                                                                                \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) stage_image_##NAME(const act_t* x, int cols,  \
+                                                                                  uint4* out) {             \
+        extern __shared__ __align__(16) u8 smem[];                                                          \
+        stage<T>([&](int i) { return a2f(x[i]); }, cols, smem);                                             \
+        for (int i = threadIdx.x; i < (cols + cols / 4) / 16; i += blockDim.x) out[i] = ((uint4*)smem)[i];  \
+    }
+#else
+#define STAGE_IMAGE(NAME, T)
+#endif
+
 // One weight type per build, instantiated by the loader (kernels.per_type): GEMV_KERNELS(q4_k, T_Q4_K).
 #define GEMV_KERNELS(NAME, T)                                                                               \
+    STAGE_IMAGE(NAME, T)                                                                                    \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME(                                \
         const u8* w, long long row_bytes, const act_t* x, int rows, int cols, void* y, int out_f32,         \
         int per_block) {                                                                                    \

@@ -8,8 +8,9 @@ measured copy bandwidth) at real model shapes. Needs a GPU; run from the reposit
 Variants:
   int8/bpsN   kernels/gemv.cu gemv_<type> (int8 input, dp4a) with tasks_per_block for N blocks per SM
               (production: gemv.BLOCKS_PER_SM); with --defines, built once per set of gemv.cu's measurement
-              macros (PREFETCH_TASKS, ROWS_AT_ONCE, STAGE_CHUNK, UNIT_UNROLL; "-": gemv.cu's defaults), the set
-              in the variant's label
+              macros (PREFETCH_TASKS, ROWS_AT_ONCE, STAGE_CHUNK, UNIT_UNROLL, STAGE_COPY; "-": gemv.cu's
+              defaults), the set in the variant's label; STAGE_COPY=1 passes the input pre-staged (the GEMV
+              without its quantization)
   baseline    the previous kernel (fp32 input in shared memory, one warp per row, 4 rows a block: quant.cu
               gemv_<type> of the checkout at DIR, e.g. main's), where its fp32 staging fits 48 KB
 Check: int8 variants against gemv.reference (the numpy model of their arithmetic, rel. error < 1e-5; the
@@ -111,6 +112,15 @@ def build_variant(defines: str) -> str:
     return "".join(f"/{pair}" for pair in pairs)
 
 
+def staged_image(cp, x_dev, m, dtype: str):
+    """The shared-memory image gemv.cu stages from x for m's type (its stage_image kernel, STAGE_COPY builds)."""
+    image = cp.empty(gemv.stage_bytes(m.ggml_type, m.cols) // 16 * 4, dtype=cp.uint32)
+    fn = kernels.function("gemv", f"stage_image_{m.suffix}", dtype, instance=kernels.per_type(gemv.INSTANCE_MACRO,
+                                                                                                m.suffix))
+    fn((1,), (gemv.THREADS,), (x_dev, np.int32(m.cols), image), shared_mem=gemv.stage_bytes(m.ggml_type, m.cols))
+    return image
+
+
 def run_shape(cp, name, rows, cols, ggml_type, baseline, reps, dtype="f16", blocks_per_sm=BLOCKS_PER_SM,
               define_sets=("-",)) -> list[dict]:
     rng = np.random.default_rng(rows + cols)
@@ -136,9 +146,11 @@ def run_shape(cp, name, rows, cols, ggml_type, baseline, reps, dtype="f16", bloc
         label = build_variant(defines)
         per_block = gemv.tasks_per_block(rows, bps)
 
-        def launch(i, per_block=per_block):
+        x_in = staged_image(cp, x_dev, m, dtype) if "STAGE_COPY=1" in label and ggml_type in gemv.INT8_TYPES else x_dev
+
+        def launch(i, per_block=per_block, x_in=x_in):
             m.data = datas[i]
-            gemv.gemv(x_dev, m, y, dtype, per_block=per_block)
+            gemv.gemv(x_in, m, y, dtype, per_block=per_block)
 
         y.fill(np.nan)
         launch(0)
