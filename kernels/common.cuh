@@ -65,6 +65,26 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// The int8 input of the one-token GEMVs (gemv.cu), llama.cpp's q8_1: the calling warp quantizes block `block` of 32
+// values (lane l holds value 32*block + l): d = max|v| / 127, q = rint(v / d) (0 where d == 0), s = the block's sum,
+// each lane's and lane 0's as gemv.cu's stage computes them. Stored for the next GEMV in value order, "staged": int8
+// q[n], then fp32 d[n/32], then fp32 s[n/32] (n + n/4 bytes; gemv.cu's copy_staged reads it instead of quantizing).
+__device__ __forceinline__ void store_q8_block(float v, int block, int n, unsigned char* __restrict__ q8) {
+    float amax = fabsf(v), sum = v;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    }
+    const float d = amax / 127.0f;
+    q8[32 * block + (threadIdx.x & 31)] = (unsigned char)(signed char)(d > 0.0f ? __float2int_rn(v / d) : 0);
+    if ((threadIdx.x & 31) == 0) {
+        float* scales = (float*)(q8 + n);
+        scales[block] = d;
+        scales[n / 32 + block] = sum;
+    }
+}
+
 // Sum over a whole block (blockDim.x a multiple of 32, <= 1024); every thread gets the result.
 __device__ __forceinline__ float block_sum(float v, float* scratch /* >= 32 floats */) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;

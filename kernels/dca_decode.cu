@@ -20,7 +20,8 @@
 //   tiles through its own double-buffered cp.async stage (warp-local sync only), keeps an online
 //   softmax, and the warps merge through shared memory at the end. The slice bounds come from the
 //   device positions: keys past the token are never read.
-// - dca_combine: out = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), one block of 8 warps per row.
+// - dca_combine: out = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), one block of 8 warps per row; with
+//   out_staged (one-token decode), also out quantized for the output projection (common.cuh store_q8_block).
 // Limits: D in {64, 128}; rope_dim % 32 == 0 and <= D; group = Hq / Hkv <= 16.
 
 template <int D, int BN, bool BF16>
@@ -247,8 +248,8 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const u16
 // over dims), then add up through shared memory. D <= 128, a multiple of 32.
 template <bool BF16>
 __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, const float* __restrict__ part_m,
-                                             const float* __restrict__ part_l, u16* __restrict__ out, int rows,
-                                             int D, int n_splits) {
+                                             const float* __restrict__ part_l, u16* __restrict__ out,
+                                             unsigned char* __restrict__ out_staged, int rows, int D, int n_splits) {
     constexpr int WARPS = 8, MAX_DPL = 4;
     __shared__ float w_o[WARPS][32 * MAX_DPL], w_l[WARPS];
     const int row = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -276,11 +277,15 @@ __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, c
             sum_o += w_o[w][d];
             sum_l += w_l[w];
         }
-        out[(long long)row * D + d] = (u16)(Elt<BF16>::pack(sum_o / sum_l, 0.0f) & 0xffffu);
+        const unsigned bits = Elt<BF16>::pack(sum_o / sum_l, 0.0f);
+        out[(long long)row * D + d] = (u16)(bits & 0xffffu);
+        // the output projection's input, quantized (whole warps: D % 32 == 0): block (row * D + d) / 32
+        if (out_staged != nullptr) store_q8_block(Elt<BF16>::lo(bits), (int)(((long long)row * D + d) >> 5), rows * D,
+                                                  out_staged);
     }
 }
 
 extern "C" __global__ void dca_combine(const float* part_o, const float* part_m, const float* part_l, u16* out,
-                                       int rows, int D, int n_splits) {
-    combine_body<ACT_IS_BF16>(part_o, part_m, part_l, out, rows, D, n_splits);
+                                       unsigned char* out_staged, int rows, int D, int n_splits) {
+    combine_body<ACT_IS_BF16>(part_o, part_m, part_l, out, out_staged, rows, D, n_splits);
 }

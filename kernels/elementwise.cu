@@ -217,3 +217,10 @@ extern "C" __global__ void store_kv_vec8(const act_t* __restrict__ k, long long 
     *(uint4*)(cache_k + dst + j0) = make_uint4(o1[0], o1[1], o1[2], o1[3]);
     *(uint4*)(cache_k + dst + j0 + half_r) = make_uint4(o2[0], o2[1], o2[2], o2[3]);
 }
+
+// x (n,) act_t -> its staged int8 input for a GEMV (common.cuh store_q8_block's layout), a warp per block of 32: what
+// gemv.cu's gateup and dca_combine write in their epilogues, for the tests and dev/cuda/gemv.py. n % 32 == 0.
+extern "C" __global__ void quantize_input(const act_t* x, int n, unsigned char* staged) {
+    const int b = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (32 * b < n) store_q8_block(a2f(x[32 * b + (threadIdx.x & 31)]), b, n, staged);
+}

@@ -26,13 +26,16 @@
 // Every activation value is rounded to act_t (fp16, or bf16 with -DACT_BF16) where the op-by-op path
 // would store it, so the fused kernels and gemv + elementwise agree to summation order.
 //   gemv_T       y[r] = W[r].x (x act_t; y act_t, or fp32 when out_f32)
-//   gemv_add_T   x[r] += act_t(W[r].a) (fp32 residual in place)
+//   gemv_add_T   x[r] += act_t(W[r].a) (fp32 residual in place); with a_staged (int8 types), a arrives quantized
+//                by the kernel that produced it (store_q8_block: gateup's or dca_combine's epilogue) and is copied
+//                in (copy_staged) instead of staged: the same values, without the per-block quantization
 //   qkv_T        tasks: Hq*D query rows (act_t out, unrotated) | per KV head, R/2 rotary pairs (two rows,
 //                rotated at the key position, stored in the cache) and D-R pass-through rows | Hkv*D
 //                value rows (stored in the cache); input rmsnorm(x)*w; position read from pos[0]; with
 //                Q/K/V biases (qwen2; bq, bk, bv fp32, or all null) each row's act_t(act_t(dot) + bias),
 //                before the rotation, as the composed path's add_bias
-//   gateup_T     out[r] = act_t(silu(g) * u), g, u = act_t(Wg[r].h), act_t(Wu[r].h), h = rmsnorm(x)*w
+//   gateup_T     out[r] = act_t(silu(g) * u), g, u = act_t(Wg[r].h), act_t(Wu[r].h), h = rmsnorm(x)*w; with
+//                out_staged, each block then quantizes its rows of out for the down product (per_block % 32 == 0)
 //   head_T       logits[r] = Wout[r].h (fp32), h = rmsnorm(x)*w
 
 #define GEMV_THREADS 256
@@ -42,31 +45,6 @@
 #ifndef PREFETCH_TASKS
 #define PREFETCH_TASKS 1
 #endif
-// Rows a warp of gemv / gemv_add / head / gateup computes at once (1 or 2): with 2, one unit loop issues both
-// rows' loads before using either (twice the bytes in flight per warp: the latency-bound o / down products give
-// each warp only 2-3 rows; gateup's gate and up rows of a task), the same sums in the same order per row. A
-// measurement variant until dev/cuda/gemv.py --rows-at-once and tools/profile_decode.py show it faster on the GPU
-// (not yet run).
-#ifndef ROWS_AT_ONCE
-#define ROWS_AT_ONCE 1
-#endif
-// Measurement variants (dev/cuda/gemv.py --defines, NOTES.md v5), not yet run on the GPU: STAGE_CHUNK, the blocks
-// of 32 a warp quantizes at once while staging (their loads issued together: one L2 round trip per chunk) and the
-// unroll of RMSNorm's sum of squares; UNIT_UNROLL, the unroll of a row's unit loop (a lane's units' loads in flight
-// together: the 8B down product has 7 units a lane).
-#ifndef STAGE_CHUNK
-#define STAGE_CHUNK 4
-#endif
-#ifndef UNIT_UNROLL
-#define UNIT_UNROLL 2
-#endif
-constexpr int stage_chunk = STAGE_CHUNK, unit_unroll = UNIT_UNROLL;  // (#pragma unroll takes no macros)
-// STAGE_COPY=1 (measurement only): gemv reads its input already staged (the shared-memory image stage_image_<type>
-// writes) and copies it in with 16-byte loads: the GEMV without the quantization, to price the staging.
-#ifndef STAGE_COPY
-#define STAGE_COPY 0
-#endif
-
 template <int T> __device__ constexpr bool int8_input() {
     return T == T_Q8_0 || T == T_Q4_0 || T == T_Q4_1 || T == T_Q4_K || T == T_Q6_K;
 }
@@ -109,11 +87,11 @@ template <int T, class F> __device__ __forceinline__ void stage(F value, int col
         i8* xq = (i8*)smem;
         float* xd = (float*)(smem + cols);
         float* xs = xd + n_blocks;
-        // each warp quantizes STAGE_CHUNK blocks of 32 at a time (loads together, independent shuffle chains overlap)
-        for (int b0 = STAGE_CHUNK * warp; b0 < n_blocks; b0 += STAGE_CHUNK * n_warps) {
-            float v[STAGE_CHUNK], amax[STAGE_CHUNK], sum[STAGE_CHUNK];
+        // each warp quantizes 4 blocks of 32 at a time (independent shuffle chains overlap)
+        for (int b0 = 4 * warp; b0 < n_blocks; b0 += 4 * n_warps) {
+            float v[4], amax[4], sum[4];
 #pragma unroll
-            for (int j = 0; j < STAGE_CHUNK; ++j) {
+            for (int j = 0; j < 4; ++j) {
                 v[j] = b0 + j < n_blocks ? value(32 * (b0 + j) + lane) : 0.0f;
                 amax[j] = fabsf(v[j]);
                 sum[j] = v[j];
@@ -121,13 +99,13 @@ template <int T, class F> __device__ __forceinline__ void stage(F value, int col
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) {
 #pragma unroll
-                for (int j = 0; j < STAGE_CHUNK; ++j) {
+                for (int j = 0; j < 4; ++j) {
                     amax[j] = fmaxf(amax[j], __shfl_xor_sync(0xffffffffu, amax[j], o));
                     sum[j] += __shfl_xor_sync(0xffffffffu, sum[j], o);
                 }
             }
 #pragma unroll
-            for (int j = 0; j < STAGE_CHUNK; ++j) {
+            for (int j = 0; j < 4; ++j) {
                 const int b = b0 + j;
                 if (b < n_blocks) {
                     const float d = amax[j] / 127.0f;
@@ -142,6 +120,23 @@ template <int T, class F> __device__ __forceinline__ void stage(F value, int col
                 }
             }
         }
+    }
+    __syncthreads();
+}
+
+// The whole block reads an input quantized ahead (store_q8_block's staged layout: the producing kernel's epilogue
+// quantized it as stage would) into smem in stage's layout: 16-value pieces moved to their unit slots, then the scales
+// and sums; ends with __syncthreads. The staging without its quantization: 30 -> 20 us on the 8B down product (H100).
+template <int T> __device__ __forceinline__ void copy_staged(const u8* __restrict__ staged, int cols, u8* smem) {
+    if constexpr (int8_input<T>()) {
+        const int units = cols / unit_values<T>();
+        for (int c = threadIdx.x; c < cols / 16; c += blockDim.x) {
+            int unit, offset;
+            unit_slot<T>(16 * c, unit, offset);
+            ((uint4*)smem)[(offset >> 4) * units + unit] = ((const uint4*)staged)[c];
+        }
+        const float* scales = (const float*)(staged + cols);  // d[cols/32], s[cols/32], as stage keeps them
+        for (int i = threadIdx.x; i < cols / 16; i += blockDim.x) ((float*)(smem + cols))[i] = scales[i];
     }
     __syncthreads();
 }
@@ -262,7 +257,7 @@ template <int T> __device__ __forceinline__ float dot_row(const u8* __restrict__
         const float* xd = (const float*)(smem + cols);
         const float* xs = xd + (cols >> 5);
         float acc = 0.0f;
-#pragma unroll unit_unroll
+#pragma unroll 2
         for (int u = threadIdx.x & 31; u < units; u += 32) acc += unit_dot<T>(row, u, xq, xd, xs, units);
         return warp_sum(acc);
     } else {
@@ -279,7 +274,7 @@ template <int T> __device__ __forceinline__ float2 dot_rows2(const u8* __restric
     const float* xd = (const float*)(smem + cols);
     const float* xs = xd + (cols >> 5);
     float acc0 = 0.0f, acc1 = 0.0f;
-#pragma unroll unit_unroll
+#pragma unroll 2
     for (int u = threadIdx.x & 31; u < units; u += 32) {
         const float d0 = unit_dot<T>(row0, u, xq, xd, xs, units);
         const float d1 = unit_dot<T>(row1, u, xq, xd, xs, units);
@@ -292,7 +287,7 @@ template <int T> __device__ __forceinline__ float2 dot_rows2(const u8* __restric
 // rsqrt(mean(x^2) + eps) over the whole block (every thread gets it)
 __device__ __forceinline__ float rms_scale(const float* __restrict__ x, float eps, int d, float* scratch) {
     float ss = 0.0f;
-#pragma unroll stage_chunk
+#pragma unroll 4
     for (int i = threadIdx.x; i < d; i += blockDim.x) ss += x[i] * x[i];
     return rsqrtf(block_sum(ss, scratch) / (float)d + eps);
 }
@@ -339,17 +334,18 @@ __device__ __forceinline__ void for_task_pairs(int n, int per_block, P prefetch,
     if (t < end) f((int)t);
 }
 
-// Rows a warp computes at once (gemv, gemv_add, head: rows; gateup: a task's gate and up rows): ROWS_AT_ONCE for
-// the int8 types
-template <int T> __device__ constexpr int rows_at_once() { return ROWS_AT_ONCE == 2 && int8_input<T>() ? 2 : 1; }
+// Rows a warp computes at once: R (1 or 2) for the int8 types, else 1. Two rows in one unit loop (dot_rows2) double
+// the bytes a warp has in flight: faster for gemv_add (the 8B o / down products give each warp 2-3 rows) and gateup
+// (a task's gate and up rows), slower for the head and gemv (dev/cuda/NOTES.md, v4).
+template <int T, int R> __device__ constexpr int rows_at_once() { return R == 2 && int8_input<T>() ? 2 : 1; }
 
-// This warp's rows r of w (row_bytes apart) dotted with the staged input, emit(r, dot) for each, rows_at_once<T>()
-// at a time; prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T>()) goes before the staging.
-template <int T, class P, class E>
+// This warp's rows r of w (row_bytes apart) dotted with the staged input, emit(r, dot) for each, rows_at_once<T, R>()
+// at a time; prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T, R>()) goes before the staging.
+template <int T, int R, class P, class E>
 __device__ __forceinline__ void each_row_dot(const u8* __restrict__ w, long long row_bytes, int rows, int cols,
                                              int per_block, const u8* smem, P prefetch, E emit) {
     auto one = [&](int r) { emit(r, dot_row<T>(w + r * row_bytes, smem, cols)); };
-    if constexpr (rows_at_once<T>() == 2) {
+    if constexpr (rows_at_once<T, R>() == 2) {
         for_task_pairs(rows, per_block, prefetch, one, [&](int r0, int r1) {
             const float2 acc = dot_rows2<T>(w + r0 * row_bytes, w + r1 * row_bytes, smem, cols);
             emit(r0, acc.x);
@@ -367,15 +363,9 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long ro
                                           int rows, int cols, void* __restrict__ y, int out_f32, int per_block) {
     extern __shared__ __align__(16) u8 smem[];
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
-    prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T>());
-    if constexpr (STAGE_COPY && int8_input<T>()) {
-        const int words = (cols + cols / 4) / 16;
-        for (int i = threadIdx.x; i < words; i += blockDim.x) ((uint4*)smem)[i] = ((const uint4*)x)[i];
-        __syncthreads();
-    } else {
-        stage<T>([&](int i) { return a2f(x[i]); }, cols, smem);
-    }
-    each_row_dot<T>(w, row_bytes, rows, cols, per_block, smem, prefetch, [&](int r, float acc) {
+    prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS);
+    stage<T>([&](int i) { return a2f(x[i]); }, cols, smem);
+    each_row_dot<T, 1>(w, row_bytes, rows, cols, per_block, smem, prefetch, [&](int r, float acc) {
         if ((threadIdx.x & 31) == 0) {
             if (out_f32) ((float*)y)[r] = acc;
             else ((act_t*)y)[r] = f2a(acc);
@@ -385,13 +375,14 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long ro
 
 template <int T>
 __device__ __forceinline__ void gemv_add_body(const u8* __restrict__ w, long long row_bytes,
-                                              const act_t* __restrict__ a, int rows, int cols, float* __restrict__ x,
-                                              int per_block) {
+                                              const act_t* __restrict__ a, const u8* __restrict__ a_staged, int rows,
+                                              int cols, float* __restrict__ x, int per_block) {
     extern __shared__ __align__(16) u8 smem[];
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
-    prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T>());
-    stage<T>([&](int i) { return a2f(a[i]); }, cols, smem);
-    each_row_dot<T>(w, row_bytes, rows, cols, per_block, smem, prefetch, [&](int r, float acc) {
+    prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T, 2>());
+    if (a_staged != nullptr) copy_staged<T>(a_staged, cols, smem);
+    else stage<T>([&](int i) { return a2f(a[i]); }, cols, smem);
+    each_row_dot<T, 2>(w, row_bytes, rows, cols, per_block, smem, prefetch, [&](int r, float acc) {
         if ((threadIdx.x & 31) == 0) x[r] = x[r] + a2f(f2a(acc));
     });
 }
@@ -469,7 +460,8 @@ __device__ __forceinline__ void qkv_body(
 template <int T>
 __device__ __forceinline__ void gateup_body(const float* __restrict__ x, const float* __restrict__ w_norm, float eps,
                                             int d, const u8* __restrict__ wg, const u8* __restrict__ wu,
-                                            long long row_bytes, int rows, act_t* __restrict__ out, int per_block) {
+                                            long long row_bytes, int rows, act_t* __restrict__ out,
+                                            u8* __restrict__ out_staged, int per_block) {
     extern __shared__ __align__(16) u8 smem[];
     __shared__ float scratch[32];
     auto prefetch = [&](int r) {
@@ -481,7 +473,7 @@ __device__ __forceinline__ void gateup_body(const float* __restrict__ x, const f
     stage<T>(NORMED(x, w_norm, inv), d, smem);
     for_tasks(rows, per_block, prefetch, [&](int r) {
         float g, u;
-        if constexpr (rows_at_once<T>() == 2) {  // the gate and up rows in one unit loop
+        if constexpr (rows_at_once<T, 2>() == 2) {  // the gate and up rows in one unit loop
             const float2 gu = dot_rows2<T>(wg + r * row_bytes, wu + r * row_bytes, smem, d);
             g = a2f(f2a(gu.x));
             u = a2f(f2a(gu.y));
@@ -491,6 +483,12 @@ __device__ __forceinline__ void gateup_body(const float* __restrict__ x, const f
         }
         if ((threadIdx.x & 31) == 0) out[r] = f2a(g * (0.5f + 0.5f * tanhf(0.5f * g)) * u);
     });
+    if (out_staged != nullptr) {  // the down product's input, quantized: this block's rows (whole blocks of 32)
+        __syncthreads();          // every row of the block stored
+        const int end = min(rows, (blockIdx.x + 1) * per_block);
+        for (int b = blockIdx.x * per_block / 32 + (threadIdx.x >> 5); 32 * b < end; b += blockDim.x >> 5)
+            store_q8_block(a2f(out[32 * b + (threadIdx.x & 31)]), b, rows, out_staged);
+    }
 }
 
 template <int T>
@@ -500,38 +498,25 @@ __device__ __forceinline__ void head_body(const float* __restrict__ x, const flo
     extern __shared__ __align__(16) u8 smem[];
     __shared__ float scratch[32];
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
-    prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T>());
+    prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS);
     const float inv = rms_scale(x, eps, d, scratch);
     stage<T>(NORMED(x, w_norm, inv), d, smem);
-    each_row_dot<T>(w, row_bytes, rows, d, per_block, smem, prefetch, [&](int r, float acc) {
+    each_row_dot<T, 1>(w, row_bytes, rows, d, per_block, smem, prefetch, [&](int r, float acc) {
         if ((threadIdx.x & 31) == 0) logits[r] = acc;
     });
 }
 
-#if STAGE_COPY
-// The staged image of x (cols + cols/4 bytes) written out by one block, for gemv's STAGE_COPY variant
-#define STAGE_IMAGE(NAME, T)                                                                                \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) stage_image_##NAME(const act_t* x, int cols,  \
-                                                                                  uint4* out) {             \
-        extern __shared__ __align__(16) u8 smem[];                                                          \
-        stage<T>([&](int i) { return a2f(x[i]); }, cols, smem);                                             \
-        for (int i = threadIdx.x; i < (cols + cols / 4) / 16; i += blockDim.x) out[i] = ((uint4*)smem)[i];  \
-    }
-#else
-#define STAGE_IMAGE(NAME, T)
-#endif
-
 // One weight type per build, instantiated by the loader (kernels.per_type): GEMV_KERNELS(q4_k, T_Q4_K).
 #define GEMV_KERNELS(NAME, T)                                                                               \
-    STAGE_IMAGE(NAME, T)                                                                                    \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME(                                \
         const u8* w, long long row_bytes, const act_t* x, int rows, int cols, void* y, int out_f32,         \
         int per_block) {                                                                                    \
         gemv_body<T>(w, row_bytes, x, rows, cols, y, out_f32, per_block);                                   \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_add_##NAME(                            \
-        const u8* w, long long row_bytes, const act_t* a, int rows, int cols, float* x, int per_block) {    \
-        gemv_add_body<T>(w, row_bytes, a, rows, cols, x, per_block);                                        \
+        const u8* w, long long row_bytes, const act_t* a, const u8* a_staged, int rows, int cols, float* x, \
+        int per_block) {                                                                                    \
+        gemv_add_body<T>(w, row_bytes, a, a_staged, rows, cols, x, per_block);                              \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) qkv_##NAME(                                 \
         const float* x, const float* w_norm, float eps, int d, const u8* wq, const u8* wk, const u8* wv,   \
@@ -543,8 +528,8 @@ __device__ __forceinline__ void head_body(const float* __restrict__ x, const flo
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gateup_##NAME(                              \
         const float* x, const float* w_norm, float eps, int d, const u8* wg, const u8* wu,                 \
-        long long row_bytes, int rows, act_t* out, int per_block) {                                         \
-        gateup_body<T>(x, w_norm, eps, d, wg, wu, row_bytes, rows, out, per_block);                         \
+        long long row_bytes, int rows, act_t* out, u8* out_staged, int per_block) {                         \
+        gateup_body<T>(x, w_norm, eps, d, wg, wu, row_bytes, rows, out, out_staged, per_block);             \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) head_##NAME(                                \
         const float* x, const float* w_norm, float eps, int d, const u8* w, long long row_bytes, int rows,  \

@@ -221,3 +221,23 @@ def test_long_prefill_64k_sampled_rows(kernel):
     got = case.prefill(kernel=kernel)
     rows = np.array([0, 1, 5119, 5120, 5121, 10239, 10240, 33333, 40959, 40960, n - 2, n - 1])
     assert_close(got[rows], case.reference(rows=rows), "bf16")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_stages_its_output_for_the_output_projection(dtype, head_dim):
+    """With out_staged, dca_combine also writes its output quantized (the output projection's int8 input): the same
+    output, and the bytes gemv.quantize_input writes from it."""
+    import cupy as cp
+
+    from engine.backends.cuda import gemv
+
+    case = Case(np.random.default_rng(head_dim), 1, 32, 8, head_dim, DCA, dtype, capacity=1536, positions=[1000])
+    n = 32 * head_dim
+    staged, expected = (cp.full(gemv.staged_bytes(n), 0xAB, dtype=cp.uint8) for _ in range(2))
+    out = fa.flash_decode(case.dev_q, case.dev_k, case.dev_v, case.dev_pos, case.cos, case.sin,
+                          rope_dim=case.rope_dim, dca=case.dca, out_staged=staged)
+    np.testing.assert_array_equal(case._host(out), case.decode())
+    gemv.quantize_input(out.reshape(-1), expected, dtype)
+    np.testing.assert_array_equal(cp.asnumpy(staged), cp.asnumpy(expected))

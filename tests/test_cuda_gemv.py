@@ -129,6 +129,61 @@ def test_gemv_add_over_a_70b_ffn_row(cp, dtype, ggml_type):
         np.testing.assert_array_equal(cp.asnumpy(x2), cp.asnumpy(x))
 
 
+def staged_input(cp, a, dtype):
+    """a (n,) act_t quantized ahead (gemv.quantize_input: what gate_up's and dca_combine's epilogues write)."""
+    staged = cp.full(gemv.staged_bytes(a.shape[-1]), 0xAB, dtype=cp.uint8)
+    gemv.quantize_input(a, staged, dtype)
+    return staged
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ggml_type", [t for t in TYPES if t in gemv.INT8_TYPES], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,cols", [(4096, 14336), (77, 4096), (40, 1536)])
+def test_gemv_add_reads_a_staged_input_as_it_would_stage_it(cp, dtype, ggml_type, rows, cols):
+    """The staged bytes are the numpy model's quantization of the act_t input, and gemv_add reading them gives, bit
+    for bit, the residual it gives quantizing the input itself (odd rows: a warp's last row without a partner)."""
+    rng = np.random.default_rng(rows + cols + int(ggml_type))
+    tensor = synthetic_weight("blk.0.ffn_down", ggml_type, (rows, cols), rng, 1 / np.sqrt(cols))
+    m = device_matrix(cp, tensor, "blk.0.ffn_down")
+    a_host = rounded(rng.standard_normal(cols) * 3, dtype)
+    a_host[:32] = 0.0  # a zero block: d = 0, q = 0
+    a = act(cp, a_host, dtype)
+    staged = cp.asnumpy(staged_input(cp, a, dtype))
+    q, d, s = gemv.quantize_q8(a_host)
+    np.testing.assert_array_equal(staged[:cols].view(np.int8), q)
+    scales = staged[cols:].view(np.float32)
+    np.testing.assert_array_equal(scales[:cols // 32], d)
+    np.testing.assert_allclose(scales[cols // 32:], s, rtol=1e-5, atol=1e-5)
+    x0 = rng.standard_normal(rows).astype(np.float32)
+    quantizing, reading = cp.asarray(x0), cp.asarray(x0)
+    gemv.gemv_add(a, m, quantizing, dtype)
+    gemv.gemv_add(a, m, reading, dtype, staged=cp.asarray(staged))
+    np.testing.assert_array_equal(cp.asnumpy(reading), cp.asnumpy(quantizing))
+    assert rel_err(cp.asnumpy(quantizing) - x0, rounded(gemv.reference(a_host, tensor), dtype)) < 5e-3
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("ffn,d", [(14336, 4096), (96, 512)])
+def test_gate_up_stages_its_output_for_the_down_product(cp, dtype, ggml_type, ffn, d):
+    """With out_staged, gate_up (blocks of whole 32-row groups) writes the same output, and that output quantized as
+    quantize_input quantizes it."""
+    rng = np.random.default_rng(ffn + d + int(ggml_type))
+    wg, wu = (device_matrix(cp, synthetic_weight(f"blk.0.ffn_{n}", ggml_type, (ffn, d), rng, 1 / np.sqrt(d)),
+                            f"blk.0.ffn_{n}") for n in ("gate", "up"))
+    x = cp.asarray(rng.standard_normal(d).astype(np.float32))
+    norm = cp.asarray((1 + 0.1 * rng.standard_normal(d)).astype(np.float32))
+    act_type = act(cp, np.zeros(1), dtype).dtype
+    plain, staged_out = cp.empty(ffn, dtype=act_type), cp.empty(ffn, dtype=act_type)
+    staged = cp.full(gemv.staged_bytes(ffn), 0xAB, dtype=cp.uint8)
+    gemv.gate_up(x, norm, 1e-5, wg, wu, plain, dtype)
+    gemv.gate_up(x, norm, 1e-5, wg, wu, staged_out, dtype, out_staged=staged)
+    np.testing.assert_array_equal(cp.asnumpy(staged_out.view(cp.uint16)), cp.asnumpy(plain.view(cp.uint16)))
+    np.testing.assert_array_equal(cp.asnumpy(staged), cp.asnumpy(staged_input(cp, plain, dtype)))
+
+
 @pytest.mark.cuda
 def test_head_over_152k_rows_past_2_gb(cp):
     """A 152,064 x 8,192 F16 head: 2.5 GB of rows, row offsets beyond 2^31 bytes."""

@@ -8,9 +8,9 @@ measured copy bandwidth) at real model shapes. Needs a GPU; run from the reposit
 Variants:
   int8/bpsN   kernels/gemv.cu gemv_<type> (int8 input, dp4a) with tasks_per_block for N blocks per SM
               (production: gemv.BLOCKS_PER_SM); with --defines, built once per set of gemv.cu's measurement
-              macros (PREFETCH_TASKS, ROWS_AT_ONCE, STAGE_CHUNK, UNIT_UNROLL, STAGE_COPY; "-": gemv.cu's
-              defaults), the set in the variant's label; STAGE_COPY=1 passes the input pre-staged (the GEMV
-              without its quantization)
+              macros (PREFETCH_TASKS; "-": gemv.cu's defaults), the set in the variant's label
+  add, add+staged   with --add: gemv_add (o / down products' kernel) quantizing its input, and reading it staged
+              (quantized ahead, as dca_combine / gate_up write it in the decode step)
   baseline    the previous kernel (fp32 input in shared memory, one warp per row, 4 rows a block: quant.cu
               gemv_<type> of the checkout at DIR, e.g. main's), where its fp32 staging fits 48 KB
 Check: int8 variants against gemv.reference (the numpy model of their arithmetic, rel. error < 1e-5; the
@@ -112,17 +112,29 @@ def build_variant(defines: str) -> str:
     return "".join(f"/{pair}" for pair in pairs)
 
 
-def staged_image(cp, x_dev, m, dtype: str):
-    """The shared-memory image gemv.cu stages from x for m's type (its stage_image kernel, STAGE_COPY builds)."""
-    image = cp.empty(gemv.stage_bytes(m.ggml_type, m.cols) // 16 * 4, dtype=cp.uint32)
-    fn = kernels.function("gemv", f"stage_image_{m.suffix}", dtype, instance=kernels.per_type(gemv.INSTANCE_MACRO,
-                                                                                                m.suffix))
-    fn((1,), (gemv.THREADS,), (x_dev, np.int32(m.cols), image), shared_mem=gemv.stage_bytes(m.ggml_type, m.cols))
-    return image
+def time_gemv_add(cp, name, m, datas, copies, x_dev, model, picked, dtype, reps, label) -> list[dict]:
+    """gemv_add (the output / down products' kernel: two rows at once, residual add) quantizing its input, then
+    reading it staged (gemv.quantize_input, as dca_combine / gate_up write it); checked against the numpy model."""
+    staged = cp.empty(gemv.staged_bytes(m.cols), dtype=cp.uint8)
+    gemv.quantize_input(x_dev, staged, dtype)
+    residual = cp.zeros(m.rows, dtype=cp.float32)
+    results = []
+    for variant, source in (("add", None), ("add+staged", staged)):
+        def launch(i, source=source):
+            m.data = datas[i]
+            gemv.gemv_add(x_dev, m, residual, dtype, staged=source)
+
+        residual.fill(0)
+        launch(0)
+        err = rel_err(picked(residual), model)
+        seconds = time_launches(cp, launch, copies, reps)
+        results.append(dict(shape=name, variant=f"{variant}/{label}", per_block=0, seconds=seconds, err_model=err,
+                            err_float=float("nan"), ok=err < 5e-3))  # the act_t rounding of each product
+    return results
 
 
 def run_shape(cp, name, rows, cols, ggml_type, baseline, reps, dtype="f16", blocks_per_sm=BLOCKS_PER_SM,
-              define_sets=("-",)) -> list[dict]:
+              define_sets=("-",), add=False) -> list[dict]:
     rng = np.random.default_rng(rows + cols)
     tensor = synthetic_weight("output", ggml_type, (rows, cols), rng, 1 / np.sqrt(cols))
     m = upload_weight(cp, "output", tensor)  # fp32 out
@@ -146,11 +158,9 @@ def run_shape(cp, name, rows, cols, ggml_type, baseline, reps, dtype="f16", bloc
         label = build_variant(defines)
         per_block = gemv.tasks_per_block(rows, bps)
 
-        x_in = staged_image(cp, x_dev, m, dtype) if "STAGE_COPY=1" in label and ggml_type in gemv.INT8_TYPES else x_dev
-
-        def launch(i, per_block=per_block, x_in=x_in):
+        def launch(i, per_block=per_block):
             m.data = datas[i]
-            gemv.gemv(x_in, m, y, dtype, per_block=per_block)
+            gemv.gemv(x_dev, m, y, dtype, per_block=per_block)
 
         y.fill(np.nan)
         launch(0)
@@ -160,6 +170,8 @@ def run_shape(cp, name, rows, cols, ggml_type, baseline, reps, dtype="f16", bloc
         kind = "int8" if ggml_type in gemv.INT8_TYPES else "fp32"
         results.append(dict(shape=name, variant=f"{kind}/bps{bps}{label}",
                             per_block=per_block, seconds=seconds, err_model=errs[0], err_float=errs[1], ok=ok))
+        if add and ggml_type in gemv.INT8_TYPES:
+            results += time_gemv_add(cp, name, m, datas, copies, x_dev, model, picked, dtype, reps, f"bps{bps}{label}")
     if baseline is not None and 4 * cols <= 48 * 1024:
         fn = baseline.get_function(f"gemv_{m.suffix}")
 
@@ -186,6 +198,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--bps", default=",".join(map(str, BLOCKS_PER_SM)), help="blocks per SM to try")
+    ap.add_argument("--add", action="store_true", help="also time gemv_add, quantizing and reading a staged input")
     ap.add_argument("--defines", default="-", help="';'-separated sets of gemv.cu macros to build and try, each "
                     "NAME=VALUE,... or - (gemv.cu's defaults)")
     args = ap.parse_args()
@@ -197,7 +210,7 @@ def main() -> None:
     rows = []
     for name in args.shapes.split(","):
         rows += run_shape(cp, name, *SHAPES[name], baseline, args.reps, blocks_per_sm=blocks_per_sm,
-                          define_sets=tuple(args.defines.split(";")))
+                          define_sets=tuple(args.defines.split(";")), add=args.add)
     print(f"| {'shape':<16} | {'rows x cols':>13} | {'type':<5} | {'MB':>6} | {'variant':<40} | {'tasks/blk':>9} | "
           f"{'us':>7} | {'GB/s':>6} | {'of 4.2':>6} | {'err model':>9} | {'err float':>9} | ok |")
     print("|" + "|".join("-" * (w + 2) for w in (16, 13, 5, 6, 40, 9, 7, 6, 6, 9, 9, 2)) + "|")
@@ -205,8 +218,9 @@ def main() -> None:
         print(f"| {r['shape']:<16} | {r['rows']:>6}x{r['cols']:<6} | {r['type']:<5} | {r['mb']:>6.1f} | "
               f"{r['variant']:<40} | {r['per_block']:>9} | {r['seconds'] * 1e6:>7.1f} | {r['gbs']:>6.0f} | "
               f"{r['frac']:>6.2f} | {r['err_model']:>9.1e} | {r['err_float']:>9.1e} | {'ok' if r['ok'] else 'NO'} |")
-    variants = sorted({r["variant"].split("/", 1)[1] for r in rows if "/" in r["variant"]})  # bpsN[/NAME=VALUE...]
-    step = {v: sum(r["seconds"] for r in rows if r["shape"] in STEP_8B and r["variant"].endswith("/" + v))
+    gemvs = [r for r in rows if r["variant"].startswith(("int8/", "fp32/"))]
+    variants = sorted({r["variant"].split("/", 1)[1] for r in gemvs})  # bpsN[/NAME=VALUE...]
+    step = {v: sum(r["seconds"] for r in gemvs if r["shape"] in STEP_8B and r["variant"].endswith("/" + v))
             for v in variants}
     if all(step.values()) and all(any(r["shape"] == s for r in rows) for s in STEP_8B):
         print("8B step GEMVs (us) by variant: " + ", ".join(f"{v}: {t * 1e6:.0f}" for v, t in step.items()))

@@ -253,8 +253,10 @@ class CudaBackend:
                          cache.v[layer], np.int32(n), np.int32(heads), np.int32(head_dim), np.int32(rope_dim),
                          chunk_len))
 
-    def attention(self, q, cache: KVCache, layer: int, positions, rotary, dca, temperature_length=None):
-        """q (n, Hq, D) unrotated, attending the cached keys 0 .. positions[-1] -> (n, Hq, D) activations.
+    def attention(self, q, cache: KVCache, layer: int, positions, rotary, dca, temperature_length=None,
+                  out_staged=None):
+        """q (n, Hq, D) unrotated, attending the cached keys 0 .. positions[-1] -> (n, Hq, D) activations;
+        one-token decode may also write the output quantized for an int8 GEMV (out_staged, gemv.staged_bytes).
 
         The fused tensor-core kernels where they support the shape: prefill in one launch (the rotation
         chosen per key tile), decode (n == 1) split-K with its split count fixed by the cache capacity
@@ -266,13 +268,14 @@ class CudaBackend:
         if flash.unsupported_reason(head_dim, rope_dim, n_heads, cache.k.shape[2], decode=n == 1) is None:
             if n == 1:
                 return flash.flash_decode(q, cache.k[layer], cache.v[layer], positions, cos_t, sin_t,
-                                          rope_dim=rope_dim, dca=dca, temperature_length=temperature_length or 0)
+                                          rope_dim=rope_dim, dca=dca, temperature_length=temperature_length or 0,
+                                          out_staged=out_staged)
             return flash.flash_attention(q, cache.k[layer], cache.v[layer], positions, cos_t, sin_t,
                                          rope_dim=rope_dim, dca=dca, temperature_length=temperature_length or 0,
                                          n_keys_hint=cache.length + n)
         return attention_ops.attention(self.cp, q, cache.k[layer], cache.v[layer], positions, cos_t, sin_t,
                                        rope_dim, dca, temperature_length, cache.capacity,
-                                       keys_hint=cache.length + n, dtype=self.dtype)
+                                       keys_hint=cache.length + n, dtype=self.dtype, out_staged=out_staged)
 
     def decode_blocks(self, model):
         """The blocks a one-token step runs: fused decode kernels (fused.FusedBlocks)."""

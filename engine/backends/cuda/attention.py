@@ -41,9 +41,9 @@ def n_splits(n_queries: int, row_blocks: int, n_kv: int, capacity: int, keys_hin
 
 
 def attention(cp, q, cache_k, cache_v, positions, cos_t, sin_t, rope_dim: int, dca, temperature_length,
-              capacity: int, keys_hint: int, dtype: str = "f16"):
+              capacity: int, keys_hint: int, dtype: str = "f16", out_staged=None):
     """q (n, Hq, D) unrotated; cache_k/v (capacity, Hkv, D) of one layer -> (n, Hq, D); all activations of
-    `dtype` ("f16" | "bf16", the build of attention.cu that runs)."""
+    `dtype` ("f16" | "bf16", the build of attention.cu that runs). out_staged: see flash_attention.combine."""
     n, n_heads, head_dim = q.shape
     n_kv = cache_k.shape[1]
     if head_dim % 8 or n_heads % n_kv:
@@ -69,5 +69,5 @@ def attention(cp, q, cache_k, cache_v, positions, cos_t, sin_t, rope_dim: int, d
          np.float32(scale_log2), np.int32(temperature_length or 0), np.int32(splits)),
         shared_mem=smem)
     out = cp.empty((n, n_heads, head_dim), dtype=activation_type(cp, dtype))
-    combine(part_o, part_m, part_l, out, n * n_heads, head_dim, splits, dtype)
+    combine(part_o, part_m, part_l, out, n * n_heads, head_dim, splits, dtype, out_staged)
     return out

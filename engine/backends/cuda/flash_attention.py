@@ -132,12 +132,17 @@ def _dca_args(dca) -> tuple[np.int32, np.int32]:
     return (np.int32(dca.chunk_len), np.int32(dca.chunk_size)) if dca is not None else (np.int32(0), np.int32(0))
 
 
-def combine(part_o, part_m, part_l, out, rows: int, head_dim: int, n_splits: int, dtype: str) -> None:
+def combine(part_o, part_m, part_l, out, rows: int, head_dim: int, n_splits: int, dtype: str,
+            out_staged=None) -> None:
     """out (rows, D) = the merged split-K partials (S, rows, D), (S, rows), (S, rows) of every attention kernel
-    (log2 units; split 0 always holds key 0); D <= 128."""
+    (log2 units; split 0 always holds key 0); D <= 128. out_staged: also out quantized for an int8 GEMV
+    (gemv.staged_bytes(rows * D) uint8; D % 32 == 0)."""
+    if out_staged is not None and head_dim % 32:
+        raise DeviceError(f"attention: a staged output needs head_dim % 32 == 0, got {head_dim}")
     function("dca_decode", "dca_combine", dtype)(
         (rows,), (COMBINE_THREADS,),
-        (part_o, part_m, part_l, out, np.int32(rows), np.int32(head_dim), np.int32(n_splits)))
+        (part_o, part_m, part_l, out, np.uint64(0) if out_staged is None else out_staged, np.int32(rows),
+         np.int32(head_dim), np.int32(n_splits)))
 
 
 def prefill_smem(head_dim: int, tiles: tuple[int, int]) -> int:
@@ -250,12 +255,12 @@ def decode_splits(cp, capacity: int, n_kv: int, n_queries: int = 1, head_dim: in
 
 
 def flash_decode(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int, dca=None,
-                 temperature_length: int = 0, n_splits: int | None = None, workspace=None):
+                 temperature_length: int = 0, n_splits: int | None = None, workspace=None, out_staged=None):
     """Decode attention: q (n, Hq, D) of tokens at positions (n,) against the cache -> (n, Hq, D).
 
     n_splits: key slices (default decode_splits from the cache capacity). workspace: optional
     (part_o, part_m, part_l) float32 buffers of shapes (S, n*Hq, D), (S, n*Hq), (S, n*Hq), reused
-    across steps (CUDA graphs); allocated here when None.
+    across steps (CUDA graphs); allocated here when None. out_staged: see combine.
     """
     import cupy as cp
 
@@ -284,5 +289,5 @@ def flash_decode(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int,
              np.float32(math.log2(math.e) / math.sqrt(head_dim)), np.int32(temperature_length or 0),
              np.int32(n_splits)),
             decode_smem(head_dim))
-    combine(part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype)
+    combine(part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype, out_staged)
     return out

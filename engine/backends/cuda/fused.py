@@ -2,12 +2,16 @@
 
 ``Llama.compute`` runs these instead of its own composed blocks when it steps one token:
   attention_block   qkv (RMSNorm + Q/K/V GEMV + key rotation + cache store), attention (the backend's:
-                    split-K + combine), gemv_add (output projection + residual, in place)
-  mlp_block         gate_up (RMSNorm + gate/up GEMV + SwiGLU), gemv_add (down projection + residual)
+                    split-K + combine, which also quantizes its output), gemv_add (output projection + residual,
+                    in place, reading that quantized input)
+  mlp_block         gate_up (RMSNorm + gate/up GEMV + SwiGLU, quantizing its output), gemv_add (down projection +
+                    residual, reading it)
   head              head (final RMSNorm + output GEMV, fp32 logits)
 The arithmetic is the composed blocks' (the one-token GEMVs of both read quantized weights against the
 input quantized to int8 per 32, gemv.py), in the same order, so both give the same logits up to summation
-order; fusing only cuts launches (6 per layer, not 16). Activations (query, SwiGLU output, cache rows)
+order; fusing cuts launches (6 per layer, not 16) and, where the output and down projections read int8 input,
+their inputs are quantized once by the kernel that produces them, not again in every block (gemv.py: staged
+inputs; the same values). Activations (query, SwiGLU output, cache rows)
 are in the backend's dtype (gemv.cu's dtype build); Q/K/V biases (qwen2) are added in the qkv kernel's
 epilogue, rounded as the composed block's add_bias rounds them. A layer whose Q/K/V (or gate/up) are not
 stored in one type, or a weight not kept on the device as a ``DeviceMatrix``, runs the composed block.
@@ -35,6 +39,16 @@ class FusedBlocks:
                                 for l in layers]
         self.fused_mlp = [_same_type(l.ffn_gate, l.ffn_up) and isinstance(l.ffn_down, DeviceMatrix) for l in layers]
         self.fused_head = isinstance(model.weights.output, DeviceMatrix)
+        # the output / down projections' inputs quantized by their producers (dca_combine, gate_up): one buffer, used
+        # in turn (staged_bytes of the wider input)
+        self.staged_o = [isinstance(l.attn_output, DeviceMatrix) and l.attn_output.ggml_type in gemv.INT8_TYPES
+                         and c.head_dim % 32 == 0 for l in layers]
+        self.staged_down = [isinstance(l.ffn_down, DeviceMatrix) and l.ffn_down.ggml_type in gemv.INT8_TYPES
+                            and c.ffn_dim % 32 == 0 for l in layers]
+        self.staged = None
+        if any(self.staged_o) or any(self.staged_down):
+            with backend.activate():
+                self.staged = self.cp.empty(gemv.staged_bytes(max(c.n_heads * c.head_dim, c.ffn_dim)), self.cp.uint8)
 
     def attention_block(self, index: int, layer, x, positions, cache):
         """x (1, d) fp32 residual, updated in place; positions (1,) int32 device slot."""
@@ -51,9 +65,10 @@ class FusedBlocks:
         gemv.qkv(x, layer.attn_norm, self.eps, layer.attn_q, layer.attn_k, layer.attn_v, biases, q, part.k[local],
                  part.v[local], positions, cos_t, sin_t, c.n_heads, c.n_kv_heads, c.head_dim, rope_dim, chunk_len,
                  dtype)
+        staged = self.staged if self.staged_o[index] else None
         attn = self.backend.attention(q.reshape(1, c.n_heads, c.head_dim), part, local, positions, model.rotary,
-                                      model.dca, model.temperature_length)
-        gemv.gemv_add(attn.reshape(-1), layer.attn_output, x, dtype)
+                                      model.dca, model.temperature_length, out_staged=staged)
+        gemv.gemv_add(attn.reshape(-1), layer.attn_output, x, dtype, staged=staged)
         return x
 
     def mlp_block(self, index: int, layer, x):
@@ -62,8 +77,9 @@ class FusedBlocks:
             return self.model.mlp_block(index, layer, x)
         dtype = self.backend.dtype
         gate_up = self.cp.empty(c.ffn_dim, dtype=self.backend.act)
-        gemv.gate_up(x, layer.ffn_norm, self.eps, layer.ffn_gate, layer.ffn_up, gate_up, dtype)
-        gemv.gemv_add(gate_up, layer.ffn_down, x, dtype)
+        staged = self.staged if self.staged_down[index] else None
+        gemv.gate_up(x, layer.ffn_norm, self.eps, layer.ffn_gate, layer.ffn_up, gate_up, dtype, out_staged=staged)
+        gemv.gemv_add(gate_up, layer.ffn_down, x, dtype, staged=staged)
         return x
 
     def head(self, rows):

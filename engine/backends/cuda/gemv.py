@@ -1,9 +1,10 @@
 """Kernel choice and launch geometry of the one-token matrix products (kernels/gemv.cu).
 
     gemv(x, m, dtype)                          y = m @ x (act_t, or fp32 for an output head)
-    gemv_add(a, m, x, dtype)                   x += m @ a (fp32 residual, in place)
+    gemv_add(a, m, x, dtype, staged)           x += m @ a (fp32 residual, in place); staged: a already quantized
     qkv(x, norm, eps, wq, wk, wv, biases, ...) rmsnorm + Q/K/V (+ biases) + key rotation + KV-cache store
-    gate_up(x, norm, eps, wg, wu, out, dtype)  rmsnorm + silu(gate) * up
+    gate_up(x, norm, eps, wg, wu, out, dtype, out_staged)  rmsnorm + silu(gate) * up (+ out quantized)
+    quantize_input(x, staged, dtype)           x quantized as the int8 GEMVs stage it (tests, dev/cuda)
     head(x, norm, eps, m, logits, dtype)       rmsnorm + output head (fp32 logits)
 
 Arguments are device arrays and ``DeviceMatrix``es; each call is one launch on the current stream
@@ -17,6 +18,12 @@ Numerics. Quantized weights (``INT8_TYPES``) read the input quantized to int8 pe
 (llama.cpp's q8_1: d = max|x|/127, q = rint(x/d), plus the block's float sum); ``reference`` is the
 numpy model of that arithmetic (the tests compare the kernels with it tightly, and with the float
 product at the quantization's own error). Float weights (F32, F16, BF16) read the input in fp32.
+
+Staged inputs. A kernel whose output feeds an int8 GEMV can quantize it in its epilogue (common.cuh
+store_q8_block: int8 values, then fp32 scales and sums per 32, ``staged_bytes``); the GEMV then copies those in
+instead of quantizing per block: the same values (the kernels compute them as stage does), without the
+staging's latency in every block (dev/cuda/NOTES.md v5: the 8B down product 30 -> 20 us). The decode step stages
+the output projection's input in dca_combine and the down projection's in gate_up.
 """
 from __future__ import annotations
 
@@ -52,12 +59,17 @@ def _device_limits() -> tuple[int, int]:
     return attributes["MultiProcessorCount"], attributes["MaxSharedMemoryPerBlockOptin"]
 
 
-def tasks_per_block(n_tasks: int, blocks_per_sm: int | None = None) -> int:
-    """Tasks of one block: a multiple of the warps, so that the grid is about blocks_per_sm (default
-    BLOCKS_PER_SM) blocks per SM."""
+def tasks_per_block(n_tasks: int, blocks_per_sm: int | None = None, multiple: int = WARPS) -> int:
+    """Tasks of one block: a multiple of `multiple` (the warps, or the 32 rows of a staged block), so that the grid
+    is about blocks_per_sm (default BLOCKS_PER_SM) blocks per SM."""
     sms, _ = _device_limits()
     per_block = -(-n_tasks // (sms * (blocks_per_sm or BLOCKS_PER_SM)))
-    return max(WARPS, -(-per_block // WARPS) * WARPS)
+    return max(multiple, -(-per_block // multiple) * multiple)
+
+
+def staged_bytes(n: int) -> int:
+    """Bytes of a staged input of n values (n % 32 == 0): int8 values, fp32 scale and sum per 32."""
+    return n + n // 4
 
 
 # id of a kernel's Function (one per build and GPU, kept by kernels.function's cache) -> dynamic shared memory allowed
@@ -93,13 +105,24 @@ def gemv(x, m, y, dtype: str, per_block: int | None = None) -> None:
             (m.data, _row_bytes(m), x, np.int32(m.rows), np.int32(m.cols), y, np.int32(m.f32_out)), dtype, per_block)
 
 
-def gemv_add(a, m, x, dtype: str, per_block: int | None = None) -> None:
-    """x (rows,) fp32 += act_t(m @ a), a (cols,) act_t."""
-    _launch("gemv_add", m, m.cols, m.rows,
-            (m.data, _row_bytes(m), a, np.int32(m.rows), np.int32(m.cols), x), dtype, per_block)
-
-
 NULL = np.uint64(0)  # a null pointer argument
+
+
+def gemv_add(a, m, x, dtype: str, per_block: int | None = None, staged=None) -> None:
+    """x (rows,) fp32 += act_t(m @ a), a (cols,) act_t; staged: a quantized ahead (staged_bytes(cols) uint8, as
+    quantize_input writes it; int8 types only), read instead of a."""
+    if staged is not None and m.ggml_type not in INT8_TYPES:
+        raise DeviceError(f"gemv_add: a staged input needs an int8 weight type, not {m.ggml_type.name}")
+    _launch("gemv_add", m, m.cols, m.rows,
+            (m.data, _row_bytes(m), a, NULL if staged is None else staged, np.int32(m.rows), np.int32(m.cols), x),
+            dtype, per_block)
+
+
+def quantize_input(x, staged, dtype: str) -> None:
+    """staged (staged_bytes(n) uint8) = x (n,) act_t quantized per 32 as the int8 GEMVs stage it."""
+    n = x.shape[-1]
+    blocks = -(-n // (32 * WARPS))
+    function("elementwise", "quantize_input", dtype)((blocks,), (THREADS,), (x, np.int32(n), staged))
 
 
 def qkv(x, norm, eps, wq, wk, wv, biases, q_out, cache_k, cache_v, position, cos_t, sin_t, n_heads: int, n_kv: int,
@@ -116,11 +139,17 @@ def qkv(x, norm, eps, wq, wk, wv, biases, q_out, cache_k, cache_v, position, cos
              np.int32(rope_dim), np.int32(chunk_len)), dtype, per_block)
 
 
-def gate_up(x, norm, eps, wg, wu, out, dtype: str, per_block: int | None = None) -> None:
-    """h = rmsnorm(x) * norm; out (ffn,) act_t = silu(wg @ h) * (wu @ h). wg, wu: one stored type."""
+def gate_up(x, norm, eps, wg, wu, out, dtype: str, per_block: int | None = None, out_staged=None) -> None:
+    """h = rmsnorm(x) * norm; out (ffn,) act_t = silu(wg @ h) * (wu @ h). wg, wu: one stored type. out_staged:
+    also out quantized (staged_bytes(ffn) uint8) for an int8 down projection (ffn % 32 == 0)."""
+    if out_staged is not None:
+        per_block = per_block or tasks_per_block(wg.rows, multiple=32)
+        if per_block % 32 or wg.rows % 32:
+            raise DeviceError(f"gate_up: a staged output needs whole blocks of 32 rows ({wg.rows} rows, {per_block} "
+                              f"a block)")
     _launch("gateup", wg, wg.cols, wg.rows,
-            (x, norm, np.float32(eps), np.int32(wg.cols), wg.data, wu.data, _row_bytes(wg), np.int32(wg.rows), out),
-            dtype, per_block)
+            (x, norm, np.float32(eps), np.int32(wg.cols), wg.data, wu.data, _row_bytes(wg), np.int32(wg.rows), out,
+             NULL if out_staged is None else out_staged), dtype, per_block)
 
 
 def head(x, norm, eps, m, logits, dtype: str, per_block: int | None = None) -> None:
