@@ -11,12 +11,15 @@ order; fusing only cuts launches (6 per layer, not 16). Activations (query, SwiG
 are in the backend's dtype (gemv.cu's dtype build); Q/K/V biases (qwen2) are added in the qkv kernel's
 epilogue, rounded as the composed block's add_bias rounds them. A layer whose Q/K/V (or gate/up) are not
 stored in one type, or a weight not kept on the device as a ``DeviceMatrix``, runs the composed block.
+Self-Extend / StreamingLLM: the qkv kernel stores the key through the scheme's key tables and the attention is
+the backend's composed one for the scheme (extension.py); the GEMVs are these.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from . import gemv
+from .extension import chunk_len_of
 from .weights import DeviceMatrix
 
 
@@ -41,9 +44,10 @@ class FusedBlocks:
         model, c = self.model, self.model.config
         if not self.fused_attention[index]:
             return model.attention_block(index, layer, x, positions, cache)
-        cos_t, sin_t = self.backend.rotary_tables(model.rotary)
+        layout = model.attention_layout  # DCA, a Self-Extend / StreamingLLM scheme, or None
+        cos_t, sin_t = self.backend.key_tables(model.rotary, layout)
         rope_dim = model.rotary.rope.dim
-        chunk_len = model.dca.chunk_len if model.dca is not None else 0
+        chunk_len = chunk_len_of(layout)
         dtype = self.backend.dtype
         q = self.cp.empty(c.n_heads * c.head_dim, dtype=self.backend.act)
         biases = None if layer.attn_q_bias is None else (layer.attn_q_bias, layer.attn_k_bias, layer.attn_v_bias)
@@ -52,7 +56,7 @@ class FusedBlocks:
                  part.v[local], positions, cos_t, sin_t, c.n_heads, c.n_kv_heads, c.head_dim, rope_dim, chunk_len,
                  dtype)
         attn = self.backend.attention(q.reshape(1, c.n_heads, c.head_dim), part, local, positions, model.rotary,
-                                      model.dca, model.temperature_length)
+                                      layout, model.temperature_length)
         gemv.gemv_add(attn.reshape(-1), layer.attn_output, x, dtype)
         return x
 
