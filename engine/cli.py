@@ -231,7 +231,7 @@ def _describe_memory(plan, available: int | None) -> str:
     return text + (f": does not fit; the largest context that fits is {fits}" if fits else ": does not fit")
 
 
-def _describe_cuda_attention(c, extension) -> str:
+def _describe_cuda_attention(c, extension=None) -> str:
     from .backends.cuda.flash_attention import unsupported_reason
 
     if extension is not None:

@@ -27,10 +27,18 @@ from ...tiled_attention import Arrays, PositionScheme, blockwise_attention
 from ...weights.bf16 import from_bf16_bits
 from .weights import to_activation
 
-# tile sizes on the GPU: larger than the numpy backend's (fewer launches); a query tile's scores take
-# Hq * BLOCK_Q * BLOCK_K * 4 bytes (32 MiB at 32 query heads)
-BLOCK_Q = 256
+# tiles on the GPU: larger than the numpy backend's (fewer launches, each busier). A query tile's scores against a
+# key tile take Hq * block_q * BLOCK_K * 4 bytes: block_q is the largest power of two (16 .. 1024) within SCORES_BYTES
 BLOCK_K = 1024
+SCORES_BYTES = 64 << 20
+
+
+def query_tile_rows(n_heads: int) -> int:
+    """Queries per tile for n_heads query heads: scores within SCORES_BYTES (32 heads: 512 rows)."""
+    rows = 1024
+    while rows > 16 and n_heads * rows * BLOCK_K * 4 > SCORES_BYTES:
+        rows //= 2
+    return rows
 
 
 def is_extension(layout) -> bool:
@@ -95,5 +103,6 @@ def attention(backend, q, cache, layer: int, rotary: RotaryTable, scheme: Positi
     end = cache.length + n
     out = blockwise_attention(q, cache.k[layer, :end], cache.v[layer, :end], positions,
                               DeviceRotary(cp, rotary, *backend.rotary_tables(rotary)), scheme,
-                              logit_scale=logit_scale, block_q=BLOCK_Q, block_k=BLOCK_K, arrays=DeviceArrays(cp))
+                              logit_scale=logit_scale, block_q=query_tile_rows(q.shape[1]), block_k=BLOCK_K,
+                              arrays=DeviceArrays(cp))
     return to_activation(cp, out, backend.dtype)  # (n, Hq, D) fp32 -> activations
