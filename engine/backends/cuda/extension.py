@@ -16,6 +16,9 @@
 Host positions: the new rows are at cache.length .. cache.length + n - 1 when ``attention`` runs (Llama.forward
 and the decoders run a forward before they commit it), which gives the tiles without reading the device
 positions back.
+
+Memory beyond engine/memory.py's plan (which does not know the attention in force): a prefill batch's fp32 output
+(4 x Hq x D bytes a token, then its activation copy) and a few SCORES_BYTES of tiles.
 """
 from __future__ import annotations
 
