@@ -99,6 +99,30 @@ def test_composed_attention_on_an_activation_cache_matches_the_reference(dtype, 
     assert rel_err(got, ref) < {"f16": 2e-3, "bf16": 2e-2}[dtype]
 
 
+def test_backend_key_tables_only_for_extensions_and_made_once():
+    """CudaBackend.key_tables (numpy standing in for CuPy): the rotary tables themselves for plain attention and
+    DCA (whose kernels take chunk_len), a scheme's own tables, kept per (rotary table, scheme)."""
+    import weakref
+
+    from engine.backends.cuda import CudaBackend
+    from engine.config import DCAConfig
+
+    backend = CudaBackend.__new__(CudaBackend)
+    backend.cp, backend._tables, backend._key_tables = np, weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
+    rotary = RotaryTable(RopeConfig(dim=16), 64)
+    dca = DCAConfig(48, 16)
+    plain = backend.rotary_tables(rotary)
+    assert backend.key_tables(rotary, None) is plain and backend.key_tables(rotary, dca) is plain
+    assert backend.key_tables(rotary, StreamingConfig(4, 20)) is plain
+    grouped = backend.key_tables(rotary, SelfExtendConfig(4, 8))
+    assert backend.key_tables(rotary, SelfExtendConfig(4, 8)) is grouped
+    np.testing.assert_array_equal(grouped[0], rotary.cos[np.arange(64) // 4])
+    np.testing.assert_array_equal(grouped[1], rotary.sin[np.arange(64) // 4])
+    assert backend.key_tables(rotary, SelfExtendConfig(2, 8)) is not grouped
+    assert [extension.chunk_len_of(x) for x in (None, dca, SelfExtendConfig(4, 8), StreamingConfig(4, 20))] == [
+        0, dca.chunk_len, 0, 0]
+
+
 def test_query_tiles_keep_the_scores_within_their_budget():
     for n_heads in (1, 4, 32, 64, 10_000):
         rows = extension.query_tile_rows(n_heads)
