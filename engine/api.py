@@ -139,7 +139,6 @@ class LLM:
         in use, which dynamic NTK scales to (default: the whole context).
         """
         extension = extensions.resolve_extension(grp_attn_n, grp_attn_w, streaming_sinks, streaming_window)
-        extensions.require_cpu(extension, self.backend.name)  # refused before anything changes
         dca = extensions.dca_mode_beside(extension, dca, dca_chunk_size, dca_local_window)
         self.config, _, self.dca = plan(self.config, self.context, dca, dca_chunk_size, dca_local_window,
                                         rope_scaling, rope_scale)
@@ -426,7 +425,7 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
     slots: KV caches of the whole context, one per concurrent session (``engine serve --parallel``).
     Memory: the plan (LLM.memory) is checked first; ContextError/DeviceError name the numbers when it does not fit.
     grp_attn_n / grp_attn_w: Self-Extend when grp_attn_n > 1; streaming_sinks / streaming_window: StreamingLLM when
-    streaming_window is given (engine/extensions.py: either replaces DCA; CPU only).
+    streaming_window is given (engine/extensions.py: either replaces DCA).
     cache_type_k / cache_type_v: how the KV cache stores keys / values, llama.cpp's names (engine/kv_storage.py):
     None = the backend's own (CPU f32; CUDA its activation dtype, the only type it takes); on the CPU also f16,
     bf16, q8_0, q5_1, q5_0, q4_1, q4_0.
@@ -441,7 +440,6 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
     if backend.name == "cpu":
         backend.f32_copies = f32_copies
     extension = extensions.resolve_extension(grp_attn_n, grp_attn_w, streaming_sinks, streaming_window)
-    extensions.require_cpu(extension, backend.name)
     dca = extensions.dca_mode_beside(extension, dca, dca_chunk_size, dca_local_window)
     loaded.config, context, dca_config = plan(loaded.config, context, dca, dca_chunk_size, dca_local_window,
                                               rope_scaling, rope_scale)

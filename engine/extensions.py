@@ -3,13 +3,14 @@
 Flags (every command with the load options, engine/options.py):
   --grp-attn-n G --grp-attn-w W        Self-Extend (llama.cpp's names) when G > 1: group size, neighbour window
   --streaming-sinks S --streaming-window R   StreamingLLM when R is given: S sinks (default 4) + R recent tokens
-Both replace DCA (``--dca auto`` turns off; ``--dca on`` or DCA chunk settings with them is an error), exclude each
-other, and run on the CPU backend only (the CUDA kernels implement DCA and plain attention).
+Both replace DCA (``--dca auto`` turns off; ``--dca on`` or DCA chunk settings with them is an error) and exclude each
+other. Both backends run them: numpy by tiled_attention.py, CUDA by the same algorithm over CuPy arrays
+(backends/cuda/extension.py).
 """
 from __future__ import annotations
 
 from .config import DCAConfig
-from .errors import ConfigError, DeviceError
+from .errors import ConfigError
 from .self_extend import SelfExtendConfig
 from .streaming import StreamingConfig
 
@@ -44,12 +45,6 @@ def dca_mode_beside(extension: Extension | None, dca, dca_chunk_size: int | None
         raise ConfigError(f"{name(extension)} and DCA exclude each other: drop --dca on / --dca-chunk-size / "
                           f"--dca-local-window, or the {name(extension)} flags")
     return "off"
-
-
-def require_cpu(extension: Extension | None, device: str) -> None:
-    if extension is not None and device != "cpu":
-        raise DeviceError(f"{name(extension)} runs on the CPU backend only (--device cpu); on CUDA the engine "
-                          f"has DCA and plain attention")
 
 
 def name(extension: Extension) -> str:

@@ -108,7 +108,7 @@ OPTIONS: dict[str, Callable] = {
              "needed (small) [default: copies when the memory plan with them takes at most half the available "
              "memory]"),
     "grp_attn_n": click.option("--grp-attn-n", "grp_attn_n", type=int, default=1, show_default=True,
-                               help="Self-Extend group size (1 = off; CPU only; excludes DCA)"),
+                               help="Self-Extend group size (1 = off; excludes DCA)"),
     "grp_attn_w": click.option("--grp-attn-w", "grp_attn_w", type=int, default=GRP_ATTN_W_DEFAULT, show_default=True,
                                help="Self-Extend neighbour window in tokens"),
     "streaming_sinks": click.option("--streaming-sinks", "streaming_sinks", type=int,
@@ -116,7 +116,7 @@ OPTIONS: dict[str, Callable] = {
                                     help="StreamingLLM attention-sink tokens"),
     "streaming_window": click.option("--streaming-window", "streaming_window", type=int, default=None,
                                      help="StreamingLLM: attend the sinks + this many recent tokens (turns it on; "
-                                          "CPU only; excludes DCA)"),
+                                          "excludes DCA)"),
     "cache_type_k": click.option("-ctk", "--cache-type-k", "cache_type_k", type=click.Choice(tuple(CACHE_TYPES)),
                                  default=None, help=CACHE_TYPE_HELP.format(what="keys")),
     "cache_type_v": click.option("-ctv", "--cache-type-v", "cache_type_v", type=click.Choice(tuple(CACHE_TYPES)),

@@ -132,25 +132,37 @@ class RotaryTable:
 
         Math in float32 for float16/float32 input, float64 for float64 input.
         """
-        half = self.rope.dim // 2
-        if x.ndim != 3 or x.shape[2] < self.rope.dim:
-            raise ConfigError(f"rotate expects x of shape (n, heads, head_dim >= {self.rope.dim}), got {x.shape}")
-        positions = np.asarray(positions)
-        if positions.dtype.kind not in "iu":
-            raise ConfigError(f"rotate: positions must be integers, got dtype {positions.dtype}")
-        if positions.shape != (x.shape[0],):
-            raise ConfigError(f"rotate: positions shape {positions.shape} does not match x's {x.shape[0]} rows")
-        outside = (positions < 0) | (positions >= self.n_positions)
-        if outside.any():
-            raise ContextError(
-                f"RoPE position {int(positions[outside][0])} is outside the rotary table (0..{self.n_positions - 1})"
-            )
-        compute = np.result_type(x.dtype, np.float32)
-        cos = self.cos[positions].astype(compute)[:, None, :]  # (n, 1, dim/2)
-        sin = self.sin[positions].astype(compute)[:, None, :]
-        x1 = x[..., :half].astype(compute)  # (n, H, dim/2)
-        x2 = x[..., half:self.rope.dim].astype(compute)
-        out = x.copy()
-        out[..., :half] = x1 * cos - x2 * sin
-        out[..., half:self.rope.dim] = x2 * cos + x1 * sin
-        return out
+        positions = checked_positions(x, positions, self.rope.dim, self.n_positions)
+        return rotate_with(x, self.cos[positions], self.sin[positions], self.rope.dim)
+
+
+def checked_positions(x, positions, rope_dim: int, n_positions: int) -> np.ndarray:
+    """positions (n,) host integers for rotating x (n, H, head_dim >= rope_dim) with a table of n_positions;
+    ConfigError / ContextError when they do not fit."""
+    if x.ndim != 3 or x.shape[2] < rope_dim:
+        raise ConfigError(f"rotate expects x of shape (n, heads, head_dim >= {rope_dim}), got {x.shape}")
+    positions = np.asarray(positions)
+    if positions.dtype.kind not in "iu":
+        raise ConfigError(f"rotate: positions must be integers, got dtype {positions.dtype}")
+    if positions.shape != (x.shape[0],):
+        raise ConfigError(f"rotate: positions shape {positions.shape} does not match x's {x.shape[0]} rows")
+    outside = (positions < 0) | (positions >= n_positions)
+    if outside.any():
+        raise ContextError(f"RoPE position {int(positions[outside][0])} is outside the rotary table "
+                           f"(0..{n_positions - 1})")
+    return positions
+
+
+def rotate_with(x, cos, sin, rope_dim: int):
+    """Rotate x (n, H, head_dim) by the rows cos, sin (n, rope_dim/2) float32 of its positions: a new array of
+    x's dtype, numpy or CuPy alike (the arrays' own methods only). Math in float32 (float64 for float64 x)."""
+    half = rope_dim // 2
+    compute = np.result_type(x.dtype, np.float32)
+    cos = cos.astype(compute)[:, None, :]  # (n, 1, dim/2)
+    sin = sin.astype(compute)[:, None, :]
+    x1 = x[..., :half].astype(compute)  # (n, H, dim/2)
+    x2 = x[..., half:rope_dim].astype(compute)
+    out = x.copy()
+    out[..., :half] = x1 * cos - x2 * sin
+    out[..., half:rope_dim] = x2 * cos + x1 * sin
+    return out

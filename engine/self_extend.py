@@ -74,5 +74,5 @@ class SelfExtendConfig(PositionScheme):
         rotated = rotary.rotate(cached, j - j // self.group_size)
         mscale = attention_factor(rotary.rope)  # rotate() scales by it: the cached keys already carry it once
         if mscale != 1.0:
-            rotated[..., :rotary.rope.dim] /= np.asarray(mscale, dtype=rotated.dtype)
+            rotated[..., :rotary.rope.dim] /= rotated.dtype.type(mscale)
         return rotated

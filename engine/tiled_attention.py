@@ -18,6 +18,12 @@ memory O(tiles)): per query tile, key tiles over ``key_spans``, one score matmul
 the tile, a per-element choice where a tile holds several, a mask where it holds hidden pairs.
 Requirement on schemes: relation(i, j) is non-decreasing in i and non-increasing in j (so a tile's extreme
 pairs bound every pair's relation).
+
+Arrays: ``blockwise_attention`` runs its arithmetic through an ``Arrays`` (``arrays``): numpy on the host
+(``HOST``), or CuPy on the GPU (backends/cuda/extension.py: the CUDA backend's Self-Extend and StreamingLLM
+attention is this algorithm over the device KV cache). The positions, relations and masks are small host
+arrays either way (the schemes compute them with numpy); ``Arrays.upload`` moves them where the tiles are,
+and ``rotary`` is any object with RotaryTable's ``rope`` and ``rotate`` on the tiles' arrays.
 """
 from __future__ import annotations
 
@@ -27,6 +33,24 @@ import numpy as np
 
 from .errors import ConfigError, ContextError
 from .rope import RotaryTable
+
+
+class Arrays:
+    """Where the tiled algorithm's tiles live: numpy on the host (``HOST``); a subclass for another array module
+    overrides all three."""
+
+    xp = np
+
+    def float32(self, x) -> np.ndarray:
+        """A tile of q, cached keys or values (float arrays, or kv_storage.EncodedRows decoded) as float32."""
+        return np.asarray(x, dtype=np.float32)
+
+    def upload(self, host: np.ndarray) -> np.ndarray:
+        """A host array (masks, per-row scales) as an array of xp."""
+        return host
+
+
+HOST = Arrays()
 
 
 class PositionScheme:
@@ -152,14 +176,16 @@ def reference_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.n
 
 def blockwise_attention(q: np.ndarray, k_cached: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
                         rotary: RotaryTable, scheme: PositionScheme, scale: float | None = None,
-                        logit_scale: np.ndarray | None = None, block_q: int = 128, block_k: int = 256) -> np.ndarray:
+                        logit_scale: np.ndarray | None = None, block_q: int = 128, block_k: int = 256,
+                        arrays: Arrays = HOST) -> np.ndarray:
     """Tiled attention under `scheme` with online softmax, float32.
 
     q: (n_q, Hq, d) unrotated; k_cached: (n_k, Hkv, d) keys rotated at scheme.cached_key_positions (as the KV
     cache stores them); v: (n_k, Hkv, d_v); either may be stored encoded (kv_storage.EncodedRows: a tile is
     decoded when visited). n_k may exceed max(q_pos)+1 (cache capacity): keys after a query
-    are hidden, keys outside the tile's key spans are never visited.
-    Returns (n_q, Hq, d_v) float32. Memory: O(tiles) beyond the inputs, never n_q x n_k.
+    are hidden, keys outside the tile's key spans are never visited. q, k_cached, v are arrays of
+    ``arrays.xp`` (or what ``arrays.float32`` reads); q_pos and logit_scale are host arrays.
+    Returns (n_q, Hq, d_v) float32 of arrays.xp. Memory: O(tiles) beyond the inputs, never n_q x n_k.
     GQA: a query tile is laid out (Hkv, group*bq, d) so each KV head serves its group in one matmul.
     """
     q_pos, logit_scale = check_inputs(q, k_cached, v, q_pos, logit_scale)
@@ -169,78 +195,82 @@ def blockwise_attention(q: np.ndarray, k_cached: np.ndarray, v: np.ndarray, q_po
     group = n_heads // k_cached.shape[1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     row_scale = np.full(n_q, scale) if logit_scale is None else scale * logit_scale  # (n_q,) float64
-    out = np.empty((n_q, n_heads, v.shape[2]), dtype=np.float32)
+    out = arrays.xp.empty((n_q, n_heads, v.shape[2]), dtype=np.float32)
     for r0 in range(0, n_q, block_q):
         r1 = min(r0 + block_q, n_q)
         out[r0:r1] = _query_tile(q[r0:r1], k_cached, v, q_pos[r0:r1], row_scale[r0:r1], rotary, scheme, group,
-                                 block_k)
+                                 block_k, arrays)
     return out
 
 
 def _query_tile(q_tile: np.ndarray, k_cached: np.ndarray, v: np.ndarray, pos: np.ndarray, row_scale: np.ndarray,
-                rotary: RotaryTable, scheme: PositionScheme, group: int, block_k: int) -> np.ndarray:
-    """Attention output (bq, Hq, d_v) float32 of one query tile at positions pos (bq,)."""
+                rotary: RotaryTable, scheme: PositionScheme, group: int, block_k: int, arrays: Arrays) -> np.ndarray:
+    """Attention output (bq, Hq, d_v) float32 of one query tile at positions pos (bq,) (host)."""
+    xp = arrays.xp
     bq, n_heads, head_dim = q_tile.shape
     n_kv = n_heads // group
     rows = group * bq  # row index within a KV head: g * bq + r
     positions_by_relation = scheme.query_positions(pos)
-    scaled_q = q_tile.astype(np.float32) * row_scale.astype(np.float32)[:, None, None]  # (bq, Hq, d)
+    scaled_q = arrays.float32(q_tile) * arrays.upload(row_scale.astype(np.float32)[:, None, None])  # (bq, Hq, d)
     rotated: dict[int, np.ndarray] = {}
 
     def rotated_query(rel: int) -> np.ndarray:
         """The tile rotated for relation rel, laid out (Hkv, group*bq, d) float32 (made once)."""
         if rel not in rotated:
             q_rot = rotary.rotate(scaled_q, positions_by_relation[rel])  # (bq, Hq, d)
-            rotated[rel] = np.ascontiguousarray(
+            rotated[rel] = xp.ascontiguousarray(
                 q_rot.reshape(bq, n_kv, group, head_dim).transpose(1, 2, 0, 3)).reshape(n_kv, rows, head_dim)
         return rotated[rel]
 
     def scores_for(rel: int, k_tile: np.ndarray, k0: int, k1: int) -> np.ndarray:
         """(Hkv, rows, bk) scores of the tile's queries against keys k0..k1-1 (k_tile, cached) under relation rel."""
         keys = scheme.key_tile(rel, k_tile, np.arange(k0, k1), rotary)  # (bk, Hkv, d)
-        return np.matmul(rotated_query(rel), keys.astype(np.float32, copy=False).transpose(1, 2, 0))
+        return xp.matmul(rotated_query(rel), keys.astype(np.float32, copy=False).transpose(1, 2, 0))
 
     pos_min, pos_max = int(pos.min()), int(pos.max())
-    softmax = _OnlineSoftmax(n_kv, rows, v.shape[2])
+    softmax = _OnlineSoftmax(xp, n_kv, rows, v.shape[2])
     for span_start, span_end in scheme.key_spans(pos_min, pos_max):
         for k0 in range(span_start, span_end, block_k):
             k1 = min(k0 + block_k, span_end)
-            k_tile = np.asarray(k_cached[k0:k1], dtype=np.float32)  # (bk, Hkv, d): decoded once if stored encoded
+            k_tile = arrays.float32(k_cached[k0:k1])  # (bk, Hkv, d): decoded once if stored encoded
             lowest_rel = int(scheme.relation(pos_min, k1 - 1))
             highest_rel = int(scheme.relation(pos_max, k0))
             scores = scores_for(lowest_rel, k_tile, k0, k1)  # (Hkv, rows, bk)
             by_group = scores.reshape(n_kv, group, bq, k1 - k0)
             if highest_rel != lowest_rel:  # several relations in the tile: pick one per element
-                rel = scheme.relation(pos[:, None], np.arange(k0, k1)[None, :])  # (bq, bk)
+                rel = scheme.relation(pos[:, None], np.arange(k0, k1)[None, :])  # (bq, bk) host
                 for other in range(lowest_rel + 1, highest_rel + 1):
-                    np.copyto(by_group, scores_for(other, k_tile, k0, k1).reshape(by_group.shape), where=rel == other)
+                    xp.copyto(by_group, scores_for(other, k_tile, k0, k1).reshape(by_group.shape),
+                              where=arrays.upload(rel == other))
             if scheme.hides_in_tile(pos_min, pos_max, k0, k1):
-                hidden = ~scheme.visible(pos[:, None], np.arange(k0, k1)[None, :])  # (bq, bk)
-                np.copyto(by_group, -np.inf, where=hidden)
-            softmax.add(scores, np.asarray(v[k0:k1], dtype=np.float32).transpose(1, 0, 2))
+                hidden = ~scheme.visible(pos[:, None], np.arange(k0, k1)[None, :])  # (bq, bk) host
+                xp.copyto(by_group, np.float32(-np.inf), where=arrays.upload(hidden))
+            softmax.add(scores, arrays.float32(v[k0:k1]).transpose(1, 0, 2))
     return softmax.result().reshape(n_kv, group, bq, -1).transpose(2, 0, 1, 3).reshape(bq, n_heads, -1)
 
 
 class _OnlineSoftmax:
-    """Running max, sum and weighted values of softmax rows over key tiles (float32)."""
+    """Running max, sum and weighted values of softmax rows over key tiles (float32 arrays of xp)."""
 
-    def __init__(self, n_kv: int, rows: int, d_v: int):
-        self.max = np.full((n_kv, rows), -np.inf, dtype=np.float32)
-        self.sum = np.zeros((n_kv, rows), dtype=np.float32)
-        self.acc = np.zeros((n_kv, rows, d_v), dtype=np.float32)
+    def __init__(self, xp, n_kv: int, rows: int, d_v: int):
+        self.xp = xp
+        self.max = xp.full((n_kv, rows), -np.inf, dtype=np.float32)
+        self.sum = xp.zeros((n_kv, rows), dtype=np.float32)
+        self.acc = xp.zeros((n_kv, rows, d_v), dtype=np.float32)
 
     def add(self, scores: np.ndarray, v_tile: np.ndarray) -> None:
         """scores (Hkv, rows, bk), -inf where hidden (consumed); v_tile (Hkv, bk, d_v)."""
-        new_max = np.maximum(self.max, scores.max(axis=-1))  # (Hkv, rows)
+        xp = self.xp
+        new_max = xp.maximum(self.max, scores.max(axis=-1))  # (Hkv, rows)
         # rows that have seen no visible key yet keep max -inf: shift them by 0 so exp gives 0, not nan
-        shift = np.where(np.isfinite(new_max), new_max, np.float32(0))
-        correction = np.exp(self.max - shift)
+        shift = xp.where(xp.isfinite(new_max), new_max, xp.zeros_like(new_max))
+        correction = xp.exp(self.max - shift)
         scores -= shift[..., None]
-        np.exp(scores, out=scores)
+        xp.exp(scores, out=scores)
         self.sum *= correction
         self.sum += scores.sum(axis=-1)
         self.acc *= correction[..., None]
-        self.acc += np.matmul(scores, v_tile)
+        self.acc += xp.matmul(scores, v_tile)
         self.max = new_max
 
     def result(self) -> np.ndarray:

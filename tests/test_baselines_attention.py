@@ -191,3 +191,35 @@ def test_streaming_never_reads_evicted_keys():
 def test_bad_settings_are_config_errors(make, args):
     with pytest.raises(ConfigError):
         make(*args)
+
+
+class _CountingArrays(T.Arrays):
+    """numpy tiles, counting the key rows read (the tiles of q, keys and values all pass through float32)."""
+
+    def __init__(self):
+        self.rows_read = 0
+
+    def float32(self, x):
+        self.rows_read += len(x)
+        return super().float32(x)
+
+
+@pytest.mark.parametrize("scheme,bound", [(StreamingConfig(4, 24), lambda bq: bq + 2 * (4 + 24 + bq - 1)),
+                                          (SelfExtendConfig(4, 24), None)])
+def test_blockwise_reads_every_tile_through_its_arrays(scheme, bound):
+    """The result through an Arrays is HOST's; StreamingLLM reads per query tile at most its q rows plus, for K and
+    V each, the sinks and the window span (the bounded work per token the CUDA path relies on)."""
+    rng = np.random.default_rng(8)
+    n, bq = 300, 16
+    q, k, v = _qkv(rng, n, 4, 2, 16)
+    rotary = RotaryTable(RopeConfig(dim=16), n)
+    k_cached = T.rotate_keys(k, np.arange(n), rotary, scheme)
+    arrays = _CountingArrays()
+    out = T.blockwise_attention(q, k_cached, v, np.arange(n), rotary, scheme, block_q=bq, block_k=8, arrays=arrays)
+    np.testing.assert_array_equal(out, T.blockwise_attention(q, k_cached, v, np.arange(n), rotary, scheme,
+                                                             block_q=bq, block_k=8))
+    tiles = n // bq + (n % bq > 0)
+    if bound is not None:
+        assert arrays.rows_read <= tiles * bound(bq)
+    else:  # Self-Extend reads every earlier key: about n^2 / (2 bq) rows each of K and V
+        assert arrays.rows_read >= n * n // bq

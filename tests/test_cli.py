@@ -178,6 +178,7 @@ def test_info_names_the_fused_attention_kernels_for_supported_heads():
 
     from engine.cli import _describe_cuda_attention
     from engine.config import ModelConfig, RopeConfig
+    from engine.streaming import StreamingConfig
 
     base = ModelConfig(n_layers=1, d_model=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=64, vocab_size=32,
                        norm_eps=1e-5, context_length=8192, rope=RopeConfig(theta=1e4, dim=64))
@@ -185,3 +186,4 @@ def test_info_names_the_fused_attention_kernels_for_supported_heads():
                                               "split-K tensor-core decode")
     many = replace(base, n_heads=64, n_kv_heads=2)  # GQA group 32: beyond the decode kernel's 16
     assert "simple tiled decode" in _describe_cuda_attention(many) and "group 32" in _describe_cuda_attention(many)
+    assert _describe_cuda_attention(base, StreamingConfig(4, 100)).startswith("the tiled algorithm over CuPy arrays")

@@ -28,16 +28,14 @@ import math
 from typing import Callable
 
 from ..api import LLM
-from ..backends import resolve_device
 from ..config import DCAConfig
-from ..errors import ConfigError, DeviceError
+from ..errors import ConfigError
 from ..options import LoadSettings
 
 METHODS = ("rope", "pi", "ntk", "dynamic", "yarn", "dca", "dca+ntk", "self-extend", "streaming")
 _SCALING = {"rope": "none", "pi": "linear", "ntk": "ntk", "dynamic": "dynamic", "yarn": "yarn", "dca": "none",
             "dca+ntk": "ntk", "self-extend": "none", "streaming": "none"}
 STREAMING_SINKS = 4
-CPU_ONLY = ("self-extend", "streaming")  # engine/extensions.py: no CUDA path
 
 
 def check_methods(methods: tuple[str, ...], settings: LoadSettings, ntk_factor: float, training_length: int) -> None:
@@ -47,9 +45,6 @@ def check_methods(methods: tuple[str, ...], settings: LoadSettings, ntk_factor: 
         DCAConfig.for_training_length(training_length, settings.dca_chunk_size, settings.dca_local_window)
     if not ntk_factor > 0:
         raise ConfigError(f"--ntk-factor must be positive, got {ntk_factor}")
-    cpu_only = [m for m in methods if m in CPU_ONLY]
-    if cpu_only and resolve_device(settings.device) != "cpu":
-        raise DeviceError(f"the {', '.join(cpu_only)} method(s) run on the CPU backend only: use --device cpu")
 
 
 def refuse_unknown(methods) -> None:

@@ -4,7 +4,8 @@ Arrays: residual stream fp32 (n, d); everything that feeds a matrix product in t
 (``CudaBackend(dtype=...)``: "f16", or "bf16" held as uint16 bit patterns since CuPy has no bfloat16);
 logits fp32; token ids and positions int32. Weights stay in their GGUF encoding on the device
 (weights.py); attention runs over a preallocated KV cache in the activation dtype (attention.py for
-decode and odd shapes, the fused flash kernels for prefill). The activation kernels are the `dtype`
+decode and odd shapes, the fused flash kernels for prefill; Self-Extend and StreamingLLM: the tiled algorithm
+over CuPy arrays, extension.py). The activation kernels are the `dtype`
 build of their .cu file (kernels/: one source, compiled with -DACT_BF16 for bf16). No op reads
 a device value back to the host, so ``Llama.compute`` for one token can be captured as a CUDA graph
 (graph.py: ``CudaBackend.decoder``), and only the sampled token id comes back per step.
@@ -22,6 +23,7 @@ from ...weights.bf16 import from_bf16_bits
 from .kernels import ACTIVATION_DTYPES, function
 from ...kvcache import KVCache
 from . import attention as attention_ops
+from . import extension
 from . import flash_attention as flash
 from .weights import (PREFILL_FP16_BUDGET, DeviceMatrix, MatrixOps, activation_type, fuse, fused_whole,
                       to_activation, upload_weight)
@@ -57,6 +59,8 @@ class CudaBackend:
         self.matrices = MatrixOps(self.cp, dtype)
         # RotaryTable -> (cos, sin) on the device, dropped with the table (LLM.relayout replaces it per eval cell)
         self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # RotaryTable -> {Self-Extend / StreamingLLM scheme: its key tables (cos, sin)}, dropped with the table
+        self._key_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # ----------------------------------------------------------------------------------- setup
     def activate(self):
@@ -133,6 +137,17 @@ class CudaBackend:
         if rotary not in self._tables:
             self._tables[rotary] = (self.cp.asarray(rotary.cos), self.cp.asarray(rotary.sin))
         return self._tables[rotary]
+
+    def key_tables(self, rotary, layout) -> tuple[object, object]:
+        """cos, sin the kernels that store keys rotate row j's key with (at row key_position(j): j, or j mod
+        chunk_len with DCA): the rotary tables, or for a Self-Extend / StreamingLLM scheme its key tables, whose
+        row j is the rotation of the scheme's cached key position (extension.key_tables), made once."""
+        if not extension.is_extension(layout):
+            return self.rotary_tables(rotary)
+        by_scheme = self._key_tables.setdefault(rotary, {})
+        if layout not in by_scheme:
+            by_scheme[layout] = extension.key_tables(self.cp, rotary, layout, self.rotary_tables(rotary))
+        return by_scheme[layout]
 
     # ----------------------------------------------------------------------------------- transfers
     def tokens(self, ids) -> object:
@@ -234,13 +249,14 @@ class CudaBackend:
 
     def store_kv(self, cache: KVCache, layer: int, k, v, positions, rotary, dca) -> None:
         """Write cache rows at the (device) positions: k (n, Hkv, D) rotated at the key positions (j mod
-        chunk_len with DCA), v as given; model.forward has checked the room on the host. k and v may be
+        chunk_len with DCA; a Self-Extend / StreamingLLM scheme `dca`: its cached key positions, through
+        key_tables), v as given; model.forward has checked the room on the host. k and v may be
         row-strided views (the K and V columns of a fused QKV product)."""
         cp = self.cp
         n, heads, head_dim = k.shape
         rope_dim = rotary.rope.dim
-        cos_t, sin_t = self.rotary_tables(rotary)
-        chunk_len = np.int32(dca.chunk_len if dca is not None else 0)
+        cos_t, sin_t = self.key_tables(rotary, dca)
+        chunk_len = np.int32(extension.chunk_len_of(dca))
         k_stride, v_stride = _row_stride(k, self.act), _row_stride(v, self.act)
         if k_stride is None or v_stride is None or rope_dim % 16 or head_dim % 8:  # the one-value-per-thread kernel
             k, v = to_activation(cp, k, self.dtype), to_activation(cp, v, self.dtype)
@@ -260,8 +276,11 @@ class CudaBackend:
 
         The fused tensor-core kernels where they support the shape: prefill in one launch (the rotation
         chosen per key tile), decode (n == 1) split-K with its split count fixed by the cache capacity
-        (CUDA graphs); otherwise the simple tiled kernel (attention.cu).
+        (CUDA graphs); otherwise the simple tiled kernel (attention.cu). A Self-Extend / StreamingLLM scheme
+        `dca`: the tiled algorithm over CuPy arrays (extension.attention; positions are cache.length + 0..n-1).
         """
+        if extension.is_extension(dca):
+            return extension.attention(self, q, cache, layer, rotary, dca, temperature_length)
         cos_t, sin_t = self.rotary_tables(rotary)
         n, n_heads, head_dim = q.shape
         rope_dim = rotary.rope.dim
@@ -284,10 +303,11 @@ class CudaBackend:
         return FusedBlocks(self, model)
 
     def decoder(self, model, cache: KVCache, sampling, history):
-        """A graph-replaying decode loop with device-side sampling (see graph.GraphDecoder)."""
+        """A graph-replaying decode loop with device-side sampling (see graph.GraphDecoder); eager steps under
+        Self-Extend / StreamingLLM (their attention picks key tiles on the host: extension.py)."""
         from .graph import GraphDecoder
 
-        return GraphDecoder(self, model, cache, sampling, history)
+        return GraphDecoder(self, model, cache, sampling, history, use_graph=model.extension is None)
 
     def _launch_1d(self, file: str, kernel: str, n_threads: int, args: tuple) -> None:
         """One thread per item of an activation kernel (the backend's dtype build of kernels/<file>.cu)."""

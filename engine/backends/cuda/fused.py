@@ -15,12 +15,15 @@ inputs; the same values). Activations (query, SwiGLU output, cache rows)
 are in the backend's dtype (gemv.cu's dtype build); Q/K/V biases (qwen2) are added in the qkv kernel's
 epilogue, rounded as the composed block's add_bias rounds them. A layer whose Q/K/V (or gate/up) are not
 stored in one type, or a weight not kept on the device as a ``DeviceMatrix``, runs the composed block.
+Self-Extend / StreamingLLM: the qkv kernel stores the key through the scheme's key tables and the attention is
+the backend's composed one for the scheme (extension.py); the GEMVs are these.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from . import gemv
+from .extension import chunk_len_of
 from .weights import DeviceMatrix
 
 
@@ -40,9 +43,10 @@ class FusedBlocks:
         self.fused_mlp = [_same_type(l.ffn_gate, l.ffn_up) and isinstance(l.ffn_down, DeviceMatrix) for l in layers]
         self.fused_head = isinstance(model.weights.output, DeviceMatrix)
         # the output / down projections' inputs quantized by their producers (dca_combine, gate_up): one buffer, used
-        # in turn (staged_bytes of the wider input)
+        # in turn (staged_bytes of the wider input); not under Self-Extend / StreamingLLM, whose attention
+        # (extension.py) writes no staged output
         self.staged_o = [isinstance(l.attn_output, DeviceMatrix) and l.attn_output.ggml_type in gemv.INT8_TYPES
-                         and c.head_dim % 32 == 0 for l in layers]
+                         and c.head_dim % 32 == 0 and model.extension is None for l in layers]
         self.staged_down = [isinstance(l.ffn_down, DeviceMatrix) and l.ffn_down.ggml_type in gemv.INT8_TYPES
                             and c.ffn_dim % 32 == 0 for l in layers]
         self.staged = None
@@ -55,9 +59,10 @@ class FusedBlocks:
         model, c = self.model, self.model.config
         if not self.fused_attention[index]:
             return model.attention_block(index, layer, x, positions, cache)
-        cos_t, sin_t = self.backend.rotary_tables(model.rotary)
+        layout = model.attention_layout  # DCA, a Self-Extend / StreamingLLM scheme, or None
+        cos_t, sin_t = self.backend.key_tables(model.rotary, layout)
         rope_dim = model.rotary.rope.dim
-        chunk_len = model.dca.chunk_len if model.dca is not None else 0
+        chunk_len = chunk_len_of(layout)
         dtype = self.backend.dtype
         q = self.cp.empty(c.n_heads * c.head_dim, dtype=self.backend.act)
         biases = None if layer.attn_q_bias is None else (layer.attn_q_bias, layer.attn_k_bias, layer.attn_v_bias)
@@ -67,7 +72,7 @@ class FusedBlocks:
                  dtype)
         staged = self.staged if self.staged_o[index] else None
         attn = self.backend.attention(q.reshape(1, c.n_heads, c.head_dim), part, local, positions, model.rotary,
-                                      model.dca, model.temperature_length, out_staged=staged)
+                                      layout, model.temperature_length, out_staged=staged)
         gemv.gemv_add(attn.reshape(-1), layer.attn_output, x, dtype, staged=staged)
         return x
 
