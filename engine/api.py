@@ -428,8 +428,8 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
     grp_attn_n / grp_attn_w: Self-Extend when grp_attn_n > 1; streaming_sinks / streaming_window: StreamingLLM when
     streaming_window is given (engine/extensions.py: either replaces DCA; CPU only).
     cache_type_k / cache_type_v: how the KV cache stores keys / values, llama.cpp's names (engine/kv_storage.py):
-    None = the backend's own (CPU f32; CUDA its activation dtype, the only type it takes); on the CPU also f16,
-    bf16, q8_0, q5_1, q5_0, q4_1, q4_0.
+    None = the backend's own (CPU f32; CUDA its activation dtype); on the CPU also f16, bf16, q8_0, q5_1, q5_0,
+    q4_1, q4_0; on CUDA also q8_0.
     split_mode / tensor_split / gpus: "layer" spreads the layers over GPUs 0..N-1 (llama.cpp's --split-mode layer
     and --tensor-split proportions, e.g. (1, 1); engine/split.py), each GPU's share checked against its free
     memory; on the CPU the same split runs as a simulation (one numpy backend per rank, the handovers copies),

@@ -11,12 +11,16 @@ order; fusing only cuts launches (6 per layer, not 16). Activations (query, SwiG
 are in the backend's dtype (gemv.cu's dtype build); Q/K/V biases (qwen2) are added in the qkv kernel's
 epilogue, rounded as the composed block's add_bias rounds them. A layer whose Q/K/V (or gate/up) are not
 stored in one type, or a weight not kept on the device as a ``DeviceMatrix``, runs the composed block.
+With a q8_0 K or V cache (kv_q8.py) qkv stores the token's rows unrotated, in 16 bits, into a scratch (its
+position slot pointing at row 0 and its rotation tables the identity: cos 1, sin 0), and the backend's store_kv
+rotates, quantizes and writes them at the token's position (one launch more a layer), before attention reads them.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from . import gemv
+from .kv_q8 import is_q8
 from .weights import DeviceMatrix
 
 
@@ -35,6 +39,7 @@ class FusedBlocks:
                                 for l in layers]
         self.fused_mlp = [_same_type(l.ffn_gate, l.ffn_up) and isinstance(l.ffn_down, DeviceMatrix) for l in layers]
         self.fused_head = isinstance(model.weights.output, DeviceMatrix)
+        self._unrotated_store = None  # (position slot 0, cos 1, sin 0): qkv's store into the q8_0 scratch
 
     def attention_block(self, index: int, layer, x, positions, cache):
         """x (1, d) fp32 residual, updated in place; positions (1,) int32 device slot."""
@@ -48,13 +53,28 @@ class FusedBlocks:
         q = self.cp.empty(c.n_heads * c.head_dim, dtype=self.backend.act)
         biases = None if layer.attn_q_bias is None else (layer.attn_q_bias, layer.attn_k_bias, layer.attn_v_bias)
         part, local = cache.layer(index)  # split: the stage's part of the cache and the layer's index there
-        gemv.qkv(x, layer.attn_norm, self.eps, layer.attn_q, layer.attn_k, layer.attn_v, biases, q, part.k[local],
-                 part.v[local], positions, cos_t, sin_t, c.n_heads, c.n_kv_heads, c.head_dim, rope_dim, chunk_len,
-                 dtype)
+        if is_q8(part.k) or is_q8(part.v):
+            k_new, v_new = (self.cp.empty((1, c.n_kv_heads, c.head_dim), dtype=self.backend.act) for _ in range(2))
+            gemv.qkv(x, layer.attn_norm, self.eps, layer.attn_q, layer.attn_k, layer.attn_v, biases, q, k_new, v_new,
+                     *self.unrotated_store(), c.n_heads, c.n_kv_heads, c.head_dim, rope_dim, 0, dtype)
+            self.backend.store_kv(part, local, k_new, v_new, positions, model.rotary, model.dca)
+        else:
+            gemv.qkv(x, layer.attn_norm, self.eps, layer.attn_q, layer.attn_k, layer.attn_v, biases, q,
+                     part.k[local], part.v[local], positions, cos_t, sin_t, c.n_heads, c.n_kv_heads, c.head_dim,
+                     rope_dim, chunk_len, dtype)
         attn = self.backend.attention(q.reshape(1, c.n_heads, c.head_dim), part, local, positions, model.rotary,
                                       model.dca, model.temperature_length)
         gemv.gemv_add(attn.reshape(-1), layer.attn_output, x, dtype)
         return x
+
+    def unrotated_store(self):
+        """qkv's position slot and rotation tables that store the token's rows at row 0 as computed: (1,) int32 0,
+        cos (1, head_dim/2) ones, sin zeros; made on the first q8_0 step (an eager one: graph.py)."""
+        if self._unrotated_store is None:
+            cp, half = self.cp, self.model.config.head_dim // 2
+            self._unrotated_store = (cp.zeros(1, dtype=cp.int32), cp.ones((1, half), dtype=cp.float32),
+                                     cp.zeros((1, half), dtype=cp.float32))
+        return self._unrotated_store
 
     def mlp_block(self, index: int, layer, x):
         c = self.model.config
