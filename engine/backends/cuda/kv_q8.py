@@ -73,25 +73,36 @@ class DeviceQ8Rows(EncodedStore):
         return self.q.shape[:-1] + (self.q.shape[-1] // Q8_BLOCK * (2 + Q8_BLOCK),)
 
     def to_bytes(self) -> np.ndarray:
-        """(..., head_dim/32 * 34) uint8: per block its fp16 d, then its 32 int8 values (ggml's block_q8_0)."""
-        q = self.q.get().view(np.uint8)
-        d = self.d.get().astype("<f2").view(np.uint8)
-        blocks = self.q.shape[-1] // Q8_BLOCK
-        lead = self.q.shape[:-1]
-        rows = np.concatenate([d.reshape(lead + (blocks, 2)), q.reshape(lead + (blocks, Q8_BLOCK))], axis=-1)
-        return np.ascontiguousarray(rows.reshape(self.byte_shape))
+        """(..., head_dim/32 * 34) uint8: ggml's block_q8_0 rows (``join_blocks``)."""
+        return join_blocks(self.q.get(), self.d.get())
 
     def load_bytes(self, raw: np.ndarray) -> None:
         """Replace the rows by ggml block_q8_0 bytes shaped as ``to_bytes`` gives them."""
         import cupy as cp
 
-        blocks = self.q.shape[-1] // Q8_BLOCK
-        lead = self.q.shape[:-1]
-        split = np.asarray(raw, dtype=np.uint8).reshape(lead + (blocks, 2 + Q8_BLOCK))
-        d = np.ascontiguousarray(split[..., :2]).view("<f2").reshape(self.d.shape)
-        q = np.ascontiguousarray(split[..., 2:]).view(np.int8).reshape(self.q.shape)
+        q, d = split_blocks(raw, self.q.shape[-1])
         self.q[...] = cp.asarray(q)
-        self.d[...] = cp.asarray(d.astype(np.float16))
+        self.d[...] = cp.asarray(d)
+
+
+def join_blocks(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """int8 values (..., D) and fp16 scales (..., D/32) -> ggml block_q8_0 rows (..., D/32 * 34) uint8: per block its
+    little-endian fp16 d, then its 32 values."""
+    lead, blocks = q.shape[:-1], q.shape[-1] // Q8_BLOCK
+    scales = np.ascontiguousarray(d, dtype="<f2").view(np.uint8).reshape(lead + (blocks, 2))
+    values = np.ascontiguousarray(q, dtype=np.int8).view(np.uint8).reshape(lead + (blocks, Q8_BLOCK))
+    return np.concatenate([scales, values], axis=-1).reshape(lead + (blocks * (2 + Q8_BLOCK),))
+
+
+def split_blocks(raw: np.ndarray, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """ggml block_q8_0 rows (..., head_dim/32 * 34) uint8 -> (int8 values (..., head_dim), fp16 scales
+    (..., head_dim/32)); the inverse of join_blocks."""
+    raw = np.asarray(raw, dtype=np.uint8)
+    lead, blocks = raw.shape[:-1], head_dim // Q8_BLOCK
+    split = raw.reshape(lead + (blocks, 2 + Q8_BLOCK))
+    d = np.ascontiguousarray(split[..., :2]).view("<f2").reshape(lead + (blocks,)).astype(np.float16)
+    q = np.ascontiguousarray(split[..., 2:]).view(np.int8).reshape(lead + (head_dim,))
+    return q, d
 
 
 def is_q8(store) -> bool:
