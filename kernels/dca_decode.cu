@@ -79,7 +79,6 @@ __device__ __forceinline__ void dequant_rows(unsigned char* tile, const unsigned
     }
 }
 
-
 template <int D, int BN, bool BF16, bool KQ, bool VQ>
 __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const void* __restrict__ kc,
                                             const half_t* __restrict__ kd, const void* __restrict__ vc,
