@@ -398,12 +398,16 @@ def test_info_bench_and_refusals_on_cuda(tiny_models):
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --cache-type-k q4_0: on CUDA the KV cache is kept")
 
 
+Q8_0_TOL = 2e-2  # a q8_0 cache against a 16-bit one (not the same cache types): on the CPU, these models' logits
+# differ from an f32 cache's by 5e-3 .. 8.4e-3 (500 and 3000 tokens, DCA); an offset gone wrong gives garbage
+
+
 @pytest.mark.cuda
 def test_context_past_128k(tiny_models):
-    """131,200 tokens (DCA chunks of 4k): a q8_0 cache's last logits and decode steps against the same GPU run with
-    a 16-bit cache (the CPU cannot run this length in a test), all finite."""
+    """131,200 tokens (DCA, chunk_len 160: 820 chunks): a q8_0 cache's last logits and decode steps against the same
+    GPU run with a 16-bit cache (the CPU cannot run this length in a test)."""
     ids = np.random.default_rng(5).integers(3, 384, 131_200)
-    settings = dict(device="cuda", dtype="f16", context=131_264, dca="on", dca_chunk_size=4096, dca_local_window=256)
+    settings = dict(device="cuda", dtype="f16", context=131_264, dca="on", dca_chunk_size=192, dca_local_window=32)
     rows = {}
     for types in (("f16", "f16"), ("q8_0", "q8_0")):
         llm = engine.load(tiny_models["d128"], cache_type_k=types[0], cache_type_v=types[1], **settings)
@@ -411,4 +415,4 @@ def test_context_past_128k(tiny_models):
         del llm
     err = rel_err(rows[("q8_0", "q8_0")], rows[("f16", "f16")])
     print(f"131k: q8_0 vs f16 cache logits rel err {err:.2e}")
-    assert err < LOGITS_TOL["f16"]
+    assert err < Q8_0_TOL
