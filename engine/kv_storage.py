@@ -16,6 +16,7 @@ rows as those ggml bytes, which is what session files hold (kvcache.KVCache.host
 """
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import numpy as np
@@ -66,22 +67,22 @@ def allocate(cache_type: str, shape: tuple[int, ...], xp: Any = np, dtype: Any =
                        shape[-1])
 
 
-class EncodedStore:
+class EncodedStore(abc.ABC):
     """Values (..., head_dim) kept encoded (not as a float array), indexed over the leading axes like an array.
     Their ggml bytes, (..., row_bytes) uint8 on the host, are how the rows leave and enter (session files)."""
 
     @property
+    @abc.abstractmethod
     def byte_shape(self) -> tuple[int, ...]:
         """Shape of ``to_bytes()``: (..., row_bytes)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def to_bytes(self) -> np.ndarray:
         """The rows as contiguous host ggml bytes, byte_shape uint8."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load_bytes(self, raw: np.ndarray) -> None:
         """Replace the rows by host ggml bytes of byte_shape."""
-        raise NotImplementedError
 
 
 class EncodedRows(EncodedStore):
