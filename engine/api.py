@@ -83,6 +83,7 @@ class LLM:
         c = self.config
         self.cache_types = resolve_cache_types(*(cache_types or (None, None)), backend.name,
                                                activation_dtype(backend), c.head_dim)
+        extensions.require_16bit_cache(extension, backend.name, self.cache_types)
         # the memory plan (engine/memory.py), refused before anything is allocated when it does not fit
         available = memory.available_bytes(backend.name)
         self.memory = memory.plan_memory(c, loaded.weights, context, backend.name, activation_dtype(backend),
@@ -140,6 +141,7 @@ class LLM:
         """
         extension = extensions.resolve_extension(grp_attn_n, grp_attn_w, streaming_sinks, streaming_window)
         dca = extensions.dca_mode_beside(extension, dca, dca_chunk_size, dca_local_window)
+        extensions.require_16bit_cache(extension, self.backend.name, self.cache_types)
         self.config, _, self.dca = plan(self.config, self.context, dca, dca_chunk_size, dca_local_window,
                                         rope_scaling, rope_scale)
         self.extension = extension
@@ -427,8 +429,8 @@ def load(model: str | Path | LoadedModel | None = None, device: str = "cpu", con
     grp_attn_n / grp_attn_w: Self-Extend when grp_attn_n > 1; streaming_sinks / streaming_window: StreamingLLM when
     streaming_window is given (engine/extensions.py: either replaces DCA).
     cache_type_k / cache_type_v: how the KV cache stores keys / values, llama.cpp's names (engine/kv_storage.py):
-    None = the backend's own (CPU f32; CUDA its activation dtype, the only type it takes); on the CPU also f16,
-    bf16, q8_0, q5_1, q5_0, q4_1, q4_0.
+    None = the backend's own (CPU f32; CUDA its activation dtype); on the CPU also f16, bf16, q8_0, q5_1, q5_0,
+    q4_1, q4_0; on CUDA also q8_0.
     split_mode / tensor_split / gpus: "layer" spreads the layers over GPUs 0..N-1 (llama.cpp's --split-mode layer
     and --tensor-split proportions, e.g. (1, 1); engine/split.py), each GPU's share checked against its free
     memory; on the CPU the same split runs as a simulation (one numpy backend per rank, the handovers copies),

@@ -331,9 +331,10 @@ def bench(settings: LoadSettings, synthetic, shape, save_gguf, n_prompt, n_gen, 
             row["speedup_vs_hf"] = row["tokens_per_s"] / theirs["tokens_per_s"]
     if as_json:
         click.echo(json.dumps({"model": label, "device": backend.name, "dtype": activations, "dca": dca is not None,
-                               "results": rows}, indent=2))
+                               "cache_types": "/".join(llm.cache_types), "results": rows}, indent=2))
         return
-    click.echo(f"model: {label}   device: {backend.name}   dtype: {activations}   dca: {'on' if dca else 'off'}")
+    click.echo(f"model: {label}   device: {backend.name}   dtype: {activations}   dca: {'on' if dca else 'off'}   "
+               f"KV cache: {'/'.join(llm.cache_types)}")
     extra = f" {'HF tokens/s':>12} | {'ratio':>6} |" if hf_rows else ""
     click.echo(f"| {'test':>8} | {'depth':>6} | {'tokens/s':>20} |{extra}")
     click.echo(f"| {'-' * 8} | {'-' * 6} | {'-' * 20} |" + (f" {'-' * 12} | {'-' * 6} |" if hf_rows else ""))

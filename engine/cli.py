@@ -111,9 +111,10 @@ def info(model_arg, settings: LoadSettings) -> None:
     # the cache types on the chosen device (refused as load would); the CPU figures use them when it is the CPU
     cache_types = resolve_cache_types(s.cache_type_k, s.cache_type_v, device_name, activations, c.head_dim)
     cpu_types = cache_types if device_name == "cpu" else ("f32", "f32")
+    cuda_types = cache_types if device_name == "cuda" else (cuda_dtype, cuda_dtype)
     plans = {"cpu": memory.plan_memory(c, loaded.weights, context, "cpu", available=memory.available_bytes("cpu"),
                                        cache_types=cpu_types),
-             "cuda": memory.plan_memory(c, loaded.weights, context, "cuda", cuda_dtype)}
+             "cuda": memory.plan_memory(c, loaded.weights, context, "cuda", cuda_dtype, cache_types=cuda_types)}
     rows = [
         ("file", f"{path} ({loaded.file_format}, {size / 2**20:.1f} MiB)"),
         ("name", c.name or "-"),
@@ -126,10 +127,10 @@ def info(model_arg, settings: LoadSettings) -> None:
         ("rope", _describe_rope(c.rope)),
         ("tokenizer", f"{tok.kind}, {tok.vocab_size} tokens, bos {tok.bos_id}, eos {tok.eos_id}"),
         ("chat template", "present" if tok.chat_template else "absent (ChatML fallback)"),
-        ("plan: device", _describe_device(device_name, activations)),
+        ("plan: device", _describe_device(device_name, activations, cache_types)),
         ("plan: context", str(context)),
         ("plan: weights", _describe_weights(plans)),
-        ("plan: KV cache", _describe_kv_cache(plans, cpu_types)),
+        ("plan: KV cache", _describe_kv_cache(plans, cpu_types, cuda_types)),
         ("plan: memory", _describe_memory(plans[device_name], memory.available_bytes(device_name))),
         ("plan: DCA", _describe_dca(dca_plan)),
         ("plan: attention", describe_attention(dca_plan, extension, context)),
@@ -196,10 +197,13 @@ def _rope_in_force(rope) -> str:
     return "" if rope.scaling == "none" else f"rope: {rope.scaling} x{rope.factor:g} | "
 
 
-def _describe_device(device: str, dtype: str) -> str:
+def _describe_device(device: str, dtype: str, cache_types: tuple[str, str]) -> str:
     if device == "cpu":
         return "cpu, float32"
-    return f"cuda, {DTYPE_NAMES[dtype]} activations and KV cache (float32 residual stream and logits)"
+    if cache_types == (dtype, dtype):
+        return f"cuda, {DTYPE_NAMES[dtype]} activations and KV cache (float32 residual stream and logits)"
+    return (f"cuda, {DTYPE_NAMES[dtype]} activations, KV cache k {cache_types[0]}, v {cache_types[1]} "
+            f"(float32 residual stream and logits)")
 
 
 def _describe_weights(plans) -> str:
@@ -213,10 +217,12 @@ def _describe_weights(plans) -> str:
     return text
 
 
-def _describe_kv_cache(plans, cpu_types: tuple[str, str]) -> str:
+def _describe_kv_cache(plans, cpu_types: tuple[str, str], cuda_types: tuple[str, str]) -> str:
     cpu, cuda = plans["cpu"], plans["cuda"]
+    cuda_kinds = (DTYPE_NAMES[cuda.dtype] if cuda_types == (cuda.dtype, cuda.dtype)
+                  else f"k {cuda_types[0]}, v {cuda_types[1]}")
     return (f"{cpu.kv_cache / 2**30:.2f} GiB on the CPU (k {cpu_types[0]}, v {cpu_types[1]}), "
-            f"{cuda.kv_cache / 2**30:.2f} GiB on CUDA ({DTYPE_NAMES[cuda.dtype]})")
+            f"{cuda.kv_cache / 2**30:.2f} GiB on CUDA ({cuda_kinds})")
 
 
 def _describe_memory(plan, available: int | None) -> str:

@@ -47,6 +47,14 @@ def dca_mode_beside(extension: Extension | None, dca, dca_chunk_size: int | None
     return "off"
 
 
+def require_16bit_cache(extension: Extension | None, device: str, cache_types: tuple[str, str]) -> None:
+    """On CUDA the extensions' attention (backends/cuda/extension.py) reads 16-bit cache rows: a q8_0 cache with
+    one is refused up front."""
+    if extension is not None and device != "cpu" and "q8_0" in cache_types:
+        raise ConfigError(f"{name(extension)} on CUDA reads a 16-bit KV cache: drop --cache-type-k/-v q8_0 "
+                          f"(or run it with --device cpu)")
+
+
 def name(extension: Extension) -> str:
     return "Self-Extend" if isinstance(extension, SelfExtendConfig) else "StreamingLLM"
 

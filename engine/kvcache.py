@@ -5,8 +5,9 @@ DCA is off), so a cached key never needs re-rotation: its position depends only 
 Values are stored as they are. GQA stays grouped: n_kv_heads per token, never repeated.
 
 Layout per layer: k[layer], v[layer] are (capacity, n_kv_heads, head_dim), stored as the cache types
-say (kv_storage.py: float arrays, or the ggml bytes of each row for f16/bf16/q8_0/... on the CPU). Buffers
-are fixed for the life of the cache (the decode step of a GPU backend can be captured once).
+say (kv_storage.py: float arrays, or the ggml bytes of each row for f16/bf16/q8_0/... on the CPU; CUDA's q8_0:
+cuda/kv_q8.py). Buffers are fixed for the life of the cache (the decode step of a GPU backend can be captured
+once).
 
 Because a key's rotation depends only on its own position, the cache of a sequence truncated to
 its first n tokens is exactly the cache a fresh prefill of those n tokens builds: ``truncate(n)``
@@ -15,28 +16,32 @@ only sets the length back (sessions reuse a common prompt prefix this way, engin
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import numpy as np
 
 from .errors import ContextError
-from .kv_storage import EncodedRows, allocate
+from .kv_storage import EncodedStore, allocate
 
 
 class KVCache:
     def __init__(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int,
-                 dtype: Any = np.float32, xp: Any = np, types: tuple[str, str] = ("f32", "f32")):
+                 dtype: Any = np.float32, xp: Any = np, types: tuple[str, str] = ("f32", "f32"),
+                 storage: Callable[[str, tuple[int, ...]], Any] | None = None):
         """types: the K and V cache types (kv_storage.CACHE_TYPES); dtype: the float arrays' dtype (CUDA: its
-        activation dtype, the type it keeps both in)."""
+        activation dtype). storage(cache type, shape): the zeroed store of one of them (default
+        kv_storage.allocate on xp; the CUDA backend passes its own, cuda/kv_q8.storage)."""
         if capacity <= 0:
             raise ContextError(f"context size must be positive, got {capacity}")
         self.capacity = capacity
         self.xp = xp
         self.types = types
         shape = (n_layers, capacity, n_kv_heads, head_dim)
+        storage = storage or functools.partial(allocate, xp=xp, dtype=dtype)
         # zeros are allocated lazily by the OS on the CPU
-        self.k = allocate(types[0], shape, xp, dtype)  # (n_layers, capacity, n_kv_heads, head_dim)
-        self.v = allocate(types[1], shape, xp, dtype)
+        self.k = storage(types[0], shape)  # (n_layers, capacity, n_kv_heads, head_dim)
+        self.v = storage(types[1], shape)
         self.length = 0  # tokens committed so far (positions 0 .. length-1)
         self.owner: object | None = None  # the session whose tokens these are (engine/session.py)
 
@@ -90,7 +95,8 @@ class KVCache:
 
     def stored_layout(self, n: int) -> list[tuple[tuple[int, ...], np.dtype]]:
         """(shape, dtype) of the keys and of the values ``host_rows`` gives for n positions."""
-        return [(_stored_shape(store, n), np.dtype(getattr(store, "raw", store).dtype)) for store in (self.k, self.v)]
+        return [(_stored_shape(store, n), np.dtype(np.uint8 if isinstance(store, EncodedStore) else store.dtype))
+                for store in (self.k, self.v)]
 
     def load_rows(self, k: np.ndarray, v: np.ndarray) -> None:
         """Replace the content with host keys/values shaped and typed as ``host_rows`` returns them."""
@@ -101,8 +107,8 @@ class KVCache:
                                f"{expected}")
         self.check_room(n - self.length)
         for store, rows in ((self.k, k), (self.v, v)):
-            if isinstance(store, EncodedRows):
-                store.raw[:, :n] = rows
+            if isinstance(store, EncodedStore):
+                store[:, :n].load_bytes(rows)
             else:
                 store[:, :n] = self.xp.asarray(rows)
         self.length = n
@@ -110,11 +116,11 @@ class KVCache:
 
 def _stored(rows: Any, xp: Any) -> np.ndarray:
     """Cache rows as stored, as a contiguous host array (encoded rows: their bytes)."""
-    if isinstance(rows, EncodedRows):
-        return np.ascontiguousarray(rows.raw)
+    if isinstance(rows, EncodedStore):
+        return rows.to_bytes()
     return np.ascontiguousarray(getattr(xp, "asnumpy", np.asarray)(rows))
 
 
 def _stored_shape(store: Any, n: int) -> tuple[int, ...]:
-    shape = getattr(store, "raw", store).shape
+    shape = store.byte_shape if isinstance(store, EncodedStore) else store.shape
     return (shape[0], n) + tuple(shape[2:])

@@ -14,7 +14,9 @@ activation dtype ("f32" on the CPU, "f16" | "bf16" on CUDA):
                own cache of the whole context)
   scratch      CPU: one dequantized block of rows (host_weights.SCRATCH_BYTES) unless every matrix is
                float32. CUDA: the largest matrix (Q/K/V and gate/up fused where their encodings agree) as
-               16-bit values, unless prefill copies are kept.
+               16-bit values, unless prefill copies are kept; plus, for a q8_0 K or V cache, one layer's rows
+               of the whole context in 16 bits (cuda/kv_q8.DequantScratch: prefill reads them; shared by the
+               slots)
   activations  one prefill batch, min(prefill batch, context) tokens, through a layer: residual stream,
                norm, Q/K/V, attention output, gate/up/product (CPU also: the attention tiles)
   logits       one slab of ``logits_rows`` rows: the logits and their log-softmax temporaries
@@ -86,6 +88,7 @@ class MemoryPlan:
     activations_fixed: int
     slots: int = 1  # KV caches of `context` tokens each
     kv_per_token_q8_0: int = 0  # CPU: the KV bytes per token with -ctk q8_0 -ctv q8_0, when that is smaller (else 0)
+    scratch_per_token: int = 0  # CUDA: the q8_0 cache's dequantization scratch per context token (in `scratch`)
 
     @property
     def total(self) -> int:
@@ -109,7 +112,8 @@ class MemoryPlan:
         """The same model, device and slots at another context."""
         tokens = min(context, prefill_batch(self.device))
         return dataclasses.replace(self, context=context, kv_cache=self.kv_per_token * context * self.slots,
-                                   activations=self.activations_fixed + self.activations_per_token * tokens)
+                                   activations=self.activations_fixed + self.activations_per_token * tokens,
+                                   scratch=self.scratch + self.scratch_per_token * (context - self.context))
 
     def with_slots(self, slots: int) -> MemoryPlan:
         """The same model, device and context with `slots` KV caches (activations are shared: one model step
@@ -138,7 +142,7 @@ def plan_memory(config: ModelConfig, weights, context: int, device: str, dtype: 
             f32_copies = _comfortable(plan.total, plan.copies, available)
         plan = plan if f32_copies else _cpu_plan(config, weights, context, False, kv_per_token).with_slots(slots)
         return dataclasses.replace(plan, **smaller)
-    return _cuda_plan(config, weights, context, dtype, kv_per_token).with_slots(slots)
+    return _cuda_plan(config, weights, context, dtype, kv_per_token, cache_types or (native, native)).with_slots(slots)
 
 
 def kv_bytes_per_token(config: ModelConfig, cache_types: tuple[str, str]) -> int:
@@ -190,7 +194,9 @@ def _cpu_plan(config: ModelConfig, weights, context: int, keep: bool, kv_per_tok
     return plan.at_context(context)
 
 
-def _cuda_plan(config: ModelConfig, weights, context: int, dtype: str, kv_per_token: int) -> MemoryPlan:
+def _cuda_plan(config: ModelConfig, weights, context: int, dtype: str, kv_per_token: int,
+               cache_types: tuple[str, str]) -> MemoryPlan:
+    from .backends.cuda.kv_q8 import scratch_bytes_per_token
     from .backends.cuda.weights import device_bytes, device_type, planned_fp16_copies
 
     c = config
@@ -202,11 +208,11 @@ def _cuda_plan(config: ModelConfig, weights, context: int, dtype: str, kv_per_to
     per_token = 2 * 4 * c.d_model + 2 * (c.d_model + (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim
                                          + 3 * c.ffn_dim)
     plan = MemoryPlan(
-        device="cuda", dtype=dtype, context=context, f32_copies=False, weights=stored, copies=copies, kv_cache=0,
+        device="cuda", dtype=dtype, context=0, f32_copies=False, weights=stored, copies=copies, kv_cache=0,
         scratch=scratch, activations=0, logits=logits_rows(c.vocab_size, "cuda") * c.vocab_size * logit_bytes("cuda"),
         runtime=0, kv_per_token=kv_per_token, activations_per_token=per_token,
-        activations_fixed=0)
-    return plan.at_context(context)
+        activations_fixed=0, scratch_per_token=scratch_bytes_per_token(c.n_kv_heads, c.head_dim, cache_types))
+    return plan.at_context(context)  # adds the rows that grow with the context
 
 
 def _cuda_matrices(c: ModelConfig, weights, device_type):

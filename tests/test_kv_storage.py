@@ -137,8 +137,8 @@ def test_memory_plan_counts_the_cache_types(tiny):
 
 
 def test_refusals(tiny):
-    with pytest.raises(ConfigError, match="on CUDA the KV cache is kept in the activation dtype"):
-        kv_storage.resolve_cache_types("q8_0", None, "cuda", "f16", 128)
+    with pytest.raises(ConfigError, match=r"on CUDA the KV cache is kept in the activation dtype \(f16\) or as q8_0"):
+        kv_storage.resolve_cache_types("q4_0", None, "cuda", "f16", 128)  # CUDA takes q8_0 (test_cuda_kv_q8.py)
     assert kv_storage.resolve_cache_types(None, "bf16", "cuda", "bf16", 128) == ("bf16", "bf16")
     with pytest.raises(ConfigError, match="blocks of 32"):
         kv_storage.resolve_cache_types("q4_0", None, "cpu", "f32", 48)

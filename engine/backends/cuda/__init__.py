@@ -3,9 +3,9 @@
 Arrays: residual stream fp32 (n, d); everything that feeds a matrix product in the activation dtype
 (``CudaBackend(dtype=...)``: "f16", or "bf16" held as uint16 bit patterns since CuPy has no bfloat16);
 logits fp32; token ids and positions int32. Weights stay in their GGUF encoding on the device
-(weights.py); attention runs over a preallocated KV cache in the activation dtype (attention.py for
-decode and odd shapes, the fused flash kernels for prefill; Self-Extend and StreamingLLM: the tiled algorithm
-over CuPy arrays, extension.py). The activation kernels are the `dtype`
+(weights.py); attention runs over a preallocated KV cache whose keys and values are each in the activation
+dtype or q8_0 (kv_q8.py) (the fused flash kernels; attention.py for odd shapes; Self-Extend and StreamingLLM: the
+tiled algorithm over CuPy arrays, extension.py). The activation kernels are the `dtype`
 build of their .cu file (kernels/: one source, compiled with -DACT_BF16 for bf16). No op reads
 a device value back to the host, so ``Llama.compute`` for one token can be captured as a CUDA graph
 (graph.py: ``CudaBackend.decoder``), and only the sampled token id comes back per step.
@@ -22,9 +22,11 @@ from ...models.family import INPUT_GROUPS
 from ...weights.bf16 import from_bf16_bits
 from .kernels import ACTIVATION_DTYPES, function
 from ...kvcache import KVCache
+from ...kv_storage import row_bytes
 from . import attention as attention_ops
 from . import extension
 from . import flash_attention as flash
+from . import kv_q8
 from .weights import (PREFILL_FP16_BUDGET, DeviceMatrix, MatrixOps, activation_type, fuse, fused_whole,
                       to_activation, upload_weight)
 
@@ -57,6 +59,7 @@ class CudaBackend:
         self.device = device
         self.act = activation_type(self.cp, dtype)  # their CuPy dtype (bf16: uint16 bits)
         self.matrices = MatrixOps(self.cp, dtype)
+        self.kv_scratch = kv_q8.DequantScratch(self.cp, dtype)  # 16-bit copies of a layer's q8_0 cache rows
         # RotaryTable -> (cos, sin) on the device, dropped with the table (LLM.relayout replaces it per eval cell)
         self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # RotaryTable -> {Self-Extend / StreamingLLM scheme: its key tables (cos, sin)}, dropped with the table
@@ -119,15 +122,19 @@ class CudaBackend:
 
     def new_cache(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int,
                   types: tuple[str, str] | None = None) -> KVCache:
-        """The KV cache in the activation dtype, the one cache type CUDA takes (kv_storage.resolve_cache_types
-        refuses others); the memory plan (engine/memory.py) has checked that it fits, an out-of-memory error
-        here is the last resort."""
+        """The KV cache, keys and values each in the activation dtype (the default) or q8_0 (kv_q8.py; other types
+        are refused by kv_storage.resolve_cache_types), and room in the dequantization scratch for a q8_0 one;
+        the memory plan (engine/memory.py) has checked that they fit, an out-of-memory error here is the last
+        resort."""
         cp = self.cp
-        needed = 2 * n_layers * capacity * n_kv_heads * head_dim * 2  # K and V, 16-bit
+        types = types or (self.dtype, self.dtype)
+        needed = n_layers * capacity * n_kv_heads * sum(row_bytes(t, head_dim) for t in types)
         try:
             with self.activate():
-                return KVCache(n_layers, capacity, n_kv_heads, head_dim, dtype=self.act, xp=cp,
-                               types=(self.dtype, self.dtype))
+                cache = KVCache(n_layers, capacity, n_kv_heads, head_dim, dtype=self.act, xp=cp, types=types,
+                                storage=kv_q8.storage(cp, self.dtype))
+                self.kv_scratch.reserve(capacity, n_kv_heads, head_dim, types)
+                return cache
         except cp.cuda.memory.OutOfMemoryError as exc:
             raise DeviceError(f"GPU out of memory allocating the KV cache for {capacity} tokens "
                               f"({needed / 2**30:.2f} GiB); lower the context with -c/--ctx-size") from exc
@@ -251,13 +258,21 @@ class CudaBackend:
         """Write cache rows at the (device) positions: k (n, Hkv, D) rotated at the key positions (j mod
         chunk_len with DCA; a Self-Extend / StreamingLLM scheme `dca`: its cached key positions, through
         key_tables), v as given; model.forward has checked the room on the host. k and v may be
-        row-strided views (the K and V columns of a fused QKV product)."""
+        row-strided views (the K and V columns of a fused QKV product). q8_0 rows are quantized (kv_q8.store)."""
         cp = self.cp
         n, heads, head_dim = k.shape
         rope_dim = rotary.rope.dim
         cos_t, sin_t = self.key_tables(rotary, dca)
         chunk_len = np.int32(extension.chunk_len_of(dca))
         k_stride, v_stride = _row_stride(k, self.act), _row_stride(v, self.act)
+        k_cache, v_cache = cache.k[layer], cache.v[layer]
+        if kv_q8.is_q8(k_cache) or kv_q8.is_q8(v_cache):
+            if k_stride is None or v_stride is None:
+                k, v = to_activation(cp, k, self.dtype), to_activation(cp, v, self.dtype)
+                k_stride = v_stride = heads * head_dim
+            kv_q8.store(k, k_stride, v, v_stride, positions, cos_t, sin_t, k_cache, v_cache, rope_dim, chunk_len,
+                        self.dtype)
+            return
         if k_stride is None or v_stride is None or rope_dim % 16 or head_dim % 8:  # the one-value-per-thread kernel
             k, v = to_activation(cp, k, self.dtype), to_activation(cp, v, self.dtype)
             k_stride = v_stride = heads * head_dim
@@ -265,8 +280,8 @@ class CudaBackend:
         else:
             kernel, per_head = "store_kv_vec8", (2 * head_dim - rope_dim // 2) // 8
         self._launch_1d("elementwise", kernel, n * heads * per_head,
-                        (k, np.int64(k_stride), v, np.int64(v_stride), positions, cos_t, sin_t, cache.k[layer],
-                         cache.v[layer], np.int32(n), np.int32(heads), np.int32(head_dim), np.int32(rope_dim),
+                        (k, np.int64(k_stride), v, np.int64(v_stride), positions, cos_t, sin_t, k_cache,
+                         v_cache, np.int32(n), np.int32(heads), np.int32(head_dim), np.int32(rope_dim),
                          chunk_len))
 
     def attention(self, q, cache: KVCache, layer: int, positions, rotary, dca, temperature_length=None,
@@ -276,23 +291,32 @@ class CudaBackend:
 
         The fused tensor-core kernels where they support the shape: prefill in one launch (the rotation
         chosen per key tile), decode (n == 1) split-K with its split count fixed by the cache capacity
-        (CUDA graphs); otherwise the simple tiled kernel (attention.cu). A Self-Extend / StreamingLLM scheme
-        `dca`: the tiled algorithm over CuPy arrays (extension.attention; positions are cache.length + 0..n-1).
+        (CUDA graphs), reading q8_0 rows as they are; otherwise the simple tiled kernel (attention.cu). Those
+        two read 16-bit rows: q8_0 ones are first dequantized into the backend's scratch (kv_q8.py), up to the
+        last position (bounded on the host by the cache capacity for one token: a captured step's position
+        grows). A Self-Extend / StreamingLLM scheme `dca`: the tiled algorithm over CuPy arrays
+        (extension.attention; positions are cache.length + 0..n-1; 16-bit caches).
         """
         if extension.is_extension(dca):
             return extension.attention(self, q, cache, layer, rotary, dca, temperature_length)
         cos_t, sin_t = self.rotary_tables(rotary)
         n, n_heads, head_dim = q.shape
         rope_dim = rotary.rope.dim
-        if flash.unsupported_reason(head_dim, rope_dim, n_heads, cache.k.shape[2], decode=n == 1) is None:
-            if n == 1:
-                return flash.flash_decode(q, cache.k[layer], cache.v[layer], positions, cos_t, sin_t,
-                                          rope_dim=rope_dim, dca=dca, temperature_length=temperature_length or 0,
-                                          out_staged=out_staged)
-            return flash.flash_attention(q, cache.k[layer], cache.v[layer], positions, cos_t, sin_t,
+        k_cache, v_cache = cache.k[layer], cache.v[layer]
+        fused = flash.unsupported_reason(head_dim, rope_dim, n_heads, k_cache.shape[1], decode=n == 1) is None
+        if fused and n == 1:
+            return flash.flash_decode(q, k_cache, v_cache, positions, cos_t, sin_t,
+                                      rope_dim=rope_dim, dca=dca, temperature_length=temperature_length or 0,
+                                      out_staged=out_staged)
+        if kv_q8.is_q8(k_cache) or kv_q8.is_q8(v_cache):
+            rows = cache.capacity if n == 1 else min(cache.capacity, cache.length + n)
+            k_cache = self.kv_scratch.rows16("k", k_cache, positions, rows)
+            v_cache = self.kv_scratch.rows16("v", v_cache, positions, rows)
+        if fused:
+            return flash.flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t,
                                          rope_dim=rope_dim, dca=dca, temperature_length=temperature_length or 0,
                                          n_keys_hint=cache.length + n)
-        return attention_ops.attention(self.cp, q, cache.k[layer], cache.v[layer], positions, cos_t, sin_t,
+        return attention_ops.attention(self.cp, q, k_cache, v_cache, positions, cos_t, sin_t,
                                        rope_dim, dca, temperature_length, cache.capacity,
                                        keys_hint=cache.length + n, dtype=self.dtype, out_staged=out_staged)
 

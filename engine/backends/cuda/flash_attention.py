@@ -5,7 +5,9 @@ GQA without copies, optionally split over the keys (then merged by ``dca_combine
 mma.sync (kernels/dca_flash_attn.cu, any sm_80+ GPU) and warpgroup MMA (kernels/dca_flash_attn_sm90.cu,
 Hopper only, chosen there by default). Decode:
 ``flash_decode`` — split-K over the chunk-aware cache plus the combine kernel; the split count comes
-from the cache capacity, so the launch is fixed while the context grows (CUDA graphs).
+from the cache capacity, so the launch is fixed while the context grows (CUDA graphs). Decode also reads
+q8_0 caches directly (kv_q8.DeviceQ8Rows, K and/or V: the dca_decode_q8_<D>_<K><V> builds); prefill takes
+16-bit caches only (the backend dequantizes q8_0 rows first, kv_q8.py).
 
 Layouts (the CUDA backend's): q (n, Hq, D) unrotated; k_cache, v_cache (capacity, Hkv, D) with keys
 rotated at their key positions (j mod chunk_len under DCA); positions (n,) int32, increasing, the
@@ -24,6 +26,7 @@ import numpy as np
 
 from ...errors import ConfigError, DeviceError
 from .kernels import function
+from .kv_q8 import NULL, is_q8
 from .splits import key_splits, sm_count
 
 THREADS = 128  # 4 warps per block, both attention kernels
@@ -69,9 +72,12 @@ def _check(cp, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim: int, deco
     if k_cache.shape[2] != head_dim:
         raise ConfigError(f"flash attention: query head_dim {head_dim} differs from the cache's {k_cache.shape[2]}")
     dtype = element_type(q)
-    if element_type(k_cache) != dtype or element_type(v_cache) != dtype:
-        raise ConfigError(f"flash attention: q ({q.dtype}) and caches ({k_cache.dtype}, {v_cache.dtype}) "
-                          "must share one element type")
+    if not decode and (is_q8(k_cache) or is_q8(v_cache)):
+        raise ConfigError("flash attention: the prefill kernels read 16-bit caches (dequantize q8_0 rows first)")
+    for cache in (k_cache, v_cache):
+        if not is_q8(cache) and element_type(cache) != dtype:
+            raise ConfigError(f"flash attention: q ({q.dtype}) and a 16-bit cache ({cache.dtype}) must share one "
+                              "element type")
     reason = unsupported_reason(head_dim, rope_dim, n_heads, k_cache.shape[1], decode)
     if reason is not None:
         raise DeviceError(f"the fused attention kernels do not support {reason}")
@@ -81,7 +87,9 @@ def _check(cp, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim: int, deco
             or cos_t.dtype != cp.float32 or sin_t.dtype != cp.float32:
         raise ConfigError(f"flash attention: cos/sin tables must be (n_positions, {rope_dim // 2}) float32, "
                           f"got {cos_t.shape} {cos_t.dtype} and {sin_t.shape} {sin_t.dtype}")
-    for name, arr in (("k_cache", k_cache), ("v_cache", v_cache), ("cos", cos_t), ("sin", sin_t)):
+    arrays = [(name, arr) for name, cache in (("k_cache", k_cache), ("v_cache", v_cache))
+              for arr in ((cache.q, cache.d) if is_q8(cache) else (cache,))]
+    for name, arr in arrays + [("cos", cos_t), ("sin", sin_t)]:
         if not arr.flags.c_contiguous:
             raise ConfigError(f"flash attention: {name} must be C-contiguous")
     return dtype
@@ -113,14 +121,22 @@ def wgmma_build(head_dim: int, tiles: tuple[int, int, int]) -> tuple[str, str, s
             f"DCA_FLASH_WG({head_dim}, {block_keys}, {warpgroups}, {stages})")
 
 
-def decode_build(head_dim: int) -> tuple[str, str, str]:
-    return "dca_decode", f"dca_decode_{head_dim}", f"DCA_DECODE({head_dim}, {DECODE_TILE_KEYS[head_dim]})"
+def decode_build(head_dim: int, k_q8: bool = False, v_q8: bool = False) -> tuple[str, str, str]:
+    """(file, kernel, instance) of the decode kernel for 16-bit caches, or for a q8_0 K and/or V cache."""
+    keys = DECODE_TILE_KEYS[head_dim]
+    if not (k_q8 or v_q8):
+        return "dca_decode", f"dca_decode_{head_dim}", f"DCA_DECODE({head_dim}, {keys})"
+    return ("dca_decode", f"dca_decode_q8_{head_dim}_{int(k_q8)}{int(v_q8)}",
+            f"DCA_DECODE_Q8({head_dim}, {keys}, {int(k_q8)}, {int(v_q8)})")
+
+
+DECODE_CACHE_KINDS = ((False, False), (True, True), (True, False), (False, True))  # (K q8_0, V q8_0)
 
 
 def launched_builds() -> list[tuple[str, str, str]]:
     """Every (file, kernel, instance) production launches: the default configurations."""
     return ([prefill_build(d, t) for d, t in PREFILL_TILES.items()] + [wgmma_build(d, t) for d, t in WGMMA_TILES.items()]
-            + [decode_build(d) for d in DECODE_TILE_KEYS])
+            + [decode_build(d, *kinds) for d in DECODE_TILE_KEYS for kinds in DECODE_CACHE_KINDS])
 
 
 def _kernel(build: tuple[str, str, str], dtype: str):
@@ -229,9 +245,13 @@ def _partials(cp, n_splits: int, rows: int, head_dim: int):
             cp.empty((n_splits, rows), dtype=cp.float32))
 
 
-def decode_smem(head_dim: int) -> int:
-    """Dynamic shared memory of the decode kernel: three query rotations + 4 warps x 2 stages of K and V."""
-    return 3 * 16 * head_dim * 2 + 4 * 2 * 2 * DECODE_TILE_KEYS[head_dim] * head_dim * 2
+def decode_smem(head_dim: int, k_q8: bool = False, v_q8: bool = False) -> int:
+    """Dynamic shared memory of the decode kernel: three query rotations + 4 warps x (2 stages of K and V rows:
+    a 16-bit tile, or q8_0 values + scales; and a dequantized 16-bit tile per q8_0 operand)."""
+    keys = DECODE_TILE_KEYS[head_dim]
+    tile, raw = keys * head_dim * 2, keys * head_dim + keys * (head_dim // 32) * 2
+    stage = (raw if k_q8 else tile) + (raw if v_q8 else tile)
+    return 3 * 16 * head_dim * 2 + 4 * (2 * stage + tile * (int(k_q8) + int(v_q8)))
 
 
 def blocks_per_sm(cp, kernel, smem: int) -> int:
@@ -246,11 +266,11 @@ def blocks_per_sm(cp, kernel, smem: int) -> int:
 
 
 def decode_splits(cp, capacity: int, n_kv: int, n_queries: int = 1, head_dim: int = 128,
-                  dtype: str = "f16") -> int:
-    """Key slices of the decode kernel: one full wave of resident blocks, fixed by the cache capacity, slices of
-    at least 4 tiles (splits.key_splits)."""
-    kernel = _kernel(decode_build(head_dim), dtype)
-    slots = sm_count(cp) * blocks_per_sm(cp, kernel, decode_smem(head_dim))
+                  dtype: str = "f16", k_q8: bool = False, v_q8: bool = False) -> int:
+    """Key slices of the decode kernel (the build for the caches' kinds): one full wave of resident blocks, fixed
+    by the cache capacity, slices of at least 4 tiles (splits.key_splits)."""
+    kernel = _kernel(decode_build(head_dim, k_q8, v_q8), dtype)
+    slots = sm_count(cp) * blocks_per_sm(cp, kernel, decode_smem(head_dim, k_q8, v_q8))
     return key_splits(n_kv * n_queries, slots, capacity, 4 * DECODE_TILE_KEYS[head_dim], slots)
 
 
@@ -258,6 +278,7 @@ def flash_decode(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int,
                  temperature_length: int = 0, n_splits: int | None = None, workspace=None, out_staged=None):
     """Decode attention: q (n, Hq, D) of tokens at positions (n,) against the cache -> (n, Hq, D).
 
+    k_cache, v_cache: (capacity, Hkv, D) 16-bit arrays or q8_0 rows (kv_q8.DeviceQ8Rows), each on its own.
     n_splits: key slices (default decode_splits from the cache capacity). workspace: optional
     (part_o, part_m, part_l) float32 buffers of shapes (S, n*Hq, D), (S, n*Hq), (S, n*Hq), reused
     across steps (CUDA graphs); allocated here when None. out_staged: see combine.
@@ -267,8 +288,9 @@ def flash_decode(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int,
     dtype = _check(cp, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim, decode=True)
     n, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[1]
+    k_q8, v_q8 = is_q8(k_cache), is_q8(v_cache)
     if n_splits is None:
-        n_splits = decode_splits(cp, k_cache.shape[0], n_kv, n, head_dim, dtype)
+        n_splits = decode_splits(cp, k_cache.shape[0], n_kv, n, head_dim, dtype, k_q8, v_q8)
     out = cp.empty(q.shape, dtype=q.dtype)
     if n == 0:
         return out
@@ -283,11 +305,16 @@ def flash_decode(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int,
         raise ConfigError(f"flash decode: workspace shapes {part_o.shape}, {part_m.shape}, {part_l.shape} "
                           f"do not fit {n_splits} splits of {n * n_heads} rows x {head_dim}")
     chunk_len, chunk_size = _dca_args(dca)
-    _launch(_kernel(decode_build(head_dim), dtype), (n_splits, n_kv, n),
-            (q, k_cache, v_cache, positions, cos_t, sin_t, part_o, part_m, part_l, np.int32(n), np.int32(n_heads),
-             np.int32(n_kv), np.int32(rope_dim), chunk_len, chunk_size,
-             np.float32(math.log2(math.e) / math.sqrt(head_dim)), np.int32(temperature_length or 0),
-             np.int32(n_splits)),
-            decode_smem(head_dim))
+    if k_q8 or v_q8:  # each cache: its values and scales (q8_0) or its rows and no scales
+        caches = tuple(arg for cache in (k_cache, v_cache) for arg in ((cache.q, cache.d) if is_q8(cache)
+                                                                         else (cache, NULL)))
+    else:
+        caches = (k_cache, v_cache)
+    _launch(_kernel(decode_build(head_dim, k_q8, v_q8), dtype), (n_splits, n_kv, n),
+            (q,) + caches + (positions, cos_t, sin_t, part_o, part_m, part_l, np.int32(n), np.int32(n_heads),
+                             np.int32(n_kv), np.int32(rope_dim), chunk_len, chunk_size,
+                             np.float32(math.log2(math.e) / math.sqrt(head_dim)), np.int32(temperature_length or 0),
+                             np.int32(n_splits)),
+            decode_smem(head_dim, k_q8, v_q8))
     combine(part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype, out_staged)
     return out

@@ -17,6 +17,9 @@ epilogue, rounded as the composed block's add_bias rounds them. A layer whose Q/
 stored in one type, or a weight not kept on the device as a ``DeviceMatrix``, runs the composed block.
 Self-Extend / StreamingLLM: the qkv kernel stores the key through the scheme's key tables and the attention is
 the backend's composed one for the scheme (extension.py); the GEMVs are these.
+With a q8_0 K or V cache (kv_q8.py) qkv stores the token's rows unrotated, in 16 bits, into a scratch (its
+position slot pointing at row 0 and its rotation tables the identity: cos 1, sin 0), and the backend's store_kv
+rotates, quantizes and writes them at the token's position (one launch more a layer), before attention reads them.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import numpy as np
 
 from . import gemv
 from .extension import chunk_len_of
+from .kv_q8 import is_q8
 from .weights import DeviceMatrix
 
 
@@ -53,6 +57,7 @@ class FusedBlocks:
         if any(self.staged_o) or any(self.staged_down):
             with backend.activate():
                 self.staged = self.cp.empty(gemv.staged_bytes(max(c.n_heads * c.head_dim, c.ffn_dim)), self.cp.uint8)
+        self._unrotated_store = None  # (position slot 0, cos 1, sin 0): qkv's store into the q8_0 scratch
 
     def attention_block(self, index: int, layer, x, positions, cache):
         """x (1, d) fp32 residual, updated in place; positions (1,) int32 device slot."""
@@ -67,14 +72,29 @@ class FusedBlocks:
         q = self.cp.empty(c.n_heads * c.head_dim, dtype=self.backend.act)
         biases = None if layer.attn_q_bias is None else (layer.attn_q_bias, layer.attn_k_bias, layer.attn_v_bias)
         part, local = cache.layer(index)  # split: the stage's part of the cache and the layer's index there
-        gemv.qkv(x, layer.attn_norm, self.eps, layer.attn_q, layer.attn_k, layer.attn_v, biases, q, part.k[local],
-                 part.v[local], positions, cos_t, sin_t, c.n_heads, c.n_kv_heads, c.head_dim, rope_dim, chunk_len,
-                 dtype)
+        if is_q8(part.k) or is_q8(part.v):
+            k_new, v_new = (self.cp.empty((1, c.n_kv_heads, c.head_dim), dtype=self.backend.act) for _ in range(2))
+            gemv.qkv(x, layer.attn_norm, self.eps, layer.attn_q, layer.attn_k, layer.attn_v, biases, q, k_new, v_new,
+                     *self.unrotated_store(), c.n_heads, c.n_kv_heads, c.head_dim, rope_dim, 0, dtype)
+            self.backend.store_kv(part, local, k_new, v_new, positions, model.rotary, layout)
+        else:
+            gemv.qkv(x, layer.attn_norm, self.eps, layer.attn_q, layer.attn_k, layer.attn_v, biases, q,
+                     part.k[local], part.v[local], positions, cos_t, sin_t, c.n_heads, c.n_kv_heads, c.head_dim,
+                     rope_dim, chunk_len, dtype)
         staged = self.staged if self.staged_o[index] else None
         attn = self.backend.attention(q.reshape(1, c.n_heads, c.head_dim), part, local, positions, model.rotary,
                                       layout, model.temperature_length, out_staged=staged)
         gemv.gemv_add(attn.reshape(-1), layer.attn_output, x, dtype, staged=staged)
         return x
+
+    def unrotated_store(self):
+        """qkv's position slot and rotation tables that store the token's rows at row 0 as computed: (1,) int32 0,
+        cos (1, head_dim/2) ones, sin zeros; made on the first q8_0 step (an eager one: graph.py)."""
+        if self._unrotated_store is None:
+            cp, half = self.cp, self.model.config.head_dim // 2
+            self._unrotated_store = (cp.zeros(1, dtype=cp.int32), cp.ones((1, half), dtype=cp.float32),
+                                     cp.zeros((1, half), dtype=cp.float32))
+        return self._unrotated_store
 
     def mlp_block(self, index: int, layer, x):
         c = self.model.config

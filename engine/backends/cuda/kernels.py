@@ -6,8 +6,8 @@ family and opens with a short design header; ``common.cuh`` (fp16/bf16 conversio
 activation type, warp/block reductions) is prepended to every file, ``dca.cuh`` (DCA positions) to every
 file that rotates keys or queries, ``mma.cuh`` (tensor-core PTX) and ``flash.cuh`` (query rotation, prefill
 epilogue) to the fused attention kernels, ``wgmma.cuh`` (Hopper's
-warpgroup MMA, mbarriers) to the sm_90a one, and ``dequant.cuh`` (block decoders) to the two that read
-quantized weights, so no CUDA header is ever included and NVRTC from the ``cupy-cudaXXx`` +
+warpgroup MMA, mbarriers) to the sm_90a one, ``dequant.cuh`` (block decoders) to the two that read
+quantized weights, and ``kv_q8.cuh`` (q8_0 KV cache rows) to the two that read or write them, so no CUDA header is ever included and NVRTC from the ``cupy-cudaXXx`` +
 ``nvidia-cuda-nvrtc`` wheels compiles them as they are.
 
 Architecture-specific files (``ARCH_FILES``: dca_flash_attn_sm90 needs sm_90a) are compiled by
@@ -51,12 +51,13 @@ def _kernel_dir() -> Path:
 
 KERNEL_DIR = _kernel_dir()
 KERNEL_FILES = ("quant", "gemv", "elementwise", "attention", "sampling", "dca_flash_attn", "dca_decode",
-                "dca_flash_attn_sm90")  # <name>.cu
+                "dca_flash_attn_sm90", "kv_q8")  # <name>.cu
 # headers prepended to a file's source, in order (no #include: NVRTC needs no include paths)
 PRELUDES = {"quant": ("common.cuh", "dequant.cuh"), "gemv": ("common.cuh", "dequant.cuh", "dca.cuh"),
             "elementwise": ("common.cuh", "dca.cuh"), "attention": ("common.cuh", "dca.cuh"),
             "dca_flash_attn": ("common.cuh", "mma.cuh", "dca.cuh", "flash.cuh"),
-            "dca_decode": ("common.cuh", "mma.cuh", "dca.cuh", "flash.cuh"),
+            "dca_decode": ("common.cuh", "mma.cuh", "dca.cuh", "flash.cuh", "kv_q8.cuh"),
+            "kv_q8": ("common.cuh", "dca.cuh", "kv_q8.cuh"),
             "dca_flash_attn_sm90": ("common.cuh", "mma.cuh", "dca.cuh", "flash.cuh", "wgmma.cuh")}
 # files built for one exact architecture (its "a" features, e.g. Hopper's wgmma): cubins cached by cubin.py
 ARCH_FILES = {"dca_flash_attn_sm90": "sm_90a"}

@@ -1,0 +1,431 @@
+"""The q8_0 KV cache on the CUDA backend (engine/backends/cuda/kv_q8.py): --cache-type-k / --cache-type-v q8_0.
+
+CPU tests (no marker): option resolution and refusals, the memory plan's cache and scratch bytes, the ggml block
+layout of the rows, the decode kernel's shared memory, and the launch arguments of every new kernel against the
+parameters NVRTC compiles. GPU tests (marker `cuda`, skipped without one): the stored bytes against the CPU encoder,
+whole-model logits (prefill, then decode steps) and greedy tokens against the CPU backend with the same cache types
+(tolerances of tests/test_cuda_model.py's 16-bit runs), with DCA crossing chunks, GQA, head_dim 32 (the simple
+kernel), 64 and 128 (the fused kernels), K only / V only / both; graph replay against eager steps; a session file
+round trip; `engine info` / `engine bench` on CUDA; a context past 128k tokens.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import engine
+from engine import memory
+from engine.backends.cuda import flash_attention as fa
+from engine.backends.cuda import kernels, kv_q8
+from engine.convert.quantize import encode_rows
+from engine.errors import ConfigError
+from engine.kv_storage import resolve_cache_types, row_bytes
+from engine.loader import open_model
+from engine.sampling import SamplingParams
+from engine.weights.quant import GGMLType, dequantize
+
+DTYPES = ("f16", "bf16")
+LOGITS_TOL = {"f16": 1e-2, "bf16": 3e-2}  # tests/test_cuda_model.py's, for 16-bit caches
+TOP2_TOL = {"f16": 0.1, "bf16": 0.25}
+GREEDY = SamplingParams(temperature=0.0)
+# (K, V) cache types on the GPU; "native" is the activation dtype (the CPU reference stores the same types)
+TYPE_PAIRS = (("q8_0", "q8_0"), ("q8_0", "native"), ("native", "q8_0"))
+# head_dim 32: the simple tiled kernel (prefill and decode through the dequantized scratch); 64 and 128: the fused
+# kernels (decode reads q8_0 directly); GQA groups 2 and 4
+SPECS = {"d32": dict(d_model=128, n_heads=4, n_kv_heads=2, ffn_dim=128),
+         "d64": dict(d_model=256, n_heads=4, n_kv_heads=1, ffn_dim=256),
+         "d128": dict(d_model=256, n_heads=2, n_kv_heads=1, ffn_dim=256)}
+DCA = dict(context=640, dca="on", dca_chunk_size=96, dca_local_window=16)  # chunk_len 80: 500 tokens cross 6 chunks
+
+
+def gpu_types(pair: tuple[str, str], dtype: str) -> tuple[str, str]:
+    return tuple(dtype if t == "native" else t for t in pair)
+
+
+# ------------------------------------------------------------------------------------------------ CPU: options
+def test_cuda_takes_q8_0_for_keys_values_or_both():
+    for dtype in DTYPES:
+        assert resolve_cache_types("q8_0", None, "cuda", dtype, 128) == ("q8_0", dtype)
+        assert resolve_cache_types(None, "q8_0", "cuda", dtype, 64) == (dtype, "q8_0")
+        assert resolve_cache_types("q8_0", "q8_0", "cuda", dtype, 64) == ("q8_0", "q8_0")
+        assert resolve_cache_types(dtype, None, "cuda", dtype, 64) == (dtype, dtype)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "f32", "bf16"])
+def test_cuda_refuses_the_other_cache_types_by_name(name):
+    with pytest.raises(ConfigError) as error:
+        resolve_cache_types(None, name, "cuda", "f16", 128)
+    assert str(error.value) == (f"--cache-type-v {name}: on CUDA the KV cache is kept in the activation dtype (f16) "
+                                f"or as q8_0; the other cache types run on the CPU backend (--device cpu)")
+
+
+def test_q8_0_on_cuda_needs_whole_blocks():
+    with pytest.raises(ConfigError, match="--cache-type-k q8_0 stores blocks of 32 values along a head, but this "
+                                          "model's heads have 48"):
+        resolve_cache_types("q8_0", None, "cuda", "f16", 48)
+
+
+# ------------------------------------------------------------------------------------------- CPU: memory plan
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """SPECS name -> a Q8_0 GGUF of that shape (2 layers, vocab 384, trained context 256)."""
+    pytest.importorskip("gguf")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from make_tiny_model import TinySpec, make_tiny_model
+
+    return {name: make_tiny_model(tmp_path_factory.mktemp(name), TinySpec(**spec, seed=7), gguf_types=("q8_0",),
+                                  hf=False)["q8_0"] for name, spec in SPECS.items()}
+
+
+def test_memory_plan_counts_the_q8_0_cache_and_its_scratch(tiny_models):
+    loaded = open_model(tiny_models["d128"])
+    c = loaded.config  # 2 layers, 1 KV head of 128
+    plan = {types: memory.plan_memory(c, loaded.weights, 4096, "cuda", "f16", cache_types=types)
+            for types in (("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "f16"), ("f16", "q8_0"))}
+    assert row_bytes("q8_0", 128) == 136 and row_bytes("f16", 128) == 256
+    assert plan[("f16", "f16")].kv_cache == 2 * 4096 * 1 * (256 + 256)
+    assert plan[("q8_0", "q8_0")].kv_cache == 2 * 4096 * 1 * (136 + 136)  # 34/32 bytes a value
+    assert plan[("q8_0", "f16")].kv_cache == plan[("f16", "q8_0")].kv_cache == 2 * 4096 * (136 + 256)
+    # the dequantization scratch: one layer's rows of the context in 16 bits per q8_0 operand
+    base = plan[("f16", "f16")].scratch
+    assert plan[("q8_0", "q8_0")].scratch == base + 2 * 4096 * 1 * 128 * 2
+    assert plan[("q8_0", "f16")].scratch == plan[("f16", "q8_0")].scratch == base + 4096 * 128 * 2
+    longer = plan[("q8_0", "q8_0")].at_context(65536)
+    assert longer.scratch == base + 2 * 65536 * 128 * 2 and longer.kv_cache == 2 * 65536 * 272
+    assert plan[("q8_0", "q8_0")].with_slots(3).scratch == plan[("q8_0", "q8_0")].scratch  # shared by the slots
+    assert plan[("q8_0", "q8_0")].with_slots(3).kv_cache == 3 * plan[("q8_0", "q8_0")].kv_cache
+
+
+def test_memory_refusal_counts_the_scratch(tiny_models):
+    loaded = open_model(tiny_models["d128"])
+    plan = memory.plan_memory(loaded.config, loaded.weights, 100_000, "cuda", "f16", cache_types=("q8_0", "q8_0"))
+    fits = memory.largest_context(plan, plan.total - 1)
+    assert fits < 100_000 and plan.at_context(fits).total <= plan.total - 1 < plan.at_context(fits + 1).total
+
+
+# ----------------------------------------------------------------------------------------- CPU: row layout
+def test_rows_are_ggml_q8_0_blocks():
+    """join_blocks / split_blocks (the session-file bytes of a CUDA q8_0 cache) are the CPU encoder's bytes."""
+    x = np.random.default_rng(0).standard_normal((3, 5, 2, 128)).astype(np.float32)
+    x[0, 0, 0, :32] = 0  # an all-zero block: d = 0
+    raw = encode_rows(x.reshape(-1, 128), GGMLType.Q8_0).reshape(3, 5, 2, 136)
+    q, d = kv_q8.split_blocks(raw, 128)
+    assert q.shape == (3, 5, 2, 128) and q.dtype == np.int8 and d.shape == (3, 5, 2, 4) and d.dtype == np.float16
+    np.testing.assert_array_equal(kv_q8.join_blocks(q, d), raw)
+    values = q.reshape(3, 5, 2, 4, 32).astype(np.float32) * d.astype(np.float32)[..., None]
+    np.testing.assert_array_equal(values.reshape(x.shape), dequantize(raw, GGMLType.Q8_0, x.shape))
+
+
+def test_decode_kernel_shared_memory():
+    # 16-bit: 3 query rotations + 4 warps x 2 stages x (K, V) tiles; q8_0: stages of values + scales, plus a tile
+    assert fa.decode_smem(128) == 3 * 16 * 128 * 2 + 4 * 2 * 2 * 16 * 128 * 2
+    assert fa.decode_smem(128, True, True) == 3 * 16 * 128 * 2 + 4 * (2 * 2 * (16 * 128 + 16 * 8) + 2 * 16 * 128 * 2)
+    assert fa.decode_smem(64, True, False) == 3 * 16 * 64 * 2 + 4 * (2 * (32 * 64 + 32 * 4 + 32 * 64 * 2)
+                                                                     + 32 * 64 * 2)
+    builds = {kernel for _, kernel, _ in fa.launched_builds()}
+    assert {f"dca_decode_q8_{d}_{kv}" for d in (64, 128) for kv in ("11", "10", "01")} <= builds
+
+
+# ------------------------------------------------------------------------------------ CPU: launch arguments
+class DeviceArray:
+    """Stands in for a CuPy array argument (passed to the kernel as a pointer)."""
+
+    def __init__(self, shape=(1,), dtype=np.float16):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index):
+        return self
+
+
+class Recorder:
+    def __init__(self, kernel):
+        self.kernel, self.args = kernel, None
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        self.args = args
+
+
+def _kind(arg) -> str:
+    if isinstance(arg, np.float32):
+        return "f32"
+    if isinstance(arg, np.int32):
+        return "u32"
+    if isinstance(arg, (np.int64, np.uint64)):
+        return "u64"
+    assert isinstance(arg, DeviceArray), f"argument {arg!r} of unknown kind"
+    return "u64"  # a pointer
+
+
+def _params(file: str, kernel: str, dtype: str, instance: str | None = None) -> list[str]:
+    ptx = kernels.compile_ptx(file, "sm_90", dtype, instance=instance)
+    entries = {m.group(1): re.findall(r"\.param\s+\.(\w+)", m.group(2))
+               for m in re.finditer(r"\.entry\s+(\w+)\(([^)]*)\)", ptx)}
+    return entries[kernel]
+
+
+def _q8_rows(shape):
+    return kv_q8.DeviceQ8Rows(DeviceArray(shape, np.int8), DeviceArray(shape[:-1] + (shape[-1] // 32,)))
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) is not installed")
+    from nvrtc_check import nvrtc_usable
+
+    if not nvrtc_usable():
+        pytest.skip("NVRTC library not found")
+    launched = []
+
+    def fake_function(file, kernel, dtype="f16", instance=None):
+        launched.append(Recorder(kernel))
+        launched[-1].build = (file, dtype, instance)
+        return launched[-1]
+
+    monkeypatch.setattr(kv_q8, "function", fake_function)
+    return launched
+
+
+@pytest.mark.parametrize("k_q8,v_q8", [(True, True), (True, False), (False, True)])
+def test_store_launch_matches_the_kernel(recorded, k_q8, v_q8):
+    caches = [_q8_rows((64, 2, 128)) if q8 else DeviceArray((64, 2, 128)) for q8 in (k_q8, v_q8)]
+    kv_q8.store(DeviceArray((3, 2, 128)), 256, DeviceArray((3, 2, 128)), 256, DeviceArray((3,), np.int32),
+                DeviceArray(), DeviceArray(), *caches, 128, 48, "bf16")
+    (launch,) = recorded
+    assert [_kind(a) for a in launch.args] == _params("kv_q8", "store_kv_q8", "bf16")
+
+
+def test_dequantize_launch_matches_the_kernel(recorded):
+    kv_q8.dequantize(_q8_rows((64, 2, 128)), DeviceArray((64, 2, 128)), DeviceArray((5,), np.int32), 40, "f16")
+    (launch,) = recorded
+    assert [_kind(a) for a in launch.args] == _params("kv_q8", "dequant_kv_q8", "f16")
+
+
+@pytest.mark.parametrize("k_q8,v_q8", [(True, True), (True, False), (False, True), (False, False)])
+def test_decode_launch_matches_the_kernel(monkeypatch, recorded, k_q8, v_q8):
+    """flash_decode's arguments for each cache kind against its build's parameters (the checks on real arrays and
+    the combine launch stubbed: no GPU here)."""
+    class FakeCupy:
+        int32, float32 = np.int32, np.float32
+        empty = staticmethod(lambda shape, dtype=None: DeviceArray(shape, dtype or np.float32))
+        ascontiguousarray = staticmethod(lambda x: x)
+
+    monkeypatch.setitem(sys.modules, "cupy", FakeCupy)
+    monkeypatch.setattr(fa, "_check", lambda *args, **kwargs: "f16")
+    monkeypatch.setattr(fa, "combine", lambda *args: None)
+    monkeypatch.setattr(fa, "_kernel", lambda build, dtype: Recorder(build[1]))
+    smem = []
+    monkeypatch.setattr(fa, "_launch", lambda fn, grid, args, shared: (recorded.append(fn), fn(grid, None, args),
+                                                                         smem.append(shared)))
+    caches = [_q8_rows((512, 2, 128)) if q8 else DeviceArray((512, 2, 128)) for q8 in (k_q8, v_q8)]
+    fa.flash_decode(DeviceArray((1, 8, 128)), *caches, DeviceArray((1,), np.int32), DeviceArray(), DeviceArray(),
+                    rope_dim=128, n_splits=4)
+    (launch,) = recorded
+    file, kernel, instance = fa.decode_build(128, k_q8, v_q8)
+    assert launch.kernel == kernel and smem == [fa.decode_smem(128, k_q8, v_q8)]
+    assert [_kind(a) for a in launch.args] == _params(file, kernel, "f16", instance)
+
+
+# ================================================================================================ GPU tests
+def rel_err(got, ref) -> float:
+    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape and np.isfinite(got).all()
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+def load_pair(path, pair, dtype, **settings):
+    """(CPU LLM, CUDA LLM) of one model with the same cache types (the CPU's "native" = the GPU's dtype)."""
+    k, v = gpu_types(pair, dtype)
+    cpu = engine.load(path, device="cpu", cache_type_k=k, cache_type_v=v, **settings)
+    gpu = engine.load(path, device="cuda", dtype=dtype, cache_type_k=k, cache_type_v=v, **settings)
+    assert gpu.cache_types == cpu.cache_types == (k, v)
+    return cpu, gpu
+
+
+def stepwise_logits(llm, prompt, steps) -> np.ndarray:
+    """Prefill `prompt` (in the backend's prefill batches), then feed `steps` one token at a time (CUDA: the fused
+    decode blocks) -> (1 + steps, vocab): the prompt's last logits, then each step's."""
+    cache = llm.new_cache()
+    rows = [llm.prefill(prompt, cache)]
+    for token in steps:
+        rows.append(llm.backend.to_numpy(llm.model.forward(np.asarray([token]), cache, logits_for="last"))[0])
+    return np.stack(rows)
+
+
+def greedy_on_gpu(llm, prompt, n, use_graph=True):
+    cache = llm.new_cache()
+    logits = llm.prefill(prompt, cache)
+    decoder = llm.backend.decoder(llm.model, cache, GREEDY, prompt)
+    decoder.use_graph = use_graph
+    tokens = [decoder.first(logits)]
+    while len(tokens) < n:
+        tokens.append(decoder.step(tokens[-1]))
+    return tokens, cache
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_writes_the_cpu_encoders_bytes(dtype):
+    """Rows stored through the q8_0 store are the CPU encoder's bytes of the values the 16-bit store writes (keys
+    rotated at their DCA position); decoding them into the scratch gives q * d in the activation dtype."""
+    import cupy as cp
+
+    from engine.backends.cuda import CudaBackend
+    from engine.backends.cuda.weights import to_activation
+    from engine.config import DCAConfig, RopeConfig
+    from engine.rope import RotaryTable
+
+    backend = CudaBackend(dtype)
+    n, heads, head_dim, capacity = 37, 2, 128, 300
+    rotary = RotaryTable(RopeConfig(theta=10000.0, dim=head_dim), 512)
+    dca = DCAConfig(chunk_size=96, local_window=16)
+    rng = np.random.default_rng(1)
+    k_act, v_act = (to_activation(cp, cp.asarray(rng.standard_normal((n, heads, head_dim)) * 3, dtype=cp.float32),
+                                  dtype) for _ in range(2))
+    positions = backend.positions(200, n)
+    plain = backend.new_cache(1, capacity, heads, head_dim)
+    quantized = backend.new_cache(1, capacity, heads, head_dim, ("q8_0", "q8_0"))
+    for cache in (plain, quantized):
+        backend.store_kv(cache, 0, k_act, v_act, positions, rotary, dca)
+    for name in ("k", "v"):
+        values = backend.to_numpy(getattr(plain, name)[0, 200:200 + n])  # float32 of the 16-bit rows
+        expected = encode_rows(values.reshape(-1, head_dim), GGMLType.Q8_0).reshape(n, heads, -1)
+        stored = getattr(quantized, name)[0, 200:200 + n].to_bytes()
+        np.testing.assert_array_equal(stored, expected, err_msg=name)
+        assert not getattr(quantized, name)[0, :200].to_bytes().any()  # nothing written elsewhere
+        decoded = backend.kv_scratch.rows16(name, getattr(quantized, name)[0], positions, 200 + n)
+        np.testing.assert_array_equal(
+            backend.to_numpy(decoded[200:]),
+            backend.to_numpy(to_activation(cp, cp.asarray(dequantize(expected, GGMLType.Q8_0, (n, heads, head_dim))),
+                                           dtype)))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pair", TYPE_PAIRS, ids=lambda p: "-".join(p))
+@pytest.mark.parametrize("spec", sorted(SPECS))
+def test_prefill_and_decode_steps_match_cpu(tiny_models, spec, pair, dtype):
+    """500 tokens with DCA (chunk_len 80), then 8 decode steps: every row of logits against the CPU backend storing
+    the same cache types."""
+    cpu, gpu = load_pair(tiny_models[spec], pair, dtype, **DCA)
+    rng = np.random.default_rng(2)
+    prompt, steps = rng.integers(3, 384, 500).tolist(), rng.integers(3, 384, 8).tolist()
+    prefill_err = rel_err(gpu.logits(prompt), cpu.logits(prompt))
+    gpu_steps, cpu_steps = stepwise_logits(gpu, prompt, steps), stepwise_logits(cpu, prompt, steps)
+    step_errs = [rel_err(g, c) for g, c in zip(gpu_steps, cpu_steps)]
+    print(f"{spec} {pair} {dtype}: prefill rel err {prefill_err:.2e}, decode steps max {max(step_errs):.2e}")
+    assert prefill_err < LOGITS_TOL[dtype] and max(step_errs) < LOGITS_TOL[dtype]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pair", TYPE_PAIRS, ids=lambda p: "-".join(p))
+@pytest.mark.parametrize("spec", ["d32", "d64", "d128"])
+def test_graph_decoder_matches_eager_and_cpu_greedy(tiny_models, spec, pair, dtype):
+    """The captured step (qkv into the scratch, the quantizing store, the q8_0 decode kernel) replays what the eager
+    steps compute; greedy tokens follow the CPU's but where its top-2 logits are close."""
+    cpu, gpu = load_pair(tiny_models[spec], pair, dtype, **DCA)
+    prompt = np.random.default_rng(3).integers(3, 384, 300).tolist()
+    graph_tokens, cache = greedy_on_gpu(gpu, prompt, 40)
+    assert cache.length == len(prompt) + 39
+    eager_tokens, _ = greedy_on_gpu(gpu, prompt, 40, use_graph=False)
+    assert graph_tokens == eager_tokens
+    cpu_tokens = list(cpu.generate_ids(prompt, 40, GREEDY, stop_ids=[]))
+    for t, (a, b) in enumerate(zip(cpu_tokens, graph_tokens)):
+        if a != b:
+            logits = np.sort(cpu.logits(prompt + cpu_tokens[:t])[-1])
+            print(f"{spec} {pair} {dtype}: diverged at token {t}, CPU top-2 gap {logits[-1] - logits[-2]:.4f}")
+            assert logits[-1] - logits[-2] < TOP2_TOL[dtype]
+            break
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pair", [("q8_0", "q8_0"), ("native", "q8_0")], ids=lambda p: "-".join(p))
+def test_session_file_round_trip_on_cuda(tiny_models, tmp_path, pair):
+    """A CUDA q8_0 cache saved (as ggml q8_0 blocks) and restored into a fresh load holds the same bytes, and the
+    conversation continues as it would have."""
+    k, v = gpu_types(pair, "f16")
+    settings = dict(device="cuda", dtype="f16", cache_type_k=k, cache_type_v=v, **DCA)
+    first = engine.load(tiny_models["d64"], **settings).session()
+    prompt = np.random.default_rng(4).integers(3, 384, 200).tolist()
+    list(first.generate_ids(prompt, 4, GREEDY, stop_ids=[]))
+    path = tmp_path / "q8.session"
+    first.save(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        assert f.metadata()["cache_types"] == f"{k}/{v}"
+        saved_k, saved_v = f.get_tensor("k"), f.get_tensor("v")
+    assert saved_v.dtype == np.uint8 and saved_v.shape == (2, len(first.tokens), 1, 68)  # 2 blocks of 34
+    assert (saved_k.dtype, saved_k.shape[-1]) == ((np.uint8, 68) if k == "q8_0" else (np.float16, 64))
+    second = engine.load(tiny_models["d64"], **settings).session()
+    second.load(path)
+    assert second.tokens == first.tokens
+    for a, b in zip(first.cache.host_rows(), second.cache.host_rows()):
+        np.testing.assert_array_equal(a, b)
+    follow = prompt + [7, 9, 11]
+    assert (list(first.generate_ids(follow, 12, GREEDY, stop_ids=[]))
+            == list(second.generate_ids(follow, 12, GREEDY, stop_ids=[])))
+
+
+@pytest.mark.cuda
+def test_info_bench_and_refusals_on_cuda(tiny_models):
+    run = [sys.executable, "-m", "engine"]
+    model = str(tiny_models["d128"])
+    context = 1 << 21  # 2 layers x 1 KV head: 1.06 GiB of q8_0 rows (34/32 bytes a value), 2.00 GiB of f16 ones
+    for flags, expected in (([], f"{2 * context * 512 / 2**30:.2f} GiB on CUDA (fp16)"),
+                            (["-ctk", "q8_0", "-ctv", "q8_0"], f"{2 * context * 272 / 2**30:.2f} GiB on CUDA (k q8_0, v q8_0)"),
+                            (["-ctv", "q8_0"], f"{2 * context * 392 / 2**30:.2f} GiB on CUDA (k f16, v q8_0)")):
+        info = subprocess.run(run + ["info", "-m", model, "-c", str(context), "--device", "cuda", "--dtype", "f16"]
+                              + flags, capture_output=True, text=True)
+        assert info.returncode == 0, info.stderr
+        kv_line = next(line for line in info.stdout.splitlines() if line.startswith("plan: KV cache"))
+        assert kv_line.endswith(expected), kv_line
+    bench = subprocess.run(run + ["bench", "-m", model, "--device", "cuda", "-ctk", "q8_0", "-ctv", "q8_0", "-p", "64",
+                                  "-d", "300", "-n", "8", "-r", "1", "--json", "--no-hf"], capture_output=True, text=True)
+    assert bench.returncode == 0, bench.stderr
+    report = json.loads(bench.stdout)
+    assert report["cache_types"] == "q8_0/q8_0" and all(r["tokens_per_s"] > 0 for r in report["results"])
+    bad = subprocess.run(run + ["generate", "-m", model, "--device", "cuda", "-p", "hi", "-ctk", "q4_0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --cache-type-k q4_0: on CUDA the KV cache is kept")
+
+
+Q8_0_TOL = 2e-2  # a q8_0 cache against a 16-bit one (not the same cache types): on the CPU, these models' logits
+# differ from an f32 cache's by 5e-3 .. 8.4e-3 (500 and 3000 tokens, DCA); an offset gone wrong gives garbage
+
+
+@pytest.mark.cuda
+def test_context_past_128k(tiny_models):
+    """131,200 tokens (DCA, chunk_len 160: 820 chunks): a q8_0 cache's last logits and decode steps against the same
+    GPU run with a 16-bit cache (the CPU cannot run this length in a test)."""
+    ids = np.random.default_rng(5).integers(3, 384, 131_200)
+    settings = dict(device="cuda", dtype="f16", context=131_264, dca="on", dca_chunk_size=192, dca_local_window=32)
+    rows = {}
+    for types in (("f16", "f16"), ("q8_0", "q8_0")):
+        llm = engine.load(tiny_models["d128"], cache_type_k=types[0], cache_type_v=types[1], **settings)
+        rows[types] = stepwise_logits(llm, ids[:-4], ids[-4:])
+        del llm
+    err = rel_err(rows[("q8_0", "q8_0")], rows[("f16", "f16")])
+    print(f"131k: q8_0 vs f16 cache logits rel err {err:.2e}")
+    assert err < Q8_0_TOL
+
+
+def test_extensions_refuse_a_q8_0_cache_on_cuda():
+    """Self-Extend / StreamingLLM read 16-bit rows on CUDA: asking for them with a q8_0 cache is one clear error."""
+    from engine import extensions
+    from engine.self_extend import SelfExtendConfig
+
+    extension = SelfExtendConfig(group_size=4, window=64)
+    with pytest.raises(ConfigError, match="16-bit KV cache"):
+        extensions.require_16bit_cache(extension, "cuda", ("q8_0", "bf16"))
+    extensions.require_16bit_cache(extension, "cpu", ("q8_0", "q8_0"))
+    extensions.require_16bit_cache(None, "cuda", ("q8_0", "q8_0"))
+    extensions.require_16bit_cache(extension, "cuda", ("bf16", "bf16"))
