@@ -53,8 +53,10 @@ def matrix(name, ggml_type):
     return DeviceMatrix(name, ggml_type, 8, 8, None, name in ("output", "token_embd"))
 
 
-def fused_blocks(types: dict[str, GGMLType], n_layers=2, d_model=576, ffn_dim=1536) -> FusedBlocks:
-    """The CUDA decode blocks of a model whose layers store their matrices as `types` (norms as vectors)."""
+def fused_blocks(types: dict[str, GGMLType], n_layers=2, d_model=576, ffn_dim=1536, extension=None) -> FusedBlocks:
+    """The CUDA decode blocks of a model whose layers store their matrices as `types` (norms as vectors); numpy
+    stands in for CuPy."""
+    from contextlib import nullcontext
     from types import SimpleNamespace
 
     config = SimpleNamespace(n_layers=n_layers, d_model=d_model, ffn_dim=ffn_dim, n_heads=9, head_dim=64,
@@ -63,8 +65,8 @@ def fused_blocks(types: dict[str, GGMLType], n_layers=2, d_model=576, ffn_dim=15
     for i in range(n_layers):
         named.update({f"blk.{i}.{t.name}": matrix(t.name, types[t.name]) if t.name in types else None
                       for t in LLAMA.layer_tensors})
-    model = SimpleNamespace(config=config, weights=Weights.from_named(named, n_layers))
-    return FusedBlocks(SimpleNamespace(cp=None), model)
+    model = SimpleNamespace(config=config, weights=Weights.from_named(named, n_layers), extension=extension)
+    return FusedBlocks(SimpleNamespace(cp=np, activate=nullcontext), model)
 
 
 UNIFORM = {s: GGMLType.Q4_1 for s in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
@@ -82,6 +84,23 @@ def test_fused_decode_needs_one_type_per_fused_group():
     assert fused_parts(fused_blocks({**UNIFORM, "ffn_up": GGMLType.BF16})) == ([True, True], [False, False], True)
     # any width (gemv.py opts in to shared memory)
     assert fused_parts(fused_blocks(UNIFORM, d_model=8192, ffn_dim=28672)) == ([True, True], [True, True], True)
+
+
+def test_staged_inputs_where_the_consumer_reads_int8():
+    """The output / down projections read their input quantized by its producer when they are int8 types (one
+    buffer for both: the wider input's staged bytes); not the output projection under an extension, whose attention
+    writes no staged output."""
+    from engine.self_extend import SelfExtendConfig
+
+    blocks = fused_blocks(UNIFORM)
+    assert (blocks.staged_o, blocks.staged_down) == ([True, True], [True, True])
+    assert blocks.staged.nbytes == 1536 + 1536 // 4  # ffn 1536 > 9 heads x 64
+    blocks = fused_blocks({**UNIFORM, "attn_output": GGMLType.Q6_K, "ffn_down": GGMLType.F16})
+    assert (blocks.staged_o, blocks.staged_down) == ([True, True], [False, False])
+    blocks = fused_blocks({**UNIFORM, "attn_output": GGMLType.F16, "ffn_down": GGMLType.BF16})
+    assert (blocks.staged_o, blocks.staged_down, blocks.staged) == ([False, False], [False, False], None)
+    blocks = fused_blocks(UNIFORM, extension=SelfExtendConfig(group_size=4, window=64))
+    assert (blocks.staged_o, blocks.staged_down) == ([False, False], [True, True])
 
 
 def test_device_sampling_eligibility():
