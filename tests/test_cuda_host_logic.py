@@ -151,3 +151,53 @@ def test_planned_fp16_copies_and_device_bytes():
     big = {"w": synthetic_weight("w", GGMLType.Q8_0, (1, 256), rng, 0.1)}
     big["w"].shape = (cw.PREFILL_FP16_BUDGET // 256, 256)  # only the shape matters here
     assert cw.planned_fp16_copies({**ws, **big}) == 0
+
+
+def test_fused_step_with_a_q8_0_cache_stores_through_the_backend(monkeypatch):
+    """With a q8_0 K or V cache, the fused decode step's qkv writes the token's K/V rows unrotated into 16-bit
+    scratch rows (position slot 0, identity rotation tables, no DCA key position), then the backend's store_kv
+    rotates / quantizes them at the device position slot (nothing from the host position), before attention."""
+    from types import SimpleNamespace
+
+    from engine.backends.cuda import fused, kv_q8
+
+    blocks = fused_blocks(UNIFORM)
+    c = blocks.model.config
+    c.n_kv_heads = 3
+    dca = SimpleNamespace(chunk_len=80)
+    rotary = SimpleNamespace(rope=SimpleNamespace(dim=32))
+    blocks.model.attention_layout, blocks.model.rotary, blocks.model.temperature_length = dca, rotary, 0
+    calls = []
+
+    class Backend:
+        cp, act, dtype = np, np.float16, "f16"
+
+        def key_tables(self, rot, layout):
+            return "cos", "sin"
+
+        def store_kv(self, *args):
+            calls.append(("store_kv",) + args)
+
+        def attention(self, q, part, local, positions, rot, layout, temperature, out_staged=None):
+            calls.append(("attention", part, local, positions, layout))
+            return q
+
+    blocks.backend = Backend()
+    monkeypatch.setattr(fused.gemv, "qkv", lambda *args: calls.append(("qkv",) + args))
+    monkeypatch.setattr(fused.gemv, "gemv_add", lambda *args, **kw: None)
+    q8 = kv_q8.DeviceQ8Rows(np.zeros((2, 16, 3, 64), np.int8), np.zeros((2, 16, 3, 2), np.float16))
+    cache = SimpleNamespace(k=q8, v=np.zeros((2, 16, 3, 64), np.float16))
+    cache.layer = lambda index: (cache, index)
+    slot = np.array([7], np.int32)  # the decoder's device position slot
+    layer = blocks.model.weights.layers[1]
+    blocks.attention_block(1, layer, np.zeros((1, c.d_model), np.float32), slot, cache)
+    assert [call[0] for call in calls] == ["qkv", "store_kv", "attention"]
+    qkv, store, attend = calls
+    k_new, v_new, position, cos, sin = qkv[9:14]
+    assert k_new.shape == v_new.shape == (1, 3, 64) and k_new is not v_new
+    assert position.tolist() == [0] and (cos == 1).all() and (sin == 0).all() and cos.shape == (1, 32)
+    assert qkv[14:] == (9, 3, 64, 32, 0, "f16")  # heads, KV heads, head_dim, rope_dim, chunk_len 0 (no DCA)
+    assert store[1:] == (cache, 1, k_new, v_new, slot, rotary, dca)
+    assert attend[1:] == (cache, 1, slot, dca)
+    blocks.attention_block(0, layer, np.zeros((1, c.d_model), np.float32), slot, cache)
+    assert calls[3][11] is position  # the slot and tables are made once
