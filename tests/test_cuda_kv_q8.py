@@ -11,7 +11,6 @@ round trip; `engine info` / `engine bench` on CUDA; a context past 128k tokens.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,13 +21,14 @@ import pytest
 import engine
 from engine import memory
 from engine.backends.cuda import flash_attention as fa
-from engine.backends.cuda import kernels, kv_q8
+from engine.backends.cuda import kv_q8
 from engine.convert.quantize import encode_rows
 from engine.errors import ConfigError
 from engine.kv_storage import resolve_cache_types, row_bytes
 from engine.loader import open_model
 from engine.sampling import SamplingParams
 from engine.weights.quant import GGMLType, dequantize
+from kernel_abi import Recorder, kind, params
 
 DTYPES = ("f16", "bf16")
 LOGITS_TOL = {"f16": 1e-2, "bf16": 3e-2}  # tests/test_cuda_model.py's, for 16-bit caches
@@ -144,32 +144,6 @@ class DeviceArray:
         return self
 
 
-class Recorder:
-    def __init__(self, kernel):
-        self.kernel, self.args = kernel, None
-
-    def __call__(self, grid, block, args, shared_mem=0):
-        self.args = args
-
-
-def _kind(arg) -> str:
-    if isinstance(arg, np.float32):
-        return "f32"
-    if isinstance(arg, np.int32):
-        return "u32"
-    if isinstance(arg, (np.int64, np.uint64)):
-        return "u64"
-    assert isinstance(arg, DeviceArray), f"argument {arg!r} of unknown kind"
-    return "u64"  # a pointer
-
-
-def _params(file: str, kernel: str, dtype: str, instance: str | None = None) -> list[str]:
-    ptx = kernels.compile_ptx(file, "sm_90", dtype, instance=instance)
-    entries = {m.group(1): re.findall(r"\.param\s+\.(\w+)", m.group(2))
-               for m in re.finditer(r"\.entry\s+(\w+)\(([^)]*)\)", ptx)}
-    return entries[kernel]
-
-
 def _q8_rows(shape):
     return kv_q8.DeviceQ8Rows(DeviceArray(shape, np.int8), DeviceArray(shape[:-1] + (shape[-1] // 32,)))
 
@@ -198,13 +172,13 @@ def test_store_launch_matches_the_kernel(recorded, k_q8, v_q8):
     kv_q8.store(DeviceArray((3, 2, 128)), 256, DeviceArray((3, 2, 128)), 256, DeviceArray((3,), np.int32),
                 DeviceArray(), DeviceArray(), *caches, 128, 48, "bf16")
     (launch,) = recorded
-    assert [_kind(a) for a in launch.args] == _params("kv_q8", "store_kv_q8", "bf16")
+    assert [kind(a) for a in launch.args] == params("kv_q8", "store_kv_q8", "bf16")
 
 
 def test_dequantize_launch_matches_the_kernel(recorded):
     kv_q8.dequantize(_q8_rows((64, 2, 128)), DeviceArray((64, 2, 128)), DeviceArray((5,), np.int32), 40, "f16")
     (launch,) = recorded
-    assert [_kind(a) for a in launch.args] == _params("kv_q8", "dequant_kv_q8", "f16")
+    assert [kind(a) for a in launch.args] == params("kv_q8", "dequant_kv_q8", "f16")
 
 
 @pytest.mark.parametrize("k_q8,v_q8", [(True, True), (True, False), (False, True), (False, False)])
@@ -228,8 +202,8 @@ def test_decode_launch_matches_the_kernel(monkeypatch, recorded, k_q8, v_q8):
                     rope_dim=128, n_splits=4)
     (launch,) = recorded
     file, kernel, instance = fa.decode_build(128, k_q8, v_q8)
-    assert launch.kernel == kernel and smem == [fa.decode_smem(128, k_q8, v_q8)]
-    assert [_kind(a) for a in launch.args] == _params(file, kernel, "f16", instance)
+    assert launch.name == kernel and smem == [fa.decode_smem(128, k_q8, v_q8)]
+    assert [kind(a) for a in launch.args] == params(file, kernel, "f16", instance)
 
 
 # ================================================================================================ GPU tests

@@ -4,9 +4,6 @@ kind (pointer or 64-bit integer: .u64, int: .u32, float: .f32) compared with the
 that kernel. A parameter added on one side only (as the Q/K/V biases were to qkv) fails here, not on a GPU."""
 from __future__ import annotations
 
-import re
-
-import numpy as np
 import pytest
 
 from engine.backends.cuda import gemv, kernels
@@ -15,6 +12,7 @@ from engine.weights.quant import GGMLType, tensor_nbytes
 
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) is not installed")
 from nvrtc_check import requires_nvrtc  # noqa: E402
+from kernel_abi import Recorder, kind, params  # noqa: E402
 
 pytestmark = requires_nvrtc
 
@@ -24,34 +22,6 @@ class DeviceArray:
 
     def __init__(self, shape=(1,)):
         self.shape = shape
-
-
-class Recorder:
-    """Stands in for a compiled kernel: keeps the arguments of its launch."""
-
-    def __init__(self, name):
-        self.name, self.args = name, None
-
-    def __call__(self, grid, block, args, shared_mem=0):
-        self.args = args
-
-
-def _kind(arg) -> str:
-    if isinstance(arg, np.float32):
-        return "f32"
-    if isinstance(arg, np.int32):
-        return "u32"
-    if isinstance(arg, (np.int64, np.uint64)):
-        return "u64"
-    assert isinstance(arg, DeviceArray), f"argument {arg!r} of unknown kind"
-    return "u64"  # a pointer
-
-
-def _params(kernel: str, suffix: str, dtype: str) -> list[str]:
-    ptx = kernels.compile_ptx("gemv", "sm_90", dtype, instance=kernels.per_type(gemv.INSTANCE_MACRO, suffix))
-    entries = {m.group(1): re.findall(r"\.param\s+\.(\w+)", m.group(2))
-               for m in re.finditer(r"\.entry\s+(\w+)\(([^)]*)\)", ptx)}
-    return entries[kernel]
 
 
 def _matrix(rows: int, cols: int, ggml_type: GGMLType) -> DeviceMatrix:
@@ -75,6 +45,10 @@ LAUNCHES = {  # helper name -> call with stand-ins (dtype given)
 }
 
 
+def _params(kernel: str, suffix: str, dtype: str) -> list[str]:
+    return params("gemv", kernel, dtype, kernels.per_type(gemv.INSTANCE_MACRO, suffix))
+
+
 @pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q8_0, GGMLType.F16])
 @pytest.mark.parametrize("launch", sorted(LAUNCHES))
 def test_gemv_launch_arguments_match_the_kernel_parameters(monkeypatch, launch, ggml_type):
@@ -89,4 +63,4 @@ def test_gemv_launch_arguments_match_the_kernel_parameters(monkeypatch, launch, 
     m = _matrix(256, 512, ggml_type)
     LAUNCHES[launch](m, "bf16")
     (recorder,) = launched
-    assert [_kind(a) for a in recorder.args] == _params(recorder.name, m.suffix, "bf16"), recorder.name
+    assert [kind(a) for a in recorder.args] == _params(recorder.name, m.suffix, "bf16"), recorder.name
