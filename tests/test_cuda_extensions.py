@@ -26,13 +26,13 @@ from engine.backends.cuda import extension
 from engine.config import RopeConfig
 from engine.kvcache import KVCache
 from engine.rope import RotaryTable, rotate_with
-from engine.sampling import SamplingParams
 from engine.self_extend import SelfExtendConfig
 from engine.streaming import StreamingConfig
 from engine.weights.bf16 import from_bf16_bits, to_bf16_bits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_tiny_model import VARIANTS, make_tiny_model  # noqa: E402
+from gpu_greedy import GREEDY, assert_follows_cpu, greedy_on_gpu  # noqa: E402
 
 DTYPES = ("f16", "bf16")
 SELF_EXTEND = {"grp_attn_n": 4, "grp_attn_w": 48}
@@ -42,9 +42,7 @@ CONTEXT = 512
 PROMPT = 400  # past W = 48 and S + R = 64: grouped keys and evicted keys in most pairs
 # tests/test_cuda_model.py's, from its numpy emulation of the activation rounding
 LOGITS_TOL = {"f16": 1e-2, "bf16": 3e-2}
-TOP2_TOL = {"f16": 0.1, "bf16": 0.25}
 FUSED_TOL = {"f16": 1e-3, "bf16": 3e-3}
-GREEDY = SamplingParams(temperature=0.0)
 ROUND = {"f16": lambda x: x.astype(np.float16).astype(np.float32),
          "bf16": lambda x: from_bf16_bits(to_bf16_bits(x))}
 
@@ -142,16 +140,6 @@ def tiny(tmp_path_factory):
     return paths
 
 
-def greedy_on_gpu(llm, prompt, n):
-    """n greedy tokens from the CUDA backend's own decoder (device sampling) after a prefill of prompt."""
-    cache = llm.new_cache()
-    decoder = llm.backend.decoder(llm.model, cache, GREEDY, prompt)
-    tokens = [decoder.first(llm.prefill(prompt, cache))]
-    while len(tokens) < n:
-        tokens.append(decoder.step(tokens[-1]))
-    return tokens, cache, decoder
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", ["gqa", "d64"])
@@ -189,14 +177,8 @@ def test_greedy_decode_matches_cpu(tiny, method, variant, dtype):
     cpu_tokens = list(cpu.generate_ids(prompt, 24, GREEDY, stop_ids=[]))
     gpu_tokens, cache, decoder = greedy_on_gpu(gpu, prompt, 24)
     assert decoder._graph is None and cache.length == PROMPT + 23
-    for t, (a, b) in enumerate(zip(cpu_tokens, gpu_tokens)):
-        if a != b:
-            logits = np.sort(cpu.logits(prompt + cpu_tokens[:t])[-1])
-            gap = logits[-1] - logits[-2]
-            print(f"{method} {variant} {dtype}: diverged at token {t}, CPU top-2 gap {gap:.4f}")
-            assert gap < TOP2_TOL[dtype]
-            return
     assert len(cpu_tokens) == len(gpu_tokens) == 24
+    assert_follows_cpu(cpu, prompt, cpu_tokens, gpu_tokens, dtype, f"{method} {variant} {dtype}")
 
 
 @pytest.mark.cuda

@@ -26,14 +26,12 @@ from engine.convert.quantize import encode_rows
 from engine.errors import ConfigError
 from engine.kv_storage import resolve_cache_types, row_bytes
 from engine.loader import open_model
-from engine.sampling import SamplingParams
 from engine.weights.quant import GGMLType, dequantize
 from kernel_abi import Recorder, kind, params
+from gpu_greedy import GREEDY, assert_follows_cpu, greedy_on_gpu
 
 DTYPES = ("f16", "bf16")
 LOGITS_TOL = {"f16": 1e-2, "bf16": 3e-2}  # tests/test_cuda_model.py's, for 16-bit caches
-TOP2_TOL = {"f16": 0.1, "bf16": 0.25}
-GREEDY = SamplingParams(temperature=0.0)
 # (K, V) cache types on the GPU; "native" is the activation dtype (the CPU reference stores the same types)
 TYPE_PAIRS = (("q8_0", "q8_0"), ("q8_0", "native"), ("native", "q8_0"))
 # head_dim 32: the simple tiled kernel (prefill and decode through the dequantized scratch); 64 and 128: the fused
@@ -232,17 +230,6 @@ def stepwise_logits(llm, prompt, steps) -> np.ndarray:
     return np.stack(rows)
 
 
-def greedy_on_gpu(llm, prompt, n, use_graph=True):
-    cache = llm.new_cache()
-    logits = llm.prefill(prompt, cache)
-    decoder = llm.backend.decoder(llm.model, cache, GREEDY, prompt)
-    decoder.use_graph = use_graph
-    tokens = [decoder.first(logits)]
-    while len(tokens) < n:
-        tokens.append(decoder.step(tokens[-1]))
-    return tokens, cache
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_store_writes_the_cpu_encoders_bytes(dtype):
@@ -306,17 +293,12 @@ def test_graph_decoder_matches_eager_and_cpu_greedy(tiny_models, spec, pair, dty
     steps compute; greedy tokens follow the CPU's but where its top-2 logits are close."""
     cpu, gpu = load_pair(tiny_models[spec], pair, dtype, **DCA)
     prompt = np.random.default_rng(3).integers(3, 384, 300).tolist()
-    graph_tokens, cache = greedy_on_gpu(gpu, prompt, 40)
+    graph_tokens, cache, _ = greedy_on_gpu(gpu, prompt, 40)
     assert cache.length == len(prompt) + 39
-    eager_tokens, _ = greedy_on_gpu(gpu, prompt, 40, use_graph=False)
+    eager_tokens, _, _ = greedy_on_gpu(gpu, prompt, 40, use_graph=False)
     assert graph_tokens == eager_tokens
     cpu_tokens = list(cpu.generate_ids(prompt, 40, GREEDY, stop_ids=[]))
-    for t, (a, b) in enumerate(zip(cpu_tokens, graph_tokens)):
-        if a != b:
-            logits = np.sort(cpu.logits(prompt + cpu_tokens[:t])[-1])
-            print(f"{spec} {pair} {dtype}: diverged at token {t}, CPU top-2 gap {logits[-1] - logits[-2]:.4f}")
-            assert logits[-1] - logits[-2] < TOP2_TOL[dtype]
-            break
+    assert_follows_cpu(cpu, prompt, cpu_tokens, graph_tokens, dtype, f"{spec} {pair} {dtype}")
 
 
 @pytest.mark.cuda
