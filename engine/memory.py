@@ -46,6 +46,7 @@ LOGITS_SLAB_BYTES = 256 << 20  # logits (and their log-softmax temporaries) held
 RUNTIME_BYTES = 256 << 20  # CPU: interpreter, numpy, tokenizer
 COMFORT_FRACTION = 0.5  # float32 copies by default only when the plan with them takes at most this share
 UNKNOWN_MEMORY_F32_BUDGET = 1 << 30  # ... or, where available memory is unknown, when they take at most this
+Q8_0_CACHE = ("q8_0", "q8_0")  # -ctk q8_0 -ctv q8_0, which the refusal suggests where it fits
 ATTENTION_TILE = 128 * 256  # CPU: query rows x keys of one attention tile (dca.blockwise_attention)
 
 
@@ -87,8 +88,9 @@ class MemoryPlan:
     activations_per_token: int
     activations_fixed: int
     slots: int = 1  # KV caches of `context` tokens each
-    kv_per_token_q8_0: int = 0  # CPU: the KV bytes per token with -ctk q8_0 -ctv q8_0, when that is smaller (else 0)
+    kv_per_token_q8_0: int = 0  # the KV bytes per token with -ctk q8_0 -ctv q8_0, when that plan is smaller (else 0)
     scratch_per_token: int = 0  # CUDA: the q8_0 cache's dequantization scratch per context token (in `scratch`)
+    scratch_per_token_q8_0: int = 0  # CUDA: that scratch with -ctk q8_0 -ctv q8_0 (with kv_per_token_q8_0)
 
     @property
     def total(self) -> int:
@@ -135,14 +137,20 @@ def plan_memory(config: ModelConfig, weights, context: int, device: str, dtype: 
     native = NATIVE_TYPE["f32" if device == "cpu" else dtype]
     kv_per_token = kv_bytes_per_token(config, cache_types or (native, native))
     if device == "cpu":
-        q8_0 = kv_bytes_per_token(config, ("q8_0", "q8_0")) if config.head_dim % 32 == 0 else kv_per_token
+        q8_0 = kv_bytes_per_token(config, Q8_0_CACHE) if config.head_dim % 32 == 0 else kv_per_token
         smaller = {"kv_per_token_q8_0": q8_0 if q8_0 < kv_per_token else 0}
         plan = _cpu_plan(config, weights, context, keep=True, kv_per_token=kv_per_token).with_slots(slots)
         if f32_copies is None:
             f32_copies = _comfortable(plan.total, plan.copies, available)
         plan = plan if f32_copies else _cpu_plan(config, weights, context, False, kv_per_token).with_slots(slots)
         return dataclasses.replace(plan, **smaller)
-    return _cuda_plan(config, weights, context, dtype, kv_per_token, cache_types or (native, native)).with_slots(slots)
+    plan = _cuda_plan(config, weights, context, dtype, kv_per_token, cache_types or (native, native)).with_slots(slots)
+    if config.head_dim % 32 == 0:  # what a q8_0 cache (its dequantization scratch included) would take instead
+        q8_0 = _cuda_plan(config, weights, context, dtype, kv_bytes_per_token(config, Q8_0_CACHE), Q8_0_CACHE)
+        if q8_0.with_slots(slots).total < plan.total:
+            plan = dataclasses.replace(plan, kv_per_token_q8_0=q8_0.kv_per_token,
+                                       scratch_per_token_q8_0=q8_0.scratch_per_token)
+    return plan
 
 
 def kv_bytes_per_token(config: ModelConfig, cache_types: tuple[str, str]) -> int:
@@ -313,11 +321,13 @@ def require(plan: MemoryPlan, available: int | None, what: str | None = None, ad
 
 
 def _q8_0_cache_advice(plan: MemoryPlan, available: int) -> str:
-    """', or keep this context with a q8_0 KV cache ...' when that plan fits (CPU), else ''."""
+    """', or keep this context with a q8_0 KV cache ...' when that plan fits, else ''."""
     if not plan.kv_per_token_q8_0:
         return ""
+    extra_scratch = (plan.scratch_per_token_q8_0 - plan.scratch_per_token) * plan.context  # CUDA's, shared by slots
     smaller = dataclasses.replace(plan, kv_per_token=plan.kv_per_token_q8_0,
-                                  kv_cache=plan.kv_per_token_q8_0 * plan.context * plan.slots)
+                                  kv_cache=plan.kv_per_token_q8_0 * plan.context * plan.slots,
+                                  scratch=plan.scratch + extra_scratch, scratch_per_token=plan.scratch_per_token_q8_0)
     if smaller.total > available:
         return ""
     return (f", or keep this context with a q8_0 KV cache (-ctk q8_0 -ctv q8_0: {smaller.kv_cache / GiB:.2f} GiB "

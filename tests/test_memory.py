@@ -298,4 +298,19 @@ def test_a_q8_0_kv_cache_is_suggested_when_it_makes_the_context_fit():
     assert "q8_0" not in str(refused.value)
     q8 = memory.plan_memory(LLAMA3_8B, weights, 131072, "cpu", f32_copies=False, cache_types=("q8_0", "q8_0"))
     assert q8.kv_per_token_q8_0 == 0 and q8.kv_cache == 32 * 8 * 2 * 136 * 131072  # already that small
-    assert memory.plan_memory(LLAMA3_8B, weights, 1024, "cuda", "f16").kv_per_token_q8_0 == 0  # CPU only
+
+
+def test_cuda_refusal_suggests_a_q8_0_cache_with_its_scratch():
+    """On CUDA the q8_0 alternative counts its dequantization scratch (one layer's 16-bit rows of the context per
+    q8_0 operand, shared by the slots); the refusal offers it only where that whole plan fits."""
+    weights = shaped_weights(LLAMA3_8B, GGMLType.Q4_K, GGMLType.Q6_K)
+    plan = memory.plan_memory(LLAMA3_8B, weights, 131072, "cuda", "f16")  # KV cache 16 GiB in f16
+    q8 = memory.plan_memory(LLAMA3_8B, weights, 131072, "cuda", "f16", cache_types=("q8_0", "q8_0"))
+    assert (plan.kv_per_token_q8_0, plan.scratch_per_token_q8_0) == (32 * 8 * 2 * 136, 2 * 8 * 128 * 2)
+    assert q8.scratch == plan.scratch + 2 * 8 * 128 * 2 * 131072 and q8.total < plan.total
+    with pytest.raises(ContextError, match=r"q8_0 KV cache \(-ctk q8_0 -ctv q8_0: 8\.50 GiB instead of 16\.00\)"):
+        memory.require(plan, q8.total)
+    with pytest.raises(ContextError) as refused:
+        memory.require(plan, q8.total - 1)  # the scratch counted: one byte short
+    assert "q8_0" not in str(refused.value)
+    assert q8.kv_per_token_q8_0 == 0  # already q8_0
