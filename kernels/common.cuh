@@ -69,6 +69,10 @@ __device__ __forceinline__ float warp_max(float v) {
 // values (lane l holds value 32*block + l): d = max|v| / 127, q = rint(v / d) (0 where d == 0), s = the block's sum,
 // each lane's and lane 0's as gemv.cu's stage computes them. Stored for the next GEMV in value order, "staged": int8
 // q[n], then fp32 d[n/32], then fp32 s[n/32] (n + n/4 bytes; gemv.cu's copy_staged reads it instead of quantizing).
+// A value's int8 and its block's scale from the block's max |v| (gemv.cu's stage and store_q8_block alike)
+__device__ __forceinline__ float q8_scale(float amax) { return amax / 127.0f; }
+__device__ __forceinline__ int q8_round(float v, float d) { return d > 0.0f ? __float2int_rn(v / d) : 0; }
+
 __device__ __forceinline__ void store_q8_block(float v, int block, int n, unsigned char* __restrict__ q8) {
     float amax = fabsf(v), sum = v;
 #pragma unroll
@@ -76,8 +80,8 @@ __device__ __forceinline__ void store_q8_block(float v, int block, int n, unsign
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
         sum += __shfl_xor_sync(0xffffffffu, sum, o);
     }
-    const float d = amax / 127.0f;
-    q8[32 * block + (threadIdx.x & 31)] = (unsigned char)(signed char)(d > 0.0f ? __float2int_rn(v / d) : 0);
+    const float d = q8_scale(amax);
+    q8[32 * block + (threadIdx.x & 31)] = (unsigned char)(signed char)q8_round(v, d);
     if ((threadIdx.x & 31) == 0) {
         float* scales = (float*)(q8 + n);
         scales[block] = d;

@@ -108,8 +108,8 @@ template <int T, class F> __device__ __forceinline__ void stage(F value, int col
             for (int j = 0; j < 4; ++j) {
                 const int b = b0 + j;
                 if (b < n_blocks) {
-                    const float d = amax[j] / 127.0f;
-                    const int q = d > 0.0f ? __float2int_rn(v[j] / d) : 0;
+                    const float d = q8_scale(amax[j]);
+                    const int q = q8_round(v[j], d);
                     int unit, offset;
                     unit_slot<T>(32 * b + lane, unit, offset);
                     xq[16 * ((offset >> 4) * units + unit) + (offset & 15)] = (i8)q;
