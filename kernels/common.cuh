@@ -101,7 +101,7 @@ __device__ __forceinline__ void wait_for_prior_grid() {
 #endif
 }
 __device__ __forceinline__ void release_dependent_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(PDL_RELEASE_AT_EXIT)
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }

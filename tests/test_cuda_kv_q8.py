@@ -33,7 +33,7 @@ from gpu_greedy import GREEDY, assert_follows_cpu, greedy_on_gpu
 DTYPES = ("f16", "bf16")
 LOGITS_TOL = {"f16": 1e-2, "bf16": 3e-2}  # tests/test_cuda_model.py's, for 16-bit caches
 # (K, V) cache types on the GPU; "native" is the activation dtype (the CPU reference stores the same types)
-TYPE_PAIRS = (("q8_0", "q8_0"), ("q8_0", "native"), ("native", "q8_0"))
+TYPE_PAIRS = (("q8_0", "q8_0"), ("q8_0", "native"), ("native", "q8_0"), ("native", "native"))
 # head_dim 32: the simple tiled kernel (prefill and decode through the dequantized scratch); 64 and 128: the fused
 # kernels (decode reads q8_0 directly); GQA groups 2 and 4
 SPECS = {"d32": dict(d_model=128, n_heads=4, n_kv_heads=2, ffn_dim=128),
