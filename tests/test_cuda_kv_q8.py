@@ -193,8 +193,8 @@ def test_decode_launch_matches_the_kernel(monkeypatch, recorded, k_q8, v_q8):
     monkeypatch.setattr(fa, "combine", lambda *args: None)
     monkeypatch.setattr(fa, "_kernel", lambda build, dtype: Recorder(build[1]))
     smem = []
-    monkeypatch.setattr(fa, "_launch", lambda fn, grid, args, shared: (recorded.append(fn), fn(grid, None, args),
-                                                                         smem.append(shared)))
+    monkeypatch.setattr(fa, "_launch", lambda fn, grid, args, shared, dependent=False: (
+        recorded.append(fn), fn(grid, None, args), smem.append(shared)))
     caches = [_q8_rows((512, 2, 128)) if q8 else DeviceArray((512, 2, 128)) for q8 in (k_q8, v_q8)]
     fa.flash_decode(DeviceArray((1, 8, 128)), *caches, DeviceArray((1,), np.int32), DeviceArray(), DeviceArray(),
                     rope_dim=128, n_splits=4)
@@ -282,6 +282,32 @@ def test_prefill_and_decode_steps_match_cpu(tiny_models, spec, pair, dtype):
     step_errs = [rel_err(g, c) for g, c in zip(gpu_steps, cpu_steps)]
     print(f"{spec} {pair} {dtype}: prefill rel err {prefill_err:.2e}, decode steps max {max(step_errs):.2e}")
     assert prefill_err < LOGITS_TOL[dtype] and max(step_errs) < LOGITS_TOL[dtype]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pair", TYPE_PAIRS, ids=lambda p: "-".join(p))
+@pytest.mark.parametrize("spec", sorted(SPECS))
+def test_fused_step_equals_the_composed_step(tiny_models, spec, pair, dtype):
+    """One decode step through the fused blocks (qkv into the 16-bit scratch, the quantizing store, the q8_0 decode
+    kernel) against the model's composed blocks on the same cache: the same logits but for RMSNorm's summation
+    order (a flipped rounding of a q8_0 value counts one quantum)."""
+    k, v = gpu_types(pair, dtype)
+    llm = engine.load(tiny_models[spec], device="cuda", dtype=dtype, cache_type_k=k, cache_type_v=v, **DCA)
+    model = llm.model
+    prompt = np.random.default_rng(5).integers(3, 384, 500).tolist()
+    caches = [llm.new_cache() for _ in range(2)]
+    for cache in caches:
+        llm.prefill(prompt, cache)
+    fused = llm.backend.to_numpy(model.forward(np.asarray([77]), caches[0], logits_for="last"))
+    blocks, model.decode_blocks = model.decode_blocks, model  # the composed blocks
+    try:
+        composed = llm.backend.to_numpy(model.forward(np.asarray([77]), caches[1], logits_for="last"))
+    finally:
+        model.decode_blocks = blocks
+    err = rel_err(fused, composed)
+    print(f"{spec} {pair} {dtype}: fused vs composed step rel err {err:.2e}")
+    assert err < 5e-3
 
 
 @pytest.mark.cuda
