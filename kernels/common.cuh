@@ -89,23 +89,6 @@ __device__ __forceinline__ void store_q8_block(float v, int block, int n, unsign
     }
 }
 
-// Programmatic dependent launch (Hopper and later; engine/backends/cuda/kernels.py launch(..., dependent=True)): a
-// kernel launched so may start while the kernel before it in the stream finishes. Such a kernel calls
-// wait_for_prior_grid() before it reads anything the earlier kernels write or writes anything (it returns once the
-// earlier grid has completed and its writes are visible; reading constant weights before it is what overlaps), and
-// then release_dependent_grid() (the next such kernel may be scheduled: it will wait in its turn). Without the launch
-// attribute, or below sm_90, both do nothing.
-__device__ __forceinline__ void wait_for_prior_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void release_dependent_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(PDL_RELEASE_AT_EXIT)
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
 // Sum over a whole block (blockDim.x a multiple of 32, <= 1024); every thread gets the result.
 __device__ __forceinline__ float block_sum(float v, float* scratch /* >= 32 floats */) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;

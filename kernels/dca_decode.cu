@@ -101,8 +101,6 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* qr = smem;  // [3][16][D] the group's rows rotated for each relation
 
-    wait_for_prior_grid();  // launched dependent (common.cuh): q, the cache rows and positions are earlier kernels'
-    release_dependent_grid();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int split = blockIdx.x, kvh = blockIdx.y, qi = blockIdx.z;
     const int group = n_heads / n_kv;
@@ -340,8 +338,6 @@ __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, c
                                              unsigned char* __restrict__ out_staged, int rows, int D, int n_splits) {
     constexpr int WARPS = 8, MAX_DPL = 4;
     __shared__ float w_o[WARPS][32 * MAX_DPL], w_l[WARPS];
-    wait_for_prior_grid();  // launched dependent (common.cuh)
-    release_dependent_grid();
     const int row = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float M = NEG_INF;
     for (int s = lane; s < n_splits; s += 32) M = fmaxf(M, part_m[(long long)s * rows + row]);

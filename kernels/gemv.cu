@@ -5,8 +5,7 @@
 // Design. Every kernel is one launch; each block of 256 threads first stages its input vector in
 // shared memory ("stage"), then its 8 warps take the block's tasks (output rows, or row pairs) in
 // turn, one warp per task, lanes splitting the row; each warp asks L2 for its first PREFETCH_TASKS tasks'
-// rows before staging (their HBM latency overlaps it; launched dependent, also the previous kernel's tail: the
-// kernel waits for it only then, common.cuh wait_for_prior_grid) and, before computing a task, for the rows of the task
+// rows before staging (their HBM latency overlaps it) and, before computing a task, for the rows of the task
 // PREFETCH_TASKS ahead. tasks_per_block (a multiple of 8,
 // chosen on the host from the shape and the SM count) trades staging work against parallelism.
 //
@@ -365,8 +364,6 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long ro
     extern __shared__ __align__(16) u8 smem[];
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
     prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS);
-    wait_for_prior_grid();  // the rows asked for above are weights; x, a and pos are earlier kernels'
-    release_dependent_grid();
     stage<T>([&](int i) { return a2f(x[i]); }, cols, smem);
     each_row_dot<T, 1>(w, row_bytes, rows, cols, per_block, smem, prefetch, [&](int r, float acc) {
         if ((threadIdx.x & 31) == 0) {
@@ -383,8 +380,6 @@ __device__ __forceinline__ void gemv_add_body(const u8* __restrict__ w, long lon
     extern __shared__ __align__(16) u8 smem[];
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
     prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T, 2>());
-    wait_for_prior_grid();  // the rows asked for above are weights; x, a and pos are earlier kernels'
-    release_dependent_grid();
     if (a_staged != nullptr) copy_staged<T>(a_staged, cols, smem);
     else stage<T>([&](int i) { return a2f(a[i]); }, cols, smem);
     each_row_dot<T, 2>(w, row_bytes, rows, cols, per_block, smem, prefetch, [&](int r, float acc) {
@@ -424,8 +419,6 @@ __device__ __forceinline__ void qkv_body(
         }
     };
     prefetch_first(n_q + n_k + n_v, per_block, prefetch);
-    wait_for_prior_grid();  // the rows asked for above are weights; x, a and pos are earlier kernels'
-    release_dependent_grid();
     const float inv = rms_scale(x, eps, d, scratch);
     stage<T>(NORMED(x, w_norm, inv), d, smem);
     const bool lane0 = (threadIdx.x & 31) == 0;
@@ -476,8 +469,6 @@ __device__ __forceinline__ void gateup_body(const float* __restrict__ x, const f
         prefetch_row(wu + r * row_bytes, row_bytes);
     };
     prefetch_first(rows, per_block, prefetch);
-    wait_for_prior_grid();  // the rows asked for above are weights; x, a and pos are earlier kernels'
-    release_dependent_grid();
     const float inv = rms_scale(x, eps, d, scratch);
     stage<T>(NORMED(x, w_norm, inv), d, smem);
     for_tasks(rows, per_block, prefetch, [&](int r) {
@@ -508,8 +499,6 @@ __device__ __forceinline__ void head_body(const float* __restrict__ x, const flo
     __shared__ float scratch[32];
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
     prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS);
-    wait_for_prior_grid();  // the rows asked for above are weights; x, a and pos are earlier kernels'
-    release_dependent_grid();
     const float inv = rms_scale(x, eps, d, scratch);
     stage<T>(NORMED(x, w_norm, inv), d, smem);
     each_row_dot<T, 1>(w, row_bytes, rows, d, per_block, smem, prefetch, [&](int r, float acc) {

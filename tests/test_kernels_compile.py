@@ -117,28 +117,3 @@ def test_gemv_measurement_variant_compiles(monkeypatch):
     variant = ptx("q4_k")
     assert variant != production
     assert "local" not in re.findall(r"\.(local)\s", variant)
-
-
-def _entries(ptx: str) -> dict[str, str]:
-    """Each kernel's PTX body, by entry name."""
-    parts = re.split(r"\.entry\s+(\w+)", ptx)
-    return dict(zip(parts[1::2], parts[2::2]))
-
-
-def test_dependent_launches_go_only_to_kernels_that_wait():
-    """A kernel launched dependent (launch.py: it may start before the kernel ahead of it ends) waits for that
-    kernel (griddepcontrol.wait) before anything else reads or writes activations: every kernel launch.py lets be
-    launched so has the wait in its PTX, and every kernel with the wait is one of them."""
-    from engine.backends.cuda.launch import DEPENDENT_KERNELS
-
-    seen = set()
-    for name, instance, _, dtype in BUILDS:
-        if dtype != "f16":
-            continue
-        for entry, body in _entries(kernels.compile_ptx(name, "sm_90", dtype, instance=instance)).items():
-            waits = "griddepcontrol.wait" in body
-            assert waits == entry.startswith(DEPENDENT_KERNELS), entry
-            if waits:
-                assert "griddepcontrol.launch_dependents" in body, entry
-                seen.add(entry)
-    assert {"qkv_q4_k", "gateup_q4_k", "gemv_add_q6_k", "head_q6_k", "dca_combine", "dca_decode_128"} <= seen

@@ -34,7 +34,6 @@ import numpy as np
 from ...errors import DeviceError
 from ...weights.quant import GGMLType, block_layout, dequantize
 from .kernels import function, per_type
-from .launch import launch
 
 THREADS = 256  # gemv.cu GEMV_THREADS
 WARPS = THREADS // 32
@@ -93,7 +92,7 @@ def _launch(op: str, m, cols: int, n_tasks: int, args: tuple, dtype: str, per_bl
         _opted_in[id(fn)] = shared
     per_block = per_block or tasks_per_block(n_tasks)
     blocks = -(-n_tasks // per_block)
-    launch(fn, (blocks,), (THREADS,), args + (np.int32(per_block),), shared, dependent=True)
+    fn((blocks,), (THREADS,), args + (np.int32(per_block),), shared_mem=shared)
 
 
 def _row_bytes(m) -> np.int64:
