@@ -21,7 +21,7 @@ Who writes and reads them:
            q8_0 operand, held by the backend and shared by its caches), and the 16-bit flash kernels run on it;
            so does the simple tiled kernel (attention.cu) for the shapes the fused kernels do not serve, decode
            included. engine/memory.py counts the scratch (``scratch_bytes_per_token``).
-NOT YET RUN on a GPU: written without one; tests/test_cuda_kv_q8.py's `cuda` tests check it against the CPU backend.
+tests/test_cuda_kv_q8.py's `cuda` tests check it against the CPU backend (first run on an H100 in session 10).
 """
 from __future__ import annotations
 
