@@ -1,5 +1,5 @@
-"""`engine eval ppl`, `engine eval passkey`, `engine eval ruler` and `engine eval tune-dca` (click group
-``eval_group``, registered by engine/cli.py).
+"""`engine eval ppl`, `engine eval passkey`, `engine eval ruler`, `engine eval tune-dca` and `engine eval table`
+(click group ``eval_group``, registered by engine/cli.py).
 
 The commands validate everything before the first model load (methods, DCA settings, lengths against
 the texts and against memory, output folders, matplotlib for --plot), show one progress bar on stderr,
@@ -27,6 +27,8 @@ from .report import (check_output_path, length_label, passkey_json, passkey_tabl
                      write_json)
 from .ruler import parse_tasks, plan_ruler, run_ruler
 from .ruler_tasks import TASKS
+from .table import (plan_table, plot_table, records, ruler_task_table, run_table, summary_table,
+                    table_json)
 from .tune import choose, plan_tune, run_tune, tuned_metadata
 
 INTERRUPTED_EXIT = 130
@@ -240,3 +242,45 @@ def ruler_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot_p
               ruler_json, lambda path, cells, title: plot_ruler(path, cells, plan.lengths, plan.methods,
                                                                 title + "RULER average"),
               len(plan.lengths) * len(plan.tasks) * len(plan.methods), device_name, json_path, plot_path, started)
+
+
+@eval_group.command("table")
+@_shared_options
+@click.option("--text", "texts", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="text file for the perplexity (repeatable; a folder means its *.txt files)")
+@click.option("--method", "--methods", "methods", default="rope,pi,ntk,yarn,self-extend,streaming,dca,dca+ntk",
+              show_default=True, help="comma-separated: " + ",".join(METHODS))
+@click.option("--tasks", default="all", show_default=True,
+              help="comma-separated RULER tasks: " + ", ".join(TASKS) + " (or all)")
+@click.option("--samples", type=int, default=4, show_default=True, help="RULER prompts per task and length")
+@click.option("--trials", type=int, default=1, show_default=True,
+              help="passkey prompts (keys) per length and depth, in each style")
+@click.option("--seed", type=int, default=None,
+              help="seed of the passkeys and the RULER prompts [default: 0 for passkey, 42 for RULER, as their "
+                   "commands]")
+def table_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot_path, texts, methods, tasks, samples,
+                  trials, seed) -> None:
+    """Issue 16's one table: perplexity, passkey in both prompt styles (their default depths) and RULER per method
+    and length, the runs of eval ppl, eval passkey --style landmark|spaced and eval ruler with the same settings.
+
+    Prints the summary (markdown, a row per method: per length PPL, passkey landmark and spaced in percent of the
+    prompts, RULER average in percent) and RULER per task (a row per method and length)."""
+    started = time.perf_counter()
+    _check_outputs(json_path, plot_path)
+    plan = plan_table(settings, texts, parse_lengths(lengths), parse_methods(methods), parse_tasks(tasks), samples,
+                      trials, seed, ntk_factor)
+    device_name = resolve_device(settings.device)
+    _announce(plan.ppl, device_name, f"ppl texts {', '.join(t.path.name for t in plan.ppl.texts)}; passkey "
+              f"landmark and spaced prompts; RULER {'chat' if plan.ruler.chat else 'base'} prompts")
+    done: list = []
+    progress = Progress(plan.total_flops(), "table")
+    interrupted = _collect(done, run_table(plan, progress), progress)
+    cells = records(done)
+    click.echo(summary_table(cells, plan.lengths, plan.methods) + "\n")
+    click.echo(ruler_task_table(cells, plan.lengths, plan.methods, plan.ruler.tasks))
+    if json_path is not None:
+        write_json(json_path, table_json(plan, done, device_name, complete=not interrupted))
+    if plot_path is not None and cells:
+        plot_table(plot_path, cells, plan.lengths, plan.methods,
+                   f"{plan.ppl.model.config.name or plan.ppl.model_path.name}: the methods by length")
+    _finish(interrupted, len(done), plan.n_cells(), started)
