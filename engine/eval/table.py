@@ -156,6 +156,7 @@ def plot_table(path: Path, cells: Sequence[dict[str, Any]], lengths: Sequence[in
                title: str) -> None:
     """One panel per summary measure against length (logarithmic), one line per method."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     fig = Figure(figsize=(16, 4), layout="constrained")
     axes = fig.subplots(1, len(SUMMARY))
@@ -170,6 +171,8 @@ def plot_table(path: Path, cells: Sequence[dict[str, Any]], lengths: Sequence[in
         ax.set_xticks(list(lengths), [length_label(n) for n in lengths])
         if measure == "ppl":
             ax.set_yscale("log")
+            for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis(FuncFormatter(lambda value, _pos: f"{value:g}"))
         else:
             ax.set_ylim(-2, 102)
         ax.set_xlabel("length (tokens)")
