@@ -6,7 +6,9 @@
     ruler_fit.py the haystack-size search                     ruler_words.py  word lists, generated essay
     budget.py    memory and flops estimates                   progress.py  progress bar with time estimates
     report.py    tables, JSON (schema in its docstring), plots
-    commands.py  the click group ``eval_group``: `engine eval ppl`, `engine eval passkey`, `engine eval ruler`
+    table.py     `engine eval table`: the runs of the three above in one, its tables and JSON
+    commands.py  the click group ``eval_group``: `engine eval ppl`, `engine eval passkey`, `engine eval ruler`,
+                 `engine eval tune-dca`, `engine eval table`
 """
 from .methods import METHODS, method_settings
 from .passkey import PasskeyCell, PasskeyPlan, build_prompt, plan_passkey, run_passkey

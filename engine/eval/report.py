@@ -28,6 +28,7 @@ kind "ruler" adds:
              results: [{prompt_tokens, expected: [str], output, score}]}],
         score: mean over the samples of the fraction of expected strings found in the output (in [0, 1]),
     averages: [{method, length, score, tasks}]: the mean score over the tasks finished at that length
+kind "table" (engine/eval/table.py): the cells of all the kinds above but tune-dca, and their JSON.
 Plots need matplotlib (an optional extra); ``require_matplotlib`` fails early with one clear error.
 """
 from __future__ import annotations
