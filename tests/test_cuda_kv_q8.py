@@ -199,8 +199,8 @@ def test_decode_launch_matches_the_kernel(monkeypatch, recorded, k_q8, v_q8):
     monkeypatch.setattr(fa, "combine", lambda *args: None)
     monkeypatch.setattr(fa, "_kernel", lambda build, dtype: Recorder(build[1]))
     smem = []
-    monkeypatch.setattr(fa, "_launch", lambda fn, grid, args, shared: (
-        recorded.append(fn), fn(grid, None, args), smem.append(shared)))
+    monkeypatch.setattr(fa, "_launch", lambda fn, grid, args, shared: (recorded.append(fn), fn(grid, None, args),
+                                                                         smem.append(shared)))
     caches = [_q8_rows((512, 2, 128)) if q8 else DeviceArray((512, 2, 128)) for q8 in (k_q8, v_q8)]
     fa.flash_decode(DeviceArray((1, 8, 128)), *caches, DeviceArray((1,), np.int32), DeviceArray(), DeviceArray(),
                     rope_dim=128, n_splits=4)
@@ -280,11 +280,11 @@ def test_prefill_and_decode_steps_match_cpu(tiny_models, spec, dtype):
     """500 tokens with DCA (chunk_len 80), then 8 decode steps, for each cache pair: every row of logits against the
     CPU backend storing the same cache types; and a q8_0 cache takes the GPU's steps no further from the CPU's than
     the 16-bit cache does (but for a few flipped roundings)."""
+    rng = np.random.default_rng(2)
+    prompt, steps = rng.integers(3, 384, 500).tolist(), rng.integers(3, 384, 8).tolist()
     errors = {}
     for pair in TYPE_PAIRS:
         cpu, gpu = load_pair(tiny_models[spec], pair, dtype, **DCA)
-        rng = np.random.default_rng(2)
-        prompt, steps = rng.integers(3, 384, 500).tolist(), rng.integers(3, 384, 8).tolist()
         prefill_err = rel_err(gpu.logits(prompt), cpu.logits(prompt))
         gpu_steps, cpu_steps = stepwise_logits(gpu, prompt, steps), stepwise_logits(cpu, prompt, steps)
         errors[pair] = prefill_err, max(rel_err(g, c) for g, c in zip(gpu_steps[1:], cpu_steps[1:]))

@@ -27,8 +27,7 @@ from .report import (check_output_path, length_label, passkey_json, passkey_tabl
                      write_json)
 from .ruler import parse_tasks, plan_ruler, run_ruler
 from .ruler_tasks import TASKS
-from .table import (plan_table, plot_table, records, ruler_task_table, run_table, summary_table,
-                    table_json)
+from .table import plan_table, plot_table, records, run_table, table_json, tables
 from .tune import choose, plan_tune, run_tune, tuned_metadata
 
 INTERRUPTED_EXIT = 130
@@ -270,17 +269,9 @@ def table_command(settings: LoadSettings, lengths, ntk_factor, json_path, plot_p
     plan = plan_table(settings, texts, parse_lengths(lengths), parse_methods(methods), parse_tasks(tasks), samples,
                       trials, seed, ntk_factor)
     device_name = resolve_device(settings.device)
-    _announce(plan.ppl, device_name, f"ppl texts {', '.join(t.path.name for t in plan.ppl.texts)}; passkey "
+    _announce(plan, device_name, f"ppl texts {', '.join(t.path.name for t in plan.ppl.texts)}; passkey "
               f"landmark and spaced prompts; RULER {'chat' if plan.ruler.chat else 'base'} prompts")
-    done: list = []
-    progress = Progress(plan.total_flops(), "table")
-    interrupted = _collect(done, run_table(plan, progress), progress)
-    cells = records(done)
-    click.echo(summary_table(cells, plan.lengths, plan.methods) + "\n")
-    click.echo(ruler_task_table(cells, plan.lengths, plan.methods, plan.ruler.tasks))
-    if json_path is not None:
-        write_json(json_path, table_json(plan, done, device_name, complete=not interrupted))
-    if plot_path is not None and cells:
-        plot_table(plot_path, cells, plan.lengths, plan.methods,
-                   f"{plan.ppl.model.config.name or plan.ppl.model_path.name}: the methods by length")
-    _finish(interrupted, len(done), plan.n_cells(), started)
+    _run_grid(plan, "table", run_table, lambda done: tables(plan, done), table_json,
+              lambda path, done, title: plot_table(path, records(done), plan.lengths, plan.methods,
+                                                   title + "the methods by length"),
+              plan.n_cells(), device_name, json_path, plot_path, started)

@@ -55,6 +55,14 @@ class TablePlan:
     def lengths(self) -> tuple[int, ...]:
         return self.ppl.lengths
 
+    @property
+    def model(self):
+        return self.ppl.model
+
+    @property
+    def model_path(self) -> Path:
+        return self.ppl.model_path
+
     def n_cells(self) -> int:
         per_method_length = 1 + len(self.landmark.depths) + len(self.spaced.depths) + len(self.ruler.tasks)
         return len(self.methods) * len(self.lengths) * per_method_length
@@ -139,11 +147,18 @@ def ruler_task_table(cells: Sequence[dict[str, Any]], lengths: Sequence[int], me
     return _markdown(header, rows)
 
 
+def tables(plan: TablePlan, done: Sequence[tuple[str, Any]]) -> str:
+    """The summary and the RULER per-task table of the finished cells."""
+    cells = records(done)
+    return (summary_table(cells, plan.lengths, plan.methods) + "\n\n"
+            + ruler_task_table(cells, plan.lengths, plan.methods, plan.ruler.tasks))
+
+
 def table_json(plan: TablePlan, done: Sequence[tuple[str, Any]], device: str, complete: bool) -> dict[str, Any]:
     parts = split(done)
-    c = plan.ppl.model.config
+    c = plan.model.config
     return {"version": JSON_VERSION, "kind": "table", "complete": complete,
-            "model": {"path": str(plan.ppl.model_path), "name": c.name, "training_context": c.context_length},
+            "model": {"path": str(plan.model_path), "name": c.name, "training_context": c.context_length},
             "device": device, "methods": list(plan.methods), "lengths": list(plan.lengths),
             "tasks": list(plan.ruler.tasks), "cells": records(done),
             "ppl": ppl_json(plan.ppl, parts["ppl"], device, complete),
