@@ -193,7 +193,7 @@ extern "C" __global__ void sample_pool(const float* __restrict__ logits, int voc
 extern "C" __global__ void sample_token(const float* __restrict__ logits, int vocab,
                                         const float* __restrict__ partial_v, const int* __restrict__ partial_i,
                                         const int* __restrict__ partial_bad, int n_partials,
-                                        const float* __restrict__ gpool_v, const int* __restrict__ gpool_i,
+                                        const float* __restrict__ pool_v, const int* __restrict__ pool_i,
                                         const int* __restrict__ pool_count, int* __restrict__ ring, int ring_size,
                                         int* __restrict__ ring_count, float temperature, int top_k, float top_p,
                                         float min_p, unsigned long long seed, unsigned long long* __restrict__ counter,
@@ -216,18 +216,18 @@ extern "C" __global__ void sample_token(const float* __restrict__ logits, int vo
         float v;
         block_best(partial_v, partial_i, n_partials, true, 0.0f, 0, &v, &chosen, sv, si);
     } else {
-        __shared__ float pool_v[POOL_CAP];
-        __shared__ int pool_i[POOL_CAP];
+        __shared__ float shared_v[POOL_CAP];
+        __shared__ int shared_i[POOL_CAP];
         const int n_pool = *pool_count;
         const bool pooled = n_pool <= POOL_CAP;  // else (a very flat distribution) scan the whole vocabulary
         if (pooled)
             for (int j = threadIdx.x; j < n_pool; j += blockDim.x) {
-                pool_v[j] = gpool_v[j];
-                pool_i[j] = gpool_i[j];
+                shared_v[j] = pool_v[j];
+                shared_i[j] = pool_i[j];
             }
         __syncthreads();
-        const float* src_v = pooled ? pool_v : logits;
-        const int* src_i = pooled ? pool_i : nullptr;
+        const float* src_v = pooled ? shared_v : logits;
+        const int* src_i = pooled ? shared_i : nullptr;
         const int n_src = pooled ? n_pool : vocab;
         const int k = min(top_k, n_src);
         for (int r = 0; r < k; ++r)
