@@ -687,7 +687,7 @@ def dev_sampler_script():
     return module
 
 
-@pytest.mark.parametrize("mode", ["greedy", "stoch/peaked", "stoch/spread", "flat"])
+@pytest.mark.parametrize("mode", ["greedy", "greedy/penalty", "stoch/peaked", "stoch/spread", "flat"])
 @pytest.mark.parametrize("vocab", [7, 2049, 32000, 152064])
 def test_device_sampler_matches_the_single_block_kernel(cuda, vocab, mode):
     """Step by step on fresh logits, with a repetition penalty: the split's tokens, penalised logits, ring, ring

@@ -9,9 +9,10 @@ DeviceSamplers with the same settings and history: the tokens, the penalised log
 random counter must be identical at every step (the split picks what the single block picks, by construction).
 Then timing: 40 launches captured in a CUDA graph (as the decode step captures it), the median of --reps replays,
 per launch, in us; ratio = old / new.
-Modes: greedy (what `engine bench` uses); stochastic T=0.8 top-k 40 top-p 0.95 min-p 0.05 on "peaked" logits (a
-few dozen tokens within 30 of the top: the pool path) and on "spread" logits (N(0, 2.5): every token within 30 of
-the top, the pool overflows and sample_token runs the whole-vocabulary rounds, as the old kernel did).
+Modes: greedy (what `engine bench` uses); greedy with a repetition penalty over 64 tokens; stochastic T=0.8 top-k 40
+top-p 0.95 min-p 0.05 (penalty 1.1) on "peaked" logits (40 tokens within 30 of the top: the pool path) and on
+"spread" logits (N(0, 2.5): every token within 30 of the top, the pool overflows and sample_token runs the
+whole-vocabulary rounds on one block, as the old kernel did).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from engine.backends.cuda.sampling import DeviceSampler  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 
 MODES = {  # name: (params, logits shape)
-    "greedy": (SamplingParams(temperature=0.0, repeat_penalty=1.1, repeat_last_n=64), "spread"),
+    "greedy": (SamplingParams(temperature=0.0), "spread"),  # engine bench's settings
+    "greedy/penalty": (SamplingParams(temperature=0.0, repeat_penalty=1.1, repeat_last_n=64), "spread"),
     "stoch/peaked": (SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1,
                                     repeat_last_n=64, seed=7), "peaked"),
     "stoch/spread": (SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1,
@@ -322,17 +324,17 @@ def main() -> None:
         for mode in modes:
             params, shape = MODES[mode]
             found = compare(cp, vocab, params, shape, args.steps, seed=vocab)
-            print(f"check vocab {vocab:>6} {mode:<13}: {'identical' if not found else f'{len(found)} differences'}")
+            print(f"check vocab {vocab:>6} {mode:<14}: {'identical' if not found else f'{len(found)} differences'}")
             problems += found
     for line in problems[:20]:
         print("  " + line)
-    print(f"\n| {'vocab':>6} | {'mode':<13} | {'old us':>8} | {'new us':>8} | {'ratio':>6} |")
-    print("|" + "|".join("-" * (w + 2) for w in (6, 13, 8, 8, 6)) + "|")
+    print(f"\n| {'vocab':>6} | {'mode':<14} | {'old us':>8} | {'new us':>8} | {'ratio':>6} |")
+    print("|" + "|".join("-" * (w + 2) for w in (6, 14, 8, 8, 6)) + "|")
     for vocab in vocabs:
         for mode in modes:
             params, shape = MODES[mode]
             t_old, t_new = time_mode(cp, vocab, params, shape, args.reps)
-            print(f"| {vocab:>6} | {mode:<13} | {t_old * 1e6:>8.1f} | {t_new * 1e6:>8.1f} | {t_old / t_new:>6.1f} |")
+            print(f"| {vocab:>6} | {mode:<14} | {t_old * 1e6:>8.1f} | {t_new * 1e6:>8.1f} | {t_old / t_new:>6.1f} |")
     if problems:
         raise SystemExit("correctness check failed: the split and the single-block kernel differ")
 
