@@ -18,10 +18,10 @@
 //   sample_token (1 block) reports non-finite logits (any partial flag): token_out = -1 and nothing
 //                else changes (ring, ring count, position and counter; the logits may hold the penalty),
 //                so the host can stop with a clear error instead of feeding an out-of-range id to the
-//                next step. Greedy: the best of the G partials. Stochastic: k rounds of a block-wide
-//                argmax, each restricted to items ranked after the previous pick, so the candidates
-//                come sorted (k <= MAX_TOP_K); the rounds scan the pool copied into shared memory when
-//                it holds <= POOL_CAP tokens, else (a very flat distribution) the whole vocabulary.
+//                next step. Greedy: the best of the G partials. Stochastic: k rounds of an argmax, each
+//                restricted to items ranked after the previous pick, so the candidates come sorted
+//                (k <= MAX_TOP_K): over the pool copied into shared memory, on one warp, when it holds
+//                <= POOL_CAP tokens, else (a very flat distribution) over the whole vocabulary, on the block.
 //                Then top-p / min-p / the draw; token_out = id, the ring gets the id, and with advance
 //                != 0 the decode position (pos[0]) moves on by one.
 // Determinism: the partials and the pool's order depend on scheduling (atomics), but every selection is
@@ -81,6 +81,29 @@ __device__ void block_best(const float* vals, const int* ids, int n, bool first,
         if (ranks_before(v, i, best_v, best_i)) { best_v = v; best_i = i; }
     }
     block_best_of(best_v, best_i, out_v, out_i, sv, si);
+}
+
+// warp-wide best (value, id) among items ranked after (after_v, after_i) (everything when first); items are
+// vals[j] with id ids[j]; called by all 32 lanes of a warp, every lane gets the result (the order is total over
+// distinct ids, so the butterfly leaves the same item on every lane)
+__device__ __forceinline__ void warp_best(const float* vals, const int* ids, int n, bool first, float after_v,
+                                          int after_i, float& out_v, int& out_i) {
+    float best_v = NEG_INF;
+    int best_i = 0x7fffffff;
+    for (int j = threadIdx.x & 31; j < n; j += 32) {
+        const float v = vals[j];
+        const int i = ids[j];
+        if (!first && !ranks_before(after_v, after_i, v, i)) continue;
+        if (ranks_before(v, i, best_v, best_i)) { best_v = v; best_i = i; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best_v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
+        if (ranks_before(ov, oi, best_v, best_i)) { best_v = ov; best_i = oi; }
+    }
+    out_v = best_v;
+    out_i = best_i;
 }
 
 __device__ __forceinline__ double uniform01(unsigned long long seed, unsigned long long counter) {
@@ -220,19 +243,27 @@ extern "C" __global__ void sample_token(const float* __restrict__ logits, int vo
         __shared__ int shared_i[POOL_CAP];
         const int n_pool = *pool_count;
         const bool pooled = n_pool <= POOL_CAP;  // else (a very flat distribution) scan the whole vocabulary
-        if (pooled)
+        const int k = min(top_k, pooled ? n_pool : vocab);
+        if (pooled) {  // the rounds on one warp (<= 32 items a lane, no block barrier per round)
             for (int j = threadIdx.x; j < n_pool; j += blockDim.x) {
                 shared_v[j] = pool_v[j];
                 shared_i[j] = pool_i[j];
             }
-        __syncthreads();
-        const float* src_v = pooled ? shared_v : logits;
-        const int* src_i = pooled ? shared_i : nullptr;
-        const int n_src = pooled ? n_pool : vocab;
-        const int k = min(top_k, n_src);
-        for (int r = 0; r < k; ++r)
-            block_best(src_v, src_i, n_src, r == 0, r ? cand_v[r - 1] : 0.0f, r ? cand_i[r - 1] : 0, &cand_v[r],
-                       &cand_i[r], sv, si);
+            __syncthreads();
+            if (threadIdx.x < 32) {
+                float v = 0.0f;
+                int i = 0;
+                for (int r = 0; r < k; ++r) {
+                    warp_best(shared_v, shared_i, n_pool, r == 0, v, i, v, i);
+                    if (threadIdx.x == 0) { cand_v[r] = v; cand_i[r] = i; }
+                }
+            }
+            __syncthreads();
+        } else {  // the whole vocabulary, on the block
+            for (int r = 0; r < k; ++r)
+                block_best(logits, nullptr, vocab, r == 0, r ? cand_v[r - 1] : 0.0f, r ? cand_i[r - 1] : 0,
+                           &cand_v[r], &cand_i[r], sv, si);
+        }
         if (threadIdx.x == 0) {
             // probabilities of the top-k candidates (sorted, cand_v[0] the largest)
             double total = 0.0;
