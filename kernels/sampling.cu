@@ -10,24 +10,33 @@
 //   sample_scan  (G blocks) penalises the ring tokens of its own slice (slices are disjoint: no race),
 //                then in one pass over the slice writes its non-finite flag and its best (value, id)
 //                under ranks_before (value descending, id ascending) to partial_bad/_v/_i[b]; block 0
-//                resets the pool counter (on the device, so a captured graph replays correctly).
+//                resets the pool counters (on the device, so a captured graph replays correctly).
 //   sample_pool  (G blocks, temperature > 0 only) reduces the G partials to the top value, then adds
 //                its slice's tokens within POOL_CUTOFF*max(T,1) of it (relative probability after the
 //                temperature above e^-30) to a global pool: one atomicAdd per block on the counter,
 //                stored while the slot < POOL_CAP (the counter still counts the rest: overflow shows).
+//                It also counts the tokens within each of N_RUNGS tighter distances (RUNG) of the top.
+//   sample_narrow (G blocks, temperature > 0 only) does nothing unless the pool overflowed (a language
+//                model's logits usually spread over more than 30 within the top), then refills the pool
+//                with the tokens of the loosest rung holding at most POOL_CAP tokens, when it holds at
+//                least top_k: every token above a threshold, so the exact top_k of the vocabulary.
 //   sample_token (1 block) reports non-finite logits (any partial flag): token_out = -1 and nothing
 //                else changes (ring, ring count, position and counter; the logits may hold the penalty),
 //                so the host can stop with a clear error instead of feeding an out-of-range id to the
 //                next step. Greedy: the best of the G partials. Stochastic: k rounds of an argmax, each
 //                restricted to items ranked after the previous pick, so the candidates come sorted
-//                (k <= MAX_TOP_K): over the pool copied into shared memory, on one warp, when it holds
-//                <= POOL_CAP tokens, else (a very flat distribution) over the whole vocabulary, on the block.
+//                (k <= MAX_TOP_K): over the pool (or sample_narrow's) copied into shared memory, on one
+//                warp, else (no rung between top_k and POOL_CAP tokens: a very flat distribution) over the
+//                whole vocabulary, on the block.
 //                Then top-p / min-p / the draw; token_out = id, the ring gets the id, and with advance
 //                != 0 the decode position (pos[0]) moves on by one.
 // Determinism: the partials and the pool's order depend on scheduling (atomics), but every selection is
 // by the total order ranks_before over distinct ids, and the pool is the same set of tokens whatever its
-// order, so the token is the one the single-block kernel (one pass per stage over the whole vocabulary)
-// picks for the same logits, seed and counter: greedy exactly np.argmax (the lowest id among ties).
+// order (the narrowed pool holds every token ranked before any of its own), so the token is the one the
+// single-block kernel (one pass per stage over the whole vocabulary, commit d3595cb, kept in
+// dev/cuda/sampler.py) picks for the same logits, seed and counter: greedy exactly np.argmax (the lowest id
+// among ties). The candidates are the top min(top_k, pool count) in every case: past POOL_CAP >= MAX_TOP_K
+// tokens near the top, that is the top top_k, whichever way they are found.
 // Randomness: splitmix64(seed, counter) with the counter kept on the device, so a captured graph
 // draws a fresh number at every replay.
 
@@ -35,6 +44,17 @@
 #define SAMPLE_THREADS 1024  // sample_token's block
 #define POOL_CAP 1024        // candidates kept for the top-k rounds (sample_token copies them to shared memory)
 #define POOL_CUTOFF 30.0f    // logits this far (times max(T, 1)) below the top never matter
+#define N_RUNGS 12           // sample_narrow's thresholds: the top minus RUNG[r]
+#define POOL 0               // pool_count[POOL]: tokens within the cutoff (stored while < POOL_CAP)
+#define NARROW 1             // pool_count[NARROW]: tokens of sample_narrow's rung (0: none fits)
+#define RUNGS 2              // pool_count[RUNGS + r]: tokens within RUNG[r] of the top
+#define POOL_COUNTS (RUNGS + N_RUNGS)
+
+// the rung thresholds' distances below the top, loosest first
+__constant__ float RUNG[N_RUNGS] = {16.0f, 11.0f, 8.0f, 5.5f, 4.0f, 2.75f, 2.0f, 1.375f, 1.0f, 0.5f, 0.25f, 0.0f};
+
+// the rung r threshold, computed alike by sample_pool (counting) and sample_narrow (storing)
+__device__ __forceinline__ float rung_floor(float top, int r) { return top - RUNG[r]; }
 
 __device__ __forceinline__ bool ranks_before(float av, int ai, float bv, int bi) {
     return av > bv || (av == bv && ai < bi);
@@ -122,7 +142,7 @@ extern "C" __global__ void sample_scan(float* __restrict__ logits, int vocab, in
     __shared__ float sv[32];
     __shared__ int si[32];
     const int start = blockIdx.x * slice, end = min(start + slice, vocab);
-    if (blockIdx.x == 0 && threadIdx.x == 0) *pool_count = 0;  // sample_pool (a later launch) counts from 0
+    if (blockIdx.x == 0 && threadIdx.x < POOL_COUNTS) pool_count[threadIdx.x] = 0;  // the later launches count from 0
 
     // 1. repetition penalty on the distinct ring tokens of this slice (a duplicate is skipped by its later
     // copies: the first occurrence penalises)
@@ -157,35 +177,37 @@ extern "C" __global__ void sample_scan(float* __restrict__ logits, int vocab, in
     if (threadIdx.x == 0) partial_bad[blockIdx.x] = bad;
 }
 
-// G blocks (the scan's grid and slice; blockDim a multiple of 32): the top value from the partials, then the
-// slice's tokens within the cutoff of it -> the global pool
-extern "C" __global__ void sample_pool(const float* __restrict__ logits, int vocab, int slice, float temperature,
-                                       const float* __restrict__ partial_v, const int* __restrict__ partial_bad,
-                                       float* __restrict__ pool_v, int* __restrict__ pool_i,
-                                       int* __restrict__ pool_count) {
-    __shared__ float smax[32];
-    __shared__ float local_v[POOL_CAP];
-    __shared__ int local_i[POOL_CAP];
-    __shared__ int n_local;
-    __shared__ int base;
-    const int n_partials = gridDim.x;
+// The top logit, from the G partials (any blockDim multiple of 32); false when a partial saw a non-finite logit
+// (every thread gets the same answer).
+__device__ bool top_of_partials(const float* __restrict__ partial_v, const int* __restrict__ partial_bad,
+                                int n_partials, float* top_out, float* smax) {
     bool bad = false;
     float top = NEG_INF;
     for (int b = threadIdx.x; b < n_partials; b += blockDim.x) {
         bad |= partial_bad[b] != 0;
         top = fmaxf(top, partial_v[b]);
     }
-    if (__syncthreads_or(bad)) return;  // sample_token reports it; the pool is not read
+    if (__syncthreads_or(bad)) return false;
     top = warp_max(top);
     if ((threadIdx.x & 31) == 0) smax[threadIdx.x >> 5] = top;
-    if (threadIdx.x == 0) n_local = 0;
     __syncthreads();
     top = smax[0];
     for (int w = 1; w < (int)(blockDim.x >> 5); ++w) top = fmaxf(top, smax[w]);
-    const float floor_v = top - POOL_CUTOFF * fmaxf(temperature, 1.0f);
+    *top_out = top;
+    return true;
+}
 
-    // the slice's qualifying tokens -> shared memory (one shared atomic per warp and step)
-    const int start = blockIdx.x * slice, end = min(start + slice, vocab);
+// The slice's logits >= floor_v -> the global pool: gathered in shared memory (one shared atomic per warp and
+// step), then one atomicAdd per block on *count (which counts every token, stored or not); stored while the
+// slot < POOL_CAP.
+__device__ void append_to_pool(const float* __restrict__ logits, int start, int end, float floor_v,
+                               float* __restrict__ pool_v, int* __restrict__ pool_i, int* __restrict__ count) {
+    __shared__ float local_v[POOL_CAP];
+    __shared__ int local_i[POOL_CAP];
+    __shared__ int n_local;
+    __shared__ int base;
+    if (threadIdx.x == 0) n_local = 0;
+    __syncthreads();
     const int lane = threadIdx.x & 31;
     for (int i0 = start; i0 < end; i0 += blockDim.x) {  // uniform trip count: every lane reaches the ballot
         const int i = i0 + threadIdx.x;
@@ -203,13 +225,73 @@ extern "C" __global__ void sample_pool(const float* __restrict__ logits, int voc
     __syncthreads();
     const int n = n_local;
     if (n == 0) return;
-    if (threadIdx.x == 0) base = atomicAdd(pool_count, n);  // counts every token, stored or not
+    if (threadIdx.x == 0) base = atomicAdd(count, n);
     __syncthreads();
     const int stored = min(n, POOL_CAP);
     for (int j = threadIdx.x; j < stored && base + j < POOL_CAP; j += blockDim.x) {
         pool_v[base + j] = local_v[j];
         pool_i[base + j] = local_i[j];
     }
+}
+
+// G blocks (the scan's grid and slice; blockDim a multiple of 32): the top value from the partials, then the
+// slice's tokens within the cutoff of it -> the global pool (counts[POOL]); and the slice's counts of the
+// tokens within RUNG[r] of the top -> counts[RUNGS + r], for sample_narrow
+extern "C" __global__ void sample_pool(const float* __restrict__ logits, int vocab, int slice, float temperature,
+                                       const float* __restrict__ partial_v, const int* __restrict__ partial_bad,
+                                       float* __restrict__ pool_v, int* __restrict__ pool_i,
+                                       int* __restrict__ pool_count) {
+    __shared__ float smax[32];
+    __shared__ int rung_count[N_RUNGS];
+    float top;
+    if (!top_of_partials(partial_v, partial_bad, gridDim.x, &top, smax)) return;  // sample_token reports it
+    const int start = blockIdx.x * slice, end = min(start + slice, vocab);
+    append_to_pool(logits, start, end, top - POOL_CUTOFF * fmaxf(temperature, 1.0f), pool_v, pool_i,
+                   &pool_count[POOL]);
+
+    // the rungs' counts (read by sample_narrow only when the pool overflowed)
+    float threshold[N_RUNGS];
+    int n[N_RUNGS];
+#pragma unroll
+    for (int r = 0; r < N_RUNGS; ++r) { threshold[r] = rung_floor(top, r); n[r] = 0; }
+    if (threadIdx.x < N_RUNGS) rung_count[threadIdx.x] = 0;
+    __syncthreads();
+    for (int i = start + threadIdx.x; i < end; i += blockDim.x) {
+        const float v = logits[i];
+#pragma unroll
+        for (int r = 0; r < N_RUNGS; ++r) n[r] += v >= threshold[r];
+    }
+#pragma unroll
+    for (int r = 0; r < N_RUNGS; ++r) {
+        int c = n[r];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
+        if ((threadIdx.x & 31) == 0 && c) atomicAdd(&rung_count[r], c);
+    }
+    __syncthreads();
+    if (threadIdx.x < N_RUNGS && rung_count[threadIdx.x]) atomicAdd(&pool_count[RUNGS + threadIdx.x],
+                                                                     rung_count[threadIdx.x]);
+}
+
+// G blocks (the scan's grid and slice), temperature > 0 only. When the pool overflowed (more than POOL_CAP
+// tokens within the cutoff: the usual case for a language model's logits), the loosest rung holding at most
+// POOL_CAP tokens, if it holds at least top_k, refills the pool (counts[NARROW]): every token >= a threshold
+// is in it, so it holds the exact top_k of the whole vocabulary, the candidates the whole-vocabulary rounds
+// would find. No such rung (counts jump past POOL_CAP between rungs, or fewer than top_k tie at the top):
+// counts[NARROW] stays 0 and sample_token runs the whole-vocabulary rounds.
+extern "C" __global__ void sample_narrow(const float* __restrict__ logits, int vocab, int slice, int top_k,
+                                         const float* __restrict__ partial_v, const int* __restrict__ partial_bad,
+                                         float* __restrict__ pool_v, int* __restrict__ pool_i,
+                                         int* __restrict__ pool_count) {
+    __shared__ float smax[32];
+    if (pool_count[POOL] <= POOL_CAP) return;  // the pool holds every token that matters (or non-finite logits)
+    int rung = 0;
+    while (rung < N_RUNGS && pool_count[RUNGS + rung] > POOL_CAP) ++rung;
+    if (rung == N_RUNGS || pool_count[RUNGS + rung] < top_k) return;
+    float top;
+    if (!top_of_partials(partial_v, partial_bad, gridDim.x, &top, smax)) return;
+    const int start = blockIdx.x * slice, end = min(start + slice, vocab);
+    append_to_pool(logits, start, end, rung_floor(top, rung), pool_v, pool_i, &pool_count[NARROW]);
 }
 
 // 1 block of SAMPLE_THREADS: the token from the partials (greedy) or the pool (stochastic)
@@ -241,11 +323,13 @@ extern "C" __global__ void sample_token(const float* __restrict__ logits, int vo
     } else {
         __shared__ float shared_v[POOL_CAP];
         __shared__ int shared_i[POOL_CAP];
-        const int n_pool = *pool_count;
-        const bool pooled = n_pool <= POOL_CAP;  // else (a very flat distribution) scan the whole vocabulary
+        const int n_pool = pool_count[POOL];
+        const bool pooled = n_pool <= POOL_CAP;
         const int k = min(top_k, pooled ? n_pool : vocab);
-        if (pooled) {  // the rounds on one warp (<= 32 items a lane, no block barrier per round)
-            for (int j = threadIdx.x; j < n_pool; j += blockDim.x) {
+        // the pool, or sample_narrow's (>= k tokens, every one above a threshold); 0: the whole vocabulary
+        const int n_src = pooled ? n_pool : pool_count[NARROW];
+        if (n_src > 0) {  // the rounds on one warp (<= 32 items a lane, no block barrier per round)
+            for (int j = threadIdx.x; j < n_src; j += blockDim.x) {
                 shared_v[j] = pool_v[j];
                 shared_i[j] = pool_i[j];
             }
@@ -254,7 +338,7 @@ extern "C" __global__ void sample_token(const float* __restrict__ logits, int vo
                 float v = 0.0f;
                 int i = 0;
                 for (int r = 0; r < k; ++r) {
-                    warp_best(shared_v, shared_i, n_pool, r == 0, v, i, v, i);
+                    warp_best(shared_v, shared_i, n_src, r == 0, v, i, v, i);
                     if (threadIdx.x == 0) { cand_v[r] = v; cand_i[r] = i; }
                 }
             }

@@ -571,7 +571,8 @@ def test_device_stochastic_split_distribution_and_pool(cuda, vocab):
 @pytest.mark.parametrize("extra", [0, 1], ids=["pool-full", "pool-overflow"])
 def test_device_pool_at_capacity(cuda, extra):
     """POOL_CAP tokens near the top fill the pool exactly (all stored, the rounds run over it); one more overflows
-    it (the counter says so, the rounds scan the whole vocabulary); both draw only among the exact top 256."""
+    it (the counter says so; sample_narrow refills it with the ~820 tokens within 4 of the top, its loosest rung
+    under POOL_CAP); both draw only among the exact top 256."""
     from engine.backends.cuda.sampling import MAX_TOP_K, POOL_CAP, DeviceSampler
 
     cp = cuda.cp
@@ -595,12 +596,17 @@ def test_device_pool_at_capacity(cuda, extra):
     assert int(sampler.pool_count.get()[0]) == n
     if n <= POOL_CAP:
         assert sorted(sampler.pool_i.get().tolist()) == near.tolist()
+    else:
+        narrow = np.flatnonzero(logits >= logits.max() - np.float32(4.0))
+        assert MAX_TOP_K <= len(narrow) <= POOL_CAP
+        assert int(sampler.pool_count.get()[1]) == len(narrow)
+        assert sorted(sampler.pool_i.get()[:len(narrow)].tolist()) == narrow.tolist()
 
 
 @pytest.mark.parametrize("vocab", [32000, 152064])
 def test_device_top_k_on_flat_logits_across_scan_blocks(cuda, vocab):
-    """Every token near the top (the pool overflows): the whole-vocabulary rounds pick the exact top-k, ties by the
-    lowest id (all-equal logits: ids 0..k-1)."""
+    """Every token near the top (the pool overflows) and no rung of sample_narrow between top_k and POOL_CAP tokens:
+    the whole-vocabulary rounds pick the exact top-k, ties by the lowest id (all-equal logits: ids 0..k-1)."""
     from engine.backends.cuda.sampling import POOL_CAP, DeviceSampler
 
     cp = cuda.cp
@@ -616,7 +622,44 @@ def test_device_top_k_on_flat_logits_across_scan_blocks(cuda, vocab):
             sampler.launch(device_logits, position, advance=False)
             draws.add(int(sampler.token.get()[0]))
         assert int(sampler.pool_count.get()[0]) == vocab > POOL_CAP
+        assert int(sampler.pool_count.get()[1]) == 0  # no rung holds between 7 and POOL_CAP tokens
         assert draws <= top and len(draws) >= 5
+
+
+@pytest.mark.parametrize("vocab", [32000, 152064])
+def test_device_narrowed_pool_for_spread_logits(cuda, vocab):
+    """A language model's spread of logits (N(0, 2.5): every token within the cutoff, the pool overflows):
+    sample_pool counts the tokens within each rung of the top, sample_narrow refills the pool with those of the
+    loosest rung holding <= POOL_CAP (and >= top_k) tokens, and the rounds over it draw among the exact top-k."""
+    from engine.backends.cuda.sampling import N_RUNGS, POOL_CAP, DeviceSampler
+
+    cp = cuda.cp
+    rng = np.random.default_rng(vocab)
+    logits = (rng.standard_normal(vocab) * 2.5).astype(np.float32)
+    params = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, seed=9)
+    ids, probs = host_candidates(logits.astype(np.float64), params)
+    sampler = DeviceSampler(cp, params, [])
+    position = cp.zeros(1, dtype=cp.int32)
+    device_logits = cp.asarray(logits[None])
+    draws = []
+    for _ in range(1000):
+        sampler.launch(device_logits, position, advance=False)
+        draws.append(int(sampler.token.get()[0]))
+    counts = sampler.pool_count.get()
+    top = logits.max()
+    rungs = np.array([16.0, 11.0, 8.0, 5.5, 4.0, 2.75, 2.0, 1.375, 1.0, 0.5, 0.25, 0.0], np.float32)
+    assert len(rungs) == N_RUNGS
+    floors = top - rungs  # fp32, as the kernels compute them
+    expected = np.array([(logits >= f).sum() for f in floors])
+    assert counts[0] == vocab and np.array_equal(counts[2:], expected)
+    rung = int(np.argmax(expected <= POOL_CAP))
+    assert params.top_k <= expected[rung] <= POOL_CAP  # this spread has a rung that fits
+    assert counts[1] == expected[rung]
+    assert sorted(sampler.pool_i.get()[:counts[1]].tolist()) == np.flatnonzero(logits >= floors[rung]).tolist()
+    draws = np.array(draws)
+    assert set(draws.tolist()) <= set(ids.tolist())
+    freq = np.array([(draws == i).mean() for i in ids])
+    assert np.abs(freq - probs).max() < 0.06
 
 
 def test_device_sampler_replays_in_a_cuda_graph(cuda):

@@ -39,6 +39,7 @@ def test_kernel_constants_agree_with_the_host():
     assert int(defined["POOL_CAP"]) == POOL_CAP
     assert int(defined["MAX_TOP_K"]) == sampling.MAX_TOP_K
     assert int(defined["SAMPLE_THREADS"]) == sampling.SAMPLE_THREADS
+    assert int(defined["N_RUNGS"]) == sampling.N_RUNGS
 
 
 # --- launches against the kernels' parameters ------------------------------------------------------------------
@@ -77,7 +78,7 @@ class Launches:
                                     SamplingParams(temperature=0.8, top_k=40, repeat_penalty=1.1)],
                          ids=["greedy", "greedy+penalty", "stochastic"])
 def test_device_sampler_launches_match_the_kernel_parameters(monkeypatch, vocab, params):
-    """Greedy launches sample_scan then sample_token, stochastic scan, pool, token; each argument has its
+    """Greedy launches sample_scan then sample_token, stochastic scan, pool, narrow, token; each argument has its
     parameter's PTX kind, and every argument named like a sampler array (partials, pool, ring, counter...) is
     that array: a swapped pair of pointers fails here, not on a GPU."""
     launches = Launches()
@@ -87,7 +88,7 @@ def test_device_sampler_launches_match_the_kernel_parameters(monkeypatch, vocab,
     sampler.launch(logits, position, advance=True)
     names = [r.name for r, _ in launches.calls]
     assert names == (["sample_scan", "sample_token"] if params.greedy else
-                     ["sample_scan", "sample_pool", "sample_token"])
+                     ["sample_scan", "sample_pool", "sample_narrow", "sample_token"])
     blocks, size = partition(vocab)
     arrays = {"logits": logits, "pos": position, "token_out": sampler.token, "counter": sampler.counter,
               "ring": sampler.ring, "ring_count": sampler.ring_count, "partial_v": sampler.partial_v,

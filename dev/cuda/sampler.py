@@ -11,8 +11,9 @@ Then timing: 40 launches captured in a CUDA graph (as the decode step captures i
 per launch, in us; ratio = old / new.
 Modes: greedy (what `engine bench` uses); greedy with a repetition penalty over 64 tokens; stochastic T=0.8 top-k 40
 top-p 0.95 min-p 0.05 (penalty 1.1) on "peaked" logits (40 tokens within 30 of the top: the pool path) and on
-"spread" logits (N(0, 2.5): every token within 30 of the top, the pool overflows and sample_token runs the
-whole-vocabulary rounds on one block, as the old kernel did).
+"spread" logits (N(0, 2.5), a language model's spread: every token within 30 of the top, the pool overflows;
+sample_narrow refills it with the tokens above a tighter threshold that still holds the top 40, where the old
+kernel ran 40 rounds over the whole vocabulary on one block).
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@
 workspace of the split (the G blocks' partials, the candidate pool and its counter), all allocated once
 so that ``launch`` allocates nothing and reads nothing back (a CUDA graph captures it as it is).
 A launch is ``sample_scan`` on G blocks (penalty, non-finite flag, each slice's best), for temperature > 0
-``sample_pool`` on G blocks (the tokens near the top into the pool), then ``sample_token`` on one block
-(``partition`` picks G and the slice each block owns). Greedy always runs on the device; stochastic sampling
+``sample_pool`` on G blocks (the tokens near the top into the pool) and ``sample_narrow`` on G blocks (when
+the pool overflowed: the tokens above a tighter threshold that still holds the top_k), then ``sample_token``
+on one block (``partition`` picks G and the slice each block owns). Greedy always runs on the device; stochastic sampling
 does when 1 <= top_k <= MAX_TOP_K (the candidates are found by top_k rounds of a block argmax). Otherwise
 ``device_supported`` is False and the caller samples on the host.
 """
@@ -26,6 +27,8 @@ SAMPLE_THREADS = 1024  # sample_token's one block
 SCAN_THREADS = 256  # sample_scan's and sample_pool's blocks
 SLICE = 1024  # logits a scan block owns (at most), until MAX_BLOCKS blocks cover the vocabulary
 MAX_BLOCKS = 1024  # partials in the workspace
+N_RUNGS = 12  # kernels/sampling.cu N_RUNGS (sample_narrow's thresholds)
+POOL_COUNTS = 2 + N_RUNGS  # pool_count: the pool's count, sample_narrow's, the rungs'
 
 
 def device_supported(params: SamplingParams) -> bool:
@@ -61,7 +64,7 @@ class DeviceSampler:
         self.partial_bad = cp.zeros(MAX_BLOCKS, dtype=cp.int32)
         self.pool_v = cp.zeros(POOL_CAP, dtype=cp.float32)
         self.pool_i = cp.zeros(POOL_CAP, dtype=cp.int32)
-        self.pool_count = cp.zeros(1, dtype=cp.int32)  # reset by sample_scan, on the device
+        self.pool_count = cp.zeros(POOL_COUNTS, dtype=cp.int32)  # reset by sample_scan, on the device
 
     def launch(self, logits, position, advance: bool) -> None:
         """Sample from logits (1, vocab) fp32 (modified in place by the penalty) into self.token;
@@ -79,6 +82,10 @@ class DeviceSampler:
                 (blocks,), (SCAN_THREADS,),
                 (logits, np.int32(vocab), np.int32(size), np.float32(p.temperature), self.partial_v,
                  self.partial_bad, self.pool_v, self.pool_i, self.pool_count))
+            function("sampling", "sample_narrow")(
+                (blocks,), (SCAN_THREADS,),
+                (logits, np.int32(vocab), np.int32(size), np.int32(top_k), self.partial_v, self.partial_bad,
+                 self.pool_v, self.pool_i, self.pool_count))
         function("sampling", "sample_token")(
             (1,), (SAMPLE_THREADS,),
             (logits, np.int32(vocab), self.partial_v, self.partial_i, self.partial_bad, np.int32(blocks),
