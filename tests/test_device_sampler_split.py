@@ -74,7 +74,8 @@ class Launches:
 
 @requires_nvrtc
 @pytest.mark.parametrize("vocab", [7, 2049, 128256])
-@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, repeat_penalty=1.3),
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0),
+                                    SamplingParams(temperature=0.0, repeat_penalty=1.3),
                                     SamplingParams(temperature=0.8, top_k=40, repeat_penalty=1.1)],
                          ids=["greedy", "greedy+penalty", "stochastic"])
 def test_device_sampler_launches_match_the_kernel_parameters(monkeypatch, vocab, params):

@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from engine.backends.cuda import kernels, sampling  # noqa: E402
 
-EMULATION = r"""// A CPU stand-in for the CUDA features sampling.cu uses: each block's threads are std::threads, blocks run one
+EMULATION = r"""
+// A CPU stand-in for the CUDA features sampling.cu uses: each block's threads are std::threads, blocks run one
 // after another (so function-local __shared__ statics are the running block's shared memory).
 #include <atomic>
 #include <barrier>

@@ -2,14 +2,14 @@
 
 ``DeviceSampler`` owns the small device state the kernels need: the ring of the last
 ``repeat_last_n`` tokens (repetition penalty), the random counter, the output token slot, and the
-workspace of the split (the G blocks' partials, the candidate pool and its counter), all allocated once
+workspace of the split (the G blocks' partials, the candidate pool and its counters), all allocated once
 so that ``launch`` allocates nothing and reads nothing back (a CUDA graph captures it as it is).
 A launch is ``sample_scan`` on G blocks (penalty, non-finite flag, each slice's best), for temperature > 0
 ``sample_pool`` on G blocks (the tokens near the top into the pool) and ``sample_narrow`` on G blocks (when
 the pool overflowed: the tokens above a tighter threshold that still holds the top_k), then ``sample_token``
-on one block (``partition`` picks G and the slice each block owns). Greedy always runs on the device; stochastic sampling
-does when 1 <= top_k <= MAX_TOP_K (the candidates are found by top_k rounds of a block argmax). Otherwise
-``device_supported`` is False and the caller samples on the host.
+on one block (``partition`` picks G and the slice each block owns). Greedy always runs on the device;
+stochastic sampling does when 1 <= top_k <= MAX_TOP_K (the candidates are found by top_k rounds of an
+argmax). Otherwise ``device_supported`` is False and the caller samples on the host.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ MAX_TOP_K = 256  # kernels/sampling.cu MAX_TOP_K
 POOL_CAP = 1024  # kernels/sampling.cu POOL_CAP
 NON_FINITE = -1  # the token the kernel writes for logits holding a NaN or an infinity
 SAMPLE_THREADS = 1024  # sample_token's one block
-SCAN_THREADS = 256  # sample_scan's and sample_pool's blocks
+SCAN_THREADS = 256  # the blocks of sample_scan, sample_pool and sample_narrow
 SLICE = 1024  # logits a scan block owns (at most), until MAX_BLOCKS blocks cover the vocabulary
 MAX_BLOCKS = 1024  # partials in the workspace
 N_RUNGS = 12  # kernels/sampling.cu N_RUNGS (sample_narrow's thresholds)
