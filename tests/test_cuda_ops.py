@@ -407,6 +407,340 @@ def test_device_top_k_on_a_flat_distribution_scans_the_whole_vocabulary(cuda, rn
     assert draws <= top and len(draws) >= 5
 
 
+# --- the device sampler's split (sample_scan / sample_pool on G blocks, sample_token on one) ------------------------
+SPLIT_VOCABS = (1, 7, 2047, 2048, 2049, 32000, 128256, 152064)
+TOP1 = SamplingParams(temperature=1.0, top_k=1, top_p=1.0, min_p=0.0, seed=2)  # stochastic, yet the argmax
+
+
+def penalised_f32(logits: np.ndarray, history, penalty: float, last_n: int) -> np.ndarray:
+    """apply_repeat_penalty in the kernel's fp32 arithmetic (each distinct token of the last last_n once)."""
+    out = logits.copy()
+    recent = np.unique(np.asarray(list(history)[-last_n:], dtype=np.int64))
+    vals = out[recent]
+    out[recent] = np.where(vals > 0, vals / np.float32(penalty), vals * np.float32(penalty))
+    return out
+
+
+def sampler_state(sampler, position) -> dict:
+    return {"ring": sampler.ring.get(), "ring_count": sampler.ring_count.get(), "counter": sampler.counter.get(),
+            "position": position.get()}
+
+
+def slice_starts(vocab: int) -> np.ndarray:
+    from engine.backends.cuda.sampling import partition
+
+    blocks, size = partition(vocab)
+    return np.arange(blocks) * size
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0), TOP1], ids=["greedy", "top1"])
+@pytest.mark.parametrize("vocab", SPLIT_VOCABS)
+def test_device_argmax_across_scan_blocks(cuda, vocab, params):
+    """The best (value, id) of the G partials is np.argmax: ties across slice boundaries go to the lowest id, the
+    max may sit in the last (partial) slice, all-equal logits give id 0 (-0.0 == +0.0). With top_k 1 the same
+    through sample_pool (or, past POOL_CAP tokens near the top, the whole-vocabulary rounds)."""
+    from engine.backends.cuda.sampling import DeviceSampler
+
+    cp = cuda.cp
+    rng = np.random.default_rng(vocab)
+    starts = slice_starts(vocab)
+    base = rng.integers(-2, 3, vocab).astype(np.float32)
+    cases = {"random": rng.standard_normal(vocab).astype(np.float32)}
+    cases["ties on both sides of every boundary"] = base.copy()
+    cases["ties on both sides of every boundary"][np.concatenate([starts[1:], starts[1:] - 1, [vocab - 1]])] = 5.0
+    cases["ties at later slice starts"] = base.copy()
+    cases["ties at later slice starts"][np.concatenate([starts[len(starts) // 2:], [vocab - 1]])] = 5.0
+    cases["max in the last slice"] = base.copy()
+    cases["max in the last slice"][vocab - 1] = 5.0
+    cases["all equal, signed zeros"] = np.where(np.arange(vocab) % 2 == 0, -0.0, 0.0).astype(np.float32)
+    cases["huge negative"] = np.full(vocab, -3.0e38, np.float32)
+    cases["huge negative"][rng.integers(vocab)] = -2.9e38
+    for name, logits in cases.items():
+        sampler = DeviceSampler(cp, params, [])
+        position = cp.zeros(1, dtype=cp.int32)
+        sampler.launch(cp.asarray(logits[None]), position, advance=True)
+        assert int(sampler.token.get()[0]) == int(np.argmax(logits)), name
+        assert int(position.get()[0]) == 1, name
+
+
+@pytest.mark.parametrize("penalty", [1.5, 0.75])
+@pytest.mark.parametrize("vocab", SPLIT_VOCABS)
+def test_device_repeat_penalty_across_scan_blocks(cuda, vocab, penalty):
+    """Each scan block penalises the ring tokens of its own slice: tokens at every slice edge and duplicates (the
+    best token three times) are penalised exactly once (the device logits equal the fp32 model bit for bit),
+    and the ring takes the chosen token."""
+    from engine.backends.cuda.sampling import DeviceSampler, partition
+
+    cp = cuda.cp
+    rng = np.random.default_rng(vocab + int(penalty * 4))
+    blocks, size = partition(vocab)
+    starts = slice_starts(vocab)
+    edges = sorted({0, vocab - 1} | set(starts.tolist()) | set((np.minimum(starts + size, vocab) - 1).tolist()))
+    for trial in range(3):
+        logits = (rng.standard_normal(vocab) * 3).astype(np.float32)
+        best = int(np.argmax(logits))
+        history = [int(t) for t in rng.integers(0, vocab, 10)] + edges + [best] * 3 + edges[:5]
+        params = SamplingParams(temperature=0.0, repeat_penalty=penalty, repeat_last_n=len(history))
+        sampler = DeviceSampler(cp, params, history)
+        position = cp.zeros(1, dtype=cp.int32)
+        device_logits = cp.asarray(logits[None])
+        sampler.launch(device_logits, position, advance=True)
+        ref = penalised_f32(logits, history, penalty, len(history))
+        assert np.array_equal(device_logits.get()[0], ref), trial
+        token = int(sampler.token.get()[0])
+        assert token == int(np.argmax(ref))
+        assert int(sampler.ring_count.get()[0]) == len(history) + 1
+        assert sampler.ring.get().tolist() == [token] + history[1:]  # slot len(history) % ring_size == 0
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0, repeat_penalty=1.3, repeat_last_n=8),
+                                    SamplingParams(temperature=0.8, top_k=40, repeat_penalty=1.3, repeat_last_n=8,
+                                                   seed=1)], ids=["greedy", "stochastic"])
+@pytest.mark.parametrize("vocab", [2049, 128256])
+def test_device_sampler_non_finite_logit_in_any_block(cuda, vocab, params):
+    """A NaN or an infinity in the first, an edge, the middle or the last slice: token NON_FINITE, and the ring, its
+    count, the random counter and the position stay as they were; the next finite logits sample normally (the
+    partials' flags are rewritten by every scan)."""
+    from engine.backends.cuda.sampling import NON_FINITE, DeviceSampler, partition
+
+    cp = cuda.cp
+    rng = np.random.default_rng(vocab)
+    blocks, size = partition(vocab)
+    places = {"first": 0, "end of slice 0": size - 1, "middle": (blocks // 2) * size + size // 3, "last": vocab - 1}
+    sampler = DeviceSampler(cp, params, [1, 2, 3, vocab - 1])
+    position = cp.asarray(np.array([5], dtype=np.int32))
+    sampler.launch(cp.asarray(rng.standard_normal((1, vocab)).astype(np.float32)), position, advance=True)
+    for bad in (np.nan, np.inf, -np.inf):
+        for where, i in places.items():
+            before = sampler_state(sampler, position)
+            logits = rng.standard_normal(vocab).astype(np.float32)
+            logits[i] = bad
+            sampler.launch(cp.asarray(logits[None]), position, advance=True)
+            assert int(sampler.token.get()[0]) == NON_FINITE, (bad, where)
+            after = sampler_state(sampler, position)
+            for key in before:
+                assert np.array_equal(before[key], after[key]), (bad, where, key)
+            good = (rng.standard_normal(vocab) * 8).astype(np.float32)
+            sampler.launch(cp.asarray(good[None]), position, advance=True)
+            token = int(sampler.token.get()[0])
+            assert 0 <= token < vocab
+            assert int(position.get()[0]) == int(before["position"][0]) + 1
+            if params.greedy:
+                filled = min(int(before["ring_count"][0]), 8)
+                assert token == int(np.argmax(penalised_f32(good, before["ring"][:filled].tolist(), 1.3, filled)))
+
+
+@pytest.mark.parametrize("vocab", [32000, 152064])
+def test_device_stochastic_split_distribution_and_pool(cuda, vocab):
+    """Peaked logits (30 tokens near the top, at random places and slice edges, the rest 60 below): sample_pool
+    holds exactly those 30, the draws follow the host chain's probabilities, and the same seed draws the same."""
+    from engine.backends.cuda.sampling import DeviceSampler
+
+    cp = cuda.cp
+    rng = np.random.default_rng(vocab)
+    starts = slice_starts(vocab)
+    logits = (rng.standard_normal(vocab) * 2.0 - 60.0).astype(np.float32)
+    near = np.unique(np.concatenate([[0, vocab - 1, starts[-1], starts[len(starts) // 2] - 1],
+                                     rng.choice(vocab, 26, replace=False)]))
+    logits[near] = (rng.standard_normal(len(near)) * 1.5).astype(np.float32)
+    params = SamplingParams(temperature=0.7, top_k=12, top_p=0.9, min_p=0.05, seed=11)
+    ids, probs = host_candidates(logits.astype(np.float64), params)
+    sampler = DeviceSampler(cp, params, [])
+    position = cp.zeros(1, dtype=cp.int32)
+    device_logits = cp.asarray(logits[None])
+    draws = []
+    for _ in range(3000):
+        sampler.launch(device_logits, position, advance=False)
+        draws.append(int(sampler.token.get()[0]))
+    n_pool = int(sampler.pool_count.get()[0])
+    assert n_pool == len(near)
+    assert sorted(sampler.pool_i.get()[:n_pool].tolist()) == near.tolist()
+    pool_i = sampler.pool_i.get()[:n_pool]
+    assert np.array_equal(sampler.pool_v.get()[:n_pool], logits[pool_i])
+    draws = np.array(draws)
+    assert set(draws.tolist()) <= set(ids.tolist())
+    freq = np.array([(draws == i).mean() for i in ids])
+    assert np.abs(freq - probs).max() < 0.035
+    again = DeviceSampler(cp, params, [])
+    for step in range(50):
+        again.launch(device_logits, position, advance=False)
+        assert int(again.token.get()[0]) == draws[step], step
+    assert int(sampler.counter.get()[0]) == 3000
+
+
+@pytest.mark.parametrize("extra", [0, 1], ids=["pool-full", "pool-overflow"])
+def test_device_pool_at_capacity(cuda, extra):
+    """POOL_CAP tokens near the top fill the pool exactly (all stored, the rounds run over it); one more overflows
+    it (the counter says so; sample_narrow refills it with the ~820 tokens within 4 of the top, its loosest rung
+    under POOL_CAP); both draw only among the exact top 256."""
+    from engine.backends.cuda.sampling import MAX_TOP_K, POOL_CAP, DeviceSampler
+
+    cp = cuda.cp
+    vocab = 128256
+    rng = np.random.default_rng(extra)
+    n = POOL_CAP + extra
+    near = np.unique(np.concatenate([[0, vocab - 1], rng.choice(np.arange(1, vocab - 1), n - 2, replace=False)]))
+    assert len(near) == n
+    logits = np.full(vocab, -100.0, np.float32)
+    logits[near] = rng.uniform(-5.0, 0.0, n).astype(np.float32)
+    top = set(np.argsort(-logits, kind="stable")[:MAX_TOP_K].tolist())
+    params = SamplingParams(temperature=1.0, top_k=MAX_TOP_K, top_p=1.0, min_p=0.0, seed=3)
+    sampler = DeviceSampler(cp, params, [])
+    position = cp.zeros(1, dtype=cp.int32)
+    device_logits = cp.asarray(logits[None])
+    draws = set()
+    for _ in range(400):
+        sampler.launch(device_logits, position, advance=False)
+        draws.add(int(sampler.token.get()[0]))
+    assert draws <= top and len(draws) >= 100
+    assert int(sampler.pool_count.get()[0]) == n
+    if n <= POOL_CAP:
+        assert sorted(sampler.pool_i.get().tolist()) == near.tolist()
+    else:
+        narrow = np.flatnonzero(logits >= logits.max() - np.float32(4.0))
+        assert MAX_TOP_K <= len(narrow) <= POOL_CAP
+        assert int(sampler.pool_count.get()[1]) == len(narrow)
+        assert sorted(sampler.pool_i.get()[:len(narrow)].tolist()) == narrow.tolist()
+
+
+@pytest.mark.parametrize("vocab", [32000, 152064])
+def test_device_top_k_on_flat_logits_across_scan_blocks(cuda, vocab):
+    """Every token near the top (the pool overflows) and no rung of sample_narrow between top_k and POOL_CAP tokens:
+    the whole-vocabulary rounds pick the exact top-k, ties by the lowest id (all-equal logits: ids 0..k-1)."""
+    from engine.backends.cuda.sampling import POOL_CAP, DeviceSampler
+
+    cp = cuda.cp
+    rng = np.random.default_rng(vocab)
+    params = SamplingParams(temperature=1.5, top_k=7, top_p=1.0, min_p=0.0, seed=5)
+    for logits in (rng.uniform(0.0, 1.0, vocab).astype(np.float32), np.full(vocab, 0.5, np.float32)):
+        sampler = DeviceSampler(cp, params, [])
+        position = cp.zeros(1, dtype=cp.int32)
+        device_logits = cp.asarray(logits[None])
+        top = set(np.argsort(-logits, kind="stable")[:7].tolist())
+        draws = set()
+        for _ in range(200):
+            sampler.launch(device_logits, position, advance=False)
+            draws.add(int(sampler.token.get()[0]))
+        assert int(sampler.pool_count.get()[0]) == vocab > POOL_CAP
+        assert int(sampler.pool_count.get()[1]) == 0  # no rung holds between 7 and POOL_CAP tokens
+        assert draws <= top and len(draws) >= 5
+
+
+@pytest.mark.parametrize("vocab", [32000, 152064])
+def test_device_narrowed_pool_for_spread_logits(cuda, vocab):
+    """A language model's spread of logits (N(0, 2.5): every token within the cutoff, the pool overflows):
+    sample_pool counts the tokens within each rung of the top, sample_narrow refills the pool with those of the
+    loosest rung holding <= POOL_CAP (and >= top_k) tokens, and the rounds over it draw among the exact top-k."""
+    from engine.backends.cuda.sampling import N_RUNGS, POOL_CAP, DeviceSampler
+
+    cp = cuda.cp
+    rng = np.random.default_rng(vocab)
+    logits = (rng.standard_normal(vocab) * 2.5).astype(np.float32)
+    params = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, seed=9)
+    ids, probs = host_candidates(logits.astype(np.float64), params)
+    sampler = DeviceSampler(cp, params, [])
+    position = cp.zeros(1, dtype=cp.int32)
+    device_logits = cp.asarray(logits[None])
+    draws = []
+    for _ in range(1000):
+        sampler.launch(device_logits, position, advance=False)
+        draws.append(int(sampler.token.get()[0]))
+    counts = sampler.pool_count.get()
+    top = logits.max()
+    rungs = np.array([16.0, 11.0, 8.0, 5.5, 4.0, 2.75, 2.0, 1.375, 1.0, 0.5, 0.25, 0.0], np.float32)
+    assert len(rungs) == N_RUNGS
+    floors = top - rungs  # fp32, as the kernels compute them
+    expected = np.array([(logits >= f).sum() for f in floors])
+    assert counts[0] == vocab and np.array_equal(counts[2:], expected)
+    rung = int(np.argmax(expected <= POOL_CAP))
+    assert params.top_k <= expected[rung] <= POOL_CAP  # this spread has a rung that fits
+    assert counts[1] == expected[rung]
+    assert sorted(sampler.pool_i.get()[:counts[1]].tolist()) == np.flatnonzero(logits >= floors[rung]).tolist()
+    draws = np.array(draws)
+    assert set(draws.tolist()) <= set(ids.tolist())
+    freq = np.array([(draws == i).mean() for i in ids])
+    assert np.abs(freq - probs).max() < 0.06
+
+
+def test_device_sampler_replays_in_a_cuda_graph(cuda):
+    """sample_scan / sample_pool / sample_token captured once (as graph.py captures the decode step) and replayed:
+    the argmax follows logits that change between replays, the position advances, stochastic draws are fresh at
+    every replay (the counter lives on the device) and the pool counter is reset on the device each time."""
+    from engine.backends.cuda.sampling import DeviceSampler, partition
+
+    cp = cuda.cp
+    vocab = 128256
+    rng = np.random.default_rng(0)
+    _, size = partition(vocab)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        logits = cp.zeros((1, vocab), dtype=cp.float32)
+        position = cp.zeros(1, dtype=cp.int32)
+        greedy = DeviceSampler(cp, SamplingParams(temperature=0.0), [])
+        greedy.launch(logits, position, advance=True)  # compiles outside the capture
+        stream.synchronize()
+        stream.begin_capture()
+        greedy.launch(logits, position, advance=True)
+        graph = stream.end_capture()
+        for r, best in enumerate([vocab - 1, 0, 3 * size, 3 * size - 1, 70001]):
+            host = rng.standard_normal(vocab).astype(np.float32)
+            host[best] = 10.0
+            logits[...] = cp.asarray(host[None])
+            graph.launch(stream)
+            stream.synchronize()
+            assert int(greedy.token.get()[0]) == best, r
+            assert int(position.get()[0]) == r + 2
+
+        a, b, c = 5, vocab - 7, 2 * size + 3  # in different slices
+        host = (rng.standard_normal(vocab) - 60.0).astype(np.float32)
+        host[[a, b]] = 0.0
+        logits[...] = cp.asarray(host[None])
+        params = SamplingParams(temperature=1.0, top_k=2, top_p=1.0, min_p=0.0, seed=4)
+        sampler = DeviceSampler(cp, params, [])
+        sampler.launch(logits, position, advance=False)
+        stream.synchronize()
+        stream.begin_capture()
+        sampler.launch(logits, position, advance=False)
+        graph = stream.end_capture()
+        draws = []
+        for _ in range(200):
+            graph.launch(stream)
+            stream.synchronize()
+            draws.append(int(sampler.token.get()[0]))
+        assert set(draws) == {a, b} and 60 <= draws.count(a) <= 140
+        assert int(sampler.counter.get()[0]) == 201
+        assert int(sampler.pool_count.get()[0]) == 2
+        host[c] = 50.0
+        logits[...] = cp.asarray(host[None])
+        graph.launch(stream)
+        stream.synchronize()
+        assert int(sampler.token.get()[0]) == c
+        assert int(sampler.pool_count.get()[0]) == 1
+
+
+def dev_sampler_script():
+    """dev/cuda/sampler.py (it keeps the previous single-block kernel, OLD_SOURCE, and compares against it)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "dev" / "cuda" / "sampler.py"
+    spec = importlib.util.spec_from_file_location("dev_cuda_sampler", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("mode", ["greedy", "greedy/penalty", "stoch/peaked", "stoch/spread", "flat"])
+@pytest.mark.parametrize("vocab", [7, 2049, 32000, 152064])
+def test_device_sampler_matches_the_single_block_kernel(cuda, vocab, mode):
+    """Step by step on fresh logits, with a repetition penalty: the split's tokens, penalised logits, ring, ring
+    count, counter and position are identical to the previous one-block kernel's (same seed and counter)."""
+    dev = dev_sampler_script()
+    params, shape = dev.MODES[mode] if mode in dev.MODES else (
+        SamplingParams(temperature=1.5, top_k=7, top_p=1.0, min_p=0.0, repeat_penalty=1.2, seed=5), "flat")
+    assert dev.compare(cuda.cp, vocab, params, shape, steps=25, seed=vocab) == []
+
+
 def test_kv_cache_beyond_gpu_memory_is_a_clear_error(cuda):
     from engine.errors import DeviceError
 

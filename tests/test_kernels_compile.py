@@ -22,7 +22,7 @@ PER_TYPE = {"gemv": (gemv.INSTANCE_MACRO, ("gemv", "gemv_add", "qkv", "gateup", 
 EXPECTED_ENTRIES = {
     "elementwise": {"rmsnorm", "add_residual", "add_bias", "swiglu", "store_kv", "quantize_input"},
     "attention": {"attn_partial_1", "attn_partial_2", "attn_partial_4"},
-    "sampling": {"sample_token"},
+    "sampling": {"sample_scan", "sample_pool", "sample_narrow", "sample_token"},
     "kv_q8": {"store_kv_q8", "dequant_kv_q8"},
 }
 
