@@ -67,7 +67,8 @@ class FusedBlocks:
         int8_input = c.d_model % 32 == 0
         stage_of = {i: s for s, stage in enumerate(model.stages) for i in stage.layers}
         self.normed_qkv = [i > 0 and self.fused_attention[i] and self.fused_mlp[i - 1]
-                           and stage_of[i - 1] == stage_of[i] and l.attn_q.ggml_type in gemv.INT8_TYPES and int8_input for i, l in enumerate(layers)]
+                           and stage_of[i - 1] == stage_of[i] and l.attn_q.ggml_type in gemv.INT8_TYPES
+                           and int8_input for i, l in enumerate(layers)]
         self.normed_gate_up = [self.fused_attention[i] and self.fused_mlp[i] and l.ffn_gate.ggml_type in gemv.INT8_TYPES
                                and int8_input for i, l in enumerate(layers)]
         self.normed_head = (self.fused_head and bool(layers) and self.fused_mlp[-1]
