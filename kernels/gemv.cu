@@ -28,7 +28,9 @@
 //   gemv_T       y[r] = W[r].x (x act_t; y act_t, or fp32 when out_f32)
 //   gemv_add_T   x[r] += act_t(W[r].a) (fp32 residual in place); with a_staged (int8 types), a arrives quantized
 //                by the kernel that produced it (store_q8_block: gateup's or dca_combine's epilogue) and is copied
-//                in (copy_staged) instead of staged: the same values, without the per-block quantization
+//                in (copy_staged) instead of staged: the same values, without the per-block quantization; with
+//                out_staged (prenorm_epilogue; per_block, rows % 32 == 0), then x[r] * next_norm[r] quantized for
+//                the next RMSNorm-fused product and partials[block] = the block's sum of x[r]^2
 //   qkv_T        tasks: Hq*D query rows (act_t out, unrotated) | per KV head, R/2 rotary pairs (two rows,
 //                rotated at the key position, stored in the cache) and D-R pass-through rows | Hkv*D
 //                value rows (stored in the cache); input rmsnorm(x)*w; position read from pos[0]; with
@@ -37,6 +39,12 @@
 //   gateup_T     out[r] = act_t(silu(g) * u), g, u = act_t(Wg[r].h), act_t(Wu[r].h), h = rmsnorm(x)*w; with
 //                out_staged, each block then quantizes its rows of out for the down product (per_block % 32 == 0)
 //   head_T       logits[r] = Wout[r].h (fp32), h = rmsnorm(x)*w
+// Prenormed inputs (qkv, gateup, head; in_staged non-null, int8 types): h's q8 from the gemv_add before them. q8 is
+// scale-invariant (d(s u) = s d(u), q(s u) = q(u)), so that gemv_add quantizes u = x * w without knowing the norm
+// and writes per-block sums of x^2; the consumer sums the n_partials in a fixed order, s = rsqrt(sum / d + eps),
+// and copy_staged's its input with scales and sums times s (stage_normed) instead of rms_scale + stage: no pass
+// over x in every block. The rounding differs from the composed path's q8(act_t(x * inv * w)) where act_t's
+// rounding moves a value across a .5 boundary (gemv.py prenormed_q8 is the numpy model).
 
 #define GEMV_THREADS 256
 // Tasks each warp keeps asked for in L2 ahead of the one it computes. One is fastest: on the H100 (dev/cuda/

@@ -9,10 +9,13 @@
   head              head (final RMSNorm + output GEMV, fp32 logits)
 The arithmetic is the composed blocks' (the one-token GEMVs of both read quantized weights against the
 input quantized to int8 per 32, gemv.py), in the same order, so both give the same logits up to summation
-order; fusing cuts launches (6 per layer, not 16) and, where the output and down projections read int8 input,
-their inputs are quantized once by the kernel that produces them, not again in every block (gemv.py: staged
-inputs; the same values). Activations (query, SwiGLU output, cache rows)
-are in the backend's dtype (gemv.cu's dtype build); Q/K/V biases (qwen2) are added in the qkv kernel's
+order and the prenormed inputs' rounding (below); fusing cuts launches (6 per layer, not 16) and, where the
+output and down projections read int8 input, their inputs are quantized once by the kernel that produces them,
+not again in every block (gemv.py: staged inputs; the same values). The RMSNorm-fused products (qkv after the
+first layer, gate_up, the head) read their int8 input from the gemv_add before them (gemv.py: prenormed inputs):
+x times the norm weight quantized in fp32, not act_t(x * inv * w), so they differ from the composed blocks by that
+rounding (tests/prenorm_emulation.py measures it). Activations (query, SwiGLU output, cache rows) are in the
+backend's dtype (gemv.cu's dtype build); Q/K/V biases (qwen2) are added in the qkv kernel's
 epilogue, rounded as the composed block's add_bias rounds them. A layer whose Q/K/V (or gate/up) are not
 stored in one type, or a weight not kept on the device as a ``DeviceMatrix``, runs the composed block.
 Self-Extend / StreamingLLM: the qkv kernel stores the key through the scheme's key tables and the attention is

@@ -1,11 +1,12 @@
 """Kernel choice and launch geometry of the one-token matrix products (kernels/gemv.cu).
 
     gemv(x, m, dtype)                          y = m @ x (act_t, or fp32 for an output head)
-    gemv_add(a, m, x, dtype, staged)           x += m @ a (fp32 residual, in place); staged: a already quantized
-    qkv(x, norm, eps, wq, wk, wv, biases, ...) rmsnorm + Q/K/V (+ biases) + key rotation + KV-cache store
-    gate_up(x, norm, eps, wg, wu, out, dtype, out_staged)  rmsnorm + silu(gate) * up (+ out quantized)
+    gemv_add(a, m, x, dtype, staged, prenorm)  x += m @ a (fp32 residual, in place); staged: a already quantized;
+                                               prenorm: also the next product's input (below)
+    qkv(x, norm, eps, wq, wk, wv, biases, ..., prenormed)  rmsnorm + Q/K/V (+ biases) + key rotation + cache store
+    gate_up(x, norm, eps, wg, wu, out, dtype, out_staged, prenormed)  rmsnorm + silu(gate) * up (+ out quantized)
     quantize_input(x, staged, dtype)           x quantized as the int8 GEMVs stage it (tests, dev/cuda)
-    head(x, norm, eps, m, logits, dtype)       rmsnorm + output head (fp32 logits)
+    head(x, norm, eps, m, logits, dtype, prenormed)  rmsnorm + output head (fp32 logits)
 
 Arguments are device arrays and ``DeviceMatrix``es; each call is one launch on the current stream
 (capturable in a CUDA graph). Geometry: 256 threads a block, one warp per task (row or row pair);
@@ -24,6 +25,13 @@ store_q8_block: int8 values, then fp32 scales and sums per 32, ``staged_bytes``)
 instead of quantizing per block: the same values (the kernels compute them as stage does), without the
 staging's latency in every block (dev/cuda/NOTES.md v5: the 8B down product 30 -> 20 us). The decode step stages
 the output projection's input in dca_combine and the down projection's in gate_up.
+
+Prenormed inputs (NOTES.md v7). The RMSNorm-fused products' input rmsnorm(x) * w needs the whole residual's norm,
+known only once the gemv_add writing x has finished; but q8 is scale-invariant, so that gemv_add (``Prenorm``)
+quantizes u = x * w (fp32, w the next norm's weight) in its epilogue and writes each block's sum of x^2, and the
+consumer (``Prenormed``) scales the block scales and sums by rsqrt(sum / d + eps). The int8 values are those of the
+composed path's act_t(x * inv * w) but where act_t's rounding crosses a .5 boundary (``prenorm_outputs`` /
+``prenormed_q8``: the numpy model of both ends).
 """
 from __future__ import annotations
 
