@@ -20,7 +20,7 @@ import engine
 from engine.convert import quantize_gguf
 from engine.sampling import SamplingParams
 from gpu_greedy import GREEDY, assert_follows_cpu, greedy_on_gpu
-from prenorm_emulation import PRENORMED_TOL
+from prenorm_emulation import PRENORMED_TOL, staging_only
 
 pytestmark = pytest.mark.cuda
 
@@ -229,7 +229,7 @@ def test_fused_decode_step_equals_op_by_op(tiny, key, dca, dtype, prenormed):
     assert fused.normed_qkv == [False] + [int8] * (c.n_layers - 1) and fused.normed_gate_up == [int8] * c.n_layers
     assert fused.normed_head == int8
     if prenormed == "staged":
-        fused.normed_qkv, fused.normed_gate_up, fused.normed_head = [False] * c.n_layers, [False] * c.n_layers, False
+        staging_only(fused)
     tol = (PRENORMED_TOL["logits"], PRENORMED_TOL["rows"]) if int8 and prenormed == "prenormed" else \
         (FUSED_TOL[dtype],) * 2
     prompt = np.random.default_rng(6).integers(3, 384, 300 if dca == "on" else 100)
