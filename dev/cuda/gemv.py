@@ -168,11 +168,19 @@ def time_normed(cp, reps: int, dtype: str = "f16") -> list[dict]:
     x_dev, w_dev = cp.asarray(x), cp.asarray(w)
     results = []
 
-    def pair(shape, launch, copies, nbytes, rows, cols, ggml_type, check):
-        """Time launch(i, prenormed or None) both ways; check(outputs of the staging launch, of the prenormed one)."""
+    def as_float(a):
+        """A device output (fp32, or act_t) as host float32 values."""
+        if a.dtype == cp.float32 or dtype == "f16":
+            return cp.asnumpy(a).astype(np.float32)
+        return (cp.asnumpy(a.view(cp.uint16)).astype(np.uint32) << 16).view(np.float32)
+
+    def pair(shape, launch, output, copies, nbytes, rows, cols, ggml_type, check):
+        """Time launch(i, prenormed or None) both ways; check(output() after the staging launch, after the
+        prenormed one), host float32 arrays."""
         outs = []
         for variant, source in (("staging", None), ("prenormed", prenormed)):
-            outs.append(launch(0, source))
+            launch(0, source)
+            outs.append(output())
             seconds = time_launches(cp, lambda i, source=source: launch(i, source), copies, reps)
             results.append(normed_result(shape, f"{variant}/{dtype}", seconds, True, float("nan"), nbytes, rows, cols,
                                          ggml_type))
@@ -187,21 +195,20 @@ def time_normed(cp, reps: int, dtype: str = "f16") -> list[dict]:
     def launch_head(i, source):
         head.data = head_datas[i]
         gemv.head(x_dev, w_dev, 1e-5, head, logits, dtype, prenormed=source)
-        return logits.copy()
 
     checked = [row_slice(head_tensor, slice(0, CHECK_ROWS)), row_slice(head_tensor, slice(vocab - CHECK_ROWS, vocab))]
     head_model = np.concatenate([gemv.reference(None, t, q8) for t in checked])
 
     def check_head(staging, normed):
-        host = cp.asnumpy(normed)
-        err = rel_err(np.concatenate([host[:CHECK_ROWS], host[-CHECK_ROWS:]]), head_model)
+        err = rel_err(np.concatenate([normed[:CHECK_ROWS], normed[-CHECK_ROWS:]]), head_model)
         return err, err < 1e-5
 
     def check_close(staging, normed):
-        err = rel_err(cp.asnumpy(normed).astype(np.float32), cp.asnumpy(staging).astype(np.float32))
+        err = rel_err(normed, staging)
         return err, err < 1e-2
 
-    pair("8b-head", launch_head, len(head_datas), head.data.nbytes, vocab, d, GGMLType.Q6_K, check_head)
+    pair("8b-head", launch_head, lambda: as_float(logits), len(head_datas), head.data.nbytes, vocab, d,
+         GGMLType.Q6_K, check_head)
     head_datas.clear()  # the weights' memory back before the next shape
 
     # gate_up: Q4_K gate and up rows, its output staged for the down product (as in the decode step)
@@ -215,10 +222,9 @@ def time_normed(cp, reps: int, dtype: str = "f16") -> list[dict]:
     def launch_gate_up(i, source):
         gate.data, up.data = gate_datas[i], up_datas[i]
         gemv.gate_up(x_dev, w_dev, 1e-5, gate, up, gate_out, dtype, out_staged=down_staged, prenormed=source)
-        return gate_out.view(cp.uint16).astype(cp.float32) if dtype == "bf16" else gate_out.copy()
 
-    pair("8b-gate+up", launch_gate_up, len(gate_datas), 2 * gate.data.nbytes, 2 * ffn, d, GGMLType.Q4_K,
-         check_close)
+    pair("8b-gate+up", launch_gate_up, lambda: as_float(gate_out), len(gate_datas), 2 * gate.data.nbytes, 2 * ffn,
+         d, GGMLType.Q4_K, check_close)
     gate_datas.clear(), up_datas.clear()
 
     # qkv: Q4_K query, key and value rows, the key rotated and both stored in a cache row
@@ -236,11 +242,12 @@ def time_normed(cp, reps: int, dtype: str = "f16") -> list[dict]:
         wq.data, wk.data, wv.data = q_datas[i], k_datas[i], v_datas[i]
         gemv.qkv(x_dev, w_dev, 1e-5, wq, wk, wv, None, q_out, cache_k, cache_v, position, cos_t, sin_t, heads, kv,
                  hd, hd, 0, dtype, prenormed=source)
-        out = cp.concatenate([q_out, cache_k[3].reshape(-1), cache_v[3].reshape(-1)])
-        return out.view(cp.uint16).astype(cp.float32) if dtype == "bf16" else out
 
-    pair("8b-qkv", launch_qkv, len(q_datas), 3 * wq.data.nbytes // 2, (heads + 2 * kv) * hd, d, GGMLType.Q4_K,
-         check_close)
+    def qkv_output():
+        return np.concatenate([as_float(q_out), as_float(cache_k[3]).reshape(-1), as_float(cache_v[3]).reshape(-1)])
+
+    pair("8b-qkv", launch_qkv, qkv_output, len(q_datas), 3 * wq.data.nbytes // 2, (heads + 2 * kv) * hd, d,
+         GGMLType.Q4_K, check_close)
     q_datas.clear(), k_datas.clear(), v_datas.clear()
 
     # gemv_add: the o and down products, reading a staged input, with and without the prenorm epilogue
