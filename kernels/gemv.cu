@@ -28,7 +28,9 @@
 //   gemv_T       y[r] = W[r].x (x act_t; y act_t, or fp32 when out_f32)
 //   gemv_add_T   x[r] += act_t(W[r].a) (fp32 residual in place); with a_staged (int8 types), a arrives quantized
 //                by the kernel that produced it (store_q8_block: gateup's or dca_combine's epilogue) and is copied
-//                in (copy_staged) instead of staged: the same values, without the per-block quantization
+//                in (copy_staged) instead of staged: the same values, without the per-block quantization; with
+//                out_staged (prenorm_epilogue; per_block, rows % 32 == 0), then x[r] * next_norm[r] quantized for
+//                the next RMSNorm-fused product and partials[block] = the block's sum of x[r]^2
 //   qkv_T        tasks: Hq*D query rows (act_t out, unrotated) | per KV head, R/2 rotary pairs (two rows,
 //                rotated at the key position, stored in the cache) and D-R pass-through rows | Hkv*D
 //                value rows (stored in the cache); input rmsnorm(x)*w; position read from pos[0]; with
@@ -37,6 +39,12 @@
 //   gateup_T     out[r] = act_t(silu(g) * u), g, u = act_t(Wg[r].h), act_t(Wu[r].h), h = rmsnorm(x)*w; with
 //                out_staged, each block then quantizes its rows of out for the down product (per_block % 32 == 0)
 //   head_T       logits[r] = Wout[r].h (fp32), h = rmsnorm(x)*w
+// Prenormed inputs (qkv, gateup, head; in_staged non-null, int8 types): h's q8 from the gemv_add before them. q8 is
+// scale-invariant (d(s u) = s d(u), q(s u) = q(u)), so that gemv_add quantizes u = x * w without knowing the norm
+// and writes per-block sums of x^2; the consumer sums the n_partials in a fixed order, s = rsqrt(sum / d + eps),
+// and copy_staged's its input with scales and sums times s (stage_normed) instead of rms_scale + stage: no pass
+// over x in every block. The rounding differs from the composed path's q8(act_t(x * inv * w)) where act_t's
+// rounding moves a value across a .5 boundary (gemv.py prenormed_q8 is the numpy model).
 
 #define GEMV_THREADS 256
 // Tasks each warp keeps asked for in L2 ahead of the one it computes. One is fastest: on the H100 (dev/cuda/
@@ -127,7 +135,9 @@ template <int T, class F> __device__ __forceinline__ void stage(F value, int col
 // The whole block reads an input quantized ahead (store_q8_block's staged layout: the producing kernel's epilogue
 // quantized it as stage would) into smem in stage's layout: 16-value pieces moved to their unit slots, then the scales
 // and sums; ends with __syncthreads. The staging without its quantization: 30 -> 20 us on the 8B down product (H100).
-template <int T> __device__ __forceinline__ void copy_staged(const u8* __restrict__ staged, int cols, u8* smem) {
+// scale multiplies the block scales and sums (1: the input as stored; a prenormed input's rsqrt(mean(x^2) + eps)).
+template <int T> __device__ __forceinline__ void copy_staged(const u8* __restrict__ staged, int cols, u8* smem,
+                                                             float scale = 1.0f) {
     if constexpr (int8_input<T>()) {
         const int units = cols / unit_values<T>();
         for (int c = threadIdx.x; c < cols / 16; c += blockDim.x) {
@@ -136,7 +146,7 @@ template <int T> __device__ __forceinline__ void copy_staged(const u8* __restric
             ((uint4*)smem)[(offset >> 4) * units + unit] = ((const uint4*)staged)[c];
         }
         const float* scales = (const float*)(staged + cols);  // d[cols/32], s[cols/32], as stage keeps them
-        for (int i = threadIdx.x; i < cols / 16; i += blockDim.x) ((float*)(smem + cols))[i] = scales[i];
+        for (int i = threadIdx.x; i < cols / 16; i += blockDim.x) ((float*)(smem + cols))[i] = scales[i] * scale;
     }
     __syncthreads();
 }
@@ -292,6 +302,34 @@ __device__ __forceinline__ float rms_scale(const float* __restrict__ x, float ep
     return rsqrtf(block_sum(ss, scratch) / (float)d + eps);
 }
 
+// rsqrt(mean(x^2) + eps) from the producer's partial sums of squares (n_partials fp32: gemv_add's epilogue, one per
+// block): every block sums them in the same fixed order, so every block gets the same scale (every thread gets it)
+__device__ __forceinline__ float rms_scale_of_partials(const float* __restrict__ partials, int n_partials, float eps,
+                                                       int d, float* scratch) {
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n_partials; i += blockDim.x) ss += partials[i];
+    return rsqrtf(block_sum(ss, scratch) / (float)d + eps);
+}
+
+// The input h = rmsnorm(x) * w of qkv, gateup and head into smem (stage's layout): staged with its norm (rms_scale,
+// then NORMED) or, with in_staged (int8 types; the residual's producer quantized u = x * w and wrote the partial
+// sums of squares of x), copied in with its block scales and sums times s = rsqrt(mean(x^2) + eps): q8 is
+// scale-invariant (q(s u) = q(u), d(s u) = s d(u)), so these are h's int8 values but for the rounding of h to act_t,
+// which this path skips. Ends with __syncthreads.
+#define NORMED(x, w, inv) [&](int i) { return a2f(f2a(x[i] * inv * w[i])); }
+template <int T>
+__device__ __forceinline__ void stage_normed(const float* __restrict__ x, const float* __restrict__ w_norm, float eps,
+                                             int d, const u8* __restrict__ in_staged,
+                                             const float* __restrict__ partials, int n_partials, u8* smem,
+                                             float* scratch) {
+    if (int8_input<T>() && in_staged != nullptr) {
+        copy_staged<T>(in_staged, d, smem, rms_scale_of_partials(partials, n_partials, eps, d, scratch));
+    } else {
+        const float inv = rms_scale(x, eps, d, scratch);
+        stage<T>(NORMED(x, w_norm, inv), d, smem);
+    }
+}
+
 // This warp's tasks: blockIdx.x * per_block + warp + 8k, below n. for_tasks calls f(task) for each, and
 // before it prefetch(the task PREFETCH_TASKS ahead) (its rows come into L2 while these are computed);
 // prefetch_first asks for the first PREFETCH_TASKS (before the staging, whose latency it then overlaps).
@@ -356,8 +394,6 @@ __device__ __forceinline__ void each_row_dot(const u8* __restrict__ w, long long
     }
 }
 
-#define NORMED(x, w, inv) [&](int i) { return a2f(f2a(x[i] * inv * w[i])); }
-
 template <int T>
 __device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long row_bytes, const act_t* __restrict__ x,
                                           int rows, int cols, void* __restrict__ y, int out_f32, int per_block) {
@@ -373,10 +409,33 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long ro
     });
 }
 
+// gemv_add's epilogue for the next RMSNorm-fused product (per_block % 32 == 0, rows % 32 == 0): once every row of
+// the block is written, each warp takes 32-row groups of the block and stores u = x[r] * next_norm[r] quantized
+// (store_q8_block, staged layout over `rows` values); the block writes the sum of x[r]^2 over its rows to
+// partials[blockIdx.x] (lanes, then warp_sum, then block_sum: a fixed order, no atomics).
+__device__ __forceinline__ void prenorm_epilogue(const float* x, const float* __restrict__ next_norm, int rows,
+                                                 u8* __restrict__ out_staged, float* __restrict__ partials,
+                                                 int per_block) {
+    __shared__ float scratch[32];
+    __syncthreads();  // every row of the block stored (x is read back from global memory)
+    const int end = min(rows, (blockIdx.x + 1) * per_block);
+    float ss = 0.0f;
+    for (int b = blockIdx.x * per_block / 32 + (threadIdx.x >> 5); 32 * b < end; b += blockDim.x >> 5) {
+        const int r = 32 * b + (threadIdx.x & 31);
+        const float xr = x[r];
+        ss += xr * xr;
+        store_q8_block(xr * next_norm[r], b, rows, out_staged);
+    }
+    ss = block_sum(ss, scratch);
+    if (threadIdx.x == 0) partials[blockIdx.x] = ss;
+}
+
 template <int T>
 __device__ __forceinline__ void gemv_add_body(const u8* __restrict__ w, long long row_bytes,
                                               const act_t* __restrict__ a, const u8* __restrict__ a_staged, int rows,
-                                              int cols, float* __restrict__ x, int per_block) {
+                                              int cols, float* __restrict__ x, const float* __restrict__ next_norm,
+                                              u8* __restrict__ out_staged, float* __restrict__ partials,
+                                              int per_block) {
     extern __shared__ __align__(16) u8 smem[];
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
     prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T, 2>());
@@ -385,6 +444,7 @@ __device__ __forceinline__ void gemv_add_body(const u8* __restrict__ w, long lon
     each_row_dot<T, 2>(w, row_bytes, rows, cols, per_block, smem, prefetch, [&](int r, float acc) {
         if ((threadIdx.x & 31) == 0) x[r] = x[r] + a2f(f2a(acc));
     });
+    if (out_staged != nullptr) prenorm_epilogue(x, next_norm, rows, out_staged, partials, per_block);
 }
 
 // A Q/K/V row's value as the composed path rounds it: act_t(dot), then act_t(that + bias[i]) when b is set
@@ -400,7 +460,8 @@ __device__ __forceinline__ void qkv_body(
     const float* __restrict__ bv, long long row_bytes, act_t* __restrict__ q_out,
     act_t* __restrict__ cache_k, act_t* __restrict__ cache_v, const int* __restrict__ pos,
     const float* __restrict__ cos_t, const float* __restrict__ sin_t, int n_heads, int n_kv, int D, int rope_dim,
-    int chunk_len, int per_block) {
+    int chunk_len, const u8* __restrict__ in_staged, const float* __restrict__ partials, int n_partials,
+    int per_block) {
     extern __shared__ __align__(16) u8 smem[];
     __shared__ float scratch[32];
     const int half_r = rope_dim >> 1;
@@ -419,8 +480,7 @@ __device__ __forceinline__ void qkv_body(
         }
     };
     prefetch_first(n_q + n_k + n_v, per_block, prefetch);
-    const float inv = rms_scale(x, eps, d, scratch);
-    stage<T>(NORMED(x, w_norm, inv), d, smem);
+    stage_normed<T>(x, w_norm, eps, d, in_staged, partials, n_partials, smem, scratch);
     const bool lane0 = (threadIdx.x & 31) == 0;
     const int p = pos[0];
     const long long cache_row = (long long)p * n_kv * D;
@@ -461,7 +521,8 @@ template <int T>
 __device__ __forceinline__ void gateup_body(const float* __restrict__ x, const float* __restrict__ w_norm, float eps,
                                             int d, const u8* __restrict__ wg, const u8* __restrict__ wu,
                                             long long row_bytes, int rows, act_t* __restrict__ out,
-                                            u8* __restrict__ out_staged, int per_block) {
+                                            u8* __restrict__ out_staged, const u8* __restrict__ in_staged,
+                                            const float* __restrict__ partials, int n_partials, int per_block) {
     extern __shared__ __align__(16) u8 smem[];
     __shared__ float scratch[32];
     auto prefetch = [&](int r) {
@@ -469,8 +530,7 @@ __device__ __forceinline__ void gateup_body(const float* __restrict__ x, const f
         prefetch_row(wu + r * row_bytes, row_bytes);
     };
     prefetch_first(rows, per_block, prefetch);
-    const float inv = rms_scale(x, eps, d, scratch);
-    stage<T>(NORMED(x, w_norm, inv), d, smem);
+    stage_normed<T>(x, w_norm, eps, d, in_staged, partials, n_partials, smem, scratch);
     for_tasks(rows, per_block, prefetch, [&](int r) {
         float g, u;
         if constexpr (rows_at_once<T, 2>() == 2) {  // the gate and up rows in one unit loop
@@ -494,13 +554,13 @@ __device__ __forceinline__ void gateup_body(const float* __restrict__ x, const f
 template <int T>
 __device__ __forceinline__ void head_body(const float* __restrict__ x, const float* __restrict__ w_norm, float eps,
                                           int d, const u8* __restrict__ w, long long row_bytes, int rows,
-                                          float* __restrict__ logits, int per_block) {
+                                          float* __restrict__ logits, const u8* __restrict__ in_staged,
+                                          const float* __restrict__ partials, int n_partials, int per_block) {
     extern __shared__ __align__(16) u8 smem[];
     __shared__ float scratch[32];
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
     prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS);
-    const float inv = rms_scale(x, eps, d, scratch);
-    stage<T>(NORMED(x, w_norm, inv), d, smem);
+    stage_normed<T>(x, w_norm, eps, d, in_staged, partials, n_partials, smem, scratch);
     each_row_dot<T, 1>(w, row_bytes, rows, d, per_block, smem, prefetch, [&](int r, float acc) {
         if ((threadIdx.x & 31) == 0) logits[r] = acc;
     });
@@ -515,25 +575,30 @@ __device__ __forceinline__ void head_body(const float* __restrict__ x, const flo
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_add_##NAME(                            \
         const u8* w, long long row_bytes, const act_t* a, const u8* a_staged, int rows, int cols, float* x, \
-        int per_block) {                                                                                    \
-        gemv_add_body<T>(w, row_bytes, a, a_staged, rows, cols, x, per_block);                              \
+        const float* next_norm, u8* out_staged, float* partials, int per_block) {                           \
+        gemv_add_body<T>(w, row_bytes, a, a_staged, rows, cols, x, next_norm, out_staged, partials,         \
+                         per_block);                                                                        \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) qkv_##NAME(                                 \
         const float* x, const float* w_norm, float eps, int d, const u8* wq, const u8* wk, const u8* wv,   \
         const float* bq, const float* bk, const float* bv, long long row_bytes, act_t* q_out,              \
         act_t* cache_k, act_t* cache_v, const int* pos, const float* cos_t, const float* sin_t,            \
-        int n_heads, int n_kv, int D, int rope_dim, int chunk_len, int per_block) {                        \
+        int n_heads, int n_kv, int D, int rope_dim, int chunk_len, const u8* in_staged,                    \
+        const float* partials, int n_partials, int per_block) {                                             \
         qkv_body<T>(x, w_norm, eps, d, wq, wk, wv, bq, bk, bv, row_bytes, q_out, cache_k, cache_v, pos,     \
-                    cos_t, sin_t, n_heads, n_kv, D, rope_dim, chunk_len, per_block);                        \
+                    cos_t, sin_t, n_heads, n_kv, D, rope_dim, chunk_len, in_staged, partials, n_partials,   \
+                    per_block);                                                                             \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gateup_##NAME(                              \
         const float* x, const float* w_norm, float eps, int d, const u8* wg, const u8* wu,                 \
-        long long row_bytes, int rows, act_t* out, u8* out_staged, int per_block) {                         \
-        gateup_body<T>(x, w_norm, eps, d, wg, wu, row_bytes, rows, out, out_staged, per_block);             \
+        long long row_bytes, int rows, act_t* out, u8* out_staged, const u8* in_staged,                    \
+        const float* partials, int n_partials, int per_block) {                                             \
+        gateup_body<T>(x, w_norm, eps, d, wg, wu, row_bytes, rows, out, out_staged, in_staged, partials,    \
+                       n_partials, per_block);                                                              \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) head_##NAME(                                \
         const float* x, const float* w_norm, float eps, int d, const u8* w, long long row_bytes, int rows,  \
-        float* logits, int per_block) {                                                                     \
-        head_body<T>(x, w_norm, eps, d, w, row_bytes, rows, logits, per_block);                             \
+        float* logits, const u8* in_staged, const float* partials, int n_partials, int per_block) {         \
+        head_body<T>(x, w_norm, eps, d, w, row_bytes, rows, logits, in_staged, partials, n_partials,        \
+                     per_block);                                                                            \
     }
-

@@ -33,6 +33,7 @@ from engine.weights.bf16 import from_bf16_bits, to_bf16_bits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_tiny_model import VARIANTS, make_tiny_model  # noqa: E402
 from gpu_greedy import GREEDY, assert_follows_cpu, greedy_on_gpu  # noqa: E402
+from prenorm_emulation import PRENORMED_TOL, staging_only  # noqa: E402
 
 DTYPES = ("f16", "bf16")
 SELF_EXTEND = {"grp_attn_n": 4, "grp_attn_w": 48}
@@ -203,13 +204,20 @@ def test_decode_steps_logits_match_cpu(tiny, method, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", sorted(EXTENSIONS))
-def test_fused_decode_step_equals_composed(tiny, method, dtype):
-    """The fused step (qkv kernel storing through the key tables) computes what the composed blocks do."""
+@pytest.mark.parametrize("prenormed", ["prenormed", "staged"])
+def test_fused_decode_step_equals_composed(tiny, method, dtype, prenormed):
+    """The fused step (qkv kernel storing through the key tables) computes what the composed blocks do: to summation
+    order with every RMSNorm-fused product staging its input, within the prenormed inputs' rounding
+    (tests/prenorm_emulation.py PRENORMED_TOL, measured on this model too) with them."""
     from engine.backends.cuda.fused import FusedBlocks
 
     llm = engine.load(tiny["d64"], device="cuda", context=CONTEXT, dtype=dtype, **EXTENSIONS[method])
     model, backend, c = llm.model, llm.backend, llm.config
     assert isinstance(model.decode_blocks, FusedBlocks) and all(model.decode_blocks.fused_attention)
+    assert model.decode_blocks.normed_head  # Q8_0: the extensions keep the prenormed inputs
+    if prenormed == "staged":
+        staging_only(model.decode_blocks)
+    tol = (PRENORMED_TOL["logits"], PRENORMED_TOL["rows"]) if prenormed == "prenormed" else (FUSED_TOL[dtype],) * 2
     prompt = np.random.default_rng(6).integers(3, 384, PROMPT)
     caches = [backend.new_cache(c.n_layers, CONTEXT, c.n_kv_heads, c.head_dim) for _ in range(2)]
     for cache in caches:
@@ -218,10 +226,10 @@ def test_fused_decode_step_equals_composed(tiny, method, dtype):
     fused = backend.to_numpy(model.compute(token, position, caches[0], "last"))
     model.decode_blocks = model  # the composed blocks
     composed = backend.to_numpy(model.compute(token, position, caches[1], "last"))
-    assert rel_err(fused, composed) < FUSED_TOL[dtype]
+    assert rel_err(fused, composed) < tol[0]
     for name in ("k", "v"):
         rows = [backend.to_numpy(getattr(cache, name)[:, PROMPT]) for cache in caches]
-        assert rel_err(rows[0], rows[1]) < FUSED_TOL[dtype]
+        assert rel_err(rows[0], rows[1]) < tol[1]
 
 
 @pytest.mark.cuda

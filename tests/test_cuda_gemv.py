@@ -66,6 +66,33 @@ def test_numpy_model_is_the_float_product_up_to_int8_input(ggml_type):
     assert not q0.any() and not d0.any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numpy_model_of_a_prenormed_input_is_the_normed_input_up_to_act_t(dtype):
+    """prenorm_outputs + prenormed_q8 (the int8 values of x * w, scales and sums times rsqrt(mean(x^2) + eps)) are
+    the composed path's quantization of act_t(x * inv * w) but for that act_t rounding: the same int8 values except
+    where the rounding moves a value across a .5 boundary (a bf16 step is 2^-9 of a value, an fp16 one 2^-12)."""
+    rng = np.random.default_rng(11)
+    d = 4096
+    x = (rng.standard_normal(d) * rng.uniform(0.1, 3, d)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, d).astype(np.float32)
+    staged, partials = gemv.prenorm_outputs(x, w, per_block=32 * 5)
+    assert staged.dtype == np.uint8 and staged.size == gemv.staged_bytes(d) and partials.shape == (-(-d // 160),)
+    q, dq, sq = gemv.prenormed_q8(staged, partials, 1e-5)
+    inv = np.float32(1 / np.sqrt(np.mean(x.astype(np.float64) ** 2) + 1e-5))
+    q_c, d_c, s_c = gemv.quantize_q8(rounded(x * inv * w, dtype))
+    flipped = np.count_nonzero(q != q_c)  # measured (3 seeds): f16 0.5-0.6%, bf16 4.6-5.7% of the values
+    assert np.abs(q.astype(int) - q_c).max() <= 1 and flipped < {"f16": 0.015, "bf16": 0.1}[dtype] * d
+    np.testing.assert_allclose(dq, d_c, rtol={"f16": 1e-3, "bf16": 8e-3}[dtype])  # max|v|'s rounding: 2^-11, 2^-8
+    x_hat = (q.reshape(-1, 32) * dq[:, None]).reshape(-1)
+    assert rel_err(x_hat, x * inv * w) < 1e-2  # the int8 input's own error
+    np.testing.assert_allclose(sq, (x * w).reshape(-1, 32).sum(axis=1) * inv, rtol=1e-4, atol=1e-4)
+    tensor = synthetic_weight("w", GGMLType.Q4_K, (64, d), rng, 1 / np.sqrt(d))
+    # the products differ by the flipped values' steps: measured f16 1.3e-3 .. 2.4e-3, bf16 4.2e-3 .. 5.8e-3 (the
+    # int8 input's own error against the float product: 6e-3 .. 9.5e-3)
+    assert rel_err(gemv.reference(None, tensor, (q, dq, sq)), gemv.reference(rounded(x * inv * w, dtype), tensor)) \
+        < {"f16": 4e-3, "bf16": 1e-2}[dtype]
+
+
 def dequantize_product(tensor, x) -> np.ndarray:
     return tensor.dequantize().astype(np.float64) @ np.asarray(x, np.float64)
 
@@ -284,3 +311,156 @@ def test_two_layer_8b_width_gguf_end_to_end(tmp_path):
             logits = np.sort(cpu.logits(prompt + cpu_tokens[:t])[-1])
             assert logits[-1] - logits[-2] < 0.1, f"diverged at token {t}"
             break
+
+
+# ---- prenormed inputs: gemv_add's prenorm epilogue and the RMSNorm-fused products reading it -----------------
+
+def assert_int8_equal_but_at_half_steps(got_q, u, d, where: str):
+    """The kernel's int8 values of u (fp32) at scales d equal numpy's rint(u / d) except where u / d lies within float
+    rounding of a .5 boundary (a division rounded the other way): those are counted and must be few."""
+    ref_q = np.asarray(gemv.quantize_q8(u)[0], np.int64)
+    differ = np.flatnonzero(np.asarray(got_q, np.int64) != ref_q)
+    t = u.reshape(-1, 32).astype(np.float64) / np.where(d > 0, d, 1).astype(np.float64)[:, None]
+    near_half = np.abs(np.abs(t.reshape(-1)) % 1 - 0.5) < 1e-5
+    assert near_half[differ].all() and np.abs(got_q[differ].astype(np.int64) - ref_q[differ]).max(initial=0) <= 1, where
+    assert len(differ) <= 4, f"{where}: {len(differ)} int8 values off by one"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q8_0, GGMLType.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,cols", [(4096, 4096), (4096, 14336), (32 * 67, 4096), (96, 512)])
+def test_gemv_add_writes_the_next_products_prenormed_input(cp, ggml_type, rows, cols):
+    """With prenorm outputs gemv_add leaves the residual as it does without them (bit for bit), and writes x * w
+    quantized (int8 values as numpy's of the kernel's x, scales equal, sums to fp32 accuracy) and each block's sum of
+    x^2 (fp32 accuracy), for any grid of whole 32-row groups (8B widths, an odd multiple of 32, a small one)."""
+    dtype = "f16"
+    rng = np.random.default_rng(rows + cols + int(ggml_type))
+    tensor = synthetic_weight("blk.0.ffn_down", ggml_type, (rows, cols), rng, 1 / np.sqrt(cols))
+    m = device_matrix(cp, tensor, "blk.0.ffn_down")
+    a = act(cp, rounded(rng.standard_normal(cols), dtype), dtype)
+    x0 = (rng.standard_normal(rows) * rng.uniform(0.1, 4, rows)).astype(np.float32)
+    w_next = cp.asarray(rng.uniform(0.5, 1.5, rows).astype(np.float32))
+    plain = cp.asarray(x0)
+    gemv.gemv_add(a, m, plain, dtype)
+    for per_block in (None, 32, 96, 160):
+        blocks = gemv.prenorm_blocks(rows, per_block)
+        staged = cp.full(gemv.staged_bytes(rows), 0xAB, dtype=cp.uint8)
+        partials = cp.full(blocks + 1, np.nan, dtype=cp.float32)  # one more than written: must stay untouched
+        x = cp.asarray(x0)
+        gemv.gemv_add(a, m, x, dtype, per_block=per_block, prenorm=gemv.Prenorm(w_next, staged, partials))
+        where = f"{rows}x{cols} {ggml_type.name} per_block {per_block}"
+        got_x = cp.asnumpy(x)
+        np.testing.assert_array_equal(got_x, cp.asnumpy(plain), err_msg=where)
+        ref_staged, ref_partials = gemv.prenorm_outputs(got_x, cp.asnumpy(w_next), per_block or
+                                                        gemv.prenorm_per_block(rows))
+        got = cp.asnumpy(staged)
+        u = got_x * cp.asnumpy(w_next)
+        d = got[rows:].view(np.float32)[:rows // 32]
+        np.testing.assert_array_equal(d, ref_staged[rows:].view(np.float32)[:rows // 32], err_msg=where)
+        assert_int8_equal_but_at_half_steps(got[:rows].view(np.int8), u, d, where)
+        s, ref_s = got[rows:].view(np.float32)[rows // 32:], ref_staged[rows:].view(np.float32)[rows // 32:]
+        np.testing.assert_allclose(s, ref_s, rtol=1e-5, atol=1e-5 * np.abs(u).max(), err_msg=where)
+        got_partials = cp.asnumpy(partials)
+        np.testing.assert_allclose(got_partials[:blocks], ref_partials, rtol=1e-5, err_msg=where)
+        assert np.isnan(got_partials[blocks]), where
+
+
+def prenormed_input(cp, x, w, per_block=96):
+    """gemv_add's prenorm outputs for x (d,) fp32 and the norm weight w as numpy computes them, on the device, with
+    the numpy model of what their consumer reads."""
+    staged, partials = gemv.prenorm_outputs(x, w, per_block)
+    device = gemv.Prenormed(cp.asarray(staged), cp.asarray(partials.astype(np.float32)), len(partials))
+    return device, gemv.prenormed_q8(staged, partials.astype(np.float32), 1e-5)
+
+
+def act_values(cp, a, dtype) -> np.ndarray:
+    """A device act_t array's values as float32 (fp16, or bf16 bits)."""
+    bits = cp.asnumpy(a.view(cp.uint16)).astype(np.uint32)
+    return bits.astype(np.uint16).view(np.float16).astype(np.float32) if dtype == "f16" else \
+        (bits << 16).view(np.float32)
+
+
+def normed_residual(rng, d):
+    """A residual row (d,) fp32 of uneven magnitudes and an RMSNorm weight."""
+    x = (rng.standard_normal(d) * rng.uniform(0.1, 4, d)).astype(np.float32)
+    return x, rng.uniform(0.5, 1.5, d).astype(np.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ggml_type", [t for t in TYPES if t in gemv.INT8_TYPES], ids=lambda t: t.name)
+def test_head_reads_a_prenormed_input_as_the_numpy_model(cp, dtype, ggml_type):
+    """head with a prenormed input: fp32 logits equal the numpy model of its input (prenormed_q8) to summation order,
+    and the staging head's within the two roundings' distance (test_numpy_model_of_a_prenormed_input...)."""
+    rng = np.random.default_rng(int(ggml_type) + 40)
+    rows, d = 1000, 4096
+    tensor = synthetic_weight("output", ggml_type, (rows, d), rng, 1 / np.sqrt(d))
+    m = device_matrix(cp, tensor)
+    x, w = normed_residual(rng, d)
+    prenormed, q8 = prenormed_input(cp, x, w)
+    logits, staging = (cp.full(rows, np.nan, dtype=cp.float32) for _ in range(2))
+    gemv.head(cp.asarray(x), cp.asarray(w), 1e-5, m, logits, dtype, prenormed=prenormed)
+    gemv.head(cp.asarray(x), cp.asarray(w), 1e-5, m, staging, dtype)
+    got = cp.asnumpy(logits)
+    assert rel_err(got, gemv.reference(None, tensor, q8)) < MODEL_TOL
+    # the numpy models of the two paths on these inputs (CPU): f16 1.5e-3 .. 2.4e-3, bf16 4.6e-3 .. 7.8e-3 (Q4_1)
+    assert rel_err(got, cp.asnumpy(staging)) < {"f16": 5e-3, "bf16": 1.5e-2}[dtype]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("ffn,d", [(14336, 4096), (96, 512)])
+def test_gate_up_reads_a_prenormed_input_as_the_numpy_model(cp, dtype, ggml_type, ffn, d):
+    """gate_up with a prenormed input: act_t(silu(g) * u) of the numpy model's g, u (each rounded to act_t: a
+    rounding flipped by summation order is one act_t step of a few values), and still stages its own output."""
+    rng = np.random.default_rng(ffn + d + int(ggml_type))
+    tensors = [synthetic_weight(f"blk.0.ffn_{n}", ggml_type, (ffn, d), rng, 1 / np.sqrt(d)) for n in ("gate", "up")]
+    wg, wu = (device_matrix(cp, t, f"blk.0.ffn_{n}") for t, n in zip(tensors, ("gate", "up")))
+    x, w = normed_residual(rng, d)
+    prenormed, q8 = prenormed_input(cp, x, w)
+    act_type = act(cp, np.zeros(1), dtype).dtype
+    out = cp.empty(ffn, dtype=act_type)
+    staged = cp.full(gemv.staged_bytes(ffn), 0xAB, dtype=cp.uint8)
+    gemv.gate_up(cp.asarray(x), cp.asarray(w), 1e-5, wg, wu, out, dtype, out_staged=staged, prenormed=prenormed)
+    g, u = (rounded(gemv.reference(None, t, q8), dtype) for t in tensors)
+    ref = rounded(g * (0.5 + 0.5 * np.tanh(0.5 * g)) * u, dtype)
+    assert rel_err(act_values(cp, out, dtype), ref) < {"f16": 1e-3, "bf16": 4e-3}[dtype]
+    np.testing.assert_array_equal(cp.asnumpy(staged), cp.asnumpy(staged_input(cp, out, dtype)))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
+def test_qkv_reads_a_prenormed_input_as_the_numpy_model(cp, dtype, ggml_type):
+    """qkv with a prenormed input at 8B widths (32 query heads, 8 KV heads of 128): the query, the rotated key and the
+    value rows of the numpy model's products (act_t rounded where the kernel rounds)."""
+    rng = np.random.default_rng(int(ggml_type) + 8)
+    d, heads, kv, hd, position = 4096, 32, 8, 128, 5
+    tensors = [synthetic_weight(f"blk.0.attn_{n}", ggml_type, (r, d), rng, 1 / np.sqrt(d))
+               for n, r in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd))]
+    wq, wk, wv = (device_matrix(cp, t, t.name) for t in tensors)
+    x, w = normed_residual(rng, d)
+    prenormed, q8 = prenormed_input(cp, x, w)
+    act_type = act(cp, np.zeros(1), dtype).dtype
+    q_out = cp.empty(heads * hd, dtype=act_type)
+    cache_k, cache_v = (cp.zeros((8, kv, hd), dtype=act_type) for _ in range(2))
+    angles = np.arange(8)[:, None] * (1e4 ** (-np.arange(hd // 2) / (hd // 2)))[None, :]
+    cos_t, sin_t = (cp.asarray(f(angles).astype(np.float32)) for f in (np.cos, np.sin))
+    gemv.qkv(cp.asarray(x), cp.asarray(w), 1e-5, wq, wk, wv, None, q_out, cache_k, cache_v,
+             cp.asarray(np.array([position], np.int32)), cos_t, sin_t, heads, kv, hd, hd, 0, dtype,
+             prenormed=prenormed)
+
+    def values(a):
+        return act_values(cp, a, dtype)
+
+    q_ref, k_ref, v_ref = (rounded(gemv.reference(None, t, q8), dtype) for t in tensors)
+    k_ref = k_ref.reshape(kv, 2, hd // 2)
+    c, s = np.cos(angles[position]).astype(np.float32), np.sin(angles[position]).astype(np.float32)
+    k_rot = rounded(np.concatenate([k_ref[:, 0] * c - k_ref[:, 1] * s, k_ref[:, 1] * c + k_ref[:, 0] * s], axis=1),
+                    dtype)
+    tol = {"f16": 1e-3, "bf16": 4e-3}[dtype]
+    assert rel_err(values(q_out), q_ref) < tol
+    assert rel_err(values(cache_k[position]).reshape(kv, hd), k_rot) < tol
+    assert rel_err(values(cache_v[position]).reshape(-1), v_ref) < tol
+    assert not values(cache_k[position - 1]).any()  # only the token's row is written

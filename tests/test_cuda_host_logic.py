@@ -53,20 +53,25 @@ def matrix(name, ggml_type):
     return DeviceMatrix(name, ggml_type, 8, 8, None, name in ("output", "token_embd"))
 
 
-def fused_blocks(types: dict[str, GGMLType], n_layers=2, d_model=576, ffn_dim=1536, extension=None) -> FusedBlocks:
-    """The CUDA decode blocks of a model whose layers store their matrices as `types` (norms as vectors); numpy
-    stands in for CuPy."""
+def fused_blocks(types: dict[str, GGMLType], n_layers=2, d_model=576, ffn_dim=1536, extension=None,
+                 stages=None) -> FusedBlocks:
+    """The CUDA decode blocks of a model whose layers store their matrices as `types` (norms: strings naming them);
+    numpy stands in for CuPy. stages: the pipeline split's layer ranges (default one stage)."""
     from contextlib import nullcontext
     from types import SimpleNamespace
 
+    from engine.pipeline import Stage
+
     config = SimpleNamespace(n_layers=n_layers, d_model=d_model, ffn_dim=ffn_dim, n_heads=9, head_dim=64,
                              norm_eps=1e-5)
-    named = {"token_embd": matrix("token_embd", GGMLType.Q8_0), "output_norm": None}
+    named = {"token_embd": matrix("token_embd", GGMLType.Q8_0), "output_norm": "output_norm"}
     for i in range(n_layers):
-        named.update({f"blk.{i}.{t.name}": matrix(t.name, types[t.name]) if t.name in types else None
-                      for t in LLAMA.layer_tensors})
-    model = SimpleNamespace(config=config, weights=Weights.from_named(named, n_layers), extension=extension)
-    return FusedBlocks(SimpleNamespace(cp=np, activate=nullcontext), model)
+        named.update({f"blk.{i}.{t.name}": matrix(t.name, types[t.name]) if t.name in types
+                      else f"blk.{i}.{t.name}" if t.name.endswith("_norm") else None for t in LLAMA.layer_tensors})
+    backend = SimpleNamespace(cp=np, activate=nullcontext)
+    model = SimpleNamespace(config=config, weights=Weights.from_named(named, n_layers), extension=extension,
+                            stages=[Stage(backend, layers) for layers in (stages or [range(n_layers)])])
+    return FusedBlocks(backend, model)
 
 
 UNIFORM = {s: GGMLType.Q4_1 for s in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
@@ -101,6 +106,80 @@ def test_staged_inputs_where_the_consumer_reads_int8():
     assert (blocks.staged_o, blocks.staged_down, blocks.staged) == ([False, False], [False, False], None)
     blocks = fused_blocks(UNIFORM, extension=SelfExtendConfig(group_size=4, window=64))
     assert (blocks.staged_o, blocks.staged_down) == ([False, False], [True, True])
+
+
+def test_prenormed_inputs_where_the_consumer_reads_int8_in_the_same_stage():
+    """gemv_add writes the next RMSNorm-fused product's input (x * w quantized, partial sums of squares) where that
+    product reads int8 input, d % 32 == 0, and both run fused in one pipeline stage: layer 0's qkv (after the
+    embedding) and a stage's first layer stage their own; one staged buffer of d values, one partial per 32 rows."""
+    from engine.self_extend import SelfExtendConfig
+
+    def normed(blocks):
+        return blocks.normed_qkv, blocks.normed_gate_up, blocks.normed_head
+
+    blocks = fused_blocks(UNIFORM, n_layers=3)
+    assert normed(blocks) == ([False, True, True], [True, True, True], True)
+    staged, partials = blocks.normed
+    assert staged.nbytes == gemv.staged_bytes(576) and partials.dtype == np.float32 and partials.size == 576 // 32
+    assert normed(fused_blocks(UNIFORM, n_layers=3, extension=SelfExtendConfig(group_size=4, window=64))) == \
+        normed(blocks)  # the extension's attention changes neither gemv_add nor qkv's input
+    assert normed(fused_blocks(UNIFORM, n_layers=3, stages=[range(0, 1), range(1, 3)])) == \
+        ([False, False, True], [True, True, True], True)
+    assert normed(fused_blocks(UNIFORM, n_layers=3, stages=[range(0, 2), range(2, 3)])) == \
+        ([False, True, False], [True, True, True], True)
+    float_qkv = {**UNIFORM, **{name: GGMLType.F16 for name in ("attn_q", "attn_k", "attn_v")}}
+    assert normed(fused_blocks(float_qkv)) == ([False, False], [True, True], True)
+    float_mlp = {**UNIFORM, "ffn_gate": GGMLType.BF16, "ffn_up": GGMLType.BF16}
+    assert normed(fused_blocks(float_mlp)) == ([False, True], [False, False], True)
+    mixed_mlp = {**UNIFORM, "ffn_up": GGMLType.Q4_K}  # gate/up composed: its gemv_adds are the model's
+    assert normed(fused_blocks(mixed_mlp)) == ([False, False], [False, False], False)
+    blocks = fused_blocks(UNIFORM, d_model=584)  # 584 % 32 != 0
+    assert normed(blocks) == ([False, False], [False, False], False) and blocks.normed is None
+
+
+def test_decode_step_chains_prenorm_outputs_into_the_next_product(monkeypatch):
+    """Each gemv_add writes the input of the product after it with that product's norm weight (the o product: its
+    layer's ffn_norm; the down product: the next layer's attn_norm, after the last layer output_norm), and that
+    product reads it with the producer's grid as its partial count (blocks of whole 32-row groups)."""
+    from types import SimpleNamespace
+
+    from engine.backends.cuda import fused
+
+    monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 232448))
+    blocks = fused_blocks(UNIFORM)
+    c = blocks.model.config
+    c.n_kv_heads = 1
+    blocks.model.attention_layout, blocks.model.temperature_length = None, 0
+    blocks.model.rotary = SimpleNamespace(rope=SimpleNamespace(dim=64))
+    calls = []
+
+    class Backend:
+        cp, act, dtype = np, np.float16, "f16"
+
+        def key_tables(self, rot, layout):
+            return "cos", "sin"
+
+        def attention(self, q, part, local, positions, rot, layout, temperature, out_staged=None):
+            return q
+
+    blocks.backend = Backend()
+    for op in ("qkv", "gate_up", "gemv_add", "head"):
+        monkeypatch.setattr(fused.gemv, op, lambda *args, op=op, **kw: calls.append((op, args, kw)))
+    cache = SimpleNamespace(k=np.zeros((2, 16, 1, 64), np.float16), v=np.zeros((2, 16, 1, 64), np.float16))
+    cache.layer = lambda index: (cache, index)
+    x = np.zeros((1, c.d_model), np.float32)
+    for index, layer in enumerate(blocks.model.weights.layers):
+        blocks.attention_block(index, layer, x, np.zeros(1, np.int32), cache)
+        blocks.mlp_block(index, layer, x)
+    blocks.head(x)
+    assert [op for op, _, _ in calls] == ["qkv", "gemv_add", "gate_up", "gemv_add"] * 2 + ["head"]
+    staged, partials = blocks.normed
+    read = gemv.Prenormed(staged, partials, 576 // 32)  # 576 rows, 32 a block (tasks_per_block: 8 -> 32)
+    assert gemv.prenorm_blocks(576) == 576 // 32
+    assert [kw["prenormed"] for op, _, kw in calls if op != "gemv_add"] == [None, read, read, read, read]
+    written = [kw["prenorm"] for op, _, kw in calls if op == "gemv_add"]
+    assert [p.next_norm for p in written] == ["blk.0.ffn_norm", "blk.1.attn_norm", "blk.1.ffn_norm", "output_norm"]
+    assert all(p.staged is staged and p.partials is partials for p in written)
 
 
 def test_device_sampling_eligibility():
@@ -161,6 +240,7 @@ def test_fused_step_with_a_q8_0_cache_stores_through_the_backend(monkeypatch):
 
     from engine.backends.cuda import fused, kv_q8
 
+    monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 232448))  # layer 1's prenormed input: its grid
     blocks = fused_blocks(UNIFORM)
     c = blocks.model.config
     c.n_kv_heads = 3
@@ -183,7 +263,7 @@ def test_fused_step_with_a_q8_0_cache_stores_through_the_backend(monkeypatch):
             return q
 
     blocks.backend = Backend()
-    monkeypatch.setattr(fused.gemv, "qkv", lambda *args: calls.append(("qkv",) + args))
+    monkeypatch.setattr(fused.gemv, "qkv", lambda *args, **kw: calls.append(("qkv",) + args))
     monkeypatch.setattr(fused.gemv, "gemv_add", lambda *args, **kw: None)
     q8 = kv_q8.DeviceQ8Rows(np.zeros((2, 16, 3, 64), np.int8), np.zeros((2, 16, 3, 2), np.float16))
     cache = SimpleNamespace(k=q8, v=np.zeros((2, 16, 3, 64), np.float16))

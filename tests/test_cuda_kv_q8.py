@@ -29,6 +29,7 @@ from engine.loader import open_model
 from engine.weights.quant import GGMLType, dequantize
 from kernel_abi import Recorder, kind, params
 from gpu_greedy import GREEDY, assert_follows_cpu, greedy_on_gpu
+from prenorm_emulation import PRENORMED_TOL, staging_only
 
 DTYPES = ("f16", "bf16")
 LOGITS_TOL = {"f16": 1e-2, "bf16": 3e-2}  # tests/test_cuda_model.py's, for 16-bit caches
@@ -301,24 +302,33 @@ def test_prefill_and_decode_steps_match_cpu(tiny_models, spec, dtype):
 @pytest.mark.parametrize("spec", sorted(SPECS))
 def test_fused_step_equals_the_composed_step(tiny_models, spec, pair, dtype):
     """One decode step through the fused blocks (qkv into the 16-bit scratch, the quantizing store, the q8_0 decode
-    kernel) against the model's composed blocks on the same cache: the same logits but for RMSNorm's summation
-    order (a flipped rounding of a q8_0 value counts one quantum)."""
+    kernel) against the model's composed blocks on the same cache: with every RMSNorm-fused product staging its
+    input, the same logits but for RMSNorm's summation order (a flipped rounding of a q8_0 value counts one quantum);
+    with the prenormed inputs (Q8_0 weights), within their rounding's distance (tests/prenorm_emulation.py
+    PRENORMED_TOL, measured on these models too)."""
     k, v = gpu_types(pair, dtype)
     llm = engine.load(tiny_models[spec], device="cuda", dtype=dtype, cache_type_k=k, cache_type_v=v, **DCA)
     model = llm.model
     prompt = np.random.default_rng(5).integers(3, 384, 500).tolist()
-    caches = [llm.new_cache() for _ in range(2)]
+    caches = [llm.new_cache() for _ in range(3)]
     for cache in caches:
         llm.prefill(prompt, cache)
-    fused = llm.backend.to_numpy(model.forward(np.asarray([77]), caches[0], logits_for="last"))
-    blocks, model.decode_blocks = model.decode_blocks, model  # the composed blocks
+    blocks = model.decode_blocks
+    assert blocks.normed_head
+    prenormed = llm.backend.to_numpy(model.forward(np.asarray([77]), caches[0], logits_for="last"))
+    normed = blocks.normed_qkv, blocks.normed_gate_up, blocks.normed_head
+    staging_only(blocks)
+    model.decode_blocks = model  # the composed blocks
     try:
         composed = llm.backend.to_numpy(model.forward(np.asarray([77]), caches[1], logits_for="last"))
+        model.decode_blocks = blocks
+        staged = llm.backend.to_numpy(model.forward(np.asarray([77]), caches[2], logits_for="last"))
     finally:
         model.decode_blocks = blocks
-    err = rel_err(fused, composed)
-    print(f"{spec} {pair} {dtype}: fused vs composed step rel err {err:.2e}")
-    assert err < 5e-3
+        blocks.normed_qkv, blocks.normed_gate_up, blocks.normed_head = normed
+    err, err_prenormed = rel_err(staged, composed), rel_err(prenormed, composed)
+    print(f"{spec} {pair} {dtype}: fused vs composed step rel err {err:.2e}, prenormed {err_prenormed:.2e}")
+    assert err < 5e-3 and err_prenormed < PRENORMED_TOL["logits"]
 
 
 @pytest.mark.cuda

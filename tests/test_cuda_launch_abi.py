@@ -8,6 +8,7 @@ import pytest
 
 from engine.backends.cuda import gemv, kernels
 from engine.backends.cuda.weights import DeviceMatrix
+from engine.errors import DeviceError
 from engine.weights.quant import GGMLType, tensor_nbytes
 
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) is not installed")
@@ -29,6 +30,7 @@ def _matrix(rows: int, cols: int, ggml_type: GGMLType) -> DeviceMatrix:
                         f32_out=False)
 
 
+PRENORMED = gemv.Prenormed(DeviceArray(), DeviceArray(), 16)
 LAUNCHES = {  # helper name -> call with stand-ins (dtype given)
     "gemv": lambda m, dt: gemv.gemv(DeviceArray(), m, DeviceArray(), dt),
     "gemv_add": lambda m, dt: gemv.gemv_add(DeviceArray(), m, DeviceArray(), dt),
@@ -42,6 +44,16 @@ LAUNCHES = {  # helper name -> call with stand-ins (dtype given)
                                          4, 1, 64, 64, 0, dt),
     "gateup": lambda m, dt: gemv.gate_up(DeviceArray(), DeviceArray(), 1e-5, m, m, DeviceArray(), dt),
     "head": lambda m, dt: gemv.head(DeviceArray(), DeviceArray(), 1e-5, m, DeviceArray(), dt),
+    "gemv_add+prenorm": lambda m, dt: gemv.gemv_add(DeviceArray(), m, DeviceArray(), dt, prenorm=gemv.Prenorm(
+        DeviceArray(), DeviceArray(), DeviceArray())),
+    "qkv+prenormed": lambda m, dt: gemv.qkv(DeviceArray(), DeviceArray(), 1e-5, m, _matrix(64, m.cols, m.ggml_type),
+                                            _matrix(64, m.cols, m.ggml_type), None, DeviceArray(), DeviceArray(),
+                                            DeviceArray(), DeviceArray(), DeviceArray(), DeviceArray(), 4, 1, 64, 64,
+                                            0, dt, prenormed=PRENORMED),
+    "gateup+prenormed": lambda m, dt: gemv.gate_up(DeviceArray(), DeviceArray(), 1e-5, m, m, DeviceArray(), dt,
+                                                   out_staged=DeviceArray(), prenormed=PRENORMED),
+    "head+prenormed": lambda m, dt: gemv.head(DeviceArray(), DeviceArray(), 1e-5, m, DeviceArray(), dt,
+                                              prenormed=PRENORMED),
 }
 
 
@@ -61,6 +73,35 @@ def test_gemv_launch_arguments_match_the_kernel_parameters(monkeypatch, launch, 
     monkeypatch.setattr(gemv, "function", fake_function)
     monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 227 * 1024))
     m = _matrix(256, 512, ggml_type)
+    if launch.endswith("+prenormed") and ggml_type not in gemv.INT8_TYPES:
+        with pytest.raises(DeviceError, match="int8 weight type"):
+            LAUNCHES[launch](m, "bf16")
+        return
     LAUNCHES[launch](m, "bf16")
     (recorder,) = launched
     assert [kind(a) for a in recorder.args] == _params(recorder.name, m.suffix, "bf16"), recorder.name
+
+
+def test_prenorm_launches_blocks_of_whole_32_row_groups(monkeypatch):
+    """gemv_add with prenorm outputs: per_block a multiple of 32 (at 8B widths on 132 SMs, 32: 128 blocks, the
+    partials its consumers sum), the grid prenorm_blocks; rows or per_block off the 32-row groups are refused."""
+    launched = []
+
+    def fake_function(file, kernel, dtype, instance=None):
+        launched.append(Recorder(kernel))
+        return launched[-1]
+
+    monkeypatch.setattr(gemv, "function", fake_function)
+    monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 227 * 1024))
+    prenorm = gemv.Prenorm(DeviceArray(), DeviceArray(), DeviceArray())
+    for rows, cols in ((4096, 4096), (4096, 14336), (8192, 28672), (2080, 4096)):
+        m = _matrix(rows, cols, GGMLType.Q4_K)
+        gemv.gemv_add(DeviceArray(), m, DeviceArray(), "f16", prenorm=prenorm)
+        per_block = int(launched[-1].args[-1])
+        assert per_block % 32 == 0 and per_block == gemv.prenorm_per_block(rows)
+        assert gemv.prenorm_blocks(rows) == -(-rows // per_block) <= rows // 32
+    assert gemv.prenorm_blocks(4096) == 128
+    for rows, per_block in ((4104, None), (4096, 48)):
+        with pytest.raises(DeviceError, match="whole blocks of 32 rows"):
+            gemv.gemv_add(DeviceArray(), _matrix(rows, 4096, GGMLType.Q4_K), DeviceArray(), "f16",
+                          per_block=per_block, prenorm=prenorm)

@@ -20,6 +20,7 @@ import engine
 from engine.convert import quantize_gguf
 from engine.sampling import SamplingParams
 from gpu_greedy import GREEDY, assert_follows_cpu, greedy_on_gpu
+from prenorm_emulation import PRENORMED_TOL, staging_only
 
 pytestmark = pytest.mark.cuda
 
@@ -157,6 +158,8 @@ def test_greedy_generation_matches_cpu(tiny, key, dca, dtype):
     prompt = np.random.default_rng(5).integers(3, 384, 150 if dca == "off" else 400).tolist()
     cpu_tokens = list(cpu.generate_ids(prompt, 64, GREEDY, stop_ids=[]))
     gpu_tokens, _, _ = greedy_on_gpu(gpu, prompt, 64)
+    # the int8 models' decode steps read prenormed inputs (the mixed one's gate/up types differ: composed MLPs)
+    assert gpu.model.decode_blocks.normed_head == (key not in ("bf16", "kquant-mixed"))
     assert_follows_cpu(cpu, prompt, cpu_tokens, gpu_tokens, dtype, f"{key} {dtype}")
 
 
@@ -211,15 +214,26 @@ def test_default_model_logits_match_cpu(default_model_on_cpu, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("key", ["f32", "bf16", "q4_1", "kquant-q4_k", "kquant-q6_k", "tied-q8_0"])
 @pytest.mark.parametrize("dca", ["on", "off"])
-def test_fused_decode_step_equals_op_by_op(tiny, key, dca, dtype):
+@pytest.mark.parametrize("prenormed", ["prenormed", "staged"])
+def test_fused_decode_step_equals_op_by_op(tiny, key, dca, dtype, prenormed):
     """The fused decode blocks (6 launches a layer) compute what the model's composed blocks do (same
-    arithmetic and activation rounding points; RMSNorm sums in another order), cache rows included."""
+    arithmetic and activation rounding points; RMSNorm sums in another order), cache rows included, with the
+    RMSNorm-fused products staging their input ("staged"). With prenormed inputs (int8 weights: gemv_add quantizes
+    x * w for the next product, which scales by the norm) they quantize x * w in fp32, not act_t(x * inv * w): the
+    tolerance measured for that on the CPU (tests/prenorm_emulation.py PRENORMED_TOL)."""
     from engine.backends.cuda.fused import FusedBlocks
 
     llm = engine.load(tiny[key], device="cuda", context=512, dca=dca, dtype=dtype)
     model, backend, c = llm.model, llm.backend, llm.config
     fused = model.decode_blocks
     assert isinstance(fused, FusedBlocks) and all(fused.fused_attention) and all(fused.fused_mlp) and fused.fused_head
+    int8 = key not in ("f32", "bf16")
+    assert fused.normed_qkv == [False] + [int8] * (c.n_layers - 1) and fused.normed_gate_up == [int8] * c.n_layers
+    assert fused.normed_head == int8
+    if prenormed == "staged":
+        staging_only(fused)
+    tol = (PRENORMED_TOL["logits"], PRENORMED_TOL["rows"]) if int8 and prenormed == "prenormed" else \
+        (FUSED_TOL[dtype],) * 2
     prompt = np.random.default_rng(6).integers(3, 384, 300 if dca == "on" else 100)
     caches = [backend.new_cache(c.n_layers, 512, c.n_kv_heads, c.head_dim) for _ in range(2)]
     for cache in caches:
@@ -229,13 +243,13 @@ def test_fused_decode_step_equals_op_by_op(tiny, key, dca, dtype):
     model.decode_blocks = model  # the composed blocks
     plain_logits = backend.to_numpy(model.compute(token, position, caches[1], "last"))
     err = rel_err(fused_logits, plain_logits)
-    print(f"fused {key} dca {dca} {dtype}: rel err {err:.1e}")
-    assert err < FUSED_TOL[dtype]
+    print(f"fused {key} dca {dca} {dtype} {prenormed}: rel err {err:.1e}")
+    assert err < tol[0]
     rows = slice(len(prompt), len(prompt) + 1)
     for name in ("k", "v"):
         fused_rows = backend.to_numpy(getattr(caches[0], name)[:, rows])
         plain_rows = backend.to_numpy(getattr(caches[1], name)[:, rows])
-        assert np.abs(fused_rows).max() > 0 and rel_err(fused_rows, plain_rows) < FUSED_TOL[dtype]
+        assert np.abs(fused_rows).max() > 0 and rel_err(fused_rows, plain_rows) < tol[1]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -4,6 +4,7 @@ measured copy bandwidth) at real model shapes. Needs a GPU; run from the reposit
 
     python dev/cuda/gemv.py [--baseline DIR] [--shapes 8b-down,8b-head] [--reps 5] [--bps 2]
                             [--defines "-;ROWS_AT_ONCE=2;STAGE_CHUNK=16,UNIT_UNROLL=8"]
+    python dev/cuda/gemv.py --normed [--reps 5]
 
 Variants:
   int8/bpsN   kernels/gemv.cu gemv_<type> (int8 input, dp4a) with tasks_per_block for N blocks per SM
@@ -11,6 +12,9 @@ Variants:
               macros (PREFETCH_TASKS; "-": gemv.cu's defaults), the set in the variant's label
   add, add+staged   with --add: gemv_add (o / down products' kernel) quantizing its input, and reading it staged
               (quantized ahead, as dca_combine / gate_up write it in the decode step)
+  --normed    instead, at 8B shapes: qkv, gate_up and head staging their RMSNorm'd input ("staging") against
+              reading it prenormed (gemv_add's prenorm outputs: "prenormed"); gemv_add (o, down; staged input)
+              plain, plain at the epilogue's 32-row blocks, and with the prenorm epilogue ("add+prenorm")
   baseline    the previous kernel (fp32 input in shared memory, one warp per row, 4 rows a block: quant.cu
               gemv_<type> of the checkout at DIR, e.g. main's), where its fp32 staging fits 48 KB
 Check: int8 variants against gemv.reference (the numpy model of their arithmetic, rel. error < 1e-5; the
@@ -133,6 +137,149 @@ def time_gemv_add(cp, name, m, datas, copies, x_dev, model, picked, dtype, reps,
     return results
 
 
+def copies_of(cp, tensor, name: str, copies: int | None = None):
+    """tensor on the device, as a DeviceMatrix and the list of its weight copies (enough to exceed L2 4x)."""
+    m = upload_weight(cp, name, tensor)
+    copies = copies or max(1, -(-4 * L2_BYTES // m.data.nbytes))
+    return m, [m.data] + [m.data.copy() for _ in range(copies - 1)]
+
+
+def normed_result(shape, variant, seconds, ok, err, nbytes, rows, cols, ggml_type, per_block=0) -> dict:
+    return dict(shape=shape, variant=variant, per_block=per_block, seconds=seconds, err_model=err,
+                err_float=float("nan"), ok=ok, mb=nbytes / 1e6, rows=rows, cols=cols, type=ggml_type.name,
+                gbs=nbytes / seconds / 1e9, frac=nbytes / seconds / COPY_BANDWIDTH)
+
+
+def time_normed(cp, reps: int, dtype: str = "f16") -> list[dict]:
+    """The prenormed inputs at Llama-3-8B shapes (Q4_K, Q6_K head): qkv, gate_up and head staging their input
+    (rms_scale + stage, as before) against reading it prenormed (copy_staged scaled by the summed partials), and
+    gemv_add (o, down; reading a staged input as in the decode step) with and without the prenorm epilogue, and
+    without it at the epilogue's 32-row blocks (the geometry's own cost). Checks: the prenormed head against the numpy
+    model (gemv.prenormed_q8, rel. error < 1e-5 on CHECK_ROWS rows at each end), qkv / gate_up against their staging
+    launches within the two roundings' distance (< 1e-2), gemv_add's residual equal with and without the epilogue."""
+    rng = np.random.default_rng(8)
+    d, ffn, vocab, heads, kv, hd = 4096, 14336, 128256, 32, 8, 128
+    x = (rng.standard_normal(d) * rng.uniform(0.1, 4, d)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, d).astype(np.float32)
+    staged_host, partials_host = gemv.prenorm_outputs(x, w, gemv.prenorm_per_block(d))
+    partials_host = partials_host.astype(np.float32)
+    q8 = gemv.prenormed_q8(staged_host, partials_host, 1e-5)
+    prenormed = gemv.Prenormed(cp.asarray(staged_host), cp.asarray(partials_host), len(partials_host))
+    x_dev, w_dev = cp.asarray(x), cp.asarray(w)
+    results = []
+
+    def as_float(a):
+        """A device output (fp32, or act_t) as host float32 values."""
+        if a.dtype == cp.float32 or dtype == "f16":
+            return cp.asnumpy(a).astype(np.float32)
+        return (cp.asnumpy(a.view(cp.uint16)).astype(np.uint32) << 16).view(np.float32)
+
+    def pair(shape, launch, output, copies, nbytes, rows, cols, ggml_type, check):
+        """Time launch(i, prenormed or None) both ways; check(output() after the staging launch, after the
+        prenormed one), host float32 arrays."""
+        outs = []
+        for variant, source in (("staging", None), ("prenormed", prenormed)):
+            launch(0, source)
+            outs.append(output())
+            seconds = time_launches(cp, lambda i, source=source: launch(i, source), copies, reps)
+            results.append(normed_result(shape, f"{variant}/{dtype}", seconds, True, float("nan"), nbytes, rows, cols,
+                                         ggml_type))
+        err, ok = check(*outs)
+        results[-1].update(err_model=err, ok=ok)
+
+    # head: logits of the Q6_K output matrix
+    head_tensor = synthetic_weight("output", GGMLType.Q6_K, (vocab, d), rng, 1 / np.sqrt(d))
+    head, head_datas = copies_of(cp, head_tensor, "output")
+    logits = cp.empty(vocab, dtype=cp.float32)
+
+    def launch_head(i, source):
+        head.data = head_datas[i]
+        gemv.head(x_dev, w_dev, 1e-5, head, logits, dtype, prenormed=source)
+
+    checked = [row_slice(head_tensor, slice(0, CHECK_ROWS)), row_slice(head_tensor, slice(vocab - CHECK_ROWS, vocab))]
+    head_model = np.concatenate([gemv.reference(None, t, q8) for t in checked])
+
+    def check_head(staging, normed):
+        err = rel_err(np.concatenate([normed[:CHECK_ROWS], normed[-CHECK_ROWS:]]), head_model)
+        return err, err < 1e-5
+
+    def check_close(staging, normed):
+        err = rel_err(normed, staging)
+        return err, err < 1e-2
+
+    pair("8b-head", launch_head, lambda: as_float(logits), len(head_datas), head.data.nbytes, vocab, d,
+         GGMLType.Q6_K, check_head)
+    head_datas.clear()  # the weights' memory back before the next shape
+
+    # gate_up: Q4_K gate and up rows, its output staged for the down product (as in the decode step)
+    gate, gate_datas = copies_of(cp, synthetic_weight("blk.0.ffn_gate", GGMLType.Q4_K, (ffn, d), rng,
+                                                      1 / np.sqrt(d)), "blk.0.ffn_gate")
+    up, up_datas = copies_of(cp, synthetic_weight("blk.0.ffn_up", GGMLType.Q4_K, (ffn, d), rng, 1 / np.sqrt(d)),
+                             "blk.0.ffn_up", len(gate_datas))
+    act_type = to_activation(cp, cp.zeros(1, dtype=cp.float32), dtype).dtype
+    gate_out, down_staged = cp.empty(ffn, dtype=act_type), cp.empty(gemv.staged_bytes(ffn), dtype=cp.uint8)
+
+    def launch_gate_up(i, source):
+        gate.data, up.data = gate_datas[i], up_datas[i]
+        gemv.gate_up(x_dev, w_dev, 1e-5, gate, up, gate_out, dtype, out_staged=down_staged, prenormed=source)
+
+    pair("8b-gate+up", launch_gate_up, lambda: as_float(gate_out), len(gate_datas), 2 * gate.data.nbytes, 2 * ffn,
+         d, GGMLType.Q4_K, check_close)
+    gate_datas.clear(), up_datas.clear()
+
+    # qkv: Q4_K query, key and value rows, the key rotated and both stored in a cache row
+    wq, q_datas = copies_of(cp, synthetic_weight("blk.0.attn_q", GGMLType.Q4_K, (heads * hd, d), rng,
+                                                 1 / np.sqrt(d)), "blk.0.attn_q")
+    (wk, k_datas), (wv, v_datas) = (copies_of(cp, synthetic_weight(f"blk.0.attn_{n}", GGMLType.Q4_K, (kv * hd, d),
+                                                                   rng, 1 / np.sqrt(d)), f"blk.0.attn_{n}",
+                                              len(q_datas)) for n in ("k", "v"))
+    q_out = cp.empty(heads * hd, dtype=act_type)
+    cache_k, cache_v = (cp.zeros((16, kv, hd), dtype=act_type) for _ in range(2))
+    position = cp.asarray(np.array([3], np.int32))
+    cos_t, sin_t = cp.ones((16, hd // 2), dtype=cp.float32), cp.zeros((16, hd // 2), dtype=cp.float32)
+
+    def launch_qkv(i, source):
+        wq.data, wk.data, wv.data = q_datas[i], k_datas[i], v_datas[i]
+        gemv.qkv(x_dev, w_dev, 1e-5, wq, wk, wv, None, q_out, cache_k, cache_v, position, cos_t, sin_t, heads, kv,
+                 hd, hd, 0, dtype, prenormed=source)
+
+    def qkv_output():
+        return np.concatenate([as_float(q_out), as_float(cache_k[3]).reshape(-1), as_float(cache_v[3]).reshape(-1)])
+
+    pair("8b-qkv", launch_qkv, qkv_output, len(q_datas), 3 * wq.data.nbytes // 2, (heads + 2 * kv) * hd, d,
+         GGMLType.Q4_K, check_close)
+    q_datas.clear(), k_datas.clear(), v_datas.clear()
+
+    # gemv_add: the o and down products, reading a staged input, with and without the prenorm epilogue
+    normed_staged = cp.empty(gemv.staged_bytes(d), dtype=cp.uint8)
+    partials = cp.empty(gemv.prenorm_blocks(d), dtype=cp.float32)
+    for shape, cols in (("8b-o", heads * hd), ("8b-down", ffn)):
+        m, datas = copies_of(cp, synthetic_weight("blk.0.ffn_down", GGMLType.Q4_K, (d, cols), rng, 1 / np.sqrt(cols)),
+                             "blk.0.ffn_down")
+        a = to_activation(cp, cp.asarray(rng.standard_normal(cols).astype(np.float32)), dtype)
+        a_staged = cp.empty(gemv.staged_bytes(cols), dtype=cp.uint8)
+        gemv.quantize_input(a, a_staged, dtype)
+        residual = cp.empty(d, dtype=cp.float32)
+        outs = {}
+        for variant, per_block, prenorm in (("add", None, None), ("add/32-row blocks", gemv.prenorm_per_block(d), None),
+                                            ("add+prenorm", None, gemv.Prenorm(w_dev, normed_staged, partials))):
+            def launch(i, per_block=per_block, prenorm=prenorm):
+                m.data = datas[i]
+                gemv.gemv_add(a, m, residual, dtype, per_block=per_block, staged=a_staged, prenorm=prenorm)
+
+            residual[...] = x_dev
+            launch(0)
+            outs[variant] = cp.asnumpy(residual)
+            seconds = time_launches(cp, launch, len(datas), reps)
+            same = bool((outs[variant] == outs["add"]).all())
+            results.append(normed_result(shape, f"{variant}/{dtype}", seconds, same, 0.0 if same else float("inf"),
+                                         m.data.nbytes, d, cols, GGMLType.Q4_K,
+                                         per_block or (gemv.prenorm_per_block(d) if prenorm else
+                                                       gemv.tasks_per_block(d))))
+        datas.clear()
+    return results
+
+
 def run_shape(cp, name, rows, cols, ggml_type, baseline, reps, dtype="f16", blocks_per_sm=BLOCKS_PER_SM,
               define_sets=("-",), add=False) -> list[dict]:
     rng = np.random.default_rng(rows + cols)
@@ -199,6 +346,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--bps", default=",".join(map(str, BLOCKS_PER_SM)), help="blocks per SM to try")
     ap.add_argument("--add", action="store_true", help="also time gemv_add, quantizing and reading a staged input")
+    ap.add_argument("--normed", action="store_true", help="time the prenormed inputs at 8B shapes instead (qkv, "
+                    "gate_up, head staging vs reading them; gemv_add with and without the prenorm epilogue)")
     ap.add_argument("--defines", default="-", help="';'-separated sets of gemv.cu macros to build and try, each "
                     "NAME=VALUE,... or - (gemv.cu's defaults)")
     args = ap.parse_args()
@@ -207,8 +356,8 @@ def main() -> None:
     blocks_per_sm = tuple(int(b) for b in args.bps.split(","))
 
     baseline = baseline_module(cp, args.baseline) if args.baseline else None
-    rows = []
-    for name in args.shapes.split(","):
+    rows = time_normed(cp, args.reps) if args.normed else []
+    for name in [] if args.normed else args.shapes.split(","):
         rows += run_shape(cp, name, *SHAPES[name], baseline, args.reps, blocks_per_sm=blocks_per_sm,
                           define_sets=tuple(args.defines.split(";")), add=args.add)
     print(f"| {'shape':<16} | {'rows x cols':>13} | {'type':<5} | {'MB':>6} | {'variant':<40} | {'tasks/blk':>9} | "

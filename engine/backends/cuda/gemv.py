@@ -1,11 +1,12 @@
 """Kernel choice and launch geometry of the one-token matrix products (kernels/gemv.cu).
 
     gemv(x, m, dtype)                          y = m @ x (act_t, or fp32 for an output head)
-    gemv_add(a, m, x, dtype, staged)           x += m @ a (fp32 residual, in place); staged: a already quantized
-    qkv(x, norm, eps, wq, wk, wv, biases, ...) rmsnorm + Q/K/V (+ biases) + key rotation + KV-cache store
-    gate_up(x, norm, eps, wg, wu, out, dtype, out_staged)  rmsnorm + silu(gate) * up (+ out quantized)
+    gemv_add(a, m, x, dtype, staged, prenorm)  x += m @ a (fp32 residual, in place); staged: a already quantized;
+                                               prenorm: also the next product's input (below)
+    qkv(x, norm, eps, wq, wk, wv, biases, ..., prenormed)  rmsnorm + Q/K/V (+ biases) + key rotation + cache store
+    gate_up(x, norm, eps, wg, wu, out, dtype, out_staged, prenormed)  rmsnorm + silu(gate) * up (+ out quantized)
     quantize_input(x, staged, dtype)           x quantized as the int8 GEMVs stage it (tests, dev/cuda)
-    head(x, norm, eps, m, logits, dtype)       rmsnorm + output head (fp32 logits)
+    head(x, norm, eps, m, logits, dtype, prenormed)  rmsnorm + output head (fp32 logits)
 
 Arguments are device arrays and ``DeviceMatrix``es; each call is one launch on the current stream
 (capturable in a CUDA graph). Geometry: 256 threads a block, one warp per task (row or row pair);
@@ -24,10 +25,18 @@ store_q8_block: int8 values, then fp32 scales and sums per 32, ``staged_bytes``)
 instead of quantizing per block: the same values (the kernels compute them as stage does), without the
 staging's latency in every block (dev/cuda/NOTES.md v5: the 8B down product 30 -> 20 us). The decode step stages
 the output projection's input in dca_combine and the down projection's in gate_up.
+
+Prenormed inputs (NOTES.md v7). The RMSNorm-fused products' input rmsnorm(x) * w needs the whole residual's norm,
+known only once the gemv_add writing x has finished; but q8 is scale-invariant, so that gemv_add (``Prenorm``)
+quantizes u = x * w (fp32, w the next norm's weight) in its epilogue and writes each block's sum of x^2, and the
+consumer (``Prenormed``) scales the block scales and sums by rsqrt(sum / d + eps). The int8 values are those of the
+composed path's act_t(x * inv * w) but where act_t's rounding crosses a .5 boundary (``prenorm_outputs`` /
+``prenormed_q8``: the numpy model of both ends).
 """
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -108,14 +117,59 @@ def gemv(x, m, y, dtype: str, per_block: int | None = None) -> None:
 NULL = np.uint64(0)  # a null pointer argument
 
 
-def gemv_add(a, m, x, dtype: str, per_block: int | None = None, staged=None) -> None:
+class Prenorm(NamedTuple):
+    """gemv_add's prenorm outputs for the next RMSNorm-fused product: staged (staged_bytes(rows) uint8) the updated
+    residual times next_norm (rows,) fp32 quantized, partials (prenorm_blocks(rows) fp32) its blocks' sums of
+    squares."""
+    next_norm: Any
+    staged: Any
+    partials: Any
+
+
+class Prenormed(NamedTuple):
+    """The input of qkv / gate_up / head as gemv_add's prenorm epilogue left it: staged bytes and n_partials partial
+    sums of squares."""
+    staged: Any
+    partials: Any
+    n_partials: int
+
+
+def prenorm_per_block(rows: int) -> int:
+    """Rows of a gemv_add block that writes prenorm outputs: whole 32-row groups (tasks_per_block's multiple 32)."""
+    return tasks_per_block(rows, multiple=32)
+
+
+def prenorm_blocks(rows: int, per_block: int | None = None) -> int:
+    """The partial sums a prenorm gemv_add over `rows` writes: its grid."""
+    return -(-rows // (per_block or prenorm_per_block(rows)))
+
+
+def gemv_add(a, m, x, dtype: str, per_block: int | None = None, staged=None, prenorm: Prenorm | None = None) -> None:
     """x (rows,) fp32 += act_t(m @ a), a (cols,) act_t; staged: a quantized ahead (staged_bytes(cols) uint8, as
-    quantize_input writes it; int8 types only), read instead of a."""
+    quantize_input writes it; int8 types only), read instead of a. prenorm: then also x * prenorm.next_norm
+    quantized into prenorm.staged and each block's sum of x^2 into prenorm.partials (rows % 32 == 0, per_block
+    default prenorm_per_block(rows), a multiple of 32), for a consumer's Prenormed input."""
     if staged is not None and m.ggml_type not in INT8_TYPES:
         raise DeviceError(f"gemv_add: a staged input needs an int8 weight type, not {m.ggml_type.name}")
+    if prenorm is not None:
+        per_block = per_block or prenorm_per_block(m.rows)
+        if per_block % 32 or m.rows % 32:
+            raise DeviceError(f"gemv_add: prenorm outputs need whole blocks of 32 rows ({m.rows} rows, {per_block} "
+                              f"a block)")
+    next_norm, out_staged, partials = prenorm if prenorm is not None else (NULL, NULL, NULL)
     _launch("gemv_add", m, m.cols, m.rows,
-            (m.data, _row_bytes(m), a, NULL if staged is None else staged, np.int32(m.rows), np.int32(m.cols), x),
-            dtype, per_block)
+            (m.data, _row_bytes(m), a, NULL if staged is None else staged, np.int32(m.rows), np.int32(m.cols), x,
+             next_norm, out_staged, partials), dtype, per_block)
+
+
+def _prenormed_args(prenormed: Prenormed | None, m, d: int) -> tuple:
+    """(in_staged, partials, n_partials) kernel arguments of a consumer reading `prenormed` (or none)."""
+    if prenormed is None:
+        return NULL, NULL, np.int32(0)
+    if m.ggml_type not in INT8_TYPES or d % 32:
+        raise DeviceError(f"a prenormed input needs an int8 weight type and d % 32 == 0, not {m.ggml_type.name}, "
+                          f"d = {d}")
+    return prenormed.staged, prenormed.partials, np.int32(prenormed.n_partials)
 
 
 def quantize_input(x, staged, dtype: str) -> None:
@@ -126,22 +180,26 @@ def quantize_input(x, staged, dtype: str) -> None:
 
 
 def qkv(x, norm, eps, wq, wk, wv, biases, q_out, cache_k, cache_v, position, cos_t, sin_t, n_heads: int, n_kv: int,
-        head_dim: int, rope_dim: int, chunk_len: int, dtype: str, per_block: int | None = None) -> None:
+        head_dim: int, rope_dim: int, chunk_len: int, dtype: str, per_block: int | None = None,
+        prenormed: Prenormed | None = None) -> None:
     """h = rmsnorm(x) * norm; q_out = wq @ h (unrotated); the key row (wk @ h, rotated at position[0]) and the
     value row (wv @ h) stored at row position[0] of the layer's cache. wq, wk, wv: one stored type. biases:
-    (bq, bk, bv) fp32 device vectors added to the rows before the rotation (qwen2), or None."""
+    (bq, bk, bv) fp32 device vectors added to the rows before the rotation (qwen2), or None. prenormed: h read from
+    the previous gemv_add's prenorm outputs (x * norm quantized) instead of staged from x."""
     d = wq.cols
     n_tasks = n_heads * head_dim + n_kv * (2 * head_dim - rope_dim // 2)
     bq, bk, bv = biases if biases is not None else (NULL, NULL, NULL)
     _launch("qkv", wq, d, n_tasks,
             (x, norm, np.float32(eps), np.int32(d), wq.data, wk.data, wv.data, bq, bk, bv, _row_bytes(wq), q_out,
              cache_k, cache_v, position, cos_t, sin_t, np.int32(n_heads), np.int32(n_kv), np.int32(head_dim),
-             np.int32(rope_dim), np.int32(chunk_len)), dtype, per_block)
+             np.int32(rope_dim), np.int32(chunk_len)) + _prenormed_args(prenormed, wq, d), dtype, per_block)
 
 
-def gate_up(x, norm, eps, wg, wu, out, dtype: str, per_block: int | None = None, out_staged=None) -> None:
+def gate_up(x, norm, eps, wg, wu, out, dtype: str, per_block: int | None = None, out_staged=None,
+            prenormed: Prenormed | None = None) -> None:
     """h = rmsnorm(x) * norm; out (ffn,) act_t = silu(wg @ h) * (wu @ h). wg, wu: one stored type. out_staged:
-    also out quantized (staged_bytes(ffn) uint8) for an int8 down projection (ffn % 32 == 0)."""
+    also out quantized (staged_bytes(ffn) uint8) for an int8 down projection (ffn % 32 == 0). prenormed: h read from
+    the previous gemv_add's prenorm outputs instead of staged from x."""
     if out_staged is not None:
         per_block = per_block or tasks_per_block(wg.rows, multiple=32)
         if per_block % 32 or wg.rows % 32:
@@ -149,14 +207,16 @@ def gate_up(x, norm, eps, wg, wu, out, dtype: str, per_block: int | None = None,
                               f"a block)")
     _launch("gateup", wg, wg.cols, wg.rows,
             (x, norm, np.float32(eps), np.int32(wg.cols), wg.data, wu.data, _row_bytes(wg), np.int32(wg.rows), out,
-             NULL if out_staged is None else out_staged), dtype, per_block)
+             NULL if out_staged is None else out_staged) + _prenormed_args(prenormed, wg, wg.cols), dtype, per_block)
 
 
-def head(x, norm, eps, m, logits, dtype: str, per_block: int | None = None) -> None:
-    """logits (rows,) fp32 = m @ (rmsnorm(x) * norm)."""
+def head(x, norm, eps, m, logits, dtype: str, per_block: int | None = None,
+         prenormed: Prenormed | None = None) -> None:
+    """logits (rows,) fp32 = m @ (rmsnorm(x) * norm); prenormed: that input read from the last gemv_add's prenorm
+    outputs."""
     _launch("head", m, m.cols, m.rows,
-            (x, norm, np.float32(eps), np.int32(m.cols), m.data, _row_bytes(m), np.int32(m.rows), logits),
-            dtype, per_block)
+            (x, norm, np.float32(eps), np.int32(m.cols), m.data, _row_bytes(m), np.int32(m.rows), logits)
+            + _prenormed_args(prenormed, m, m.cols), dtype, per_block)
 
 
 # ---- the numpy model of the kernels' arithmetic ----------------------------------------------------------
@@ -182,14 +242,40 @@ def _block_offsets(tensor) -> np.ndarray | None:
     return dequantize(raw.reshape(-1), tensor.ggml_type, tensor.shape)[:, ::Q8_BLOCK]
 
 
-def reference(x: np.ndarray, tensor) -> np.ndarray:
-    """The numpy model of a quantized-weight GEMV: x (cols,) float32 (the act_t values the kernel reads), a
-    loader WeightTensor (rows, cols) -> (rows,) float64. Float weight types: the plain product."""
-    w = dequantize(tensor.raw, tensor.ggml_type, tensor.shape).astype(np.float64)
+def prenorm_outputs(x: np.ndarray, next_norm: np.ndarray, per_block: int) -> tuple[np.ndarray, np.ndarray]:
+    """What gemv_add's prenorm epilogue writes for the updated residual x (rows,) fp32: the staged bytes of
+    u = x * next_norm (fp32) quantized (staged_bytes(rows) uint8: int8 q, fp32 d, fp32 s) and the partial sums of
+    x^2 over each block of per_block rows (float64 here; the kernel sums in fp32)."""
     x = np.asarray(x, np.float32)
-    if GGMLType(tensor.ggml_type) not in INT8_TYPES:
-        return w @ x.astype(np.float64)
-    q, d, s = quantize_q8(x)
+    q, d, s = quantize_q8(x * np.asarray(next_norm, np.float32))
+    staged = np.concatenate([q.view(np.uint8), d.astype(np.float32).view(np.uint8),
+                             s.astype(np.float32).view(np.uint8)])
+    squares = x.astype(np.float64) ** 2
+    partials = np.array([squares[i:i + per_block].sum() for i in range(0, len(x), per_block)])
+    return staged, partials
+
+
+def prenormed_q8(staged: np.ndarray, partials: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What qkv / gate_up / head compute from a prenormed input (prenorm_outputs' staged bytes and partials): the
+    int8 values of x * w as stored, their scales and sums times s = rsqrt(sum(partials) / d + eps) (fp32)."""
+    n = len(staged) * 4 // 5
+    q = np.asarray(staged[:n]).view(np.int8)
+    scales = np.asarray(staged[n:]).view(np.float32)
+    s = np.float32(1 / np.sqrt(np.float32(np.sum(partials) / n) + np.float32(eps)))
+    return q, scales[:n // 32] * s, scales[n // 32:] * s
+
+
+def reference(x: np.ndarray | None, tensor, q8: tuple | None = None) -> np.ndarray:
+    """The numpy model of a quantized-weight GEMV: x (cols,) float32 (the act_t values the kernel reads), a
+    loader WeightTensor (rows, cols) -> (rows,) float64. Float weight types: the plain product. q8: the input
+    already quantized (q, d, s as quantize_q8 or prenormed_q8 give them; x None), for the int8 types."""
+    w = dequantize(tensor.raw, tensor.ggml_type, tensor.shape).astype(np.float64)
+    if q8 is not None:
+        q, d, s = q8
+    elif GGMLType(tensor.ggml_type) not in INT8_TYPES:
+        return w @ np.asarray(x, np.float32).astype(np.float64)
+    else:
+        q, d, s = quantize_q8(np.asarray(x, np.float32))
     x_hat = (q.astype(np.float64).reshape(-1, Q8_BLOCK) * d[:, None]).reshape(-1)
     offsets = _block_offsets(tensor)
     if offsets is None:
