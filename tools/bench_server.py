@@ -94,7 +94,7 @@ def aggregate_table(args, clients: list[int], parallel: list[int], batching: lis
     text_ids = None
     rows = []
     for slots in parallel:
-        llm = engine.load(args.model, device=args.device, context=args.p + args.n + 16, slots=slots)
+        llm = engine.load(args.model, device=args.device, dtype=args.dtype, context=args.p + args.n + 16, slots=slots)
         if text_ids is None:
             text_ids = llm.tokenize(prose())
             prompts = iter(text_ids[i:i + args.p] for i in range(0, len(text_ids) - args.p, args.p))
@@ -115,7 +115,7 @@ def aggregate_table(args, clients: list[int], parallel: list[int], batching: lis
 def batch_steps_table(args, sizes: list[int]) -> None:
     """Seconds of a decode step of B sequences (after -p prompt tokens each), B forwards vs one batch: the best
     and the median of -n rounds (on a loaded machine the best is the model's own time, the median what it got)."""
-    llm = engine.load(args.model, device=args.device, context=args.p + 2 * args.n + 16, slots=max(sizes))
+    llm = engine.load(args.model, device=args.device, dtype=args.dtype, context=args.p + 2 * args.n + 16, slots=max(sizes))
     text_ids = llm.tokenize(prose())
     print(f"device {llm.device} ({llm.dtype}); decode steps after {args.p} prompt tokens, best / median of {args.n} "
           f"rounds")
@@ -144,6 +144,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", default=None)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "f16", "bf16"],
+                        help="CUDA activations (random-weight files need bf16: fp16 overflows)")
     parser.add_argument("-n", type=int, default=128, help="tokens to generate (tg N)")
     parser.add_argument("-p", type=int, default=512, help="prompt tokens before the generation")
     parser.add_argument("--long", type=int, default=4096, help="prompt tokens for the time-to-first-token runs")
@@ -166,7 +168,7 @@ def main() -> None:
                         [batching[mode] for mode in args.batch_decode.split(",")])
         return
 
-    llm = engine.load(args.model, device=args.device, context=max(args.p + args.n, args.long) + 16)
+    llm = engine.load(args.model, device=args.device, dtype=args.dtype, context=max(args.p + args.n, args.long) + 16)
     text_ids = llm.tokenize(prose())
     short, long = text_ids[:args.p], text_ids[1000:1000 + args.long]
     list(llm.generate_ids(short, 8, SamplingParams(temperature=0.0)))  # warm-up (kernels, pools)
