@@ -110,7 +110,8 @@ class KVCache:
             if isinstance(store, EncodedStore):
                 store[:, :n].load_bytes(rows)
             else:
-                store[:, :n] = self.xp.asarray(rows)
+                for layer in range(rows.shape[0]):  # a layer at a time: rows may be a file's memory map
+                    store[layer, :n] = self.xp.asarray(rows[layer])
         self.length = n
 
 

@@ -117,10 +117,11 @@ def load_session(session: Any, path: Path) -> None:
             missing = {"tokens", "k", "v"} - set(f.keys())
             if missing:
                 raise SessionFileError(f"{path}: not a complete session file (no {', '.join(sorted(missing))})")
-            tokens, k, v = f.get_tensor("tokens"), f.get_tensor("k"), f.get_tensor("v")
+            tokens = f.get_tensor("tokens")
+        k, v = _mapped(path, ("k", "v"))  # views of the file: no host copy of the rows before the cache's own
     except FileNotFoundError:
         raise SessionFileError(f"{path}: no such session file") from None
-    except (SafetensorError, OSError) as e:
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise SessionFileError(f"{path}: not a readable session file (truncated or corrupt: {e})") from None
     c = llm.config
     expected = session.cache.stored_layout(len(tokens))  # [(shape, dtype) of the keys, of the values]
@@ -136,6 +137,29 @@ def load_session(session: Any, path: Path) -> None:
     session.cache.load_rows(k, v)
     session.tokens = [int(t) for t in tokens]
     session.messages = messages
+
+
+# safetensors dtype names of the tensors a session file holds
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "U16": np.uint16, "U8": np.uint8, "I32": np.int32}
+
+
+def _mapped(path: Path, names: tuple[str, ...]) -> list[np.ndarray]:
+    """Read-only memory-mapped views of the named tensors of a safetensors file that safe_open has already checked
+    (header length u64 | JSON header | data; offsets relative to the data)."""
+    with open(path, "rb") as raw:
+        header_len = int(np.frombuffer(raw.read(8), "<u8")[0])
+        header = json.loads(raw.read(header_len))
+    views = []
+    for name in names:
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        dtype = np.dtype(_NUMPY_DTYPES[entry["dtype"]])
+        if end - begin != int(np.prod(shape)) * dtype.itemsize:
+            raise ValueError(f"tensor {name} has {end - begin} bytes for shape {shape} {entry['dtype']}")
+        views.append(np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + begin, shape=shape)
+                     if end > begin else np.empty(shape, dtype))
+    return views
 
 
 def _check_metadata(path: Path, metadata: dict[str, str], settings: dict[str, str]) -> None:
