@@ -41,11 +41,12 @@ CONSUMER_THREADS, TMA_THREADS = 256, 288
 COPY_BANDWIDTH_H100 = 3.35e12  # bytes/s, the H100 SXM's rated bandwidth (the floor's denominator on an H100)
 
 
-def build(cp):
-    """common.cuh, dequant.cuh, dca.cuh, mma.cuh, wgmma.cuh, gemv.cu, then gemv_tma.cu, f16 activations."""
+def build(cp, extra: tuple[str, ...] = ()):
+    """common.cuh, dequant.cuh, dca.cuh, mma.cuh, wgmma.cuh, gemv.cu, then gemv_tma.cu and the `extra` files of
+    dev/cuda/, f16 activations."""
     parts = [(kernels.KERNEL_DIR / f).read_text() for f in
              ("common.cuh", "dequant.cuh", "dca.cuh", "mma.cuh", "wgmma.cuh", "gemv.cu")]
-    parts.append(Path(__file__).with_name("gemv_tma.cu").read_text())
+    parts += [Path(__file__).with_name(f).read_text() for f in ("gemv_tma.cu",) + extra]
     return cp.RawModule(code="\n".join(parts), options=kernels.NVRTC_OPTIONS)
 
 
