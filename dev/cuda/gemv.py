@@ -371,7 +371,7 @@ def main() -> None:
     variants = sorted({r["variant"].split("/", 1)[1] for r in gemvs})  # bpsN[/NAME=VALUE...]
     step = {v: sum(r["seconds"] for r in gemvs if r["shape"] in STEP_8B and r["variant"].endswith("/" + v))
             for v in variants}
-    if all(step.values()) and all(any(r["shape"] == s for r in rows) for s in STEP_8B):
+    if step and all(step.values()) and all(any(r["shape"] == s for r in rows) for s in STEP_8B):
         print("8B step GEMVs (us) by variant: " + ", ".join(f"{v}: {t * 1e6:.0f}" for v, t in step.items()))
         best = min(step, key=step.get)
         print(f"best variant: {best}")
