@@ -3,7 +3,9 @@
     engine bench [-m MODEL] [--synthetic] [-p 512,8192,32768] [-n 128] [-d 0,32768] [-r 3] [--json]
                  [the load options of generate: -c, --device, --dtype, --dca*, --rope-*, --attn-temperature]
 
-ppN: N prompt tokens into an empty cache (no logits), tokens/s. tgN @ dD: N greedy decode steps after
+ppN: N prompt tokens into an empty cache (no logits), tokens/s, and the TFLOP/s that makes (prefill_flops: every
+layer's products and the causal attention pairs) against the device's dense matrix product measured in the same run
+(matmul_peak: fp16 tensor cores on CUDA, numpy's float32 BLAS on the CPU). tgN @ dD: N greedy decode steps after
 a D-token context, through the backend's decode loop (on the GPU a CUDA graph, already captured: the
 one-off eager step and capture, ~4 + 5 ms, are not timed). Each test runs once to warm up, then -r
 times; the table shows mean ± sd of tokens/s.
@@ -112,6 +114,48 @@ class BenchResult:
         return {"test": self.test, "tokens": self.n_tokens, "depth": self.depth,
                 "tokens_per_s": statistics.fmean(rates), "sd": statistics.stdev(rates) if len(rates) > 1 else 0.0,
                 "runs": len(rates)}
+
+
+def prefill_flops(config: ModelConfig, n: int) -> float:
+    """Floating-point operations (2 per multiply-add) of an n-token prefill into an empty cache without logits: every
+    layer's products (Q, K, V, O, gate, up, down) and attention over the n(n+1)/2 causal query-key pairs (QK^T and
+    PV: 2 x 2 x heads x head_dim a pair; DCA remaps positions, not pairs)."""
+    c = config
+    q_width, kv_width = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    weights = c.d_model * (q_width + 2 * kv_width) + q_width * c.d_model + 3 * c.d_model * c.ffn_dim
+    pairs = n * (n + 1) / 2
+    return c.n_layers * (2.0 * n * weights + 4.0 * q_width * pairs)
+
+
+PEAK_SIZES = {"cuda": 8192, "cpu": 1024}  # square operands of matmul_peak
+
+
+def matmul_peak(backend, reps: int = 3) -> tuple[float, str]:
+    """(FLOP/s, what was measured) of the backend's dense matrix product now: the fastest of `reps` products of two
+    random square matrices (CUDA: fp16 on the tensor cores, 8192^2; CPU: float32 through numpy's BLAS, 1024^2)."""
+    n = PEAK_SIZES[backend.name]
+    rng = np.random.default_rng(0)
+    if backend.name == "cuda":
+        import cupy as cp
+
+        with backend.activate():
+            a, b = (cp.asarray(rng.standard_normal((n, n), np.float32).astype(np.float16)) for _ in range(2))
+            seconds = []
+            for _ in range(reps + 1):  # the first product warms up (cuBLAS handle, workspace)
+                start, end = cp.cuda.Event(), cp.cuda.Event()
+                start.record()
+                cp.matmul(a, b)
+                end.record()
+                end.synchronize()
+                seconds.append(cp.cuda.get_elapsed_time(start, end) / 1e3)
+        return 2.0 * n ** 3 / min(seconds[1:]), f"fp16 GEMM {n}^2"
+    a, b = (rng.standard_normal((n, n), np.float32) for _ in range(2))
+    seconds = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        a @ b
+        seconds.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / min(seconds[1:]), f"float32 GEMM {n}^2"
 
 
 def new_cache(model, capacity: int, cache_types: tuple[str, str] | None = None):
@@ -322,6 +366,11 @@ def bench(settings: LoadSettings, synthetic, shape, save_gguf, n_prompt, n_gen, 
     results += [bench_generation(model, llm.decoders, n_gen, d, repetitions, ubatch, rng, llm.cache_types)
                 for d in depths]
     rows = [r.row() for r in results]
+    peak = matmul_peak(backend) if prompts else None
+    for row in rows:
+        if row["test"].startswith("pp"):
+            row["tflops"] = prefill_flops(model.config, row["tokens"]) * row["tokens_per_s"] / row["tokens"] / 1e12
+            row["peak_fraction"] = row["tflops"] * 1e12 / peak[0]
     hf_rows = None
     if hf and not synthetic and shape is None and hf_available():
         path = Path(settings.model) if settings.model is not None else default_model_path()
@@ -331,18 +380,25 @@ def bench(settings: LoadSettings, synthetic, shape, save_gguf, n_prompt, n_gen, 
             row["speedup_vs_hf"] = row["tokens_per_s"] / theirs["tokens_per_s"]
     if as_json:
         click.echo(json.dumps({"model": label, "device": backend.name, "dtype": activations, "dca": dca is not None,
-                               "cache_types": "/".join(llm.cache_types), "results": rows}, indent=2))
+                               "cache_types": "/".join(llm.cache_types),
+                               "matmul_peak_tflops": peak and peak[0] / 1e12, "matmul_peak": peak and peak[1],
+                               "results": rows}, indent=2))
         return
     click.echo(f"model: {label}   device: {backend.name}   dtype: {activations}   dca: {'on' if dca else 'off'}   "
                f"KV cache: {'/'.join(llm.cache_types)}")
     extra = f" {'HF tokens/s':>12} | {'ratio':>6} |" if hf_rows else ""
-    click.echo(f"| {'test':>8} | {'depth':>6} | {'tokens/s':>20} |{extra}")
-    click.echo(f"| {'-' * 8} | {'-' * 6} | {'-' * 20} |" + (f" {'-' * 12} | {'-' * 6} |" if hf_rows else ""))
+    click.echo(f"| {'test':>8} | {'depth':>6} | {'tokens/s':>20} | {'TFLOP/s':>8} | {'of peak':>7} |{extra}")
+    click.echo(f"| {'-' * 8} | {'-' * 6} | {'-' * 20} | {'-' * 8} | {'-' * 7} |"
+               + (f" {'-' * 12} | {'-' * 6} |" if hf_rows else ""))
     for row in rows:
         line = f"| {row['test']:>8} | {row['depth']:>6} | {row['tokens_per_s']:>11.1f} ± {row['sd']:>6.1f} |"
+        line += (f" {row['tflops']:>8.2f} | {row['peak_fraction']:>7.1%} |" if "tflops" in row else
+                 f" {'':>8} | {'':>7} |")
         if hf_rows:
             line += f" {row['hf_tokens_per_s']:>12.1f} | {row['speedup_vs_hf']:>5.2f}x |"
         click.echo(line)
+    if peak:
+        click.echo(f"of peak: against a {peak[1]} measured now, {peak[0] / 1e12:.2f} TFLOP/s")
 
 
 def main() -> None:  # `python -m engine.bench`

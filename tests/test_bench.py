@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engine.bench import SMOLLM2_CONFIG, bench, synthetic_weight, synthetic_weights
+from engine.bench import SMOLLM2_CONFIG, bench, prefill_flops, synthetic_weight, synthetic_weights
+from engine.loader import open_model
 from engine.weights.quant import GGMLType
 
 TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K,
@@ -53,6 +54,21 @@ def test_bench_json_reports_every_test(tiny_gguf):
     assert [(r["test"], r["depth"], r["runs"]) for r in report["results"]] == [
         ("pp16", 0, 2), ("pp40", 0, 2), ("tg4", 8, 2)]
     assert all(r["tokens_per_s"] > 0 and r["sd"] >= 0 for r in report["results"])
+    # prompt tests: the FLOP/s of prefill_flops at that rate, against the matrix peak measured in the run
+    assert report["matmul_peak_tflops"] > 0 and report["matmul_peak"].startswith("float32 GEMM")
+    for r in report["results"]:
+        assert ("tflops" in r) == r["test"].startswith("pp")
+        if "tflops" in r:
+            assert math.isclose(r["tflops"], prefill_flops(open_model(tiny_gguf).config, r["tokens"]) * r["tokens_per_s"]
+                                / r["tokens"] / 1e12)
+            assert math.isclose(r["peak_fraction"], r["tflops"] / report["matmul_peak_tflops"])
+
+
+def test_prefill_flops_counts_products_and_causal_pairs():
+    c = SMOLLM2_CONFIG  # 30 layers, d 576, 9 / 3 heads of 64, ffn 1536
+    per_layer_weights = 576 * (576 + 2 * 192) + 576 * 576 + 3 * 576 * 1536
+    assert prefill_flops(c, 1) == 30 * (2 * per_layer_weights + 4 * 576 * 1)
+    assert prefill_flops(c, 100) == 30 * (2 * 100 * per_layer_weights + 4 * 576 * 5050)
 
 
 def test_bench_context_holds_the_longest_generation_test(tiny_gguf):
