@@ -140,3 +140,12 @@ def test_bench_shape_runs_and_saves_a_gguf_llama_cpp_can_read(tmp_path, monkeypa
     assert tensors["output.weight"] == gguf.GGMLQuantizationType.Q6_K and "blk.1.attn_v.bias" in tensors
     assert engine.load(out, context=32).config.architecture == "qwen2"
     assert bench_module.shape_model("qwen2.5-7b").config == small
+
+
+@pytest.mark.cuda
+def test_matmul_peak_on_cuda_is_a_tensor_core_rate():
+    from engine.backends.cuda import CudaBackend
+    from engine.bench import matmul_peak
+
+    flops, what = matmul_peak(CudaBackend("f16"))
+    assert what == "fp16 GEMM 8192^2" and 20e12 < flops < 5e15  # any tensor-core GPU; an H100 gives ~700 TFLOP/s
