@@ -22,6 +22,7 @@ from engine.bench import synthetic_weight, synthetic_weights
 from engine.config import ModelConfig, RopeConfig
 from engine.models.presets import PRESETS as SHAPE_PRESETS
 from engine.sampling import SamplingParams
+from prenorm_emulation import rounded
 from engine.weights.quant import GGMLType
 
 DTYPES = ("f16", "bf16")
@@ -39,15 +40,6 @@ def rel_err(got, ref) -> float:
     got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     assert got.shape == ref.shape and np.isfinite(got).all()
     return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-
-
-def rounded(x, dtype: str) -> np.ndarray:
-    """x rounded to the activation dtype, as float32."""
-    x = np.asarray(x, np.float32)
-    if dtype == "f16":
-        return x.astype(np.float16).astype(np.float32)
-    u = x.view(np.uint32)
-    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
 
 
 @pytest.mark.parametrize("ggml_type", [t for t in TYPES if t in gemv.INT8_TYPES], ids=lambda t: t.name)

@@ -61,9 +61,8 @@ def _params(kernel: str, suffix: str, dtype: str) -> list[str]:
     return params("gemv", kernel, dtype, kernels.per_type(gemv.INSTANCE_MACRO, suffix))
 
 
-@pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q8_0, GGMLType.F16])
-@pytest.mark.parametrize("launch", sorted(LAUNCHES))
-def test_gemv_launch_arguments_match_the_kernel_parameters(monkeypatch, launch, ggml_type):
+def recorded_launches(monkeypatch) -> list:
+    """gemv.py's kernels replaced by Recorders (on an H100's limits): the list they are appended to as launched."""
     launched = []
 
     def fake_function(file, kernel, dtype, instance=None):
@@ -72,6 +71,13 @@ def test_gemv_launch_arguments_match_the_kernel_parameters(monkeypatch, launch, 
 
     monkeypatch.setattr(gemv, "function", fake_function)
     monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 227 * 1024))
+    return launched
+
+
+@pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q8_0, GGMLType.F16])
+@pytest.mark.parametrize("launch", sorted(LAUNCHES))
+def test_gemv_launch_arguments_match_the_kernel_parameters(monkeypatch, launch, ggml_type):
+    launched = recorded_launches(monkeypatch)
     m = _matrix(256, 512, ggml_type)
     if launch.endswith("+prenormed") and ggml_type not in gemv.INT8_TYPES:
         with pytest.raises(DeviceError, match="int8 weight type"):
@@ -85,14 +91,7 @@ def test_gemv_launch_arguments_match_the_kernel_parameters(monkeypatch, launch, 
 def test_prenorm_launches_blocks_of_whole_32_row_groups(monkeypatch):
     """gemv_add with prenorm outputs: per_block a multiple of 32 (at 8B widths on 132 SMs, 32: 128 blocks, the
     partials its consumers sum), the grid prenorm_blocks; rows or per_block off the 32-row groups are refused."""
-    launched = []
-
-    def fake_function(file, kernel, dtype, instance=None):
-        launched.append(Recorder(kernel))
-        return launched[-1]
-
-    monkeypatch.setattr(gemv, "function", fake_function)
-    monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 227 * 1024))
+    launched = recorded_launches(monkeypatch)
     prenorm = gemv.Prenorm(DeviceArray(), DeviceArray(), DeviceArray())
     for rows, cols in ((4096, 4096), (4096, 14336), (8192, 28672), (2080, 4096)):
         m = _matrix(rows, cols, GGMLType.Q4_K)

@@ -363,6 +363,17 @@ def test_device_greedy_with_repeat_penalty(cuda, rng):
         assert int(sampler.ring_count.get()[0]) == (17 if params.repeat_penalty != 1.0 else 0)
 
 
+def device_draws(cp, sampler, logits: np.ndarray, n: int = 3000) -> list[int]:
+    """n tokens the device sampler draws from the same (vocab,) logits, one launch each (position not advanced)."""
+    position = cp.zeros(1, dtype=cp.int32)
+    device_logits = cp.asarray(logits[None])
+    draws = []
+    for _ in range(n):
+        sampler.launch(device_logits, position, advance=False)
+        draws.append(int(sampler.token.get()[0]))
+    return draws
+
+
 def test_device_sampling_distribution(cuda, rng):
     from engine.backends.cuda.sampling import DeviceSampler
 
@@ -372,20 +383,14 @@ def test_device_sampling_distribution(cuda, rng):
     params = SamplingParams(temperature=0.7, top_k=12, top_p=0.9, min_p=0.05, seed=3)
     ids, probs = host_candidates(logits.astype(np.float64), params)
     sampler = DeviceSampler(cp, params, [])
-    position = cp.zeros(1, dtype=cp.int32)
-    device_logits = cp.asarray(logits[None])
-    draws = []
-    for _ in range(3000):
-        sampler.launch(device_logits, position, advance=False)
-        draws.append(int(sampler.token.get()[0]))
+    draws = device_draws(cp, sampler, logits)
     draws = np.array(draws)
     assert set(draws) <= set(ids.tolist())
     freq = np.array([(draws == i).mean() for i in ids])
     assert np.abs(freq - probs).max() < 0.035
     # the same seed draws the same tokens
     again = DeviceSampler(cp, params, [])
-    again.launch(device_logits, position, advance=False)
-    assert int(again.token.get()[0]) == draws[0]
+    assert device_draws(cp, again, logits, 1) == [draws[0]]
 
 
 def test_device_top_k_on_a_flat_distribution_scans_the_whole_vocabulary(cuda, rng):
@@ -546,12 +551,7 @@ def test_device_stochastic_split_distribution_and_pool(cuda, vocab):
     params = SamplingParams(temperature=0.7, top_k=12, top_p=0.9, min_p=0.05, seed=11)
     ids, probs = host_candidates(logits.astype(np.float64), params)
     sampler = DeviceSampler(cp, params, [])
-    position = cp.zeros(1, dtype=cp.int32)
-    device_logits = cp.asarray(logits[None])
-    draws = []
-    for _ in range(3000):
-        sampler.launch(device_logits, position, advance=False)
-        draws.append(int(sampler.token.get()[0]))
+    draws = device_draws(cp, sampler, logits)
     n_pool = int(sampler.pool_count.get()[0])
     assert n_pool == len(near)
     assert sorted(sampler.pool_i.get()[:n_pool].tolist()) == near.tolist()
@@ -562,9 +562,7 @@ def test_device_stochastic_split_distribution_and_pool(cuda, vocab):
     freq = np.array([(draws == i).mean() for i in ids])
     assert np.abs(freq - probs).max() < 0.035
     again = DeviceSampler(cp, params, [])
-    for step in range(50):
-        again.launch(device_logits, position, advance=False)
-        assert int(again.token.get()[0]) == draws[step], step
+    assert device_draws(cp, again, logits, 50) == draws[:50].tolist()
     assert int(sampler.counter.get()[0]) == 3000
 
 

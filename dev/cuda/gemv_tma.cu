@@ -35,6 +35,17 @@ __device__ __forceinline__ void bulk_prefetch_l2(const void* src, unsigned bytes
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
 }
 
+// This block's share of the next GEMV's weights (next_bytes, split evenly over the grid, at most NEXT_PREFETCH_BYTES)
+// asked of L2 in 64 KiB pieces.
+__device__ __forceinline__ void prefetch_share(const u8* next, long long next_bytes) {
+    long long share = (next_bytes + gridDim.x - 1) / gridDim.x;
+    share = min(share, (long long)NEXT_PREFETCH_BYTES);
+    share = (share + 15) & ~15LL;
+    const long long begin = blockIdx.x * share, end = min(next_bytes, begin + share);
+    for (long long off = begin; off < end; off += 65536)
+        bulk_prefetch_l2(next + off, (unsigned)min(65536LL, (end - off + 15) & ~15LL));
+}
+
 template <int T>
 __device__ __forceinline__ void gemv_tma_body(const u8* __restrict__ w, long long row_bytes,
                                               const act_t* __restrict__ x, int rows, int cols, float* __restrict__ y,
@@ -61,14 +72,7 @@ __device__ __forceinline__ void gemv_tma_body(const u8* __restrict__ w, long lon
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         for (int k = 0; k < min(stages, n_stages); ++k) issue(k);
-        if (next != nullptr) {
-            long long share = (next_bytes + gridDim.x - 1) / gridDim.x;
-            share = min(share, (long long)NEXT_PREFETCH_BYTES);
-            share = (share + 15) & ~15LL;
-            const long long begin = blockIdx.x * share, end = min(next_bytes, begin + share);
-            for (long long off = begin; off < end; off += 65536)
-                bulk_prefetch_l2(next + off, (unsigned)min(65536LL, (end - off + 15) & ~15LL));
-        }
+        if (next != nullptr) prefetch_share(next, next_bytes);
     }
     __syncthreads();  // the mbarriers initialized
     stage<T>([&](int i) { return a2f(x[i]); }, cols, smem);
@@ -116,14 +120,7 @@ template <int T>
 __device__ __forceinline__ void gemv_next_body(const u8* __restrict__ w, long long row_bytes,
                                                const act_t* __restrict__ x, int rows, int cols, float* __restrict__ y,
                                                int per_block, const u8* __restrict__ next, long long next_bytes) {
-    if (threadIdx.x == 0 && next != nullptr) {
-        long long share = (next_bytes + gridDim.x - 1) / gridDim.x;
-        share = min(share, (long long)NEXT_PREFETCH_BYTES);
-        share = (share + 15) & ~15LL;
-        const long long begin = blockIdx.x * share, end = min(next_bytes, begin + share);
-        for (long long off = begin; off < end; off += 65536)
-            bulk_prefetch_l2(next + off, (unsigned)min(65536LL, (end - off + 15) & ~15LL));
-    }
+    if (threadIdx.x == 0 && next != nullptr) prefetch_share(next, next_bytes);
     gemv_body<T>(w, row_bytes, x, rows, cols, y, 1, per_block);
 }
 

@@ -18,6 +18,7 @@ kernel ran 40 rounds over the whole vocabulary on one block).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -28,6 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from engine.backends.cuda import kernels  # noqa: E402
 from engine.backends.cuda.sampling import DeviceSampler  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("gemv_driver", Path(__file__).with_name("gemv.py"))
+_gemv_driver = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_gemv_driver)
+time_launches = _gemv_driver.time_launches  # (cp, launch(i), copies, reps): median seconds a launch in a CUDA graph
 
 MODES = {  # name: (params, logits shape)
     "greedy": (SamplingParams(temperature=0.0), "spread"),  # engine bench's settings
@@ -266,29 +272,6 @@ def compare(cp, vocab: int, params: SamplingParams, shape: str, steps: int, seed
     return problems
 
 
-def time_launches(cp, launch, reps: int, per_graph: int = 40) -> float:
-    """Median seconds per launch of `launch()`, captured per_graph times in a CUDA graph."""
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        launch()  # compile, warm
-        stream.synchronize()
-        stream.begin_capture()
-        for _ in range(per_graph):
-            launch()
-        graph = stream.end_capture()
-        graph.launch(stream)
-        stream.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = cp.cuda.Event(), cp.cuda.Event()
-            start.record(stream)
-            graph.launch(stream)
-            end.record(stream)
-            end.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, end) / 1e3 / per_graph)
-    return float(np.median(times))
-
-
 def time_mode(cp, vocab: int, params: SamplingParams, shape: str, reps: int) -> tuple[float, float]:
     """(old, new) seconds per call. The logits are restored before every call (a copy, timed for both alike and
     subtracted), so the penalty and the pool see the same values at every replay."""
@@ -303,9 +286,9 @@ def time_mode(cp, vocab: int, params: SamplingParams, shape: str, reps: int) -> 
     def restore():
         cp.copyto(logits, source)
 
-    copy = time_launches(cp, restore, reps)
-    t_old = time_launches(cp, lambda: (restore(), launch_old(fn, old, logits, position, False)), reps)
-    t_new = time_launches(cp, lambda: (restore(), new.launch(logits, position, False)), reps)
+    copy = time_launches(cp, lambda _: restore(), 1, reps)
+    t_old = time_launches(cp, lambda _: (restore(), launch_old(fn, old, logits, position, False)), 1, reps)
+    t_new = time_launches(cp, lambda _: (restore(), new.launch(logits, position, False)), 1, reps)
     return t_old - copy, t_new - copy
 
 
