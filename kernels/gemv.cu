@@ -29,8 +29,9 @@
 //   gemv_add_T   x[r] += act_t(W[r].a) (fp32 residual in place); with a_staged (int8 types), a arrives quantized
 //                by the kernel that produced it (store_q8_block: gateup's or dca_combine's epilogue) and is copied
 //                in (copy_staged) instead of staged: the same values, without the per-block quantization; with
-//                out_staged (prenorm_epilogue; per_block, rows % 32 == 0), then x[r] * next_norm[r] quantized for
-//                the next RMSNorm-fused product and partials[block] = the block's sum of x[r]^2
+//                out_staged (prenorm_epilogue; rows % 32 == 0), then x[r] * next_norm[r] quantized for the next
+//                RMSNorm-fused product (32-row groups across blocks handed off through arrivals) and
+//                partials[block] = the block's sum of x[r]^2
 //   qkv_T        tasks: Hq*D query rows (act_t out, unrotated) | per KV head, R/2 rotary pairs (two rows,
 //                rotated at the key position, stored in the cache) and D-R pass-through rows | Hkv*D
 //                value rows (stored in the cache); input rmsnorm(x)*w; position read from pos[0]; with
@@ -409,25 +410,48 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long ro
     });
 }
 
-// gemv_add's epilogue for the next RMSNorm-fused product (per_block % 32 == 0, rows % 32 == 0): once every row of
-// the block is written, each warp takes 32-row groups of the block and stores u = x[r] * next_norm[r] quantized
-// (store_q8_block, staged layout over `rows` values); the block writes the sum of x[r]^2 over its rows to
-// partials[blockIdx.x] (lanes, then warp_sum, then block_sum: a fixed order, no atomics).
+// gemv_add's epilogue for the next RMSNorm-fused product (rows % 32 == 0; per_block any multiple of 8, so a 32-row
+// group may span blocks): the block writes the sum of x[r]^2 over its rows to partials[blockIdx.x] (lanes, warp_sum,
+// block_sum: a fixed order, no atomics); then each group it touches is quantized by the block that stores its rows
+// last: u = x[r] * next_norm[r] (store_q8_block, staged layout over `rows` values). A group inside one block is that
+// block's; a group across blocks is handed off: each of its blocks, its rows stored and fenced, counts itself on
+// arrivals[group] (zero before the launch), and the one that finds all the others counted quantizes the group (reading
+// their rows through L2) and sets the count back to zero for the next launch. Which block that is does not change the
+// bytes: the group's 32 values are the same, quantized by one warp in one order.
+__device__ __forceinline__ float load_cg(const float* p) {  // through L2: another block's store, fenced before
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
 __device__ __forceinline__ void prenorm_epilogue(const float* x, const float* __restrict__ next_norm, int rows,
                                                  u8* __restrict__ out_staged, float* __restrict__ partials,
-                                                 int per_block) {
+                                                 unsigned* __restrict__ arrivals, int per_block) {
     __shared__ float scratch[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    const int r0 = blockIdx.x * per_block, r1 = min(rows, r0 + per_block);
+    __threadfence();  // every thread's stores of x visible beyond the block before any arrival is counted
     __syncthreads();  // every row of the block stored (x is read back from global memory)
-    const int end = min(rows, (blockIdx.x + 1) * per_block);
     float ss = 0.0f;
-    for (int b = blockIdx.x * per_block / 32 + (threadIdx.x >> 5); 32 * b < end; b += blockDim.x >> 5) {
-        const int r = 32 * b + (threadIdx.x & 31);
-        const float xr = x[r];
-        ss += xr * xr;
-        store_q8_block(xr * next_norm[r], b, rows, out_staged);
-    }
+    for (int r = r0 + threadIdx.x; r < r1; r += blockDim.x) ss += x[r] * x[r];
     ss = block_sum(ss, scratch);
     if (threadIdx.x == 0) partials[blockIdx.x] = ss;
+    for (int g = (r0 >> 5) + warp; 32 * g < r1; g += n_warps) {
+        const int first = 32 * g / per_block, last = min(32 * g + 31, rows - 1) / per_block;
+        bool mine = first == last;
+        if (!mine) {
+            unsigned counted = 0;
+            if (lane == 0) counted = atomicAdd(&arrivals[g], 1u);
+            counted = __shfl_sync(0xffffffffu, counted, 0);
+            mine = counted == (unsigned)(last - first);
+            if (mine && lane == 0) arrivals[g] = 0u;
+            if (mine) __threadfence();
+        }
+        if (mine) {
+            const int r = 32 * g + lane;
+            store_q8_block(load_cg(x + r) * next_norm[r], g, rows, out_staged);
+        }
+    }
 }
 
 template <int T>
@@ -435,7 +459,7 @@ __device__ __forceinline__ void gemv_add_body(const u8* __restrict__ w, long lon
                                               const act_t* __restrict__ a, const u8* __restrict__ a_staged, int rows,
                                               int cols, float* __restrict__ x, const float* __restrict__ next_norm,
                                               u8* __restrict__ out_staged, float* __restrict__ partials,
-                                              int per_block) {
+                                              unsigned* __restrict__ arrivals, int per_block) {
     extern __shared__ __align__(16) u8 smem[];
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
     prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T, 2>());
@@ -444,7 +468,7 @@ __device__ __forceinline__ void gemv_add_body(const u8* __restrict__ w, long lon
     each_row_dot<T, 2>(w, row_bytes, rows, cols, per_block, smem, prefetch, [&](int r, float acc) {
         if ((threadIdx.x & 31) == 0) x[r] = x[r] + a2f(f2a(acc));
     });
-    if (out_staged != nullptr) prenorm_epilogue(x, next_norm, rows, out_staged, partials, per_block);
+    if (out_staged != nullptr) prenorm_epilogue(x, next_norm, rows, out_staged, partials, arrivals, per_block);
 }
 
 // A Q/K/V row's value as the composed path rounds it: act_t(dot), then act_t(that + bias[i]) when b is set
@@ -575,9 +599,9 @@ __device__ __forceinline__ void head_body(const float* __restrict__ x, const flo
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_add_##NAME(                            \
         const u8* w, long long row_bytes, const act_t* a, const u8* a_staged, int rows, int cols, float* x, \
-        const float* next_norm, u8* out_staged, float* partials, int per_block) {                           \
+        const float* next_norm, u8* out_staged, float* partials, unsigned* arrivals, int per_block) {       \
         gemv_add_body<T>(w, row_bytes, a, a_staged, rows, cols, x, next_norm, out_staged, partials,         \
-                         per_block);                                                                        \
+                         arrivals, per_block);                                                              \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) qkv_##NAME(                                 \
         const float* x, const float* w_norm, float eps, int d, const u8* wq, const u8* wk, const u8* wv,   \

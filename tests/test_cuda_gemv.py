@@ -324,7 +324,9 @@ def assert_int8_equal_but_at_half_steps(got_q, u, d, where: str):
 def test_gemv_add_writes_the_next_products_prenormed_input(cp, ggml_type, rows, cols):
     """With prenorm outputs gemv_add leaves the residual as it does without them (bit for bit), and writes x * w
     quantized (int8 values as numpy's of the kernel's x, scales equal, sums to fp32 accuracy) and each block's sum of
-    x^2 (fp32 accuracy), for any grid of whole 32-row groups (8B widths, an odd multiple of 32, a small one)."""
+    x^2 (fp32 accuracy), for any grid (8B widths, an odd multiple of 32, a small one; blocks of 8, 16 and 24 rows hand
+    32-row groups off between two or three blocks, 40 between blocks that hold parts of two groups), and leaves every
+    group's arrival count at zero (launch after launch: the same bytes the second time)."""
     dtype = "f16"
     rng = np.random.default_rng(rows + cols + int(ggml_type))
     tensor = synthetic_weight("blk.0.ffn_down", ggml_type, (rows, cols), rng, 1 / np.sqrt(cols))
@@ -334,13 +336,15 @@ def test_gemv_add_writes_the_next_products_prenormed_input(cp, ggml_type, rows, 
     w_next = cp.asarray(rng.uniform(0.5, 1.5, rows).astype(np.float32))
     plain = cp.asarray(x0)
     gemv.gemv_add(a, m, plain, dtype)
-    for per_block in (None, 32, 96, 160):
+    arrivals = cp.zeros(rows // 32, dtype=cp.uint32)
+    for per_block in (None, 8, 16, 24, 32, 40, 96, 160, 8):
         blocks = gemv.prenorm_blocks(rows, per_block)
         staged = cp.full(gemv.staged_bytes(rows), 0xAB, dtype=cp.uint8)
         partials = cp.full(blocks + 1, np.nan, dtype=cp.float32)  # one more than written: must stay untouched
         x = cp.asarray(x0)
-        gemv.gemv_add(a, m, x, dtype, per_block=per_block, prenorm=gemv.Prenorm(w_next, staged, partials))
+        gemv.gemv_add(a, m, x, dtype, per_block=per_block, prenorm=gemv.Prenorm(w_next, staged, partials, arrivals))
         where = f"{rows}x{cols} {ggml_type.name} per_block {per_block}"
+        assert not cp.asnumpy(arrivals).any(), where
         got_x = cp.asnumpy(x)
         np.testing.assert_array_equal(got_x, cp.asnumpy(plain), err_msg=where)
         ref_staged, ref_partials = gemv.prenorm_outputs(got_x, cp.asnumpy(w_next), per_block or

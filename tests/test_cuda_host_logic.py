@@ -111,7 +111,8 @@ def test_staged_inputs_where_the_consumer_reads_int8():
 def test_prenormed_inputs_where_the_consumer_reads_int8_in_the_same_stage():
     """gemv_add writes the next RMSNorm-fused product's input (x * w quantized, partial sums of squares) where that
     product reads int8 input, d % 32 == 0, and both run fused in one pipeline stage: layer 0's qkv (after the
-    embedding) and a stage's first layer stage their own; one staged buffer of d values, one partial per 32 rows."""
+    embedding) and a stage's first layer stage their own; one staged buffer of d values, room for a partial per 8 rows
+    (a gemv_add block's least), a zeroed count per 32-row group."""
     from engine.self_extend import SelfExtendConfig
 
     def normed(blocks):
@@ -120,7 +121,8 @@ def test_prenormed_inputs_where_the_consumer_reads_int8_in_the_same_stage():
     blocks = fused_blocks(UNIFORM, n_layers=3)
     assert normed(blocks) == ([False, True, True], [True, True, True], True)
     staged, partials = blocks.normed
-    assert staged.nbytes == gemv.staged_bytes(576) and partials.dtype == np.float32 and partials.size == 576 // 32
+    assert staged.nbytes == gemv.staged_bytes(576) and partials.dtype == np.float32 and partials.size == 576 // 8
+    assert blocks.arrivals.dtype == np.uint32 and blocks.arrivals.size == 576 // 32 and not blocks.arrivals.any()
     assert normed(fused_blocks(UNIFORM, n_layers=3, extension=SelfExtendConfig(group_size=4, window=64))) == \
         normed(blocks)  # the extension's attention changes neither gemv_add nor qkv's input
     assert normed(fused_blocks(UNIFORM, n_layers=3, stages=[range(0, 1), range(1, 3)])) == \
@@ -140,7 +142,7 @@ def test_prenormed_inputs_where_the_consumer_reads_int8_in_the_same_stage():
 def test_decode_step_chains_prenorm_outputs_into_the_next_product(monkeypatch):
     """Each gemv_add writes the input of the product after it with that product's norm weight (the o product: its
     layer's ffn_norm; the down product: the next layer's attn_norm, after the last layer output_norm), and that
-    product reads it with the producer's grid as its partial count (blocks of whole 32-row groups)."""
+    product reads it with the producer's grid as its partial count (the plain gemv_add grid)."""
     from types import SimpleNamespace
 
     from engine.backends.cuda import fused
@@ -174,12 +176,12 @@ def test_decode_step_chains_prenorm_outputs_into_the_next_product(monkeypatch):
     blocks.head(x)
     assert [op for op, _, _ in calls] == ["qkv", "gemv_add", "gate_up", "gemv_add"] * 2 + ["head"]
     staged, partials = blocks.normed
-    read = gemv.Prenormed(staged, partials, 576 // 32)  # 576 rows, 32 a block (tasks_per_block: 8 -> 32)
-    assert gemv.prenorm_blocks(576) == 576 // 32
+    read = gemv.Prenormed(staged, partials, 576 // 8)  # 576 rows, 8 a block (tasks_per_block over 132 x 2 blocks)
+    assert gemv.prenorm_blocks(576) == 576 // 8
     assert [kw["prenormed"] for op, _, kw in calls if op != "gemv_add"] == [None, read, read, read, read]
     written = [kw["prenorm"] for op, _, kw in calls if op == "gemv_add"]
     assert [p.next_norm for p in written] == ["blk.0.ffn_norm", "blk.1.attn_norm", "blk.1.ffn_norm", "output_norm"]
-    assert all(p.staged is staged and p.partials is partials for p in written)
+    assert all(p.staged is staged and p.partials is partials and p.arrivals is blocks.arrivals for p in written)
 
 
 def test_device_sampling_eligibility():

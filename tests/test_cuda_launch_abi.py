@@ -45,7 +45,7 @@ LAUNCHES = {  # helper name -> call with stand-ins (dtype given)
     "gateup": lambda m, dt: gemv.gate_up(DeviceArray(), DeviceArray(), 1e-5, m, m, DeviceArray(), dt),
     "head": lambda m, dt: gemv.head(DeviceArray(), DeviceArray(), 1e-5, m, DeviceArray(), dt),
     "gemv_add+prenorm": lambda m, dt: gemv.gemv_add(DeviceArray(), m, DeviceArray(), dt, prenorm=gemv.Prenorm(
-        DeviceArray(), DeviceArray(), DeviceArray())),
+        DeviceArray(), DeviceArray(), DeviceArray(), DeviceArray())),
     "qkv+prenormed": lambda m, dt: gemv.qkv(DeviceArray(), DeviceArray(), 1e-5, m, _matrix(64, m.cols, m.ggml_type),
                                             _matrix(64, m.cols, m.ggml_type), None, DeviceArray(), DeviceArray(),
                                             DeviceArray(), DeviceArray(), DeviceArray(), DeviceArray(), 4, 1, 64, 64,
@@ -88,19 +88,18 @@ def test_gemv_launch_arguments_match_the_kernel_parameters(monkeypatch, launch, 
     assert [kind(a) for a in recorder.args] == _params(recorder.name, m.suffix, "bf16"), recorder.name
 
 
-def test_prenorm_launches_blocks_of_whole_32_row_groups(monkeypatch):
-    """gemv_add with prenorm outputs: per_block a multiple of 32 (at 8B widths on 132 SMs, 32: 128 blocks, the
-    partials its consumers sum), the grid prenorm_blocks; rows or per_block off the 32-row groups are refused."""
+def test_prenorm_launches_the_plain_grid(monkeypatch):
+    """gemv_add with prenorm outputs: the plain launch's per_block (a multiple of 8; at 8B widths on 132 SMs 16: 256
+    blocks, the partials its consumers sum, the 32-row groups handed off between block pairs), the grid
+    prenorm_blocks; rows off the 32-row groups are refused."""
     launched = recorded_launches(monkeypatch)
-    prenorm = gemv.Prenorm(DeviceArray(), DeviceArray(), DeviceArray())
-    for rows, cols in ((4096, 4096), (4096, 14336), (8192, 28672), (2080, 4096)):
+    prenorm = gemv.Prenorm(DeviceArray(), DeviceArray(), DeviceArray(), DeviceArray())
+    for rows, cols in ((4096, 4096), (4096, 14336), (8192, 28672), (2080, 4096), (2048, 8192)):
         m = _matrix(rows, cols, GGMLType.Q4_K)
         gemv.gemv_add(DeviceArray(), m, DeviceArray(), "f16", prenorm=prenorm)
         per_block = int(launched[-1].args[-1])
-        assert per_block % 32 == 0 and per_block == gemv.prenorm_per_block(rows)
-        assert gemv.prenorm_blocks(rows) == -(-rows // per_block) <= rows // 32
-    assert gemv.prenorm_blocks(4096) == 128
-    for rows, per_block in ((4104, None), (4096, 48)):
-        with pytest.raises(DeviceError, match="whole blocks of 32 rows"):
-            gemv.gemv_add(DeviceArray(), _matrix(rows, 4096, GGMLType.Q4_K), DeviceArray(), "f16",
-                          per_block=per_block, prenorm=prenorm)
+        assert per_block % 8 == 0 and per_block == gemv.prenorm_per_block(rows) == gemv.tasks_per_block(rows)
+        assert gemv.prenorm_blocks(rows) == -(-rows // per_block) <= rows // 8
+    assert gemv.prenorm_blocks(4096) == 256 and gemv.prenorm_blocks(2048) == 256
+    with pytest.raises(DeviceError, match="whole groups of 32 rows"):
+        gemv.gemv_add(DeviceArray(), _matrix(4104, 4096, GGMLType.Q4_K), DeviceArray(), "f16", prenorm=prenorm)

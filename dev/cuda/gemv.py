@@ -14,7 +14,8 @@ Variants:
               (quantized ahead, as dca_combine / gate_up write it in the decode step)
   --normed    instead, at 8B shapes: qkv, gate_up and head staging their RMSNorm'd input ("staging") against
               reading it prenormed (gemv_add's prenorm outputs: "prenormed"); gemv_add (o, down; staged input)
-              plain, plain at the epilogue's 32-row blocks, and with the prenorm epilogue ("add+prenorm")
+              plain and with the prenorm epilogue ("add+prenorm": the plain grid, 32-row groups handed off
+              between blocks), each also at 32-row blocks (session 11's prenorm geometry)
   baseline    the previous kernel (fp32 input in shared memory, one warp per row, 4 rows a block: quant.cu
               gemv_<type> of the checkout at DIR, e.g. main's), where its fp32 staging fits 48 KB
 Check: int8 variants against gemv.reference (the numpy model of their arithmetic, rel. error < 1e-5; the
@@ -153,8 +154,8 @@ def normed_result(shape, variant, seconds, ok, err, nbytes, rows, cols, ggml_typ
 def time_normed(cp, reps: int, dtype: str = "f16") -> list[dict]:
     """The prenormed inputs at Llama-3-8B shapes (Q4_K, Q6_K head): qkv, gate_up and head staging their input
     (rms_scale + stage, as before) against reading it prenormed (copy_staged scaled by the summed partials), and
-    gemv_add (o, down; reading a staged input as in the decode step) with and without the prenorm epilogue, and
-    without it at the epilogue's 32-row blocks (the geometry's own cost). Checks: the prenormed head against the numpy
+    gemv_add (o, down; reading a staged input as in the decode step) with and without the prenorm epilogue, each at
+    the plain grid and at 32-row blocks (session 11's geometry, before the hand-off). Checks: the prenormed head against the numpy
     model (gemv.prenormed_q8, rel. error < 1e-5 on CHECK_ROWS rows at each end), qkv / gate_up against their staging
     launches within the two roundings' distance (< 1e-2), gemv_add's residual equal with and without the epilogue."""
     rng = np.random.default_rng(8)
@@ -253,6 +254,7 @@ def time_normed(cp, reps: int, dtype: str = "f16") -> list[dict]:
     # gemv_add: the o and down products, reading a staged input, with and without the prenorm epilogue
     normed_staged = cp.empty(gemv.staged_bytes(d), dtype=cp.uint8)
     partials = cp.empty(gemv.prenorm_blocks(d), dtype=cp.float32)
+    arrivals = cp.zeros(d // 32, dtype=cp.uint32)
     for shape, cols in (("8b-o", heads * hd), ("8b-down", ffn)):
         m, datas = copies_of(cp, synthetic_weight("blk.0.ffn_down", GGMLType.Q4_K, (d, cols), rng, 1 / np.sqrt(cols)),
                              "blk.0.ffn_down")
@@ -261,8 +263,10 @@ def time_normed(cp, reps: int, dtype: str = "f16") -> list[dict]:
         gemv.quantize_input(a, a_staged, dtype)
         residual = cp.empty(d, dtype=cp.float32)
         outs = {}
-        for variant, per_block, prenorm in (("add", None, None), ("add/32-row blocks", gemv.prenorm_per_block(d), None),
-                                            ("add+prenorm", None, gemv.Prenorm(w_dev, normed_staged, partials))):
+        for variant, per_block, prenorm in (("add", None, None), ("add/32-row blocks", 32, None),
+                                            ("add+prenorm", None, gemv.Prenorm(w_dev, normed_staged, partials, arrivals)),
+                                            ("add+prenorm/32-row blocks", 32,
+                                             gemv.Prenorm(w_dev, normed_staged, partials, arrivals))):
             def launch(i, per_block=per_block, prenorm=prenorm):
                 m.data = datas[i]
                 gemv.gemv_add(a, m, residual, dtype, per_block=per_block, staged=a_staged, prenorm=prenorm)
@@ -273,9 +277,7 @@ def time_normed(cp, reps: int, dtype: str = "f16") -> list[dict]:
             seconds = time_launches(cp, launch, len(datas), reps)
             same = bool((outs[variant] == outs["add"]).all())
             results.append(normed_result(shape, f"{variant}/{dtype}", seconds, same, 0.0 if same else float("inf"),
-                                         m.data.nbytes, d, cols, GGMLType.Q4_K,
-                                         per_block or (gemv.prenorm_per_block(d) if prenorm else
-                                                       gemv.tasks_per_block(d))))
+                                         m.data.nbytes, d, cols, GGMLType.Q4_K, per_block or gemv.tasks_per_block(d)))
         datas.clear()
     return results
 

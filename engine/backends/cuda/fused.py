@@ -77,16 +77,19 @@ class FusedBlocks:
         self.normed_head = (self.fused_head and bool(layers) and self.fused_mlp[-1]
                             and stage_of[len(layers) - 1] == len(model.stages) - 1
                             and model.weights.output.ggml_type in gemv.INT8_TYPES and int8_input)
-        self.normed = None  # the prenorm buffers: staged (staged_bytes(d)) and partials (the most blocks of 32 rows)
+        # the prenorm buffers: staged (staged_bytes(d)) and partials (one a gemv_add block: at most one per 8 rows),
+        # and gemv_add's counts of the 32-row groups that span blocks (zero between launches)
+        self.normed = self.arrivals = None
         if any(self.normed_qkv) or any(self.normed_gate_up) or self.normed_head:
             with backend.activate():
                 self.normed = (self.cp.empty(gemv.staged_bytes(c.d_model), self.cp.uint8),
-                               self.cp.empty(-(-c.d_model // 32), self.cp.float32))
+                               self.cp.empty(-(-c.d_model // gemv.WARPS), self.cp.float32))
+                self.arrivals = self.cp.zeros(-(-c.d_model // 32), self.cp.uint32)
         self._unrotated_store = None  # (position slot 0, cos 1, sin 0): qkv's store into the q8_0 scratch
 
     def prenorm(self, next_norm) -> gemv.Prenorm:
         """gemv_add's prenorm outputs into the buffers, for the product whose RMSNorm weight is next_norm."""
-        return gemv.Prenorm(next_norm, *self.normed)
+        return gemv.Prenorm(next_norm, *self.normed, self.arrivals)
 
     def prenormed(self) -> gemv.Prenormed:
         """The input those buffers hold, as its consumer reads it."""

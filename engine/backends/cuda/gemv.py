@@ -120,10 +120,12 @@ NULL = np.uint64(0)  # a null pointer argument
 class Prenorm(NamedTuple):
     """gemv_add's prenorm outputs for the next RMSNorm-fused product: staged (staged_bytes(rows) uint8) the updated
     residual times next_norm (rows,) fp32 quantized, partials (prenorm_blocks(rows) fp32) its blocks' sums of
-    squares."""
+    squares; arrivals (rows/32 uint32, zero, and zero again after every launch) counts the blocks of each 32-row group
+    that spans blocks (the last to store its rows quantizes the group)."""
     next_norm: Any
     staged: Any
     partials: Any
+    arrivals: Any
 
 
 class Prenormed(NamedTuple):
@@ -135,8 +137,8 @@ class Prenormed(NamedTuple):
 
 
 def prenorm_per_block(rows: int) -> int:
-    """Rows of a gemv_add block that writes prenorm outputs: whole 32-row groups (tasks_per_block's multiple 32)."""
-    return tasks_per_block(rows, multiple=32)
+    """Rows of a gemv_add block that writes prenorm outputs: the plain launch's (a 32-row group may span blocks)."""
+    return tasks_per_block(rows)
 
 
 def prenorm_blocks(rows: int, per_block: int | None = None) -> int:
@@ -148,18 +150,17 @@ def gemv_add(a, m, x, dtype: str, per_block: int | None = None, staged=None, pre
     """x (rows,) fp32 += act_t(m @ a), a (cols,) act_t; staged: a quantized ahead (staged_bytes(cols) uint8, as
     quantize_input writes it; int8 types only), read instead of a. prenorm: then also x * prenorm.next_norm
     quantized into prenorm.staged and each block's sum of x^2 into prenorm.partials (rows % 32 == 0, per_block
-    default prenorm_per_block(rows), a multiple of 32), for a consumer's Prenormed input."""
+    default prenorm_per_block(rows), a multiple of 8), for a consumer's Prenormed input."""
     if staged is not None and m.ggml_type not in INT8_TYPES:
         raise DeviceError(f"gemv_add: a staged input needs an int8 weight type, not {m.ggml_type.name}")
     if prenorm is not None:
         per_block = per_block or prenorm_per_block(m.rows)
-        if per_block % 32 or m.rows % 32:
-            raise DeviceError(f"gemv_add: prenorm outputs need whole blocks of 32 rows ({m.rows} rows, {per_block} "
-                              f"a block)")
-    next_norm, out_staged, partials = prenorm if prenorm is not None else (NULL, NULL, NULL)
+        if m.rows % 32:
+            raise DeviceError(f"gemv_add: prenorm outputs need whole groups of 32 rows ({m.rows} rows)")
+    next_norm, out_staged, partials, arrivals = prenorm if prenorm is not None else (NULL,) * 4
     _launch("gemv_add", m, m.cols, m.rows,
             (m.data, _row_bytes(m), a, NULL if staged is None else staged, np.int32(m.rows), np.int32(m.cols), x,
-             next_norm, out_staged, partials), dtype, per_block)
+             next_norm, out_staged, partials, arrivals), dtype, per_block)
 
 
 def _prenormed_args(prenormed: Prenormed | None, m, d: int) -> tuple:
