@@ -590,6 +590,92 @@ __device__ __forceinline__ void head_body(const float* __restrict__ x, const flo
     });
 }
 
+// head_ring_T: head_T with the weight rows streamed into shared memory by Hopper's bulk copy engine (sm_90; an empty
+// body below it, where the host never launches it). Why only the head: its Q6_K rows (210-byte blocks) are read as
+// 2-byte words, cheap from shared memory (8B head 180.6 -> 154.3 us, H100; the Q4_K products gain nothing:
+// dev/cuda/NOTES.md v8).
+// ring_row_dots: the block's rows [blockIdx.x * per_block, + per_block) of w dotted with its staged input. Block:
+// RING_CONSUMERS warps + 1 producer warp. Thread 0 initializes the stages' mbarriers and issues the first `stages`
+// stages (stage_rows rows each, contiguous in memory) before stage_input() (the whole block stages the input into
+// smem, ending with __syncthreads; the rows' HBM latency overlaps it); then the producer's lane 0 refills a stage once
+// every consumer warp has arrived on its `empty` barrier. Consumer warp w computes rows w, w + 8, ... of each stage,
+// two at a time (dot_rows2) from shared memory, emit(row, dot) on lane 0: the same sums in the same order as head_T,
+// so the same values bit for bit. Shared memory: the staged input (d + d/4 rounded up to 128) | stages x stage_rows x
+// row_bytes | 2 x stages mbarriers; row_bytes % 16 == 0.
+#define RING_CONSUMERS 8
+#define RING_THREADS (32 * (RING_CONSUMERS + 1))
+template <int T, class S, class E>
+__device__ __forceinline__ void ring_row_dots(const u8* __restrict__ w, long long row_bytes, int rows, int d,
+                                              int per_block, int stage_rows, int stages, S stage_input, E emit) {
+#if __CUDA_ARCH__ >= 900
+    extern __shared__ __align__(16) u8 smem[];
+    u8* ring = smem + (((d + d / 4) + 127) & ~127);
+    const long long stage_bytes = stage_rows * row_bytes;
+    const unsigned full = smem_addr(ring + stages * stage_bytes), empty = full + 8 * stages;
+    const int r0 = blockIdx.x * per_block, r1 = min(rows, r0 + per_block);
+    const int n_stages = r1 > r0 ? (r1 - r0 + stage_rows - 1) / stage_rows : 0;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    auto issue = [&](int k) {  // stage k's rows into buffer k % stages
+        const int s = k % stages, first = r0 + k * stage_rows, n = min(stage_rows, r1 - first);
+        mbar_expect_tx(full + 8 * s, (unsigned)(n * row_bytes));
+        bulk_load(smem_addr(ring + s * stage_bytes), w + first * row_bytes, (unsigned)(n * row_bytes), full + 8 * s);
+    };
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; ++s) {
+            mbar_init(full + 8 * s, 1);
+            mbar_init(empty + 8 * s, RING_CONSUMERS);
+        }
+        mbar_init_fence();
+        for (int k = 0; k < min(stages, n_stages); ++k) issue(k);
+    }
+    __syncthreads();  // the mbarriers initialized
+    stage_input();
+    if (warp == RING_CONSUMERS) {  // the producer
+        if (lane == 0)
+            for (int k = stages; k < n_stages; ++k) {
+                mbar_wait(empty + 8 * (k % stages), ((k / stages) - 1) & 1);
+                issue(k);
+            }
+        return;
+    }
+    for (int k = 0; k < n_stages; ++k) {
+        const int s = k % stages;
+        mbar_wait(full + 8 * s, (k / stages) & 1);
+        const u8* held = ring + s * stage_bytes;
+        const int first = r0 + k * stage_rows;
+        for (int j = warp; j < stage_rows; j += 2 * RING_CONSUMERS) {
+            if (first + j + RING_CONSUMERS < r1 && j + RING_CONSUMERS < stage_rows) {
+                const float2 acc = dot_rows2<T>(held + j * row_bytes, held + (j + RING_CONSUMERS) * row_bytes, smem, d);
+                if (lane == 0) {
+                    emit(first + j, acc.x);
+                    emit(first + j + RING_CONSUMERS, acc.y);
+                }
+            } else if (first + j < r1) {
+                const float acc = dot_row<T>(held + j * row_bytes, smem, d);
+                if (lane == 0) emit(first + j, acc);
+            }
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + 8 * s);
+    }
+#endif
+}
+
+template <int T>
+__device__ __forceinline__ void head_ring_body(const float* __restrict__ x, const float* __restrict__ w_norm,
+                                               float eps, int d, const u8* __restrict__ w, long long row_bytes,
+                                               int rows, float* __restrict__ logits, const u8* __restrict__ in_staged,
+                                               const float* __restrict__ partials, int n_partials, int per_block,
+                                               int stage_rows, int stages) {
+    if constexpr (int8_input<T>()) {
+        extern __shared__ __align__(16) u8 smem[];
+        __shared__ float scratch[32];
+        ring_row_dots<T>(w, row_bytes, rows, d, per_block, stage_rows, stages,
+                         [&] { stage_normed<T>(x, w_norm, eps, d, in_staged, partials, n_partials, smem, scratch); },
+                         [&](int r, float acc) { logits[r] = acc; });
+    }
+}
+
 // One weight type per build, instantiated by the loader (kernels.per_type): GEMV_KERNELS(q4_k, T_Q4_K).
 #define GEMV_KERNELS(NAME, T)                                                                               \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME(                                \
@@ -625,4 +711,11 @@ __device__ __forceinline__ void head_body(const float* __restrict__ x, const flo
         float* logits, const u8* in_staged, const float* partials, int n_partials, int per_block) {         \
         head_body<T>(x, w_norm, eps, d, w, row_bytes, rows, logits, in_staged, partials, n_partials,        \
                      per_block);                                                                            \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(RING_THREADS) head_ring_##NAME(                           \
+        const float* x, const float* w_norm, float eps, int d, const u8* w, long long row_bytes, int rows,  \
+        float* logits, const u8* in_staged, const float* partials, int n_partials, int per_block,          \
+        int stage_rows, int stages) {                                                                       \
+        head_ring_body<T>(x, w_norm, eps, d, w, row_bytes, rows, logits, in_staged, partials, n_partials,   \
+                          per_block, stage_rows, stages);                                                   \
     }

@@ -11,7 +11,7 @@
 // - MN-major operand (V as B of P V; the contraction runs along the rows): 8-row groups 1024 bytes apart
 //   (SBO), the two 64-column halves of a 128-wide tile LBO bytes apart; a k-step of 16 rows advances the
 //   start address by 2048 bytes.
-// Also: mbarriers and the cp.async arrival on them, and setmaxnreg (warp-specialized kernels).
+// Also setmaxnreg (warp-specialized kernels); the mbarriers are mbarrier.cuh's, prepended before this file.
 // The canonical layouts are those of the PTX ISA, "Asynchronous Warpgroup Level Matrix Shared Memory Layout".
 // The Wgmma<N, BF16> specializations at the end are printed by tools/gen_wgmma.py.
 
@@ -31,23 +31,6 @@ __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy
 // barrier over the 128 threads of one warpgroup (ids 1.. ; 0 is __syncthreads)
 __device__ __forceinline__ void warpgroup_sync(int id) { asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory"); }
 
-// mbarriers (shared-memory addresses): init with the number of arrivals that complete a phase; waits
-// name the phase by its parity (0 for the first)
-__device__ __forceinline__ void mbar_init(unsigned bar, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(unsigned bar) {
-    asm volatile("{ .reg .b64 state; mbarrier.arrive.shared::cta.b64 state, [%0]; }" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(unsigned bar, int parity) {
-    asm volatile("{ .reg .pred done;\n"
-                 "WAIT: mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-                 "@!done bra WAIT; }" ::"r"(bar), "r"(parity) : "memory");
-}
-// one arrival on `bar` once all of this thread's cp.async copies so far have landed
-__device__ __forceinline__ void cp_async_arrive(unsigned bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
-}
 // move registers between the warpgroups of a block (Hopper): a producer gives, the consumers take
 template <int N>
 __device__ __forceinline__ void regs_give() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N)); }

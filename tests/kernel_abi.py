@@ -17,7 +17,7 @@ class Recorder:
         self.name, self.args = name, None
 
     def __call__(self, grid, block, args, shared_mem=0):
-        self.args = args
+        self.grid, self.block, self.args, self.shared_mem = grid, block, args, shared_mem
 
 
 def kind(arg) -> str:

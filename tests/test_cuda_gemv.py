@@ -184,6 +184,30 @@ def test_gemv_add_reads_a_staged_input_as_it_would_stage_it(cp, dtype, ggml_type
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,d", [(128256, 4096), (1000, 4096), (128256, 8192), (49152, 2048), (37, 2048)])
+def test_head_ring_equals_the_plain_head(cp, dtype, rows, d):
+    """head_ring (the Q6_K head's rows streamed through shared memory by the bulk copy engine, Hopper) gives the plain
+    head's logits bit for bit, staging its input or reading it prenormed, at vocabularies of real models (Llama 3 at
+    d 4096 and 8192, SmolLM2's vocabulary at d 2048) and at row counts that leave partial stages (1000, 37). Rows
+    of d / 256 * 210 bytes must be 16-byte multiples (d a multiple of 2048): Qwen2.5-7B's d 3584 keeps the plain head."""
+    if gemv._compute_capability() < 90:
+        pytest.skip("head_ring needs compute capability 9.0 (cp.async.bulk)")
+    rng = np.random.default_rng(rows + d)
+    tensor = synthetic_weight("output", GGMLType.Q6_K, (rows, d), rng, 1 / np.sqrt(d))
+    m = device_matrix(cp, tensor)
+    assert gemv.head_uses_ring(m)
+    assert not gemv.head_uses_ring(device_matrix(cp, synthetic_weight("output", GGMLType.Q6_K, (8, 3584), rng, 0.02)))
+    x, w = normed_residual(rng, d)
+    prenormed, _ = prenormed_input(cp, x, w)
+    for source in (None, prenormed):
+        ring, plain = (cp.full(rows, np.nan, dtype=cp.float32) for _ in range(2))
+        gemv.head(cp.asarray(x), cp.asarray(w), 1e-5, m, ring, dtype, prenormed=source)
+        gemv.head(cp.asarray(x), cp.asarray(w), 1e-5, m, plain, dtype, prenormed=source, ring=False)
+        np.testing.assert_array_equal(cp.asnumpy(ring), cp.asnumpy(plain), err_msg=f"prenormed {source is not None}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
 @pytest.mark.parametrize("ffn,d", [(14336, 4096), (96, 512)])
 def test_gate_up_stages_its_output_for_the_down_product(cp, dtype, ggml_type, ffn, d):

@@ -44,6 +44,9 @@ LAUNCHES = {  # helper name -> call with stand-ins (dtype given)
                                          4, 1, 64, 64, 0, dt),
     "gateup": lambda m, dt: gemv.gate_up(DeviceArray(), DeviceArray(), 1e-5, m, m, DeviceArray(), dt),
     "head": lambda m, dt: gemv.head(DeviceArray(), DeviceArray(), 1e-5, m, DeviceArray(), dt),
+    "head+ring": lambda m, dt: gemv.head(DeviceArray(), DeviceArray(), 1e-5, m, DeviceArray(), dt, ring=True),
+    "head+ring+prenormed": lambda m, dt: gemv.head(DeviceArray(), DeviceArray(), 1e-5, m, DeviceArray(), dt,
+                                                   prenormed=PRENORMED, ring=True),
     "gemv_add+prenorm": lambda m, dt: gemv.gemv_add(DeviceArray(), m, DeviceArray(), dt, prenorm=gemv.Prenorm(
         DeviceArray(), DeviceArray(), DeviceArray(), DeviceArray())),
     "qkv+prenormed": lambda m, dt: gemv.qkv(DeviceArray(), DeviceArray(), 1e-5, m, _matrix(64, m.cols, m.ggml_type),
@@ -71,6 +74,7 @@ def recorded_launches(monkeypatch) -> list:
 
     monkeypatch.setattr(gemv, "function", fake_function)
     monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 227 * 1024))
+    monkeypatch.setattr(gemv, "_compute_capability", lambda: 90)
     return launched
 
 
@@ -103,3 +107,25 @@ def test_prenorm_launches_the_plain_grid(monkeypatch):
     assert gemv.prenorm_blocks(4096) == 256 and gemv.prenorm_blocks(2048) == 256
     with pytest.raises(DeviceError, match="whole groups of 32 rows"):
         gemv.gemv_add(DeviceArray(), _matrix(4104, 4096, GGMLType.Q4_K), DeviceArray(), "f16", prenorm=prenorm)
+
+
+def test_the_head_streams_its_rows_where_measured_faster(monkeypatch):
+    """head() takes head_ring for Q6_K rows on compute capability >= 9.0 when its stages fit shared memory (one block
+    an SM, 8 rows x 4 stages), head otherwise; ring=False / True overrides."""
+    launched = recorded_launches(monkeypatch)
+    q6k = _matrix(128256, 4096, GGMLType.Q6_K)
+    for m, capability, kernel in ((q6k, 90, "head_ring_q6_k"), (q6k, 80, "head_q6_k"),
+                                  (_matrix(128256, 4096, GGMLType.Q4_K), 90, "head_q4_k"),
+                                  (_matrix(128256, 4096, GGMLType.Q8_0), 90, "head_q8_0")):
+        monkeypatch.setattr(gemv, "_compute_capability", lambda capability=capability: capability)
+        gemv.head(DeviceArray(), DeviceArray(), 1e-5, m, DeviceArray(), "f16")
+        assert launched[-1].name == kernel
+    monkeypatch.setattr(gemv, "_compute_capability", lambda: 90)
+    gemv.head(DeviceArray(), DeviceArray(), 1e-5, q6k, DeviceArray(), "f16")
+    ring = launched[-1]
+    assert ring.grid == (-(-128256 // -(-128256 // 132)),) and ring.block == (gemv.RING_THREADS,)
+    assert ring.shared_mem == gemv.ring_shared_bytes(q6k) == 5120 + 4 * (8 * 3360 + 16)
+    gemv.head(DeviceArray(), DeviceArray(), 1e-5, q6k, DeviceArray(), "f16", ring=False)
+    assert launched[-1].name == "head_q6_k"
+    monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 48 * 1024))  # stages beyond shared memory
+    assert not gemv.head_uses_ring(q6k)

@@ -1,5 +1,6 @@
-"""Development driver: the one-token GEMV with its weight rows streamed by the bulk copy engine (dev/cuda/gemv_tma.cu)
-against the production kernel (gemv.cu's gemv body), and both with an L2 prefetch of the next GEMV's weights.
+"""Development driver: the one-token GEMV with its weight rows streamed by the bulk copy engine (dev/cuda/gemv_tma.cu:
+gemv.cu's ring_row_dots over a plain input) against the production kernel (gemv.cu's gemv body), the latter also
+with an L2 prefetch of the next GEMV's weights.
 Needs a Hopper GPU (cp.async.bulk); run from the repository root:
 
     python dev/cuda/gemv_tma.py [--shapes 8b-qkv,8b-gate+up] [--reps 5] [--layers 4] [--configs 8x4,16x4,16x6]
@@ -12,8 +13,8 @@ and last rows (rel. error < 1e-5). Timing: dev/cuda/gemv.py's time_launches (a C
 that exceed L2 four times).
 
 Then a Llama-3-8B layer's four products in sequence (q+k+v, o, gate+up, down; --layers distinct layers, several
-times L2) as one graph: us per layer and the fraction of the copy-bandwidth floor, for prod / tma (best config per
-shape) each without and with "+next" (each launch asks L2 for the next launch's weights; "+next12M" the first 12 MB).
+times L2) as one graph: us per layer and the fraction of the copy-bandwidth floor, for prod without and with "+next"
+(each launch asks L2 for the next launch's weights; "+next12M" the first 12 MB), and tma (the best config per shape).
 """
 from __future__ import annotations
 
@@ -42,16 +43,14 @@ COPY_BANDWIDTH_H100 = 3.35e12  # bytes/s, the H100 SXM's rated bandwidth (the fl
 
 
 def build(cp, extra: tuple[str, ...] = ()):
-    """common.cuh, dequant.cuh, dca.cuh, mma.cuh, wgmma.cuh, gemv.cu, then gemv_tma.cu and the `extra` files of
-    dev/cuda/, f16 activations."""
-    parts = [(kernels.KERNEL_DIR / f).read_text() for f in
-             ("common.cuh", "dequant.cuh", "dca.cuh", "mma.cuh", "wgmma.cuh", "gemv.cu")]
+    """gemv.cu with its preludes, then gemv_tma.cu and the `extra` files of dev/cuda/, f16 activations."""
+    parts = [(kernels.KERNEL_DIR / f).read_text() for f in kernels.PRELUDES["gemv"] + ("gemv.cu",)]
     parts += [Path(__file__).with_name(f).read_text() for f in ("gemv_tma.cu",) + extra]
     return cp.RawModule(code="\n".join(parts), options=kernels.NVRTC_OPTIONS)
 
 
 class Gemv:
-    """One matrix (weight copies on the device) and its launches: prod(i, next), tma(i, rows, stages, blocks, next)."""
+    """One matrix (weight copies on the device) and its launches: prod(i, next), tma(i, rows, stages, blocks)."""
 
     def __init__(self, cp, module, name, tensor, sms, smem_limit):
         self.cp, self.name, self.tensor = cp, name, tensor
@@ -80,15 +79,15 @@ class Gemv:
                      np.int32(self.cols), self.y, np.int32(per_block), *self._next(nxt, next_bytes)),
                     shared_mem=gemv.stage_bytes(self.tensor.ggml_type, self.cols))
 
-    def tma(self, i, rows, stages, blocks_per_sm=1, nxt=None, next_bytes=0):
+    def tma(self, i, rows, stages, blocks_per_sm=1):
         smem = self.smem(rows, stages)
         self.k_tma.max_dynamic_shared_size_bytes = smem
         blocks = self.sms * blocks_per_sm
         per_block = -(-self.rows // blocks)
         self.k_tma((-(-self.rows // per_block),), (TMA_THREADS,),
                    (self.datas[i % len(self.datas)], np.int64(self.row_bytes), self.x, np.int32(self.rows),
-                    np.int32(self.cols), self.y, np.int32(per_block), np.int32(rows), np.int32(stages),
-                    *self._next(nxt, next_bytes)), shared_mem=smem)
+                    np.int32(self.cols), self.y, np.int32(per_block), np.int32(rows), np.int32(stages)),
+                   shared_mem=smem)
 
     @staticmethod
     def _next(nxt, next_bytes):
@@ -149,7 +148,7 @@ def layer_table(cp, gemvs, best, layers, reps) -> list[dict]:
     rows = []
     variants = [("prod", None), ("prod+next", 0), ("prod+next12M", 12 << 20)]
     if all(best.get(g.name) for g in order):
-        variants += [("tma", None), ("tma+next", 0), ("tma+next12M", 12 << 20)]
+        variants += [("tma", None)]
     for label, cap in variants:
         def run_layers(_, label=label, cap=cap):
             for layer in range(layers):
@@ -158,7 +157,7 @@ def layer_table(cp, gemvs, best, layers, reps) -> list[dict]:
                     nxt = None if cap is None else nxt_g.datas[nxt_layer]
                     if label.startswith("tma"):
                         _, r, s, bps = best[g.name]
-                        g.tma(layer, r, s, bps, nxt, cap)
+                        g.tma(layer, r, s, bps)
                     else:
                         g.prod(layer, nxt, cap)
         us = driver.time_launches(cp, run_layers, 1, reps, per_graph=4) * 1e6 / layers

@@ -4,10 +4,10 @@ The .cu sources live in the top-level ``kernels/`` folder of the repository; ``p
 them as the package data ``engine/kernel_sources`` (pyproject.toml maps the folder onto it). Each file holds one op
 family and opens with a short design header; ``common.cuh`` (fp16/bf16 conversions through PTX, the
 activation type, warp/block reductions) is prepended to every file, ``dca.cuh`` (DCA positions) to every
-file that rotates keys or queries, ``mma.cuh`` (tensor-core PTX) and ``flash.cuh`` (query rotation, prefill
-epilogue) to the fused attention kernels, ``wgmma.cuh`` (Hopper's
-warpgroup MMA, mbarriers) to the sm_90a one, ``dequant.cuh`` (block decoders) to the two that read
-quantized weights, and ``kv_q8.cuh`` (q8_0 KV cache rows) to the two that read or write them, so no CUDA header is ever included and NVRTC from the ``cupy-cudaXXx`` +
+file that rotates keys or queries, ``mma.cuh`` (tensor-core PTX, shared-memory addresses) and ``flash.cuh`` (query
+rotation, prefill epilogue) to the fused attention kernels, ``mbarrier.cuh`` (mbarriers, cp.async and bulk copies
+completing on them) to the sm_90a one and gemv.cu, ``wgmma.cuh`` (Hopper's warpgroup MMA) to the sm_90a one,
+``dequant.cuh`` (block decoders) to the two that read quantized weights, and ``kv_q8.cuh`` (q8_0 KV cache rows) to the two that read or write them, so no CUDA header is ever included and NVRTC from the ``cupy-cudaXXx`` +
 ``nvidia-cuda-nvrtc`` wheels compiles them as they are.
 
 Architecture-specific files (``ARCH_FILES``: dca_flash_attn_sm90 needs sm_90a) are compiled by
@@ -53,12 +53,13 @@ KERNEL_DIR = _kernel_dir()
 KERNEL_FILES = ("quant", "gemv", "elementwise", "attention", "sampling", "dca_flash_attn", "dca_decode",
                 "dca_flash_attn_sm90", "kv_q8")  # <name>.cu
 # headers prepended to a file's source, in order (no #include: NVRTC needs no include paths)
-PRELUDES = {"quant": ("common.cuh", "dequant.cuh"), "gemv": ("common.cuh", "dequant.cuh", "dca.cuh"),
+PRELUDES = {"quant": ("common.cuh", "dequant.cuh"),
+            "gemv": ("common.cuh", "dequant.cuh", "dca.cuh", "mma.cuh", "mbarrier.cuh"),
             "elementwise": ("common.cuh", "dca.cuh"), "attention": ("common.cuh", "dca.cuh"),
             "dca_flash_attn": ("common.cuh", "mma.cuh", "dca.cuh", "flash.cuh"),
             "dca_decode": ("common.cuh", "mma.cuh", "dca.cuh", "flash.cuh", "kv_q8.cuh"),
             "kv_q8": ("common.cuh", "dca.cuh", "kv_q8.cuh"),
-            "dca_flash_attn_sm90": ("common.cuh", "mma.cuh", "dca.cuh", "flash.cuh", "wgmma.cuh")}
+            "dca_flash_attn_sm90": ("common.cuh", "mma.cuh", "dca.cuh", "flash.cuh", "mbarrier.cuh", "wgmma.cuh")}
 # files built for one exact architecture (its "a" features, e.g. Hopper's wgmma): cubins cached by cubin.py
 ARCH_FILES = {"dca_flash_attn_sm90": "sm_90a"}
 DEFAULT_PRELUDE = ("common.cuh",)
