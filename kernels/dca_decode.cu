@@ -17,7 +17,7 @@
 //   chunk(j), 0, 2)); a tile straddling a chunk boundary is scored per relation present and each
 //   element keeps its own; the last tile masks keys after the token.
 // - The block's slice of the keys is dealt to its 4 warps tile by tile; each warp streams its
-//   tiles through its own double-buffered cp.async stage (warp-local sync only), keeps an online
+//   tiles through its own cp.async stages (two in production builds; warp-local sync only), keeps an online
 //   softmax, and the warps merge through shared memory at the end. The slice bounds come from the
 //   device positions: keys past the token are never read.
 // - q8_0 caches (KQ / VQ, each on its own: dca_decode_q8_<D>_<KQ><VQ>; kv_q8.cuh's int8 values + fp16 scales):
@@ -80,7 +80,7 @@ __device__ __forceinline__ void dequant_rows(unsigned char* tile, const unsigned
     }
 }
 
-template <int D, int BN, bool BF16, bool KQ, bool VQ>
+template <int D, int BN, int STAGES, bool BF16, bool KQ, bool VQ>
 __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const void* __restrict__ kc,
                                             const half_t* __restrict__ kd, const void* __restrict__ vc,
                                             const half_t* __restrict__ vd, const int* __restrict__ positions,
@@ -91,12 +91,12 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
                                             int n_splits) {
     typedef Elt<BF16> E;
     constexpr int WARPS = 4, THREADS = 32 * WARPS, CH = D / 8, NT = BN / 8, KS = D / 16, DT = D / 8;
-    // a warp's shared memory: 2 stages of [K rows][V rows] (16-bit tiles, or q8_0 rows), then the dequantized
+    // a warp's shared memory: STAGES stages of [K rows][V rows] (16-bit tiles, or q8_0 rows), then the dequantized
     // tiles of the q8_0 operands (flash_attention.decode_smem)
     constexpr int TILE = BN * D * 2, RAW = BN * D + BN * (D / Q8_BLOCK) * 2;
     constexpr int K_STAGE = KQ ? RAW : TILE, V_STAGE = VQ ? RAW : TILE;
     constexpr int Q_BYTES = 3 * 16 * D * 2, STAGE_BYTES = K_STAGE + V_STAGE;
-    constexpr int WARP_BYTES = 2 * STAGE_BYTES + (KQ ? TILE : 0) + (VQ ? TILE : 0);
+    constexpr int WARP_BYTES = STAGES * STAGE_BYTES + (KQ ? TILE : 0) + (VQ ? TILE : 0);
     static_assert(WARP_BYTES >= 16 * D * 4, "a warp's stages hold its fp32 output rows for the merge");
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* qr = smem;  // [3][16][D] the group's rows rotated for each relation
@@ -113,8 +113,8 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
     float row_scale = scale_log2;
     if (temp_len > 0 && pos + 1 > temp_len) row_scale *= 0.1f * logf((float)(pos + 1) / (float)temp_len) + 1.0f;
 
-    unsigned char* my_stages = smem + Q_BYTES + warp * WARP_BYTES;  // [2 stages][K, V rows], q8_0 tiles
-    unsigned char* k_q8_tile = my_stages + 2 * STAGE_BYTES;  // [BN][D] act_t, used when KQ
+    unsigned char* my_stages = smem + Q_BYTES + warp * WARP_BYTES;  // [STAGES][K, V rows], q8_0 tiles
+    unsigned char* k_q8_tile = my_stages + STAGES * STAGE_BYTES;  // [BN][D] act_t, used when KQ
     unsigned char* v_q8_tile = k_q8_tile + (KQ ? TILE : 0);  // used when VQ
     auto load_kv = [&](int tile, int stage) {
         const int k0 = tile * BN;
@@ -136,8 +136,11 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
     };
 
     const int first = tile_begin + warp;  // this warp's tiles: first, first + WARPS, ...
-    if (first < tile_end) load_kv(first, 0);  // in flight while the queries are rotated
-    cp_async_commit();
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {  // the first STAGES - 1 in flight while the queries are rotated
+        if (first + s * WARPS < tile_end) load_kv(first + s * WARPS, s);
+        cp_async_commit();
+    }
 
     // the three rotations of the group's rows (zero rows beyond the group)
     {
@@ -175,10 +178,10 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
     for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
 
     for (int tile = first, i = 0; tile < tile_end; tile += WARPS, ++i) {
-        const int stage = i & 1;
-        if (tile + WARPS < tile_end) load_kv(tile + WARPS, stage ^ 1);
+        const int stage = i % STAGES, ahead = tile + (STAGES - 1) * WARPS;
+        if (ahead < tile_end) load_kv(ahead, (i + STAGES - 1) % STAGES);  // the stage consumed last iteration
         cp_async_commit();
-        cp_async_wait<1>();
+        cp_async_wait<STAGES - 1>();
         __syncwarp();
 
         const int k0 = tile * BN;
@@ -313,9 +316,9 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
         const u16* q, const u16* kc, const u16* vc, const int* positions, const float* cos_t,                 \
         const float* sin_t, float* part_o, float* part_m, float* part_l, int n, int n_heads, int n_kv,        \
         int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len, int n_splits) {          \
-        decode_body<D, BN, ACT_IS_BF16, false, false>(q, kc, nullptr, vc, nullptr, positions, cos_t, sin_t, part_o,  \
-                                                      part_m, part_l, n, n_heads, n_kv, rope_dim, chunk_len,          \
-                                                      chunk_size, scale_log2, temp_len, n_splits);                   \
+        decode_body<D, BN, 2, ACT_IS_BF16, false, false>(q, kc, nullptr, vc, nullptr, positions, cos_t, sin_t,  \
+                                                         part_o, part_m, part_l, n, n_heads, n_kv, rope_dim,     \
+                                                         chunk_len, chunk_size, scale_log2, temp_len, n_splits); \
     }
 
 // The build reading a q8_0 K cache (KQ 1) and/or V cache (VQ 1): dca_decode_q8_<D>_<KQ><VQ>; a q8_0 operand is its
@@ -325,9 +328,21 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
         const u16* q, const void* kc, const half_t* kd, const void* vc, const half_t* vd, const int* positions, \
         const float* cos_t, const float* sin_t, float* part_o, float* part_m, float* part_l, int n, int n_heads, \
         int n_kv, int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len, int n_splits) {  \
-        decode_body<D, BN, ACT_IS_BF16, KQ, VQ>(q, kc, kd, vc, vd, positions, cos_t, sin_t, part_o, part_m,     \
+        decode_body<D, BN, 2, ACT_IS_BF16, KQ, VQ>(q, kc, kd, vc, vd, positions, cos_t, sin_t, part_o, part_m,  \
                                                 part_l, n, n_heads, n_kv, rope_dim, chunk_len, chunk_size,      \
                                                 scale_log2, temp_len, n_splits);                               \
+    }
+
+// Any configuration (D, BN keys per warp tile, STAGES per warp, KQ / VQ q8_0 operands), as the q8_0 builds take their
+// arguments: dca_decode_cfg_<D>_<BN>_<S>_<KQ><VQ>. Built by dev/cuda/attention.py's decode variants, never by production.
+#define DCA_DECODE_CFG(D, BN, S, KQ, VQ)                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) dca_decode_cfg_##D##_##BN##_##S##_##KQ##VQ(             \
+        const u16* q, const void* kc, const half_t* kd, const void* vc, const half_t* vd, const int* positions, \
+        const float* cos_t, const float* sin_t, float* part_o, float* part_m, float* part_l, int n, int n_heads, \
+        int n_kv, int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len, int n_splits) {  \
+        decode_body<D, BN, S, ACT_IS_BF16, KQ, VQ>(q, kc, kd, vc, vd, positions, cos_t, sin_t, part_o, part_m,  \
+                                                   part_l, n, n_heads, n_kv, rope_dim, chunk_len, chunk_size,   \
+                                                   scale_log2, temp_len, n_splits);                            \
     }
 
 // out (rows, D) = merged splits; one block of 8 warps per row: the warps share out the splits (lanes

@@ -125,6 +125,7 @@ def test_rows_are_ggml_q8_0_blocks():
 def test_decode_kernel_shared_memory():
     # 16-bit: 3 query rotations + 4 warps x 2 stages x (K, V) tiles; q8_0: stages of values + scales, plus a tile
     assert fa.decode_smem(128) == 3 * 16 * 128 * 2 + 4 * 2 * 2 * 16 * 128 * 2
+    assert fa.decode_smem(128, config=(16, 3)) == 3 * 16 * 128 * 2 + 4 * 3 * 2 * 16 * 128 * 2
     assert fa.decode_smem(128, True, True) == 3 * 16 * 128 * 2 + 4 * (2 * 2 * (16 * 128 + 16 * 8) + 2 * 16 * 128 * 2)
     assert fa.decode_smem(64, True, False) == 3 * 16 * 64 * 2 + 4 * (2 * (32 * 64 + 32 * 4 + 32 * 64 * 2)
                                                                      + 32 * 64 * 2)
@@ -181,10 +182,12 @@ def test_dequantize_launch_matches_the_kernel(recorded):
     assert [kind(a) for a in launch.args] == params("kv_q8", "dequant_kv_q8", "f16")
 
 
+@pytest.mark.parametrize("config", [None, (16, 3), (32, 2)], ids=["production", "16x3", "32x2"])
 @pytest.mark.parametrize("k_q8,v_q8", [(True, True), (True, False), (False, True), (False, False)])
-def test_decode_launch_matches_the_kernel(monkeypatch, recorded, k_q8, v_q8):
+def test_decode_launch_matches_the_kernel(monkeypatch, recorded, k_q8, v_q8, config):
     """flash_decode's arguments for each cache kind against its build's parameters (the checks on real arrays and
-    the combine launch stubbed: no GPU here)."""
+    the combine launch stubbed: no GPU here), for the production build and measurement variants (config: keys per
+    tile, stages; their kernel takes the q8_0 builds' arguments for 16-bit caches too)."""
     class FakeCupy:
         int32, float32 = np.int32, np.float32
         empty = staticmethod(lambda shape, dtype=None: DeviceArray(shape, dtype or np.float32))
@@ -199,10 +202,10 @@ def test_decode_launch_matches_the_kernel(monkeypatch, recorded, k_q8, v_q8):
                                                                          smem.append(shared)))
     caches = [_q8_rows((512, 2, 128)) if q8 else DeviceArray((512, 2, 128)) for q8 in (k_q8, v_q8)]
     fa.flash_decode(DeviceArray((1, 8, 128)), *caches, DeviceArray((1,), np.int32), DeviceArray(), DeviceArray(),
-                    rope_dim=128, n_splits=4)
+                    rope_dim=128, n_splits=4, config=config)
     (launch,) = recorded
-    file, kernel, instance = fa.decode_build(128, k_q8, v_q8)
-    assert launch.name == kernel and smem == [fa.decode_smem(128, k_q8, v_q8)]
+    file, kernel, instance = fa.decode_build(128, k_q8, v_q8, config)
+    assert launch.name == kernel and smem == [fa.decode_smem(128, k_q8, v_q8, config)]
     assert [kind(a) for a in launch.args] == params(file, kernel, "f16", instance)
 
 

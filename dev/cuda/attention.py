@@ -50,7 +50,10 @@ assert all(VARIANTS[d][0] == t for d, t in fa.PREFILL_TILES.items())
 assert all(WGMMA_VARIANTS[d][0] == t for d, t in fa.WGMMA_TILES.items())
 
 # name -> (Hq, Hkv, head_dim, chunk_size, local_window): Llama-style 4k-trained heads, and SmolLM2 (8k)
-SHAPES = {"32x8x128": (32, 8, 128, 3072, 512), "32x8x64": (32, 8, 64, 3072, 512), "9x3x64": (9, 3, 64, 6144, 1024)}
+SHAPES = {"32x8x128": (32, 8, 128, 3072, 512), "32x8x64": (32, 8, 64, 3072, 512), "9x3x64": (9, 3, 64, 6144, 1024),
+          "32x32x128": (32, 32, 128, 3072, 512)}  # the last: Llama-2-7B's MHA (decode variants)
+# decode variants (part decode-variants): (keys per warp tile, stages per warp); production is (DECODE_TILE_KEYS, 2)
+DECODE_VARIANTS = ((16, 2), (16, 3), (16, 4), (32, 2), (32, 3), (64, 2))
 LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 
 
@@ -227,6 +230,48 @@ def bench_decode(cp, shape: str, n_ctx: int, rows: list[dict]) -> None:
     print(json.dumps(row), flush=True)
 
 
+def bench_decode_variants(cp, shape: str, n_ctx: int, rows: list[dict]) -> None:
+    """Decode kernel configurations (DECODE_VARIANTS that fit shared memory) on a bf16 and on a q8_0 K+V cache of
+    n_ctx tokens, DCA: each checked against the production build (equal bit for bit where only the stages differ
+    and the split count is the same; else within bf16 rounding) and timed from a CUDA graph (kernel + combine),
+    GB/s of the cache's bytes."""
+    from engine.backends.cuda.kv_q8 import DeviceQ8Rows
+
+    n_heads, n_kv, head_dim, cs, w = SHAPES[shape]
+    dca = DCAConfig(chunk_size=cs, local_window=w)
+    cos_t, sin_t = tables(cp, head_dim, n_ctx + cs + 1)
+    q = bf16_bits(cp, cp.random.standard_normal((1, n_heads, head_dim), dtype=cp.float32))
+    pos = cp.asarray([n_ctx - 1], dtype=cp.int32)
+    limit = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
+    caches = {"bf16": tuple(bf16_bits(cp, cp.random.standard_normal((n_ctx, n_kv, head_dim), dtype=cp.float32))
+                            for _ in range(2)),
+              "q8_0": tuple(DeviceQ8Rows(cp.random.randint(-127, 128, (n_ctx, n_kv, head_dim)).astype(cp.int8),
+                                         (cp.random.random((n_ctx, n_kv, head_dim // 32)) * 0.02 + 0.001)
+                                         .astype(cp.float16)) for _ in range(2))}
+    for kind, (k, v) in caches.items():
+        q8 = kind == "q8_0"
+        n_bytes = 2 * n_ctx * n_kv * (head_dim + head_dim // 16 if q8 else 2 * head_dim)
+        want = cp.asnumpy(fa.flash_decode(q, k, v, pos, cos_t, sin_t, rope_dim=head_dim, dca=dca))
+        for config in DECODE_VARIANTS:
+            if fa.decode_smem(head_dim, q8, q8, config) > limit:
+                continue
+            splits = fa.decode_splits(cp, n_ctx, n_kv, 1, head_dim, "bf16", q8, q8, config)
+
+            def step(config=config, splits=splits):
+                return fa.flash_decode(q, k, v, pos, cos_t, sin_t, rope_dim=head_dim, dca=dca, n_splits=splits,
+                                       config=config)
+
+            got = cp.asnumpy(step())
+            as_float = [(x.astype(np.uint32) << 16).view(np.float32) for x in (got, want)]
+            err = float(np.abs(as_float[0] - as_float[1]).max() / np.abs(as_float[1]).max())
+            ms = graph_ms(cp, step)
+            row = {"shape": shape, "decode_context": n_ctx, "cache": kind, "keys": config[0], "stages": config[1],
+                   "splits": splits, "us": round(ms * 1e3, 1), "GB/s": round(n_bytes / ms / 1e6, 1),
+                   "max_err": err, "ok": err < 1e-2, "equal": bool(np.array_equal(got, want))}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+
 def cross_check(cp) -> dict:
     """Fused DCA kernel vs the three-call composition over torch flash, 16k tokens, 9x3x64 (bf16)."""
     import torch
@@ -322,6 +367,7 @@ def main(argv=None) -> None:
     ap.add_argument("--decode-context", type=int, default=131072)
     ap.add_argument("--parts", default="variants,prefill,decode,check,resources",
                     help="comma list of variants (each configuration vs the numpy reference), prefill, decode, "
+                         "decode-variants (DECODE_VARIANTS on bf16 and q8_0 caches at --decode-context), "
                          "check (fused vs three-call), resources")
     ap.add_argument("--json", default=None, help="write every row here")
     args = ap.parse_args(argv)
@@ -340,6 +386,9 @@ def main(argv=None) -> None:
     if "decode" in parts:
         for shape in shapes:
             bench_decode(cp, shape, args.decode_context, rows)
+    if "decode-variants" in parts:
+        for shape in shapes:
+            bench_decode_variants(cp, shape, args.decode_context, rows)
     if "check" in parts:
         rows.append(cross_check(cp))
         print(json.dumps(rows[-1]), flush=True)

@@ -121,9 +121,16 @@ def wgmma_build(head_dim: int, tiles: tuple[int, int, int]) -> tuple[str, str, s
             f"DCA_FLASH_WG({head_dim}, {block_keys}, {warpgroups}, {stages})")
 
 
-def decode_build(head_dim: int, k_q8: bool = False, v_q8: bool = False) -> tuple[str, str, str]:
-    """(file, kernel, instance) of the decode kernel for 16-bit caches, or for a q8_0 K and/or V cache."""
+def decode_build(head_dim: int, k_q8: bool = False, v_q8: bool = False,
+                 config: tuple[int, int] | None = None) -> tuple[str, str, str]:
+    """(file, kernel, instance) of the decode kernel for 16-bit caches, or for a q8_0 K and/or V cache. config:
+    (keys per warp tile, stages) of a measurement variant (dev/cuda/attention.py; its kernel takes the q8_0 builds'
+    arguments whatever the caches), default the production build (DECODE_TILE_KEYS, two stages)."""
     keys = DECODE_TILE_KEYS[head_dim]
+    if config is not None:
+        keys, stages = config
+        return ("dca_decode", f"dca_decode_cfg_{head_dim}_{keys}_{stages}_{int(k_q8)}{int(v_q8)}",
+                f"DCA_DECODE_CFG({head_dim}, {keys}, {stages}, {int(k_q8)}, {int(v_q8)})")
     if not (k_q8 or v_q8):
         return "dca_decode", f"dca_decode_{head_dim}", f"DCA_DECODE({head_dim}, {keys})"
     return ("dca_decode", f"dca_decode_q8_{head_dim}_{int(k_q8)}{int(v_q8)}",
@@ -245,13 +252,13 @@ def _partials(cp, n_splits: int, rows: int, head_dim: int):
             cp.empty((n_splits, rows), dtype=cp.float32))
 
 
-def decode_smem(head_dim: int, k_q8: bool = False, v_q8: bool = False) -> int:
-    """Dynamic shared memory of the decode kernel: three query rotations + 4 warps x (2 stages of K and V rows:
-    a 16-bit tile, or q8_0 values + scales; and a dequantized 16-bit tile per q8_0 operand)."""
-    keys = DECODE_TILE_KEYS[head_dim]
+def decode_smem(head_dim: int, k_q8: bool = False, v_q8: bool = False, config: tuple[int, int] | None = None) -> int:
+    """Dynamic shared memory of the decode kernel: three query rotations + 4 warps x (2 stages, or config's, of K
+    and V rows: a 16-bit tile, or q8_0 values + scales; and a dequantized 16-bit tile per q8_0 operand)."""
+    keys, stages = config or (DECODE_TILE_KEYS[head_dim], 2)
     tile, raw = keys * head_dim * 2, keys * head_dim + keys * (head_dim // 32) * 2
     stage = (raw if k_q8 else tile) + (raw if v_q8 else tile)
-    return 3 * 16 * head_dim * 2 + 4 * (2 * stage + tile * (int(k_q8) + int(v_q8)))
+    return 3 * 16 * head_dim * 2 + 4 * (stages * stage + tile * (int(k_q8) + int(v_q8)))
 
 
 def blocks_per_sm(cp, kernel, smem: int) -> int:
@@ -266,22 +273,26 @@ def blocks_per_sm(cp, kernel, smem: int) -> int:
 
 
 def decode_splits(cp, capacity: int, n_kv: int, n_queries: int = 1, head_dim: int = 128,
-                  dtype: str = "f16", k_q8: bool = False, v_q8: bool = False) -> int:
-    """Key slices of the decode kernel (the build for the caches' kinds): one full wave of resident blocks, fixed
-    by the cache capacity, slices of at least 4 tiles (splits.key_splits)."""
-    kernel = _kernel(decode_build(head_dim, k_q8, v_q8), dtype)
-    slots = sm_count(cp) * blocks_per_sm(cp, kernel, decode_smem(head_dim, k_q8, v_q8))
-    return key_splits(n_kv * n_queries, slots, capacity, 4 * DECODE_TILE_KEYS[head_dim], slots)
+                  dtype: str = "f16", k_q8: bool = False, v_q8: bool = False,
+                  config: tuple[int, int] | None = None) -> int:
+    """Key slices of the decode kernel (the build for the caches' kinds; config: decode_build's): one full wave of
+    resident blocks, fixed by the cache capacity, slices of at least 4 tiles (splits.key_splits)."""
+    kernel = _kernel(decode_build(head_dim, k_q8, v_q8, config), dtype)
+    slots = sm_count(cp) * blocks_per_sm(cp, kernel, decode_smem(head_dim, k_q8, v_q8, config))
+    keys = config[0] if config else DECODE_TILE_KEYS[head_dim]
+    return key_splits(n_kv * n_queries, slots, capacity, 4 * keys, slots)
 
 
 def flash_decode(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int, dca=None,
-                 temperature_length: int = 0, n_splits: int | None = None, workspace=None, out_staged=None):
+                 temperature_length: int = 0, n_splits: int | None = None, workspace=None, out_staged=None,
+                 config: tuple[int, int] | None = None):
     """Decode attention: q (n, Hq, D) of tokens at positions (n,) against the cache -> (n, Hq, D).
 
     k_cache, v_cache: (capacity, Hkv, D) 16-bit arrays or q8_0 rows (kv_q8.DeviceQ8Rows), each on its own.
     n_splits: key slices (default decode_splits from the cache capacity). workspace: optional
     (part_o, part_m, part_l) float32 buffers of shapes (S, n*Hq, D), (S, n*Hq), (S, n*Hq), reused
-    across steps (CUDA graphs); allocated here when None. out_staged: see combine.
+    across steps (CUDA graphs); allocated here when None. out_staged: see combine. config: decode_build's
+    measurement variant (dev/cuda/attention.py), default the production build.
     """
     import cupy as cp
 
@@ -290,7 +301,7 @@ def flash_decode(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int,
     n_kv = k_cache.shape[1]
     k_q8, v_q8 = is_q8(k_cache), is_q8(v_cache)
     if n_splits is None:
-        n_splits = decode_splits(cp, k_cache.shape[0], n_kv, n, head_dim, dtype, k_q8, v_q8)
+        n_splits = decode_splits(cp, k_cache.shape[0], n_kv, n, head_dim, dtype, k_q8, v_q8, config)
     out = cp.empty(q.shape, dtype=q.dtype)
     if n == 0:
         return out
@@ -305,16 +316,16 @@ def flash_decode(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int,
         raise ConfigError(f"flash decode: workspace shapes {part_o.shape}, {part_m.shape}, {part_l.shape} "
                           f"do not fit {n_splits} splits of {n * n_heads} rows x {head_dim}")
     chunk_len, chunk_size = _dca_args(dca)
-    if k_q8 or v_q8:  # each cache: its values and scales (q8_0) or its rows and no scales
+    if k_q8 or v_q8 or config is not None:  # each cache: its values and scales (q8_0) or its rows and no scales
         caches = tuple(arg for cache in (k_cache, v_cache) for arg in ((cache.q, cache.d) if is_q8(cache)
                                                                          else (cache, NULL)))
     else:
         caches = (k_cache, v_cache)
-    _launch(_kernel(decode_build(head_dim, k_q8, v_q8), dtype), (n_splits, n_kv, n),
+    _launch(_kernel(decode_build(head_dim, k_q8, v_q8, config), dtype), (n_splits, n_kv, n),
             (q,) + caches + (positions, cos_t, sin_t, part_o, part_m, part_l, np.int32(n), np.int32(n_heads),
                              np.int32(n_kv), np.int32(rope_dim), chunk_len, chunk_size,
                              np.float32(math.log2(math.e) / math.sqrt(head_dim)), np.int32(temperature_length or 0),
                              np.int32(n_splits)),
-            decode_smem(head_dim, k_q8, v_q8))
+            decode_smem(head_dim, k_q8, v_q8, config))
     combine(part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype, out_staged)
     return out
