@@ -295,11 +295,13 @@ template <int T> __device__ __forceinline__ float2 dot_rows2(const u8* __restric
     return make_float2(warp_sum(acc0), warp_sum(acc1));
 }
 
-// rsqrt(mean(x^2) + eps) over the whole block (every thread gets it)
+// rsqrt(mean(x^2) + eps) over the whole block (every thread gets it). The first GEMV_THREADS threads sum, in the
+// same order whatever the block's size: head_ring's extra producer warp adds zeros, so its scale is head's bit for bit.
 __device__ __forceinline__ float rms_scale(const float* __restrict__ x, float eps, int d, float* scratch) {
     float ss = 0.0f;
+    if (threadIdx.x < GEMV_THREADS)
 #pragma unroll 4
-    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += x[i] * x[i];
+        for (int i = threadIdx.x; i < d; i += GEMV_THREADS) ss += x[i] * x[i];
     return rsqrtf(block_sum(ss, scratch) / (float)d + eps);
 }
 
@@ -308,7 +310,8 @@ __device__ __forceinline__ float rms_scale(const float* __restrict__ x, float ep
 __device__ __forceinline__ float rms_scale_of_partials(const float* __restrict__ partials, int n_partials, float eps,
                                                        int d, float* scratch) {
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < n_partials; i += blockDim.x) ss += partials[i];
+    if (threadIdx.x < GEMV_THREADS)  // as rms_scale: the same order whatever the block's size
+        for (int i = threadIdx.x; i < n_partials; i += GEMV_THREADS) ss += partials[i];
     return rsqrtf(block_sum(ss, scratch) / (float)d + eps);
 }
 
@@ -420,7 +423,7 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long ro
 // bytes: the group's 32 values are the same, quantized by one warp in one order.
 __device__ __forceinline__ float load_cg(const float* p) {  // through L2: another block's store, fenced before
     float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
     return v;
 }
 
@@ -445,7 +448,10 @@ __device__ __forceinline__ void prenorm_epilogue(const float* x, const float* __
             counted = __shfl_sync(0xffffffffu, counted, 0);
             mine = counted == (unsigned)(last - first);
             if (mine && lane == 0) arrivals[g] = 0u;
-            if (mine) __threadfence();
+            if (mine) {
+                __threadfence();
+                __syncwarp();  // every lane past the fence before any reads the other blocks' rows
+            }
         }
         if (mine) {
             const int r = 32 * g + lane;
@@ -658,6 +664,8 @@ __device__ __forceinline__ void ring_row_dots(const u8* __restrict__ w, long lon
         __syncwarp();
         if (lane == 0) mbar_arrive(empty + 8 * s);
     }
+#else
+    __trap();  // the host launches head_ring only on compute capability >= 9.0 (gemv.head_uses_ring)
 #endif
 }
 

@@ -83,6 +83,10 @@ def recorded_launches(monkeypatch) -> list:
 def test_gemv_launch_arguments_match_the_kernel_parameters(monkeypatch, launch, ggml_type):
     launched = recorded_launches(monkeypatch)
     m = _matrix(256, 512, ggml_type)
+    if "+ring" in launch and ggml_type not in gemv.INT8_TYPES:
+        with pytest.raises(DeviceError, match="head_ring cannot stream"):
+            LAUNCHES[launch](m, "bf16")
+        return
     if launch.endswith("+prenormed") and ggml_type not in gemv.INT8_TYPES:
         with pytest.raises(DeviceError, match="int8 weight type"):
             LAUNCHES[launch](m, "bf16")
@@ -95,7 +99,7 @@ def test_gemv_launch_arguments_match_the_kernel_parameters(monkeypatch, launch, 
 def test_prenorm_launches_the_plain_grid(monkeypatch):
     """gemv_add with prenorm outputs: the plain launch's per_block (a multiple of 8; at 8B widths on 132 SMs 16: 256
     blocks, the partials its consumers sum, the 32-row groups handed off between block pairs), the grid
-    prenorm_blocks; rows off the 32-row groups are refused."""
+    prenorm_blocks; rows off the 32-row groups, and blocks off multiples of 8 rows, are refused."""
     launched = recorded_launches(monkeypatch)
     prenorm = gemv.Prenorm(DeviceArray(), DeviceArray(), DeviceArray(), DeviceArray())
     for rows, cols in ((4096, 4096), (4096, 14336), (8192, 28672), (2080, 4096), (2048, 8192)):
@@ -105,8 +109,10 @@ def test_prenorm_launches_the_plain_grid(monkeypatch):
         assert per_block % 8 == 0 and per_block == gemv.prenorm_per_block(rows) == gemv.tasks_per_block(rows)
         assert gemv.prenorm_blocks(rows) == -(-rows // per_block) <= rows // 8
     assert gemv.prenorm_blocks(4096) == 256 and gemv.prenorm_blocks(2048) == 256
-    with pytest.raises(DeviceError, match="whole groups of 32 rows"):
-        gemv.gemv_add(DeviceArray(), _matrix(4104, 4096, GGMLType.Q4_K), DeviceArray(), "f16", prenorm=prenorm)
+    for rows, per_block in ((4104, None), (4096, 12)):  # rows off the groups; blocks off the warps (partials: d/8)
+        with pytest.raises(DeviceError, match="whole groups of 32 rows and blocks of a multiple of 8"):
+            gemv.gemv_add(DeviceArray(), _matrix(rows, 4096, GGMLType.Q4_K), DeviceArray(), "f16", per_block=per_block,
+                          prenorm=prenorm)
 
 
 def test_the_head_streams_its_rows_where_measured_faster(monkeypatch):
@@ -129,3 +135,5 @@ def test_the_head_streams_its_rows_where_measured_faster(monkeypatch):
     assert launched[-1].name == "head_q6_k"
     monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 48 * 1024))  # stages beyond shared memory
     assert not gemv.head_uses_ring(q6k)
+    with pytest.raises(DeviceError, match="head_ring cannot stream"):
+        gemv.head(DeviceArray(), DeviceArray(), 1e-5, q6k, DeviceArray(), "f16", ring=True)

@@ -155,8 +155,9 @@ def gemv_add(a, m, x, dtype: str, per_block: int | None = None, staged=None, pre
         raise DeviceError(f"gemv_add: a staged input needs an int8 weight type, not {m.ggml_type.name}")
     if prenorm is not None:
         per_block = per_block or prenorm_per_block(m.rows)
-        if m.rows % 32:
-            raise DeviceError(f"gemv_add: prenorm outputs need whole groups of 32 rows ({m.rows} rows)")
+        if m.rows % 32 or per_block % WARPS:
+            raise DeviceError(f"gemv_add: prenorm outputs need whole groups of 32 rows and blocks of a multiple of "
+                              f"{WARPS} rows ({m.rows} rows, {per_block} a block)")
     next_norm, out_staged, partials, arrivals = prenorm if prenorm is not None else (NULL,) * 4
     _launch("gemv_add", m, m.cols, m.rows,
             (m.data, _row_bytes(m), a, NULL if staged is None else staged, np.int32(m.rows), np.int32(m.cols), x,
@@ -231,11 +232,16 @@ def ring_shared_bytes(m) -> int:
     return -(-stage_bytes(m.ggml_type, m.cols) // 128) * 128 + RING_STAGES * (RING_ROWS * int(m.data.shape[1]) + 16)
 
 
+def ring_fits(m) -> bool:
+    """Whether head_ring can stream m's rows: an int8 weight type, 16-byte rows (bulk copies), d % 32 == 0, a GPU
+    of compute capability >= 9.0 and the stages within its shared memory."""
+    return (m.ggml_type in INT8_TYPES and int(m.data.shape[1]) % 16 == 0 and m.cols % 32 == 0
+            and _compute_capability() >= 90 and ring_shared_bytes(m) <= _device_limits()[1])
+
+
 def head_uses_ring(m) -> bool:
-    """Whether head() streams m's rows through head_ring: its type measured faster so, a Hopper-class GPU, 16-byte
-    rows (bulk copies), and the stages fit the device's shared memory."""
-    return (m.ggml_type in RING_TYPES and _compute_capability() >= 90 and int(m.data.shape[1]) % 16 == 0
-            and m.cols % 32 == 0 and ring_shared_bytes(m) <= _device_limits()[1])
+    """Whether head() streams m's rows through head_ring by default: a type measured faster so, where it fits."""
+    return m.ggml_type in RING_TYPES and ring_fits(m)
 
 
 def head(x, norm, eps, m, logits, dtype: str, per_block: int | None = None,
@@ -247,6 +253,9 @@ def head(x, norm, eps, m, logits, dtype: str, per_block: int | None = None,
     if not (head_uses_ring(m) if ring is None else ring):
         _launch("head", m, m.cols, m.rows, args, dtype, per_block)
         return
+    if not ring_fits(m):
+        raise DeviceError(f"head_ring cannot stream {m.name} ({m.ggml_type.name}, {m.data.shape[1]}-byte rows) on "
+                          f"this GPU (compute capability {_compute_capability()})")
     fn = function("gemv", f"head_ring_{m.suffix}", dtype, instance=per_type(INSTANCE_MACRO, m.suffix))
     shared = ring_shared_bytes(m)
     if _opted_in.get(id(fn), DEFAULT_SHARED) < shared:
