@@ -56,11 +56,11 @@ def test_bench_json_reports_every_test(tiny_gguf):
     assert all(r["tokens_per_s"] > 0 and r["sd"] >= 0 for r in report["results"])
     # prompt tests: the FLOP/s of prefill_flops at that rate, against the matrix peak measured in the run
     assert report["matmul_peak_tflops"] > 0 and report["matmul_peak"].startswith("float32 GEMM")
+    config = open_model(tiny_gguf).config
     for r in report["results"]:
         assert ("tflops" in r) == r["test"].startswith("pp")
         if "tflops" in r:
-            assert math.isclose(r["tflops"], prefill_flops(open_model(tiny_gguf).config, r["tokens"]) * r["tokens_per_s"]
-                                / r["tokens"] / 1e12)
+            assert math.isclose(r["tflops"], prefill_flops(config, r["tokens"]) * r["tokens_per_s"] / r["tokens"] / 1e12)
             assert math.isclose(r["peak_fraction"], r["tflops"] / report["matmul_peak_tflops"])
 
 

@@ -13,8 +13,8 @@ HTTP, threads or sampling; the two alternate round by round, so a loaded machine
 
 The server (engine.server.app on uvicorn) runs in this process on a free port; requests use httpx, greedy,
 ignore_eos so that every run generates exactly -n tokens; the decode overhead is measured twice, with the client in
-a child process (as a user's client: the figure to quote) and in this process (sharing the server's GIL). Decode tokens/s through HTTP counts from the
-first streamed token to the last, as the in-process figure (GenerationStats) does. Aggregate tokens/s: the
+a child process (as a user's client: the figure to quote) and in this process (sharing the server's GIL). Decode
+tokens/s through HTTP counts from the first streamed token to the last, as the in-process figure (GenerationStats) does. Aggregate tokens/s: the
 tokens all clients received over the wall time from their common start to the last one's end (prefill
 included); every client has its own -p-token prompt, shared with no other request of the run.
 """
@@ -119,7 +119,8 @@ def aggregate_table(args, clients: list[int], parallel: list[int], batching: lis
 def batch_steps_table(args, sizes: list[int]) -> None:
     """Seconds of a decode step of B sequences (after -p prompt tokens each), B forwards vs one batch: the best
     and the median of -n rounds (on a loaded machine the best is the model's own time, the median what it got)."""
-    llm = engine.load(args.model, device=args.device, dtype=args.dtype, context=args.p + 2 * args.n + 16, slots=max(sizes))
+    llm = engine.load(args.model, device=args.device, dtype=args.dtype, context=args.p + 2 * args.n + 16,
+                      slots=max(sizes))
     text_ids = llm.tokenize(prose())
     print(f"device {llm.device} ({llm.dtype}); decode steps after {args.p} prompt tokens, best / median of {args.n} "
           f"rounds")
@@ -215,6 +216,7 @@ def run_client(url: str, n: int) -> None:
     prompt = json.loads(sys.stdin.read())
     with httpx.Client(base_url=url, timeout=600) as client:
         print(json.dumps([stream(client, prompt, n)[1] for _ in range(REPEATS)]))
+
 
 if __name__ == "__main__":
     main()
