@@ -191,8 +191,9 @@ PASS_TOL = {"f16": 3e-3, "bf16": 2e-2}  # the composed path's (above), Self-Exte
 @pytest.mark.parametrize("scheme", PASS_SCHEMES, ids=repr)
 @pytest.mark.parametrize("first,n", [(0, 700), (500, 200), (699, 1), (0, 40), (1, 1)])
 def test_fused_passes_match_the_reference(dtype, heads, scheme, first, n):
-    """extension.fused_attention (the flash kernel's passes merged by one combine) against
-    tiled_attention.reference_attention: prompts, chunked prefill past the windows, one-token decode, prompts
+    """extension.fused_attention (the flash kernel's passes merged by one combine) against the numpy backend's
+    attention (tiled_attention.blockwise_attention, float32 on the host; test_passes_merged_equal_the_reference
+    ties the passes to the float64 reference): prompts, chunked prefill past the windows, one-token decode, prompts
     within the windows; GQA groups 3, 4 and 1; head_dim 64 (YaRN's cos/sin factor) and 128."""
     cp = pytest.importorskip("cupy")
     n_heads, n_kv, head_dim, scaling = heads
@@ -214,7 +215,8 @@ def test_fused_passes_match_the_reference(dtype, heads, scheme, first, n):
     assert extension.fused_reason(q, cache, 0, rotary, None) is None
     out = extension.fused_attention(backend, cp.asarray(encode(q)), cache, 0, rotary, scheme)
     got = from_bf16_bits(cp.asnumpy(out)) if dtype == "bf16" else cp.asnumpy(out).astype(np.float32)
-    ref = T.reference_attention(q, k, v, np.arange(first, n_k), rotary, scheme)
+    cached = from_bf16_bits(k_cache[0, :n_k]) if dtype == "bf16" else k_cache[0, :n_k].astype(np.float32)
+    ref = T.blockwise_attention(q, cached, v, np.arange(first, n_k), rotary, scheme)
     err = rel_err(got, ref)
     print(f"{scheme} {heads} {dtype} first {first} n {n}: rel err {err:.2e}")
     assert err < PASS_TOL[dtype]
