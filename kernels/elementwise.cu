@@ -224,3 +224,61 @@ extern "C" __global__ void quantize_input(const act_t* x, int n, unsigned char* 
     const int b = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (32 * b < n) store_q8_block(a2f(x[32 * b + (threadIdx.x & 31)]), b, n, staged);
 }
+
+// Self-Extend / StreamingLLM one-token decode (engine/backends/cuda/extension.py decode_attention): the flash
+// kernel's two passes take their positions from `plan`, written here from the token's device position slot, so
+// a captured CUDA graph replays the step. plan = {positions, rotation positions} of pass 0, then of pass 1.
+
+// Self-Extend (group G, neighbour window W) for the token at pos = pos_slot[0]: pass 0 (group) {pos - W,
+// floor(pos/G) + W - floor(W/G)}, pass 1 (neighbour) {m - 1, pos} over the m = min(W, pos + 1) rows written here:
+// row t of k_near / v_near (W, heads, head_dim) is cache row r = pos - m + 1 + t, its key rotated on from the
+// cached position floor(r/G) to r (cos/sin scaled by inv_mscale: the cached key carries YaRN's factor once).
+// One thread per item of store_kv's (rotary pairs, pass-through K dims, V dims) for each of the W rows.
+extern "C" __global__ void self_extend_window(const act_t* __restrict__ k, const act_t* __restrict__ v,
+                                              const int* __restrict__ pos_slot, const float* __restrict__ cos_t,
+                                              const float* __restrict__ sin_t, act_t* __restrict__ k_near,
+                                              act_t* __restrict__ v_near, int* __restrict__ plan, int window,
+                                              int group, int heads, int head_dim, int rope_dim, float inv_mscale) {
+    const int pos = pos_slot[0], m = min(window, pos + 1);
+    const int half_r = rope_dim >> 1, k_items = head_dim - half_r, per_head = k_items + head_dim;
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx == 0) {
+        plan[0] = pos - window;
+        plan[1] = pos / group + window - window / group;
+        plan[2] = m - 1;
+        plan[3] = pos;
+    }
+    if (idx >= (long long)window * heads * per_head) return;
+    const int j = (int)(idx % per_head);
+    const long long row = idx / per_head;  // scratch row * heads + head
+    const int t = (int)(row / heads), h = (int)(row % heads);
+    if (t >= m) return;
+    const int r = pos - m + 1 + t;
+    const long long src = ((long long)r * heads + h) * head_dim, dst = ((long long)t * heads + h) * head_dim;
+    if (j >= k_items) {
+        const int dim = j - k_items;
+        v_near[dst + dim] = v[src + dim];
+        return;
+    }
+    if (j >= half_r) {  // pass-through dim R + (j - R/2)
+        const int dim = rope_dim + j - half_r;
+        k_near[dst + dim] = k[src + dim];
+        return;
+    }
+    const long long by = (long long)(r - r / group) * half_r + j;
+    const float c = cos_t[by] * inv_mscale, s = sin_t[by] * inv_mscale;
+    const float x1 = a2f(k[src + j]), x2 = a2f(k[src + j + half_r]);
+    k_near[dst + j] = f2a(x1 * c - x2 * s);
+    k_near[dst + j + half_r] = f2a(x2 * c + x1 * s);
+}
+
+// StreamingLLM (S sinks, window R) for the token at pos = pos_slot[0]: pass 0 (sinks, keys 0..S-1)
+// {min(pos, S - 1), min(pos, S + R - 1)}, pass 1 (the cache from row S on, window R) {pos - S, pos}. One thread.
+extern "C" __global__ void streaming_plan(const int* __restrict__ pos_slot, int* __restrict__ plan, int sinks,
+                                          int window) {
+    const int pos = pos_slot[0];
+    plan[0] = min(pos, sinks - 1);
+    plan[1] = min(pos, sinks + window - 1);
+    plan[2] = pos - sinks;
+    plan[3] = pos;
+}

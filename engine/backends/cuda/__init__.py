@@ -225,7 +225,7 @@ class CudaBackend:
         x = cp.ascontiguousarray(x, dtype=cp.float32)
         y = cp.ascontiguousarray(y) if y.dtype == self.act else cp.ascontiguousarray(y, dtype=cp.float32)
         out = cp.empty(x.shape, dtype=cp.float32)
-        self._launch_1d("elementwise", "add_residual", x.size,
+        self.launch_1d("elementwise", "add_residual", x.size,
                         (x, y, out, np.int64(x.size), np.int32(y.dtype == self.act)))
         return out
 
@@ -236,7 +236,7 @@ class CudaBackend:
             y = to_activation(cp, y, self.dtype)
         n, cols = y.shape
         out = cp.empty((n, cols), dtype=self.act)
-        self._launch_1d("elementwise", "add_bias", n * cols,
+        self.launch_1d("elementwise", "add_bias", n * cols,
                         (y, np.int64(y.strides[0] // 2 if n > 1 else cols), b, out, np.int32(n), np.int32(cols)))
         return out
 
@@ -250,7 +250,7 @@ class CudaBackend:
         stride = gate.strides[0] // 2  # elements between rows
         vec8 = f % 8 == 0 and stride % 8 == 0 and gate.data.ptr % 16 == 0 and up.data.ptr % 16 == 0
         out = cp.empty((n, f), dtype=self.act)
-        self._launch_1d("elementwise", "swiglu", n * (f // 8 if vec8 else f),
+        self.launch_1d("elementwise", "swiglu", n * (f // 8 if vec8 else f),
                         (gate, up, out, np.int32(n), np.int32(f), np.int64(stride), np.int32(vec8)))
         return out
 
@@ -279,7 +279,7 @@ class CudaBackend:
             kernel, per_head = "store_kv", 2 * head_dim - rope_dim // 2
         else:
             kernel, per_head = "store_kv_vec8", (2 * head_dim - rope_dim // 2) // 8
-        self._launch_1d("elementwise", kernel, n * heads * per_head,
+        self.launch_1d("elementwise", kernel, n * heads * per_head,
                         (k, np.int64(k_stride), v, np.int64(v_stride), positions, cos_t, sin_t, k_cache,
                          v_cache, np.int32(n), np.int32(heads), np.int32(head_dim), np.int32(rope_dim),
                          chunk_len))
@@ -294,10 +294,14 @@ class CudaBackend:
         (CUDA graphs), reading q8_0 rows as they are; otherwise the simple tiled kernel (attention.cu). Those
         two read 16-bit rows: q8_0 ones are first dequantized into the backend's scratch (kv_q8.py), up to the
         last position (bounded on the host by the cache capacity for one token: a captured step's position
-        grows). A Self-Extend / StreamingLLM scheme `dca`: the tiled algorithm over CuPy arrays
-        (extension.attention; positions are cache.length + 0..n-1; 16-bit caches).
+        grows). A Self-Extend / StreamingLLM scheme `dca` (16-bit caches): passes of the flash kernel, for one token
+        with their positions made on the device from `positions` (extension.decode_attention, graph-ready),
+        for a prompt from cache.length + 0..n-1 (extension.attention, which also keeps the composed path).
         """
         if extension.is_extension(dca):
+            if q.shape[0] == 1 and extension.fused_reason(q.shape[2], rotary.rope.dim, q.shape[1],
+                                                          cache.k[layer].shape[1], temperature_length) is None:
+                return extension.decode_attention(self, q, cache, layer, positions, rotary, dca, out_staged)
             return extension.attention(self, q, cache, layer, rotary, dca, temperature_length)
         cos_t, sin_t = self.rotary_tables(rotary)
         n, n_heads, head_dim = q.shape
@@ -327,13 +331,13 @@ class CudaBackend:
         return FusedBlocks(self, model)
 
     def decoder(self, model, cache: KVCache, sampling, history):
-        """A graph-replaying decode loop with device-side sampling (see graph.GraphDecoder); eager steps under
-        Self-Extend / StreamingLLM (their attention picks key tiles on the host: extension.py)."""
+        """A graph-replaying decode loop with device-side sampling (see graph.GraphDecoder); eager steps where a
+        Self-Extend / StreamingLLM attention runs its composed path (extension.graph_ready)."""
         from .graph import GraphDecoder
 
-        return GraphDecoder(self, model, cache, sampling, history, use_graph=model.extension is None)
+        return GraphDecoder(self, model, cache, sampling, history, use_graph=extension.graph_ready(model))
 
-    def _launch_1d(self, file: str, kernel: str, n_threads: int, args: tuple) -> None:
+    def launch_1d(self, file: str, kernel: str, n_threads: int, args: tuple) -> None:
         """One thread per item of an activation kernel (the backend's dtype build of kernels/<file>.cu)."""
         if n_threads:
             blocks = (n_threads + ELEMENTWISE_THREADS - 1) // ELEMENTWISE_THREADS

@@ -7,7 +7,7 @@
              keys the numpy backend's holds, in the activation dtype.
   attention  fused (``fused_attention``): each relation of the scheme is one pass of the mma.sync prefill kernel
              (flash_attention.flash_attention with rot_positions / window / partials), the passes' split partials
-             merged by one dca_combine; the same launches serve prefill and one-token decode.
+             merged by one dca_combine.
                Self-Extend (G, W)  group: the cached keys as they are, query i sees keys j <= i - W (its position
                                    shifted by W) rotated at floor(i/G) + W - floor(W/G);
                                    neighbour: the keys from i - W + 1 on, rotated on from floor(j/G) to j into a
@@ -21,17 +21,21 @@
              relations' choice, masks and the online softmax are CuPy fp32 (cuBLAS batched GEMMs). The key spans,
              relations and masks come from the scheme on the host (small arrays, uploaded per tile), so
              StreamingLLM reads only the sinks and the window of each query tile.
-  decode     the fused step's GEMVs, with this attention; the passes' key ranges depend on the position, which the
-             host must know, so the step runs eagerly, not as a CUDA graph (graph.py, CudaBackend.decoder).
+  decode     one token (``decode_attention``): the same passes with their positions computed on the device from
+             the token's position slot (kernels/elementwise.cu: self_extend_window, which also copies the
+             neighbour rows into W-row scratches, and streaming_plan), launches and splits fixed by the cache
+             capacity, so the fused step is captured as a CUDA graph (graph.py) and its output can be staged for
+             the output projection (combine's out_staged). Where the composed path runs, the step runs eagerly
+             (``graph_ready``).
 
-Host positions: the new rows are at cache.length .. cache.length + n - 1 when ``attention`` runs (Llama.forward
-and the decoders run a forward before they commit it), which gives the tiles without reading the device
-positions back.
+Host positions (``attention``, prompts): the new rows are at cache.length .. cache.length + n - 1 when it runs
+(Llama.forward runs a forward before it commits it), which gives the passes without reading the device positions
+back.
 
 Memory beyond engine/memory.py's plan (which does not know the attention in force): fused, the passes' fp32
 partials (4 x Hq x D bytes a token and key slice) and Self-Extend's neighbour keys (the batch + W rows of one
-layer); composed, a prefill batch's fp32 output (4 x Hq x D bytes a token, then its activation copy) and a few
-SCORES_BYTES of tiles.
+layer; in decode W rows of keys and of values); composed, a prefill batch's fp32 output (4 x Hq x D bytes a
+token, then its activation copy) and a few SCORES_BYTES of tiles.
 """
 from __future__ import annotations
 
@@ -172,11 +176,19 @@ def rotated_on(backend, k, by: np.ndarray, rotary: RotaryTable):
     return to_activation(cp, out, backend.dtype)
 
 
-def fused_reason(q, cache, layer: int, rotary: RotaryTable, temperature_length: int | None) -> str | None:
-    """Why the flash kernel's passes cannot serve this call (the composed path then does), or None."""
+def fused_reason(head_dim: int, rope_dim: int, n_heads: int, n_kv: int, temperature_length: int | None) -> str | None:
+    """Why the flash kernel's passes cannot serve a model's attention (the composed path then does), or None."""
     if temperature_length:
         return "the attention temperature (its scale follows the true positions, which the passes shift)"
-    return flash.unsupported_reason(q.shape[2], rotary.rope.dim, q.shape[1], cache.k[layer].shape[1])
+    return flash.unsupported_reason(head_dim, rope_dim, n_heads, n_kv)
+
+
+def graph_ready(model) -> bool:
+    """Does the model's one-token attention read its position on the device (no extension, or the extension's
+    passes), so that its decode step can be a CUDA graph and stage the output projection's input?"""
+    c = model.config
+    return model.extension is None or fused_reason(c.head_dim, model.rotary.rope.dim, c.n_heads, c.n_kv_heads,
+                                                   model.temperature_length) is None
 
 
 def fused_attention(backend, q, cache, layer: int, rotary: RotaryTable, scheme: PositionScheme):
@@ -189,29 +201,64 @@ def fused_attention(backend, q, cache, layer: int, rotary: RotaryTable, scheme: 
         passes = self_extend_passes(backend, k, v, first, n, rotary, scheme)
     else:
         passes = streaming_passes(k, v, first, n, scheme)
-    splits = [flash.pass_splits(cp, n, n_heads, k.shape[1], head_dim, p.keys_per_block()) for p in passes]
+    device = [(p.k, p.v, cp.asarray(p.positions, dtype=cp.int32), cp.asarray(p.rot_positions, dtype=cp.int32),
+               p.window, p.keys_per_block()) for p in passes]
+    return run_passes(backend, q, device, rotary)
+
+
+def run_passes(backend, q, passes, rotary: RotaryTable, out_staged=None):
+    """q (n, Hq, D) through the passes [(k, v, positions, rot_positions, window, keys per block)] (device arrays;
+    flash_attention's pass arguments), merged -> (n, Hq, D) activations; out_staged: flash_attention.combine's."""
+    cp = backend.cp
+    n, n_heads, head_dim = q.shape
+    splits = [flash.pass_splits(cp, n, n_heads, k.shape[1], head_dim, keys) for k, _, _, _, _, keys in passes]
     rows, total = n * n_heads, sum(splits)
     part_o = cp.empty((total, rows, head_dim), dtype=cp.float32)
     part_m = cp.empty((total, rows), dtype=cp.float32)
     part_l = cp.empty((total, rows), dtype=cp.float32)
     cos_t, sin_t = backend.rotary_tables(rotary)
     start = 0
-    for p, count in zip(passes, splits):
+    for (k, v, positions, rot_positions, window, _), count in zip(passes, splits):
         part = slice(start, start + count)
-        flash.flash_attention(q, p.k, p.v, cp.asarray(p.positions, dtype=cp.int32), cos_t, sin_t,
-                              rope_dim=rotary.rope.dim, rot_positions=cp.asarray(p.rot_positions, dtype=cp.int32),
-                              window=p.window, partials=(part_o[part], part_m[part], part_l[part]))
+        flash.flash_attention(q, k, v, positions, cos_t, sin_t, rope_dim=rotary.rope.dim, rot_positions=rot_positions,
+                              window=window, partials=(part_o[part], part_m[part], part_l[part]))
         start += count
     out = cp.empty(q.shape, dtype=q.dtype)
-    flash.combine(part_o, part_m, part_l, out, rows, head_dim, total, flash.element_type(q))
+    flash.combine(part_o, part_m, part_l, out, rows, head_dim, total, flash.element_type(q), out_staged)
     return out
+
+
+def decode_attention(backend, q, cache, layer: int, positions, rotary: RotaryTable, scheme: PositionScheme,
+                     out_staged=None):
+    """q (1, Hq, D) unrotated activations of the token at the device position slot `positions` (1,) int32, its row
+    already stored: the passes with their positions made on the device (module docstring) -> (1, Hq, D)."""
+    cp = backend.cp
+    k, v = cache.k[layer], cache.v[layer]  # (capacity, Hkv, D)
+    capacity, n_kv, head_dim = k.shape
+    plan = cp.empty(4, dtype=cp.int32)  # positions and rotation positions of pass 0, of pass 1
+    if isinstance(scheme, SelfExtendConfig):
+        window = scheme.window
+        k_near, v_near = (cp.empty((window, n_kv, head_dim), dtype=k.dtype) for _ in range(2))
+        cos_t, sin_t = backend.rotary_tables(rotary)
+        rope_dim = rotary.rope.dim
+        backend.launch_1d("elementwise", "self_extend_window", window * n_kv * (2 * head_dim - rope_dim // 2),
+                          (k, v, positions, cos_t, sin_t, k_near, v_near, plan, np.int32(window),
+                           np.int32(scheme.group_size), np.int32(n_kv), np.int32(head_dim), np.int32(rope_dim),
+                           np.float32(1.0 / attention_factor(rotary.rope))))
+        passes = [(k, v, plan[0:1], plan[1:2], 0, capacity), (k_near, v_near, plan[2:3], plan[3:4], 0, window)]
+    else:
+        sinks, window = scheme.sinks, scheme.window
+        backend.launch_1d("elementwise", "streaming_plan", 1, (positions, plan, np.int32(sinks), np.int32(window)))
+        passes = [(k[:sinks], v[:sinks], plan[0:1], plan[1:2], 0, sinks)] if sinks else []
+        passes.append((k[sinks:], v[sinks:], plan[2:3], plan[3:4], window, window + 128))
+    return run_passes(backend, q, passes, rotary, out_staged)
 
 
 def attention(backend, q, cache, layer: int, rotary: RotaryTable, scheme: PositionScheme,
               temperature_length: int | None):
     """q (n, Hq, D) unrotated activations of the rows at cache.length .. cache.length + n - 1, attending the
     cached keys under `scheme` -> (n, Hq, D) activations."""
-    if fused_reason(q, cache, layer, rotary, temperature_length) is None:
+    if fused_reason(q.shape[2], rotary.rope.dim, q.shape[1], cache.k[layer].shape[1], temperature_length) is None:
         return fused_attention(backend, q, cache, layer, rotary, scheme)
     return composed_attention(backend, q, cache, layer, rotary, scheme, temperature_length)
 

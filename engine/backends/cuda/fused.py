@@ -19,7 +19,7 @@ backend's dtype (gemv.cu's dtype build); Q/K/V biases (qwen2) are added in the q
 epilogue, rounded as the composed block's add_bias rounds them. A layer whose Q/K/V (or gate/up) are not
 stored in one type, or a weight not kept on the device as a ``DeviceMatrix``, runs the composed block.
 Self-Extend / StreamingLLM: the qkv kernel stores the key through the scheme's key tables and the attention is
-the backend's composed one for the scheme (extension.py); the GEMVs are these.
+the backend's for the scheme (extension.decode_attention, or its composed path: extension.py); the GEMVs are these.
 With a q8_0 K or V cache (kv_q8.py) qkv stores the token's rows unrotated, in 16 bits, into a scratch (its
 position slot pointing at row 0 and its rotation tables the identity: cos 1, sin 0), and the backend's store_kv
 rotates, quantizes and writes them at the token's position (one launch more a layer), before attention reads them.
@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import gemv
-from .extension import chunk_len_of
+from .extension import chunk_len_of, graph_ready
 from .kv_q8 import is_q8
 from .weights import DeviceMatrix
 
@@ -50,10 +50,10 @@ class FusedBlocks:
         self.fused_mlp = [_same_type(l.ffn_gate, l.ffn_up) and isinstance(l.ffn_down, DeviceMatrix) for l in layers]
         self.fused_head = isinstance(model.weights.output, DeviceMatrix)
         # the output / down projections' inputs quantized by their producers (dca_combine, gate_up): one buffer, used
-        # in turn (staged_bytes of the wider input); not under Self-Extend / StreamingLLM, whose attention
-        # (extension.py) writes no staged output
+        # in turn (staged_bytes of the wider input); not where a Self-Extend / StreamingLLM attention runs its
+        # composed path (extension.graph_ready), which writes no staged output
         self.staged_o = [isinstance(l.attn_output, DeviceMatrix) and l.attn_output.ggml_type in gemv.INT8_TYPES
-                         and c.head_dim % 32 == 0 and model.extension is None for l in layers]
+                         and c.head_dim % 32 == 0 and graph_ready(model) for l in layers]
         self.staged_down = [isinstance(l.ffn_down, DeviceMatrix) and l.ffn_down.ggml_type in gemv.INT8_TYPES
                             and c.ffn_dim % 32 == 0 for l in layers]
         self.staged = None

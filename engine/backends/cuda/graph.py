@@ -14,8 +14,9 @@ its memory from a private pool that lives with the graph, so no other allocation
 addresses the graph writes. Stream: a private non-blocking stream, synchronized with the default
 stream when the decoder starts (the prefill ran there) and at every step (the token comes back).
 When the sampling settings cannot run on the device (sampling.device_supported), the graph stops
-at the logits and the host Sampler picks the token. Under Self-Extend or StreamingLLM every step runs eagerly
-(``use_graph`` False, CudaBackend.decoder): their attention picks its key tiles on the host from the position.
+at the logits and the host Sampler picks the token. Where a Self-Extend or StreamingLLM attention runs its composed
+path (the attention temperature; extension.graph_ready) every step runs eagerly (``use_graph`` False,
+CudaBackend.decoder): that path picks its key tiles on the host from the position.
 """
 from __future__ import annotations
 
