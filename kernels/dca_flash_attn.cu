@@ -245,23 +245,17 @@ __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16*
                             }
                 }
             }
-            if (k0 + BN - 1 > pos_first) {  // the tile crosses the causal diagonal for some row
+            // the tile crosses the causal diagonal, or the lower edge of a window, for some row
+            if (k0 + BN - 1 > pos_first || (window > 0 && k0 <= pos_last - window)) {
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-                        for (int e = 0; e < 4; ++e)
-                            if (k0 + nt * 8 + 2 * t + (e & 1) > row_pos[mt][e >> 1]) s[mt][nt][e] = NEG_INF;
-            }
-            if (window > 0 && k0 <= pos_last - window) {  // below the window of some row
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e)
-                            if (k0 + nt * 8 + 2 * t + (e & 1) <= row_pos[mt][e >> 1] - window) s[mt][nt][e] = NEG_INF;
+                        for (int e = 0; e < 4; ++e) {
+                            const int key = k0 + nt * 8 + 2 * t + (e & 1), pos = row_pos[mt][e >> 1];
+                            if (key > pos || (window > 0 && key <= pos - window)) s[mt][nt][e] = NEG_INF;
+                        }
             }
 
             // online softmax (log2 units), rows (mt, hf); a row's keys are spread over the 4 lanes of a quad
