@@ -185,6 +185,20 @@ PASS_SCHEMES = [SelfExtendConfig(4, 48), SelfExtendConfig(3, 100), StreamingConf
 PASS_TOL = {"f16": 3e-3, "bf16": 2e-2}  # the composed path's (above), Self-Extend's re-rotated keys rounded once more
 
 
+def device_case(cp, dtype, scheme, rotary, k, v, first):
+    """A stand-in CUDA backend and one-layer cache (1024 rows) of the activation dtype holding k (n_k, Hkv, D) at
+    the scheme's cached positions and v, length `first` -> (backend, cache, encode: float32 -> activations)."""
+    encode = (lambda x: x.astype(np.float16)) if dtype == "f16" else to_bf16_bits
+    k_cache = np.zeros((1, 1024) + k.shape[1:], dtype=np.float16 if dtype == "f16" else np.uint16)
+    v_cache = k_cache.copy()
+    k_cache[0, :len(k)] = encode(T.rotate_keys(k, np.arange(len(k)), rotary, scheme))
+    v_cache[0, :len(v)] = encode(v)
+    tables = (cp.asarray(rotary.cos), cp.asarray(rotary.sin))
+    backend = SimpleNamespace(cp=cp, dtype=dtype, rotary_tables=lambda r: tables,
+                              launch_1d=lambda file, kernel, n, args: extension_launch(cp, dtype, file, kernel, n, args))
+    return backend, SimpleNamespace(k=cp.asarray(k_cache), v=cp.asarray(v_cache), length=first), encode
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", [(9, 3, 64, "yarn"), (32, 8, 128, "plain"), (8, 8, 128, "plain")], ids=str)
@@ -204,18 +218,12 @@ def test_fused_passes_match_the_reference(dtype, heads, scheme, first, n):
     n_k = first + n
     q, k, v = (ROUND[dtype](rng.standard_normal(s).astype(np.float32))
                for s in [(n, n_heads, head_dim), (n_k, n_kv, head_dim), (n_k, n_kv, head_dim)])
-    encode = (lambda x: x.astype(np.float16)) if dtype == "f16" else to_bf16_bits
-    k_cache = np.zeros((1, 1024, n_kv, head_dim), dtype=np.float16 if dtype == "f16" else np.uint16)
-    v_cache = k_cache.copy()
-    k_cache[0, :n_k] = encode(T.rotate_keys(k, np.arange(n_k), rotary, scheme))
-    v_cache[0, :n_k] = encode(v)
-    tables = (cp.asarray(rotary.cos), cp.asarray(rotary.sin))
-    backend = SimpleNamespace(cp=cp, dtype=dtype, rotary_tables=lambda r: tables)
-    cache = SimpleNamespace(k=cp.asarray(k_cache), v=cp.asarray(v_cache), length=first)
+    backend, cache, encode = device_case(cp, dtype, scheme, rotary, k, v, first)
     assert extension.fused_reason(head_dim, rope.dim, n_heads, n_kv, None) is None
     out = extension.fused_attention(backend, cp.asarray(encode(q)), cache, 0, rotary, scheme)
     got = from_bf16_bits(cp.asnumpy(out)) if dtype == "bf16" else cp.asnumpy(out).astype(np.float32)
-    cached = from_bf16_bits(k_cache[0, :n_k]) if dtype == "bf16" else k_cache[0, :n_k].astype(np.float32)
+    stored = cp.asnumpy(cache.k[0, :n_k])
+    cached = from_bf16_bits(stored) if dtype == "bf16" else stored.astype(np.float32)
     ref = T.blockwise_attention(q, cached, v, np.arange(first, n_k), rotary, scheme)
     err = rel_err(got, ref)
     print(f"{scheme} {heads} {dtype} first {first} n {n}: rel err {err:.2e}")
@@ -235,15 +243,7 @@ def test_decode_passes_equal_the_prompt_passes(dtype, scheme):
     rng = np.random.default_rng(3)
     n_k = 400
     k, v = (ROUND[dtype](rng.standard_normal((n_k, n_kv, head_dim)).astype(np.float32)) for _ in range(2))
-    encode = (lambda x: x.astype(np.float16)) if dtype == "f16" else to_bf16_bits
-    k_cache = np.zeros((1, 512, n_kv, head_dim), dtype=np.float16 if dtype == "f16" else np.uint16)
-    v_cache = k_cache.copy()
-    k_cache[0, :n_k] = encode(T.rotate_keys(k, np.arange(n_k), rotary, scheme))
-    v_cache[0, :n_k] = encode(v)
-    tables = (cp.asarray(rotary.cos), cp.asarray(rotary.sin))
-    backend = SimpleNamespace(cp=cp, dtype=dtype, rotary_tables=lambda r: tables,
-                              launch_1d=lambda file, kernel, n, args: extension_launch(cp, dtype, file, kernel, n, args))
-    cache = SimpleNamespace(k=cp.asarray(k_cache), v=cp.asarray(v_cache), length=0)
+    backend, cache, encode = device_case(cp, dtype, scheme, rotary, k, v, 0)
     for position in (0, 2, 3, 4, 47, 48, 49, 59, 63, 64, 99, 100, 129, 130, 133, 134, 399):
         q = cp.asarray(encode(ROUND[dtype](rng.standard_normal((1, n_heads, head_dim)).astype(np.float32))))
         cache.length = position
