@@ -54,22 +54,25 @@ def matrix(name, ggml_type):
 
 
 def fused_blocks(types: dict[str, GGMLType], n_layers=2, d_model=576, ffn_dim=1536, extension=None,
-                 stages=None) -> FusedBlocks:
+                 stages=None, head_dim=64, temperature_length=None) -> FusedBlocks:
     """The CUDA decode blocks of a model whose layers store their matrices as `types` (norms: strings naming them);
-    numpy stands in for CuPy. stages: the pipeline split's layer ranges (default one stage)."""
+    numpy stands in for CuPy. stages: the pipeline split's layer ranges (default one stage). 9 query heads over 3 KV
+    heads of head_dim, fully rotated (extension.graph_ready reads the shape and the temperature)."""
     from contextlib import nullcontext
     from types import SimpleNamespace
 
     from engine.pipeline import Stage
 
-    config = SimpleNamespace(n_layers=n_layers, d_model=d_model, ffn_dim=ffn_dim, n_heads=9, head_dim=64,
-                             norm_eps=1e-5)
+    config = SimpleNamespace(n_layers=n_layers, d_model=d_model, ffn_dim=ffn_dim, n_heads=9, n_kv_heads=3,
+                             head_dim=head_dim, norm_eps=1e-5)
     named = {"token_embd": matrix("token_embd", GGMLType.Q8_0), "output_norm": "output_norm"}
     for i in range(n_layers):
         named.update({f"blk.{i}.{t.name}": matrix(t.name, types[t.name]) if t.name in types
                       else f"blk.{i}.{t.name}" if t.name.endswith("_norm") else None for t in LLAMA.layer_tensors})
     backend = SimpleNamespace(cp=np, activate=nullcontext)
     model = SimpleNamespace(config=config, weights=Weights.from_named(named, n_layers), extension=extension,
+                            rotary=SimpleNamespace(rope=SimpleNamespace(dim=head_dim)),
+                            temperature_length=temperature_length,
                             stages=[Stage(backend, layers) for layers in (stages or [range(n_layers)])])
     return FusedBlocks(backend, model)
 
@@ -93,9 +96,11 @@ def test_fused_decode_needs_one_type_per_fused_group():
 
 def test_staged_inputs_where_the_consumer_reads_int8():
     """The output / down projections read their input quantized by its producer when they are int8 types (one
-    buffer for both: the wider input's staged bytes); not the output projection under an extension, whose attention
-    writes no staged output."""
+    buffer for both: the wider input's staged bytes); under an extension the output projection's only where its
+    one-token attention runs the flash kernel's passes (extension.graph_ready), not where the composed path runs (the
+    attention temperature, a head_dim of no fused build), which writes no staged output."""
     from engine.self_extend import SelfExtendConfig
+    from engine.streaming import StreamingConfig
 
     blocks = fused_blocks(UNIFORM)
     assert (blocks.staged_o, blocks.staged_down) == ([True, True], [True, True])
@@ -104,8 +109,15 @@ def test_staged_inputs_where_the_consumer_reads_int8():
     assert (blocks.staged_o, blocks.staged_down) == ([True, True], [False, False])
     blocks = fused_blocks({**UNIFORM, "attn_output": GGMLType.F16, "ffn_down": GGMLType.BF16})
     assert (blocks.staged_o, blocks.staged_down, blocks.staged) == ([False, False], [False, False], None)
-    blocks = fused_blocks(UNIFORM, extension=SelfExtendConfig(group_size=4, window=64))
-    assert (blocks.staged_o, blocks.staged_down) == ([False, False], [True, True])
+    for scheme in (SelfExtendConfig(group_size=4, window=64), StreamingConfig(sinks=4, window=64)):
+        blocks = fused_blocks(UNIFORM, extension=scheme)
+        assert (blocks.staged_o, blocks.staged_down) == ([True, True], [True, True])
+        blocks = fused_blocks(UNIFORM, extension=scheme, temperature_length=4096)
+        assert (blocks.staged_o, blocks.staged_down) == ([False, False], [True, True])
+        blocks = fused_blocks(UNIFORM, extension=scheme, head_dim=96)  # no fused build
+        assert (blocks.staged_o, blocks.staged_down) == ([False, False], [True, True])
+    # without an extension the temperature changes nothing (the fused decode kernel applies it)
+    assert fused_blocks(UNIFORM, temperature_length=4096).staged_o == [True, True]
 
 
 def test_prenormed_inputs_where_the_consumer_reads_int8_in_the_same_stage():
