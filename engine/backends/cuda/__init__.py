@@ -4,8 +4,8 @@ Arrays: residual stream fp32 (n, d); everything that feeds a matrix product in t
 (``CudaBackend(dtype=...)``: "f16", or "bf16" held as uint16 bit patterns since CuPy has no bfloat16);
 logits fp32; token ids and positions int32. Weights stay in their GGUF encoding on the device
 (weights.py); attention runs over a preallocated KV cache whose keys and values are each in the activation
-dtype or q8_0 (kv_q8.py) (the fused flash kernels; attention.py for odd shapes; Self-Extend and StreamingLLM: the
-tiled algorithm over CuPy arrays, extension.py). The activation kernels are the `dtype`
+dtype or q8_0 (kv_q8.py) (the fused flash kernels; attention.py for odd shapes; Self-Extend and StreamingLLM: passes
+of the flash kernel, or the tiled algorithm over CuPy arrays, extension.py). The activation kernels are the `dtype`
 build of their .cu file (kernels/: one source, compiled with -DACT_BF16 for bf16). No op reads
 a device value back to the host, so ``Llama.compute`` for one token can be captured as a CUDA graph
 (graph.py: ``CudaBackend.decoder``), and only the sampled token id comes back per step.
