@@ -244,7 +244,7 @@ def _describe_cuda_attention(c, extension=None, temperature_length: int | None =
     if extension is not None:
         composed = fused_reason(c.head_dim, c.rope.dim, c.n_heads, c.n_kv_heads, temperature_length)
         if composed is None:
-            return "two passes of the mma.sync flash kernel a relation each, merged; eager decode steps"
+            return "two passes of the mma.sync flash kernel a relation each, merged; decode steps as a CUDA graph"
         return f"the tiled algorithm over CuPy arrays (fp32 tiles of the cache; {composed}), eager decode steps"
 
     prefill = unsupported_reason(c.head_dim, c.rope.dim, c.n_heads, c.n_kv_heads)

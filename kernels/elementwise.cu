@@ -276,6 +276,7 @@ extern "C" __global__ void self_extend_window(const act_t* __restrict__ k, const
 // {min(pos, S - 1), min(pos, S + R - 1)}, pass 1 (the cache from row S on, window R) {pos - S, pos}. One thread.
 extern "C" __global__ void streaming_plan(const int* __restrict__ pos_slot, int* __restrict__ plan, int sinks,
                                           int window) {
+    if (blockIdx.x | threadIdx.x) return;
     const int pos = pos_slot[0];
     plan[0] = min(pos, sinks - 1);
     plan[1] = min(pos, sinks + window - 1);

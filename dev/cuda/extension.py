@@ -5,8 +5,10 @@ before the passes and still runs for the attention temperature). Needs a GPU; ru
     python dev/cuda/extension.py [--shapes 9x3x64,32x8x128] [--lengths 16384,65536] [--reps 3]
 
 Check first: both paths on the same random fp16 cache (keys at the scheme's cached positions), one prompt of the
-length (prefill) and the token after it (decode); their outputs must agree (relative error printed, fp16 rounding).
-Then timing: the median of --reps calls of each path for one layer, in ms; ratio = composed / fused.
+length (prefill: fused_attention) and the token after it (decode: decode_attention, the positions made on the device
+from the token's slot, as the decode graph runs it); their outputs must agree (relative error printed, fp16
+rounding). Then timing: the median of --reps calls of each path for one layer, in ms (the fused decode launched
+eagerly: its host work included); ratio = composed / fused.
 Shapes: query heads x KV heads x head_dim (SmolLM2-135M's 9x3x64, Llama-3-8B's 32x8x128).
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from engine import tiled_attention as T  # noqa: E402
-from engine.backends.cuda import extension  # noqa: E402
+from engine.backends.cuda import ELEMENTWISE_THREADS, extension  # noqa: E402
+from engine.backends.cuda.kernels import function  # noqa: E402
 from engine.config import RopeConfig  # noqa: E402
 from engine.rope import RotaryTable  # noqa: E402
 from engine.self_extend import SelfExtendConfig  # noqa: E402
@@ -58,7 +61,9 @@ def main() -> None:
             rotary = RotaryTable(RopeConfig(dim=head_dim), length + 1)
             rng = np.random.default_rng(length)
             tables = (cp.asarray(rotary.cos), cp.asarray(rotary.sin))
-            backend = SimpleNamespace(cp=cp, dtype="f16", rotary_tables=lambda r: tables)
+            backend = SimpleNamespace(cp=cp, dtype="f16", rotary_tables=lambda r: tables,
+                                      launch_1d=lambda file, kernel, n, args: function(file, kernel, "f16")(
+                                          (-(-n // ELEMENTWISE_THREADS),), (ELEMENTWISE_THREADS,), args))
             q = cp.asarray(rng.standard_normal((length + 1, n_heads, head_dim)).astype(np.float16))
             k = rng.standard_normal((length + 1, n_kv, head_dim)).astype(np.float32)
             v = cp.asarray(rng.standard_normal((1, length + 1, n_kv, head_dim)).astype(np.float16))
@@ -68,7 +73,9 @@ def main() -> None:
                 for call, first, n in (("prefill", 0, length), ("decode", length, 1)):
                     cache.length = first
                     rows = q[first:first + n]
-                    fused = lambda: extension.fused_attention(backend, rows, cache, 0, rotary, scheme)  # noqa: E731
+                    slot = cp.asarray([first], dtype=cp.int32)
+                    fused = (lambda: extension.fused_attention(backend, rows, cache, 0, rotary, scheme)) if n > 1 \
+                        else (lambda: extension.decode_attention(backend, rows, cache, 0, slot, rotary, scheme))
                     composed = lambda: extension.composed_attention(backend, rows, cache, 0, rotary, scheme,  # noqa
                                                                     None)
                     got, ref = (cp.asnumpy(f()).astype(np.float64) for f in (fused, composed))
