@@ -34,8 +34,9 @@ back.
 
 Memory beyond engine/memory.py's plan (which does not know the attention in force): fused, the passes' fp32
 partials (4 x Hq x D bytes a token and key slice) and Self-Extend's neighbour keys (the batch + W rows of one
-layer; in decode W rows of keys and of values); composed, a prefill batch's fp32 output (4 x Hq x D bytes a
-token, then its activation copy) and a few SCORES_BYTES of tiles.
+layer, and their fp32 rotation temporaries, ~7x those rows' bytes, while they are made; in decode W rows of keys
+and of values); composed, a prefill batch's fp32 output (4 x Hq x D bytes a token, then its activation copy) and a
+few SCORES_BYTES of tiles.
 """
 from __future__ import annotations
 
