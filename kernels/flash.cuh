@@ -23,8 +23,8 @@ __device__ __forceinline__ void rotate_pairs8(uint4& x1, uint4& x2, const float*
 
 // Prefill epilogue for one packed row R (query R / group, head kvh*group + R % group) held in the mma
 // C-fragment layout: lane t of the row's quad holds columns 8*dt + 2t and +1, given by o_at(dt, 0 | 1).
-// Every lane of the warp calls it (the quad sums l by shuffles). One split: out = O / l in the element
-// type; several: the unnormalized partials (O, m, l) of split `split` for dca_combine.
+// Every lane of the warp calls it (the quad sums l by shuffles). No partials (part_o null: one split): out = O / l
+// in the element type; else the unnormalized partials (O, m, l) of split `split` for dca_combine.
 template <int D, bool BF16, typename OAt>
 __device__ __forceinline__ void store_row(OAt o_at, float m, float l, int R, int rows_total, int group, int kvh,
                                           int n, int n_heads, int t, int split, int n_splits, u16* __restrict__ out,
@@ -35,7 +35,7 @@ __device__ __forceinline__ void store_row(OAt o_at, float m, float l, int R, int
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     if (R >= rows_total) return;
     const long long row = (long long)(R / group) * n_heads + kvh * group + R % group;
-    if (n_splits == 1) {
+    if (part_o == nullptr) {
         const float inv = 1.0f / l;
         unsigned* dst = (unsigned*)(out + row * D);
 #pragma unroll

@@ -265,7 +265,7 @@ def extension_launch(cp, dtype, file, kernel, n_threads, args):
 @pytest.mark.cuda
 def test_pass_arguments_are_checked():
     """flash_attention's pass arguments: no DCA chunks, not the wgmma kernel, a window >= 0, rot_positions like
-    positions, partials of at least two slices."""
+    positions, partials of at least one slice."""
     cp = pytest.importorskip("cupy")
     from engine.backends.cuda import flash_attention as fa
     from engine.config import DCAConfig
@@ -279,11 +279,13 @@ def test_pass_arguments_are_checked():
              cp.zeros((2, 32), dtype=cp.float32))
     bad = [{"window": 4, "dca": DCAConfig(8, 4)}, {"window": 4, "kernel": "wgmma"}, {"window": -1},
            {"rot_positions": cp.arange(3, dtype=cp.int32)}, {"rot_positions": cp.arange(4, dtype=cp.int64)},
-           {"partials": tuple(p[:1] for p in parts)}, {"partials": (parts[0], parts[1], parts[2][:, :8])}]
+           {"partials": tuple(p[:0] for p in parts)}, {"partials": (parts[0], parts[1], parts[2][:, :8])}]
     for options in bad:
         with pytest.raises(ConfigError):
             fa.flash_attention(q, kv, kv, positions, *tables, rope_dim=64, **options)
     assert fa.flash_attention(q, kv, kv, positions, *tables, rope_dim=64, window=2, partials=parts) is None
+    one = tuple(p[:1] for p in parts)  # one slice: the kernel leaves partials all the same
+    assert fa.flash_attention(q, kv, kv, positions, *tables, rope_dim=64, window=2, partials=one) is None
 
 
 # ---- GPU: the tiny model against the CPU backend ------------------------------------------------------------

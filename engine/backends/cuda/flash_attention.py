@@ -193,11 +193,11 @@ def prefill_splits(cp, n_blocks: int, n_keys_hint: int, block_keys: int) -> int:
 
 
 def pass_splits(cp, n: int, n_heads: int, n_kv: int, head_dim: int, n_keys: int) -> int:
-    """Key slices of a scheme's pass (flash_attention with partials) of n queries over n_keys keys: prefill_splits,
-    at least 2 (the kernel leaves partials then)."""
+    """Key slices of a scheme's pass (flash_attention with partials) of n queries over n_keys keys: prefill_splits
+    (one is enough: the kernel leaves partials wherever it is given their buffers)."""
     m_tiles, block_keys = PREFILL_TILES[head_dim]
     row_blocks = math.ceil(n * (n_heads // n_kv) / (64 * m_tiles))
-    return max(2, prefill_splits(cp, row_blocks * n_kv, max(n_keys, 1), block_keys))
+    return prefill_splits(cp, row_blocks * n_kv, max(n_keys, 1), block_keys)
 
 
 def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int, dca=None,
@@ -216,8 +216,8 @@ def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: i
     A pass of a position scheme without chunks (extension.py; dca None, the mma kernel): rot_positions (n,) int32
     rotates query i at rot_positions[i] instead of positions[i], which then only bound its keys (a negative one:
     no key); window > 0 keeps the keys j > positions[i] - window. partials: (part_o, part_m, part_l) fp32 of
-    shapes (S, n*Hq, D), (S, n*Hq), (S, n*Hq), S >= 2: the S key slices' unnormalized partials are left there
-    for the caller's combine (of several passes), and nothing is returned.
+    shapes (S, n*Hq, D), (S, n*Hq), (S, n*Hq): the S key slices' unnormalized partials are left there for the
+    caller's combine (of several passes), and nothing is returned.
     """
     import cupy as cp
 
@@ -283,11 +283,11 @@ def _check_pass(cp, q, positions, rot_positions, window: int, partials, dca, ker
         n, n_heads, head_dim = q.shape
         part_o, part_m, part_l = partials
         splits = part_o.shape[0]
-        if splits < 2 or part_o.shape != (splits, n * n_heads, head_dim) or part_m.shape != (splits, n * n_heads) \
+        if splits < 1 or part_o.shape != (splits, n * n_heads, head_dim) or part_m.shape != (splits, n * n_heads) \
                 or part_l.shape != part_m.shape or not all(p.dtype == cp.float32 and p.flags.c_contiguous
                                                            for p in partials):
             raise ConfigError(f"flash attention: partials {part_o.shape}, {part_m.shape}, {part_l.shape} must be "
-                              f"C-contiguous float32 of at least 2 slices of {n * n_heads} rows x {head_dim}")
+                              f"C-contiguous float32 slices of {n * n_heads} rows x {head_dim}")
 
 
 def _partials(cp, n_splits: int, rows: int, head_dim: int):
