@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ... import dca as dca_ops
-from ...rope import RotaryTable, checked_positions, rotate_with
+from ...rope import RotaryTable, attention_factor, checked_positions, rotate_with
 from ...self_extend import GROUP, NEIGHBOUR, SelfExtendConfig
 from ...streaming import StreamingConfig
 from ...tiled_attention import Arrays, PositionScheme, blockwise_attention
