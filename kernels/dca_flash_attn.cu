@@ -12,7 +12,7 @@
 // - GQA without copies: a block serves one KV head; its rows are (query, head of the group) packed
 //   as R = qi*group + g, so every K/V tile loaded to shared memory serves the whole group.
 // - 4 warps x 16*MT rows; key tiles of BN keys, double-buffered with cp.async (one barrier per tile;
-//   zero-filled past the block's last visible key, so stale cache rows never reach the math).
+//   zero-filled outside the block's visible keys, so stale cache rows never reach the math).
 // - S = Q K^T and O += P V with mma.sync m16n8k16 (fp32 accumulate), operands by ldmatrix from
 //   XOR-swizzled shared memory (16-byte chunk ^ (row & 7): conflict-free ldmatrix).
 // - Rotation: each warp keeps ONE rotated copy of its rows in shared memory (Qr). Key tiles are
@@ -27,6 +27,10 @@
 // - Softmax in log2 units: x = s * scale_log2 * temperature(row); running max/sum in fp32.
 // - Split-K (blockIdx.z): the block's key tiles are cut into n_splits slices; each writes partials.
 // Heaviest row blocks are scheduled first (causal work grows with the row block).
+// - Position schemes without chunks (chunk_len 0: Self-Extend, StreamingLLM, engine/backends/cuda/extension.py)
+//   run as passes of this kernel merged by dca_combine: rot_positions (n,) (or null) gives each query's rotation
+//   position apart from its visible keys (positions, which may then be negative: no key), and window > 0 keeps
+//   only the keys j > position - window (the tiles below the block's lowest window are never loaded).
 // Limits: D in {64, 128}; rope_dim % 32 == 0 and <= D; Hq % Hkv == 0.
 
 // Write the warp's ROWS rows of queries, rotated for relation `rel`, into its swizzled Qr tile.
@@ -34,7 +38,8 @@
 // rows_total are zero.
 template <int D, bool BF16, int ROWS>
 __device__ __forceinline__ void rotate_rows(unsigned char* qr, const u16* __restrict__ q,
-                                            const int* __restrict__ positions, const float* __restrict__ cos_t,
+                                            const int* __restrict__ positions, const int* __restrict__ rot_positions,
+                                            const float* __restrict__ cos_t,
                                             const float* __restrict__ sin_t, int rel, int w0, int rows_total, int n,
                                             int n_heads, int group, int kvh, int rope_dim, Dca dca, int lane) {
     constexpr int CH = D / 8;  // 16-byte chunks per row
@@ -51,7 +56,7 @@ __device__ __forceinline__ void rotate_rows(unsigned char* qr, const u16* __rest
             x1 = *(const uint4*)(src + c * 8);
             if (rotary_pair) {
                 x2 = *(const uint4*)(src + (c + half_ch) * 8);
-                const int qpos = dca.query_position(positions[qi], rel);
+                const int qpos = rot_positions != nullptr ? rot_positions[qi] : dca.query_position(positions[qi], rel);
                 rotate_pairs8<BF16>(x1, x2, cos_t + (long long)qpos * half + c * 8, sin_t + (long long)qpos * half + c * 8);
             }
         }
@@ -63,12 +68,13 @@ __device__ __forceinline__ void rotate_rows(unsigned char* qr, const u16* __rest
 template <int D, int MT, int BN, bool BF16>
 __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16* __restrict__ kc,
                                            const u16* __restrict__ vc, const int* __restrict__ positions,
+                                           const int* __restrict__ rot_positions,
                                            const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                            u16* __restrict__ out,
                                            float* __restrict__ part_o, float* __restrict__ part_m,
                                            float* __restrict__ part_l, int n, int n_heads, int n_kv, int rope_dim,
                                            int chunk_len, int chunk_size, float scale_log2, int temp_len,
-                                           int n_splits) {
+                                           int n_splits, int window) {
     typedef Elt<BF16> E;
     constexpr int WARPS = 4, THREADS = 32 * WARPS, ROWS = 16 * MT, BM = WARPS * ROWS, CH = D / 8;
     constexpr int NT = BN / 8, KS = D / 16, DT = D / 8;
@@ -84,11 +90,14 @@ __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16*
     const int group = n_heads / n_kv, rows_total = n * group;
     const int m0 = row_block * BM;
 
-    // keys 0 .. (position of the block's last row); positions increase with the token index
+    // keys (lowest window start of the block's rows) .. (position of its last row); positions increase with the
+    // token index. Positions below 0 see no key (n_tiles <= 0).
     const int n_keys = positions[(min(m0 + BM, rows_total) - 1) / group] + 1;
-    const int n_tiles = (n_keys + BN - 1) / BN;
-    const int per_split = (n_tiles + n_splits - 1) / n_splits;
-    const int tile_begin = split * per_split, tile_end = min(n_tiles, tile_begin + per_split);
+    const int n_tiles = n_keys > 0 ? (n_keys + BN - 1) / BN : 0;
+    const int key_lo = window > 0 ? max(0, positions[m0 / group] - window + 1) : 0;  // below: no row's key
+    const int tile_first = key_lo / BN;
+    const int per_split = (max(0, n_tiles - tile_first) + n_splits - 1) / n_splits;
+    const int tile_begin = tile_first + split * per_split, tile_end = min(n_tiles, tile_begin + per_split);
 
     const int w0 = m0 + warp * ROWS;  // the warp's first packed row
     const bool warp_active = w0 < rows_total;
@@ -118,7 +127,7 @@ __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16*
 #pragma unroll
         for (int idx = threadIdx.x; idx < BN * CH; idx += THREADS) {
             const int j = idx / CH, c = idx - j * CH, key = k0 + j;
-            const bool ok = key < n_keys;
+            const bool ok = key < n_keys && key >= key_lo;
             const long long off = ((long long)(ok ? key : 0) * n_kv + kvh) * D + c * 8;
             cp_async16(smem_addr(ks + swz<D>(j, c)), kc + off, ok ? 16 : 0);
             cp_async16(smem_addr(vs + swz<D>(j, c)), vc + off, ok ? 16 : 0);
@@ -140,8 +149,8 @@ __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16*
     auto use_relation = [&](int rel) {
         if (rel == cur_rel) return;
         __syncwarp();  // every lane is done reading the previous rotation
-        rotate_rows<D, BF16, ROWS>(qr, q, positions, cos_t, sin_t, rel, w0, rows_total, n, n_heads, group,
-                                   kvh, rope_dim, dca, lane);
+        rotate_rows<D, BF16, ROWS>(qr, q, positions, rot_positions, cos_t, sin_t, rel, w0, rows_total, n, n_heads,
+                                   group, kvh, rope_dim, dca, lane);
         __syncwarp();
         cur_rel = rel;
     };
@@ -171,7 +180,7 @@ __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16*
         cp_async_commit();
 
         const int k0 = tile * BN;
-        if (warp_active && k0 <= pos_last) {
+        if (warp_active && k0 <= pos_last && (window == 0 || k0 + BN - 1 > pos_first - window)) {
             const unsigned k_base = smem_addr(k_tiles + stage * BN * D * 2);
             const unsigned v_base = smem_addr(v_tiles + stage * BN * D * 2);
             const int rel_hi = dca.relation(pos_last, k0), rel_lo = dca.relation(pos_first, k0 + BN - 1);
@@ -245,6 +254,15 @@ __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16*
                         for (int e = 0; e < 4; ++e)
                             if (k0 + nt * 8 + 2 * t + (e & 1) > row_pos[mt][e >> 1]) s[mt][nt][e] = NEG_INF;
             }
+            if (window > 0 && k0 <= pos_last - window) {  // below the window of some row
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            if (k0 + nt * 8 + 2 * t + (e & 1) <= row_pos[mt][e >> 1] - window) s[mt][nt][e] = NEG_INF;
+            }
 
             // online softmax (log2 units), rows (mt, hf); a row's keys are spread over the 4 lanes of a quad
 #pragma unroll
@@ -317,10 +335,11 @@ __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16*
 // dca_flash_<D>_<MT>_<BN> in the build's activation dtype.
 #define DCA_FLASH(D, MT, BN)                                                                                  \
     extern "C" __global__ void __launch_bounds__(128) dca_flash_##D##_##MT##_##BN(                            \
-        const u16* q, const u16* kc, const u16* vc, const int* positions, const float* cos_t,                 \
-        const float* sin_t, u16* out, float* part_o, float* part_m, float* part_l, int n, int n_heads,        \
-        int n_kv, int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len, int n_splits) { \
-        flash_body<D, MT, BN, ACT_IS_BF16>(q, kc, vc, positions, cos_t, sin_t, out, part_o, part_m, part_l, n, \
-                                           n_heads, n_kv, rope_dim, chunk_len, chunk_size, scale_log2,        \
-                                           temp_len, n_splits);                                               \
+        const u16* q, const u16* kc, const u16* vc, const int* positions, const int* rot_positions,           \
+        const float* cos_t, const float* sin_t, u16* out, float* part_o, float* part_m, float* part_l, int n, \
+        int n_heads, int n_kv, int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len,   \
+        int n_splits, int window) {                                                                           \
+        flash_body<D, MT, BN, ACT_IS_BF16>(q, kc, vc, positions, rot_positions, cos_t, sin_t, out, part_o,    \
+                                           part_m, part_l, n, n_heads, n_kv, rope_dim, chunk_len, chunk_size, \
+                                           scale_log2, temp_len, n_splits, window);                           \
     }

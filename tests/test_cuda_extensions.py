@@ -98,6 +98,55 @@ def test_composed_attention_on_an_activation_cache_matches_the_reference(dtype, 
     assert rel_err(got, ref) < {"f16": 2e-3, "bf16": 2e-2}[dtype]
 
 
+def emulated_pass(q, p, cos, sin, rope_dim: int):
+    """What flash_attention does with a Pass (its docstring), in float64 numpy: -> unnormalized o (n, Hq, D) and the
+    natural-log max m, sum l (n, Hq) of the scores of the keys query i sees."""
+    n, n_heads, head_dim = q.shape
+    k, v = (from_bf16_bits(x).astype(np.float64) if x.dtype == np.uint16 else x.astype(np.float64) for x in (p.k, p.v))
+    group = n_heads // k.shape[1]
+    q_rot = rotate_with(q.astype(np.float64), cos[p.rot_positions], sin[p.rot_positions], rope_dim)
+    o, m, l = np.zeros(q.shape), np.full((n, n_heads), -np.inf), np.zeros((n, n_heads))
+    for i in range(n):
+        lo = max(0, p.positions[i] - p.window + 1) if p.window else 0
+        keys = np.arange(lo, p.positions[i] + 1)
+        if len(keys) == 0:
+            continue
+        for h in range(n_heads):
+            scores = k[keys, h // group] @ q_rot[i, h] / math.sqrt(head_dim)
+            m[i, h] = scores.max()
+            weights = np.exp(scores - m[i, h])
+            l[i, h], o[i, h] = weights.sum(), weights @ v[keys, h // group]
+    return o, m, l
+
+
+@pytest.mark.parametrize("scheme", [SelfExtendConfig(4, 12), SelfExtendConfig(3, 7), SelfExtendConfig(1, 5),
+                                    StreamingConfig(4, 20), StreamingConfig(0, 9), StreamingConfig(3, 200)], ids=repr)
+@pytest.mark.parametrize("start,n", [(0, 140), (139, 1), (90, 50), (0, 3), (2, 1)])
+def test_passes_merged_equal_the_reference(scheme, start, n):
+    """The passes extension.fused_attention gives the flash kernel (self_extend_passes, streaming_passes), run as
+    its docstring says (emulated_pass) and merged as dca_combine merges partials: the scheme's attention, YaRN's
+    cos/sin factor included (Self-Extend's neighbour keys rotated on from their cached positions, fp16 cache)."""
+    rng = np.random.default_rng(start + n)
+    n_k, n_heads, n_kv, head_dim = start + n, 6, 2, 32
+    rope = RopeConfig(dim=head_dim, scaling="yarn", factor=4.0, original_context=64)
+    rotary = RotaryTable(rope, 256)
+    q, k, v = (ROUND["f16"](rng.standard_normal(s).astype(np.float32))
+               for s in [(n, n_heads, head_dim), (n_k, n_kv, head_dim), (n_k, n_kv, head_dim)])
+    k_cache = T.rotate_keys(k, np.arange(n_k), rotary, scheme).astype(np.float16)
+    backend = SimpleNamespace(cp=np, dtype="f16", rotary_tables=lambda r: (r.cos, r.sin))
+    if isinstance(scheme, SelfExtendConfig):
+        passes = extension.self_extend_passes(backend, k_cache, v.astype(np.float16), start, n, rotary, scheme)
+    else:
+        passes = extension.streaming_passes(k_cache, v.astype(np.float16), start, n, scheme)
+    parts = [emulated_pass(q, p, rotary.cos, rotary.sin, rope.dim) for p in passes]
+    m = np.max([part[1] for part in parts], axis=0)
+    weights = [np.exp(part[1] - m) for part in parts]  # 0 for a pass where a query sees no key
+    o = sum(part[0] * w[..., None] for part, w in zip(parts, weights))
+    l = sum(part[2] * w for part, w in zip(parts, weights))
+    ref = T.reference_attention(q, k, v, np.arange(start, n_k), rotary, scheme)
+    assert rel_err(o / l[..., None], ref) < 2e-3  # the fp16 cache's rounding
+
+
 def test_backend_key_tables_only_for_extensions_and_made_once():
     """CudaBackend.key_tables (numpy standing in for CuPy): the rotary tables themselves for plain attention and
     DCA (whose kernels take chunk_len), a scheme's own tables, kept per (rotary table, scheme)."""
@@ -127,6 +176,74 @@ def test_query_tiles_keep_the_scores_within_their_budget():
         rows = extension.query_tile_rows(n_heads)
         assert 16 <= rows <= 1024 and (rows == 16 or n_heads * rows * extension.BLOCK_K * 4 <= extension.SCORES_BYTES)
     assert extension.query_tile_rows(32) == 512
+
+
+# ---- GPU: the flash kernel's passes against the reference ---------------------------------------------------
+
+PASS_SCHEMES = [SelfExtendConfig(4, 48), SelfExtendConfig(3, 100), StreamingConfig(4, 60), StreamingConfig(0, 100),
+                StreamingConfig(3, 130)]
+PASS_TOL = {"f16": 3e-3, "bf16": 2e-2}  # the composed path's (above), Self-Extend's re-rotated keys rounded once more
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(9, 3, 64, "yarn"), (32, 8, 128, "plain"), (8, 8, 128, "plain")], ids=str)
+@pytest.mark.parametrize("scheme", PASS_SCHEMES, ids=repr)
+@pytest.mark.parametrize("first,n", [(0, 700), (500, 200), (699, 1), (0, 40), (1, 1)])
+def test_fused_passes_match_the_reference(dtype, heads, scheme, first, n):
+    """extension.fused_attention (the flash kernel's passes merged by one combine) against the numpy backend's
+    attention (tiled_attention.blockwise_attention, float32 on the host; test_passes_merged_equal_the_reference
+    ties the passes to the float64 reference): prompts, chunked prefill past the windows, one-token decode, prompts
+    within the windows; GQA groups 3, 4 and 1; head_dim 64 (YaRN's cos/sin factor) and 128."""
+    cp = pytest.importorskip("cupy")
+    n_heads, n_kv, head_dim, scaling = heads
+    rope = RopeConfig(dim=head_dim, scaling="yarn", factor=4.0, original_context=256) if scaling == "yarn" \
+        else RopeConfig(dim=head_dim)
+    rotary = RotaryTable(rope, 1024)
+    rng = np.random.default_rng([first, n, head_dim, n_heads])
+    n_k = first + n
+    q, k, v = (ROUND[dtype](rng.standard_normal(s).astype(np.float32))
+               for s in [(n, n_heads, head_dim), (n_k, n_kv, head_dim), (n_k, n_kv, head_dim)])
+    encode = (lambda x: x.astype(np.float16)) if dtype == "f16" else to_bf16_bits
+    k_cache = np.zeros((1, 1024, n_kv, head_dim), dtype=np.float16 if dtype == "f16" else np.uint16)
+    v_cache = k_cache.copy()
+    k_cache[0, :n_k] = encode(T.rotate_keys(k, np.arange(n_k), rotary, scheme))
+    v_cache[0, :n_k] = encode(v)
+    tables = (cp.asarray(rotary.cos), cp.asarray(rotary.sin))
+    backend = SimpleNamespace(cp=cp, dtype=dtype, rotary_tables=lambda r: tables)
+    cache = SimpleNamespace(k=cp.asarray(k_cache), v=cp.asarray(v_cache), length=first)
+    assert extension.fused_reason(q, cache, 0, rotary, None) is None
+    out = extension.fused_attention(backend, cp.asarray(encode(q)), cache, 0, rotary, scheme)
+    got = from_bf16_bits(cp.asnumpy(out)) if dtype == "bf16" else cp.asnumpy(out).astype(np.float32)
+    cached = from_bf16_bits(k_cache[0, :n_k]) if dtype == "bf16" else k_cache[0, :n_k].astype(np.float32)
+    ref = T.blockwise_attention(q, cached, v, np.arange(first, n_k), rotary, scheme)
+    err = rel_err(got, ref)
+    print(f"{scheme} {heads} {dtype} first {first} n {n}: rel err {err:.2e}")
+    assert err < PASS_TOL[dtype]
+
+
+@pytest.mark.cuda
+def test_pass_arguments_are_checked():
+    """flash_attention's pass arguments: no DCA chunks, not the wgmma kernel, a window >= 0, rot_positions like
+    positions, partials of at least two slices."""
+    cp = pytest.importorskip("cupy")
+    from engine.backends.cuda import flash_attention as fa
+    from engine.config import DCAConfig
+    from engine.errors import ConfigError
+
+    q = cp.zeros((4, 8, 64), dtype=cp.float16)
+    kv = cp.zeros((16, 2, 64), dtype=cp.float16)
+    positions = cp.arange(4, dtype=cp.int32)
+    tables = (cp.zeros((16, 32), dtype=cp.float32),) * 2
+    parts = (cp.zeros((2, 32, 64), dtype=cp.float32), cp.zeros((2, 32), dtype=cp.float32),
+             cp.zeros((2, 32), dtype=cp.float32))
+    bad = [{"window": 4, "dca": DCAConfig(8, 4)}, {"window": 4, "kernel": "wgmma"}, {"window": -1},
+           {"rot_positions": cp.arange(3, dtype=cp.int32)}, {"rot_positions": cp.arange(4, dtype=cp.int64)},
+           {"partials": tuple(p[:1] for p in parts)}, {"partials": (parts[0], parts[1], parts[2][:, :8])}]
+    for options in bad:
+        with pytest.raises(ConfigError):
+            fa.flash_attention(q, kv, kv, positions, *tables, rope_dim=64, **options)
+    assert fa.flash_attention(q, kv, kv, positions, *tables, rope_dim=64, window=2, partials=parts) is None
 
 
 # ---- GPU: the tiny model against the CPU backend ------------------------------------------------------------

@@ -1,33 +1,51 @@
-"""Self-Extend and StreamingLLM on the CUDA backend: a composed path (no kernel of their own).
+"""Self-Extend and StreamingLLM on the CUDA backend: passes of the fused flash-attention kernel, or a composed path.
 
   keys       written by the kernels that write every key: store_kv (prefill) and the fused decode step's qkv
              (fused.py), given *key tables* instead of the rotary tables: row j of a key table holds the cos/sin
              of the scheme's cached key position of j (Self-Extend floor(j/G); StreamingLLM j, the rotary tables
              themselves), and the kernels (chunk_len 0) rotate the key of row j by row j. So the cache holds the
              keys the numpy backend's holds, in the activation dtype.
-  attention  tiled_attention.blockwise_attention, the numpy backend's algorithm, over CuPy arrays: the cached
+  attention  fused (``fused_attention``): each relation of the scheme is one pass of the mma.sync prefill kernel
+             (flash_attention.flash_attention with rot_positions / window / partials), the passes' split partials
+             merged by one dca_combine; the same launches serve prefill and one-token decode.
+               Self-Extend (G, W)  group: the cached keys as they are, query i sees keys j <= i - W (its position
+                                   shifted by W) rotated at floor(i/G) + W - floor(W/G);
+                                   neighbour: the keys from i - W + 1 on, rotated on from floor(j/G) to j into a
+                                   scratch copy, window W, query rotated at i.
+               StreamingLLM (S, R) sinks: keys 0..S-1, query rotated at min(i, S + R - 1);
+                                   window: keys from S on (their rows offset by S), window R, query at i.
+             Composed, where the kernels do not serve the call (``fused_reason``: the attention temperature, a
+             head_dim or GQA shape of no fused build):
+             tiled_attention.blockwise_attention, the numpy backend's algorithm, over CuPy arrays: the cached
              keys and values stay on the GPU and are read one key tile at a time, cast to fp32; scores, the
              relations' choice, masks and the online softmax are CuPy fp32 (cuBLAS batched GEMMs). The key spans,
              relations and masks come from the scheme on the host (small arrays, uploaded per tile), so
              StreamingLLM reads only the sinks and the window of each query tile.
-  decode     the fused step's GEMVs, with this attention; the key tiles depend on the position, which the host
-             must know, so the step runs eagerly, not as a CUDA graph (graph.py, CudaBackend.decoder).
+  decode     the fused step's GEMVs, with this attention; the passes' key ranges depend on the position, which the
+             host must know, so the step runs eagerly, not as a CUDA graph (graph.py, CudaBackend.decoder).
 
 Host positions: the new rows are at cache.length .. cache.length + n - 1 when ``attention`` runs (Llama.forward
 and the decoders run a forward before they commit it), which gives the tiles without reading the device
 positions back.
 
-Memory beyond engine/memory.py's plan (which does not know the attention in force): a prefill batch's fp32 output
-(4 x Hq x D bytes a token, then its activation copy) and a few SCORES_BYTES of tiles.
+Memory beyond engine/memory.py's plan (which does not know the attention in force): fused, the passes' fp32
+partials (4 x Hq x D bytes a token and key slice) and Self-Extend's neighbour keys (the batch + W rows of one
+layer); composed, a prefill batch's fp32 output (4 x Hq x D bytes a token, then its activation copy) and a few
+SCORES_BYTES of tiles.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from ... import dca as dca_ops
-from ...rope import RotaryTable, checked_positions, rotate_with
+from ...rope import RotaryTable, attention_factor, checked_positions, rotate_with
+from ...self_extend import GROUP, SelfExtendConfig
+from ...streaming import StreamingConfig
 from ...tiled_attention import Arrays, PositionScheme, blockwise_attention
 from ...weights.bf16 import from_bf16_bits
+from . import flash_attention as flash
 from .weights import to_activation
 
 # tiles on the GPU: larger than the numpy backend's (fewer launches, each busier). A query tile's scores against a
@@ -95,10 +113,112 @@ def key_tables(cp, rotary: RotaryTable, scheme: PositionScheme, tables: tuple) -
     return tables[0][index], tables[1][index]
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One relation of a scheme as a pass of the flash kernel: query i sees rows max(0, positions[i] - window + 1)
+    .. positions[i] of k / v (none if negative; window 0: from row 0), rotated at rot_positions[i]."""
+
+    k: object  # (rows, Hkv, D) activations, keys rotated as the relation needs
+    v: object  # (rows, Hkv, D)
+    positions: np.ndarray  # (n,) host ints
+    rot_positions: np.ndarray  # (n,) host ints
+    window: int = 0
+
+    def keys_per_block(self) -> int:
+        """About how many keys a block of the kernel scans (its split count's hint): a window and a block's rows
+        (at most 128 queries), else every key up to the last position."""
+        last = int(self.positions[-1]) + 1
+        return min(last, self.window + 128) if self.window else last
+
+
+def self_extend_passes(backend, k, v, first: int, n: int, rotary: RotaryTable, scheme: SelfExtendConfig) -> list:
+    """Queries at first .. first + n - 1 over k, v (rows 0 .. first + n - 1, keys cached at floor(j/G)): the group
+    pass (none while no query is W past key 0) and the neighbour pass."""
+    i = np.arange(first, first + n)
+    size, window = scheme.group_size, scheme.window
+    passes = []
+    if first + n - 1 >= window:
+        passes.append(Pass(k, v, i - window, scheme.query_positions(i)[GROUP]))
+    lo = max(0, first - window + 1)
+    j = np.arange(lo, first + n)
+    exact = rotated_on(backend, k[lo:first + n], j - j // size, rotary)  # keys at j (numpy: SelfExtendConfig.key_tile)
+    passes.append(Pass(exact, v[lo:first + n], i - lo, i, window))
+    return passes
+
+
+def streaming_passes(k, v, first: int, n: int, scheme: StreamingConfig) -> list:
+    """Queries at first .. first + n - 1 over k, v (keys cached at j): the sinks' pass and the window's (keys from
+    S on, none while no query is past the sinks)."""
+    i = np.arange(first, first + n)
+    sinks, window = scheme.sinks, scheme.window
+    passes = []
+    if sinks:
+        passes.append(Pass(k[:sinks], v[:sinks], np.minimum(i, sinks - 1), scheme.query_positions(i)[1]))
+    if first + n > sinks:
+        passes.append(Pass(k[sinks:], v[sinks:], i - sinks, i, window))
+    return passes
+
+
+def rotated_on(backend, k, by: np.ndarray, rotary: RotaryTable):
+    """k (rows, Hkv, D) activations rotated on by the host positions `by` (rows,), with YaRN's cos/sin factor kept
+    once (the cached keys carry it) -> activations."""
+    cp = backend.cp
+    cos, sin = backend.rotary_tables(rotary)
+    index = cp.asarray(checked_positions(k, by, rotary.rope.dim, rotary.n_positions))
+    out = rotate_with(DeviceArrays(cp).float32(k), cos[index], sin[index], rotary.rope.dim)
+    mscale = attention_factor(rotary.rope)
+    if mscale != 1.0:
+        out[..., :rotary.rope.dim] /= np.float32(mscale)
+    return to_activation(cp, out, backend.dtype)
+
+
+def fused_reason(q, cache, layer: int, rotary: RotaryTable, temperature_length: int | None) -> str | None:
+    """Why the flash kernel's passes cannot serve this call (the composed path then does), or None."""
+    if temperature_length:
+        return "the attention temperature (its scale follows the true positions, which the passes shift)"
+    return flash.unsupported_reason(q.shape[2], rotary.rope.dim, q.shape[1], cache.k[layer].shape[1])
+
+
+def fused_attention(backend, q, cache, layer: int, rotary: RotaryTable, scheme: PositionScheme):
+    """attention() by passes of the flash kernel (module docstring) -> (n, Hq, D) activations."""
+    cp = backend.cp
+    n, n_heads, head_dim = q.shape
+    first = cache.length
+    k, v = cache.k[layer], cache.v[layer]  # (capacity, Hkv, D) 16-bit (extensions.require_16bit_cache)
+    if isinstance(scheme, SelfExtendConfig):
+        passes = self_extend_passes(backend, k, v, first, n, rotary, scheme)
+    else:
+        passes = streaming_passes(k, v, first, n, scheme)
+    splits = [flash.pass_splits(cp, n, n_heads, k.shape[1], head_dim, p.keys_per_block()) for p in passes]
+    rows, total = n * n_heads, sum(splits)
+    part_o = cp.empty((total, rows, head_dim), dtype=cp.float32)
+    part_m = cp.empty((total, rows), dtype=cp.float32)
+    part_l = cp.empty((total, rows), dtype=cp.float32)
+    cos_t, sin_t = backend.rotary_tables(rotary)
+    start = 0
+    for p, count in zip(passes, splits):
+        part = slice(start, start + count)
+        flash.flash_attention(q, p.k, p.v, cp.asarray(p.positions, dtype=cp.int32), cos_t, sin_t,
+                              rope_dim=rotary.rope.dim, rot_positions=cp.asarray(p.rot_positions, dtype=cp.int32),
+                              window=p.window, partials=(part_o[part], part_m[part], part_l[part]))
+        start += count
+    out = cp.empty(q.shape, dtype=q.dtype)
+    flash.combine(part_o, part_m, part_l, out, rows, head_dim, total, flash.element_type(q))
+    return out
+
+
 def attention(backend, q, cache, layer: int, rotary: RotaryTable, scheme: PositionScheme,
               temperature_length: int | None):
     """q (n, Hq, D) unrotated activations of the rows at cache.length .. cache.length + n - 1, attending the
     cached keys under `scheme` -> (n, Hq, D) activations."""
+    if fused_reason(q, cache, layer, rotary, temperature_length) is None:
+        return fused_attention(backend, q, cache, layer, rotary, scheme)
+    return composed_attention(backend, q, cache, layer, rotary, scheme, temperature_length)
+
+
+def composed_attention(backend, q, cache, layer: int, rotary: RotaryTable, scheme: PositionScheme,
+                       temperature_length: int | None):
+    """attention() by the tiled algorithm over CuPy arrays (module docstring) -> (n, Hq, D) activations."""
     cp = backend.cp
     n = q.shape[0]
     positions = np.arange(cache.length, cache.length + n)  # (n,) host

@@ -192,9 +192,18 @@ def prefill_splits(cp, n_blocks: int, n_keys_hint: int, block_keys: int) -> int:
     return key_splits(n_blocks, 2 * sm_count(cp), n_keys_hint, 8 * block_keys, 64)
 
 
+def pass_splits(cp, n: int, n_heads: int, n_kv: int, head_dim: int, n_keys: int) -> int:
+    """Key slices of a scheme's pass (flash_attention with partials) of n queries over n_keys keys: prefill_splits,
+    at least 2 (the kernel leaves partials then)."""
+    m_tiles, block_keys = PREFILL_TILES[head_dim]
+    row_blocks = math.ceil(n * (n_heads // n_kv) / (64 * m_tiles))
+    return max(2, prefill_splits(cp, row_blocks * n_kv, max(n_keys, 1), block_keys))
+
+
 def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int, dca=None,
                     temperature_length: int = 0, n_keys_hint: int | None = None, n_splits: int | None = None,
-                    tiles: tuple[int, ...] | None = None, kernel: str = "auto"):
+                    tiles: tuple[int, ...] | None = None, kernel: str = "auto", rot_positions=None,
+                    window: int = 0, partials=None):
     """DCA (dca: DCAConfig) or plain causal (dca=None) attention of n queries -> (n, Hq, D), q's dtype.
 
     temperature_length: the training length L for DCA's attention temperature (0: off).
@@ -203,12 +212,22 @@ def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: i
     "auto" = wgmma where it runs. tiles: the kernel's configuration, (m-tiles per warp, keys per tile) for
     mma, (keys per tile, consumer warpgroups, buffers) for wgmma (defaults PREFILL_TILES, WGMMA_TILES; others
     are measurement variants, dev/cuda/attention.py).
+
+    A pass of a position scheme without chunks (extension.py; dca None, the mma kernel): rot_positions (n,) int32
+    rotates query i at rot_positions[i] instead of positions[i], which then only bound its keys (a negative one:
+    no key); window > 0 keeps the keys j > positions[i] - window. partials: (part_o, part_m, part_l) fp32 of
+    shapes (S, n*Hq, D), (S, n*Hq), (S, n*Hq), S >= 2: the S key slices' unnormalized partials are left there
+    for the caller's combine (of several passes), and nothing is returned.
     """
     import cupy as cp
 
     dtype = _check(cp, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim, decode=False)
     if kernel not in PREFILL_KERNELS:
         raise ConfigError(f"flash attention: kernel must be one of {PREFILL_KERNELS}, got {kernel!r}")
+    scheme_pass = rot_positions is not None or window > 0 or partials is not None
+    if scheme_pass:
+        _check_pass(cp, q, positions, rot_positions, window, partials, dca, kernel)
+        kernel = "mma"
     if kernel == "wgmma" and not wgmma_available(cp):
         raise DeviceError("the wgmma attention kernel needs a Hopper GPU (compute capability 9.0)")
     use_wgmma = kernel == "wgmma" or (kernel == "auto" and wgmma_available(cp))
@@ -218,30 +237,57 @@ def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: i
     if len(tiles) != (3 if use_wgmma else 2):
         raise ConfigError(f"flash attention: {'wgmma' if use_wgmma else 'mma'} tiles {tiles} must be "
                           f"{'(keys, warpgroups, buffers)' if use_wgmma else '(m-tiles, keys)'}")
-    out = cp.empty(q.shape, dtype=q.dtype)
+    out = cp.empty(q.shape, dtype=q.dtype) if partials is None else NULL
     if n == 0:
-        return out
+        return None if partials is not None else out
     q = cp.ascontiguousarray(q)
     # rows of a block: 64 per consumer warpgroup (wgmma), 64 per m-tile of its 4 warps (mma)
     block_keys, block_rows = (tiles[0], 64 * tiles[1]) if use_wgmma else (tiles[1], 64 * tiles[0])
     row_blocks = math.ceil(n * (n_heads // n_kv) / block_rows)
-    if n_splits is None:
+    if partials is not None:
+        n_splits = partials[0].shape[0]
+    elif n_splits is None:
         n_splits = 1 if n_keys_hint is None else prefill_splits(cp, row_blocks * n_kv, n_keys_hint, block_keys)
-    part_o, part_m, part_l = _partials(cp, n_splits, n * n_heads, head_dim)
+    part_o, part_m, part_l = _partials(cp, n_splits, n * n_heads, head_dim) if partials is None else partials
     chunk_len, chunk_size = _dca_args(dca)
     tail = (out, part_o, part_m, part_l, np.int32(n), np.int32(n_heads), np.int32(n_kv), np.int32(rope_dim),
             chunk_len, chunk_size, np.float32(math.log2(math.e) / math.sqrt(head_dim)),
             np.int32(temperature_length or 0), np.int32(n_splits))
     grid = (n_kv, row_blocks, n_splits)
-    head = (q, k_cache, v_cache, positions, cos_t, sin_t)
     if use_wgmma:
-        _launch(_kernel(wgmma_build(head_dim, tiles), dtype), grid, head + tail, wgmma_smem(head_dim, tiles),
-                threads=128 * (tiles[1] + 1))  # + the producer warpgroup
+        _launch(_kernel(wgmma_build(head_dim, tiles), dtype), grid, (q, k_cache, v_cache, positions, cos_t, sin_t)
+                + tail, wgmma_smem(head_dim, tiles), threads=128 * (tiles[1] + 1))  # + the producer warpgroup
     else:
-        _launch(_kernel(prefill_build(head_dim, tiles), dtype), grid, head + tail, prefill_smem(head_dim, tiles))
+        head = (q, k_cache, v_cache, positions, NULL if rot_positions is None else rot_positions, cos_t, sin_t)
+        _launch(_kernel(prefill_build(head_dim, tiles), dtype), grid, head + tail + (np.int32(window),),
+                prefill_smem(head_dim, tiles))
+    if partials is not None:
+        return None
     if n_splits > 1:
         combine(part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype)
     return out
+
+
+def _check_pass(cp, q, positions, rot_positions, window: int, partials, dca, kernel: str) -> None:
+    """The arguments of a position scheme's pass (flash_attention's docstring)."""
+    if dca is not None:
+        raise ConfigError("flash attention: rot_positions, window and partials are for passes without DCA chunks")
+    if kernel == "wgmma":
+        raise ConfigError("flash attention: the wgmma kernel takes no rot_positions, window or partials (use mma)")
+    if window < 0:
+        raise ConfigError(f"flash attention: window must be 0 (none) or positive, got {window}")
+    if rot_positions is not None and (rot_positions.shape != positions.shape or rot_positions.dtype != cp.int32):
+        raise ConfigError(f"flash attention: rot_positions must be {positions.shape} int32, got "
+                          f"{rot_positions.shape} {rot_positions.dtype}")
+    if partials is not None:
+        n, n_heads, head_dim = q.shape
+        part_o, part_m, part_l = partials
+        splits = part_o.shape[0]
+        if splits < 2 or part_o.shape != (splits, n * n_heads, head_dim) or part_m.shape != (splits, n * n_heads) \
+                or part_l.shape != part_m.shape or not all(p.dtype == cp.float32 and p.flags.c_contiguous
+                                                           for p in partials):
+            raise ConfigError(f"flash attention: partials {part_o.shape}, {part_m.shape}, {part_l.shape} must be "
+                              f"C-contiguous float32 of at least 2 slices of {n * n_heads} rows x {head_dim}")
 
 
 def _partials(cp, n_splits: int, rows: int, head_dim: int):
