@@ -134,7 +134,7 @@ def info(model_arg, settings: LoadSettings) -> None:
         ("plan: memory", _describe_memory(plans[device_name], memory.available_bytes(device_name))),
         ("plan: DCA", _describe_dca(dca_plan)),
         ("plan: attention", describe_attention(dca_plan, extension, context)),
-        ("plan: attention on CUDA", _describe_cuda_attention(c, extension)),
+        ("plan: attention on CUDA", _describe_cuda_attention(c, extension, attn_temperature)),
         ("plan: attention temperature", f"on, L = {attn_temperature}" if attn_temperature else "off"),
     ] + _split_rows(s, c, loaded.weights, context, device_name, activations, cache_types, plans[device_name])
     width = max(len(k) for k, _ in rows)
@@ -237,11 +237,15 @@ def _describe_memory(plan, available: int | None) -> str:
     return text + (f": does not fit; the largest context that fits is {fits}" if fits else ": does not fit")
 
 
-def _describe_cuda_attention(c, extension=None) -> str:
+def _describe_cuda_attention(c, extension=None, temperature_length: int | None = None) -> str:
+    from .backends.cuda.extension import fused_reason
     from .backends.cuda.flash_attention import unsupported_reason
 
     if extension is not None:
-        return "the tiled algorithm over CuPy arrays (fp32 tiles of the cache), eager decode steps"
+        composed = fused_reason(c.head_dim, c.rope.dim, c.n_heads, c.n_kv_heads, temperature_length)
+        if composed is None:
+            return "two passes of the mma.sync flash kernel a relation each, merged; eager decode steps"
+        return f"the tiled algorithm over CuPy arrays (fp32 tiles of the cache; {composed}), eager decode steps"
 
     prefill = unsupported_reason(c.head_dim, c.rope.dim, c.n_heads, c.n_kv_heads)
     decode = unsupported_reason(c.head_dim, c.rope.dim, c.n_heads, c.n_kv_heads, decode=True)

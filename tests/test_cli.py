@@ -186,4 +186,9 @@ def test_info_names_the_fused_attention_kernels_for_supported_heads():
                                               "split-K tensor-core decode")
     many = replace(base, n_heads=64, n_kv_heads=2)  # GQA group 32: beyond the decode kernel's 16
     assert "simple tiled decode" in _describe_cuda_attention(many) and "group 32" in _describe_cuda_attention(many)
-    assert _describe_cuda_attention(base, StreamingConfig(4, 100)).startswith("the tiled algorithm over CuPy arrays")
+    assert _describe_cuda_attention(base, StreamingConfig(4, 100)).startswith("two passes of the mma.sync flash")
+    tempered = _describe_cuda_attention(base, StreamingConfig(4, 100), temperature_length=8192)
+    assert tempered.startswith("the tiled algorithm over CuPy arrays") and "attention temperature" in tempered
+    odd = _describe_cuda_attention(replace(base, head_dim=96, rope=RopeConfig(theta=1e4, dim=96)),
+                                   StreamingConfig(4, 100))
+    assert odd.startswith("the tiled algorithm over CuPy arrays") and "head_dim 96" in odd

@@ -212,7 +212,7 @@ def test_fused_passes_match_the_reference(dtype, heads, scheme, first, n):
     tables = (cp.asarray(rotary.cos), cp.asarray(rotary.sin))
     backend = SimpleNamespace(cp=cp, dtype=dtype, rotary_tables=lambda r: tables)
     cache = SimpleNamespace(k=cp.asarray(k_cache), v=cp.asarray(v_cache), length=first)
-    assert extension.fused_reason(q, cache, 0, rotary, None) is None
+    assert extension.fused_reason(head_dim, rope.dim, n_heads, n_kv, None) is None
     out = extension.fused_attention(backend, cp.asarray(encode(q)), cache, 0, rotary, scheme)
     got = from_bf16_bits(cp.asnumpy(out)) if dtype == "bf16" else cp.asnumpy(out).astype(np.float32)
     cached = from_bf16_bits(k_cache[0, :n_k]) if dtype == "bf16" else k_cache[0, :n_k].astype(np.float32)

@@ -4,8 +4,8 @@ Arrays: residual stream fp32 (n, d); everything that feeds a matrix product in t
 (``CudaBackend(dtype=...)``: "f16", or "bf16" held as uint16 bit patterns since CuPy has no bfloat16);
 logits fp32; token ids and positions int32. Weights stay in their GGUF encoding on the device
 (weights.py); attention runs over a preallocated KV cache whose keys and values are each in the activation
-dtype or q8_0 (kv_q8.py) (the fused flash kernels; attention.py for odd shapes; Self-Extend and StreamingLLM: the
-tiled algorithm over CuPy arrays, extension.py). The activation kernels are the `dtype`
+dtype or q8_0 (kv_q8.py) (the fused flash kernels; attention.py for odd shapes; Self-Extend and StreamingLLM: passes
+of the flash kernel, or the tiled algorithm over CuPy arrays, extension.py). The activation kernels are the `dtype`
 build of their .cu file (kernels/: one source, compiled with -DACT_BF16 for bf16). No op reads
 a device value back to the host, so ``Llama.compute`` for one token can be captured as a CUDA graph
 (graph.py: ``CudaBackend.decoder``), and only the sampled token id comes back per step.
@@ -294,8 +294,8 @@ class CudaBackend:
         (CUDA graphs), reading q8_0 rows as they are; otherwise the simple tiled kernel (attention.cu). Those
         two read 16-bit rows: q8_0 ones are first dequantized into the backend's scratch (kv_q8.py), up to the
         last position (bounded on the host by the cache capacity for one token: a captured step's position
-        grows). A Self-Extend / StreamingLLM scheme `dca`: the tiled algorithm over CuPy arrays
-        (extension.attention; positions are cache.length + 0..n-1; 16-bit caches).
+        grows). A Self-Extend / StreamingLLM scheme `dca`: passes of the flash kernel, or the tiled algorithm over
+        CuPy arrays (extension.attention; positions are cache.length + 0..n-1; 16-bit caches).
         """
         if extension.is_extension(dca):
             return extension.attention(self, q, cache, layer, rotary, dca, temperature_length)

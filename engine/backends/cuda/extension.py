@@ -30,8 +30,8 @@ positions back.
 
 Memory beyond engine/memory.py's plan (which does not know the attention in force): fused, the passes' fp32
 partials (4 x Hq x D bytes a token and key slice) and Self-Extend's neighbour keys (the batch + W rows of one
-layer); composed, a prefill batch's fp32 output (4 x Hq x D bytes a token, then its activation copy) and a few
-SCORES_BYTES of tiles.
+layer, and their fp32 rotation temporaries, ~7x those rows' bytes, while they are made); composed, a prefill
+batch's fp32 output (4 x Hq x D bytes a token, then its activation copy) and a few SCORES_BYTES of tiles.
 """
 from __future__ import annotations
 
@@ -172,11 +172,11 @@ def rotated_on(backend, k, by: np.ndarray, rotary: RotaryTable):
     return to_activation(cp, out, backend.dtype)
 
 
-def fused_reason(q, cache, layer: int, rotary: RotaryTable, temperature_length: int | None) -> str | None:
-    """Why the flash kernel's passes cannot serve this call (the composed path then does), or None."""
+def fused_reason(head_dim: int, rope_dim: int, n_heads: int, n_kv: int, temperature_length: int | None) -> str | None:
+    """Why the flash kernel's passes cannot serve a model's attention (the composed path then does), or None."""
     if temperature_length:
         return "the attention temperature (its scale follows the true positions, which the passes shift)"
-    return flash.unsupported_reason(q.shape[2], rotary.rope.dim, q.shape[1], cache.k[layer].shape[1])
+    return flash.unsupported_reason(head_dim, rope_dim, n_heads, n_kv)
 
 
 def fused_attention(backend, q, cache, layer: int, rotary: RotaryTable, scheme: PositionScheme):
@@ -211,7 +211,7 @@ def attention(backend, q, cache, layer: int, rotary: RotaryTable, scheme: Positi
               temperature_length: int | None):
     """q (n, Hq, D) unrotated activations of the rows at cache.length .. cache.length + n - 1, attending the
     cached keys under `scheme` -> (n, Hq, D) activations."""
-    if fused_reason(q, cache, layer, rotary, temperature_length) is None:
+    if fused_reason(q.shape[2], rotary.rope.dim, q.shape[1], cache.k[layer].shape[1], temperature_length) is None:
         return fused_attention(backend, q, cache, layer, rotary, scheme)
     return composed_attention(backend, q, cache, layer, rotary, scheme, temperature_length)
 
