@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -66,7 +67,7 @@ def parse_ptxas(text: str) -> list[dict]:
     return rows
 
 
-def builds(dtype: str, types: list[str]) -> list[tuple[str, str | None]]:
+def builds(types: list[str]) -> list[tuple[str, str | None]]:
     """(file, instance line) of every build to report: the plain files, gemv per weight type, the attention
     kernels' launched configurations."""
     out = [(name, None) for name in PLAIN_FILES]
@@ -77,7 +78,7 @@ def builds(dtype: str, types: list[str]) -> list[tuple[str, str | None]]:
 
 def kernel_table(arch: str, dtype: str, types: list[str]) -> list[dict]:
     rows, seen = [], set()
-    for name, instance in builds(dtype, types):
+    for name, instance in builds(types):
         build = dtype if dtype in kernels.dtypes(name) else kernels.dtypes(name)[0]
         if name in kernels.ARCH_FILES and kernels.ARCH_FILES[name] != arch:
             continue
@@ -90,9 +91,8 @@ def kernel_table(arch: str, dtype: str, types: list[str]) -> list[dict]:
 
 def _matrix(rows: int, cols: int, ggml_type: GGMLType) -> DeviceMatrix:
     """A stand-in of a device matrix's shape and type (its data only gives the row bytes)."""
-    class Shape:
-        shape = (rows, tensor_nbytes(ggml_type, (1, cols)))
-    return DeviceMatrix("w", ggml_type, rows, cols, Shape(), f32_out=False)
+    return DeviceMatrix("w", ggml_type, rows, cols, SimpleNamespace(shape=(rows, tensor_nbytes(ggml_type, (1, cols)))),
+                        f32_out=False)
 
 
 def launch_table(shape: str) -> list[dict]:
@@ -100,7 +100,7 @@ def launch_table(shape: str) -> list[dict]:
     c = preset(shape)
     q4k, q6k = GGMLType.Q4_K, GGMLType.Q6_K
     head = _matrix(c.vocab_size, c.d_model, q6k)
-    rows = [
+    return [
         {"launch": "qkv (Q4_K)", "dyn_smem": gemv.stage_bytes(q4k, c.d_model)},
         {"launch": "gemv_add o (Q4_K)", "dyn_smem": gemv.stage_bytes(q4k, c.n_heads * c.head_dim)},
         {"launch": "gateup (Q4_K)", "dyn_smem": gemv.stage_bytes(q4k, c.d_model)},
@@ -111,7 +111,6 @@ def launch_table(shape: str) -> list[dict]:
         {"launch": "prefill mma.sync", "dyn_smem": fa.prefill_smem(c.head_dim, fa.PREFILL_TILES[c.head_dim])},
         {"launch": "prefill wgmma (Hopper)", "dyn_smem": fa.wgmma_smem(c.head_dim, fa.WGMMA_TILES[c.head_dim])},
     ]
-    return rows
 
 
 def markdown(rows: list[dict], columns: list[str]) -> str:

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ... import dca as dca_ops
-from ...rope import RotaryTable, attention_factor, checked_positions, rotate_with
-from ...self_extend import GROUP, SelfExtendConfig
+from ...rope import RotaryTable, checked_positions, rotate_with
+from ...self_extend import GROUP, NEIGHBOUR, SelfExtendConfig
 from ...streaming import StreamingConfig
 from ...tiled_attention import Arrays, PositionScheme, blockwise_attention
 from ...weights.bf16 import from_bf16_bits
@@ -135,13 +135,16 @@ def self_extend_passes(backend, k, v, first: int, n: int, rotary: RotaryTable, s
     """Queries at first .. first + n - 1 over k, v (rows 0 .. first + n - 1, keys cached at floor(j/G)): the group
     pass (none while no query is W past key 0) and the neighbour pass."""
     i = np.arange(first, first + n)
-    size, window = scheme.group_size, scheme.window
+    window = scheme.window
     passes = []
     if first + n - 1 >= window:
         passes.append(Pass(k, v, i - window, scheme.query_positions(i)[GROUP]))
     lo = max(0, first - window + 1)
     j = np.arange(lo, first + n)
-    exact = rotated_on(backend, k[lo:first + n], j - j // size, rotary)  # keys at j (numpy: SelfExtendConfig.key_tile)
+    cp = backend.cp
+    exact = to_activation(cp, scheme.key_tile(NEIGHBOUR, DeviceArrays(cp).float32(k[lo:first + n]), j,
+                                              DeviceRotary(cp, rotary, *backend.rotary_tables(rotary))),
+                          backend.dtype)  # the keys rotated on to j, as the composed path's tiles
     passes.append(Pass(exact, v[lo:first + n], i - lo, i, window))
     return passes
 
@@ -157,19 +160,6 @@ def streaming_passes(k, v, first: int, n: int, scheme: StreamingConfig) -> list:
     if first + n > sinks:
         passes.append(Pass(k[sinks:], v[sinks:], i - sinks, i, window))
     return passes
-
-
-def rotated_on(backend, k, by: np.ndarray, rotary: RotaryTable):
-    """k (rows, Hkv, D) activations rotated on by the host positions `by` (rows,), with YaRN's cos/sin factor kept
-    once (the cached keys carry it) -> activations."""
-    cp = backend.cp
-    cos, sin = backend.rotary_tables(rotary)
-    index = cp.asarray(checked_positions(k, by, rotary.rope.dim, rotary.n_positions))
-    out = rotate_with(DeviceArrays(cp).float32(k), cos[index], sin[index], rotary.rope.dim)
-    mscale = attention_factor(rotary.rope)
-    if mscale != 1.0:
-        out[..., :rotary.rope.dim] /= np.float32(mscale)
-    return to_activation(cp, out, backend.dtype)
 
 
 def fused_reason(head_dim: int, rope_dim: int, n_heads: int, n_kv: int, temperature_length: int | None) -> str | None:
