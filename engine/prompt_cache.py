@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,7 @@ def load_session(session: Any, path: Path) -> None:
             if missing:
                 raise SessionFileError(f"{path}: not a complete session file (no {', '.join(sorted(missing))})")
             tokens = f.get_tensor("tokens")
-        k, v = _mapped(path, ("k", "v"))  # views of the file: no host copy of the rows before the cache's own
+        k, v = tensor_bytes(path, ("k", "v"))  # where the rows lie in the file
     except FileNotFoundError:
         raise SessionFileError(f"{path}: no such session file") from None
     except (SafetensorError, OSError, ValueError, KeyError) as e:
@@ -134,7 +135,9 @@ def load_session(session: Any, path: Path) -> None:
     if len(tokens) > llm.context:
         raise SessionFileError(f"{path}: holds {len(tokens)} tokens, more than the context of {llm.context}")
     messages = _messages(path, metadata.get("messages", "[]"))
-    session.cache.load_rows(k, v)
+    session.tokens = []
+    session.cache.truncate(0)  # a read that fails half way leaves an empty session, not rows of two sequences
+    _load_rows(session.cache, path, k, v)
     session.tokens = [int(t) for t in tokens]
     session.messages = messages
 
@@ -143,13 +146,28 @@ def load_session(session: Any, path: Path) -> None:
 _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "U16": np.uint16, "U8": np.uint8, "I32": np.int32}
 
 
-def _mapped(path: Path, names: tuple[str, ...]) -> list[np.ndarray]:
-    """Read-only memory-mapped views of the named tensors of a safetensors file that safe_open has already checked
+@dataclass(frozen=True)
+class TensorBytes:
+    """Where a session file's (n_layers, n, n_kv_heads, row) key or value tensor lies: its first byte in the file,
+    its shape and dtype."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one token's row of one layer: every KV head's."""
+        return int(np.prod(self.shape[2:])) * self.dtype.itemsize
+
+
+def tensor_bytes(path: Path, names: tuple[str, ...]) -> list[TensorBytes]:
+    """Where the named tensors of a safetensors file that safe_open has already checked lie
     (header length u64 | JSON header | data; offsets relative to the data)."""
     with open(path, "rb") as raw:
         header_len = int(np.frombuffer(raw.read(8), "<u8")[0])
         header = json.loads(raw.read(header_len))
-    views = []
+    tensors = []
     for name in names:
         entry = header[name]
         begin, end = entry["data_offsets"]
@@ -157,9 +175,25 @@ def _mapped(path: Path, names: tuple[str, ...]) -> list[np.ndarray]:
         dtype = np.dtype(_NUMPY_DTYPES[entry["dtype"]])
         if end - begin != int(np.prod(shape)) * dtype.itemsize:
             raise ValueError(f"tensor {name} has {end - begin} bytes for shape {shape} {entry['dtype']}")
-        views.append(np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + begin, shape=shape)
-                     if end > begin else np.empty(shape, dtype))
-    return views
+        tensors.append(TensorBytes(8 + header_len + begin, shape, dtype))
+    return tensors
+
+
+def _load_rows(cache: Any, path: Path, k: TensorBytes, v: TensorBytes) -> None:
+    """cache <- the file's rows (checked against its stored layout). A GPU cache reads them through pinned buffers
+    (engine/restore.py); the CPU's copies them from a memory map of the file, a layer at a time (KVCache.load_rows:
+    no host copy of the rows before the cache's own)."""
+    if getattr(cache, "parts", [cache])[0].xp is not np:
+        from .restore import device_restore
+
+        device_restore(cache, path, {"k": k, "v": v})
+        return
+    try:
+        rows = [np.memmap(path, dtype=t.dtype, mode="r", offset=t.offset, shape=t.shape)
+                if np.prod(t.shape) else np.empty(t.shape, t.dtype) for t in (k, v)]
+    except (OSError, ValueError) as e:  # the file shrank since safe_open checked it
+        raise SessionFileError(f"{path}: not a readable session file (truncated or corrupt: {e})") from None
+    cache.load_rows(*rows)
 
 
 def _check_metadata(path: Path, metadata: dict[str, str], settings: dict[str, str]) -> None:

@@ -1,0 +1,233 @@
+"""A session file's key/value rows into a GPU's KV cache at the rate the page cache and the bus allow: page cache ->
+pinned host buffers (several reader threads) -> device (async copies on a stream), overlapped.
+
+The file's k and v are (n_layers, n, n_kv_heads, row) tensors (prompt_cache.py), so one layer's n rows are one
+contiguous byte range of the file; the cache keeps each layer rows first, (capacity, n_kv_heads, row), so they are
+one contiguous range there too. ``plan`` cuts a tensor's layers into reads of whole rows (``Chunk``: at most
+CHUNK_BYTES, or one row), each split at layer boundaries into ``Piece``s: one layer's rows first .. first+rows-1.
+
+``copy_file`` reads the chunks with reader threads (os.preadv releases the GIL) into a ring of host buffers and,
+in file order, hands each filled buffer's pieces to the cache (``put``) through a ``copies`` object:
+    ring(nbytes) -> [(nbytes,) uint8 host buffers], one per slot   DeviceCopies: pinned
+    upload(dst, host)     dst (m,) uint8 device bytes <- host (m,) uint8, queued
+    staging(nbytes)       an (nbytes,) uint8 device buffer (q8_0 rows are split on the device from it)
+    done(slot)            every copy from that ring slot is queued   wait(slot): block until they have run
+    finish()              block until everything queued has run
+A slot is refilled only after wait(slot). ``DeviceCopies`` is the CUDA one; the tests run the same planning and
+copying on the CPU with numpy stand-ins for the device arrays and this interface.
+The CPU backend keeps reading its rows through a memory map of the file (prompt_cache._load_rows).
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .backends.cuda.kv_q8 import Q8_BLOCK, is_q8
+from .prompt_cache import SessionFileError, TensorBytes
+
+CHUNK_BYTES = 8 << 20  # a read and a host-to-device copy: large enough for the bus's rate, cheap to pin
+READERS = 8  # threads copying page cache -> pinned buffers (one thread copies a few GB/s)
+SLOTS = READERS + 2  # ring buffers (80 MiB pinned): every reader busy while the oldest slots' copies run
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows first .. first+rows-1 of one layer of the cache's keys ("k") or values ("v"), at byte `start` of the
+    chunk's buffer."""
+
+    name: str
+    layer: int  # counted from the cache part's first layer
+    first: int
+    rows: int
+    start: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One read: nbytes of the file from byte `offset`, holding `pieces` one after another."""
+
+    offset: int
+    nbytes: int
+    pieces: tuple[Piece, ...]
+
+
+def plan(tensors: dict[str, TensorBytes], layers: range, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+    """The reads filling layers `layers` of a cache (part) from the tensors ("k", "v"), in file order."""
+    for name, tensor in tensors.items():
+        yield from _tensor_chunks(name, tensor, layers, chunk_bytes)
+
+
+def _tensor_chunks(name: str, tensor: TensorBytes, layers: range, chunk_bytes: int) -> Iterator[Chunk]:
+    """Whole rows of `layers`, layer after layer, at most chunk_bytes a read (one row when a row is larger)."""
+    n, row = tensor.shape[1], tensor.row_bytes
+    per_chunk = max(1, chunk_bytes // row)
+    begin, end = layers.start * n, layers.stop * n  # rows counted through the layers, in file order
+    for flat in range(begin, end, per_chunk):
+        rows = min(per_chunk, end - flat)
+        yield Chunk(tensor.offset + flat * row, rows * row, tuple(_pieces(name, flat - begin, rows, n, row)))
+
+
+def _pieces(name: str, flat: int, rows: int, n: int, row: int) -> Iterator[Piece]:
+    """Rows flat .. flat+rows-1 counted through the layers (n a layer) as one piece per layer they touch."""
+    start = 0
+    while rows:
+        layer, first = divmod(flat, n)
+        count = min(rows, n - first)
+        yield Piece(name, layer, first, count, start, count * row)
+        flat, rows, start = flat + count, rows - count, start + count * row
+
+
+def copy_file(path: Path, chunks: list[Chunk], cache: Any, copies: Any, readers: int = READERS) -> None:
+    """cache's rows <- the chunks of the file at `path`, read by `readers` threads into the ring buffers of
+    `copies` and put in file order; SessionFileError when the file cannot be read or ends before a chunk does.
+    On any error the readers stop (reads not started are dropped, running ones end) and every queued copy has run
+    before the ring is released."""
+    if not chunks:
+        return
+    ring = copies.ring(max(chunk.nbytes for chunk in chunks))
+    fd = _open(path)
+    try:
+        with ThreadPoolExecutor(readers, thread_name_prefix="session-read") as pool:
+            try:
+                _pipeline(pool, fd, path, chunks, cache, copies, ring)
+            finally:
+                pool.shutdown(cancel_futures=True)
+    finally:
+        copies.finish()
+        os.close(fd)
+
+
+def _open(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise SessionFileError(f"{path}: cannot read the session file ({e.strerror})") from None
+
+
+def _pipeline(pool: ThreadPoolExecutor, fd: int, path: Path, chunks: list[Chunk], cache: Any, copies: Any,
+              ring: list[np.ndarray]) -> None:
+    """Keep a read in flight in every ring slot; put the oldest read's pieces when its slot is needed again."""
+    pending: deque[tuple[Chunk, int, Future]] = deque()  # (chunk, its slot, its read), in file order
+    for i, chunk in enumerate(chunks):
+        if len(pending) == len(ring):
+            _put_chunk(*pending.popleft(), cache, copies, ring)
+        slot = i % len(ring)
+        copies.wait(slot)  # the chunk that used this slot before has been copied out of it
+        pending.append((chunk, slot, pool.submit(read_chunk, fd, path, chunk, ring[slot])))
+    while pending:
+        _put_chunk(*pending.popleft(), cache, copies, ring)
+
+
+def read_chunk(fd: int, path: Path, chunk: Chunk, buffer: np.ndarray) -> None:
+    """buffer[:chunk.nbytes] <- the file's bytes from chunk.offset (a reader thread's job)."""
+    view = memoryview(buffer)[:chunk.nbytes]
+    done = 0
+    while done < chunk.nbytes:
+        try:
+            got = os.preadv(fd, [view[done:]], chunk.offset + done)
+        except OSError as e:
+            raise SessionFileError(f"{path}: cannot read the session file ({e.strerror})") from None
+        if got == 0:
+            raise SessionFileError(f"{path}: not a readable session file (truncated: it ends at byte "
+                                   f"{chunk.offset + done}, its rows need {chunk.offset + chunk.nbytes})")
+        done += got
+
+
+def _put_chunk(chunk: Chunk, slot: int, read: Future, cache: Any, copies: Any, ring: list[np.ndarray]) -> None:
+    read.result()  # the reader's SessionFileError, if any
+    for piece in chunk.pieces:
+        put(cache, copies, piece, ring[slot][piece.start:piece.start + piece.nbytes])
+    copies.done(slot)
+
+
+def put(cache: Any, copies: Any, piece: Piece, host: np.ndarray) -> None:
+    """The piece's rows of `cache` <- host (piece.nbytes,) uint8, as the file holds them: 16-bit rows as they are,
+    q8_0 rows (ggml blocks) split into the store's values and scales."""
+    rows = getattr(cache, piece.name)[piece.layer, piece.first:piece.first + piece.rows]  # (rows, Hkv, D) view
+    if not is_q8(rows):
+        copies.upload(rows.view(np.uint8).reshape(-1), host)
+        return
+    raw = copies.staging(piece.nbytes)
+    copies.upload(raw, host)
+    split_q8(cache.xp, raw, rows)
+
+
+def split_q8(xp: Any, raw: Any, rows: Any) -> None:
+    """q8_0 rows (rows, Hkv, D) (values q int8, scales d (rows, Hkv, D/32) fp16) <- raw: their ggml blocks,
+    (rows * Hkv * D/32 * 34,) uint8, each block's little-endian fp16 scale then its 32 values (kv_q8.join_blocks)."""
+    blocks = rows.d.shape + (2 + Q8_BLOCK,)  # (rows, Hkv, D/32, 34)
+    raw = raw.reshape(blocks)
+    rows.q.view(xp.uint8).reshape(blocks[:-1] + (Q8_BLOCK,))[...] = raw[..., 2:]
+    rows.d.view(xp.uint8).reshape(blocks[:-1] + (2,))[...] = raw[..., :2]
+
+
+class DeviceCopies:
+    """The copies of a restore on the current GPU: host-to-device copies from pinned ring buffers queued on a
+    private stream that first waits for the work already queued on the current stream (which may still use the
+    cache), and one event per ring slot."""
+
+    def __init__(self, cp: Any, slots: int = SLOTS):
+        self.cp = cp
+        self.slots = slots
+        self.home = cp.cuda.get_current_stream()  # the engine's: the cache's writers
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.stream.wait_event(self.home.record())
+        self.events = [cp.cuda.Event(disable_timing=True) for _ in range(slots)]
+        self.buffer_bytes = 0  # a ring buffer's size: the largest piece
+        self._staging = None  # (buffer_bytes,) uint8 on the device, made for the first q8_0 piece
+
+    def ring(self, nbytes: int) -> list[np.ndarray]:
+        """A pinned (nbytes,) uint8 host buffer per slot (CuPy's pinned pool keeps them for the next restore)."""
+        self.buffer_bytes = nbytes
+        return [np.frombuffer(self.cp.cuda.alloc_pinned_memory(nbytes), np.uint8, nbytes)
+                for _ in range(self.slots)]
+
+    def upload(self, dst: Any, host: np.ndarray) -> None:
+        runtime = self.cp.cuda.runtime
+        runtime.memcpyAsync(dst.data.ptr, host.ctypes.data, host.nbytes, runtime.memcpyHostToDevice,
+                            self.stream.ptr)
+
+    def staging(self, nbytes: int) -> Any:
+        """One device buffer for every q8_0 piece of the restore (its copies and splits are ordered by the stream),
+        from the engine stream's pool: freed once finish() has run, it is that stream's to reuse."""
+        if self._staging is None:
+            with self.home:
+                self._staging = self.cp.empty(self.buffer_bytes, dtype=self.cp.uint8)
+        return self._staging[:nbytes]
+
+    def done(self, slot: int) -> None:
+        self.events[slot].record(self.stream)
+
+    def wait(self, slot: int) -> None:
+        self.events[slot].synchronize()
+
+    def finish(self) -> None:
+        self.stream.synchronize()
+
+
+def device_restore(cache: Any, path: Path, tensors: dict[str, TensorBytes]) -> None:
+    """A CUDA cache (KVCache, or a split model's StagedCache: each part on its GPU) <- the session file's rows of
+    `tensors` ("k", "v": checked against the cache's stored layout), read through pinned buffers; its length
+    becomes their n. The ops splitting q8_0 rows (``put``) run on the restore's stream, after its copies."""
+    n = tensors["k"].shape[1]
+    first = 0
+    for part in getattr(cache, "parts", [cache]):
+        layers = range(first, first + len(part.k))
+        with _device(part):
+            copies = DeviceCopies(part.xp)
+            with copies.stream:
+                copy_file(path, list(plan(tensors, layers)), part, copies)
+        first = layers.stop
+    cache.commit(n)
+
+
+def _device(part: Any) -> Any:
+    """The GPU holding a cache part's keys (q8_0 rows: their values array)."""
+    return getattr(part.k, "q", part.k).device
