@@ -224,7 +224,7 @@ def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: i
     dtype = _check(cp, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim, decode=False)
     if kernel not in PREFILL_KERNELS:
         raise ConfigError(f"flash attention: kernel must be one of {PREFILL_KERNELS}, got {kernel!r}")
-    scheme_pass = rot_positions is not None or window > 0 or partials is not None
+    scheme_pass = rot_positions is not None or window != 0 or partials is not None
     if scheme_pass:
         _check_pass(cp, q, positions, rot_positions, window, partials, dca, kernel)
         kernel = "mma"
