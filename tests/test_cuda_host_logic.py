@@ -34,6 +34,11 @@ def test_one_split_rule_for_every_attention_kernel():
     assert key_splits(blocks=1, slots=10**4, keys=10**7, min_keys_per_split=128, max_splits=512) == 512
     assert key_splits(blocks=10**4, slots=264, keys=10**6, min_keys_per_split=128, max_splits=512) == 1
     assert key_splits(blocks=0, slots=8, keys=10**4, min_keys_per_split=128, max_splits=512) == 8
+    # one wave: Llama-2-7B's 32 KV heads on 264 slots take 8 slices (256 blocks), not 9 (288: a second wave)
+    assert key_splits(blocks=32, slots=264, keys=32768, min_keys_per_split=64, max_splits=264) == 9
+    assert key_splits(blocks=32, slots=264, keys=32768, min_keys_per_split=64, max_splits=264, one_wave=True) == 8
+    assert key_splits(blocks=8, slots=264, keys=32768, min_keys_per_split=64, max_splits=264, one_wave=True) == 33
+    assert key_splits(blocks=300, slots=264, keys=32768, min_keys_per_split=64, max_splits=264, one_wave=True) == 1
 
 
 def test_simt_splits_follow_capacity_not_length():

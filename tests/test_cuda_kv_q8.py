@@ -305,10 +305,10 @@ def test_fused_step_equals_the_composed_step(tiny_models, spec, pair, dtype):
     with the prenormed inputs (Q8_0 weights), within their rounding's distance (tests/prenorm_emulation.py
     PRENORMED_TOL, measured on these models too)."""
     k, v = gpu_types(pair, dtype)
-    llm = engine.load(tiny_models[spec], device="cuda", dtype=dtype, cache_type_k=k, cache_type_v=v, **DCA)
+    llm = engine.load(tiny_models[spec], device="cuda", dtype=dtype, cache_type_k=k, cache_type_v=v, slots=3, **DCA)
     model = llm.model
     prompt = np.random.default_rng(5).integers(3, 384, 500).tolist()
-    caches = [llm.new_cache() for _ in range(3)]
+    caches = llm.caches  # three caches of their own (new_cache empties the one it returns)
     for cache in caches:
         llm.prefill(prompt, cache)
     blocks = model.decode_blocks

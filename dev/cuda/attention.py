@@ -344,6 +344,45 @@ def check_variants(cp) -> list[dict]:
     return rows
 
 
+def bench_decode_splits(cp, shape: str, n_ctx: int, rows: list[dict]) -> None:
+    """The production decode build on a bf16 and a q8_0 cache of n_ctx tokens at several key-slice counts around
+    decode_splits' choice (one wave of resident blocks): how the blocks' waves on the SMs set the time. Each count
+    checked against the default's output (within bf16 rounding), timed from a CUDA graph (kernel + combine)."""
+    from engine.backends.cuda.kv_q8 import DeviceQ8Rows
+
+    n_heads, n_kv, head_dim, cs, w = SHAPES[shape]
+    dca = DCAConfig(chunk_size=cs, local_window=w)
+    cos_t, sin_t = tables(cp, head_dim, n_ctx + cs + 1)
+    q = bf16_bits(cp, cp.random.standard_normal((1, n_heads, head_dim), dtype=cp.float32))
+    pos = cp.asarray([n_ctx - 1], dtype=cp.int32)
+    caches = {"bf16": tuple(bf16_bits(cp, cp.random.standard_normal((n_ctx, n_kv, head_dim), dtype=cp.float32))
+                            for _ in range(2)),
+              "q8_0": tuple(DeviceQ8Rows(cp.random.randint(-127, 128, (n_ctx, n_kv, head_dim)).astype(cp.int8),
+                                         (cp.random.random((n_ctx, n_kv, head_dim // 32)) * 0.02 + 0.001)
+                                         .astype(cp.float16)) for _ in range(2))}
+    for kind, (k, v) in caches.items():
+        q8 = kind == "q8_0"
+        n_bytes = 2 * n_ctx * n_kv * (head_dim + head_dim // 16 if q8 else 2 * head_dim)
+        chosen = fa.decode_splits(cp, n_ctx, n_kv, 1, head_dim, "bf16", q8, q8)
+        kernel = fa._kernel(fa.decode_build(head_dim, q8, q8), "bf16")
+        slots = fa.sm_count(cp) * fa.blocks_per_sm(cp, kernel, fa.decode_smem(head_dim, q8, q8))
+        want = cp.asnumpy(fa.flash_decode(q, k, v, pos, cos_t, sin_t, rope_dim=head_dim, dca=dca))
+        as_float = lambda x: (x.astype(np.uint32) << 16).view(np.float32)  # noqa: E731
+        for splits in sorted({max(1, chosen + d) for d in (-chosen // 2, -1, 0, 1, chosen)}
+                             | {max(1, slots // n_kv), 2 * max(1, slots // n_kv)}):
+            def step(splits=splits):
+                return fa.flash_decode(q, k, v, pos, cos_t, sin_t, rope_dim=head_dim, dca=dca, n_splits=splits)
+
+            got = cp.asnumpy(step())
+            err = float(np.abs(as_float(got) - as_float(want)).max() / np.abs(as_float(want)).max())
+            ms = graph_ms(cp, step)
+            row = {"shape": shape, "decode_context": n_ctx, "cache": kind, "slots": slots, "splits": splits,
+                   "blocks": splits * n_kv, "chosen": splits == chosen, "us": round(ms * 1e3, 1),
+                   "GB/s": round(n_bytes / ms / 1e6, 1), "max_err": err, "ok": err < 1e-2}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+
 def kernel_resources(cp) -> list[dict]:
     """Registers, local memory (spills) and dynamic shared memory of every fused kernel, bf16 builds."""
     from engine.backends.cuda.kernels import function
@@ -368,6 +407,7 @@ def main(argv=None) -> None:
     ap.add_argument("--parts", default="variants,prefill,decode,check,resources",
                     help="comma list of variants (each configuration vs the numpy reference), prefill, decode, "
                          "decode-variants (DECODE_VARIANTS on bf16 and q8_0 caches at --decode-context), "
+                         "decode-splits (key-slice counts around the production choice), "
                          "check (fused vs three-call), resources")
     ap.add_argument("--json", default=None, help="write every row here")
     args = ap.parse_args(argv)
@@ -389,6 +429,9 @@ def main(argv=None) -> None:
     if "decode-variants" in parts:
         for shape in shapes:
             bench_decode_variants(cp, shape, args.decode_context, rows)
+    if "decode-splits" in parts:
+        for shape in shapes:
+            bench_decode_splits(cp, shape, args.decode_context, rows)
     if "check" in parts:
         rows.append(cross_check(cp))
         print(json.dumps(rows[-1]), flush=True)

@@ -321,12 +321,13 @@ def blocks_per_sm(cp, kernel, smem: int) -> int:
 def decode_splits(cp, capacity: int, n_kv: int, n_queries: int = 1, head_dim: int = 128,
                   dtype: str = "f16", k_q8: bool = False, v_q8: bool = False,
                   config: tuple[int, int] | None = None) -> int:
-    """Key slices of the decode kernel (the build for the caches' kinds; config: decode_build's): one full wave of
-    resident blocks, fixed by the cache capacity, slices of at least 4 tiles (splits.key_splits)."""
+    """Key slices of the decode kernel (the build for the caches' kinds; config: decode_build's): as many as fill
+    one wave of resident blocks without spilling into a second, fixed by the cache capacity, slices of at least 4
+    tiles (splits.key_splits, one_wave)."""
     kernel = _kernel(decode_build(head_dim, k_q8, v_q8, config), dtype)
     slots = sm_count(cp) * blocks_per_sm(cp, kernel, decode_smem(head_dim, k_q8, v_q8, config))
     keys = config[0] if config else DECODE_TILE_KEYS[head_dim]
-    return key_splits(n_kv * n_queries, slots, capacity, 4 * keys, slots)
+    return key_splits(n_kv * n_queries, slots, capacity, 4 * keys, slots, one_wave=True)
 
 
 def flash_decode(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int, dca=None,
