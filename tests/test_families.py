@@ -17,6 +17,7 @@ import engine
 from engine.convert import convert_gguf_to_hf, convert_hf_to_gguf
 from engine.models.family import QWEN2
 from engine.sampling import SamplingParams
+from prenorm_emulation import staging_only
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_tiny_model import VARIANTS, make_tiny_model  # noqa: E402
@@ -290,6 +291,7 @@ def test_qwen2_fused_decode_step_adds_the_biases_as_the_composed_blocks(qwen2, d
                       dca=engine.DCAConfig(chunk_size=24, local_window=6) if dca == "on" else "off")
     model, backend, c = llm.model, llm.backend, llm.config
     assert isinstance(model.decode_blocks, FusedBlocks) and all(model.decode_blocks.fused_attention)
+    staging_only(model.decode_blocks)  # the staged inputs: the composed step's values but for summation order
     prompt = np.asarray((IDS * 3)[:60])
     caches = [backend.new_cache(c.n_layers, 128, c.n_kv_heads, c.head_dim) for _ in range(3)]
     for cache in caches:
