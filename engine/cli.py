@@ -114,7 +114,8 @@ def info(model_arg, settings: LoadSettings) -> None:
     cuda_types = cache_types if device_name == "cuda" else (cuda_dtype, cuda_dtype)
     plans = {"cpu": memory.plan_memory(c, loaded.weights, context, "cpu", available=memory.available_bytes("cpu"),
                                        cache_types=cpu_types),
-             "cuda": memory.plan_memory(c, loaded.weights, context, "cuda", cuda_dtype, cache_types=cuda_types)}
+             "cuda": memory.plan_memory(c, loaded.weights, context, "cuda", cuda_dtype,
+                                        available=memory.available_bytes("cuda"), cache_types=cuda_types)}
     rows = [
         ("file", f"{path} ({loaded.file_format}, {size / 2**20:.1f} MiB)"),
         ("name", c.name or "-"),

@@ -7,7 +7,8 @@ activation dtype ("f32" on the CPU, "f16" | "bf16" on CUDA):
                keeps on the device (cuda/weights.device_bytes).
   copies       CPU: float32 copies of the matrices not stored F32, when kept (``f32_copies``; by default
                only when the whole plan with them takes at most half of the available memory).
-               CUDA: the 16-bit prefill copies of a small model (cuda/weights.planned_fp16_copies).
+               CUDA: the 16-bit prefill copies of a small model (cuda/weights.planned_fp16_copies: up to a
+               sixteenth of the free GPU memory; none where the context would not fit with them).
   KV cache     layers x context x KV heads x (bytes of a head's key row + of its value row), as the cache
                types store them (kv_storage.row_bytes: head_dim x 4 for f32 on the CPU, x 2 for f16/bf16 (CUDA),
                34/32 a value for q8_0, ...), once per slot (``engine serve --parallel N``: each slot has its
@@ -144,9 +145,18 @@ def plan_memory(config: ModelConfig, weights, context: int, device: str, dtype: 
             f32_copies = _comfortable(plan.total, plan.copies, available)
         plan = plan if f32_copies else _cpu_plan(config, weights, context, False, kv_per_token).with_slots(slots)
         return dataclasses.replace(plan, **smaller)
-    plan = _cuda_plan(config, weights, context, dtype, kv_per_token, cache_types or (native, native)).with_slots(slots)
+    from .backends.cuda.weights import prefill_copy_budget
+
+    budget = prefill_copy_budget(available)
+    plan = _cuda_plan(config, weights, context, dtype, kv_per_token, cache_types or (native, native),
+                      budget).with_slots(slots)
+    if plan.copies and available is not None and plan.total > available:  # the copies give way to the context
+        budget = 0
+        plan = _cuda_plan(config, weights, context, dtype, kv_per_token, cache_types or (native, native),
+                          budget).with_slots(slots)
     if config.head_dim % 32 == 0:  # what a q8_0 cache (its dequantization scratch included) would take instead
-        q8_0 = _cuda_plan(config, weights, context, dtype, kv_bytes_per_token(config, Q8_0_CACHE), Q8_0_CACHE)
+        q8_0 = _cuda_plan(config, weights, context, dtype, kv_bytes_per_token(config, Q8_0_CACHE), Q8_0_CACHE,
+                          budget)
         if q8_0.with_slots(slots).total < plan.total:
             plan = dataclasses.replace(plan, kv_per_token_q8_0=q8_0.kv_per_token,
                                        scratch_per_token_q8_0=q8_0.scratch_per_token)
@@ -203,13 +213,14 @@ def _cpu_plan(config: ModelConfig, weights, context: int, keep: bool, kv_per_tok
 
 
 def _cuda_plan(config: ModelConfig, weights, context: int, dtype: str, kv_per_token: int,
-               cache_types: tuple[str, str]) -> MemoryPlan:
+               cache_types: tuple[str, str], copy_budget: int | None = None) -> MemoryPlan:
+    """copy_budget: bytes the 16-bit prefill copies may take (None: the backend's default)."""
     from .backends.cuda.kv_q8 import scratch_bytes_per_token
     from .backends.cuda.weights import device_bytes, device_type, planned_fp16_copies
 
     c = config
     stored = sum(device_bytes(w) for w in weights.values())
-    copies = planned_fp16_copies(weights, dtype)
+    copies = planned_fp16_copies(weights, dtype, copy_budget)
     as_stored = GGMLType.F16 if dtype == "f16" else GGMLType.BF16
     scratch = 0 if copies else 2 * max((rows * cols for rows, cols, t in _cuda_matrices(c, weights, device_type)
                                         if t != as_stored), default=0)

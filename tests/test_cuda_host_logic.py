@@ -249,6 +249,8 @@ def test_planned_fp16_copies_and_device_bytes():
     big = {"w": synthetic_weight("w", GGMLType.Q8_0, (1, 256), rng, 0.1)}
     big["w"].shape = (cw.PREFILL_FP16_BUDGET // 256, 256)  # only the shape matters here
     assert cw.planned_fp16_copies({**ws, **big}) == 0
+    assert cw.planned_fp16_copies({**ws, **big}, budget=2 * cw.PREFILL_FP16_BUDGET + 2 * 64 * 256) > 0
+    assert cw.planned_fp16_copies(ws, budget=2 * 64 * 256 - 1) == 0
 
 
 def test_fused_step_with_a_q8_0_cache_stores_through_the_backend(monkeypatch):

@@ -98,6 +98,24 @@ def test_dtype_auto_follows_the_stored_matrices(tiny):
     assert engine.load(tiny["q4_1"], device="cuda").dtype == "f16"
 
 
+@pytest.mark.cuda
+def test_the_backend_keeps_the_prefill_copies_its_memory_plan_counts(tiny, monkeypatch):
+    """The CUDA backend keeps 16-bit prefill copies exactly when the LLM's memory plan counts them (up to a
+    sixteenth of the free GPU memory, memory.plan_memory), and none when the plan leaves them no room."""
+    from engine.backends.cuda import weights as cuda_weights
+
+    def kept(llm) -> list:
+        return [m for m in llm._weights.values()
+                if isinstance(m, cuda_weights.DeviceMatrix) and (m.whole or m).half is not None]
+
+    llm = engine.load(tiny["q8_0"], device="cuda")
+    assert llm.memory.copies > 0 and llm.backend.prefill_copy_budget == llm.memory.copies and kept(llm)
+    monkeypatch.setattr(cuda_weights, "PREFILL_FP16_BUDGET", 0)
+    monkeypatch.setattr(cuda_weights, "PREFILL_FP16_SHARE", 1 << 62)
+    llm = engine.load(tiny["q8_0"], device="cuda")
+    assert llm.memory.copies == 0 and llm.backend.prefill_copy_budget == 0 and not kept(llm)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("key", ["q4_1", "d64-q8_0"])
 @pytest.mark.parametrize("dca", ["on", "off"])

@@ -118,6 +118,32 @@ def test_a_cuda_plan_fuses_qkv_and_gate_up_for_the_scratch(monkeypatch):
     assert plan.copies == 0 and plan.scratch == 2 * (2 * 2048) * 256  # gate and up as one matrix
 
 
+def test_cuda_prefill_copies_take_a_sixteenth_of_free_memory_and_give_way_to_the_context(monkeypatch):
+    """The 16-bit prefill copies are kept when they take at most 1/16 of the free GPU memory (or the 1 GiB floor),
+    and dropped where the plan with them would not fit but fits without them."""
+    from engine.backends.cuda import weights as cuda_weights
+
+    small = ModelConfig(n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=2048, vocab_size=300,
+                        norm_eps=1e-5, context_length=256, rope=RopeConfig(theta=1e4, dim=64, original_context=256),
+                        tied_embeddings=False)
+    weights = shaped_weights(small, GGMLType.Q4_K, GGMLType.Q8_0)
+    copies = memory.plan_memory(small, weights, 256, "cuda", "f16").copies  # within the 1 GiB floor
+    assert copies > 0
+    monkeypatch.setattr(cuda_weights, "PREFILL_FP16_BUDGET", 0)  # the share of free memory alone
+    free = 1 << 40
+    monkeypatch.setattr(cuda_weights, "PREFILL_FP16_SHARE", free // copies)  # a budget of exactly the copies
+    assert memory.plan_memory(small, weights, 256, "cuda", "f16", available=free).copies == copies
+    monkeypatch.setattr(cuda_weights, "PREFILL_FP16_SHARE", free // copies + 1)
+    assert memory.plan_memory(small, weights, 256, "cuda", "f16", available=free).copies == 0
+    monkeypatch.setattr(cuda_weights, "PREFILL_FP16_SHARE", 16)
+    assert cuda_weights.prefill_copy_budget(80 << 30) == 5 << 30 and cuda_weights.prefill_copy_budget(None) == 0
+    monkeypatch.setattr(cuda_weights, "PREFILL_FP16_BUDGET", 1 << 30)
+    with_copies = memory.plan_memory(small, weights, 4096, "cuda", "f16", available=1 << 40)
+    without = memory.plan_memory(small, weights, 4096, "cuda", "f16", available=with_copies.total - 1)
+    assert with_copies.copies == copies and without.copies == 0 and without.total < with_copies.total - 1
+    assert without.scratch > 0  # prefill dequantizes into the scratch instead
+
+
 @pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.F16,
                                        GGMLType.BF16, GGMLType.F32], ids=lambda t: t.name)
 def test_stored_matrix_equals_its_float32_copy(small_blocks, ggml_type):

@@ -59,6 +59,8 @@ class CudaBackend:
         self.device = device
         self.act = activation_type(self.cp, dtype)  # their CuPy dtype (bf16: uint16 bits)
         self.matrices = MatrixOps(self.cp, dtype)
+        # bytes the 16-bit prefill copies may take (weights.keep_half); LLM sets its memory plan's (memory.py)
+        self.prefill_copy_budget = PREFILL_FP16_BUDGET
         self.kv_scratch = kv_q8.DequantScratch(self.cp, dtype)  # 16-bit copies of a layer's q8_0 cache rows
         # RotaryTable -> (cos, sin) on the device, dropped with the table (LLM.relayout replaces it per eval cell)
         self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -112,7 +114,7 @@ class CudaBackend:
                         if all(isinstance(p, DeviceMatrix) for p in parts):
                             fuse(cp, parts)
             matrices = {id(m.whole or m): m.whole or m for m in device.values() if isinstance(m, DeviceMatrix)}
-            self.matrices.keep_half(list(matrices.values()), PREFILL_FP16_BUDGET)
+            self.matrices.keep_half(list(matrices.values()), self.prefill_copy_budget)
             return device
         except cp.cuda.memory.OutOfMemoryError as exc:
             needed = sum(int(w.raw.nbytes) for w in weights.values())

@@ -34,11 +34,15 @@ KERNEL_SUFFIX = {
 }
 QUANT_MACRO = "QUANT_KERNELS"  # quant.cu's kernels, instantiated per weight type
 OUTPUT_HEADS = ("output", "token_embd")  # weights whose products are logits (fp32 out)
-# A model whose matrices take at most this much as 16-bit values keeps copies in the activation dtype for
-# prefill GEMMs: dequantizing per prefill batch costs a small model ~4% of a 32k-token prefill (many small
-# launches; SmolLM2-135M: 0.27 GB of copies), while a large model's GEMMs dwarf it and its copies would take
-# the KV cache's memory.
+# A model whose matrices take at most prefill_copy_budget bytes as 16-bit values keeps copies in the activation
+# dtype for prefill GEMMs: dequantizing per prefill batch costs a small model ~4% of a 32k-token prefill (many
+# small launches; SmolLM2-135M: 0.27 GB of copies) and Llama-3.2-1B 59% of a 512-token one (H100, session 13:
+# pp512 39.3k -> 94.7k tokens/s with its 2.5 GB of copies kept, pp8192 +3%), while a large model's GEMMs dwarf it
+# and its copies (8B: 15 GB) would take the KV cache's memory. The budget: a sixteenth of the GPU memory free at
+# load (~4.9 GB on an 80 GB H100), at least PREFILL_FP16_BUDGET; the memory plan drops the copies where the
+# context would not fit with them (memory.plan_memory).
 PREFILL_FP16_BUDGET = 1 << 30
+PREFILL_FP16_SHARE = 16
 
 # cuBLAS / CUDA enum values (cublas_api.h, library_types.h)
 _OP_N, _OP_T = 0, 1
@@ -124,14 +128,19 @@ def device_bytes(tensor) -> int:
     return int(tensor.raw.nbytes)
 
 
-def planned_fp16_copies(weights, dtype: str = "f16") -> int:
+def prefill_copy_budget(available: int | None) -> int:
+    """Bytes the 16-bit prefill copies may take with `available` bytes of GPU memory free (None: unknown)."""
+    return max(PREFILL_FP16_BUDGET, (available or 0) // PREFILL_FP16_SHARE)
+
+
+def planned_fp16_copies(weights, dtype: str = "f16", budget: int | None = None) -> int:
     """Bytes of the 16-bit prefill copies (MatrixOps.keep_half) the CUDA backend will keep for these loader
-    weights with activations of `dtype`: the matrices not stored in that dtype, when they fit in
-    PREFILL_FP16_BUDGET, else 0."""
+    weights with activations of `dtype`: the matrices not stored in that dtype, when they fit in `budget`
+    (None: PREFILL_FP16_BUDGET), else 0."""
     as_stored = stored_as_activation(dtype)
     total = sum(2 * int(np.prod(w.shape)) for w in weights.values()
                 if len(w.shape) == 2 and device_type(w.ggml_type) != as_stored)
-    return total if total <= PREFILL_FP16_BUDGET else 0
+    return total if total <= (PREFILL_FP16_BUDGET if budget is None else budget) else 0
 
 
 def fuse(cp, parts: list[DeviceMatrix]) -> DeviceMatrix | None:
