@@ -101,7 +101,7 @@ class LLM:
             for b in backends:
                 b.f32_copies = self.memory.f32_copies
         elif shares is None:  # the plan's 16-bit prefill copies (a split's stages keep their default budget)
-            backend.prefill_copy_budget = self.memory.copies
+            backend.prefill_copy_budget = memory.cuda_copy_budget(self.memory, available)
         self.stages = [pipeline.Stage(b, range(c.n_layers) if shares is None else s.layers)
                        for b, s in zip(backends, shares or [None])]
         # allocated once for the whole context (fixed buffers); one per slot (sessions of their own, `slots`)

@@ -163,6 +163,14 @@ def plan_memory(config: ModelConfig, weights, context: int, device: str, dtype: 
     return plan
 
 
+def cuda_copy_budget(plan: MemoryPlan, available: int | None) -> int:
+    """The CUDA backend's budget for its 16-bit prefill copies (weights.keep_half) under `plan`, made with
+    `available` bytes free: the one the plan counted them under, 0 where the plan keeps none."""
+    from .backends.cuda.weights import prefill_copy_budget
+
+    return prefill_copy_budget(available) if plan.copies else 0
+
+
 def kv_bytes_per_token(config: ModelConfig, cache_types: tuple[str, str]) -> int:
     """KV cache bytes one token takes over all layers, keys and values stored as cache_types."""
     c = config
