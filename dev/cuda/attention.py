@@ -230,27 +230,37 @@ def bench_decode(cp, shape: str, n_ctx: int, rows: list[dict]) -> None:
     print(json.dumps(row), flush=True)
 
 
+def decode_inputs(cp, shape: str, n_ctx: int):
+    """(n_heads, n_kv, head_dim, dca, q (1, Hq, D) bf16 bits, positions [n_ctx - 1], cos, sin) of a decode step of
+    `shape` after n_ctx tokens."""
+    n_heads, n_kv, head_dim, cs, w = SHAPES[shape]
+    cos_t, sin_t = tables(cp, head_dim, n_ctx + cs + 1)
+    q = bf16_bits(cp, cp.random.standard_normal((1, n_heads, head_dim), dtype=cp.float32))
+    pos = cp.asarray([n_ctx - 1], dtype=cp.int32)
+    return n_heads, n_kv, head_dim, DCAConfig(chunk_size=cs, local_window=w), q, pos, cos_t, sin_t
+
+
+def decode_caches(cp, n_ctx: int, n_kv: int, head_dim: int):
+    """("bf16" | "q8_0", (K, V) random caches of n_ctx tokens, their bytes), one kind after the other."""
+    from engine.backends.cuda.kv_q8 import DeviceQ8Rows
+
+    yield "bf16", tuple(bf16_bits(cp, cp.random.standard_normal((n_ctx, n_kv, head_dim), dtype=cp.float32))
+                        for _ in range(2)), 4 * n_ctx * n_kv * head_dim
+    yield "q8_0", tuple(DeviceQ8Rows(cp.random.randint(-127, 128, (n_ctx, n_kv, head_dim)).astype(cp.int8),
+                                     (cp.random.random((n_ctx, n_kv, head_dim // 32)) * 0.02 + 0.001)
+                                     .astype(cp.float16)) for _ in range(2)), \
+        2 * n_ctx * n_kv * (head_dim + head_dim // 16)
+
+
 def bench_decode_variants(cp, shape: str, n_ctx: int, rows: list[dict]) -> None:
     """Decode kernel configurations (DECODE_VARIANTS that fit shared memory) on a bf16 and on a q8_0 K+V cache of
     n_ctx tokens, DCA: each checked against the production build (equal bit for bit where only the stages differ
     and the split count is the same; else within bf16 rounding) and timed from a CUDA graph (kernel + combine),
     GB/s of the cache's bytes."""
-    from engine.backends.cuda.kv_q8 import DeviceQ8Rows
-
-    n_heads, n_kv, head_dim, cs, w = SHAPES[shape]
-    dca = DCAConfig(chunk_size=cs, local_window=w)
-    cos_t, sin_t = tables(cp, head_dim, n_ctx + cs + 1)
-    q = bf16_bits(cp, cp.random.standard_normal((1, n_heads, head_dim), dtype=cp.float32))
-    pos = cp.asarray([n_ctx - 1], dtype=cp.int32)
+    n_heads, n_kv, head_dim, dca, q, pos, cos_t, sin_t = decode_inputs(cp, shape, n_ctx)
     limit = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
-    caches = {"bf16": tuple(bf16_bits(cp, cp.random.standard_normal((n_ctx, n_kv, head_dim), dtype=cp.float32))
-                            for _ in range(2)),
-              "q8_0": tuple(DeviceQ8Rows(cp.random.randint(-127, 128, (n_ctx, n_kv, head_dim)).astype(cp.int8),
-                                         (cp.random.random((n_ctx, n_kv, head_dim // 32)) * 0.02 + 0.001)
-                                         .astype(cp.float16)) for _ in range(2))}
-    for kind, (k, v) in caches.items():
+    for kind, (k, v), n_bytes in decode_caches(cp, n_ctx, n_kv, head_dim):
         q8 = kind == "q8_0"
-        n_bytes = 2 * n_ctx * n_kv * (head_dim + head_dim // 16 if q8 else 2 * head_dim)
         want = cp.asnumpy(fa.flash_decode(q, k, v, pos, cos_t, sin_t, rope_dim=head_dim, dca=dca))
         for config in DECODE_VARIANTS:
             if fa.decode_smem(head_dim, q8, q8, config) > limit:
@@ -348,21 +358,9 @@ def bench_decode_splits(cp, shape: str, n_ctx: int, rows: list[dict]) -> None:
     """The production decode build on a bf16 and a q8_0 cache of n_ctx tokens at several key-slice counts around
     decode_splits' choice (one wave of resident blocks): how the blocks' waves on the SMs set the time. Each count
     checked against the default's output (within bf16 rounding), timed from a CUDA graph (kernel + combine)."""
-    from engine.backends.cuda.kv_q8 import DeviceQ8Rows
-
-    n_heads, n_kv, head_dim, cs, w = SHAPES[shape]
-    dca = DCAConfig(chunk_size=cs, local_window=w)
-    cos_t, sin_t = tables(cp, head_dim, n_ctx + cs + 1)
-    q = bf16_bits(cp, cp.random.standard_normal((1, n_heads, head_dim), dtype=cp.float32))
-    pos = cp.asarray([n_ctx - 1], dtype=cp.int32)
-    caches = {"bf16": tuple(bf16_bits(cp, cp.random.standard_normal((n_ctx, n_kv, head_dim), dtype=cp.float32))
-                            for _ in range(2)),
-              "q8_0": tuple(DeviceQ8Rows(cp.random.randint(-127, 128, (n_ctx, n_kv, head_dim)).astype(cp.int8),
-                                         (cp.random.random((n_ctx, n_kv, head_dim // 32)) * 0.02 + 0.001)
-                                         .astype(cp.float16)) for _ in range(2))}
-    for kind, (k, v) in caches.items():
+    n_heads, n_kv, head_dim, dca, q, pos, cos_t, sin_t = decode_inputs(cp, shape, n_ctx)
+    for kind, (k, v), n_bytes in decode_caches(cp, n_ctx, n_kv, head_dim):
         q8 = kind == "q8_0"
-        n_bytes = 2 * n_ctx * n_kv * (head_dim + head_dim // 16 if q8 else 2 * head_dim)
         chosen = fa.decode_splits(cp, n_ctx, n_kv, 1, head_dim, "bf16", q8, q8)
         kernel = fa._kernel(fa.decode_build(head_dim, q8, q8), "bf16")
         slots = fa.sm_count(cp) * fa.blocks_per_sm(cp, kernel, fa.decode_smem(head_dim, q8, q8))
