@@ -33,7 +33,8 @@ from .prompt_cache import SessionFileError, TensorBytes
 
 CHUNK_BYTES = 8 << 20  # a read and a host-to-device copy: large enough for the bus's rate, cheap to pin
 READERS = 8  # threads copying page cache -> pinned buffers (one thread copies a few GB/s)
-SLOTS = READERS + 2  # ring buffers (80 MiB pinned): every reader busy while the oldest slots' copies run
+UPLOADS_IN_FLIGHT = 2  # chunks whose copies may still run when the main thread next needs a slot
+SLOTS = READERS + 2 + UPLOADS_IN_FLIGHT  # ring buffers (96 MiB pinned): every reader busy, two reads queued
 
 
 @dataclass(frozen=True)
@@ -113,13 +114,16 @@ def _open(path: Path) -> int:
 
 def _pipeline(pool: ThreadPoolExecutor, fd: int, path: Path, chunks: list[Chunk], cache: Any, copies: Any,
               ring: list[np.ndarray]) -> None:
-    """Keep a read in flight in every ring slot; put the oldest read's pieces when its slot is needed again."""
+    """Keep reads in flight in all ring slots but UPLOADS_IN_FLIGHT; put the oldest read's pieces when that many
+    are pending, so that a slot is refilled UPLOADS_IN_FLIGHT chunks after its copies were queued (they have
+    usually run by then: the main thread does not wait on the copy it has just queued)."""
+    reads = max(1, len(ring) - UPLOADS_IN_FLIGHT)
     pending: deque[tuple[Chunk, int, Future]] = deque()  # (chunk, its slot, its read), in file order
     for i, chunk in enumerate(chunks):
-        if len(pending) == len(ring):
+        if len(pending) == reads:
             _put_chunk(*pending.popleft(), cache, copies, ring)
         slot = i % len(ring)
-        copies.wait(slot)  # the chunk that used this slot before has been copied out of it
+        copies.wait(slot)  # the chunk that used this slot before (put already) has been copied out of it
         pending.append((chunk, slot, pool.submit(read_chunk, fd, path, chunk, ring[slot])))
     while pending:
         _put_chunk(*pending.popleft(), cache, copies, ring)

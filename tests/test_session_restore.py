@@ -188,6 +188,41 @@ def test_the_pipeline_waits_for_a_slot_before_refilling_it(tmp_path, monkeypatch
     assert not np.array_equal(stored(cache.k, 40).reshape(-1), rows["k"].view(np.uint8).reshape(-1))
 
 
+def test_a_slot_is_refilled_only_chunks_after_its_copies_were_queued(tmp_path):
+    """The main thread never waits on the copies it has just queued: a slot's wait comes UPLOADS_IN_FLIGHT puts
+    after that slot's copies were queued (its copies overlap the next chunks' reads and puts); rows still exact."""
+    events: list[tuple[str, int]] = []
+
+    class Recording(LazyCopies):
+        def done(self, slot: int) -> None:
+            super().done(slot)
+            events.append(("done", slot))
+
+        def wait(self, slot: int) -> None:
+            super().wait(slot)
+            events.append(("wait", slot))
+
+        def finish(self) -> None:  # the end of the restore waits for every slot: not a refill
+            events.append(("finish", -1))
+            super().finish()
+
+    rows = random_rows(("bf16", "bf16"), 40, np.random.default_rng(3))
+    tensors = write_session(tmp_path / "s.session", rows)
+    cache = host_cache(("bf16", "bf16"))
+    chunks = list(plan(tensors, range(N_LAYERS), 1024))
+    copy_file(tmp_path / "s.session", chunks, cache, Recording(slots=restore.SLOTS))
+    assert np.array_equal(stored(cache.k, 40).reshape(-1), rows["k"].view(np.uint8).reshape(-1))
+    assert np.array_equal(stored(cache.v, 40).reshape(-1), rows["v"].view(np.uint8).reshape(-1))
+    puts, queued_at, gaps = 0, {}, []
+    for kind, slot in events[:events.index(("finish", -1))]:
+        if kind == "done":
+            puts += 1
+            queued_at[slot] = puts
+        elif slot in queued_at:
+            gaps.append(puts - queued_at.pop(slot))
+    assert len(chunks) > restore.SLOTS and gaps and min(gaps) >= restore.UPLOADS_IN_FLIGHT
+
+
 # ---------------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.cuda
 @pytest.mark.parametrize("types", [("f16", "f16"), ("bf16", "bf16"), ("q8_0", "q8_0"), ("bf16", "q8_0")],
