@@ -322,7 +322,8 @@ def _ints(text: str) -> list[int]:
 @click.option("--shape", type=click.Choice(list(PRESETS)), default=None,
               help="random weights of a real model's shapes (Q4_K matrices, Q6_K embedding and head)")
 @click.option("--save-gguf", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="with --shape: write those weights as a GGUF file (llama.cpp reads it too) and stop")
+              help="with --shape: write those weights as a GGUF file (llama.cpp reads it too) and stop; its "
+                   "vocabulary comes from -m (a GGUF file), by default the default model's")
 @click.option("-p", "--n-prompt", default="512,8192,32768", show_default=True, help="prompt lengths (ppN)")
 @click.option("-n", "--n-gen", default=128, show_default=True, help="generated tokens (tgN)")
 @click.option("-d", "--depth", default="512,32768", show_default=True, help="contexts before generation")
@@ -344,8 +345,8 @@ def bench(settings: LoadSettings, synthetic, shape, save_gguf, n_prompt, n_gen, 
         from .convert.synthetic import write_synthetic_gguf
 
         loaded = shape_model(shape)
-        stats = write_synthetic_gguf(save_gguf, loaded.config, tokenizer_source=default_model_path(),
-                                     weights=loaded.weights)
+        donor = default_model_path() if settings.model is None else settings.model
+        stats = write_synthetic_gguf(save_gguf, loaded.config, tokenizer_source=donor, weights=loaded.weights)
         click.echo(stats.summary())
         return
     if shape is not None and (synthetic or settings.model is not None):

@@ -140,6 +140,10 @@ def test_bench_shape_runs_and_saves_a_gguf_llama_cpp_can_read(tmp_path, monkeypa
     assert tensors["output.weight"] == gguf.GGMLQuantizationType.Q6_K and "blk.1.attn_v.bias" in tensors
     assert engine.load(out, context=32).config.architecture == "qwen2"
     assert bench_module.shape_model("qwen2.5-7b").config == small
+    again = tmp_path / "donor.gguf"  # the vocabulary from -m: no default model needed
+    result = CliRunner().invoke(bench, ["--shape", "qwen2.5-7b", "--save-gguf", str(again), "-m", str(out)])
+    assert result.exit_code == 0, result.output
+    assert gguf.GGUFReader(again).fields["tokenizer.ggml.tokens"].data == reader.fields["tokenizer.ggml.tokens"].data
 
 
 @pytest.mark.cuda
