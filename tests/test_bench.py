@@ -144,6 +144,14 @@ def test_bench_shape_runs_and_saves_a_gguf_llama_cpp_can_read(tmp_path, monkeypa
     result = CliRunner().invoke(bench, ["--shape", "qwen2.5-7b", "--save-gguf", str(again), "-m", str(out)])
     assert result.exit_code == 0, result.output
     assert gguf.GGUFReader(again).fields["tokenizer.ggml.tokens"].data == reader.fields["tokenizer.ggml.tokens"].data
+    bare = tmp_path / "bare.gguf"  # a GGUF without a tokenizer: one clear error, no traceback
+    writer = gguf.GGUFWriter(str(bare), "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = CliRunner().invoke(bench, ["--shape", "qwen2.5-7b", "--save-gguf", str(tmp_path / "x.gguf"), "-m", str(bare)])
+    assert result.exit_code != 0 and "no tokenizer.ggml.tokens" in str(result.exception or result.output)
 
 
 @pytest.mark.cuda

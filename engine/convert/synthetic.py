@@ -57,6 +57,8 @@ UNUSED_TOKEN = 5  # tokenizer.ggml.token_type of a slot no text maps to
 def _padded_vocabulary(vocabulary: dict, vocab_size: int) -> dict:
     """The donor's tokenizer keys with its token list (and per-token arrays) padded with unused tokens up to the
     model's vocab_size rows: llama.cpp requires the embedding to have exactly one row per token."""
+    if "tokenizer.ggml.tokens" not in vocabulary:
+        raise ConfigError("the vocabulary donor has no tokenizer.ggml.tokens: give a GGUF file with a tokenizer")
     tokens, vtype, element_type = vocabulary["tokenizer.ggml.tokens"]
     extra = vocab_size - len(tokens)
     if extra < 0:
