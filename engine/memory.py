@@ -8,7 +8,8 @@ activation dtype ("f32" on the CPU, "f16" | "bf16" on CUDA):
   copies       CPU: float32 copies of the matrices not stored F32, when kept (``f32_copies``; by default
                only when the whole plan with them takes at most half of the available memory).
                CUDA: the 16-bit prefill copies of a small model (cuda/weights.planned_fp16_copies: up to a
-               sixteenth of the free GPU memory; none where the context would not fit with them).
+               sixteenth of the free GPU memory; none where the plan with them would leave less than a
+               sixteenth free).
   KV cache     layers x context x KV heads x (bytes of a head's key row + of its value row), as the cache
                types store them (kv_storage.row_bytes: head_dim x 4 for f32 on the CPU, x 2 for f16/bf16 (CUDA),
                34/32 a value for q8_0, ...), once per slot (``engine serve --parallel N``: each slot has its
@@ -47,6 +48,7 @@ LOGITS_SLAB_BYTES = 256 << 20  # logits (and their log-softmax temporaries) held
 RUNTIME_BYTES = 256 << 20  # CPU: interpreter, numpy, tokenizer
 COMFORT_FRACTION = 0.5  # float32 copies by default only when the plan with them takes at most this share
 UNKNOWN_MEMORY_F32_BUDGET = 1 << 30  # ... or, where available memory is unknown, when they take at most this
+COPIES_HEADROOM = 16  # CUDA: 16-bit prefill copies are kept only where the plan with them leaves 1/16 free
 Q8_0_CACHE = ("q8_0", "q8_0")  # -ctk q8_0 -ctv q8_0, which the refusal suggests where it fits
 ATTENTION_TILE = 128 * 256  # CPU: query rows x keys of one attention tile (dca.blockwise_attention)
 
@@ -150,7 +152,9 @@ def plan_memory(config: ModelConfig, weights, context: int, device: str, dtype: 
     budget = prefill_copy_budget(available)
     plan = _cuda_plan(config, weights, context, dtype, kv_per_token, cache_types or (native, native),
                       budget).with_slots(slots)
-    if plan.copies and available is not None and plan.total > available:  # the copies give way to the context
+    if plan.copies and available is not None and plan.total > available - available // COPIES_HEADROOM:
+        # the copies give way to the context, and leave room for what the plan does not count (cuBLAS's
+        # workspace, the decode graph's pool, split-K partials)
         budget = 0
         plan = _cuda_plan(config, weights, context, dtype, kv_per_token, cache_types or (native, native),
                           budget).with_slots(slots)

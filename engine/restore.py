@@ -101,8 +101,10 @@ def copy_file(path: Path, chunks: list[Chunk], cache: Any, copies: Any, readers:
             finally:
                 pool.shutdown(cancel_futures=True)
     finally:
-        copies.finish()
-        os.close(fd)
+        try:
+            copies.finish()
+        finally:
+            os.close(fd)
 
 
 def _open(path: Path) -> int:

@@ -302,3 +302,19 @@ def test_fused_step_with_a_q8_0_cache_stores_through_the_backend(monkeypatch):
     assert attend[1:] == (cache, 1, slot, dca)
     blocks.attention_block(0, layer, np.zeros((1, c.d_model), np.float32), slot, cache)
     assert calls[3][11] is position  # the slot and tables are made once
+
+
+def test_keeping_the_prefill_copies_leaves_no_dequantization_scratch(monkeypatch):
+    """The plan counts no scratch where the copies are kept (memory._cuda_plan); keep_half fills the copies through
+    dequantize's shared scratch, which must not stay allocated beside them (Llama-3.2-1B: its 128256 x 2048 head as
+    16-bit values, 0.5 GB, beside 2.5 GB of copies)."""
+    from engine.backends.cuda import weights as cw
+
+    monkeypatch.setattr(cw, "function", lambda *a, **k: (lambda *args: None))  # no kernel: shapes only
+    ops = cw.MatrixOps(np, "f16")
+    small = cw.DeviceMatrix("a", GGMLType.Q8_0, 64, 256, np.zeros((64, 256 // 32 * 34), np.uint8), False)
+    head = cw.DeviceMatrix("output", GGMLType.Q8_0, 512, 256, np.zeros((512, 256 // 32 * 34), np.uint8), True)
+    kept = ops.keep_half([small, head], 1 << 30)
+    assert kept == 2 * (64 + 512) * 256 and small.half is not None and head.half is not None
+    held = sum(m.half.nbytes for m in (small, head)) + (0 if ops._scratch is None else ops._scratch.nbytes)
+    assert held == kept  # what the plan counts: the copies, no scratch

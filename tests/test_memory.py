@@ -142,6 +142,9 @@ def test_cuda_prefill_copies_take_a_sixteenth_of_free_memory_and_give_way_to_the
     without = memory.plan_memory(small, weights, 4096, "cuda", "f16", available=with_copies.total - 1)
     assert with_copies.copies == copies and without.copies == 0 and without.total < with_copies.total - 1
     assert without.scratch > 0  # prefill dequantizes into the scratch instead
+    headroom = memory.plan_memory(small, weights, 4096, "cuda", "f16", available=with_copies.total)
+    assert headroom.copies == 0  # the copies would fit exactly: they leave no room for what the plan does not count
+    assert memory.plan_memory(small, weights, 4096, "cuda", "f16", available=2 * with_copies.total).copies == copies
     assert memory.cuda_copy_budget(with_copies, 1 << 40) == (1 << 40) // 16
     assert memory.cuda_copy_budget(without, 1) == 0
 

@@ -40,7 +40,7 @@ OUTPUT_HEADS = ("output", "token_embd")  # weights whose products are logits (fp
 # pp512 39.3k -> 94.7k tokens/s with its 2.5 GB of copies kept, pp8192 +3%), while a large model's GEMMs dwarf it
 # and its copies (8B: 15 GB) would take the KV cache's memory. The budget: a sixteenth of the GPU memory free at
 # load (~4.9 GB on an 80 GB H100), at least PREFILL_FP16_BUDGET; the memory plan drops the copies where the
-# context would not fit with them (memory.plan_memory).
+# context would not fit with them or they would leave less than a sixteenth free (memory.plan_memory).
 PREFILL_FP16_BUDGET = 1 << 30
 PREFILL_FP16_SHARE = 16
 
@@ -236,6 +236,7 @@ class MatrixOps:
             for m in needed:
                 m.half = None
             return 0
+        self._scratch = None  # every product now reads a copy: the plan counts no scratch beside them
         return total
 
     def dequantize(self, w: DeviceMatrix) -> object:
