@@ -149,15 +149,13 @@ def plan_memory(config: ModelConfig, weights, context: int, device: str, dtype: 
         return dataclasses.replace(plan, **smaller)
     from .backends.cuda.weights import prefill_copy_budget
 
-    budget = prefill_copy_budget(available)
-    plan = _cuda_plan(config, weights, context, dtype, kv_per_token, cache_types or (native, native),
-                      budget).with_slots(slots)
+    types, budget = cache_types or (native, native), prefill_copy_budget(available)
+    plan = _cuda_plan(config, weights, context, dtype, kv_per_token, types, budget).with_slots(slots)
     if plan.copies and available is not None and plan.total > available - available // COPIES_HEADROOM:
         # the copies give way to the context, and leave room for what the plan does not count (cuBLAS's
         # workspace, the decode graph's pool, split-K partials)
         budget = 0
-        plan = _cuda_plan(config, weights, context, dtype, kv_per_token, cache_types or (native, native),
-                          budget).with_slots(slots)
+        plan = _cuda_plan(config, weights, context, dtype, kv_per_token, types, budget).with_slots(slots)
     if config.head_dim % 32 == 0:  # what a q8_0 cache (its dequantization scratch included) would take instead
         q8_0 = _cuda_plan(config, weights, context, dtype, kv_bytes_per_token(config, Q8_0_CACHE), Q8_0_CACHE,
                           budget)
@@ -225,8 +223,8 @@ def _cpu_plan(config: ModelConfig, weights, context: int, keep: bool, kv_per_tok
 
 
 def _cuda_plan(config: ModelConfig, weights, context: int, dtype: str, kv_per_token: int,
-               cache_types: tuple[str, str], copy_budget: int | None = None) -> MemoryPlan:
-    """copy_budget: bytes the 16-bit prefill copies may take (None: the backend's default)."""
+               cache_types: tuple[str, str], copy_budget: int) -> MemoryPlan:
+    """copy_budget: bytes the 16-bit prefill copies may take."""
     from .backends.cuda.kv_q8 import scratch_bytes_per_token
     from .backends.cuda.weights import device_bytes, device_type, planned_fp16_copies
 

@@ -230,6 +230,12 @@ def bench_decode(cp, shape: str, n_ctx: int, rows: list[dict]) -> None:
     print(json.dumps(row), flush=True)
 
 
+def bf16_rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| / max |want| of two bf16 bit-pattern arrays."""
+    got, want = from_bf16_bits(got), from_bf16_bits(want)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
 def decode_inputs(cp, shape: str, n_ctx: int):
     """(n_heads, n_kv, head_dim, dca, q (1, Hq, D) bf16 bits, positions [n_ctx - 1], cos, sin) of a decode step of
     `shape` after n_ctx tokens."""
@@ -272,8 +278,7 @@ def bench_decode_variants(cp, shape: str, n_ctx: int, rows: list[dict]) -> None:
                                        config=config)
 
             got = cp.asnumpy(step())
-            as_float = [(x.astype(np.uint32) << 16).view(np.float32) for x in (got, want)]
-            err = float(np.abs(as_float[0] - as_float[1]).max() / np.abs(as_float[1]).max())
+            err = bf16_rel_err(got, want)
             ms = graph_ms(cp, step)
             row = {"shape": shape, "decode_context": n_ctx, "cache": kind, "keys": config[0], "stages": config[1],
                    "splits": splits, "us": round(ms * 1e3, 1), "GB/s": round(n_bytes / ms / 1e6, 1),
@@ -365,14 +370,12 @@ def bench_decode_splits(cp, shape: str, n_ctx: int, rows: list[dict]) -> None:
         kernel = fa._kernel(fa.decode_build(head_dim, q8, q8), "bf16")
         slots = fa.sm_count(cp) * fa.blocks_per_sm(cp, kernel, fa.decode_smem(head_dim, q8, q8))
         want = cp.asnumpy(fa.flash_decode(q, k, v, pos, cos_t, sin_t, rope_dim=head_dim, dca=dca))
-        as_float = lambda x: (x.astype(np.uint32) << 16).view(np.float32)  # noqa: E731
         for splits in sorted({max(1, chosen + d) for d in (-chosen // 2, -1, 0, 1, chosen)}
                              | {max(1, slots // n_kv), 2 * max(1, slots // n_kv)}):
             def step(splits=splits):
                 return fa.flash_decode(q, k, v, pos, cos_t, sin_t, rope_dim=head_dim, dca=dca, n_splits=splits)
 
-            got = cp.asnumpy(step())
-            err = float(np.abs(as_float(got) - as_float(want)).max() / np.abs(as_float(want)).max())
+            err = bf16_rel_err(cp.asnumpy(step()), want)
             ms = graph_ms(cp, step)
             row = {"shape": shape, "decode_context": n_ctx, "cache": kind, "slots": slots, "splits": splits,
                    "blocks": splits * n_kv, "chosen": splits == chosen, "us": round(ms * 1e3, 1),

@@ -301,10 +301,7 @@ class CudaBackend:
         for a prompt from cache.length + 0..n-1 (extension.attention, which also keeps the composed path).
         """
         if extension.is_extension(dca):
-            if q.shape[0] == 1 and extension.fused_reason(q.shape[2], rotary.rope.dim, q.shape[1],
-                                                          cache.k[layer].shape[1], temperature_length) is None:
-                return extension.decode_attention(self, q, cache, layer, positions, rotary, dca, out_staged)
-            return extension.attention(self, q, cache, layer, rotary, dca, temperature_length)
+            return extension.attention(self, q, cache, layer, rotary, dca, temperature_length, positions, out_staged)
         cos_t, sin_t = self.rotary_tables(rotary)
         n, n_heads, head_dim = q.shape
         rope_dim = rotary.rope.dim

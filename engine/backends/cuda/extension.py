@@ -246,10 +246,13 @@ def decode_attention(backend, q, cache, layer: int, positions, rotary: RotaryTab
 
 
 def attention(backend, q, cache, layer: int, rotary: RotaryTable, scheme: PositionScheme,
-              temperature_length: int | None):
+              temperature_length: int | None, positions=None, out_staged=None):
     """q (n, Hq, D) unrotated activations of the rows at cache.length .. cache.length + n - 1, attending the
-    cached keys under `scheme` -> (n, Hq, D) activations."""
+    cached keys under `scheme` -> (n, Hq, D) activations. Given the device position slot `positions` (1,) of a
+    one-token call, the passes take their positions from it (decode_attention: graph-ready; out_staged: its)."""
     if fused_reason(q.shape[2], rotary.rope.dim, q.shape[1], cache.k[layer].shape[1], temperature_length) is None:
+        if q.shape[0] == 1 and positions is not None:
+            return decode_attention(backend, q, cache, layer, positions, rotary, scheme, out_staged)
         return fused_attention(backend, q, cache, layer, rotary, scheme)
     return composed_attention(backend, q, cache, layer, rotary, scheme, temperature_length)
 
