@@ -48,12 +48,28 @@
 // rounding moves a value across a .5 boundary (gemv.py prenormed_q8 is the numpy model).
 
 #define GEMV_THREADS 256
+// Blocks of GEMV_THREADS an SM must hold at once (gemv.py BLOCKS_PER_SM): it lets ptxas use up to 65536 / (256 * 2) =
+// 128 registers a thread, where __launch_bounds__(256) alone kept these kernels at 64 (its occupancy heuristic) and
+// so fewer weight loads in flight a warp. 0: no minimum (a measurement variant).
+#ifndef GEMV_MIN_BLOCKS
+#define GEMV_MIN_BLOCKS 2
+#endif
+#if GEMV_MIN_BLOCKS > 0
+#define GEMV_BOUNDS __launch_bounds__(GEMV_THREADS, GEMV_MIN_BLOCKS)
+#else
+#define GEMV_BOUNDS __launch_bounds__(GEMV_THREADS)
+#endif
 // Tasks each warp keeps asked for in L2 ahead of the one it computes. One is fastest: on the H100 (dev/cuda/
 // gemv.py --prefetch 1,2,3,4,6) every further task ahead made each 8B GEMV slower (gate+up 29.8 -> 43.6 us,
 // the Q6_K head 179 -> 282 us): more rows in flight over the chip evict lines before their use (NOTES.md, v3).
 #ifndef PREFETCH_TASKS
 #define PREFETCH_TASKS 1
 #endif
+// Units a lane's row loop unrolls (its loads issued together): a measurement macro (dev/cuda/gemv.py --defines)
+#ifndef UNIT_UNROLL
+#define UNIT_UNROLL 2
+#endif
+constexpr int kUnitUnroll = UNIT_UNROLL;  // #pragma unroll takes a constant expression, not a macro
 template <int T> __device__ constexpr bool int8_input() {
     return T == T_Q8_0 || T == T_Q4_0 || T == T_Q4_1 || T == T_Q4_K || T == T_Q6_K;
 }
@@ -268,7 +284,7 @@ template <int T> __device__ __forceinline__ float dot_row(const u8* __restrict__
         const float* xd = (const float*)(smem + cols);
         const float* xs = xd + (cols >> 5);
         float acc = 0.0f;
-#pragma unroll 2
+#pragma unroll kUnitUnroll
         for (int u = threadIdx.x & 31; u < units; u += 32) acc += unit_dot<T>(row, u, xq, xd, xs, units);
         return warp_sum(acc);
     } else {
@@ -285,7 +301,7 @@ template <int T> __device__ __forceinline__ float2 dot_rows2(const u8* __restric
     const float* xd = (const float*)(smem + cols);
     const float* xs = xd + (cols >> 5);
     float acc0 = 0.0f, acc1 = 0.0f;
-#pragma unroll 2
+#pragma unroll kUnitUnroll
     for (int u = threadIdx.x & 31; u < units; u += 32) {
         const float d0 = unit_dot<T>(row0, u, xq, xd, xs, units);
         const float d1 = unit_dot<T>(row1, u, xq, xd, xs, units);
@@ -686,18 +702,18 @@ __device__ __forceinline__ void head_ring_body(const float* __restrict__ x, cons
 
 // One weight type per build, instantiated by the loader (kernels.per_type): GEMV_KERNELS(q4_k, T_Q4_K).
 #define GEMV_KERNELS(NAME, T)                                                                               \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##NAME(                                \
+    extern "C" __global__ void GEMV_BOUNDS gemv_##NAME(                                \
         const u8* w, long long row_bytes, const act_t* x, int rows, int cols, void* y, int out_f32,         \
         int per_block) {                                                                                    \
         gemv_body<T>(w, row_bytes, x, rows, cols, y, out_f32, per_block);                                   \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_add_##NAME(                            \
+    extern "C" __global__ void GEMV_BOUNDS gemv_add_##NAME(                            \
         const u8* w, long long row_bytes, const act_t* a, const u8* a_staged, int rows, int cols, float* x, \
         const float* next_norm, u8* out_staged, float* partials, unsigned* arrivals, int per_block) {       \
         gemv_add_body<T>(w, row_bytes, a, a_staged, rows, cols, x, next_norm, out_staged, partials,         \
                          arrivals, per_block);                                                              \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) qkv_##NAME(                                 \
+    extern "C" __global__ void GEMV_BOUNDS qkv_##NAME(                                 \
         const float* x, const float* w_norm, float eps, int d, const u8* wq, const u8* wk, const u8* wv,   \
         const float* bq, const float* bk, const float* bv, long long row_bytes, act_t* q_out,              \
         act_t* cache_k, act_t* cache_v, const int* pos, const float* cos_t, const float* sin_t,            \
@@ -707,14 +723,14 @@ __device__ __forceinline__ void head_ring_body(const float* __restrict__ x, cons
                     cos_t, sin_t, n_heads, n_kv, D, rope_dim, chunk_len, in_staged, partials, n_partials,   \
                     per_block);                                                                             \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gateup_##NAME(                              \
+    extern "C" __global__ void GEMV_BOUNDS gateup_##NAME(                              \
         const float* x, const float* w_norm, float eps, int d, const u8* wg, const u8* wu,                 \
         long long row_bytes, int rows, act_t* out, u8* out_staged, const u8* in_staged,                    \
         const float* partials, int n_partials, int per_block) {                                             \
         gateup_body<T>(x, w_norm, eps, d, wg, wu, row_bytes, rows, out, out_staged, in_staged, partials,    \
                        n_partials, per_block);                                                              \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) head_##NAME(                                \
+    extern "C" __global__ void GEMV_BOUNDS head_##NAME(                                \
         const float* x, const float* w_norm, float eps, int d, const u8* w, long long row_bytes, int rows,  \
         float* logits, const u8* in_staged, const float* partials, int n_partials, int per_block) {         \
         head_body<T>(x, w_norm, eps, d, w, row_bytes, rows, logits, in_staged, partials, n_partials,        \

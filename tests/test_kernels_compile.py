@@ -117,3 +117,28 @@ def test_gemv_measurement_variant_compiles(monkeypatch):
     variant = ptx("q4_k")
     assert variant != production
     assert "local" not in re.findall(r"\.(local)\s", variant)
+
+
+@pytest.mark.parametrize("weight_type", ["q4_k", "q6_k", "q8_0", "f16"])
+def test_gemv_kernels_are_bounded_for_the_hosts_grid(weight_type):
+    """Every GEMV kernel but the ring head asks for gemv.BLOCKS_PER_SM blocks an SM (__launch_bounds__(256, 2)): the
+    grid the host launches, and what lets ptxas use 128 registers a thread instead of its default 64 (8B decode step
+    2,764 -> 2,586 us on an H100, dev/cuda/NOTES.md v15)."""
+    ptx = kernels.compile_ptx("gemv", "sm_90", "bf16", instance=kernels.per_type(gemv.INSTANCE_MACRO, weight_type))
+    bounds = dict(re.findall(r"\.entry\s+(\w+)\((?:[^{]*?)\.minnctapersm\s+(\d+)", ptx, flags=re.S))
+    entries = set(re.findall(r"\.entry\s+(\w+)", ptx))
+    plain = {e for e in entries if not e.startswith("head_ring_")}
+    assert plain and {e: int(bounds.get(e, 0)) for e in plain} == {e: gemv.BLOCKS_PER_SM for e in plain}
+
+
+def test_gemv_bounds_and_unroll_variants_compile(monkeypatch):
+    """dev/cuda/gemv.py's -DGEMV_MIN_BLOCKS=0 (the bounds before v15) and -DUNIT_UNROLL=4 build and differ."""
+    def ptx() -> str:
+        return kernels.compile_ptx("gemv", "sm_90", "bf16", instance=kernels.per_type(gemv.INSTANCE_MACRO, "q4_k"))
+
+    production = ptx()
+    for define in ("-DGEMV_MIN_BLOCKS=0", "-DUNIT_UNROLL=4"):
+        monkeypatch.setattr(kernels, "NVRTC_OPTIONS", kernels.NVRTC_OPTIONS + (define,))
+        variant = ptx()
+        assert variant != production, define
+        monkeypatch.undo()

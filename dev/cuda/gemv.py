@@ -3,7 +3,7 @@ variant, a correctness check, then a benchmark table (GB/s of weights read, frac
 measured copy bandwidth) at real model shapes. Needs a GPU; run from the repository root:
 
     python dev/cuda/gemv.py [--baseline DIR] [--shapes 8b-down,8b-head] [--reps 5] [--bps 2]
-                            [--defines "-;ROWS_AT_ONCE=2;STAGE_CHUNK=16,UNIT_UNROLL=8"]
+                            [--defines="-;GEMV_MIN_BLOCKS=0;UNIT_UNROLL=4,PREFETCH_TASKS=2"]
     python dev/cuda/gemv.py --normed [--reps 5]
 
 Variants:
@@ -51,6 +51,9 @@ SHAPES = {  # name: (rows, cols, type)
     "7b-down": (4096, 11008, GGMLType.Q4_K),
     "1b-gate+up": (16384, 2048, GGMLType.Q4_K),
     "70b-down": (8192, 28672, GGMLType.Q4_K),
+    "70b-qkv": (10240, 8192, GGMLType.Q4_K),
+    "70b-o": (8192, 8192, GGMLType.Q4_K),
+    "70b-gate+up": (57344, 8192, GGMLType.Q4_K),
     "8b-o-q8_0": (4096, 4096, GGMLType.Q8_0),
     "8b-o-q4_0": (4096, 4096, GGMLType.Q4_0),
     "8b-o-f16": (4096, 4096, GGMLType.F16),

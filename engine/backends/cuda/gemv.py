@@ -47,7 +47,8 @@ from .kernels import function, per_type
 THREADS = 256  # gemv.cu GEMV_THREADS
 WARPS = THREADS // 32
 # blocks per SM the grid aims at: measured best for a Llama-3-8B step's GEMVs on the H200 (dev/cuda/gemv.py:
-# 249 us at 2, 261 at 4, 272 at 8, 290 at 1); up to 4 such blocks are resident at <= 64 registers
+# 249 us at 2, 261 at 4, 272 at 8, 290 at 1). gemv.cu's kernels are bounded for it (GEMV_MIN_BLOCKS: up to 128
+# registers a thread, so more weight loads in flight a warp; dev/cuda/NOTES.md v15)
 BLOCKS_PER_SM = 2
 DEFAULT_SHARED = 48 * 1024  # dynamic shared memory a launch gets without opting in
 INT8_TYPES = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q6_K)
