@@ -6,6 +6,7 @@ and prints the kernels by total time per step, beside the step's wall time and t
 KV cache one step reads (the floor at the device's copy rate).
 
     python tools/profile_decode.py --shape llama3-8b [--dtype bf16] [--depth 512,32768] [--steps 50] [--define N=V]
+                                   [--blocks-per-sm N]
 Needs a GPU, CuPy and torch.
 """
 from __future__ import annotations
@@ -43,9 +44,15 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
                     help="build the kernels with -DNAME=VALUE (a measurement variant, e.g. PREFETCH_TASKS=1)")
+    ap.add_argument("--blocks-per-sm", type=int, default=None, metavar="N",
+                    help="the GEMVs' grid at N blocks an SM, their kernels bounded for it (-DGEMV_MIN_BLOCKS=N; "
+                         "default gemv.BLOCKS_PER_SM)")
     args = ap.parse_args()
-    from engine.backends.cuda import kernels
+    from engine.backends.cuda import gemv, kernels
 
+    if args.blocks_per_sm:
+        gemv.BLOCKS_PER_SM = args.blocks_per_sm
+        args.define.append(f"GEMV_MIN_BLOCKS={args.blocks_per_sm}")
     kernels.NVRTC_OPTIONS += tuple(f"-D{d}" for d in args.define)
     import cupy
     import torch
