@@ -106,14 +106,15 @@ def test_wgmma_wrappers_are_what_the_generator_prints():
     assert header.endswith(printed) and header.count("template <> struct Wgmma<") == 4
 
 
-def test_gemv_measurement_variant_compiles(monkeypatch):
-    """dev/cuda/gemv.py builds gemv.cu with -DPREFETCH_TASKS=K (the prefetch distance the GPU measures against
-    production): it compiles and changes the int8 kernels' code."""
+@pytest.mark.parametrize("define", ["-DPREFETCH_TASKS=3", "-DGEMV_MIN_BLOCKS=0", "-DUNIT_UNROLL=4"])
+def test_gemv_measurement_variant_compiles(monkeypatch, define):
+    """dev/cuda/gemv.py builds gemv.cu with its measurement macros (the prefetch distance, the launch bounds before
+    v15, a lane's units at once) to time against production: each compiles and changes the int8 kernels' code."""
     def ptx(t: str) -> str:
         return kernels.compile_ptx("gemv", "sm_90", "bf16", instance=kernels.per_type(gemv.INSTANCE_MACRO, t))
 
     production = ptx("q4_k")
-    monkeypatch.setattr(kernels, "NVRTC_OPTIONS", kernels.NVRTC_OPTIONS + ("-DPREFETCH_TASKS=3",))
+    monkeypatch.setattr(kernels, "NVRTC_OPTIONS", kernels.NVRTC_OPTIONS + (define,))
     variant = ptx("q4_k")
     assert variant != production
     assert "local" not in re.findall(r"\.(local)\s", variant)
@@ -129,16 +130,3 @@ def test_gemv_kernels_are_bounded_for_the_hosts_grid(weight_type):
     entries = set(re.findall(r"\.entry\s+(\w+)", ptx))
     plain = {e for e in entries if not e.startswith("head_ring_")}
     assert plain and {e: int(bounds.get(e, 0)) for e in plain} == {e: gemv.BLOCKS_PER_SM for e in plain}
-
-
-def test_gemv_bounds_and_unroll_variants_compile(monkeypatch):
-    """dev/cuda/gemv.py's -DGEMV_MIN_BLOCKS=0 (the bounds before v15) and -DUNIT_UNROLL=4 build and differ."""
-    def ptx() -> str:
-        return kernels.compile_ptx("gemv", "sm_90", "bf16", instance=kernels.per_type(gemv.INSTANCE_MACRO, "q4_k"))
-
-    production = ptx()
-    for define in ("-DGEMV_MIN_BLOCKS=0", "-DUNIT_UNROLL=4"):
-        monkeypatch.setattr(kernels, "NVRTC_OPTIONS", kernels.NVRTC_OPTIONS + (define,))
-        variant = ptx()
-        assert variant != production, define
-        monkeypatch.undo()

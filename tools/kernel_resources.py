@@ -3,6 +3,7 @@ kernels/<file>.cu (the source NVRTC compiles, engine/backends/cuda/kernels.py) c
 (-cubin -Xptxas -v), and the dynamic shared memory the decode step's launches ask for at a preset model's widths.
 
     python tools/kernel_resources.py [--arch sm_90a] [--dtype bf16] [--shape llama3-8b] [--types q4_k,q6_k]
+                                     [-D NAME=VALUE ...]
 
 Prints two markdown tables: per kernel (file, build) registers a thread, spill stores / loads (bytes), static shared
 memory; and per decode-step launch at the shape's widths (d, ffn, heads, head_dim, vocab) the kernel and its dynamic
@@ -125,7 +126,10 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="bf16", choices=kernels.ACTIVATION_DTYPES)
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(PRESETS))
     ap.add_argument("--types", default="q4_k,q6_k", help="weight types of the per-type gemv builds")
+    ap.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME=VALUE",
+                    help="a measurement macro for every build (e.g. GEMV_MIN_BLOCKS=0)")
     args = ap.parse_args(argv)
+    kernels.NVRTC_OPTIONS += tuple(f"-D{d}" for d in args.defines)
     print(markdown(kernel_table(args.arch, args.dtype, args.types.split(",")),
                    ["file", "build", "kernel", "regs", "spill_stores", "spill_loads", "static_smem"]))
     print()
