@@ -137,7 +137,7 @@ def load_session(session: Any, path: Path) -> None:
     messages = _messages(path, metadata.get("messages", "[]"))
     session.tokens = []
     session.cache.truncate(0)  # a read that fails half way leaves an empty session, not rows of two sequences
-    _load_rows(session.cache, path, k, v)
+    _load_rows(session.cache, path, k, v, llm.dtype)
     session.tokens = [int(t) for t in tokens]
     session.messages = messages
 
@@ -179,14 +179,14 @@ def tensor_bytes(path: Path, names: tuple[str, ...]) -> list[TensorBytes]:
     return tensors
 
 
-def _load_rows(cache: Any, path: Path, k: TensorBytes, v: TensorBytes) -> None:
-    """cache <- the file's rows (checked against its stored layout). A GPU cache reads them through pinned buffers
-    (engine/restore.py); the CPU's copies them from a memory map of the file, a layer at a time (KVCache.load_rows:
+def _load_rows(cache: Any, path: Path, k: TensorBytes, v: TensorBytes, dtype: str) -> None:
+    """cache <- the file's rows (checked against its stored layout). A GPU cache (activation dtype `dtype`) reads them
+    through pinned buffers (engine/restore.py); the CPU's copies them from a memory map of the file, a layer at a time (KVCache.load_rows:
     no host copy of the rows before the cache's own)."""
     if getattr(cache, "parts", [cache])[0].xp is not np:
         from .restore import device_restore
 
-        device_restore(cache, path, {"k": k, "v": v})
+        device_restore(cache, path, {"k": k, "v": v}, dtype)
         return
     try:
         rows = [np.memmap(path, dtype=t.dtype, mode="r", offset=t.offset, shape=t.shape)

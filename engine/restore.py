@@ -11,6 +11,7 @@ in file order, hands each filled buffer's pieces to the cache (``put``) through 
     ring(nbytes) -> [(nbytes,) uint8 host buffers], one per slot   DeviceCopies: pinned
     upload(dst, host)     dst (m,) uint8 device bytes <- host (m,) uint8, queued
     staging(nbytes)       an (nbytes,) uint8 device buffer (q8_0 rows are split on the device from it)
+    split_q8(raw, rows)   q8_0 rows (values, scales) <- raw: their ggml blocks in the staging buffer, queued
     done(slot)            every copy from that ring slot is queued   wait(slot): block until they have run
     finish()              block until everything queued has run
 A slot is refilled only after wait(slot). ``DeviceCopies`` is the CUDA one; the tests run the same planning and
@@ -28,7 +29,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .backends.cuda.kv_q8 import Q8_BLOCK, is_q8
+from .backends.cuda.kv_q8 import is_q8, load_blocks
 from .prompt_cache import SessionFileError, TensorBytes
 
 CHUNK_BYTES = 8 << 20  # a read and a host-to-device copy: large enough for the bus's rate, cheap to pin
@@ -155,23 +156,14 @@ def _put_chunk(chunk: Chunk, slot: int, read: Future, cache: Any, copies: Any, r
 
 def put(cache: Any, copies: Any, piece: Piece, host: np.ndarray) -> None:
     """The piece's rows of `cache` <- host (piece.nbytes,) uint8, as the file holds them: 16-bit rows as they are,
-    q8_0 rows (ggml blocks) split into the store's values and scales."""
+    q8_0 rows (ggml blocks) copied to the staging buffer and split there into the store's values and scales."""
     rows = getattr(cache, piece.name)[piece.layer, piece.first:piece.first + piece.rows]  # (rows, Hkv, D) view
     if not is_q8(rows):
         copies.upload(rows.view(np.uint8).reshape(-1), host)
         return
     raw = copies.staging(piece.nbytes)
     copies.upload(raw, host)
-    split_q8(cache.xp, raw, rows)
-
-
-def split_q8(xp: Any, raw: Any, rows: Any) -> None:
-    """q8_0 rows (rows, Hkv, D) (values q int8, scales d (rows, Hkv, D/32) fp16) <- raw: their ggml blocks,
-    (rows * Hkv * D/32 * 34,) uint8, each block's little-endian fp16 scale then its 32 values (kv_q8.join_blocks)."""
-    blocks = rows.d.shape + (2 + Q8_BLOCK,)  # (rows, Hkv, D/32, 34)
-    raw = raw.reshape(blocks)
-    rows.q.view(xp.uint8).reshape(blocks[:-1] + (Q8_BLOCK,))[...] = raw[..., 2:]
-    rows.d.view(xp.uint8).reshape(blocks[:-1] + (2,))[...] = raw[..., :2]
+    copies.split_q8(raw, rows)
 
 
 class DeviceCopies:
@@ -179,8 +171,8 @@ class DeviceCopies:
     private stream that first waits for the work already queued on the current stream (which may still use the
     cache), and one event per ring slot."""
 
-    def __init__(self, cp: Any, slots: int = SLOTS):
-        self.cp = cp
+    def __init__(self, cp: Any, dtype: str, slots: int = SLOTS):
+        self.cp, self.dtype = cp, dtype  # the activation dtype: the build of kv_q8.cu the cache's kernels use
         self.slots = slots
         self.home = cp.cuda.get_current_stream()  # the engine's: the cache's writers
         self.stream = cp.cuda.Stream(non_blocking=True)
@@ -208,6 +200,9 @@ class DeviceCopies:
                 self._staging = self.cp.empty(self.buffer_bytes, dtype=self.cp.uint8)
         return self._staging[:nbytes]
 
+    def split_q8(self, raw: Any, rows: Any) -> None:
+        load_blocks(raw, rows, self.dtype)
+
     def done(self, slot: int) -> None:
         self.events[slot].record(self.stream)
 
@@ -218,16 +213,17 @@ class DeviceCopies:
         self.stream.synchronize()
 
 
-def device_restore(cache: Any, path: Path, tensors: dict[str, TensorBytes]) -> None:
-    """A CUDA cache (KVCache, or a split model's StagedCache: each part on its GPU) <- the session file's rows of
-    `tensors` ("k", "v": checked against the cache's stored layout), read through pinned buffers; its length
-    becomes their n. The ops splitting q8_0 rows (``put``) run on the restore's stream, after its copies."""
+def device_restore(cache: Any, path: Path, tensors: dict[str, TensorBytes], dtype: str) -> None:
+    """A CUDA cache (KVCache, or a split model's StagedCache: each part on its GPU) of activation dtype `dtype` <- the
+    session file's rows of `tensors` ("k", "v": checked against the cache's stored layout), read through pinned
+    buffers; its length becomes their n. The kernels splitting q8_0 rows (``put``) run on the restore's stream, after
+    their copies."""
     n = tensors["k"].shape[1]
     first = 0
     for part in getattr(cache, "parts", [cache]):
         layers = range(first, first + len(part.k))
         with _device(part):
-            copies = DeviceCopies(part.xp)
+            copies = DeviceCopies(part.xp, dtype)
             with copies.stream:
                 copy_file(path, list(plan(tensors, layers)), part, copies)
         first = layers.stop

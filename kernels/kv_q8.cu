@@ -64,3 +64,19 @@ extern "C" __global__ void dequant_kv_q8(const i8* __restrict__ q, const half_t*
     const uint2 w = *(const uint2*)(q + idx * 8);
     *(uint4*)(out + idx * 8) = q8_to_act8(w, h2f(d[idx * 8 / Q8_BLOCK]));
 }
+
+// q8_0 rows <- their ggml blocks as a session file holds them (kv_q8.join_blocks): raw is n_blocks blocks of 34 bytes
+// (the fp16 scale d, then 32 int8 values); the values go to q (n_blocks x 32 bytes), the scales to d (n_blocks). Both
+// are whole rows of a layer (contiguous); raw, q and d are 2-byte aligned. One thread per 2-byte word of raw (17 a
+// block): coalesced reads, word 0 of a block is its scale.
+extern "C" __global__ void split_kv_q8_blocks(const unsigned short* __restrict__ raw, unsigned short* __restrict__ q,
+                                              unsigned short* __restrict__ d, long long n_blocks) {
+    const long long w = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    constexpr int WORDS = (2 + Q8_BLOCK) / 2;
+    if (w >= n_blocks * WORDS) return;
+    const long long block = w / WORDS;
+    const int part = (int)(w % WORDS);
+    const unsigned short word = raw[w];
+    if (part == 0) d[block] = word;
+    else q[block * (Q8_BLOCK / 2) + part - 1] = word;
+}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,9 @@ class DeviceArray:
     def __init__(self, shape=(1,), dtype=np.float16):
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape))
+        self.nbytes = self.size * self.dtype.itemsize
+        self.flags = types.SimpleNamespace(c_contiguous=True)
 
     def __getitem__(self, index):
         return self
@@ -180,6 +184,14 @@ def test_dequantize_launch_matches_the_kernel(recorded):
     kv_q8.dequantize(_q8_rows((64, 2, 128)), DeviceArray((64, 2, 128)), DeviceArray((5,), np.int32), 40, "f16")
     (launch,) = recorded
     assert [kind(a) for a in launch.args] == params("kv_q8", "dequant_kv_q8", "f16")
+
+
+def test_load_blocks_launch_matches_the_kernel(recorded):
+    rows = _q8_rows((5, 2, 128))
+    kv_q8.load_blocks(DeviceArray((5 * 2 * 4 * 34,), np.uint8), rows, "bf16")
+    (launch,) = recorded
+    assert launch.build == ("kv_q8", "bf16", None)
+    assert [kind(a) for a in launch.args] == params("kv_q8", "split_kv_q8_blocks", "bf16")
 
 
 @pytest.mark.parametrize("config", [None, (16, 3), (32, 2)], ids=["production", "16x3", "32x2"])
@@ -233,6 +245,27 @@ def stepwise_logits(llm, prompt, steps) -> np.ndarray:
     for token in steps:
         rows.append(llm.backend.to_numpy(llm.model.forward(np.asarray([token]), cache, logits_for="last"))[0])
     return np.stack(rows)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows, heads, head_dim", [(1, 1, 32), (7, 3, 64), (257, 8, 128), (4099, 2, 96)])
+def test_load_blocks_splits_as_numpy_does(rows, heads, head_dim):
+    """A session file's q8_0 blocks (any bytes: NaN and inf scales too) split on the device into the rows of a layer
+    of a larger cache (a view, as a restore's piece) equal kv_q8.split_blocks' values and scales; the rows around
+    them are untouched."""
+    import cupy as cp
+
+    raw = np.random.default_rng(rows).integers(0, 256, rows * heads * head_dim // 32 * 34, dtype=np.uint8)
+    store = kv_q8.DeviceQ8Rows.zeros(cp, (2, rows + 9, heads, head_dim))
+    target = store[1, 4:4 + rows]
+    kv_q8.load_blocks(cp.asarray(raw), target, "f16")
+    q, d = kv_q8.split_blocks(raw.reshape(rows, heads, -1), head_dim)
+    assert np.array_equal(target.q.get(), q)
+    assert np.array_equal(target.d.get().view(np.uint16), d.view(np.uint16))
+    assert not store.q[0].any() and not store.q[1, :4].any() and not store.q[1, 4 + rows:].any()
+    assert not store.d[1, 4 + rows:].view(cp.uint16).any()
+    with pytest.raises(ValueError):
+        kv_q8.load_blocks(cp.asarray(raw[:-2]), target, "f16")
 
 
 @pytest.mark.cuda

@@ -53,6 +53,11 @@ class LazyCopies:
             self._staging = np.empty(nbytes, np.uint8)
         return self._staging[:nbytes]
 
+    def split_q8(self, raw: np.ndarray, rows) -> None:
+        """The device's split_kv_q8_blocks as numpy does it (kv_q8.split_blocks), at once as the staging copy."""
+        q, d = kv_q8.split_blocks(raw.reshape(rows.d.shape[:-1] + (-1,)), rows.q.shape[-1])
+        rows.q[...], rows.d[...] = q, d
+
     def done(self, slot: int) -> None:
         self.by_slot.setdefault(slot, []).extend(self.queued)
         self.queued = []
@@ -263,7 +268,7 @@ def test_pinned_restore_equals_the_mapped_copy_on_cuda(tmp_path, types):
     candidates = [restored.cache]
     for chunk_bytes in (3 * k.row_bytes, int(1.5 * n * k.row_bytes)):
         cache = fresh()
-        copies = restore.DeviceCopies(cp)
+        copies = restore.DeviceCopies(cp, dtype)
         with copies.stream:
             copy_file(path, list(plan({"k": k, "v": v}, range(c.n_layers), chunk_bytes)), cache, copies)
         candidates.append(cache)

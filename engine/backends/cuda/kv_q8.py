@@ -8,7 +8,8 @@ Layout (``DeviceQ8Rows``): ggml's q8_0 blocks of 32 values along head_dim, split
 values are the CPU cache's (kv_storage.EncodedRows): kernels/kv_q8.cu quantizes as ggml's quantize_row_q8_0_ref
 does (convert/quantize.py, the CPU's encoder), from the value a 16-bit cache would hold (act_t; keys rotated at
 their DCA key position first). Rows leave and enter as ggml blocks (``to_bytes`` / ``load_bytes``: each block's
-fp16 d, then its 32 values), the CPU cache's session-file format.
+fp16 d, then its 32 values), the CPU cache's session-file format; a restore (engine/restore.py) copies a file's
+blocks to the device and splits them there (``load_blocks``: kernels/kv_q8.cu split_kv_q8_blocks).
 
 Who writes and reads them:
   store    kernels/kv_q8.cu store_kv_q8: a forward's K/V rows (CudaBackend.store_kv); in the fused decode step the
@@ -36,6 +37,7 @@ Q8_BLOCK = 32  # values per scale
 Q8_TYPE = "q8_0"
 STORE_THREADS = 256  # store_kv_q8: 8 warps, one 32-value block each
 DEQUANT_THREADS = 256  # dequant_kv_q8: 8 values a thread
+SPLIT_THREADS = 256  # split_kv_q8_blocks: a 2-byte word a thread
 NULL = np.uint64(0)  # a null pointer argument
 
 
@@ -146,6 +148,20 @@ def store(k, k_stride: int, v, v_stride: int, positions, cos_t, sin_t, k_cache, 
         (blocks,), (STORE_THREADS,),
         (k, np.int64(k_stride), v, np.int64(v_stride), positions, cos_t, sin_t) + k_args + v_args
         + (np.int32(n), np.int32(heads), np.int32(head_dim), np.int32(rope_dim), np.int32(chunk_len)))
+
+
+def load_blocks(raw, rows: DeviceQ8Rows, dtype: str) -> None:
+    """rows (contiguous (rows, Hkv, D) q8_0 rows) <- raw: their ggml blocks on the device, (rows * Hkv * D/32 * 34,)
+    uint8 (a session file's bytes, ``join_blocks``' layout); one launch of split_kv_q8_blocks (the `dtype` build of
+    kv_q8.cu, the one the cache's other kernels use) on the current stream."""
+    n_blocks = rows.d.size
+    if raw.nbytes != n_blocks * (2 + Q8_BLOCK) or not (rows.q.flags.c_contiguous and rows.d.flags.c_contiguous):
+        raise ValueError(f"load_blocks: {raw.nbytes} bytes for {n_blocks} contiguous q8_0 blocks")
+    if n_blocks == 0:
+        return
+    words = n_blocks * (2 + Q8_BLOCK) // 2
+    function("kv_q8", "split_kv_q8_blocks", dtype)(
+        ((words + SPLIT_THREADS - 1) // SPLIT_THREADS,), (SPLIT_THREADS,), (raw, rows.q, rows.d, np.int64(n_blocks)))
 
 
 def dequantize(rows: DeviceQ8Rows, out, positions, max_rows: int, dtype: str) -> None:
