@@ -5,8 +5,8 @@ records --steps graph replays with torch's profiler (CUPTI sees every kernel of 
 and prints the kernels by total time per step, beside the step's wall time and the bytes of weights and
 KV cache one step reads (the floor at the device's copy rate).
 
-    python tools/profile_decode.py --shape llama3-8b [--dtype bf16] [--depth 512,32768] [--steps 50] [--define N=V]
-                                   [--blocks-per-sm N]
+    python tools/profile_decode.py --shape llama3-8b|smollm2 [--dtype bf16] [--depth 512,32768] [--steps 50]
+                                   [--define N=V] [--blocks-per-sm N]
 Needs a GPU, CuPy and torch.
 """
 from __future__ import annotations
@@ -37,7 +37,8 @@ def step_bytes(llm, depth: int) -> tuple[int, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--shape", default="llama3-8b",
+                    help="a preset of engine bench --shape, or smollm2 (the default model's shapes)")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--depth", default="512,32768")
     ap.add_argument("--steps", type=int, default=50)
@@ -60,7 +61,7 @@ def main() -> None:
 
     depths = [int(d) for d in args.depth.split(",")]
     llm, label = load_bench_model(LoadSettings(device="cuda", dtype=args.dtype, context=max(depths) + 256),
-                                  synthetic=True, shape=args.shape)
+                                  synthetic=True, shape=None if args.shape == "smollm2" else args.shape)
     model, backend = llm.model, llm.backend
     rng = np.random.default_rng(0)
     for depth in depths:
