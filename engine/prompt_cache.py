@@ -181,8 +181,8 @@ def tensor_bytes(path: Path, names: tuple[str, ...]) -> list[TensorBytes]:
 
 def _load_rows(cache: Any, path: Path, k: TensorBytes, v: TensorBytes, dtype: str) -> None:
     """cache <- the file's rows (checked against its stored layout). A GPU cache (activation dtype `dtype`) reads them
-    through pinned buffers (engine/restore.py); the CPU's copies them from a memory map of the file, a layer at a time (KVCache.load_rows:
-    no host copy of the rows before the cache's own)."""
+    through pinned buffers (engine/restore.py); the CPU's copies them from a memory map of the file, a layer at a time
+    (KVCache.load_rows: no host copy of the rows before the cache's own)."""
     if getattr(cache, "parts", [cache])[0].xp is not np:
         from .restore import device_restore
 
