@@ -260,15 +260,26 @@ class LLM:
                                f"to prefill")
         stats = self.last_stats = GenerationStats() if stats is None else stats
         stats.prompt_tokens, stats.cached_tokens = len(history), cache.length
+        # Only the prompt's last token left (a restored or reused prefix): one decode step, whose split-K attention
+        # reads a long cache across the GPU, where a prefill of one query row would not.
+        by_step = max_tokens > 0 and cache.length == len(history) - 1
         t0 = time.perf_counter()
-        logits = self.prefill(history[cache.length:], cache, progress)
-        stats.prompt_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        if not by_step:
+            logits = self.prefill(history[cache.length:], cache, progress)
+            stats.prompt_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
         stats.stop_reason = "length"
         if max_tokens > 0:
             decoder = (self.decoders if decoders is None else decoders).decoder(self.model, cache, sampling, history)
             try:
-                token = decoder.first(logits)
+                if by_step:
+                    token = decoder.start(history[-1])
+                    stats.prompt_seconds = time.perf_counter() - t0  # the prompt's last token and the first sample
+                    t0 = time.perf_counter()
+                    if progress is not None:
+                        progress(1, 1)
+                else:
+                    token = decoder.first(logits)
                 while True:
                     if token in stops:
                         stats.stop_reason = "eos"

@@ -5,6 +5,7 @@ backend's replays a captured graph and samples on the device (backends/cuda/grap
 
     decoder = backend.decoder(model, cache, sampling, history)   # after the prompt's prefill
     token = decoder.first(last_logits)    # sample from the prefill's last logits
+    token = decoder.start(last_prompt_id) # or: feed the prompt's last token itself (cache.length = len(history) - 1)
     token = decoder.step(token)           # feed token at cache.length, commit it, return the next id
     decoder.close()                       # the loop is over (the server's batched decoders leave their batcher)
 
@@ -39,6 +40,11 @@ class HostDecoder:
 
     def first(self, logits: Any) -> int:
         return self._pick(self.backend.to_numpy(logits).reshape(-1))
+
+    def start(self, token: int) -> int:
+        """The first generated token, from feeding the prompt's last token (already in the history): one decode
+        step where a prefill of one token would run."""
+        return self._pick(self.next_logits(token))
 
     def step(self, token: int) -> int:
         self.history.append(token)

@@ -80,6 +80,23 @@ def test_repeating_the_whole_sequence_prefills_only_its_last_token(llm):
     assert again == fresh_generation(llm, FIRST + first, 4)
 
 
+def test_the_prompts_last_token_alone_runs_as_a_decode_step(llm, monkeypatch):
+    """With all but the prompt's last token cached, that token is the decoder's first step (decoder.start): no
+    prefill runs, the tokens equal a fresh generation's, the stats count it as the prompt's, and the repetition
+    penalty sees the whole prompt (the token once, not twice)."""
+    penalized = SamplingParams(temperature=0.0, repeat_penalty=1.5, repeat_last_n=64)
+    session = llm.session()
+    list(session.generate_ids(FIRST, 1, GREEDY, stop_ids=[]))
+    expected = {params: list(llm.generate_ids(FIRST, 6, params, stop_ids=[])) for params in (GREEDY, penalized)}
+    for params, tokens in expected.items():
+        list(session.generate_ids(FIRST, 1, GREEDY, stop_ids=[]))  # the session holds FIRST (and nothing after)
+        monkeypatch.setattr(llm, "prefill", lambda *args, **kwargs: pytest.fail("prefilled the last token"))
+        assert list(session.generate_ids(FIRST, 6, params, stop_ids=[])) == tokens
+        monkeypatch.undo()
+        stats = session.last_stats
+        assert stats.cached_tokens == len(FIRST) - 1 and stats.generated_tokens == 6 and stats.prompt_seconds > 0
+
+
 def test_a_stream_closed_early_leaves_tokens_matching_the_cache(llm):
     session = llm.session()
     stream = session.generate_ids(FIRST, 20, GREEDY, stop_ids=[])

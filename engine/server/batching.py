@@ -126,6 +126,11 @@ class BatchedDecoder(HostDecoder):
         self.batcher = batcher
         self.closed = False
 
+    def start(self, token: int) -> int:
+        """The prompt's last token runs as its prefill would, in the turn its generation already holds, not in a
+        batch (whose turn that thread could not take again)."""
+        return self._pick(HostDecoder.next_logits(self, token))
+
     def next_logits(self, token: int) -> np.ndarray:
         return self.batcher.logits(self.cache, token)
 

@@ -2,6 +2,7 @@
 
     decoder = backend.decoder(model, cache, sampling_params, history)   # after the prompt's prefill
     token = decoder.first(last_logits)      # sample from the prefill's last logits (numpy or device)
+    token = decoder.start(last_prompt_id)   # or: feed the prompt's last token (cache.length = len(history) - 1)
     while ...:
         token = decoder.step(token)         # feed token at cache.length, commit it, return the next id
 
@@ -63,8 +64,17 @@ class GraphDecoder:
             self.sampler.launch(device_logits, self.position, advance=False)
             return self._read_token()
 
+    def start(self, token: int) -> int:
+        """The first generated token, from feeding the prompt's last token (`token`, already in the history) at
+        position cache.length: one decode step instead of a prefill of one token."""
+        return self._feed(token, counted=False)
+
     def step(self, token: int) -> int:
         """Feed `token` at position cache.length (the cache grows by one) and return the next token."""
+        return self._feed(token, counted=True)
+
+    def _feed(self, token: int, counted: bool) -> int:
+        """One step on `token`; counted: a generated token (a decode step: into the host history, the step count)."""
         self.cache.check_room(1)
         with self.stream:
             if token != self._device_token:
@@ -78,10 +88,11 @@ class GraphDecoder:
             else:
                 self._run_step()
         self.cache.commit(1)
-        self.steps += 1
+        self.steps += counted
         if not self.on_device:
             self._device_position = None  # the graph did not advance it
-            self.history.append(token)
+            if counted:
+                self.history.append(token)
             return self._host_pick(self._logits_host())
         self._device_position = self.cache.length
         return self._read_token()
