@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from . import api, memory
+from . import api, memory, restore
 from .api import plan, temperature_length
 from .backends import cuda_unavailable_reason, resolve_device, resolve_dtype
 from .bench import bench
@@ -53,9 +53,13 @@ def generate(settings: LoadSettings, prompt, prompt_file, n_predict, sampling: S
     """Generate text from a prompt, streamed to stdout; speeds go to stderr."""
     text = _read_prompt(prompt, prompt_file)
     check_output_path(prompt_cache, "prompt cache")  # before the work whose session it would save
+    restoring = prompt_cache is not None and prompt_cache.exists()
+    pinning = restore.pin_ring_in_background() if restoring and settings.device != "cpu" else None
     llm = settings.load()
     session = llm.session() if prompt_cache is not None else None
-    if session is not None and prompt_cache.exists():
+    if restoring:
+        if pinning is not None:
+            pinning.join()  # the restore's pinned buffers pooled while the model loaded
         session.load(prompt_cache)
     source = llm if session is None else session  # a session reuses the file's cached prefix
     pieces = source.generate(text, max_tokens=_max_tokens(n_predict, llm), chat=chat, system=system,

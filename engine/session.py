@@ -28,12 +28,20 @@ from .sampling import SamplingParams
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    """How many tokens a and b share from the start: list comparisons (at C speed: a 32k-token history costs well
+    under a millisecond, where a Python loop took one), bisecting for the first difference."""
+    n = min(len(a), len(b))
+    a, b = list(a[:n]), list(b[:n])
+    if a == b:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class Session:
@@ -51,7 +59,7 @@ class Session:
                      progress: Callable[[int, int], None] | None = None, decoders=None) -> Iterator[int]:
         """Stream generated ids after prompt_ids, reusing the cached common prefix (see LLM.generate_on, which
         also says what progress and decoders are)."""
-        prompt = [int(i) for i in self.llm._check_ids(prompt_ids)]  # refuse bad input before touching the cache
+        prompt = self.llm._check_ids(prompt_ids).tolist()  # refuse bad input before touching the cache
         self._claim()
         reused = min(common_prefix_length(self.tokens, prompt), len(prompt) - 1)
         self.cache.truncate(reused)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import types
 from pathlib import Path
 
 import numpy as np
@@ -228,7 +229,46 @@ def test_a_slot_is_refilled_only_chunks_after_its_copies_were_queued(tmp_path):
     assert len(chunks) > restore.SLOTS and gaps and min(gaps) >= restore.UPLOADS_IN_FLIGHT
 
 
+def test_ring_buffers_are_one_size_whatever_the_rows():
+    """DeviceCopies.ring pins max(nbytes, CHUNK_BYTES) a slot (so CuPy's pinned pool, which reuses a buffer for a
+    request of its size, gives every restore the same buffers back, pin_ring_in_background's too) and views nbytes."""
+    pinned_sizes = []
+
+    def alloc_pinned_memory(nbytes):
+        pinned_sizes.append(nbytes)
+        return bytearray(nbytes)
+
+    stub = types.SimpleNamespace(cp=types.SimpleNamespace(cuda=types.SimpleNamespace(
+        alloc_pinned_memory=alloc_pinned_memory)), slots=3, buffer_bytes=0)
+    for nbytes in (1000, restore.CHUNK_BYTES - 34, restore.CHUNK_BYTES + 4096):
+        pinned_sizes.clear()
+        ring = restore.DeviceCopies.ring(stub, nbytes)
+        assert [b.nbytes for b in ring] == [nbytes] * 3 and stub.buffer_bytes == nbytes
+        assert pinned_sizes == [max(nbytes, restore.CHUNK_BYTES)] * 3
+
+
+def test_nothing_is_pinned_without_cupy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    assert restore.pin_ring_in_background() is None
+
+
 # ---------------------------------------------------------------------------------------------------------- GPU
+@pytest.mark.cuda
+def test_a_ring_pinned_in_the_background_is_the_restores():
+    """pin_ring_in_background leaves SLOTS buffers of CHUNK_BYTES in CuPy's pinned pool; a restore's ring takes them
+    from there (no new pinning) whatever its rows' size."""
+    import cupy as cp
+
+    pool = cp.get_default_pinned_memory_pool()
+    thread = restore.pin_ring_in_background()
+    thread.join()
+    free = pool.n_free_blocks()
+    assert free >= restore.SLOTS
+    copies = restore.DeviceCopies(cp, "f16")
+    ring = copies.ring(restore.CHUNK_BYTES - 1234)
+    assert pool.n_free_blocks() == free - restore.SLOTS and len(ring) == restore.SLOTS
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("types", [("f16", "f16"), ("bf16", "bf16"), ("q8_0", "q8_0"), ("bf16", "q8_0")],
                          ids=lambda t: "-".join(t))
