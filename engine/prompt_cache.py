@@ -138,7 +138,7 @@ def load_session(session: Any, path: Path) -> None:
     session.tokens = []
     session.cache.truncate(0)  # a read that fails half way leaves an empty session, not rows of two sequences
     _load_rows(session.cache, path, k, v, llm.dtype)
-    session.tokens = [int(t) for t in tokens]
+    session.tokens = tokens.tolist()  # Python ints
     session.messages = messages
 
 

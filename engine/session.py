@@ -59,7 +59,8 @@ class Session:
                      progress: Callable[[int, int], None] | None = None, decoders=None) -> Iterator[int]:
         """Stream generated ids after prompt_ids, reusing the cached common prefix (see LLM.generate_on, which
         also says what progress and decoders are)."""
-        prompt = self.llm._check_ids(prompt_ids).tolist()  # refuse bad input before touching the cache
+        checked = self.llm._check_ids(prompt_ids)  # refuse bad input before touching the cache
+        prompt = checked.tolist()
         self._claim()
         reused = min(common_prefix_length(self.tokens, prompt), len(prompt) - 1)
         self.cache.truncate(reused)
@@ -67,8 +68,8 @@ class Session:
         generated: list[int] = []
         self.last_stats = stats = GenerationStats()  # this session's own, whatever other sessions run meanwhile
         try:
-            for token in self.llm.generate_on(self.cache, prompt, max_tokens, sampling, stop_ids, progress, stats,
-                                              decoders):
+            for token in self.llm.generate_on(self.cache, checked, max_tokens, sampling, stop_ids, progress, stats,
+                                              decoders):  # the checked array: not converted again
                 generated.append(token)
                 yield token
         finally:
