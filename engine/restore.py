@@ -11,8 +11,7 @@ in file order, hands each filled buffer's pieces to the cache (``put``) through 
     ring(nbytes) -> [(nbytes,) uint8 host buffers], one per slot   DeviceCopies: pinned
     upload(dst, host)     dst (m,) uint8 device bytes <- host (m,) uint8, queued
     staging(nbytes)       an (nbytes,) uint8 device buffer (q8_0 rows are split on the device from it)
-    split_q8(raw, rows)   q8_0 rows (values, scales) <- raw: their ggml blocks in the staging buffer given last,
-                          queued after raw's copy
+    split_q8(raw, rows)   q8_0 rows (values, scales) <- raw: their ggml blocks in the staging buffer, queued
     done(slot)            every copy from that ring slot is queued   wait(slot): block until they have run
     finish()              block until everything queued has run
 A slot is refilled only after wait(slot). ``DeviceCopies`` is the CUDA one; the tests run the same planning and
@@ -171,26 +170,17 @@ def put(cache: Any, copies: Any, piece: Piece, host: np.ndarray) -> None:
 class DeviceCopies:
     """The copies of a restore on the current GPU: host-to-device copies from pinned ring buffers queued on a
     private stream that first waits for the work already queued on the current stream (which may still use the
-    cache), and one event per ring slot. q8_0 rows are split on a second stream, from STAGING device buffers used in
-    turn, so that the bus copies the next piece while the last one is split (the copy into a staging buffer waits
-    only for the split that last read it)."""
-
-    STAGING = 3  # staging buffers: a split may lag its copy by two pieces
+    cache), and one event per ring slot."""
 
     def __init__(self, cp: Any, dtype: str, slots: int = SLOTS):
         self.cp, self.dtype = cp, dtype  # the activation dtype: the build of kv_q8.cu the cache's kernels use
         self.slots = slots
         self.home = cp.cuda.get_current_stream()  # the engine's: the cache's writers
         self.stream = cp.cuda.Stream(non_blocking=True)
-        self.split_stream = cp.cuda.Stream(non_blocking=True)
-        started = self.home.record()
-        self.stream.wait_event(started)
-        self.split_stream.wait_event(started)
+        self.stream.wait_event(self.home.record())
         self.events = [cp.cuda.Event(disable_timing=True) for _ in range(slots)]
         self.buffer_bytes = 0  # a ring buffer's size: the largest piece
-        self._staging: list = []  # (buffer_bytes,) uint8 device buffers, made for the first q8_0 pieces
-        self._staging_free: list = []  # per staging buffer: recorded on split_stream after the split reading it
-        self._staged = 0  # q8_0 pieces staged so far
+        self._staging = None  # (buffer_bytes,) uint8 on the device, made for the first q8_0 piece
 
     def ring(self, nbytes: int) -> list[np.ndarray]:
         """A pinned (nbytes,) uint8 host buffer per slot, each of max(nbytes, CHUNK_BYTES) bytes: one size whatever
@@ -206,25 +196,15 @@ class DeviceCopies:
                             self.stream.ptr)
 
     def staging(self, nbytes: int) -> Any:
-        """The next staging buffer (nbytes of it), once the split that last read it has run (the copy stream waits
-        for it). From the engine stream's pool: freed once finish() has run, it is that stream's to reuse."""
-        index = self._staged % self.STAGING
-        self._staged += 1
-        if index == len(self._staging):
+        """One device buffer for every q8_0 piece of the restore (its copies and splits are ordered by the stream),
+        from the engine stream's pool: freed once finish() has run, it is that stream's to reuse."""
+        if self._staging is None:
             with self.home:
-                self._staging.append(self.cp.empty(self.buffer_bytes, dtype=self.cp.uint8))
-            self._staging_free.append(self.cp.cuda.Event(disable_timing=True))
-        else:
-            self.stream.wait_event(self._staging_free[index])
-        return self._staging[index][:nbytes]
+                self._staging = self.cp.empty(self.buffer_bytes, dtype=self.cp.uint8)
+        return self._staging[:nbytes]
 
     def split_q8(self, raw: Any, rows: Any) -> None:
-        """rows <- raw's ggml blocks, on the split stream once raw's copy (queued last) has run."""
-        self.split_stream.wait_event(self.stream.record())
-        with self.split_stream:
-            load_blocks(raw, rows, self.dtype)
-        index = (self._staged - 1) % self.STAGING  # raw is the buffer staging() gave last
-        self._staging_free[index].record(self.split_stream)
+        load_blocks(raw, rows, self.dtype)
 
     def done(self, slot: int) -> None:
         self.events[slot].record(self.stream)
@@ -234,7 +214,6 @@ class DeviceCopies:
 
     def finish(self) -> None:
         self.stream.synchronize()
-        self.split_stream.synchronize()
 
 
 def pin_ring_in_background(slots: int = SLOTS) -> threading.Thread | None:
