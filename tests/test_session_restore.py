@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 import threading
-import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -238,8 +238,8 @@ def test_ring_buffers_are_one_size_whatever_the_rows():
         pinned_sizes.append(nbytes)
         return bytearray(nbytes)
 
-    stub = types.SimpleNamespace(cp=types.SimpleNamespace(cuda=types.SimpleNamespace(
-        alloc_pinned_memory=alloc_pinned_memory)), slots=3, buffer_bytes=0)
+    stub = SimpleNamespace(cp=SimpleNamespace(cuda=SimpleNamespace(alloc_pinned_memory=alloc_pinned_memory)),
+                           slots=3, buffer_bytes=0)
     for nbytes in (1000, restore.CHUNK_BYTES - 34, restore.CHUNK_BYTES + 4096):
         pinned_sizes.clear()
         ring = restore.DeviceCopies.ring(stub, nbytes)
