@@ -51,6 +51,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     weights: dict[str, WeightTensor]
     metadata: dict[str, Any] = field(default_factory=dict)  # GGUF metadata (empty for HF)
+    gguf: GGUFFile | None = None  # the parsed GGUF file (its memory map backs the weights), for hashing it cheaply
 
     def tensor_type_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -89,7 +90,7 @@ def _open_gguf(path: Path) -> LoadedModel:
             if w is not None:
                 _check_shape(path, w, (n_heads * config.head_dim, config.d_model))
                 w.raw = _unpermute_rows(w.row_bytes(), n_heads).reshape(-1)
-    return _finish(path, "gguf", config, tokenizer, weights, gguf.metadata)
+    return _finish(path, "gguf", config, tokenizer, weights, gguf.metadata, gguf)
 
 
 def _open_hf(folder: Path) -> LoadedModel:
@@ -123,7 +124,7 @@ def _check_shape(path: Path, w: WeightTensor, expected: tuple[int, ...]) -> None
 
 
 def _finish(path: Path, file_format: str, config: ModelConfig, tokenizer: Tokenizer,
-            weights: dict[str, WeightTensor], metadata: dict[str, Any]) -> LoadedModel:
+            weights: dict[str, WeightTensor], metadata: dict[str, Any], gguf: GGUFFile | None = None) -> LoadedModel:
     expected = family(config.architecture).tensor_shapes(config, with_output="output" in weights)
     for name, shape in expected.items():
         if name not in weights:
@@ -135,4 +136,4 @@ def _finish(path: Path, file_format: str, config: ModelConfig, tokenizer: Tokeni
             f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the embedding has {config.vocab_size} rows"
         )
     used = {name: weights[name] for name in expected}
-    return LoadedModel(path, file_format, config, tokenizer, used, metadata)
+    return LoadedModel(path, file_format, config, tokenizer, used, metadata, gguf)

@@ -103,6 +103,19 @@ def test_model_identity_follows_the_header_not_the_path(paths, tmp_path):
     assert prompt_cache.model_identity(folder) != before
 
 
+def test_model_identity_hashes_the_loaders_parsed_file_without_parsing_it_again(paths, monkeypatch):
+    """A loaded GGUF's identity (what session files record) from the loader's parsed file equals the one parsed from
+    its path, and is computed without parsing the file again (~40 ms for a 49k-token vocabulary)."""
+    from engine.loader import open_model
+
+    loaded = open_model(paths["f32"])
+    monkeypatch.setattr(prompt_cache, "_IDENTITIES", {})
+    from_path = prompt_cache.model_identity(paths["f32"])
+    monkeypatch.setattr(prompt_cache, "_IDENTITIES", {})
+    monkeypatch.setattr(prompt_cache, "GGUFFile", lambda path: pytest.fail("parsed the GGUF again"))
+    assert prompt_cache.model_identity(loaded.path, loaded.gguf) == from_path
+
+
 def test_truncated_and_corrupt_files_are_refused(paths, saved, tmp_path):
     data = saved[0].read_bytes()
     session = engine.load(paths["f32"], dca=DCA, context=128).session()
