@@ -54,7 +54,7 @@ def model_identity(path: Path, opened: GGUFFile | None = None) -> str:
     if key not in _IDENTITIES:
         _IDENTITIES[key] = _identity(path, opened)
         while len(_IDENTITIES) > IDENTITIES_KEPT:
-            _IDENTITIES.pop(next(iter(_IDENTITIES)))
+            _IDENTITIES.pop(next(iter(_IDENTITIES)), None)
     return _IDENTITIES[key]
 
 
