@@ -156,9 +156,6 @@ class Array(np.ndarray):
     def get(self, stream=None):
         return np.asarray(self).copy()
 
-    def set(self, a, stream=None):
-        self[...] = a
-
 
 class Kernel:
     def __init__(self, lib, name):

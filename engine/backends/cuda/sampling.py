@@ -101,10 +101,11 @@ class DeviceSampler:
         recent = np.asarray(list(history)[-size:] if size else [], dtype=np.int32)
         ring = np.zeros(max(size, 1), dtype=np.int32)
         ring[:len(recent)] = recent
-        self.ring.set(ring)
-        self.ring_count.set(np.array([len(recent)], dtype=np.int32))
-        self.counter.fill(0)
-        self.seed.set(np.array([seed_state(params)], dtype=np.uint64))
+        cp = self.cp
+        self.ring[...] = cp.asarray(ring)
+        self.ring_count[...] = cp.asarray(np.array([len(recent)], dtype=np.int32))
+        self.counter[...] = 0
+        self.seed[...] = cp.asarray(np.array([seed_state(params)], dtype=np.uint64))
 
     def launch(self, logits, position, advance: bool) -> None:
         """Sample from logits (1, vocab) fp32 (modified in place by the penalty) into self.token;
