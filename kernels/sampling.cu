@@ -37,8 +37,8 @@
 // dev/cuda/sampler.py) picks for the same logits, seed and counter: greedy exactly np.argmax (the lowest id
 // among ties). The candidates are the top min(top_k, pool count) in every case: past POOL_CAP >= MAX_TOP_K
 // tokens near the top, that is the top top_k, whichever way they are found.
-// Randomness: splitmix64(seed, counter) with the counter kept on the device, so a captured graph
-// draws a fresh number at every replay.
+// Randomness: splitmix64(seed, counter) with the seed and the counter kept on the device, so a captured graph
+// draws a fresh number at every replay, and one graph serves generations of any seed (each resets both).
 
 #define MAX_TOP_K 256
 #define SAMPLE_THREADS 1024  // sample_token's block
@@ -301,7 +301,8 @@ extern "C" __global__ void sample_token(const float* __restrict__ logits, int vo
                                         const float* __restrict__ pool_v, const int* __restrict__ pool_i,
                                         const int* __restrict__ pool_count, int* __restrict__ ring, int ring_size,
                                         int* __restrict__ ring_count, float temperature, int top_k, float top_p,
-                                        float min_p, unsigned long long seed, unsigned long long* __restrict__ counter,
+                                        float min_p, const unsigned long long* __restrict__ seed,
+                                        unsigned long long* __restrict__ counter,
                                         int* __restrict__ token_out, int* __restrict__ pos, int advance) {
     __shared__ float sv[32];
     __shared__ int si[32];
@@ -369,7 +370,7 @@ extern "C" __global__ void sample_token(const float* __restrict__ logits, int vo
             }
             double mass = 0.0;
             for (int r = 0; r < n_keep; ++r) mass += exp(((double)cand_v[r] - (double)cand_v[0]) / temperature);
-            const double u = uniform01(seed, *counter) * mass;
+            const double u = uniform01(*seed, *counter) * mass;
             *counter += 1ull;
             double cum = 0.0;
             int pick = n_keep - 1;

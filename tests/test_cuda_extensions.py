@@ -337,10 +337,10 @@ def test_greedy_decode_matches_cpu(tiny, method, variant, dtype):
     cpu_tokens = list(cpu.generate_ids(prompt, 24, GREEDY, stop_ids=[]))
     gpu_tokens, cache, decoder = greedy_on_gpu(gpu, prompt, 24)
     # head_dim 64 (d64, qwen2): the flash kernel's passes, a CUDA graph; 16 (gqa): the composed path, eager steps
-    assert (decoder._graph is not None) == (variant != "gqa") and cache.length == PROMPT + 23
+    assert (decoder.state.graph is not None) == (variant != "gqa") and cache.length == PROMPT + 23
     assert len(cpu_tokens) == len(gpu_tokens) == 24
     assert_follows_cpu(cpu, prompt, cpu_tokens, gpu_tokens, dtype, f"{method} {variant} {dtype}")
-    if decoder._graph is not None:  # the replayed graph computes what the same step computes eagerly
+    if decoder.state.graph is not None:  # the replayed graph computes what the same step computes eagerly
         assert greedy_on_gpu(gpu, prompt, 24, use_graph=False)[0] == gpu_tokens
 
 

@@ -94,11 +94,14 @@ def test_device_sampler_launches_match_the_kernel_parameters(monkeypatch, vocab,
     arrays = {"logits": logits, "pos": position, "token_out": sampler.token, "counter": sampler.counter,
               "ring": sampler.ring, "ring_count": sampler.ring_count, "partial_v": sampler.partial_v,
               "partial_i": sampler.partial_i, "partial_bad": sampler.partial_bad, "pool_v": sampler.pool_v,
-              "pool_i": sampler.pool_i, "pool_count": sampler.pool_count}
-    scalars = {"vocab": vocab, "slice": size, "n_partials": blocks, "ring_size": sampler.ring_size,
-               "penalty": np.float32(params.repeat_penalty), "temperature": np.float32(params.temperature),
-               "top_k": 0 if params.greedy else min(params.top_k, vocab), "top_p": np.float32(params.top_p),
-               "min_p": np.float32(params.min_p), "seed": sampler.seed, "advance": 1}
+              "pool_i": sampler.pool_i, "pool_count": sampler.pool_count, "seed": sampler.seed}
+    s = sampler.scalars  # greedy: temperature 0, top_p 1, min_p 0 whatever params say (the kernel reads none)
+    assert s == sampling.scalars(params) and s.greedy == params.greedy
+    scalars = {"vocab": vocab, "slice": size, "n_partials": blocks, "ring_size": s.ring_size,
+               "penalty": np.float32(s.penalty), "temperature": np.float32(params.temperature),
+               "top_k": 0 if params.greedy else min(params.top_k, vocab),
+               "top_p": np.float32(1.0 if params.greedy else params.top_p),
+               "min_p": np.float32(0.0 if params.greedy else params.min_p), "advance": 1}
     for recorder, launch in launches.calls:
         assert [kind(a) for a in recorder.args] == params_of(recorder.name), recorder.name
         names = signature_names(recorder.name)

@@ -225,14 +225,19 @@ def old_kernel(cp):
     return cp.RawModule(code=code, options=kernels.nvrtc_options("sampling")).get_function("sample_token")
 
 
-def launch_old(fn, sampler: DeviceSampler, logits, position, advance: bool) -> None:
-    """DeviceSampler.launch as it was: one block of 1024 threads, the sampler's ring, counter and token slot."""
-    p = sampler.params
-    top_k = 0 if p.greedy else min(p.top_k, logits.shape[-1])
-    fn((1,), (1024,), (logits, np.int32(logits.shape[-1]), sampler.ring, np.int32(sampler.ring_size),
-                       sampler.ring_count, np.float32(p.repeat_penalty), np.float32(p.temperature), np.int32(top_k),
-                       np.float32(p.top_p), np.float32(p.min_p), sampler.seed, sampler.counter, sampler.token,
+def launch_old(fn, sampler: DeviceSampler, seed: np.uint64, logits, position, advance: bool) -> None:
+    """DeviceSampler.launch as it was: one block of 1024 threads, the sampler's ring, counter and token slot, the
+    seed (the sampler's, read back beforehand: the old kernel takes it by value)."""
+    s = sampler.scalars
+    top_k = 0 if s.greedy else min(s.top_k, logits.shape[-1])
+    fn((1,), (1024,), (logits, np.int32(logits.shape[-1]), sampler.ring, np.int32(s.ring_size),
+                       sampler.ring_count, np.float32(s.penalty), np.float32(s.temperature), np.int32(top_k),
+                       np.float32(s.top_p), np.float32(s.min_p), seed, sampler.counter, sampler.token,
                        position, np.int32(advance)))
+
+
+def host_seed(sampler: DeviceSampler) -> np.uint64:
+    return np.uint64(sampler.seed.get()[0])
 
 
 def make_logits(rng, vocab: int, shape: str) -> np.ndarray:
@@ -254,13 +259,14 @@ def compare(cp, vocab: int, params: SamplingParams, shape: str, steps: int, seed
     rng = np.random.default_rng(seed)
     history = list(rng.integers(0, vocab, 80)) if history is None else history
     old, new = DeviceSampler(cp, params, history), DeviceSampler(cp, params, history)
+    old_seed = host_seed(old)
     fn = old_kernel(cp)
     pos_old, pos_new = cp.zeros(1, dtype=cp.int32), cp.zeros(1, dtype=cp.int32)
     problems = []
     for step in range(steps):
         host = make_logits(rng, vocab, shape)
         logits_old, logits_new = cp.asarray(host[None]), cp.asarray(host[None])
-        launch_old(fn, old, logits_old, pos_old, advance=True)
+        launch_old(fn, old, old_seed, logits_old, pos_old, advance=True)
         new.launch(logits_new, pos_new, advance=True)
         for what, a, b in (("token", old.token, new.token), ("logits", logits_old, logits_new),
                            ("ring", old.ring, new.ring), ("ring count", old.ring_count, new.ring_count),
@@ -282,12 +288,13 @@ def time_mode(cp, vocab: int, params: SamplingParams, shape: str, reps: int) -> 
     history = list(rng.integers(0, vocab, 80))
     fn = old_kernel(cp)
     old, new = DeviceSampler(cp, params, history), DeviceSampler(cp, params, history)
+    old_seed = host_seed(old)
 
     def restore():
         cp.copyto(logits, source)
 
     copy = time_launches(cp, lambda _: restore(), 1, reps)
-    t_old = time_launches(cp, lambda _: (restore(), launch_old(fn, old, logits, position, False)), 1, reps)
+    t_old = time_launches(cp, lambda _: (restore(), launch_old(fn, old, old_seed, logits, position, False)), 1, reps)
     t_new = time_launches(cp, lambda _: (restore(), new.launch(logits, position, False)), 1, reps)
     return t_old - copy, t_new - copy
 

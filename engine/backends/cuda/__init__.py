@@ -27,6 +27,7 @@ from . import attention as attention_ops
 from . import extension
 from . import flash_attention as flash
 from . import kv_q8
+from .graph import GraphDecoder, KeptSteps
 from .weights import (PREFILL_FP16_BUDGET, DeviceMatrix, MatrixOps, activation_type, fuse, fused_whole,
                       to_activation, upload_weight)
 
@@ -66,6 +67,7 @@ class CudaBackend:
         self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # RotaryTable -> {Self-Extend / StreamingLLM scheme: its key tables (cos, sin)}, dropped with the table
         self._key_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.kept_steps = KeptSteps()  # KV cache -> its decode steps' graphs and buffers, kept across generations
 
     # ----------------------------------------------------------------------------------- setup
     def activate(self):
@@ -331,9 +333,8 @@ class CudaBackend:
 
     def decoder(self, model, cache: KVCache, sampling, history):
         """A graph-replaying decode loop with device-side sampling (see graph.GraphDecoder); eager steps where a
-        Self-Extend / StreamingLLM attention runs its composed path (extension.graph_ready)."""
-        from .graph import GraphDecoder
-
+        Self-Extend / StreamingLLM attention runs its composed path (extension.graph_ready); a later decoder on the
+        same cache replays the graph kept from an earlier one (graph.KeptSteps)."""
         return GraphDecoder(self, model, cache, sampling, history, use_graph=extension.graph_ready(model))
 
     def launch_1d(self, file: str, kernel: str, n_threads: int, args: tuple) -> None:
