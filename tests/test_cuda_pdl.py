@@ -433,6 +433,7 @@ def test_a_chain_of_dependent_gemvs_equals_the_plain_chain(monkeypatch, dtype, s
                "position": cp.asarray(np.array([5], np.int32)), "logits": cp.zeros(vocab, cp.float32),
                "logits_staged": cp.zeros(vocab, cp.float32), "cos": cp.asarray(np.cos(angles), cp.float32),
                "sin": cp.asarray(np.sin(angles), cp.float32)}
+        cp.cuda.Device().synchronize()  # the buffers written on the null stream (a created one does not wait for it)
         with cp.cuda.Stream(non_blocking=True) if stream == "created" else cp.cuda.Stream.null:
             _layer_chain(m, dtype, buf)
         cp.cuda.Device().synchronize()
@@ -470,6 +471,9 @@ def test_the_decode_step_is_the_same_bits_with_dependent_launches(monkeypatch, t
     import engine
     from gpu_greedy import greedy_on_gpu
 
+    def bits(values: np.ndarray) -> np.ndarray:  # float32 (16-bit values widened: the same bits iff the same 16)
+        return np.ascontiguousarray(values).view(np.uint8)
+
     if pdl._device_capability() < 90:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
     prompt = np.random.default_rng(7).integers(3, 384, 300 if dca == "on" else 100)
@@ -478,11 +482,12 @@ def test_the_decode_step_is_the_same_bits_with_dependent_launches(monkeypatch, t
         monkeypatch.setattr(pdl, "ENABLED", enabled)
         llm = engine.load(tiny_models[key], device="cuda", context=512, dca=dca, dtype=dtype)
         model, backend, c = llm.model, llm.backend, llm.config
+        assert all(model.decode_blocks.fused_attention) and all(model.decode_blocks.fused_mlp)
         cache = backend.new_cache(c.n_layers, 512, c.n_kv_heads, c.head_dim)
         model.forward(prompt, cache, logits_for="none")
-        logits = backend.to_numpy(model.compute(backend.tokens([77]), backend.positions(len(prompt), 1), cache,
-                                                "last"))
-        rows = [backend.to_numpy(getattr(cache, n)[:, len(prompt)]).view(np.uint8) for n in ("k", "v")]
+        logits = bits(backend.to_numpy(model.compute(backend.tokens([77]), backend.positions(len(prompt), 1), cache,
+                                                     "last")))
+        rows = [bits(backend.to_numpy(getattr(cache, n)[:, len(prompt)])) for n in ("k", "v")]
         tokens, _, _ = greedy_on_gpu(llm, prompt.tolist(), 48)
         return logits, rows, tokens
 
