@@ -210,8 +210,8 @@ def test_decode_launch_matches_the_kernel(monkeypatch, recorded, k_q8, v_q8, con
     monkeypatch.setattr(fa, "combine", lambda *args: None)
     monkeypatch.setattr(fa, "_kernel", lambda build, dtype: Recorder(build[1]))
     smem = []
-    monkeypatch.setattr(fa, "_launch", lambda fn, grid, args, shared: (recorded.append(fn), fn(grid, None, args),
-                                                                         smem.append(shared)))
+    monkeypatch.setattr(fa, "_launch", lambda fn, grid, args, shared, **options: (
+        recorded.append(fn), fn(grid, None, args), smem.append(shared)))
     caches = [_q8_rows((512, 2, 128)) if q8 else DeviceArray((512, 2, 128)) for q8 in (k_q8, v_q8)]
     fa.flash_decode(DeviceArray((1, 8, 128)), *caches, DeviceArray((1,), np.int32), DeviceArray(), DeviceArray(),
                     rope_dim=128, n_splits=4, config=config)

@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from ...errors import ConfigError, DeviceError
+from . import pdl
 from .kernels import function
 from .kv_q8 import NULL, is_q8
 from .splits import key_splits, sm_count
@@ -98,11 +99,16 @@ def _check(cp, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim: int, deco
 _smem_opt_in: dict[int, int] = {}  # id(kernel) -> dynamic shared memory it may use (kernels are cached)
 
 
-def _launch(fn, grid, args, smem: int, threads: int = THREADS) -> None:
+def _launch(fn, grid, args, smem: int, threads: int = THREADS, waits: bool = False) -> None:
+    """fn over grid; waits: its kernel executes pdl_wait before touching what earlier kernels write (dca_decode.cu's
+    decode and combine kernels), so it is launched dependent while pdl.ENABLED; the prefill kernels do not wait."""
     if smem > 48 * 1024 and _smem_opt_in.get(id(fn), 0) < smem:  # above 48 KiB needs an opt-in
         fn.max_dynamic_shared_size_bytes = smem
         _smem_opt_in[id(fn)] = smem
-    fn(grid, (threads,), args, shared_mem=smem)
+    if waits:
+        pdl.launch(fn, grid, (threads,), args, smem)
+    else:
+        fn(grid, (threads,), args, shared_mem=smem)
 
 
 def prefill_build(head_dim: int, tiles: tuple[int, int]) -> tuple[str, str, str]:
@@ -162,10 +168,9 @@ def combine(part_o, part_m, part_l, out, rows: int, head_dim: int, n_splits: int
     (gemv.staged_bytes(rows * D) uint8; D % 32 == 0)."""
     if out_staged is not None and head_dim % 32:
         raise DeviceError(f"attention: a staged output needs head_dim % 32 == 0, got {head_dim}")
-    function("dca_decode", "dca_combine", dtype)(
-        (rows,), (COMBINE_THREADS,),
-        (part_o, part_m, part_l, out, np.uint64(0) if out_staged is None else out_staged, np.int32(rows),
-         np.int32(head_dim), np.int32(n_splits)))
+    _launch(function("dca_decode", "dca_combine", dtype), (rows,),
+            (part_o, part_m, part_l, out, np.uint64(0) if out_staged is None else out_staged, np.int32(rows),
+             np.int32(head_dim), np.int32(n_splits)), 0, threads=COMBINE_THREADS, waits=True)
 
 
 def prefill_smem(head_dim: int, tiles: tuple[int, int]) -> int:
@@ -373,6 +378,6 @@ def flash_decode(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: int,
                              np.int32(n_kv), np.int32(rope_dim), chunk_len, chunk_size,
                              np.float32(math.log2(math.e) / math.sqrt(head_dim)), np.int32(temperature_length or 0),
                              np.int32(n_splits)),
-            decode_smem(head_dim, k_q8, v_q8, config))
+            decode_smem(head_dim, k_q8, v_q8, config), waits=True)
     combine(part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype, out_staged)
     return out

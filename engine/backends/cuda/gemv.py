@@ -9,9 +9,10 @@
     head(x, norm, eps, m, logits, dtype, prenormed)  rmsnorm + output head (fp32 logits)
 
 Arguments are device arrays and ``DeviceMatrix``es; each call is one launch on the current stream
-(capturable in a CUDA graph). Geometry: 256 threads a block, one warp per task (row or row pair);
-each block takes ``tasks_per_block`` tasks (a multiple of 8) so that the grid is about BLOCKS_PER_SM
-blocks per SM: every block stages (RMSNorm +) quantizes its input once, so fewer, fuller blocks
+(capturable in a CUDA graph), a dependent one while pdl.ENABLED (pdl.py: each gemv.cu kernel asks for its
+first weight rows, then waits for the kernel before it). Geometry: 256 threads a block, one warp per task
+(row or row pair); each block takes ``tasks_per_block`` tasks (a multiple of 8) so that the grid is about
+BLOCKS_PER_SM blocks per SM: every block stages (RMSNorm +) quantizes its input once, so fewer, fuller blocks
 stage less, while one wave of them keeps every SM streaming weights. Shared memory comes from the input
 width (``stage_bytes``); above 48 KB the kernel opts in to more, up to the device's limit.
 
@@ -42,6 +43,7 @@ import numpy as np
 
 from ...errors import DeviceError
 from ...weights.quant import GGMLType, block_layout, dequantize
+from . import pdl
 from .kernels import function, per_type
 
 THREADS = 256  # gemv.cu GEMV_THREADS
@@ -102,7 +104,7 @@ def _launch(op: str, m, cols: int, n_tasks: int, args: tuple, dtype: str, per_bl
         _opted_in[id(fn)] = shared
     per_block = per_block or tasks_per_block(n_tasks)
     blocks = -(-n_tasks // per_block)
-    fn((blocks,), (THREADS,), args + (np.int32(per_block),), shared_mem=shared)
+    pdl.launch(fn, (blocks,), (THREADS,), args + (np.int32(per_block),), shared)
 
 
 def _row_bytes(m) -> np.int64:
@@ -264,8 +266,8 @@ def head(x, norm, eps, m, logits, dtype: str, per_block: int | None = None,
         _opted_in[id(fn)] = shared
     sms = _device_limits()[0]
     per_block = per_block or -(-m.rows // sms)
-    fn((-(-m.rows // per_block),), (RING_THREADS,),
-       args + (np.int32(per_block), np.int32(RING_ROWS), np.int32(RING_STAGES)), shared_mem=shared)
+    pdl.launch(fn, (-(-m.rows // per_block),), (RING_THREADS,),
+               args + (np.int32(per_block), np.int32(RING_ROWS), np.int32(RING_STAGES)), shared)
 
 
 # ---- the numpy model of the kernels' arithmetic ----------------------------------------------------------
