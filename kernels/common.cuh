@@ -100,25 +100,17 @@ __device__ __forceinline__ float block_sum(float v, float* scratch /* >= 32 floa
     return warp_sum(v);
 }
 
-// Programmatic dependent launch (Hopper; engine/backends/cuda/pdl.py, a measurement switch, dev/cuda/NOTES.md v20).
-// A kernel launched with the programmatic stream serialization attribute may start while the kernel before it in the
-// stream is still running. Before pdl_wait it may only read what no earlier kernel writes (weights) and use its own
-// shared memory: no global store at all. pdl_wait returns once the kernel before it has completed and its writes are
-// visible (and so, each kernel waiting in turn, every earlier one). pdl_launch_dependents lets the next such kernel be
-// scheduled once every block of this one has called it or exited. Both do nothing in a kernel launched without the
-// attribute (every production launch) and below sm_90. PDL_RELEASE_AT_EXIT=1 (a measurement macro) drops the explicit
-// release: the next kernel is then scheduled once every block of this one has exited (v6's unmeasured variant).
-#ifndef PDL_RELEASE_AT_EXIT
-#define PDL_RELEASE_AT_EXIT 0
-#endif
+// Programmatic dependent launch (Hopper; engine/backends/cuda/pdl.py, dev/cuda/NOTES.md v20). A decode kernel launched
+// with the programmatic stream serialization attribute is scheduled as soon as every block of the kernel before it has
+// exited, without waiting for that kernel's completion (its memory flush) and the launch after it: the launch latency
+// and this kernel's first weight loads overlap the previous kernel's tail. Before pdl_wait it may only read what no
+// earlier kernel writes (weights) and use its own shared memory: no global store at all. pdl_wait returns once the
+// kernel before it has completed and its writes are visible (and so, each kernel waiting in turn, every earlier one).
+// No kernel releases its dependents early (griddepcontrol.launch_dependents): measured on the H100, dependents
+// scheduled while a GEMV's blocks still ran took their SM slots and slowed the 1B step by 7% (v20). Without the
+// attribute (below sm_90, or pdl.ENABLED off) pdl_wait does nothing.
 __device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if __CUDA_ARCH__ >= 900 && !PDL_RELEASE_AT_EXIT
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.backends.cuda import gemv, kernels
+from engine.backends.cuda import gemv, kernels, pdl
 from engine.backends.cuda.weights import DeviceMatrix
 from engine.errors import DeviceError
 from engine.weights.quant import GGMLType, tensor_nbytes
@@ -65,7 +65,8 @@ def _params(kernel: str, suffix: str, dtype: str) -> list[str]:
 
 
 def recorded_launches(monkeypatch) -> list:
-    """gemv.py's kernels replaced by Recorders (on an H100's limits): the list they are appended to as launched."""
+    """gemv.py's kernels replaced by Recorders (on an H100's limits), launched plainly (the dependent launch of the
+    same table: tests/test_cuda_pdl.py): the list they are appended to as launched."""
     launched = []
 
     def fake_function(file, kernel, dtype, instance=None):
@@ -75,6 +76,7 @@ def recorded_launches(monkeypatch) -> list:
     monkeypatch.setattr(gemv, "function", fake_function)
     monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 227 * 1024))
     monkeypatch.setattr(gemv, "_compute_capability", lambda: 90)
+    monkeypatch.setattr(pdl, "ENABLED", False)
     return launched
 
 

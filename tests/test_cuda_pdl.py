@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (engine/backends/cuda/pdl.py, a measurement switch; dev/cuda/NOTES.md v20).
+"""Programmatic dependent launch (engine/backends/cuda/pdl.py; dev/cuda/NOTES.md v20).
 
 On the CPU: pdl.py's ctypes structures are cuda.h's (sizes, offsets, the attribute's id; compiled against a local
 cuda.h where one is found, and the values CUDA 13.0's declares); every argument kind the engine's launches pass
@@ -210,8 +210,8 @@ def assert_same_launches(plain, dependent):
         assert d.args == [cupy_bytes(a) for a in k.args], k.name
 
 
-def test_the_switch_is_off_by_default():
-    assert pdl.ENABLED is False
+def test_the_switch_is_on_by_default():
+    assert pdl.ENABLED is True
 
 
 @pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.F16], ids=lambda t: t.name)
