@@ -14,7 +14,6 @@ the dict's order (save_file writes them in the order of a Rust hash map, which v
 from __future__ import annotations
 
 import json
-from contextlib import closing
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator, Mapping
 
@@ -29,9 +28,9 @@ _RANK = {name: rank for rank, name in enumerate(DTYPES.values())}
 
 @dataclass(frozen=True)
 class StreamedTensor:
-    """A tensor whose bytes come in chunks: chunks() -> a generator of C-contiguous host arrays of `dtype` whose bytes,
+    """A tensor whose bytes come in chunks: chunks() -> an iterable of C-contiguous host arrays of `dtype` whose bytes,
     one after another, are the tensor's (C order). Each chunk is written before the next is asked for, so a chunk
-    only has to stay valid until then; the generator is closed when a write fails."""
+    only has to stay valid until then; a generator is closed once its chunks are written or a write failed."""
 
     dtype: np.dtype
     shape: tuple[int, ...]
@@ -52,13 +51,16 @@ def write_safetensors(file: BinaryIO, tensors: Mapping[str, np.ndarray | Streame
     file.write(header(streamed, order, metadata))
     for name in order:
         tensor, written = streamed[name], 0
-        with closing(tensor.chunks()) as chunks:
+        chunks = iter(tensor.chunks())
+        try:
             for chunk in chunks:
                 if chunk.dtype != tensor.dtype or not chunk.flags.c_contiguous:
                     raise ValueError(f"tensor {name}: a chunk of {chunk.dtype} (contiguous: {chunk.flags.c_contiguous})"
                                      f" for a contiguous tensor of {np.dtype(tensor.dtype)}")
                 file.write(chunk.reshape(-1).view(np.uint8).data)  # from the array's memory, no copy
                 written += chunk.nbytes
+        finally:
+            getattr(chunks, "close", lambda: None)()  # a generator's cleanup runs now, even when a write failed
         if written != tensor.nbytes:
             raise ValueError(f"tensor {name}: its chunks hold {written} bytes, its shape {tensor.shape} "
                              f"{np.dtype(tensor.dtype)} {tensor.nbytes}")
