@@ -8,8 +8,10 @@ Layout (``DeviceQ8Rows``): ggml's q8_0 blocks of 32 values along head_dim, split
 values are the CPU cache's (kv_storage.EncodedRows): kernels/kv_q8.cu quantizes as ggml's quantize_row_q8_0_ref
 does (convert/quantize.py, the CPU's encoder), from the value a 16-bit cache would hold (act_t; keys rotated at
 their DCA key position first). Rows leave and enter as ggml blocks (``to_bytes`` / ``load_bytes``: each block's
-fp16 d, then its 32 values), the CPU cache's session-file format; a restore (engine/restore.py) copies a file's
-blocks to the device and splits them there (``load_blocks``: kernels/kv_q8.cu split_kv_q8_blocks).
+fp16 d, then its 32 values), the CPU cache's session-file format; a save joins them on the device
+(``join_blocks_on_device``, engine/row_chunks.py) and copies each chunk to the host once; a restore
+(engine/restore.py) copies a file's blocks to the device and splits them there (``load_blocks``: kernels/kv_q8.cu
+split_kv_q8_blocks).
 
 Who writes and reads them:
   store    kernels/kv_q8.cu store_kv_q8: a forward's K/V rows (CudaBackend.store_kv); in the fused decode step the
