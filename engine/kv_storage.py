@@ -12,7 +12,7 @@ backend would store for the same keys. Keys are quantized after their rotation (
 rotated at their DCA position), so every attention layout works unchanged on every type. Attention reads a
 tile of rows at a time (``np.asarray(rows[k0:k1], dtype=np.float32)``), so at most one tile is ever decoded.
 Encoded storage of any device (``EncodedStore``: EncodedRows here, cuda/kv_q8.DeviceQ8Rows) gives and takes its
-rows as those ggml bytes, which is what session files hold (kvcache.KVCache.host_rows / load_rows).
+rows as those ggml bytes, which is what session files hold (kvcache.KVCache.host_row_chunks / load_rows).
 """
 from __future__ import annotations
 

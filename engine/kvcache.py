@@ -17,10 +17,11 @@ only sets the length back (sessions reuse a common prompt prefix this way, engin
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from . import row_chunks
 from .errors import ContextError
 from .kv_storage import EncodedStore, allocate
 
@@ -88,10 +89,26 @@ class KVCache:
             raise ContextError(f"cannot truncate a KV cache of {self.length} tokens to {length}")
         self.length = length
 
+    def host_row_chunks(self, name: str, chunk_bytes: int = row_chunks.CHUNK_BYTES) -> Iterator[np.ndarray]:
+        """The keys (name "k") or values ("v") of the used positions as stored, on the host, in a session file's
+        order: every layer's rows 0 .. length-1, layer after layer, in chunks of some rows of one layer (at most
+        chunk_bytes, at least one row): (rows, n_kv_heads, head_dim) float arrays, or for encoded types their bytes,
+        (rows, n_kv_heads, row_bytes) uint8. A chunk is valid until the next is asked for: the CPU's are views of the
+        cache, a GPU's pinned buffers reused two chunks later (the next chunk is copied while one is used:
+        row_chunks.device_chunks)."""
+        if name not in ("k", "v"):
+            raise ValueError(f"a KV cache holds rows 'k' and 'v', not {name!r}")
+        store = getattr(self, name)
+        if self.xp is np:
+            return row_chunks.host_chunks(store, self.length, chunk_bytes)
+        device = getattr(store, "q", store).device  # q8_0 rows: their values array's
+        return row_chunks.device_chunks(store, self.length, row_chunks.DeviceDownloads(self.xp, device), chunk_bytes)
+
     def host_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values of the used positions as stored, on the host: (n_layers, length, n_kv_heads, head_dim)
-        float arrays, or for encoded types their bytes, (n_layers, length, n_kv_heads, row_bytes) uint8."""
-        return _stored(self.k[:, :self.length], self.xp), _stored(self.v[:, :self.length], self.xp)
+        """Keys and values of the used positions as stored, each one host array: (n_layers, length, n_kv_heads,
+        head_dim) float arrays, or for encoded types their bytes, (n_layers, length, n_kv_heads, row_bytes) uint8."""
+        return tuple(row_chunks.gather(self.host_row_chunks(name), shape, dtype)
+                     for name, (shape, dtype) in zip("kv", self.stored_layout(self.length)))
 
     def stored_layout(self, n: int) -> list[tuple[tuple[int, ...], np.dtype]]:
         """(shape, dtype) of the keys and of the values ``host_rows`` gives for n positions."""
@@ -113,13 +130,6 @@ class KVCache:
                 for layer in range(rows.shape[0]):  # a layer at a time: rows may be a file's memory map
                     store[layer, :n] = self.xp.asarray(rows[layer])
         self.length = n
-
-
-def _stored(rows: Any, xp: Any) -> np.ndarray:
-    """Cache rows as stored, as a contiguous host array (encoded rows: their bytes)."""
-    if isinstance(rows, EncodedStore):
-        return rows.to_bytes()
-    return np.ascontiguousarray(getattr(xp, "asnumpy", np.asarray)(rows))
 
 
 def _stored_shape(store: Any, n: int) -> tuple[int, ...]:

@@ -12,10 +12,11 @@ each device holds: engine/split.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from . import row_chunks
 from .decoder import HostDecoder
 from .errors import ContextError
 from .kvcache import KVCache
@@ -97,10 +98,15 @@ class StagedCache:
         for part in self.parts:
             part.truncate(length)
 
+    def host_row_chunks(self, name: str, chunk_bytes: int = row_chunks.CHUNK_BYTES) -> Iterator[np.ndarray]:
+        """As KVCache.host_row_chunks: every layer's chunks, the parts' layers one after another."""
+        for part in self.parts:
+            yield from part.host_row_chunks(name, chunk_bytes)
+
     def host_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """As KVCache.host_rows: every layer's rows, the parts' layers one after another."""
-        rows = [part.host_rows() for part in self.parts]
-        return np.concatenate([k for k, _ in rows]), np.concatenate([v for _, v in rows])
+        return tuple(row_chunks.gather(self.host_row_chunks(name), shape, dtype)
+                     for name, (shape, dtype) in zip("kv", self.stored_layout(self.length)))
 
     def stored_layout(self, n: int) -> list[tuple[tuple[int, ...], np.dtype]]:
         layouts = [part.stored_layout(n) for part in self.parts]

@@ -12,11 +12,13 @@ and string metadata: format, format_version, engine_version, messages (the chat,
 that decide what the cached rows mean, all of which must match to load: model (a hash of the model's
 header and tensor index, never of its weights), dtype, dca, rope, context, attention_temperature,
 cache_types ("K/V", e.g. "q8_0/q8_0"; files without it hold the backend's own type, "f32/f32" on the CPU).
-Files are written under a temporary name in the target folder and renamed when complete.
+Files are written under a temporary name in the target folder and renamed when complete, streamed
+(safetensors_writer.py: the bytes safetensors.numpy.save_file writes) from the cache's row chunks.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -26,10 +28,10 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from . import extensions
 from .errors import ConfigError, EngineError
+from .safetensors_writer import StreamedTensor, write_safetensors
 from .weights.gguf import GGUFFile
 from .weights.safetensors import SafetensorsFile
 
@@ -99,19 +101,26 @@ def session_settings(llm: Any) -> dict[str, str]:
 
 
 def save_session(session: Any, path: Path) -> None:
-    """Write the session's tokens, cache rows and chat to `path` atomically."""
+    """Write the session's tokens, cache rows and chat to `path` atomically: the header first, then the rows straight
+    from the cache, a chunk of one layer's rows at a time (KVCache.host_row_chunks: on a GPU the next chunk is copied
+    to the host while one is written), so the cache is never gathered in host memory. ConfigError when the file
+    cannot be written (no folder, no permission, disk full); the temporary file is removed then."""
     from . import __version__
 
-    k, v = session.cache.host_rows()  # (n_layers, n, n_kv_heads, head_dim) each
-    tensors = {"tokens": np.asarray(session.tokens, dtype=np.int32), "k": k, "v": v}
+    cache = session.cache
+    (k_shape, k_dtype), (v_shape, v_dtype) = cache.stored_layout(cache.length)  # (n_layers, n, n_kv_heads, row)
+    tensors = {"tokens": np.asarray(session.tokens, dtype=np.int32),
+               "k": StreamedTensor(k_dtype, k_shape, functools.partial(cache.host_row_chunks, "k")),
+               "v": StreamedTensor(v_dtype, v_shape, functools.partial(cache.host_row_chunks, "v"))}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "engine_version": __version__,
                 "messages": json.dumps(session.messages), **session_settings(session.llm)}
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(temporary), metadata=metadata)
+        with open(temporary, "wb") as f:
+            write_safetensors(f, tensors, metadata)
         os.replace(temporary, path)
-    except (OSError, SafetensorError) as e:  # safetensors reports its own I/O errors as SafetensorError
-        raise ConfigError(f"cannot write session file {path}: {getattr(e, 'strerror', None) or e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot write session file {path}: {e.strerror or e}") from None
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -139,20 +139,40 @@ def test_truncated_and_corrupt_files_are_refused(paths, saved, tmp_path):
 
 
 def test_save_is_atomic(paths, saved, tmp_path, monkeypatch):
+    """A save that fails part way (the disk fills up after the header and the first layer's keys) is one ConfigError,
+    leaves the old file as it was and no temporary file behind; so is a folder that does not exist."""
     target = tmp_path / "doc.session"
     target.write_bytes(saved[0].read_bytes())
     session = engine.load(paths["f32"], dca=DCA, context=128).session()
     list(session.generate_ids(PROMPT[:10], 2, GREEDY, stop_ids=[]))
 
-    def failing_save(tensors, filename, metadata):
-        Path(filename).write_bytes(b"partial")
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(ConfigError, match="cannot write session file"):  # safetensors' own I/O error
+    with pytest.raises(ConfigError, match="cannot write session file .*No such file"):
         session.save(tmp_path / "no" / "such" / "dir.session")
-    monkeypatch.setattr(prompt_cache, "save_file", failing_save)
+    layer_bytes = session.cache.host_rows()[0][0].nbytes
+    partial = []
+
+    class FullDisk:
+        """The temporary file, full once the header and as many bytes as the ids and one layer's keys are in."""
+
+        def __init__(self, file):
+            self.file, self.room, self.accepted = file, None, []
+
+        def write(self, data):
+            size = memoryview(data).nbytes
+            if self.room is None:  # the header: the data comes after it
+                self.room = size + 4 * len(session.tokens) + layer_bytes
+            if size > self.room:
+                partial.append(self.accepted)
+                raise OSError(28, "No space left on device")
+            self.room -= size
+            self.accepted.append(size)
+            return self.file.write(data)
+
+    real = prompt_cache.write_safetensors
+    monkeypatch.setattr(prompt_cache, "write_safetensors", lambda f, *args: real(FullDisk(f), *args))
     with pytest.raises(ConfigError, match="No space left"):
         session.save(target)
+    assert partial[0][1:] == [layer_bytes]  # the header and the first layer's keys (F32 tensors come first) went in
     assert target.read_bytes() == saved[0].read_bytes()  # the old file is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.session"]  # no temporary left behind
 

@@ -8,8 +8,10 @@ Layout (``DeviceQ8Rows``): ggml's q8_0 blocks of 32 values along head_dim, split
 values are the CPU cache's (kv_storage.EncodedRows): kernels/kv_q8.cu quantizes as ggml's quantize_row_q8_0_ref
 does (convert/quantize.py, the CPU's encoder), from the value a 16-bit cache would hold (act_t; keys rotated at
 their DCA key position first). Rows leave and enter as ggml blocks (``to_bytes`` / ``load_bytes``: each block's
-fp16 d, then its 32 values), the CPU cache's session-file format; a restore (engine/restore.py) copies a file's
-blocks to the device and splits them there (``load_blocks``: kernels/kv_q8.cu split_kv_q8_blocks).
+fp16 d, then its 32 values), the CPU cache's session-file format; a save joins them on the device
+(``join_blocks_on_device``, engine/row_chunks.py) and copies each chunk to the host once; a restore
+(engine/restore.py) copies a file's blocks to the device and splits them there (``load_blocks``: kernels/kv_q8.cu
+split_kv_q8_blocks).
 
 Who writes and reads them:
   store    kernels/kv_q8.cu store_kv_q8: a forward's K/V rows (CudaBackend.store_kv); in the fused decode step the
@@ -76,8 +78,10 @@ class DeviceQ8Rows(EncodedStore):
         return self.q.shape[:-1] + (self.q.shape[-1] // Q8_BLOCK * (2 + Q8_BLOCK),)
 
     def to_bytes(self) -> np.ndarray:
-        """(..., head_dim/32 * 34) uint8: ggml's block_q8_0 rows (``join_blocks``)."""
-        return join_blocks(self.q.get(), self.d.get())
+        """(..., head_dim/32 * 34) uint8 on the host: ggml's block_q8_0 rows, joined on the device
+        (``join_blocks_on_device``) and copied to the host once."""
+        joined = join_blocks_on_device(array_module(self.q), self.q, self.d)
+        return joined if isinstance(joined, np.ndarray) else joined.get()
 
     def load_bytes(self, raw: np.ndarray) -> None:
         """Replace the rows by ggml block_q8_0 bytes shaped as ``to_bytes`` gives them."""
@@ -95,6 +99,28 @@ def join_blocks(q: np.ndarray, d: np.ndarray) -> np.ndarray:
     scales = np.ascontiguousarray(d, dtype="<f2").view(np.uint8).reshape(lead + (blocks, 2))
     values = np.ascontiguousarray(q, dtype=np.int8).view(np.uint8).reshape(lead + (blocks, Q8_BLOCK))
     return np.concatenate([scales, values], axis=-1).reshape(lead + (blocks * (2 + Q8_BLOCK),))
+
+
+def join_blocks_on_device(xp, q, d, out=None):
+    """``join_blocks`` where the rows are: int8 values (..., D) and fp16 scales (..., D/32), arrays of `xp` (cupy, or
+    numpy standing in for it), -> their ggml block_q8_0 rows (..., D/32 * 34) uint8 in `out` (a contiguous uint8 array
+    of as many bytes, e.g. a staging buffer) or a new array: each block's scale bytes (the fp16 bits as they are,
+    little-endian) then its 32 values, two strided copies (two kernel launches on CuPy's current stream)."""
+    lead, blocks = q.shape[:-1], q.shape[-1] // Q8_BLOCK
+    block_shape = lead + (blocks, 2 + Q8_BLOCK)
+    joined = xp.empty(block_shape, dtype=xp.uint8) if out is None else out.reshape(block_shape)
+    joined[..., :2] = xp.ascontiguousarray(d).view(xp.uint8).reshape(lead + (blocks, 2))
+    joined[..., 2:] = q.view(xp.uint8).reshape(lead + (blocks, Q8_BLOCK))
+    return joined.reshape(lead + (blocks * (2 + Q8_BLOCK),))
+
+
+def array_module(array):
+    """numpy for a numpy array (the CPU tests' stand-in for device arrays), cupy otherwise."""
+    if isinstance(array, np.ndarray):
+        return np
+    import cupy
+
+    return cupy
 
 
 def split_blocks(raw: np.ndarray, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
