@@ -179,6 +179,7 @@ def launches(monkeypatch):
     monkeypatch.setattr(pdl, "_current_stream", lambda: STREAM)
     driver = Driver(made)
     monkeypatch.setattr(pdl, "_driver", lambda: driver)
+    monkeypatch.setattr(pdl, "_driver_launches_ex", lambda: True)
     monkeypatch.setattr(abi, "DeviceArray", device)  # the launch table's stand-ins: real CuPy arrays
     monkeypatch.setattr(abi, "PRENORMED", gemv.Prenormed(device(), device(), 16))
     return made, driver
@@ -269,6 +270,24 @@ def test_the_prefill_kernels_stay_plain(monkeypatch, launches):
 def test_below_hopper_the_switch_launches_plainly(monkeypatch, launches, capability):
     made, driver = launches
     monkeypatch.setattr(pdl, "_device_capability", lambda: capability)
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    kernel = Recorder("k")
+    pdl.launch(kernel, (3,), (256,), (device(), np.int32(1)), 512)
+    assert (kernel.grid, kernel.block, kernel.shared_mem) == ((3,), (256,), 512) and not driver.launches
+
+
+DRIVER_LAUNCHES_EX = pdl._driver_launches_ex.__wrapped__  # uncached (the launches fixture stands in for it)
+
+
+def test_a_driver_without_launch_ex_launches_plainly(monkeypatch, launches):
+    made, driver = launches
+
+    def no_launch_ex():
+        raise DeviceError("a dependent launch needs libcuda.so.1 with cuLaunchKernelEx")
+
+    monkeypatch.setattr(pdl, "_driver", no_launch_ex)
+    assert DRIVER_LAUNCHES_EX() is False
+    monkeypatch.setattr(pdl, "_driver_launches_ex", DRIVER_LAUNCHES_EX)
     monkeypatch.setattr(pdl, "ENABLED", True)
     kernel = Recorder("k")
     pdl.launch(kernel, (3,), (256,), (device(), np.int32(1)), 512)

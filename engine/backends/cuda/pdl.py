@@ -126,8 +126,18 @@ def _capability_of(device: int) -> int:
 
 
 def active() -> bool:
-    """Whether launch() launches dependent: ENABLED, on a device of compute capability >= 9.0 (griddepcontrol)."""
-    return ENABLED and _device_capability() >= 90
+    """Whether launch() launches dependent: ENABLED, on a device of compute capability >= 9.0 (griddepcontrol), with a
+    driver that has cuLaunchKernelEx (else every launch is plain)."""
+    return ENABLED and _device_capability() >= 90 and _driver_launches_ex()
+
+
+@functools.cache
+def _driver_launches_ex() -> bool:
+    try:
+        _driver()
+    except DeviceError:
+        return False
+    return True
 
 
 def launch_dependent(fn, grid, block, args: tuple, shared_mem: int = 0) -> None:
