@@ -155,7 +155,6 @@ class GraphDecoder:
                  use_graph: bool = True):
         cp = self.cp = backend.cp
         self.backend, self.model, self.cache = backend, model, cache
-        self.params = params
         self.use_graph = use_graph
         self.on_device = device_supported(params)
         self.history = list(history)  # host copy, for host sampling
