@@ -114,3 +114,33 @@ __device__ __forceinline__ void pdl_wait() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+
+// Thread block clusters (Hopper; engine/backends/cuda/gemv.py cluster_size, dev/cuda/NOTES.md v22). cluster_ctas: the
+// blocks of this block's cluster (1 in a launch without clusters, and below sm_90); cluster_rank: this block's rank in
+// it (blockIdx.x % cluster_ctas() in a 1-D grid). cluster_sync: every thread of every block of the cluster arrives
+// with release semantics (its global stores before it ordered at cluster scope) and waits with acquire semantics.
+__device__ __forceinline__ unsigned cluster_ctas() {
+#if __CUDA_ARCH__ >= 900
+    unsigned n;
+    asm("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+    return n;
+#else
+    return 1;
+#endif
+}
+
+__device__ __forceinline__ unsigned cluster_rank() {
+#if __CUDA_ARCH__ >= 900
+    unsigned r;
+    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+#else
+    return 0;
+#endif
+}
+
+__device__ __forceinline__ void cluster_sync() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+#endif
+}

@@ -437,7 +437,10 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long ro
 // block's; a group across blocks is handed off: each of its blocks, its rows stored and fenced, counts itself on
 // arrivals[group] (zero before the launch), and the one that finds all the others counted quantizes the group (reading
 // their rows through L2) and sets the count back to zero for the next launch. Which block that is does not change the
-// bytes: the group's 32 values are the same, quantized by one warp in one order.
+// bytes: the group's 32 values are the same, quantized by one warp in one order. Launched in clusters of
+// 32 / per_block blocks (gemv.py cluster_size: per_block 8 or 16 on sm_90), a group's blocks are one cluster: each
+// block stores its rows, the cluster synchronizes (cluster_sync: release / acquire at cluster scope) and the cluster's
+// last block quantizes the group, without the fence, the count and its round trips.
 __device__ __forceinline__ float load_cg(const float* p) {  // through L2: another block's store, fenced before
     float v;
     asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
@@ -450,12 +453,21 @@ __device__ __forceinline__ void prenorm_epilogue(const float* x, const float* __
     __shared__ float scratch[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     const int r0 = blockIdx.x * per_block, r1 = min(rows, r0 + per_block);
-    __threadfence();  // every thread's stores of x visible beyond the block before any arrival is counted
+    const unsigned cluster = cluster_ctas();  // > 1: 32 / per_block, the blocks of this block's group
+    if (cluster == 1) __threadfence();  // every thread's stores of x visible beyond the block before any arrival
     __syncthreads();  // every row of the block stored (x is read back from global memory)
     float ss = 0.0f;
     for (int r = r0 + threadIdx.x; r < r1; r += blockDim.x) ss += x[r] * x[r];
     ss = block_sum(ss, scratch);
     if (threadIdx.x == 0) partials[blockIdx.x] = ss;
+    if (cluster > 1) {
+        cluster_sync();  // the group's rows stored by each of its blocks, visible to all of them
+        if (cluster_rank() == cluster - 1 && warp == 0) {
+            const int r = (r0 & ~31) + lane;
+            store_q8_block(load_cg(x + r) * next_norm[r], r0 >> 5, rows, out_staged);
+        }
+        return;
+    }
     for (int g = (r0 >> 5) + warp; 32 * g < r1; g += n_warps) {
         const int first = 32 * g / per_block, last = min(32 * g + 31, rows - 1) / per_block;
         bool mine = first == last;
