@@ -117,11 +117,8 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-#ifndef PDL_SMALL_GRID_RELEASE
-#define PDL_SMALL_GRID_RELEASE 0  // measurement macro (v21): 1 = small grids release early; 0 = main's release at exit
-#endif
 __device__ __forceinline__ void pdl_release_if_grid_leaves_sms_free() {
-#if __CUDA_ARCH__ >= 900 && PDL_SMALL_GRID_RELEASE
+#if __CUDA_ARCH__ >= 900
     unsigned sms;
     asm("mov.u32 %0, %%nsmid;" : "=r"(sms));  // the SM ids' upper bound (132 SMs of an H100: 132 or more)
     if (gridDim.x * gridDim.y * gridDim.z < sms) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

@@ -244,16 +244,17 @@ def test_gemv_launches_go_dependent_with_the_plain_launch(monkeypatch, launches,
 # ---- the prenorm hand-off in thread block clusters (NOTES.md v22) ---------------------------------------------
 
 @pytest.mark.parametrize("rows,cols,per_block,cluster", [
-    (4096, 4096, None, 2), (4096, 14336, None, 2), (2048, 8192, None, 4), (8192, 28672, None, 1),
-    (4096, 4096, 8, 4), (4096, 4096, 24, 1), (4096, 4096, 32, 1), (4096, 4096, 40, 1), (2080, 4096, 16, 2)],
-    ids=["8b-o", "8b-down", "1b-down", "70b-down", "8-rows", "24-rows", "32-rows", "40-rows", "65-groups"])
+    (4096, 4096, None, 2), (4096, 14336, None, 2), (2048, 8192, None, 1), (8192, 28672, None, 1),
+    (576, 1536, None, 4), (4096, 4096, 8, 1), (4096, 4096, 24, 1), (4096, 4096, 32, 1), (4096, 4096, 40, 1), (2080, 4096, 16, 2)],
+    ids=["8b-o", "8b-down", "1b-down", "70b-down", "smollm2-down", "8-rows", "24-rows", "32-rows", "40-rows", "65-groups"])
 @pytest.mark.parametrize("dependent", [False, True], ids=["plain", "pdl"])
 @requires_nvrtc
 def test_prenorm_groups_across_blocks_launch_as_clusters(monkeypatch, launches, rows, cols, per_block, cluster,
                                                          dependent):
-    """A prenorm gemv_add whose 32-row groups span 2 or 4 whole blocks (per_block 16 or 8) launches them as one
-    cluster each (the cluster attribute, beside the dependent one with pdl on), with the plain launch's grid, block,
-    shared memory and arguments; others (per_block 24, 32, 40) keep the atomic hand-off, launched as before."""
+    """A prenorm gemv_add whose 32-row groups span 2 whole blocks (per_block 16), or 4 (per_block 8) in a grid of
+    no more blocks than SMs (SmolLM2's 576 rows: 72), launches them as one cluster each (the cluster attribute, beside the dependent one with pdl on), with the plain launch's grid, block,
+    shared memory and arguments; others (per_block 24, 32, 40; 8 in 1B's grid of 256) keep the atomic hand-off,
+    launched as before."""
     m = abi._matrix(rows, cols, GGMLType.Q4_K)
     prenorm = gemv.Prenorm(device(), device(), device(), device())
 
@@ -286,11 +287,12 @@ def test_below_hopper_no_clusters(monkeypatch, capability):
     monkeypatch.setattr(pdl, "_device_capability", lambda: capability)
     monkeypatch.setattr(pdl, "_driver_launches_ex", lambda: True)
     monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 227 * 1024))
-    assert gemv.prenorm_cluster(16) == 1 and gemv.prenorm_cluster(8) == 1
+    assert gemv.prenorm_cluster(16, 256) == 1 and gemv.prenorm_cluster(8, 72) == 1
     monkeypatch.setattr(pdl, "_device_capability", lambda: 90)
-    assert gemv.prenorm_cluster(16) == 2 and gemv.prenorm_cluster(8) == 4
+    assert gemv.prenorm_cluster(16, 256) == 2 and gemv.prenorm_cluster(8, 72) == 4
+    assert gemv.prenorm_cluster(8, 256) == 1  # clusters of 4 only in a grid that leaves SMs free
     monkeypatch.setattr(gemv, "CLUSTER_HANDOFF", False)
-    assert gemv.prenorm_cluster(16) == 1
+    assert gemv.prenorm_cluster(16, 256) == 1
 
 
 def decode_inputs(k_q8: bool, v_q8: bool, n_splits: int = 4):

@@ -32,8 +32,8 @@ known only once the gemv_add writing x has finished; but q8 is scale-invariant, 
 quantizes u = x * w (fp32, w the next norm's weight) in its epilogue and writes each block's sum of x^2, and the
 consumer (``Prenormed``) scales the block scales and sums by rsqrt(sum / d + eps). The int8 values are those of the
 composed path's act_t(x * inv * w) but where act_t's rounding crosses a .5 boundary (``prenorm_outputs`` /
-``prenormed_q8``: the numpy model of both ends). Where a 32-row group spans 2 or 4 blocks (8B: 16 rows a block, 1B: 8),
-those blocks are launched as one thread block cluster on Hopper (``prenorm_cluster``, NOTES.md v22): the group's last
+``prenormed_q8``: the numpy model of both ends). Where a 32-row group spans 2 blocks (8B: 16 rows a block), or 4 in a grid
+smaller than the SM count (SmolLM2: 8), those blocks are launched as one thread block cluster on Hopper (``prenorm_cluster``, NOTES.md v22): the group's last
 block quantizes it after a cluster barrier, instead of a fence, an atomic count and a re-read through L2 (arrivals).
 """
 from __future__ import annotations
@@ -155,13 +155,16 @@ def prenorm_blocks(rows: int, per_block: int | None = None) -> int:
 CLUSTER_HANDOFF = True  # off: every group across blocks handed off through arrivals (profile_decode --no-cluster)
 
 
-def prenorm_cluster(per_block: int) -> int:
+def prenorm_cluster(per_block: int, blocks: int) -> int:
     """The blocks of a prenorm gemv_add's thread block cluster: 32 / per_block where each 32-row group spans that
     many whole blocks (per_block 8 or 16; rows % 32 == 0, so the grid is whole clusters) and the device launches
-    clusters; else 1 (the groups across blocks handed off through arrivals)."""
+    clusters; else 1 (the groups across blocks handed off through arrivals). Clusters of 4 only where the grid
+    leaves SMs free: measured on the H100 (NOTES.md v22), the 1B products' 256 blocks of 8 rows in clusters of 4
+    were slower (a cluster's blocks must be resident at once in one GPC), SmolLM2's 72 faster."""
     if not CLUSTER_HANDOFF or per_block >= Q8_BLOCK or Q8_BLOCK % per_block or not pdl.clusters_available():
         return 1
-    return Q8_BLOCK // per_block
+    cluster = Q8_BLOCK // per_block
+    return cluster if cluster == 2 or blocks <= _device_limits()[0] else 1
 
 
 def gemv_add(a, m, x, dtype: str, per_block: int | None = None, staged=None, prenorm: Prenorm | None = None) -> None:
@@ -177,7 +180,7 @@ def gemv_add(a, m, x, dtype: str, per_block: int | None = None, staged=None, pre
         if m.rows % 32 or per_block % WARPS:
             raise DeviceError(f"gemv_add: prenorm outputs need whole groups of 32 rows and blocks of a multiple of "
                               f"{WARPS} rows ({m.rows} rows, {per_block} a block)")
-        cluster = prenorm_cluster(per_block)
+        cluster = prenorm_cluster(per_block, prenorm_blocks(m.rows, per_block))
     next_norm, out_staged, partials, arrivals = prenorm if prenorm is not None else (NULL,) * 4
     _launch("gemv_add", m, m.cols, m.rows,
             (m.data, _row_bytes(m), a, NULL if staged is None else staged, np.int32(m.rows), np.int32(m.cols), x,
