@@ -69,7 +69,12 @@
 #ifndef UNIT_UNROLL
 #define UNIT_UNROLL 2
 #endif
-constexpr int kUnitUnroll = UNIT_UNROLL;  // #pragma unroll takes a constant expression, not a macro
+constexpr int kUnitUnroll = UNIT_UNROLL;
+// Rows a rotary key task of qkv computes at once (2: dot_rows2, its two rows' loads together; 1: one after the other):
+// a measurement macro (session 18)
+#ifndef QKV_PAIR_ROWS
+#define QKV_PAIR_ROWS 2
+#endif  // #pragma unroll takes a constant expression, not a macro
 template <int T> __device__ constexpr bool int8_input() {
     return T == T_Q8_0 || T == T_Q4_0 || T == T_Q4_1 || T == T_Q4_K || T == T_Q6_K;
 }
@@ -564,9 +569,15 @@ __device__ __forceinline__ void qkv_body(
                 if (lane0) cache_k[cache_row + base + dim] = f2a(biased(acc, bk, base + dim));
                 return;
             }
-            const float x1 = biased(dot_row<T>(wk + (long long)(base + j) * row_bytes, smem, d), bk, base + j);
-            const float x2 = biased(dot_row<T>(wk + (long long)(base + j + half_r) * row_bytes, smem, d), bk,
-                                    base + j + half_r);
+            const u8* row1 = wk + (long long)(base + j) * row_bytes;
+            const u8* row2 = wk + (long long)(base + j + half_r) * row_bytes;
+            float2 acc;
+            if constexpr (rows_at_once<T, QKV_PAIR_ROWS>() == 2) {  // both rows' loads issued together
+                acc = dot_rows2<T>(row1, row2, smem, d);
+            } else {
+                acc = make_float2(dot_row<T>(row1, smem, d), dot_row<T>(row2, smem, d));
+            }
+            const float x1 = biased(acc.x, bk, base + j), x2 = biased(acc.y, bk, base + j + half_r);
             if (lane0) {
                 const int kp = Dca{chunk_len, 0}.key_position(p);
                 const float c = cos_t[(long long)kp * half_r + j], s = sin_t[(long long)kp * half_r + j];
