@@ -32,8 +32,8 @@
 //                out_staged (prenorm_epilogue; rows % 32 == 0), then x[r] * next_norm[r] quantized for the next
 //                RMSNorm-fused product (32-row groups across blocks handed off through arrivals) and
 //                partials[block] = the block's sum of x[r]^2
-//   qkv_T        tasks: Hq*D query rows (act_t out, unrotated) | per KV head, R/2 rotary pairs (two rows,
-//                rotated at the key position, stored in the cache) and D-R pass-through rows | Hkv*D
+//   qkv_T        tasks: Hq*D query rows (act_t out, unrotated) | per KV head, R/2 rotary pairs (two rows in one
+//                unit loop for the int8 types, rotated at the key position, stored in the cache) and D-R pass-through rows | Hkv*D
 //                value rows (stored in the cache); input rmsnorm(x)*w; position read from pos[0]; with
 //                Q/K/V biases (qwen2; bq, bk, bv fp32, or all null) each row's act_t(act_t(dot) + bias),
 //                before the rotation, as the composed path's add_bias
@@ -69,12 +69,7 @@
 #ifndef UNIT_UNROLL
 #define UNIT_UNROLL 2
 #endif
-constexpr int kUnitUnroll = UNIT_UNROLL;
-// Rows a rotary key task of qkv computes at once (2: dot_rows2, its two rows' loads together; 1: one after the other):
-// a measurement macro (session 18)
-#ifndef QKV_PAIR_ROWS
-#define QKV_PAIR_ROWS 2
-#endif  // #pragma unroll takes a constant expression, not a macro
+constexpr int kUnitUnroll = UNIT_UNROLL;  // #pragma unroll takes a constant expression, not a macro
 template <int T> __device__ constexpr bool int8_input() {
     return T == T_Q8_0 || T == T_Q4_0 || T == T_Q4_1 || T == T_Q4_K || T == T_Q6_K;
 }
@@ -572,7 +567,7 @@ __device__ __forceinline__ void qkv_body(
             const u8* row1 = wk + (long long)(base + j) * row_bytes;
             const u8* row2 = wk + (long long)(base + j + half_r) * row_bytes;
             float2 acc;
-            if constexpr (rows_at_once<T, QKV_PAIR_ROWS>() == 2) {  // both rows' loads issued together
+            if constexpr (rows_at_once<T, 2>() == 2) {  // both rows' loads issued together (NOTES.md v23)
                 acc = dot_rows2<T>(row1, row2, smem, d);
             } else {
                 acc = make_float2(dot_row<T>(row1, smem, d), dot_row<T>(row2, smem, d));
