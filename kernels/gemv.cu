@@ -32,8 +32,8 @@
 //                out_staged (prenorm_epilogue; rows % 32 == 0), then x[r] * next_norm[r] quantized for the next
 //                RMSNorm-fused product (32-row groups across blocks handed off through arrivals) and
 //                partials[block] = the block's sum of x[r]^2
-//   qkv_T        tasks: Hq*D query rows (act_t out, unrotated) | per KV head, R/2 rotary pairs (two rows,
-//                rotated at the key position, stored in the cache) and D-R pass-through rows | Hkv*D
+//   qkv_T        tasks: Hq*D query rows (act_t out, unrotated) | per KV head, R/2 rotary pairs (two rows in one
+//                unit loop for the int8 types, rotated at the key position, stored in the cache) and D-R pass-through rows | Hkv*D
 //                value rows (stored in the cache); input rmsnorm(x)*w; position read from pos[0]; with
 //                Q/K/V biases (qwen2; bq, bk, bv fp32, or all null) each row's act_t(act_t(dot) + bias),
 //                before the rotation, as the composed path's add_bias
@@ -421,6 +421,7 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long ro
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
     prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS);
     pdl_wait();  // the weights' first rows asked for; everything after may read what earlier kernels wrote
+    pdl_release_if_grid_leaves_sms_free();
     stage<T>([&](int i) { return a2f(x[i]); }, cols, smem);
     each_row_dot<T, 1>(w, row_bytes, rows, cols, per_block, smem, prefetch, [&](int r, float acc) {
         if ((threadIdx.x & 31) == 0) {
@@ -437,7 +438,10 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long ro
 // block's; a group across blocks is handed off: each of its blocks, its rows stored and fenced, counts itself on
 // arrivals[group] (zero before the launch), and the one that finds all the others counted quantizes the group (reading
 // their rows through L2) and sets the count back to zero for the next launch. Which block that is does not change the
-// bytes: the group's 32 values are the same, quantized by one warp in one order.
+// bytes: the group's 32 values are the same, quantized by one warp in one order. Launched in clusters of
+// 32 / per_block blocks (gemv.py cluster_size: per_block 8 or 16 on sm_90), a group's blocks are one cluster: each
+// block stores its rows, the cluster synchronizes (cluster_sync: release / acquire at cluster scope) and the cluster's
+// last block quantizes the group, without the fence, the count and its round trips.
 __device__ __forceinline__ float load_cg(const float* p) {  // through L2: another block's store, fenced before
     float v;
     asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
@@ -450,12 +454,21 @@ __device__ __forceinline__ void prenorm_epilogue(const float* x, const float* __
     __shared__ float scratch[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     const int r0 = blockIdx.x * per_block, r1 = min(rows, r0 + per_block);
-    __threadfence();  // every thread's stores of x visible beyond the block before any arrival is counted
+    const unsigned cluster = cluster_ctas();  // > 1: 32 / per_block, the blocks of this block's group
+    if (cluster == 1) __threadfence();  // every thread's stores of x visible beyond the block before any arrival
     __syncthreads();  // every row of the block stored (x is read back from global memory)
     float ss = 0.0f;
     for (int r = r0 + threadIdx.x; r < r1; r += blockDim.x) ss += x[r] * x[r];
     ss = block_sum(ss, scratch);
     if (threadIdx.x == 0) partials[blockIdx.x] = ss;
+    if (cluster > 1) {
+        cluster_sync();  // the group's rows stored by each of its blocks, visible to all of them
+        if (cluster_rank() == cluster - 1 && warp == 0) {
+            const int r = (r0 & ~31) + lane;
+            store_q8_block(load_cg(x + r) * next_norm[r], r0 >> 5, rows, out_staged);
+        }
+        return;
+    }
     for (int g = (r0 >> 5) + warp; 32 * g < r1; g += n_warps) {
         const int first = 32 * g / per_block, last = min(32 * g + 31, rows - 1) / per_block;
         bool mine = first == last;
@@ -487,6 +500,7 @@ __device__ __forceinline__ void gemv_add_body(const u8* __restrict__ w, long lon
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
     prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T, 2>());
     pdl_wait();  // the weights' first rows asked for; everything after may read what earlier kernels wrote
+    pdl_release_if_grid_leaves_sms_free();
     if (a_staged != nullptr) copy_staged<T>(a_staged, cols, smem);
     else stage<T>([&](int i) { return a2f(a[i]); }, cols, smem);
     each_row_dot<T, 2>(w, row_bytes, rows, cols, per_block, smem, prefetch, [&](int r, float acc) {
@@ -529,6 +543,7 @@ __device__ __forceinline__ void qkv_body(
     };
     prefetch_first(n_q + n_k + n_v, per_block, prefetch);
     pdl_wait();  // the weights' first rows asked for; everything after may read what earlier kernels wrote
+    pdl_release_if_grid_leaves_sms_free();
     stage_normed<T>(x, w_norm, eps, d, in_staged, partials, n_partials, smem, scratch);
     const bool lane0 = (threadIdx.x & 31) == 0;
     const int p = pos[0];
@@ -549,9 +564,15 @@ __device__ __forceinline__ void qkv_body(
                 if (lane0) cache_k[cache_row + base + dim] = f2a(biased(acc, bk, base + dim));
                 return;
             }
-            const float x1 = biased(dot_row<T>(wk + (long long)(base + j) * row_bytes, smem, d), bk, base + j);
-            const float x2 = biased(dot_row<T>(wk + (long long)(base + j + half_r) * row_bytes, smem, d), bk,
-                                    base + j + half_r);
+            const u8* row1 = wk + (long long)(base + j) * row_bytes;
+            const u8* row2 = wk + (long long)(base + j + half_r) * row_bytes;
+            float2 acc;
+            if constexpr (rows_at_once<T, 2>() == 2) {  // both rows' loads issued together (NOTES.md v23)
+                acc = dot_rows2<T>(row1, row2, smem, d);
+            } else {
+                acc = make_float2(dot_row<T>(row1, smem, d), dot_row<T>(row2, smem, d));
+            }
+            const float x1 = biased(acc.x, bk, base + j), x2 = biased(acc.y, bk, base + j + half_r);
             if (lane0) {
                 const int kp = Dca{chunk_len, 0}.key_position(p);
                 const float c = cos_t[(long long)kp * half_r + j], s = sin_t[(long long)kp * half_r + j];
@@ -580,6 +601,7 @@ __device__ __forceinline__ void gateup_body(const float* __restrict__ x, const f
     };
     prefetch_first(rows, per_block, prefetch);
     pdl_wait();  // the weights' first rows asked for; everything after may read what earlier kernels wrote
+    pdl_release_if_grid_leaves_sms_free();
     stage_normed<T>(x, w_norm, eps, d, in_staged, partials, n_partials, smem, scratch);
     for_tasks(rows, per_block, prefetch, [&](int r) {
         float g, u;
@@ -611,6 +633,7 @@ __device__ __forceinline__ void head_body(const float* __restrict__ x, const flo
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
     prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS);
     pdl_wait();  // the weights' first rows asked for; everything after may read what earlier kernels wrote
+    pdl_release_if_grid_leaves_sms_free();
     stage_normed<T>(x, w_norm, eps, d, in_staged, partials, n_partials, smem, scratch);
     each_row_dot<T, 1>(w, row_bytes, rows, d, per_block, smem, prefetch, [&](int r, float acc) {
         if ((threadIdx.x & 31) == 0) logits[r] = acc;
@@ -702,6 +725,7 @@ __device__ __forceinline__ void head_ring_body(const float* __restrict__ x, cons
         ring_row_dots<T>(w, row_bytes, rows, d, per_block, stage_rows, stages,
                          [&] {  // after the first stages' bulk copies (weights only) are issued
                              pdl_wait();
+                             pdl_release_if_grid_leaves_sms_free();
                              stage_normed<T>(x, w_norm, eps, d, in_staged, partials, n_partials, smem, scratch);
                          },
                          [&](int r, float acc) { logits[r] = acc; });

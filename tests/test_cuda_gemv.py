@@ -385,6 +385,43 @@ def test_gemv_add_writes_the_next_products_prenormed_input(cp, ggml_type, rows, 
         assert np.isnan(got_partials[blocks]), where
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q8_0, GGMLType.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,cols", [(4096, 4096), (4096, 14336), (2048, 8192), (32 * 67, 4096), (96, 512)])
+def test_the_cluster_hand_off_writes_the_atomic_hand_off_s_bytes(cp, monkeypatch, ggml_type, rows, cols):
+    """Blocks of 8 and 16 rows launched as clusters of 4 and 2 (each cluster one 32-row group, quantized by its last
+    block after a cluster barrier) leave the residual, the staged bytes and the partial sums bit for bit as the
+    atomic hand-off does (gemv.CLUSTER_HANDOFF off), launch after launch, the arrival counts untouched."""
+    from engine.backends.cuda import pdl
+
+    if not pdl.clusters_available():
+        pytest.skip("thread block clusters need compute capability 9.0 and cuLaunchKernelEx")
+    dtype = "bf16"
+    rng = np.random.default_rng(rows * 7 + cols + int(ggml_type))
+    tensor = synthetic_weight("blk.0.ffn_down", ggml_type, (rows, cols), rng, 1 / np.sqrt(cols))
+    m = device_matrix(cp, tensor, "blk.0.ffn_down")
+    a = act(cp, rounded(rng.standard_normal(cols), dtype), dtype)
+    x0 = (rng.standard_normal(rows) * rng.uniform(0.1, 4, rows)).astype(np.float32)
+    w_next = cp.asarray(rng.uniform(0.5, 1.5, rows).astype(np.float32))
+    arrivals = cp.zeros(rows // 32, dtype=cp.uint32)
+    for per_block in (None, 8, 16, 8):
+        outputs = {}
+        for cluster in (False, True, True):
+            monkeypatch.setattr(gemv, "CLUSTER_HANDOFF", cluster)
+            blocks = gemv.prenorm_blocks(rows, per_block)
+            staged = cp.full(gemv.staged_bytes(rows), 0xAB, dtype=cp.uint8)
+            partials = cp.full(blocks + 1, np.nan, dtype=cp.float32)
+            x = cp.asarray(x0)
+            gemv.gemv_add(a, m, x, dtype, per_block=per_block, prenorm=gemv.Prenorm(w_next, staged, partials,
+                                                                                     arrivals))
+            got = [cp.asnumpy(v) for v in (x, staged, partials)]
+            where = f"{rows}x{cols} {ggml_type.name} per_block {per_block} cluster {cluster}"
+            assert not cp.asnumpy(arrivals).any(), where
+            for name, mine, theirs in zip(("x", "staged", "partials"), got, outputs.get(False, got)):
+                np.testing.assert_array_equal(mine, theirs, err_msg=f"{where}: {name}")
+            outputs.setdefault(cluster, got)
+
+
 def prenormed_input(cp, x, w, per_block=96):
     """gemv_add's prenorm outputs for x (d,) fp32 and the norm weight w as numpy computes them, on the device, with
     the numpy model of what their consumer reads."""

@@ -77,6 +77,7 @@ def recorded_launches(monkeypatch) -> list:
     monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 227 * 1024))
     monkeypatch.setattr(gemv, "_compute_capability", lambda: 90)
     monkeypatch.setattr(pdl, "ENABLED", False)
+    monkeypatch.setattr(gemv, "CLUSTER_HANDOFF", False)  # clusters: tests/test_cuda_pdl.py
     return launched
 
 

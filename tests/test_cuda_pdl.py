@@ -40,7 +40,7 @@ import test_cuda_launch_abi as abi  # noqa: E402  (its table of gemv.py launches
 # ---- the driver's structures ------------------------------------------------------------------------------------
 
 # CUDA 13.0's cuda.h: sizeof / offsetof of CUlaunchAttribute and CUlaunchConfig, the attribute's id
-CUDA_H = {"attribute": (72, 8, 8), "config": (56, 24, 32, 40, 48), "ids": (6, 0)}
+CUDA_H = {"attribute": (72, 8, 8), "config": (56, 24, 32, 40, 48), "ids": (6, 4, 0), "cluster_dim": (12, 4, 8)}
 LAYOUT_PROGRAM = r"""
 #include <stddef.h>
 #include <stdio.h>
@@ -49,7 +49,11 @@ int main(void) {
     printf("%zu %zu %zu\n", sizeof(CUlaunchAttribute), offsetof(CUlaunchAttribute, value), _Alignof(CUlaunchAttribute));
     printf("%zu %zu %zu %zu %zu\n", sizeof(CUlaunchConfig), offsetof(CUlaunchConfig, sharedMemBytes),
            offsetof(CUlaunchConfig, hStream), offsetof(CUlaunchConfig, attrs), offsetof(CUlaunchConfig, numAttrs));
-    printf("%d %d\n", (int)CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, (int)CUDA_SUCCESS);
+    printf("%d %d %d\n", (int)CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+           (int)CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, (int)CUDA_SUCCESS);
+    CUlaunchAttributeValue v;
+    printf("%zu %zu %zu\n", sizeof(v.clusterDim), (size_t)((char*)&v.clusterDim.y - (char*)&v.clusterDim),
+           (size_t)((char*)&v.clusterDim.z - (char*)&v.clusterDim));
     return 0;
 }
 """
@@ -60,7 +64,9 @@ def ctypes_layout() -> dict:
     return {"attribute": (ctypes.sizeof(a), a.value.offset, ctypes.alignment(a)),
             "config": (ctypes.sizeof(c), c.shared_mem_bytes.offset, c.stream.offset, c.attrs.offset,
                        c.num_attrs.offset),
-            "ids": (pdl.PROGRAMMATIC_STREAM_SERIALIZATION, pdl.CUDA_SUCCESS)}
+            "ids": (pdl.PROGRAMMATIC_STREAM_SERIALIZATION, pdl.CLUSTER_DIMENSION, pdl.CUDA_SUCCESS),
+            "cluster_dim": (ctypes.sizeof(pdl.ClusterDimension), pdl.ClusterDimension.y.offset,
+                            pdl.ClusterDimension.z.offset)}
 
 
 def local_cuda_include() -> Path | None:
@@ -86,7 +92,8 @@ def test_the_structures_match_a_local_cuda_h(tmp_path):
     subprocess.run([cc, "-std=c11", f"-I{include}", "-o", str(tmp_path / "layout"), str(tmp_path / "layout.c")],
                    check=True)
     lines = subprocess.run([str(tmp_path / "layout")], check=True, capture_output=True, text=True).stdout.split("\n")
-    compiled = {key: tuple(int(v) for v in line.split()) for key, line in zip(("attribute", "config", "ids"), lines)}
+    compiled = {key: tuple(int(v) for v in line.split())
+                for key, line in zip(("attribute", "config", "ids", "cluster_dim"), lines)}
     assert compiled == ctypes_layout()
 
 
@@ -152,10 +159,16 @@ class Driver:
         self.launches.append(SimpleNamespace(
             kernel=kernel, grid=(c.grid_dim_x, c.grid_dim_y, c.grid_dim_z),
             block=(c.block_dim_x, c.block_dim_y, c.block_dim_z), shared_mem=c.shared_mem_bytes, stream=c.stream,
-            attributes=[(c.attrs[i].id, c.attrs[i].value.programmatic_stream_serialization_allowed)
-                        for i in range(c.num_attrs)], extra=extra,
+            attributes=[attribute(c.attrs[i]) for i in range(c.num_attrs)], extra=extra,
             args=[ctypes.string_at(kernel_params[i], size) for i, size in enumerate(sizes)]))
         return pdl.CUDA_SUCCESS
+
+
+def attribute(a) -> tuple:
+    """A CUlaunchAttribute as (id, its value): the flag of programmatic stream serialization, a cluster's (x, y, z)."""
+    if a.id == pdl.CLUSTER_DIMENSION:
+        return a.id, (a.value.cluster_dim.x, a.value.cluster_dim.y, a.value.cluster_dim.z)
+    return a.id, a.value.programmatic_stream_serialization_allowed
 
 
 STREAM = 0xC0FFEE
@@ -177,6 +190,7 @@ def launches(monkeypatch):
     monkeypatch.setattr(gemv, "_compute_capability", lambda: 90)
     monkeypatch.setattr(pdl, "_device_capability", lambda: 90)
     monkeypatch.setattr(pdl, "_current_stream", lambda: STREAM)
+    monkeypatch.setattr(gemv, "CLUSTER_HANDOFF", False)  # plain launches to compare with (clusters: below)
     driver = Driver(made)
     monkeypatch.setattr(pdl, "_driver", lambda: driver)
     monkeypatch.setattr(pdl, "_driver_launches_ex", lambda: True)
@@ -225,6 +239,60 @@ def test_gemv_launches_go_dependent_with_the_plain_launch(monkeypatch, launches,
     plain, dependent = plain_then_dependent(monkeypatch, launches, lambda: abi.LAUNCHES[launch](m, "bf16"))
     assert len(plain) == 1
     assert_same_launches(plain, dependent)
+
+
+# ---- the prenorm hand-off in thread block clusters (NOTES.md v22) ---------------------------------------------
+
+@pytest.mark.parametrize("rows,cols,per_block,cluster", [
+    (4096, 4096, None, 2), (4096, 14336, None, 2), (2048, 8192, None, 1), (8192, 28672, None, 1),
+    (576, 1536, None, 4), (4096, 4096, 8, 1), (4096, 4096, 24, 1), (4096, 4096, 32, 1), (4096, 4096, 40, 1), (2080, 4096, 16, 2)],
+    ids=["8b-o", "8b-down", "1b-down", "70b-down", "smollm2-down", "8-rows", "24-rows", "32-rows", "40-rows", "65-groups"])
+@pytest.mark.parametrize("dependent", [False, True], ids=["plain", "pdl"])
+@requires_nvrtc
+def test_prenorm_groups_across_blocks_launch_as_clusters(monkeypatch, launches, rows, cols, per_block, cluster,
+                                                         dependent):
+    """A prenorm gemv_add whose 32-row groups span 2 whole blocks (per_block 16), or 4 (per_block 8) in a grid of
+    no more blocks than SMs (SmolLM2's 576 rows: 72), launches them as one cluster each (the cluster attribute, beside the dependent one with pdl on), with the plain launch's grid, block,
+    shared memory and arguments; others (per_block 24, 32, 40; 8 in 1B's grid of 256) keep the atomic hand-off,
+    launched as before."""
+    m = abi._matrix(rows, cols, GGMLType.Q4_K)
+    prenorm = gemv.Prenorm(device(), device(), device(), device())
+
+    def run():
+        gemv.gemv_add(device(), m, device(), "bf16", per_block=per_block, prenorm=prenorm)
+
+    plain, _ = plain_then_dependent(monkeypatch, launches, run)
+    made, driver = launches
+    driver.launches.clear()
+    monkeypatch.setattr(gemv, "CLUSTER_HANDOFF", True)
+    monkeypatch.setattr(pdl, "ENABLED", dependent)
+    monkeypatch.setattr(sys.modules[__name__], "_addresses", itertools.count(RUN_ADDRESSES, 0x10_0000))
+    run()
+    expected = [(pdl.PROGRAMMATIC_STREAM_SERIALIZATION, 1)] * dependent
+    expected += [(pdl.CLUSTER_DIMENSION, (cluster, 1, 1))] * (cluster > 1)
+    if not expected:
+        assert made[-1].args is not None and not driver.launches
+        return
+    (launch,) = driver.launches
+    assert launch.attributes == expected
+    if cluster > 1:  # each cluster one 32-row group
+        assert launch.grid[0] % cluster == 0 and launch.grid[0] // cluster == rows // 32
+    (k,) = plain
+    assert (launch.grid, launch.block, launch.shared_mem) == ((k.grid[0], 1, 1), (k.block[0], 1, 1), k.shared_mem)
+    assert launch.args == [cupy_bytes(a) for a in k.args]
+
+
+@pytest.mark.parametrize("capability", [80, 89])
+def test_below_hopper_no_clusters(monkeypatch, capability):
+    monkeypatch.setattr(pdl, "_device_capability", lambda: capability)
+    monkeypatch.setattr(pdl, "_driver_launches_ex", lambda: True)
+    monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 227 * 1024))
+    assert gemv.prenorm_cluster(16, 256) == 1 and gemv.prenorm_cluster(8, 72) == 1
+    monkeypatch.setattr(pdl, "_device_capability", lambda: 90)
+    assert gemv.prenorm_cluster(16, 256) == 2 and gemv.prenorm_cluster(8, 72) == 4
+    assert gemv.prenorm_cluster(8, 256) == 1  # clusters of 4 only in a grid that leaves SMs free
+    monkeypatch.setattr(gemv, "CLUSTER_HANDOFF", False)
+    assert gemv.prenorm_cluster(16, 256) == 1
 
 
 def decode_inputs(k_q8: bool, v_q8: bool, n_splits: int = 4):
@@ -307,7 +375,7 @@ def test_a_driver_error_is_a_device_error_naming_it(monkeypatch):
     monkeypatch.setattr(pdl, "_current_stream", lambda: 0)
     kernel = SimpleNamespace(name="gemv_q4_k", kernel=SimpleNamespace(ptr=1))
     with pytest.raises(DeviceError, match="gemv_q4_k .*CUDA_ERROR_INVALID_VALUE"):
-        pdl.launch_dependent(kernel, (1,), (32,), (np.int32(0),))
+        pdl.launch_ex(kernel, (1,), (32,), (np.int32(0),))
 
 
 # ---- the kernels wait before touching what earlier kernels write ------------------------------------------------

@@ -6,7 +6,7 @@ and prints the kernels by total time per step, beside the step's wall time and t
 KV cache one step reads (the floor at the device's copy rate).
 
     python tools/profile_decode.py --shape llama3-8b|smollm2 [--dtype bf16] [--depth 512,32768] [--steps 50]
-                                   [--define N=V] [--blocks-per-sm N] [--no-pdl]
+                                   [--define N=V] [--blocks-per-sm N] [--no-pdl] [--no-cluster]
 Needs a GPU, CuPy and torch.
 """
 from __future__ import annotations
@@ -51,10 +51,14 @@ def main() -> None:
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch the GEMVs and the decode attention + combine plainly, not as programmatic dependent "
                          "launches (engine/backends/cuda/pdl.py; Hopper)")
+    ap.add_argument("--no-cluster", action="store_true",
+                    help="hand the prenorm epilogue's 32-row groups off through atomic counts, not in thread block "
+                         "clusters (engine/backends/cuda/gemv.py prenorm_cluster; Hopper)")
     args = ap.parse_args()
     from engine.backends.cuda import gemv, kernels, pdl
 
     pdl.ENABLED = not args.no_pdl
+    gemv.CLUSTER_HANDOFF = not args.no_cluster
 
     if args.blocks_per_sm:
         gemv.BLOCKS_PER_SM = args.blocks_per_sm
@@ -96,7 +100,7 @@ def main() -> None:
                 per_kernel[event.name][1] += 1
         gpu = sum(t for t, _ in per_kernel.values())
         weights, kv = step_bytes(llm, depth)
-        variant = " ".join(args.define + ["no-pdl"] * args.no_pdl)
+        variant = " ".join(args.define + ["no-pdl"] * args.no_pdl + ["no-cluster"] * args.no_cluster)
         print(f"\n{label} {args.dtype} {variant}, depth {depth}: step {wall * 1e6:.0f} us ({1 / wall:.1f} tok/s), "
               f"kernels {gpu:.0f} us; reads {weights / 1e9:.2f} GB weights + {kv / 1e9:.2f} GB KV "
               f"(at 3.3 TB/s: {(weights + kv) / 3.3e12 * 1e6:.0f} us)")

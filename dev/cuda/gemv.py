@@ -15,7 +15,8 @@ Variants:
   --normed    instead, at 8B shapes: qkv, gate_up and head staging their RMSNorm'd input ("staging") against
               reading it prenormed (gemv_add's prenorm outputs: "prenormed"); gemv_add (o, down; staged input)
               plain and with the prenorm epilogue ("add+prenorm": the plain grid, 32-row groups handed off
-              between blocks), each also at 32-row blocks (session 11's prenorm geometry)
+              between blocks; "/cluster": each group's blocks one thread block cluster), each also at 32-row
+              blocks (session 11's prenorm geometry)
   baseline    the previous kernel (fp32 input in shared memory, one warp per row, 4 rows a block: quant.cu
               gemv_<type> of the checkout at DIR, e.g. main's), where its fp32 staging fits 48 KB
 Check: int8 variants against gemv.reference (the numpy model of their arithmetic, rel. error < 1e-5; the
@@ -266,19 +267,27 @@ def time_normed(cp, reps: int, dtype: str = "f16") -> list[dict]:
         gemv.quantize_input(a, a_staged, dtype)
         residual = cp.empty(d, dtype=cp.float32)
         outs = {}
-        for variant, per_block, prenorm in (("add", None, None), ("add/32-row blocks", 32, None),
-                                            ("add+prenorm", None, gemv.Prenorm(w_dev, normed_staged, partials, arrivals)),
-                                            ("add+prenorm/32-row blocks", 32,
-                                             gemv.Prenorm(w_dev, normed_staged, partials, arrivals))):
-            def launch(i, per_block=per_block, prenorm=prenorm):
+        prenorm = gemv.Prenorm(w_dev, normed_staged, partials, arrivals)
+        for variant, per_block, prenorm, cluster in (
+                ("add", None, None, False), ("add/32-row blocks", 32, None, False),
+                ("add+prenorm", None, prenorm, False), ("add+prenorm/cluster", None, prenorm, True),
+                ("add+prenorm/32-row blocks", 32, prenorm, False)):
+            def launch(i, per_block=per_block, prenorm=prenorm, cluster=cluster):
                 m.data = datas[i]
+                gemv.CLUSTER_HANDOFF = cluster
                 gemv.gemv_add(a, m, residual, dtype, per_block=per_block, staged=a_staged, prenorm=prenorm)
 
             residual[...] = x_dev
+            normed_staged[...] = 0
             launch(0)
             outs[variant] = cp.asnumpy(residual)
+            normed_outs = cp.asnumpy(normed_staged), cp.asnumpy(partials)
+            if variant == "add+prenorm":
+                handed_off = normed_outs
             seconds = time_launches(cp, launch, len(datas), reps)
             same = bool((outs[variant] == outs["add"]).all())
+            if variant == "add+prenorm/cluster":  # the same staged bytes and partial sums as the atomic hand-off
+                same &= all((mine == theirs).all() for mine, theirs in zip(normed_outs, handed_off))
             results.append(normed_result(shape, f"{variant}/{dtype}", seconds, same, 0.0 if same else float("inf"),
                                          m.data.nbytes, d, cols, GGMLType.Q4_K, per_block or gemv.tasks_per_block(d)))
         datas.clear()

@@ -32,7 +32,9 @@ known only once the gemv_add writing x has finished; but q8 is scale-invariant, 
 quantizes u = x * w (fp32, w the next norm's weight) in its epilogue and writes each block's sum of x^2, and the
 consumer (``Prenormed``) scales the block scales and sums by rsqrt(sum / d + eps). The int8 values are those of the
 composed path's act_t(x * inv * w) but where act_t's rounding crosses a .5 boundary (``prenorm_outputs`` /
-``prenormed_q8``: the numpy model of both ends).
+``prenormed_q8``: the numpy model of both ends). Where a 32-row group spans 2 blocks (8B: 16 rows a block), or 4 in a grid
+smaller than the SM count (SmolLM2: 8), those blocks are launched as one thread block cluster on Hopper (``prenorm_cluster``, NOTES.md v22): the group's last
+block quantizes it after a cluster barrier, instead of a fence, an atomic count and a re-read through L2 (arrivals).
 """
 from __future__ import annotations
 
@@ -89,9 +91,10 @@ _opted_in: dict[int, int] = {}
 INSTANCE_MACRO = "GEMV_KERNELS"  # gemv.cu's kernels, instantiated per weight type
 
 
-def _launch(op: str, m, cols: int, n_tasks: int, args: tuple, dtype: str, per_block: int | None) -> None:
+def _launch(op: str, m, cols: int, n_tasks: int, args: tuple, dtype: str, per_block: int | None,
+            cluster: int = 1) -> None:
     """Launch gemv.cu's `op` kernel for m's weight type (the build of `dtype`) over n_tasks tasks, staging `cols`
-    inputs."""
+    inputs; its blocks in clusters of `cluster` (pdl.launch)."""
     kernel = f"{op}_{m.suffix}"
     fn = function("gemv", kernel, dtype, instance=per_type(INSTANCE_MACRO, m.suffix))
     shared = stage_bytes(m.ggml_type, cols)
@@ -104,7 +107,7 @@ def _launch(op: str, m, cols: int, n_tasks: int, args: tuple, dtype: str, per_bl
         _opted_in[id(fn)] = shared
     per_block = per_block or tasks_per_block(n_tasks)
     blocks = -(-n_tasks // per_block)
-    pdl.launch(fn, (blocks,), (THREADS,), args + (np.int32(per_block),), shared)
+    pdl.launch(fn, (blocks,), (THREADS,), args + (np.int32(per_block),), shared, cluster=cluster)
 
 
 def _row_bytes(m) -> np.int64:
@@ -149,6 +152,21 @@ def prenorm_blocks(rows: int, per_block: int | None = None) -> int:
     return -(-rows // (per_block or prenorm_per_block(rows)))
 
 
+CLUSTER_HANDOFF = True  # off: every group across blocks handed off through arrivals (profile_decode --no-cluster)
+
+
+def prenorm_cluster(per_block: int, blocks: int) -> int:
+    """The blocks of a prenorm gemv_add's thread block cluster: 32 / per_block where each 32-row group spans that
+    many whole blocks (per_block 8 or 16; rows % 32 == 0, so the grid is whole clusters) and the device launches
+    clusters; else 1 (the groups across blocks handed off through arrivals). Clusters of 4 only where the grid
+    leaves SMs free: measured on the H100 (NOTES.md v22), the 1B products' 256 blocks of 8 rows in clusters of 4
+    were slower (a cluster's blocks must be resident at once in one GPC), SmolLM2's 72 faster."""
+    if not CLUSTER_HANDOFF or per_block >= Q8_BLOCK or Q8_BLOCK % per_block or not pdl.clusters_available():
+        return 1
+    cluster = Q8_BLOCK // per_block
+    return cluster if cluster == 2 or blocks <= _device_limits()[0] else 1
+
+
 def gemv_add(a, m, x, dtype: str, per_block: int | None = None, staged=None, prenorm: Prenorm | None = None) -> None:
     """x (rows,) fp32 += act_t(m @ a), a (cols,) act_t; staged: a quantized ahead (staged_bytes(cols) uint8, as
     quantize_input writes it; int8 types only), read instead of a. prenorm: then also x * prenorm.next_norm
@@ -156,15 +174,17 @@ def gemv_add(a, m, x, dtype: str, per_block: int | None = None, staged=None, pre
     default prenorm_per_block(rows), a multiple of 8), for a consumer's Prenormed input."""
     if staged is not None and m.ggml_type not in INT8_TYPES:
         raise DeviceError(f"gemv_add: a staged input needs an int8 weight type, not {m.ggml_type.name}")
+    cluster = 1
     if prenorm is not None:
         per_block = per_block or prenorm_per_block(m.rows)
         if m.rows % 32 or per_block % WARPS:
             raise DeviceError(f"gemv_add: prenorm outputs need whole groups of 32 rows and blocks of a multiple of "
                               f"{WARPS} rows ({m.rows} rows, {per_block} a block)")
+        cluster = prenorm_cluster(per_block, prenorm_blocks(m.rows, per_block))
     next_norm, out_staged, partials, arrivals = prenorm if prenorm is not None else (NULL,) * 4
     _launch("gemv_add", m, m.cols, m.rows,
             (m.data, _row_bytes(m), a, NULL if staged is None else staged, np.int32(m.rows), np.int32(m.cols), x,
-             next_norm, out_staged, partials, arrivals), dtype, per_block)
+             next_norm, out_staged, partials, arrivals), dtype, per_block, cluster)
 
 
 def _prenormed_args(prenormed: Prenormed | None, m, d: int) -> tuple:

@@ -1,20 +1,24 @@
-"""Programmatic dependent launch (Hopper): dev/cuda/NOTES.md v20.
+"""Programmatic dependent launch and thread block clusters (Hopper): dev/cuda/NOTES.md v20, v22.
 
 A kernel launched with CUDA's programmatic stream serialization attribute is scheduled once every block of the kernel
-before it in the stream has exited, without waiting for that kernel to complete: the launch latency and the new
+before it in the stream has exited (or, from a kernel whose grid leaves SMs free, released its dependents: common.cuh
+pdl_release_if_grid_leaves_sms_free), without waiting for that kernel to complete: the launch latency and the new
 kernel's first weight loads overlap the previous kernel's tail. The kernels launched so (gemv.cu's, dca_decode.cu's
 decode attention and combine) ask for their first weight rows, then execute common.cuh's pdl_wait (the previous
 kernel complete, its writes visible) before touching anything an earlier kernel writes. Launched without the
 attribute they run as before. On the H100 it shortened the decode step by 2-3% at 8B shapes, 6% at 1B and 10% at
-SmolLM2-135M (v20). ENABLED (on by default) turns it off for measurement (tools/profile_decode.py --no-pdl).
+SmolLM2-135M (v20), the early release from small grids SmolLM2's by 7.6% more (v21). ENABLED (on by default) turns it
+off for measurement (tools/profile_decode.py --no-pdl). A cluster launch (v22) puts each `cluster` consecutive blocks
+in one thread block cluster: gemv_add's prenorm epilogue hands a 32-row group between them with a cluster barrier.
 
-    launch(fn, grid, block, args, shared_mem)  fn(grid, block, args, shared_mem=...) as CuPy runs it, or, with ENABLED
-                                               on compute capability >= 9.0, through the driver's cuLaunchKernelEx
-                                               with the attribute, on the current CuPy stream
+    launch(fn, grid, block, args, shared_mem, cluster=1)
+        fn(grid, block, args, shared_mem=...) as CuPy runs it, or, with ENABLED on compute capability >= 9.0 or with
+        cluster > 1, through the driver's cuLaunchKernelEx with the attributes (dependent; blocks in clusters of
+        `cluster` along x, which needs clusters_available()), on the current CuPy stream
 
 CuPy's RawKernel call takes no launch attributes, so the dependent launch goes to libcuda through ctypes: the kernel's
-CUfunction (fn.kernel.ptr), the grid, block, dynamic shared memory and stream in a CUlaunchConfig, one
-CUlaunchAttribute, and each argument as CuPy passes it (``kernel_params``: a CuPy array its device pointer, a numpy
+CUfunction (fn.kernel.ptr), the grid, block, dynamic shared memory and stream in a CUlaunchConfig, its
+CUlaunchAttributes, and each argument as CuPy passes it (``kernel_params``: a CuPy array its device pointer, a numpy
 scalar its value in its own C type). Captured into the decode step's CUDA graph, the launch becomes a kernel node
 whose edge from the node before it is programmatic.
 """
@@ -29,14 +33,22 @@ from ...errors import DeviceError
 
 ENABLED = True  # off: every launch plain (tools/profile_decode.py --no-pdl)
 
-# cuda.h: CUlaunchAttributeID CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION; CUresult CUDA_SUCCESS
+# cuda.h: CUlaunchAttributeID CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION and
+# CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION; CUresult CUDA_SUCCESS
+CLUSTER_DIMENSION = 4
 PROGRAMMATIC_STREAM_SERIALIZATION = 6
 CUDA_SUCCESS = 0
 
 
+class ClusterDimension(ctypes.Structure):
+    """cuda.h CUlaunchAttributeValue's clusterDim: blocks of a cluster along x, y, z."""
+    _fields_ = [("x", ctypes.c_uint), ("y", ctypes.c_uint), ("z", ctypes.c_uint)]
+
+
 class LaunchAttributeValue(ctypes.Union):
     """cuda.h CUlaunchAttributeValue: a union padded to 64 bytes (8-aligned: some members hold pointers)."""
-    _fields_ = [("pad", ctypes.c_uint64 * 8), ("programmatic_stream_serialization_allowed", ctypes.c_int)]
+    _fields_ = [("pad", ctypes.c_uint64 * 8), ("programmatic_stream_serialization_allowed", ctypes.c_int),
+                ("cluster_dim", ClusterDimension)]
 
 
 class LaunchAttribute(ctypes.Structure):
@@ -140,25 +152,39 @@ def _driver_launches_ex() -> bool:
     return True
 
 
-def launch_dependent(fn, grid, block, args: tuple, shared_mem: int = 0) -> None:
-    """fn (a cupy.RawKernel whose kernel waits: common.cuh pdl_wait) launched with programmatic stream serialization
-    on the current stream, with the grid, block, arguments and dynamic shared memory of fn(grid, block, args,
-    shared_mem=shared_mem)."""
+def clusters_available() -> bool:
+    """Whether launch() can put blocks in clusters: compute capability >= 9.0 and a driver with cuLaunchKernelEx."""
+    return _device_capability() >= 90 and _driver_launches_ex()
+
+
+def launch_ex(fn, grid, block, args: tuple, shared_mem: int = 0, dependent: bool = True, cluster: int = 1) -> None:
+    """fn (a cupy.RawKernel) launched through cuLaunchKernelEx on the current stream, with the grid, block, arguments
+    and dynamic shared memory of fn(grid, block, args, shared_mem=shared_mem), and the attributes: dependent,
+    programmatic stream serialization (fn's kernel waits: common.cuh pdl_wait); cluster > 1, blocks in clusters of
+    `cluster` along x (the grid's x a multiple of it)."""
     values = kernel_params(args)
     params = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.addressof(v) for v in values])
-    attribute = LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION)
-    attribute.value.programmatic_stream_serialization_allowed = 1
-    config = LaunchConfig(*_dims(grid), *_dims(block), int(shared_mem), _current_stream(), ctypes.pointer(attribute),
-                          1)
+    attributes = []
+    if dependent:
+        attributes.append(LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION))
+        attributes[-1].value.programmatic_stream_serialization_allowed = 1
+    if cluster > 1:
+        attributes.append(LaunchAttribute(id=CLUSTER_DIMENSION))
+        attributes[-1].value.cluster_dim = ClusterDimension(cluster, 1, 1)
+    array = (LaunchAttribute * max(1, len(attributes)))(*attributes)
+    config = LaunchConfig(*_dims(grid), *_dims(block), int(shared_mem), _current_stream(), array, len(attributes))
     driver = _driver()
     result = driver.cuLaunchKernelEx(ctypes.byref(config), fn.kernel.ptr, params, None)
     if result != CUDA_SUCCESS:
-        raise DeviceError(f"cuLaunchKernelEx of {fn.name} (a dependent launch) failed: {_error_name(driver, result)}")
+        kind = ", ".join(["dependent"] * dependent + [f"clusters of {cluster}"] * (cluster > 1)) or "plain"
+        raise DeviceError(f"cuLaunchKernelEx of {fn.name} ({kind}) failed: {_error_name(driver, result)}")
 
 
-def launch(fn, grid, block, args: tuple, shared_mem: int = 0) -> None:
-    """fn(grid, block, args, shared_mem=shared_mem), dependent (launch_dependent) while active()."""
-    if active():
-        launch_dependent(fn, grid, block, args, shared_mem)
+def launch(fn, grid, block, args: tuple, shared_mem: int = 0, cluster: int = 1) -> None:
+    """fn(grid, block, args, shared_mem=shared_mem): dependent while active(), its blocks in clusters of `cluster`
+    (> 1 needs clusters_available()); through launch_ex where either applies, else CuPy's plain launch."""
+    dependent = active()
+    if dependent or cluster > 1:
+        launch_ex(fn, grid, block, args, shared_mem, dependent=dependent, cluster=cluster)
     else:
         fn(grid, block, args, shared_mem=shared_mem)
