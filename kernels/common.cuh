@@ -125,10 +125,11 @@ __device__ __forceinline__ void pdl_release_if_grid_leaves_sms_free() {
 #endif
 }
 
-// Thread block clusters (Hopper; engine/backends/cuda/gemv.py cluster_size, dev/cuda/NOTES.md v22). cluster_ctas: the
-// blocks of this block's cluster (1 in a launch without clusters, and below sm_90); cluster_rank: this block's rank in
-// it (blockIdx.x % cluster_ctas() in a 1-D grid). cluster_sync: every thread of every block of the cluster arrives
-// with release semantics (its global stores before it ordered at cluster scope) and waits with acquire semantics.
+// Thread block clusters (Hopper; engine/backends/cuda/gemv.py prenorm_cluster, dev/cuda/NOTES.md v22).
+// cluster_ctas: the blocks of this block's cluster (1 in a launch without clusters, and below sm_90); cluster_rank:
+// this block's rank in it (blockIdx.x % cluster_ctas() in a 1-D grid). cluster_sync: every thread of every block of
+// the cluster arrives with release semantics (its global stores before it ordered at cluster scope) and waits with
+// acquire semantics.
 __device__ __forceinline__ unsigned cluster_ctas() {
 #if __CUDA_ARCH__ >= 900
     unsigned n;

@@ -32,11 +32,11 @@
 //                out_staged (prenorm_epilogue; rows % 32 == 0), then x[r] * next_norm[r] quantized for the next
 //                RMSNorm-fused product (32-row groups across blocks handed off through arrivals) and
 //                partials[block] = the block's sum of x[r]^2
-//   qkv_T        tasks: Hq*D query rows (act_t out, unrotated) | per KV head, R/2 rotary pairs (two rows in one
-//                unit loop for the int8 types, rotated at the key position, stored in the cache) and D-R pass-through rows | Hkv*D
-//                value rows (stored in the cache); input rmsnorm(x)*w; position read from pos[0]; with
-//                Q/K/V biases (qwen2; bq, bk, bv fp32, or all null) each row's act_t(act_t(dot) + bias),
-//                before the rotation, as the composed path's add_bias
+//   qkv_T        tasks: Hq*D query rows (act_t out, unrotated) | per KV head, R/2 rotary pairs (two rows, in
+//                one unit loop for the int8 types, rotated at the key position, stored in the cache) and D-R
+//                pass-through rows | Hkv*D value rows (stored in the cache); input rmsnorm(x)*w; position read
+//                from pos[0]; with Q/K/V biases (qwen2; bq, bk, bv fp32, or all null) each row's
+//                act_t(act_t(dot) + bias), before the rotation, as the composed path's add_bias
 //   gateup_T     out[r] = act_t(silu(g) * u), g, u = act_t(Wg[r].h), act_t(Wu[r].h), h = rmsnorm(x)*w; with
 //                out_staged, each block then quantizes its rows of out for the down product (per_block % 32 == 0)
 //   head_T       logits[r] = Wout[r].h (fp32), h = rmsnorm(x)*w
@@ -439,9 +439,9 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long ro
 // arrivals[group] (zero before the launch), and the one that finds all the others counted quantizes the group (reading
 // their rows through L2) and sets the count back to zero for the next launch. Which block that is does not change the
 // bytes: the group's 32 values are the same, quantized by one warp in one order. Launched in clusters of
-// 32 / per_block blocks (gemv.py cluster_size: per_block 8 or 16 on sm_90), a group's blocks are one cluster: each
-// block stores its rows, the cluster synchronizes (cluster_sync: release / acquire at cluster scope) and the cluster's
-// last block quantizes the group, without the fence, the count and its round trips.
+// 32 / per_block blocks (gemv.py prenorm_cluster: per_block 16, or 8 in a small grid; sm_90), a group's blocks are
+// one cluster: each block stores its rows, the cluster synchronizes (cluster_sync: release / acquire at cluster scope)
+// and the cluster's last block quantizes the group, without the fence, the count and its round trips.
 __device__ __forceinline__ float load_cg(const float* p) {  // through L2: another block's store, fenced before
     float v;
     asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");

@@ -245,16 +245,18 @@ def test_gemv_launches_go_dependent_with_the_plain_launch(monkeypatch, launches,
 
 @pytest.mark.parametrize("rows,cols,per_block,cluster", [
     (4096, 4096, None, 2), (4096, 14336, None, 2), (2048, 8192, None, 1), (8192, 28672, None, 1),
-    (576, 1536, None, 4), (4096, 4096, 8, 1), (4096, 4096, 24, 1), (4096, 4096, 32, 1), (4096, 4096, 40, 1), (2080, 4096, 16, 2)],
-    ids=["8b-o", "8b-down", "1b-down", "70b-down", "smollm2-down", "8-rows", "24-rows", "32-rows", "40-rows", "65-groups"])
+    (576, 1536, None, 4), (4096, 4096, 8, 1), (4096, 4096, 24, 1), (4096, 4096, 32, 1), (4096, 4096, 40, 1),
+    (2080, 4096, 16, 2)],
+    ids=["8b-o", "8b-down", "1b-down", "70b-down", "smollm2-down", "8-rows", "24-rows", "32-rows", "40-rows",
+         "65-groups"])
 @pytest.mark.parametrize("dependent", [False, True], ids=["plain", "pdl"])
 @requires_nvrtc
 def test_prenorm_groups_across_blocks_launch_as_clusters(monkeypatch, launches, rows, cols, per_block, cluster,
                                                          dependent):
     """A prenorm gemv_add whose 32-row groups span 2 whole blocks (per_block 16), or 4 (per_block 8) in a grid of
-    no more blocks than SMs (SmolLM2's 576 rows: 72), launches them as one cluster each (the cluster attribute, beside the dependent one with pdl on), with the plain launch's grid, block,
-    shared memory and arguments; others (per_block 24, 32, 40; 8 in 1B's grid of 256) keep the atomic hand-off,
-    launched as before."""
+    no more blocks than SMs (SmolLM2's 576 rows: 72), launches them as one cluster each (the cluster attribute,
+    beside the dependent one with pdl on), with the plain launch's grid, block, shared memory and arguments; others
+    (per_block 24, 32, 40; 8 in 1B's grid of 256) keep the atomic hand-off, launched as before."""
     m = abi._matrix(rows, cols, GGMLType.Q4_K)
     prenorm = gemv.Prenorm(device(), device(), device(), device())
 

@@ -32,9 +32,10 @@ known only once the gemv_add writing x has finished; but q8 is scale-invariant, 
 quantizes u = x * w (fp32, w the next norm's weight) in its epilogue and writes each block's sum of x^2, and the
 consumer (``Prenormed``) scales the block scales and sums by rsqrt(sum / d + eps). The int8 values are those of the
 composed path's act_t(x * inv * w) but where act_t's rounding crosses a .5 boundary (``prenorm_outputs`` /
-``prenormed_q8``: the numpy model of both ends). Where a 32-row group spans 2 blocks (8B: 16 rows a block), or 4 in a grid
-smaller than the SM count (SmolLM2: 8), those blocks are launched as one thread block cluster on Hopper (``prenorm_cluster``, NOTES.md v22): the group's last
-block quantizes it after a cluster barrier, instead of a fence, an atomic count and a re-read through L2 (arrivals).
+``prenormed_q8``: the numpy model of both ends). Where a 32-row group spans 2 blocks (8B: 16 rows a block), or 4
+in a grid smaller than the SM count (SmolLM2: 8), those blocks are launched as one thread block cluster on Hopper
+(``prenorm_cluster``, NOTES.md v22): the group's last block quantizes it after a cluster barrier, instead of a fence,
+an atomic count and a re-read through L2 (arrivals).
 """
 from __future__ import annotations
 
