@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -17,8 +18,9 @@ arg = lambda flag, default: a[a.index(flag) + 1] if flag in a else default
 prompts = [int(p) for p in arg("-p", "512").split(",")]
 gen, depths = int(arg("-n", "128")), [int(d) for d in arg("-d", "0").split(",")]
 assert arg("-o", "") == "json" and arg("-fa", "") == "1"
-rows = [dict(n_prompt=p, n_gen=0, n_depth=0, avg_ts=1000.0 + p, stddev_ts=1.0) for p in prompts if p] + \\
-       [dict(n_prompt=0, n_gen=gen, n_depth=d, avg_ts=100.0 - d / 64, stddev_ts=0.5) for d in depths if gen]
+slower = 2.0 if arg("-ctk", "f16") == "q8_0" and arg("-ctv", "f16") == "q8_0" else 1.0  # shows the types arrived
+rows = [dict(n_prompt=p, n_gen=0, n_depth=0, avg_ts=(1000.0 + p) / slower, stddev_ts=1.0) for p in prompts if p] + \\
+       [dict(n_prompt=0, n_gen=gen, n_depth=d, avg_ts=(100.0 - d / 64) / slower, stddev_ts=0.5) for d in depths if gen]
 print(json.dumps(rows))
 '''
 
@@ -52,3 +54,31 @@ def test_the_tool_runs_both_programs_on_the_same_file(tmp_path):
     assert [r["llama_cpp"] for r in rows] == [1032.0, 99.75, 99.25]
     assert all(r["engine"] > 0 and abs(r["ratio"] - r["engine"] / r["llama_cpp"]) < 1e-12 for r in rows)
     assert "| | tg4 | 48 |" in done.stdout
+
+
+def test_cache_types_reach_both_programs(tmp_path, monkeypatch):
+    """-ctk / -ctv go to engine bench and to llama-bench alike (the stand-in halves its figures when both are q8_0;
+    engine bench refuses a type it does not know, so its rows prove it ran with them), and the table names them."""
+    # heads of 32 values (q8_0's block)
+    model = make_tiny_model(tmp_path, TinySpec(d_model=128, seed=4), gguf_types=("f32",), hf=False)["f32"]
+    fake = tmp_path / "llama-bench"
+    fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
+    fake.chmod(0o755)
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "compare_llama_cpp.py"), "--llama-bench", str(fake),
+                           "-m", str(model), "--device", "cpu", "--dtype", "auto", "-p", "32", "-n", "4",
+                           "-d", "16", "-r", "1", "-ctk", "q8_0", "-ctv", "q8_0", "--json", str(out)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())[str(model)]
+    assert [r["llama_cpp"] for r in rows] == [516.0, 49.875]
+    assert "(KV cache q8_0/q8_0)" in done.stdout
+    import compare_llama_cpp
+    calls = []
+    monkeypatch.setattr(compare_llama_cpp.subprocess, "run", lambda command, **kw: calls.append(command) or
+                        SimpleNamespace(returncode=0, stdout=json.dumps({"results": []}) if "engine.bench" in command
+                                        else "[]"))
+    compare_llama_cpp.engine_rows("m.gguf", "cuda", "bf16", "512", 128, "512", 1, ["-ctk", "q8_0", "-ctv", "q8_0"])
+    compare_llama_cpp.llama_rows("lb", "m.gguf", "cuda", "512", 128, "512", 1, ["-ctk", "q8_0", "-ctv", "q8_0"])
+    assert all(c[c.index("-ctk") + 1] == "q8_0" and c[c.index("-ctv") + 1] == "q8_0" for c in calls)
+    assert len(calls) == 3  # engine bench once, llama-bench for the prompt and the generation tests

@@ -2,10 +2,13 @@
 table with the ratio per test (the way every speed claim in docs/results.md is made).
 
     python tools/compare_llama_cpp.py --llama-bench PATH -m llama3-8b.gguf [-m llama2-7b.gguf ...] \\
-        [--device cuda] [--dtype bf16] [-p 512,8192] [-n 128] [-d 512,8192,32768] [-r 2] [--json FILE]
+        [--device cuda] [--dtype bf16] [-p 512,8192] [-n 128] [-d 512,8192,32768] [-r 2] [-ctk q8_0 -ctv q8_0]
+        [--json FILE]
 
 Tests: ppN after an empty context for each -p, tgN after each -d tokens (both programs get the same depths).
-llama-bench runs with -fa 1 (flash attention) and, on CUDA, -ngl 99 (every layer on the GPU). The random-weight
+llama-bench runs with -fa 1 (flash attention) and, on CUDA, -ngl 99 (every layer on the GPU). -ctk / -ctv give both
+programs the same KV cache types (llama.cpp's names); without them each keeps its own 16-bit default (the engine's
+activation dtype, llama.cpp's f16). The random-weight
 GGUFs of real models' shapes come from `engine bench --shape NAME --save-gguf FILE` or ../shared/bench/synth_gguf.py.
 """
 from __future__ import annotations
@@ -19,10 +22,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def engine_rows(model: str, device: str, dtype: str, prompts: str, gen: int, depths: str, reps: int) -> list[dict]:
+def cache_flags(cache_k: str | None, cache_v: str | None) -> list[str]:
+    """-ctk / -ctv as both programs take them (nothing for a type left to the program's default)."""
+    return (["-ctk", cache_k] if cache_k else []) + (["-ctv", cache_v] if cache_v else [])
+
+
+def engine_rows(model: str, device: str, dtype: str, prompts: str, gen: int, depths: str, reps: int,
+                cache: list[str] = ()) -> list[dict]:
     """engine bench --json on one file -> its result rows (test, tokens, depth, tokens_per_s, sd)."""
     command = [sys.executable, "-m", "engine.bench", "-m", model, "--device", device, "--dtype", dtype,
-               "-p", prompts, "-n", str(gen), "-d", depths, "-r", str(reps), "--no-hf", "--json"]
+               "-p", prompts, "-n", str(gen), "-d", depths, "-r", str(reps), "--no-hf", "--json", *cache]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"engine bench failed on {model}:\n{done.stderr.strip()}")
@@ -30,9 +39,9 @@ def engine_rows(model: str, device: str, dtype: str, prompts: str, gen: int, dep
 
 
 def llama_rows(llama_bench: str, model: str, device: str, prompts: str, gen: int, depths: str,
-               reps: int) -> list[dict]:
+               reps: int, cache: list[str] = ()) -> list[dict]:
     """llama-bench -o json on one file: the prompt tests, then the generation tests at each depth."""
-    common = [llama_bench, "-m", model, "-fa", "1", "-r", str(reps), "-o", "json"]
+    common = [llama_bench, "-m", model, "-fa", "1", "-r", str(reps), "-o", "json", *cache]
     common += ["-ngl", "99"] if device == "cuda" else ["-ngl", "0"]
     rows = []
     for extra in (["-p", prompts, "-n", "0"], ["-p", "0", "-n", str(gen), "-d", depths]):
@@ -80,16 +89,20 @@ def main() -> None:
     ap.add_argument("-n", "--n-gen", type=int, default=128)
     ap.add_argument("-d", "--depth", default="512,8192,32768")
     ap.add_argument("-r", "--repetitions", type=int, default=2)
+    ap.add_argument("-ctk", "--cache-type-k", help="both programs' K cache type (f16, q8_0, ...)")
+    ap.add_argument("-ctv", "--cache-type-v", help="both programs' V cache type")
     ap.add_argument("--json", type=Path, help="also write every row as JSON")
     args = ap.parse_args()
+    cache = cache_flags(args.cache_type_k, args.cache_type_v)
+    label = f" (KV cache {args.cache_type_k or 'default'}/{args.cache_type_v or 'default'})" if cache else ""
     results = {}
     for model in args.model:
         rows = paired(engine_rows(model, args.device, args.dtype, args.n_prompt, args.n_gen, args.depth,
-                                  args.repetitions),
+                                  args.repetitions, cache),
                       llama_rows(args.llama_bench, model, args.device, args.n_prompt, args.n_gen, args.depth,
-                                 args.repetitions))
+                                 args.repetitions, cache))
         results[model] = rows
-        print(table(Path(model).stem, rows), flush=True)
+        print(table(Path(model).stem + label, rows), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
