@@ -39,40 +39,35 @@ def test_rows_pair_by_test_and_depth():
     assert "| | tg128 | 8192 | 120.0 ± 1.0 | - | - |" in text
 
 
-def test_the_tool_runs_both_programs_on_the_same_file(tmp_path):
-    model = make_tiny_model(tmp_path, TinySpec(seed=3), gguf_types=("f32",), hf=False)["f32"]
+def run_tool(tmp_path, spec: TinySpec, *options: str) -> tuple[list[dict], str]:
+    """compare_llama_cpp.py on a tiny model (CPU) against the stand-in llama-bench: (the model's JSON rows, stdout)."""
+    model = make_tiny_model(tmp_path, spec, gguf_types=("f32",), hf=False)["f32"]
     fake = tmp_path / "llama-bench"
     fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
     fake.chmod(0o755)
     out = tmp_path / "rows.json"
     done = subprocess.run([sys.executable, str(REPO / "tools" / "compare_llama_cpp.py"), "--llama-bench", str(fake),
-                           "-m", str(model), "--device", "cpu", "--dtype", "auto", "-p", "32", "-n", "4",
-                           "-d", "16,48", "-r", "1", "--json", str(out)], capture_output=True, text=True, cwd=REPO)
+                           "-m", str(model), "--device", "cpu", "--dtype", "auto", "-p", "32", "-n", "4", "-r", "1",
+                           "--json", str(out), *options], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
-    rows = json.loads(out.read_text())[str(model)]
+    return json.loads(out.read_text())[str(model)], done.stdout
+
+
+def test_the_tool_runs_both_programs_on_the_same_file(tmp_path):
+    rows, stdout = run_tool(tmp_path, TinySpec(seed=3), "-d", "16,48")
     assert [(r["test"], r["depth"]) for r in rows] == [("pp32", 0), ("tg4", 16), ("tg4", 48)]
     assert [r["llama_cpp"] for r in rows] == [1032.0, 99.75, 99.25]
     assert all(r["engine"] > 0 and abs(r["ratio"] - r["engine"] / r["llama_cpp"]) < 1e-12 for r in rows)
-    assert "| | tg4 | 48 |" in done.stdout
+    assert "| | tg4 | 48 |" in stdout
 
 
 def test_cache_types_reach_both_programs(tmp_path, monkeypatch):
     """-ctk / -ctv go to engine bench and to llama-bench alike (the stand-in halves its figures when both are q8_0;
     engine bench refuses a type it does not know, so its rows prove it ran with them), and the table names them."""
-    # heads of 32 values (q8_0's block)
-    model = make_tiny_model(tmp_path, TinySpec(d_model=128, seed=4), gguf_types=("f32",), hf=False)["f32"]
-    fake = tmp_path / "llama-bench"
-    fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
-    fake.chmod(0o755)
-    out = tmp_path / "rows.json"
-    done = subprocess.run([sys.executable, str(REPO / "tools" / "compare_llama_cpp.py"), "--llama-bench", str(fake),
-                           "-m", str(model), "--device", "cpu", "--dtype", "auto", "-p", "32", "-n", "4",
-                           "-d", "16", "-r", "1", "-ctk", "q8_0", "-ctv", "q8_0", "--json", str(out)],
-                          capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, done.stderr
-    rows = json.loads(out.read_text())[str(model)]
+    rows, stdout = run_tool(tmp_path, TinySpec(d_model=128, seed=4),  # heads of 32 values (q8_0's block)
+                            "-d", "16", "-ctk", "q8_0", "-ctv", "q8_0")
     assert [r["llama_cpp"] for r in rows] == [516.0, 49.875]
-    assert "(KV cache q8_0/q8_0)" in done.stdout
+    assert "(KV cache q8_0/q8_0)" in stdout
     import compare_llama_cpp
     calls = []
     monkeypatch.setattr(compare_llama_cpp.subprocess, "run", lambda command, **kw: calls.append(command) or
