@@ -7,9 +7,8 @@ activation dtype ("f32" on the CPU, "f16" | "bf16" on CUDA):
                keeps on the device (cuda/weights.device_bytes).
   copies       CPU: float32 copies of the matrices not stored F32, when kept (``f32_copies``; by default
                only when the whole plan with them takes at most half of the available memory).
-               CUDA: the 16-bit prefill copies of a small model (cuda/weights.planned_fp16_copies: up to a
-               sixteenth of the free GPU memory; none where the plan with them would leave less than a
-               sixteenth free).
+               CUDA: the 16-bit prefill copies of the matrices (cuda/weights.planned_fp16_copies: up to half
+               the free GPU memory; none where the plan with them would leave less than a sixteenth free).
   KV cache     layers x context x KV heads x (bytes of a head's key row + of its value row), as the cache
                types store them (kv_storage.row_bytes: head_dim x 4 for f32 on the CPU, x 2 for f16/bf16 (CUDA),
                34/32 a value for q8_0, ...), once per slot (``engine serve --parallel N``: each slot has its

@@ -75,7 +75,7 @@ __device__ __forceinline__ void dequant_rows(unsigned char* tile, const unsigned
 #pragma unroll
     for (int idx = lane; idx < BN * CH; idx += 32) {
         const int j = idx / CH, c = idx - j * CH;
-        const float d = h2f(*(const half_t*)(raw + BN * D + (j * (D / Q8_BLOCK) + c / 4) * 2));
+        const half_t d = *(const half_t*)(raw + BN * D + (j * (D / Q8_BLOCK) + c / 4) * 2);
         *(uint4*)(tile + swz<D>(j, c)) = q8_to_act8(*(const uint2*)(raw + j * D + c * 8), d);
     }
 }

@@ -62,7 +62,7 @@ extern "C" __global__ void dequant_kv_q8(const i8* __restrict__ q, const half_t*
     const long long per_row = (long long)heads * head_dim / 8;
     if (idx >= max_rows * per_row || idx / per_row > positions[last]) return;
     const uint2 w = *(const uint2*)(q + idx * 8);
-    *(uint4*)(out + idx * 8) = q8_to_act8(w, h2f(d[idx * 8 / Q8_BLOCK]));
+    *(uint4*)(out + idx * 8) = q8_to_act8(w, d[idx * 8 / Q8_BLOCK]);
 }
 
 // q8_0 rows <- their ggml blocks as a session file holds them (kv_q8.join_blocks): raw is n_blocks blocks of 34 bytes

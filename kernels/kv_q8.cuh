@@ -5,10 +5,35 @@
 
 #define Q8_BLOCK 32  // values per scale
 
-// 8 int8 values (bytes of w, lowest first) times d -> 8 act_t values packed in 16 bytes
-__device__ __forceinline__ uint4 q8_to_act8(uint2 w, float d) {
-    const unsigned lo = w.x, hi = w.y;
-    auto v = [&](unsigned word, int i) { return (float)(int)(signed char)((word >> (8 * i)) & 0xffu) * d; };
+// 8 int8 values (bytes of w, lowest first) times the fp16 scale d -> 8 act_t values packed in 16 bytes, each q * d
+// rounded once to act_t (as rounding the exact fp32 product would), with no integer-to-float conversion: Hopper issues
+// those at 16 a clock an SM against 128 for an add, and the decode kernel converts every value of its q8_0 tiles
+// (dev/cuda/NOTES.md v24). A byte's q + 128 (= byte ^ 0x80) becomes the low mantissa bits of a float whose unit is
+// its last place, 2^23 + q + 128 (fp16: 1024 + q + 128), and one subtraction leaves q exactly.
+#ifdef ACT_BF16
+__device__ __forceinline__ uint4 q8_to_act8(uint2 w, half_t d_bits) {
+    const float d = h2f(d_bits);
+    const unsigned lo = w.x ^ 0x80808080u, hi = w.y ^ 0x80808080u;
+    // byte i of word, as bits 0..7 of 0x4b000000 = 2^23: the product q * d is exact in fp32 (8 + 11 bits)
+    auto v = [&](unsigned word, int i) {
+        return (__uint_as_float(__byte_perm(word, 0x4b000000u, 0x7440u | i)) - 8388736.0f) * d;
+    };
     return make_uint4(pack2(v(lo, 0), v(lo, 1)), pack2(v(lo, 2), v(lo, 3)), pack2(v(hi, 0), v(hi, 1)),
                       pack2(v(hi, 2), v(hi, 3)));
 }
+#else
+// bytes 2i, 2i + 1 of word (sel: 0x4140 for bytes 0, 1; 0x4342 for 2, 3) times d2 = {d, d}: 1024 + q + 128 in each
+// half of an fp16 pair, minus 1152, then one fp16 multiply (.rn on both: not contracted into an fma)
+__device__ __forceinline__ unsigned q8_pair_to_f16x2(unsigned word, unsigned sel, unsigned d2) {
+    unsigned r = __byte_perm(word, 0x64646464u, sel);
+    asm("sub.rn.f16x2 %0, %0, %1;" : "+r"(r) : "r"(0x64806480u));
+    asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(r) : "r"(d2));
+    return r;
+}
+
+__device__ __forceinline__ uint4 q8_to_act8(uint2 w, half_t d_bits) {
+    const unsigned d2 = (unsigned)d_bits * 0x10001u, lo = w.x ^ 0x80808080u, hi = w.y ^ 0x80808080u;
+    return make_uint4(q8_pair_to_f16x2(lo, 0x4140u, d2), q8_pair_to_f16x2(lo, 0x4342u, d2),
+                      q8_pair_to_f16x2(hi, 0x4140u, d2), q8_pair_to_f16x2(hi, 0x4342u, d2));
+}
+#endif

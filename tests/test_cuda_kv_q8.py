@@ -305,6 +305,52 @@ def test_store_writes_the_cpu_encoders_bytes(dtype):
                                            dtype)))
 
 
+def round_to_activation(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values rounded to nearest even in the activation dtype, as float32 (numpy alone: no GPU rounding)."""
+    if dtype == "f16":
+        return values.astype(np.float16).astype(np.float32)
+    bits = values.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).astype(np.uint32)
+    return np.where(np.isnan(values), np.float32("nan"), rounded.view(np.float32))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_gives_q_times_d_rounded_once_for_every_byte(dtype):
+    """Every int8 value (-128 .. 127) times fp16 scales of every kind -- normal over fp16's range, subnormal,
+    negative, zero, large enough that q * d overflows, inf and NaN -- decoded by the q8_0 kernels (dequant_kv_q8, and
+    the decode kernel through the same q8_to_act8) is the exact product rounded once to the activation dtype:
+    bit for bit where finite, inf and NaN where the product is."""
+    import cupy as cp
+
+    from engine.backends.cuda import CudaBackend
+
+    backend = CudaBackend(dtype)
+    rng = np.random.default_rng(7)
+    scales = np.concatenate([
+        (2.0 ** rng.uniform(-14, 15, 40)).astype(np.float16),  # normal fp16 scales
+        np.float16(2.0 ** -24) * rng.integers(1, 1024, 8).astype(np.float16),  # subnormal
+        -(2.0 ** rng.uniform(-10, 5, 8)).astype(np.float16),  # negative (a session file's arbitrary bytes)
+        np.array([0, 65504, 600, 516, 2 ** -14, np.inf, -np.inf, np.nan], np.float16)])
+    heads, head_dim = 1, 256  # a row holds every byte value once, in 8 blocks of its own scale
+    rows = len(scales) // 8
+    q = np.tile(np.arange(-128, 128, dtype=np.int8), rows).reshape(rows, heads, head_dim)
+    for r in range(rows):  # the values in another order in every row: each block meets other bytes
+        q[r, 0] = rng.permutation(q[r, 0])
+    d = scales.reshape(rows, heads, head_dim // 32)
+    store = kv_q8.DeviceQ8Rows(cp.asarray(q), cp.asarray(d))
+    out = cp.zeros((rows, heads, head_dim), dtype=cp.float16 if dtype == "f16" else cp.uint16)
+    kv_q8.dequantize(store, out, backend.positions(rows - 1, 1), rows, dtype)
+    decoded = backend.to_numpy(out)
+    exact = q.astype(np.float32) * np.repeat(d.astype(np.float32), 32, axis=-1)  # exact: 8 x 11 significant bits
+    expected = round_to_activation(exact, dtype)
+    finite = np.isfinite(expected)
+    np.testing.assert_array_equal(decoded[finite].view(np.uint32), expected[finite].view(np.uint32))
+    np.testing.assert_array_equal(np.isnan(decoded), np.isnan(expected))
+    np.testing.assert_array_equal(decoded[np.isinf(expected)], expected[np.isinf(expected)])
+    assert finite.sum() > 0.8 * finite.size and np.isinf(expected).any() and np.isnan(expected).any()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("spec", sorted(SPECS))

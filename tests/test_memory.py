@@ -118,8 +118,8 @@ def test_a_cuda_plan_fuses_qkv_and_gate_up_for_the_scratch(monkeypatch):
     assert plan.copies == 0 and plan.scratch == 2 * (2 * 2048) * 256  # gate and up as one matrix
 
 
-def test_cuda_prefill_copies_take_a_sixteenth_of_free_memory_and_give_way_to_the_context(monkeypatch):
-    """The 16-bit prefill copies are kept when they take at most 1/16 of the free GPU memory (or the 1 GiB floor),
+def test_cuda_prefill_copies_take_half_the_free_memory_and_give_way_to_the_context(monkeypatch):
+    """The 16-bit prefill copies are kept when they take at most half the free GPU memory (or the 1 GiB floor),
     and dropped where the plan with them would not fit but fits without them."""
     from engine.backends.cuda import weights as cuda_weights
 
@@ -135,9 +135,8 @@ def test_cuda_prefill_copies_take_a_sixteenth_of_free_memory_and_give_way_to_the
     assert memory.plan_memory(small, weights, 256, "cuda", "f16", available=free).copies == copies
     monkeypatch.setattr(cuda_weights, "PREFILL_FP16_SHARE", free // copies + 1)
     assert memory.plan_memory(small, weights, 256, "cuda", "f16", available=free).copies == 0
-    monkeypatch.setattr(cuda_weights, "PREFILL_FP16_SHARE", 16)
-    assert cuda_weights.prefill_copy_budget(80 << 30) == 5 << 30 and cuda_weights.prefill_copy_budget(None) == 0
-    monkeypatch.setattr(cuda_weights, "PREFILL_FP16_BUDGET", 1 << 30)
+    monkeypatch.undo()  # the shipped share and floor
+    assert cuda_weights.prefill_copy_budget(80 << 30) == 40 << 30 and cuda_weights.prefill_copy_budget(None) == 1 << 30
     with_copies = memory.plan_memory(small, weights, 4096, "cuda", "f16", available=1 << 40)
     without = memory.plan_memory(small, weights, 4096, "cuda", "f16", available=with_copies.total - 1)
     assert with_copies.copies == copies and without.copies == 0 and without.total < with_copies.total - 1
@@ -145,7 +144,7 @@ def test_cuda_prefill_copies_take_a_sixteenth_of_free_memory_and_give_way_to_the
     headroom = memory.plan_memory(small, weights, 4096, "cuda", "f16", available=with_copies.total)
     assert headroom.copies == 0  # the copies would fit exactly: they leave no room for what the plan does not count
     assert memory.plan_memory(small, weights, 4096, "cuda", "f16", available=2 * with_copies.total).copies == copies
-    assert memory.cuda_copy_budget(with_copies, 1 << 40) == (1 << 40) // 16
+    assert memory.cuda_copy_budget(with_copies, 1 << 40) == (1 << 40) // 2
     assert memory.cuda_copy_budget(without, 1) == 0
 
 

@@ -37,12 +37,13 @@ OUTPUT_HEADS = ("output", "token_embd")  # weights whose products are logits (fp
 # A model whose matrices take at most prefill_copy_budget bytes as 16-bit values keeps copies in the activation
 # dtype for prefill GEMMs: dequantizing per prefill batch costs a small model ~4% of a 32k-token prefill (many
 # small launches; SmolLM2-135M: 0.27 GB of copies) and Llama-3.2-1B 59% of a 512-token one (H100, session 13:
-# pp512 39.3k -> 94.7k tokens/s with its 2.5 GB of copies kept, pp8192 +3%), while a large model's GEMMs dwarf it
-# and its copies (8B: 15 GB) would take the KV cache's memory. The budget: a sixteenth of the GPU memory free at
-# load (~4.9 GB on an 80 GB H100), at least PREFILL_FP16_BUDGET; the memory plan drops the copies where the
-# context would not fit with them or they would leave less than a sixteenth free (memory.plan_memory).
+# pp512 39.3k -> 94.7k tokens/s with its 2.5 GB of copies kept, pp8192 +3%) and Llama-3-8B's pp512 38% (session
+# 19: 26.2k -> 42.1k tokens/s with its 15 GB of copies, pp8192 +3%). The budget: half the GPU memory free at load
+# (~39 GB on an 80 GB H100), at least PREFILL_FP16_BUDGET; the memory plan drops the copies where the context would
+# not fit with them or they would leave less than a sixteenth free (memory.plan_memory): they never take the KV
+# cache's memory.
 PREFILL_FP16_BUDGET = 1 << 30
-PREFILL_FP16_SHARE = 16
+PREFILL_FP16_SHARE = 2
 
 # cuBLAS / CUDA enum values (cublas_api.h, library_types.h)
 _OP_N, _OP_T = 0, 1
