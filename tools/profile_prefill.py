@@ -1,11 +1,12 @@
-"""Where a long prefill's GPU time goes, per op, on SmolLM2-135M shapes (random Q4_1 weights).
+"""Where a prefill's GPU time goes, per op, at SmolLM2-135M's or a real model's shapes (random weights).
 
 Every backend op of ``Llama.compute`` is bracketed by CUDA events (GPU time, host launch work
 excluded); matrix products are split per weight kind with their FLOP rate. Then cuBLAS alone on the
 same GEMM shapes (the ceiling those ops could reach), and whole prefills of --long tokens at several
 micro-batch sizes.
 
-    python tools/profile_prefill.py [--tokens 32768] [--ubatch 8192,32768] [--long 131072] [--long-ubatch 8192,32768]
+    python tools/profile_prefill.py [--shape smollm2|llama3.2-1b|...] [--dtype f16|bf16] [--tokens 32768]
+        [--ubatch 8192,32768] [--long 131072] [--long-ubatch 8192,32768]
 """
 from __future__ import annotations
 
@@ -103,11 +104,12 @@ def profile(model, backend, cp, n: int, ubatch: int) -> None:
         cache = None
 
 
-def gemm_ceiling(cp, n: int) -> None:
+def gemm_ceiling(cp, config, n: int) -> None:
     """cuBLAS fp16 GEMMs of the model's shapes: (n, k) @ (m, k)^T."""
     print(f"cuBLAS alone, {n} rows (cupy.matmul, fp16 in/out, fp32 accumulation):")
-    for m, k, what in ((576, 576, "q / o"), (192, 576, "k / v"), (960, 576, "q+k+v"), (1536, 576, "gate / up"),
-                       (3072, 576, "gate+up"), (576, 1536, "down")):
+    d, q, kv, ffn = config.d_model, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.ffn_dim
+    for m, k, what in ((q, d, "q"), (d, q, "o"), (kv, d, "k / v"), (q + 2 * kv, d, "q+k+v"), (ffn, d, "gate / up"),
+                       (2 * ffn, d, "gate+up"), (d, ffn, "down")):
         x = cp.random.standard_normal((n, k), dtype=cp.float32).astype(cp.float16)
         w = cp.random.standard_normal((m, k), dtype=cp.float32).astype(cp.float16)
         cp.matmul(x, w.T)
@@ -136,6 +138,9 @@ def long_prefill(model, cp, n: int, ubatches) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="smollm2",
+                        help="a preset of engine bench --shape, or smollm2 (the default model's shapes)")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--ubatch", default="8192,32768")
     parser.add_argument("--long", type=int, default=131072)
@@ -143,13 +148,13 @@ def main() -> None:
     args = parser.parse_args()
     import cupy as cp
 
-    llm, label = load_bench_model(LoadSettings(device="cuda", context=max(args.tokens, args.long) + 256, dca="on"),
-                                  synthetic=True)
+    settings = LoadSettings(device="cuda", dtype=args.dtype, context=max(args.tokens, args.long) + 256, dca="on")
+    llm, label = load_bench_model(settings, synthetic=True, shape=None if args.shape == "smollm2" else args.shape)
     model, backend, dca = llm.model, llm.backend, llm.dca
     print(f"model: {label}; DCA {dca}")
     for ubatch in (int(u) for u in args.ubatch.split(",")):
         profile(model, backend, cp, args.tokens, ubatch)
-    gemm_ceiling(cp, args.tokens)
+    gemm_ceiling(cp, model.config, args.tokens)
     if args.long:
         long_prefill(model, cp, args.long, [int(u) for u in args.long_ubatch.split(",")])
 
