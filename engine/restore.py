@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .backends.cuda.kv_q8 import is_q8, load_blocks
+from .copy_stream import CopyStream
 from .prompt_cache import SessionFileError, TensorBytes
 
 CHUNK_BYTES = 8 << 20  # a read and a host-to-device copy: large enough for the bus's rate, cheap to pin
@@ -167,18 +168,14 @@ def put(cache: Any, copies: Any, piece: Piece, host: np.ndarray) -> None:
     copies.split_q8(raw, rows)
 
 
-class DeviceCopies:
-    """The copies of a restore on the current GPU: host-to-device copies from pinned ring buffers queued on a
-    private stream that first waits for the work already queued on the current stream (which may still use the
-    cache), and one event per ring slot."""
+class DeviceCopies(CopyStream):
+    """The copies of a restore on the current GPU: host-to-device copies from pinned ring buffers, one event per ring
+    slot (copy_stream.CopyStream: done, wait, finish)."""
 
     def __init__(self, cp: Any, dtype: str, slots: int = SLOTS):
-        self.cp, self.dtype = cp, dtype  # the activation dtype: the build of kv_q8.cu the cache's kernels use
+        super().__init__(cp, slots)
+        self.dtype = dtype  # the activation dtype: the build of kv_q8.cu the cache's kernels use
         self.slots = slots
-        self.home = cp.cuda.get_current_stream()  # the engine's: the cache's writers
-        self.stream = cp.cuda.Stream(non_blocking=True)
-        self.stream.wait_event(self.home.record())
-        self.events = [cp.cuda.Event(disable_timing=True) for _ in range(slots)]
         self.buffer_bytes = 0  # a ring buffer's size: the largest piece
         self._staging = None  # (buffer_bytes,) uint8 on the device, made for the first q8_0 piece
 
@@ -187,33 +184,20 @@ class DeviceCopies:
         the model's rows, so that CuPy's pinned pool (which reuses a freed buffer for a request of its size) gives
         a later restore, or pin_ring_in_background's, buffers back."""
         self.buffer_bytes = nbytes
-        return [np.frombuffer(self.cp.cuda.alloc_pinned_memory(max(nbytes, CHUNK_BYTES)), np.uint8, nbytes)
+        return [np.frombuffer(self.xp.cuda.alloc_pinned_memory(max(nbytes, CHUNK_BYTES)), np.uint8, nbytes)
                 for _ in range(self.slots)]
 
     def upload(self, dst: Any, host: np.ndarray) -> None:
-        runtime = self.cp.cuda.runtime
-        runtime.memcpyAsync(dst.data.ptr, host.ctypes.data, host.nbytes, runtime.memcpyHostToDevice,
-                            self.stream.ptr)
+        self.copy(dst.data.ptr, host.ctypes.data, host.nbytes, self.xp.cuda.runtime.memcpyHostToDevice)
 
     def staging(self, nbytes: int) -> Any:
-        """One device buffer for every q8_0 piece of the restore (its copies and splits are ordered by the stream),
-        from the engine stream's pool: freed once finish() has run, it is that stream's to reuse."""
+        """One device buffer for every q8_0 piece of the restore (its copies and splits are ordered by the stream)."""
         if self._staging is None:
-            with self.home:
-                self._staging = self.cp.empty(self.buffer_bytes, dtype=self.cp.uint8)
+            self._staging = self.device_buffer(self.buffer_bytes)
         return self._staging[:nbytes]
 
     def split_q8(self, raw: Any, rows: Any) -> None:
         load_blocks(raw, rows, self.dtype)
-
-    def done(self, slot: int) -> None:
-        self.events[slot].record(self.stream)
-
-    def wait(self, slot: int) -> None:
-        self.events[slot].synchronize()
-
-    def finish(self) -> None:
-        self.stream.synchronize()
 
 
 def pin_ring_in_background(slots: int = SLOTS) -> threading.Thread | None:

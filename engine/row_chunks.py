@@ -13,7 +13,8 @@ The copies go through a ``downloads`` object:
     active()                  the context the device's work is queued in (its GPU current, the private stream)
     staging(slot, nbytes)     a device (nbytes,) uint8 buffer of that slot (for q8_0 blocks)
     download(slot, rows)      the slot's host buffer <- rows (a contiguous device array), queued
-    wait(slot, nbytes)        block until the slot's copy has run; its host buffer's first nbytes, uint8
+    wait(slot)                block until the slot's copy has run
+    host[slot]                the slot's host buffer, uint8
     finish()                  block until everything queued has run
 ``DeviceDownloads`` is the CUDA one; the tests run device_chunks on the CPU with numpy arrays and a stand-in.
 """
@@ -24,6 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .copy_stream import CopyStream
 from .kv_storage import EncodedStore
 
 CHUNK_BYTES = 8 << 20  # restore.CHUNK_BYTES: CuPy's pinned pool hands a restore's ring buffers to a save and back
@@ -74,7 +76,8 @@ def device_chunks(store: Any, n: int, downloads: Any, chunk_bytes: int = CHUNK_B
         for index, (_, _, rows) in enumerate(pieces):
             if index + 1 < len(pieces):
                 queue(index + 1)  # into the slot of the chunk before this one, which the caller is done with
-            host = downloads.wait(index % SLOTS, rows * _row_bytes(store))
+            downloads.wait(index % SLOTS)
+            host = downloads.host[index % SLOTS][:rows * _row_bytes(store)]
             yield host.view(dtype).reshape((rows,) + shape)
     finally:
         downloads.finish()
@@ -94,19 +97,13 @@ def gather(chunks: Iterator[np.ndarray], shape: tuple[int, ...], dtype: np.dtype
     return out
 
 
-class DeviceDownloads:
+class DeviceDownloads(CopyStream):
     """The copies of a save from one GPU (`device`) to SLOTS pinned host buffers of max(CHUNK_BYTES, a chunk) bytes,
-    queued on a private stream that first waits for the work already queued on the current stream (which may still
-    be writing the cache); an event per slot. q8_0 blocks are joined in a device staging buffer per slot, from the
-    current stream's pool: freed once finish() has run, they are that stream's to reuse."""
+    one event per slot (copy_stream.CopyStream: wait, finish); q8_0 blocks are joined in a device staging buffer per
+    slot."""
 
     def __init__(self, cp: Any, device: Any):
-        self.xp, self.device = cp, device
-        with device:
-            self.home = cp.cuda.get_current_stream()  # the engine's: the cache's writers
-            self.stream = cp.cuda.Stream(non_blocking=True)
-            self.stream.wait_event(self.home.record())
-            self.events = [cp.cuda.Event(disable_timing=True) for _ in range(SLOTS)]
+        super().__init__(cp, SLOTS, device)
         self.host: list[np.ndarray | None] = [None] * SLOTS
         self.staged: list[Any] = [None] * SLOTS
 
@@ -117,8 +114,7 @@ class DeviceDownloads:
 
     def staging(self, slot: int, nbytes: int) -> Any:
         if self.staged[slot] is None or self.staged[slot].nbytes < nbytes:
-            with self.home:
-                self.staged[slot] = self.xp.empty(max(nbytes, CHUNK_BYTES), dtype=self.xp.uint8)
+            self.staged[slot] = self.device_buffer(max(nbytes, CHUNK_BYTES))
         return self.staged[slot][:nbytes]
 
     def download(self, slot: int, rows: Any) -> None:
@@ -128,16 +124,8 @@ class DeviceDownloads:
         if host is None or host.nbytes < rows.nbytes:
             size = max(rows.nbytes, CHUNK_BYTES)
             host = self.host[slot] = np.frombuffer(self.xp.cuda.alloc_pinned_memory(size), np.uint8, size)
-        runtime = self.xp.cuda.runtime
-        runtime.memcpyAsync(host.ctypes.data, rows.data.ptr, rows.nbytes, runtime.memcpyDeviceToHost, self.stream.ptr)
-        self.events[slot].record(self.stream)
-
-    def wait(self, slot: int, nbytes: int) -> np.ndarray:
-        self.events[slot].synchronize()
-        return self.host[slot][:nbytes]
-
-    def finish(self) -> None:
-        self.stream.synchronize()
+        self.copy(host.ctypes.data, rows.data.ptr, rows.nbytes, self.xp.cuda.runtime.memcpyDeviceToHost)
+        self.done(slot)
 
 
 def _row_bytes(store: Any) -> int:

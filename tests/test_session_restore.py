@@ -238,7 +238,7 @@ def test_ring_buffers_are_one_size_whatever_the_rows():
         pinned_sizes.append(nbytes)
         return bytearray(nbytes)
 
-    stub = SimpleNamespace(cp=SimpleNamespace(cuda=SimpleNamespace(alloc_pinned_memory=alloc_pinned_memory)),
+    stub = SimpleNamespace(xp=SimpleNamespace(cuda=SimpleNamespace(alloc_pinned_memory=alloc_pinned_memory)),
                            slots=3, buffer_bytes=0)
     for nbytes in (1000, restore.CHUNK_BYTES - 34, restore.CHUNK_BYTES + 4096):
         pinned_sizes.clear()

@@ -208,10 +208,9 @@ class LazyDownloads:
         self.host[slot][...] = 0xEE
         self.queued[slot] = rows.copy()  # what the stream copies: the rows as they are when queued
 
-    def wait(self, slot, nbytes):
+    def wait(self, slot):
         rows = self.queued.pop(slot)
         self.host[slot][:rows.nbytes] = rows.reshape(-1).view(np.uint8)
-        return self.host[slot][:nbytes]
 
     def finish(self):
         self.queued.clear()
