@@ -35,6 +35,18 @@ def step_bytes(llm, depth: int) -> tuple[int, int]:
     return weights, kv
 
 
+def ready_decoder(model, backend, cache, prompt: np.ndarray):
+    """prompt prefilled into cache (4096 tokens a forward), then a greedy graph decoder past its eager step, its
+    capture and a first replay -> (the decoder, the token its last step gave)."""
+    for i in range(0, len(prompt), 4096):
+        model.forward(prompt[i:i + 4096], cache, logits_for="none")
+    dec = backend.decoder(model, cache, SamplingParams(temperature=0.0), list(prompt))
+    tok = dec.first(np.zeros(model.config.vocab_size, np.float32))
+    for _ in range(3):
+        tok = dec.step(tok)  # eager, capture, replay
+    return dec, tok
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="llama3-8b",
@@ -75,13 +87,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for depth in depths:
         cache = new_cache(model, depth + args.steps + 64)
-        prompt = rng.integers(0, model.config.vocab_size, depth)
-        for i in range(0, depth, 4096):
-            model.forward(prompt[i:i + 4096], cache, logits_for="none")
-        dec = backend.decoder(model, cache, SamplingParams(temperature=0.0), list(prompt))
-        tok = dec.first(np.zeros(model.config.vocab_size, np.float32))
-        for _ in range(3):
-            tok = dec.step(tok)  # eager, capture, replay
+        dec, tok = ready_decoder(model, backend, cache, rng.integers(0, model.config.vocab_size, depth))
         cupy.cuda.Device().synchronize()
         t0 = time.perf_counter()
         for _ in range(args.steps):

@@ -19,17 +19,22 @@ Needs a Hopper GPU (cp.async.bulk).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 
 from engine.bench import load_bench_model, new_cache  # noqa: E402
 from engine.options import LoadSettings  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("profile_decode", ROOT / "tools" / "profile_decode.py")
+profile_decode = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(profile_decode)
 
 
 class SidePrefetch:
@@ -85,12 +90,7 @@ def run(cp, llm, variant: str, depth: int, steps: int, gate_mb: int) -> tuple[fl
     try:
         cache = new_cache(model, depth + steps + 64)
         prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, depth)
-        for i in range(0, depth, 4096):
-            model.forward(prompt[i:i + 4096], cache, logits_for="none")
-        dec = backend.decoder(model, cache, SamplingParams(temperature=0.0), list(prompt))
-        tok = dec.first(np.zeros(model.config.vocab_size, np.float32))
-        for _ in range(3):
-            tok = dec.step(tok)  # eager, capture, replay
+        dec, tok = profile_decode.ready_decoder(model, backend, cache, prompt)
         cp.cuda.Device().synchronize()
         tokens, t0 = [], time.perf_counter()
         for _ in range(steps):
