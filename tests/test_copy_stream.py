@@ -1,6 +1,7 @@
 """copy_stream.CopyStream, the private stream of a session restore (restore.DeviceCopies) and save
 (row_chunks.DeviceDownloads), against a recording stand-in for CuPy: what is queued where, in which order, on which
-device. The copies themselves run in the `cuda` tests of tests/test_session_restore.py and tests/test_session_save.py."""
+device. The copies themselves run in the `cuda` tests of tests/test_session_restore.py and
+tests/test_session_save.py."""
 from __future__ import annotations
 
 from types import SimpleNamespace

@@ -107,7 +107,8 @@ def profile(model, backend, cp, n: int, ubatch: int) -> None:
 def gemm_ceiling(cp, config, n: int) -> None:
     """cuBLAS fp16 GEMMs of the model's shapes: (n, k) @ (m, k)^T."""
     print(f"cuBLAS alone, {n} rows (cupy.matmul, fp16 in/out, fp32 accumulation):")
-    d, q, kv, ffn = config.d_model, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.ffn_dim
+    d, ffn = config.d_model, config.ffn_dim
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
     for m, k, what in ((q, d, "q"), (d, q, "o"), (kv, d, "k / v"), (q + 2 * kv, d, "q+k+v"), (ffn, d, "gate / up"),
                        (2 * ffn, d, "gate+up"), (d, ffn, "down")):
         x = cp.random.standard_normal((n, k), dtype=cp.float32).astype(cp.float16)
