@@ -324,8 +324,10 @@ def _ints(text: str) -> list[int]:
 @click.option("--save-gguf", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="with --shape: write those weights as a GGUF file (llama.cpp reads it too) and stop; its "
                    "vocabulary comes from -m (a GGUF file), by default the default model's")
-@click.option("-p", "--n-prompt", default="512,8192,32768", show_default=True, help="prompt lengths (ppN)")
-@click.option("-n", "--n-gen", default=128, show_default=True, help="generated tokens (tgN)")
+@click.option("-p", "--n-prompt", default="512,8192,32768", show_default=True,
+              help="prompt lengths (ppN; 0: no prompt test, as in llama-bench)")
+@click.option("-n", "--n-gen", default=128, show_default=True,
+              help="generated tokens (tgN; 0: no generation test, as in llama-bench)")
 @click.option("-d", "--depth", default="512,32768", show_default=True, help="contexts before generation")
 @click.option("-r", "--repetitions", default=3, show_default=True)
 @click.option("-ub", "--ubatch", type=int, default=None,
@@ -352,9 +354,12 @@ def bench(settings: LoadSettings, synthetic, shape, save_gguf, n_prompt, n_gen, 
     if shape is not None and (synthetic or settings.model is not None):
         raise ConfigError("--shape is a model of its own: drop -m and --synthetic")
     prompts, depths = _ints(n_prompt), _ints(depth)
-    if repetitions < 1 or n_gen < 1 or (ubatch is not None and ubatch < 1) or any(p < 1 for p in prompts) \
+    if repetitions < 1 or n_gen < 0 or (ubatch is not None and ubatch < 1) or any(p < 0 for p in prompts) \
             or any(d < 0 for d in depths):
-        raise click.BadParameter("lengths, repetitions and ubatch must be positive")
+        raise click.BadParameter("repetitions and ubatch must be positive, lengths and depths not negative")
+    prompts, depths = [p for p in prompts if p > 0], depths if n_gen > 0 else []  # 0: no such test (llama-bench)
+    if not prompts and not depths:
+        raise click.BadParameter("no test left: give a prompt length or a number of tokens to generate above 0")
     longest = max(prompts + [generation_length(n_gen, d) for d in depths])
     if settings.context is not None and settings.context < longest:
         raise ConfigError(f"context of {settings.context} tokens is shorter than the longest test ({longest} "

@@ -161,3 +161,19 @@ def test_matmul_peak_on_cuda_is_a_tensor_core_rate():
 
     flops, what = matmul_peak(CudaBackend("f16"))
     assert what == "fp16 GEMM 8192^2" and 20e12 < flops < 5e15  # any tensor-core GPU; an H100 gives ~700 TFLOP/s
+
+
+def test_bench_zero_skips_prompt_or_generation_tests_as_llama_bench_does(tiny_gguf):
+    """-p 0 runs no prompt test and -n 0 no generation test (llama-bench's meaning); nothing left is an error."""
+    def tests(*args):
+        result = CliRunner().invoke(bench, ["-m", str(tiny_gguf), "--device", "cpu", "-r", "1", "--json", "--no-hf",
+                                            *args])
+        assert result.exit_code == 0, result.output
+        return [(r["test"], r["depth"]) for r in json.loads(result.output)["results"]]
+
+    assert tests("-p", "0", "-n", "4", "-d", "0,8") == [("tg4", 0), ("tg4", 8)]
+    assert tests("-p", "8,0,16", "-n", "0", "-d", "8") == [("pp8", 0), ("pp16", 0)]
+    empty = CliRunner().invoke(bench, ["-m", str(tiny_gguf), "--device", "cpu", "-p", "0", "-n", "0"])
+    assert empty.exit_code != 0 and "no test left" in empty.output
+    negative = CliRunner().invoke(bench, ["-m", str(tiny_gguf), "--device", "cpu", "-n", "-1"])
+    assert negative.exit_code != 0 and "not negative" in negative.output

@@ -19,8 +19,9 @@ prompts = [int(p) for p in arg("-p", "512").split(",")]
 gen, depths = int(arg("-n", "128")), [int(d) for d in arg("-d", "0").split(",")]
 assert arg("-o", "") == "json" and arg("-fa", "") == "1"
 slower = 2.0 if arg("-ctk", "f16") == "q8_0" and arg("-ctv", "f16") == "q8_0" else 1.0  # shows the types arrived
-rows = [dict(n_prompt=p, n_gen=0, n_depth=0, avg_ts=(1000.0 + p) / slower, stddev_ts=1.0) for p in prompts if p] + \\
-       [dict(n_prompt=0, n_gen=gen, n_depth=d, avg_ts=(100.0 - d / 64) / slower, stddev_ts=0.5) for d in depths if gen]
+runs = float(arg("-r", "5"))  # the stand-in's spread: its number of runs, so the tests see what each test got
+rows = [dict(n_prompt=p, n_gen=0, n_depth=0, avg_ts=(1000.0 + p) / slower, stddev_ts=runs) for p in prompts if p] + \\
+       [dict(n_prompt=0, n_gen=gen, n_depth=d, avg_ts=(100.0 - d / 64) / slower, stddev_ts=runs) for d in depths if gen]
 print(json.dumps(rows))
 '''
 
@@ -48,6 +49,7 @@ def run_tool(tmp_path, spec: TinySpec, *options: str) -> tuple[list[dict], str]:
     out = tmp_path / "rows.json"
     done = subprocess.run([sys.executable, str(REPO / "tools" / "compare_llama_cpp.py"), "--llama-bench", str(fake),
                            "-m", str(model), "--device", "cpu", "--dtype", "auto", "-p", "32", "-n", "4", "-r", "1",
+                           "--prompt-repetitions", "3",
                            "--json", str(out), *options], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     return json.loads(out.read_text())[str(model)], done.stdout
@@ -57,6 +59,8 @@ def test_the_tool_runs_both_programs_on_the_same_file(tmp_path):
     rows, stdout = run_tool(tmp_path, TinySpec(seed=3), "-d", "16,48")
     assert [(r["test"], r["depth"]) for r in rows] == [("pp32", 0), ("tg4", 16), ("tg4", 48)]
     assert [r["llama_cpp"] for r in rows] == [1032.0, 99.75, 99.25]
+    # the prompt test ran --prompt-repetitions times on both sides, the generation tests -r times
+    assert [(r["runs"], r["llama_cpp_sd"]) for r in rows] == [(3, 3.0), (1, 1.0), (1, 1.0)]
     assert all(r["engine"] > 0 and abs(r["ratio"] - r["engine"] / r["llama_cpp"]) < 1e-12 for r in rows)
     assert "| | tg4 | 48 |" in stdout
 
@@ -73,7 +77,7 @@ def test_cache_types_reach_both_programs(tmp_path, monkeypatch):
     monkeypatch.setattr(compare_llama_cpp.subprocess, "run", lambda command, **kw: calls.append(command) or
                         SimpleNamespace(returncode=0, stdout=json.dumps({"results": []}) if "engine.bench" in command
                                         else "[]"))
-    compare_llama_cpp.engine_rows("m.gguf", "cuda", "bf16", "512", 128, "512", 1, ["-ctk", "q8_0", "-ctv", "q8_0"])
-    compare_llama_cpp.llama_rows("lb", "m.gguf", "cuda", "512", 128, "512", 1, ["-ctk", "q8_0", "-ctv", "q8_0"])
+    compare_llama_cpp.engine_rows("m.gguf", "cuda", "bf16", "512", 128, "512", 1, 5, ["-ctk", "q8_0", "-ctv", "q8_0"])
+    compare_llama_cpp.llama_rows("lb", "m.gguf", "cuda", "512", 128, "512", 1, 5, ["-ctk", "q8_0", "-ctv", "q8_0"])
     assert all(c[c.index("-ctk") + 1] == "q8_0" and c[c.index("-ctv") + 1] == "q8_0" for c in calls)
-    assert len(calls) == 3  # engine bench once, llama-bench for the prompt and the generation tests
+    assert len(calls) == 4  # each program twice: the prompt tests, then the generation tests

@@ -2,10 +2,12 @@
 table with the ratio per test (the way every speed claim in docs/results.md is made).
 
     python tools/compare_llama_cpp.py --llama-bench PATH -m llama3-8b.gguf [-m llama2-7b.gguf ...] \\
-        [--device cuda] [--dtype bf16] [-p 512,8192] [-n 128] [-d 512,8192,32768] [-r 2] [-ctk q8_0 -ctv q8_0]
-        [--json FILE]
+        [--device cuda] [--dtype bf16] [-p 512,8192] [-n 128] [-d 512,8192,32768] [-r 2] [--prompt-repetitions 5]
+        [-ctk q8_0 -ctv q8_0] [--json FILE]
 
-Tests: ppN after an empty context for each -p, tgN after each -d tokens (both programs get the same depths).
+Tests: ppN after an empty context for each -p, tgN after each -d tokens (both programs get the same depths). The
+prompt tests run --prompt-repetitions times on both sides, the generation tests -r times: a 512-token prompt takes a
+few milliseconds, and such short runs spread most (session 19: llama-bench's pp512 +-25% over two runs).
 llama-bench runs with -fa 1 (flash attention) and, on CUDA, -ngl 99 (every layer on the GPU). -ctk / -ctv give both
 programs the same KV cache types (llama.cpp's names); without them each keeps its own 16-bit default (the engine's
 activation dtype, llama.cpp's f16). The random-weight
@@ -28,23 +30,30 @@ def cache_flags(cache_k: str | None, cache_v: str | None) -> list[str]:
 
 
 def engine_rows(model: str, device: str, dtype: str, prompts: str, gen: int, depths: str, reps: int,
-                cache: list[str] = ()) -> list[dict]:
-    """engine bench --json on one file -> its result rows (test, tokens, depth, tokens_per_s, sd)."""
-    command = [sys.executable, "-m", "engine.bench", "-m", model, "--device", device, "--dtype", dtype,
-               "-p", prompts, "-n", str(gen), "-d", depths, "-r", str(reps), "--no-hf", "--json", *cache]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"engine bench failed on {model}:\n{done.stderr.strip()}")
-    return json.loads(done.stdout)["results"]
+                prompt_reps: int, cache: list[str] = ()) -> list[dict]:
+    """engine bench --json on one file, the prompt tests (prompt_reps runs) then the generation tests at each depth
+    (reps runs) -> its result rows (test, tokens, depth, tokens_per_s, sd, runs)."""
+    common = [sys.executable, "-m", "engine.bench", "-m", model, "--device", device, "--dtype", dtype, "--no-hf",
+              "--json", *cache]
+    rows = []
+    for extra in (["-p", prompts, "-n", "0", "-r", str(prompt_reps)],
+                  ["-p", "0", "-n", str(gen), "-d", depths, "-r", str(reps)]):
+        done = subprocess.run(common + extra, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"engine bench failed on {model}:\n{done.stderr.strip()}")
+        rows += json.loads(done.stdout)["results"]
+    return rows
 
 
 def llama_rows(llama_bench: str, model: str, device: str, prompts: str, gen: int, depths: str,
-               reps: int, cache: list[str] = ()) -> list[dict]:
-    """llama-bench -o json on one file: the prompt tests, then the generation tests at each depth."""
-    common = [llama_bench, "-m", model, "-fa", "1", "-r", str(reps), "-o", "json", *cache]
+               reps: int, prompt_reps: int, cache: list[str] = ()) -> list[dict]:
+    """llama-bench -o json on one file: the prompt tests (prompt_reps runs), then the generation tests at each depth
+    (reps runs)."""
+    common = [llama_bench, "-m", model, "-fa", "1", "-o", "json", *cache]
     common += ["-ngl", "99"] if device == "cuda" else ["-ngl", "0"]
     rows = []
-    for extra in (["-p", prompts, "-n", "0"], ["-p", "0", "-n", str(gen), "-d", depths]):
+    for extra in (["-p", prompts, "-n", "0", "-r", str(prompt_reps)],
+                  ["-p", "0", "-n", str(gen), "-d", depths, "-r", str(reps)]):
         done = subprocess.run(common + extra, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"llama-bench failed on {model}:\n{done.stderr.strip()[-2000:]}")
@@ -62,8 +71,8 @@ def paired(engine: list[dict], llama: list[dict]) -> list[dict]:
     out = []
     for row in engine:
         peer = by_test.get((row["test"], row["depth"] if row["test"].startswith("tg") else 0))
-        out.append(dict(test=row["test"], depth=row["depth"], engine=row["tokens_per_s"], engine_sd=row["sd"],
-                        llama_cpp=peer[0] if peer else None, llama_cpp_sd=peer[1] if peer else None,
+        out.append(dict(test=row["test"], depth=row["depth"], runs=row.get("runs"), engine=row["tokens_per_s"],
+                        engine_sd=row["sd"], llama_cpp=peer[0] if peer else None, llama_cpp_sd=peer[1] if peer else None,
                         ratio=row["tokens_per_s"] / peer[0] if peer else None))
     return out
 
@@ -88,7 +97,8 @@ def main() -> None:
     ap.add_argument("-p", "--n-prompt", default="512,8192")
     ap.add_argument("-n", "--n-gen", type=int, default=128)
     ap.add_argument("-d", "--depth", default="512,8192,32768")
-    ap.add_argument("-r", "--repetitions", type=int, default=2)
+    ap.add_argument("-r", "--repetitions", type=int, default=2, help="runs of each generation test")
+    ap.add_argument("--prompt-repetitions", type=int, default=5, help="runs of each prompt test")
     ap.add_argument("-ctk", "--cache-type-k", help="both programs' K cache type (f16, q8_0, ...)")
     ap.add_argument("-ctv", "--cache-type-v", help="both programs' V cache type")
     ap.add_argument("--json", type=Path, help="also write every row as JSON")
@@ -98,9 +108,9 @@ def main() -> None:
     results = {}
     for model in args.model:
         rows = paired(engine_rows(model, args.device, args.dtype, args.n_prompt, args.n_gen, args.depth,
-                                  args.repetitions, cache),
+                                  args.repetitions, args.prompt_repetitions, cache),
                       llama_rows(args.llama_bench, model, args.device, args.n_prompt, args.n_gen, args.depth,
-                                 args.repetitions, cache))
+                                 args.repetitions, args.prompt_repetitions, cache))
         results[model] = rows
         print(table(Path(model).stem + label, rows), flush=True)
     if args.json:
