@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
-from compare_llama_cpp import paired, table  # noqa: E402
+from compare_llama_cpp import invocations, paired, table  # noqa: E402
 from make_tiny_model import TinySpec, make_tiny_model  # noqa: E402
 
 FAKE_LLAMA_BENCH = '''#!{python}
@@ -81,3 +81,10 @@ def test_cache_types_reach_both_programs(tmp_path, monkeypatch):
     compare_llama_cpp.llama_rows("lb", "m.gguf", "cuda", "512", 128, "512", 1, 5, ["-ctk", "q8_0", "-ctv", "q8_0"])
     assert all(c[c.index("-ctk") + 1] == "q8_0" and c[c.index("-ctv") + 1] == "q8_0" for c in calls)
     assert len(calls) == 4  # each program twice: the prompt tests, then the generation tests
+
+
+def test_each_program_runs_the_prompt_then_the_generation_tests_and_skips_what_is_zero():
+    assert invocations("512,8192", 128, "512,8192", 2, 5) == [["-p", "512,8192", "-n", "0", "-r", "5"],
+                                                              ["-p", "0", "-n", "128", "-d", "512,8192", "-r", "2"]]
+    assert invocations("0", 128, "512", 2, 5) == [["-p", "0", "-n", "128", "-d", "512", "-r", "2"]]
+    assert invocations("512", 0, "512", 2, 5) == [["-p", "512", "-n", "0", "-r", "5"]]

@@ -29,6 +29,17 @@ def cache_flags(cache_k: str | None, cache_v: str | None) -> list[str]:
     return (["-ctk", cache_k] if cache_k else []) + (["-ctv", cache_v] if cache_v else [])
 
 
+def invocations(prompts: str, gen: int, depths: str, reps: int, prompt_reps: int) -> list[list[str]]:
+    """The options of each program's runs: the prompt tests (prompt_reps runs), then the generation tests at each
+    depth (reps runs); a run with no test left (-p 0, -n 0: llama-bench's "none") is dropped."""
+    runs = []
+    if any(int(p) > 0 for p in prompts.split(",") if p.strip()):
+        runs.append(["-p", prompts, "-n", "0", "-r", str(prompt_reps)])
+    if gen > 0:
+        runs.append(["-p", "0", "-n", str(gen), "-d", depths, "-r", str(reps)])
+    return runs
+
+
 def engine_rows(model: str, device: str, dtype: str, prompts: str, gen: int, depths: str, reps: int,
                 prompt_reps: int, cache: list[str] = ()) -> list[dict]:
     """engine bench --json on one file, the prompt tests (prompt_reps runs) then the generation tests at each depth
@@ -36,8 +47,7 @@ def engine_rows(model: str, device: str, dtype: str, prompts: str, gen: int, dep
     common = [sys.executable, "-m", "engine.bench", "-m", model, "--device", device, "--dtype", dtype, "--no-hf",
               "--json", *cache]
     rows = []
-    for extra in (["-p", prompts, "-n", "0", "-r", str(prompt_reps)],
-                  ["-p", "0", "-n", str(gen), "-d", depths, "-r", str(reps)]):
+    for extra in invocations(prompts, gen, depths, reps, prompt_reps):
         done = subprocess.run(common + extra, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"engine bench failed on {model}:\n{done.stderr.strip()}")
@@ -52,8 +62,7 @@ def llama_rows(llama_bench: str, model: str, device: str, prompts: str, gen: int
     common = [llama_bench, "-m", model, "-fa", "1", "-o", "json", *cache]
     common += ["-ngl", "99"] if device == "cuda" else ["-ngl", "0"]
     rows = []
-    for extra in (["-p", prompts, "-n", "0", "-r", str(prompt_reps)],
-                  ["-p", "0", "-n", str(gen), "-d", depths, "-r", str(reps)]):
+    for extra in invocations(prompts, gen, depths, reps, prompt_reps):
         done = subprocess.run(common + extra, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"llama-bench failed on {model}:\n{done.stderr.strip()[-2000:]}")
