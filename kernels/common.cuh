@@ -106,19 +106,14 @@ __device__ __forceinline__ float block_sum(float v, float* scratch /* >= 32 floa
 // and this kernel's first weight loads overlap the previous kernel's tail. Before pdl_wait it may only read what no
 // earlier kernel writes (weights) and use its own shared memory: no global store at all. pdl_wait returns once the
 // kernel before it has completed and its writes are visible (and so, each kernel waiting in turn, every earlier one).
-// A launch whose grid leaves SMs free releases its dependents right after its wait (griddepcontrol.launch_dependents):
-// they start on the free SMs. A grid as large as the SM count does not: measured on the H100, dependents scheduled
-// while a GEMV's blocks still ran took their SM slots and slowed the 1B step by 7%, while SmolLM2's small grids gained
-// 16.7% against 10.2% released at exit (v20; this rule: v21). Without the attribute (below sm_90, or pdl.ENABLED off)
-// both do nothing.
+// Then a launch whose grid leaves SMs free releases its dependents (griddepcontrol.launch_dependents): they start on
+// the free SMs. A grid as large as the SM count does not: measured on the H100, dependents scheduled while a GEMV's
+// blocks still ran took their SM slots and slowed the 1B step by 7%, while SmolLM2's small grids gained 16.7% against
+// 10.2% released at exit (v20; this rule: v21). Without the attribute (below sm_90, or pdl.ENABLED off) both do
+// nothing.
 __device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void pdl_release_if_grid_leaves_sms_free() {
-#if __CUDA_ARCH__ >= 900
     unsigned sms;
     asm("mov.u32 %0, %%nsmid;" : "=r"(sms));  // the SM ids' upper bound (132 SMs of an H100: 132 or more)
     if (gridDim.x * gridDim.y * gridDim.z < sms) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

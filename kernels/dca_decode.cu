@@ -101,7 +101,6 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* qr = smem;  // [3][16][D] the group's rows rotated for each relation
     pdl_wait();  // positions, q and the token's cache rows come from the kernels before this one
-    pdl_release_if_grid_leaves_sms_free();
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int split = blockIdx.x, kvh = blockIdx.y, qi = blockIdx.z;
@@ -357,7 +356,6 @@ __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, c
     __shared__ float w_o[WARPS][32 * MAX_DPL], w_l[WARPS];
     const int row = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     pdl_wait();  // the partials come from the attention kernel before this one
-    pdl_release_if_grid_leaves_sms_free();
     float M = NEG_INF;
     for (int s = lane; s < n_splits; s += 32) M = fmaxf(M, part_m[(long long)s * rows + row]);
     M = warp_max(M);  // finite: the first split always holds key 0

@@ -421,7 +421,6 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long ro
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
     prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS);
     pdl_wait();  // the weights' first rows asked for; everything after may read what earlier kernels wrote
-    pdl_release_if_grid_leaves_sms_free();
     stage<T>([&](int i) { return a2f(x[i]); }, cols, smem);
     each_row_dot<T, 1>(w, row_bytes, rows, cols, per_block, smem, prefetch, [&](int r, float acc) {
         if ((threadIdx.x & 31) == 0) {
@@ -500,7 +499,6 @@ __device__ __forceinline__ void gemv_add_body(const u8* __restrict__ w, long lon
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
     prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T, 2>());
     pdl_wait();  // the weights' first rows asked for; everything after may read what earlier kernels wrote
-    pdl_release_if_grid_leaves_sms_free();
     if (a_staged != nullptr) copy_staged<T>(a_staged, cols, smem);
     else stage<T>([&](int i) { return a2f(a[i]); }, cols, smem);
     each_row_dot<T, 2>(w, row_bytes, rows, cols, per_block, smem, prefetch, [&](int r, float acc) {
@@ -543,7 +541,6 @@ __device__ __forceinline__ void qkv_body(
     };
     prefetch_first(n_q + n_k + n_v, per_block, prefetch);
     pdl_wait();  // the weights' first rows asked for; everything after may read what earlier kernels wrote
-    pdl_release_if_grid_leaves_sms_free();
     stage_normed<T>(x, w_norm, eps, d, in_staged, partials, n_partials, smem, scratch);
     const bool lane0 = (threadIdx.x & 31) == 0;
     const int p = pos[0];
@@ -601,7 +598,6 @@ __device__ __forceinline__ void gateup_body(const float* __restrict__ x, const f
     };
     prefetch_first(rows, per_block, prefetch);
     pdl_wait();  // the weights' first rows asked for; everything after may read what earlier kernels wrote
-    pdl_release_if_grid_leaves_sms_free();
     stage_normed<T>(x, w_norm, eps, d, in_staged, partials, n_partials, smem, scratch);
     for_tasks(rows, per_block, prefetch, [&](int r) {
         float g, u;
@@ -633,7 +629,6 @@ __device__ __forceinline__ void head_body(const float* __restrict__ x, const flo
     auto prefetch = [&](int r) { prefetch_row(w + r * row_bytes, row_bytes); };
     prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS);
     pdl_wait();  // the weights' first rows asked for; everything after may read what earlier kernels wrote
-    pdl_release_if_grid_leaves_sms_free();
     stage_normed<T>(x, w_norm, eps, d, in_staged, partials, n_partials, smem, scratch);
     each_row_dot<T, 1>(w, row_bytes, rows, d, per_block, smem, prefetch, [&](int r, float acc) {
         if ((threadIdx.x & 31) == 0) logits[r] = acc;
@@ -725,7 +720,6 @@ __device__ __forceinline__ void head_ring_body(const float* __restrict__ x, cons
         ring_row_dots<T>(w, row_bytes, rows, d, per_block, stage_rows, stages,
                          [&] {  // after the first stages' bulk copies (weights only) are issued
                              pdl_wait();
-                             pdl_release_if_grid_leaves_sms_free();
                              stage_normed<T>(x, w_norm, eps, d, in_staged, partials, n_partials, smem, scratch);
                          },
                          [&](int r, float acc) { logits[r] = acc; });

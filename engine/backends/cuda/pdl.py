@@ -2,7 +2,7 @@
 
 A kernel launched with CUDA's programmatic stream serialization attribute is scheduled once every block of the kernel
 before it in the stream has exited (or, from a kernel whose grid leaves SMs free, released its dependents: common.cuh
-pdl_release_if_grid_leaves_sms_free), without waiting for that kernel to complete: the launch latency and the new
+pdl_wait), without waiting for that kernel to complete: the launch latency and the new
 kernel's first weight loads overlap the previous kernel's tail. The kernels launched so (gemv.cu's, dca_decode.cu's
 decode attention and combine) ask for their first weight rows, then execute common.cuh's pdl_wait (the previous
 kernel complete, its writes visible) before touching anything an earlier kernel writes. Launched without the
