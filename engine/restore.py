@@ -175,7 +175,6 @@ class DeviceCopies(CopyStream):
     def __init__(self, cp: Any, dtype: str, slots: int = SLOTS):
         super().__init__(cp, slots)
         self.dtype = dtype  # the activation dtype: the build of kv_q8.cu the cache's kernels use
-        self.slots = slots
         self.buffer_bytes = 0  # a ring buffer's size: the largest piece
         self._staging = None  # (buffer_bytes,) uint8 on the device, made for the first q8_0 piece
 
@@ -185,7 +184,7 @@ class DeviceCopies(CopyStream):
         a later restore, or pin_ring_in_background's, buffers back."""
         self.buffer_bytes = nbytes
         return [np.frombuffer(self.xp.cuda.alloc_pinned_memory(max(nbytes, CHUNK_BYTES)), np.uint8, nbytes)
-                for _ in range(self.slots)]
+                for _ in self.events]
 
     def upload(self, dst: Any, host: np.ndarray) -> None:
         self.copy(dst.data.ptr, host.ctypes.data, host.nbytes, self.xp.cuda.runtime.memcpyHostToDevice)

@@ -239,7 +239,7 @@ def test_ring_buffers_are_one_size_whatever_the_rows():
         return bytearray(nbytes)
 
     stub = SimpleNamespace(xp=SimpleNamespace(cuda=SimpleNamespace(alloc_pinned_memory=alloc_pinned_memory)),
-                           slots=3, buffer_bytes=0)
+                           events=[None] * 3, buffer_bytes=0)
     for nbytes in (1000, restore.CHUNK_BYTES - 34, restore.CHUNK_BYTES + 4096):
         pinned_sizes.clear()
         ring = restore.DeviceCopies.ring(stub, nbytes)

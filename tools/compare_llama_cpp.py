@@ -33,7 +33,7 @@ def invocations(prompts: str, gen: int, depths: str, reps: int, prompt_reps: int
     """The options of each program's runs: the prompt tests (prompt_reps runs), then the generation tests at each
     depth (reps runs); a run with no test left (-p 0, -n 0: llama-bench's "none") is dropped."""
     runs = []
-    if any(int(p) > 0 for p in prompts.split(",") if p.strip()):
+    if any(p.strip().lstrip("0") for p in prompts.split(",")):  # a length but 0 (the programs check the rest)
         runs.append(["-p", prompts, "-n", "0", "-r", str(prompt_reps)])
     if gen > 0:
         runs.append(["-p", "0", "-n", str(gen), "-d", depths, "-r", str(reps)])

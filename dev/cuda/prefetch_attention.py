@@ -42,10 +42,8 @@ class SidePrefetch:
     queued so far: qkv) runs l2_prefetch over `regions(i)` ((device uint8 array, bytes) pairs); after the head the
     current stream waits for the side stream (a captured graph's fork joined before its end)."""
 
-    def __init__(self, cp, backend, blocks, regions):
-        source = (Path(__file__).with_name("l2_prefetch.cu")).read_text()
-        self.kernel = cp.RawModule(code=source, options=("-std=c++17",)).get_function("l2_prefetch")
-        self.cp, self.regions, self.side = cp, regions, cp.cuda.Stream(non_blocking=True)
+    def __init__(self, cp, kernel, backend, blocks, regions):
+        self.cp, self.kernel, self.regions, self.side = cp, kernel, regions, cp.cuda.Stream(non_blocking=True)
         self.attention, self.head = backend.attention, blocks.head
         backend.attention, blocks.head = self._attention, self._head
         self.backend, self.blocks = backend, blocks
@@ -83,10 +81,11 @@ def regions_of(model, variant: str, gate_mb: int):
     return regions
 
 
-def run(cp, llm, variant: str, depth: int, steps: int, gate_mb: int) -> tuple[float, list[int]]:
-    """(seconds a step over graph replays, the greedy tokens of the timed steps) with `variant`'s prefetch."""
+def run(cp, kernel, llm, variant: str, depth: int, steps: int, gate_mb: int) -> tuple[float, list[int]]:
+    """(seconds a step over graph replays, the greedy tokens of the timed steps) with `variant`'s prefetch (kernel:
+    l2_prefetch.cu's)."""
     model, backend = llm.model, llm.backend
-    patch = SidePrefetch(cp, backend, model.decode_blocks, regions_of(model, variant, gate_mb))
+    patch = SidePrefetch(cp, kernel, backend, model.decode_blocks, regions_of(model, variant, gate_mb))
     try:
         cache = new_cache(model, depth + steps + 64)
         prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, depth)
@@ -119,12 +118,14 @@ def main() -> None:
     llm, label = load_bench_model(LoadSettings(device="cuda", dtype=args.dtype, context=max(depths) + 256),
                                   synthetic=True, shape=None if args.shape == "smollm2" else args.shape)
     variants = ("none", "o", f"o+gate{args.gate_mb}")
+    source = Path(__file__).with_name("l2_prefetch.cu").read_text()
+    kernel = cp.RawModule(code=source, options=("-std=c++17",)).get_function("l2_prefetch")
     for depth in depths:
         times: dict[str, list[float]] = {v: [] for v in variants}
         reference = None
         for _ in range(args.rounds):
             for variant in variants:
-                seconds, tokens = run(cp, llm, variant, depth, args.steps, args.gate_mb)
+                seconds, tokens = run(cp, kernel, llm, variant, depth, args.steps, args.gate_mb)
                 reference = reference or tokens
                 if tokens != reference:
                     raise SystemExit(f"{variant} at depth {depth}: tokens differ from the first run's")
