@@ -12,7 +12,9 @@ each timed as CUDA graph replays (dev/cuda/gemv.py time_launches), plain launche
   chain   the four products one after another for 32 layers (weights of their own, 3.9 GB) in one graph, against
           the sum of their launches timed alone: what the neighbours' tails and ramps add or hide
 
-    python dev/cuda/boundary.py [--reps 5] [--stack 8] [--dtype f16]
+    python dev/cuda/boundary.py [--reps 5] [--stack 8]
+
+fp16 activations (the int8 GEMVs quantize them once a block: the dtype does not change their weight reads).
 
 Needs a GPU (Hopper for the dependent launches).
 """
@@ -43,6 +45,7 @@ extern "C" __global__ void empty_dependent(unsigned* sink) {
 PRODUCTS = ("8b-qkv", "8b-o", "8b-gate+up", "8b-down")  # a layer's GEMVs, in the step's order
 LAYERS = 32
 CHECK_ROWS = 256
+DTYPE = "f16"
 
 
 def dev_gemv():
@@ -78,19 +81,19 @@ def time_empty(cp, dev, reps: int) -> dict[str, float]:
 class Product:
     """One product's weights on the device (copies enough to exceed L2), its input and output."""
 
-    def __init__(self, cp, dev, name: str, rows: int, cols: int, ggml_type, dtype: str, copies: int | None = None):
+    def __init__(self, cp, dev, name: str, rows: int, cols: int, ggml_type, copies: int | None = None):
         rng = np.random.default_rng(rows + cols)
         self.tensor = synthetic_weight("output", ggml_type, (rows, cols), rng, 1 / np.sqrt(cols))
         self.m = upload_weight(cp, "output", self.tensor)  # fp32 out, as dev/cuda/gemv.py's run_shape
         self.copies = copies or max(1, -(-4 * dev.L2_BYTES // self.m.data.nbytes))
         self.datas = [self.m.data] + [self.m.data.copy() for _ in range(self.copies - 1)]
-        self.x = to_activation(cp, cp.asarray(rng.standard_normal(cols).astype(np.float32)), dtype)
+        self.x = to_activation(cp, cp.asarray(rng.standard_normal(cols).astype(np.float32)), DTYPE)
         self.y = cp.empty(rows, dtype=cp.float32)
-        self.name, self.rows, self.dtype = name, rows, dtype
+        self.name, self.rows = name, rows
 
     def launch(self, i: int) -> None:
         self.m.data = self.datas[i % self.copies]
-        gemv.gemv(self.x, self.m, self.y, self.dtype)
+        gemv.gemv(self.x, self.m, self.y, DTYPE)
 
     def check(self, cp, dev) -> float:
         """Relative error of the first CHECK_ROWS rows against gemv.reference (the kernel's arithmetic in numpy)."""
@@ -101,14 +104,14 @@ class Product:
         return dev.rel_err(cp.asnumpy(self.y)[:CHECK_ROWS], gemv.reference(x, head))
 
 
-def time_fixed(cp, dev, stack: int, dtype: str, reps: int) -> list[dict]:
+def time_fixed(cp, dev, stack: int, reps: int) -> list[dict]:
     """Per product: seconds a launch at its rows and, per `stack` rows' worth, at stack x its rows; plain and
     dependent."""
     results = []
     for name in PRODUCTS:
         rows, cols, ggml_type = dev.SHAPES[name]
-        small = Product(cp, dev, name, rows, cols, ggml_type, dtype)
-        big = Product(cp, dev, name, rows * stack, cols, ggml_type, dtype)
+        small = Product(cp, dev, name, rows, cols, ggml_type)
+        big = Product(cp, dev, name, rows * stack, cols, ggml_type)
         errors = (small.check(cp, dev), big.check(cp, dev))
         if max(errors) > 1e-5:
             raise SystemExit(f"{name}: gemv against its reference: relative errors {errors}")
@@ -121,10 +124,10 @@ def time_fixed(cp, dev, stack: int, dtype: str, reps: int) -> list[dict]:
     return results
 
 
-def time_chain(cp, dev, dtype: str, reps: int) -> dict[str, float]:
+def time_chain(cp, dev, reps: int) -> dict[str, float]:
     """Seconds of a layer's four products in a graph of LAYERS layers (each layer's weights its own), plain and
     dependent."""
-    products = [Product(cp, dev, name, *dev.SHAPES[name], dtype, copies=LAYERS) for name in PRODUCTS]
+    products = [Product(cp, dev, name, *dev.SHAPES[name], copies=LAYERS) for name in PRODUCTS]
     launches = LAYERS * len(products)
 
     def launch(i: int) -> None:
@@ -138,21 +141,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--stack", type=int, default=8, help="rows of the one-launch matrix: this many times the product's")
-    ap.add_argument("--dtype", default="f16")
     args = ap.parse_args()
     import cupy as cp
 
     dev = dev_gemv()
     empty = time_empty(cp, dev, args.reps)
     print("empty kernel (us a launch): " + ", ".join(f"{k} {t * 1e6:.2f}" for k, t in empty.items()))
-    fixed = time_fixed(cp, dev, args.stack, args.dtype, args.reps)
+    fixed = time_fixed(cp, dev, args.stack, args.reps)
     print(f"\n| product | launch | MB | us a launch | us at {args.stack}x rows, per share | fixed us | GB/s at "
           f"{args.stack}x |")
     print("|---|---|---|---|---|---|---|")
     for r in fixed:
         print(f"| {r['name']} | {r['launch']} | {r['mb']:.1f} | {r['small'] * 1e6:.2f} | {r['big'] * 1e6:.2f} | "
               f"{r['fixed'] * 1e6:.2f} | {r['rate'] / 1e9:.0f} |")
-    chain = time_chain(cp, dev, args.dtype, args.reps)
+    chain = time_chain(cp, dev, args.reps)
     print("\na layer's four products (us):")
     for kind, seconds in chain.items():
         alone = sum(r["small"] for r in fixed if r["launch"] == kind)
