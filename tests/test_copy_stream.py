@@ -56,8 +56,11 @@ class RecordingCupy:
                 outer.log.append(("synchronize", self.name))
 
         class Event:
+            count = 0
+
             def __init__(self, disable_timing=False):
-                self.id = len(outer.log)
+                Event.count += 1
+                self.id = Event.count  # each event its own: a record on the wrong slot's event shows
 
             def record(self, stream):
                 outer.log.append(("event.record", self.id, stream.name))
