@@ -127,9 +127,16 @@ __device__ __forceinline__ float row_dot(const u8* __restrict__ wr, const float*
     return warp_sum(acc);
 }
 
-// Ask L2 for a stored row (each lane one 128-byte line, strided) so that its HBM latency overlaps
-// whatever the warp does before row_dot (the fused kernels' RMSNorm staging).
+// Ask L2 for the first PREFETCH_ROW_BYTES of a stored row (each lane one 128-byte line, strided) so that its HBM
+// latency overlaps whatever the warp does before row_dot (the fused kernels' RMSNorm staging). A row's head only: long
+// rows asked whole (the 8B down product's 8 KB rows, 33 MB over the chip at once) evicted lines before their use;
+// 2 KB (a Q4_K row of 4096 values is 2,304 bytes) gave the shortest 8B decode step of 0, 1, 2, 4 KB and whole rows,
+// and shortened the 1B and SmolLM2 steps (dev/cuda/NOTES.md v28). Overridable for measurement (profile_decode --define).
+#ifndef PREFETCH_ROW_BYTES
+#define PREFETCH_ROW_BYTES 2048
+#endif
 __device__ __forceinline__ void prefetch_row(const u8* wr, long long row_bytes) {
-    for (long long off = (threadIdx.x & 31) * 128; off < row_bytes; off += 32 * 128)
+    const long long asked = row_bytes < PREFETCH_ROW_BYTES ? row_bytes : PREFETCH_ROW_BYTES;
+    for (long long off = (threadIdx.x & 31) * 128; off < asked; off += 32 * 128)
         asm volatile("prefetch.global.L2 [%0];" ::"l"(wr + off));
 }
