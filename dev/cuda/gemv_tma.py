@@ -14,7 +14,11 @@ that exceed L2 four times).
 
 Then a Llama-3-8B layer's four products in sequence (q+k+v, o, gate+up, down; --layers distinct layers, several
 times L2) as one graph: us per layer and the fraction of the copy-bandwidth floor, for prod without and with "+next"
-(each launch asks L2 for the next launch's weights; "+next12M" the first 12 MB), and tma (the best config per shape).
+(each launch asks L2 for the next launch's weights; "+next12M" the first 12 MB), and tma (the best config per shape);
+then (v30, NOTES.md) the dependent chains: "prod/pdl" (the production body launched dependent, as the decode step
+does), "ovl/pdl" and "ovl/pdl+early" (gemv_ovl: the ring, its first stages copied before its pdl_wait, at the first
+--overlap-configs entry whose shared memory fits twice an SM, so that a dependent's block fits beside it; "+early":
+each launch releases its dependents right after its wait). Each ovl config is checked equal to prod bit for bit.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from engine.backends.cuda import gemv, kernels  # noqa: E402
+from engine.backends.cuda import gemv, kernels, pdl  # noqa: E402
 from engine.bench import synthetic_weight  # noqa: E402
 from engine.weights.quant import GGMLType  # noqa: E402
 
@@ -60,6 +64,7 @@ class Gemv:
         self.in_bytes = -(-gemv.stage_bytes(tensor.ggml_type, self.cols) // 128) * 128
         suffix = SUFFIX[GGMLType(tensor.ggml_type)]
         self.k_prod, self.k_tma = module.get_function(f"gemv_next_{suffix}"), module.get_function(f"gemv_tma_{suffix}")
+        self.k_ovl = module.get_function(f"gemv_ovl_{suffix}") if suffix == "q4_k" else None
         self.sms, self.smem_limit = sms, smem_limit
         self.y = cp.zeros(self.rows, dtype=cp.float32)
         rng = np.random.default_rng(hash(name) % 2**32)
@@ -78,6 +83,24 @@ class Gemv:
                     (self.datas[i % len(self.datas)], np.int64(self.row_bytes), self.x, np.int32(self.rows),
                      np.int32(self.cols), self.y, np.int32(per_block), *self._next(nxt, next_bytes)),
                     shared_mem=gemv.stage_bytes(self.tensor.ggml_type, self.cols))
+
+    def ovl(self, i, rows, stages, early: bool):
+        """gemv_ovl at one block an SM, launched dependent (pdl.launch_ex)."""
+        smem = self.smem(rows, stages)
+        self.k_ovl.max_dynamic_shared_size_bytes = smem
+        per_block = -(-self.rows // self.sms)
+        pdl.launch_ex(self.k_ovl, (-(-self.rows // per_block),), (TMA_THREADS,),
+                      (self.datas[i % len(self.datas)], np.int64(self.row_bytes), self.x, np.int32(self.rows),
+                       np.int32(self.cols), self.y, np.int32(per_block), np.int32(rows), np.int32(stages),
+                       np.int32(early)), smem)
+
+    def prod_dependent(self, i):
+        """The production body (fp32 out) launched dependent, at the production grid."""
+        per_block = gemv.tasks_per_block(self.rows)
+        pdl.launch_ex(self.k_prod, (-(-self.rows // per_block),), (CONSUMER_THREADS,),
+                      (self.datas[i % len(self.datas)], np.int64(self.row_bytes), self.x, np.int32(self.rows),
+                       np.int32(self.cols), self.y, np.int32(per_block), *self._next(None, 0)),
+                      gemv.stage_bytes(self.tensor.ggml_type, self.cols))
 
     def tma(self, i, rows, stages, blocks_per_sm=1):
         smem = self.smem(rows, stages)
@@ -139,8 +162,26 @@ def shape_table(cp, g: Gemv, configs, reps) -> tuple[list[dict], tuple]:
     return out, best
 
 
-def layer_table(cp, gemvs, best, layers, reps) -> list[dict]:
-    """The 8B layer's four products in sequence over `layers` distinct layers (copies), per variant: us per layer."""
+def overlap_config(g: Gemv, configs) -> tuple[int, int] | None:
+    """The first (rows, stages) of `configs` whose ring fits twice an SM (a dependent's block beside this one's) and
+    whose gemv_ovl output equals prod's bit for bit (None: none does)."""
+    g.y.fill(0)
+    g.prod(0)
+    want = g.output()
+    for rows, stages in configs:
+        if g.k_ovl is None or not g.fits(rows, stages, 2):
+            continue
+        g.y.fill(np.nan)
+        g.ovl(0, rows, stages, early=False)
+        if np.array_equal(g.output(), want):
+            return rows, stages
+        print(f"{g.name}: gemv_ovl {rows}x{stages} DIFFERS from prod")
+    return None
+
+
+def layer_table(cp, gemvs, best, layers, reps, overlap=None) -> list[dict]:
+    """The 8B layer's four products in sequence over `layers` distinct layers (copies), per variant: us per layer.
+    overlap: name -> gemv_ovl's (rows, stages), for the dependent chains."""
     order = [gemvs[n] for n in LAYER_8B]
     copies = min(len(g.datas) for g in order)
     layers = min(layers, copies)
@@ -149,6 +190,9 @@ def layer_table(cp, gemvs, best, layers, reps) -> list[dict]:
     variants = [("prod", None), ("prod+next", 0), ("prod+next12M", 12 << 20)]
     if all(best.get(g.name) for g in order):
         variants += [("tma", None)]
+    variants += [("prod/pdl", None)]
+    if overlap and all(overlap.get(g.name) for g in order):
+        variants += [("ovl/pdl", None), ("ovl/pdl+early", None)]
     for label, cap in variants:
         def run_layers(_, label=label, cap=cap):
             for layer in range(layers):
@@ -158,6 +202,10 @@ def layer_table(cp, gemvs, best, layers, reps) -> list[dict]:
                     if label.startswith("tma"):
                         _, r, s, bps = best[g.name]
                         g.tma(layer, r, s, bps)
+                    elif label.startswith("ovl"):
+                        g.ovl(layer, *overlap[g.name], early=label.endswith("+early"))
+                    elif label == "prod/pdl":
+                        g.prod_dependent(layer)
                     else:
                         g.prod(layer, nxt, cap)
         us = driver.time_launches(cp, run_layers, 1, reps, per_graph=4) * 1e6 / layers
@@ -171,6 +219,8 @@ def main() -> None:
     ap.add_argument("--configs", default="8x4,8x8,16x4,16x6,32x3,32x4")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--overlap-configs", default="8x4,16x3,8x3,4x3,2x3",
+                    help="gemv_ovl's rows x stages to try per product, the first fitting twice an SM taken")
     args = ap.parse_args()
     import cupy as cp
 
@@ -198,7 +248,11 @@ def main() -> None:
     layer_bytes = sum(gemvs[n].m.data.nbytes for n in LAYER_8B)
     print(f"\n8B layer (q+k+v, o, gate+up, down: {layer_bytes / 1e6:.1f} MB; floor at 3.35 TB/s "
           f"{layer_bytes / COPY_BANDWIDTH_H100 * 1e6:.1f} us)")
-    for r in layer_table(cp, gemvs, best, args.layers, args.reps):
+    overlap = {n: overlap_config(gemvs[n], [tuple(int(v) for v in c.split("x"))
+                                            for c in args.overlap_configs.split(",")]) for n in LAYER_8B}
+    print("gemv_ovl configs (rows x stages): " + ", ".join(f"{n} {c[0]}x{c[1]}" if c else f"{n} none"
+                                                           for n, c in overlap.items()))
+    for r in layer_table(cp, gemvs, best, args.layers, args.reps, overlap):
         print(f"  {r['variant']:14} {r['us']:8.2f} us a layer  {r['gbs']:7.0f} GB/s  "
               f"{layer_bytes / COPY_BANDWIDTH_H100 / (r['us'] * 1e-6):.2f} of the floor")
 
