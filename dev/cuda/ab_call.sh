@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One GPU call that A/Bs decode-step candidates (patches of dev/cuda/) against this checkout, the way sessions 20-21
+# ran them: each patch applied to its own copy of the tree, tools/profile_decode.py rounds interleaved (this checkout,
+# then each patch, ROUNDS times) at each shape, then the patches' GPU tests, then any EXTRA commands (dev drivers).
+#   PATCHES  patch files relative to the root (default: every dev/cuda/v*.patch)
+#   SHAPES   profile_decode --shape values (default "llama3-8b llama3.2-1b smollm2"); DEPTH (default 512); ROUNDS (2)
+#   DEFINES  "NAME=VALUE ..." each profiled on this checkout as one more variant (profile_decode --define)
+#   TESTS    pytest files run -m cuda on each patched copy (default the GEMV, PDL and model tests)
+#   EXTRA    a command run last from the root, e.g. "python dev/cuda/gemv_tma.py --shapes 8b-o --layers 8"
+#   DRY=1    apply the patches and print the plan without running anything (works without a GPU)
+# A profile takes ~40 s at 8B and ~15 s at 1B / SmolLM2 (H100, model build included); the three test files ~160 s.
+# Logs to $OUT (or /tmp/ab_call); the wheels in .whl/ are installed to /tmp/site first (the device has no gguf).
+set -o pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+LOG=${OUT:-/tmp/ab_call}
+mkdir -p "$LOG"
+PATCHES=${PATCHES:-$(ls dev/cuda/v*.patch 2>/dev/null)}
+SHAPES=${SHAPES:-llama3-8b llama3.2-1b smollm2}
+DEPTH=${DEPTH:-512}
+ROUNDS=${ROUNDS:-2}
+TESTS=${TESTS:-tests/test_cuda_gemv.py tests/test_cuda_pdl.py tests/test_cuda_model.py}
+T0=$(date +%s)
+stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
+
+[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl >/dev/null 2>&1
+export PYTHONPATH=/tmp/site OPENBLAS_NUM_THREADS=1
+
+declare -A TREE=([main]=$ROOT)
+for patch in $PATCHES; do
+  name=$(basename "$patch" .patch)
+  TREE[$name]=/tmp/ab_$name
+  rm -rf "/tmp/ab_$name" && mkdir -p "/tmp/ab_$name"
+  cp -r engine kernels tools tests dev pyproject.toml "/tmp/ab_$name/"
+  (cd "/tmp/ab_$name" && git apply "$ROOT/$patch") || { echo "error: $patch does not apply"; exit 1; }
+  stamp "applied $patch in /tmp/ab_$name"
+done
+
+profile() {  # profile TREE SHAPE [--define X]
+  (cd "$1" && PYTHONPATH=/tmp/site:$1 timeout 150 python3 tools/profile_decode.py --shape "$2" --depth "$DEPTH" \
+      --steps 40 --top 8 "${@:3}" 2>&1 | grep -A9 depth | grep -v calls/step)
+}
+if [ -n "$DRY" ]; then
+  stamp "dry run: variants ${!TREE[*]} ${DEFINES:+and defines $DEFINES}, shapes $SHAPES, depth $DEPTH, $ROUNDS rounds"
+  exit 0
+fi
+for round in $(seq "$ROUNDS"); do
+  for shape in $SHAPES; do
+    for name in main $(for p in $PATCHES; do basename "$p" .patch; done); do
+      profile "${TREE[$name]}" "$shape" | tee -a "$LOG/profile_$name.log"; stamp "$name $shape round $round"
+    done
+    for define in $DEFINES; do
+      profile "$ROOT" "$shape" --define "$define" | tee -a "$LOG/profile_$define.log"; stamp "$define $shape"
+    done
+  done
+done
+for patch in $PATCHES; do
+  name=$(basename "$patch" .patch)
+  (cd "${TREE[$name]}" && PYTHONPATH=/tmp/site:${TREE[$name]} timeout 300 python3 -m pytest -q -m cuda $TESTS 2>&1 \
+      | tail -3) | tee "$LOG/tests_$name.log"; stamp "tests $name"
+done
+if [ -n "$EXTRA" ]; then
+  bash -c "$EXTRA" 2>&1 | tee "$LOG/extra.log"; stamp "extra"
+fi
