@@ -5,7 +5,7 @@
 #   PATCHES  patch files relative to the root (default: every dev/cuda/v*.patch)
 #   SHAPES   profile_decode --shape values (default "llama3-8b llama3.2-1b smollm2"); DEPTH (default 512); ROUNDS (2)
 #   DEFINES  "NAME=VALUE ..." each profiled on this checkout as one more variant (profile_decode --define)
-#   TESTS    pytest files run -m cuda on each patched copy (default the GEMV, PDL and model tests)
+#   TESTS    pytest files run -m cuda on each patched copy (default the GEMV, PDL and model tests); NOTESTS=1 skips them
 #   EXTRA    a command run last from the root, e.g. "python dev/cuda/gemv_tma.py --shapes 8b-o --layers 8"
 #   DRY=1    apply the patches and print the plan without running anything (works without a GPU)
 # A profile takes ~40 s at 8B and ~15 s at 1B / SmolLM2 (H100, model build included); the three test files ~160 s.
@@ -55,7 +55,7 @@ for round in $(seq "$ROUNDS"); do
     done
   done
 done
-for patch in $PATCHES; do
+for patch in $([ -z "$NOTESTS" ] && echo $PATCHES); do
   name=$(basename "$patch" .patch)
   (cd "${TREE[$name]}" && PYTHONPATH=/tmp/site:${TREE[$name]} timeout 300 python3 -m pytest -q -m cuda $TESTS 2>&1 \
       | tail -3) | tee "$LOG/tests_$name.log"; stamp "tests $name"
