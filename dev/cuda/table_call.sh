@@ -30,7 +30,7 @@ read -r TREE DEFINE < <(cat /tmp/ab_best 2>/dev/null || echo "$ROOT")
 TREE=${TREE:-$ROOT}
 if [ -n "$DEFINE" ]; then  # a define variant: a copy with the define as its default
   rm -rf /tmp/table_tree && cp -r "$TREE" /tmp/table_tree && TREE=/tmp/table_tree
-  grep -l "^#define ${DEFINE%%=*} " $TREE/kernels/* | xargs sed -i "s/^#define ${DEFINE%%=*} .*/#define ${DEFINE%%=*} ${DEFINE#*=}/"
+  grep -l "^#define ${DEFINE%%=*} " $TREE/kernels/* | xargs -r sed -i "s/^#define ${DEFINE%%=*} .*/#define ${DEFINE%%=*} ${DEFINE#*=}/"
 fi
 stamp "tree $TREE ${DEFINE:+with $DEFINE}"
 (cd "$TREE" && git diff --no-index --stat "$ROOT/kernels" kernels 2>/dev/null | tail -3)
