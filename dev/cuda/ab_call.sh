@@ -6,7 +6,9 @@
 #            both applied in turn (named a+b)
 #   SHAPES   profile_decode --shape values (default "llama3-8b llama3.2-1b smollm2"); DEPTH (default 512); ROUNDS (2)
 #   DEFINES  "NAME=VALUE ..." each profiled on this checkout as one more variant (profile_decode --define)
-#   TESTS    pytest files run -m cuda on each patched copy (default the GEMV, PDL and model tests); NOTESTS=1 skips them
+#   TESTS    pytest files run -m cuda on each patched copy (default the GEMV, PDL and model tests); NOTESTS=1 skips them;
+#            TESTS_ON=best runs them only on the tree the summary took on (this checkout if none won), TEST_TIMEOUT
+#            (default 300 s) bounds each run: the short form for a call with little device time left
 #   EXTRA    a command run last from the root, e.g. "python dev/cuda/gemv_tma.py --shapes 8b-o --layers 8"
 #   BUILD=1  also start building llama-bench (.bench, ~5 min, nice'd) in the background for dev/cuda/table_call.sh
 #   DRY=1    apply the patches and print the plan without running anything (works without a GPU)
@@ -78,10 +80,16 @@ done
 python3 "$ROOT/dev/cuda/ab_summary.py" "$LOG" --min-gain "${MIN_GAIN:-1}" --best /tmp/ab_best \
     $(for n in "${NAMES[@]}"; do echo "$n=${TREE[$n]}"; done) $(for d in $DEFINES; do echo "$d=$ROOT"; done) \
     | tee "$LOG/summary.md"
+TESTED=("${NAMES[@]:1}")
+if [ "$TESTS_ON" = best ]; then
+  read -r best _ < /tmp/ab_best
+  TESTED=(main)
+  for name in "${NAMES[@]}"; do [ "${TREE[$name]}" = "$best" ] && TESTED=("$name"); done
+fi
 if [ -z "$NOTESTS" ]; then
-  for name in "${NAMES[@]:1}"; do
-    (cd "${TREE[$name]}" && PYTHONPATH=/tmp/site:${TREE[$name]} timeout 300 python3 -m pytest -q -m cuda $TESTS 2>&1 \
-        | tail -3) | tee "$LOG/tests_$name.log"; stamp "tests $name"
+  for name in "${TESTED[@]}"; do
+    (cd "${TREE[$name]}" && PYTHONPATH=/tmp/site:${TREE[$name]} timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q \
+        -p no:cacheprovider -m cuda $TESTS 2>&1 | tail -3) | tee "$LOG/tests_$name.log"; stamp "tests $name"
   done
 fi
 if [ -n "$EXTRA" ]; then
