@@ -86,21 +86,29 @@ class OpTimer:
               f"{mm / non_attention / 1e9:.1f} TFLOP/s on the matmuls")
 
 
-def profile(model, backend, cp, n: int, ubatch: int) -> None:
+def profile(model, backend, cp, n: int, ubatch: int, untimed_runs: int = 3) -> None:
+    """The per-op table of one prefill, after `untimed_runs` plain ones (the first warms up), each of which prints
+    its wall time and the part of it the host spent queueing the work (it returns before the GPU is done): when
+    queueing takes about the whole wall time, the prefill is bound by the host's launches, not the GPU."""
     c = model.config
     ids = np.random.default_rng(0).integers(0, c.vocab_size, n)
-    for timed in (False, True):
+    for run in range(untimed_runs + 1):
+        timed = run == untimed_runs
         cache = new_cache(model, n + 8)
         timer = OpTimer(cp, backend) if timed else None
         cp.cuda.Device().synchronize()
         t0 = time.perf_counter()
         _prefill(model, cache, ids, ubatch)
+        queued = (time.perf_counter() - t0) * 1e3
         cp.cuda.Device().synchronize()
         wall = (time.perf_counter() - t0) * 1e3
         if timer is not None:
             timer.restore()
             print(f"prefill {n} tokens, ubatch {ubatch}:")
             timer.table(wall)
+        else:
+            print(f"prefill {n} tokens, ubatch {ubatch}, run {run}: wall {wall:.2f} ms, host queueing {queued:.2f} ms"
+                  f" ({n / wall * 1e3:.0f} tokens/s)")
         cache = None
 
 
