@@ -1,7 +1,9 @@
 """Where a prefill's GPU time goes, per op, at SmolLM2-135M's or a real model's shapes (random weights).
 
 Every backend op of ``Llama.compute`` is bracketed by CUDA events (GPU time, host launch work
-excluded); matrix products are split per weight kind with their FLOP rate. Then cuBLAS alone on the
+excluded) and timed on the host (its wrapper's work and launches, per call); matrix products are split per weight
+kind with their FLOP rate. The plain prefills before the timed one print their wall time and the host's queueing
+time: queueing about the whole wall time means the prefill is bound by the host. Then cuBLAS alone on the
 same GEMM shapes (the ceiling those ops could reach), and whole prefills of --long tokens at several
 micro-batch sizes.
 
@@ -28,8 +30,9 @@ OPS = ("embedding", "linear", "rmsnorm", "add", "add_linear", "linear_group", "s
 
 
 class OpTimer:
-    """Wraps the backend's ops; records (label, flops, start event, end event) per outermost call
-    (an op that calls another, e.g. linear_group -> linear, is timed once)."""
+    """Wraps the backend's ops; records (label, flops, start event, end event, host seconds) per outermost call
+    (an op that calls another, e.g. linear_group -> linear, is timed once): the GPU time between the events, and the
+    time the host spent in the op's call (its wrapper's work and the launches it queues)."""
 
     def __init__(self, cp, backend):
         self.cp, self.backend, self.calls, self.depth = cp, backend, [], 0
@@ -55,12 +58,14 @@ class OpTimer:
             start, end = self.cp.cuda.Event(), self.cp.cuda.Event()
             start.record()
             self.depth += 1
+            t0 = time.perf_counter()
             try:
                 out = fn(*args, **kwargs)
             finally:
+                host = time.perf_counter() - t0
                 self.depth -= 1
             end.record()
-            self.calls.append((label, flops, start, end))
+            self.calls.append((label, flops, start, end, host))
             return out
         return timed
 
@@ -70,18 +75,21 @@ class OpTimer:
 
     def table(self, wall_ms: float) -> None:
         self.cp.cuda.Device().synchronize()
-        ms, flops, count = defaultdict(float), defaultdict(float), defaultdict(int)
-        for label, f, start, end in self.calls:
+        ms, host_ms, flops, count = defaultdict(float), defaultdict(float), defaultdict(float), defaultdict(int)
+        for label, f, start, end, host in self.calls:
             ms[label] += self.cp.cuda.get_elapsed_time(start, end)
+            host_ms[label] += host * 1e3
             flops[label] += f
             count[label] += 1
         total = sum(ms.values())
-        print(f"  {'op':44s} {'calls':>5s} {'ms':>8s} {'share':>6s} {'TFLOP/s':>8s}")
+        print(f"  {'op':44s} {'calls':>5s} {'ms':>8s} {'share':>6s} {'TFLOP/s':>8s} {'host us/call':>12s}")
         for label in sorted(ms, key=ms.get, reverse=True):
             rate = f"{flops[label] / ms[label] / 1e9:8.1f}" if flops[label] else ""
-            print(f"  {label:44s} {count[label]:5d} {ms[label]:8.2f} {ms[label] / total:6.1%} {rate:>8s}")
+            print(f"  {label:44s} {count[label]:5d} {ms[label]:8.2f} {ms[label] / total:6.1%} {rate:>8s} "
+                  f"{host_ms[label] / count[label] * 1e3:12.1f}")
         non_attention = total - sum(v for k, v in ms.items() if k == "attention")
         mm = sum(flops.values())
+        print(f"  host time in the ops' calls {sum(host_ms.values()):.2f} ms")
         print(f"  sum of ops {total:.1f} ms (wall {wall_ms:.1f} ms); without attention {non_attention:.1f} ms = "
               f"{mm / non_attention / 1e9:.1f} TFLOP/s on the matmuls")
 
