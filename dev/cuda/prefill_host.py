@@ -1,0 +1,120 @@
+"""Where a short prefill's host time goes: a development driver for the host-bound 1B pp512 (NOTES "1B pp512").
+
+Loads a bench shape's random-weight model (as tools/profile_prefill.py does), runs plain prefills (wall and host
+queueing time), then one under cProfile (the engine's functions by own time and by cumulative time), then the
+host cost of the primitives the backend's op wrappers are built from (CuPy allocation, a RawKernel launch, the
+cuBLAS handle and stream, a device query), each timed over many calls with the GPU kept busy elsewhere.
+
+    python dev/cuda/prefill_host.py [--shape llama3.2-1b] [--tokens 512] [--dtype bf16]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from engine.bench import _prefill, load_bench_model, new_cache  # noqa: E402
+from engine.options import LoadSettings  # noqa: E402
+
+
+def plain_runs(model, cp, n: int, runs: int) -> None:
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, n)
+    for run in range(runs):
+        cache = new_cache(model, n + 8)
+        cp.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        _prefill(model, cache, ids, n)
+        queued = (time.perf_counter() - t0) * 1e3
+        cp.cuda.Device().synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+        print(f"prefill {n}: run {run}: wall {wall:.2f} ms, host queueing {queued:.2f} ms ({n / wall * 1e3:.0f} tok/s)")
+
+
+def profiled_run(model, cp, n: int) -> None:
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, n)
+    cache = new_cache(model, n + 8)
+    cp.cuda.Device().synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    _prefill(model, cache, ids, n)
+    prof.disable()
+    cp.cuda.Device().synchronize()
+    for key in ("tottime", "cumtime"):
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(40)
+        print(f"--- cProfile of one prefill of {n} tokens, by {key}")
+        print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:9000])
+
+
+def per_call_us(fn, calls: int = 2000) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def primitives(backend, cp) -> None:
+    from cupy_backends.cuda.libs import cublas
+
+    from engine.backends.cuda.kernels import function
+
+    x = cp.zeros((512, 2048), dtype=cp.float32)
+    w = cp.ones(2048, dtype=cp.float32)
+    out = cp.empty((512, 2048), dtype=backend.act)
+    rms = function("elementwise", "rmsnorm", backend.dtype)
+    args = (x, w, out, np.int32(512), np.int32(2048), np.float32(1e-5), np.int32(0), np.int32(1))
+    handle = cp.cuda.device.get_cublas_handle()
+    cases = {
+        "cp.empty (512, 2048) f32": lambda: cp.empty((512, 2048), dtype=cp.float32),
+        "cp.ascontiguousarray (contiguous)": lambda: cp.ascontiguousarray(x),
+        "cp.ascontiguousarray dtype=f32 (is f32)": lambda: cp.ascontiguousarray(x, dtype=cp.float32),
+        "function() lookup": lambda: function("elementwise", "rmsnorm", backend.dtype),
+        "RawKernel launch, 8 args": lambda: rms((128,), (128,), args),
+        "RawKernel launch, 8 args (python ints)": lambda: rms((128,), (128,), (x, w, out, 512, 2048, 1e-5, 0, 1)),
+        "backend.rmsnorm": lambda: backend.rmsnorm(x, w, 1e-5),
+        "cp.cuda.Device().compute_capability": lambda: cp.cuda.Device().compute_capability,
+        "cp.cuda.runtime.getDevice()": lambda: cp.cuda.runtime.getDevice(),
+        "get_cublas_handle + setStream": lambda: cublas.setStream(cp.cuda.device.get_cublas_handle(),
+                                                                 cp.cuda.get_current_stream().ptr),
+        "np.ones(1) + np.full(1)": lambda: (np.ones(1, dtype=np.float32), np.full(1, 0.0, dtype=np.float32)),
+        "x.reshape + slice view": lambda: x.reshape(512, 16, 128)[:, :8],
+        "np.int32 x 8": lambda: tuple(np.int32(i) for i in range(8)),
+        "cp.cuda.Event record": lambda: cp.cuda.Event().record(),
+        "cp.arange(512) int32": lambda: cp.arange(0, 512, dtype=cp.int32),
+        "cp.asarray(512 ints)": lambda: cp.asarray(np.arange(512, dtype=np.int32)),
+    }
+    del handle
+    print("--- host cost of primitives (us a call)")
+    for name, fn in cases.items():
+        us = per_call_us(fn)
+        cp.cuda.Device().synchronize()
+        print(f"  {name:44s} {us:8.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama3.2-1b")
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--dtype", default="bf16")
+    args = parser.parse_args()
+    import cupy as cp
+
+    settings = LoadSettings(device="cuda", dtype=args.dtype, context=args.tokens + 256, dca="on")
+    llm, label = load_bench_model(settings, synthetic=True, shape=None if args.shape == "smollm2" else args.shape)
+    print(f"model: {label}")
+    plain_runs(llm.model, cp, args.tokens, 5)
+    profiled_run(llm.model, cp, args.tokens)
+    primitives(llm.backend, cp)
+
+
+if __name__ == "__main__":
+    main()
