@@ -2,7 +2,8 @@
 // the query rotation chosen per key tile, no three-pass merge (design.md §3 and §5; engine/dca.py
 // blockwise_attention is the algorithm this kernel follows).
 //
-// Layouts: q (n, Hq, D) UNROTATED fp16|bf16; K cache (capacity, Hkv, D) rotated at key positions
+// Layouts: q (n, Hq, D) UNROTATED fp16|bf16, its rows q_stride elements apart (a query's heads contiguous:
+// Hq*D, or the row of a fused QKV product); K cache (capacity, Hkv, D) rotated at key positions
 // (j mod chunk_len); V cache (capacity, Hkv, D); positions (n,) int32, increasing; cos/sin
 // (n_positions, rope_dim/2) fp32; out (n, Hq, D) in q's dtype, or with n_splits > 1 unnormalized
 // partials part_o (S, n*Hq, D) fp32 and part_m / part_l (S, n*Hq) fp32 in log2 units, merged by
@@ -41,7 +42,8 @@ __device__ __forceinline__ void rotate_rows(unsigned char* qr, const u16* __rest
                                             const int* __restrict__ positions, const int* __restrict__ rot_positions,
                                             const float* __restrict__ cos_t,
                                             const float* __restrict__ sin_t, int rel, int w0, int rows_total, int n,
-                                            int n_heads, int group, int kvh, int rope_dim, Dca dca, int lane) {
+                                            int n_heads, int group, int kvh, int rope_dim, Dca dca, int lane,
+                                            int q_stride) {
     constexpr int CH = D / 8;  // 16-byte chunks per row
     const int half = rope_dim >> 1, half_ch = half >> 3;
     for (int idx = lane; idx < ROWS * CH; idx += 32) {
@@ -52,7 +54,7 @@ __device__ __forceinline__ void rotate_rows(unsigned char* qr, const u16* __rest
         uint4 x1 = make_uint4(0u, 0u, 0u, 0u), x2 = x1;
         if (R < rows_total) {
             const int qi = R / group, head = kvh * group + R % group;
-            const u16* src = q + ((long long)qi * n_heads + head) * D;
+            const u16* src = q + (long long)qi * q_stride + head * D;
             x1 = *(const uint4*)(src + c * 8);
             if (rotary_pair) {
                 x2 = *(const uint4*)(src + (c + half_ch) * 8);
@@ -74,7 +76,7 @@ __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16*
                                            float* __restrict__ part_o, float* __restrict__ part_m,
                                            float* __restrict__ part_l, int n, int n_heads, int n_kv, int rope_dim,
                                            int chunk_len, int chunk_size, float scale_log2, int temp_len,
-                                           int n_splits, int window) {
+                                           int n_splits, int window, int q_stride) {
     typedef Elt<BF16> E;
     constexpr int WARPS = 4, THREADS = 32 * WARPS, ROWS = 16 * MT, BM = WARPS * ROWS, CH = D / 8;
     constexpr int NT = BN / 8, KS = D / 16, DT = D / 8;
@@ -150,7 +152,7 @@ __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16*
         if (rel == cur_rel) return;
         __syncwarp();  // every lane is done reading the previous rotation
         rotate_rows<D, BF16, ROWS>(qr, q, positions, rot_positions, cos_t, sin_t, rel, w0, rows_total, n, n_heads,
-                                   group, kvh, rope_dim, dca, lane);
+                                   group, kvh, rope_dim, dca, lane, q_stride);
         __syncwarp();
         cur_rel = rel;
     };
@@ -332,8 +334,8 @@ __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16*
         const u16* q, const u16* kc, const u16* vc, const int* positions, const int* rot_positions,           \
         const float* cos_t, const float* sin_t, u16* out, float* part_o, float* part_m, float* part_l, int n, \
         int n_heads, int n_kv, int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len,   \
-        int n_splits, int window) {                                                                           \
+        int n_splits, int window, int q_stride) {                                                             \
         flash_body<D, MT, BN, ACT_IS_BF16>(q, kc, vc, positions, rot_positions, cos_t, sin_t, out, part_o,    \
                                            part_m, part_l, n, n_heads, n_kv, rope_dim, chunk_len, chunk_size, \
-                                           scale_log2, temp_len, n_splits, window);                           \
+                                           scale_log2, temp_len, n_splits, window, q_stride);                 \
     }

@@ -1,5 +1,6 @@
 // Fused DCA (and plain causal) flash-attention prefill for Hopper (sm_90a): the algorithm of
-// dca_flash_attn.cu (same arguments, same outputs, same split-K partials) on warpgroup MMAs.
+// dca_flash_attn.cu (same arguments, same outputs, same split-K partials) on warpgroup MMAs. q's rows are
+// q_stride elements apart (Hq*D, or the row of a fused QKV product).
 //
 // Design (FlashAttention-3's structure, with cp.async instead of TMA).
 // - A block is WG consumer warpgroups x 64 packed rows (R = qi*group + g: GQA without copies, as in
@@ -35,7 +36,8 @@ template <int D, bool BF16>
 __device__ __forceinline__ void rotate_into_tile(unsigned char* q_tile, const u16* __restrict__ q,
                                                  const int* __restrict__ positions, const float* __restrict__ cos_t,
                                                  const float* __restrict__ sin_t, int rel, int w0, int rows_total,
-                                                 int n_heads, int group, int kvh, int rope_dim, Dca dca, int tid) {
+                                                 int n_heads, int group, int kvh, int rope_dim, Dca dca, int tid,
+                                                 int q_stride) {
     constexpr int CH = D / 8;
     const int half = rope_dim >> 1, half_ch = half >> 3, rot_ch = rope_dim >> 3;
     for (int idx = tid; idx < 64 * CH; idx += 128) {
@@ -46,7 +48,7 @@ __device__ __forceinline__ void rotate_into_tile(unsigned char* q_tile, const u1
         const int R = w0 + r;
         if (R < rows_total) {
             const int qi = R / group;
-            const u16* src = q + ((long long)qi * n_heads + kvh * group + R % group) * D;
+            const u16* src = q + (long long)qi * q_stride + (kvh * group + R % group) * D;
             x1 = *(const uint4*)(src + c * 8);
             if (pair) {
                 x2 = *(const uint4*)(src + (c + half_ch) * 8);
@@ -66,7 +68,7 @@ __device__ __forceinline__ void flash_wg_body(const u16* __restrict__ q, const u
                                               u16* __restrict__ out, float* __restrict__ part_o,
                                               float* __restrict__ part_m, float* __restrict__ part_l, int n,
                                               int n_heads, int n_kv, int rope_dim, int chunk_len, int chunk_size,
-                                              float scale_log2, int temp_len, int n_splits) {
+                                              float scale_log2, int temp_len, int n_splits, int q_stride) {
     typedef Elt<BF16> E;
     // the producer keeps 24 registers a thread, the consumers share the rest (a multiple of 8, at most 240)
     constexpr int SHARE = (65536 - 128 * 24) / (128 * WG) / 8 * 8, CONSUMER_REGS = SHARE > 240 ? 240 : SHARE;
@@ -122,7 +124,7 @@ __device__ __forceinline__ void flash_wg_body(const u16* __restrict__ q, const u
     auto use_relation = [&](int rel) {  // rel is warp-uniform; the tile is read by no wgmma in flight
         if (rel == cur_rel) return;
         rotate_into_tile<D, BF16>(q_mine, q, positions, cos_t, sin_t, rel, w0, rows_total, n_heads, group, kvh,
-                                  rope_dim, dca, tid);
+                                  rope_dim, dca, tid, q_stride);
         fence_async_shared();
         warpgroup_sync(1 + wg);
         cur_rel = rel;
@@ -287,8 +289,9 @@ __device__ __forceinline__ void flash_wg_body(const u16* __restrict__ q, const u
     extern "C" __global__ void __launch_bounds__(128 * (WG + 1), 1) dca_flash_wg_##D##_##BN##_##WG##_##STAGES(  \
         const u16* q, const u16* kc, const u16* vc, const int* positions, const float* cos_t,                   \
         const float* sin_t, u16* out, float* part_o, float* part_m, float* part_l, int n, int n_heads,          \
-        int n_kv, int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len, int n_splits) {   \
+        int n_kv, int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len, int n_splits,     \
+        int q_stride) {                                                                                         \
         flash_wg_body<D, BN, WG, STAGES, ACT_IS_BF16>(q, kc, vc, positions, cos_t, sin_t, out, part_o, part_m,   \
                                                       part_l, n, n_heads, n_kv, rope_dim, chunk_len, chunk_size, \
-                                                      scale_log2, temp_len, n_splits);                          \
+                                                      scale_log2, temp_len, n_splits, q_stride);                \
     }

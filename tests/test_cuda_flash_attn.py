@@ -144,6 +144,30 @@ def test_prefill_matches_blockwise(kernel, dtype, head_dim, n_heads, n_kv, dca):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("head_dim, n_heads, n_kv", [(64, 9, 3), (128, 32, 8)])
+def test_prefill_reads_the_queries_of_a_fused_product_in_place(kernel, dtype, head_dim, n_heads, n_kv):
+    """q as the model passes it: the first columns of a fused q+k+v product (rows 16-byte aligned, strided), read
+    in place, gives the same bits as a contiguous copy of it; a misaligned view is copied and also agrees."""
+    import cupy as cp
+
+    require(kernel)
+    case = Case(np.random.default_rng(5), 200, n_heads, n_kv, head_dim, DCA, dtype)
+    want = case.prefill(kernel=kernel)
+    width = (n_heads + 2 * n_kv) * head_dim
+    for offset in (0, 1):  # a 16-byte aligned view, then one column off (copied to a contiguous array first)
+        fused = cp.full((200, width + 8), 7, dtype=case.dev_q.dtype)  # filler a wrong read would bring in
+        fused[:, offset:offset + n_heads * head_dim] = case.dev_q.reshape(200, -1)
+        view = fused[:, offset:offset + n_heads * head_dim].reshape(200, n_heads, head_dim)
+        assert not view.flags.c_contiguous
+        got = fa.flash_attention(view, case.dev_k, case.dev_v, case.dev_pos, case.cos, case.sin,
+                                 rope_dim=case.rope_dim, dca=DCA, kernel=kernel)
+        np.testing.assert_array_equal(case._host(got), want)
+    assert_close(want, case.reference(), dtype)
+
+
+@pytest.mark.cuda
 def test_dca_differs_from_causal_on_these_inputs():
     """The DCA cases above would catch a kernel that ignores DCA: the two references differ widely."""
     case = Case(np.random.default_rng(0), 333, 9, 3, 64, DCA, "f16")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
 import pstats
 import sys
 import time
@@ -47,11 +46,14 @@ def profiled_run(model, cp, n: int) -> None:
     _prefill(model, cache, ids, n)
     prof.disable()
     cp.cuda.Device().synchronize()
-    for key in ("tottime", "cumtime"):
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(40)
-        print(f"--- cProfile of one prefill of {n} tokens, by {key}")
-        print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:9000])
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
+    rows = sorted(((own, cum, calls, f"{Path(file).name}:{line}({name})") for (file, line, name), (_, calls, own, cum, _)
+                   in stats.items()), reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"--- cProfile of one prefill of {n} tokens: {total * 1e3:.2f} ms of own time; by own time (us)")
+    print(f"  {'function':60s} {'calls':>6s} {'own':>8s} {'own/call':>9s} {'cum/call':>9s}")
+    for own, cum, calls, name in rows[:45]:
+        print(f"  {name[:60]:60s} {calls:6d} {own * 1e6:8.0f} {own * 1e6 / calls:9.2f} {cum * 1e6 / calls:9.2f}")
 
 
 def per_call_us(fn, calls: int = 2000) -> float:

@@ -29,7 +29,7 @@ from . import flash_attention as flash
 from . import kv_q8
 from .graph import GraphDecoder, KeptSteps
 from .weights import (PREFILL_FP16_BUDGET, DeviceMatrix, MatrixOps, activation_type, fuse, fused_whole,
-                      to_activation, upload_weight)
+                      row_stride, to_activation, upload_weight)
 
 ELEMENTWISE_THREADS = 256
 NORM_ROWS_PER_BLOCK = 8  # rmsnorm: one warp per row
@@ -268,7 +268,7 @@ class CudaBackend:
         rope_dim = rotary.rope.dim
         cos_t, sin_t = self.key_tables(rotary, dca)
         chunk_len = np.int32(extension.chunk_len_of(dca))
-        k_stride, v_stride = _row_stride(k, self.act), _row_stride(v, self.act)
+        k_stride, v_stride = row_stride(k, self.act), row_stride(v, self.act)
         k_cache, v_cache = cache.k[layer], cache.v[layer]
         if kv_q8.is_q8(k_cache) or kv_q8.is_q8(v_cache):
             if k_stride is None or v_stride is None:
@@ -342,14 +342,3 @@ class CudaBackend:
         if n_threads:
             blocks = (n_threads + ELEMENTWISE_THREADS - 1) // ELEMENTWISE_THREADS
             function(file, kernel, self.dtype)((blocks,), (ELEMENTWISE_THREADS,), args)
-
-
-def _row_stride(x, act) -> int | None:
-    """Elements between the rows of a (n, heads, D) activation array (dtype act) whose rows are each
-    contiguous, when the 16-byte kernels can read it (stride % 8 == 0, 16-byte aligned); None otherwise."""
-    if x.dtype != act or x.strides[2] != 2 or x.strides[1] != 2 * x.shape[2]:
-        return None
-    stride = x.strides[0] // 2 if x.shape[0] > 1 else x.shape[1] * x.shape[2]
-    if stride % 8 or x.data.ptr % 16:
-        return None
-    return stride

@@ -29,6 +29,7 @@ from . import pdl
 from .kernels import function
 from .kv_q8 import NULL, is_q8
 from .splits import key_splits, sm_count
+from .weights import row_stride
 
 THREADS = 128  # 4 warps per block, both attention kernels
 COMBINE_THREADS = 256  # 8 warps per merged row
@@ -209,7 +210,8 @@ def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: i
                     temperature_length: int = 0, n_keys_hint: int | None = None, n_splits: int | None = None,
                     tiles: tuple[int, ...] | None = None, kernel: str = "auto", rot_positions=None,
                     window: int = 0, partials=None):
-    """DCA (dca: DCAConfig) or plain causal (dca=None) attention of n queries -> (n, Hq, D), q's dtype.
+    """DCA (dca: DCAConfig) or plain causal (dca=None) attention of n queries -> (n, Hq, D), q's dtype. q's rows
+    may be strided (a view of a fused QKV product, each query's heads contiguous): the kernels read it in place.
 
     temperature_length: the training length L for DCA's attention temperature (0: off).
     n_keys_hint: keys the last query sees (positions[-1] + 1, known to the host) — used to split the
@@ -245,7 +247,9 @@ def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: i
     out = cp.empty(q.shape, dtype=q.dtype) if partials is None else NULL
     if n == 0:
         return None if partials is not None else out
-    q = cp.ascontiguousarray(q)
+    q_stride = row_stride(q, q.dtype)  # a view of a fused QKV product is read in place
+    if q_stride is None:
+        q, q_stride = cp.ascontiguousarray(q), n_heads * head_dim
     # rows of a block: 64 per consumer warpgroup (wgmma), 64 per m-tile of its 4 warps (mma)
     block_keys, block_rows = (tiles[0], 64 * tiles[1]) if use_wgmma else (tiles[1], 64 * tiles[0])
     row_blocks = math.ceil(n * (n_heads // n_kv) / block_rows)
@@ -261,11 +265,11 @@ def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: i
     grid = (n_kv, row_blocks, n_splits)
     if use_wgmma:
         _launch(_kernel(wgmma_build(head_dim, tiles), dtype), grid, (q, k_cache, v_cache, positions, cos_t, sin_t)
-                + tail, wgmma_smem(head_dim, tiles), threads=128 * (tiles[1] + 1))  # + the producer warpgroup
+                + tail + (np.int32(q_stride),), wgmma_smem(head_dim, tiles), threads=128 * (tiles[1] + 1))  # + producer
     else:
         head = (q, k_cache, v_cache, positions, NULL if rot_positions is None else rot_positions, cos_t, sin_t)
-        _launch(_kernel(prefill_build(head_dim, tiles), dtype), grid, head + tail + (np.int32(window),),
-                prefill_smem(head_dim, tiles))
+        _launch(_kernel(prefill_build(head_dim, tiles), dtype), grid,
+                head + tail + (np.int32(window), np.int32(q_stride)), prefill_smem(head_dim, tiles))
     if partials is not None:
         return None
     if n_splits > 1:

@@ -25,5 +25,13 @@ def key_splits(blocks: int, slots: int, keys: int, min_keys_per_split: int, max_
     return max(1, min(wanted, keys // min_keys_per_split, max_splits))
 
 
+_SM_COUNTS: dict[int, int] = {}  # device -> its streaming multiprocessors
+
+
 def sm_count(cp) -> int:
-    return cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrMultiProcessorCount, cp.cuda.Device().id)
+    """Streaming multiprocessors of the current GPU (asked of the driver once a GPU: prefill asks every layer)."""
+    device = cp.cuda.runtime.getDevice()
+    if device not in _SM_COUNTS:
+        _SM_COUNTS[device] = cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrMultiProcessorCount,
+                                                                device)
+    return _SM_COUNTS[device]

@@ -50,6 +50,9 @@ _OP_N, _OP_T = 0, 1
 _R_16F, _R_16BF, _R_32F = 2, 14, 0
 _COMPUTE_32F = 68
 _GEMM_DEFAULT = -1
+# alpha / beta of the GEMMs: fp32 on the host (cuBLAS's default pointer mode), made once and kept for the process
+_SCALAR_ARRAYS = {value: np.full(1, value, dtype=np.float32) for value in (0.0, 1.0)}
+_SCALARS = {value: array.ctypes.data for value, array in _SCALAR_ARRAYS.items()}  # value -> its address
 
 
 @dataclass
@@ -91,6 +94,17 @@ def to_activation(cp, x, dtype: str):
     if dtype == "f16":
         return cp.ascontiguousarray(x, dtype=cp.float16)
     return to_bf16_bits(x, cp)
+
+
+def row_stride(x, act) -> int | None:
+    """Elements between the rows of a (n, heads, D) activation array (dtype act) whose rows are each
+    contiguous, when the 16-byte kernels can read it (stride % 8 == 0, 16-byte aligned); None otherwise."""
+    if x.dtype != act or x.strides[2] != 2 or x.strides[1] != 2 * x.shape[2]:
+        return None
+    stride = x.strides[0] // 2 if x.shape[0] > 1 else x.shape[1] * x.shape[2]
+    if stride % 8 or x.data.ptr % 16:
+        return None
+    return stride
 
 
 def stored_as_activation(dtype: str) -> GGMLType:
@@ -283,16 +297,14 @@ class MatrixOps:
         self.gemm_path = "cupy.matmul"
 
     def _gemm_ex(self, x, w16, out, n: int, m: int, k: int, beta: float = 0.0) -> None:
-        """Row-major out (n, m) = x (n, k) @ w16 (m, k)^T + beta * out, as column-major out^T = w16 x^T."""
+        """Row-major out (n, m) = x (n, k) @ w16 (m, k)^T + beta * out (beta 0 or 1): column-major out^T = w16 x^T."""
         from cupy_backends.cuda.libs import cublas
 
         cp = self.cp
         handle = cp.cuda.device.get_cublas_handle()
         cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
-        one = np.ones(1, dtype=np.float32)
-        beta_host = np.full(1, beta, dtype=np.float32)
         ab_type = _R_16F if self.dtype == "f16" else _R_16BF
         c_type = _R_32F if out.dtype == cp.float32 else ab_type
-        cublas.gemmEx(handle, _OP_T, _OP_N, m, n, k, one.ctypes.data, w16.data.ptr, ab_type, k,
-                      x.data.ptr, ab_type, k, beta_host.ctypes.data, out.data.ptr, c_type, m, _COMPUTE_32F,
+        cublas.gemmEx(handle, _OP_T, _OP_N, m, n, k, _SCALARS[1.0], w16.data.ptr, ab_type, k,
+                      x.data.ptr, ab_type, k, _SCALARS[beta], out.data.ptr, c_type, m, _COMPUTE_32F,
                       _GEMM_DEFAULT)
