@@ -98,26 +98,27 @@ def profile(model, backend, cp, n: int, ubatch: int, untimed_runs: int = 3) -> N
     """The per-op table of one prefill, after `untimed_runs` plain ones (the first warms up), each of which prints
     its wall time and the part of it the host spent queueing the work (it returns before the GPU is done): when
     queueing takes about the whole wall time, the prefill is bound by the host's launches, not the GPU."""
-    c = model.config
-    ids = np.random.default_rng(0).integers(0, c.vocab_size, n)
-    for run in range(untimed_runs + 1):
-        timed = run == untimed_runs
-        cache = new_cache(model, n + 8)
-        timer = OpTimer(cp, backend) if timed else None
-        cp.cuda.Device().synchronize()
-        t0 = time.perf_counter()
-        _prefill(model, cache, ids, ubatch)
-        queued = (time.perf_counter() - t0) * 1e3
-        cp.cuda.Device().synchronize()
-        wall = (time.perf_counter() - t0) * 1e3
-        if timer is not None:
-            timer.restore()
-            print(f"prefill {n} tokens, ubatch {ubatch}:")
-            timer.table(wall)
-        else:
-            print(f"prefill {n} tokens, ubatch {ubatch}, run {run}: wall {wall:.2f} ms, host queueing {queued:.2f} ms"
-                  f" ({n / wall * 1e3:.0f} tokens/s)")
-        cache = None
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, n)
+    for run in range(untimed_runs):
+        wall, queued = plain_prefill(model, cp, ids, ubatch)
+        print(f"prefill {n} tokens, ubatch {ubatch}, run {run}: wall {wall:.2f} ms, host queueing {queued:.2f} ms"
+              f" ({n / wall * 1e3:.0f} tokens/s)")
+    timer = OpTimer(cp, backend)
+    wall, _ = plain_prefill(model, cp, ids, ubatch)
+    timer.restore()
+    print(f"prefill {n} tokens, ubatch {ubatch}:")
+    timer.table(wall)
+
+
+def plain_prefill(model, cp, ids, ubatch: int) -> tuple[float, float]:
+    """One prefill of `ids` into a fresh cache -> (wall ms, ms the host spent queueing it)."""
+    cache = new_cache(model, len(ids) + 8)
+    cp.cuda.Device().synchronize()
+    t0 = time.perf_counter()
+    _prefill(model, cache, ids, ubatch)
+    queued = (time.perf_counter() - t0) * 1e3
+    cp.cuda.Device().synchronize()
+    return (time.perf_counter() - t0) * 1e3, queued
 
 
 def gemm_ceiling(cp, config, n: int) -> None:

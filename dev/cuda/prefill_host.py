@@ -1,9 +1,9 @@
-"""Where a short prefill's host time goes: a development driver for the host-bound 1B pp512 (NOTES "1B pp512").
+"""Where a short prefill's host time goes: a development driver for the host-bound 1B pp512 (dev/cuda/NOTES.md v35).
 
 Loads a bench shape's random-weight model (as tools/profile_prefill.py does), runs plain prefills (wall and host
-queueing time), then one under cProfile (the engine's functions by own time and by cumulative time), then the
-host cost of the primitives the backend's op wrappers are built from (CuPy allocation, a RawKernel launch, the
-cuBLAS handle and stream, a device query), each timed over many calls with the GPU kept busy elsewhere.
+queueing time), then one under cProfile (functions by own time, with each one's own and cumulative time a call),
+then the host cost of the primitives the backend's op wrappers are built from (CuPy allocation, a RawKernel launch,
+the cuBLAS handle and stream, a device query), each timed over 2,000 calls.
 
     python dev/cuda/prefill_host.py [--shape llama3.2-1b] [--tokens 512] [--dtype bf16]
 """
@@ -18,22 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 from engine.bench import _prefill, load_bench_model, new_cache  # noqa: E402
 from engine.options import LoadSettings  # noqa: E402
+from profile_prefill import plain_prefill  # noqa: E402
 
 
 def plain_runs(model, cp, n: int, runs: int) -> None:
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, n)
     for run in range(runs):
-        cache = new_cache(model, n + 8)
-        cp.cuda.Device().synchronize()
-        t0 = time.perf_counter()
-        _prefill(model, cache, ids, n)
-        queued = (time.perf_counter() - t0) * 1e3
-        cp.cuda.Device().synchronize()
-        wall = (time.perf_counter() - t0) * 1e3
+        wall, queued = plain_prefill(model, cp, ids, n)
         print(f"prefill {n}: run {run}: wall {wall:.2f} ms, host queueing {queued:.2f} ms ({n / wall * 1e3:.0f} tok/s)")
 
 
@@ -47,8 +43,8 @@ def profiled_run(model, cp, n: int) -> None:
     prof.disable()
     cp.cuda.Device().synchronize()
     stats = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
-    rows = sorted(((own, cum, calls, f"{Path(file).name}:{line}({name})") for (file, line, name), (_, calls, own, cum, _)
-                   in stats.items()), reverse=True)
+    rows = sorted(((own, cum, calls, f"{Path(file).name}:{line}({name})")
+                   for (file, line, name), (_, calls, own, cum, _) in stats.items()), reverse=True)
     total = sum(r[0] for r in rows)
     print(f"--- cProfile of one prefill of {n} tokens: {total * 1e3:.2f} ms of own time; by own time (us)")
     print(f"  {'function':60s} {'calls':>6s} {'own':>8s} {'own/call':>9s} {'cum/call':>9s}")
