@@ -41,9 +41,8 @@ template <int D, bool BF16, int ROWS>
 __device__ __forceinline__ void rotate_rows(unsigned char* qr, const u16* __restrict__ q,
                                             const int* __restrict__ positions, const int* __restrict__ rot_positions,
                                             const float* __restrict__ cos_t,
-                                            const float* __restrict__ sin_t, int rel, int w0, int rows_total, int n,
-                                            int n_heads, int group, int kvh, int rope_dim, Dca dca, int lane,
-                                            int q_stride) {
+                                            const float* __restrict__ sin_t, int rel, int w0, int rows_total,
+                                            int q_stride, int group, int kvh, int rope_dim, Dca dca, int lane) {
     constexpr int CH = D / 8;  // 16-byte chunks per row
     const int half = rope_dim >> 1, half_ch = half >> 3;
     for (int idx = lane; idx < ROWS * CH; idx += 32) {
@@ -151,8 +150,8 @@ __device__ __forceinline__ void flash_body(const u16* __restrict__ q, const u16*
     auto use_relation = [&](int rel) {
         if (rel == cur_rel) return;
         __syncwarp();  // every lane is done reading the previous rotation
-        rotate_rows<D, BF16, ROWS>(qr, q, positions, rot_positions, cos_t, sin_t, rel, w0, rows_total, n, n_heads,
-                                   group, kvh, rope_dim, dca, lane, q_stride);
+        rotate_rows<D, BF16, ROWS>(qr, q, positions, rot_positions, cos_t, sin_t, rel, w0, rows_total, q_stride,
+                                   group, kvh, rope_dim, dca, lane);
         __syncwarp();
         cur_rel = rel;
     };

@@ -36,8 +36,7 @@ template <int D, bool BF16>
 __device__ __forceinline__ void rotate_into_tile(unsigned char* q_tile, const u16* __restrict__ q,
                                                  const int* __restrict__ positions, const float* __restrict__ cos_t,
                                                  const float* __restrict__ sin_t, int rel, int w0, int rows_total,
-                                                 int n_heads, int group, int kvh, int rope_dim, Dca dca, int tid,
-                                                 int q_stride) {
+                                                 int q_stride, int group, int kvh, int rope_dim, Dca dca, int tid) {
     constexpr int CH = D / 8;
     const int half = rope_dim >> 1, half_ch = half >> 3, rot_ch = rope_dim >> 3;
     for (int idx = tid; idx < 64 * CH; idx += 128) {
@@ -123,8 +122,8 @@ __device__ __forceinline__ void flash_wg_body(const u16* __restrict__ q, const u
     int cur_rel = -1;
     auto use_relation = [&](int rel) {  // rel is warp-uniform; the tile is read by no wgmma in flight
         if (rel == cur_rel) return;
-        rotate_into_tile<D, BF16>(q_mine, q, positions, cos_t, sin_t, rel, w0, rows_total, n_heads, group, kvh,
-                                  rope_dim, dca, tid, q_stride);
+        rotate_into_tile<D, BF16>(q_mine, q, positions, cos_t, sin_t, rel, w0, rows_total, q_stride, group, kvh,
+                                  rope_dim, dca, tid);
         fence_async_shared();
         warpgroup_sync(1 + wg);
         cur_rel = rel;
