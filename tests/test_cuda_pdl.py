@@ -33,7 +33,7 @@ from engine.weights.quant import GGMLType
 cupy = pytest.importorskip("cupy")
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) is not installed")
 from nvrtc_check import requires_nvrtc  # noqa: E402
-from kernel_abi import Recorder, params  # noqa: E402
+from kernel_abi import Recorder, kind, params  # noqa: E402
 import test_cuda_launch_abi as abi  # noqa: E402  (its table of gemv.py launches)
 
 
@@ -334,6 +334,28 @@ def test_the_prefill_kernels_stay_plain(monkeypatch, launches):
     assert [k_.name for k_ in made] == [fa.prefill_build(128, fa.PREFILL_TILES[128])[1], "dca_combine"]
     assert made[0].args is not None and made[1].args is None
     assert [d.kernel.name for d in driver.launches] == ["dca_combine"]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.uint16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "qkv-view"])
+@requires_nvrtc
+def test_prefill_launch_matches_the_kernel_and_reads_a_fused_product_in_place(monkeypatch, launches, dtype, kernel,
+                                                                              strided):
+    """Both prefill kernels' arguments against their .param lists; q, a view of the fused q+k+v product as the model
+    passes it (8 query heads, 2 KV heads of 128), is handed to the kernel as it is, with its row stride."""
+    made, _ = launches
+    monkeypatch.setattr(cupy, "empty", lambda shape, dtype=None: device(shape, dtype or np.float32))
+    monkeypatch.setattr(fa, "wgmma_available", lambda cp: True)
+    width = (8 + 2 * 2) * 128
+    q = device((64, width), dtype)[:, :8 * 128].reshape(64, 8, 128) if strided else device((64, 8, 128), dtype)
+    fa.flash_attention(q, device((512, 2, 128), dtype), device((512, 2, 128), dtype), device((64,), np.int32),
+                       device((600, 64), np.float32), device((600, 64), np.float32), rope_dim=128, kernel=kernel)
+    (launch,) = made
+    assert launch.name == (fa.wgmma_build(128, fa.WGMMA_TILES[128]) if kernel == "wgmma"
+                           else fa.prefill_build(128, fa.PREFILL_TILES[128]))[1]
+    assert tuple(kind(a) for a in launch.args) == launch.kinds
+    assert launch.args[0] is q and launch.args[-1] == (width if strided else 8 * 128)  # q_stride, the last
 
 
 @pytest.mark.parametrize("capability", [80, 89])
