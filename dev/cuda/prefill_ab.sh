@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# One GPU call that A/Bs a prefill candidate (a patch of dev/cuda/) against this checkout on the host-bound short
-# prompt: dev/cuda/prefill_host.py's plain prefills (wall and host queueing time) and its cProfile, this checkout and
-# the patched copy interleaved ROUNDS times at each shape; then the patch's GPU tests on the copy; then, with TABLE=1,
-# the table beside llama-bench on the copy (dev/cuda/table_call.sh, its shapes from TABLE_SHAPES).
-#   PATCH         the patch, relative to the root (default dev/cuda/v36_prompt_blocks.patch)
+# One GPU call that A/Bs host-side candidates (patches of dev/cuda/) against this checkout: dev/cuda/prefill_host.py's
+# plain prefills of a short prompt (wall and host queueing time) and its cProfile, this checkout and the patched copy
+# interleaved ROUNDS times at each shape; then the GPU tests on the copy; then, with TABLE=1, the table beside
+# llama-bench (dev/cuda/table_call.sh: pp512 / pp8192, tg128 at three depths) on this checkout and on the copy, for
+# ratios measured in one call (decode candidates show there: engine bench runs the decode loop users run).
+#   PATCH         the patch, relative to the root; "a.patch+b.patch" applies both in turn (default
+#                 dev/cuda/v36_prompt_blocks.patch+dev/cuda/v37_decode_ahead.patch)
 #   SHAPES        prefill_host --shape values (default "llama3.2-1b smollm2"); TOKENS (512); ROUNDS (2)
-#   TESTS         pytest files run -m cuda on the copy (default the prompt-block, model and flash-attention tests)
-#   TABLE=1       then the table (llama-bench is built in the background from the start, ~5 min)
+#   TESTS         pytest files run -m cuda on the copy (default the prompt-block, kept-graph, model and
+#                 flash-attention tests)
+#   TABLE=1       then the tables (llama-bench is built in the background from the start, ~5 min)
 #   TABLE_SHAPES  (default llama3.2-1b)
 # Logs to $OUT (or /tmp/prefill_ab); the wheels in .whl/ are installed to /tmp/site first (the device has no gguf).
 set -o pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 LOG=${OUT:-/tmp/prefill_ab}
-PATCH=${PATCH:-dev/cuda/v36_prompt_blocks.patch}
+PATCH=${PATCH:-dev/cuda/v36_prompt_blocks.patch+dev/cuda/v37_decode_ahead.patch}
 SHAPES=${SHAPES:-llama3.2-1b smollm2}
-TESTS=${TESTS:-tests/test_cuda_prefill_blocks.py tests/test_cuda_model.py tests/test_cuda_flash_attn.py}
+TESTS=${TESTS:-tests/test_cuda_prefill_blocks.py tests/test_cuda_kept_graphs.py tests/test_cuda_model.py tests/test_cuda_flash_attn.py}
 mkdir -p "$LOG"
 T0=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
@@ -28,7 +31,9 @@ if [ -n "$TABLE" ] && [ ! -x /tmp/lb/lc/build/bin/llama-bench ]; then
 fi
 COPY=/tmp/prefill_ab_tree
 rm -rf "$COPY" && mkdir -p "$COPY" && cp -r engine kernels tools tests dev pyproject.toml "$COPY/"
-(cd "$COPY" && git apply "$ROOT/$PATCH") || { echo "error: $PATCH does not apply"; exit 1; }
+for patch in ${PATCH//+/ }; do
+  (cd "$COPY" && git apply "$ROOT/$patch") || { echo "error: $patch does not apply"; exit 1; }
+done
 stamp "applied $PATCH in $COPY"
 for round in $(seq "${ROUNDS:-2}"); do
   for shape in $SHAPES; do
@@ -45,6 +50,9 @@ done
     -m cuda $TESTS 2>&1 | tail -3) | tee "$LOG/tests.log"
 stamp "tests"
 if [ -n "$TABLE" ]; then
-  echo "$COPY" > /tmp/ab_best
-  OUT=$LOG SHAPES=${TABLE_SHAPES:-llama3.2-1b} bash dev/cuda/table_call.sh 2>&1 | tail -9
+  for tree in "$ROOT" "$COPY"; do
+    echo "$tree" > /tmp/ab_best
+    mkdir -p "$LOG/table_$(basename "$tree")"
+    OUT=$LOG/table_$(basename "$tree") SHAPES=${TABLE_SHAPES:-llama3.2-1b} bash dev/cuda/table_call.sh 2>&1 | tail -8
+  done
 fi
