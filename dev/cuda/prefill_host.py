@@ -70,7 +70,6 @@ def primitives(backend, cp) -> None:
     out = cp.empty((512, 2048), dtype=backend.act)
     rms = function("elementwise", "rmsnorm", backend.dtype)
     args = (x, w, out, np.int32(512), np.int32(2048), np.float32(1e-5), np.int32(0), np.int32(1))
-    handle = cp.cuda.device.get_cublas_handle()
     cases = {
         "cp.empty (512, 2048) f32": lambda: cp.empty((512, 2048), dtype=cp.float32),
         "cp.ascontiguousarray (contiguous)": lambda: cp.ascontiguousarray(x),
@@ -90,7 +89,6 @@ def primitives(backend, cp) -> None:
         "cp.arange(512) int32": lambda: cp.arange(0, 512, dtype=cp.int32),
         "cp.asarray(512 ints)": lambda: cp.asarray(np.arange(512, dtype=np.int32)),
     }
-    del handle
     print("--- host cost of primitives (us a call)")
     for name, fn in cases.items():
         us = per_call_us(fn)
