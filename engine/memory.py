@@ -233,7 +233,9 @@ def _cuda_plan(config: ModelConfig, weights, context: int, dtype: str, kv_per_to
     as_stored = GGMLType.F16 if dtype == "f16" else GGMLType.BF16
     scratch = 0 if copies else 2 * max((rows * cols for rows, cols, t in _cuda_matrices(c, weights, device_type)
                                         if t != as_stored), default=0)
-    per_token = 2 * 4 * c.d_model + 2 * (c.d_model + (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+    # a prompt's rows: fp32 residual and embedding; 16-bit normed inputs (two: the prompt blocks keep one a block),
+    # q, k, v, the attention output, gate, up and the SwiGLU output (backends/cuda/prefill.py)
+    per_token = 2 * 4 * c.d_model + 2 * (2 * c.d_model + (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim
                                          + 3 * c.ffn_dim)
     plan = MemoryPlan(
         device="cuda", dtype=dtype, context=0, f32_copies=False, weights=stored, copies=copies, kv_cache=0,

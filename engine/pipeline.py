@@ -27,6 +27,7 @@ class Stage:
     backend: Any
     layers: range  # the model's layers it runs, contiguous
     blocks: Any = field(default=None, repr=False)  # its one-token blocks (backend.decode_blocks), set by Llama
+    prompt_blocks: Any = field(default=None, repr=False)  # its blocks for prompts (backend.prefill_blocks)
 
     def activate(self):
         """Context in which this stage's ops run (its GPU current on CUDA)."""

@@ -98,7 +98,9 @@ def test_plan_at_8b_widths_matches_a_hand_count():
     assert cuda.weights == stored and cuda.copies == 0  # 16-bit copies (15 GiB) exceed PREFILL_FP16_BUDGET
     assert cuda.kv_cache == 2 * 32 * 131072 * 8 * 128 * 2 == 16 * GiB
     assert cuda.scratch == 2 * 128256 * 4096  # the output head, the largest matrix, as 16-bit values
-    assert cuda.activations == 32768 * (8 * 4096 + 2 * (4096 + 80 * 128 + 3 * 14336))
+    # a 32,768-token ubatch: fp32 residual and embedding, 16-bit normed inputs (two), q k v and the attention output
+    # (80 heads of 128), gate, up and the SwiGLU output
+    assert cuda.activations == 32768 * (8 * 4096 + 2 * (2 * 4096 + 80 * 128 + 3 * 14336))
     assert cuda.logits == 174 * 128256 * 12
     assert cuda.runtime == 0
 

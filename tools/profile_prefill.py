@@ -1,9 +1,10 @@
 """Where a prefill's GPU time goes, per op, at SmolLM2-135M's or a real model's shapes (random weights).
 
-Every backend op of ``Llama.compute`` is bracketed by CUDA events (GPU time, host launch work
-excluded) and timed on the host (its wrapper's work and launches, per call); matrix products are split per weight
-kind with their FLOP rate. The plain prefills before the timed one print their wall time and the host's queueing
-time: queueing about the whole wall time means the prefill is bound by the host. Then cuBLAS alone on the
+The plain prefills (the backend's prompt blocks, as a user's prompt runs) print their wall time and the host's
+queueing time: queueing about the whole wall time means the prefill is bound by the host. Then one prefill through
+the composed blocks (``Llama``'s own, the backend's ops one by one) with every op bracketed by CUDA events (GPU
+time, host launch work excluded) and timed on the host (its wrapper's work and launches, per call); matrix products
+are split per weight kind with their FLOP rate. Then cuBLAS alone on the
 same GEMM shapes (the ceiling those ops could reach), and whole prefills of --long tokens at several
 micro-batch sizes.
 
@@ -103,10 +104,15 @@ def profile(model, backend, cp, n: int, ubatch: int, untimed_runs: int = 3) -> N
         wall, queued = plain_prefill(model, cp, ids, ubatch)
         print(f"prefill {n} tokens, ubatch {ubatch}, run {run}: wall {wall:.2f} ms, host queueing {queued:.2f} ms"
               f" ({n / wall * 1e3:.0f} tokens/s)")
+    prompt_blocks = [stage.prompt_blocks for stage in model.stages]
+    for stage in model.stages:  # the table times the backend's ops, which the composed blocks call one by one
+        stage.prompt_blocks = model
     timer = OpTimer(cp, backend)
     wall, _ = plain_prefill(model, cp, ids, ubatch)
     timer.restore()
-    print(f"prefill {n} tokens, ubatch {ubatch}:")
+    for stage, blocks in zip(model.stages, prompt_blocks):
+        stage.prompt_blocks = blocks
+    print(f"prefill {n} tokens, ubatch {ubatch}, the composed blocks op by op:")
     timer.table(wall)
 
 

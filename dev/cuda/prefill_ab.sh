@@ -4,8 +4,7 @@
 # interleaved ROUNDS times at each shape; then the GPU tests on the copy; then, with TABLE=1, the table beside
 # llama-bench (dev/cuda/table_call.sh: pp512 / pp8192, tg128 at three depths) on this checkout and on the copy, for
 # ratios measured in one call (decode candidates show there: engine bench runs the decode loop users run).
-#   PATCH         the patch, relative to the root; "a.patch+b.patch" applies both in turn (default
-#                 dev/cuda/v36_prompt_blocks.patch+dev/cuda/v37_decode_ahead.patch)
+#   PATCH         the patch, relative to the root; "a.patch+b.patch" applies both in turn (required)
 #   SHAPES        prefill_host --shape values (default "llama3.2-1b smollm2"); TOKENS (512); ROUNDS (2)
 #   TESTS         pytest files run -m cuda on the copy (default the prompt-block, kept-graph, model and
 #                 flash-attention tests)
@@ -16,7 +15,7 @@ set -o pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 LOG=${OUT:-/tmp/prefill_ab}
-PATCH=${PATCH:-dev/cuda/v36_prompt_blocks.patch+dev/cuda/v37_decode_ahead.patch}
+[ -n "$PATCH" ] || { echo "error: set PATCH (a patch of dev/cuda/, relative to the root)"; exit 2; }
 SHAPES=${SHAPES:-llama3.2-1b smollm2}
 TESTS=${TESTS:-tests/test_cuda_prefill_blocks.py tests/test_cuda_kept_graphs.py tests/test_cuda_model.py tests/test_cuda_flash_attn.py}
 mkdir -p "$LOG"

@@ -21,6 +21,8 @@ positions: (n,) backend int array of absolute positions):
   target_logprobs(logits, targets) -> (n,) float64 host array of log p(target) per row
   decode_blocks(model) -> the blocks a one-token step runs: the model itself, or fused forms of its
                           attention_block / mlp_block / head (same signatures, same arithmetic)
+  prefill_blocks(model) -> the blocks a prompt (n > 1 tokens) runs: the model itself, or the backend's forms of
+                           them (same signatures, same arithmetic)
   decoder(model, cache, sampling, history) -> decode loop (.first(last_logits), .step(token), .close())
   batched_decode: True when Llama.forward_batch runs on it (several sequences' rows in one forward: numpy);
                   the server then batches its slots' decode steps (engine/server/batching.py)

@@ -47,6 +47,10 @@ class NumpyBackend:
         """The blocks a one-token step runs: the model's own (composed from these ops)."""
         return model
 
+    def prefill_blocks(self, model):
+        """The blocks a prompt runs: the model's own."""
+        return model
+
     def decoder(self, model, cache: KVCache, sampling, history) -> HostDecoder:
         return HostDecoder(self, model, cache, sampling, history)
 

@@ -12,7 +12,9 @@ product) run this same class; every family's tensor table is in family.py.
 
 The blocks below are the definition, composed from the backend's primitive ops (backends/__init__.py).
 A backend may run a block fused: ``backend.decode_blocks(model)`` returns an object with the same three
-block methods for one-token steps (the CUDA backend's fused decode kernels), or the model itself.
+block methods for one-token steps (the CUDA backend's fused decode kernels), or the model itself;
+``backend.prefill_blocks(model)`` likewise for prompts (the CUDA backend's: the same ops, their shared host work
+done once a forward).
 
 Split by layer (engine/pipeline.py), the model runs as stages, each a backend with a contiguous range of layers
 and its part of the cache: ``compute`` walks the layers once and hands x to the next stage's backend where one
@@ -114,6 +116,7 @@ class Llama:
         self.head_backend = self.stages[-1].backend  # where the logits are
         for stage in self.stages:
             stage.blocks = stage.backend.decode_blocks(self)  # the blocks for one-token steps (fused or these)
+            stage.prompt_blocks = stage.backend.prefill_blocks(self)  # for prompts (these, or a backend's own)
 
     @property
     def decode_blocks(self) -> Any:
@@ -177,7 +180,7 @@ class Llama:
             with stage.activate():
                 if i:  # the handover: x and positions onto this stage's backend
                     x, positions = stage.backend.receive(x), stage.backend.receive(positions)
-                blocks = stage.blocks if one_token else self
+                blocks = stage.blocks if one_token else stage.prompt_blocks
                 for index in stage.layers:
                     layer = self.weights.layers[index]
                     x = blocks.attention_block(index, layer, x, positions, cache)

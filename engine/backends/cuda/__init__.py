@@ -331,6 +331,13 @@ class CudaBackend:
 
         return FusedBlocks(self, model)
 
+    def prefill_blocks(self, model):
+        """The blocks a prompt of n > 1 tokens runs: the composed ops with the host work its layers share done once
+        a forward (prefill.PrefillBlocks)."""
+        from .prefill import PrefillBlocks
+
+        return PrefillBlocks(self, model)
+
     def decoder(self, model, cache: KVCache, sampling, history):
         """A graph-replaying decode loop with device-side sampling (see graph.GraphDecoder); eager steps where a
         Self-Extend / StreamingLLM attention runs its composed path (extension.graph_ready); a later decoder on the

@@ -234,52 +234,79 @@ def flash_attention(q, k_cache, v_cache, positions, cos_t, sin_t, *, rope_dim: i
     import cupy as cp
 
     dtype = _check(cp, q, k_cache, v_cache, positions, cos_t, sin_t, rope_dim, decode=False)
-    if kernel not in PREFILL_KERNELS:
-        raise ConfigError(f"flash attention: kernel must be one of {PREFILL_KERNELS}, got {kernel!r}")
-    scheme_pass = rot_positions is not None or window != 0 or partials is not None
-    if scheme_pass:
+    if rot_positions is not None or window != 0 or partials is not None:  # a scheme's pass
         _check_pass(cp, q, positions, rot_positions, window, partials, dca, kernel)
         kernel = "mma"
-    if kernel == "wgmma" and not wgmma_available(cp):
-        raise DeviceError("the wgmma attention kernel needs a Hopper GPU (compute capability 9.0)")
-    use_wgmma = kernel == "wgmma" or (kernel == "auto" and wgmma_available(cp))
     n, n_heads, head_dim = q.shape
-    n_kv = k_cache.shape[1]
-    tiles = (WGMMA_TILES if use_wgmma else PREFILL_TILES)[head_dim] if tiles is None else tuple(tiles)
-    if len(tiles) != (3 if use_wgmma else 2):
-        raise ConfigError(f"flash attention: {'wgmma' if use_wgmma else 'mma'} tiles {tiles} must be "
-                          f"{'(keys, warpgroups, buffers)' if use_wgmma else '(m-tiles, keys)'}")
     out = cp.empty(q.shape, dtype=q.dtype) if partials is None else NULL
     if n == 0:
         return None if partials is not None else out
     q_stride = row_stride(q, q.dtype)  # a view of a fused QKV product is read in place
     if q_stride is None:
         q, q_stride = cp.ascontiguousarray(q), n_heads * head_dim
+    plan = prefill_launch(cp, n, n_heads, k_cache.shape[1], head_dim, q_stride, rope_dim, dca, temperature_length,
+                          dtype, n_keys_hint=n_keys_hint,
+                          n_splits=partials[0].shape[0] if partials is not None else n_splits,
+                          tiles=tiles, kernel=kernel, window=window)
+    if partials is not None:
+        plan.launch(q, k_cache, v_cache, positions, cos_t, sin_t, NULL, partials, rot_positions)
+        return None
+    part = split_partials(cp, plan.n_splits, n * n_heads, head_dim)
+    plan.launch(q, k_cache, v_cache, positions, cos_t, sin_t, out, part, rot_positions)
+    if plan.n_splits > 1:
+        combine(*part, out, n * n_heads, head_dim, plan.n_splits, dtype)
+    return out
+
+
+class PrefillLaunch:
+    """One prefill attention launch's configuration (prefill_launch): the kernel, grid, shared memory, threads, key
+    splits and scalar arguments, which every layer of a prompt shares; ``launch`` runs it on one layer's arrays."""
+
+    def __init__(self, fn, grid: tuple[int, int, int], smem: int, threads: int, wgmma: bool, n_splits: int,
+                 scalars: tuple):
+        self.fn, self.grid, self.smem, self.threads = fn, grid, smem, threads
+        self.wgmma, self.n_splits, self.scalars = wgmma, n_splits, scalars
+
+    def launch(self, q, k_cache, v_cache, positions, cos_t, sin_t, out, partials, rot_positions=None) -> None:
+        """q (rows q_stride apart), the caches, positions and tables as flash_attention takes them; out, or NULL
+        with the n_splits slices' partials (part_o, part_m, part_l), or three NULLs for one split."""
+        if self.wgmma:  # no rot_positions (scheme passes run the mma kernel)
+            args = (q, k_cache, v_cache, positions, cos_t, sin_t, out, *partials) + self.scalars
+        else:
+            args = (q, k_cache, v_cache, positions, NULL if rot_positions is None else rot_positions, cos_t, sin_t,
+                    out, *partials) + self.scalars
+        _launch(self.fn, self.grid, args, self.smem, threads=self.threads)
+
+
+def prefill_launch(cp, n: int, n_heads: int, n_kv: int, head_dim: int, q_stride: int, rope_dim: int, dca,
+                   temperature_length: int, dtype: str, *, n_keys_hint: int | None = None,
+                   n_splits: int | None = None, tiles: tuple[int, ...] | None = None, kernel: str = "auto",
+                   window: int = 0) -> PrefillLaunch:
+    """The launch of n > 0 queries of n_heads heads (rows q_stride elements apart) over n_kv KV heads of head_dim:
+    flash_attention's arguments (its docstring), checked."""
+    if kernel not in PREFILL_KERNELS:
+        raise ConfigError(f"flash attention: kernel must be one of {PREFILL_KERNELS}, got {kernel!r}")
+    if kernel == "wgmma" and not wgmma_available(cp):
+        raise DeviceError("the wgmma attention kernel needs a Hopper GPU (compute capability 9.0)")
+    use_wgmma = kernel == "wgmma" or (kernel == "auto" and wgmma_available(cp))
+    tiles = (WGMMA_TILES if use_wgmma else PREFILL_TILES)[head_dim] if tiles is None else tuple(tiles)
+    if len(tiles) != (3 if use_wgmma else 2):
+        raise ConfigError(f"flash attention: {'wgmma' if use_wgmma else 'mma'} tiles {tiles} must be "
+                          f"{'(keys, warpgroups, buffers)' if use_wgmma else '(m-tiles, keys)'}")
     # rows of a block: 64 per consumer warpgroup (wgmma), 64 per m-tile of its 4 warps (mma)
     block_keys, block_rows = (tiles[0], 64 * tiles[1]) if use_wgmma else (tiles[1], 64 * tiles[0])
     row_blocks = math.ceil(n * (n_heads // n_kv) / block_rows)
-    if partials is not None:
-        n_splits = partials[0].shape[0]
-    elif n_splits is None:
+    if n_splits is None:
         n_splits = 1 if n_keys_hint is None else prefill_splits(cp, row_blocks * n_kv, n_keys_hint, block_keys)
-    part_o, part_m, part_l = _partials(cp, n_splits, n * n_heads, head_dim) if partials is None else partials
-    chunk_len, chunk_size = _dca_args(dca)
-    tail = (out, part_o, part_m, part_l, np.int32(n), np.int32(n_heads), np.int32(n_kv), np.int32(rope_dim),
-            chunk_len, chunk_size, np.float32(math.log2(math.e) / math.sqrt(head_dim)),
-            np.int32(temperature_length or 0), np.int32(n_splits))
+    scalars = (np.int32(n), np.int32(n_heads), np.int32(n_kv), np.int32(rope_dim), *_dca_args(dca),
+               np.float32(math.log2(math.e) / math.sqrt(head_dim)), np.int32(temperature_length or 0),
+               np.int32(n_splits))
     grid = (n_kv, row_blocks, n_splits)
-    if use_wgmma:
-        _launch(_kernel(wgmma_build(head_dim, tiles), dtype), grid, (q, k_cache, v_cache, positions, cos_t, sin_t)
-                + tail + (np.int32(q_stride),), wgmma_smem(head_dim, tiles), threads=128 * (tiles[1] + 1))  # + producer
-    else:
-        head = (q, k_cache, v_cache, positions, NULL if rot_positions is None else rot_positions, cos_t, sin_t)
-        _launch(_kernel(prefill_build(head_dim, tiles), dtype), grid,
-                head + tail + (np.int32(window), np.int32(q_stride)), prefill_smem(head_dim, tiles))
-    if partials is not None:
-        return None
-    if n_splits > 1:
-        combine(part_o, part_m, part_l, out, n * n_heads, head_dim, n_splits, dtype)
-    return out
+    if use_wgmma:  # + the producer warpgroup
+        return PrefillLaunch(_kernel(wgmma_build(head_dim, tiles), dtype), grid, wgmma_smem(head_dim, tiles),
+                             128 * (tiles[1] + 1), True, n_splits, scalars + (np.int32(q_stride),))
+    return PrefillLaunch(_kernel(prefill_build(head_dim, tiles), dtype), grid, prefill_smem(head_dim, tiles),
+                         THREADS, False, n_splits, scalars + (np.int32(window), np.int32(q_stride)))
 
 
 def _check_pass(cp, q, positions, rot_positions, window: int, partials, dca, kernel: str) -> None:
@@ -304,7 +331,7 @@ def _check_pass(cp, q, positions, rot_positions, window: int, partials, dca, ker
                               f"C-contiguous float32 slices of {n * n_heads} rows x {head_dim}")
 
 
-def _partials(cp, n_splits: int, rows: int, head_dim: int):
+def split_partials(cp, n_splits: int, rows: int, head_dim: int):
     """Split-K workspace (part_o, part_m, part_l), or null pointers for one split."""
     if n_splits == 1:
         return (np.uint64(0),) * 3

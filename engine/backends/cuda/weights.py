@@ -223,17 +223,24 @@ class MatrixOps:
 
     def linear_accumulate(self, acc, x, w: DeviceMatrix) -> None:
         """acc (n, rows) fp32 += x (n, cols) @ W^T, as one GEMM with beta = 1 (n > 1, not an output head)."""
-        cp = self.cp
-        x = to_activation(cp, x, self.dtype)
+        self.gemm_into(to_activation(self.cp, x, self.dtype), w, acc, accumulate=True)
+
+    def gemm_into(self, x, w: DeviceMatrix, out, accumulate: bool = False) -> None:
+        """out (n, rows) = x (n, cols) @ W^T, or += with accumulate (out fp32); x a C-contiguous activation array,
+        out C-contiguous in the activation dtype or fp32 (n > 1, one GEMM)."""
         n, k = x.shape
         w16 = self.dequantize(w)
         if self.gemm_path == "cublasGemmEx":
             try:
-                self._gemm_ex(x, w16, acc, n, w.rows, k, beta=1.0)
+                self._gemm_ex(x, w16, out, n, w.rows, k, beta=1.0 if accumulate else 0.0)
                 return
             except Exception as exc:
                 self._gemm_ex_failed(exc)
-        acc += cp.matmul(x, w16.T).astype(cp.float32)
+        product = self.cp.matmul(x, w16.T)
+        if accumulate:
+            out += product.astype(out.dtype)
+        else:
+            out[...] = product
 
     def keep_half(self, matrices: list[DeviceMatrix], budget_bytes: int) -> int:
         """Give the matrices (fused wholes and unfused ones) dequantized copies in the activation dtype, and
