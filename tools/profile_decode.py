@@ -3,7 +3,11 @@
 Prefills --depth tokens, builds the graph decoder (the fused decode step that `engine generate` runs), then
 records --steps graph replays with torch's profiler (CUPTI sees every kernel of the process, CuPy's too)
 and prints the kernels by total time per step, beside the step's wall time and the bytes of weights and
-KV cache one step reads (the floor at the device's copy rate).
+KV cache one step reads (the floor at the device's copy rate). Kernels overlap (programmatic dependent launches
+start a kernel before the one it waits for ends), so a kernel's time is not what it adds to the step; the "span"
+column is: the kernels ordered by their ends, each one's end minus the end before it (the time the step's last
+finished kernel moved on while it was the one ending). Spans sum to the step's GPU time (plus the gaps between
+steps, counted to each step's first kernel).
 
     python tools/profile_decode.py --shape llama3-8b|smollm2 [--dtype bf16] [--depth 512,32768] [--steps 50]
                                    [--define N=V] [--blocks-per-sm N] [--no-pdl] [--no-cluster]
@@ -99,20 +103,25 @@ def main() -> None:
                 tok = dec.step(tok)
             cupy.cuda.Device().synchronize()
             torch.cuda.synchronize()
-        per_kernel = defaultdict(lambda: [0.0, 0])
-        for event in prof.events():
-            if event.device_type == torch.autograd.DeviceType.CUDA:
-                per_kernel[event.name][0] += event.device_time_total / args.steps
-                per_kernel[event.name][1] += 1
-        gpu = sum(t for t, _ in per_kernel.values())
+        per_kernel = defaultdict(lambda: [0.0, 0, 0.0])  # name -> [us a step, launches, span us a step]
+        events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                        key=lambda e: e.time_range.end)
+        for before, event in zip([None] + events[:-1], events):
+            entry = per_kernel[event.name]
+            entry[0] += event.device_time_total / args.steps
+            entry[1] += 1
+            if before is not None:
+                entry[2] += (event.time_range.end - before.time_range.end) / args.steps
+        gpu = sum(t for t, _, _ in per_kernel.values())
+        spans = sum(s for _, _, s in per_kernel.values())
         weights, kv = step_bytes(llm, depth)
         variant = " ".join(args.define + ["no-pdl"] * args.no_pdl + ["no-cluster"] * args.no_cluster)
         print(f"\n{label} {args.dtype} {variant}, depth {depth}: step {wall * 1e6:.0f} us ({1 / wall:.1f} tok/s), "
               f"kernels {gpu:.0f} us; reads {weights / 1e9:.2f} GB weights + {kv / 1e9:.2f} GB KV "
-              f"(at 3.3 TB/s: {(weights + kv) / 3.3e12 * 1e6:.0f} us)")
-        print(f"{'us/step':>9} {'calls/step':>10}  kernel")
-        for name, (t, calls) in sorted(per_kernel.items(), key=lambda kv_: -kv_[1][0])[:args.top]:
-            print(f"{t:9.1f} {calls / args.steps:10.1f}  {name[:110]}")
+              f"(at 3.3 TB/s: {(weights + kv) / 3.3e12 * 1e6:.0f} us); spans {spans:.0f} us")
+        print(f"{'us/step':>9} {'span':>9} {'calls/step':>10}  kernel")
+        for name, (t, calls, span) in sorted(per_kernel.items(), key=lambda kv_: -kv_[1][0])[:args.top]:
+            print(f"{t:9.1f} {span:9.1f} {calls / args.steps:10.1f}  {name[:110]}")
 
 
 if __name__ == "__main__":
