@@ -346,39 +346,64 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
                                                    scale_log2, temp_len, n_splits);                            \
     }
 
-// out (rows, D) = merged splits; one block of 8 warps per row: the warps share out the splits (lanes
-// over dims), then add up through shared memory. D <= 128, a multiple of 32.
+// out (rows, D) = merged splits; one block of 8 warps per row: the warps share out the splits (lanes over dims), each
+// loading PER_WARP splits' (m, l, o) at once before it merges them (one round trip to L2 for up to 64 splits, not a
+// pass for the maximum and another for the sums), then add up through shared memory. D <= 128, a multiple of 32.
 template <bool BF16>
 __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, const float* __restrict__ part_m,
                                              const float* __restrict__ part_l, u16* __restrict__ out,
                                              unsigned char* __restrict__ out_staged, int rows, int D, int n_splits) {
-    constexpr int WARPS = 8, MAX_DPL = 4;
-    __shared__ float w_o[WARPS][32 * MAX_DPL], w_l[WARPS];
+    constexpr int WARPS = 8, MAX_DPL = 4, PER_WARP = 8;
+    __shared__ float w_o[WARPS][32 * MAX_DPL], w_m[WARPS], w_l[WARPS];
     const int row = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     pdl_wait();  // the partials come from the attention kernel before this one
-    float M = NEG_INF;
-    for (int s = lane; s < n_splits; s += 32) M = fmaxf(M, part_m[(long long)s * rows + row]);
-    M = warp_max(M);  // finite: the first split always holds key 0
-    float L = 0.0f, O[MAX_DPL] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll 4
-    for (int s = warp; s < n_splits; s += WARPS) {
-        const long long r = (long long)s * rows + row;
-        const float w = fast_exp2(part_m[r] - M);
-        L += part_l[r] * w;
+    float M = NEG_INF, L = 0.0f, O[MAX_DPL] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int base = 0; base < n_splits; base += WARPS * PER_WARP) {
+        float m_s[PER_WARP], l_s[PER_WARP], o_s[PER_WARP][MAX_DPL];
 #pragma unroll
-        for (int i = 0; i < MAX_DPL; ++i)
-            if (lane + 32 * i < D) O[i] += part_o[r * D + lane + 32 * i] * w;
+        for (int i = 0; i < PER_WARP; ++i) {  // this warp's splits base + warp + WARPS * i, loaded together
+            const int s = base + warp + WARPS * i;
+            const long long r = (long long)(s < n_splits ? s : 0) * rows + row;
+            m_s[i] = s < n_splits ? part_m[r] : NEG_INF;
+            l_s[i] = s < n_splits ? part_l[r] : 0.0f;
+#pragma unroll
+            for (int k = 0; k < MAX_DPL; ++k)
+                o_s[i][k] = s < n_splits && lane + 32 * k < D ? part_o[r * D + lane + 32 * k] : 0.0f;
+        }
+        float m_new = M;
+#pragma unroll
+        for (int i = 0; i < PER_WARP; ++i) m_new = fmaxf(m_new, m_s[i]);
+        if (m_new == NEG_INF) continue;  // no split of this warp yet
+        const float corr = fast_exp2(M - m_new);  // 0 while M is -inf
+        L *= corr;
+#pragma unroll
+        for (int k = 0; k < MAX_DPL; ++k) O[k] *= corr;
+#pragma unroll
+        for (int i = 0; i < PER_WARP; ++i) {
+            const float w = fast_exp2(m_s[i] - m_new);  // 0 for a split past the last
+            L += l_s[i] * w;
+#pragma unroll
+            for (int k = 0; k < MAX_DPL; ++k) O[k] += o_s[i][k] * w;
+        }
+        M = m_new;
     }
 #pragma unroll
-    for (int i = 0; i < MAX_DPL; ++i) w_o[warp][lane + 32 * i] = O[i];
-    if (lane == 0) w_l[warp] = L;
+    for (int k = 0; k < MAX_DPL; ++k) w_o[warp][lane + 32 * k] = O[k];
+    if (lane == 0) {
+        w_m[warp] = M;
+        w_l[warp] = L;
+    }
     __syncthreads();
+    float M_all = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) M_all = fmaxf(M_all, w_m[w]);  // finite: the first split always holds key 0
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float sum_o = 0.0f, sum_l = 0.0f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) {
-            sum_o += w_o[w][d];
-            sum_l += w_l[w];
+            const float wt = fast_exp2(w_m[w] - M_all);  // 0 for a warp without splits
+            sum_o += w_o[w][d] * wt;
+            sum_l += w_l[w] * wt;
         }
         const unsigned bits = Elt<BF16>::pack(sum_o / sum_l, 0.0f);
         out[(long long)row * D + d] = (u16)(bits & 0xffffu);
