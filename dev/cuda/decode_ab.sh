@@ -5,7 +5,9 @@
 #   PATCH    the patch, relative to the root (required)
 #   SHAPES   presets (default "llama3.2-1b llama3-8b llama2-7b"); DEPTHS (512,8192,32768); ROUNDS (2)
 #   TESTS    pytest files run -m cuda on the copy (default the flash-attention, q8_0 cache and model tests)
-# Logs to $OUT (or /tmp/decode_ab): tests.log, bench.log.
+#   TABLE=1  then the table beside llama-bench on the copy (dev/cuda/table_call.sh; llama-bench builds in the
+#            background from the start, ~5 min), TABLE_SHAPES (default "llama3-8b llama3.2-1b llama2-7b")
+# Logs to $OUT (or /tmp/decode_ab): tests.log, bench.log, table/.
 set -o pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -16,6 +18,10 @@ T0=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >/dev/null 2>&1
+if [ -n "$TABLE" ] && [ ! -x /tmp/lb/lc/build/bin/llama-bench ] && ! pgrep -f build_llama_bench >/dev/null; then
+  (nice -n 19 setsid bash .bench/build_llama_bench.sh "$ROOT/.bench/llama.cpp-src.tar.xz" /tmp/lb \
+      > /tmp/llama_bench_build.log 2>&1 < /dev/null &)
+fi
 COPY=/tmp/decode_ab_tree
 rm -rf "$COPY" && mkdir -p "$COPY" && cp -r engine kernels tools tests dev pyproject.toml "$COPY/"
 (cd "$COPY" && git apply "$ROOT/$PATCH") || { echo "error: $PATCH does not apply"; exit 1; }
@@ -38,3 +44,11 @@ for round in $(seq "${ROUNDS:-2}"); do
   done
 done
 stamp bench
+if [ -n "$TABLE" ]; then
+  echo "$COPY" > /tmp/ab_best
+  mkdir -p "$LOG/table"
+  OUT=$LOG/table SHAPES=${TABLE_SHAPES:-llama3-8b llama3.2-1b llama2-7b} bash dev/cuda/table_call.sh 2>&1 \
+      | grep -E "^\||error" | grep -v -- "---"
+  rm -f "$LOG"/table/synth_*.log  # at most ~8 files come back from a call
+  stamp "table on the copy"
+fi
