@@ -35,8 +35,9 @@ for round in $(seq "${ROUNDS:-2}"); do
   for shape in ${SHAPES:-llama3.2-1b llama3-8b llama2-7b}; do
     for tree in "$ROOT" "$COPY"; do
       name=$([ "$tree" = "$ROOT" ] && echo main || echo patched)
-      (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout "${BENCH_TIMEOUT:-90}" python3 -m engine bench --shape "$shape" \
-          --device cuda --dtype bf16 -p 0 -n 128 -d "${DEPTHS:-512,8192,32768}" -r 2 --no-hf > /tmp/decode_ab.log 2>&1)
+      (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout "${BENCH_TIMEOUT:-90}" python3 -m engine bench \
+          --shape "$shape" --device cuda --dtype bf16 -p 0 -n 128 -d "${DEPTHS:-512,8192,32768}" -r 2 --no-hf \
+          > /tmp/decode_ab.log 2>&1)
       cat /tmp/decode_ab.log >> "$LOG/bench.log"
       echo "$shape $name round $round: $(grep -oE 'tg128 \| +[0-9]+ \| +[0-9.]+' /tmp/decode_ab.log \
           | awk '{print $3": "$5}' | tr '\n' ' ')"
