@@ -1,11 +1,11 @@
 """Where a short prefill's host time goes: a development driver for the host-bound 1B pp512 (dev/cuda/NOTES.md v35).
 
-Loads a bench shape's random-weight model (as tools/profile_prefill.py does), runs plain prefills (wall and host
-queueing time), then one under cProfile (functions by own time, with each one's own and cumulative time a call),
-then the host cost of the primitives the backend's op wrappers are built from (CuPy allocation, a RawKernel launch,
-the cuBLAS handle and stream, a device query), each timed over 2,000 calls.
+Loads a bench shape's random-weight model (as tools/profile_prefill.py does) or a GGUF file, runs plain prefills
+(wall and host queueing time), then one under cProfile (functions by own time, with each one's own and cumulative
+time a call), then the host cost of the primitives the backend's op wrappers are built from (CuPy allocation, a
+RawKernel launch, the cuBLAS handle and stream, a device query), each timed over 2,000 calls.
 
-    python dev/cuda/prefill_host.py [--shape llama3.2-1b] [--tokens 512] [--dtype bf16]
+    python dev/cuda/prefill_host.py [--shape llama3.2-1b | -m MODEL.gguf] [--tokens 512] [--dtype bf16]
 """
 from __future__ import annotations
 
@@ -101,11 +101,14 @@ def main() -> None:
     parser.add_argument("--shape", default="llama3.2-1b")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--model", "-m", default=None, help="a GGUF file's own weights instead of a shape's")
     args = parser.parse_args()
     import cupy as cp
 
-    settings = LoadSettings(device="cuda", dtype=args.dtype, context=args.tokens + 256, dca="on")
-    llm, label = load_bench_model(settings, synthetic=True, shape=None if args.shape == "smollm2" else args.shape)
+    settings = LoadSettings(model=Path(args.model) if args.model else None, device="cuda", dtype=args.dtype,
+                            context=args.tokens + 256, dca="on")
+    llm, label = load_bench_model(settings, synthetic=args.model is None,
+                                  shape=None if args.shape == "smollm2" or args.model else args.shape)
     print(f"model: {label}")
     plain_runs(llm.model, cp, args.tokens, 5)
     profiled_run(llm.model, cp, args.tokens)
