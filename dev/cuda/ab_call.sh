@@ -27,16 +27,10 @@ SHAPES=${SHAPES:-llama3-8b llama3.2-1b smollm2}
 DEPTH=${DEPTH:-512}
 ROUNDS=${ROUNDS:-2}
 TESTS=${TESTS:-tests/test_cuda_gemv.py tests/test_cuda_pdl.py tests/test_cuda_model.py}
-T0=$(date +%s)
-stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
-
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl >/dev/null 2>&1
+source dev/cuda/device_lib.sh
+install_wheels
 export PYTHONPATH=/tmp/site OPENBLAS_NUM_THREADS=1
-if [ -n "$BUILD" ] && [ -z "$DRY" ] && [ ! -x /tmp/lb/lc/build/bin/llama-bench ]; then
-  (nice -n 19 setsid bash .bench/build_llama_bench.sh "$ROOT/.bench/llama.cpp-src.tar.xz" /tmp/lb \
-      > "$LOG/llama_bench_build.log" 2>&1 < /dev/null &)
-fi
+[ -n "$BUILD" ] && [ -z "$DRY" ] && build_llama_bench "$LOG/llama_bench_build.log"
 
 variant_name() {  # a.patch+b.patch -> a+b
   local IFS=+ parts=() p
@@ -49,11 +43,7 @@ for variant in $PATCHES; do
   name=$(variant_name "$variant")
   NAMES+=("$name")
   TREE[$name]=/tmp/ab_$name
-  rm -rf "/tmp/ab_$name" && mkdir -p "/tmp/ab_$name"
-  cp -r engine kernels tools tests dev pyproject.toml "/tmp/ab_$name/"
-  for patch in ${variant//+/ }; do
-    (cd "/tmp/ab_$name" && git apply "$ROOT/$patch") || { echo "error: $patch does not apply in $name"; exit 1; }
-  done
+  patched_copy "/tmp/ab_$name" "$variant"
   stamp "applied $variant in /tmp/ab_$name"
 done
 

@@ -14,17 +14,11 @@ ROOT=$PWD
 LOG=${OUT:-/tmp/decode_ab}
 [ -n "$PATCH" ] || { echo "error: set PATCH (a patch of dev/cuda/, relative to the root)"; exit 2; }
 mkdir -p "$LOG"
-T0=$(date +%s)
-stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >/dev/null 2>&1
-if [ -n "$TABLE" ] && [ ! -x /tmp/lb/lc/build/bin/llama-bench ] && ! pgrep -f build_llama_bench >/dev/null; then
-  (nice -n 19 setsid bash .bench/build_llama_bench.sh "$ROOT/.bench/llama.cpp-src.tar.xz" /tmp/lb \
-      > /tmp/llama_bench_build.log 2>&1 < /dev/null &)
-fi
+source dev/cuda/device_lib.sh
+install_wheels
+[ -n "$TABLE" ] && build_llama_bench /tmp/llama_bench_build.log
 COPY=/tmp/decode_ab_tree
-rm -rf "$COPY" && mkdir -p "$COPY" && cp -r engine kernels tools tests dev pyproject.toml "$COPY/"
-(cd "$COPY" && git apply "$ROOT/$PATCH") || { echo "error: $PATCH does not apply"; exit 1; }
+patched_copy "$COPY" "$PATCH"
 export OPENBLAS_NUM_THREADS=1
 TESTS=${TESTS:-tests/test_cuda_flash_attn.py tests/test_cuda_kv_q8.py tests/test_cuda_model.py}
 (cd "$COPY" && PYTHONPATH=/tmp/site:$COPY timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider \

@@ -19,20 +19,12 @@ LOG=${OUT:-/tmp/prefill_ab}
 SHAPES=${SHAPES:-llama3.2-1b smollm2}
 TESTS=${TESTS:-tests/test_cuda_prefill_blocks.py tests/test_cuda_kept_graphs.py tests/test_cuda_model.py tests/test_cuda_flash_attn.py}
 mkdir -p "$LOG"
-T0=$(date +%s)
-stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl >/dev/null 2>&1
+source dev/cuda/device_lib.sh
+install_wheels
 export OPENBLAS_NUM_THREADS=1
-if [ -n "$TABLE" ] && [ ! -x /tmp/lb/lc/build/bin/llama-bench ]; then
-  (nice -n 19 setsid bash .bench/build_llama_bench.sh "$ROOT/.bench/llama.cpp-src.tar.xz" /tmp/lb \
-      > "$LOG/llama_bench_build.log" 2>&1 < /dev/null &)
-fi
+[ -n "$TABLE" ] && build_llama_bench "$LOG/llama_bench_build.log"
 COPY=/tmp/prefill_ab_tree
-rm -rf "$COPY" && mkdir -p "$COPY" && cp -r engine kernels tools tests dev pyproject.toml "$COPY/"
-for patch in ${PATCH//+/ }; do
-  (cd "$COPY" && git apply "$ROOT/$patch") || { echo "error: $patch does not apply"; exit 1; }
-done
+patched_copy "$COPY" "$PATCH"
 stamp "applied $PATCH in $COPY"
 for round in $(seq "${ROUNDS:-2}"); do
   for shape in $SHAPES; do

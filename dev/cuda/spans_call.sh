@@ -6,14 +6,13 @@
 # Logs to $OUT (or /tmp/spans_call): one file a shape.
 set -o pipefail
 cd "$(dirname "$0")/../.."
+ROOT=$PWD
 LOG=${OUT:-/tmp/spans_call}
 mkdir -p "$LOG" /tmp/model
 [ -f .m1/part ] && cp .m1/part /tmp/model/part1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >/dev/null 2>&1
-[ -x /tmp/lb/lc/build/bin/llama-bench ] || pgrep -f build_llama_bench >/dev/null || (nice -n 19 setsid bash \
-    .bench/build_llama_bench.sh "$PWD/.bench/llama.cpp-src.tar.xz" /tmp/lb > /tmp/llama_bench_build.log 2>&1 \
-    < /dev/null &)
+source dev/cuda/device_lib.sh
+install_wheels
+build_llama_bench /tmp/llama_bench_build.log
 export PYTHONPATH=/tmp/site:$PWD OPENBLAS_NUM_THREADS=1
 for s in ${SHAPES:-llama3-8b llama2-7b llama3.2-1b smollm2}; do
   timeout ${SHAPE_TIMEOUT:-150} python3 tools/profile_decode.py --shape $s --depth ${DEPTHS:-512,8192,32768} \

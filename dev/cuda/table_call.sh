@@ -14,13 +14,10 @@ LOG=${OUT:-/tmp/table_call}
 BENCH=${BENCH:-$ROOT/.bench}
 SHAPES=${SHAPES-llama3-8b llama2-7b llama3.2-1b}  # empty: no table (SUITE only)
 mkdir -p "$LOG" /tmp/gguf
-T0=$(date +%s)
-stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl >/dev/null 2>&1
-LB=/tmp/lb/lc/build/bin/llama-bench
-[ -z "$SHAPES" ] || [ -x $LB ] || pgrep -f build_llama_bench >/dev/null || (setsid bash "$BENCH/build_llama_bench.sh" \
-    "$BENCH/llama.cpp-src.tar.xz" /tmp/lb > "$LOG/llama_bench_build.log" 2>&1 < /dev/null &)
+source dev/cuda/device_lib.sh
+install_wheels
+LB=$LLAMA_BENCH
+[ -z "$SHAPES" ] || build_llama_bench "$LOG/llama_bench_build.log"
 for s in $SHAPES; do
   [ -f /tmp/gguf/$s.gguf ] || PYTHONPATH=/tmp/site python3 "$BENCH/synth_gguf.py" "$BENCH/tokenizer-smollm2.gguf" \
       /tmp/gguf/$s.gguf --preset $s > "$LOG/synth_$s.log" 2>&1
