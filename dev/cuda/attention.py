@@ -236,51 +236,63 @@ def bf16_rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-def decode_inputs(cp, shape: str, n_ctx: int):
-    """(n_heads, n_kv, head_dim, dca, q (1, Hq, D) bf16 bits, positions [n_ctx - 1], cos, sin) of a decode step of
+def act_values(cp, x, dtype: str):
+    """float32 x as the activations' dtype: bf16 bit patterns or float16."""
+    return bf16_bits(cp, x) if dtype == "bf16" else x.astype(cp.float16)
+
+
+def act_rel_err(got: np.ndarray, want: np.ndarray, dtype: str) -> float:
+    if dtype == "bf16":
+        return bf16_rel_err(got, want)
+    got, want = got.astype(np.float32), want.astype(np.float32)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def decode_inputs(cp, shape: str, n_ctx: int, dtype: str = "bf16"):
+    """(n_heads, n_kv, head_dim, dca, q (1, Hq, D) in dtype, positions [n_ctx - 1], cos, sin) of a decode step of
     `shape` after n_ctx tokens."""
     n_heads, n_kv, head_dim, cs, w = SHAPES[shape]
     cos_t, sin_t = tables(cp, head_dim, n_ctx + cs + 1)
-    q = bf16_bits(cp, cp.random.standard_normal((1, n_heads, head_dim), dtype=cp.float32))
+    q = act_values(cp, cp.random.standard_normal((1, n_heads, head_dim), dtype=cp.float32), dtype)
     pos = cp.asarray([n_ctx - 1], dtype=cp.int32)
     return n_heads, n_kv, head_dim, DCAConfig(chunk_size=cs, local_window=w), q, pos, cos_t, sin_t
 
 
-def decode_caches(cp, n_ctx: int, n_kv: int, head_dim: int):
-    """("bf16" | "q8_0", (K, V) random caches of n_ctx tokens, their bytes), one kind after the other."""
+def decode_caches(cp, n_ctx: int, n_kv: int, head_dim: int, dtype: str = "bf16"):
+    """(dtype | "q8_0", (K, V) random caches of n_ctx tokens, their bytes), one kind after the other."""
     from engine.backends.cuda.kv_q8 import DeviceQ8Rows
 
-    yield "bf16", tuple(bf16_bits(cp, cp.random.standard_normal((n_ctx, n_kv, head_dim), dtype=cp.float32))
-                        for _ in range(2)), 4 * n_ctx * n_kv * head_dim
+    yield dtype, tuple(act_values(cp, cp.random.standard_normal((n_ctx, n_kv, head_dim), dtype=cp.float32), dtype)
+                       for _ in range(2)), 4 * n_ctx * n_kv * head_dim
     yield "q8_0", tuple(DeviceQ8Rows(cp.random.randint(-127, 128, (n_ctx, n_kv, head_dim)).astype(cp.int8),
                                      (cp.random.random((n_ctx, n_kv, head_dim // 32)) * 0.02 + 0.001)
                                      .astype(cp.float16)) for _ in range(2)), \
         2 * n_ctx * n_kv * (head_dim + head_dim // 16)
 
 
-def bench_decode_variants(cp, shape: str, n_ctx: int, rows: list[dict]) -> None:
-    """Decode kernel configurations (DECODE_VARIANTS that fit shared memory) on a bf16 and on a q8_0 K+V cache of
-    n_ctx tokens, DCA: each checked against the production build (equal bit for bit where only the stages differ
-    and the split count is the same; else within bf16 rounding) and timed from a CUDA graph (kernel + combine),
-    GB/s of the cache's bytes."""
-    n_heads, n_kv, head_dim, dca, q, pos, cos_t, sin_t = decode_inputs(cp, shape, n_ctx)
+def bench_decode_variants(cp, shape: str, n_ctx: int, rows: list[dict], dtype: str = "bf16") -> None:
+    """Decode kernel configurations (DECODE_VARIANTS that fit shared memory) on a 16-bit (dtype) and on a q8_0 K+V
+    cache of n_ctx tokens, DCA, activations in dtype: each checked against the production build (equal bit for bit
+    where only the stages differ and the split count is the same; else within 16-bit rounding) and timed from a CUDA
+    graph (kernel + combine), GB/s of the cache's bytes."""
+    n_heads, n_kv, head_dim, dca, q, pos, cos_t, sin_t = decode_inputs(cp, shape, n_ctx, dtype)
     limit = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
-    for kind, (k, v), n_bytes in decode_caches(cp, n_ctx, n_kv, head_dim):
+    for kind, (k, v), n_bytes in decode_caches(cp, n_ctx, n_kv, head_dim, dtype):
         q8 = kind == "q8_0"
         want = cp.asnumpy(fa.flash_decode(q, k, v, pos, cos_t, sin_t, rope_dim=head_dim, dca=dca))
         for config in DECODE_VARIANTS:
             if fa.decode_smem(head_dim, q8, q8, config) > limit:
                 continue
-            splits = fa.decode_splits(cp, n_ctx, n_kv, 1, head_dim, "bf16", q8, q8, config)
+            splits = fa.decode_splits(cp, n_ctx, n_kv, 1, head_dim, dtype, q8, q8, config)
 
             def step(config=config, splits=splits):
                 return fa.flash_decode(q, k, v, pos, cos_t, sin_t, rope_dim=head_dim, dca=dca, n_splits=splits,
                                        config=config)
 
             got = cp.asnumpy(step())
-            err = bf16_rel_err(got, want)
+            err = act_rel_err(got, want, dtype)
             ms = graph_ms(cp, step)
-            row = {"shape": shape, "decode_context": n_ctx, "cache": kind, "keys": config[0], "stages": config[1],
+            row = {"shape": shape, "dtype": dtype, "decode_context": n_ctx, "cache": kind, "keys": config[0], "stages": config[1],
                    "splits": splits, "us": round(ms * 1e3, 1), "GB/s": round(n_bytes / ms / 1e6, 1),
                    "max_err": err, "ok": err < 1e-2, "equal": bool(np.array_equal(got, want))}
             rows.append(row)
@@ -410,6 +422,8 @@ def main(argv=None) -> None:
                          "decode-variants (DECODE_VARIANTS on bf16 and q8_0 caches at --decode-context), "
                          "decode-splits (key-slice counts around the production choice), "
                          "check (fused vs three-call), resources")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "f16"),
+                    help="activations (and 16-bit caches) of decode-variants")
     ap.add_argument("--json", default=None, help="write every row here")
     args = ap.parse_args(argv)
     import cupy as cp
@@ -429,7 +443,7 @@ def main(argv=None) -> None:
             bench_decode(cp, shape, args.decode_context, rows)
     if "decode-variants" in parts:
         for shape in shapes:
-            bench_decode_variants(cp, shape, args.decode_context, rows)
+            bench_decode_variants(cp, shape, args.decode_context, rows, args.dtype)
     if "decode-splits" in parts:
         for shape in shapes:
             bench_decode_splits(cp, shape, args.decode_context, rows)
