@@ -270,7 +270,8 @@ def decode_caches(cp, n_ctx: int, n_kv: int, head_dim: int, dtype: str = "bf16")
         2 * n_ctx * n_kv * (head_dim + head_dim // 16)
 
 
-def bench_decode_variants(cp, shape: str, n_ctx: int, rows: list[dict], dtype: str = "bf16") -> None:
+def bench_decode_variants(cp, shape: str, n_ctx: int, rows: list[dict], dtype: str = "bf16",
+                          configs=DECODE_VARIANTS) -> None:
     """Decode kernel configurations (DECODE_VARIANTS that fit shared memory) on a 16-bit (dtype) and on a q8_0 K+V
     cache of n_ctx tokens, DCA, activations in dtype: each checked against the production build (equal bit for bit
     where only the stages differ and the split count is the same; else within 16-bit rounding) and timed from a CUDA
@@ -280,7 +281,7 @@ def bench_decode_variants(cp, shape: str, n_ctx: int, rows: list[dict], dtype: s
     for kind, (k, v), n_bytes in decode_caches(cp, n_ctx, n_kv, head_dim, dtype):
         q8 = kind == "q8_0"
         want = cp.asnumpy(fa.flash_decode(q, k, v, pos, cos_t, sin_t, rope_dim=head_dim, dca=dca))
-        for config in DECODE_VARIANTS:
+        for config in configs:
             if fa.decode_smem(head_dim, q8, q8, config) > limit:
                 continue
             splits = fa.decode_splits(cp, n_ctx, n_kv, 1, head_dim, dtype, q8, q8, config)
@@ -424,6 +425,8 @@ def main(argv=None) -> None:
                          "check (fused vs three-call), resources")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "f16"),
                     help="activations (and 16-bit caches) of decode-variants")
+    ap.add_argument("--configs", default=",".join(f"{k}x{s}" for k, s in DECODE_VARIANTS),
+                    help="decode-variants' configurations, KEYSxSTAGES")
     ap.add_argument("--json", default=None, help="write every row here")
     args = ap.parse_args(argv)
     import cupy as cp
@@ -443,7 +446,8 @@ def main(argv=None) -> None:
             bench_decode(cp, shape, args.decode_context, rows)
     if "decode-variants" in parts:
         for shape in shapes:
-            bench_decode_variants(cp, shape, args.decode_context, rows, args.dtype)
+            bench_decode_variants(cp, shape, args.decode_context, rows, args.dtype,
+                                  [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")])
     if "decode-splits" in parts:
         for shape in shapes:
             bench_decode_splits(cp, shape, args.decode_context, rows)
