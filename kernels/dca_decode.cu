@@ -16,14 +16,19 @@
 //   block in shared memory; each key tile takes the rotation of its relation (clamp(chunk(i) -
 //   chunk(j), 0, 2)); a tile straddling a chunk boundary is scored per relation present and each
 //   element keeps its own; the last tile masks keys after the token.
-// - The block's slice of the keys is dealt to its 4 warps tile by tile; each warp streams its
-//   tiles through its own cp.async stages (two in production builds; warp-local sync only), keeps an online
-//   softmax, and the warps merge through shared memory at the end. The slice bounds come from the
+// - The block's slice of the keys is dealt to its 4 warps tile by tile; each warp streams its tiles through
+//   its own cp.async stages (flash_attention.DECODE_STAGES, DECODE_Q8_STAGES; warp-local sync only), keeps an
+//   online softmax, and the warps merge through shared memory at the end. The slice bounds come from the
 //   device positions: keys past the token are never read.
 // - q8_0 caches (KQ / VQ, each on its own: dca_decode_q8_<D>_<KQ><VQ>; kv_q8.cuh's int8 values + fp16 scales):
-//   a warp's stages hold the raw rows (D + D/16 bytes a key, half a 16-bit row's bytes, cp.async as well), and
-//   before a tile is used the warp dequantizes it into one 16-bit [BN][D] swizzled tile of its own (value q * d
-//   rounded to act_t), which the mma code reads as it reads a 16-bit cache's stage.
+//   a warp's stages hold the raw rows (D + D/16 bytes a key, half a 16-bit row's bytes, cp.async as well, placed by
+//   q8_chunk), and the lanes read their mma fragments straight from them (no dequantized tile, so the shared memory
+//   a 16-bit tile took holds more stages in flight). K: each fragment's bytes as exact integers in act_t, the
+//   products summed per 32-value block in their own accumulators, the key's block scales applied to those sums
+//   (scores = sum_b d_b (q . k_b)). V: P and V in fp16 whatever the activations (p in [0, 1]; q * d rounded once to
+//   fp16, as kv_q8.cuh's dequantization does); lane g reads the DT contiguous bytes of dims g*DT .. of four key rows
+//   and so owns column g of every n-tile: n-tile dt's column n is physical dim n*DT + dt, undone where the warps
+//   merge.
 // - dca_combine: out = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), one block of 8 warps per row; with
 //   out_staged (one-token decode), also out quantized for the output projection (common.cuh store_q8_block).
 // Limits: D in {64, 128}; rope_dim % 32 == 0 and <= D; group = Hq / Hkv <= 16.
@@ -35,8 +40,21 @@ __device__ __forceinline__ void cp_async_small(unsigned dst, const void* src, in
                  : "memory");
 }
 
+// byte offset of 16-byte chunk c of key row `row` among a q8_0 stage's [BN][D] int8 values, placed so that the
+// fragment reads meet no bank conflicts: D 128, a row a 128-byte line, its chunks XOR the row (k_int_fragment's 8 keys
+// of one chunk; the V reads' 4 rows of one chunk a quarter warp); D 64, two rows a line, each half-line's chunks XOR
+// 0, 3, 5, 6 by the row pair
+template <int D>
+__device__ __forceinline__ int q8_chunk(int row, int c) {
+    static_assert(D == 64 || D == 128, "q8_0 stages: head_dim 64 or 128");
+    if constexpr (D == 128) return row * 128 + ((c ^ (row & 7)) << 4);
+    const int h = (0x6530 >> (4 * ((row >> 1) & 3))) & 7;
+    return (row >> 1) * 128 + (((((row & 1) << 2) + c) ^ h) << 4);
+}
+
 // A warp's copy of keys k0 .. k0+BN-1 (those < n_keys; zeros after) of KV head kvh into its stage `dst`:
-// 16-bit rows into the swizzled [BN][D] tile; q8_0 rows (Q8) as [BN][D] int8 values then [BN][D/32] fp16 scales.
+// 16-bit rows into the swizzled [BN][D] tile; q8_0 rows (Q8) as [BN][D] int8 values (q8_chunk) then [BN][D/32] fp16
+// scales.
 template <int D, int BN, bool Q8>
 __device__ __forceinline__ void load_rows(unsigned char* dst, const void* __restrict__ rows,
                                           const half_t* __restrict__ scales, int k0, int n_keys, int n_kv, int kvh,
@@ -48,7 +66,7 @@ __device__ __forceinline__ void load_rows(unsigned char* dst, const void* __rest
             const int j = idx / CH, c = idx - j * CH, key = k0 + j;
             const bool ok = key < n_keys;
             const long long off = ((long long)(ok ? key : 0) * n_kv + kvh) * D + c * 16;
-            cp_async16(smem_addr(dst + j * D + c * 16), (const i8*)rows + off, ok ? 16 : 0);
+            cp_async16(smem_addr(dst + q8_chunk<D>(j, c)), (const i8*)rows + off, ok ? 16 : 0);
         }
         for (int j = lane; j < BN; j += 32) {
             const int key = k0 + j;
@@ -68,16 +86,36 @@ __device__ __forceinline__ void load_rows(unsigned char* dst, const void* __rest
     }
 }
 
-// A warp's stage of q8_0 rows (load_rows<.., true>) -> the swizzled [BN][D] act_t tile
-template <int D, int BN>
-__device__ __forceinline__ void dequant_rows(unsigned char* tile, const unsigned char* raw, int lane) {
-    constexpr int CH = D / 8;  // 8 values: one 16-byte chunk of the tile
-#pragma unroll
-    for (int idx = lane; idx < BN * CH; idx += 32) {
-        const int j = idx / CH, c = idx - j * CH;
-        const half_t d = *(const half_t*)(raw + BN * D + (j * (D / Q8_BLOCK) + c / 4) * 2);
-        *(uint4*)(tile + swz<D>(j, c)) = q8_to_act8(*(const uint2*)(raw + j * D + c * 8), d);
+// The B fragment of k-step ks for key `key` of a q8_0 K stage (dims 16 ks + 2t, +1 in b0; + 8, + 9 in b1) as exact
+// integers in act_t: two 4-byte reads of the key's chunk ks, the lane's bytes picked by one permute
+template <int D, bool BF16>
+__device__ __forceinline__ void k_int_fragment(const unsigned char* raw, int key, int ks, int t, unsigned& b0,
+                                               unsigned& b1) {
+    const unsigned char* chunk = raw + q8_chunk<D>(key, ks) + ((t >> 1) << 2);
+    const unsigned w = __byte_perm(*(const unsigned*)chunk, *(const unsigned*)(chunk + 8), (t & 1) ? 0x7632u : 0x5410u)
+                       ^ 0x80808080u;
+    b0 = q8_pair_to_int16x2<BF16>(w, 0);
+    b1 = q8_pair_to_int16x2<BF16>(w, 1);
+}
+
+// The lane's DT bytes (dims g*DT ..) of key row `row` of a q8_0 V stage, as DT / 4 words ^ 0x80 each byte
+template <int D>
+__device__ __forceinline__ void v_row_words(const unsigned char* raw, int row, int g, unsigned (&w)[D / 32]) {
+    if constexpr (D == 128) {
+        const uint4 x = *(const uint4*)(raw + q8_chunk<D>(row, g));
+        w[0] = x.x ^ 0x80808080u, w[1] = x.y ^ 0x80808080u, w[2] = x.z ^ 0x80808080u, w[3] = x.w ^ 0x80808080u;
+    } else {
+        const uint2 x = *(const uint2*)(raw + q8_chunk<D>(row, g >> 1) + ((g & 1) << 3));
+        w[0] = x.x ^ 0x80808080u, w[1] = x.y ^ 0x80808080u;
     }
+}
+
+// An fp16 pair of the block-blk scales of keys `row` and `row` + 1 (the low half the first) of a q8_0 stage whose
+// scales start at byte scales_at
+template <int D>
+__device__ __forceinline__ unsigned v_scale_pair(const unsigned char* raw, int scales_at, int row, int blk) {
+    const half_t* sc = (const half_t*)(raw + scales_at);
+    return (unsigned)sc[row * (D / Q8_BLOCK) + blk] | ((unsigned)sc[(row + 1) * (D / Q8_BLOCK) + blk] << 16);
 }
 
 template <int D, int BN, int STAGES, bool BF16, bool KQ, bool VQ>
@@ -90,14 +128,23 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
                                             int chunk_len, int chunk_size, float scale_log2, int temp_len,
                                             int n_splits) {
     typedef Elt<BF16> E;
+    typedef Elt<BF16 && !VQ> EV;  // P V: fp16 for a q8_0 V cache
     constexpr int WARPS = 4, THREADS = 32 * WARPS, CH = D / 8, NT = BN / 8, KS = D / 16, DT = D / 8;
-    // a warp's shared memory: STAGES stages of [K rows][V rows] (16-bit tiles, or q8_0 rows), then the dequantized
-    // tiles of the q8_0 operands (flash_attention.decode_smem)
-    constexpr int TILE = BN * D * 2, RAW = BN * D + BN * (D / Q8_BLOCK) * 2;
+    constexpr int NB = D / Q8_BLOCK;  // a q8_0 key's scale blocks
+    // a warp's shared memory: STAGES stages of [K rows][V rows] (16-bit tiles, or q8_0 rows), which then hold its
+    // fp32 output rows for the merge (W_STRIDE floats a row; flash_attention.decode_smem)
+    constexpr int TILE = BN * D * 2, RAW = BN * D + BN * NB * 2;
     constexpr int K_STAGE = KQ ? RAW : TILE, V_STAGE = VQ ? RAW : TILE;
     constexpr int Q_BYTES = 3 * 16 * D * 2, STAGE_BYTES = K_STAGE + V_STAGE;
-    constexpr int WARP_BYTES = STAGES * STAGE_BYTES + (KQ ? TILE : 0) + (VQ ? TILE : 0);
-    static_assert(WARP_BYTES >= 16 * D * 4, "a warp's stages hold its fp32 output rows for the merge");
+    // the merge's rows: with a q8_0 V a lane stores its 2 * DT contiguous dims as float4s XOR-placed, rows padded so
+    // that a quarter warp's stores meet no bank conflicts
+    constexpr int SEG = 2 * DT, W_STRIDE = VQ ? D + (D == 128 ? 16 : 8) : D;
+    constexpr int WARP_BYTES = STAGES * STAGE_BYTES > 16 * W_STRIDE * 4 ? STAGES * STAGE_BYTES : 16 * W_STRIDE * 4;
+    auto w_o_at = [&](int r, int d) -> int {  // float index of physical dim d of row r in a warp's merge rows
+        if constexpr (!VQ) return r * D + d;
+        const int seg = d / SEG, x = d - seg * SEG;
+        return r * W_STRIDE + seg * SEG + (((x >> 2) ^ (D == 128 ? seg : seg >> 1)) << 2) + (x & 3);
+    };
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* qr = smem;  // [3][16][D] the group's rows rotated for each relation
     pdl_wait();  // positions, q and the token's cache rows come from the kernels before this one
@@ -114,9 +161,7 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
     float row_scale = scale_log2;
     if (temp_len > 0 && pos + 1 > temp_len) row_scale *= 0.1f * logf((float)(pos + 1) / (float)temp_len) + 1.0f;
 
-    unsigned char* my_stages = smem + Q_BYTES + warp * WARP_BYTES;  // [STAGES][K, V rows], q8_0 tiles
-    unsigned char* k_q8_tile = my_stages + STAGES * STAGE_BYTES;  // [BN][D] act_t, used when KQ
-    unsigned char* v_q8_tile = k_q8_tile + (KQ ? TILE : 0);  // used when VQ
+    unsigned char* my_stages = smem + Q_BYTES + warp * WARP_BYTES;  // [STAGES][K, V rows]
     auto load_kv = [&](int tile, int stage) {
         const int k0 = tile * BN;
         unsigned char* ks = my_stages + stage * STAGE_BYTES;
@@ -186,12 +231,19 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
         __syncwarp();
 
         const int k0 = tile * BN;
-        unsigned char* ks = my_stages + stage * STAGE_BYTES;
-        if constexpr (KQ) dequant_rows<D, BN>(k_q8_tile, ks, lane);
-        if constexpr (VQ) dequant_rows<D, BN>(v_q8_tile, ks + K_STAGE, lane);
-        if constexpr (KQ || VQ) __syncwarp();
-        const unsigned k_base = smem_addr(KQ ? k_q8_tile : ks);
-        const unsigned v_base = smem_addr(VQ ? v_q8_tile : ks + K_STAGE);
+        const unsigned char* k_stage = my_stages + stage * STAGE_BYTES;
+        const unsigned char* v_stage = k_stage + K_STAGE;
+        const unsigned k_base = smem_addr(k_stage), v_base = smem_addr(v_stage);
+        float k_scale[NT][2][NB];  // q8_0 K: the block scales of the lane's score keys nt*8 + 2t, + 1
+        if constexpr (KQ) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+#pragma unroll
+                    for (int b = 0; b < NB; ++b)
+                        k_scale[nt][e][b] = h2f(((const half_t*)(k_stage + BN * D))[(nt * 8 + 2 * t + e) * NB + b]);
+        }
         const int rel_hi = dca.relation_in(my_chunk, k0), rel_lo = dca.relation_in(my_chunk, k0 + BN - 1);
         float s[NT][4];
         for (int rel = rel_hi; rel >= rel_lo; --rel) {
@@ -199,16 +251,41 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
             float sr[NT][4];
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) sr[nt][0] = sr[nt][1] = sr[nt][2] = sr[nt][3] = 0.0f;
+            if constexpr (KQ) {  // integer keys, a block's products apart, then the keys' scales
+                float acc[NB][NT][4];
 #pragma unroll
-            for (int ks = 0; ks < KS; ++ks) {
-                unsigned a[4];
-                ldsm_x4(a, a_base + ((unsigned)(ks * 32) ^ xor_hi));
+                for (int b = 0; b < NB; ++b)
 #pragma unroll
-                for (int np = 0; np < NT / 2; ++np) {
-                    unsigned b[4];
-                    ldsm_x4(b, k_base + b_row + np * 16 * D * 2 + ((unsigned)(ks * 32) ^ xor_mid));
-                    E::mma(sr[2 * np], a, b[0], b[1]);
-                    E::mma(sr[2 * np + 1], a, b[2], b[3]);
+                    for (int nt = 0; nt < NT; ++nt) acc[b][nt][0] = acc[b][nt][1] = acc[b][nt][2] = acc[b][nt][3] = 0.0f;
+#pragma unroll
+                for (int ks = 0; ks < KS; ++ks) {
+                    unsigned a[4];
+                    ldsm_x4(a, a_base + ((unsigned)(ks * 32) ^ xor_hi));
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        unsigned b0, b1;
+                        k_int_fragment<D, BF16>(k_stage, nt * 8 + g, ks, t, b0, b1);
+                        E::mma(acc[ks / 2][nt], a, b0, b1);
+                    }
+                }
+#pragma unroll
+                for (int b = 0; b < NB; ++b)
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) sr[nt][e] = fmaf(k_scale[nt][e & 1][b], acc[b][nt][e], sr[nt][e]);
+            } else {
+#pragma unroll
+                for (int ks = 0; ks < KS; ++ks) {
+                    unsigned a[4];
+                    ldsm_x4(a, a_base + ((unsigned)(ks * 32) ^ xor_hi));
+#pragma unroll
+                    for (int np = 0; np < NT / 2; ++np) {
+                        unsigned b[4];
+                        ldsm_x4(b, k_base + b_row + np * 16 * D * 2 + ((unsigned)(ks * 32) ^ xor_mid));
+                        E::mma(sr[2 * np], a, b[0], b[1]);
+                        E::mma(sr[2 * np + 1], a, b[2], b[3]);
+                    }
                 }
             }
 #pragma unroll
@@ -255,15 +332,35 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
         }
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            const unsigned p[4] = {E::pack(s[2 * kk][0], s[2 * kk][1]), E::pack(s[2 * kk][2], s[2 * kk][3]),
-                                   E::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                   E::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            const unsigned p[4] = {EV::pack(s[2 * kk][0], s[2 * kk][1]), EV::pack(s[2 * kk][2], s[2 * kk][3]),
+                                   EV::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                   EV::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            if constexpr (VQ) {  // keys 2t, 2t + 1 (b0) and 2t + 8, 2t + 9 (b1) of the step; column g = dim g*DT + dt
+                const int r0 = kk * 16 + 2 * t, blk = g * DT / Q8_BLOCK;
+                unsigned w0[D / 32], w1[D / 32], w8[D / 32], w9[D / 32];
+                v_row_words<D>(v_stage, r0, g, w0);
+                v_row_words<D>(v_stage, r0 + 1, g, w1);
+                v_row_words<D>(v_stage, r0 + 8, g, w8);
+                v_row_words<D>(v_stage, r0 + 9, g, w9);
+                const unsigned d01 = v_scale_pair<D>(v_stage, BN * D, r0, blk);
+                const unsigned d89 = v_scale_pair<D>(v_stage, BN * D, r0 + 8, blk);
 #pragma unroll
-            for (int dp = 0; dp < DT / 2; ++dp) {
-                unsigned b[4];
-                ldsm_x4_trans(b, v_base + a_row + kk * 16 * D * 2 + ((unsigned)(dp * 32) ^ xor_hi));
-                E::mma(o[2 * dp], p, b[0], b[1]);
-                E::mma(o[2 * dp + 1], p, b[2], b[3]);
+                for (int w = 0; w < D / 32; ++w) {
+                    const unsigned lo01 = __byte_perm(w0[w], w1[w], 0x5140u), hi01 = __byte_perm(w0[w], w1[w], 0x7362u);
+                    const unsigned lo89 = __byte_perm(w8[w], w9[w], 0x5140u), hi89 = __byte_perm(w8[w], w9[w], 0x7362u);
+                    EV::mma(o[4 * w], p, q8_pair_to_f16x2(lo01, 0x4140u, d01), q8_pair_to_f16x2(lo89, 0x4140u, d89));
+                    EV::mma(o[4 * w + 1], p, q8_pair_to_f16x2(lo01, 0x4342u, d01), q8_pair_to_f16x2(lo89, 0x4342u, d89));
+                    EV::mma(o[4 * w + 2], p, q8_pair_to_f16x2(hi01, 0x4140u, d01), q8_pair_to_f16x2(hi89, 0x4140u, d89));
+                    EV::mma(o[4 * w + 3], p, q8_pair_to_f16x2(hi01, 0x4342u, d01), q8_pair_to_f16x2(hi89, 0x4342u, d89));
+                }
+            } else {
+#pragma unroll
+                for (int dp = 0; dp < DT / 2; ++dp) {
+                    unsigned b[4];
+                    ldsm_x4_trans(b, v_base + a_row + kk * 16 * D * 2 + ((unsigned)(dp * 32) ^ xor_hi));
+                    EV::mma(o[2 * dp], p, b[0], b[1]);
+                    EV::mma(o[2 * dp + 1], p, b[2], b[3]);
+                }
             }
         }
         __syncwarp();  // the stage is consumed before it is refilled
@@ -271,7 +368,7 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
     cp_async_wait<0>();
 
     // merge the warps: each parks (m, l, o) of its 16 rows in its own stage memory
-    float* w_o = (float*)my_stages;  // [16][D]
+    float* w_o = (float*)my_stages;  // [16][W_STRIDE], dims placed by w_o_at
     __shared__ float w_m[WARPS][16], w_l[WARPS][16];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
@@ -283,9 +380,19 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
             w_m[warp][r] = m[hf];
             w_l[warp][r] = sum;
         }
+        if constexpr (VQ) {  // o[dt][2hf + c] is physical dim (2t + c)*DT + dt: the lane's dims 2t*DT .. + 2*DT - 1
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
-            *(float2*)(w_o + r * D + dt * 8 + 2 * t) = make_float2(o[dt][2 * hf], o[dt][2 * hf + 1]);
+            for (int i = 0; i < SEG / 4; ++i) {
+                float v[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) v[j] = o[(4 * i + j) % DT][2 * hf + (4 * i + j) / DT];
+                *(float4*)(w_o + w_o_at(r, 2 * t * DT + 4 * i)) = make_float4(v[0], v[1], v[2], v[3]);
+            }
+        } else {
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt)
+                *(float2*)(w_o + r * D + dt * 8 + 2 * t) = make_float2(o[dt][2 * hf], o[dt][2 * hf + 1]);
+        }
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < group * D; idx += THREADS) {
@@ -299,7 +406,7 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
         for (int w = 0; w < WARPS; ++w) {
             const float wt = fast_exp2(w_m[w][r] - M_use);
             L += w_l[w][r] * wt;
-            O += ((const float*)(smem + Q_BYTES + w * WARP_BYTES))[r * D + d] * wt;
+            O += ((const float*)(smem + Q_BYTES + w * WARP_BYTES))[w_o_at(r, d)] * wt;
         }
         const long long prow = ((long long)split * n + qi) * n_heads + kvh * group + r;
         part_o[prow * D + d] = O;
@@ -310,26 +417,26 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
     }
 }
 
-// One configuration per build (D, BN keys per warp tile), instantiated by the loader: dca_decode_<D> in the
-// build's activation dtype.
-#define DCA_DECODE(D, BN)                                                                                     \
+// One configuration per build (D, BN keys per warp tile, S stages), instantiated by the loader: dca_decode_<D> in
+// the build's activation dtype.
+#define DCA_DECODE(D, BN, S)                                                                                  \
     extern "C" __global__ void __launch_bounds__(128) dca_decode_##D(                                         \
         const u16* q, const u16* kc, const u16* vc, const int* positions, const float* cos_t,                 \
         const float* sin_t, float* part_o, float* part_m, float* part_l, int n, int n_heads, int n_kv,        \
         int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len, int n_splits) {          \
-        decode_body<D, BN, 2, ACT_IS_BF16, false, false>(q, kc, nullptr, vc, nullptr, positions, cos_t, sin_t,  \
+        decode_body<D, BN, S, ACT_IS_BF16, false, false>(q, kc, nullptr, vc, nullptr, positions, cos_t, sin_t,  \
                                                          part_o, part_m, part_l, n, n_heads, n_kv, rope_dim,     \
                                                          chunk_len, chunk_size, scale_log2, temp_len, n_splits); \
     }
 
 // The build reading a q8_0 K cache (KQ 1) and/or V cache (VQ 1): dca_decode_q8_<D>_<KQ><VQ>; a q8_0 operand is its
 // int8 values and fp16 scales (kd / vd), a 16-bit one its rows (its scales pointer unused).
-#define DCA_DECODE_Q8(D, BN, KQ, VQ)                                                                          \
+#define DCA_DECODE_Q8(D, BN, S, KQ, VQ)                                                                       \
     extern "C" __global__ void __launch_bounds__(128) dca_decode_q8_##D##_##KQ##VQ(                           \
         const u16* q, const void* kc, const half_t* kd, const void* vc, const half_t* vd, const int* positions, \
         const float* cos_t, const float* sin_t, float* part_o, float* part_m, float* part_l, int n, int n_heads, \
         int n_kv, int rope_dim, int chunk_len, int chunk_size, float scale_log2, int temp_len, int n_splits) {  \
-        decode_body<D, BN, 2, ACT_IS_BF16, KQ, VQ>(q, kc, kd, vc, vd, positions, cos_t, sin_t, part_o, part_m,  \
+        decode_body<D, BN, S, ACT_IS_BF16, KQ, VQ>(q, kc, kd, vc, vd, positions, cos_t, sin_t, part_o, part_m,  \
                                                 part_l, n, n_heads, n_kv, rope_dim, chunk_len, chunk_size,      \
                                                 scale_log2, temp_len, n_splits);                               \
     }

@@ -5,6 +5,32 @@
 
 #define Q8_BLOCK 32  // values per scale
 
+// bytes 2i, 2i + 1 of word (already ^ 0x80; sel: 0x4140 for bytes 0, 1; 0x4342 for 2, 3) times d2 (an fp16 pair:
+// the low half scales the first byte): 1024 + q + 128 in each half of an fp16 pair, minus 1152, then one fp16
+// multiply (.rn on both: not contracted into an fma). Used by both builds (the decode kernel's q8_0 V fragments).
+__device__ __forceinline__ unsigned q8_pair_to_f16x2(unsigned word, unsigned sel, unsigned d2) {
+    unsigned r = __byte_perm(word, 0x64646464u, sel);
+    asm("sub.rn.f16x2 %0, %0, %1;" : "+r"(r) : "r"(0x64806480u));
+    asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(r) : "r"(d2));
+    return r;
+}
+
+// bytes 2i, 2i + 1 of word (already ^ 0x80; i = 0 or 1) as two exact integers q in act_t, unscaled (the decode
+// kernel's q8_0 K fragments: the scales multiply the scores). fp16: 1024 + q + 128 minus 1152; bf16: 2^23 + q + 128
+// minus 2^23 + 128 in fp32, whose upper half is q in bf16 exactly (|q| <= 128: 8 significant bits).
+template <bool BF16>
+__device__ __forceinline__ unsigned q8_pair_to_int16x2(unsigned word, int i) {
+    if constexpr (BF16) {
+        const float lo = __uint_as_float(__byte_perm(word, 0x4b000000u, 0x7440u | (2 * i))) - 8388736.0f;
+        const float hi = __uint_as_float(__byte_perm(word, 0x4b000000u, 0x7441u | (2 * i))) - 8388736.0f;
+        return __byte_perm(__float_as_uint(lo), __float_as_uint(hi), 0x7632u);
+    } else {
+        unsigned r = __byte_perm(word, 0x64646464u, i ? 0x4342u : 0x4140u);
+        asm("sub.rn.f16x2 %0, %0, %1;" : "+r"(r) : "r"(0x64806480u));
+        return r;
+    }
+}
+
 // 8 int8 values (bytes of w, lowest first) times the fp16 scale d -> 8 act_t values packed in 16 bytes, each q * d
 // rounded once to act_t (as rounding the exact fp32 product would), with no integer-to-float conversion: Hopper issues
 // those at 16 a clock an SM against 128 for an add, and the decode kernel converts every value of its q8_0 tiles
@@ -22,15 +48,6 @@ __device__ __forceinline__ uint4 q8_to_act8(uint2 w, half_t d_bits) {
                       pack2(v(hi, 2), v(hi, 3)));
 }
 #else
-// bytes 2i, 2i + 1 of word (sel: 0x4140 for bytes 0, 1; 0x4342 for 2, 3) times d2 = {d, d}: 1024 + q + 128 in each
-// half of an fp16 pair, minus 1152, then one fp16 multiply (.rn on both: not contracted into an fma)
-__device__ __forceinline__ unsigned q8_pair_to_f16x2(unsigned word, unsigned sel, unsigned d2) {
-    unsigned r = __byte_perm(word, 0x64646464u, sel);
-    asm("sub.rn.f16x2 %0, %0, %1;" : "+r"(r) : "r"(0x64806480u));
-    asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(r) : "r"(d2));
-    return r;
-}
-
 __device__ __forceinline__ uint4 q8_to_act8(uint2 w, half_t d_bits) {
     const unsigned d2 = (unsigned)d_bits * 0x10001u, lo = w.x ^ 0x80808080u, hi = w.y ^ 0x80808080u;
     return make_uint4(q8_pair_to_f16x2(lo, 0x4140u, d2), q8_pair_to_f16x2(lo, 0x4342u, d2),

@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 
 from engine.backends.cuda import flash_attention as fa
+from engine.backends.cuda import kv_q8
 from engine.config import DCAConfig, RopeConfig
+from engine.convert.quantize import encode_rows
 from engine.dca import blockwise_attention, rotate_keys, temperature
 from engine.rope import RotaryTable
 from engine.weights.bf16 import from_bf16_bits, to_bf16_bits
+from engine.weights.quant import GGMLType
 
 NAN_BITS = {"f16": 0x7E00, "bf16": 0x7FC0}
 # max |error| and mean |error| allowed on outputs of size ~1 (inputs N(0,1))
@@ -219,6 +222,57 @@ def test_decode_matches_blockwise(dtype, head_dim, n_heads, n_kv):
     for pos in (0, 5, 76, 77, 1000):  # first key, a partial tile, the chunk edge, many chunks
         case = Case(rng, 1, n_heads, n_kv, head_dim, DCA, dtype, capacity=1536, positions=[pos])
         assert_close(case.decode(), case.reference(), dtype)
+
+
+def q8_cache(values: np.ndarray, capacity: int):
+    """(capacity, Hkv, D) q8_0 rows of values (n_keys, Hkv, D) -- past them int8 127 and NaN scales, which poison
+    any output that reads them -- and the values the rows hold (q * d, float32)."""
+    import cupy as cp
+
+    n_keys, n_kv, head_dim = values.shape
+    raw = encode_rows(values.reshape(-1, head_dim), GGMLType.Q8_0).reshape(n_keys, n_kv, -1)
+    q, d = kv_q8.split_blocks(raw, head_dim)
+    held = q.reshape(n_keys, n_kv, -1, 32).astype(np.float32) * d.astype(np.float32)[..., None]
+    q_rows = np.full((capacity, n_kv, head_dim), 127, np.int8)
+    d_rows = np.full((capacity, n_kv, head_dim // 32), np.nan, np.float16)
+    q_rows[:n_keys], d_rows[:n_keys] = q, d
+    return kv_q8.DeviceQ8Rows(cp.asarray(q_rows), cp.asarray(d_rows)), held.reshape(values.shape)
+
+
+def decode_q8(case: Case, k_q8: bool, v_q8: bool, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """(the decode kernel's output with the chosen caches as q8_0 rows, blockwise attention over their values)"""
+    capacity = case.dev_k.shape[0]
+    k_dev, k_held = q8_cache(case.k_rot, capacity) if k_q8 else (case.dev_k, case.k_rot)
+    v_dev, v_held = q8_cache(case.v, capacity) if v_q8 else (case.dev_v, case.v)
+    out = fa.flash_decode(case.dev_q, k_dev, v_dev, case.dev_pos, case.cos, case.sin, rope_dim=case.rope_dim,
+                          dca=case.dca, **kwargs)
+    want = blockwise_attention(case.q, k_held, v_held, case.positions, case.rotary, case.dca, block_k=4096)
+    return case._host(out), want
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("n_heads, n_kv", GROUPS)
+@pytest.mark.parametrize("k_q8, v_q8", [(True, True), (True, False), (False, True)])
+def test_decode_reads_q8_0_caches(dtype, head_dim, n_heads, n_kv, k_q8, v_q8):
+    """q8_0 keys as integer fragments with their block scales on the scores, q8_0 values as fp16 fragments whose
+    output dims the merge puts back: against blockwise attention over the values the rows hold."""
+    rng = np.random.default_rng(head_dim * n_heads + 2 * k_q8 + v_q8)
+    for pos in (0, 5, 76, 77, 1000):
+        case = Case(rng, 1, n_heads, n_kv, head_dim, DCA, dtype, capacity=1536, positions=[pos])
+        assert_close(*decode_q8(case, k_q8, v_q8), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("config", [(16, 2), (16, 4), (32, 3)])
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_q8_0_decode_variants_and_splits(config, dtype):
+    """The measurement variants' q8_0 builds (two stages: the merge rows outgrow the stages) and slice counts up
+    to dca_combine's second pass."""
+    case = Case(np.random.default_rng(7), 2, 32, 8, 128, DCA, dtype, capacity=2048, positions=[600, 1500])
+    for splits in (1, 7, 100):
+        assert_close(*decode_q8(case, True, True, n_splits=splits, config=config), dtype)
 
 
 @pytest.mark.cuda

@@ -40,6 +40,8 @@ PREFILL_TILES = {64: (2, 128), 128: (2, 64)}
 WGMMA_TILES = {64: (128, 3, 3), 128: (128, 2, 3)}
 PREFILL_KERNELS = ("auto", "mma", "wgmma")
 DECODE_TILE_KEYS = {64: 32, 128: 16}  # keys per warp tile of the decode kernel
+DECODE_STAGES = 2  # cp.async stages a warp of the decode kernel (16-bit caches)
+DECODE_Q8_STAGES = 3  # ... when a cache is q8_0: its stages hold half the bytes, and no dequantized tile
 DECODE_GROUP_LIMIT = 16  # query heads per KV head: one mma m-tile
 
 
@@ -137,16 +139,17 @@ def decode_build(head_dim: int, k_q8: bool = False, v_q8: bool = False,
                  config: tuple[int, int] | None = None) -> tuple[str, str, str]:
     """(file, kernel, instance) of the decode kernel for 16-bit caches, or for a q8_0 K and/or V cache. config:
     (keys per warp tile, stages) of a measurement variant (dev/cuda/attention.py; its kernel takes the q8_0 builds'
-    arguments whatever the caches), default the production build (DECODE_TILE_KEYS, two stages)."""
+    arguments whatever the caches), default the production build (DECODE_TILE_KEYS; DECODE_STAGES, or
+    DECODE_Q8_STAGES with a q8_0 cache)."""
     keys = DECODE_TILE_KEYS[head_dim]
     if config is not None:
         keys, stages = config
         return ("dca_decode", f"dca_decode_cfg_{head_dim}_{keys}_{stages}_{int(k_q8)}{int(v_q8)}",
                 f"DCA_DECODE_CFG({head_dim}, {keys}, {stages}, {int(k_q8)}, {int(v_q8)})")
     if not (k_q8 or v_q8):
-        return "dca_decode", f"dca_decode_{head_dim}", f"DCA_DECODE({head_dim}, {keys})"
+        return "dca_decode", f"dca_decode_{head_dim}", f"DCA_DECODE({head_dim}, {keys}, {DECODE_STAGES})"
     return ("dca_decode", f"dca_decode_q8_{head_dim}_{int(k_q8)}{int(v_q8)}",
-            f"DCA_DECODE_Q8({head_dim}, {keys}, {int(k_q8)}, {int(v_q8)})")
+            f"DCA_DECODE_Q8({head_dim}, {keys}, {DECODE_Q8_STAGES}, {int(k_q8)}, {int(v_q8)})")
 
 
 DECODE_CACHE_KINDS = ((False, False), (True, True), (True, False), (False, True))  # (K q8_0, V q8_0)
@@ -340,12 +343,14 @@ def split_partials(cp, n_splits: int, rows: int, head_dim: int):
 
 
 def decode_smem(head_dim: int, k_q8: bool = False, v_q8: bool = False, config: tuple[int, int] | None = None) -> int:
-    """Dynamic shared memory of the decode kernel: three query rotations + 4 warps x (2 stages, or config's, of K
-    and V rows: a 16-bit tile, or q8_0 values + scales; and a dequantized 16-bit tile per q8_0 operand)."""
-    keys, stages = config or (DECODE_TILE_KEYS[head_dim], 2)
+    """Dynamic shared memory of the decode kernel (dca_decode.cu decode_body): three query rotations + 4 warps x
+    the larger of their stages (DECODE_STAGES / DECODE_Q8_STAGES, or config's) of K and V rows (a 16-bit tile, or
+    q8_0 values + scales) and their fp32 output rows for the merge (16 x head_dim; padded with a q8_0 V)."""
+    keys, stages = config or (DECODE_TILE_KEYS[head_dim], DECODE_Q8_STAGES if k_q8 or v_q8 else DECODE_STAGES)
     tile, raw = keys * head_dim * 2, keys * head_dim + keys * (head_dim // 32) * 2
     stage = (raw if k_q8 else tile) + (raw if v_q8 else tile)
-    return 3 * 16 * head_dim * 2 + 4 * (stages * stage + tile * (int(k_q8) + int(v_q8)))
+    merge_stride = head_dim + (16 if head_dim == 128 else 8) if v_q8 else head_dim
+    return 3 * 16 * head_dim * 2 + 4 * max(stages * stage, 16 * merge_stride * 4)
 
 
 def blocks_per_sm(cp, kernel, smem: int) -> int:
