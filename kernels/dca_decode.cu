@@ -17,7 +17,7 @@
 //   chunk(j), 0, 2)); a tile straddling a chunk boundary is scored per relation present and each
 //   element keeps its own; the last tile masks keys after the token.
 // - The block's slice of the keys is dealt to its 4 warps tile by tile; each warp streams its tiles through
-//   its own cp.async stages (flash_attention.DECODE_STAGES, DECODE_Q8_STAGES; warp-local sync only), keeps an
+//   its own cp.async stages (flash_attention.decode_config: two in production; warp-local sync only), keeps an
 //   online softmax, and the warps merge through shared memory at the end. The slice bounds come from the
 //   device positions: keys past the token are never read.
 // - q8_0 caches (KQ / VQ, each on its own: dca_decode_q8_<D>_<KQ><VQ>; kv_q8.cuh's int8 values + fp16 scales):

@@ -13,6 +13,8 @@ from engine.backends.cuda import kernels
 class Recorder:
     """Stands in for a compiled kernel: keeps the arguments of its launch."""
 
+    shared_size_bytes = 0  # static shared memory (a CuPy kernel's attribute)
+
     def __init__(self, name):
         self.name, self.args = name, None
 

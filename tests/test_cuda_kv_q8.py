@@ -125,13 +125,14 @@ def test_rows_are_ggml_q8_0_blocks():
 
 def test_decode_kernel_shared_memory():
     # 3 query rotations + 4 warps x the larger of: their stages of (K, V) rows (16-bit tiles, or q8_0 values +
-    # scales, DECODE_Q8_STAGES of them) and their fp32 output rows for the merge (padded rows with a q8_0 V)
+    # scales) and their fp32 output rows for the merge (padded rows with a q8_0 V)
     rotations, raw128, merge128 = 3 * 16 * 128 * 2, 16 * 128 + 16 * 8, 16 * (128 + 16) * 4
+    assert fa.decode_config(128) == (16, 2) and fa.decode_config(128, True, False) == (32, 2)
     assert fa.decode_smem(128) == rotations + 4 * 2 * 2 * 16 * 128 * 2
     assert fa.decode_smem(128, config=(16, 3)) == rotations + 4 * 3 * 2 * 16 * 128 * 2
-    assert fa.DECODE_Q8_STAGES == 3 and fa.decode_smem(128, True, True) == rotations + 4 * 3 * 2 * raw128
+    assert fa.decode_smem(128, True, True) == rotations + 4 * 2 * 2 * 2 * raw128  # 32 keys a tile
     assert fa.decode_smem(128, True, True, config=(16, 2)) == rotations + 4 * merge128  # 2 x 2 x 2,176 < 9,216
-    assert fa.decode_smem(64, True, False) == 3 * 16 * 64 * 2 + 4 * 3 * (32 * 64 + 32 * 4 + 32 * 64 * 2)
+    assert fa.decode_smem(64, True, False) == 3 * 16 * 64 * 2 + 4 * 2 * (32 * 64 + 32 * 4 + 32 * 64 * 2)
     builds = {kernel for _, kernel, _ in fa.launched_builds()}
     assert {f"dca_decode_q8_{d}_{kv}" for d in (64, 128) for kv in ("11", "10", "01")} <= builds
 

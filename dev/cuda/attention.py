@@ -52,7 +52,7 @@ assert all(WGMMA_VARIANTS[d][0] == t for d, t in fa.WGMMA_TILES.items())
 # name -> (Hq, Hkv, head_dim, chunk_size, local_window): Llama-style 4k-trained heads, and SmolLM2 (8k)
 SHAPES = {"32x8x128": (32, 8, 128, 3072, 512), "32x8x64": (32, 8, 64, 3072, 512), "9x3x64": (9, 3, 64, 6144, 1024),
           "32x32x128": (32, 32, 128, 3072, 512)}  # the last: Llama-2-7B's MHA (decode variants)
-# decode variants (part decode-variants): (keys per warp tile, stages per warp); production is (DECODE_TILE_KEYS, 2)
+# decode variants (part decode-variants): (keys per warp tile, stages per warp); production is fa.decode_config
 DECODE_VARIANTS = ((16, 2), (16, 3), (16, 4), (32, 2), (32, 3), (64, 2))
 LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 
@@ -405,7 +405,7 @@ def kernel_resources(cp) -> list[dict]:
     for _, (file, kernel, instance), _, smem in builds(cp):
         fn = function(file, kernel, "bf16", instance=instance)
         out.append({"kernel": kernel, "regs": fn.num_regs, "local_bytes": fn.local_size_bytes, "dyn_smem": smem})
-    for d in fa.DECODE_TILE_KEYS:
+    for d in fa.DECODE_CONFIG:
         file, kernel, instance = fa.decode_build(d)
         fn = function(file, kernel, "bf16", instance=instance)
         out.append({"kernel": kernel, "regs": fn.num_regs, "local_bytes": fn.local_size_bytes,

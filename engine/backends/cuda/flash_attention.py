@@ -39,9 +39,10 @@ COMBINE_THREADS = 256  # 8 warps per merged row
 PREFILL_TILES = {64: (2, 128), 128: (2, 64)}
 WGMMA_TILES = {64: (128, 3, 3), 128: (128, 2, 3)}
 PREFILL_KERNELS = ("auto", "mma", "wgmma")
-DECODE_TILE_KEYS = {64: 32, 128: 16}  # keys per warp tile of the decode kernel
-DECODE_STAGES = 2  # cp.async stages a warp of the decode kernel (16-bit caches)
-DECODE_Q8_STAGES = 3  # ... when a cache is q8_0: its stages hold half the bytes, and no dequantized tile
+# head_dim -> (keys per warp tile, cp.async stages a warp) of the decode kernel with 16-bit caches, and with a q8_0
+# cache (a tile of its rows is half the bytes): the fastest measured on an H100 (dev/cuda/attention.py decode-variants)
+DECODE_CONFIG = {64: (32, 2), 128: (16, 2)}
+DECODE_Q8_CONFIG = {64: (32, 2), 128: (32, 2)}
 DECODE_GROUP_LIMIT = 16  # query heads per KV head: one mma m-tile
 
 
@@ -110,7 +111,7 @@ _smem_opt_in: dict[int, int] = {}  # id(kernel) -> dynamic shared memory it may 
 def _launch(fn, grid, args, smem: int, threads: int = THREADS, waits: bool = False) -> None:
     """fn over grid; waits: its kernel executes pdl_wait before touching what earlier kernels write (dca_decode.cu's
     decode and combine kernels), so it is launched dependent while pdl.ENABLED; the prefill kernels do not wait."""
-    if smem > 48 * 1024 and _smem_opt_in.get(id(fn), 0) < smem:  # above 48 KiB needs an opt-in
+    if smem + fn.shared_size_bytes > 48 * 1024 and _smem_opt_in.get(id(fn), 0) < smem:  # above 48 KiB: an opt-in
         fn.max_dynamic_shared_size_bytes = smem
         _smem_opt_in[id(fn)] = smem
     if waits:
@@ -135,21 +136,26 @@ def wgmma_build(head_dim: int, tiles: tuple[int, int, int]) -> tuple[str, str, s
             f"DCA_FLASH_WG({head_dim}, {block_keys}, {warpgroups}, {stages})")
 
 
+def decode_config(head_dim: int, k_q8: bool = False, v_q8: bool = False,
+                  config: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(keys per warp tile, stages) of the decode kernel for these caches: config (a measurement variant), else the
+    production build's (DECODE_CONFIG, DECODE_Q8_CONFIG)."""
+    return config or (DECODE_Q8_CONFIG if k_q8 or v_q8 else DECODE_CONFIG)[head_dim]
+
+
 def decode_build(head_dim: int, k_q8: bool = False, v_q8: bool = False,
                  config: tuple[int, int] | None = None) -> tuple[str, str, str]:
     """(file, kernel, instance) of the decode kernel for 16-bit caches, or for a q8_0 K and/or V cache. config:
     (keys per warp tile, stages) of a measurement variant (dev/cuda/attention.py; its kernel takes the q8_0 builds'
-    arguments whatever the caches), default the production build (DECODE_TILE_KEYS; DECODE_STAGES, or
-    DECODE_Q8_STAGES with a q8_0 cache)."""
-    keys = DECODE_TILE_KEYS[head_dim]
+    arguments whatever the caches), default the production build (decode_config)."""
+    keys, stages = decode_config(head_dim, k_q8, v_q8, config)
     if config is not None:
-        keys, stages = config
         return ("dca_decode", f"dca_decode_cfg_{head_dim}_{keys}_{stages}_{int(k_q8)}{int(v_q8)}",
                 f"DCA_DECODE_CFG({head_dim}, {keys}, {stages}, {int(k_q8)}, {int(v_q8)})")
     if not (k_q8 or v_q8):
-        return "dca_decode", f"dca_decode_{head_dim}", f"DCA_DECODE({head_dim}, {keys}, {DECODE_STAGES})"
+        return "dca_decode", f"dca_decode_{head_dim}", f"DCA_DECODE({head_dim}, {keys}, {stages})"
     return ("dca_decode", f"dca_decode_q8_{head_dim}_{int(k_q8)}{int(v_q8)}",
-            f"DCA_DECODE_Q8({head_dim}, {keys}, {DECODE_Q8_STAGES}, {int(k_q8)}, {int(v_q8)})")
+            f"DCA_DECODE_Q8({head_dim}, {keys}, {stages}, {int(k_q8)}, {int(v_q8)})")
 
 
 DECODE_CACHE_KINDS = ((False, False), (True, True), (True, False), (False, True))  # (K q8_0, V q8_0)
@@ -158,7 +164,7 @@ DECODE_CACHE_KINDS = ((False, False), (True, True), (True, False), (False, True)
 def launched_builds() -> list[tuple[str, str, str]]:
     """Every (file, kernel, instance) production launches: the default configurations."""
     return ([prefill_build(d, t) for d, t in PREFILL_TILES.items()] + [wgmma_build(d, t) for d, t in WGMMA_TILES.items()]
-            + [decode_build(d, *kinds) for d in DECODE_TILE_KEYS for kinds in DECODE_CACHE_KINDS])
+            + [decode_build(d, *kinds) for d in DECODE_CONFIG for kinds in DECODE_CACHE_KINDS])
 
 
 def _kernel(build: tuple[str, str, str], dtype: str):
@@ -344,9 +350,9 @@ def split_partials(cp, n_splits: int, rows: int, head_dim: int):
 
 def decode_smem(head_dim: int, k_q8: bool = False, v_q8: bool = False, config: tuple[int, int] | None = None) -> int:
     """Dynamic shared memory of the decode kernel (dca_decode.cu decode_body): three query rotations + 4 warps x
-    the larger of their stages (DECODE_STAGES / DECODE_Q8_STAGES, or config's) of K and V rows (a 16-bit tile, or
-    q8_0 values + scales) and their fp32 output rows for the merge (16 x head_dim; padded with a q8_0 V)."""
-    keys, stages = config or (DECODE_TILE_KEYS[head_dim], DECODE_Q8_STAGES if k_q8 or v_q8 else DECODE_STAGES)
+    the larger of their stages (decode_config) of K and V rows (a 16-bit tile, or q8_0 values + scales) and their
+    fp32 output rows for the merge (16 x head_dim; padded with a q8_0 V)."""
+    keys, stages = decode_config(head_dim, k_q8, v_q8, config)
     tile, raw = keys * head_dim * 2, keys * head_dim + keys * (head_dim // 32) * 2
     stage = (raw if k_q8 else tile) + (raw if v_q8 else tile)
     merge_stride = head_dim + (16 if head_dim == 128 else 8) if v_q8 else head_dim
@@ -372,7 +378,7 @@ def decode_splits(cp, capacity: int, n_kv: int, n_queries: int = 1, head_dim: in
     tiles (splits.key_splits, one_wave)."""
     kernel = _kernel(decode_build(head_dim, k_q8, v_q8, config), dtype)
     slots = sm_count(cp) * blocks_per_sm(cp, kernel, decode_smem(head_dim, k_q8, v_q8, config))
-    keys = config[0] if config else DECODE_TILE_KEYS[head_dim]
+    keys = decode_config(head_dim, k_q8, v_q8, config)[0]
     return key_splits(n_kv * n_queries, slots, capacity, 4 * keys, slots, one_wave=True)
 
 
