@@ -47,6 +47,8 @@ class Log:
         log = self
 
         class Kernel:
+            shared_size_bytes = 0  # static shared memory (a CuPy kernel's attribute)
+
             def __call__(self, grid, block, args, shared_mem=0):
                 log.entries.append((name, (tuple(grid), tuple(block), shared_mem), tuple(args)))
 
