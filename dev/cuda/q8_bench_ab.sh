@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A q8_0-cache decode candidate (PATCH) in engine bench: tg with -ctk q8_0 -ctv q8_0 on this checkout and on the
-# patched copy, interleaved (SHAPES, DEPTHS, ROUNDS), one summary line a run; first the copy's decode-variants
-# (CONFIGS) when CONFIGS is set. llama-bench builds in the background for a following call.
+# patched copy, interleaved (SHAPES, DEPTHS, ROUNDS), one summary line a run; first, when set, pytest -m cuda TESTS
+# on the copy and the copy's decode-variants (CONFIGS). llama-bench builds in the background for a following call.
+# Logs to $OUT (or /tmp/q8_bench_ab): tests.log, variants.log, bench.log.
 set -o pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -12,8 +13,14 @@ source dev/cuda/device_lib.sh
 install_wheels
 build_llama_bench /tmp/llama_bench_build.log
 COPY=/tmp/q8_decode_ab_tree
-[ -d $COPY ] || patched_copy "$COPY" "$PATCH"
+patched_copy "$COPY" "$PATCH"
 export OPENBLAS_NUM_THREADS=1
+if [ -n "$TESTS" ]; then
+  (cd "$COPY" && PYTHONPATH=/tmp/site:$COPY timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider \
+      -m cuda $TESTS > "$LOG/tests.log" 2>&1)
+  grep -E "passed|failed|FAILED|Error" "$LOG/tests.log" | tail -8
+  stamp "tests on the copy"
+fi
 if [ -n "$CONFIGS" ]; then
   (cd "$COPY" && PYTHONPATH=/tmp/site:$COPY timeout 200 python3 dev/cuda/attention.py --parts decode-variants \
       --shapes "${VSHAPES:-32x8x128,32x32x128,32x8x64}" --decode-context 32768 --dtype bf16 --configs "$CONFIGS" 2>&1) \
