@@ -1,7 +1,8 @@
 // q8_0 KV cache rows (engine/backends/cuda/kv_q8.py): ggml's q8_0 values split into two arrays, int8 values
 // (rows, Hkv, D) and one fp16 scale per 32 values (rows, Hkv, D/32), so the values are read 16 bytes at a time.
-// Value = q * d, rounded to act_t where a kernel needs 16-bit operands (the decode kernel's tiles, the prefill
-// scratch). Prepended after common.cuh to the files that read or write these rows (kv_q8.cu, dca_decode.cu).
+// Value = q * d, rounded to act_t where a kernel needs 16-bit operands (the prefill scratch; the decode kernel reads
+// the rows into its mma fragments: keys as integers, values in fp16). Prepended after common.cuh to the files that
+// read or write these rows (kv_q8.cu, dca_decode.cu).
 
 #define Q8_BLOCK 32  // values per scale
 
@@ -33,9 +34,9 @@ __device__ __forceinline__ unsigned q8_pair_to_int16x2(unsigned word, int i) {
 
 // 8 int8 values (bytes of w, lowest first) times the fp16 scale d -> 8 act_t values packed in 16 bytes, each q * d
 // rounded once to act_t (as rounding the exact fp32 product would), with no integer-to-float conversion: Hopper issues
-// those at 16 a clock an SM against 128 for an add, and the decode kernel converts every value of its q8_0 tiles
-// (dev/cuda/NOTES.md v24). A byte's q + 128 (= byte ^ 0x80) becomes the low mantissa bits of a float whose unit is
-// its last place, 2^23 + q + 128 (fp16: 1024 + q + 128), and one subtraction leaves q exactly.
+// those at 16 a clock an SM against 128 for an add (dev/cuda/NOTES.md v24). A byte's q + 128 (= byte ^ 0x80) becomes
+// the low mantissa bits of a float whose unit is its last place, 2^23 + q + 128 (fp16: 1024 + q + 128), and one
+// subtraction leaves q exactly.
 #ifdef ACT_BF16
 __device__ __forceinline__ uint4 q8_to_act8(uint2 w, half_t d_bits) {
     const float d = h2f(d_bits);
