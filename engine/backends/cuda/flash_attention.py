@@ -360,11 +360,13 @@ def decode_smem(head_dim: int, k_q8: bool = False, v_q8: bool = False, config: t
 
 
 def blocks_per_sm(cp, kernel, smem: int) -> int:
-    """Resident blocks of THREADS threads per SM, from shared memory, registers and threads."""
+    """Resident blocks of THREADS threads per SM, from shared memory (smem dynamic + the kernel's static + 1 KiB the
+    system reserves a block), registers and threads."""
     rt = cp.cuda.runtime
     device = cp.cuda.Device().id
     regs_per_block = math.ceil(kernel.num_regs * 32 / 256) * 256 * (THREADS // 32)  # 256-register units a warp
-    by_smem = rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) // (smem + 1024)
+    by_smem = (rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerMultiprocessor, device)
+               // (smem + kernel.shared_size_bytes + 1024))
     by_regs = rt.deviceGetAttribute(rt.cudaDevAttrMaxRegistersPerMultiprocessor, device) // regs_per_block
     by_threads = rt.deviceGetAttribute(rt.cudaDevAttrMaxThreadsPerMultiProcessor, device) // THREADS
     return max(1, min(by_smem, by_regs, by_threads))
