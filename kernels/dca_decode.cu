@@ -188,27 +188,46 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
         cp_async_commit();
     }
 
-    // the three rotations of the group's rows (zero rows beyond the group)
+    // the three rotations of the group's rows (zero rows beyond the group): a task is one row's rotary chunk pair
+    // (or one chunk past rope_dim), its query chunks and the three positions' table entries all loaded before any
+    // store, so that the rotations cost one round trip after the position
     {
         const int half = rope_dim >> 1, half_ch = half >> 3, rot_ch = rope_dim >> 3;
-        for (int idx = threadIdx.x; idx < 3 * 16 * CH; idx += THREADS) {
-            const int rel = idx / (16 * CH), r = (idx / CH) % 16, c = idx % CH;
-            if (c >= half_ch && c < rot_ch) continue;  // written with its partner chunk c - half/8
-            const bool pair = c < half_ch;
+        const int per_row = half_ch + CH - rot_ch;  // the row's pairs (chunk c with c + half_ch), then its plain chunks
+        for (int idx = threadIdx.x; idx < 16 * per_row; idx += THREADS) {
+            const int r = idx / per_row, k = idx - r * per_row;
+            const bool pair = k < half_ch;
+            const int c = pair ? k : rot_ch + k - half_ch;
             uint4 x1 = make_uint4(0u, 0u, 0u, 0u), x2 = x1;
             if (r < group) {
                 const u16* src = q + ((long long)qi * n_heads + kvh * group + r) * D;
                 x1 = *(const uint4*)(src + c * 8);
-                if (pair) {
-                    x2 = *(const uint4*)(src + (c + half_ch) * 8);
-                    const int qpos = dca.query_position(pos, rel);
-                    rotate_pairs8<BF16>(x1, x2, cos_t + (long long)qpos * half + c * 8,
-                                        sin_t + (long long)qpos * half + c * 8);
+                if (pair) x2 = *(const uint4*)(src + (c + half_ch) * 8);
+            }
+            if (pair && r < group) {
+                float4 tab[3][4];  // cos dims c*8 .. +3, +4 .. +7, then sin, at each relation's query position
+#pragma unroll
+                for (int rel = 0; rel < 3; ++rel) {
+                    const long long at = (long long)dca.query_position(pos, rel) * half + c * 8;
+                    tab[rel][0] = *(const float4*)(cos_t + at), tab[rel][1] = *(const float4*)(cos_t + at + 4);
+                    tab[rel][2] = *(const float4*)(sin_t + at), tab[rel][3] = *(const float4*)(sin_t + at + 4);
+                }
+#pragma unroll
+                for (int rel = 0; rel < 3; ++rel) {
+                    uint4 y1 = x1, y2 = x2;
+                    rotate_pairs8<BF16>(y1, y2, tab[rel][0], tab[rel][1], tab[rel][2], tab[rel][3]);
+                    unsigned char* tile = qr + rel * 16 * D * 2;
+                    *(uint4*)(tile + swz<D>(r, c)) = y1;
+                    *(uint4*)(tile + swz<D>(r, c + half_ch)) = y2;
+                }
+            } else {
+#pragma unroll
+                for (int rel = 0; rel < 3; ++rel) {
+                    unsigned char* tile = qr + rel * 16 * D * 2;
+                    *(uint4*)(tile + swz<D>(r, c)) = x1;
+                    if (pair) *(uint4*)(tile + swz<D>(r, c + half_ch)) = x2;
                 }
             }
-            unsigned char* tile = qr + rel * 16 * D * 2;
-            *(uint4*)(tile + swz<D>(r, c)) = x1;
-            if (pair) *(uint4*)(tile + swz<D>(r, c + half_ch)) = x2;
         }
     }
     __syncthreads();

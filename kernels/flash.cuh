@@ -2,12 +2,11 @@
 // rotation and the prefill epilogue. Prepended after mma.cuh (uses Elt) and dca.cuh.
 
 // Rotate-half RoPE of 8 rotary pairs held as two 16-byte chunks: x1 = dims d..d+7, x2 = dims
-// d+rope_dim/2 .. +7; cos_row / sin_row point at the tables' entries for dims d..d+7 of the position.
+// d+rope_dim/2 .. +7; c0, c1 / s0, s1 the tables' entries for dims d..d+7 of the position (or cos_row / sin_row
+// pointing at them).
 template <bool BF16>
-__device__ __forceinline__ void rotate_pairs8(uint4& x1, uint4& x2, const float* cos_row, const float* sin_row) {
+__device__ __forceinline__ void rotate_pairs8(uint4& x1, uint4& x2, float4 c0, float4 c1, float4 s0, float4 s1) {
     typedef Elt<BF16> E;
-    const float4 c0 = *(const float4*)cos_row, c1 = *(const float4*)(cos_row + 4);
-    const float4 s0 = *(const float4*)sin_row, s1 = *(const float4*)(sin_row + 4);
     const float cs[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
     const float sn[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
     unsigned a[4] = {x1.x, x1.y, x1.z, x1.w}, b[4] = {x2.x, x2.y, x2.z, x2.w};
@@ -19,6 +18,12 @@ __device__ __forceinline__ void rotate_pairs8(uint4& x1, uint4& x2, const float*
     }
     x1 = make_uint4(a[0], a[1], a[2], a[3]);
     x2 = make_uint4(b[0], b[1], b[2], b[3]);
+}
+
+template <bool BF16>
+__device__ __forceinline__ void rotate_pairs8(uint4& x1, uint4& x2, const float* cos_row, const float* sin_row) {
+    rotate_pairs8<BF16>(x1, x2, *(const float4*)cos_row, *(const float4*)(cos_row + 4), *(const float4*)sin_row,
+                        *(const float4*)(sin_row + 4));
 }
 
 // Prefill epilogue for one packed row R (query R / group, head kvh*group + R % group) held in the mma
