@@ -8,8 +8,6 @@
 #   TESTS    pytest files run -m cuda on the copy (default the flash-attention, q8_0 cache and model tests; "" none)
 #   CONFIGS  decode-variants' configurations, keys a warp tile x stages (e.g. 16x2,32x2; unset: none), VSHAPES
 #            (default 32x8x128,32x32x128,32x8x64), CONTEXT (32768), DTYPES ("bf16")
-#   MHA      decode contexts (e.g. "8192 32768") of dev/cuda/attention.py decode-mha on the copy (the MHA kernel's
-#            variants beside the mma build, Llama-2-7B's 32x32x128; a patch that brings the part, v49)
 #   SHAPES   engine bench presets (default "llama3.2-1b llama3-8b llama2-7b"; "" none); DEPTHS (512,8192,32768);
 #            ROUNDS (2); CACHE=q8_0 for q8_0 K and V caches (default the activation dtype's)
 #   TABLE=1  then the table beside llama-bench on the copy (dev/cuda/table_call.sh; llama-bench builds in the
@@ -60,13 +58,6 @@ if [ -n "$CONFIGS" ]; then
   done
   stamp variants
 fi
-for ctx in $MHA; do
-  (cd "$COPY" && PYTHONPATH=/tmp/site:$COPY timeout 120 python3 dev/cuda/attention.py --parts decode-mha \
-      --shapes 32x32x128 --decode-context "$ctx" 2>&1) | tee -a "$LOG/variants.log" | print_rows "r['shape'],
-      r['decode_context'], r['kernel'], r['setting'], 'splits', r['splits'], r['us'], 'us', r['GB/s'], 'GB/s',
-      'err %.1e' % r['max_err']"
-done
-[ -n "$MHA" ] && stamp decode-mha
 CACHE_ARGS=${CACHE:+-ctk $CACHE -ctv $CACHE}
 for round in $(seq "${ROUNDS:-2}"); do
   for shape in ${SHAPES-llama3.2-1b llama3-8b llama2-7b}; do
