@@ -23,9 +23,11 @@
 // - q8_0 caches (KQ / VQ, each on its own: dca_decode_q8_<D>_<KQ><VQ>; kv_q8.cuh's int8 values + fp16 scales):
 //   a warp's stages hold the raw rows (D + D/16 bytes a key, half a 16-bit row's bytes, cp.async as well, placed by
 //   q8_chunk), and the lanes read their mma fragments straight from them (no dequantized tile, so the shared memory
-//   a 16-bit tile took holds more stages in flight). K: each fragment's bytes as exact integers in act_t, the
-//   products summed per 32-value block in their own accumulators, the key's block scales applied to those sums
-//   (scores = sum_b d_b (q . k_b)). V: P and V in fp16 whatever the activations (p in [0, 1]; q * d rounded once to
+//   a 16-bit tile took holds more stages in flight). K: each fragment's bytes as exact integers in fp16 (one permute
+//   and one subtraction a pair), the products summed per 32-value block in their own accumulators, the key's block
+//   scales applied to those sums (scores = sum_b d_b (q . k_b)); the queries' rows in fp16 too, in a bf16 build each
+//   row scaled by a power of two that keeps it below 2^15 (exact: bf16's 8 significant bits fit fp16's 11), undone
+//   on the row's scores. V: P and V in fp16 whatever the activations (p in [0, 1]; q * d rounded once to
 //   fp16, as kv_q8.cuh's dequantization does); lane g reads the DT contiguous bytes of dims g*DT .. of four key rows
 //   and so owns column g of every n-tile: n-tile dt's column n is physical dim n*DT + dt, undone where the warps
 //   merge.
@@ -87,15 +89,24 @@ __device__ __forceinline__ void load_rows(unsigned char* dst, const void* __rest
 }
 
 // The B fragment of k-step ks for key `key` of a q8_0 K stage (dims 16 ks + 2t, +1 in b0; + 8, + 9 in b1) as exact
-// integers in act_t: two 4-byte reads of the key's chunk ks, the lane's bytes picked by one permute
-template <int D, bool BF16>
+// integers in fp16: two 4-byte reads of the key's chunk ks, the lane's bytes picked by one permute
+template <int D>
 __device__ __forceinline__ void k_int_fragment(const unsigned char* raw, int key, int ks, int t, unsigned& b0,
                                                unsigned& b1) {
     const unsigned char* chunk = raw + q8_chunk<D>(key, ks) + ((t >> 1) << 2);
     const unsigned w = __byte_perm(*(const unsigned*)chunk, *(const unsigned*)(chunk + 8), (t & 1) ? 0x7632u : 0x5410u)
                        ^ 0x80808080u;
-    b0 = q8_pair_to_int16x2<BF16>(w, 0);
-    b1 = q8_pair_to_int16x2<BF16>(w, 1);
+    b0 = q8_pair_to_int_f16x2(w, 0x4140u);
+    b1 = q8_pair_to_int_f16x2(w, 0x4342u);
+}
+
+// 8 bf16 values (16 bytes) times a power of two -> 8 fp16 values: exact while they stay in fp16's normal range
+__device__ __forceinline__ uint4 bf16x8_to_f16x8(uint4 x, float scale) {
+    const unsigned w[4] = {x.x, x.y, x.z, x.w};
+    unsigned out[4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) out[p] = Elt<false>::pack(Elt<true>::lo(w[p]) * scale, Elt<true>::hi(w[p]) * scale);
+    return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
 // The lane's DT bytes (dims g*DT ..) of key row `row` of a q8_0 V stage, as DT / 4 words ^ 0x80 each byte
@@ -128,7 +139,9 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
                                             int chunk_len, int chunk_size, float scale_log2, int temp_len,
                                             int n_splits) {
     typedef Elt<BF16> E;
+    typedef Elt<BF16 && !KQ> EK;  // Q K: fp16 for a q8_0 K cache
     typedef Elt<BF16 && !VQ> EV;  // P V: fp16 for a q8_0 V cache
+    constexpr bool SCALED_Q = BF16 && KQ;  // the bf16 queries as fp16 rows scaled by powers of two
     constexpr int WARPS = 4, THREADS = 32 * WARPS, CH = D / 8, NT = BN / 8, KS = D / 16, DT = D / 8;
     constexpr int NB = D / Q8_BLOCK;  // a q8_0 key's scale blocks
     // a warp's shared memory: STAGES stages of [K rows][V rows] (16-bit tiles, or q8_0 rows), which then hold its
@@ -160,6 +173,7 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
     const int my_chunk = dca.chunk(pos);
     float row_scale = scale_log2;
     if (temp_len > 0 && pos + 1 > temp_len) row_scale *= 0.1f * logf((float)(pos + 1) / (float)temp_len) + 1.0f;
+    __shared__ float q_unscale[16];  // SCALED_Q: 2^k of row r, whose fp16 queries are its values times 2^-k
 
     unsigned char* my_stages = smem + Q_BYTES + warp * WARP_BYTES;  // [STAGES][K, V rows]
     auto load_kv = [&](int tile, int stage) {
@@ -188,6 +202,18 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
         cp_async_commit();
     }
 
+    if constexpr (SCALED_Q) {  // k = 0 unless the row's largest |value| reaches 2^14 (rotated: at most sqrt 2 more)
+        for (int r = warp; r < 16; r += WARPS) {
+            float mx = 0.0f;
+            const u16* row = q + ((long long)qi * n_heads + kvh * group + r) * D;
+            if (r < group)
+                for (int d = lane; d < D; d += 32) mx = fmaxf(mx, fabsf(a2f(row[d])));
+            mx = warp_max(mx);
+            if (lane == 0) q_unscale[r] = mx >= 16384.0f ? ldexpf(1.0f, min(ilogbf(mx) - 13, 127)) : 1.0f;
+        }
+        __syncthreads();
+    }
+
     // the three rotations of the group's rows (zero rows beyond the group): a task is one row's rotary chunk pair
     // (or one chunk past rope_dim), its query chunks and the three positions' table entries all loaded before any
     // store, so that the rotations cost one round trip after the position
@@ -198,6 +224,11 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
             const int r = idx / per_row, k = idx - r * per_row;
             const bool pair = k < half_ch;
             const int c = pair ? k : rot_ch + k - half_ch;
+            const float unscale = SCALED_Q ? 1.0f / q_unscale[r] : 1.0f;
+            auto as_query = [&](uint4 x) {  // the query tiles' element type: fp16 rows scaled by 2^-k (SCALED_Q)
+                if constexpr (SCALED_Q) return bf16x8_to_f16x8(x, unscale);
+                else return x;
+            };
             uint4 x1 = make_uint4(0u, 0u, 0u, 0u), x2 = x1;
             if (r < group) {
                 const u16* src = q + ((long long)qi * n_heads + kvh * group + r) * D;
@@ -217,15 +248,15 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
                     uint4 y1 = x1, y2 = x2;
                     rotate_pairs8<BF16>(y1, y2, tab[rel][0], tab[rel][1], tab[rel][2], tab[rel][3]);
                     unsigned char* tile = qr + rel * 16 * D * 2;
-                    *(uint4*)(tile + swz<D>(r, c)) = y1;
-                    *(uint4*)(tile + swz<D>(r, c + half_ch)) = y2;
+                    *(uint4*)(tile + swz<D>(r, c)) = as_query(y1);
+                    *(uint4*)(tile + swz<D>(r, c + half_ch)) = as_query(y2);
                 }
             } else {
 #pragma unroll
                 for (int rel = 0; rel < 3; ++rel) {
                     unsigned char* tile = qr + rel * 16 * D * 2;
-                    *(uint4*)(tile + swz<D>(r, c)) = x1;
-                    if (pair) *(uint4*)(tile + swz<D>(r, c + half_ch)) = x2;
+                    *(uint4*)(tile + swz<D>(r, c)) = as_query(x1);
+                    if (pair) *(uint4*)(tile + swz<D>(r, c + half_ch)) = as_query(x2);
                 }
             }
         }
@@ -283,8 +314,8 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt) {
                         unsigned b0, b1;
-                        k_int_fragment<D, BF16>(k_stage, nt * 8 + g, ks, t, b0, b1);
-                        E::mma(acc[ks / 2][nt], a, b0, b1);
+                        k_int_fragment<D>(k_stage, nt * 8 + g, ks, t, b0, b1);
+                        EK::mma(acc[ks / 2][nt], a, b0, b1);
                     }
                 }
 #pragma unroll
@@ -325,18 +356,20 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ q, const voi
         }
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
+            // the row's softmax scale (times 2^k of a scaled query row)
+            const float rs = SCALED_Q ? row_scale * q_unscale[g + 8 * hf] : row_scale;
             float mx = NEG_INF;
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * hf], s[nt][2 * hf + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m[hf], mx * row_scale);  // finite: key k0 <= pos is in every tile
+            const float m_new = fmaxf(m[hf], mx * rs);  // finite: key k0 <= pos is in every tile
             const float corr = fast_exp2(m[hf] - m_new);
             float sum = 0.0f;
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
-                const float p0 = fast_exp2(fmaf(s[nt][2 * hf], row_scale, -m_new));
-                const float p1 = fast_exp2(fmaf(s[nt][2 * hf + 1], row_scale, -m_new));
+                const float p0 = fast_exp2(fmaf(s[nt][2 * hf], rs, -m_new));
+                const float p1 = fast_exp2(fmaf(s[nt][2 * hf + 1], rs, -m_new));
                 s[nt][2 * hf] = p0;
                 s[nt][2 * hf + 1] = p1;
                 sum += p0 + p1;

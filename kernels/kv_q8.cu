@@ -12,13 +12,15 @@
 // the first rope_dim dims, as store_kv) and v[t]. Each of K and V goes to a q8_0 cache (k_q, k_d non-null) or to a
 // 16-bit one (k16). k, v rows are k_stride / v_stride elements apart, heads x head_dim each (head_dim % 32 == 0).
 // One warp per (token, head, K or V, block of 32 dims): lane = dim within the block; the block's max through
-// shuffles. Grid: ceil(n * heads * 2 * head_dim/32 / warps per block) blocks.
+// shuffles. Grid: ceil(n * heads * 2 * head_dim/32 / warps per block) blocks. Launched dependent (pdl.py) between the
+// fused step's qkv and decode attention: it waits for qkv, and its few blocks release the attention early.
 extern "C" __global__ void store_kv_q8(const act_t* __restrict__ k, long long k_stride, const act_t* __restrict__ v,
                                        long long v_stride, const int* __restrict__ positions,
                                        const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                        i8* __restrict__ k_q, half_t* __restrict__ k_d, act_t* __restrict__ k16,
                                        i8* __restrict__ v_q, half_t* __restrict__ v_d, act_t* __restrict__ v16,
                                        int n, int heads, int head_dim, int rope_dim, int chunk_len) {
+    pdl_wait();  // k, v and positions come from the kernels before this one
     const int blocks = head_dim / Q8_BLOCK, lane = threadIdx.x & 31;
     const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (w >= (long long)n * heads * 2 * blocks) return;  // whole warps leave together

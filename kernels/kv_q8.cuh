@@ -16,20 +16,12 @@ __device__ __forceinline__ unsigned q8_pair_to_f16x2(unsigned word, unsigned sel
     return r;
 }
 
-// bytes 2i, 2i + 1 of word (already ^ 0x80; i = 0 or 1) as two exact integers q in act_t, unscaled (the decode
-// kernel's q8_0 K fragments: the scales multiply the scores). fp16: 1024 + q + 128 minus 1152; bf16: 2^23 + q + 128
-// minus 2^23 + 128 in fp32, whose upper half is q in bf16 exactly (|q| <= 128: 8 significant bits).
-template <bool BF16>
-__device__ __forceinline__ unsigned q8_pair_to_int16x2(unsigned word, int i) {
-    if constexpr (BF16) {
-        const float lo = __uint_as_float(__byte_perm(word, 0x4b000000u, 0x7440u | (2 * i))) - 8388736.0f;
-        const float hi = __uint_as_float(__byte_perm(word, 0x4b000000u, 0x7441u | (2 * i))) - 8388736.0f;
-        return __byte_perm(__float_as_uint(lo), __float_as_uint(hi), 0x7632u);
-    } else {
-        unsigned r = __byte_perm(word, 0x64646464u, i ? 0x4342u : 0x4140u);
-        asm("sub.rn.f16x2 %0, %0, %1;" : "+r"(r) : "r"(0x64806480u));
-        return r;
-    }
+// bytes 2i, 2i + 1 of word (already ^ 0x80; sel as q8_pair_to_f16x2's) as two exact integers q in fp16, unscaled
+// (the decode kernel's q8_0 K fragments: the scales multiply the scores): 1024 + q + 128 minus 1152
+__device__ __forceinline__ unsigned q8_pair_to_int_f16x2(unsigned word, unsigned sel) {
+    unsigned r = __byte_perm(word, 0x64646464u, sel);
+    asm("sub.rn.f16x2 %0, %0, %1;" : "+r"(r) : "r"(0x64806480u));
+    return r;
 }
 
 // 8 int8 values (bytes of w, lowest first) times the fp16 scale d -> 8 act_t values packed in 16 bytes, each q * d

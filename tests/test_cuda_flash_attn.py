@@ -265,6 +265,20 @@ def test_decode_reads_q8_0_caches(dtype, head_dim, n_heads, n_kv, k_q8, v_q8):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_q8_0_keys_take_bf16_queries_past_fp16s_range(head_dim):
+    """A bf16 build reads q8_0 keys with fp16 queries: rows reaching 2^14 are scaled by a power of two (queries of
+    ~1e5, past fp16's 65,504, whose scores make the softmax nearly one-hot), undone on their scores."""
+    import cupy as cp
+
+    case = Case(np.random.default_rng(11), 1, 8, 2, head_dim, DCA, "bf16", capacity=1536, positions=[1000])
+    case.q_bits = to_bits(case.q * np.float32(1e5), "bf16")
+    case.q, case.dev_q = from_bits(case.q_bits, "bf16"), cp.asarray(case.q_bits)
+    got, want = decode_q8(case, True, True)
+    assert_close(got, want, "bf16")
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("config", [(16, 2), (16, 4), (32, 3)])
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 def test_q8_0_decode_variants_and_splits(config, dtype):

@@ -22,7 +22,7 @@ import pytest
 import engine
 from engine import memory
 from engine.backends.cuda import flash_attention as fa
-from engine.backends.cuda import kv_q8
+from engine.backends.cuda import kv_q8, pdl
 from engine.convert.quantize import encode_rows
 from engine.errors import ConfigError
 from engine.kv_storage import resolve_cache_types, row_bytes
@@ -171,6 +171,7 @@ def recorded(monkeypatch):
         return launched[-1]
 
     monkeypatch.setattr(kv_q8, "function", fake_function)
+    monkeypatch.setattr(pdl, "ENABLED", False)  # plain launches (the dependent ones: tests/test_cuda_pdl.py)
     return launched
 
 

@@ -184,7 +184,7 @@ def launches(monkeypatch):
         made.append(Kernel(file, kernel, dtype, instance))
         return made[-1]
 
-    for module in (gemv, fa):
+    for module in (gemv, fa, kv_q8):
         monkeypatch.setattr(module, "function", fake_function)
     monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 227 * 1024))
     monkeypatch.setattr(gemv, "_compute_capability", lambda: 90)
@@ -317,6 +317,20 @@ def test_decode_attention_and_combine_go_dependent(monkeypatch, launches, k_q8, 
     plain, dependent = plain_then_dependent(monkeypatch, launches, lambda: fa.flash_decode(
         *args, rope_dim=128, n_splits=4, workspace=workspace, out_staged=out_staged))
     assert [k.name for k in plain] == [fa.decode_build(128, k_q8, v_q8)[1], "dca_combine"]
+    assert_same_launches(plain, dependent)
+
+
+@pytest.mark.parametrize("k_q8,v_q8", [(True, True), (True, False), (False, True)])
+@requires_nvrtc
+def test_the_q8_0_row_store_goes_dependent(monkeypatch, launches, k_q8, v_q8):
+    """store_kv_q8 sits between the fused step's qkv and the decode attention: launched dependent (it waits first)."""
+    caches = [kv_q8.DeviceQ8Rows(device((512, 2, 128), np.int8), device((512, 2, 4))) if q8
+              else device((512, 2, 128)) for q8 in (k_q8, v_q8)]
+    rows = device((1, 2, 128))
+    plain, dependent = plain_then_dependent(monkeypatch, launches, lambda: kv_q8.store(
+        rows, 256, rows, 256, device((1,), np.int32), device((600, 64), np.float32), device((600, 64), np.float32),
+        *caches, 128, 0, "bf16"))
+    assert [k.name for k in plain] == ["store_kv_q8"]
     assert_same_launches(plain, dependent)
 
 
@@ -459,11 +473,11 @@ def before_wait(items: list[str]) -> list[str]:
 
 def dependent_builds():
     """(file, dtype, instance, kernels) of every build whose kernels pdl.py may launch: gemv.cu per weight type, the
-    decode attention builds and the combine."""
+    decode attention builds and the combine, the q8_0 row store."""
     types = ["q8_0", "q4_0", "q4_1", "q4_k", "q6_k", "f16", "bf16", "f32"]
     out = [("gemv", kernels.per_type(gemv.INSTANCE_MACRO, t), None) for t in types]
     return out + [(file, instance, (kernel, "dca_combine")) for file, kernel, instance in fa.launched_builds()
-                  if file == "dca_decode"]
+                  if file == "dca_decode"] + [("kv_q8", None, ("store_kv_q8",))]
 
 
 @requires_nvrtc
@@ -574,11 +588,14 @@ def tiny_models(tmp_path_factory):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
-@pytest.mark.parametrize("key,dca", [("q4_1", "off"), ("kquant-q6_k", "off"), ("d64-q8_0", "on"),
-                                     ("d64-q8_0", "off")])
-def test_the_decode_step_is_the_same_bits_with_dependent_launches(monkeypatch, tiny_models, key, dca, dtype):
+@pytest.mark.parametrize("key,dca,cache_type", [("q4_1", "off", None), ("kquant-q6_k", "off", None),
+                                                ("d64-q8_0", "on", None), ("d64-q8_0", "off", None),
+                                                ("d64-q8_0", "on", "q8_0")])
+def test_the_decode_step_is_the_same_bits_with_dependent_launches(monkeypatch, tiny_models, key, dca, cache_type,
+                                                                  dtype):
     """One fused decode step (eager: logits and the token's cache rows) and 48 greedy tokens of the graph decoder
-    (captured with the dependent launches) equal the plain launches' bit for bit."""
+    (captured with the dependent launches) equal the plain launches' bit for bit; with q8_0 caches too (the row
+    store between qkv and the attention goes dependent)."""
     import engine
     from gpu_greedy import greedy_on_gpu
 
@@ -591,14 +608,17 @@ def test_the_decode_step_is_the_same_bits_with_dependent_launches(monkeypatch, t
 
     def run(enabled):
         monkeypatch.setattr(pdl, "ENABLED", enabled)
-        llm = engine.load(tiny_models[key], device="cuda", context=512, dca=dca, dtype=dtype)
+        llm = engine.load(tiny_models[key], device="cuda", context=512, dca=dca, dtype=dtype,
+                          cache_type_k=cache_type, cache_type_v=cache_type)
         model, backend, c = llm.model, llm.backend, llm.config
         assert all(model.decode_blocks.fused_attention) and all(model.decode_blocks.fused_mlp)
-        cache = backend.new_cache(c.n_layers, 512, c.n_kv_heads, c.head_dim)
+        cache = backend.new_cache(c.n_layers, 512, c.n_kv_heads, c.head_dim, llm.cache_types)
         model.forward(prompt, cache, logits_for="none")
         logits = bits(backend.to_numpy(model.compute(backend.tokens([77]), backend.positions(len(prompt), 1), cache,
                                                      "last")))
-        rows = [bits(backend.to_numpy(getattr(cache, n)[:, len(prompt)])) for n in ("k", "v")]
+        stores = (cache.k, cache.v)
+        arrays = [a for store in stores for a in ((store.q, store.d) if kv_q8.is_q8(store) else (store,))]
+        rows = [bits(backend.to_numpy(a[:, len(prompt)])) for a in arrays]
         tokens, _, _ = greedy_on_gpu(llm, prompt.tolist(), 48)
         return logits, rows, tokens
 

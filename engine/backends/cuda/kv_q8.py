@@ -32,6 +32,7 @@ import numpy as np
 
 from ...errors import ConfigError
 from ...kv_storage import EncodedStore, leading_index
+from . import pdl
 from .kernels import function
 from .weights import activation_type
 
@@ -170,10 +171,9 @@ def store(k, k_stride: int, v, v_stride: int, positions, cos_t, sin_t, k_cache, 
     k_args = (k_cache.q, k_cache.d, NULL) if is_q8(k_cache) else (NULL, NULL, k_cache)
     v_args = (v_cache.q, v_cache.d, NULL) if is_q8(v_cache) else (NULL, NULL, v_cache)
     blocks = (warps * 32 + STORE_THREADS - 1) // STORE_THREADS
-    function("kv_q8", "store_kv_q8", dtype)(
-        (blocks,), (STORE_THREADS,),
-        (k, np.int64(k_stride), v, np.int64(v_stride), positions, cos_t, sin_t) + k_args + v_args
-        + (np.int32(n), np.int32(heads), np.int32(head_dim), np.int32(rope_dim), np.int32(chunk_len)))
+    pdl.launch(function("kv_q8", "store_kv_q8", dtype), (blocks,), (STORE_THREADS,),
+               (k, np.int64(k_stride), v, np.int64(v_stride), positions, cos_t, sin_t) + k_args + v_args
+               + (np.int32(n), np.int32(heads), np.int32(head_dim), np.int32(rope_dim), np.int32(chunk_len)))
 
 
 def load_blocks(raw, rows: DeviceQ8Rows, dtype: str) -> None:
