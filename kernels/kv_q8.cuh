@@ -6,21 +6,20 @@
 
 #define Q8_BLOCK 32  // values per scale
 
-// bytes 2i, 2i + 1 of word (already ^ 0x80; sel: 0x4140 for bytes 0, 1; 0x4342 for 2, 3) times d2 (an fp16 pair:
-// the low half scales the first byte): 1024 + q + 128 in each half of an fp16 pair, minus 1152, then one fp16
-// multiply (.rn on both: not contracted into an fma). Used by both builds (the decode kernel's q8_0 V fragments).
-__device__ __forceinline__ unsigned q8_pair_to_f16x2(unsigned word, unsigned sel, unsigned d2) {
-    unsigned r = __byte_perm(word, 0x64646464u, sel);
-    asm("sub.rn.f16x2 %0, %0, %1;" : "+r"(r) : "r"(0x64806480u));
-    asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(r) : "r"(d2));
-    return r;
-}
-
-// bytes 2i, 2i + 1 of word (already ^ 0x80; sel as q8_pair_to_f16x2's) as two exact integers q in fp16, unscaled
-// (the decode kernel's q8_0 K fragments: the scales multiply the scores): 1024 + q + 128 minus 1152
+// bytes 2i, 2i + 1 of word (already ^ 0x80; sel: 0x4140 for bytes 0, 1; 0x4342 for 2, 3) as two exact integers q in
+// fp16, unscaled (the decode kernel's q8_0 K fragments: the scales multiply the scores): 1024 + q + 128 in each half
+// of an fp16 pair, minus 1152
 __device__ __forceinline__ unsigned q8_pair_to_int_f16x2(unsigned word, unsigned sel) {
     unsigned r = __byte_perm(word, 0x64646464u, sel);
     asm("sub.rn.f16x2 %0, %0, %1;" : "+r"(r) : "r"(0x64806480u));
+    return r;
+}
+
+// q8_pair_to_int_f16x2 times d2 (an fp16 pair: the low half scales the first byte), one fp16 multiply (.rn: not
+// contracted into an fma). Used by both builds (the decode kernel's q8_0 V fragments).
+__device__ __forceinline__ unsigned q8_pair_to_f16x2(unsigned word, unsigned sel, unsigned d2) {
+    unsigned r = q8_pair_to_int_f16x2(word, sel);
+    asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(r) : "r"(d2));
     return r;
 }
 

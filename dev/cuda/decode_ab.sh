@@ -26,19 +26,6 @@ COPY=/tmp/decode_ab_tree
 patched_copy "$COPY" "$PATCH"
 export OPENBLAS_NUM_THREADS=1
 name_of() { [ "$1" = "$ROOT" ] && echo main || echo patched; }
-# dev/cuda/attention.py's JSON rows (stdin) one line each, the fields the Python expression list $1 makes of row r;
-# any other line as it came
-print_rows() {
-  python3 -c "
-import json, sys
-for line in sys.stdin:
-    try:
-        r = json.loads(line)
-    except ValueError:
-        print(line.rstrip()[-200:])
-        continue
-    print($1)"
-}
 TESTS=${TESTS-tests/test_cuda_flash_attn.py tests/test_cuda_kv_q8.py tests/test_cuda_model.py}
 if [ -n "$TESTS" ]; then
   (cd "$COPY" && PYTHONPATH=/tmp/site:$COPY timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider \
@@ -51,9 +38,16 @@ if [ -n "$CONFIGS" ]; then
     for dtype in ${DTYPES:-bf16}; do
       (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 200 python3 dev/cuda/attention.py --parts decode-variants \
           --shapes "${VSHAPES:-32x8x128,32x32x128,32x8x64}" --decode-context "${CONTEXT:-32768}" --dtype "$dtype" \
-          --configs "$CONFIGS" 2>&1) | tee -a "$LOG/variants.log" | print_rows "'$(name_of "$tree")', r['shape'],
-          r['dtype'], r['cache'], '%dx%d' % (r['keys'], r['stages']), 'splits', r['splits'], r['us'], 'us',
-          r['GB/s'], 'GB/s', 'err %.1e' % r['max_err']"
+          --configs "$CONFIGS" 2>&1) | tee -a "$LOG/variants.log" | python3 -c "
+import json, sys
+for line in sys.stdin:
+    try:
+        r = json.loads(line)
+    except ValueError:
+        print(line.rstrip()[-200:])
+        continue
+    print('$(name_of "$tree")', r['shape'], r['dtype'], r['cache'], '%dx%d' % (r['keys'], r['stages']), 'splits',
+          r['splits'], r['us'], 'us', r['GB/s'], 'GB/s', 'err %.1e' % r['max_err'])"
     done
   done
   stamp variants
