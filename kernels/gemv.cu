@@ -43,7 +43,7 @@
 // Prenormed inputs (qkv, gateup, head; in_staged non-null, int8 types): h's q8 from the gemv_add before them. q8 is
 // scale-invariant (d(s u) = s d(u), q(s u) = q(u)), so that gemv_add quantizes u = x * w without knowing the norm
 // and writes per-block sums of x^2; the consumer sums the n_partials in a fixed order, s = rsqrt(sum / d + eps),
-// and copy_staged's its input with scales and sums times s (stage_normed) instead of rms_scale + stage: no pass
+// and copies its input in with scales and sums times s (copy_staged_normed) instead of rms_scale + stage: no pass
 // over x in every block. The rounding differs from the composed path's q8(act_t(x * inv * w)) where act_t's
 // rounding moves a value across a .5 boundary (gemv.py prenormed_q8 is the numpy model).
 
@@ -152,9 +152,7 @@ template <int T, class F> __device__ __forceinline__ void stage(F value, int col
 // The whole block reads an input quantized ahead (store_q8_block's staged layout: the producing kernel's epilogue
 // quantized it as stage would) into smem in stage's layout: 16-value pieces moved to their unit slots, then the scales
 // and sums; ends with __syncthreads. The staging without its quantization: 30 -> 20 us on the 8B down product (H100).
-// scale multiplies the block scales and sums (1: the input as stored; a prenormed input's rsqrt(mean(x^2) + eps)).
-template <int T> __device__ __forceinline__ void copy_staged(const u8* __restrict__ staged, int cols, u8* smem,
-                                                             float scale = 1.0f) {
+template <int T> __device__ __forceinline__ void copy_staged(const u8* __restrict__ staged, int cols, u8* smem) {
     if constexpr (int8_input<T>()) {
         const int units = cols / unit_values<T>();
         for (int c = threadIdx.x; c < cols / 16; c += blockDim.x) {
@@ -163,7 +161,7 @@ template <int T> __device__ __forceinline__ void copy_staged(const u8* __restric
             ((uint4*)smem)[(offset >> 4) * units + unit] = ((const uint4*)staged)[c];
         }
         const float* scales = (const float*)(staged + cols);  // d[cols/32], s[cols/32], as stage keeps them
-        for (int i = threadIdx.x; i < cols / 16; i += blockDim.x) ((float*)(smem + cols))[i] = scales[i] * scale;
+        for (int i = threadIdx.x; i < cols / 16; i += blockDim.x) ((float*)(smem + cols))[i] = scales[i];
     }
     __syncthreads();
 }
@@ -321,14 +319,58 @@ __device__ __forceinline__ float rms_scale(const float* __restrict__ x, float ep
     return rsqrtf(block_sum(ss, scratch) / (float)d + eps);
 }
 
-// rsqrt(mean(x^2) + eps) from the producer's partial sums of squares (n_partials fp32: gemv_add's epilogue, one per
-// block): every block sums them in the same fixed order, so every block gets the same scale (every thread gets it)
-__device__ __forceinline__ float rms_scale_of_partials(const float* __restrict__ partials, int n_partials, float eps,
-                                                       int d, float* scratch) {
-    float ss = 0.0f;
-    if (threadIdx.x < GEMV_THREADS)  // as rms_scale: the same order whatever the block's size
-        for (int i = threadIdx.x; i < n_partials; i += GEMV_THREADS) ss += partials[i];
-    return rsqrtf(block_sum(ss, scratch) / (float)d + eps);
+// copy_staged of a prenormed input, its block scales and sums times s = rsqrt(mean(x^2) + eps), mean(x^2) from the
+// producer's partial sums of squares (n_partials fp32: gemv_add's epilogue, one per block), summed by every block in
+// the same fixed order so that every block gets the same s. The partials, the staged pieces and their scales and
+// sums are all asked for before any is used: one L2 round trip after the wait (v51; the scale summed first, then the
+// copy, took two). Ends with __syncthreads.
+constexpr int kPiecesHeld = 2;  // a thread's pieces and scales loaded ahead (all of them to d = 8192 at 256 threads)
+template <int T>
+__device__ __forceinline__ void copy_staged_normed(const u8* __restrict__ staged, int cols, u8* smem,
+                                                   const float* __restrict__ partials, int n_partials, float eps,
+                                                   float* scratch) {
+    if constexpr (int8_input<T>()) {  // (float types stage their input: never called for them)
+        // cols / 16 pieces of 16 values, and as many floats: d[cols/32], s[cols/32]
+        const int n_pieces = cols / 16, units = cols / unit_values<T>();
+        const uint4* pieces = (const uint4*)staged;
+        const float* scales = (const float*)(staged + cols);
+        uint4 piece[kPiecesHeld];
+        float scale[kPiecesHeld];
+#pragma unroll
+        for (int k = 0; k < kPiecesHeld; ++k) {  // before the partials' loop, whose sums wait for their loads
+            const int c = threadIdx.x + k * blockDim.x;
+            if (c < n_pieces) {
+                piece[k] = pieces[c];
+                scale[k] = scales[c];
+            }
+        }
+        float ss = 0.0f;
+        if (threadIdx.x < GEMV_THREADS)  // as rms_scale: the same order whatever the block's size
+#pragma unroll 4
+            for (int i = threadIdx.x; i < n_partials; i += GEMV_THREADS) ss += partials[i];
+        float* dst = (float*)(smem + cols);
+        auto place = [&](int c, uint4 v) {
+            int unit, offset;
+            unit_slot<T>(16 * c, unit, offset);
+            ((uint4*)smem)[(offset >> 4) * units + unit] = v;
+        };
+#pragma unroll
+        for (int k = 0; k < kPiecesHeld; ++k) {
+            const int c = threadIdx.x + k * blockDim.x;
+            if (c < n_pieces) place(c, piece[k]);
+        }
+        const float s = rsqrtf(block_sum(ss, scratch) / (float)cols + eps);
+#pragma unroll
+        for (int k = 0; k < kPiecesHeld; ++k) {
+            const int c = threadIdx.x + k * blockDim.x;
+            if (c < n_pieces) dst[c] = scale[k] * s;
+        }
+        for (int c = threadIdx.x + kPiecesHeld * blockDim.x; c < n_pieces; c += blockDim.x) {
+            place(c, pieces[c]);
+            dst[c] = scales[c] * s;
+        }
+    }
+    __syncthreads();
 }
 
 // The input h = rmsnorm(x) * w of qkv, gateup and head into smem (stage's layout): staged with its norm (rms_scale,
@@ -343,7 +385,7 @@ __device__ __forceinline__ void stage_normed(const float* __restrict__ x, const 
                                              const float* __restrict__ partials, int n_partials, u8* smem,
                                              float* scratch) {
     if (int8_input<T>() && in_staged != nullptr) {
-        copy_staged<T>(in_staged, d, smem, rms_scale_of_partials(partials, n_partials, eps, d, scratch));
+        copy_staged_normed<T>(in_staged, d, smem, partials, n_partials, eps, scratch);
     } else {
         const float inv = rms_scale(x, eps, d, scratch);
         stage<T>(NORMED(x, w_norm, inv), d, smem);
@@ -397,17 +439,26 @@ __device__ __forceinline__ void for_task_pairs(int n, int per_block, P prefetch,
 // (a task's gate and up rows), slower for the head and gemv (dev/cuda/NOTES.md, v4).
 template <int T, int R> __device__ constexpr int rows_at_once() { return R == 2 && int8_input<T>() ? 2 : 1; }
 
-// This warp's rows r of w (row_bytes apart) dotted with the staged input, emit(r, dot) for each, rows_at_once<T, R>()
-// at a time; prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T, R>()) goes before the staging.
-template <int T, int R, class P, class E>
+// This warp's rows r of w (row_bytes apart) dotted with the staged input, emit(r, dot, ahead(r)) for each,
+// rows_at_once<T, R>() at a time; ahead(r) (a value the emit needs, e.g. gemv_add's residual row) is read before the
+// row's dot product, so that its round trip overlaps the product's instead of following it (v52);
+// prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS * rows_at_once<T, R>()) goes before the staging.
+struct NothingAhead {
+    __device__ __forceinline__ float operator()(int) const { return 0.0f; }
+};
+template <int T, int R, class P, class A, class E>
 __device__ __forceinline__ void each_row_dot(const u8* __restrict__ w, long long row_bytes, int rows, int cols,
-                                             int per_block, const u8* smem, P prefetch, E emit) {
-    auto one = [&](int r) { emit(r, dot_row<T>(w + r * row_bytes, smem, cols)); };
+                                             int per_block, const u8* smem, P prefetch, A ahead, E emit) {
+    auto one = [&](int r) {
+        const float value = ahead(r);
+        emit(r, dot_row<T>(w + r * row_bytes, smem, cols), value);
+    };
     if constexpr (rows_at_once<T, R>() == 2) {
         for_task_pairs(rows, per_block, prefetch, one, [&](int r0, int r1) {
+            const float value0 = ahead(r0), value1 = ahead(r1);
             const float2 acc = dot_rows2<T>(w + r0 * row_bytes, w + r1 * row_bytes, smem, cols);
-            emit(r0, acc.x);
-            emit(r1, acc.y);
+            emit(r0, acc.x, value0);
+            emit(r1, acc.y, value1);
         });
     } else {
         for_tasks(rows, per_block, prefetch, one);
@@ -422,17 +473,19 @@ __device__ __forceinline__ void gemv_body(const u8* __restrict__ w, long long ro
     prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS);
     pdl_wait();  // the weights' first rows asked for; everything after may read what earlier kernels wrote
     stage<T>([&](int i) { return a2f(x[i]); }, cols, smem);
-    each_row_dot<T, 1>(w, row_bytes, rows, cols, per_block, smem, prefetch, [&](int r, float acc) {
+    auto emit = [&](int r, float acc, float) {
         if ((threadIdx.x & 31) == 0) {
             if (out_f32) ((float*)y)[r] = acc;
             else ((act_t*)y)[r] = f2a(acc);
         }
-    });
+    };
+    each_row_dot<T, 1>(w, row_bytes, rows, cols, per_block, smem, prefetch, NothingAhead(), emit);
 }
 
 // gemv_add's epilogue for the next RMSNorm-fused product (rows % 32 == 0; per_block any multiple of 8, so a 32-row
-// group may span blocks): the block writes the sum of x[r]^2 over its rows to partials[blockIdx.x] (lanes, warp_sum,
-// block_sum: a fixed order, no atomics); then each group it touches is quantized by the block that stores its rows
+// group may span blocks): the block writes the sum of x[r]^2 over its rows to partials[blockIdx.x] (`squares`: each
+// warp's lane 0 summed its own new rows in task order as it stored them, v53; then block_sum: a fixed order, no
+// atomics, no read-back); then each group it touches is quantized by the block that stores its rows
 // last: u = x[r] * next_norm[r] (store_q8_block, staged layout over `rows` values). A group inside one block is that
 // block's; a group across blocks is handed off: each of its blocks, its rows stored and fenced, counts itself on
 // arrivals[group] (zero before the launch), and the one that finds all the others counted quantizes the group (reading
@@ -449,16 +502,13 @@ __device__ __forceinline__ float load_cg(const float* p) {  // through L2: anoth
 
 __device__ __forceinline__ void prenorm_epilogue(const float* x, const float* __restrict__ next_norm, int rows,
                                                  u8* __restrict__ out_staged, float* __restrict__ partials,
-                                                 unsigned* __restrict__ arrivals, int per_block) {
+                                                 unsigned* __restrict__ arrivals, int per_block, float squares) {
     __shared__ float scratch[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     const int r0 = blockIdx.x * per_block, r1 = min(rows, r0 + per_block);
     const unsigned cluster = cluster_ctas();  // > 1: 32 / per_block, the blocks of this block's group
     if (cluster == 1) __threadfence();  // every thread's stores of x visible beyond the block before any arrival
-    __syncthreads();  // every row of the block stored (x is read back from global memory)
-    float ss = 0.0f;
-    for (int r = r0 + threadIdx.x; r < r1; r += blockDim.x) ss += x[r] * x[r];
-    ss = block_sum(ss, scratch);
+    const float ss = block_sum(squares, scratch);  // its barriers: every row of the block stored
     if (threadIdx.x == 0) partials[blockIdx.x] = ss;
     if (cluster > 1) {
         cluster_sync();  // the group's rows stored by each of its blocks, visible to all of them
@@ -501,10 +551,18 @@ __device__ __forceinline__ void gemv_add_body(const u8* __restrict__ w, long lon
     pdl_wait();  // the weights' first rows asked for; everything after may read what earlier kernels wrote
     if (a_staged != nullptr) copy_staged<T>(a_staged, cols, smem);
     else stage<T>([&](int i) { return a2f(a[i]); }, cols, smem);
-    each_row_dot<T, 2>(w, row_bytes, rows, cols, per_block, smem, prefetch, [&](int r, float acc) {
-        if ((threadIdx.x & 31) == 0) x[r] = x[r] + a2f(f2a(acc));
-    });
-    if (out_staged != nullptr) prenorm_epilogue(x, next_norm, rows, out_staged, partials, arrivals, per_block);
+    const bool lane0 = (threadIdx.x & 31) == 0;
+    float squares = 0.0f;  // lane 0: the sum of this warp's new x[r]^2, for the prenorm epilogue
+    auto residual_row = [&](int r) { return lane0 ? x[r] : 0.0f; };  // read before the row's dot product
+    auto emit = [&](int r, float acc, float x_r) {
+        if (lane0) {
+            const float updated = x_r + a2f(f2a(acc));
+            x[r] = updated;
+            squares += updated * updated;
+        }
+    };
+    each_row_dot<T, 2>(w, row_bytes, rows, cols, per_block, smem, prefetch, residual_row, emit);
+    if (out_staged != nullptr) prenorm_epilogue(x, next_norm, rows, out_staged, partials, arrivals, per_block, squares);
 }
 
 // A Q/K/V row's value as the composed path rounds it: act_t(dot), then act_t(that + bias[i]) when b is set
@@ -630,9 +688,10 @@ __device__ __forceinline__ void head_body(const float* __restrict__ x, const flo
     prefetch_first(rows, per_block, prefetch, PREFETCH_TASKS);
     pdl_wait();  // the weights' first rows asked for; everything after may read what earlier kernels wrote
     stage_normed<T>(x, w_norm, eps, d, in_staged, partials, n_partials, smem, scratch);
-    each_row_dot<T, 1>(w, row_bytes, rows, d, per_block, smem, prefetch, [&](int r, float acc) {
+    auto emit = [&](int r, float acc, float) {
         if ((threadIdx.x & 31) == 0) logits[r] = acc;
-    });
+    };
+    each_row_dot<T, 1>(w, row_bytes, rows, d, per_block, smem, prefetch, NothingAhead(), emit);
 }
 
 // head_ring_T: head_T with the weight rows streamed into shared memory by Hopper's bulk copy engine (sm_90; an empty

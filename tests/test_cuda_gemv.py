@@ -467,7 +467,7 @@ def test_head_reads_a_prenormed_input_as_the_numpy_model(cp, dtype, ggml_type):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
-@pytest.mark.parametrize("ffn,d", [(14336, 4096), (96, 512)])
+@pytest.mark.parametrize("ffn,d", [(14336, 4096), (96, 512), (96, 16384)])  # 16384: past the pieces a thread holds
 def test_gate_up_reads_a_prenormed_input_as_the_numpy_model(cp, dtype, ggml_type, ffn, d):
     """gate_up with a prenormed input: act_t(silu(g) * u) of the numpy model's g, u (each rounded to act_t: a
     rounding flipped by summation order is one act_t step of a few values), and still stages its own output."""
