@@ -1,0 +1,50 @@
+"""The program Nsight Compute profiles (dev/cuda/ncu_call.sh): one decode step of a preset shape, nothing else.
+
+Random weights of --shape (engine bench --shape), --depth random tokens prefilled, the graph decoder made ready
+(its eager step, capture and first replay: tools/profile_decode.py ready_decoder), then one more step between
+cudaProfilerStart and cudaProfilerStop, so that `ncu --profile-from-start off` sees that step's kernels only.
+
+    ncu --profile-from-start off ... python3 dev/cuda/ncu_step.py --shape llama3-8b --depth 512 [--dtype bf16]
+Needs a GPU and CuPy.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from engine.bench import load_bench_model, new_cache  # noqa: E402
+from engine.options import LoadSettings  # noqa: E402
+from profile_decode import ready_decoder  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="llama3-8b", help="a preset of engine bench --shape")
+    ap.add_argument("--depth", type=int, default=512, help="tokens in the cache before the profiled step")
+    ap.add_argument("--dtype", default="bf16")
+    args = ap.parse_args()
+    import cupy
+
+    llm, label = load_bench_model(LoadSettings(device="cuda", dtype=args.dtype, context=args.depth + 256),
+                                  synthetic=True, shape=args.shape)
+    model = llm.model
+    cache = new_cache(model, args.depth + 64)
+    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, args.depth)
+    dec, tok = ready_decoder(model, llm.backend, cache, prompt)
+    cupy.cuda.Device().synchronize()
+    cupy.cuda.runtime.profilerStart()
+    dec.step(tok)
+    cupy.cuda.Device().synchronize()
+    cupy.cuda.runtime.profilerStop()
+    print(f"{label} {args.dtype}: one decode step after {args.depth} tokens profiled")
+
+
+if __name__ == "__main__":
+    main()
