@@ -70,6 +70,18 @@ def read_raw(path: Path) -> list[dict[str, tuple[str, str]]]:
              for i, name in enumerate(header)} for row in body if row and row[0].strip()]
 
 
+def stall_values(row: dict[str, tuple[str, str]], pattern: re.Pattern) -> dict[str, float]:
+    """{reason: value} of the row's metrics matching pattern (group 1 the reason), the not_issued variants left out."""
+    out = {}
+    for metric, (value, unit) in row.items():
+        match = pattern.match(metric)
+        if match and not match.group(1).endswith("not_issued"):
+            v = number(value, unit)
+            if v is not None:
+                out[match.group(1)] = v
+    return out
+
+
 def summarize(row: dict[str, tuple[str, str]], n_stalls: int) -> dict:
     def field(name: str) -> float | None:
         for metric in FIELDS[name]:
@@ -86,22 +98,10 @@ def summarize(row: dict[str, tuple[str, str]], n_stalls: int) -> dict:
     out["dram_read_TBps"] = read / t / 1e12 if t and read is not None else None
     active, elapsed = out["sm_active_cycles"], out["sm_elapsed_cycles"]
     out["sm_active_pct"] = 100.0 * active / elapsed if active is not None and elapsed else None
-    stalls = {}
-    for metric, (value, unit) in row.items():
-        match = STALL_PER_ISSUE.match(metric)
-        if match and not match.group(1).endswith("not_issued"):
-            v = number(value, unit)
-            if v is not None:
-                stalls[match.group(1)] = v
+    stalls = stall_values(row, STALL_PER_ISSUE)
     out["stall_kind"] = "warps per issue"
     if not stalls:  # PC sampling counts instead: shares of the samples
-        counts = {}
-        for metric, (value, unit) in row.items():
-            match = STALL_SAMPLES.match(metric)
-            if match and not match.group(1).endswith("not_issued"):
-                v = number(value, unit)
-                if v is not None:
-                    counts[match.group(1)] = v
+        counts = stall_values(row, STALL_SAMPLES)
         total = sum(counts.values())
         stalls = {k: 100.0 * v / total for k, v in counts.items()} if total else {}
         out["stall_kind"] = "% of samples"
