@@ -28,7 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "dev" / "cuda"))
 
 TRACE_WORDS = 8  # common.cuh (patched): grid, kind << 48 | sm << 32 | block, start ns, end ns, cycles x3, grid size
 KINDS = {1: "gemv", 2: "gemv_add", 3: "qkv", 4: "gateup", 5: "head", 6: "head_ring", 7: "dca_decode",
@@ -144,13 +144,12 @@ def per_kind_medians(names: list[str], figures: list[dict]) -> tuple[list[str], 
 
 
 def step_trace(shape: str, depth: int, dtype: str) -> tuple[np.ndarray, str]:
-    """Run one graph decode step with every module's trace buffer zeroed first -> (records, label)."""
+    """Run one graph decode step (ncu_step.ready_step's) with every module's trace buffer zeroed first -> (records,
+    label)."""
     import cupy
 
     from engine.backends.cuda import kernels
-    from engine.bench import load_bench_model, new_cache
-    from engine.options import LoadSettings
-    from profile_decode import ready_decoder
+    from ncu_step import ready_step
 
     modules = []
     build = kernels._module
@@ -161,12 +160,8 @@ def step_trace(shape: str, depth: int, dtype: str) -> tuple[np.ndarray, str]:
         modules.append(module)
         return module
 
-    kernels._module = recording
-    llm, label = load_bench_model(LoadSettings(device="cuda", dtype=dtype, context=depth + 256), synthetic=True,
-                                  shape=shape)
-    cache = new_cache(llm.model, depth + 64)
-    prompt = np.random.default_rng(0).integers(0, llm.model.config.vocab_size, depth)
-    dec, tok = ready_decoder(llm.model, llm.backend, cache, prompt)
+    kernels._module = recording  # before the model's kernels are built
+    dec, tok, label = ready_step(shape, depth, dtype)
     traced = []
     for module in modules:
         try:

@@ -24,6 +24,17 @@ from engine.options import LoadSettings  # noqa: E402
 from profile_decode import ready_decoder  # noqa: E402
 
 
+def ready_step(shape: str, depth: int, dtype: str):
+    """Random weights of `shape`, `depth` random tokens prefilled, the graph decoder past its capture and first
+    replay -> (the decoder, the token its last step gave, the model's label)."""
+    llm, label = load_bench_model(LoadSettings(device="cuda", dtype=dtype, context=depth + 256), synthetic=True,
+                                  shape=shape)
+    cache = new_cache(llm.model, depth + 64)
+    prompt = np.random.default_rng(0).integers(0, llm.model.config.vocab_size, depth)
+    dec, tok = ready_decoder(llm.model, llm.backend, cache, prompt)
+    return dec, tok, label
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="llama3-8b", help="a preset of engine bench --shape")
@@ -32,12 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     import cupy
 
-    llm, label = load_bench_model(LoadSettings(device="cuda", dtype=args.dtype, context=args.depth + 256),
-                                  synthetic=True, shape=args.shape)
-    model = llm.model
-    cache = new_cache(model, args.depth + 64)
-    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, args.depth)
-    dec, tok = ready_decoder(model, llm.backend, cache, prompt)
+    dec, tok, label = ready_step(args.shape, args.depth, args.dtype)
     cupy.cuda.Device().synchronize()
     cupy.cuda.runtime.profilerStart()
     dec.step(tok)
