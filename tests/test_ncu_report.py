@@ -60,3 +60,10 @@ def test_a_file_without_the_raw_header_is_one_clear_error(ncu_report, tmp_path):
     raw.write_text("==ERROR== the profiler could not read the counters\n")
     with pytest.raises(SystemExit, match="no raw-page header"):
         ncu_report.read_raw(raw)
+
+
+def test_the_short_unit_names_of_nsight_compute_2025(ncu_report):
+    # Nsight Compute 2025.3 prints "ns" for gpu__time_duration with --print-units base (seen on the H100).
+    assert ncu_report.number("18,592", "ns") == pytest.approx(18.592e-6)
+    assert ncu_report.number("1.5", "us") == pytest.approx(1.5e-6)
+    assert ncu_report.number("14,245,888", "byte") == 14245888

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "dev" / "cuda"))
 
+TRACE_RECORDS = 1 << 16  # common.cuh (patched): each module's buffer, in records (CuPy's get_global gives no size)
 TRACE_WORDS = 8  # common.cuh (patched): grid, kind << 48 | sm << 32 | block, start ns, end ns, cycles x3, grid size
 KINDS = {1: "gemv", 2: "gemv_add", 3: "qkv", 4: "gateup", 5: "head", 6: "head_ring", 7: "dca_decode",
          8: "dca_combine", 9: "dca_decode_q8"}
@@ -169,8 +170,8 @@ def step_trace(shape: str, depth: int, dtype: str) -> tuple[np.ndarray, str]:
             words = module.get_global("g_trace")
         except cupy.cuda.driver.CUDADriverError:  # no such symbol: a kernel file the patch does not touch
             continue
-        traced.append((cupy.ndarray((1,), cupy.uint32, count), cupy.ndarray((words.mem.size // 8,), cupy.uint64,
-                                                                              words)))
+        traced.append((cupy.ndarray((1,), cupy.uint32, count), cupy.ndarray((TRACE_RECORDS * TRACE_WORDS,),
+                                                                              cupy.uint64, words)))
     if not traced:
         raise SystemExit("error: no module holds g_trace: apply dev/cuda/trace_blocks.patch to this tree first")
     cupy.cuda.Device().synchronize()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 # value in base units = value * scale (ncu prints base units with --print-units base; other scales are accepted)
 UNIT_SCALES = {
-    "nsecond": 1e-9, "usecond": 1e-6, "msecond": 1e-3, "second": 1.0,
+    "nsecond": 1e-9, "usecond": 1e-6, "msecond": 1e-3, "second": 1.0, "ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0,
     "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12,
     "KB": 1e3, "MB": 1e6, "GB": 1e9,
 }
