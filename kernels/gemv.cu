@@ -390,46 +390,52 @@ __device__ __forceinline__ void stage_normed(const float* __restrict__ x, const 
     }
 }
 
-// This warp's tasks: blockIdx.x * per_block + warp + 8k, below n. for_tasks calls f(task) for each, and
+// This warp's tasks: blockIdx.x * per_block + warp + 8k, below n (task_range; qkv cuts its blocks otherwise, below,
+// and walks its TaskRange with prefetch_range / for_range). for_tasks calls f(task) for each, and
 // before it prefetch(the task PREFETCH_TASKS ahead) (its rows come into L2 while these are computed);
 // prefetch_first asks for the first PREFETCH_TASKS (before the staging, whose latency it then overlaps).
 // A bounded distance keeps L2 from thrashing (prefetching a whole block's rows at once overflowed it on
 // large matrices).
-__device__ __forceinline__ void task_range(int n, int per_block, long long& first, long long& end) {
-    first = (long long)blockIdx.x * per_block + (threadIdx.x >> 5);
-    end = (long long)blockIdx.x * per_block + per_block < n ? (long long)blockIdx.x * per_block + per_block : n;
+struct TaskRange {
+    long long first, end;  // this warp's first task; the end of its block's tasks
+};
+__device__ __forceinline__ TaskRange task_range(int n, int per_block) {
+    const long long start = (long long)blockIdx.x * per_block;
+    return {start + (threadIdx.x >> 5), start + per_block < n ? start + per_block : n};
+}
+template <class P> __device__ __forceinline__ void prefetch_range(TaskRange range, P prefetch,
+                                                                  int tasks = PREFETCH_TASKS) {
+    const int step = blockDim.x >> 5;
+    for (int k = 0; k < tasks; ++k)
+        if (range.first + k * step < range.end) prefetch((int)(range.first + k * step));
 }
 template <class P> __device__ __forceinline__ void prefetch_first(int n, int per_block, P prefetch,
                                                                   int tasks = PREFETCH_TASKS) {
-    long long first, end;
-    task_range(n, per_block, first, end);
-    const int step = blockDim.x >> 5;
-    for (int k = 0; k < tasks; ++k)
-        if (first + k * step < end) prefetch((int)(first + k * step));
+    prefetch_range(task_range(n, per_block), prefetch, tasks);
 }
-template <class P, class F> __device__ __forceinline__ void for_tasks(int n, int per_block, P prefetch, F f) {
-    long long first, end;
-    task_range(n, per_block, first, end);
+template <class P, class F> __device__ __forceinline__ void for_range(TaskRange range, P prefetch, F f) {
     const int step = blockDim.x >> 5;
-    for (long long t = first; t < end; t += step) {
-        if (t + PREFETCH_TASKS * step < end) prefetch((int)(t + PREFETCH_TASKS * step));
+    for (long long t = range.first; t < range.end; t += step) {
+        if (t + PREFETCH_TASKS * step < range.end) prefetch((int)(t + PREFETCH_TASKS * step));
         f((int)t);
     }
+}
+template <class P, class F> __device__ __forceinline__ void for_tasks(int n, int per_block, P prefetch, F f) {
+    for_range(task_range(n, per_block), prefetch, f);
 }
 // for_tasks two at a time: f2(task, task + step) while both are this warp's, then f(last) for an odd one out;
 // before a pair, the rows of the PREFETCH_TASKS pairs after it are asked for (prefetch_first: the first pairs').
 template <class P, class F, class F2>
 __device__ __forceinline__ void for_task_pairs(int n, int per_block, P prefetch, F f, F2 f2) {
-    long long first, end;
-    task_range(n, per_block, first, end);
+    const TaskRange range = task_range(n, per_block);
     const int step = blockDim.x >> 5;
-    long long t = first;
-    for (; t + step < end; t += 2 * step) {
+    long long t = range.first;
+    for (; t + step < range.end; t += 2 * step) {
         for (int k = 2; k < 2 + 2 * PREFETCH_TASKS; ++k)
-            if (t + k * step < end) prefetch((int)(t + k * step));
+            if (t + k * step < range.end) prefetch((int)(t + k * step));
         f2((int)t, (int)(t + step));
     }
-    if (t < end) f((int)t);
+    if (t < range.end) f((int)t);
 }
 
 // Rows a warp computes at once: R (1 or 2) for the int8 types, else 1. Two rows in one unit loop (dot_rows2) double
@@ -569,6 +575,27 @@ __device__ __forceinline__ float biased(float dot, const float* __restrict__ b, 
     return b != nullptr ? a2f(f2a(y + b[i])) : y;
 }
 
+// qkv's blocks hold equal rows, not equal tasks (dev/cuda/NOTES.md v54): the first ceil(n_q / per_block) blocks take per_block query
+// tasks each, the next ceil(n_k / (per_block / 2)) half as many key tasks (a rotary pair is two rows), the rest
+// per_block value tasks (gemv.py qkv_blocks). Equal tasks gave the key blocks twice the bytes: the launch's tail.
+__device__ __forceinline__ TaskRange qkv_task_range(int n_q, int n_k, int n, int per_block) {
+    const int per_key_block = per_block > 1 ? per_block >> 1 : 1;
+    const int q_blocks = (n_q + per_block - 1) / per_block, k_blocks = (n_k + per_key_block - 1) / per_key_block;
+    const int b = blockIdx.x;
+    long long start, end;
+    if (b < q_blocks) {
+        start = (long long)b * per_block;
+        end = min(start + per_block, (long long)n_q);
+    } else if (b < q_blocks + k_blocks) {
+        start = n_q + (long long)(b - q_blocks) * per_key_block;
+        end = min(start + per_key_block, (long long)n_q + n_k);
+    } else {
+        start = n_q + n_k + (long long)(b - q_blocks - k_blocks) * per_block;
+        end = min(start + per_block, (long long)n);
+    }
+    return {start + (threadIdx.x >> 5), end};
+}
+
 template <int T>
 __device__ __forceinline__ void qkv_body(
     const float* __restrict__ x, const float* __restrict__ w_norm, float eps, int d, const u8* __restrict__ wq,
@@ -595,13 +622,14 @@ __device__ __forceinline__ void qkv_body(
             prefetch_row(wv + (long long)(task - n_q - n_k) * row_bytes, row_bytes);
         }
     };
-    prefetch_first(n_q + n_k + n_v, per_block, prefetch);
+    const TaskRange range = qkv_task_range(n_q, n_k, n_q + n_k + n_v, per_block);
+    prefetch_range(range, prefetch);
     pdl_wait();  // the weights' first rows asked for; everything after may read what earlier kernels wrote
     stage_normed<T>(x, w_norm, eps, d, in_staged, partials, n_partials, smem, scratch);
     const bool lane0 = (threadIdx.x & 31) == 0;
     const int p = pos[0];
     const long long cache_row = (long long)p * n_kv * D;
-    for_tasks(n_q + n_k + n_v, per_block, prefetch, [&](int task) {
+    for_range(range, prefetch, [&](int task) {
         if (task < n_q) {
             const float acc = dot_row<T>(wq + task * row_bytes, smem, d);
             if (lane0) q_out[task] = f2a(biased(acc, bq, task));

@@ -489,11 +489,13 @@ def test_gate_up_reads_a_prenormed_input_as_the_numpy_model(cp, dtype, ggml_type
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
-def test_qkv_reads_a_prenormed_input_as_the_numpy_model(cp, dtype, ggml_type):
-    """qkv with a prenormed input at 8B widths (32 query heads, 8 KV heads of 128): the query, the rotated key and the
-    value rows of the numpy model's products (act_t rounded where the kernel rounds)."""
-    rng = np.random.default_rng(int(ggml_type) + 8)
-    d, heads, kv, hd, position = 4096, 32, 8, 128, 5
+@pytest.mark.parametrize("kv", [8, 32], ids=["8b", "7b-mha"])
+def test_qkv_reads_a_prenormed_input_as_the_numpy_model(cp, dtype, ggml_type, kv):
+    """qkv with a prenormed input at 8B and 7B widths (32 query heads, 8 or 32 KV heads of 128; the key blocks take
+    half the tasks of the others): the query, the rotated key and the value rows of the numpy model's products
+    (act_t rounded where the kernel rounds)."""
+    rng = np.random.default_rng(int(ggml_type) + kv)
+    d, heads, hd, position = 4096, 32, 128, 5
     tensors = [synthetic_weight(f"blk.0.attn_{n}", ggml_type, (r, d), rng, 1 / np.sqrt(d))
                for n, r in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd))]
     wq, wk, wv = (device_matrix(cp, t, t.name) for t in tensors)

@@ -220,6 +220,46 @@ def test_gemv_geometry_fills_the_gpu_and_staging_fits(monkeypatch):
     assert gemv.stage_bytes(GGMLType.Q4_K, 28672) == 35840 and gemv.stage_bytes(GGMLType.F16, 28672) == 114688
 
 
+def _qkv_task_ranges(n_q: int, n_k: int, n_v: int, per_block: int) -> list[range]:
+    """Each block's tasks as gemv.cu qkv_task_range gives them (the numpy model of its block arithmetic)."""
+    per_key, n = max(1, per_block // 2), n_q + n_k + n_v
+    q_blocks, k_blocks = -(-n_q // per_block), -(-n_k // per_key)
+    out = []
+    for b in range(gemv.qkv_blocks(n_q, n_k, n_v, per_block)):
+        if b < q_blocks:
+            start, end = b * per_block, min((b + 1) * per_block, n_q)
+        elif b < q_blocks + k_blocks:
+            start = n_q + (b - q_blocks) * per_key
+            end = min(start + per_key, n_q + n_k)
+        else:
+            start = n_q + n_k + (b - q_blocks - k_blocks) * per_block
+            end = min(start + per_block, n)
+        out.append(range(start, end))
+    return out
+
+
+@pytest.mark.parametrize("shape", ["llama3-8b", "llama2-7b", "llama3.2-1b", "llama3-70b", "smollm2", "partial-rope"])
+def test_qkv_blocks_hold_every_task_once_and_equal_rows(monkeypatch, shape):
+    """qkv's grid (gemv.qkv_blocks) and its blocks' task ranges cover each query, key and value task exactly once; a
+    block reads at most per_block rows (a rotary key task is two rows), so no block carries twice the bytes of another,
+    and the grid stays one wave of BLOCKS_PER_SM blocks an SM."""
+    monkeypatch.setattr(gemv, "_device_limits", lambda: (132, 232448))
+    heads, kv, hd, rope = {"llama3-8b": (32, 8, 128, 128), "llama2-7b": (32, 32, 128, 128),
+                           "llama3.2-1b": (32, 8, 64, 64), "llama3-70b": (64, 8, 128, 128),
+                           "smollm2": (9, 3, 64, 64), "partial-rope": (12, 4, 128, 64)}[shape]
+    n_q, n_k, n_v = heads * hd, kv * (hd - rope // 2), kv * hd
+    per_block = gemv.tasks_per_block(heads * hd + 2 * kv * hd)
+    ranges = _qkv_task_ranges(n_q, n_k, n_v, per_block)
+    tasks = [t for r in ranges for t in r]
+    assert sorted(tasks) == list(range(n_q + n_k + n_v))
+
+    def rows(task):  # a key task below half the rotary dims of its head is a pair of rows
+        return 2 if n_q <= task < n_q + n_k and (task - n_q) % (hd - rope // 2) < rope // 2 else 1
+
+    assert max(sum(rows(t) for t in r) for r in ranges) <= per_block
+    assert len(ranges) <= gemv.BLOCKS_PER_SM * 132 + 3  # each region rounds up once
+
+
 def test_weight_kernel_suffixes_cover_the_quantized_types():
     from engine.backends.cuda.kernels import per_type, source
     from engine.backends.cuda.weights import KERNEL_SUFFIX

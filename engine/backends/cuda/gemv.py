@@ -11,9 +11,9 @@
 Arguments are device arrays and ``DeviceMatrix``es; each call is one launch on the current stream
 (capturable in a CUDA graph), a dependent one while pdl.ENABLED (pdl.py: each gemv.cu kernel asks for its
 first weight rows, then waits for the kernel before it). Geometry: 256 threads a block, one warp per task
-(row or row pair); each block takes ``tasks_per_block`` tasks (a multiple of 8) so that the grid is about
-BLOCKS_PER_SM blocks per SM: every block stages (RMSNorm +) quantizes its input once, so fewer, fuller blocks
-stage less, while one wave of them keeps every SM streaming weights. Shared memory comes from the input
+(row or row pair); each block takes ``tasks_per_block`` tasks (a multiple of 8; qkv: as many rows, its key pairs
+counted twice, ``qkv_blocks``) so that the grid is about BLOCKS_PER_SM blocks per SM: every block stages (RMSNorm +)
+quantizes its input once, so fewer, fuller blocks stage less, while one wave of them keeps every SM streaming weights. Shared memory comes from the input
 width (``stage_bytes``); above 48 KB the kernel opts in to more, up to the device's limit.
 
 Numerics. Quantized weights (``INT8_TYPES``) read the input quantized to int8 per block of 32
@@ -93,9 +93,10 @@ INSTANCE_MACRO = "GEMV_KERNELS"  # gemv.cu's kernels, instantiated per weight ty
 
 
 def _launch(op: str, m, cols: int, n_tasks: int, args: tuple, dtype: str, per_block: int | None,
-            cluster: int = 1) -> None:
+            cluster: int = 1, blocks: int | None = None) -> None:
     """Launch gemv.cu's `op` kernel for m's weight type (the build of `dtype`) over n_tasks tasks, staging `cols`
-    inputs; its blocks in clusters of `cluster` (pdl.launch)."""
+    inputs; its blocks in clusters of `cluster` (pdl.launch); `blocks` where the kernel divides its tasks otherwise
+    than per_block a block."""
     kernel = f"{op}_{m.suffix}"
     fn = function("gemv", kernel, dtype, instance=per_type(INSTANCE_MACRO, m.suffix))
     shared = stage_bytes(m.ggml_type, cols)
@@ -107,7 +108,7 @@ def _launch(op: str, m, cols: int, n_tasks: int, args: tuple, dtype: str, per_bl
         fn.max_dynamic_shared_size_bytes = shared
         _opted_in[id(fn)] = shared
     per_block = per_block or tasks_per_block(n_tasks)
-    blocks = -(-n_tasks // per_block)
+    blocks = blocks or -(-n_tasks // per_block)
     pdl.launch(fn, (blocks,), (THREADS,), args + (np.int32(per_block),), shared, cluster=cluster)
 
 
@@ -213,12 +214,21 @@ def qkv(x, norm, eps, wq, wk, wv, biases, q_out, cache_k, cache_v, position, cos
     (bq, bk, bv) fp32 device vectors added to the rows before the rotation (qwen2), or None. prenormed: h read from
     the previous gemv_add's prenorm outputs (x * norm quantized) instead of staged from x."""
     d = wq.cols
-    n_tasks = n_heads * head_dim + n_kv * (2 * head_dim - rope_dim // 2)
+    n_q, n_k, n_v = n_heads * head_dim, n_kv * (head_dim - rope_dim // 2), n_kv * head_dim
+    per_block = per_block or tasks_per_block(n_heads * head_dim + 2 * n_kv * head_dim)  # rows: a pair task is two
     bq, bk, bv = biases if biases is not None else (NULL, NULL, NULL)
-    _launch("qkv", wq, d, n_tasks,
+    _launch("qkv", wq, d, n_q + n_k + n_v,
             (x, norm, np.float32(eps), np.int32(d), wq.data, wk.data, wv.data, bq, bk, bv, _row_bytes(wq), q_out,
              cache_k, cache_v, position, cos_t, sin_t, np.int32(n_heads), np.int32(n_kv), np.int32(head_dim),
-             np.int32(rope_dim), np.int32(chunk_len)) + _prenormed_args(prenormed, wq, d), dtype, per_block)
+             np.int32(rope_dim), np.int32(chunk_len)) + _prenormed_args(prenormed, wq, d), dtype, per_block,
+            blocks=qkv_blocks(n_q, n_k, n_v, per_block))
+
+
+def qkv_blocks(n_q: int, n_k: int, n_v: int, per_block: int) -> int:
+    """qkv's grid: blocks of equal rows (gemv.cu qkv_task_range): per_block query tasks, per_block // 2 key tasks (a
+    rotary pair is two rows) or per_block value tasks a block."""
+    per_key_block = max(1, per_block // 2)
+    return -(-n_q // per_block) + -(-n_k // per_key_block) + -(-n_v // per_block)
 
 
 def gate_up(x, norm, eps, wg, wu, out, dtype: str, per_block: int | None = None, out_staged=None,
