@@ -54,12 +54,21 @@ def test_a_step_read_back_into_launches_and_figures(block_trace):
     assert qkv["wait"] == pytest.approx(1.5 - 0.1)  # median of 1.5 and 1.3 us
     assert qkv["body_max"] == pytest.approx(6.5) and qkv["tail"] == pytest.approx(1.0)
     assert qkv["span"] == pytest.approx(7.0) and decode["span"] == pytest.approx(5.0)
+    assert qkv["last"] == pytest.approx(-0.8) and qkv["late%"] == 0.0  # both blocks resident before down ended
     assert qkv["blocks"] == "2/2" and qkv["sms"] == "2x1"
     order, medians = block_trace.per_kind_medians(names, figures)
     assert order == ["qkv", "dca_decode", "dca_combine", "o", "gateup", "down"]
     assert medians[1]["span"] == pytest.approx(5.0)
     text = block_trace.table(order, medians)
     assert text.splitlines()[2].startswith("| qkv | 2/2 | (2 launches) 2x1 |")
+
+
+def test_blocks_that_start_after_the_kernel_before_are_counted_late(block_trace):
+    before = [record(1, 4, 0, 0, 0, 100, 5000, 1)]  # gateup, ending at 5 us
+    o = [record(2, 2, s, s, start, start + 300, start + 3000, 4) for s, start in enumerate((4000, 4500, 6000, 7000))]
+    seq = block_trace.launches(block_trace.records(np.array(before + o, np.uint64).ravel(), 5))
+    figures = block_trace.rows(seq)
+    assert figures[1]["late%"] == pytest.approx(50.0) and figures[1]["last"] == pytest.approx(2.0)
 
 
 def test_a_block_that_never_waited_counts_its_whole_time_as_body(block_trace):

@@ -10,6 +10,8 @@ kernel's medians over the layers:
   wait   a block's median time in pdl_wait
   body   a block's time after pdl_wait, median and largest
   tail   its last block's end minus its median block's end (blocks of unequal work, or SMs given two blocks)
+  last   its last block's start minus the previous kernel's last end (blocks that found no room until then)
+  late%  its blocks that started after the previous kernel's last end, in percent (the rest were resident early)
   SMs    SMs that ran a block of it, and the most blocks one SM ran
 The cycle counts become us at the rate the blocks' own timer and cycle counter agree on (the SM clock).
 
@@ -114,13 +116,15 @@ def rows(seq: list[Launch]) -> list[dict]:
             "body": float(np.median(launch.body_ns)) / 1e3,
             "body_max": float(launch.body_ns.max()) / 1e3,
             "tail": (ends.max() - np.median(ends)) / 1e3,
+            "last": (launch.start_ns.max() - prev_end) / 1e3,
+            "late%": 100.0 * float(np.mean(launch.start_ns > prev_end)) if i else 0.0,
             "blocks": f"{len(ends)}/{launch.grid_size}",
             "sms": f"{len(per_sm)}x{per_sm.max()}",
         })
     return out
 
 
-COLUMNS = ("span", "ramp", "go", "wait", "body", "body_max", "tail")
+COLUMNS = ("span", "ramp", "go", "wait", "body", "body_max", "tail", "last", "late%")
 
 
 def table(names: list[str], figures: list[dict]) -> str:
