@@ -186,8 +186,8 @@ def step_trace(shape: str, depth: int, dtype: str) -> tuple[np.ndarray, str]:
     parts = []
     for count, words in traced:
         n = int(count.get()[0])
-        if n > len(words) // TRACE_WORDS:
-            raise SystemExit(f"error: {n} blocks traced, the buffer holds {len(words) // TRACE_WORDS}")
+        if n > TRACE_RECORDS:
+            raise SystemExit(f"error: {n} blocks traced, the buffer holds {TRACE_RECORDS}")
         parts.append(records(words.get(), n))
     return np.concatenate(parts), f"{label} {dtype}, depth {depth}"
 
