@@ -126,8 +126,7 @@ def main() -> None:
                       "l2_mb": cp.cuda.Device().attributes["L2CacheSize"] / MB}))
 
     def read(buf, mb, evict_first=0, demote=0, grid=big_grid):
-        read_all(grid, (256,), (buf, np.int64(mb * MB // 16), np.int32(evict_first), np.int32(demote), sink),
-                 stream=stream)
+        read_all(grid, (256,), (buf, np.int64(mb * MB // 16), np.int32(evict_first), np.int32(demote), sink))
 
     def cold():
         read(flush, 256)
@@ -145,17 +144,17 @@ def main() -> None:
                             cold()
                             alone.append(timed(cp, stream, lambda: stream_with_prefetch(
                                 gemv_grid, (256,), (weights, np.int64(w_mb * MB // 16), cache, np.int64(0),
-                                                    np.int32(keep), np.int32(evict_first), sink), stream=stream)))
+                                                    np.int32(keep), np.int32(evict_first), sink))))
                             cold()
                             beside.append(timed(cp, stream, lambda: stream_with_prefetch(
                                 gemv_grid, (256,), (weights, np.int64(w_mb * MB // 16), cache, np.int64(x_mb * MB),
-                                                    np.int32(keep), np.int32(evict_first), sink), stream=stream)))
+                                                    np.int32(keep), np.int32(evict_first), sink))))
                             reads.append(timed(cp, stream, lambda: read(cache, args.cache_mb)))
                         # keep: prefetched first, then the whole stream, then the read (the survival alone)
                         after = []
                         for _ in range(args.reps):
                             cold()
-                            prefetch_all(big_grid, (256,), (cache, np.int64(x_mb * MB), np.int32(keep)), stream=stream)
+                            prefetch_all(big_grid, (256,), (cache, np.int64(x_mb * MB), np.int32(keep)))
                             read(weights, w_mb, evict_first)
                             after.append(timed(cp, stream, lambda: read(cache, args.cache_mb)))
                         print(json.dumps({"weights_mb": w_mb, "weights_evict_first": evict_first, "keep_last": keep,
@@ -169,10 +168,10 @@ def main() -> None:
             times = []
             for _ in range(args.reps):
                 cold()
-                prefetch_all(big_grid, (256,), (cache, np.int64(32 * MB), np.int32(1)), stream=stream)
+                prefetch_all(big_grid, (256,), (cache, np.int64(32 * MB), np.int32(1)))
                 read(cache, half, 0, demote)
                 nxt = cache[half * MB // 4:]
-                prefetch_all(big_grid, (256,), (nxt, np.int64(32 * MB), np.int32(1)), stream=stream)
+                prefetch_all(big_grid, (256,), (nxt, np.int64(32 * MB), np.int32(1)))
                 read(weights, 28, 1)
                 times.append(timed(cp, stream, lambda: read(nxt, half)))
             print(json.dumps({"demote": demote, "second_half_read_us": round(float(np.median(times)), 2)}))
