@@ -53,7 +53,8 @@ __device__ __forceinline__ void prefetch_line(const char* p, int keep) {
 extern "C" __global__ void read_all(const uint4* p, long long n16, int evict_first, int demote, unsigned* sink) {
     const u64 policy = evict_first_policy();
     unsigned acc = 0;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n16; i += (long long)gridDim.x * blockDim.x) {
+    const long long threads = (long long)gridDim.x * blockDim.x;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n16; i += threads) {
         const uint4 v = load16(p + i, evict_first, policy);
         acc ^= v.x ^ v.y ^ v.z ^ v.w;
         if (demote && (i & 7) == 0) asm volatile("applypriority.global.L2::evict_normal [%0], 128;" ::"l"(p + i));
@@ -118,7 +119,8 @@ def main() -> None:
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
     big_grid, gemv_grid = (sms * 8,), (sms * 2,)
     cache = cp.random.randint(0, 2**31, size=args.cache_mb * MB // 4, dtype=cp.int32)
-    weights = cp.random.randint(0, 2**31, size=max(int(x) for x in args.weights_mb.split(",")) * MB // 4, dtype=cp.int32)
+    weights_mb = [int(x) for x in args.weights_mb.split(",")]
+    weights = cp.random.randint(0, 2**31, size=max(weights_mb) * MB // 4, dtype=cp.int32)
     flush = cp.zeros(256 * MB // 4, dtype=cp.int32)
     sink = cp.zeros(1, dtype=cp.uint32)
     stream = cp.cuda.Stream(non_blocking=True)
@@ -135,7 +137,7 @@ def main() -> None:
         for _ in range(2):  # compile and warm
             cold(); read(cache, args.cache_mb)
         stream.synchronize()
-        for w_mb in (int(x) for x in args.weights_mb.split(",")):
+        for w_mb in weights_mb:
             for evict_first in (0, 1):
                 for keep in (0, 1):
                     for x_mb in (int(x) for x in args.keep_mb.split(",")):
