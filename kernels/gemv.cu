@@ -149,15 +149,15 @@ template <int T, class F> __device__ __forceinline__ void stage(F value, int col
     __syncthreads();
 }
 
-// The whole block reads an input quantized ahead (store_q8_block's staged layout: the producing kernel's epilogue
-// quantized it as stage would) into smem in stage's layout: 16-value pieces moved to their unit slots, then the scales
-// and sums; ends with __syncthreads. The staging without its quantization: 30 -> 20 us on the 8B down product (H100).
 // Piece c (values 16c..16c+15) of a staged input into its unit slot of smem (stage's layout, `units` units a row).
 template <int T> __device__ __forceinline__ void place_piece(u8* smem, int units, int c, uint4 piece) {
     int unit, offset;
     unit_slot<T>(16 * c, unit, offset);
     ((uint4*)smem)[(offset >> 4) * units + unit] = piece;
 }
+// The whole block reads an input quantized ahead (store_q8_block's staged layout: the producing kernel's epilogue
+// quantized it as stage would) into smem in stage's layout: 16-value pieces moved to their unit slots, then the scales
+// and sums; ends with __syncthreads. The staging without its quantization: 30 -> 20 us on the 8B down product (H100).
 template <int T> __device__ __forceinline__ void copy_staged(const u8* __restrict__ staged, int cols, u8* smem) {
     if constexpr (int8_input<T>()) {
         const int units = cols / unit_values<T>();
@@ -575,9 +575,10 @@ __device__ __forceinline__ float biased(float dot, const float* __restrict__ b, 
     return b != nullptr ? a2f(f2a(y + b[i])) : y;
 }
 
-// qkv's blocks hold equal rows, not equal tasks (dev/cuda/NOTES.md v54): the first ceil(n_q / per_block) blocks take per_block query
-// tasks each, the next ceil(n_k / (per_block / 2)) half as many key tasks (a rotary pair is two rows), the rest
-// per_block value tasks (gemv.py qkv_blocks). Equal tasks gave the key blocks twice the bytes: the launch's tail.
+// qkv's blocks hold equal rows, not equal tasks (dev/cuda/NOTES.md v54): the first ceil(n_q / per_block) blocks take
+// per_block query tasks each, the next ceil(n_k / (per_block / 2)) half as many key tasks (a rotary pair is two
+// rows), the rest per_block value tasks (gemv.py qkv_blocks). Equal tasks gave the key blocks twice the bytes: the
+// launch's tail.
 __device__ __forceinline__ TaskRange qkv_task_range(int n_q, int n_k, int n, int per_block) {
     const int per_key_block = per_block > 1 ? per_block >> 1 : 1;
     const int q_blocks = (n_q + per_block - 1) / per_block, k_blocks = (n_k + per_key_block - 1) / per_key_block;

@@ -13,8 +13,9 @@ Arguments are device arrays and ``DeviceMatrix``es; each call is one launch on t
 first weight rows, then waits for the kernel before it). Geometry: 256 threads a block, one warp per task
 (row or row pair); each block takes ``tasks_per_block`` tasks (a multiple of 8; qkv: as many rows, its key pairs
 counted twice, ``qkv_blocks``) so that the grid is about BLOCKS_PER_SM blocks per SM: every block stages (RMSNorm +)
-quantizes its input once, so fewer, fuller blocks stage less, while one wave of them keeps every SM streaming weights. Shared memory comes from the input
-width (``stage_bytes``); above 48 KB the kernel opts in to more, up to the device's limit.
+quantizes its input once, so fewer, fuller blocks stage less, while one wave of them keeps every SM streaming
+weights. Shared memory comes from the input width (``stage_bytes``); above 48 KB the kernel opts in to more, up to
+the device's limit.
 
 Numerics. Quantized weights (``INT8_TYPES``) read the input quantized to int8 per block of 32
 (llama.cpp's q8_1: d = max|x|/127, q = rint(x/d), plus the block's float sum); ``reference`` is the
@@ -215,7 +216,7 @@ def qkv(x, norm, eps, wq, wk, wv, biases, q_out, cache_k, cache_v, position, cos
     the previous gemv_add's prenorm outputs (x * norm quantized) instead of staged from x."""
     d = wq.cols
     n_q, n_k, n_v = n_heads * head_dim, n_kv * (head_dim - rope_dim // 2), n_kv * head_dim
-    per_block = per_block or tasks_per_block(n_heads * head_dim + 2 * n_kv * head_dim)  # rows: a pair task is two
+    per_block = per_block or tasks_per_block(n_q + 2 * n_v)  # rows (as many key rows as value rows)
     bq, bk, bv = biases if biases is not None else (NULL, NULL, NULL)
     _launch("qkv", wq, d, n_q + n_k + n_v,
             (x, norm, np.float32(eps), np.int32(d), wq.data, wk.data, wv.data, bq, bk, bv, _row_bytes(wq), q_out,
