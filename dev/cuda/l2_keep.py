@@ -10,10 +10,15 @@ driver measures, on plain kernels, the three facts that idea rests on:
            us and the MB it saved against X = 0 (the lines that survived, at the copy rate)
   cost     a latency-bound stream (one 16-byte load in flight a thread, the GEMVs' 2 blocks of 256 an SM) of W MB,
            timed alone and with prefetches of X MB of the cache issued beside its loads: what the prefetches cost
-  demote   after the kept read, applypriority.global.L2::evict_normal on its lines, then the next prefetch-and-stream
-           round: whether stale evict_last lines crowd out the next layer's
+  demote   the kept read plain, demoting its lines (applypriority.global.L2::evict_normal) or under an evict_first
+           policy (what v57's bit 17 makes the decode attention do), then the next prefetch-and-stream round: whether
+           stale evict_last lines crowd out the next layer's
+each at every --set-aside-mb (cudaLimitPersistingL2CacheSize; "max" the device's most): the CUDA programming guide
+(4.13.1) gives persisting lines the set-aside only, so evict_last may keep nothing without one. Between rounds the
+whole cache is demoted and L2 flushed.
 
     python dev/cuda/l2_keep.py [--cache-mb 134] [--weights-mb 28,53] [--keep-mb 0,8,16,24,32,48] [--reps 5]
+                               [--set-aside-mb 0,max]
 
 Needs a GPU (sm_80+ for the eviction priorities).
 """
@@ -92,6 +97,7 @@ extern "C" __global__ void stream_with_prefetch(const uint4* w, long long n16, c
 """
 
 MB = 1 << 20
+PERSISTING_L2_LIMIT, MAX_PERSISTING_L2_ATTRIBUTE = 0x06, 108  # cudaLimitPersistingL2CacheSize, its device maximum
 
 
 def timed(cp, stream, fn) -> float:
@@ -111,6 +117,7 @@ def main() -> None:
     parser.add_argument("--weights-mb", default="28,53")
     parser.add_argument("--keep-mb", default="0,8,16,24,32,48")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--set-aside-mb", default="0,max")
     args = parser.parse_args()
 
     module = cp.RawModule(code=SOURCE, options=("-std=c++17",))
@@ -124,19 +131,20 @@ def main() -> None:
     flush = cp.zeros(256 * MB // 4, dtype=cp.int32)
     sink = cp.zeros(1, dtype=cp.uint32)
     stream = cp.cuda.Stream(non_blocking=True)
-    print(json.dumps({"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "sms": sms,
-                      "l2_mb": cp.cuda.Device().attributes["L2CacheSize"] / MB}))
+    runtime = cp.cuda.runtime
+    most = runtime.deviceGetAttribute(MAX_PERSISTING_L2_ATTRIBUTE, runtime.getDevice())
+    print(json.dumps({"device": runtime.getDeviceProperties(0)["name"].decode(), "sms": sms,
+                      "l2_mb": cp.cuda.Device().attributes["L2CacheSize"] / MB,
+                      "max_set_aside_mb": round(most / MB, 2)}))
 
     def read(buf, mb, evict_first=0, demote=0, grid=big_grid):
         read_all(grid, (256,), (buf, np.int64(mb * MB // 16), np.int32(evict_first), np.int32(demote), sink))
 
-    def cold():
+    def cold():  # every kept line of the cache demoted, then L2 flushed
+        read(cache, args.cache_mb, 0, 1)
         read(flush, 256)
 
-    with stream:
-        for _ in range(2):  # compile and warm
-            cold(); read(cache, args.cache_mb)
-        stream.synchronize()
+    def rounds():  # the keep / cost grid and the demote rounds at the current set-aside (a JSON line each)
         for w_mb in weights_mb:
             for evict_first in (0, 1):
                 for keep in (0, 1):
@@ -164,19 +172,31 @@ def main() -> None:
                                           "stream_beside_us": round(float(np.median(beside)), 2),
                                           "read_after_beside_us": round(float(np.median(reads)), 2),
                                           "read_after_prefetch_then_stream_us": round(float(np.median(after)), 2)}))
-        # demote: a kept read that demotes its lines, then the next layer's round on another part of the cache
+        # demote: the kept read plain (0), demoting its lines (1) or under an evict_first policy (2), then the next
+        # layer's round on another part of the cache
         half = args.cache_mb // 2
-        for demote in (0, 1):
+        for demote in (0, 1, 2):
             times = []
             for _ in range(args.reps):
                 cold()
                 prefetch_all(big_grid, (256,), (cache, np.int64(32 * MB), np.int32(1)))
-                read(cache, half, 0, demote)
+                read(cache, half, int(demote == 2), int(demote == 1))
                 nxt = cache[half * MB // 4:]
                 prefetch_all(big_grid, (256,), (nxt, np.int64(32 * MB), np.int32(1)))
                 read(weights, 28, 1)
                 times.append(timed(cp, stream, lambda: read(nxt, half)))
-            print(json.dumps({"demote": demote, "second_half_read_us": round(float(np.median(times)), 2)}))
+            print(json.dumps({"demote": ("none", "applypriority", "evict_first read")[demote],
+                              "second_half_read_us": round(float(np.median(times)), 2)}))
+
+    with stream:
+        for _ in range(2):  # compile and warm
+            cold(); read(cache, args.cache_mb)
+        stream.synchronize()
+        for set_aside in args.set_aside_mb.split(","):
+            wanted = most if set_aside == "max" else int(set_aside) * MB
+            runtime.deviceSetLimit(PERSISTING_L2_LIMIT, min(wanted, most))
+            print(json.dumps({"set_aside_mb": round(runtime.deviceGetLimit(PERSISTING_L2_LIMIT) / MB, 2)}))
+            rounds()
         # the cold read alone, for the rates
         times = []
         for _ in range(args.reps):
