@@ -369,9 +369,17 @@ def bench(settings: LoadSettings, synthetic, shape, save_gguf, n_prompt, n_gen, 
     activations = activation_dtype(backend)
     ubatch = ubatch or backend.prefill_batch
     rng = np.random.default_rng(0)
-    results = [bench_prompt(model, p, repetitions, ubatch, rng, llm.cache_types) for p in prompts]
-    results += [bench_generation(model, llm.decoders, n_gen, d, repetitions, ubatch, rng, llm.cache_types)
-                for d in depths]
+    tests = [(f"pp{p}", 0, lambda p=p: bench_prompt(model, p, repetitions, ubatch, rng, llm.cache_types))
+             for p in prompts]
+    tests += [(f"tg{n_gen}", d, lambda d=d: bench_generation(model, llm.decoders, n_gen, d, repetitions, ubatch, rng,
+                                                             llm.cache_types)) for d in depths]
+    results = []
+    for i, (test, test_depth, run) in enumerate(tests):  # progress on stderr, as llama-bench shows each row done
+        click.echo(f"bench: {test} @ {test_depth} (test {i + 1} of {len(tests)}: a warm-up run and {repetitions} "
+                   f"timed)...", err=True)
+        results.append(run())
+        done = results[-1].row()
+        click.echo(f"bench: {test} @ {test_depth}: {done['tokens_per_s']:.1f} tokens/s", err=True)
     rows = [r.row() for r in results]
     peak = matmul_peak(backend) if prompts else None
     for row in rows:
@@ -381,8 +389,14 @@ def bench(settings: LoadSettings, synthetic, shape, save_gguf, n_prompt, n_gen, 
     hf_rows = None
     if hf and not synthetic and shape is None and hf_available():
         path = Path(settings.model) if settings.model is not None else default_model_path()
-        hf_rows = [r.row() for r in hf_results(path, prompts, n_gen, depths, repetitions, rng)]
-        for row, theirs in zip(rows, hf_rows):
+        click.echo("bench: the same tests with HF transformers (--no-hf skips them)...", err=True)
+        try:
+            hf_rows = [r.row() for r in hf_results(path, prompts, n_gen, depths, repetitions, rng)]
+        except Exception as exc:  # an optional peer (its version, its extras, its memory): the engine's table stands
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            click.echo(f"bench: HF transformers could not run this model ({type(exc).__name__}: {reason}); the "
+                       f"table leaves it out", err=True)
+        for row, theirs in zip(rows, hf_rows or []):
             row["hf_tokens_per_s"] = theirs["tokens_per_s"]
             row["speedup_vs_hf"] = row["tokens_per_s"] / theirs["tokens_per_s"]
     if as_json:

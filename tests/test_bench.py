@@ -49,8 +49,11 @@ def test_bench_json_reports_every_test(tiny_gguf):
     result = CliRunner().invoke(bench, ["-m", str(tiny_gguf), "--device", "cpu", "-p", "16,40", "-d", "8",
                                         "-n", "4", "-r", "2", "--json", "--no-hf"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)  # the progress lines go to stderr, one as each test starts and ends
     assert report["device"] == "cpu" and report["dca"] is False
+    progress = [line for line in result.stderr.splitlines() if line.startswith("bench: ")]
+    assert progress[0] == "bench: pp16 @ 0 (test 1 of 3: a warm-up run and 2 timed)..." and len(progress) == 6
+    assert progress[-1].startswith("bench: tg4 @ 8: ") and progress[-1].endswith(" tokens/s")
     assert [(r["test"], r["depth"], r["runs"]) for r in report["results"]] == [
         ("pp16", 0, 2), ("pp40", 0, 2), ("tg4", 8, 2)]
     assert all(r["tokens_per_s"] > 0 and r["sd"] >= 0 for r in report["results"])
@@ -76,7 +79,7 @@ def test_bench_context_holds_the_longest_generation_test(tiny_gguf):
     result = CliRunner().invoke(bench, ["-m", str(tiny_gguf), "--device", "cpu", "-p", "8", "-d", "0,16",
                                         "-n", "4", "-r", "1", "--json", "--no-hf"])
     assert result.exit_code == 0, result.output
-    assert [r["test"] for r in json.loads(result.output)["results"]] == ["pp8", "tg4", "tg4"]
+    assert [r["test"] for r in json.loads(result.stdout)["results"]] == ["pp8", "tg4", "tg4"]
 
 
 def test_bench_measures_transformers_on_the_same_gguf(tiny_gguf):
@@ -85,10 +88,28 @@ def test_bench_measures_transformers_on_the_same_gguf(tiny_gguf):
     result = CliRunner().invoke(bench, ["-m", str(tiny_gguf), "--device", "cpu", "-p", "16", "-d", "8", "-n", "4",
                                         "-r", "1", "--json"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output[result.output.index("{"):])["results"]
+    rows = json.loads(result.stdout[result.stdout.index("{"):])["results"]
     for row in rows:
         assert row["hf_tokens_per_s"] > 0
         assert math.isclose(row["speedup_vs_hf"], row["tokens_per_s"] / row["hf_tokens_per_s"])
+
+
+def test_bench_keeps_its_table_when_transformers_fails(tiny_gguf, monkeypatch):
+    """HF transformers is an optional peer: where it cannot run the model (here: its GGUF loader wanting accelerate),
+    the engine's rows stand, without the HF columns, and stderr says why."""
+    import engine.bench as bench_module
+
+    def refuse(*args, **kwargs):
+        raise ValueError("accelerate is required when loading a GGUF file `pip install accelerate`.")
+
+    monkeypatch.setattr(bench_module, "hf_available", lambda: True)
+    monkeypatch.setattr(bench_module, "hf_results", refuse)
+    result = CliRunner().invoke(bench, ["-m", str(tiny_gguf), "--device", "cpu", "-p", "8", "-d", "0", "-n", "2",
+                                        "-r", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [set(r) & {"hf_tokens_per_s", "speedup_vs_hf"} for r in json.loads(result.stdout)["results"]] == [set()] * 2
+    assert ("bench: HF transformers could not run this model (ValueError: accelerate is required when loading a GGUF "
+            "file `pip install accelerate`.); the table leaves it out") in result.stderr
 
 
 def test_bench_table_and_bad_lengths(tiny_gguf):
@@ -127,7 +148,7 @@ def test_bench_shape_runs_and_saves_a_gguf_llama_cpp_can_read(tmp_path, monkeypa
     result = CliRunner().invoke(bench, ["--shape", "qwen2.5-7b", "--device", "cpu", "-p", "16", "-n", "2", "-d", "0",
                                         "-r", "1", "--json"])
     assert result.exit_code == 0, result.output
-    assert [r["test"] for r in json.loads(result.output)["results"]] == ["pp16", "tg2"]
+    assert [r["test"] for r in json.loads(result.stdout)["results"]] == ["pp16", "tg2"]
     out = tmp_path / "q.gguf"
     result = CliRunner().invoke(bench, ["--shape", "qwen2.5-7b", "--save-gguf", str(out)])
     assert result.exit_code == 0, result.output
@@ -169,7 +190,7 @@ def test_bench_zero_skips_prompt_or_generation_tests_as_llama_bench_does(tiny_gg
         result = CliRunner().invoke(bench, ["-m", str(tiny_gguf), "--device", "cpu", "-r", "1", "--json", "--no-hf",
                                             *args])
         assert result.exit_code == 0, result.output
-        return [(r["test"], r["depth"]) for r in json.loads(result.output)["results"]]
+        return [(r["test"], r["depth"]) for r in json.loads(result.stdout)["results"]]
 
     assert tests("-p", "0", "-n", "4", "-d", "0,8") == [("tg4", 0), ("tg4", 8)]
     assert tests("-p", "8,0,16", "-n", "0", "-d", "8") == [("pp8", 0), ("pp16", 0)]
