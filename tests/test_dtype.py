@@ -183,5 +183,5 @@ def test_bench_takes_the_option(tiny):
     result = invoke(bench, "-m", tiny["q4_1"], "--device", "cpu", "-p", "8", "-d", "0", "-n", "2", "-r", "1", "--json",
                     "--no-hf")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["device"] == "cpu" and report["dtype"] == "f32"

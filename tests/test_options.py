@@ -100,7 +100,7 @@ def test_bench_takes_the_load_options_and_they_reach_the_model(tiny, loaded):
             "--rope-scaling", "yarn", "--rope-scale", "3", "--attn-temperature"]
     result = CliRunner().invoke(bench, args)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["dca"] is True
+    assert json.loads(result.stdout)["dca"] is True
     (llm,) = loaded
     assert llm.context == 1024 and (llm.dca.chunk_size, llm.dca.local_window) == (96, 32)
     assert (llm.config.rope.scaling, llm.config.rope.factor) == ("yarn", 3.0)
@@ -125,7 +125,7 @@ def test_bench_synthetic_without_a_model_has_smollm2s_shapes(monkeypatch, loaded
     result = CliRunner().invoke(bench, ["--synthetic", "--device", "cpu", "-p", "8", "-d", "0", "-n", "2", "-r", "1",
                                         "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["model"] == small.name
+    assert json.loads(result.stdout)["model"] == small.name
     (llm,) = loaded
     assert llm.config == small and llm.loaded.weights["blk.1.ffn_up"].shape == (96, 64)
 
