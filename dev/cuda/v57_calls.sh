@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The queue of sessions 34-35 (dev/cuda/NOTES.md v57), three GPU calls made back to back on one warm machine (the
 # machine keeps /tmp between them; the tree is copied afresh each call, so each call applies v57 again):
-#   STEP=1  ~8 min, carry [".whl", ".bench", ".m1"]: llama-bench starts building; l2_keep.py (the premises, at
-#           set-asides 0 and the most); ab_call.sh at Llama-2-7B after 8,192 tokens: the v57 tree with the plan off
-#           against v56 on it and four plans; /tmp/ab_best names the winner (MIN_GAIN 0.5 %); the GEMV and model GPU
-#           tests on the v56 copy. The default model's first half (.m1/part) is put aside for STEP=3.
+#   STEP=1  ~9 min, carry [".whl", ".bench", ".m1"]: llama-bench starts building; l2_keep.py (the premises, at
+#           set-asides 0 and the most); ab_call.sh at Llama-2-7B and Llama-3-8B after 8,192 tokens: the v57 tree with
+#           the plan off against v56 on it and three plans (1 of 16 positions a place, that with the attention's reads
+#           evict_first, 4 of 16 a place with them: 8B's whole layer of cache, 33.5 MB, is about the set-aside);
+#           /tmp/ab_best names the winner at 7B (MIN_GAIN 0.5 %); the GEMV and model GPU tests on the winner's tree.
+#           The default model's first half (.m1/part) is put aside for STEP=3.
 #   STEP=2  ~8 min, carry [".whl", ".bench"]: the table beside llama-bench on the winner's tree, 7B and 8B.
 #   STEP=3  ~4 min, carry [".whl", ".bench", ".m2"]: the default model (SmolLM2-135M Q4_1, f16) beside llama-bench
 #           at 512 / 8,192 / 32,768 tokens on the winner's tree, then the 1B table.
@@ -24,12 +26,12 @@ case "$STEP" in
   1)
     mkdir -p /tmp/model && cp .m1/part /tmp/model/part1
     build_llama_bench /tmp/logs/lb_build.log
-    PYTHONPATH=/tmp/site:$ROOT timeout 90 python3 dev/cuda/l2_keep.py > /tmp/logs/l2_keep.log 2>&1
+    PYTHONPATH=/tmp/site:$ROOT timeout 60 python3 dev/cuda/l2_keep.py > /tmp/logs/l2_keep.log 2>&1
     grep -E "device|set_aside|demote|cold|\"x_mb\": (0|32)," /tmp/logs/l2_keep.log | head -40
-    OUT=/tmp/logs/ab PATCHES=dev/cuda/v56_on_v57.patch SHAPES=llama2-7b DEPTH=8192 ROUNDS=1 MIN_GAIN=0.5 \
-        TESTS="tests/test_cuda_gemv.py tests/test_cuda_model.py" TEST_TIMEOUT=120 \
-        DEFINES="KV_KEEP_PLAN=0x0002 KV_KEEP_PLAN=0x1111 KV_KEEP_PLAN=0x21111 KV_KEEP_PLAN=0x31111" \
-        timeout 400 bash dev/cuda/ab_call.sh 2>&1 | grep -v "^  " | tail -40
+    OUT=/tmp/logs/ab PATCHES=dev/cuda/v56_on_v57.patch SHAPES="llama2-7b llama3-8b" DEPTH=8192 ROUNDS=1 \
+        MIN_GAIN=0.5 TESTS="tests/test_cuda_gemv.py tests/test_cuda_model.py" TESTS_ON=best TEST_TIMEOUT=100 \
+        DEFINES="KV_KEEP_PLAN=0x1111 KV_KEEP_PLAN=0x21111 KV_KEEP_PLAN=0x24444" \
+        timeout 490 bash dev/cuda/ab_call.sh 2>&1 | grep -v "^  " | tail -40
     tail -2 /tmp/logs/lb_build.log
     ;;
   2)
