@@ -7,7 +7,8 @@
 #           evict_first, 4 of 16 a place with them: 8B's whole layer of cache, 33.5 MB, is about the set-aside);
 #           /tmp/ab_best names the winner at 7B (MIN_GAIN 0.5 %); the GEMV and model GPU tests on the winner's tree.
 #           The default model's first half (.m1/part) is put aside for STEP=3.
-#   STEP=2  ~8 min, carry [".whl", ".bench"]: the table beside llama-bench on the winner's tree, 7B and 8B.
+#   STEP=2  ~9 min, carry [".whl", ".bench"]: the table beside llama-bench on the winner's tree, 7B and 8B; a plan
+#           that won (a define) then has the GEMV and model GPU tests run with it as the default.
 #   STEP=3  ~4 min, carry [".whl", ".bench", ".m2"]: the default model (SmolLM2-135M Q4_1, f16) beside llama-bench
 #           at 512 / 8,192 / 32,768 tokens on the winner's tree, then the 1B table.
 # .m1/part and .m2/part: the default model's GGUF cut in two (a call carries at most 64 MiB): head -c 49181216 F >
@@ -36,7 +37,12 @@ case "$STEP" in
     ;;
   2)
     cat /tmp/ab_best
-    OUT=/tmp/logs SHAPES="llama2-7b llama3-8b" PER_SHAPE=230 timeout 560 bash dev/cuda/table_call.sh 2>&1 | tail -40
+    OUT=/tmp/logs SHAPES="llama2-7b llama3-8b" PER_SHAPE=210 timeout 440 bash dev/cuda/table_call.sh 2>&1 | tail -40
+    read -r TREE DEFINE < <(cat /tmp/ab_best 2>/dev/null || echo "$ROOT")
+    if [ -n "$DEFINE" ]; then  # STEP=1 tested trees only: the plan's own code path, tested on table_call's copy
+      (cd /tmp/table_tree && PYTHONPATH=/tmp/site:/tmp/table_tree timeout 110 python3 -m pytest -q -p no:cacheprovider \
+          -m cuda tests/test_cuda_gemv.py tests/test_cuda_model.py 2>&1 | tee /tmp/logs/tests_define.log | tail -4)
+    fi
     ;;
   3)
     cat /tmp/model/part1 .m2/part > /tmp/model/smollm2.gguf || exit 1
