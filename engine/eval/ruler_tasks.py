@@ -165,11 +165,6 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 TASK_IDS = {name: i for i, name in enumerate(TASKS)}  # a task's part of its samples' seeds
 
 
-def uses_essay(task: str) -> bool:
-    spec = TASKS[task].spec
-    return isinstance(spec, Niah) and spec.haystack == "essay"
-
-
 # -- values ------------------------------------------------------------------------------------------------
 def random_value(kind: str, rng: np.random.Generator) -> str:
     if kind == "numbers":
