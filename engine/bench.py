@@ -373,14 +373,12 @@ def bench(settings: LoadSettings, synthetic, shape, save_gguf, n_prompt, n_gen, 
              for p in prompts]
     tests += [(f"tg{n_gen}", d, lambda d=d: bench_generation(model, llm.decoders, n_gen, d, repetitions, ubatch, rng,
                                                              llm.cache_types)) for d in depths]
-    results = []
+    rows = []
     for i, (test, test_depth, run) in enumerate(tests):  # progress on stderr, as llama-bench shows each row done
         click.echo(f"bench: {test} @ {test_depth} (test {i + 1} of {len(tests)}: a warm-up run and {repetitions} "
                    f"timed)...", err=True)
-        results.append(run())
-        done = results[-1].row()
-        click.echo(f"bench: {test} @ {test_depth}: {done['tokens_per_s']:.1f} tokens/s", err=True)
-    rows = [r.row() for r in results]
+        rows.append(run().row())
+        click.echo(f"bench: {test} @ {test_depth}: {rows[-1]['tokens_per_s']:.1f} tokens/s", err=True)
     peak = matmul_peak(backend) if prompts else None
     for row in rows:
         if row["test"].startswith("pp"):
